@@ -1,0 +1,36 @@
+"""Machina engine: the agent-loop core and the EngineService gRPC server.
+
+The core (``Engine``, tools, storage, models) never imports grpc; the server
+module translates.
+"""
+
+from engine_service._config import ConfigError, EngineConfig, load_config
+from engine_service._engine import ClientToolDef, Decision, Engine
+from engine_service._errors import EngineError, ErrorKind
+from engine_service._run import RunRecord, RunSpec, ScriptedTurn
+from engine_service._storage import LocalStorage, Storage, open_storage
+from engine_service._tools import Tool, ToolContext, ToolRegistry, tool
+from engine_service._types import Principal, RunState
+
+__all__ = [
+    "ClientToolDef",
+    "ConfigError",
+    "Decision",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "ErrorKind",
+    "LocalStorage",
+    "Principal",
+    "RunRecord",
+    "RunSpec",
+    "RunState",
+    "ScriptedTurn",
+    "Storage",
+    "Tool",
+    "ToolContext",
+    "ToolRegistry",
+    "load_config",
+    "open_storage",
+    "tool",
+]

@@ -1,0 +1,167 @@
+"""``python -m engine_service``: serve EngineService over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from engine_service._config import ConfigError, EngineConfig, is_loopback, load_api_keys, load_config
+from engine_service._engine import Engine
+from engine_service._errors import EngineError
+from engine_service._logging import setup_logging
+from engine_service._server import start_server
+from engine_service._storage import open_storage
+from engine_service._tools import ASK_USER, ToolRegistry, load_tool
+from engine_service._types import Principal
+
+log = logging.getLogger("machina.engine")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine_service",
+        description="Machina engine: runs LLM agent tasks and serves them over gRPC (EngineService). "
+        "Every setting can also come from MACHINA_<NAME> environment variables or a TOML --config file; "
+        "flags override the environment, which overrides the file.",
+    )
+    parser.add_argument("--config", help="TOML config file")
+    parser.add_argument(
+        "--listen", help="gRPC address HOST:PORT (default 127.0.0.1:50051; port 0 = any free port)"
+    )
+    parser.add_argument("--storage", help="file:///abs/dir or a path (default ./.machina)")
+    parser.add_argument(
+        "--api-keys-file", help="TOML map of API key -> workspace; unset = one 'default' workspace"
+    )
+    parser.add_argument(
+        "--model",
+        dest="model_provider",
+        choices=["auto", "scripted", "openai", "anthropic"],
+        help="default model provider (auto: Anthropic, OpenAI, then scripted by API keys present)",
+    )
+    parser.add_argument("--model-name", help="default model name")
+    parser.add_argument("--script-file", help="default script for the scripted model (TOML/JSON with turns)")
+    parser.add_argument("--tls-cert", help="PEM certificate chain; serve TLS with --tls-key")
+    parser.add_argument("--tls-key", help="PEM private key")
+    parser.add_argument(
+        "--capabilities-subprocess",
+        choices=["true", "false"],
+        help="whether this host may start subprocesses (Bash, stdio MCP)",
+    )
+    parser.add_argument(
+        "--allow-unauthenticated-remote",
+        action="store_true",
+        default=None,
+        help="serve a non-loopback address without API keys (dangerous)",
+    )
+    parser.add_argument("--log-format", choices=["auto", "json", "text"])
+    parser.add_argument("--port-file", help="write the bound port here once serving (for scripts and tests)")
+    return parser.parse_args(argv)
+
+
+def build_config(ns: argparse.Namespace) -> EngineConfig:
+    model = {
+        k: v
+        for k, v in {
+            "provider": ns.model_provider,
+            "name": ns.model_name,
+            "script_file": ns.script_file,
+        }.items()
+        if v is not None
+    }
+    return load_config(
+        ns.config,
+        overrides={
+            "listen": ns.listen,
+            "storage": ns.storage,
+            "api_keys_file": ns.api_keys_file,
+            "tls_cert": ns.tls_cert,
+            "tls_key": ns.tls_key,
+            "capabilities_subprocess": ns.capabilities_subprocess,
+            "allow_unauthenticated_remote": ns.allow_unauthenticated_remote,
+            "log_format": ns.log_format,
+            "model": model or None,
+        },
+    )
+
+
+def build_engine(config: EngineConfig) -> Engine:
+    tools = ToolRegistry([ASK_USER])
+    for path in config.tools.custom:
+        tools.register(load_tool(path))
+    return Engine(config, open_storage(config.storage, fsync=config.fsync), tools=tools)
+
+
+def check_security(config: EngineConfig) -> tuple[dict[str, Principal] | None, tuple[bytes, bytes] | None]:
+    """API keys and TLS material, refusing unsafe combinations up front."""
+    api_keys = load_api_keys(config.api_keys_file) if config.api_keys_file else None
+    if not api_keys and not is_loopback(config.listen) and not config.allow_unauthenticated_remote:
+        raise ConfigError(
+            f"refusing to serve {config.listen} without API keys: set MACHINA_API_KEYS_FILE, "
+            "listen on 127.0.0.1, or pass --allow-unauthenticated-remote"
+        )
+    tls = None
+    if config.tls_cert or config.tls_key:
+        if not (config.tls_cert and config.tls_key):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        try:
+            tls = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot read TLS files: {exc}") from None
+    return api_keys, tls
+
+
+async def serve(
+    config: EngineConfig,
+    api_keys: dict[str, Principal] | None,
+    tls: tuple[bytes, bytes] | None,
+    port_file: str | None = None,
+) -> None:
+    engine = build_engine(config)
+    if engine.default_model.startswith("scripted"):
+        log.info(
+            "no ANTHROPIC_API_KEY or OPENAI_API_KEY set: the default model is the offline scripted model"
+        )
+    running = await start_server(
+        engine, config.listen, api_keys=api_keys, tls=tls, max_message_bytes=config.max_message_bytes
+    )
+    host = config.listen.rpartition(":")[0]
+    log.info(
+        "engine serving on %s:%d (storage %s, model %s, auth %s)",
+        host,
+        running.port,
+        config.storage,
+        engine.default_model,
+        "api-keys" if api_keys else "none",
+        extra={"port": running.port},
+    )
+    if port_file:
+        await asyncio.to_thread(Path(port_file).write_text, str(running.port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: health NOT_SERVING, draining for up to %.1fs", config.shutdown_grace_s)
+    await running.stop(config.shutdown_grace_s)
+    log.info("engine stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    try:
+        config = build_config(ns)
+        setup_logging(config.log_format, config.log_level)
+        api_keys, tls = check_security(config)
+        asyncio.run(serve(config, api_keys, tls, ns.port_file))
+    except (ConfigError, EngineError) as exc:
+        print(f"engine_service: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,467 @@
+"""A run in execution: the agent loop and the checkpoints that make it durable.
+
+One `RunActor` exists per run being moved by this process (executing, or
+recording decisions). It owns the run's lease, appends events to the live
+feed, and commits them together with transcript entries and the state
+document at each checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine_service._errors import RunFailure
+from engine_service._feed import EventFeed
+from engine_service._run import PENDING, READY, RESOLVED, Interrupt, PendingCall, RunError, RunRecord, RunSpec
+from engine_service._storage import Storage
+from engine_service._tools import Tool, ToolArgumentError, ToolContext, call_tool
+from engine_service._types import (
+    Event,
+    EventKind,
+    InterruptKind,
+    JsonObject,
+    Message,
+    PauseReason,
+    Permission,
+    RunState,
+    ToolCall,
+)
+from engine_service.models import ModelAdapter, ModelError, ModelRequest, TextChunk, TurnResult
+
+log = logging.getLogger("machina.engine")
+
+_REPAIR_PROMPT = (
+    "Your answer is not valid JSON for the required output schema: {problem}. "
+    "Reply again with only the JSON value, nothing else."
+)
+
+
+@dataclass(slots=True)
+class RunEnv:
+    """What a run needs from its engine, resolved once per actor."""
+
+    storage: Storage
+    model: ModelAdapter
+    tools: dict[str, Tool]  # the tools this run may see and call, by name
+    permissions: Callable[[str], Permission]
+    system_prompt: str
+    max_turns: int
+    max_output_tokens: int
+    price: tuple[float, float]  # USD per million input / output tokens
+    owner: str
+    lease_ttl: float
+    clock: Callable[[], float] = time.time
+
+
+class RunActor:
+    def __init__(self, record: RunRecord, spec: RunSpec, transcript: list[Message], env: RunEnv) -> None:
+        self.record = record
+        self.spec = spec
+        self.transcript = transcript
+        self.env = env
+        self.feed = EventFeed(record.last_seq)
+        self.task: asyncio.Task[None] | None = None
+        self.cancel_reason: str | None = None
+        # Entries of events / transcript committed to storage so far.
+        self._events_committed = record.last_seq
+        self._transcript_committed = record.transcript_len
+        self._lease_renew_at = 0.0
+        self._active_since = 0.0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.record.workspace_id, self.record.run_id)
+
+    # -- events and checkpoints ------------------------------------------------
+
+    def emit(self, kind: EventKind, data: JsonObject) -> Event:
+        event = Event(self.feed.last_seq + 1, self.env.clock(), kind, data)
+        self.feed.publish(event)
+        return event
+
+    async def checkpoint(self) -> None:
+        """Commit new events and transcript entries, then the state document."""
+        record, storage = self.record, self.env.storage
+        ws, run_id = self.key
+        if self.feed.last_seq > self._events_committed:
+            new_events = self.feed.after(self._events_committed, limit=1 << 30)
+            await storage.write_segment(
+                ws, run_id, "events", self._events_committed + 1, [e.to_json() for e in new_events]
+            )
+        if len(self.transcript) > self._transcript_committed:
+            new_entries = self.transcript[self._transcript_committed :]
+            await storage.write_segment(
+                ws, run_id, "transcript", self._transcript_committed + 1, [m.to_json() for m in new_entries]
+            )
+        record.last_seq = self.feed.last_seq
+        record.transcript_len = len(self.transcript)
+        record.updated_at = self.env.clock()
+        await storage.write_state(ws, run_id, record.to_json())
+        self._events_committed = record.last_seq
+        self._transcript_committed = record.transcript_len
+        await self._renew_lease()
+
+    async def take_over(self) -> bool:
+        """Acquire the lease and drop what a dead writer left uncommitted."""
+        ws, run_id = self.key
+        if not await self.env.storage.acquire_lease(ws, run_id, self.env.owner, self.env.lease_ttl):
+            return False
+        self._lease_renew_at = self.env.clock() + self.env.lease_ttl / 3
+        await self.env.storage.drop_uncommitted(ws, run_id, "events", self.record.last_seq)
+        await self.env.storage.drop_uncommitted(ws, run_id, "transcript", self.record.transcript_len)
+        return True
+
+    async def release(self) -> None:
+        ws, run_id = self.key
+        await self.env.storage.release_lease(ws, run_id, self.env.owner)
+        self.feed.close()
+
+    async def _renew_lease(self) -> None:
+        now = self.env.clock()
+        if now >= self._lease_renew_at:
+            ws, run_id = self.key
+            if not await self.env.storage.acquire_lease(ws, run_id, self.env.owner, self.env.lease_ttl):
+                raise RunFailure("ERR_LEASE_LOST", "another process took over this run")
+            self._lease_renew_at = now + self.env.lease_ttl / 3
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self, *, resumed_by: str | None) -> None:
+        # RUNNING from the moment the caller gets an answer, not when the task first runs.
+        self.record.state = RunState.RUNNING
+        self.record.pause_reason = None
+        self.task = asyncio.create_task(self._execute(resumed_by), name=f"run:{self.record.run_id}")
+
+    async def _execute(self, resumed_by: str | None) -> None:
+        record = self.record
+        self._active_since = self.env.clock()
+        record.state = RunState.RUNNING
+        record.pause_reason = None
+        if resumed_by is None:
+            self.emit(EventKind.RUN_STARTED, {"task": record.task, "model": record.meta.model})
+        else:
+            self.emit(EventKind.RESUMED, {"by": resumed_by})
+        try:
+            remaining = record.deadline_at - self.env.clock() if record.deadline_at else None
+            if remaining is not None and remaining <= 0:
+                raise RunFailure(
+                    "ERR_DEADLINE_EXCEEDED", "the run's deadline passed", timeout_ms=self.spec.timeout_ms
+                )
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._loop()
+            except TimeoutError:
+                raise RunFailure(
+                    "ERR_DEADLINE_EXCEEDED", "the run's deadline passed", timeout_ms=self.spec.timeout_ms
+                ) from None
+        except asyncio.CancelledError:
+            if self.cancel_reason is None:
+                # Engine shutdown: leave the last checkpoint for recovery.
+                await self._close_quietly()
+                raise
+            await self._finish(
+                RunState.CANCELLED,
+                error=RunError("ERR_CANCELLED", self.cancel_reason or "cancelled by a caller"),
+            )
+        except RunFailure as failure:
+            await self._finish(
+                RunState.FAILED, error=RunError(failure.code, failure.message, failure.metadata)
+            )
+        except ModelError as error:
+            await self._finish(
+                RunState.FAILED, error=RunError(error.code, error.message, {"status": str(error.status)})
+            )
+        except Exception:
+            log.exception("run %s failed with an internal error", record.run_id)
+            await self._finish(
+                RunState.FAILED, error=RunError("ERR_INTERNAL", "internal error; see the engine log")
+            )
+
+    async def _close_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            self._account_time()
+            await self.checkpoint()
+        with contextlib.suppress(Exception):
+            await self.release()
+
+    def _account_time(self) -> None:
+        if self._active_since:
+            now = self.env.clock()
+            self.record.meta.duration_ms += int((now - self._active_since) * 1000)
+            self._active_since = now
+
+    async def _finish(self, state: RunState, *, data: Any = None, error: RunError | None = None) -> None:
+        record = self.record
+        self._account_time()
+        record.state = state
+        record.data = data
+        record.error = error
+        record.pending = []
+        record.pause_reason = None
+        self.emit(
+            EventKind.RUN_FINISHED,
+            {
+                "state": state.value,
+                "data": data,
+                "error": None if error is None else error.to_json(),
+                "meta": record.meta.to_json(),
+            },
+        )
+        await self.checkpoint()
+        await self.release()
+        log.info("run %s %s", record.run_id, state.value.lower(), extra={"run_id": record.run_id})
+
+    async def cancel_now(self) -> None:
+        """Cancel a run that is not executing (paused, or orphaned while queued)."""
+        await self._finish(
+            RunState.CANCELLED, error=RunError("ERR_CANCELLED", self.cancel_reason or "cancelled")
+        )
+
+    async def pause(self) -> None:
+        record = self.record
+        self._account_time()
+        interrupts = record.interrupts
+        kinds = {i.kind for i in interrupts}
+        record.pause_reason = (
+            PauseReason.AWAITING_APPROVAL
+            if InterruptKind.APPROVAL in kinds
+            else PauseReason.AWAITING_TOOL_RESULT
+            if InterruptKind.TOOL_RESULT in kinds
+            else PauseReason.AWAITING_INPUT
+        )
+        record.state = RunState.PAUSED
+        self.emit(
+            EventKind.PAUSED,
+            {"reason": record.pause_reason.value, "interrupts": [i.to_json() for i in interrupts]},
+        )
+        await self.checkpoint()
+        await self.release()
+
+    # -- the agent loop ------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        record = self.record
+        if record.pending:
+            await self._dispatch()
+        while True:
+            self._check_limits()
+            result = await self._model_turn()
+            if not result.tool_calls:
+                done, data = await self._final_answer(result.text)
+                if done:
+                    await self._finish(RunState.DONE, data=data)
+                    return
+                continue
+            record.pending = [self._plan(call) for call in result.tool_calls]
+            if any(p.status == PENDING for p in record.pending):
+                for p in record.pending:
+                    if p.status == PENDING and p.interrupt is not None:
+                        self.emit(_REQUEST_EVENT[p.interrupt.kind], {"interrupt": p.interrupt.to_json()})
+                await self.pause()
+                return
+            # Commit the turn before running tools: a crash during a tool call
+            # then knows which calls were in flight.
+            await self.checkpoint()
+            await self._dispatch()
+
+    def _check_limits(self) -> None:
+        meta, spec = self.record.meta, self.spec
+        if meta.turns >= self.env.max_turns:
+            raise RunFailure(
+                "ERR_MAX_TURNS",
+                f"the run reached its limit of {self.env.max_turns} turns",
+                max_turns=self.env.max_turns,
+            )
+        if spec.max_tokens and meta.usage.total >= spec.max_tokens:
+            raise RunFailure(
+                "ERR_TOKEN_BUDGET",
+                f"the run used {meta.usage.total} of {spec.max_tokens} tokens",
+                used=meta.usage.total,
+                max_tokens=spec.max_tokens,
+            )
+        if spec.max_cost_usd and meta.cost_usd >= spec.max_cost_usd:
+            raise RunFailure(
+                "ERR_COST_BUDGET",
+                f"the run cost ${meta.cost_usd:.4f} of ${spec.max_cost_usd:.4f}",
+                cost_usd=meta.cost_usd,
+                max_cost_usd=spec.max_cost_usd,
+            )
+
+    async def _model_turn(self) -> TurnResult:
+        record, env = self.record, self.env
+        turn = record.meta.turns + 1
+        request = ModelRequest(
+            system=env.system_prompt,
+            messages=self.transcript,
+            tools=[t.spec() for t in env.tools.values()],
+            tool_choice=self.spec.tool_choice,
+            max_output_tokens=env.max_output_tokens,
+            output_schema=self.spec.output_schema,
+            turn=record.meta.turns,
+        )
+        result: TurnResult | None = None
+        async for item in env.model.stream(request):
+            if isinstance(item, TextChunk):
+                self.emit(EventKind.TEXT_DELTA, {"text": item.text, "turn": turn})
+            else:
+                result = item
+        if result is None:
+            raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
+        record.meta.turns = turn
+        record.meta.usage.add(result.usage)
+        cost = (result.usage.input_tokens * env.price[0] + result.usage.output_tokens * env.price[1]) / 1e6
+        record.meta.cost_usd += cost
+        self.transcript.append(Message("assistant", result.text, result.tool_calls))
+        self.emit(
+            EventKind.ASSISTANT_MESSAGE,
+            {"text": result.text, "calls": [c.to_json() for c in result.tool_calls], "turn": turn},
+        )
+        self.emit(EventKind.USAGE, {"turn": turn, "usage": result.usage.to_json(), "cost_usd": cost})
+        return result
+
+    async def _final_answer(self, text: str) -> tuple[bool, Any]:
+        """(done, data). In structured mode, one repair turn, then ERR_OUTPUT_SCHEMA."""
+        schema = self.spec.output_schema
+        if schema is None:
+            return True, text
+        problem = _schema_problem(text, schema)
+        if problem is None:
+            return True, json.loads(text)
+        if self.record.repair_used:
+            raise RunFailure(
+                "ERR_OUTPUT_SCHEMA", f"the final answer does not match the output schema: {problem}"
+            )
+        self.record.repair_used = True
+        self.transcript.append(Message("user", _REPAIR_PROMPT.format(problem=problem)))
+        await self.checkpoint()
+        return False, None
+
+    def _plan(self, call: ToolCall) -> PendingCall:
+        """Decide what happens to one tool call: run, ask, or answer at once."""
+        tool = self.env.tools.get(call.name)
+        if tool is None:
+            available = ", ".join(sorted(self.env.tools)) or "none"
+            return _resolved(call, f"Unknown tool {call.name!r}. Available tools: {available}.")
+        permission = self.env.permissions(call.name)
+        if permission is Permission.DENY:
+            return _resolved(call, f"Permission denied: the {call.name} tool is not allowed in this run.")
+        try:
+            tool.validate(call.arguments)
+        except ToolArgumentError as exc:
+            return _resolved(call, f"Invalid arguments for {call.name}: {exc}")
+        kind = tool.interrupt_kind
+        if kind is None and call.name in self.spec.gated_tools:
+            kind = InterruptKind.TOOL_RESULT
+        if kind is None and permission is Permission.ASK:
+            kind = InterruptKind.APPROVAL
+        if kind is None:
+            return PendingCall(call, READY)
+        now = self.env.clock()
+        timeout = self.spec.approval_timeout_ms
+        interrupt = Interrupt(
+            interrupt_id=f"int_{call.call_id}",
+            kind=kind,
+            call_id=call.call_id,
+            tool_name=call.name,
+            arguments=call.arguments,
+            description=tool.describe(call.arguments),
+            created_at=now,
+            question=str(call.arguments.get("question", "")) if kind is InterruptKind.INPUT else "",
+            expires_at=now + timeout / 1000 if timeout and kind is InterruptKind.APPROVAL else 0.0,
+            input_schema=tool.input_schema,
+        )
+        return PendingCall(call, PENDING, interrupt)
+
+    async def _dispatch(self) -> None:
+        """Run the turn's READY calls concurrently; append results in call order."""
+        pending = self.record.pending
+        results: dict[str, tuple[str, bool]] = {
+            p.call.call_id: (p.result_text, p.result_is_error) for p in pending if p.status == RESOLVED
+        }
+        ready = [p for p in pending if p.status == READY]
+        if ready:
+            outcomes = await asyncio.gather(*(self._run_call(p.call) for p in ready))
+            results.update((p.call.call_id, outcome) for p, outcome in zip(ready, outcomes, strict=True))
+        for p in pending:
+            text, is_error = results[p.call.call_id]
+            self.transcript.append(
+                Message("tool", text, call_id=p.call.call_id, tool_name=p.call.name, is_error=is_error)
+            )
+        self.record.pending = []
+        await self.checkpoint()
+
+    async def _run_call(self, call: ToolCall) -> tuple[str, bool]:
+        tool = self.env.tools[call.name]
+        self.emit(EventKind.TOOL_CALL_STARTED, {"call": call.to_json()})
+        started = time.perf_counter()
+        ctx = ToolContext(self.record.run_id, self.record.workspace_id, call.call_id)
+        text, is_error = await call_tool(tool, call.arguments, ctx)
+        self.emit(
+            EventKind.TOOL_CALL_COMPLETED,
+            {
+                "call_id": call.call_id,
+                "tool": call.name,
+                "is_error": is_error,
+                "size": len(text.encode()),
+                "output": text,
+                "duration_ms": int((time.perf_counter() - started) * 1000),
+            },
+        )
+        return text, is_error
+
+    # -- decisions -------------------------------------------------------------------
+
+    def record_decision(
+        self, pending: PendingCall, decision: str, by: str, *, expired: bool = False, reason: str = ""
+    ) -> None:
+        assert pending.interrupt is not None
+        self.emit(
+            EventKind.APPROVAL_DECIDED,
+            {
+                "interrupt_id": pending.interrupt.interrupt_id,
+                "decision": decision,
+                "by": by,
+                "at": self.env.clock(),
+                "sha256": arguments_digest(pending.call.arguments) if pending.status == READY else "",
+                "expired": expired,
+                "reason": reason,
+            },
+        )
+
+
+_REQUEST_EVENT = {
+    InterruptKind.APPROVAL: EventKind.APPROVAL_REQUESTED,
+    InterruptKind.INPUT: EventKind.INPUT_REQUESTED,
+    InterruptKind.TOOL_RESULT: EventKind.TOOL_RESULT_REQUESTED,
+}
+
+
+def _resolved(call: ToolCall, text: str) -> PendingCall:
+    return PendingCall(call, RESOLVED, result_text=text, result_is_error=True)
+
+
+def arguments_digest(arguments: JsonObject) -> str:
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _schema_problem(text: str, schema: JsonObject) -> str | None:
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"not JSON ({exc.msg} at position {exc.pos})"
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    if error is None:
+        return None
+    where = ".".join(str(p) for p in error.path) or "(root)"
+    return f"{where}: {error.message}"

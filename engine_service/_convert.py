@@ -1,0 +1,282 @@
+"""Translation between protobuf messages and the engine's domain types.
+
+This module and `_server.py` are the only engine modules that import generated
+code; the core never sees a protobuf message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from engine_service._engine import ClientToolDef, Decision
+from engine_service._errors import invalid
+from engine_service._run import Interrupt, RunError, RunMeta, RunRecord, RunSpec, ScriptedTurn
+from engine_service._types import Event, EventKind, JsonObject, Permission, RunState, ToolChoice, Usage
+from machina.engine.v1 import engine_service_pb2 as svc
+from machina.engine.v1 import event_pb2 as ev
+from machina.engine.v1 import run_pb2 as rp
+
+_PERMISSIONS = {
+    rp.PERMISSION_ALLOW: Permission.ALLOW,
+    rp.PERMISSION_ASK: Permission.ASK,
+    rp.PERMISSION_DENY: Permission.DENY,
+}
+_TOOL_CHOICE = {
+    rp.TOOL_CHOICE_UNSPECIFIED: ToolChoice.AUTO,
+    rp.TOOL_CHOICE_AUTO: ToolChoice.AUTO,
+    rp.TOOL_CHOICE_REQUIRED: ToolChoice.REQUIRED,
+    rp.TOOL_CHOICE_NONE: ToolChoice.NONE,
+}
+_STATE = {s: rp.RunState.Value(f"RUN_STATE_{s.value}") for s in RunState}
+_STATE_FROM = {v: k for k, v in _STATE.items()}
+_REASON = {
+    name: rp.PauseReason.Value(f"PAUSE_REASON_{name}")
+    for name in ("AWAITING_APPROVAL", "AWAITING_TOOL_RESULT", "AWAITING_INPUT", "HANDOFF_TO_RUNNER")
+}
+_KIND = {
+    name: rp.InterruptKind.Value(f"INTERRUPT_KIND_{name}") for name in ("APPROVAL", "TOOL_RESULT", "INPUT")
+}
+
+
+def struct_to_dict(message: struct_pb2.Struct) -> JsonObject:
+    return json_format.MessageToDict(message)
+
+
+def value_to_python(message: struct_pb2.Value) -> Any:
+    return json_format.MessageToDict(message)
+
+
+def _struct(doc: JsonObject | None) -> struct_pb2.Struct | None:
+    if doc is None:
+        return None
+    out = struct_pb2.Struct()
+    out.update(doc)
+    return out
+
+
+def _value(value: Any) -> struct_pb2.Value | None:
+    if value is None:
+        return None
+    return json_format.ParseDict(value, struct_pb2.Value())
+
+
+def _time(t: float) -> timestamp_pb2.Timestamp:
+    seconds = int(t)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=int((t - seconds) * 1e9))
+
+
+def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]:
+    model = message.model
+    script = None
+    if model.script:
+        script = []
+        for turn in model.script:
+            usage = (
+                Usage(turn.usage.input_tokens, turn.usage.output_tokens) if turn.HasField("usage") else None
+            )
+            calls = [(c.name, struct_to_dict(c.arguments)) for c in turn.tool_calls]
+            script.append(ScriptedTurn(turn.text, calls, usage))
+    permissions = {}
+    for name, value in message.permissions.items():
+        if value not in _PERMISSIONS:
+            raise invalid(
+                "ERR_INVALID_REQUEST",
+                f"permission for {name!r} must be ALLOW, ASK or DENY",
+                field="permissions",
+                tool=name,
+            )
+        permissions[name] = _PERMISSIONS[value]
+    if message.tool_choice not in _TOOL_CHOICE:
+        raise invalid("ERR_INVALID_REQUEST", "unknown tool_choice value", field="tool_choice")
+    spec = RunSpec(
+        task=message.task,
+        run_id=message.run_id,
+        request_id=message.request_id,
+        model_provider=model.provider,
+        model_name=model.name,
+        script=script,
+        max_output_tokens=model.max_output_tokens,
+        max_turns=message.limits.max_turns,
+        max_tokens=message.limits.max_tokens,
+        timeout_ms=message.limits.timeout_ms,
+        max_cost_usd=message.limits.max_cost_usd,
+        tool_choice=_TOOL_CHOICE[message.tool_choice],
+        tools=list(message.tools.names) if message.HasField("tools") else None,
+        permissions=permissions,
+        gated_tools=list(message.gated_tools),
+        output_schema=struct_to_dict(message.output_schema) if message.HasField("output_schema") else None,
+        system_prompt=message.system_prompt,
+        approval_timeout_ms=message.approval_timeout_ms,
+        approval_expiry_approves=message.approval_expiry_action == rp.EXPIRY_ACTION_APPROVE,
+        labels=dict(message.labels),
+    )
+    client_tools = [
+        ClientToolDef(
+            t.name,
+            t.description,
+            struct_to_dict(t.input_schema) if t.HasField("input_schema") else {"type": "object"},
+        )
+        for t in message.client_tools
+    ]
+    return spec, client_tools
+
+
+def decision_from_proto(message: svc.Decision) -> Decision:
+    action = message.WhichOneof("action")
+    if action == "approve":
+        edits = (
+            struct_to_dict(message.approve.edited_arguments)
+            if message.approve.HasField("edited_arguments")
+            else None
+        )
+        return Decision(message.interrupt_id, "approve", edited_arguments=edits)
+    if action == "reject":
+        return Decision(message.interrupt_id, "reject", reason=message.reject.reason[:2000])
+    if action == "respond":
+        return Decision(message.interrupt_id, "respond", output=value_to_python(message.respond.output))
+    raise invalid(
+        "ERR_INVALID_DECISION",
+        f"decision for {message.interrupt_id!r} sets no action",
+        interrupt_id=message.interrupt_id,
+    )
+
+
+def states_from_proto(values: Any) -> set[RunState]:
+    out = set()
+    for value in values:
+        if value not in _STATE_FROM:
+            raise invalid("ERR_INVALID_REQUEST", f"unknown run state {value}", field="states")
+        out.add(_STATE_FROM[value])
+    return out
+
+
+def interrupt_to_proto(i: Interrupt) -> rp.Interrupt:
+    return rp.Interrupt(
+        interrupt_id=i.interrupt_id,
+        kind=_KIND[i.kind.value],
+        call_id=i.call_id,
+        tool_name=i.tool_name,
+        arguments=_struct(i.arguments),
+        description=i.description,
+        question=i.question,
+        create_time=_time(i.created_at),
+        expire_time=_time(i.expires_at) if i.expires_at else None,
+        input_schema=_struct(i.input_schema),
+    )
+
+
+def _error(e: RunError | None) -> rp.RunError | None:
+    return None if e is None else rp.RunError(code=e.code, message=e.message, metadata=e.metadata)
+
+
+def _meta(m: RunMeta) -> rp.RunMeta:
+    return rp.RunMeta(
+        turns=m.turns,
+        usage=rp.Usage(input_tokens=m.usage.input_tokens, output_tokens=m.usage.output_tokens),
+        cost_usd=m.cost_usd,
+        duration_ms=m.duration_ms,
+        capabilities_missing=m.capabilities_missing,
+        model=m.model,
+    )
+
+
+def run_to_proto(r: RunRecord) -> rp.Run:
+    pause = None
+    if r.state is RunState.PAUSED and r.pause_reason is not None:
+        pause = rp.Pause(
+            reason=_REASON[r.pause_reason.value], interrupts=[interrupt_to_proto(i) for i in r.interrupts]
+        )
+    return rp.Run(
+        run_id=r.run_id,
+        workspace_id=r.workspace_id,
+        state=_STATE[r.state],
+        pause=pause,
+        data=_value(r.data),
+        error=_error(r.error),
+        meta=_meta(r.meta),
+        create_time=_time(r.created_at),
+        update_time=_time(r.updated_at),
+        task=r.task,
+        last_seq=r.last_seq,
+    )
+
+
+def _call(doc: JsonObject) -> ev.ToolCall:
+    return ev.ToolCall(call_id=doc["id"], tool_name=doc["name"], arguments=_struct(doc["args"]))
+
+
+def _interrupt_raised(d: JsonObject) -> ev.InterruptRaised:
+    return ev.InterruptRaised(interrupt=interrupt_to_proto(Interrupt.from_json(d["interrupt"])))
+
+
+def _text_delta(d: JsonObject) -> ev.TextDelta:
+    return ev.TextDelta(text=d["text"], turn=d["turn"])
+
+
+def _payload(kind: EventKind, d: JsonObject) -> Any:
+    if kind is EventKind.TEXT_DELTA:
+        return _text_delta(d)
+    if kind is EventKind.RUN_STARTED:
+        return ev.RunStarted(task=d["task"], model=d["model"])
+    if kind is EventKind.ASSISTANT_MESSAGE:
+        return ev.AssistantMessage(text=d["text"], tool_calls=[_call(c) for c in d["calls"]], turn=d["turn"])
+    if kind is EventKind.TOOL_CALL_STARTED:
+        return ev.ToolCallStarted(call=_call(d["call"]))
+    if kind is EventKind.TOOL_CALL_COMPLETED:
+        return ev.ToolCallCompleted(
+            call_id=d["call_id"],
+            tool_name=d["tool"],
+            is_error=d["is_error"],
+            size_bytes=d["size"],
+            output=d["output"],
+            duration_ms=d["duration_ms"],
+        )
+    if kind in (EventKind.APPROVAL_REQUESTED, EventKind.INPUT_REQUESTED, EventKind.TOOL_RESULT_REQUESTED):
+        return _interrupt_raised(d)
+    if kind is EventKind.APPROVAL_DECIDED:
+        return ev.InterruptDecided(
+            interrupt_id=d["interrupt_id"],
+            decision=d["decision"],
+            decided_by=d["by"],
+            decide_time=_time(d["at"]),
+            arguments_sha256=d["sha256"],
+            expired=d["expired"],
+            reason=d["reason"],
+        )
+    if kind is EventKind.PAUSED:
+        return ev.Paused(
+            pause=rp.Pause(
+                reason=_REASON[d["reason"]],
+                interrupts=[interrupt_to_proto(Interrupt.from_json(i)) for i in d["interrupts"]],
+            )
+        )
+    if kind is EventKind.RESUMED:
+        return ev.Resumed(resumed_by=d["by"])
+    if kind is EventKind.USAGE:
+        u = d["usage"]
+        return ev.UsageReported(
+            turn=d["turn"],
+            usage=rp.Usage(input_tokens=u["input_tokens"], output_tokens=u["output_tokens"]),
+            cost_usd=d["cost_usd"],
+        )
+    if kind is EventKind.API_CALL:
+        return ev.ApiCallMetered(**d)
+    if kind is EventKind.HANDOFF_TO_RUNNER:
+        return ev.HandoffToRunner(tools=d["tools"])
+    if kind is EventKind.RUN_FINISHED:
+        error = d.get("error")
+        return ev.RunFinished(
+            state=_STATE[RunState(d["state"])],
+            data=_value(d.get("data")),
+            error=_error(RunError.from_json(error) if error else None),
+            meta=_meta(RunMeta.from_json(d["meta"])),
+        )
+    raise ValueError(f"no conversion for event kind {kind}")
+
+
+def event_to_proto(run_id: str, event: Event) -> ev.RunEvent:
+    message = ev.RunEvent(run_id=run_id, seq=event.seq, time=_time(event.time))
+    getattr(message, event.kind.value).CopyFrom(_payload(event.kind, event.data))
+    return message

@@ -1,0 +1,818 @@
+"""The engine: the run lifecycle API the gRPC servicer (and the runner) call.
+
+Every method takes the caller's `Principal`; a run is only ever looked up
+inside the caller's workspace, so one tenant can never see another's runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from engine_service._actor import RunActor, RunEnv
+from engine_service._config import EngineConfig
+from engine_service._errors import EngineError, ErrorKind, aborted, invalid, not_found, precondition
+from engine_service._ids import check_id, new_id
+from engine_service._run import PENDING, READY, RESOLVED, PendingCall, RunRecord, RunSpec, ScriptedTurn
+from engine_service._storage import Storage
+from engine_service._tools import ASK_USER, Tool, ToolArgumentError, ToolRegistry, client_tool, render_result
+from engine_service._types import Event, InterruptKind, JsonObject, Message, Permission, Principal, RunState
+from engine_service.models import ModelAdapter, RetryPolicy, ScriptedModel
+
+log = logging.getLogger("machina.engine")
+
+MAX_TASK_CHARS = 200_000
+MAX_SCRIPT_TURNS = 100_000
+_POLL_S = 0.2  # how often watchers re-read storage for runs moved by another process
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A caller's answer to one interrupt."""
+
+    interrupt_id: str
+    action: str  # "approve" | "reject" | "respond"
+    edited_arguments: JsonObject | None = None
+    reason: str = ""
+    output: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientToolDef:
+    name: str
+    description: str
+    input_schema: JsonObject
+
+
+ModelFactory = Callable[[str, str], ModelAdapter]
+
+
+class Engine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        storage: Storage,
+        *,
+        tools: ToolRegistry | None = None,
+        model_factory: ModelFactory | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.storage = storage
+        self.tools = tools or ToolRegistry([ASK_USER])
+        self._model_factory = model_factory or default_model_factory(config)
+        self._clock = clock
+        self._owner = f"engine-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._active: dict[tuple[str, str], RunActor] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._changes: dict[tuple[str, str], asyncio.Event] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._default_provider, self._default_model = resolve_default_model(config)
+        self._default_script = (
+            load_script_file(config.model.script_file) if config.model.script_file else None
+        )
+
+    @property
+    def default_model(self) -> str:
+        return f"{self._default_provider}:{self._default_model}"
+
+    # -- starting runs ---------------------------------------------------------------
+
+    async def create_run(
+        self, principal: Principal, spec: RunSpec, client_tools: Sequence[ClientToolDef] = ()
+    ) -> tuple[RunRecord, bool]:
+        """Start a run in the background. Returns (run, created); idempotent on run_id/request_id."""
+        self._check_open()
+        ws = principal.workspace_id
+        self._validate_spec(spec, client_tools)
+        if spec.request_id:
+            # The idempotency key maps to one run id; whoever reaches the run
+            # first creates it, everyone else gets the same run back.
+            check_id(spec.request_id, "request_id")
+            proposed = spec.run_id or new_id("run")
+            claimed = await self.storage.put_if_absent(ws, spec.request_id, {"run_id": proposed})
+            if claimed is not None and spec.run_id and claimed["run_id"] != spec.run_id:
+                raise EngineError(
+                    "ERR_RUN_EXISTS",
+                    f"request_id {spec.request_id!r} was already used for run {claimed['run_id']!r}",
+                    kind=ErrorKind.ALREADY_EXISTS,
+                    metadata={"run_id": claimed["run_id"], "request_id": spec.request_id},
+                )
+            spec.run_id = claimed["run_id"] if claimed is not None else proposed
+        run_id = check_id(spec.run_id, "run_id") if spec.run_id else new_id("run")
+        spec.run_id = run_id
+        key = (ws, run_id)
+        async with self._lock(key):
+            existing_doc = await self.storage.read_state(ws, run_id)
+            if existing_doc is not None:
+                record = RunRecord.from_json(existing_doc)
+                if spec.request_id and record.request_id == spec.request_id:
+                    return self._live(record), False
+                raise EngineError(
+                    "ERR_RUN_EXISTS",
+                    f"run {run_id!r} already exists; pass the same request_id to retry a start safely",
+                    kind=ErrorKind.ALREADY_EXISTS,
+                    metadata={"run_id": run_id},
+                )
+            provider, model_name = self._choose_model(spec)
+            now = self._clock()
+            record = RunRecord(
+                run_id=run_id,
+                workspace_id=ws,
+                task=spec.task,
+                state=RunState.QUEUED,
+                created_at=now,
+                updated_at=now,
+                request_id=spec.request_id,
+                labels=dict(spec.labels),
+                deadline_at=now + spec.timeout_ms / 1000 if spec.timeout_ms else 0.0,
+            )
+            record.meta.model = f"{provider}:{model_name}"
+            spec_doc = spec.to_json()
+            spec_doc["client_tools"] = [
+                {"name": t.name, "description": t.description, "input_schema": t.input_schema}
+                for t in client_tools
+            ]
+            if not await self.storage.create_run(ws, run_id, spec_doc, record.to_json()):
+                raise aborted(
+                    "ERR_CONCURRENT_UPDATE", f"run {run_id!r} was created concurrently", run_id=run_id
+                )
+            transcript = [Message("user", spec.task)]
+            actor = RunActor(record, spec, transcript, self._env(spec, spec_doc, provider, model_name))
+            if not await actor.take_over():
+                raise aborted(
+                    "ERR_CONCURRENT_UPDATE", f"run {run_id!r} is held by another process", run_id=run_id
+                )
+            self._start(actor, resumed_by=None)
+        log.info(
+            "run %s created (model %s)", run_id, record.meta.model, extra={"run_id": run_id, "workspace": ws}
+        )
+        return record, True
+
+    def _validate_spec(self, spec: RunSpec, client_tools: Sequence[ClientToolDef]) -> None:
+        if not spec.task.strip():
+            raise invalid("ERR_INVALID_REQUEST", "task must not be empty", field="task")
+        if len(spec.task) > MAX_TASK_CHARS:
+            raise invalid(
+                "ERR_INVALID_REQUEST",
+                f"task is longer than {MAX_TASK_CHARS} characters",
+                field="task",
+                length=len(spec.task),
+            )
+        if spec.run_id:
+            check_id(spec.run_id, "run_id")
+        for name, value in (
+            ("max_turns", spec.max_turns),
+            ("max_tokens", spec.max_tokens),
+            ("timeout_ms", spec.timeout_ms),
+            ("approval_timeout_ms", spec.approval_timeout_ms),
+            ("max_output_tokens", spec.max_output_tokens),
+        ):
+            if value < 0:
+                raise invalid("ERR_INVALID_REQUEST", f"{name} must not be negative", field=name, value=value)
+        if spec.max_cost_usd < 0:
+            raise invalid("ERR_INVALID_REQUEST", "max_cost_usd must not be negative", field="max_cost_usd")
+        names = set(self.tools.names())
+        for t in client_tools:
+            if not t.name or len(t.name) > 64 or not all(c.isalnum() or c in "_-" for c in t.name):
+                raise invalid(
+                    "ERR_INVALID_REQUEST",
+                    f"client tool name {t.name!r} must match [A-Za-z0-9_-]{{1,64}}",
+                    field="client_tools",
+                )
+            if t.name in names:
+                raise invalid(
+                    "ERR_INVALID_REQUEST",
+                    f"client tool {t.name!r} clashes with another tool",
+                    field="client_tools",
+                    tool=t.name,
+                )
+            names.add(t.name)
+        for listed, what in (
+            (spec.tools or [], "tools"),
+            (list(spec.permissions), "permissions"),
+            (spec.gated_tools, "gated_tools"),
+        ):
+            unknown = sorted(set(listed) - names)
+            if unknown:
+                raise invalid(
+                    "ERR_UNKNOWN_TOOL",
+                    f"{what} names unknown tools: {', '.join(unknown)}",
+                    field=what,
+                    tools=",".join(unknown),
+                )
+        if spec.output_schema is not None:
+            import jsonschema
+
+            try:
+                jsonschema.Draft202012Validator.check_schema(spec.output_schema)
+            except jsonschema.SchemaError as exc:
+                raise invalid(
+                    "ERR_INVALID_REQUEST",
+                    f"output_schema is not a valid JSON Schema: {exc.message}",
+                    field="output_schema",
+                ) from None
+        if spec.script is not None:
+            validate_script(spec.script)
+
+    def _choose_model(self, spec: RunSpec) -> tuple[str, str]:
+        provider = spec.model_provider or self._default_provider
+        if (
+            spec.model_provider or spec.model_name or spec.script is not None
+        ) and not self.config.model.allow_per_run_choice:
+            raise EngineError(
+                "ERR_PERMISSION_DENIED",
+                "this engine does not allow choosing the model per run",
+                kind=ErrorKind.PERMISSION_DENIED,
+            )
+        if provider not in ("scripted", "openai", "anthropic"):
+            raise invalid(
+                "ERR_INVALID_REQUEST",
+                f"unknown model provider {provider!r}: use scripted, openai or anthropic",
+                field="model.provider",
+            )
+        if provider == "scripted":
+            if spec.script is None:
+                if self._default_script is None:
+                    raise invalid(
+                        "ERR_INVALID_SCRIPT",
+                        "the scripted model needs a script: pass model.script or configure model.script_file",
+                    )
+                spec.script = self._default_script
+            return provider, spec.model_name or "script"
+        if spec.script is not None:
+            raise invalid(
+                "ERR_INVALID_SCRIPT", f"a script only makes sense with the scripted model, not {provider}"
+            )
+        name = spec.model_name or (self._default_model if provider == self._default_provider else "")
+        return provider, name or default_model_name(provider)
+
+    def _env(self, spec: RunSpec, spec_doc: JsonObject, provider: str, model_name: str) -> RunEnv:
+        cfg = self.config
+        tools: dict[str, Tool] = {}
+        enabled = set(cfg.tools.enabled) if cfg.tools.enabled is not None else None
+        for name in self.tools.names():
+            if name in cfg.tools.disabled or (enabled is not None and name not in enabled):
+                continue
+            tool = self.tools.get(name)
+            assert tool is not None
+            tools[name] = tool
+        for t in spec_doc.get("client_tools", ()):
+            tools[t["name"]] = client_tool(t["name"], t["description"], t["input_schema"])
+        if spec.tools is not None:
+            tools = {n: t for n, t in tools.items() if n in spec.tools}
+        engine_perms = {k: Permission(v) for k, v in cfg.tools.permissions.items()}
+        default = Permission(cfg.tools.default_permission)
+
+        def permission(name: str) -> Permission:
+            return engine_perms.get(name, default).narrow(spec.permissions.get(name))
+
+        model = (
+            ScriptedModel(spec.script or [], model_name)
+            if provider == "scripted"
+            else self._model_factory(provider, model_name)
+        )
+        return RunEnv(
+            storage=self.storage,
+            model=model,
+            tools=tools,
+            permissions=permission,
+            system_prompt=spec.system_prompt,
+            max_turns=spec.max_turns or cfg.max_turns,
+            max_output_tokens=spec.max_output_tokens or cfg.model.max_output_tokens,
+            price=(cfg.model.input_cost_per_mtok, cfg.model.output_cost_per_mtok),
+            owner=self._owner,
+            lease_ttl=cfg.lease_ttl_s,
+            clock=self._clock,
+        )
+
+    def _start(self, actor: RunActor, *, resumed_by: str | None) -> None:
+        self._active[actor.key] = actor
+        actor.start(resumed_by=resumed_by)
+        self._notify(actor.key)
+        assert actor.task is not None
+        actor.task.add_done_callback(lambda _t: self._on_actor_done(actor))
+
+    def _on_actor_done(self, actor: RunActor) -> None:
+        if self._active.get(actor.key) is actor:
+            del self._active[actor.key]
+        record = actor.record
+        if record.state is RunState.PAUSED:
+            self._arm_expiry(actor.key, record)
+        self._notify(actor.key)
+
+    # -- reading runs ---------------------------------------------------------------------
+
+    async def get_run(self, principal: Principal, run_id: str) -> RunRecord:
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        actor = self._active.get(key)
+        if actor is not None:
+            return actor.record
+        return await self._load(key)
+
+    async def _load(self, key: tuple[str, str]) -> RunRecord:
+        doc = await self.storage.read_state(*key)
+        if doc is None:
+            raise not_found(
+                "ERR_RUN_NOT_FOUND", f"run {key[1]!r} does not exist in this workspace", run_id=key[1]
+            )
+        return RunRecord.from_json(doc)
+
+    def _live(self, record: RunRecord) -> RunRecord:
+        actor = self._active.get((record.workspace_id, record.run_id))
+        return actor.record if actor is not None else record
+
+    async def list_runs(
+        self,
+        principal: Principal,
+        *,
+        states: set[RunState] | None = None,
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> tuple[list[RunRecord], str]:
+        if not 0 <= page_size <= 1000:
+            raise invalid("ERR_INVALID_REQUEST", "page_size must be between 1 and 1000", field="page_size")
+        page_size = page_size or 50
+        offset = 0
+        if page_token:
+            try:
+                offset = int(page_token)
+                if offset < 0:
+                    raise ValueError
+            except ValueError:
+                raise invalid(
+                    "ERR_INVALID_REQUEST", "page_token is not one this server issued", field="page_token"
+                ) from None
+        ws = principal.workspace_id
+        records = []
+        for run_id in await self.storage.list_runs(ws):
+            with contextlib.suppress(EngineError):
+                record = self._live(await self._load((ws, run_id)))
+                if states and record.state not in states:
+                    continue
+                if labels and any(record.labels.get(k) != v for k, v in labels.items()):
+                    continue
+                records.append(record)
+        records.sort(key=lambda r: (r.created_at, r.run_id), reverse=True)
+        page = records[offset : offset + page_size]
+        next_token = str(offset + page_size) if offset + page_size < len(records) else ""
+        return page, next_token
+
+    async def wait_run(self, principal: Principal, run_id: str, timeout: float) -> tuple[RunRecord, bool]:
+        """Wait until the run is paused or ended. Returns (run, timed_out)."""
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        deadline = time.monotonic() + timeout
+        record = await self.get_run(principal, run_id)
+        while True:
+            if record.state is RunState.PAUSED or record.state.terminal:
+                return record, False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return record, True
+            actor = self._active.get(key)
+            if actor is not None:
+                # The actor's task ends exactly when the run pauses or ends.
+                assert actor.task is not None
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    async with asyncio.timeout(remaining):
+                        await asyncio.shield(actor.task)
+            else:
+                await self._wait_change(key, min(_POLL_S, remaining))
+            record = await self.get_run(principal, run_id)
+
+    async def stream_events(
+        self,
+        principal: Principal,
+        run_id: str,
+        *,
+        after_seq: int = 0,
+        follow: bool = False,
+        until_pause: bool = False,
+    ) -> AsyncIterator[list[Event]]:
+        """Batches of events with seq > after_seq, in order, each exactly once.
+
+        ``follow`` streams until the run ends; ``until_pause`` stops at a pause too.
+        Without either, it stops after what exists now.
+        """
+        if after_seq < 0:
+            raise invalid("ERR_INVALID_REQUEST", "after_seq must not be negative", field="after_seq")
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        await self.get_run(principal, run_id)  # NOT_FOUND before the stream opens
+        cursor = after_seq
+        while True:
+            actor = self._active.get(key)
+            if actor is not None and actor.feed.base_seq <= cursor:
+                # Live: the executing actor has every event after its base_seq.
+                batch = actor.feed.after(cursor)
+                if batch:
+                    cursor = batch[-1].seq
+                    yield batch
+                    continue
+                if not actor.feed.closed:
+                    if not (follow or until_pause):
+                        return
+                    await actor.feed.wait(cursor, timeout=1.0)
+                    continue
+                record = actor.record
+            else:
+                # Catch up from storage: everything committed before the live part.
+                record = actor.record if actor is not None else await self._load(key)
+                committed = actor.feed.base_seq if actor is not None else record.last_seq
+                if committed > cursor:
+                    docs = await self.storage.read_segments(key[0], key[1], "events", cursor, committed)
+                    for start in range(0, len(docs), 512):
+                        batch = [Event.from_json(d) for d in docs[start : start + 512]]
+                        cursor = batch[-1].seq
+                        yield batch
+                    continue
+            stop = record.state.terminal or (until_pause and record.state is RunState.PAUSED)
+            if stop or not (follow or until_pause):
+                return
+            await self._wait_change(key, _POLL_S)
+
+    async def _wait_change(self, key: tuple[str, str], timeout: float) -> None:
+        """Wait until this process moves the run again (or ``timeout``, for other processes)."""
+        changed = self._changes.setdefault(key, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await changed.wait()
+
+    def _notify(self, key: tuple[str, str]) -> None:
+        changed = self._changes.pop(key, None)
+        if changed is not None:
+            changed.set()
+
+    # -- moving runs ---------------------------------------------------------------------
+
+    async def resume_run(self, principal: Principal, run_id: str, decisions: list[Decision]) -> RunRecord:
+        self._check_open()
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        if not decisions:
+            raise invalid("ERR_INVALID_DECISION", "resume needs at least one decision", field="decisions")
+        async with self._lock(key):
+            if key in self._active:
+                raise precondition(
+                    "ERR_RUN_NOT_PAUSED",
+                    f"run {run_id!r} is running, not paused",
+                    run_id=run_id,
+                    state="RUNNING",
+                )
+            record = await self._load(key)
+            if record.state is not RunState.PAUSED:
+                raise precondition(
+                    "ERR_RUN_NOT_PAUSED",
+                    f"run {run_id!r} is {record.state.value}, not paused",
+                    run_id=run_id,
+                    state=record.state.value,
+                )
+            actor = await self._actor_for(record)
+            plan = self._apply_decisions(actor, decisions)
+            if not await actor.take_over():
+                raise aborted(
+                    "ERR_CONCURRENT_UPDATE",
+                    f"run {run_id!r} is being moved by another process",
+                    run_id=run_id,
+                )
+            self._disarm_expiry(key)
+            for pending, action, reason, expired in plan:
+                actor.record_decision(pending, action, principal.identity, reason=reason, expired=expired)
+            if record.interrupts:
+                await actor.checkpoint()  # still waiting for the other interrupts
+                await actor.release()
+                self._arm_expiry(key, record)
+                self._notify(key)
+                return record
+            self._start(actor, resumed_by=principal.identity)
+            return record
+
+    def _apply_decisions(
+        self, actor: RunActor, decisions: list[Decision]
+    ) -> list[tuple[PendingCall, str, str, bool]]:
+        """Validate every decision, then apply them all (all or nothing)."""
+        by_id = {p.interrupt.interrupt_id: p for p in actor.record.pending if p.interrupt is not None}
+        seen: set[str] = set()
+        staged: list[tuple[PendingCall, Decision, JsonObject | None]] = []
+        for d in decisions:
+            pending = by_id.get(d.interrupt_id)
+            if pending is None:
+                raise not_found(
+                    "ERR_INTERRUPT_NOT_FOUND",
+                    f"interrupt {d.interrupt_id!r} is not pending on run {actor.record.run_id!r}",
+                    interrupt_id=d.interrupt_id,
+                    run_id=actor.record.run_id,
+                )
+            if pending.status != PENDING or d.interrupt_id in seen:
+                raise precondition(
+                    "ERR_INTERRUPT_DECIDED",
+                    f"interrupt {d.interrupt_id!r} is already decided",
+                    interrupt_id=d.interrupt_id,
+                )
+            seen.add(d.interrupt_id)
+            assert pending.interrupt is not None
+            kind = pending.interrupt.kind
+            if d.action not in ("approve", "reject", "respond"):
+                raise invalid(
+                    "ERR_INVALID_DECISION",
+                    f"decision for {d.interrupt_id!r} has no action",
+                    interrupt_id=d.interrupt_id,
+                )
+            if d.action != "respond" and kind is not InterruptKind.APPROVAL:
+                raise invalid(
+                    "ERR_INVALID_DECISION",
+                    f"interrupt {d.interrupt_id!r} is {kind.value}: answer it with respond, not {d.action}",
+                    interrupt_id=d.interrupt_id,
+                    kind=kind.value,
+                )
+            edited = None
+            if d.action == "approve" and d.edited_arguments is not None:
+                tool = actor.env.tools.get(pending.call.name)
+                assert tool is not None
+                try:
+                    tool.validate(d.edited_arguments)
+                except ToolArgumentError as exc:
+                    raise invalid(
+                        "ERR_INVALID_EDITS",
+                        f"edited arguments for {pending.call.name} do not match its schema: {exc}",
+                        interrupt_id=d.interrupt_id,
+                        tool=pending.call.name,
+                    ) from None
+                edited = d.edited_arguments
+            staged.append((pending, d, edited))
+        plan = []
+        for pending, d, edited in staged:
+            plan.append(apply_decision(pending, d.action, edited=edited, reason=d.reason, output=d.output))
+        return plan
+
+    async def _actor_for(self, record: RunRecord) -> RunActor:
+        ws, run_id = record.workspace_id, record.run_id
+        spec_doc = await self.storage.read_spec(ws, run_id)
+        if spec_doc is None:
+            raise EngineError("ERR_INTERNAL", f"run {run_id!r} has no spec", kind=ErrorKind.INTERNAL)
+        spec = RunSpec.from_json(spec_doc)
+        docs = await self.storage.read_segments(ws, run_id, "transcript", 0, record.transcript_len)
+        transcript = [Message.from_json(d) for d in docs]
+        provider, _, model_name = record.meta.model.partition(":")
+        return RunActor(record, spec, transcript, self._env(spec, spec_doc, provider, model_name))
+
+    async def cancel_run(self, principal: Principal, run_id: str, reason: str = "") -> RunRecord:
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        reason = reason[:1000] or f"cancelled by {principal.identity}"
+        async with self._lock(key):
+            actor = self._active.get(key)
+            if actor is not None:
+                actor.cancel_reason = reason
+                assert actor.task is not None
+                actor.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    async with asyncio.timeout(10):
+                        await asyncio.shield(actor.task)
+                return actor.record
+            record = await self._load(key)
+            if record.state is RunState.CANCELLED:
+                return record
+            if record.state.terminal:
+                raise precondition(
+                    "ERR_RUN_TERMINAL",
+                    f"run {run_id!r} already ended ({record.state.value})",
+                    run_id=run_id,
+                    state=record.state.value,
+                )
+            actor = await self._actor_for(record)
+            if not await actor.take_over():
+                raise aborted(
+                    "ERR_CONCURRENT_UPDATE",
+                    f"run {run_id!r} is being moved by another process",
+                    run_id=run_id,
+                )
+            self._disarm_expiry(key)
+            actor.cancel_reason = reason
+            await actor.cancel_now()
+            self._notify(key)
+            return record
+
+    # -- approval expiry ----------------------------------------------------------------
+
+    def _arm_expiry(self, key: tuple[str, str], record: RunRecord) -> None:
+        deadlines = [i.expires_at for i in record.interrupts if i.expires_at]
+        if not deadlines or self._closing:
+            return
+        self._disarm_expiry(key)
+        delay = max(0.0, min(deadlines) - self._clock())
+        loop = asyncio.get_running_loop()
+        self._timers[key] = loop.call_later(delay, lambda: self._spawn(self._expire(key)))
+
+    def _disarm_expiry(self, key: tuple[str, str]) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    async def _expire(self, key: tuple[str, str]) -> None:
+        self._timers.pop(key, None)
+        with contextlib.suppress(EngineError):
+            record = await self._load(key)
+            if record.state is not RunState.PAUSED:
+                return
+            spec_doc = await self.storage.read_spec(*key) or {}
+            approves = bool(spec_doc.get("approval_expiry_approves"))
+            now = self._clock()
+            due = [i for i in record.interrupts if i.expires_at and i.expires_at <= now]
+            if not due:
+                self._arm_expiry(key, record)
+                return
+            decisions = [
+                Decision(i.interrupt_id, "approve" if approves else "reject", reason="the approval expired")
+                for i in due
+            ]
+            await self._resume_expired(key, decisions)
+
+    async def _resume_expired(self, key: tuple[str, str], decisions: list[Decision]) -> None:
+        principal = Principal(key[0], "system:expiry")
+        async with self._lock(key):
+            if key in self._active:
+                return
+            record = await self._load(key)
+            if record.state is not RunState.PAUSED:
+                return
+            actor = await self._actor_for(record)
+            plan = self._apply_decisions(actor, decisions)
+            if not await actor.take_over():
+                return
+            for pending, action, reason, _ in plan:
+                actor.record_decision(pending, action, principal.identity, reason=reason, expired=True)
+            if record.interrupts:
+                await actor.checkpoint()
+                await actor.release()
+                self._arm_expiry(key, record)
+                self._notify(key)
+                return
+            self._start(actor, resumed_by=principal.identity)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise EngineError(
+                "ERR_SHUTTING_DOWN",
+                "the engine is shutting down; retry on another replica",
+                kind=ErrorKind.UNAVAILABLE,
+            )
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting work, let running turns finish for ``grace`` s, then checkpoint and stop."""
+        self._closing = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        tasks = [a.task for a in self._active.values() if a.task is not None]
+        if tasks:
+            _done, still = await asyncio.wait(tasks, timeout=grace)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=5)
+        for task in list(self._background):
+            task.cancel()
+        await self.storage.close()
+
+
+def apply_decision(
+    pending: PendingCall,
+    action: str,
+    *,
+    edited: JsonObject | None = None,
+    reason: str = "",
+    output: Any = None,
+) -> tuple[PendingCall, str, str, bool]:
+    """Move a pending call according to a decision; returns the decision record parts."""
+    if action == "approve":
+        if edited is not None:
+            pending.call.arguments = edited
+        pending.status = READY
+        return pending, "approve_with_edits" if edited is not None else "approve", "", False
+    if action == "reject":
+        pending.status = RESOLVED
+        pending.result_text = (
+            f"The user rejected this call. Reason: {reason}" if reason else "The user rejected this call."
+        )
+        pending.result_is_error = True
+        return pending, "reject", reason, False
+    pending.status = RESOLVED
+    pending.result_text = render_result(output)
+    pending.result_is_error = False
+    return pending, "respond", "", False
+
+
+def validate_script(script: list[ScriptedTurn]) -> None:
+    if not script:
+        raise invalid("ERR_INVALID_SCRIPT", "the script has no turns", field="model.script")
+    if len(script) > MAX_SCRIPT_TURNS:
+        raise invalid(
+            "ERR_INVALID_SCRIPT", f"the script has more than {MAX_SCRIPT_TURNS} turns", field="model.script"
+        )
+    for index, turn in enumerate(script, start=1):
+        if not turn.text and not turn.tool_calls:
+            raise invalid(
+                "ERR_INVALID_SCRIPT",
+                f"script turn {index} has neither text nor tool calls",
+                field="model.script",
+                turn=index,
+            )
+        for call_index, (name, arguments) in enumerate(turn.tool_calls, start=1):
+            if not name:
+                raise invalid(
+                    "ERR_INVALID_SCRIPT",
+                    f"script turn {index}, tool call {call_index} has no name",
+                    field="model.script",
+                    turn=index,
+                )
+            if not isinstance(arguments, dict):
+                raise invalid(
+                    "ERR_INVALID_SCRIPT",
+                    f"script turn {index}, tool call {call_index}: arguments must be an object",
+                    field="model.script",
+                    turn=index,
+                )
+
+
+def load_script_file(path: str) -> list[ScriptedTurn]:
+    import tomllib
+    from pathlib import Path
+
+    text = Path(path).read_text(encoding="utf-8")
+    doc = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
+    turns = doc.get("turns") if isinstance(doc, dict) else doc
+    if not isinstance(turns, list):
+        raise ValueError(f"script file {path!r} must hold a list of turns under 'turns'")
+    script = [ScriptedTurn.from_json(t) for t in turns]
+    validate_script(script)
+    return script
+
+
+def resolve_default_model(config: EngineConfig, env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    env = os.environ if env is None else env
+    provider = config.model.provider
+    if provider == "auto":
+        if env.get("ANTHROPIC_API_KEY"):
+            provider = "anthropic"
+        elif env.get("OPENAI_API_KEY"):
+            provider = "openai"
+        else:
+            provider = "scripted"
+    return provider, config.model.name or default_model_name(provider)
+
+
+def default_model_name(provider: str) -> str:
+    return {"anthropic": "claude-sonnet-4-5", "openai": "gpt-4o-mini"}.get(provider, "script")
+
+
+def default_model_factory(config: EngineConfig) -> ModelFactory:
+    """Build real adapters; one per (provider, model) shared across runs (connection pooling)."""
+    cache: dict[tuple[str, str], ModelAdapter] = {}
+    retry = RetryPolicy(max_attempts=config.model.max_attempts)
+
+    def make(provider: str, name: str) -> ModelAdapter:
+        adapter = cache.get((provider, name))
+        if adapter is not None:
+            return adapter
+        if provider == "openai":
+            from engine_service.models import OpenAIModel
+
+            kwargs: dict[str, Any] = {"base_url": config.model.base_url} if config.model.base_url else {}
+            adapter = OpenAIModel(
+                api_key=os.environ.get("OPENAI_API_KEY", ""), model=name, retry=retry, **kwargs
+            )
+        elif provider == "anthropic":
+            from engine_service.models import AnthropicModel
+
+            kwargs = {"base_url": config.model.base_url} if config.model.base_url else {}
+            adapter = AnthropicModel(
+                api_key=os.environ.get("ANTHROPIC_API_KEY", ""), model=name, retry=retry, **kwargs
+            )
+        else:
+            raise invalid("ERR_INVALID_REQUEST", f"unknown model provider {provider!r}")
+        cache[(provider, name)] = adapter
+        return adapter
+
+    return make

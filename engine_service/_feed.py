@@ -1,0 +1,49 @@
+"""In-memory fan-out of a run's events to live watchers.
+
+The executing process appends every event here as it happens (watchers see a
+token as soon as the model adapter yields it); storage gets them at the next
+checkpoint. Watchers that fall behind ``base_seq`` read storage first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine_service._types import Event
+
+
+class EventFeed:
+    def __init__(self, base_seq: int) -> None:
+        # The seq of the last event that existed before this feed started.
+        self.base_seq = base_seq
+        self.events: list[Event] = []
+        self.closed = False
+        self._changed = asyncio.Event()
+
+    @property
+    def last_seq(self) -> int:
+        return self.base_seq + len(self.events)
+
+    def publish(self, event: Event) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._changed.set()
+
+    def after(self, seq: int, limit: int = 512) -> list[Event]:
+        """Events with seq > ``seq`` (which must be >= base_seq), at most ``limit``."""
+        start = seq - self.base_seq
+        return self.events[start : start + limit]
+
+    async def wait(self, seq: int, timeout: float) -> None:
+        """Return once an event after ``seq`` exists, the feed closed, or ``timeout`` passed."""
+        if self.last_seq > seq or self.closed:
+            return
+        self._changed.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
+        except TimeoutError:
+            return

@@ -1,0 +1,320 @@
+"""The run record: what a run is (its spec) and where it stands (its state).
+
+``spec.json`` is written once at creation. ``state.json`` is the small status
+document *and* the checkpoint cursor (counters, pending tool calls, how many
+transcript entries and events are committed); it is rewritten atomically at
+every checkpoint, so its size does not grow with the history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine_service._types import (
+    InterruptKind,
+    JsonObject,
+    PauseReason,
+    Permission,
+    RunState,
+    ToolCall,
+    ToolChoice,
+    Usage,
+)
+
+
+@dataclass(slots=True)
+class ScriptedTurn:
+    text: str = ""
+    tool_calls: list[tuple[str, JsonObject]] = field(default_factory=list)
+    usage: Usage | None = None
+
+    def to_json(self) -> JsonObject:
+        doc: JsonObject = {"text": self.text}
+        if self.tool_calls:
+            doc["tool_calls"] = [{"name": n, "arguments": a} for n, a in self.tool_calls]
+        if self.usage is not None:
+            doc["usage"] = self.usage.to_json()
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: JsonObject) -> ScriptedTurn:
+        usage = doc.get("usage")
+        return cls(
+            text=doc.get("text", ""),
+            tool_calls=[(c["name"], c.get("arguments") or {}) for c in doc.get("tool_calls", ())],
+            usage=Usage.from_json(usage) if usage else None,
+        )
+
+
+@dataclass(slots=True)
+class RunSpec:
+    """Everything a caller chose when starting a run (immutable afterwards)."""
+
+    task: str
+    run_id: str = ""
+    request_id: str = ""
+    model_provider: str = ""
+    model_name: str = ""
+    script: list[ScriptedTurn] | None = None
+    max_output_tokens: int = 0
+    max_turns: int = 0
+    max_tokens: int = 0
+    timeout_ms: int = 0
+    max_cost_usd: float = 0.0
+    tool_choice: ToolChoice = ToolChoice.AUTO
+    tools: list[str] | None = None
+    permissions: dict[str, Permission] = field(default_factory=dict)
+    gated_tools: list[str] = field(default_factory=list)
+    output_schema: JsonObject | None = None
+    system_prompt: str = ""
+    approval_timeout_ms: int = 0
+    approval_expiry_approves: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> JsonObject:
+        return {
+            "task": self.task,
+            "run_id": self.run_id,
+            "request_id": self.request_id,
+            "model_provider": self.model_provider,
+            "model_name": self.model_name,
+            "script": None if self.script is None else [t.to_json() for t in self.script],
+            "max_output_tokens": self.max_output_tokens,
+            "max_turns": self.max_turns,
+            "max_tokens": self.max_tokens,
+            "timeout_ms": self.timeout_ms,
+            "max_cost_usd": self.max_cost_usd,
+            "tool_choice": self.tool_choice.value,
+            "tools": self.tools,
+            "permissions": {k: v.value for k, v in self.permissions.items()},
+            "gated_tools": self.gated_tools,
+            "output_schema": self.output_schema,
+            "system_prompt": self.system_prompt,
+            "approval_timeout_ms": self.approval_timeout_ms,
+            "approval_expiry_approves": self.approval_expiry_approves,
+            "labels": self.labels,
+        }
+
+    @classmethod
+    def from_json(cls, doc: JsonObject) -> RunSpec:
+        script = doc.get("script")
+        return cls(
+            task=doc["task"],
+            run_id=doc.get("run_id", ""),
+            request_id=doc.get("request_id", ""),
+            model_provider=doc.get("model_provider", ""),
+            model_name=doc.get("model_name", ""),
+            script=None if script is None else [ScriptedTurn.from_json(t) for t in script],
+            max_output_tokens=doc.get("max_output_tokens", 0),
+            max_turns=doc.get("max_turns", 0),
+            max_tokens=doc.get("max_tokens", 0),
+            timeout_ms=doc.get("timeout_ms", 0),
+            max_cost_usd=doc.get("max_cost_usd", 0.0),
+            tool_choice=ToolChoice(doc.get("tool_choice", "auto")),
+            tools=doc.get("tools"),
+            permissions={k: Permission(v) for k, v in doc.get("permissions", {}).items()},
+            gated_tools=doc.get("gated_tools", []),
+            output_schema=doc.get("output_schema"),
+            system_prompt=doc.get("system_prompt", ""),
+            approval_timeout_ms=doc.get("approval_timeout_ms", 0),
+            approval_expiry_approves=doc.get("approval_expiry_approves", False),
+            labels=doc.get("labels", {}),
+        )
+
+
+@dataclass(slots=True)
+class Interrupt:
+    interrupt_id: str
+    kind: InterruptKind
+    call_id: str
+    tool_name: str
+    arguments: JsonObject
+    description: str
+    created_at: float
+    question: str = ""
+    expires_at: float = 0.0
+    input_schema: JsonObject | None = None
+
+    def to_json(self) -> JsonObject:
+        return {
+            "id": self.interrupt_id,
+            "kind": self.kind.value,
+            "call_id": self.call_id,
+            "tool": self.tool_name,
+            "args": self.arguments,
+            "description": self.description,
+            "created_at": self.created_at,
+            "question": self.question,
+            "expires_at": self.expires_at,
+            "schema": self.input_schema,
+        }
+
+    @classmethod
+    def from_json(cls, doc: JsonObject) -> Interrupt:
+        return cls(
+            interrupt_id=doc["id"],
+            kind=InterruptKind(doc["kind"]),
+            call_id=doc["call_id"],
+            tool_name=doc["tool"],
+            arguments=doc["args"],
+            description=doc["description"],
+            created_at=doc["created_at"],
+            question=doc.get("question", ""),
+            expires_at=doc.get("expires_at", 0.0),
+            input_schema=doc.get("schema"),
+        )
+
+
+# Statuses of a tool call of the current turn.
+PENDING = "pending"  # waits for a decision on its interrupt
+READY = "ready"  # will run (allowed, or approved)
+RESOLVED = "resolved"  # has its result already (rejected, responded, denied, unknown)
+
+
+@dataclass(slots=True)
+class PendingCall:
+    """A tool call of the current turn and what will happen to it."""
+
+    call: ToolCall
+    status: str
+    interrupt: Interrupt | None = None
+    result_text: str = ""
+    result_is_error: bool = False
+
+    def to_json(self) -> JsonObject:
+        return {
+            "call": self.call.to_json(),
+            "status": self.status,
+            "interrupt": None if self.interrupt is None else self.interrupt.to_json(),
+            "result": self.result_text,
+            "is_error": self.result_is_error,
+        }
+
+    @classmethod
+    def from_json(cls, doc: JsonObject) -> PendingCall:
+        interrupt = doc.get("interrupt")
+        return cls(
+            call=ToolCall.from_json(doc["call"]),
+            status=doc["status"],
+            interrupt=None if interrupt is None else Interrupt.from_json(interrupt),
+            result_text=doc.get("result", ""),
+            result_is_error=doc.get("is_error", False),
+        )
+
+
+@dataclass(slots=True)
+class RunMeta:
+    turns: int = 0
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    duration_ms: int = 0
+    capabilities_missing: list[str] = field(default_factory=list)
+    model: str = ""
+
+    def to_json(self) -> JsonObject:
+        return {
+            "turns": self.turns,
+            "usage": self.usage.to_json(),
+            "cost_usd": self.cost_usd,
+            "duration_ms": self.duration_ms,
+            "capabilities_missing": self.capabilities_missing,
+            "model": self.model,
+        }
+
+    @classmethod
+    def from_json(cls, doc: JsonObject) -> RunMeta:
+        return cls(
+            turns=doc.get("turns", 0),
+            usage=Usage.from_json(doc.get("usage", {})),
+            cost_usd=doc.get("cost_usd", 0.0),
+            duration_ms=doc.get("duration_ms", 0),
+            capabilities_missing=list(doc.get("capabilities_missing", [])),
+            model=doc.get("model", ""),
+        )
+
+
+@dataclass(slots=True)
+class RunError:
+    code: str
+    message: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> JsonObject:
+        return {"code": self.code, "message": self.message, "metadata": self.metadata}
+
+    @classmethod
+    def from_json(cls, doc: JsonObject) -> RunError:
+        return cls(doc["code"], doc["message"], dict(doc.get("metadata", {})))
+
+
+@dataclass(slots=True)
+class RunRecord:
+    """The status document and checkpoint cursor of one run (``state.json``)."""
+
+    run_id: str
+    workspace_id: str
+    task: str
+    state: RunState
+    created_at: float
+    updated_at: float
+    request_id: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    pause_reason: PauseReason | None = None
+    pending: list[PendingCall] = field(default_factory=list)
+    data: Any = None
+    error: RunError | None = None
+    meta: RunMeta = field(default_factory=RunMeta)
+    last_seq: int = 0
+    transcript_len: int = 0
+    repair_used: bool = False
+    deadline_at: float = 0.0
+
+    @property
+    def interrupts(self) -> list[Interrupt]:
+        return [p.interrupt for p in self.pending if p.status == PENDING and p.interrupt is not None]
+
+    def to_json(self) -> JsonObject:
+        return {
+            "run_id": self.run_id,
+            "workspace_id": self.workspace_id,
+            "task": self.task,
+            "state": self.state.value,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "request_id": self.request_id,
+            "labels": self.labels,
+            "pause_reason": None if self.pause_reason is None else self.pause_reason.value,
+            "pending": [p.to_json() for p in self.pending],
+            "data": self.data,
+            "error": None if self.error is None else self.error.to_json(),
+            "meta": self.meta.to_json(),
+            "last_seq": self.last_seq,
+            "transcript_len": self.transcript_len,
+            "repair_used": self.repair_used,
+            "deadline_at": self.deadline_at,
+        }
+
+    @classmethod
+    def from_json(cls, doc: JsonObject) -> RunRecord:
+        reason = doc.get("pause_reason")
+        error = doc.get("error")
+        return cls(
+            run_id=doc["run_id"],
+            workspace_id=doc["workspace_id"],
+            task=doc["task"],
+            state=RunState(doc["state"]),
+            created_at=doc["created_at"],
+            updated_at=doc["updated_at"],
+            request_id=doc.get("request_id", ""),
+            labels=dict(doc.get("labels", {})),
+            pause_reason=None if reason is None else PauseReason(reason),
+            pending=[PendingCall.from_json(p) for p in doc.get("pending", ())],
+            data=doc.get("data"),
+            error=None if error is None else RunError.from_json(error),
+            meta=RunMeta.from_json(doc.get("meta", {})),
+            last_seq=doc.get("last_seq", 0),
+            transcript_len=doc.get("transcript_len", 0),
+            repair_used=doc.get("repair_used", False),
+            deadline_at=doc.get("deadline_at", 0.0),
+        )

@@ -1,0 +1,257 @@
+"""Tools: definition, argument validation, import-path loading and the registry.
+
+A custom tool is a Python callable registered by import path in config::
+
+    class Args(BaseModel):
+        to: str
+
+    @tool(description="Send an email.")
+    async def send_email(args: Args, ctx: ToolContext) -> str: ...
+
+or a plain function plus a JSON Schema (``@tool(input_schema={...})``), in
+which case it receives the validated ``dict``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+import pydantic
+
+from engine_service._errors import EngineError, ErrorKind
+from engine_service._types import InterruptKind, JsonObject
+from engine_service.models import ToolSpec
+
+
+@dataclass(frozen=True, slots=True)
+class ToolContext:
+    """What a tool knows about the call it serves."""
+
+    run_id: str
+    workspace_id: str
+    call_id: str
+
+
+class ToolArgumentError(Exception):
+    """The arguments do not match the tool's schema; the message says where."""
+
+
+Handler = Callable[[Any, ToolContext], Awaitable[Any] | Any]
+
+
+@dataclass(slots=True)
+class Tool:
+    """A tool the model can call."""
+
+    name: str
+    description: str
+    input_schema: JsonObject
+    handler: Handler | None = None
+    model: type[pydantic.BaseModel] | None = None
+    # Set for tools the engine answers through an interrupt instead of running.
+    interrupt_kind: InterruptKind | None = None
+    # Host capabilities the tool needs (e.g. "subprocess").
+    capabilities: frozenset[str] = frozenset()
+    # Safe to run again after a crash interrupted it.
+    idempotent: bool = False
+    _validator: Any = field(default=None, repr=False)
+
+    def spec(self) -> ToolSpec:
+        return ToolSpec(self.name, self.description, self.input_schema)
+
+    def validate(self, arguments: JsonObject) -> Any:
+        """Validated arguments (a model instance for pydantic tools) or ToolArgumentError."""
+        if self.model is not None:
+            try:
+                return self.model.model_validate(arguments)
+            except pydantic.ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
+                )
+                raise ToolArgumentError(problems) from None
+        if self._validator is None:
+            self._validator = jsonschema.Draft202012Validator(self.input_schema)
+        errors = sorted(self._validator.iter_errors(arguments), key=lambda e: list(e.path))
+        if errors:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e.path) or '(root)'}: {e.message}" for e in errors[:5]
+            )
+            raise ToolArgumentError(problems)
+        return arguments
+
+    def describe(self, arguments: JsonObject) -> str:
+        shown = json.dumps(arguments, ensure_ascii=False, sort_keys=True)
+        if len(shown) > 200:
+            shown = shown[:199] + "…"
+        return f"Call {self.name} with {shown}"
+
+    async def run(self, arguments: JsonObject, ctx: ToolContext) -> Any:
+        if self.handler is None:
+            raise RuntimeError(f"tool {self.name} has no handler")
+        value = self.validate(arguments)
+        result = self.handler(value, ctx)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+
+def tool(
+    fn: Handler | None = None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    input_schema: JsonObject | None = None,
+    idempotent: bool = False,
+    capabilities: Iterable[str] = (),
+) -> Any:
+    """Turn a function into a `Tool`; usable bare (``@tool``) or with options."""
+
+    def wrap(func: Handler) -> Tool:
+        return tool_from_callable(
+            func,
+            name=name,
+            description=description,
+            input_schema=input_schema,
+            idempotent=idempotent,
+            capabilities=capabilities,
+        )
+
+    return wrap if fn is None else wrap(fn)
+
+
+def tool_from_callable(
+    func: Handler,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    input_schema: JsonObject | None = None,
+    idempotent: bool = False,
+    capabilities: Iterable[str] = (),
+) -> Tool:
+    model: type[pydantic.BaseModel] | None = None
+    if input_schema is None:
+        params = list(inspect.signature(func).parameters.values())
+        annotation = inspect.get_annotations(func, eval_str=True).get(params[0].name) if params else None
+        if not (inspect.isclass(annotation) and issubclass(annotation, pydantic.BaseModel)):
+            raise TypeError(
+                f"tool {getattr(func, '__name__', func)!r}: annotate the first parameter with a "
+                "pydantic model or pass input_schema={...}"
+            )
+        model = annotation
+        input_schema = model.model_json_schema()
+    doc = inspect.getdoc(func) or ""
+    tool_name = name or str(getattr(func, "__name__", "tool"))
+    return Tool(
+        name=tool_name,
+        description=description or doc or f"The {tool_name} tool.",
+        input_schema=input_schema,
+        handler=func,
+        model=model,
+        idempotent=idempotent,
+        capabilities=frozenset(capabilities),
+    )
+
+
+def load_tool(path: str) -> Tool:
+    """Load ``package.module:attribute`` as a Tool (a Tool object or a callable)."""
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise EngineError(
+            "ERR_CONFIG",
+            f"custom tool path {path!r} must look like 'package.module:name'",
+            kind=ErrorKind.INVALID_ARGUMENT,
+        )
+    try:
+        obj = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise EngineError(
+            "ERR_CONFIG", f"cannot load custom tool {path!r}: {exc}", kind=ErrorKind.INVALID_ARGUMENT
+        ) from None
+    if isinstance(obj, Tool):
+        return obj
+    if callable(obj):
+        return tool_from_callable(obj)
+    raise EngineError(
+        "ERR_CONFIG", f"{path!r} is neither a Tool nor a callable", kind=ErrorKind.INVALID_ARGUMENT
+    )
+
+
+ASK_USER = Tool(
+    name="AskUser",
+    description=(
+        "Ask the user a question and wait for their answer. Use it when you need "
+        "information or a choice only the user can give."
+    ),
+    input_schema={
+        "type": "object",
+        "properties": {"question": {"type": "string", "description": "The question to ask."}},
+        "required": ["question"],
+        "additionalProperties": False,
+    },
+    interrupt_kind=InterruptKind.INPUT,
+)
+
+
+def client_tool(name: str, description: str, input_schema: JsonObject) -> Tool:
+    """A tool defined by the caller, whose results the caller supplies."""
+    return Tool(name, description, input_schema, interrupt_kind=InterruptKind.TOOL_RESULT)
+
+
+class ToolRegistry:
+    """The engine's tools by name, in registration order."""
+
+    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+        self._tools: dict[str, Tool] = {}
+        for t in tools:
+            self.register(t)
+
+    def register(self, t: Tool) -> None:
+        if t.name in self._tools:
+            raise EngineError(
+                "ERR_CONFIG", f"tool {t.name!r} is registered twice", kind=ErrorKind.INVALID_ARGUMENT
+            )
+        self._tools[t.name] = t
+
+    def get(self, name: str) -> Tool | None:
+        return self._tools.get(name)
+
+    def names(self) -> list[str]:
+        return list(self._tools)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+
+async def call_tool(t: Tool, arguments: JsonObject, ctx: ToolContext) -> tuple[str, bool]:
+    """Run a tool and render its result for the model: (text, is_error).
+
+    Any exception a tool raises becomes an error result the model can react
+    to; only cancellation propagates.
+    """
+    try:
+        value = await t.run(arguments, ctx)
+    except ToolArgumentError as exc:
+        return f"Invalid arguments for {t.name}: {exc}", True
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a tool's failure is data for the model, not a crash
+        return f"{t.name} failed: {type(exc).__name__}: {exc}", True
+    return render_result(value), False
+
+
+def render_result(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, pydantic.BaseModel):
+        return value.model_dump_json()
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return str(value)

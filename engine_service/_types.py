@@ -1,0 +1,170 @@
+"""Domain types of the engine core: plain dataclasses, JSON round-trippable.
+
+Nothing here knows about gRPC or protobuf; the servicer translates.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+JsonObject = dict[str, Any]
+
+
+class RunState(enum.StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RunState.DONE, RunState.FAILED, RunState.CANCELLED)
+
+
+class PauseReason(enum.StrEnum):
+    AWAITING_APPROVAL = "AWAITING_APPROVAL"
+    AWAITING_TOOL_RESULT = "AWAITING_TOOL_RESULT"
+    AWAITING_INPUT = "AWAITING_INPUT"
+    HANDOFF_TO_RUNNER = "HANDOFF_TO_RUNNER"
+
+
+class InterruptKind(enum.StrEnum):
+    APPROVAL = "APPROVAL"
+    TOOL_RESULT = "TOOL_RESULT"
+    INPUT = "INPUT"
+
+
+class Permission(enum.StrEnum):
+    ALLOW = "allow"
+    ASK = "ask"
+    DENY = "deny"
+
+    def narrow(self, other: Permission | None) -> Permission:
+        """The stricter of the two (allow < ask < deny): runs can only narrow."""
+        if other is None:
+            return self
+        order = [Permission.ALLOW, Permission.ASK, Permission.DENY]
+        return max(self, other, key=order.index)
+
+
+class ToolChoice(enum.StrEnum):
+    AUTO = "auto"
+    REQUIRED = "required"
+    NONE = "none"
+
+
+class EventKind(enum.StrEnum):
+    RUN_STARTED = "run_started"
+    TEXT_DELTA = "text_delta"
+    ASSISTANT_MESSAGE = "assistant_message"
+    TOOL_CALL_STARTED = "tool_call_started"
+    TOOL_CALL_COMPLETED = "tool_call_completed"
+    APPROVAL_REQUESTED = "approval_requested"
+    APPROVAL_DECIDED = "approval_decided"
+    INPUT_REQUESTED = "input_requested"
+    TOOL_RESULT_REQUESTED = "tool_result_requested"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    USAGE = "usage"
+    API_CALL = "api_call"
+    HANDOFF_TO_RUNNER = "handoff_to_runner"
+    RUN_FINISHED = "run_finished"
+
+
+@dataclass(slots=True)
+class Event:
+    """One persisted change of a run. ``time`` is unix seconds."""
+
+    seq: int
+    time: float
+    kind: EventKind
+    data: JsonObject
+
+    def to_json(self) -> JsonObject:
+        return {"seq": self.seq, "t": self.time, "k": self.kind.value, "d": self.data}
+
+    @classmethod
+    def from_json(cls, doc: JsonObject) -> Event:
+        return cls(doc["seq"], doc["t"], EventKind(doc["k"]), doc["d"])
+
+
+@dataclass(slots=True)
+class ToolCall:
+    call_id: str
+    name: str
+    arguments: JsonObject
+
+    def to_json(self) -> JsonObject:
+        return {"id": self.call_id, "name": self.name, "args": self.arguments}
+
+    @classmethod
+    def from_json(cls, doc: JsonObject) -> ToolCall:
+        return cls(doc["id"], doc["name"], doc["args"])
+
+
+@dataclass(slots=True)
+class Message:
+    """A transcript entry: a user task, an assistant turn or a tool result."""
+
+    role: str  # "user" | "assistant" | "tool"
+    text: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    call_id: str = ""
+    tool_name: str = ""
+    is_error: bool = False
+
+    def to_json(self) -> JsonObject:
+        doc: JsonObject = {"role": self.role, "text": self.text}
+        if self.tool_calls:
+            doc["calls"] = [c.to_json() for c in self.tool_calls]
+        if self.role == "tool":
+            doc.update(call_id=self.call_id, tool=self.tool_name, is_error=self.is_error)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: JsonObject) -> Message:
+        return cls(
+            role=doc["role"],
+            text=doc.get("text", ""),
+            tool_calls=[ToolCall.from_json(c) for c in doc.get("calls", ())],
+            call_id=doc.get("call_id", ""),
+            tool_name=doc.get("tool", ""),
+            is_error=doc.get("is_error", False),
+        )
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def add(self, other: Usage) -> None:
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+
+    def to_json(self) -> JsonObject:
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+
+    @classmethod
+    def from_json(cls, doc: JsonObject) -> Usage:
+        return cls(doc.get("input_tokens", 0), doc.get("output_tokens", 0))
+
+
+@dataclass(slots=True)
+class Principal:
+    """Who is calling: the workspace they act in and a printable identity.
+
+    ``identity`` is a name from the API-key file (or a short fingerprint), never
+    the key itself.
+    """
+
+    workspace_id: str
+    identity: str
