@@ -267,9 +267,11 @@ class RunActor:
                         self.emit(_REQUEST_EVENT[p.interrupt.kind], {"interrupt": p.interrupt.to_json()})
                 await self.pause()
                 return
-            # Commit the turn before running tools: a crash during a tool call
-            # then knows which calls were in flight.
-            await self.checkpoint()
+            # Commit the turn before running a tool that must not run twice: a
+            # crash during the call then knows it was in flight. Idempotent
+            # tools skip this write (it is most of a cheap turn's cost).
+            if any(p.status == READY and not self.env.tools[p.call.name].idempotent for p in record.pending):
+                await self.checkpoint()
             await self._dispatch()
 
     def _check_limits(self) -> None:

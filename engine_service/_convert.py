@@ -41,11 +41,23 @@ _KIND = {
 
 
 def struct_to_dict(message: struct_pb2.Struct) -> JsonObject:
-    return json_format.MessageToDict(message)
+    doc: JsonObject = _integral(json_format.MessageToDict(message))
+    return doc
 
 
 def value_to_python(message: struct_pb2.Value) -> Any:
-    return json_format.MessageToDict(message)
+    return _integral(json_format.MessageToDict(message))
+
+
+def _integral(value: Any) -> Any:
+    """Struct has only doubles: give back ints for integral numbers (21.0 -> 21)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 def _struct(doc: JsonObject | None) -> struct_pb2.Struct | None:

@@ -4,16 +4,22 @@ Layout under the root (the same for every adapter)::
 
     workspaces/{workspace_id}/runs/{run_id}/spec.json        written once
     workspaces/{workspace_id}/runs/{run_id}/state.json       status + checkpoint, atomic
-    workspaces/{workspace_id}/runs/{run_id}/events/{first:012d}-{last:012d}.jsonl
-    workspaces/{workspace_id}/runs/{run_id}/transcript/{first:012d}-{last:012d}.jsonl
+    workspaces/{workspace_id}/runs/{run_id}/events/{first:012d}.jsonl       numbered segments
+    workspaces/{workspace_id}/runs/{run_id}/transcript/{first:012d}.jsonl
     workspaces/{workspace_id}/runs/{run_id}/lease.json       one writer at a time
     workspaces/{workspace_id}/requests/{request_id}.json     idempotency keys
 
-Segments are immutable files written once per checkpoint (an object store has
-no append), so a checkpoint costs the same at turn 1 and turn 1,000. A segment
-only counts once ``state.json`` says so: ``state.last_seq`` / ``transcript_len``
-are the commit point, and a segment written by a writer that died before it
-committed is ignored and overwritten by the next writer.
+The event log and the transcript are numbered segments: a segment is named by
+the index of its first record and holds consecutive records, so nothing ever
+rewrites the history and a checkpoint costs the same at turn 1 and turn 1,000.
+(The local adapter appends to the newest segment until it holds
+``SEGMENT_RECORDS`` records, because creating a file costs far more than an
+append; an object store writes one immutable segment per checkpoint instead.)
+
+Records only count once ``state.json`` says so: ``last_seq`` and
+``transcript_len`` are the commit point. Whatever a writer wrote past them
+before dying is ignored by readers and removed by the next writer
+(``drop_uncommitted``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from engine_service._ids import check_id
 from engine_service._types import JsonObject
@@ -87,42 +93,30 @@ class Storage(Protocol):
     async def close(self) -> None: ...
 
 
-def segment_name(first: int, last: int) -> str:
-    return f"{first:0{_SEGMENT_DIGITS}d}-{last:0{_SEGMENT_DIGITS}d}.jsonl"
+SEGMENT_RECORDS = 4096
 
 
-def parse_segment_name(name: str) -> tuple[int, int] | None:
-    stem, dot, ext = name.partition(".")
-    first, dash, last = stem.partition("-")
-    if not (dot and dash and ext == "jsonl" and first.isdigit() and last.isdigit()):
-        return None
-    return int(first), int(last)
+def segment_name(first: int) -> str:
+    return f"{first:0{_SEGMENT_DIGITS}d}.jsonl"
 
 
-def pick_segments(names: list[str], after: int, upto: int) -> list[tuple[int, int, str]]:
-    """The chain of segments covering ``(after, upto]``, in order.
-
-    Writers delete uncommitted segments when they take a run over
-    (``drop_uncommitted``), so each committed start has one segment.
-    """
-    by_first: dict[int, tuple[int, str]] = {}
+def segment_starts(names: list[str]) -> list[int]:
+    """The first indexes of the segments among ``names``, sorted."""
+    starts = []
     for name in names:
-        span = parse_segment_name(name)
-        if span is not None and span[0] <= upto:
-            by_first[span[0]] = (span[1], name)
-    chosen: list[tuple[int, int, str]] = []
-    cursor = after + 1
-    for first in sorted(by_first):
-        last, name = by_first[first]
-        if last < cursor:
-            continue
-        if first > cursor:
-            break
-        chosen.append((first, last, name))
-        cursor = last + 1
-        if cursor > upto:
-            break
-    return chosen
+        stem, dot, ext = name.partition(".")
+        if dot and ext == "jsonl" and stem.isdigit() and len(stem) == _SEGMENT_DIGITS:
+            starts.append(int(stem))
+    return sorted(starts)
+
+
+@dataclass(slots=True)
+class _Appender:
+    """The open newest segment of one stream of a run this process writes."""
+
+    file: TextIO
+    first: int
+    next: int
 
 
 class LocalStorage:
@@ -136,6 +130,7 @@ class LocalStorage:
         self._root = Path(root).resolve()
         self._fsync = fsync
         self._root.mkdir(parents=True, exist_ok=True)
+        self._appenders: dict[tuple[str, str, str], _Appender] = {}
 
     @property
     def root(self) -> Path:
@@ -173,10 +168,22 @@ class LocalStorage:
     ) -> None:
         if not records:
             return
-        directory = self._run_dir(ws, run_id) / _stream(stream)
-        directory.mkdir(exist_ok=True)
-        body = "".join(_dumps(r) + "\n" for r in records)
-        self._write_atomic(directory / segment_name(first, first + len(records) - 1), body)
+        key = (ws, run_id, _stream(stream))
+        appender = self._appenders.get(key)
+        if appender is None or appender.next != first or appender.next - appender.first >= SEGMENT_RECORDS:
+            if appender is not None:
+                appender.file.close()
+            directory = self._run_dir(ws, run_id) / key[2]
+            directory.mkdir(exist_ok=True)
+            # Kept open across checkpoints (closed on release/close): appends are cheap, opens are not.
+            handle = open(directory / segment_name(first), "a", encoding="utf-8")  # noqa: SIM115
+            appender = _Appender(handle, first, first)
+            self._appenders[key] = appender
+        appender.file.write("".join(_dumps(r) + "\n" for r in records))
+        appender.file.flush()
+        if self._fsync:
+            os.fsync(appender.file.fileno())
+        appender.next += len(records)
 
     async def read_segments(
         self, ws: str, run_id: str, stream: str, after: int, upto: int
@@ -185,12 +192,15 @@ class LocalStorage:
             return []
         directory = self._run_dir(ws, run_id) / _stream(stream)
         try:
-            names = os.listdir(directory)
+            starts = segment_starts(os.listdir(directory))
         except FileNotFoundError:
             return []
         out: list[JsonObject] = []
-        for first, _last, name in pick_segments(names, after, upto):
-            with open(directory / name, encoding="utf-8") as fh:
+        for i, first in enumerate(starts):
+            end = starts[i + 1] - 1 if i + 1 < len(starts) else upto
+            if end <= after or first > upto:
+                continue
+            with open(directory / segment_name(first), encoding="utf-8") as fh:
                 for index, line in enumerate(fh, start=first):
                     if index > upto:
                         break
@@ -199,15 +209,20 @@ class LocalStorage:
         return out
 
     async def drop_uncommitted(self, ws: str, run_id: str, stream: str, committed: int) -> None:
-        directory = self._run_dir(ws, run_id) / _stream(stream)
+        key = (ws, run_id, _stream(stream))
+        appender = self._appenders.pop(key, None)
+        if appender is not None:
+            appender.file.close()
+        directory = self._run_dir(ws, run_id) / key[2]
         try:
-            names = os.listdir(directory)
+            starts = segment_starts(os.listdir(directory))
         except FileNotFoundError:
             return
-        for name in names:
-            span = parse_segment_name(name)
-            if span is not None and span[0] > committed:
-                (directory / name).unlink(missing_ok=True)
+        kept = [first for first in starts if first <= committed]
+        for first in starts[len(kept) :]:
+            (directory / segment_name(first)).unlink(missing_ok=True)
+        if kept:
+            _truncate_after(directory / segment_name(kept[-1]), committed - kept[-1] + 1)
 
     async def list_runs(self, ws: str) -> list[str]:
         runs = self._root / "workspaces" / check_id(ws, "workspace_id") / "runs"
@@ -245,6 +260,10 @@ class LocalStorage:
             return True
 
     async def release_lease(self, ws: str, run_id: str, owner: str) -> None:
+        for stream in ("events", "transcript"):
+            appender = self._appenders.pop((ws, run_id, stream), None)
+            if appender is not None:
+                appender.file.close()
         run_dir = self._run_dir(ws, run_id)
         with self._locked(run_dir):
             current = _read_json(run_dir / "lease.json")
@@ -252,7 +271,9 @@ class LocalStorage:
                 (run_dir / "lease.json").unlink(missing_ok=True)
 
     async def close(self) -> None:
-        return None
+        for appender in self._appenders.values():
+            appender.file.close()
+        self._appenders.clear()
 
     @contextlib.contextmanager
     def _locked(self, run_dir: Path) -> Iterator[None]:
@@ -278,6 +299,18 @@ class LocalStorage:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+
+
+def _truncate_after(path: Path, keep: int) -> None:
+    """Keep the first ``keep`` complete lines of ``path`` (drops a torn or uncommitted tail)."""
+    size = 0
+    with open(path, "rb") as fh:
+        for count, line in enumerate(fh, start=1):
+            if count > keep or not line.endswith(b"\n"):
+                break
+            size += len(line)
+    if os.path.getsize(path) != size:
+        os.truncate(path, size)
 
 
 def _stream(name: str) -> str:

@@ -1,0 +1,1 @@
+"""Benchmarks for SPEC §7 (run with `just bench`)."""

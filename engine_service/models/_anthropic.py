@@ -1,0 +1,205 @@
+"""Anthropic Messages API, streamed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+import httpx
+
+from engine_service._types import JsonObject, Message, ToolCall, ToolChoice, Usage
+from engine_service.models import _http
+from engine_service.models._base import (
+    ModelRequest,
+    RetryPolicy,
+    TextChunk,
+    TurnResult,
+    stream_with_retries,
+)
+
+_API_VERSION = "2023-06-01"
+_TOOL_CHOICE = {ToolChoice.AUTO: "auto", ToolChoice.REQUIRED: "any", ToolChoice.NONE: "none"}
+# The Messages API has no JSON-schema response mode, so the schema becomes an instruction.
+_SCHEMA_INSTRUCTION = (
+    "Answer with only a JSON value that matches the following JSON Schema: "
+    "no prose, no Markdown code fence.\n"
+)
+
+# Frozen, so sharing one default instance between adapters is safe.
+_DEFAULT_RETRY = RetryPolicy()
+
+
+@dataclass(slots=True)
+class _PendingCall:
+    call_id: str
+    name: str
+    initial: JsonObject = field(default_factory=dict)
+    json: str = ""
+
+
+class AnthropicModel:
+    """Streams one turn from ``POST {base_url}/v1/messages``."""
+
+    def __init__(
+        self,
+        api_key: str,
+        model: str,
+        base_url: str = "https://api.anthropic.com",
+        retry: RetryPolicy = _DEFAULT_RETRY,
+        timeout: float = 120.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._api_key = api_key
+        self._model = model
+        self._url = base_url.rstrip("/") + "/v1/messages"
+        self._retry = retry
+        self._timeout = timeout
+        self._client = client
+        self._owns_client = client is None
+
+    @property
+    def provider(self) -> str:
+        return "anthropic"
+
+    @property
+    def name(self) -> str:
+        return self._model
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
+        return stream_with_retries(lambda: self._once(request), self._retry)
+
+    async def aclose(self) -> None:
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _body(self, request: ModelRequest) -> JsonObject:
+        system = request.system
+        if request.output_schema is not None:
+            instruction = _SCHEMA_INSTRUCTION + json.dumps(request.output_schema, ensure_ascii=False)
+            system = f"{system}\n\n{instruction}" if system else instruction
+        body: JsonObject = {
+            "model": self._model,
+            "max_tokens": request.max_output_tokens,
+            "messages": _messages(request.messages),
+            "stream": True,
+        }
+        if system:
+            body["system"] = system
+        if request.tools:
+            body["tools"] = [
+                {"name": t.name, "description": t.description, "input_schema": t.input_schema}
+                for t in request.tools
+            ]
+            body["tool_choice"] = {"type": _TOOL_CHOICE[request.tool_choice]}
+        return body
+
+    async def _once(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
+        body = self._body(request)
+        text: list[str] = []
+        calls: dict[int, _PendingCall] = {}
+        usage = Usage()
+        stop = ""
+        done = False
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout)
+        headers = {
+            "x-api-key": self._api_key,
+            "anthropic-version": _API_VERSION,
+            "content-type": "application/json",
+            "accept": "text/event-stream",
+        }
+        events = _http.post_sse(
+            self._client,
+            self._url,
+            headers=headers,
+            body=body,
+            timeout=self._timeout,
+            provider=self.provider,
+            secret=self._api_key,
+        )
+        async with aclosing(events):
+            async for event in events:
+                doc = _http.decode_event(event, self.provider, self._api_key)
+                kind = doc.get("type") or event.event
+                if kind == "message_start":
+                    counts = (doc.get("message") or {}).get("usage") or {}
+                    usage = Usage(_input_tokens(counts), int(counts.get("output_tokens") or 0))
+                elif kind == "content_block_start":
+                    block = doc.get("content_block") or {}
+                    if block.get("type") == "tool_use":
+                        calls[int(doc.get("index", 0))] = _PendingCall(
+                            block.get("id", ""), block.get("name", ""), block.get("input") or {}
+                        )
+                    elif block.get("type") == "text" and block.get("text"):
+                        text.append(block["text"])
+                        yield TextChunk(block["text"])
+                elif kind == "content_block_delta":
+                    delta = doc.get("delta") or {}
+                    if delta.get("type") == "text_delta" and delta.get("text"):
+                        text.append(delta["text"])
+                        yield TextChunk(delta["text"])
+                    elif delta.get("type") == "input_json_delta" and int(doc.get("index", 0)) in calls:
+                        calls[int(doc.get("index", 0))].json += delta.get("partial_json") or ""
+                elif kind == "message_delta":
+                    stop = (doc.get("delta") or {}).get("stop_reason") or stop
+                    counts = doc.get("usage") or {}
+                    # Both counts are cumulative; newer API versions repeat input_tokens here.
+                    if counts.get("output_tokens") is not None:
+                        usage.output_tokens = int(counts["output_tokens"])
+                    if counts.get("input_tokens") is not None:
+                        usage.input_tokens = _input_tokens(counts)
+                elif kind == "message_stop":
+                    done = True
+                    break
+                elif kind == "error":
+                    raise _http.event_error(self.provider, doc.get("error"), self._api_key)
+                # ping, content_block_stop, thinking deltas and future event types need nothing.
+        if not done:
+            raise _http.truncated(self.provider)
+        tool_calls = [
+            ToolCall(call.call_id, call.name, _http.parse_arguments(call.json) if call.json else call.initial)
+            for _, call in sorted(calls.items())
+        ]
+        yield TurnResult("".join(text), tool_calls, usage, stop)
+
+
+def _input_tokens(counts: JsonObject) -> int:
+    # Cache reads and writes are billed and fill the context like any other input.
+    keys = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    return sum(int(counts.get(key) or 0) for key in keys)
+
+
+def _messages(history: Sequence[Message]) -> list[JsonObject]:
+    # The API wants user/assistant alternation and every tool_result of a turn in the
+    # user message right after it, so same-role neighbours are merged into one message.
+    merged: list[JsonObject] = []
+    for message in history:
+        role, blocks = _blocks(message)
+        if not blocks:
+            continue  # the API rejects empty text blocks and empty messages
+        if merged and merged[-1]["role"] == role:
+            merged[-1]["content"].extend(blocks)
+        else:
+            merged.append({"role": role, "content": blocks})
+    return merged
+
+
+def _blocks(message: Message) -> tuple[str, list[JsonObject]]:
+    if message.role == "user":
+        return "user", [{"type": "text", "text": message.text}] if message.text else []
+    if message.role == "assistant":
+        blocks: list[JsonObject] = [{"type": "text", "text": message.text}] if message.text else []
+        blocks.extend(
+            {"type": "tool_use", "id": c.call_id, "name": c.name, "input": c.arguments}
+            for c in message.tool_calls
+        )
+        return "assistant", blocks
+    if message.role == "tool":
+        # The API rejects an empty error result; a placeholder keeps empty results uniform.
+        content = message.text or "(no output)"
+        result = {"type": "tool_result", "tool_use_id": message.call_id, "content": content}
+        return "user", [{**result, "is_error": message.is_error}]
+    raise _http.bad_role(message.role, "anthropic")

@@ -1,0 +1,203 @@
+"""HTTP plumbing shared by the provider adapters: SSE parsing and error mapping.
+
+Every ModelError that quotes provider text goes through ``_redact`` so the API
+key cannot leak through a provider echo, and httpx exceptions are not chained onto our
+errors because their ``request`` carries the auth headers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from engine_service._types import JsonObject
+from engine_service.models._base import ModelError
+
+UNAVAILABLE = "ERR_MODEL_UNAVAILABLE"
+AUTH = "ERR_MODEL_AUTH"
+REQUEST = "ERR_MODEL_REQUEST"
+STREAM = "ERR_MODEL_STREAM"
+
+_MAX_DETAIL = 500
+# Besides every 5xx (Anthropic's 529 "overloaded" included): the server timed out or throttled us.
+_RETRYABLE_STATUS = frozenset({408, 429})
+_AUTH_TYPES = frozenset({"authentication_error", "permission_error"})
+_REQUEST_TYPES = frozenset({"invalid_request_error", "not_found_error", "request_too_large"})
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    event: str
+    data: str
+
+
+async def post_sse(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    body: JsonObject,
+    timeout: float,
+    provider: str,
+    secret: str,
+) -> AsyncGenerator[SseEvent, None]:
+    """POST ``body`` and yield the server-sent events of a 2xx response."""
+    failure: ModelError | None = None
+    try:
+        async with client.stream("POST", url, headers=headers, json=body, timeout=timeout) as response:
+            if not 200 <= response.status_code < 300:
+                raw = await response.aread()
+                raise status_error(provider, response.status_code, response.headers, raw, secret)
+            async for event in _parse_sse(response.aiter_lines()):
+                yield event
+    except httpx.RequestError as exc:
+        failure = transport_error(provider, exc, _display_url(url), secret)
+    # Raised outside the except block so the httpx error is not attached as context.
+    if failure is not None:
+        raise failure
+
+
+async def _parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
+    event, data = "", list[str]()
+    async for line in lines:
+        if not line:
+            if data:
+                yield SseEvent(event or "message", "\n".join(data))
+            event, data = "", list[str]()
+            continue
+        if line.startswith(":"):
+            continue  # a comment, used by some servers as a keep-alive
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+    # Lenient about a missing final blank line; a cut-off payload fails JSON decoding.
+    if data:
+        yield SseEvent(event or "message", "\n".join(data))
+
+
+def decode_event(event: SseEvent, provider: str, secret: str) -> JsonObject:
+    try:
+        doc = json.loads(event.data)
+    except json.JSONDecodeError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise ModelError(
+            STREAM, _redact(f"{provider} sent a malformed stream event: {_clip(event.data)}", secret)
+        )
+    return doc
+
+
+def truncated(provider: str) -> ModelError:
+    # Most likely a dropped connection, so worth another try if nothing was yielded.
+    return ModelError(STREAM, f"the {provider} stream ended before the turn was complete", retryable=True)
+
+
+def bad_role(role: str, provider: str) -> ModelError:
+    return ModelError(REQUEST, f"cannot send a message with role {role!r} to {provider}")
+
+
+def parse_arguments(raw: str) -> JsonObject:
+    """Tool arguments as an object; bad JSON is kept raw for the engine to report."""
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return {"_raw": raw}
+    return value if isinstance(value, dict) else {"_raw": raw}
+
+
+def status_error(
+    provider: str, status: int, headers: Mapping[str, str], raw: bytes, secret: str
+) -> ModelError:
+    kind, message = _provider_detail(raw)
+    label = f"{provider} returned HTTP {status}" + (f" ({kind})" if kind else "")
+    if status in (401, 403):
+        # Auth messages echo a partly masked key ("sk-ab***yz"), so their text is dropped.
+        return ModelError(
+            AUTH, _redact(f"{label}: check the API key and its permissions", secret), status=status
+        )
+    if status in _RETRYABLE_STATUS or status >= 500:
+        error = ModelError(UNAVAILABLE, _redact(f"{label}: {message}", secret), retryable=True, status=status)
+        error.retry_after = retry_after(headers)
+        return error
+    return ModelError(REQUEST, _redact(f"{label}: {message}", secret), status=status)
+
+
+def event_error(provider: str, error: Any, secret: str) -> ModelError:
+    """An error reported inside a 200 stream (Anthropic ``error`` event, OpenAI ``error`` chunk)."""
+    fields: JsonObject = error if isinstance(error, dict) else {"message": str(error)}
+    kind = str(fields.get("type") or fields.get("code") or "unknown")
+    # vLLM and OpenRouter put an HTTP-like status in ``code``.
+    status = fields["code"] if isinstance(fields.get("code"), int) else 0
+    label = f"{provider} stream error ({kind})"
+    if kind in _AUTH_TYPES or status in (401, 403):
+        return ModelError(AUTH, f"{label}: check the API key and its permissions", status=status)
+    text = _redact(f"{label}: {_clip(str(fields.get('message', '')))}", secret)
+    if kind in _REQUEST_TYPES or (400 <= status < 500 and status not in _RETRYABLE_STATUS):
+        return ModelError(REQUEST, text, status=status)
+    # Overloaded, rate limited, api_error and anything unknown: the provider's side failed.
+    return ModelError(UNAVAILABLE, text, retryable=True, status=status)
+
+
+def transport_error(provider: str, exc: httpx.RequestError, where: str, secret: str) -> ModelError:
+    what = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
+    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return ModelError(
+        UNAVAILABLE, _redact(f"{provider} request to {where} {what} ({detail})", secret), retryable=True
+    )
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` (OpenAI) or ``Retry-After`` (seconds or a date)."""
+    try:
+        if "retry-after-ms" in headers:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
+def _provider_detail(raw: bytes) -> tuple[str, str]:
+    """(error type, message) from OpenAI/Anthropic-style error bodies, else the raw text."""
+    text = raw.decode("utf-8", "replace").strip()
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return "", _clip(text) or "(empty body)"
+    error = doc.get("error", doc) if isinstance(doc, dict) else doc
+    if isinstance(error, dict) and "message" in error:
+        return str(error.get("type") or error.get("code") or ""), _clip(str(error["message"]))
+    if isinstance(error, str):
+        return "", _clip(error)
+    return "", _clip(text)
+
+
+def _display_url(url: str) -> str:
+    # Without query or userinfo: a proxy URL may carry a credential there.
+    parsed = httpx.URL(url)
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"{parsed.scheme}://{parsed.host}{port}{parsed.path}"
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_DETAIL else text[:_MAX_DETAIL] + "…"
+
+
+def _redact(text: str, secret: str) -> str:
+    return text.replace(secret, "[redacted]") if secret else text

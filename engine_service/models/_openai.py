@@ -1,0 +1,205 @@
+"""OpenAI Chat Completions, streamed; also any compatible server (vLLM, Ollama, OpenRouter)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import httpx
+
+from engine_service._types import JsonObject, Message, ToolCall, Usage
+from engine_service.models import _http
+from engine_service.models._base import (
+    ModelRequest,
+    RetryPolicy,
+    TextChunk,
+    TurnResult,
+    stream_with_retries,
+)
+
+# Finish reasons in the engine's vocabulary (the one ScriptedModel and Anthropic use).
+_STOP_REASONS = {
+    "stop": "end_turn",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "length": "max_tokens",
+    "content_filter": "refusal",
+}
+
+# Frozen, so sharing one default instance between adapters is safe.
+_DEFAULT_RETRY = RetryPolicy()
+
+
+@dataclass(slots=True)
+class _PendingCall:
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+class OpenAIModel:
+    """Streams one turn from ``POST {base_url}/chat/completions``."""
+
+    def __init__(
+        self,
+        api_key: str,
+        model: str,
+        base_url: str = "https://api.openai.com/v1",
+        retry: RetryPolicy = _DEFAULT_RETRY,
+        timeout: float = 120.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._api_key = api_key
+        self._model = model
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._retry = retry
+        self._timeout = timeout
+        self._client = client
+        self._owns_client = client is None
+        # OpenAI rejects max_tokens for reasoning models; most compatible servers only know max_tokens.
+        official = httpx.URL(self._url).host == "api.openai.com"
+        self._max_tokens_field = "max_completion_tokens" if official else "max_tokens"
+
+    @property
+    def provider(self) -> str:
+        return "openai"
+
+    @property
+    def name(self) -> str:
+        return self._model
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
+        return stream_with_retries(lambda: self._once(request), self._retry)
+
+    async def aclose(self) -> None:
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _body(self, request: ModelRequest) -> JsonObject:
+        messages: list[JsonObject] = [{"role": "system", "content": request.system}] if request.system else []
+        messages.extend(_message(m) for m in request.messages)
+        body: JsonObject = {
+            "model": self._model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            self._max_tokens_field: request.max_output_tokens,
+        }
+        if request.tools:
+            body["tools"] = [
+                {
+                    "type": "function",
+                    "function": {"name": t.name, "description": t.description, "parameters": t.input_schema},
+                }
+                for t in request.tools
+            ]
+            body["tool_choice"] = request.tool_choice.value
+        if request.output_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": request.output_schema, "strict": False},
+            }
+        return body
+
+    async def _once(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
+        body = self._body(request)
+        text: list[str] = []
+        calls: dict[int, _PendingCall] = {}
+        usage = Usage()
+        finish = ""
+        done = False
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout)
+        headers = {"authorization": f"Bearer {self._api_key}", "accept": "text/event-stream"}
+        events = _http.post_sse(
+            self._client,
+            self._url,
+            headers=headers,
+            body=body,
+            timeout=self._timeout,
+            provider=self.provider,
+            secret=self._api_key,
+        )
+        async with aclosing(events):
+            async for event in events:
+                if event.data.strip() == "[DONE]":
+                    done = True
+                    break
+                chunk = _http.decode_event(event, self.provider, self._api_key)
+                if chunk.get("error"):
+                    raise _http.event_error(self.provider, chunk["error"], self._api_key)
+                if chunk.get("usage"):
+                    counts = chunk["usage"]
+                    usage = Usage(
+                        int(counts.get("prompt_tokens") or 0), int(counts.get("completion_tokens") or 0)
+                    )
+                for choice in chunk.get("choices") or ():
+                    delta = choice.get("delta") or {}
+                    if delta.get("content"):
+                        text.append(delta["content"])
+                        yield TextChunk(delta["content"])
+                    for fragment in delta.get("tool_calls") or ():
+                        _merge_call(calls, fragment)
+                    finish = choice.get("finish_reason") or finish
+        # Some compatible servers omit [DONE]; a finish_reason still proves the turn is whole.
+        if not (done or finish):
+            raise _http.truncated(self.provider)
+        tool_calls = [
+            ToolCall(
+                call.call_id or f"call_{request.turn + 1}_{i + 1}",
+                call.name,
+                _http.parse_arguments(call.arguments),
+            )
+            for i, (_, call) in enumerate(sorted(calls.items()))
+        ]
+        yield TurnResult("".join(text), tool_calls, usage, _STOP_REASONS.get(finish, finish))
+
+
+def _merge_call(calls: dict[int, _PendingCall], fragment: JsonObject) -> None:
+    # id and name come once, in the first delta of a call; arguments arrive as string pieces.
+    index = fragment.get("index")
+    if index is None:  # servers that send each call whole, without an index
+        index = len(calls) if fragment.get("id") or not calls else max(calls)
+    call = calls.setdefault(int(index), _PendingCall())
+    if fragment.get("id"):
+        call.call_id = fragment["id"]
+    function = fragment.get("function") or {}
+    if function.get("name"):
+        call.name = function["name"]
+    call.arguments += function.get("arguments") or ""
+
+
+def _message(message: Message) -> JsonObject:
+    if message.role == "user":
+        return {"role": "user", "content": message.text}
+    if message.role == "assistant":
+        if not message.tool_calls:
+            return {"role": "assistant", "content": message.text}
+        return {
+            "role": "assistant",
+            "content": message.text or None,
+            "tool_calls": [
+                {
+                    "id": c.call_id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": _arguments(c)},
+                }
+                for c in message.tool_calls
+            ],
+        }
+    if message.role == "tool":
+        # Chat Completions has no error flag on tool results, so the model is told in the text.
+        content = f"Error: {message.text}" if message.is_error else message.text
+        return {"role": "tool", "tool_call_id": message.call_id, "content": content}
+    raise _http.bad_role(message.role, "openai")
+
+
+def _arguments(call: ToolCall) -> str:
+    # Echo unparseable arguments back as the model wrote them, not wrapped in {"_raw": ...}.
+    raw = call.arguments.get("_raw")
+    if len(call.arguments) == 1 and isinstance(raw, str):
+        return raw
+    return json.dumps(call.arguments, ensure_ascii=False)

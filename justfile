@@ -1,0 +1,63 @@
+# Machina — every developer and CI action is a recipe. `just --list` explains them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := ".venv/bin"
+
+# Show the recipes.
+default:
+    @just --list
+
+# Create .venv and install everything (idempotent; fast when already done).
+setup:
+    uv sync --frozen --quiet
+    @{{venv}}/python scripts/gen_proto.py --check >/dev/null || (echo "generated code is stale: run 'just gen'" >&2; exit 1)
+
+# Regenerate the Python code for proto/ into machina/ (committed).
+gen:
+    uv sync --frozen --quiet
+    {{venv}}/python scripts/gen_proto.py
+
+# Fail if machina/ differs from what proto/ generates.
+gen-check: setup
+    {{venv}}/python scripts/gen_proto.py --check
+
+# Format Python and proto sources in place.
+fmt: setup
+    {{venv}}/ruff format .
+    {{venv}}/ruff check --fix .
+    {{venv}}/buf format -w
+
+# Lint: ruff (lint + format check), buf lint and buf format check.
+lint: setup
+    {{venv}}/ruff check .
+    {{venv}}/ruff format --check .
+    {{venv}}/buf lint
+    {{venv}}/buf format --diff --exit-code
+
+# Type-check our code with mypy --strict (generated code via its .pyi stubs).
+typecheck: setup
+    {{venv}}/mypy
+
+# Run the whole test suite (pass pytest args, e.g. `just test -k resume`).
+test *args: setup
+    {{venv}}/python -m pytest {{args}}
+
+# The end-to-end demo: a real engine process, a scripted (or real, with an API key) run, an approval.
+demo: setup
+    {{venv}}/python -m demo
+
+# Benchmarks (SPEC §7): prints a table and writes bench-results/bench.json.
+bench: setup
+    {{venv}}/python -m bench
+
+# Serve the engine on 127.0.0.1:50051 (pass flags, e.g. `just serve-engine --listen 127.0.0.1:6000`).
+serve-engine *args: setup
+    {{venv}}/python -m engine_service {{args}}
+
+# Serve the runner (gRPC 127.0.0.1:50052, HTTP shim 127.0.0.1:8080).
+serve-runner *args: setup
+    {{venv}}/python -m runner_service {{args}}
+
+# Everything CI checks: generated code, lint, types, tests.
+ci: gen-check lint typecheck test

@@ -1,0 +1,79 @@
+"""Shared fixtures: a real EngineService on 127.0.0.1 port 0, and the public client."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client_py import AsyncEngineClient
+from engine_service import Engine, EngineConfig, LocalStorage, ToolRegistry
+from engine_service._server import RunningServer, start_server
+from engine_service._tools import ASK_USER
+from engine_service._types import Principal
+from tests import tools as test_tools
+
+ROOT = Path(__file__).resolve().parent.parent
+# Keep a developer's real API keys out of tests: the scripted model is the default.
+for _key in ("ANTHROPIC_API_KEY", "OPENAI_API_KEY"):
+    os.environ.pop(_key, None)
+
+
+def turn(text: str = "", *calls: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """One scripted turn for the client's ``script=`` argument."""
+    return {"text": text, "tool_calls": [{"name": n, "arguments": a} for n, a in calls]}
+
+
+class ServerFactory:
+    """Starts engine servers over one storage root (so tests can 'restart' the engine)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.running: list[RunningServer] = []
+
+    async def start(
+        self,
+        *,
+        config: dict[str, Any] | None = None,
+        api_keys: dict[str, Principal] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> RunningServer:
+        cfg = EngineConfig.model_validate({"storage": str(self.root), **(config or {})})
+        kwargs: dict[str, Any] = {"clock": clock} if clock else {}
+        engine = Engine(
+            cfg, LocalStorage(self.root), tools=ToolRegistry([ASK_USER, *test_tools.ALL]), **kwargs
+        )
+        server = await start_server(engine, "127.0.0.1:0", api_keys=api_keys)
+        self.running.append(server)
+        return server
+
+    async def stop_all(self) -> None:
+        while self.running:
+            await self.running.pop().stop(0.5)
+
+
+@pytest.fixture
+async def servers(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    factory = ServerFactory(tmp_path / "storage")
+    yield factory
+    await factory.stop_all()
+
+
+@pytest.fixture
+async def server(servers: ServerFactory) -> RunningServer:
+    return await servers.start(config={"tools": {"permissions": {"double": "ask"}}})
+
+
+@pytest.fixture
+async def client(server: RunningServer) -> AsyncIterator[AsyncEngineClient]:
+    async with AsyncEngineClient(f"127.0.0.1:{server.port}") as c:
+        yield c
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,95 @@
+"""Configuration precedence, validation and API-key files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine_service import ConfigError, load_config
+from engine_service._config import is_loopback, load_api_keys
+from engine_service._tools import load_tool
+
+
+def test_flags_override_env_override_file(tmp_path: Path) -> None:
+    path = tmp_path / "engine.toml"
+    path.write_text('listen = "127.0.0.1:1111"\nstorage = "/from/file"\n[model]\nprovider = "openai"\n')
+    env = {
+        "MACHINA_STORAGE": "/from/env",
+        "MACHINA_MODEL_PROVIDER": "anthropic",
+        "MACHINA_TOOLS_DISABLED": "a, b",
+    }
+    config = load_config(str(path), env=env, overrides={"storage": "/from/flag"})
+    assert config.listen == "127.0.0.1:1111"
+    assert config.storage == "/from/flag"
+    assert config.model.provider == "anthropic"
+    assert config.tools.disabled == ["a", "b"]
+
+
+def test_defaults() -> None:
+    config = load_config(env={})
+    assert config.listen == "127.0.0.1:50051"
+    assert config.storage == "./.machina"
+    assert config.model.provider == "auto"
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"MACHINA_LISTEN": "nonsense"}, "listen"),
+        ({"MACHINA_MAX_TURNS": "0"}, "max_turns"),
+        ({"MACHINA_MODEL_PROVIDER": "gpt"}, "model.provider"),
+        ({"MACHINA_BOGUS": "1"}, None),  # unknown env vars are ignored
+    ],
+)
+def test_bad_values_are_clear(env: dict[str, str], problem: str | None) -> None:
+    if problem is None:
+        load_config(env=env)
+        return
+    with pytest.raises(ConfigError, match=problem):
+        load_config(env=env)
+
+
+def test_unknown_file_keys_and_bad_toml(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("lisen = 'x'\n")
+    with pytest.raises(ConfigError, match="lisen"):
+        load_config(str(path), env={})
+    path.write_text("= broken")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(str(path), env={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.toml"), env={})
+
+
+def test_api_keys_file(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text('"sk-alice-0001" = "alice"\n"sk-bob-000002" = { workspace = "bob", name = "bob-ci" }\n')
+    keys = load_api_keys(str(path))
+    assert keys["sk-alice-0001"].workspace_id == "alice"
+    assert keys["sk-alice-0001"].identity.startswith("key:")
+    assert "sk-alice" not in keys["sk-alice-0001"].identity
+    assert keys["sk-bob-000002"].identity == "bob-ci"
+    path.write_text('"short" = "ws"\n')
+    with pytest.raises(ConfigError, match="shorter"):
+        load_api_keys(str(path))
+    path.write_text('"sk-long-enough" = "../escape"\n')
+    with pytest.raises(ConfigError, match="invalid workspace"):
+        load_api_keys(str(path))
+
+
+def test_loopback_detection() -> None:
+    assert is_loopback("127.0.0.1:50051")
+    assert is_loopback("localhost:1")
+    assert is_loopback("[::1]:1")
+    assert not is_loopback("0.0.0.0:50051")
+
+
+def test_custom_tool_by_import_path() -> None:
+    tool = load_tool("tests.tools:double")
+    assert tool.name == "double"
+    assert tool.input_schema["required"] == ["x"]
+    with pytest.raises(Exception, match=r"package\.module:name"):
+        load_tool("tests.tools.double")
+    with pytest.raises(Exception, match="cannot load"):
+        load_tool("tests.tools:nope")
