@@ -36,7 +36,7 @@ SCRIPT: list[dict[str, Any]] = [
                 "arguments": {
                     "to": "alice@example.com",
                     "subject": "Paris weather",
-                    "body": "Paris today: see forecast.",
+                    "body": "Paris today: sunny, 21°C.",
                 },
             }
         ],

@@ -455,12 +455,25 @@ class Engine:
 
     # -- moving runs ---------------------------------------------------------------------
 
-    async def resume_run(self, principal: Principal, run_id: str, decisions: list[Decision]) -> RunRecord:
+    async def resume_run(
+        self, principal: Principal, run_id: str, decisions: list[Decision], request_id: str = ""
+    ) -> RunRecord:
+        """Record decisions; the run continues once no interrupt is pending.
+
+        A retry carrying the ``request_id`` of a resume that was already applied
+        returns the run as it stands instead of failing.
+        """
         self._check_open()
         key = (principal.workspace_id, check_id(run_id, "run_id"))
+        if request_id:
+            check_id(request_id, "request_id")
         if not decisions:
             raise invalid("ERR_INVALID_DECISION", "resume needs at least one decision", field="decisions")
         async with self._lock(key):
+            if request_id:
+                current = await self.get_run(principal, run_id)
+                if request_id in current.resume_requests:
+                    return current
             if key in self._active:
                 raise precondition(
                     "ERR_RUN_NOT_PAUSED",
@@ -485,6 +498,8 @@ class Engine:
                     run_id=run_id,
                 )
             self._disarm_expiry(key)
+            if request_id:
+                record.resume_requests = [*record.resume_requests[-31:], request_id]
             for pending, action, reason, expired in plan:
                 actor.record_decision(pending, action, principal.identity, reason=reason, expired=expired)
             if record.interrupts:

@@ -269,6 +269,8 @@ class RunRecord:
     transcript_len: int = 0
     repair_used: bool = False
     deadline_at: float = 0.0
+    # request_ids of the latest resumes, so a retried ResumeRun is answered, not refused.
+    resume_requests: list[str] = field(default_factory=list)
 
     @property
     def interrupts(self) -> list[Interrupt]:
@@ -293,6 +295,7 @@ class RunRecord:
             "transcript_len": self.transcript_len,
             "repair_used": self.repair_used,
             "deadline_at": self.deadline_at,
+            "resume_requests": self.resume_requests,
         }
 
     @classmethod
@@ -317,4 +320,5 @@ class RunRecord:
             transcript_len=doc.get("transcript_len", 0),
             repair_used=doc.get("repair_used", False),
             deadline_at=doc.get("deadline_at", 0.0),
+            resume_requests=list(doc.get("resume_requests", [])),
         )

@@ -225,7 +225,7 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
     ) -> svc.ResumeRunResponse:
         async def call(principal: Principal) -> svc.ResumeRunResponse:
             decisions = [decision_from_proto(d) for d in request.decisions]
-            record = await self._engine.resume_run(principal, request.run_id, decisions)
+            record = await self._engine.resume_run(principal, request.run_id, decisions, request.request_id)
             return svc.ResumeRunResponse(run=run_to_proto(record))
 
         result: svc.ResumeRunResponse = await self._unary(context, "ResumeRun", call)

@@ -1,0 +1,145 @@
+"""Python client for the Machina engine (gRPC).
+
+Synchronous use (also inside Jupyter)::
+
+    from client_py import EngineClient
+
+    with EngineClient("127.0.0.1:50051", api_key="...") as client:
+        execution = client.execute("Summarise README.md", tools=["read_file"])
+        for event in execution:
+            print(event)
+        run = execution.run
+        if run.paused:
+            run = execution.handle.approve(run.interrupts[0].interrupt_id)
+
+``AsyncEngineClient`` offers the same methods as coroutines. Errors are raised as
+subclasses of ``MachinaError`` keyed by the engine's stable error codes; a run
+that fails is not an exception but a Run whose ``error`` is set.
+"""
+
+from client_py._async import AsyncEngineClient, AsyncExecution, AsyncRunHandle
+from client_py._errors import (
+    AbortedError,
+    AlreadyExistsError,
+    ConcurrentUpdateError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InterruptNotFoundError,
+    InvalidArgumentError,
+    InvalidDecisionError,
+    InvalidEditsError,
+    InvalidIdError,
+    InvalidRequestError,
+    InvalidScriptError,
+    MachinaError,
+    NotFoundError,
+    PermissionDeniedError,
+    RequestTooLargeError,
+    ResourceExhaustedError,
+    RpcCancelledError,
+    RunExistsError,
+    RunNotFoundError,
+    RunNotPausedError,
+    RunTerminalError,
+    ShuttingDownError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+    UnknownToolError,
+    error_from_rpc,
+)
+from client_py._spec import Approve, Decision, DecisionLike, Reject, Respond, RunOptions
+from client_py._sync import EngineClient, Execution, RunHandle
+from client_py._types import (
+    ApiCallMetered,
+    ApprovalDecided,
+    ApprovalRequested,
+    AssistantMessage,
+    HandoffToRunner,
+    InputRequested,
+    Interrupt,
+    Paused,
+    Resumed,
+    Run,
+    RunError,
+    RunEvent,
+    RunFinished,
+    RunMeta,
+    RunStarted,
+    TextDelta,
+    ToolCall,
+    ToolCallCompleted,
+    ToolCallStarted,
+    ToolResultRequested,
+    UnknownEvent,
+    Usage,
+    UsageReported,
+)
+
+__all__ = [
+    "AbortedError",
+    "AlreadyExistsError",
+    "ApiCallMetered",
+    "ApprovalDecided",
+    "ApprovalRequested",
+    "Approve",
+    "AssistantMessage",
+    "AsyncEngineClient",
+    "AsyncExecution",
+    "AsyncRunHandle",
+    "ConcurrentUpdateError",
+    "DeadlineExceededError",
+    "Decision",
+    "DecisionLike",
+    "EngineClient",
+    "Execution",
+    "FailedPreconditionError",
+    "HandoffToRunner",
+    "InputRequested",
+    "InternalError",
+    "Interrupt",
+    "InterruptNotFoundError",
+    "InvalidArgumentError",
+    "InvalidDecisionError",
+    "InvalidEditsError",
+    "InvalidIdError",
+    "InvalidRequestError",
+    "InvalidScriptError",
+    "MachinaError",
+    "NotFoundError",
+    "Paused",
+    "PermissionDeniedError",
+    "Reject",
+    "RequestTooLargeError",
+    "ResourceExhaustedError",
+    "Respond",
+    "Resumed",
+    "RpcCancelledError",
+    "Run",
+    "RunError",
+    "RunEvent",
+    "RunExistsError",
+    "RunFinished",
+    "RunHandle",
+    "RunMeta",
+    "RunNotFoundError",
+    "RunNotPausedError",
+    "RunOptions",
+    "RunStarted",
+    "RunTerminalError",
+    "ShuttingDownError",
+    "TextDelta",
+    "ToolCall",
+    "ToolCallCompleted",
+    "ToolCallStarted",
+    "ToolResultRequested",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "UnknownEvent",
+    "UnknownToolError",
+    "Usage",
+    "UsageReported",
+    "error_from_rpc",
+]

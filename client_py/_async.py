@@ -1,0 +1,458 @@
+"""The asyncio client: ``AsyncEngineClient``, ``AsyncExecution`` and ``AsyncRunHandle``.
+
+Retry policy: only calls that cannot do anything twice are retried on
+UNAVAILABLE (GetRun, ListRuns, WaitRun; CreateRun when the spec has a
+request_id; ResumeRun, which always carries one). Event streams reconnect from
+the last seq they delivered, so a consumer sees every event exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any, Unpack
+
+import grpc
+
+from client_py import _render
+from client_py._errors import InternalError, UnavailableError, error_from_rpc
+from client_py._spec import (
+    Approve,
+    DecisionLike,
+    Reject,
+    Respond,
+    RunOptions,
+    build_run_spec,
+    decision_to_proto,
+    states_to_proto,
+)
+from client_py._types import Paused, Run, RunEvent, RunFinished, event_from_proto, run_from_proto
+from machina.engine.v1 import engine_service_pb2 as pb
+from machina.engine.v1 import engine_service_pb2_grpc as pb_grpc
+
+__all__ = ["AsyncEngineClient", "AsyncExecution", "AsyncRunHandle"]
+
+# WaitRun is capped server-side; shorter chunks also keep idle proxies from
+# cutting a silent connection.
+_WAIT_CHUNK_S = 60.0
+# How much longer than the server-side wait the RPC deadline may run.
+_WAIT_DEADLINE_MARGIN_S = 30.0
+_BACKOFF_BASE_S = 0.1
+_BACKOFF_MAX_S = 2.0
+
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+
+def _backoff(attempt: int) -> float:
+    # Jitter spreads out clients that all lost the same server at once.
+    return min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2.0**attempt) * random.uniform(0.5, 1.0)
+
+
+class AsyncEngineClient:
+    """A connection to a Machina engine, for use inside one asyncio event loop.
+
+    The gRPC channel is created on first use, inside the running loop, and stays
+    bound to that loop; use one client per loop (``EngineClient`` does this for
+    synchronous code). Use ``async with`` or call ``close()``.
+
+    Args:
+        target: ``host:port`` of the engine.
+        api_key: sent as ``authorization: Bearer <api_key>`` on every call.
+        tls: use TLS (implied by ``root_certificates``).
+        root_certificates: PEM bytes of the CA to trust instead of the system's.
+        channel_options: extra ``(name, value)`` gRPC channel options.
+        max_retries: retries of safe calls on UNAVAILABLE, and stream reconnects
+            in a row without progress.
+        call_timeout: deadline in seconds of each unary call (None = no deadline).
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        max_retries: int = 3,
+        call_timeout: float | None = 60.0,
+    ) -> None:
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.target = target
+        self._tls = tls or root_certificates is not None
+        self._root_certificates = root_certificates
+        self._channel_options = list(channel_options)
+        self._max_retries = max_retries
+        self._call_timeout = call_timeout
+        self._metadata: tuple[tuple[str, str], ...] | None = (
+            (("authorization", f"Bearer {api_key}"),) if api_key else None
+        )
+        self._channel: Any = None
+        self._stub_instance: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        # Never the API key.
+        return f"AsyncEngineClient(target={self.target!r}, tls={self._tls})"
+
+    async def __aenter__(self) -> AsyncEngineClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel; calls still in flight are cancelled."""
+        self._closed = True
+        channel, self._channel, self._stub_instance = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+    @property
+    def _stub(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._closed:
+            raise RuntimeError("the client is closed")
+        if self._stub_instance is None:
+            if self._tls:
+                credentials = grpc.ssl_channel_credentials(root_certificates=self._root_certificates)
+                self._channel = grpc.aio.secure_channel(self.target, credentials, self._channel_options)
+            else:
+                self._channel = grpc.aio.insecure_channel(self.target, self._channel_options)
+            self._stub_instance = pb_grpc.EngineServiceStub(self._channel)
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError(
+                "this AsyncEngineClient is bound to the event loop it was first used in; "
+                "create one client per loop, or use EngineClient from synchronous code"
+            )
+        return self._stub_instance
+
+    async def _unary(self, method: str, request: Any, *, retry: bool, timeout: float | None = None) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return await getattr(self._stub, method)(
+                    request,
+                    metadata=self._metadata,
+                    timeout=self._call_timeout if timeout is None else timeout,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if retry and exc.code() == _UNAVAILABLE and attempt < self._max_retries:
+                    await asyncio.sleep(_backoff(attempt))
+                    attempt += 1
+                    continue
+                raise error_from_rpc(exc) from None
+
+    # --- starting runs ------------------------------------------------------------
+
+    def execute(self, task: str, **options: Unpack[RunOptions]) -> AsyncExecution:
+        """Starts a run and streams its events until it pauses or ends.
+
+        Iterate the returned ``AsyncExecution`` for typed events; afterwards
+        ``execution.run`` is the final Run. ``await execution.result()`` drains it.
+        The call starts on the first iteration; the options are validated now.
+        """
+        return AsyncExecution(self, build_run_spec(task, **options))
+
+    async def create(self, task: str, **options: Unpack[RunOptions]) -> AsyncRunHandle:
+        """Starts a run in the background; retried on UNAVAILABLE only with a ``request_id``."""
+        spec = build_run_spec(task, **options)
+        response: pb.CreateRunResponse = await self._unary(
+            "CreateRun", pb.CreateRunRequest(spec=spec), retry=bool(spec.request_id)
+        )
+        return AsyncRunHandle(self, run_from_proto(response.run))
+
+    async def attach(self, run_id: str) -> AsyncRunHandle:
+        """A handle on an existing run (e.g. after a kernel restart)."""
+        return AsyncRunHandle(self, await self.get_run(run_id))
+
+    # --- reading runs -------------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> Run:
+        response: pb.GetRunResponse = await self._unary("GetRun", pb.GetRunRequest(run_id=run_id), retry=True)
+        return run_from_proto(response.run)
+
+    def list_runs(
+        self,
+        states: Sequence[str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        page_size: int | None = None,
+    ) -> AsyncIterator[Run]:
+        """The workspace's runs, newest first, fetched page by page as you iterate.
+
+        ``states`` are names such as ``"PAUSED"``; ``labels`` must all match.
+        """
+        request = pb.ListRunsRequest(states=states_to_proto(states))
+        if labels is not None:
+            request.labels.update(dict(labels))
+        if page_size is not None:
+            if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
+                raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+            request.page_size = page_size
+        return self._list_runs(request)
+
+    async def _list_runs(self, request: pb.ListRunsRequest) -> AsyncGenerator[Run, None]:
+        while True:
+            response: pb.ListRunsResponse = await self._unary("ListRuns", request, retry=True)
+            for run in response.runs:
+                yield run_from_proto(run)
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    async def recover_orphaned_runs(self) -> list[str]:
+        """Resumes runs whose executor died; returns their ids."""
+        response: pb.RecoverOrphanedRunsResponse = await self._unary(
+            "RecoverOrphanedRuns", pb.RecoverOrphanedRunsRequest(), retry=False
+        )
+        return list(response.run_ids)
+
+    # --- used by handles and executions -------------------------------------------
+
+    async def _wait_run(self, run_id: str, seconds: float) -> tuple[Run, bool]:
+        request = pb.WaitRunRequest(run_id=run_id, timeout_ms=max(1, round(seconds * 1000)))
+        response: pb.WaitRunResponse = await self._unary(
+            "WaitRun", request, retry=True, timeout=seconds + _WAIT_DEADLINE_MARGIN_S
+        )
+        return run_from_proto(response.run), response.timed_out
+
+    async def _resume(self, run_id: str, decisions: Sequence[DecisionLike], request_id: str | None) -> Run:
+        if not decisions:
+            raise ValueError("resume needs at least one decision")
+        request = pb.ResumeRunRequest(
+            run_id=run_id,
+            decisions=[decision_to_proto(d) for d in decisions],
+            # A key of our own makes the retry safe: the server answers a repeat
+            # with the first outcome instead of deciding twice.
+            request_id=request_id or uuid.uuid4().hex,
+        )
+        response: pb.ResumeRunResponse = await self._unary("ResumeRun", request, retry=True)
+        return run_from_proto(response.run)
+
+    async def _cancel(self, run_id: str, reason: str) -> Run:
+        response: pb.CancelRunResponse = await self._unary(
+            "CancelRun", pb.CancelRunRequest(run_id=run_id, reason=reason), retry=False
+        )
+        return run_from_proto(response.run)
+
+    async def _events(
+        self, run_id: str, after_seq: int, follow: bool, *, until_pause: bool = False
+    ) -> AsyncGenerator[RunEvent, None]:
+        last = after_seq
+        failures = 0  # reconnects in a row without a new event
+        while True:
+            call = self._stub.StreamRunEvents(
+                pb.StreamRunEventsRequest(run_id=run_id, after_seq=last, follow=follow),
+                metadata=self._metadata,
+            )
+            try:
+                async for response in call:
+                    for proto in response.events:
+                        # A server may replay a little after a reconnect; never repeat.
+                        if proto.seq <= last:
+                            continue
+                        event = event_from_proto(proto)
+                        last, failures = event.seq, 0
+                        yield event
+                        if isinstance(event, RunFinished) or (until_pause and isinstance(event, Paused)):
+                            return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != _UNAVAILABLE or failures >= self._max_retries:
+                    raise error_from_rpc(exc) from None
+            else:
+                if not follow:
+                    return
+                # A follow stream only ends by itself once the run has ended; if
+                # the end of the run is already behind us, so is the stream.
+                run = await self.get_run(run_id)
+                if run.done and run.last_seq <= last:
+                    return
+                if failures >= self._max_retries:
+                    raise UnavailableError(
+                        "UNAVAILABLE",
+                        f"the event stream of run {run_id} kept ending before the run did",
+                        metadata={"run_id": run_id, "last_seq": str(last)},
+                    )
+            finally:
+                call.cancel()
+            await asyncio.sleep(_backoff(failures))
+            failures += 1
+
+
+class AsyncExecution:
+    """The events of an ``execute`` call, as an async iterator, then the final Run.
+
+    ``run`` is None until the stream has ended. If the connection drops after the
+    run has started, the events continue through StreamRunEvents from the last
+    seq, up to the pause or the end, so nothing is lost.
+    """
+
+    def __init__(self, client: AsyncEngineClient, spec: pb.RunSpec) -> None:
+        self._client = client
+        self._spec = spec
+        self.run: Run | None = None
+        self.last_seq = 0
+        self.run_id: str | None = spec.run_id or None
+        self._stream: AsyncGenerator[RunEvent, None] | None = None
+
+    def __repr__(self) -> str:
+        return f"AsyncExecution(run_id={self.run_id!r}, last_seq={self.last_seq}, run={self.run!r})"
+
+    def __aiter__(self) -> AsyncExecution:
+        return self
+
+    async def __anext__(self) -> RunEvent:
+        if self._stream is None:
+            self._stream = self._events()
+        return await self._stream.__anext__()
+
+    async def result(self) -> Run:
+        """Consumes the remaining events and returns the Run as it paused or ended."""
+        async for _ in self:
+            pass
+        if self.run is None:
+            raise RuntimeError("the execution was closed before it finished")
+        return self.run
+
+    async def aclose(self) -> None:
+        """Stops streaming (the run itself goes on; cancel it through a handle)."""
+        if self._stream is not None:
+            await self._stream.aclose()
+
+    @property
+    def handle(self) -> AsyncRunHandle:
+        """A handle on the run, once the stream has ended (``run`` is set)."""
+        if self.run is None:
+            raise RuntimeError("the execution has not finished yet; iterate it or await result() first")
+        return AsyncRunHandle(self._client, self.run)
+
+    def _seen(self, event: RunEvent) -> RunEvent:
+        self.run_id = event.run_id or self.run_id
+        self.last_seq = max(self.last_seq, event.seq)
+        return event
+
+    async def _events(self) -> AsyncGenerator[RunEvent, None]:
+        client = self._client
+        call = client._stub.ExecuteRun(pb.ExecuteRunRequest(spec=self._spec), metadata=client._metadata)
+        stopped = False  # saw the pause or the end the stream stops at
+        try:
+            async for response in call:
+                for proto in response.events:
+                    event = self._seen(event_from_proto(proto))
+                    stopped = stopped or isinstance(event, Paused | RunFinished)
+                    yield event
+                if response.HasField("run"):
+                    self.run = run_from_proto(response.run)
+        except grpc.aio.AioRpcError as exc:
+            # Before the first event the run may not exist; restarting it is not ours to do.
+            if exc.code() != _UNAVAILABLE or self.run_id is None or self.last_seq == 0:
+                raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
+        if self.run is not None:
+            return
+        if self.run_id is None:
+            raise InternalError("ERR_INTERNAL", "ExecuteRun ended without any event or run")
+        if not stopped:
+            async for event in client._events(self.run_id, self.last_seq, True, until_pause=True):
+                yield self._seen(event)
+        self.run = await client.get_run(self.run_id)
+
+
+class AsyncRunHandle:
+    """Controls one run. Every method returns the updated Run and stores it in ``run``."""
+
+    def __init__(self, client: AsyncEngineClient, run: Run) -> None:
+        self._client = client
+        self.run = run
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    def __repr__(self) -> str:
+        return f"AsyncRunHandle({self.run!r})"
+
+    def __str__(self) -> str:
+        return str(self.run)
+
+    def _repr_html_(self) -> str:
+        return _render.handle_html(type(self).__name__, self.run)
+
+    def _update(self, run: Run) -> Run:
+        self.run = run
+        return run
+
+    async def refresh(self) -> Run:
+        return self._update(await self._client.get_run(self.run_id))
+
+    async def wait(self, timeout: float | None = None) -> Run:
+        """Waits until the run is paused or ended, or ``timeout`` seconds pass.
+
+        Returns the Run either way; check ``run.paused``/``run.done``.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            chunk = _WAIT_CHUNK_S if deadline is None else min(_WAIT_CHUNK_S, deadline - loop.time())
+            if chunk <= 0:
+                return await self.refresh()
+            run, timed_out = await self._client._wait_run(self.run_id, chunk)
+            self._update(run)
+            if not timed_out or run.done or run.paused:
+                return run
+            if deadline is not None and loop.time() >= deadline:
+                return run
+
+    def events(self, after_seq: int = 0, follow: bool = True) -> AsyncIterator[RunEvent]:
+        """Events with seq > ``after_seq``; with ``follow`` it stays live until the run ends.
+
+        Reconnects after UNAVAILABLE or a dropped stream from the last seq seen.
+        """
+        return self._client._events(self.run_id, after_seq, follow)
+
+    async def resume(
+        self, decisions: Iterable[DecisionLike] | DecisionLike, *, request_id: str | None = None
+    ) -> Run:
+        """Answers several interrupts at once.
+
+        Each decision is an ``Approve(interrupt_id, edits=None)``,
+        ``Reject(interrupt_id, reason="")`` or ``Respond(interrupt_id, output)``,
+        or a dict ``{"interrupt_id": ..., "action": "approve"|"reject"|"respond",
+        "edits"|"reason"|"output": ...}`` (or with the action as its key:
+        ``{"interrupt_id": ..., "approve": True, "edits": {...}}``,
+        ``{"interrupt_id": ..., "respond": output}``). A single decision needs no list.
+        ``request_id`` defaults to a fresh key, which makes the retry on
+        UNAVAILABLE safe.
+        """
+        if isinstance(decisions, Approve | Reject | Respond | Mapping):
+            batch: list[DecisionLike] = [decisions]
+        else:
+            batch = list(decisions)
+        return self._update(await self._client._resume(self.run_id, batch, request_id))
+
+    async def approve(self, interrupt_id: str, edits: Mapping[str, Any] | None = None) -> Run:
+        """Approves a tool call; ``edits`` replaces its arguments."""
+        return await self.resume(Approve(interrupt_id, edits))
+
+    async def reject(self, interrupt_id: str, reason: str = "") -> Run:
+        return await self.resume(Reject(interrupt_id, reason))
+
+    async def respond(self, interrupt_id: str, output: Any) -> Run:
+        """Supplies a tool result or an answer (any JSON value)."""
+        return await self.resume(Respond(interrupt_id, output))
+
+    async def answer(self, interrupt_id: str, text: str) -> Run:
+        """Answers the model's question (an INPUT interrupt) with text."""
+        if not isinstance(text, str):
+            raise TypeError(f"answer takes a str, got {type(text).__name__}; use respond() for JSON")
+        return await self.respond(interrupt_id, text)
+
+    async def cancel(self, reason: str = "") -> Run:
+        """Requests cancellation; the run may stay RUNNING until its next await point."""
+        return self._update(await self._client._cancel(self.run_id, reason))

@@ -1,0 +1,373 @@
+"""Typed exceptions for the engine's errors, decoded from the gRPC status.
+
+The engine sends one ``google.rpc.ErrorInfo`` (domain ``machina.dev``) inside the
+``grpc-status-details-bin`` trailer. The client must not depend on
+googleapis-common-protos, so the two ``google.rpc`` messages are declared here in
+a private descriptor pool: the real protobuf parser decodes them, and a process
+that also imports ``google.rpc.status_pb2`` (the server does) sees no clash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import grpc
+from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message, message_factory
+
+__all__ = [
+    "AbortedError",
+    "AlreadyExistsError",
+    "ConcurrentUpdateError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InternalError",
+    "InterruptNotFoundError",
+    "InvalidArgumentError",
+    "InvalidDecisionError",
+    "InvalidEditsError",
+    "InvalidIdError",
+    "InvalidRequestError",
+    "InvalidScriptError",
+    "MachinaError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RequestTooLargeError",
+    "ResourceExhaustedError",
+    "RpcCancelledError",
+    "RunExistsError",
+    "RunNotFoundError",
+    "RunNotPausedError",
+    "RunTerminalError",
+    "ShuttingDownError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "UnknownToolError",
+    "error_from_rpc",
+]
+
+DOMAIN = "machina.dev"
+_DETAILS_KEY = "grpc-status-details-bin"
+_ERROR_INFO_TYPE = "google.rpc.ErrorInfo"
+
+
+class MachinaError(Exception):
+    """An error returned by the engine (or by the transport on its way).
+
+    Attributes:
+        code: the stable reason, e.g. ``"ERR_RUN_NOT_FOUND"``. When the server sent
+            no ErrorInfo (a proxy, or a server that is down) it is the gRPC status
+            name instead, e.g. ``"UNAVAILABLE"``.
+        message: a human-readable message.
+        metadata: the dynamic values the message mentions.
+        status: the ``grpc.StatusCode`` of the call.
+    """
+
+    default_status: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: grpc.StatusCode | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status: grpc.StatusCode = self.default_status if status is None else status
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}" if self.message else self.code
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, "
+            f"status={self.status.name}, metadata={self.metadata!r})"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The keyword-only constructor defeats Exception's default pickling, which
+        # matters when errors cross process boundaries (multiprocessing, Dask…).
+        return (_rebuild, (type(self), self.code, self.message, self.status.name, self.metadata))
+
+
+def _rebuild(
+    cls: type[MachinaError], code: str, message: str, status: str, metadata: dict[str, str]
+) -> MachinaError:
+    return cls(code, message, status=grpc.StatusCode[status], metadata=metadata)
+
+
+# Status-level classes: what a caller can catch without knowing every reason, and
+# what an error maps to when its reason is unknown to this client version.
+
+
+class InvalidArgumentError(MachinaError):
+    default_status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFoundError(MachinaError):
+    default_status = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(MachinaError):
+    default_status = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPreconditionError(MachinaError):
+    default_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AbortedError(MachinaError):
+    default_status = grpc.StatusCode.ABORTED
+
+
+class UnauthenticatedError(MachinaError):
+    default_status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(MachinaError):
+    default_status = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhaustedError(MachinaError):
+    default_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnimplementedError(MachinaError):
+    default_status = grpc.StatusCode.UNIMPLEMENTED
+
+
+class UnavailableError(MachinaError):
+    """The server could not be reached or is restarting; safe calls were already retried."""
+
+    default_status = grpc.StatusCode.UNAVAILABLE
+
+
+class InternalError(MachinaError):
+    default_status = grpc.StatusCode.INTERNAL
+
+
+class DeadlineExceededError(MachinaError):
+    default_status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class RpcCancelledError(MachinaError):
+    """The call was cancelled (named so it does not shadow ``asyncio.CancelledError``)."""
+
+    default_status = grpc.StatusCode.CANCELLED
+
+
+# Reason-level classes, one per stable code the engine sends.
+
+
+class InvalidIdError(InvalidArgumentError):
+    pass
+
+
+class InvalidRequestError(InvalidArgumentError):
+    pass
+
+
+class InvalidScriptError(InvalidArgumentError):
+    pass
+
+
+class InvalidEditsError(InvalidArgumentError):
+    pass
+
+
+class InvalidDecisionError(InvalidArgumentError):
+    pass
+
+
+class UnknownToolError(InvalidArgumentError):
+    pass
+
+
+class RunNotFoundError(NotFoundError):
+    pass
+
+
+class InterruptNotFoundError(NotFoundError):
+    pass
+
+
+class RunExistsError(AlreadyExistsError):
+    pass
+
+
+class RunNotPausedError(FailedPreconditionError):
+    pass
+
+
+class RunTerminalError(FailedPreconditionError):
+    pass
+
+
+class ConcurrentUpdateError(AbortedError):
+    pass
+
+
+class RequestTooLargeError(ResourceExhaustedError):
+    pass
+
+
+class ShuttingDownError(UnavailableError):
+    pass
+
+
+_BY_REASON: dict[str, type[MachinaError]] = {
+    "ERR_INVALID_ID": InvalidIdError,
+    "ERR_INVALID_REQUEST": InvalidRequestError,
+    "ERR_INVALID_SCRIPT": InvalidScriptError,
+    "ERR_INVALID_EDITS": InvalidEditsError,
+    "ERR_INVALID_DECISION": InvalidDecisionError,
+    "ERR_UNKNOWN_TOOL": UnknownToolError,
+    "ERR_RUN_NOT_FOUND": RunNotFoundError,
+    "ERR_INTERRUPT_NOT_FOUND": InterruptNotFoundError,
+    "ERR_RUN_EXISTS": RunExistsError,
+    "ERR_RUN_NOT_PAUSED": RunNotPausedError,
+    "ERR_RUN_TERMINAL": RunTerminalError,
+    "ERR_CONCURRENT_UPDATE": ConcurrentUpdateError,
+    "ERR_UNAUTHENTICATED": UnauthenticatedError,
+    "ERR_PERMISSION_DENIED": PermissionDeniedError,
+    "ERR_REQUEST_TOO_LARGE": RequestTooLargeError,
+    "ERR_UNIMPLEMENTED": UnimplementedError,
+    "ERR_SHUTTING_DOWN": ShuttingDownError,
+    "ERR_INTERNAL": InternalError,
+}
+
+# Used when the reason is missing or unknown to this client version.
+_BY_STATUS: dict[grpc.StatusCode, type[MachinaError]] = {
+    cls.default_status: cls
+    for cls in (
+        InvalidArgumentError,
+        NotFoundError,
+        AlreadyExistsError,
+        FailedPreconditionError,
+        AbortedError,
+        UnauthenticatedError,
+        PermissionDeniedError,
+        ResourceExhaustedError,
+        UnimplementedError,
+        UnavailableError,
+        InternalError,
+        DeadlineExceededError,
+        RpcCancelledError,
+    )
+}
+
+
+def _build_rpc_messages() -> tuple[type[message.Message], type[message.Message]]:
+    pool = descriptor_pool.DescriptorPool()
+    any_file = descriptor_pb2.FileDescriptorProto()
+    any_pb2.DESCRIPTOR.CopyToProto(any_file)
+    pool.Add(any_file)
+
+    field = descriptor_pb2.FieldDescriptorProto
+    optional, repeated = field.LABEL_OPTIONAL, field.LABEL_REPEATED
+    rpc_file = descriptor_pb2.FileDescriptorProto(
+        # A name of our own: only the package and message names must match the wire.
+        name="client_py/google_rpc_subset.proto",
+        package="google.rpc",
+        syntax="proto3",
+        dependency=["google/protobuf/any.proto"],
+    )
+    status = rpc_file.message_type.add(name="Status")
+    status.field.add(name="code", number=1, type=field.TYPE_INT32, label=optional)
+    status.field.add(name="message", number=2, type=field.TYPE_STRING, label=optional)
+    status.field.add(
+        name="details", number=3, type=field.TYPE_MESSAGE, label=repeated, type_name=".google.protobuf.Any"
+    )
+    info = rpc_file.message_type.add(name="ErrorInfo")
+    info.field.add(name="reason", number=1, type=field.TYPE_STRING, label=optional)
+    info.field.add(name="domain", number=2, type=field.TYPE_STRING, label=optional)
+    info.field.add(
+        name="metadata",
+        number=3,
+        type=field.TYPE_MESSAGE,
+        label=repeated,
+        type_name=".google.rpc.ErrorInfo.MetadataEntry",
+    )
+    entry = info.nested_type.add(name="MetadataEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=field.TYPE_STRING, label=optional)
+    entry.field.add(name="value", number=2, type=field.TYPE_STRING, label=optional)
+    pool.Add(rpc_file)
+    return (
+        message_factory.GetMessageClass(pool.FindMessageTypeByName("google.rpc.Status")),
+        message_factory.GetMessageClass(pool.FindMessageTypeByName("google.rpc.ErrorInfo")),
+    )
+
+
+_Status, _ErrorInfo = _build_rpc_messages()
+
+
+class _Details:
+    """What the status trailer says; empty when there was none or it was unreadable."""
+
+    __slots__ = ("domain", "message", "metadata", "reason")
+
+    def __init__(self) -> None:
+        self.message = ""
+        self.reason = ""
+        self.domain = ""
+        self.metadata: dict[str, str] = {}
+
+
+def decode_status_details(raw: bytes) -> _Details:
+    """Decodes a serialized ``google.rpc.Status`` and its first ErrorInfo.
+
+    A malformed trailer must never hide the original error, so decoding
+    problems leave the fields empty instead of raising.
+    """
+    details = _Details()
+    try:
+        status: Any = _Status.FromString(raw)
+    except message.DecodeError:
+        return details
+    details.message = status.message
+    for detail in status.details:
+        if detail.type_url.rpartition("/")[2] != _ERROR_INFO_TYPE:
+            continue
+        try:
+            info: Any = _ErrorInfo.FromString(detail.value)
+        except message.DecodeError:
+            continue
+        details.reason = info.reason
+        details.domain = info.domain
+        details.metadata = dict(info.metadata)
+        break
+    return details
+
+
+def _trailer(metadata: Iterable[Any] | None) -> bytes | None:
+    for item in metadata or ():
+        key, value = item
+        if key == _DETAILS_KEY and isinstance(value, bytes):
+            return value
+    return None
+
+
+def error_from_rpc(exc: grpc.RpcError) -> MachinaError:
+    """Converts a failed gRPC call (sync or ``grpc.aio``) into a typed ``MachinaError``.
+
+    The class is chosen by the ErrorInfo reason when it is ours and known, else by
+    the status code (e.g. ``UnavailableError`` for a server that is down).
+    """
+    code_fn = getattr(exc, "code", None)
+    status = code_fn() if callable(code_fn) else grpc.StatusCode.UNKNOWN
+    details_fn = getattr(exc, "details", None)
+    text = (details_fn() if callable(details_fn) else None) or ""
+    trailing_fn = getattr(exc, "trailing_metadata", None)
+    raw = _trailer(trailing_fn() if callable(trailing_fn) else None)
+    details = decode_status_details(raw) if raw is not None else _Details()
+
+    ours = bool(details.reason) and details.domain in (DOMAIN, "")
+    cls = (_BY_REASON.get(details.reason) if ours else None) or _BY_STATUS.get(status, MachinaError)
+    code = details.reason if ours else status.name
+    return cls(code, details.message or text, status=status, metadata=details.metadata)
