@@ -208,6 +208,10 @@ class RunTerminalError(FailedPreconditionError):
     pass
 
 
+class InterruptDecidedError(FailedPreconditionError):
+    pass
+
+
 class ConcurrentUpdateError(AbortedError):
     pass
 
@@ -232,6 +236,7 @@ _BY_REASON: dict[str, type[MachinaError]] = {
     "ERR_RUN_EXISTS": RunExistsError,
     "ERR_RUN_NOT_PAUSED": RunNotPausedError,
     "ERR_RUN_TERMINAL": RunTerminalError,
+    "ERR_INTERRUPT_DECIDED": InterruptDecidedError,
     "ERR_CONCURRENT_UPDATE": ConcurrentUpdateError,
     "ERR_UNAUTHENTICATED": UnauthenticatedError,
     "ERR_PERMISSION_DENIED": PermissionDeniedError,

@@ -43,6 +43,9 @@ class RunOptions(TypedDict, total=False):
     - ``permissions``: tool name -> ``"allow"``, ``"ask"`` or ``"deny"``.
     - ``tool_choice``: ``"auto"``, ``"required"`` or ``"none"``.
     - ``approval_expiry_action``: ``"approve"`` or ``"reject"``.
+    - ``client_tools``: tools the caller defines and answers itself, each
+      ``{"name": str, "description": str, "input_schema": dict}``; a call pauses
+      the run (``AWAITING_TOOL_RESULT``) until you ``respond`` with the result.
     """
 
     run_id: str | None
@@ -64,6 +67,7 @@ class RunOptions(TypedDict, total=False):
     approval_timeout: float | None
     approval_expiry_action: str | None
     labels: Mapping[str, str] | None
+    client_tools: Sequence[Mapping[str, Any]] | None
 
 
 _OPTION_NAMES = frozenset(RunOptions.__annotations__)
@@ -234,6 +238,16 @@ def build_run_spec(task: str, **options: Unpack[RunOptions]) -> pb.RunSpec:
             raise TypeError("labels must be a dict of str -> str")
         for key, value in labels.items():
             spec.labels[_str("labels key", key)] = _str(f"labels[{key!r}]", value)
+    for index, client_tool in enumerate(options.get("client_tools") or ()):
+        fields = _known_keys(
+            f"client_tools[{index}]", client_tool, frozenset({"name", "description", "input_schema"})
+        )
+        definition = spec.client_tools.add(
+            name=_str(f"client_tools[{index}].name", fields.get("name")),
+            description=_str(f"client_tools[{index}].description", fields.get("description", "")),
+        )
+        if (schema := fields.get("input_schema")) is not None:
+            dict_to_struct(schema, definition.input_schema, where=f"client_tools[{index}].input_schema")
     return spec
 
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import filecmp
 import shutil
+import subprocess
 import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
-
-from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "proto"
@@ -29,7 +28,9 @@ def generate(out: Path) -> None:
     files = sorted(str(p.relative_to(PROTO)) for p in PROTO.rglob("*.proto"))
     well_known = str(resources.files("grpc_tools") / "_proto")
     args = [
-        "protoc",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
         f"-I{PROTO}",
         f"-I{well_known}",
         f"--python_out={out}",
@@ -40,8 +41,10 @@ def generate(out: Path) -> None:
         f"--mypy_grpc_out={out}",
         *files,
     ]
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed")
+    # The mypy plugins chat on stderr ("Writing mypy to ..."): show it only on failure.
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"protoc failed:\n{result.stderr}")
     for directory in [out / PACKAGE, *(p for p in (out / PACKAGE).rglob("*") if p.is_dir())]:
         (directory / "__init__.py").touch()
     (out / PACKAGE / "py.typed").touch()

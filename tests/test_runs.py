@@ -313,3 +313,95 @@ async def test_workspace_isolation(servers: ServerFactory) -> None:
         assert [r async for r in bob.list_runs()] == []
         assert [r.run_id async for r in alice.list_runs()] == [handle.run_id]
         assert handle.run.workspace_id == "alice"
+
+
+async def test_client_defined_tool_pauses_for_the_callers_result(client: AsyncEngineClient) -> None:
+    lookup = {
+        "name": "crm_lookup",
+        "description": "Look a customer up in the caller's CRM.",
+        "input_schema": {
+            "type": "object",
+            "properties": {"email": {"type": "string"}},
+            "required": ["email"],
+        },
+    }
+    script = [turn("", ("crm_lookup", {"email": "a@b.c"})), turn("Customer found.")]
+    handle = await client.create("who is a@b.c?", model="scripted", script=script, client_tools=[lookup])
+    run = await handle.wait(timeout=10)
+    assert run.pause_reason == "AWAITING_TOOL_RESULT"
+    interrupt = run.interrupts[0]
+    assert (interrupt.tool_name, interrupt.arguments) == ("crm_lookup", {"email": "a@b.c"})
+    assert interrupt.input_schema is not None
+    await handle.respond(interrupt.interrupt_id, {"name": "Ada", "plan": "pro"})
+    assert (await handle.wait(timeout=10)).state == "DONE"
+
+
+async def test_an_unanswered_approval_expires_with_the_configured_default(client: AsyncEngineClient) -> None:
+    handle = await client.create(
+        "double 21",
+        model="scripted",
+        script=DOUBLE_THEN_ANSWER,
+        approval_timeout=0.2,
+        approval_expiry_action="reject",
+    )
+    run = await handle.wait(timeout=10)
+    assert run.state == "PAUSED"
+    assert run.interrupts[0].expire_time is not None
+    run = await handle.wait(timeout=10)  # returns at once (paused); poll until the expiry moves it on
+    for _ in range(100):
+        run = await handle.refresh()
+        if run.state == "DONE":
+            break
+        await asyncio.sleep(0.05)
+    assert run.state == "DONE"
+    events = [e async for e in handle.events(follow=False)]
+    decided = next(e for e in events if e.kind == "approval_decided")
+    assert (decided.decision, decided.expired, decided.decided_by) == ("reject", True, "system:expiry")
+    assert not any(e.kind == "tool_call_started" for e in events)
+
+
+async def test_an_expired_approval_can_default_to_approve(client: AsyncEngineClient) -> None:
+    handle = await client.create(
+        "double 21",
+        model="scripted",
+        script=DOUBLE_THEN_ANSWER,
+        approval_timeout=0.1,
+        approval_expiry_action="approve",
+    )
+    await handle.wait(timeout=10)
+    for _ in range(100):
+        run = await handle.refresh()
+        if run.state == "DONE":
+            break
+        await asyncio.sleep(0.05)
+    assert run.state == "DONE"
+    outputs = [e.output async for e in handle.events(follow=False) if e.kind == "tool_call_completed"]
+    assert outputs == ["42"]
+
+
+async def test_a_retried_resume_with_the_same_request_id_is_answered(client: AsyncEngineClient) -> None:
+    handle = await client.create("double 21", model="scripted", script=DOUBLE_THEN_ANSWER)
+    run = await handle.wait(timeout=10)
+    decision = [{"interrupt_id": run.interrupts[0].interrupt_id, "action": "approve"}]
+    await handle.resume(decision, request_id="resume-1")
+    again = await handle.resume(decision, request_id="resume-1")
+    assert again.state in ("RUNNING", "DONE")
+    with pytest.raises(RunNotPausedError):
+        await handle.resume(decision, request_id="resume-2")
+
+
+async def test_the_decision_is_already_taken_when_answered_twice_in_one_request(
+    client: AsyncEngineClient,
+) -> None:
+    from client_py import InterruptDecidedError
+
+    handle = await client.create("double 21", model="scripted", script=DOUBLE_THEN_ANSWER)
+    run = await handle.wait(timeout=10)
+    interrupt_id = run.interrupts[0].interrupt_id
+    with pytest.raises(InterruptDecidedError):
+        await handle.resume(
+            [
+                {"interrupt_id": interrupt_id, "action": "approve"},
+                {"interrupt_id": interrupt_id, "action": "reject"},
+            ]
+        )

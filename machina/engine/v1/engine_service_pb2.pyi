@@ -372,7 +372,9 @@ Global___ExecuteRunRequest: _TypeAlias = ExecuteRunRequest  # noqa: Y015
 
 @_typing.final
 class ExecuteRunResponse(_message.Message):
-    """A batch of events of a streaming run."""
+    """A batch of events of a streaming run. The stream's last message carries
+    no events and sets `run`: the run as it stands when it paused or ended.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -380,11 +382,11 @@ class ExecuteRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.RunEvent]:
-        """Events in seq order; never empty."""
+        """Events in seq order (whatever was buffered when the message was sent)."""
 
     @_builtins.property
     def run(self) -> _run_pb2.Run:
-        """Set on the last message of the stream: the run as it stands."""
+        """Set only on the last message of the stream."""
 
     def __init__(
         self,
