@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import any_pb2
@@ -96,6 +97,29 @@ class Authenticator:
         raise EngineError("ERR_UNAUTHENTICATED", "the API key is not valid", kind=ErrorKind.UNAUTHENTICATED)
 
 
+# grpc.aio.ServicerContext; grpc ships no type information, so it is Any to mypy anyway.
+Context: TypeAlias = Any
+UnaryImpl = Callable[[Any, Any, Principal, Context], Awaitable[Any]]
+
+
+def _unary(impl: UnaryImpl) -> Callable[[Any, Any, Context], Awaitable[Any]]:
+    """Wrap a unary RPC: authenticate, then map domain errors to a status with ErrorInfo."""
+
+    @functools.wraps(impl)
+    async def method(self: EngineServicer, request: Any, context: Context) -> Any:
+        try:
+            return await impl(self, request, self._principal(context), context)
+        except EngineError as error:
+            await self._fail(context, error)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            await self._internal(context, impl.__name__)
+        return None
+
+    return method
+
+
 class EngineServicer(svc_grpc.EngineServiceServicer):
     """Translates proto <-> domain and domain errors -> status; no logic of its own."""
 
@@ -156,103 +180,59 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
         except Exception:
             await self._internal(context, "StreamRunEvents")
 
-    async def _unary(self, context: grpc.aio.ServicerContext, rpc: str, call: Any) -> Any:
-        try:
-            return await call(self._principal(context))
-        except EngineError as error:
-            await self._fail(context, error)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception:
-            await self._internal(context, rpc)
+    @_unary
+    async def CreateRun(self, request: svc.CreateRunRequest, principal: Principal, context: Context) -> Any:
+        spec, client_tools = spec_from_proto(request.spec)
+        record, _ = await self._engine.create_run(principal, spec, client_tools)
+        return svc.CreateRunResponse(run=run_to_proto(record))
 
-    async def CreateRun(
-        self, request: svc.CreateRunRequest, context: grpc.aio.ServicerContext
-    ) -> svc.CreateRunResponse:
-        async def call(principal: Principal) -> svc.CreateRunResponse:
-            spec, client_tools = spec_from_proto(request.spec)
-            record, _ = await self._engine.create_run(principal, spec, client_tools)
-            return svc.CreateRunResponse(run=run_to_proto(record))
+    @_unary
+    async def GetRun(self, request: svc.GetRunRequest, principal: Principal, context: Context) -> Any:
+        return svc.GetRunResponse(run=run_to_proto(await self._engine.get_run(principal, request.run_id)))
 
-        result: svc.CreateRunResponse = await self._unary(context, "CreateRun", call)
-        return result
+    @_unary
+    async def ListRuns(self, request: svc.ListRunsRequest, principal: Principal, context: Context) -> Any:
+        records, token = await self._engine.list_runs(
+            principal,
+            states=states_from_proto(request.states),
+            labels=dict(request.labels),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return svc.ListRunsResponse(runs=[run_to_proto(r) for r in records], next_page_token=token)
 
-    async def GetRun(
-        self, request: svc.GetRunRequest, context: grpc.aio.ServicerContext
-    ) -> svc.GetRunResponse:
-        async def call(principal: Principal) -> svc.GetRunResponse:
-            return svc.GetRunResponse(run=run_to_proto(await self._engine.get_run(principal, request.run_id)))
-
-        result: svc.GetRunResponse = await self._unary(context, "GetRun", call)
-        return result
-
-    async def ListRuns(
-        self, request: svc.ListRunsRequest, context: grpc.aio.ServicerContext
-    ) -> svc.ListRunsResponse:
-        async def call(principal: Principal) -> svc.ListRunsResponse:
-            records, token = await self._engine.list_runs(
-                principal,
-                states=states_from_proto(request.states),
-                labels=dict(request.labels),
-                page_size=request.page_size,
-                page_token=request.page_token,
-            )
-            return svc.ListRunsResponse(runs=[run_to_proto(r) for r in records], next_page_token=token)
-
-        result: svc.ListRunsResponse = await self._unary(context, "ListRuns", call)
-        return result
-
-    async def WaitRun(
-        self, request: svc.WaitRunRequest, context: grpc.aio.ServicerContext
-    ) -> svc.WaitRunResponse:
-        async def call(principal: Principal) -> svc.WaitRunResponse:
-            if request.timeout_ms < 0:
-                raise EngineError(
-                    "ERR_INVALID_REQUEST", "timeout_ms must not be negative", metadata={"field": "timeout_ms"}
-                )
-            timeout = min(request.timeout_ms or 30_000, MAX_WAIT_MS) / 1000
-            remaining = context.time_remaining()
-            if remaining is not None:
-                timeout = min(timeout, max(0.0, remaining - 0.05))
-            record, timed_out = await self._engine.wait_run(principal, request.run_id, timeout)
-            return svc.WaitRunResponse(run=run_to_proto(record), timed_out=timed_out)
-
-        result: svc.WaitRunResponse = await self._unary(context, "WaitRun", call)
-        return result
-
-    async def ResumeRun(
-        self, request: svc.ResumeRunRequest, context: grpc.aio.ServicerContext
-    ) -> svc.ResumeRunResponse:
-        async def call(principal: Principal) -> svc.ResumeRunResponse:
-            decisions = [decision_from_proto(d) for d in request.decisions]
-            record = await self._engine.resume_run(principal, request.run_id, decisions, request.request_id)
-            return svc.ResumeRunResponse(run=run_to_proto(record))
-
-        result: svc.ResumeRunResponse = await self._unary(context, "ResumeRun", call)
-        return result
-
-    async def CancelRun(
-        self, request: svc.CancelRunRequest, context: grpc.aio.ServicerContext
-    ) -> svc.CancelRunResponse:
-        async def call(principal: Principal) -> svc.CancelRunResponse:
-            record = await self._engine.cancel_run(principal, request.run_id, request.reason)
-            return svc.CancelRunResponse(run=run_to_proto(record))
-
-        result: svc.CancelRunResponse = await self._unary(context, "CancelRun", call)
-        return result
-
-    async def RecoverOrphanedRuns(
-        self, request: svc.RecoverOrphanedRunsRequest, context: grpc.aio.ServicerContext
-    ) -> svc.RecoverOrphanedRunsResponse:
-        async def call(principal: Principal) -> svc.RecoverOrphanedRunsResponse:
+    @_unary
+    async def WaitRun(self, request: svc.WaitRunRequest, principal: Principal, context: Context) -> Any:
+        if request.timeout_ms < 0:
             raise EngineError(
-                "ERR_UNIMPLEMENTED",
-                "RecoverOrphanedRuns is not implemented yet",
-                kind=ErrorKind.UNIMPLEMENTED,
+                "ERR_INVALID_REQUEST", "timeout_ms must not be negative", metadata={"field": "timeout_ms"}
             )
+        timeout = min(request.timeout_ms or 30_000, MAX_WAIT_MS) / 1000
+        remaining = context.time_remaining()
+        if remaining is not None:
+            # Answer (timed_out) just before the caller's deadline rather than let it expire.
+            timeout = min(timeout, max(0.0, remaining - 0.05))
+        record, timed_out = await self._engine.wait_run(principal, request.run_id, timeout)
+        return svc.WaitRunResponse(run=run_to_proto(record), timed_out=timed_out)
 
-        result: svc.RecoverOrphanedRunsResponse = await self._unary(context, "RecoverOrphanedRuns", call)
-        return result
+    @_unary
+    async def ResumeRun(self, request: svc.ResumeRunRequest, principal: Principal, context: Context) -> Any:
+        decisions = [decision_from_proto(d) for d in request.decisions]
+        record = await self._engine.resume_run(principal, request.run_id, decisions, request.request_id)
+        return svc.ResumeRunResponse(run=run_to_proto(record))
+
+    @_unary
+    async def CancelRun(self, request: svc.CancelRunRequest, principal: Principal, context: Context) -> Any:
+        record = await self._engine.cancel_run(principal, request.run_id, request.reason)
+        return svc.CancelRunResponse(run=run_to_proto(record))
+
+    @_unary
+    async def RecoverOrphanedRuns(
+        self, request: svc.RecoverOrphanedRunsRequest, principal: Principal, context: Context
+    ) -> Any:
+        raise EngineError(
+            "ERR_UNIMPLEMENTED", "RecoverOrphanedRuns is not implemented yet", kind=ErrorKind.UNIMPLEMENTED
+        )
 
 
 @dataclass
