@@ -9,7 +9,7 @@ from engine_service._engine import ClientToolDef, Decision, Engine
 from engine_service._errors import EngineError, ErrorKind
 from engine_service._run import RunRecord, RunSpec, ScriptedTurn
 from engine_service._storage import LocalStorage, Storage, open_storage
-from engine_service._tools import Tool, ToolContext, ToolRegistry, tool
+from engine_service._tools import Tool, ToolContext, ToolError, ToolRegistry, tool
 from engine_service._types import Principal, RunState
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "Storage",
     "Tool",
     "ToolContext",
+    "ToolError",
     "ToolRegistry",
     "load_config",
     "open_storage",

@@ -20,6 +20,7 @@ import inspect
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -30,6 +31,10 @@ from engine_service._types import InterruptKind, JsonObject
 from engine_service.models import ToolSpec
 
 
+def _ignore_event(kind: str, data: JsonObject) -> None:
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class ToolContext:
     """What a tool knows about the call it serves."""
@@ -37,10 +42,21 @@ class ToolContext:
     run_id: str
     workspace_id: str
     call_id: str
+    # The run's own directory for file and process tools (None when the host has none).
+    workdir: Path | None = None
+    # Emit a run event from inside a tool, e.g. ("api_call", {...metering...}).
+    emit: Callable[[str, JsonObject], None] = _ignore_event
 
 
 class ToolArgumentError(Exception):
     """The arguments do not match the tool's schema; the message says where."""
+
+
+class ToolError(Exception):
+    """A failure the model should see as is: the message becomes the error result.
+
+    Other exceptions are reported as ``<tool> failed: <type>: <message>``.
+    """
 
 
 Handler = Callable[[Any, ToolContext], Awaitable[Any] | Any]
@@ -239,6 +255,8 @@ async def call_tool(t: Tool, arguments: JsonObject, ctx: ToolContext) -> tuple[s
         value = await t.run(arguments, ctx)
     except ToolArgumentError as exc:
         return f"Invalid arguments for {t.name}: {exc}", True
+    except ToolError as exc:
+        return str(exc), True
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # a tool's failure is data for the model, not a crash
