@@ -453,6 +453,18 @@ class AsyncRunHandle:
             raise TypeError(f"answer takes a str, got {type(text).__name__}; use respond() for JSON")
         return await self.respond(interrupt_id, text)
 
+    async def tool_result(self, call_id: str) -> str:
+        """The full text of a tool result the model saw truncated (stored by the engine)."""
+        parts: list[str] = []
+        offset = 0
+        while True:
+            request = pb.GetToolResultRequest(run_id=self.run_id, call_id=call_id, offset=offset)
+            response = await self._client._unary("GetToolResult", request, retry=True)
+            parts.append(response.content)
+            if not response.next_offset:
+                return "".join(parts)
+            offset = response.next_offset
+
     async def cancel(self, reason: str = "") -> Run:
         """Requests cancellation; the run may stay RUNNING until its next await point."""
         return self._update(await self._client._cancel(self.run_id, reason))

@@ -196,6 +196,10 @@ class InterruptNotFoundError(NotFoundError):
     pass
 
 
+class ResultNotFoundError(NotFoundError):
+    pass
+
+
 class RunExistsError(AlreadyExistsError):
     pass
 
@@ -233,6 +237,7 @@ _BY_REASON: dict[str, type[MachinaError]] = {
     "ERR_UNKNOWN_TOOL": UnknownToolError,
     "ERR_RUN_NOT_FOUND": RunNotFoundError,
     "ERR_INTERRUPT_NOT_FOUND": InterruptNotFoundError,
+    "ERR_RESULT_NOT_FOUND": ResultNotFoundError,
     "ERR_RUN_EXISTS": RunExistsError,
     "ERR_RUN_NOT_PAUSED": RunNotPausedError,
     "ERR_RUN_TERMINAL": RunTerminalError,

@@ -259,5 +259,9 @@ class RunHandle:
     def answer(self, interrupt_id: str, text: str) -> Run:
         return self._portal.call(self._handle.answer(interrupt_id, text))
 
+    def tool_result(self, call_id: str) -> str:
+        """The full text of a tool result the model saw truncated (stored by the engine)."""
+        return self._portal.call(self._handle.tool_result(call_id))
+
     def cancel(self, reason: str = "") -> Run:
         return self._portal.call(self._handle.cancel(reason))

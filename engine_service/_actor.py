@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from engine_service._errors import RunFailure
@@ -35,6 +36,7 @@ from engine_service._types import (
     ToolCall,
 )
 from engine_service.models import ModelAdapter, ModelError, ModelRequest, TextChunk, TurnResult
+from engine_service.tools import result_blob_name, truncation_note
 
 log = logging.getLogger("machina.engine")
 
@@ -58,6 +60,8 @@ class RunEnv:
     price: tuple[float, float]  # USD per million input / output tokens
     owner: str
     lease_ttl: float
+    workdir: Path | None = None
+    max_result_chars: int = 50_000
     clock: Callable[[], float] = time.time
 
 
@@ -135,6 +139,8 @@ class RunActor:
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self, *, resumed_by: str | None) -> None:
+        if self.env.workdir is not None:
+            self.env.workdir.mkdir(parents=True, exist_ok=True)
         # RUNNING from the moment the caller gets an answer, not when the task first runs.
         self.record.state = RunState.RUNNING
         self.record.pause_reason = None
@@ -404,20 +410,43 @@ class RunActor:
         tool = self.env.tools[call.name]
         self.emit(EventKind.TOOL_CALL_STARTED, {"call": call.to_json()})
         started = time.perf_counter()
-        ctx = ToolContext(self.record.run_id, self.record.workspace_id, call.call_id)
+        ctx = ToolContext(
+            self.record.run_id,
+            self.record.workspace_id,
+            call.call_id,
+            workdir=self.env.workdir,
+            emit=self._emit_from_tool,
+            fetch_result=self._fetch_result,
+        )
         text, is_error = await call_tool(tool, call.arguments, ctx)
+        size = len(text.encode())
+        if len(text) > self.env.max_result_chars:
+            # The model gets a head and a ref; the whole payload stays retrievable (FetchData, API).
+            ws, run_id = self.key
+            await self.env.storage.put_blob(ws, run_id, result_blob_name(call.call_id), text.encode())
+            shown = self.env.max_result_chars
+            text = text[:shown] + truncation_note(call.call_id, shown, len(text))
         self.emit(
             EventKind.TOOL_CALL_COMPLETED,
             {
                 "call_id": call.call_id,
                 "tool": call.name,
                 "is_error": is_error,
-                "size": len(text.encode()),
+                "size": size,
                 "output": text,
                 "duration_ms": int((time.perf_counter() - started) * 1000),
             },
         )
         return text, is_error
+
+    def _emit_from_tool(self, kind: str, data: JsonObject) -> None:
+        if kind not in _TOOL_EVENTS:
+            raise ValueError(f"tools may not emit {kind!r} events")
+        self.emit(EventKind(kind), data)
+
+    async def _fetch_result(self, ref: str) -> str | None:
+        blob = await self.env.storage.get_blob(*self.key, result_blob_name(ref))
+        return None if blob is None else blob.decode("utf-8", errors="replace")
 
     # -- decisions -------------------------------------------------------------------
 
@@ -438,6 +467,9 @@ class RunActor:
             },
         )
 
+
+# Event kinds a tool may emit itself (metering).
+_TOOL_EVENTS = frozenset({EventKind.API_CALL.value})
 
 _REQUEST_EVENT = {
     InterruptKind.APPROVAL: EventKind.APPROVAL_REQUESTED,

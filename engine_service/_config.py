@@ -52,11 +52,18 @@ class ToolsConfig(_Section):
     custom: list[str] = []
     permissions: dict[str, Literal["allow", "ask", "deny"]] = {}
     default_permission: Literal["allow", "ask", "deny"] = "allow"
+    # Tool results longer than this reach the model truncated; the full text stays in storage (FetchData).
+    max_result_chars: int = Field(50_000, ge=1_000)
+    # WebFetch refuses loopback/private/link-local targets unless allowed here.
+    webfetch_allow_private: bool = False
+    webfetch_allow_hosts: list[str] = []
 
 
 class EngineConfig(_Section):
     listen: str = "127.0.0.1:50051"
     storage: str = "./.machina"
+    # Each run gets {workdir_root}/{workspace}/{run_id}/ for Bash and the file tools.
+    workdir_root: str = "./.machina/workdirs"
     fsync: bool = False
     api_keys_file: str = ""
     # Serving a non-loopback address without API keys must be asked for explicitly.

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from engine_service._actor import RunActor, RunEnv
@@ -26,6 +27,18 @@ from engine_service._storage import Storage
 from engine_service._tools import ASK_USER, Tool, ToolArgumentError, ToolRegistry, client_tool, render_result
 from engine_service._types import Event, InterruptKind, JsonObject, Message, Permission, Principal, RunState
 from engine_service.models import ModelAdapter, RetryPolicy, ScriptedModel
+from engine_service.tools import (
+    BASH,
+    EDIT,
+    FETCH_DATA,
+    GLOB,
+    GREP,
+    READ,
+    WRITE,
+    WebFetchPolicy,
+    result_blob_name,
+    web_fetch_tool,
+)
 
 log = logging.getLogger("machina.engine")
 
@@ -67,7 +80,8 @@ class Engine:
     ) -> None:
         self.config = config
         self.storage = storage
-        self.tools = tools or ToolRegistry([ASK_USER])
+        self.tools = tools or ToolRegistry(builtin_tools(config))
+        self._capabilities = host_capabilities(config)
         self._model_factory = model_factory or default_model_factory(config)
         self._clock = clock
         self._owner = f"engine-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -148,7 +162,7 @@ class Engine:
                     "ERR_CONCURRENT_UPDATE", f"run {run_id!r} was created concurrently", run_id=run_id
                 )
             transcript = [Message("user", spec.task)]
-            actor = RunActor(record, spec, transcript, self._env(spec, spec_doc, provider, model_name))
+            actor = RunActor(record, spec, transcript, self._env(ws, spec, spec_doc, provider, model_name))
             if not await actor.take_over():
                 raise aborted(
                     "ERR_CONCURRENT_UPDATE", f"run {run_id!r} is held by another process", run_id=run_id
@@ -257,7 +271,7 @@ class Engine:
         name = spec.model_name or (self._default_model if provider == self._default_provider else "")
         return provider, name or default_model_name(provider)
 
-    def _env(self, spec: RunSpec, spec_doc: JsonObject, provider: str, model_name: str) -> RunEnv:
+    def _env(self, ws: str, spec: RunSpec, spec_doc: JsonObject, provider: str, model_name: str) -> RunEnv:
         cfg = self.config
         tools: dict[str, Tool] = {}
         enabled = set(cfg.tools.enabled) if cfg.tools.enabled is not None else None
@@ -266,6 +280,8 @@ class Engine:
                 continue
             tool = self.tools.get(name)
             assert tool is not None
+            if not tool.capabilities <= self._capabilities:
+                continue  # the runner work replaces these with capability stubs
             tools[name] = tool
         for t in spec_doc.get("client_tools", ()):
             tools[t["name"]] = client_tool(t["name"], t["description"], t["input_schema"])
@@ -293,6 +309,8 @@ class Engine:
             price=(cfg.model.input_cost_per_mtok, cfg.model.output_cost_per_mtok),
             owner=self._owner,
             lease_ttl=cfg.lease_ttl_s,
+            workdir=Path(cfg.workdir_root).resolve() / ws / spec.run_id,
+            max_result_chars=cfg.tools.max_result_chars,
             clock=self._clock,
         )
 
@@ -453,6 +471,21 @@ class Engine:
         if changed is not None:
             changed.set()
 
+    async def tool_result(self, principal: Principal, run_id: str, call_id: str) -> str:
+        """The full text of a tool result that was stored because it was too large to show."""
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        await self.get_run(principal, run_id)  # NOT_FOUND for unknown runs and other workspaces
+        blob = await self.storage.get_blob(*key, result_blob_name(call_id))
+        if blob is None:
+            raise not_found(
+                "ERR_RESULT_NOT_FOUND",
+                f"run {run_id!r} has no stored result for call {call_id[:128]!r} "
+                "(only results too large to show in full are stored)",
+                run_id=run_id,
+                call_id=call_id[:128],
+            )
+        return blob.decode("utf-8", errors="replace")
+
     # -- moving runs ---------------------------------------------------------------------
 
     async def resume_run(
@@ -578,7 +611,7 @@ class Engine:
         docs = await self.storage.read_segments(ws, run_id, "transcript", 0, record.transcript_len)
         transcript = [Message.from_json(d) for d in docs]
         provider, _, model_name = record.meta.model.partition(":")
-        return RunActor(record, spec, transcript, self._env(spec, spec_doc, provider, model_name))
+        return RunActor(record, spec, transcript, self._env(ws, spec, spec_doc, provider, model_name))
 
     async def cancel_run(self, principal: Principal, run_id: str, reason: str = "") -> RunRecord:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
@@ -710,6 +743,20 @@ class Engine:
         for task in list(self._background):
             task.cancel()
         await self.storage.close()
+
+
+def builtin_tools(config: EngineConfig) -> list[Tool]:
+    """The built-in catalogue: AskUser, the file tools, Bash, WebFetch, FetchData."""
+    policy = WebFetchPolicy(
+        allow_private=config.tools.webfetch_allow_private,
+        allow_hosts=frozenset(config.tools.webfetch_allow_hosts),
+    )
+    return [ASK_USER, READ, WRITE, EDIT, GLOB, GREP, BASH, web_fetch_tool(policy), FETCH_DATA]
+
+
+def host_capabilities(config: EngineConfig) -> frozenset[str]:
+    """What this host offers to tools that declare needs (see Tool.capabilities)."""
+    return frozenset({"subprocess"} if config.capabilities_subprocess else ())
 
 
 def apply_decision(

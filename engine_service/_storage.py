@@ -78,6 +78,12 @@ class Storage(Protocol):
         """Delete segments starting after ``committed`` (left by a writer that died)."""
         ...
 
+    async def put_blob(self, ws: str, run_id: str, name: str, data: bytes) -> None:
+        """Store a large payload of the run (e.g. a full tool result) under ``name``."""
+        ...
+
+    async def get_blob(self, ws: str, run_id: str, name: str) -> bytes | None: ...
+
     async def list_runs(self, ws: str) -> list[str]: ...
 
     async def put_if_absent(self, ws: str, key: str, doc: JsonObject) -> JsonObject | None:
@@ -224,6 +230,17 @@ class LocalStorage:
         if kept:
             _truncate_after(directory / segment_name(kept[-1]), committed - kept[-1] + 1)
 
+    async def put_blob(self, ws: str, run_id: str, name: str, data: bytes) -> None:
+        directory = self._run_dir(ws, run_id) / "blobs"
+        directory.mkdir(exist_ok=True)
+        self._write_atomic(directory / check_id(name, "blob name"), data)
+
+    async def get_blob(self, ws: str, run_id: str, name: str) -> bytes | None:
+        try:
+            return (self._run_dir(ws, run_id) / "blobs" / check_id(name, "blob name")).read_bytes()
+        except FileNotFoundError:
+            return None
+
     async def list_runs(self, ws: str) -> list[str]:
         runs = self._root / "workspaces" / check_id(ws, "workspace_id") / "runs"
         try:
@@ -285,10 +302,10 @@ class LocalStorage:
         finally:
             os.close(fd)
 
-    def _write_atomic(self, path: Path, text: str) -> None:
+    def _write_atomic(self, path: Path, data: str | bytes) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
             if self._fsync:
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -46,6 +46,8 @@ class ToolContext:
     workdir: Path | None = None
     # Emit a run event from inside a tool, e.g. ("api_call", {...metering...}).
     emit: Callable[[str, JsonObject], None] = _ignore_event
+    # The full text of an earlier, truncated tool result of this run (None if unknown).
+    fetch_result: Callable[[str], Awaitable[str | None]] | None = None
 
 
 class ToolArgumentError(Exception):

@@ -12,8 +12,8 @@ import pytest
 
 from client_py import AsyncEngineClient
 from engine_service import Engine, EngineConfig, LocalStorage, ToolRegistry
+from engine_service._engine import builtin_tools
 from engine_service._server import RunningServer, start_server
-from engine_service._tools import ASK_USER
 from engine_service._types import Principal
 from tests import tools as test_tools
 
@@ -42,11 +42,12 @@ class ServerFactory:
         api_keys: dict[str, Principal] | None = None,
         clock: Callable[[], float] | None = None,
     ) -> RunningServer:
-        cfg = EngineConfig.model_validate({"storage": str(self.root), **(config or {})})
-        kwargs: dict[str, Any] = {"clock": clock} if clock else {}
-        engine = Engine(
-            cfg, LocalStorage(self.root), tools=ToolRegistry([ASK_USER, *test_tools.ALL]), **kwargs
+        cfg = EngineConfig.model_validate(
+            {"storage": str(self.root), "workdir_root": str(self.root / "workdirs"), **(config or {})}
         )
+        kwargs: dict[str, Any] = {"clock": clock} if clock else {}
+        tools = ToolRegistry([*builtin_tools(cfg), *test_tools.ALL])
+        engine = Engine(cfg, LocalStorage(self.root), tools=tools, **kwargs)
         server = await start_server(engine, "127.0.0.1:0", api_keys=api_keys)
         self.running.append(server)
         return server

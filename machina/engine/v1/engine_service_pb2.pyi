@@ -926,6 +926,70 @@ class RecoverOrphanedRunsRequest(_message.Message):
 Global___RecoverOrphanedRunsRequest: _TypeAlias = RecoverOrphanedRunsRequest  # noqa: Y015
 
 @_typing.final
+class GetToolResultRequest(_message.Message):
+    """Request for GetToolResult."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run id."""
+    call_id: _builtins.str
+    """The id of the tool call whose full result to return."""
+    offset: _builtins.int
+    """Character offset to start at."""
+    limit: _builtins.int
+    """Maximum characters to return; 0 = 1,000,000."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        call_id: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "limit", b"limit", "offset", b"offset", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetToolResultRequest: _TypeAlias = GetToolResultRequest  # noqa: Y015
+
+@_typing.final
+class GetToolResultResponse(_message.Message):
+    """Response of GetToolResult."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_FIELD_NUMBER: _builtins.int
+    TOTAL_CHARS_FIELD_NUMBER: _builtins.int
+    NEXT_OFFSET_FIELD_NUMBER: _builtins.int
+    content: _builtins.str
+    """The requested slice of the result."""
+    total_chars: _builtins.int
+    """The length of the whole result in characters."""
+    next_offset: _builtins.int
+    """Where the next slice starts; 0 when this slice reaches the end."""
+    def __init__(
+        self,
+        *,
+        content: _builtins.str = ...,
+        total_chars: _builtins.int = ...,
+        next_offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "next_offset", b"next_offset", "total_chars", b"total_chars"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetToolResultResponse: _TypeAlias = GetToolResultResponse  # noqa: Y015
+
+@_typing.final
 class RecoverOrphanedRunsResponse(_message.Message):
     """Response of RecoverOrphanedRuns."""
 

@@ -83,6 +83,11 @@ class EngineServiceStub:
                 request_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.RecoverOrphanedRunsRequest.SerializeToString,
                 response_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.RecoverOrphanedRunsResponse.FromString,
                 _registered_method=True)
+        self.GetToolResult = channel.unary_unary(
+                '/machina.engine.v1.EngineService/GetToolResult',
+                request_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.GetToolResultRequest.SerializeToString,
+                response_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.GetToolResultResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -155,6 +160,13 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetToolResult(self, request, context):
+        """Returns the full text of a tool result the model saw truncated (paged).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +214,11 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.RecoverOrphanedRuns,
                     request_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.RecoverOrphanedRunsRequest.FromString,
                     response_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.RecoverOrphanedRunsResponse.SerializeToString,
+            ),
+            'GetToolResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetToolResult,
+                    request_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.GetToolResultRequest.FromString,
+                    response_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.GetToolResultResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -451,6 +468,33 @@ class EngineService:
             '/machina.engine.v1.EngineService/RecoverOrphanedRuns',
             machina_dot_engine_dot_v1_dot_engine__service__pb2.RecoverOrphanedRunsRequest.SerializeToString,
             machina_dot_engine_dot_v1_dot_engine__service__pb2.RecoverOrphanedRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetToolResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/machina.engine.v1.EngineService/GetToolResult',
+            machina_dot_engine_dot_v1_dot_engine__service__pb2.GetToolResultRequest.SerializeToString,
+            machina_dot_engine_dot_v1_dot_engine__service__pb2.GetToolResultResponse.FromString,
             options,
             channel_credentials,
             insecure,

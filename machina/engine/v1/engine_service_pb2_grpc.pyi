@@ -55,6 +55,8 @@ class EngineServiceStub:
     """Cancels a run; honoured at the next await point."""
     RecoverOrphanedRuns: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.RecoverOrphanedRunsRequest, _engine_service_pb2.RecoverOrphanedRunsResponse]
     """Resumes runs whose executor died (lease expired while queued or running)."""
+    GetToolResult: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.GetToolResultRequest, _engine_service_pb2.GetToolResultResponse]
+    """Returns the full text of a tool result the model saw truncated (paged)."""
 
 @_typing.type_check_only
 class EngineServiceAsyncStub(EngineServiceStub):
@@ -83,6 +85,8 @@ class EngineServiceAsyncStub(EngineServiceStub):
     """Cancels a run; honoured at the next await point."""
     RecoverOrphanedRuns: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.RecoverOrphanedRunsRequest, _engine_service_pb2.RecoverOrphanedRunsResponse]  # type: ignore[assignment]
     """Resumes runs whose executor died (lease expired while queued or running)."""
+    GetToolResult: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.GetToolResultRequest, _engine_service_pb2.GetToolResultResponse]  # type: ignore[assignment]
+    """Returns the full text of a tool result the model saw truncated (paged)."""
 
 class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
     """EngineService runs LLM agent tasks. Every RPC acts inside the caller's
@@ -162,5 +166,13 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_engine_service_pb2.RecoverOrphanedRunsResponse, _abc.Awaitable[_engine_service_pb2.RecoverOrphanedRunsResponse]]:
         """Resumes runs whose executor died (lease expired while queued or running)."""
+
+    @_abc_1.abstractmethod
+    def GetToolResult(
+        self,
+        request: _engine_service_pb2.GetToolResultRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_engine_service_pb2.GetToolResultResponse, _abc.Awaitable[_engine_service_pb2.GetToolResultResponse]]:
+        """Returns the full text of a tool result the model saw truncated (paged)."""
 
 def add_EngineServiceServicer_to_server(servicer: EngineServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,102 @@
+"""Bash: a shell command in the run's workspace directory, bounded in time and output.
+
+The command runs in its own process group so a timeout or a cancelled run kills
+everything it started, not just the shell. It gets a minimal environment: the
+engine's own variables (API keys among them) never reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+
+from pydantic import BaseModel, Field
+
+from engine_service._tools import ToolContext, ToolError, tool_from_callable
+
+OUTPUT_CAP_BYTES = 30_000
+DEFAULT_TIMEOUT_S = 120.0
+MAX_TIMEOUT_S = 600.0
+_SAFE_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
+
+
+class BashArgs(BaseModel):
+    command: str = Field(min_length=1, max_length=100_000, description="The bash command line to run.")
+    timeout_s: float = Field(
+        DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S, description="Kill the command after this many seconds."
+    )
+
+
+class _Capture:
+    """Reads a pipe to the end (so the child never blocks on a full pipe), keeping the first bytes."""
+
+    def __init__(self, name: str, cap: int) -> None:
+        self.name = name
+        self.cap = cap
+        self.kept = bytearray()
+        self.total = 0
+
+    async def drain(self, stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(65536):
+            self.total += len(chunk)
+            if len(self.kept) < self.cap:
+                self.kept += chunk[: self.cap - len(self.kept)]
+
+    def show(self) -> str:
+        text = self.kept.decode("utf-8", errors="replace")
+        if self.total > len(self.kept):
+            text += f"\n[{self.name} truncated: {self.total} bytes, first {len(self.kept)} shown]"
+        return text
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def bash(args: BashArgs, ctx: ToolContext) -> str:
+    """Run a bash command in the run's workspace directory. Returns the exit code, stdout and stderr."""
+    if ctx.workdir is None:
+        raise ToolError("this host gives the run no workspace directory")
+    env = {k: os.environ[k] for k in _SAFE_ENV if k in os.environ}
+    env.update(HOME=str(ctx.workdir), TERM="dumb", MACHINA_RUN_ID=ctx.run_id)
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", args.command,
+        cwd=ctx.workdir, env=env, start_new_session=True,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    out, err = _Capture("stdout", OUTPUT_CAP_BYTES), _Capture("stderr", OUTPUT_CAP_BYTES)
+    readers = asyncio.gather(out.drain(proc.stdout), err.drain(proc.stderr))
+    timed_out = False
+    try:
+        async with asyncio.timeout(args.timeout_s):
+            await proc.wait()
+    except TimeoutError:
+        timed_out = True
+    finally:
+        # On timeout, cancellation or a normal exit: nothing the command started outlives it.
+        _kill_group(proc.pid)
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())
+        # A process that left the group may still hold the pipes open: stop reading soon.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await asyncio.shield(readers)
+        readers.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await readers
+    report = f"exit code: {proc.returncode}\n--- stdout ---\n{out.show()}\n--- stderr ---\n{err.show()}"
+    if timed_out:
+        raise ToolError(f"command timed out after {args.timeout_s:g}s and was killed\n{report}")
+    if proc.returncode != 0:
+        raise ToolError(report)
+    return report
+
+
+BASH = tool_from_callable(bash, name="Bash", capabilities=("subprocess",))

@@ -1,0 +1,276 @@
+"""Read, Write, Edit, Glob and Grep, confined to the run's workspace directory.
+
+Every path the model gives is resolved (symlinks included) and must stay
+inside the run's directory: no ``..`` escape, no absolute path elsewhere, no
+symlink pointing out, no device, FIFO or socket. Sizes are capped so a huge
+or endless file cannot exhaust the engine.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from engine_service._tools import Tool, ToolContext, ToolError, tool_from_callable
+
+MAX_READ_BYTES = 2 * 1024 * 1024
+MAX_WRITE_BYTES = 5 * 1024 * 1024
+MAX_GLOB_RESULTS = 1000
+MAX_GREP_MATCHES = 500
+MAX_GREP_FILE_BYTES = 5 * 1024 * 1024
+_BINARY_SNIFF = 8192
+
+
+def _workdir(ctx: ToolContext) -> Path:
+    if ctx.workdir is None:
+        raise ToolError("this host gives the run no workspace directory")
+    return ctx.workdir
+
+
+def resolve_in_workdir(root: Path, user_path: str) -> Path:
+    """The real path of ``user_path`` inside ``root``, or ToolError saying why not."""
+    if not user_path or "\x00" in user_path:
+        raise ToolError("path must be a non-empty string without NUL bytes")
+    real_root = Path(os.path.realpath(root))
+    candidate = Path(user_path)
+    if not candidate.is_absolute():
+        candidate = real_root / candidate
+    real = Path(os.path.realpath(candidate))
+    if real != real_root and real_root not in real.parents:
+        raise ToolError(f"path {user_path!r} is outside the run's workspace directory")
+    try:
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        return real
+    except OSError as exc:
+        raise ToolError(f"cannot access {user_path!r}: {exc.strerror}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise ToolError(f"{user_path!r} is not a regular file or directory")
+    return real
+
+
+def _relative(root: Path, path: Path) -> str:
+    return str(path.relative_to(os.path.realpath(root))) or "."
+
+
+def _read_bytes(path: Path, user_path: str, limit: int) -> tuple[bytes, int]:
+    """Up to ``limit`` bytes of a regular file (opened without following a last-moment symlink)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ToolError(f"{user_path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ToolError(f"{user_path!r} is a directory") from None
+    except OSError as exc:
+        raise ToolError(f"cannot open {user_path!r}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ToolError(f"{user_path!r} is not a regular file")
+        return fh.read(limit), info.st_size
+
+
+def _is_binary(data: bytes) -> bool:
+    return b"\x00" in data[:_BINARY_SNIFF]
+
+
+class ReadArgs(BaseModel):
+    path: str = Field(description="File path, relative to the run's workspace directory.")
+    offset: int = Field(1, ge=1, description="First line to return (1-based).")
+    limit: int = Field(2000, ge=1, le=20_000, description="Maximum number of lines to return.")
+
+
+async def read(args: ReadArgs, ctx: ToolContext) -> str:
+    """Read a text file from the workspace directory, with line numbers."""
+    root = _workdir(ctx)
+    path = resolve_in_workdir(root, args.path)
+    data, size = _read_bytes(path, args.path, MAX_READ_BYTES)
+    if _is_binary(data):
+        return f"{args.path} is a binary file ({size} bytes); not shown."
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    chosen = lines[args.offset - 1 : args.offset - 1 + args.limit]
+    out = "\n".join(f"{n:6d}\t{line}" for n, line in enumerate(chosen, start=args.offset))
+    notes = []
+    if size > MAX_READ_BYTES:
+        notes.append(f"only the first {MAX_READ_BYTES} of {size} bytes were read")
+    if args.offset - 1 + args.limit < len(lines):
+        notes.append(f"{len(lines)} lines in all; pass offset to read more")
+    return out + (f"\n[{'; '.join(notes)}]" if notes else "")
+
+
+class WriteArgs(BaseModel):
+    path: str = Field(description="File path, relative to the run's workspace directory.")
+    content: str = Field(description="The whole new content of the file.")
+
+
+async def write(args: WriteArgs, ctx: ToolContext) -> str:
+    """Create or overwrite a text file in the workspace directory."""
+    root = _workdir(ctx)
+    data = args.content.encode()
+    if len(data) > MAX_WRITE_BYTES:
+        raise ToolError(f"content is {len(data)} bytes; the limit is {MAX_WRITE_BYTES}")
+    path = resolve_in_workdir(root, args.path)
+    if path.is_dir():
+        raise ToolError(f"{args.path!r} is a directory")
+    parent = resolve_in_workdir(root, str(path.parent))
+    parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, data)
+    return f"wrote {len(data)} bytes to {_relative(root, path)}"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.machina-tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+class EditArgs(BaseModel):
+    path: str = Field(description="File path, relative to the run's workspace directory.")
+    old_string: str = Field(min_length=1, description="Exact text to replace.")
+    new_string: str = Field(description="Replacement text.")
+    replace_all: bool = Field(False, description="Replace every occurrence instead of exactly one.")
+
+
+async def edit(args: EditArgs, ctx: ToolContext) -> str:
+    """Replace exact text in a file. old_string must occur exactly once unless replace_all is set."""
+    root = _workdir(ctx)
+    path = resolve_in_workdir(root, args.path)
+    data, size = _read_bytes(path, args.path, MAX_WRITE_BYTES + 1)
+    if size > MAX_WRITE_BYTES:
+        raise ToolError(f"{args.path!r} is {size} bytes; Edit handles files up to {MAX_WRITE_BYTES}")
+    if _is_binary(data):
+        raise ToolError(f"{args.path!r} is a binary file")
+    text = data.decode("utf-8", errors="strict") if _utf8(data) else None
+    if text is None:
+        raise ToolError(f"{args.path!r} is not valid UTF-8 text")
+    count = text.count(args.old_string)
+    if count == 0:
+        raise ToolError(f"old_string was not found in {args.path!r}; read the file and copy the text exactly")
+    if count > 1 and not args.replace_all:
+        raise ToolError(
+            f"old_string occurs {count} times in {args.path!r}; add surrounding context to make it unique "
+            "or set replace_all"
+        )
+    updated = text.replace(args.old_string, args.new_string, -1 if args.replace_all else 1)
+    _write_atomic(path, updated.encode())
+    return f"replaced {count if args.replace_all else 1} occurrence(s) in {_relative(root, path)}"
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class GlobArgs(BaseModel):
+    pattern: str = Field(description="Glob pattern such as '**/*.py', relative to path.")
+    path: str = Field(".", description="Directory to search, relative to the workspace directory.")
+
+
+def _check_pattern(pattern: str) -> None:
+    if not pattern or "\x00" in pattern or pattern.startswith("/") or ".." in Path(pattern).parts:
+        raise ToolError("pattern must be relative and must not contain '..'")
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """Glob to regex: ``**/`` spans directories, ``*`` and ``?`` stay within one."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def _walk(root: Path, base: Path) -> list[Path]:
+    """Regular files under ``base`` whose real path stays in ``root`` (symlinks out are skipped)."""
+    real_root = Path(os.path.realpath(root))
+    found: list[Path] = []
+    for directory, dirnames, filenames in os.walk(base, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(directory) / name
+            real = Path(os.path.realpath(path))
+            if real_root in real.parents and real.is_file():
+                found.append(path)
+    return found
+
+
+async def glob(args: GlobArgs, ctx: ToolContext) -> str:
+    """List files in the workspace directory matching a glob pattern."""
+    root = _workdir(ctx)
+    _check_pattern(args.pattern)
+    base = resolve_in_workdir(root, args.path)
+    if not base.is_dir():
+        raise ToolError(f"{args.path!r} is not a directory")
+    regex = _glob_regex(args.pattern)
+    matches = [_relative(root, p) for p in _walk(root, base) if regex.fullmatch(str(p.relative_to(base)))]
+    if not matches:
+        return "no files match"
+    shown = matches[:MAX_GLOB_RESULTS]
+    more = f"\n[{len(matches) - len(shown)} more not shown]" if len(matches) > len(shown) else ""
+    return "\n".join(shown) + more
+
+
+class GrepArgs(BaseModel):
+    pattern: str = Field(description="Regular expression (Python syntax).")
+    path: str = Field(".", description="File or directory to search, relative to the workspace directory.")
+    glob: str | None = Field(None, description="Only search files whose name matches this glob, e.g. '*.py'.")
+    ignore_case: bool = False
+
+
+async def grep(args: GrepArgs, ctx: ToolContext) -> str:
+    """Search file contents in the workspace directory; prints path:line:text for each match."""
+    root = _workdir(ctx)
+    try:
+        regex = re.compile(args.pattern, re.IGNORECASE if args.ignore_case else 0)
+    except re.error as exc:
+        raise ToolError(f"invalid regular expression: {exc}") from None
+    base = resolve_in_workdir(root, args.path)
+    files = [base] if base.is_file() else _walk(root, base)
+    out: list[str] = []
+    for path in files:
+        if args.glob and not fnmatch.fnmatch(path.name, args.glob):
+            continue
+        data, _ = _read_bytes(path, str(path), MAX_GREP_FILE_BYTES)
+        if _is_binary(data):
+            continue
+        for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+            if regex.search(line):
+                out.append(f"{_relative(root, path)}:{number}:{line[:500]}")
+                if len(out) >= MAX_GREP_MATCHES:
+                    return "\n".join(out) + f"\n[stopped after {MAX_GREP_MATCHES} matches]"
+    return "\n".join(out) if out else "no matches"
+
+
+def _file_tool(fn: Any, name: str, idempotent: bool) -> Tool:
+    return tool_from_callable(fn, name=name, idempotent=idempotent)
+
+
+READ = _file_tool(read, "Read", idempotent=True)
+WRITE = _file_tool(write, "Write", idempotent=True)
+EDIT = _file_tool(edit, "Edit", idempotent=False)
+GLOB = _file_tool(glob, "Glob", idempotent=True)
+GREP = _file_tool(grep, "Grep", idempotent=True)

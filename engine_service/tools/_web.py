@@ -1,0 +1,110 @@
+"""WebFetch: fetch a URL over HTTP(S) with size, time and target limits.
+
+Targets are checked after DNS resolution and again on every redirect: loopback,
+private, link-local, multicast and reserved addresses are refused unless the
+operator allows them (``allow_hosts`` / ``allow_private``). Redirects are
+followed by hand so each hop is checked before anything is sent to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+from pydantic import BaseModel, Field
+
+from engine_service._tools import Tool, ToolContext, ToolError, tool_from_callable
+
+_TEXT_TYPES = ("text/", "application/json", "application/xml", "application/xhtml+xml", "application/ld+json")
+
+
+@dataclass(frozen=True)
+class WebFetchPolicy:
+    """What WebFetch may reach and how much it may read."""
+
+    max_bytes: int = 2 * 1024 * 1024
+    timeout_s: float = 20.0
+    max_redirects: int = 5
+    allow_private: bool = False
+    # Host names or IP literals allowed even if they resolve to a private/loopback address.
+    allow_hosts: frozenset[str] = field(default_factory=frozenset)
+
+
+class WebFetchArgs(BaseModel):
+    url: str = Field(min_length=1, max_length=8192, description="The http(s) URL to fetch.")
+
+
+async def _check_target(url: str, policy: WebFetchPolicy) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ToolError(f"only http and https URLs can be fetched, not {parts.scheme or 'no scheme'!r}")
+    host = parts.hostname
+    if not host:
+        raise ToolError("the URL has no host")
+    if parts.username or parts.password:
+        raise ToolError("URLs with credentials are not fetched")
+    if policy.allow_private or host in policy.allow_hosts:
+        return
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise ToolError(f"cannot resolve host {host!r}") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global or address.is_multicast:
+            raise ToolError(
+                f"refusing to fetch {host!r}: it resolves to a non-public address ({address}); "
+                "the operator can allow it"
+            )
+
+
+def web_fetch_tool(policy: WebFetchPolicy, client: httpx.AsyncClient | None = None) -> Tool:
+    """The WebFetch tool bound to ``policy`` (and an optional shared client, for tests)."""
+
+    async def web_fetch(args: WebFetchArgs, ctx: ToolContext) -> str:
+        """Fetch a web page or API response (text formats only) and return its status, type and body."""
+        owned = client is None
+        http = client or httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False)
+        try:
+            return await _fetch(http, args.url, policy)
+        except httpx.TimeoutException:
+            raise ToolError(f"fetching {args.url} timed out after {policy.timeout_s:g}s") from None
+        except httpx.HTTPError as exc:
+            raise ToolError(f"fetching {args.url} failed: {type(exc).__name__}") from None
+        finally:
+            if owned:
+                await http.aclose()
+
+    return tool_from_callable(web_fetch, name="WebFetch", idempotent=True)
+
+
+async def _fetch(http: httpx.AsyncClient, url: str, policy: WebFetchPolicy) -> str:
+    for _ in range(policy.max_redirects + 1):
+        await _check_target(url, policy)
+        async with (
+            asyncio.timeout(policy.timeout_s),
+            http.stream("GET", url, timeout=policy.timeout_s) as response,
+        ):
+            if response.is_redirect and "location" in response.headers:
+                url = urljoin(url, response.headers["location"])
+                continue
+            kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind and not kind.startswith(_TEXT_TYPES):
+                return f"status: {response.status_code}\ncontent-type: {kind}\n[binary content not shown]"
+            body = bytearray()
+            truncated = False
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > policy.max_bytes:
+                    del body[policy.max_bytes :]
+                    truncated = True
+                    break
+            text = body.decode(response.encoding or "utf-8", errors="replace")
+            note = f"\n[truncated at {policy.max_bytes} bytes]" if truncated else ""
+            head = f"status: {response.status_code}\ncontent-type: {kind or 'unknown'}\nurl: {url}"
+            return f"{head}\n\n{text}{note}"
+    raise ToolError(f"more than {policy.max_redirects} redirects")
