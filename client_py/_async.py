@@ -221,8 +221,15 @@ class AsyncEngineClient:
         )
         return run_from_proto(response.run), response.timed_out
 
-    async def _resume(self, run_id: str, decisions: Sequence[DecisionLike], request_id: str | None) -> Run:
-        if not decisions:
+    async def _resume(
+        self,
+        run_id: str,
+        decisions: Sequence[DecisionLike],
+        request_id: str | None,
+        *,
+        allow_empty: bool = False,
+    ) -> Run:
+        if not decisions and not allow_empty:
             raise ValueError("resume needs at least one decision")
         request = pb.ResumeRunRequest(
             run_id=run_id,
@@ -452,6 +459,10 @@ class AsyncRunHandle:
         if not isinstance(text, str):
             raise TypeError(f"answer takes a str, got {type(text).__name__}; use respond() for JSON")
         return await self.respond(interrupt_id, text)
+
+    async def retry_handoff(self) -> Run:
+        """Retries handing a run to its runner after it failed with ERR_RUNNER_UNREACHABLE."""
+        return self._update(await self._client._resume(self.run_id, [], None, allow_empty=True))
 
     async def tool_result(self, call_id: str) -> str:
         """The full text of a tool result the model saw truncated (stored by the engine)."""

@@ -259,6 +259,10 @@ class RunHandle:
     def answer(self, interrupt_id: str, text: str) -> Run:
         return self._portal.call(self._handle.answer(interrupt_id, text))
 
+    def retry_handoff(self) -> Run:
+        """Retries handing a run to its runner after it failed with ERR_RUNNER_UNREACHABLE."""
+        return self._portal.call(self._handle.retry_handoff())
+
     def tool_result(self, call_id: str) -> str:
         """The full text of a tool result the model saw truncated (stored by the engine)."""
         return self._portal.call(self._handle.tool_result(call_id))

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from engine_service._errors import RunFailure
 from engine_service._feed import EventFeed
 from engine_service._run import PENDING, READY, RESOLVED, Interrupt, PendingCall, RunError, RunRecord, RunSpec
 from engine_service._storage import Storage
-from engine_service._tools import Tool, ToolArgumentError, ToolContext, call_tool
+from engine_service._tools import Tool, ToolArgumentError, ToolContext, call_tool, capability_error
 from engine_service._types import (
     Event,
     EventKind,
@@ -39,6 +39,11 @@ from engine_service.models import ModelAdapter, ModelError, ModelRequest, TextCh
 from engine_service.tools import result_blob_name, truncation_note
 
 log = logging.getLogger("machina.engine")
+
+
+class RunnerUnreachable(Exception):
+    """The runner did not accept a handed-off run (network error, timeout or non-2xx)."""
+
 
 _REPAIR_PROMPT = (
     "Your answer is not valid JSON for the required output schema: {problem}. "
@@ -62,6 +67,8 @@ class RunEnv:
     lease_ttl: float
     workdir: Path | None = None
     max_result_chars: int = 50_000
+    # Hands the run to a runner (POST /continue); None = stubs answer with an error instead.
+    handoff: Callable[[str, str], Awaitable[None]] | None = None
     clock: Callable[[], float] = time.time
 
 
@@ -123,10 +130,11 @@ class RunActor:
         await self.env.storage.drop_uncommitted(ws, run_id, "transcript", self.record.transcript_len)
         return True
 
-    async def release(self) -> None:
+    async def release(self, *, close_feed: bool = True) -> None:
         ws, run_id = self.key
         await self.env.storage.release_lease(ws, run_id, self.env.owner)
-        self.feed.close()
+        if close_feed:
+            self.feed.close()
 
     async def _renew_lease(self) -> None:
         now = self.env.clock()
@@ -204,13 +212,16 @@ class RunActor:
             self.record.meta.duration_ms += int((now - self._active_since) * 1000)
             self._active_since = now
 
-    async def _finish(self, state: RunState, *, data: Any = None, error: RunError | None = None) -> None:
+    async def _finish(
+        self, state: RunState, *, data: Any = None, error: RunError | None = None, keep_pending: bool = False
+    ) -> None:
         record = self.record
         self._account_time()
         record.state = state
         record.data = data
         record.error = error
-        record.pending = []
+        if not keep_pending:
+            record.pending = []
         record.pause_reason = None
         self.emit(
             EventKind.RUN_FINISHED,
@@ -255,8 +266,8 @@ class RunActor:
 
     async def _loop(self) -> None:
         record = self.record
-        if record.pending:
-            await self._dispatch()
+        if record.pending and not await self._dispatch():
+            return
         while True:
             self._check_limits()
             result = await self._model_turn()
@@ -278,7 +289,8 @@ class RunActor:
             # tools skip this write (it is most of a cheap turn's cost).
             if any(p.status == READY and not self.env.tools[p.call.name].idempotent for p in record.pending):
                 await self.checkpoint()
-            await self._dispatch()
+            if not await self._dispatch():
+                return
 
     def _check_limits(self) -> None:
         meta, spec = self.record.meta, self.spec
@@ -388,9 +400,26 @@ class RunActor:
         )
         return PendingCall(call, PENDING, interrupt)
 
-    async def _dispatch(self) -> None:
-        """Run the turn's READY calls concurrently; append results in call order."""
+    async def _dispatch(self) -> bool:
+        """Run the turn's READY calls concurrently; append results in call order.
+
+        Returns False when the run was handed to a runner instead (a READY call
+        is a capability stub and the run is async with a runner configured).
+        """
         pending = self.record.pending
+        stubs = [p for p in pending if p.status == READY and self.env.tools[p.call.name].missing]
+        if stubs and self.env.handoff is not None:
+            await self._hand_off(sorted({p.call.name for p in stubs}))
+            return False
+        for p in stubs:
+            missing = self.env.tools[p.call.name].missing
+            p.status, p.result_text, p.result_is_error = (
+                RESOLVED,
+                capability_error(p.call.name, missing),
+                True,
+            )
+            if p.call.name not in self.record.meta.capabilities_missing:
+                self.record.meta.capabilities_missing.append(p.call.name)
         results: dict[str, tuple[str, bool]] = {
             p.call.call_id: (p.result_text, p.result_is_error) for p in pending if p.status == RESOLVED
         }
@@ -405,6 +434,39 @@ class RunActor:
             )
         self.record.pending = []
         await self.checkpoint()
+        return True
+
+    async def _hand_off(self, tools: list[str]) -> None:
+        """Pause HANDOFF_TO_RUNNER and POST the run to the runner; fail clearly if it cannot take it."""
+        record = self.record
+        assert self.env.handoff is not None
+        self._account_time()
+        record.state, record.pause_reason = RunState.PAUSED, PauseReason.HANDOFF_TO_RUNNER
+        self.emit(EventKind.HANDOFF_TO_RUNNER, {"tools": tools})
+        self.emit(EventKind.PAUSED, {"reason": PauseReason.HANDOFF_TO_RUNNER.value, "interrupts": []})
+        await self.checkpoint()
+        # The runner takes the lease itself, so it must be free before the POST.
+        await self.release(close_feed=False)
+        try:
+            await self.env.handoff(*self.key)
+        except RunnerUnreachable as exc:
+            await self._handoff_failed(str(exc))
+            return
+        self.feed.close()
+
+    async def _handoff_failed(self, reason: str) -> None:
+        ws, run_id = self.key
+        current = await self.env.storage.read_state(ws, run_id)
+        if current is None or current.get("last_seq") != self.record.last_seq or not await self.take_over():
+            # The runner took the run after all (e.g. it answered after our timeout).
+            self.feed.close()
+            return
+        # The pending calls stay in the checkpoint: resuming the run retries the handoff.
+        await self._finish(
+            RunState.FAILED,
+            error=RunError("ERR_RUNNER_UNREACHABLE", f"the runner could not take the run: {reason}"),
+            keep_pending=True,
+        )
 
     async def _run_call(self, call: ToolCall) -> tuple[str, bool]:
         tool = self.env.tools[call.name]

@@ -70,8 +70,12 @@ class EngineConfig(_Section):
     allow_unauthenticated_remote: bool = False
     tls_cert: str = ""
     tls_key: str = ""
+    # Where async runs that need a missing capability are handed off (POST /continue).
     runner_url: str = ""
+    # Per-workspace runner URLs (one runner per tenant); they override runner_url.
+    runner_urls: dict[str, str] = {}
     runner_secret: SecretStr = SecretStr("")
+    runner_timeout_s: float = Field(5.0, gt=0, le=60)
     capabilities_subprocess: bool = True
     max_turns: int = Field(50, ge=1, le=100_000)
     lease_ttl_s: float = Field(30.0, gt=0)

@@ -18,14 +18,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine_service._actor import RunActor, RunEnv
+import httpx
+
+from engine_service._actor import RunActor, RunEnv, RunnerUnreachable
 from engine_service._config import EngineConfig
 from engine_service._errors import EngineError, ErrorKind, aborted, invalid, not_found, precondition
 from engine_service._ids import check_id, new_id
 from engine_service._run import PENDING, READY, RESOLVED, PendingCall, RunRecord, RunSpec, ScriptedTurn
 from engine_service._storage import Storage
-from engine_service._tools import ASK_USER, Tool, ToolArgumentError, ToolRegistry, client_tool, render_result
-from engine_service._types import Event, InterruptKind, JsonObject, Message, Permission, Principal, RunState
+from engine_service._tools import (
+    ASK_USER,
+    Tool,
+    ToolArgumentError,
+    ToolRegistry,
+    capability_stub,
+    client_tool,
+    render_result,
+)
+from engine_service._types import (
+    Event,
+    InterruptKind,
+    JsonObject,
+    Message,
+    PauseReason,
+    Permission,
+    Principal,
+    RunState,
+)
 from engine_service.models import ModelAdapter, RetryPolicy, ScriptedModel
 from engine_service.tools import (
     BASH,
@@ -91,6 +110,7 @@ class Engine:
         self._changes: dict[tuple[str, str], asyncio.Event] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._http: httpx.AsyncClient | None = None
         self._default_provider, self._default_model = resolve_default_model(config)
         self._default_script = (
             load_script_file(config.model.script_file) if config.model.script_file else None
@@ -103,7 +123,12 @@ class Engine:
     # -- starting runs ---------------------------------------------------------------
 
     async def create_run(
-        self, principal: Principal, spec: RunSpec, client_tools: Sequence[ClientToolDef] = ()
+        self,
+        principal: Principal,
+        spec: RunSpec,
+        client_tools: Sequence[ClientToolDef] = (),
+        *,
+        mode: str = "async",
     ) -> tuple[RunRecord, bool]:
         """Start a run in the background. Returns (run, created); idempotent on run_id/request_id."""
         self._check_open()
@@ -150,6 +175,7 @@ class Engine:
                 request_id=spec.request_id,
                 labels=dict(spec.labels),
                 deadline_at=now + spec.timeout_ms / 1000 if spec.timeout_ms else 0.0,
+                mode=mode,
             )
             record.meta.model = f"{provider}:{model_name}"
             spec_doc = spec.to_json()
@@ -162,7 +188,9 @@ class Engine:
                     "ERR_CONCURRENT_UPDATE", f"run {run_id!r} was created concurrently", run_id=run_id
                 )
             transcript = [Message("user", spec.task)]
-            actor = RunActor(record, spec, transcript, self._env(ws, spec, spec_doc, provider, model_name))
+            actor = RunActor(
+                record, spec, transcript, self._env(ws, spec, spec_doc, provider, model_name, mode)
+            )
             if not await actor.take_over():
                 raise aborted(
                     "ERR_CONCURRENT_UPDATE", f"run {run_id!r} is held by another process", run_id=run_id
@@ -271,7 +299,9 @@ class Engine:
         name = spec.model_name or (self._default_model if provider == self._default_provider else "")
         return provider, name or default_model_name(provider)
 
-    def _env(self, ws: str, spec: RunSpec, spec_doc: JsonObject, provider: str, model_name: str) -> RunEnv:
+    def _env(
+        self, ws: str, spec: RunSpec, spec_doc: JsonObject, provider: str, model_name: str, mode: str
+    ) -> RunEnv:
         cfg = self.config
         tools: dict[str, Tool] = {}
         enabled = set(cfg.tools.enabled) if cfg.tools.enabled is not None else None
@@ -280,9 +310,9 @@ class Engine:
                 continue
             tool = self.tools.get(name)
             assert tool is not None
-            if not tool.capabilities <= self._capabilities:
-                continue  # the runner work replaces these with capability stubs
-            tools[name] = tool
+            missing = tool.capabilities - self._capabilities
+            # A tool this host cannot run stays visible to the model as a stub (SPEC §5).
+            tools[name] = capability_stub(tool, missing) if missing else tool
         for t in spec_doc.get("client_tools", ()):
             tools[t["name"]] = client_tool(t["name"], t["description"], t["input_schema"])
         if spec.tools is not None:
@@ -311,6 +341,7 @@ class Engine:
             lease_ttl=cfg.lease_ttl_s,
             workdir=Path(cfg.workdir_root).resolve() / ws / spec.run_id,
             max_result_chars=cfg.tools.max_result_chars,
+            handoff=self._post_to_runner if mode == "async" and self._runner_url(ws) else None,
             clock=self._clock,
         )
 
@@ -500,9 +531,9 @@ class Engine:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         if request_id:
             check_id(request_id, "request_id")
-        if not decisions:
-            raise invalid("ERR_INVALID_DECISION", "resume needs at least one decision", field="decisions")
         async with self._lock(key):
+            if not decisions:
+                return await self._retry_handoff(principal, key)
             if request_id:
                 current = await self.get_run(principal, run_id)
                 if request_id in current.resume_requests:
@@ -543,6 +574,26 @@ class Engine:
                 return record
             self._start(actor, resumed_by=principal.identity)
             return record
+
+    async def _retry_handoff(self, principal: Principal, key: tuple[str, str]) -> RunRecord:
+        """A resume without decisions retries a handoff that failed, from the same checkpoint."""
+        if key in self._active:
+            raise precondition("ERR_RUN_NOT_PAUSED", f"run {key[1]!r} is running", run_id=key[1], state="RUNNING")
+        record = await self._load(key)
+        if (
+            record.state is not RunState.FAILED
+            or record.error is None
+            or record.error.code != "ERR_RUNNER_UNREACHABLE"
+        ):
+            raise invalid("ERR_INVALID_DECISION", "resume needs at least one decision", field="decisions")
+        actor = await self._actor_for(record)
+        if not await actor.take_over():
+            raise aborted(
+                "ERR_CONCURRENT_UPDATE", f"run {key[1]!r} is being moved by another process", run_id=key[1]
+            )
+        record.error = None
+        self._start(actor, resumed_by=principal.identity)
+        return record
 
     def _apply_decisions(
         self, actor: RunActor, decisions: list[Decision]
@@ -611,7 +662,9 @@ class Engine:
         docs = await self.storage.read_segments(ws, run_id, "transcript", 0, record.transcript_len)
         transcript = [Message.from_json(d) for d in docs]
         provider, _, model_name = record.meta.model.partition(":")
-        return RunActor(record, spec, transcript, self._env(ws, spec, spec_doc, provider, model_name))
+        return RunActor(
+            record, spec, transcript, self._env(ws, spec, spec_doc, provider, model_name, record.mode)
+        )
 
     async def cancel_run(self, principal: Principal, run_id: str, reason: str = "") -> RunRecord:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
@@ -647,6 +700,64 @@ class Engine:
             actor.cancel_reason = reason
             await actor.cancel_now()
             self._notify(key)
+            return record
+
+    # -- runner handoff ---------------------------------------------------------------------
+
+    def _runner_url(self, ws: str) -> str:
+        return self.config.runner_urls.get(ws, self.config.runner_url)
+
+    async def _post_to_runner(self, ws: str, run_id: str) -> None:
+        """POST ``{"runId": ...}`` to the workspace's runner; RunnerUnreachable unless it answers 2xx."""
+        url = self._runner_url(ws)
+        secret = self.config.runner_secret.get_secret_value()
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.config.runner_timeout_s, connect=2.0))
+        try:
+            response = await self._http.post(
+                url,
+                json={"runId": run_id, "workspaceId": ws},
+                headers={"Authorization": f"Bearer {secret}"} if secret else {},
+            )
+        except httpx.HTTPError as exc:
+            # The exception text can carry the request; only its kind is reported.
+            log.warning(
+                "runner handoff of %s failed: %s", run_id, type(exc).__name__, extra={"run_id": run_id}
+            )
+            raise RunnerUnreachable(f"{type(exc).__name__} posting to the runner") from None
+        if not 200 <= response.status_code < 300:
+            log.warning(
+                "runner refused %s with HTTP %d", run_id, response.status_code, extra={"run_id": run_id}
+            )
+            raise RunnerUnreachable(f"the runner answered HTTP {response.status_code}")
+        log.info("run %s handed off to the runner", run_id, extra={"run_id": run_id})
+
+    async def continue_handoff(self, principal: Principal, run_id: str) -> RunRecord:
+        """Runner side: take a run paused HANDOFF_TO_RUNNER and continue it with this host's tools."""
+        self._check_open()
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        async with self._lock(key):
+            if key in self._active:
+                raise precondition(
+                    "ERR_RUN_NOT_HANDED_OFF", f"run {run_id!r} is already running here", run_id=run_id
+                )
+            record = await self._load(key)
+            if (
+                record.state is not RunState.PAUSED
+                or record.pause_reason is not PauseReason.HANDOFF_TO_RUNNER
+            ):
+                raise precondition(
+                    "ERR_RUN_NOT_HANDED_OFF",
+                    f"run {run_id!r} is not waiting for a runner",
+                    run_id=run_id,
+                    state=record.state.value,
+                )
+            actor = await self._actor_for(record)
+            if not await actor.take_over():
+                raise aborted(
+                    "ERR_CONCURRENT_UPDATE", f"run {run_id!r} is held by another process", run_id=run_id
+                )
+            self._start(actor, resumed_by=principal.identity)
             return record
 
     # -- approval expiry ----------------------------------------------------------------
@@ -742,6 +853,8 @@ class Engine:
                 await asyncio.wait(still, timeout=5)
         for task in list(self._background):
             task.cancel()
+        if self._http is not None:
+            await self._http.aclose()
         await self.storage.close()
 
 

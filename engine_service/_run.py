@@ -271,6 +271,8 @@ class RunRecord:
     deadline_at: float = 0.0
     # request_ids of the latest resumes, so a retried ResumeRun is answered, not refused.
     resume_requests: list[str] = field(default_factory=list)
+    # "sync" (ExecuteRun: a caller is streaming it) or "async" (CreateRun): only async runs hand off.
+    mode: str = "async"
 
     @property
     def interrupts(self) -> list[Interrupt]:
@@ -296,6 +298,7 @@ class RunRecord:
             "repair_used": self.repair_used,
             "deadline_at": self.deadline_at,
             "resume_requests": self.resume_requests,
+            "mode": self.mode,
         }
 
     @classmethod
@@ -321,4 +324,5 @@ class RunRecord:
             repair_used=doc.get("repair_used", False),
             deadline_at=doc.get("deadline_at", 0.0),
             resume_requests=list(doc.get("resume_requests", [])),
+            mode=doc.get("mode", "async"),
         )

@@ -79,6 +79,8 @@ class Tool:
     capabilities: frozenset[str] = frozenset()
     # Safe to run again after a crash interrupted it.
     idempotent: bool = False
+    # Set on a capability stub: the capabilities this host lacks for the real tool.
+    missing: frozenset[str] = frozenset()
     _validator: Any = field(default=None, repr=False)
 
     def spec(self) -> ToolSpec:
@@ -215,6 +217,26 @@ ASK_USER = Tool(
     },
     interrupt_kind=InterruptKind.INPUT,
 )
+
+
+def capability_stub(real: Tool, missing: frozenset[str]) -> Tool:
+    """Same name, description and schema as ``real`` (the model still sees it), but it cannot run here."""
+    return Tool(
+        real.name, real.description, real.input_schema, missing=missing, capabilities=real.capabilities
+    )
+
+
+def capability_error(name: str, missing: frozenset[str]) -> str:
+    """The structured error a stub returns when the run cannot be handed to a runner."""
+    return json.dumps(
+        {
+            "error": "capability_missing",
+            "tool": name,
+            "missing": sorted(missing),
+            "message": f"{name} cannot run on this host (it lacks {', '.join(sorted(missing))}). "
+            "Answer without it, or say what you would have run.",
+        }
+    )
 
 
 def client_tool(name: str, description: str, input_schema: JsonObject) -> Tool:

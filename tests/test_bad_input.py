@@ -148,7 +148,7 @@ BAD_REQUESTS = [
         grpc.StatusCode.NOT_FOUND,
         "ERR_RUN_NOT_FOUND",
     ),
-    ("ResumeRun", svc.ResumeRunRequest(run_id="x"), grpc.StatusCode.INVALID_ARGUMENT, "ERR_INVALID_DECISION"),
+    ("ResumeRun", svc.ResumeRunRequest(run_id="x"), grpc.StatusCode.NOT_FOUND, "ERR_RUN_NOT_FOUND"),
     (
         "ListRuns",
         svc.ListRunsRequest(page_size=5000),
@@ -283,3 +283,13 @@ async def test_unauthenticated_and_wrong_key(servers: Any) -> None:
         with pytest.raises(UnauthenticatedError) as caught:
             await wrong.get_run("x")
         assert "wrong-key-999" not in str(caught.value)
+
+
+async def test_resume_without_decisions(client: AsyncEngineClient) -> None:
+    handle = await client.create("d", model="scripted", script=DOUBLE)
+    await handle.wait(timeout=10)
+    with pytest.raises(ValueError, match="at least one decision"):
+        await handle.resume([])
+    # On the wire, no decisions means "retry the runner handoff", which needs a run that failed it.
+    with pytest.raises(InvalidDecisionError):
+        await handle.retry_handoff()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import threading
@@ -259,15 +260,18 @@ async def test_bash_huge_and_non_utf8_output(client: AsyncEngineClient) -> None:
     assert "ok\ufffd\ufffd" in binary.output
 
 
-async def test_bash_is_absent_without_the_subprocess_capability(servers: ServerFactory) -> None:
+async def test_without_subprocess_bash_is_a_stub_and_sync_runs_degrade(servers: ServerFactory) -> None:
     srv = await servers.start(config={"capabilities_subprocess": False})
     async with AsyncEngineClient(f"127.0.0.1:{srv.port}") as c:
         run = await c.execute(
-            "x", model="scripted", script=[turn("", ("Bash", {"command": "echo hi"})), turn("done")]
+            "x", model="scripted", script=[turn("", ("Bash", {"command": "echo hi"})), turn("I could not run it.")]
         ).result()
     assert run.state == "DONE"
+    assert run.meta.capabilities_missing == ["Bash"]
     docs = await srv.engine.storage.read_segments("default", run.run_id, "transcript", 0, 10)
-    assert "Unknown tool 'Bash'" in docs[2]["text"]
+    error = json.loads(docs[2]["text"])
+    assert docs[2]["is_error"] is True
+    assert (error["error"], error["tool"], error["missing"]) == ("capability_missing", "Bash", ["subprocess"])
 
 
 # -- large results -----------------------------------------------------------------------
