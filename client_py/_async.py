@@ -266,7 +266,10 @@ class AsyncEngineClient:
                         event = event_from_proto(proto)
                         last, failures = event.seq, 0
                         yield event
-                        if isinstance(event, RunFinished) or (until_pause and isinstance(event, Paused)):
+                        # Without follow the server ends the stream after what exists now:
+                        # a run retried after failing has more events past its first end.
+                        ended = follow and isinstance(event, RunFinished)
+                        if ended or (until_pause and isinstance(event, Paused)):
                             return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != _UNAVAILABLE or failures >= self._max_retries:

@@ -9,13 +9,11 @@ import signal
 import sys
 from pathlib import Path
 
+from engine_service._bootstrap import build_engine
 from engine_service._config import ConfigError, EngineConfig, is_loopback, load_api_keys, load_config
-from engine_service._engine import Engine, builtin_tools
 from engine_service._errors import EngineError
 from engine_service._logging import setup_logging
 from engine_service._server import start_server
-from engine_service._storage import open_storage
-from engine_service._tools import ToolRegistry, load_tool
 from engine_service._types import Principal
 
 log = logging.getLogger("machina.engine")
@@ -86,13 +84,6 @@ def build_config(ns: argparse.Namespace) -> EngineConfig:
             "model": model or None,
         },
     )
-
-
-def build_engine(config: EngineConfig) -> Engine:
-    tools = ToolRegistry(builtin_tools(config))
-    for path in config.tools.custom:
-        tools.register(load_tool(path))
-    return Engine(config, open_storage(config.storage, fsync=config.fsync), tools=tools)
 
 
 def check_security(config: EngineConfig) -> tuple[dict[str, Principal] | None, tuple[bytes, bytes] | None]:

@@ -13,7 +13,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -95,13 +95,17 @@ class EngineConfig(_Section):
         return value
 
 
+ConfigT = TypeVar("ConfigT", bound=EngineConfig)
+
+
 def load_config(
     path: str | None = None,
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
-) -> EngineConfig:
-    """Merge file, environment and flag overrides into a validated EngineConfig."""
+    cls: type[ConfigT] = EngineConfig,  # type: ignore[assignment]  # the default is the bound itself
+) -> ConfigT:
+    """Merge file, environment and flag overrides into a validated config (EngineConfig or a subclass)."""
     data: dict[str, Any] = {}
     if path:
         try:
@@ -110,10 +114,10 @@ def load_config(
             raise ConfigError(f"config file {path!r} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
-    _merge(data, _from_env(os.environ if env is None else env))
+    _merge(data, _from_env(os.environ if env is None else env, cls))
     _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
     try:
-        return EngineConfig.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from None
@@ -123,10 +127,10 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message says which setting and why."""
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+def _from_env(env: Mapping[str, str], cls: type[EngineConfig]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     sections: dict[str, type[BaseModel]] = {"model": ModelConfig, "tools": ToolsConfig}
-    for name, field in EngineConfig.model_fields.items():
+    for name, field in cls.model_fields.items():
         if name in sections:
             section: dict[str, Any] = {}
             for sub, sub_field in sections[name].model_fields.items():

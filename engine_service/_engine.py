@@ -63,7 +63,7 @@ log = logging.getLogger("machina.engine")
 
 MAX_TASK_CHARS = 200_000
 MAX_SCRIPT_TURNS = 100_000
-_POLL_S = 0.2  # how often watchers re-read storage for runs moved by another process
+_POLL_S = 0.025  # how often watchers re-read storage for runs another process moves (state.json is tiny)
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,7 +437,7 @@ class Engine:
                     async with asyncio.timeout(remaining):
                         await asyncio.shield(actor.task)
             else:
-                await self._wait_change(key, min(_POLL_S, remaining))
+                await self._wait_change(key, min(_poll_interval(record), remaining))
             record = await self.get_run(principal, run_id)
 
     async def stream_events(
@@ -488,7 +488,7 @@ class Engine:
             stop = record.state.terminal or (until_pause and record.state is RunState.PAUSED)
             if stop or not (follow or until_pause):
                 return
-            await self._wait_change(key, _POLL_S)
+            await self._wait_change(key, _poll_interval(record))
 
     async def _wait_change(self, key: tuple[str, str], timeout: float) -> None:
         """Wait until this process moves the run again (or ``timeout``, for other processes)."""
@@ -578,7 +578,9 @@ class Engine:
     async def _retry_handoff(self, principal: Principal, key: tuple[str, str]) -> RunRecord:
         """A resume without decisions retries a handoff that failed, from the same checkpoint."""
         if key in self._active:
-            raise precondition("ERR_RUN_NOT_PAUSED", f"run {key[1]!r} is running", run_id=key[1], state="RUNNING")
+            raise precondition(
+                "ERR_RUN_NOT_PAUSED", f"run {key[1]!r} is running", run_id=key[1], state="RUNNING"
+            )
         record = await self._load(key)
         if (
             record.state is not RunState.FAILED
@@ -856,6 +858,13 @@ class Engine:
         if self._http is not None:
             await self._http.aclose()
         await self.storage.close()
+
+
+def _poll_interval(record: RunRecord) -> float:
+    """How soon to re-read a run this process is not moving: fast while another process
+    (a runner, a replica) is likely moving it, slowly while it waits for a person."""
+    moving = record.state in (RunState.QUEUED, RunState.RUNNING)
+    return _POLL_S if moving or record.pause_reason is PauseReason.HANDOFF_TO_RUNNER else 0.5
 
 
 def builtin_tools(config: EngineConfig) -> list[Tool]:

@@ -151,7 +151,7 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
         try:
             principal = self._principal(context)
             spec, client_tools = spec_from_proto(request.spec)
-            record, _ = await self._engine.create_run(principal, spec, client_tools)
+            record, _ = await self._engine.create_run(principal, spec, client_tools, mode="sync")
             async for batch in self._engine.stream_events(principal, record.run_id, until_pause=True):
                 yield svc.ExecuteRunResponse(events=[event_to_proto(record.run_id, e) for e in batch])
             final = await self._engine.get_run(principal, record.run_id)

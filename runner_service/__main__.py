@@ -1,19 +1,124 @@
-"""``python -m runner_service``: not implemented yet (see the package docstring)."""
+"""``python -m runner_service``: continue handed-off runs (gRPC RunnerService + HTTP /continue shim)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import logging
+import signal
 import sys
+from pathlib import Path
+
+import uvicorn
+
+from engine_service._bootstrap import build_engine
+from engine_service._config import ConfigError, load_config
+from engine_service._errors import EngineError
+from engine_service._logging import setup_logging
+from runner_service._config import RunnerConfig
+from runner_service._grpc import start_grpc
+from runner_service._http import build_app
+from runner_service._runner import Runner
+
+log = logging.getLogger("machina.runner")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m runner_service",
+        description="Machina runner: continues runs that an engine without a capability (e.g. subprocess) "
+        "handed off, with the real tools, over the same storage. Settings come from flags, "
+        "MACHINA_<NAME> environment variables (MACHINA_RUNNER_SECRET is required) or a TOML --config.",
+    )
+    parser.add_argument("--config", help="TOML config file (the engine's settings plus runner_* keys)")
+    parser.add_argument("--listen", help="gRPC address HOST:PORT (default 127.0.0.1:50052)")
+    parser.add_argument("--http-listen", help="HTTP shim address HOST:PORT (default 127.0.0.1:8080)")
+    parser.add_argument("--storage", help="the engine's storage: file:///abs/dir or a path")
+    parser.add_argument("--workspace", help="workspace of runs whose request names none (default 'default')")
+    parser.add_argument("--log-format", choices=["auto", "json", "text"])
+    parser.add_argument("--port-file", help='write {"grpc": port, "http": port} here once serving')
+    return parser.parse_args(argv)
+
+
+def build_config(ns: argparse.Namespace) -> RunnerConfig:
+    config = load_config(
+        ns.config,
+        cls=RunnerConfig,
+        overrides={
+            "runner_listen": ns.listen,
+            "runner_http_listen": ns.http_listen,
+            "storage": ns.storage,
+            "runner_workspace": ns.workspace,
+            "log_format": ns.log_format,
+        },
+    )
+    if not config.runner_secret.get_secret_value():
+        raise ConfigError("MACHINA_RUNNER_SECRET is required: the engine and the runner share it")
+    # The runner has the real tools and never hands a run on (SPEC §5).
+    return config.model_copy(update={"runner_url": "", "runner_urls": {}})
+
+
+async def serve(config: RunnerConfig, port_file: str | None) -> None:
+    runner = Runner(build_engine(config), config.runner_secret.get_secret_value(), config.runner_workspace)
+    server, grpc_port, health = await start_grpc(runner, config.runner_listen)
+    host, _, port = config.runner_http_listen.rpartition(":")
+    http = uvicorn.Server(
+        uvicorn.Config(
+            build_app(runner, config.runner_max_body_bytes),
+            host=host,
+            port=int(port),
+            log_config=None,
+            access_log=False,
+            timeout_keep_alive=5,
+            limit_concurrency=256,
+            lifespan="off",
+        )
+    )
+    http_task = asyncio.create_task(http.serve())
+    while not http.started:
+        if http_task.done():
+            await http_task
+            raise ConfigError(f"cannot serve HTTP on {config.runner_http_listen}")
+        await asyncio.sleep(0.01)
+    http_port = http.servers[0].sockets[0].getsockname()[1]
+    log.info(
+        "runner serving gRPC on %s:%d and HTTP on %s:%d",
+        config.runner_listen.rpartition(":")[0],
+        grpc_port,
+        host,
+        http_port,
+        extra={"grpc_port": grpc_port, "http_port": http_port},
+    )
+    if port_file:
+        await asyncio.to_thread(
+            Path(port_file).write_text, json.dumps({"grpc": grpc_port, "http": http_port})
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: health NOT_SERVING, draining")
+    await health.enter_graceful_shutdown()
+    runner.accepting = False
+    http.should_exit = True
+    stopping = asyncio.ensure_future(server.stop(config.shutdown_grace_s))
+    await runner.close(config.shutdown_grace_s)
+    await asyncio.gather(stopping, http_task)
+    log.info("runner stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m runner_service",
-        description="Machina runner (gRPC RunnerService + HTTP /continue shim). Not implemented yet.",
-    )
-    parser.parse_args(argv)
-    print("runner_service is not implemented yet; only the engine runs today", file=sys.stderr)
-    return 2
+    ns = parse_args(argv)
+    try:
+        config = build_config(ns)
+        setup_logging(config.log_format, config.log_level)
+        asyncio.run(serve(config, ns.port_file))
+    except (ConfigError, EngineError) as exc:
+        print(f"runner_service: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -263,9 +263,8 @@ async def test_bash_huge_and_non_utf8_output(client: AsyncEngineClient) -> None:
 async def test_without_subprocess_bash_is_a_stub_and_sync_runs_degrade(servers: ServerFactory) -> None:
     srv = await servers.start(config={"capabilities_subprocess": False})
     async with AsyncEngineClient(f"127.0.0.1:{srv.port}") as c:
-        run = await c.execute(
-            "x", model="scripted", script=[turn("", ("Bash", {"command": "echo hi"})), turn("I could not run it.")]
-        ).result()
+        script = [turn("", ("Bash", {"command": "echo hi"})), turn("I could not run it.")]
+        run = await c.execute("x", model="scripted", script=script).result()
     assert run.state == "DONE"
     assert run.meta.capabilities_missing == ["Bash"]
     docs = await srv.engine.storage.read_segments("default", run.run_id, "transcript", 0, 10)

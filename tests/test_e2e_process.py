@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,49 +16,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client_py import EngineClient
 from tests.conftest import ROOT, turn
+from tests.processes import EngineProcess
 
 pytestmark = pytest.mark.slow
-
-
-class EngineProcess:
-    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port_file = tmp / "port"
-        self.log = tmp / "engine.log"
-        self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "engine_service",
-                "--listen",
-                "127.0.0.1:0",
-                "--storage",
-                str(tmp / "data"),
-                "--port-file",
-                str(self.port_file),
-                *args,
-            ],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log_file,
-            env={**os.environ, **(env or {})},
-        )
-        deadline = time.monotonic() + 20
-        while not (self.port_file.exists() and self.port_file.read_text()):
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, "engine did not start"
-            time.sleep(0.02)
-        self.target = f"127.0.0.1:{self.port_file.read_text()}"
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=20)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log_file.close()
 
 
 @pytest.fixture
@@ -69,6 +27,8 @@ def engine(tmp_path: Path) -> Iterator[EngineProcess]:
     keys.write_text('"sk-test-secret-value-0001" = { workspace = "team-a", name = "alice" }\n')
     process = EngineProcess(
         tmp_path,
+        "--storage",
+        str(tmp_path / "data"),
         "--api-keys-file",
         str(keys),
         env={"MACHINA_TOOLS_CUSTOM": "tests.tools:double", "MACHINA_TOOLS_PERMISSIONS": "double=ask"},

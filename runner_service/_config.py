@@ -1,0 +1,28 @@
+"""Runner configuration: the engine's settings plus where the runner listens."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from engine_service import EngineConfig
+
+
+class RunnerConfig(EngineConfig):
+    """EngineConfig (same storage, workdirs and model settings as the engine) plus the runner's own."""
+
+    # gRPC RunnerService (MACHINA_RUNNER_LISTEN / --listen).
+    runner_listen: str = "127.0.0.1:50052"
+    # HTTP shim with POST /continue and GET /health (MACHINA_RUNNER_HTTP_LISTEN / --http-listen).
+    runner_http_listen: str = "127.0.0.1:8080"
+    # The workspace whose runs this runner continues when a request does not name one.
+    runner_workspace: str = "default"
+    # Largest /continue body accepted.
+    runner_max_body_bytes: int = Field(4096, ge=64, le=1 << 20)
+
+    @field_validator("runner_listen", "runner_http_listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"address {value!r} must look like HOST:PORT")
+        return value

@@ -1,0 +1,53 @@
+"""The HTTP shim of the runner contract: ``POST /continue`` and ``GET /health``."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from runner_service._runner import Rejected, Runner
+
+
+def build_app(runner: Runner, max_body_bytes: int) -> Starlette:
+    async def read_capped(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > max_body_bytes):
+            raise Rejected(400, "ERR_BODY_TOO_LARGE", f"the body must be at most {max_body_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise Rejected(400, "ERR_BODY_TOO_LARGE", f"the body must be at most {max_body_bytes} bytes")
+        return bytes(body)
+
+    async def continue_run(request: Request) -> Response:
+        try:
+            runner.check_bearer(request.headers.get("authorization"))
+            raw = await read_capped(request)
+            try:
+                doc = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                raise Rejected(
+                    400, "ERR_INVALID_REQUEST", 'the body must be JSON like {"runId": "..."}'
+                ) from None
+            if not isinstance(doc, dict) or "runId" not in doc:
+                raise Rejected(400, "ERR_INVALID_REQUEST", 'the body must be a JSON object with "runId"')
+            run_id = await runner.accept(doc["runId"], doc.get("workspaceId"))
+        except Rejected as rejected:
+            return JSONResponse(
+                {"error": rejected.code, "message": rejected.message}, status_code=rejected.status
+            )
+        return JSONResponse({"accepted": True, "runId": run_id}, status_code=202)
+
+    async def health(request: Request) -> Response:
+        if not runner.accepting:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(
+        routes=[Route("/continue", continue_run, methods=["POST"]), Route("/health", health, methods=["GET"])]
+    )
