@@ -1,13 +1,17 @@
-"""``python -m demo``: start a real engine process and run a task end to end.
+"""``python -m demo``: a real engine and a real runner process, one task end to end.
 
-Offline (no API key) the model is the scripted one; with ANTHROPIC_API_KEY or
-OPENAI_API_KEY set, the same demo drives the real model.
+The engine runs without the ``subprocess`` capability (like a sandboxed host),
+so the task's Bash step is handed to the runner, which continues the run over
+the same storage; the client sees the whole run in one event stream from the
+engine. Offline (no API key) the model is the scripted one; with
+ANTHROPIC_API_KEY or OPENAI_API_KEY set, the same demo drives the real model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,9 +23,10 @@ from typing import Any
 from client_py import EngineClient, RunEvent
 
 ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "demo" / "engine.toml"
 TASK = (
-    "Check today's weather in Paris, then email alice@example.com a one-line forecast "
-    "(subject 'Paris weather'). Tell me what you did."
+    "Check today's weather in Paris, save a one-line forecast to forecast.txt with Bash, then email "
+    "alice@example.com that forecast (subject 'Paris weather'). Tell me what you did."
 )
 SCRIPT: list[dict[str, Any]] = [
     {
@@ -29,19 +34,28 @@ SCRIPT: list[dict[str, Any]] = [
         "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}],
     },
     {
-        "text": "Got it. Now I'll email Alice the forecast.",
+        "text": "Sunny and 21°C. I'll save the forecast with Bash.",
+        "tool_calls": [
+            {
+                "name": "Bash",
+                "arguments": {"command": "echo 'Paris: sunny, 21°C' > forecast.txt && cat forecast.txt"},
+            }
+        ],
+    },
+    {
+        "text": "Saved. Now I'll email Alice the forecast.",
         "tool_calls": [
             {
                 "name": "send_email",
                 "arguments": {
                     "to": "alice@example.com",
                     "subject": "Paris weather",
-                    "body": "Paris today: sunny, 21°C.",
+                    "body": "Paris: sunny, 21°C",
                 },
             }
         ],
     },
-    {"text": "Done: I checked the Paris weather and emailed Alice a one-line forecast."},
+    {"text": "Done: I checked the Paris weather, saved it to forecast.txt and emailed Alice the forecast."},
 ]
 
 BOLD, DIM, GREEN, YELLOW, CYAN, RESET = (
@@ -55,31 +69,33 @@ def say(line: str = "") -> None:
     print(line, flush=True)
 
 
-def start_engine(storage: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port_file = storage / "engine.port"
-    cmd = [
-        sys.executable,
-        "-m",
-        "engine_service",
-        "--listen",
-        "127.0.0.1:0",
-        "--storage",
-        str(storage),
-        "--config",
-        str(ROOT / "demo" / "engine.toml"),
-        "--port-file",
-        str(port_file),
-        "--log-format",
-        "json",
-    ]
-    log = open(storage / "engine.log", "wb")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while not port_file.exists() or not port_file.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the engine did not start; see {storage / 'engine.log'}")
-        time.sleep(0.02)
-    return proc, f"127.0.0.1:{port_file.read_text()}"
+class Service:
+    """A ``python -m`` service process that writes its port(s) to a file once serving."""
+
+    def __init__(self, module: str, work: Path, args: list[str], env: dict[str, str]) -> None:
+        self.port_file = work / f"{module}.port"
+        self.log_path = work / f"{module}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--port-file", str(self.port_file), "--log-format", "json", *args],
+            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not (self.port_file.exists() and self.port_file.read_text()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{module} did not start; see {self.log_path}")
+            time.sleep(0.02)
+        self.ports = self.port_file.read_text()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            self._log.close()
 
 
 def show(event: RunEvent, state: dict[str, bool]) -> None:
@@ -97,65 +113,67 @@ def show(event: RunEvent, state: dict[str, bool]) -> None:
         say(f"{DIM}▸ run started on model {event.model}{RESET}")  # type: ignore[attr-defined]
     elif kind == "tool_call_started":
         call = event.call  # type: ignore[attr-defined]
-        say(f"{YELLOW}⚙ {call.tool_name}{RESET} {json.dumps(call.arguments)}")
+        say(f"{YELLOW}⚙ {call.tool_name}{RESET} {json.dumps(call.arguments, ensure_ascii=False)}")
     elif kind == "tool_call_completed":
         mark = "✖" if event.is_error else "✔"  # type: ignore[attr-defined]
-        say(f"  {mark} {event.output}")  # type: ignore[attr-defined]
+        say(f"  {mark} {event.output.strip()}")  # type: ignore[attr-defined]
+    elif kind == "handoff_to_runner":
+        say(f"{BOLD}⇢ handed off to the runner{RESET} (this engine cannot run {', '.join(event.tools)})")  # type: ignore[attr-defined]
     elif kind == "approval_requested":
-        interrupt = event.interrupt  # type: ignore[attr-defined]
-        say(f"{BOLD}⏸ approval needed:{RESET} {interrupt.description}")
+        say(f"{BOLD}⏸ approval needed:{RESET} {event.interrupt.description}")  # type: ignore[attr-defined]
     elif kind == "approval_decided":
         say(f"{GREEN}✔ {event.decision}{RESET} by {event.decided_by}")  # type: ignore[attr-defined]
     elif kind == "resumed":
-        say(f"{DIM}▸ resumed{RESET}")
+        say(f"{DIM}▸ resumed by {event.resumed_by}{RESET}")  # type: ignore[attr-defined]
     elif kind == "run_finished":
         say(f"{DIM}▸ run finished: {event.state}{RESET}")  # type: ignore[attr-defined]
 
 
 def main() -> int:
     real_model = bool(os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("OPENAI_API_KEY"))
-    storage = Path(tempfile.mkdtemp(prefix="machina-demo-"))
-    say(f"{BOLD}Machina demo{RESET} — engine process, storage {storage}")
-    proc, target = start_engine(storage)
-    say(f"{DIM}engine serving on {target} (pid {proc.pid}){RESET}")
+    work = Path(tempfile.mkdtemp(prefix="machina-demo-"))
+    shared = {
+        "MACHINA_STORAGE": str(work / "storage"),
+        "MACHINA_WORKDIR_ROOT": str(work / "workdirs"),
+        "MACHINA_RUNNER_SECRET": secrets.token_urlsafe(24),
+    }
+    say(f"{BOLD}Machina demo{RESET} — engine + runner processes, storage {work}")
+    runner = Service("runner_service", work, ["--config", str(CONFIG), "--listen", "127.0.0.1:0",
+                                              "--http-listen", "127.0.0.1:0"], shared)  # fmt: skip
+    http_port = json.loads(runner.ports)["http"]
+    engine = Service(
+        "engine_service",
+        work,
+        ["--config", str(CONFIG), "--listen", "127.0.0.1:0", "--capabilities-subprocess", "false"],
+        {**shared, "MACHINA_RUNNER_URL": f"http://127.0.0.1:{http_port}/continue"},
+    )
+    target = f"127.0.0.1:{engine.ports}"
+    say(f"{DIM}engine on {target} (no subprocess capability), runner on http://127.0.0.1:{http_port}{RESET}")
     try:
         with EngineClient(target) as client:
             say(f"{BOLD}task:{RESET} {TASK}")
             options: dict[str, Any] = {} if real_model else {"model": "scripted", "script": SCRIPT}
+            handle = client.create(TASK, **options)
             state: dict[str, bool] = {}
-            execution = client.execute(TASK, **options)
-            for event in execution:
+            for event in handle.events(follow=True):
                 show(event, state)
-            run = execution.run
-            assert run is not None
-            while run.state == "PAUSED":
-                handle = client.attach(run.run_id)
-                for interrupt in run.interrupts:
+                if event.kind == "approval_requested":
+                    interrupt = event.interrupt  # type: ignore[attr-defined]
                     say(f"{GREEN}→ approving{RESET} {interrupt.tool_name} ({interrupt.interrupt_id})")
                     handle.approve(interrupt.interrupt_id)
-                for event in handle.events(after_seq=run.last_seq, follow=True):
-                    show(event, state)
-                    if event.kind in ("paused", "run_finished"):
-                        break
-                run = handle.wait(timeout=60)
+            run = handle.wait(timeout=60)
             say()
             say(f"{BOLD}final state:{RESET} {run.state}")
             if run.state == "DONE":
                 say(f"{BOLD}answer:{RESET} {run.data}")
             elif run.error is not None:
                 say(f"{BOLD}error:{RESET} {run.error.code}: {run.error.message}")
-            usage = run.meta.usage
-            tokens = f"{usage.input_tokens} in / {usage.output_tokens} out"
+            tokens = f"{run.meta.usage.input_tokens} in / {run.meta.usage.output_tokens} out"
             say(f"{DIM}turns {run.meta.turns}, tokens {tokens}{RESET}")
             return 0 if run.state == "DONE" else 1
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=15)
-            say(f"{DIM}engine stopped gracefully (exit {code}){RESET}")
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            say("engine did not stop in time; killed")
+        codes = (engine.stop(), runner.stop())
+        say(f"{DIM}engine and runner stopped gracefully (exit {codes[0]}, {codes[1]}){RESET}")
 
 
 if __name__ == "__main__":

@@ -120,10 +120,13 @@ def test_the_demo_runs_end_to_end() -> None:
     for expected in (
         "model:",
         "get_weather",
+        "handed off to the runner",
+        "resumed by runner",
+        "Paris: sunny, 21°C",
         "approval needed",
         "approving send_email",
         "queued message",
         "final state: DONE",
-        "engine stopped gracefully",
+        "engine and runner stopped gracefully (exit 0, 0)",
     ):
         assert expected in out
