@@ -24,6 +24,7 @@ from client_py._spec import (
     Reject,
     Respond,
     RunOptions,
+    api_spec_into,
     build_run_spec,
     decision_to_proto,
     states_to_proto,
@@ -228,6 +229,7 @@ class AsyncEngineClient:
         request_id: str | None,
         *,
         allow_empty: bool = False,
+        api: Mapping[str, Any] | None = None,
     ) -> Run:
         if not decisions and not allow_empty:
             raise ValueError("resume needs at least one decision")
@@ -238,6 +240,8 @@ class AsyncEngineClient:
             # with the first outcome instead of deciding twice.
             request_id=request_id or uuid.uuid4().hex,
         )
+        if api is not None:
+            api_spec_into(api, request.api)
         response: pb.ResumeRunResponse = await self._unary("ResumeRun", request, retry=True)
         return run_from_proto(response.run)
 
@@ -427,7 +431,11 @@ class AsyncRunHandle:
         return self._client._events(self.run_id, after_seq, follow)
 
     async def resume(
-        self, decisions: Iterable[DecisionLike] | DecisionLike, *, request_id: str | None = None
+        self,
+        decisions: Iterable[DecisionLike] | DecisionLike,
+        *,
+        request_id: str | None = None,
+        api: Mapping[str, Any] | None = None,
     ) -> Run:
         """Answers several interrupts at once.
 
@@ -444,7 +452,7 @@ class AsyncRunHandle:
             batch: list[DecisionLike] = [decisions]
         else:
             batch = list(decisions)
-        return self._update(await self._client._resume(self.run_id, batch, request_id))
+        return self._update(await self._client._resume(self.run_id, batch, request_id, api=api))
 
     async def approve(self, interrupt_id: str, edits: Mapping[str, Any] | None = None) -> Run:
         """Approves a tool call; ``edits`` replaces its arguments."""

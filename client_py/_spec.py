@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict, Unpack
 
+from google.protobuf import json_format
+
 from client_py._json import dict_to_struct, python_to_value
 from machina.engine.v1 import engine_service_pb2 as pb
 from machina.engine.v1 import run_pb2
@@ -46,6 +48,10 @@ class RunOptions(TypedDict, total=False):
     - ``client_tools``: tools the caller defines and answers itself, each
       ``{"name": str, "description": str, "input_schema": dict}``; a call pauses
       the run (``AWAITING_TOOL_RESULT``) until you ``respond`` with the result.
+    - ``api``: per-run ApiCall services and credentials, shaped like the ``ApiSpec``
+      message: ``{"services": [{"name", "base_url", "auth": {"type": "bearer",
+      "token_ref": "t"}, ...}], "env": {"t": "<secret>"}}``. The engine keeps ``env``
+      in memory only.
     """
 
     run_id: str | None
@@ -68,6 +74,7 @@ class RunOptions(TypedDict, total=False):
     approval_expiry_action: str | None
     labels: Mapping[str, str] | None
     client_tools: Sequence[Mapping[str, Any]] | None
+    api: Mapping[str, Any] | None
 
 
 _OPTION_NAMES = frozenset(RunOptions.__annotations__)
@@ -238,6 +245,8 @@ def build_run_spec(task: str, **options: Unpack[RunOptions]) -> pb.RunSpec:
             raise TypeError("labels must be a dict of str -> str")
         for key, value in labels.items():
             spec.labels[_str("labels key", key)] = _str(f"labels[{key!r}]", value)
+    if (api := options.get("api")) is not None:
+        api_spec_into(api, spec.api)
     for index, client_tool in enumerate(options.get("client_tools") or ()):
         fields = _known_keys(
             f"client_tools[{index}]", client_tool, frozenset({"name", "description", "input_schema"})
@@ -249,6 +258,16 @@ def build_run_spec(task: str, **options: Unpack[RunOptions]) -> pb.RunSpec:
         if (schema := fields.get("input_schema")) is not None:
             dict_to_struct(schema, definition.input_schema, where=f"client_tools[{index}].input_schema")
     return spec
+
+
+def api_spec_into(api: Mapping[str, Any], out: pb.ApiSpec) -> None:
+    """Fill an ApiSpec message from its dict form (the message's field names)."""
+    if not isinstance(api, Mapping):
+        raise TypeError("api must be a dict like {'services': [...], 'env': {...}}")
+    try:
+        json_format.ParseDict(dict(api), out)
+    except json_format.ParseError as exc:
+        raise ValueError(f"invalid api spec: {exc}") from None
 
 
 # --- decisions --------------------------------------------------------------------

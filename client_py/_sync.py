@@ -243,9 +243,13 @@ class RunHandle:
         return _SyncIterator(self._client, self._handle.events(after_seq, follow))
 
     def resume(
-        self, decisions: Iterable[DecisionLike] | DecisionLike, *, request_id: str | None = None
+        self,
+        decisions: Iterable[DecisionLike] | DecisionLike,
+        *,
+        request_id: str | None = None,
+        api: Mapping[str, Any] | None = None,
     ) -> Run:
-        return self._portal.call(self._handle.resume(decisions, request_id=request_id))
+        return self._portal.call(self._handle.resume(decisions, request_id=request_id, api=api))
 
     def approve(self, interrupt_id: str, edits: Mapping[str, Any] | None = None) -> Run:
         return self._portal.call(self._handle.approve(interrupt_id, edits))

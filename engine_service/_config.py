@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from engine_service._apicall import ApiConfig
 from engine_service._ids import is_valid_id
 from engine_service._types import Principal
 
@@ -85,6 +86,9 @@ class EngineConfig(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     model: ModelConfig = ModelConfig()
     tools: ToolsConfig = ToolsConfig()
+    # Engine-level ApiCall services, credentials (refs -> values; a ref missing here is read
+    # from the process environment) and hooks. Runs can add their own services and credentials.
+    api: ApiConfig | None = None
 
     @field_validator("listen")
     @classmethod

@@ -79,6 +79,30 @@ def _time(t: float) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=seconds, nanos=int((t - seconds) * 1e9))
 
 
+def api_services_from_proto(api: svc.ApiSpec) -> list[JsonObject]:
+    """ApiService messages as dicts for ApiService.model_validate (unset fields take the defaults)."""
+    out = []
+    for s in api.services:
+        auth = {
+            k: v for k, v in json_format.MessageToDict(s.auth, preserving_proto_field_name=True).items() if v
+        }
+        doc: JsonObject = {"name": s.name, "base_url": s.base_url, "auth": auth or {"type": "none"}}
+        if s.allowed_paths:
+            doc["allowed_paths"] = list(s.allowed_paths)
+        if s.allowed_methods:
+            doc["allowed_methods"] = list(s.allowed_methods)
+        if s.max_body_bytes:
+            doc["max_body_bytes"] = s.max_body_bytes
+        if s.max_response_bytes:
+            doc["max_response_bytes"] = s.max_response_bytes
+        if s.timeout_ms:
+            doc["timeout_s"] = s.timeout_ms / 1000
+        if s.headers:
+            doc["headers"] = dict(s.headers)
+        out.append(doc)
+    return out
+
+
 def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]:
     model = message.model
     script = None
@@ -123,6 +147,7 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
         approval_timeout_ms=message.approval_timeout_ms,
         approval_expiry_approves=message.approval_expiry_action == rp.EXPIRY_ACTION_APPROVE,
         labels=dict(message.labels),
+        api_services=api_services_from_proto(message.api),
     )
     client_tools = [
         ClientToolDef(

@@ -19,8 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from engine_service._actor import RunActor, RunEnv, RunnerUnreachable
+from engine_service._apicall import (
+    RUN_REF_PREFIX,
+    ApiConfig,
+    ApiService,
+    api_tool_enabled,
+    build_api_call_tool,
+    load_resolve_auth,
+    merge_services,
+    scope_to_run,
+)
 from engine_service._config import EngineConfig
 from engine_service._errors import EngineError, ErrorKind, aborted, invalid, not_found, precondition
 from engine_service._ids import check_id, new_id
@@ -33,6 +44,7 @@ from engine_service._tools import (
     ToolRegistry,
     capability_stub,
     client_tool,
+    load_hook,
     render_result,
 )
 from engine_service._types import (
@@ -112,6 +124,15 @@ class Engine:
         self._closing = False
         self._http: httpx.AsyncClient | None = None
         self._default_provider, self._default_model = resolve_default_model(config)
+        api = config.api or ApiConfig()
+        self._api_services = list(api.services)
+        self._api_env = {k: v.get_secret_value() for k, v in api.env.items()}
+        self._resolve_auth = load_resolve_auth(api.resolve_auth) if api.resolve_auth else None
+        self._api_hooks = tuple(
+            load_hook(path) if path else None for path in (api.on_request, api.on_response)
+        )
+        # Per-run ApiCall credentials: memory only, never persisted (SPEC §4).
+        self._run_api_env: dict[tuple[str, str], dict[str, str]] = {}
         self._default_script = (
             load_script_file(config.model.script_file) if config.model.script_file else None
         )
@@ -129,6 +150,7 @@ class Engine:
         client_tools: Sequence[ClientToolDef] = (),
         *,
         mode: str = "async",
+        api_env: Mapping[str, str] | None = None,
     ) -> tuple[RunRecord, bool]:
         """Start a run in the background. Returns (run, created); idempotent on run_id/request_id."""
         self._check_open()
@@ -188,6 +210,8 @@ class Engine:
                     "ERR_CONCURRENT_UPDATE", f"run {run_id!r} was created concurrently", run_id=run_id
                 )
             transcript = [Message("user", spec.task)]
+            if api_env:
+                self._run_api_env[key] = dict(api_env)
             actor = RunActor(
                 record, spec, transcript, self._env(ws, spec, spec_doc, provider, model_name, mode)
             )
@@ -266,6 +290,13 @@ class Engine:
                 ) from None
         if spec.script is not None:
             validate_script(spec.script)
+        try:
+            ApiConfig(services=[ApiService.model_validate(s) for s in spec.api_services])
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
+            )
+            raise invalid("ERR_INVALID_REQUEST", f"invalid api services: {problems}", field="api") from None
 
     def _choose_model(self, spec: RunSpec) -> tuple[str, str]:
         provider = spec.model_provider or self._default_provider
@@ -315,6 +346,9 @@ class Engine:
             tools[name] = capability_stub(tool, missing) if missing else tool
         for t in spec_doc.get("client_tools", ()):
             tools[t["name"]] = client_tool(t["name"], t["description"], t["input_schema"])
+        api_tool = self._api_call_tool(ws, spec)
+        if api_tool is not None:
+            tools[api_tool.name] = api_tool
         if spec.tools is not None:
             tools = {n: t for n, t in tools.items() if n in spec.tools}
         engine_perms = {k: Permission(v) for k, v in cfg.tools.permissions.items()}
@@ -345,6 +379,29 @@ class Engine:
             clock=self._clock,
         )
 
+    def _api_call_tool(self, ws: str, spec: RunSpec) -> Tool | None:
+        """ApiCall for this run: engine services plus the run's own, or None when there are none."""
+        per_run = [scope_to_run(ApiService.model_validate(s)) for s in spec.api_services]
+        services = merge_services(self._api_services, per_run)
+        if not api_tool_enabled(services, self.config.tools.disabled):
+            return None
+        run_env = self._run_api_env.get((ws, spec.run_id), {})
+        engine_env = self._api_env
+
+        def lookup(ref: str) -> str | None:
+            if ref.startswith(RUN_REF_PREFIX):
+                return run_env.get(ref.removeprefix(RUN_REF_PREFIX))
+            return engine_env.get(ref) or os.environ.get(ref)
+
+        on_request, on_response = self._api_hooks
+        return build_api_call_tool(
+            services,
+            env_lookup=lookup,
+            resolve_auth=self._resolve_auth,
+            on_request=on_request,
+            on_response=on_response,
+        )
+
     def _start(self, actor: RunActor, *, resumed_by: str | None) -> None:
         self._active[actor.key] = actor
         actor.start(resumed_by=resumed_by)
@@ -356,6 +413,8 @@ class Engine:
         if self._active.get(actor.key) is actor:
             del self._active[actor.key]
         record = actor.record
+        if record.state.terminal and not (record.error and record.error.code == "ERR_RUNNER_UNREACHABLE"):
+            self._run_api_env.pop(actor.key, None)
         if record.state is RunState.PAUSED:
             self._arm_expiry(actor.key, record)
         self._notify(actor.key)
@@ -520,7 +579,12 @@ class Engine:
     # -- moving runs ---------------------------------------------------------------------
 
     async def resume_run(
-        self, principal: Principal, run_id: str, decisions: list[Decision], request_id: str = ""
+        self,
+        principal: Principal,
+        run_id: str,
+        decisions: list[Decision],
+        request_id: str = "",
+        api_env: Mapping[str, str] | None = None,
     ) -> RunRecord:
         """Record decisions; the run continues once no interrupt is pending.
 
@@ -531,6 +595,9 @@ class Engine:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         if request_id:
             check_id(request_id, "request_id")
+        if api_env:
+            # Credentials re-supplied (e.g. after a restart); memory only, like at creation.
+            self._run_api_env[key] = dict(api_env)
         async with self._lock(key):
             if not decisions:
                 return await self._retry_handoff(principal, key)

@@ -71,9 +71,12 @@ class RunSpec:
     approval_timeout_ms: int = 0
     approval_expiry_approves: bool = False
     labels: dict[str, str] = field(default_factory=dict)
+    # Per-run ApiCall services (definitions with refs only; credentials are never stored).
+    api_services: list[JsonObject] = field(default_factory=list)
 
     def to_json(self) -> JsonObject:
         return {
+            "api_services": self.api_services,
             "task": self.task,
             "run_id": self.run_id,
             "request_id": self.request_id,
@@ -120,6 +123,7 @@ class RunSpec:
             approval_timeout_ms=doc.get("approval_timeout_ms", 0),
             approval_expiry_approves=doc.get("approval_expiry_approves", False),
             labels=doc.get("labels", {}),
+            api_services=doc.get("api_services", []),
         )
 
 

@@ -151,7 +151,9 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
         try:
             principal = self._principal(context)
             spec, client_tools = spec_from_proto(request.spec)
-            record, _ = await self._engine.create_run(principal, spec, client_tools, mode="sync")
+            record, _ = await self._engine.create_run(
+                principal, spec, client_tools, mode="sync", api_env=dict(request.spec.api.env)
+            )
             async for batch in self._engine.stream_events(principal, record.run_id, until_pause=True):
                 yield svc.ExecuteRunResponse(events=[event_to_proto(record.run_id, e) for e in batch])
             final = await self._engine.get_run(principal, record.run_id)
@@ -183,7 +185,9 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
     @_unary
     async def CreateRun(self, request: svc.CreateRunRequest, principal: Principal, context: Context) -> Any:
         spec, client_tools = spec_from_proto(request.spec)
-        record, _ = await self._engine.create_run(principal, spec, client_tools)
+        record, _ = await self._engine.create_run(
+            principal, spec, client_tools, api_env=dict(request.spec.api.env)
+        )
         return svc.CreateRunResponse(run=run_to_proto(record))
 
     @_unary
@@ -218,7 +222,9 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
     @_unary
     async def ResumeRun(self, request: svc.ResumeRunRequest, principal: Principal, context: Context) -> Any:
         decisions = [decision_from_proto(d) for d in request.decisions]
-        record = await self._engine.resume_run(principal, request.run_id, decisions, request.request_id)
+        record = await self._engine.resume_run(
+            principal, request.run_id, decisions, request.request_id, api_env=dict(request.api.env)
+        )
         return svc.ResumeRunResponse(run=run_to_proto(record))
 
     @_unary

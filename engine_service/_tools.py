@@ -203,6 +203,20 @@ def load_tool(path: str) -> Tool:
     )
 
 
+def load_hook(path: str) -> Callable[..., Any]:
+    """Import ``package.module:name`` as a callable (hooks, resolvers)."""
+    module_name, sep, attribute = path.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attribute) if sep else None
+    except (ImportError, AttributeError) as exc:
+        raise EngineError(
+            "ERR_CONFIG", f"cannot load {path!r}: {exc}", kind=ErrorKind.INVALID_ARGUMENT
+        ) from None
+    if not callable(obj):
+        raise EngineError("ERR_CONFIG", f"{path!r} is not a callable 'package.module:name'")
+    return obj  # type: ignore[no-any-return]
+
+
 ASK_USER = Tool(
     name="AskUser",
     description=(

@@ -213,6 +213,188 @@ class ToolDefinition(_message.Message):
 Global___ToolDefinition: _TypeAlias = ToolDefinition  # noqa: Y015
 
 @_typing.final
+class ApiAuth(_message.Message):
+    """How ApiCall authenticates to a service. Values are never sent here, only the
+    names (refs) of credentials in the `env` map of ApiSpec or the engine's config.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    TOKEN_REF_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_REF_FIELD_NUMBER: _builtins.int
+    USER_REF_FIELD_NUMBER: _builtins.int
+    PASS_REF_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """`none`, `bearer`, `header`, `basic` or `custom`."""
+    token_ref: _builtins.str
+    """bearer: the ref of the token."""
+    name: _builtins.str
+    """header: the header name."""
+    value_ref: _builtins.str
+    """header: the ref of the header value."""
+    user_ref: _builtins.str
+    """basic: the ref of the user name."""
+    pass_ref: _builtins.str
+    """basic: the ref of the password."""
+    id: _builtins.str
+    """custom: the id passed to the engine's resolve_auth callable."""
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        token_ref: _builtins.str = ...,
+        name: _builtins.str = ...,
+        value_ref: _builtins.str = ...,
+        user_ref: _builtins.str = ...,
+        pass_ref: _builtins.str = ...,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "name", b"name", "pass_ref", b"pass_ref", "token_ref", b"token_ref", "type", b"type", "user_ref", b"user_ref", "value_ref", b"value_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApiAuth: _TypeAlias = ApiAuth  # noqa: Y015
+
+@_typing.final
+class ApiService(_message.Message):
+    """An external HTTP API the model may call through the ApiCall tool."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BASE_URL_FIELD_NUMBER: _builtins.int
+    AUTH_FIELD_NUMBER: _builtins.int
+    ALLOWED_PATHS_FIELD_NUMBER: _builtins.int
+    ALLOWED_METHODS_FIELD_NUMBER: _builtins.int
+    MAX_BODY_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_RESPONSE_BYTES_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name the model picks (`[A-Za-z0-9_-]{1,64}`)."""
+    base_url: _builtins.str
+    """The base URL (http or https); model paths are relative to it."""
+    max_body_bytes: _builtins.int
+    """Largest request body in bytes; 0 = 1 MiB."""
+    max_response_bytes: _builtins.int
+    """Largest response body read in bytes (the rest is cut and flagged); 0 = 1 MiB."""
+    timeout_ms: _builtins.int
+    """Per-call timeout in ms; 0 = 30000."""
+    @_builtins.property
+    def auth(self) -> Global___ApiAuth:
+        """How to authenticate."""
+
+    @_builtins.property
+    def allowed_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Regexes the normalised path must fully match; empty = any path."""
+
+    @_builtins.property
+    def allowed_methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Allowed HTTP methods; empty = GET, POST, PUT, PATCH, DELETE."""
+
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Fixed, non-secret headers sent on every call."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        base_url: _builtins.str = ...,
+        auth: Global___ApiAuth | None = ...,
+        allowed_paths: _abc.Iterable[_builtins.str] | None = ...,
+        allowed_methods: _abc.Iterable[_builtins.str] | None = ...,
+        max_body_bytes: _builtins.int = ...,
+        max_response_bytes: _builtins.int = ...,
+        timeout_ms: _builtins.int = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_methods", b"allowed_methods", "allowed_paths", b"allowed_paths", "auth", b"auth", "base_url", b"base_url", "headers", b"headers", "max_body_bytes", b"max_body_bytes", "max_response_bytes", b"max_response_bytes", "name", b"name", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApiService: _TypeAlias = ApiService  # noqa: Y015
+
+@_typing.final
+class ApiSpec(_message.Message):
+    """Per-run (tenant) ApiCall services and the credentials their refs name.
+    `env` values are held in memory only and never stored, logged or returned.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SERVICES_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def services(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiService]:
+        """Services for this run (they extend or replace the engine's by name)."""
+
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Ref name -> credential value."""
+
+    def __init__(
+        self,
+        *,
+        services: _abc.Iterable[Global___ApiService] | None = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "services", b"services"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApiSpec: _TypeAlias = ApiSpec  # noqa: Y015
+
+@_typing.final
 class RunSpec(_message.Message):
     """What to start."""
 
@@ -273,6 +455,7 @@ class RunSpec(_message.Message):
     APPROVAL_EXPIRY_ACTION_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     CLIENT_TOOLS_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     """The task for the agent."""
     run_id: _builtins.str
@@ -319,6 +502,10 @@ class RunSpec(_message.Message):
     def client_tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolDefinition]:
         """Tools defined by the caller for this run; their results come from the caller."""
 
+    @_builtins.property
+    def api(self) -> Global___ApiSpec:
+        """Per-run ApiCall services and credentials."""
+
     def __init__(
         self,
         *,
@@ -337,10 +524,11 @@ class RunSpec(_message.Message):
         approval_expiry_action: _run_pb2.ExpiryAction.ValueType = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         client_tools: _abc.Iterable[Global___ToolDefinition] | None = ...,
+        api: Global___ApiSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "model", b"model", "output_schema", b"output_schema", "tools", b"tools"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "limits", b"limits", "model", b"model", "output_schema", b"output_schema", "tools", b"tools"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_expiry_action", b"approval_expiry_action", "approval_timeout_ms", b"approval_timeout_ms", "client_tools", b"client_tools", "gated_tools", b"gated_tools", "labels", b"labels", "limits", b"limits", "model", b"model", "output_schema", b"output_schema", "permissions", b"permissions", "request_id", b"request_id", "run_id", b"run_id", "system_prompt", b"system_prompt", "task", b"task", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "approval_expiry_action", b"approval_expiry_action", "approval_timeout_ms", b"approval_timeout_ms", "client_tools", b"client_tools", "gated_tools", b"gated_tools", "labels", b"labels", "limits", b"limits", "model", b"model", "output_schema", b"output_schema", "permissions", b"permissions", "request_id", b"request_id", "run_id", b"run_id", "system_prompt", b"system_prompt", "task", b"task", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -811,6 +999,7 @@ class ResumeRunRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     DECISIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    API_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run id."""
     request_id: _builtins.str
@@ -819,16 +1008,21 @@ class ResumeRunRequest(_message.Message):
     def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Decision]:
         """Decisions, one per interrupt answered. Unanswered interrupts stay pending."""
 
+    @_builtins.property
+    def api(self) -> Global___ApiSpec:
+        """Re-supplies per-run ApiCall credentials (held in memory only), e.g. after an engine restart."""
+
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         decisions: _abc.Iterable[Global___Decision] | None = ...,
         request_id: _builtins.str = ...,
+        api: Global___ApiSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api", b"api"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "request_id", b"request_id", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "decisions", b"decisions", "request_id", b"request_id", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,635 @@
+"""The ApiCall built-in: the model calls configured HTTP services, the engine adds the credentials.
+
+The model names a service from a closed enum plus a method, a relative path, query, headers and a
+JSON body. Credentials come from an env lookup (refs → values) or a ``resolve_auth`` callable and are
+attached here, after the model's input has passed the rails (methods, normalised paths, header
+sanitiser, body cap). Every text that leaves this module — result, error, event, hook payload, log
+line — is scrubbed of every known credential value first, because APIs echo headers back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib
+import inspect
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, TypeAlias
+from urllib.parse import quote, urljoin, urlsplit
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from engine_service._errors import EngineError, ErrorKind
+from engine_service._tools import Tool, ToolContext, ToolError
+from engine_service._types import JsonObject
+
+logger = logging.getLogger(__name__)
+
+TOOL_NAME = "ApiCall"
+REDACTED = "[REDACTED]"
+MAX_REDIRECTS = 5
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+DEFAULT_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Headers the model may never set: credentials, routing and message framing.
+_RESERVED_HEADERS = frozenset(("authorization", "proxy-authorization", "cookie", "host", "content-length",
+                               "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
+                               "expect"))  # fmt: skip
+# The only response headers the model sees (never set-cookie or anything credential-like).
+_RESPONSE_HEADERS = frozenset(("content-type", "content-length", "content-language", "location", "etag",
+                               "last-modified", "cache-control", "retry-after", "link", "x-request-id",
+                               "x-ratelimit-limit", "x-ratelimit-remaining",
+                               "x-ratelimit-reset"))  # fmt: skip
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NoAuth(_Frozen):
+    type: Literal["none"] = "none"
+
+
+class BearerAuth(_Frozen):
+    type: Literal["bearer"]
+    token_ref: str = Field(min_length=1)
+
+
+class HeaderAuth(_Frozen):
+    type: Literal["header"]
+    name: str = Field(pattern=_HEADER_NAME.pattern)
+    value_ref: str = Field(min_length=1)
+
+
+class BasicAuth(_Frozen):
+    type: Literal["basic"]
+    user_ref: str = Field(min_length=1)
+    pass_ref: str = Field(min_length=1)
+
+
+class CustomAuth(_Frozen):
+    type: Literal["custom"]
+    id: str = Field(min_length=1)
+
+
+AnyAuth: TypeAlias = NoAuth | BearerAuth | HeaderAuth | BasicAuth | CustomAuth
+ApiAuth: TypeAlias = Annotated[AnyAuth, Field(discriminator="type")]
+
+
+class ApiService(_Frozen):
+    """One HTTP service the model may call; secrets are named by ref, never inlined."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    base_url: str
+    auth: ApiAuth = NoAuth()
+    # Regexes, full-matched against the normalised path relative to base_url.
+    allowed_paths: list[str] | None = None
+    allowed_methods: list[str] | None = None
+    max_body_bytes: int = Field(1 << 20, gt=0)
+    max_response_bytes: int = Field(1 << 20, gt=0)
+    timeout_s: float = Field(30.0, gt=0)
+    # Fixed, non-secret headers (e.g. Accept, an API version); the model cannot override them.
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("base_url must be an absolute http:// or https:// URL")
+        # Userinfo would put a credential in the tool description; query/fragment break path joins.
+        if "@" in parts.netloc or parts.query or parts.fragment:
+            raise ValueError("base_url must not contain credentials, a query or a fragment")
+        return value.rstrip("/")
+
+    @field_validator("allowed_paths")
+    @classmethod
+    def _check_paths(cls, value: list[str] | None) -> list[str] | None:
+        for pattern in value or ():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"allowed_paths: invalid regex {pattern!r}: {exc}") from None
+        return value
+
+    @field_validator("allowed_methods")
+    @classmethod
+    def _check_methods(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        upper = [m.upper() for m in value]
+        if bad := [m for m in upper if m not in METHODS]:
+            raise ValueError(f"unsupported methods {bad}; choose from {list(METHODS)}")
+        return upper
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, val in value.items():
+            if not _HEADER_NAME.match(name) or name.lower() in _RESERVED_HEADERS or _has_ctl(val):
+                raise ValueError(f"fixed header {name!r} is not allowed (credentials belong in auth)")
+        return value
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(self.allowed_methods) if self.allowed_methods is not None else DEFAULT_METHODS
+
+
+class ApiConfig(_Frozen):
+    """The ``api`` block of engine config or of a run: services, secret env and a custom resolver."""
+
+    services: list[ApiService] = Field(default_factory=list)
+    env: dict[str, SecretStr] = Field(default_factory=dict)
+    resolve_auth: str | None = Field(None, pattern=r"^[\w.]+:\w+$")
+    # Metering hooks by import path, called with {service, method, path[, status, latency_ms, bytes_in]}.
+    on_request: str | None = Field(None, pattern=r"^[\w.]+:\w+$")
+    on_response: str | None = Field(None, pattern=r"^[\w.]+:\w+$")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ApiConfig:
+        names = [s.name for s in self.services]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"service names must be unique: {dupes}")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class AuthContext:
+    """What a custom ``resolve_auth`` knows about the request it signs."""
+
+    service: str
+    method: str
+    path: str
+
+
+ResolveAuth = Callable[[CustomAuth, AuthContext], Mapping[str, str] | Awaitable[Mapping[str, str]]]
+Hook = Callable[[JsonObject], Any]
+EnvLookup = Callable[[str], str | None]
+
+
+def merge_services(engine_level: Iterable[ApiService], per_run: Iterable[ApiService]) -> list[ApiService]:
+    """Engine services with per-run ones overriding by name; new per-run services appended."""
+    merged = {s.name: s for s in engine_level}
+    merged.update((s.name, s) for s in per_run)
+    return list(merged.values())
+
+
+def api_tool_enabled(services: Iterable[ApiService], disabled_tools: Iterable[str]) -> bool:
+    return any(True for _ in services) and TOOL_NAME not in set(disabled_tools)
+
+
+def env_lookup_from(*envs: Mapping[str, SecretStr] | None) -> EnvLookup:
+    """A lookup reading the given env maps in order (first hit wins)."""
+
+    def lookup(ref: str) -> str | None:
+        for env in envs:
+            if env and ref in env:
+                return env[ref].get_secret_value()
+        return None
+
+    return lookup
+
+
+RUN_REF_PREFIX = "run:"
+
+
+def scope_to_run(service: ApiService) -> ApiService:
+    """Point a per-run service's refs at the run's own env only ("run:<ref>").
+
+    Without this a caller could define a service on its own host whose token_ref
+    names an engine-level credential, and the engine would send it there.
+    """
+    auth = service.auth
+    fields = {
+        name: RUN_REF_PREFIX + value
+        for name in ("token_ref", "value_ref", "user_ref", "pass_ref")
+        if isinstance(value := getattr(auth, name, None), str)
+    }
+    return service.model_copy(update={"auth": auth.model_copy(update=fields)}) if fields else service
+
+
+def load_resolve_auth(path: str) -> ResolveAuth:
+    """Import ``package.module:function``."""
+    module_name, _, attribute = path.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise EngineError(
+            "ERR_CONFIG", f"cannot load resolve_auth {path!r}: {exc}", kind=ErrorKind.INVALID_ARGUMENT
+        ) from None
+    if not callable(fn):
+        raise EngineError("ERR_CONFIG", f"resolve_auth {path!r} is not callable")
+    resolver: ResolveAuth = fn
+    return resolver
+
+
+def _has_ctl(text: str) -> bool:
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
+class _Scrubber:
+    """Replaces every known secret value (longest first) with ``[REDACTED]``."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def add(self, value: str) -> None:
+        # "Bearer abc" → also "abc": an API may echo the bare token (httpbin /bearer does).
+        found = [value, *value.split(None, 1)[1:]]
+        self.secrets = sorted(
+            {*self.secrets, *(v.strip() for v in found if v.strip())}, key=len, reverse=True
+        )
+
+    def text(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            return [self.value(v) for v in value]
+        if isinstance(value, dict):
+            return {self.text(str(k)): self.value(v) for k, v in value.items()}
+        return value
+
+
+def _refs(auth: AnyAuth) -> list[str]:
+    if isinstance(auth, BearerAuth):
+        return [auth.token_ref]
+    if isinstance(auth, HeaderAuth):
+        return [auth.value_ref]
+    if isinstance(auth, BasicAuth):
+        return [auth.user_ref, auth.pass_ref]
+    return []
+
+
+def _basic(user: str, password: str) -> str:
+    return base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
+def known_secrets(services: Iterable[ApiService], env_lookup: EnvLookup) -> list[str]:
+    """Every credential value the services' refs resolve to now, plus basic auth's base64 form."""
+    found: list[str] = []
+    for service in services:
+        values = [v for v in map(env_lookup, _refs(service.auth)) if v]
+        found += values
+        if isinstance(service.auth, BasicAuth) and len(values) == 2:
+            found.append(_basic(*values))
+    return found
+
+
+def normalise_path(raw: str) -> str:
+    """The path relative to base_url, normalised; ToolError for anything that could leave it."""
+    if _has_ctl(raw):
+        raise ToolError("path must not contain control characters")
+    for char, what in (("\\", "backslashes"), ("@", "'@'"), ("?", "'?' (use query)"), ("#", "'#'")):
+        if char in raw:
+            raise ToolError(f"path must not contain {what}")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", raw) or raw.startswith("//"):
+        raise ToolError("path must be relative to the service base URL (no scheme or host)")
+    if re.search(r"%(?![0-9A-Fa-f]{2})", raw):
+        raise ToolError("path has a malformed percent-escape")
+    if re.search(r"%25[0-9A-Fa-f]{2}", raw):
+        raise ToolError("path must not be double percent-encoded")
+
+    def decode(match: re.Match[str]) -> str:
+        char = chr(int(match.group(1), 16))
+        if char.isascii() and (char.isalnum() or char in "-._~"):
+            return char
+        if char in "/\\" or _has_ctl(char):
+            raise ToolError("path must not contain encoded slashes, backslashes or control characters")
+        return "%" + match.group(1).upper()
+
+    segments: list[str] = []
+    decoded = re.sub(r"%([0-9A-Fa-f]{2})", decode, raw)
+    for segment in decoded.split("/"):
+        # "..;x" is ".." to some servers (path parameters), so judge the part before ';'.
+        head = segment.split(";", 1)[0]
+        if head == "..":
+            raise ToolError("path must not contain '..' segments")
+        if segment and head != ".":
+            segments.append(quote(segment, safe="!$&'()*+,;=:%"))
+    trailing = "/" if segments and decoded.endswith("/") else ""
+    return "/" + "/".join(segments) + trailing
+
+
+def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
+    u = httpx.URL(str(url))
+    port = u.port or {"http": 80, "https": 443}.get(u.scheme)
+    return u.scheme, u.host.lower(), port
+
+
+def _input_schema(services: list[ApiService]) -> JsonObject:
+    methods = [m for m in METHODS if any(m in s.methods for s in services)]
+    return {
+        "type": "object",
+        "properties": {
+            "service": {"type": "string", "enum": [s.name for s in services], "description": "Service."},
+            "method": {"type": "string", "enum": methods, "default": "GET"},
+            "path": {"type": "string", "description": "Path relative to the service base URL, e.g. /items/1"},
+            "query": {
+                "type": "object",
+                "additionalProperties": {"type": ["string", "number", "boolean"]},
+                "description": "Query parameters.",
+            },
+            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "body": {"description": "JSON request body."},
+        },
+        "required": ["service", "path"],
+        "additionalProperties": False,
+    }
+
+
+def _description(services: list[ApiService]) -> str:
+    lines = [
+        "Call an external HTTP API. Authentication is added for you: never put credentials in "
+        "headers, query or body. Returns JSON {status, headers, body, truncated}. Services:"
+    ]
+    for s in services:
+        rails = f"methods {', '.join(s.methods)}"
+        if s.allowed_paths is not None:
+            rails += f"; paths matching {', '.join(s.allowed_paths)}"
+        lines.append(f"- {s.name}: {s.base_url} ({rails})")
+    return "\n".join(lines)
+
+
+def _query_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+@dataclass(slots=True)
+class _ApiCall:
+    services: dict[str, ApiService]
+    env_lookup: EnvLookup = field(repr=False)
+    resolve_auth: ResolveAuth | None = field(repr=False)
+    on_request: Hook | None
+    on_response: Hook | None
+    client: httpx.AsyncClient | None
+
+    async def __call__(self, args: JsonObject, ctx: ToolContext) -> str:
+        scrub = _Scrubber(known_secrets(self.services.values(), self.env_lookup))
+        failure: str | None = None
+        try:
+            return scrub.text(await self._call(args, ctx, scrub))
+        except ToolError as exc:
+            failure = scrub.text(str(exc))
+        except httpx.TransportError as exc:
+            failure = scrub.text(f"ApiCall could not reach the service: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # messages of unknown errors may quote a header value: type only
+            failure = f"ApiCall failed: {type(exc).__name__}"
+        # Raised outside the except blocks so no original exception rides along as __context__.
+        raise ToolError(failure)
+
+    async def _call(self, args: JsonObject, ctx: ToolContext, scrub: _Scrubber) -> str:
+        service = self.services.get(str(args.get("service")))
+        if service is None:
+            raise ToolError(f"unknown service {args.get('service')!r}; choose from {sorted(self.services)}")
+        method = str(args.get("method") or "GET").upper()
+        if method not in service.methods:
+            raise ToolError(f"method {method} is not allowed for service {service.name!r}")
+        path = normalise_path(str(args.get("path", "")))
+        if not self._path_allowed(service, path):
+            raise ToolError(f"path {path!r} is not allowed for service {service.name!r}")
+        body: bytes | None = None
+        if args.get("body") is not None:
+            body = json.dumps(args["body"], ensure_ascii=False, separators=(",", ":")).encode()
+            if len(body) > service.max_body_bytes:
+                raise ToolError(
+                    f"body is {len(body)} bytes; service {service.name!r} allows at most "
+                    f"{service.max_body_bytes}"
+                )
+        auth = await self._auth_headers(service, method, path, scrub)
+        headers = self._headers(service, dict(args.get("headers") or {}), auth, body is not None)
+        query = [(str(k), _query_value(v)) for k, v in (args.get("query") or {}).items()]
+
+        meter: JsonObject = {"service": service.name, "method": method, "path": scrub.text(path)}
+        await self._hook(self.on_request, dict(meter), scrub)
+        started = time.perf_counter()
+        result: JsonObject = {"status": 0}
+        bytes_in = 0
+        try:
+            async with asyncio.timeout(service.timeout_s):
+                result, bytes_in = await self._exchange(service, method, path, query, headers, body)
+        except (TimeoutError, httpx.TimeoutException):
+            raise ToolError(f"ApiCall to {service.name!r} timed out after {service.timeout_s:g}s") from None
+        finally:
+            latency_ms = round((time.perf_counter() - started) * 1000)
+            done = {**meter, "status": result["status"], "latency_ms": latency_ms, "bytes_in": bytes_in}
+            logger.debug("ApiCall %s %s %s -> %s", service.name, method, meter["path"], result["status"])
+            await self._hook(self.on_response, dict(done), scrub)
+            ctx.emit("api_call", done)
+        # Scrub the structure first: a secret with characters JSON escapes would slip past a text scrub.
+        return json.dumps(scrub.value(result), ensure_ascii=False)
+
+    @staticmethod
+    def _path_allowed(service: ApiService, path: str) -> bool:
+        patterns = service.allowed_paths
+        return patterns is None or any(re.fullmatch(p, path) for p in patterns)
+
+    async def _auth_headers(
+        self, service: ApiService, method: str, path: str, scrub: _Scrubber
+    ) -> dict[str, str]:
+        auth = service.auth
+        if isinstance(auth, CustomAuth):
+            return await self._custom_auth(service, auth, method, path, scrub)
+        values: dict[str, str] = {}
+        missing = []
+        for ref in _refs(auth):
+            value = self.env_lookup(ref)
+            if value:
+                values[ref] = value
+            else:
+                missing.append(ref)
+        if missing:
+            raise ToolError(
+                f"ERR_CREDENTIALS_MISSING: service {service.name!r} needs credential ref(s) {missing}, "
+                "which are not available in this process (per-run env values are kept in memory only: "
+                "supply them again when resuming)"
+            )
+        if any(_has_ctl(v) for v in values.values()):
+            raise ToolError(
+                f"ERR_CREDENTIALS_INVALID: a credential of service {service.name!r} has "
+                "characters not allowed in an HTTP header"
+            )
+        if isinstance(auth, BearerAuth):
+            return {"Authorization": f"Bearer {values[auth.token_ref]}"}
+        if isinstance(auth, HeaderAuth):
+            return {auth.name: values[auth.value_ref]}
+        if isinstance(auth, BasicAuth):
+            return {"Authorization": f"Basic {_basic(values[auth.user_ref], values[auth.pass_ref])}"}
+        return {}
+
+    async def _custom_auth(
+        self, service: ApiService, auth: CustomAuth, method: str, path: str, scrub: _Scrubber
+    ) -> dict[str, str]:
+        if self.resolve_auth is None:
+            raise ToolError(
+                f"ERR_AUTH_RESOLVER: service {service.name!r} uses custom auth but no "
+                "resolve_auth is configured"
+            )
+        try:
+            raw = await _maybe_await(self.resolve_auth(auth, AuthContext(service.name, method, path)))
+            headers = {str(k): str(v) for k, v in dict(raw).items()}
+        except Exception as exc:  # the message may carry the secret the resolver was handling
+            kind = type(exc).__name__
+            logger.warning("ApiCall resolve_auth failed for service %s: %s", service.name, kind)
+            raise ToolError(
+                f"ERR_AUTH_RESOLVER: resolve_auth failed for service {service.name!r} ({kind})"
+            ) from None
+        for value in headers.values():
+            scrub.add(value)
+        if any(not _HEADER_NAME.match(k) or _has_ctl(v) for k, v in headers.items()):
+            raise ToolError(
+                f"ERR_AUTH_RESOLVER: resolve_auth returned an invalid header for service {service.name!r}"
+            )
+        return headers
+
+    @staticmethod
+    def _headers(
+        service: ApiService, model: dict[str, Any], auth: dict[str, str], has_body: bool
+    ) -> dict[str, str]:
+        reserved = _RESERVED_HEADERS | {n.lower() for n in (*auth, *service.headers)}
+        headers = dict(service.headers)
+        for name, value in model.items():
+            if name.lower() in reserved or name.lower().startswith("proxy-"):
+                raise ToolError(f"header {name!r} cannot be set by the model (it is set by the engine)")
+            if not _HEADER_NAME.match(name) or _has_ctl(str(value)):
+                raise ToolError(f"header {name!r} has an invalid name or value")
+            headers[name] = str(value)
+        if has_body and not any(n.lower() == "content-type" for n in headers):
+            headers["Content-Type"] = "application/json"
+        return {**headers, **auth}
+
+    async def _exchange(
+        self,
+        service: ApiService,
+        method: str,
+        path: str,
+        query: list[tuple[str, str]],
+        headers: dict[str, str],
+        body: bytes | None,
+    ) -> tuple[JsonObject, int]:
+        client = self.client or httpx.AsyncClient(trust_env=False)
+        url: httpx.URL = httpx.URL(service.base_url + path, params=query)
+        origin = _origin(service.base_url)
+        try:
+            for hop in range(MAX_REDIRECTS + 1):
+                # The per-request timeout also overrides a shared client's (httpx defaults to 5s).
+                request = client.build_request(
+                    method, url, headers=headers, content=body, timeout=service.timeout_s
+                )
+                # A shared client's cookie jar must not carry state between calls or tenants.
+                request.headers.pop("cookie", None)
+                response = await client.send(request, stream=True, follow_redirects=False)
+                try:
+                    location = response.headers.get("location")
+                    note = None
+                    if response.is_redirect and location:
+                        target = httpx.URL(urljoin(str(url), location))
+                        note = self._redirect_refusal(service, origin, target, hop)
+                        if note is None:
+                            url = target
+                            if response.status_code == 303 or (
+                                response.status_code in (301, 302) and method == "POST"
+                            ):
+                                method, body = ("HEAD" if method == "HEAD" else "GET"), None
+                                headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+                            continue
+                    return await self._render(service, response, note)
+                finally:
+                    await response.aclose()
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            if self.client is None:
+                await client.aclose()
+
+    def _redirect_refusal(
+        self, service: ApiService, origin: tuple[str, str, int | None], target: httpx.URL, hop: int
+    ) -> str | None:
+        # Userinfo would make httpx swap in its own Basic credentials.
+        if _origin(target) != origin or target.userinfo:
+            return "redirect to another origin not followed: credentials never leave the service origin"
+        if hop >= MAX_REDIRECTS:
+            return f"redirect not followed: at most {MAX_REDIRECTS} redirects are followed"
+        base_path = urlsplit(service.base_url).path
+        raw = target.raw_path.decode("ascii").split("?", 1)[0]
+        if not raw.startswith(base_path + "/"):
+            return "redirect outside the service base URL not followed"
+        try:
+            path = normalise_path(raw[len(base_path) :])
+        except ToolError as exc:
+            return f"redirect not followed: {exc}"
+        return (
+            None
+            if self._path_allowed(service, path)
+            else "redirect to a path that is not allowed not followed"
+        )
+
+    @staticmethod
+    async def _render(
+        service: ApiService, response: httpx.Response, note: str | None
+    ) -> tuple[JsonObject, int]:
+        data, truncated = bytearray(), False
+        async for chunk in response.aiter_bytes():
+            data += chunk
+            if len(data) > service.max_response_bytes:
+                del data[service.max_response_bytes :]
+                truncated = True
+                break
+        text = data.decode("utf-8", errors="replace")
+        body: Any = text
+        content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not truncated and text and (content_type == "application/json" or content_type.endswith("+json")):
+            try:
+                body = json.loads(text)
+            except ValueError:
+                body = text
+        result: JsonObject = {
+            "status": response.status_code,
+            "headers": {k: v for k, v in response.headers.items() if k.lower() in _RESPONSE_HEADERS},
+            "body": body,
+            "truncated": truncated,
+        }
+        if note:
+            result["note"] = note
+        return result, len(data)
+
+    async def _hook(self, hook: Hook | None, payload: JsonObject, scrub: _Scrubber) -> None:
+        if hook is None:
+            return
+        try:
+            await _maybe_await(hook(payload))
+        except Exception as exc:  # metering must never break a call
+            logger.warning("ApiCall hook failed: %s: %s", type(exc).__name__, scrub.text(str(exc)))
+
+
+def build_api_call_tool(
+    services: Iterable[ApiService],
+    *,
+    env_lookup: EnvLookup,
+    resolve_auth: ResolveAuth | None = None,
+    on_request: Hook | None = None,
+    on_response: Hook | None = None,
+    client: httpx.AsyncClient | None = None,
+) -> Tool:
+    """The ``ApiCall`` tool over these services (build it per run: env values may be per run)."""
+    listed = list(services)
+    if not listed:
+        raise ValueError("ApiCall needs at least one service")
+    by_name = {s.name: s for s in listed}
+    call = _ApiCall(by_name, env_lookup, resolve_auth, on_request, on_response, client)
+    return Tool(TOOL_NAME, _description(listed), _input_schema(listed), handler=call)
