@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import platform
+import secrets
 import signal
 import statistics
 import subprocess
@@ -27,6 +28,7 @@ from engine_service._tools import ASK_USER
 from engine_service._types import Principal, RunState
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
+from machina.engine.v1 import run_pb2
 from tests import tools as test_tools
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +79,9 @@ def storage_ratio(root: Path) -> float:
 # -- engine process helpers ------------------------------------------------------------
 
 
-def start_engine(storage: Path) -> tuple[subprocess.Popen[bytes], str, float]:
+def start_engine(
+    storage: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str, float]:
     port_file = storage / "port"
     port_file.unlink(missing_ok=True)
     started = time.perf_counter()
@@ -104,6 +108,8 @@ def start_engine(storage: Path) -> tuple[subprocess.Popen[bytes], str, float]:
             **os.environ,
             "MACHINA_TOOLS_CUSTOM": "tests.tools:noop,tests.tools:double",
             "MACHINA_TOOLS_PERMISSIONS": "double=ask",
+            "MACHINA_WORKDIR_ROOT": str(storage / "work"),
+            **(env or {}),
         },
     )
     while not (port_file.exists() and port_file.read_text()):
@@ -129,9 +135,10 @@ def stop_engine(proc: subprocess.Popen[bytes]) -> None:
 
 
 def scripted(text: str, calls: list[tuple[str, dict[str, Any]]] | None = None) -> svc.ScriptedTurn:
-    return svc.ScriptedTurn(
-        text=text, tool_calls=[svc.ScriptedToolCall(name=n, arguments=a) for n, a in calls or []]
-    )
+    turn = svc.ScriptedTurn(text=text)
+    for name, arguments in calls or []:
+        turn.tool_calls.add(name=name).arguments.update(arguments)
+    return turn
 
 
 async def events_per_second(target: str, n_events: int, repeats: int) -> dict[str, list[float]]:
@@ -157,6 +164,61 @@ async def events_per_second(target: str, n_events: int, repeats: int) -> dict[st
                 count += len(response.events)
             out["replay"].append(count / (time.perf_counter() - started))
     return out
+
+
+def start_runner(storage: Path, secret: str) -> tuple[subprocess.Popen[bytes], int]:
+    port_file = storage / "runner.port"
+    port_file.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner_service", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+         "--storage", str(storage), "--port-file", str(port_file), "--log-format", "json"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "MACHINA_RUNNER_SECRET": secret, "MACHINA_WORKDIR_ROOT": str(storage / "work")},
+    )  # fmt: skip
+    while not (port_file.exists() and port_file.read_text()):
+        if proc.poll() is not None:
+            raise RuntimeError("runner exited during start-up")
+        time.sleep(0.005)
+    return proc, int(json.loads(port_file.read_text())["http"])
+
+
+async def round_trip_ms(target: str, repeats: int) -> list[float]:
+    """CreateRun of a one-Bash-step run → WaitRun sees DONE (ms)."""
+    script = [scripted("", [("Bash", {"command": "true"})]), scripted("done")]
+    results = []
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = svc_grpc.EngineServiceStub(ch)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            spec = svc.RunSpec(task="handoff", model=svc.ModelSpec(provider="scripted", script=script))
+            run = (await stub.CreateRun(svc.CreateRunRequest(spec=spec))).run
+            while run.state not in (run_pb2.RUN_STATE_DONE, run_pb2.RUN_STATE_FAILED):
+                run = (await stub.WaitRun(svc.WaitRunRequest(run_id=run.run_id, timeout_ms=30_000))).run
+            results.append((time.perf_counter() - started) * 1000)
+            assert run.state == run_pb2.RUN_STATE_DONE, run.error
+    return results
+
+
+async def handoff_round_trips(storage: Path, repeats: int) -> dict[str, list[float]]:
+    """The same Bash-step run on an engine that hands off to a runner, and on one that runs it itself."""
+    secret = secrets.token_urlsafe(16)
+    runner, http_port = start_runner(storage, secret)
+    handoff_env = {"MACHINA_CAPABILITIES_SUBPROCESS": "false", "MACHINA_RUNNER_SECRET": secret,
+                   "MACHINA_RUNNER_URL": f"http://127.0.0.1:{http_port}/continue"}  # fmt: skip
+    try:
+        engine, target, _ = start_engine(storage, handoff_env)
+        try:
+            handoff = await round_trip_ms(target, repeats)
+        finally:
+            stop_engine(engine)
+        engine, target, _ = start_engine(storage)
+        try:
+            local = await round_trip_ms(target, repeats)
+        finally:
+            stop_engine(engine)
+    finally:
+        stop_engine(runner)
+    return {"handoff": handoff, "local": local}
 
 
 async def approval_round_trips(target: str, repeats: int) -> list[float]:
@@ -239,6 +301,10 @@ async def run(quick: bool) -> dict[str, Any]:
             results["approval_rtt_ms"] = summarize(await approval_round_trips(target, 5 if quick else 20))
         finally:
             stop_engine(proc)
+        progress("handoff round trip (engine → runner → DONE seen by WaitRun) ×20, and the same run locally")
+        trips = await handoff_round_trips(storage, 5 if quick else 20)
+        results["handoff_rtt_ms"] = summarize(trips["handoff"])
+        results["local_rtt_ms"] = summarize(trips["local"])
         results["storage_bytes_ratio"] = storage_ratio(storage / "workspaces")
     return results
 
@@ -281,6 +347,12 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"{r['approval_rtt_ms']['median']:.2f} ms",
             "≤ 2 ms",
             r["approval_rtt_ms"]["median"] <= 2,
+        ),
+        row(
+            "handoff round trip, local storage (p50)",
+            f"{r['handoff_rtt_ms']['median']:.1f} ms (locally: {r['local_rtt_ms']['median']:.1f} ms)",
+            "≤ 50 ms",
+            r["handoff_rtt_ms"]["median"] <= 50,
         ),
         row(
             "cold start to SERVING (median)",
