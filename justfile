@@ -47,9 +47,9 @@ test *args: setup
 demo: setup
     {{venv}}/python -m demo
 
-# Benchmarks (SPEC §7): prints a table and writes bench-results/bench.json.
-bench: setup
-    {{venv}}/python -m bench
+# Benchmarks (SPEC §7): prints a table and writes bench-results/bench.json (`just bench --quick` for a smoke run).
+bench *args: setup
+    {{venv}}/python -m bench {{args}}
 
 # Serve the engine on 127.0.0.1:50051 (pass flags, e.g. `just serve-engine --listen 127.0.0.1:6000`).
 serve-engine *args: setup
