@@ -52,6 +52,7 @@ class RunOptions(TypedDict, total=False):
       message: ``{"services": [{"name", "base_url", "auth": {"type": "bearer",
       "token_ref": "t"}, ...}], "env": {"t": "<secret>"}}``. The engine keeps ``env``
       in memory only.
+    - ``mcp_servers``: only these configured MCP servers' tools (``[]`` = none).
     """
 
     run_id: str | None
@@ -75,6 +76,7 @@ class RunOptions(TypedDict, total=False):
     labels: Mapping[str, str] | None
     client_tools: Sequence[Mapping[str, Any]] | None
     api: Mapping[str, Any] | None
+    mcp_servers: Sequence[str] | None
 
 
 _OPTION_NAMES = frozenset(RunOptions.__annotations__)
@@ -245,6 +247,9 @@ def build_run_spec(task: str, **options: Unpack[RunOptions]) -> pb.RunSpec:
             raise TypeError("labels must be a dict of str -> str")
         for key, value in labels.items():
             spec.labels[_str("labels key", key)] = _str(f"labels[{key!r}]", value)
+    if (mcp_servers := options.get("mcp_servers")) is not None:
+        spec.mcp_servers.SetInParent()
+        spec.mcp_servers.servers.extend(_names("mcp_servers", mcp_servers))
     if (api := options.get("api")) is not None:
         api_spec_into(api, spec.api)
     for index, client_tool in enumerate(options.get("client_tools") or ()):

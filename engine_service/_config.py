@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from engine_service._apicall import ApiConfig
 from engine_service._ids import is_valid_id
 from engine_service._types import Principal
+from engine_service.tools._mcp import McpServerConfig
 
 ENV_PREFIX = "MACHINA_"
 
@@ -58,6 +59,8 @@ class ToolsConfig(_Section):
     # WebFetch refuses loopback/private/link-local targets unless allowed here.
     webfetch_allow_private: bool = False
     webfetch_allow_hosts: list[str] = []
+    # MCP servers whose tools join the catalogue as mcp__<server>__<tool> ([[tools.mcp_servers]]).
+    mcp_servers: list[McpServerConfig] = []
 
 
 class EngineConfig(_Section):

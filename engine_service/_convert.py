@@ -148,6 +148,7 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
         approval_expiry_approves=message.approval_expiry_action == rp.EXPIRY_ACTION_APPROVE,
         labels=dict(message.labels),
         api_services=api_services_from_proto(message.api),
+        mcp_servers=list(message.mcp_servers.servers) if message.HasField("mcp_servers") else None,
     )
     client_tools = [
         ClientToolDef(

@@ -66,8 +66,10 @@ from engine_service.tools import (
     GREP,
     READ,
     WRITE,
+    McpManager,
     WebFetchPolicy,
     result_blob_name,
+    select_servers,
     web_fetch_tool,
 )
 
@@ -133,9 +135,60 @@ class Engine:
         )
         # Per-run ApiCall credentials: memory only, never persisted (SPEC §4).
         self._run_api_env: dict[tuple[str, str], dict[str, str]] = {}
+        self._mcp: McpManager | None = None
+        self._started = False
         self._default_script = (
             load_script_file(config.model.script_file) if config.model.script_file else None
         )
+
+    async def start(self) -> None:
+        """Connect the configured MCP servers and add their tools to the catalogue.
+
+        A stdio server needs the ``subprocess`` capability. A host without it
+        cannot start one, so it offers the tools a runner published (capability
+        stubs the model still sees, handed to the runner when called).
+        """
+        if self._started:
+            return
+        self._started = True
+        servers = self.config.tools.mcp_servers
+        local = [c for c in servers if c.transport == "http" or "subprocess" in self._capabilities]
+        if local:
+            self._mcp = McpManager(local)
+            await self._mcp.start()
+            tools = await self._mcp.list_tools()
+            for tool in tools:
+                self.tools.register(tool)
+            for config in (c for c in local if c.transport == "stdio"):
+                prefix = f"mcp__{config.name}__"
+                catalogue = [
+                    {"name": t.name, "description": t.description, "input_schema": t.input_schema,
+                     "idempotent": t.idempotent}
+                    for t in tools if t.name.startswith(prefix)
+                ]  # fmt: skip
+                await self.storage.put_shared(f"mcp-{config.name}", {"tools": catalogue})
+        for config in servers:
+            if config in local:
+                continue
+            doc = await self.storage.get_shared(f"mcp-{config.name}")
+            if doc is None:
+                log.warning(
+                    "MCP server %s needs subprocess, which this host lacks, and no runner has published "
+                    "its tools yet; start the runner first", config.name, extra={"mcp_server": config.name},
+                )  # fmt: skip
+                continue
+            for t in doc["tools"]:
+                needs = frozenset({"subprocess"})
+                idempotent = bool(t.get("idempotent", False))
+                self.tools.register(
+                    Tool(
+                        t["name"],
+                        t["description"],
+                        t["input_schema"],
+                        capabilities=needs,
+                        idempotent=idempotent,
+                    )
+                )
 
     @property
     def default_model(self) -> str:
@@ -290,6 +343,11 @@ class Engine:
                 ) from None
         if spec.script is not None:
             validate_script(spec.script)
+        if spec.mcp_servers is not None:
+            try:
+                select_servers(self.config.tools.mcp_servers, spec.mcp_servers)
+            except ValueError as exc:
+                raise invalid("ERR_INVALID_REQUEST", str(exc), field="mcp_servers") from None
         try:
             ApiConfig(services=[ApiService.model_validate(s) for s in spec.api_services])
         except ValidationError as exc:
@@ -346,6 +404,11 @@ class Engine:
             tools[name] = capability_stub(tool, missing) if missing else tool
         for t in spec_doc.get("client_tools", ()):
             tools[t["name"]] = client_tool(t["name"], t["description"], t["input_schema"])
+        if spec.mcp_servers is not None:
+            chosen = {f"mcp__{name}__" for name in spec.mcp_servers}
+            tools = {
+                n: t for n, t in tools.items() if not n.startswith("mcp__") or n.startswith(tuple(chosen))
+            }
         api_tool = self._api_call_tool(ws, spec)
         if api_tool is not None:
             tools[api_tool.name] = api_tool
@@ -924,6 +987,8 @@ class Engine:
             task.cancel()
         if self._http is not None:
             await self._http.aclose()
+        if self._mcp is not None:
+            await self._mcp.close()
         await self.storage.close()
 
 

@@ -73,10 +73,13 @@ class RunSpec:
     labels: dict[str, str] = field(default_factory=dict)
     # Per-run ApiCall services (definitions with refs only; credentials are never stored).
     api_services: list[JsonObject] = field(default_factory=list)
+    # MCP servers this run may use; None = all configured.
+    mcp_servers: list[str] | None = None
 
     def to_json(self) -> JsonObject:
         return {
             "api_services": self.api_services,
+            "mcp_servers": self.mcp_servers,
             "task": self.task,
             "run_id": self.run_id,
             "request_id": self.request_id,
@@ -124,6 +127,7 @@ class RunSpec:
             approval_expiry_approves=doc.get("approval_expiry_approves", False),
             labels=doc.get("labels", {}),
             api_services=doc.get("api_services", []),
+            mcp_servers=doc.get("mcp_servers"),
         )
 
 

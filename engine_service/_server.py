@@ -279,6 +279,7 @@ async def start_server(
     max_message_bytes: int = 4 * 1024 * 1024,
 ) -> RunningServer:
     """Start EngineService (+ health + reflection) on ``listen``; port 0 picks a free port."""
+    await engine.start()
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),

@@ -84,6 +84,12 @@ class Storage(Protocol):
 
     async def get_blob(self, ws: str, run_id: str, name: str) -> bytes | None: ...
 
+    async def put_shared(self, name: str, doc: JsonObject) -> None:
+        """A document shared by every process on this storage (e.g. a runner's MCP tool catalogue)."""
+        ...
+
+    async def get_shared(self, name: str) -> JsonObject | None: ...
+
     async def list_runs(self, ws: str) -> list[str]: ...
 
     async def put_if_absent(self, ws: str, key: str, doc: JsonObject) -> JsonObject | None:
@@ -240,6 +246,14 @@ class LocalStorage:
             return (self._run_dir(ws, run_id) / "blobs" / check_id(name, "blob name")).read_bytes()
         except FileNotFoundError:
             return None
+
+    async def put_shared(self, name: str, doc: JsonObject) -> None:
+        directory = self._root / "shared"
+        directory.mkdir(exist_ok=True)
+        self._write_atomic(directory / f"{check_id(name, 'shared name')}.json", _dumps(doc))
+
+    async def get_shared(self, name: str) -> JsonObject | None:
+        return _read_json(self._root / "shared" / f"{check_id(name, 'shared name')}.json")
 
     async def list_runs(self, ws: str) -> list[str]:
         runs = self._root / "workspaces" / check_id(ws, "workspace_id") / "runs"

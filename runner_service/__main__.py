@@ -60,7 +60,9 @@ def build_config(ns: argparse.Namespace) -> RunnerConfig:
 
 
 async def serve(config: RunnerConfig, port_file: str | None) -> None:
-    runner = Runner(build_engine(config), config.runner_secret.get_secret_value(), config.runner_workspace)
+    engine = build_engine(config)
+    await engine.start()  # MCP servers (the runner can start stdio ones and publishes their tools)
+    runner = Runner(engine, config.runner_secret.get_secret_value(), config.runner_workspace)
     server, grpc_port, health = await start_grpc(runner, config.runner_listen)
     host, _, port = config.runner_http_listen.rpartition(":")
     http = uvicorn.Server(

@@ -456,6 +456,7 @@ class RunSpec(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     CLIENT_TOOLS_FIELD_NUMBER: _builtins.int
     API_FIELD_NUMBER: _builtins.int
+    MCP_SERVERS_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     """The task for the agent."""
     run_id: _builtins.str
@@ -506,6 +507,10 @@ class RunSpec(_message.Message):
     def api(self) -> Global___ApiSpec:
         """Per-run ApiCall services and credentials."""
 
+    @_builtins.property
+    def mcp_servers(self) -> Global___McpServerSelection:
+        """If set, only these configured MCP servers' tools are offered (empty = none)."""
+
     def __init__(
         self,
         *,
@@ -525,14 +530,39 @@ class RunSpec(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         client_tools: _abc.Iterable[Global___ToolDefinition] | None = ...,
         api: Global___ApiSpec | None = ...,
+        mcp_servers: Global___McpServerSelection | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "limits", b"limits", "model", b"model", "output_schema", b"output_schema", "tools", b"tools"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "limits", b"limits", "mcp_servers", b"mcp_servers", "model", b"model", "output_schema", b"output_schema", "tools", b"tools"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "approval_expiry_action", b"approval_expiry_action", "approval_timeout_ms", b"approval_timeout_ms", "client_tools", b"client_tools", "gated_tools", b"gated_tools", "labels", b"labels", "limits", b"limits", "model", b"model", "output_schema", b"output_schema", "permissions", b"permissions", "request_id", b"request_id", "run_id", b"run_id", "system_prompt", b"system_prompt", "task", b"task", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "approval_expiry_action", b"approval_expiry_action", "approval_timeout_ms", b"approval_timeout_ms", "client_tools", b"client_tools", "gated_tools", b"gated_tools", "labels", b"labels", "limits", b"limits", "mcp_servers", b"mcp_servers", "model", b"model", "output_schema", b"output_schema", "permissions", b"permissions", "request_id", b"request_id", "run_id", b"run_id", "system_prompt", b"system_prompt", "task", b"task", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunSpec: _TypeAlias = RunSpec  # noqa: Y015
+
+@_typing.final
+class McpServerSelection(_message.Message):
+    """A choice of configured MCP servers by name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def servers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The server names."""
+
+    def __init__(
+        self,
+        *,
+        servers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["servers", b"servers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___McpServerSelection: _TypeAlias = McpServerSelection  # noqa: Y015
 
 @_typing.final
 class ExecuteRunRequest(_message.Message):
