@@ -238,8 +238,9 @@ class LocalStorage:
 
     async def put_blob(self, ws: str, run_id: str, name: str, data: bytes) -> None:
         directory = self._run_dir(ws, run_id) / "blobs"
+        path = directory / check_id(name, "blob name")
         directory.mkdir(exist_ok=True)
-        self._write_atomic(directory / check_id(name, "blob name"), data)
+        self._write_atomic(path, data)
 
     async def get_blob(self, ws: str, run_id: str, name: str) -> bytes | None:
         try:
@@ -364,10 +365,19 @@ def _read_json(path: Path) -> JsonObject | None:
 
 
 def open_storage(url: str, *, fsync: bool = False) -> Storage:
-    """Storage from a URL: ``file:///abs/dir`` or a plain path."""
+    """Storage from a URL: ``file:///abs/dir``, a plain path, or ``s3://bucket/prefix``."""
     if url.startswith("file://"):
         return LocalStorage(url.removeprefix("file://"), fsync=fsync)
+    if url.startswith("s3://"):
+        from engine_service._s3 import S3Storage
+
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValueError("an s3:// storage URL needs a bucket: s3://bucket/prefix")
+        return S3Storage(bucket, prefix)
     if "://" in url:
         scheme = url.split("://", 1)[0]
-        raise ValueError(f"unsupported storage URL scheme {scheme!r}: use file:///abs/dir or a path")
+        raise ValueError(
+            f"unsupported storage URL scheme {scheme!r}: use file:///abs/dir, a path or s3://bucket/prefix"
+        )
     return LocalStorage(url, fsync=fsync)

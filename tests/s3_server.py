@@ -1,0 +1,126 @@
+"""A real S3-compatible server process (moto's) and a fault-injecting proxy in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import aiohttp
+from aiohttp import web
+
+from tests.processes import free_port
+
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextmanager
+def running_moto() -> Iterator[str]:
+    """Start ``moto_server`` on a free loopback port; yield its endpoint URL."""
+    port = free_port()
+    bin_dir = os.path.dirname(sys.executable)
+    proc = subprocess.Popen(
+        [os.path.join(bin_dir, "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                import urllib.request
+
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()  # noqa: S310 - loopback
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+_S3_ERRORS = {
+    "500": (500, "InternalError", "We encountered an internal error. Please try again."),
+    "503": (503, "SlowDown", "Please reduce your request rate."),
+}
+
+
+class FaultyProxy:
+    """An HTTP proxy to the S3 server that injects faults in a repeating pattern.
+
+    Faults: ``500`` / ``503`` (an S3 error document), ``slow`` (answer after
+    ``delay`` seconds, past the client's timeout; the request still reaches the
+    server), ``drop`` (forward, so the write lands, then cut the connection
+    without answering).
+    """
+
+    def __init__(self, upstream: str, pattern: Iterable[str], delay: float = 2.0) -> None:
+        self.upstream = upstream
+        self._pattern = itertools.cycle(list(pattern))
+        self.delay = delay
+        self.counts: dict[str, int] = {}
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _forward(self, request: web.Request) -> web.Response:
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, headers=headers, data=await request.read()
+        ) as upstream:
+            body = await upstream.read()
+            keep = {
+                k: v
+                for k, v in upstream.headers.items()
+                if k.lower() not in ("content-length", "transfer-encoding")
+            }
+            return web.Response(status=upstream.status, body=body, headers=keep)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        fault = next(self._pattern)
+        self.counts[fault] = self.counts.get(fault, 0) + 1
+        if fault in _S3_ERRORS:
+            status, code, message = _S3_ERRORS[fault]
+            xml = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
+            return web.Response(status=status, body=xml.encode(), content_type="application/xml")
+        if fault == "slow":
+            response = await self._forward(request)
+            await asyncio.sleep(self.delay)
+            return response
+        if fault == "drop":
+            await self._forward(request)
+            if request.transport is not None:
+                request.transport.close()
+            raise asyncio.CancelledError  # the client sees the connection cut
+        return await self._forward(request)
