@@ -41,6 +41,10 @@ from engine_service.tools import result_blob_name, truncation_note
 log = logging.getLogger("machina.engine")
 
 
+class LeaseLost(Exception):
+    """Another process holds the run's lease now; this one must stop writing."""
+
+
 class RunnerUnreachable(Exception):
     """The runner did not accept a handed-off run (network error, timeout or non-2xx)."""
 
@@ -86,6 +90,7 @@ class RunActor:
         self._transcript_committed = record.transcript_len
         self._lease_renew_at = 0.0
         self._active_since = 0.0
+        self._lease_lost = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -121,9 +126,20 @@ class RunActor:
         await self._renew_lease()
 
     async def take_over(self) -> bool:
-        """Acquire the lease and drop what a dead writer left uncommitted."""
+        """Acquire the lease and drop what a dead writer left uncommitted.
+
+        The record was read before the lease was ours; if another writer moved
+        the run in between, it is stale and we back off (False).
+        """
         ws, run_id = self.key
         if not await self.env.storage.acquire_lease(ws, run_id, self.env.owner, self.env.lease_ttl):
+            return False
+        current = await self.env.storage.read_state(ws, run_id)
+        if current is None or (current["last_seq"], current["state"]) != (
+            self.record.last_seq,
+            self.record.state.value,
+        ):
+            await self.env.storage.release_lease(ws, run_id, self.env.owner)
             return False
         self._lease_renew_at = self.env.clock() + self.env.lease_ttl / 3
         await self.env.storage.drop_uncommitted(ws, run_id, "events", self.record.last_seq)
@@ -141,8 +157,23 @@ class RunActor:
         if now >= self._lease_renew_at:
             ws, run_id = self.key
             if not await self.env.storage.acquire_lease(ws, run_id, self.env.owner, self.env.lease_ttl):
-                raise RunFailure("ERR_LEASE_LOST", "another process took over this run")
+                raise LeaseLost(f"run {run_id} is now moved by another process")
             self._lease_renew_at = now + self.env.lease_ttl / 3
+
+    async def _heartbeat(self) -> None:
+        """Keep the lease alive through long model calls and tool calls (no checkpoint then)."""
+        while True:
+            await asyncio.sleep(self.env.lease_ttl / 3)
+            try:
+                await self._renew_lease()
+            except LeaseLost:
+                log.warning("lost the lease of run %s; stopping it here", self.record.run_id)
+                self._lease_lost = True
+                if self.task is not None:
+                    self.task.cancel()
+                return
+            except Exception:  # a storage hiccup: the next beat or checkpoint retries
+                log.warning("lease renewal of run %s failed; will retry", self.record.run_id, exc_info=True)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -155,6 +186,16 @@ class RunActor:
         self.task = asyncio.create_task(self._execute(resumed_by), name=f"run:{self.record.run_id}")
 
     async def _execute(self, resumed_by: str | None) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._execute_inner(resumed_by)
+        except LeaseLost:
+            # Another process owns the run now: write nothing more, just stop.
+            self.feed.close()
+        finally:
+            heartbeat.cancel()
+
+    async def _execute_inner(self, resumed_by: str | None) -> None:
         record = self.record
         self._active_since = self.env.clock()
         record.state = RunState.RUNNING
@@ -177,6 +218,8 @@ class RunActor:
                     "ERR_DEADLINE_EXCEEDED", "the run's deadline passed", timeout_ms=self.spec.timeout_ms
                 ) from None
         except asyncio.CancelledError:
+            if self._lease_lost:
+                raise LeaseLost("lease lost") from None
             if self.cancel_reason is None:
                 # Engine shutdown: leave the last checkpoint for recovery.
                 await self._close_quietly()
@@ -185,6 +228,8 @@ class RunActor:
                 RunState.CANCELLED,
                 error=RunError("ERR_CANCELLED", self.cancel_reason or "cancelled by a caller"),
             )
+        except LeaseLost:
+            raise
         except RunFailure as failure:
             await self._finish(
                 RunState.FAILED, error=RunError(failure.code, failure.message, failure.metadata)
@@ -200,9 +245,9 @@ class RunActor:
             )
 
     async def _close_quietly(self) -> None:
-        with contextlib.suppress(Exception):
-            self._account_time()
-            await self.checkpoint()
+        # Nothing past the last checkpoint is written: a half-streamed turn would
+        # leave events that the recovered run then streams again. Freeing the
+        # lease lets recovery (here or on a replica) start at once.
         with contextlib.suppress(Exception):
             await self.release()
 
@@ -235,6 +280,23 @@ class RunActor:
         await self.checkpoint()
         await self.release()
         log.info("run %s %s", record.run_id, state.value.lower(), extra={"run_id": record.run_id})
+
+    def mark_interrupted(self) -> list[str]:
+        """After a crash: calls that may have been running are reported, not silently re-run.
+
+        Idempotent tools run again; others get an error result the model can act on.
+        """
+        interrupted = []
+        for p in self.record.pending:
+            tool = self.env.tools.get(p.call.name)
+            if p.status == READY and not (tool is not None and tool.idempotent):
+                p.status, p.result_is_error = RESOLVED, True
+                p.result_text = (
+                    f"The {p.call.name} call was interrupted by an engine crash: it may or may not have "
+                    "taken effect. Check before you retry it."
+                )
+                interrupted.append(p.call.call_id)
+        return interrupted
 
     async def cancel_now(self) -> None:
         """Cancel a run that is not executing (paused, or orphaned while queued)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -79,10 +80,14 @@ class EngineConfig(_Section):
     # Per-workspace runner URLs (one runner per tenant); they override runner_url.
     runner_urls: dict[str, str] = {}
     runner_secret: SecretStr = SecretStr("")
+    # PEM CA bundle that verifies an https:// runner (a private CA); empty = the system CAs.
+    runner_ca_file: str = ""
     runner_timeout_s: float = Field(5.0, gt=0, le=60)
     capabilities_subprocess: bool = True
     max_turns: int = Field(50, ge=1, le=100_000)
     lease_ttl_s: float = Field(30.0, gt=0)
+    # How often to sweep for runs whose executor died (lease expired, queued or running); 0 = at startup.
+    recovery_interval_s: float = Field(10.0, ge=0)
     shutdown_grace_s: float = Field(5.0, ge=0)
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     log_format: Literal["auto", "json", "text"] = "auto"
@@ -100,6 +105,21 @@ class EngineConfig(_Section):
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"listen address {value!r} must look like HOST:PORT")
         return value
+
+    @field_validator("runner_ca_file")
+    @classmethod
+    def _runner_ca_file(cls, value: str) -> str:
+        # Fail at startup, not on the first handoff.
+        if value:
+            try:
+                ssl.create_default_context(cafile=value)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot load the CA file {value!r}: {exc}") from None
+        return value
+
+    def runner_tls_verify(self) -> ssl.SSLContext | bool:
+        """httpx's ``verify`` for the runner handoff: the configured CA bundle, else the system CAs."""
+        return ssl.create_default_context(cafile=self.runner_ca_file) if self.runner_ca_file else True
 
 
 ConfigT = TypeVar("ConfigT", bound=EngineConfig)

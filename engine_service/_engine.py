@@ -151,6 +151,7 @@ class Engine:
         if self._started:
             return
         self._started = True
+        self._spawn(self._recovery_loop())
         servers = self.config.tools.mcp_servers
         local = [c for c in servers if c.transport == "http" or "subprocess" in self._capabilities]
         if local:
@@ -834,6 +835,54 @@ class Engine:
             self._notify(key)
             return record
 
+    # -- crash recovery -------------------------------------------------------------------
+
+    async def recover_orphaned_runs(self, principal: Principal | None = None) -> list[str]:
+        """Resume runs whose executor died: QUEUED/RUNNING with an expired lease. Paused runs stay paused.
+
+        With a principal, only that workspace is swept (the RPC); without, all (the background sweep).
+        """
+        workspaces = [principal.workspace_id] if principal else await self.storage.list_workspaces()
+        recovered = []
+        for ws in workspaces:
+            for run_id in await self.storage.list_runs(ws):
+                key = (ws, run_id)
+                if key in self._active or self._closing:
+                    continue
+                with contextlib.suppress(EngineError):
+                    if await self._recover(key):
+                        recovered.append(run_id)
+        return recovered
+
+    async def _recover(self, key: tuple[str, str]) -> bool:
+        async with self._lock(key):
+            if key in self._active:
+                return False
+            doc = await self.storage.read_state(*key)
+            if doc is None or doc["state"] not in (RunState.QUEUED.value, RunState.RUNNING.value):
+                return False
+            record = RunRecord.from_json(doc)
+            actor = await self._actor_for(record)
+            if not await actor.take_over():
+                return False  # its executor is alive (lease held) or it moved meanwhile
+            interrupted = actor.mark_interrupted()
+            log.warning(
+                "recovering run %s from its last checkpoint (seq %d); interrupted calls: %s",
+                key[1], record.last_seq, ", ".join(interrupted) or "none", extra={"run_id": key[1]},
+            )  # fmt: skip
+            self._start(actor, resumed_by="recovery")
+            return True
+
+    async def _recovery_loop(self) -> None:
+        while not self._closing:
+            try:
+                await self.recover_orphaned_runs()
+            except Exception:
+                log.warning("recovery sweep failed; will retry", exc_info=True)
+            if not self.config.recovery_interval_s:
+                return
+            await asyncio.sleep(self.config.recovery_interval_s)
+
     # -- runner handoff ---------------------------------------------------------------------
 
     def _runner_url(self, ws: str) -> str:
@@ -844,7 +893,10 @@ class Engine:
         url = self._runner_url(ws)
         secret = self.config.runner_secret.get_secret_value()
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.config.runner_timeout_s, connect=2.0))
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.config.runner_timeout_s, connect=2.0),
+                verify=self.config.runner_tls_verify(),  # runner_ca_file: an https runner with a private CA
+            )
         try:
             response = await self._http.post(
                 url,

@@ -226,6 +226,11 @@ class S3Storage:
         _, prefixes = await self._list(base, delimiter="/")
         return [p[len(base) :].rstrip("/") for p in prefixes]
 
+    async def list_workspaces(self) -> list[str]:
+        base = self._key("workspaces") + "/"
+        _, prefixes = await self._list(base, delimiter="/")
+        return [p[len(base) :].rstrip("/") for p in prefixes]
+
     async def put_if_absent(self, ws: str, key: str, doc: JsonObject) -> JsonObject | None:
         path = self._key(
             "workspaces", check_id(ws, "workspace_id"), "requests", f"{check_id(key, 'request_id')}.json"

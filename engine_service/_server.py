@@ -250,9 +250,8 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
     async def RecoverOrphanedRuns(
         self, request: svc.RecoverOrphanedRunsRequest, principal: Principal, context: Context
     ) -> Any:
-        raise EngineError(
-            "ERR_UNIMPLEMENTED", "RecoverOrphanedRuns is not implemented yet", kind=ErrorKind.UNIMPLEMENTED
-        )
+        run_ids = await self._engine.recover_orphaned_runs(principal)
+        return svc.RecoverOrphanedRunsResponse(run_ids=run_ids)
 
 
 @dataclass

@@ -92,6 +92,8 @@ class Storage(Protocol):
 
     async def list_runs(self, ws: str) -> list[str]: ...
 
+    async def list_workspaces(self) -> list[str]: ...
+
     async def put_if_absent(self, ws: str, key: str, doc: JsonObject) -> JsonObject | None:
         """Store ``doc`` under workspace key ``key`` unless present; return the existing one if it was."""
         ...
@@ -255,6 +257,12 @@ class LocalStorage:
 
     async def get_shared(self, name: str) -> JsonObject | None:
         return _read_json(self._root / "shared" / f"{check_id(name, 'shared name')}.json")
+
+    async def list_workspaces(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self._root / "workspaces") if not n.startswith("."))
+        except FileNotFoundError:
+            return []
 
     async def list_runs(self, ws: str) -> list[str]:
         runs = self._root / "workspaces" / check_id(ws, "workspace_id") / "runs"

@@ -161,12 +161,6 @@ BAD_REQUESTS = [
         grpc.StatusCode.INVALID_ARGUMENT,
         "ERR_INVALID_REQUEST",
     ),
-    (
-        "RecoverOrphanedRuns",
-        svc.RecoverOrphanedRunsRequest(),
-        grpc.StatusCode.UNIMPLEMENTED,
-        "ERR_UNIMPLEMENTED",
-    ),
 ]
 
 
