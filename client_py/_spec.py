@@ -53,6 +53,8 @@ class RunOptions(TypedDict, total=False):
       "token_ref": "t"}, ...}], "env": {"t": "<secret>"}}``. The engine keeps ``env``
       in memory only.
     - ``mcp_servers``: only these configured MCP servers' tools (``[]`` = none).
+    - ``webhook``: ``{"url", "secret_ref", "events": ["paused", "done", "failed"], "headers"}``;
+      the engine POSTs the run there, signed with the secret ``secret_ref`` names.
     """
 
     run_id: str | None
@@ -77,6 +79,7 @@ class RunOptions(TypedDict, total=False):
     client_tools: Sequence[Mapping[str, Any]] | None
     api: Mapping[str, Any] | None
     mcp_servers: Sequence[str] | None
+    webhook: Mapping[str, Any] | None
 
 
 _OPTION_NAMES = frozenset(RunOptions.__annotations__)
@@ -250,6 +253,13 @@ def build_run_spec(task: str, **options: Unpack[RunOptions]) -> pb.RunSpec:
     if (mcp_servers := options.get("mcp_servers")) is not None:
         spec.mcp_servers.SetInParent()
         spec.mcp_servers.servers.extend(_names("mcp_servers", mcp_servers))
+    if (webhook := options.get("webhook")) is not None:
+        if not isinstance(webhook, Mapping):
+            raise TypeError("webhook must be a dict like {'url': ..., 'secret_ref': ..., 'events': [...]}")
+        try:
+            json_format.ParseDict(dict(webhook), spec.webhook)
+        except json_format.ParseError as exc:
+            raise ValueError(f"invalid webhook: {exc}") from None
     if (api := options.get("api")) is not None:
         api_spec_into(api, spec.api)
     for index, client_tool in enumerate(options.get("client_tools") or ()):

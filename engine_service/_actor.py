@@ -73,6 +73,8 @@ class RunEnv:
     max_result_chars: int = 50_000
     # Hands the run to a runner (POST /continue); None = stubs answer with an error instead.
     handoff: Callable[[str, str], Awaitable[None]] | None = None
+    # Tells webhooks about a status change ("paused", "done", "failed", "cancelled").
+    notify: Callable[[RunRecord, str], None] | None = None
     clock: Callable[[], float] = time.time
 
 
@@ -279,6 +281,7 @@ class RunActor:
         )
         await self.checkpoint()
         await self.release()
+        self._notify(state.value.lower())
         log.info("run %s %s", record.run_id, state.value.lower(), extra={"run_id": record.run_id})
 
     def mark_interrupted(self) -> list[str]:
@@ -323,6 +326,7 @@ class RunActor:
         )
         await self.checkpoint()
         await self.release()
+        self._notify("paused")
 
     # -- the agent loop ------------------------------------------------------------
 
@@ -562,6 +566,10 @@ class RunActor:
             },
         )
         return text, is_error
+
+    def _notify(self, event: str) -> None:
+        if self.env.notify is not None and self.record.webhook:
+            self.env.notify(self.record, event)
 
     def _emit_from_tool(self, kind: str, data: JsonObject) -> None:
         if kind not in _TOOL_EVENTS:

@@ -80,6 +80,8 @@ class EngineConfig(_Section):
     # Per-workspace runner URLs (one runner per tenant); they override runner_url.
     runner_urls: dict[str, str] = {}
     runner_secret: SecretStr = SecretStr("")
+    # Webhook signing secrets by reference (a run's webhook names one in secret_ref).
+    webhook_secrets: dict[str, SecretStr] = {}
     # PEM CA bundle that verifies an https:// runner (a private CA); empty = the system CAs.
     runner_ca_file: str = ""
     runner_timeout_s: float = Field(5.0, gt=0, le=60)

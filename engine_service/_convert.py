@@ -161,6 +161,18 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
     return spec, client_tools
 
 
+def webhook_from_proto(message: Any, field: str) -> JsonObject | None:
+    if not message.HasField(field):
+        return None
+    hook = getattr(message, field)
+    return {
+        "url": hook.url,
+        "secret_ref": hook.secret_ref,
+        "events": list(hook.events),
+        "headers": dict(hook.headers),
+    }
+
+
 def decision_from_proto(message: svc.Decision) -> Decision:
     action = message.WhichOneof("action")
     if action == "approve":

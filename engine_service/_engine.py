@@ -57,6 +57,7 @@ from engine_service._types import (
     Principal,
     RunState,
 )
+from engine_service._webhooks import WebhookConfig, WebhookSender
 from engine_service.models import ModelAdapter, RetryPolicy, ScriptedModel
 from engine_service.tools import (
     BASH,
@@ -137,6 +138,8 @@ class Engine:
         self._run_api_env: dict[tuple[str, str], dict[str, str]] = {}
         self._mcp: McpManager | None = None
         self._started = False
+        secrets = {k: v.get_secret_value() for k, v in config.webhook_secrets.items()}
+        self.webhooks = WebhookSender(storage, lambda ref: secrets.get(ref) or os.environ.get(ref))
         self._default_script = (
             load_script_file(config.model.script_file) if config.model.script_file else None
         )
@@ -205,11 +208,13 @@ class Engine:
         *,
         mode: str = "async",
         api_env: Mapping[str, str] | None = None,
+        webhook: Mapping[str, Any] | None = None,
     ) -> tuple[RunRecord, bool]:
         """Start a run in the background. Returns (run, created); idempotent on run_id/request_id."""
         self._check_open()
         ws = principal.workspace_id
         self._validate_spec(spec, client_tools)
+        webhook_doc = validate_webhook(webhook)
         if spec.request_id:
             # The idempotency key maps to one run id; whoever reaches the run
             # first creates it, everyone else gets the same run back.
@@ -252,6 +257,7 @@ class Engine:
                 labels=dict(spec.labels),
                 deadline_at=now + spec.timeout_ms / 1000 if spec.timeout_ms else 0.0,
                 mode=mode,
+                webhook=webhook_doc,
             )
             record.meta.model = f"{provider}:{model_name}"
             spec_doc = spec.to_json()
@@ -440,6 +446,7 @@ class Engine:
             workdir=Path(cfg.workdir_root).resolve() / ws / spec.run_id,
             max_result_chars=cfg.tools.max_result_chars,
             handoff=self._post_to_runner if mode == "async" and self._runner_url(ws) else None,
+            notify=self._notify_webhook,
             clock=self._clock,
         )
 
@@ -649,6 +656,7 @@ class Engine:
         decisions: list[Decision],
         request_id: str = "",
         api_env: Mapping[str, str] | None = None,
+        webhook: Mapping[str, Any] | None = None,
     ) -> RunRecord:
         """Record decisions; the run continues once no interrupt is pending.
 
@@ -659,6 +667,7 @@ class Engine:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         if request_id:
             check_id(request_id, "request_id")
+        webhook_doc = validate_webhook(webhook)
         if api_env:
             # Credentials re-supplied (e.g. after a restart); memory only, like at creation.
             self._run_api_env[key] = dict(api_env)
@@ -693,6 +702,8 @@ class Engine:
                     run_id=run_id,
                 )
             self._disarm_expiry(key)
+            if webhook_doc is not None:
+                record.webhook = webhook_doc
             if request_id:
                 record.resume_requests = [*record.resume_requests[-31:], request_id]
             for pending, action, reason, expired in plan:
@@ -834,6 +845,10 @@ class Engine:
             await actor.cancel_now()
             self._notify(key)
             return record
+
+    def _notify_webhook(self, record: RunRecord, event: str) -> None:
+        if record.webhook:
+            self.webhooks.notify(record.workspace_id, record.run_id, record.webhook, event, record.public())
 
     # -- crash recovery -------------------------------------------------------------------
 
@@ -1041,7 +1056,18 @@ class Engine:
             await self._http.aclose()
         if self._mcp is not None:
             await self._mcp.close()
+        await self.webhooks.close()
         await self.storage.close()
+
+
+def validate_webhook(webhook: Mapping[str, Any] | None) -> JsonObject | None:
+    if not webhook:
+        return None
+    try:
+        return WebhookConfig.model_validate(dict(webhook)).model_dump()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        raise invalid("ERR_INVALID_REQUEST", f"invalid webhook: {problems}", field="webhook") from None
 
 
 def _poll_interval(record: RunRecord) -> float:

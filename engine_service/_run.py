@@ -281,6 +281,8 @@ class RunRecord:
     resume_requests: list[str] = field(default_factory=list)
     # "sync" (ExecuteRun: a caller is streaming it) or "async" (CreateRun): only async runs hand off.
     mode: str = "async"
+    # Where to POST status changes (WebhookConfig as a dict; the secret only by reference).
+    webhook: JsonObject | None = None
 
     @property
     def interrupts(self) -> list[Interrupt]:
@@ -307,6 +309,7 @@ class RunRecord:
             "deadline_at": self.deadline_at,
             "resume_requests": self.resume_requests,
             "mode": self.mode,
+            "webhook": self.webhook,
         }
 
     @classmethod
@@ -333,4 +336,25 @@ class RunRecord:
             deadline_at=doc.get("deadline_at", 0.0),
             resume_requests=list(doc.get("resume_requests", [])),
             mode=doc.get("mode", "async"),
+            webhook=doc.get("webhook"),
         )
+
+    def public(self) -> JsonObject:
+        """The run as callers see it (webhook bodies): no checkpoint internals."""
+        interrupts = [i.to_json() for i in self.interrupts]
+        return {
+            "run_id": self.run_id,
+            "workspace_id": self.workspace_id,
+            "state": self.state.value,
+            "task": self.task,
+            "pause": None
+            if self.pause_reason is None
+            else {"reason": self.pause_reason.value, "interrupts": interrupts},
+            "data": self.data,
+            "error": None if self.error is None else self.error.to_json(),
+            "meta": self.meta.to_json(),
+            "labels": self.labels,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "last_seq": self.last_seq,
+        }

@@ -24,6 +24,7 @@ from engine_service._convert import (
     run_to_proto,
     spec_from_proto,
     states_from_proto,
+    webhook_from_proto,
 )
 from engine_service._engine import Engine
 from engine_service._errors import EngineError, ErrorKind
@@ -152,7 +153,12 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
             principal = self._principal(context)
             spec, client_tools = spec_from_proto(request.spec)
             record, _ = await self._engine.create_run(
-                principal, spec, client_tools, mode="sync", api_env=dict(request.spec.api.env)
+                principal,
+                spec,
+                client_tools,
+                mode="sync",
+                api_env=dict(request.spec.api.env),
+                webhook=webhook_from_proto(request.spec, "webhook"),
             )
             async for batch in self._engine.stream_events(principal, record.run_id, until_pause=True):
                 yield svc.ExecuteRunResponse(events=[event_to_proto(record.run_id, e) for e in batch])
@@ -186,7 +192,11 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
     async def CreateRun(self, request: svc.CreateRunRequest, principal: Principal, context: Context) -> Any:
         spec, client_tools = spec_from_proto(request.spec)
         record, _ = await self._engine.create_run(
-            principal, spec, client_tools, api_env=dict(request.spec.api.env)
+            principal,
+            spec,
+            client_tools,
+            api_env=dict(request.spec.api.env),
+            webhook=webhook_from_proto(request.spec, "webhook"),
         )
         return svc.CreateRunResponse(run=run_to_proto(record))
 
@@ -223,7 +233,12 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
     async def ResumeRun(self, request: svc.ResumeRunRequest, principal: Principal, context: Context) -> Any:
         decisions = [decision_from_proto(d) for d in request.decisions]
         record = await self._engine.resume_run(
-            principal, request.run_id, decisions, request.request_id, api_env=dict(request.api.env)
+            principal,
+            request.run_id,
+            decisions,
+            request.request_id,
+            api_env=dict(request.api.env),
+            webhook=webhook_from_proto(request, "webhook"),
         )
         return svc.ResumeRunResponse(run=run_to_proto(record))
 

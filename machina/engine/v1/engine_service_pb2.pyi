@@ -457,6 +457,7 @@ class RunSpec(_message.Message):
     CLIENT_TOOLS_FIELD_NUMBER: _builtins.int
     API_FIELD_NUMBER: _builtins.int
     MCP_SERVERS_FIELD_NUMBER: _builtins.int
+    WEBHOOK_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     """The task for the agent."""
     run_id: _builtins.str
@@ -511,6 +512,10 @@ class RunSpec(_message.Message):
     def mcp_servers(self) -> Global___McpServerSelection:
         """If set, only these configured MCP servers' tools are offered (empty = none)."""
 
+    @_builtins.property
+    def webhook(self) -> Global___Webhook:
+        """Status webhook for this run."""
+
     def __init__(
         self,
         *,
@@ -531,14 +536,78 @@ class RunSpec(_message.Message):
         client_tools: _abc.Iterable[Global___ToolDefinition] | None = ...,
         api: Global___ApiSpec | None = ...,
         mcp_servers: Global___McpServerSelection | None = ...,
+        webhook: Global___Webhook | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "limits", b"limits", "mcp_servers", b"mcp_servers", "model", b"model", "output_schema", b"output_schema", "tools", b"tools"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "limits", b"limits", "mcp_servers", b"mcp_servers", "model", b"model", "output_schema", b"output_schema", "tools", b"tools", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "approval_expiry_action", b"approval_expiry_action", "approval_timeout_ms", b"approval_timeout_ms", "client_tools", b"client_tools", "gated_tools", b"gated_tools", "labels", b"labels", "limits", b"limits", "mcp_servers", b"mcp_servers", "model", b"model", "output_schema", b"output_schema", "permissions", b"permissions", "request_id", b"request_id", "run_id", b"run_id", "system_prompt", b"system_prompt", "task", b"task", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "approval_expiry_action", b"approval_expiry_action", "approval_timeout_ms", b"approval_timeout_ms", "client_tools", b"client_tools", "gated_tools", b"gated_tools", "labels", b"labels", "limits", b"limits", "mcp_servers", b"mcp_servers", "model", b"model", "output_schema", b"output_schema", "permissions", b"permissions", "request_id", b"request_id", "run_id", b"run_id", "system_prompt", b"system_prompt", "task", b"task", "tool_choice", b"tool_choice", "tools", b"tools", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunSpec: _TypeAlias = RunSpec  # noqa: Y015
+
+@_typing.final
+class Webhook(_message.Message):
+    """Where to POST the run's status when it pauses or ends. Each POST carries the
+    Run as JSON and the headers X-Machina-Event (`status.paused|done|failed|cancelled`),
+    X-Machina-Run-Id, X-Machina-Delivery (a UUID per attempt), X-Machina-Timestamp
+    (unix ms) and, with a secret, X-Machina-Signature: `sha256=<hex HMAC-SHA256 over
+    "{timestamp}.{body}">`. Failed deliveries are retried with backoff and jitter.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    URL_FIELD_NUMBER: _builtins.int
+    SECRET_REF_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """The receiver's http(s) URL."""
+    secret_ref: _builtins.str
+    """The name of a signing secret in the engine's `webhook_secrets` (never the secret itself)."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Which of `paused`, `done`, `failed`, `cancelled` to send; empty = paused, done, failed."""
+
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Extra headers to send (not X-Machina-*)."""
+
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        secret_ref: _builtins.str = ...,
+        events: _abc.Iterable[_builtins.str] | None = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "headers", b"headers", "secret_ref", b"secret_ref", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Webhook: _TypeAlias = Webhook  # noqa: Y015
 
 @_typing.final
 class McpServerSelection(_message.Message):
@@ -1030,6 +1099,7 @@ class ResumeRunRequest(_message.Message):
     DECISIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     API_FIELD_NUMBER: _builtins.int
+    WEBHOOK_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run id."""
     request_id: _builtins.str
@@ -1042,6 +1112,10 @@ class ResumeRunRequest(_message.Message):
     def api(self) -> Global___ApiSpec:
         """Re-supplies per-run ApiCall credentials (held in memory only), e.g. after an engine restart."""
 
+    @_builtins.property
+    def webhook(self) -> Global___Webhook:
+        """If set, replaces the run's status webhook."""
+
     def __init__(
         self,
         *,
@@ -1049,10 +1123,11 @@ class ResumeRunRequest(_message.Message):
         decisions: _abc.Iterable[Global___Decision] | None = ...,
         request_id: _builtins.str = ...,
         api: Global___ApiSpec | None = ...,
+        webhook: Global___Webhook | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["api", b"api"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "decisions", b"decisions", "request_id", b"request_id", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "decisions", b"decisions", "request_id", b"request_id", "run_id", b"run_id", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
