@@ -41,6 +41,9 @@ from engine_service.tools import result_blob_name, truncation_note
 log = logging.getLogger("machina.engine")
 
 
+CANCEL_REQUEST = "cancel-request"
+
+
 class LeaseLost(Exception):
     """Another process holds the run's lease now; this one must stop writing."""
 
@@ -75,6 +78,8 @@ class RunEnv:
     handoff: Callable[[str, str], Awaitable[None]] | None = None
     # Tells webhooks about a status change ("paused", "done", "failed", "cancelled").
     notify: Callable[[RunRecord, str], None] | None = None
+    # How often to look for a cancel request left by another process (a replica).
+    cancel_poll_s: float = 0.5
     clock: Callable[[], float] = time.time
 
 
@@ -188,14 +193,31 @@ class RunActor:
         self.task = asyncio.create_task(self._execute(resumed_by), name=f"run:{self.record.run_id}")
 
     async def _execute(self, resumed_by: str | None) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat())
+        helpers = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._watch_cancel())]
         try:
             await self._execute_inner(resumed_by)
-        except LeaseLost:
+        except LeaseLost as lost:
             # Another process owns the run now: write nothing more, just stop.
+            log.warning("run %s stopped here: %s", self.record.run_id, lost, extra={"run_id": self.record.run_id})
             self.feed.close()
         finally:
-            heartbeat.cancel()
+            for helper in helpers:
+                helper.cancel()
+
+    async def _watch_cancel(self) -> None:
+        """Honour a cancel that another process (a replica) recorded in storage."""
+        ws, run_id = self.key
+        while True:
+            await asyncio.sleep(self.env.cancel_poll_s)
+            try:
+                request = await self.env.storage.get_blob(ws, run_id, CANCEL_REQUEST)
+            except Exception:  # a storage hiccup: look again next time
+                log.debug("cancel check of run %s failed", run_id, exc_info=True)
+                continue
+            if request is not None and self.cancel_reason is None and self.task is not None:
+                self.cancel_reason = json.loads(request).get("reason") or "cancelled by a caller"
+                self.task.cancel()
+                return
 
     async def _execute_inner(self, resumed_by: str | None) -> None:
         record = self.record

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from engine_service._actor import RunActor, RunEnv, RunnerUnreachable
+from engine_service._actor import CANCEL_REQUEST, RunActor, RunEnv, RunnerUnreachable
 from engine_service._apicall import (
     RUN_REF_PREFIX,
     ApiConfig,
@@ -552,23 +552,26 @@ class Engine:
         """Wait until the run is paused or ended. Returns (run, timed_out)."""
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         deadline = time.monotonic() + timeout
-        record = await self.get_run(principal, run_id)
+        await self.get_run(principal, run_id)  # NOT_FOUND first
         while True:
-            if record.state is RunState.PAUSED or record.state.terminal:
-                return record, False
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return record, True
             actor = self._active.get(key)
-            if actor is not None:
-                # The actor's task ends exactly when the run pauses or ends.
-                assert actor.task is not None
+            if actor is not None and actor.task is not None and not actor.task.done():
+                # The actor's task ends exactly when the run pauses or ends, after the
+                # state is committed: answering earlier (from memory) would let a caller
+                # act on a pause that another process cannot see yet.
+                if remaining <= 0:
+                    return actor.record, True
                 with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                     async with asyncio.timeout(remaining):
                         await asyncio.shield(actor.task)
-            else:
-                await self._wait_change(key, min(_poll_interval(record), remaining))
-            record = await self.get_run(principal, run_id)
+                continue
+            record = await self._load(key)
+            if record.state is RunState.PAUSED or record.state.terminal:
+                return record, False
+            if remaining <= 0:
+                return record, True
+            await self._wait_change(key, min(_poll_interval(record), remaining))
 
     async def stream_events(
         self,
@@ -835,6 +838,12 @@ class Engine:
                 )
             actor = await self._actor_for(record)
             if not await actor.take_over():
+                if record.state in (RunState.QUEUED, RunState.RUNNING):
+                    # Another process (a replica or the runner) executes it: leave a request
+                    # it honours within cancel_poll_s, and report the run as it stands.
+                    request = {"reason": reason, "by": principal.identity, "at": self._clock()}
+                    await self.storage.put_blob(key[0], key[1], CANCEL_REQUEST, json.dumps(request).encode())
+                    return record
                 raise aborted(
                     "ERR_CONCURRENT_UPDATE",
                     f"run {run_id!r} is being moved by another process",
@@ -879,6 +888,7 @@ class Engine:
             record = RunRecord.from_json(doc)
             actor = await self._actor_for(record)
             if not await actor.take_over():
+                log.debug("run %s is %s but its lease is held; not recovering", key[1], record.state.value)
                 return False  # its executor is alive (lease held) or it moved meanwhile
             interrupted = actor.mark_interrupted()
             log.warning(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +78,14 @@ async def client(server: RunningServer) -> AsyncIterator[AsyncEngineClient]:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[str]:
+    """A real S3-compatible server process (moto_server) for the whole session, started on first use."""
+    from tests.s3_server import CREDENTIALS, running_moto
+
+    for key, value in CREDENTIALS.items():
+        os.environ.setdefault(key, value)
+    with running_moto() as url:
+        yield url

@@ -7,9 +7,8 @@ dropped connections, with no torn or lost checkpoint.
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aioboto3
@@ -17,15 +16,7 @@ import pytest
 
 from engine_service import EngineError, LocalStorage, Storage
 from engine_service._s3 import S3Storage
-from tests.s3_server import CREDENTIALS, FaultyProxy, running_moto
-
-
-@pytest.fixture(scope="session")
-def moto() -> Iterator[str]:
-    for key, value in CREDENTIALS.items():
-        os.environ.setdefault(key, value)
-    with running_moto() as url:
-        yield url
+from tests.s3_server import FaultyProxy
 
 
 async def new_bucket(endpoint: str) -> str:
