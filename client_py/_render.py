@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from client_py._types import Interrupt, Run
+    from client_py._view import RunViewModel, ToolLogEntry
 
 _BADGE_COLOURS = {
     "QUEUED": "#6b7280",
@@ -30,6 +31,12 @@ def short(text: str, limit: int = 60) -> str:
     if len(flat) > limit:
         flat = flat[: limit - 1] + "…"
     return repr(flat)
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """One line of at most ``limit`` characters, unquoted (for tables)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def as_json(value: Any) -> str:
@@ -103,12 +110,17 @@ def _row(label: str, cell_html: str) -> str:
     )
 
 
-def run_html(run: Run) -> str:
-    colour = _BADGE_COLOURS.get(run.state, "#6b7280")
-    badge = (
-        f'<span style="background:{colour};color:#fff;border-radius:4px;padding:1px 6px;'
-        f'font-weight:bold">{escape(run.state)}</span>'
+def badge_html(state: str) -> str:
+    """A run state as a coloured badge."""
+    colour = _BADGE_COLOURS.get(state, "#6b7280")
+    return (
+        f'<span class="machina-state" style="background:{colour};color:#fff;border-radius:4px;'
+        f'padding:1px 6px;font-weight:bold">{escape(state)}</span>'
     )
+
+
+def run_html(run: Run) -> str:
+    badge = badge_html(run.state)
     reason = f" {escape(run.pause_reason)}" if run.pause_reason else ""
     rows = [
         _row("run", f"<code>{escape(run.run_id)}</code> {badge}{reason}"),
@@ -142,3 +154,93 @@ def run_html(run: Run) -> str:
 
 def handle_html(handle_name: str, run: Run) -> str:
     return f"<div><small>{escape(handle_name)}</small>{run_html(run)}</div>"
+
+
+# --- the notebook view (client_py._view / client_py.widgets) ------------------------
+
+_STATUS_COLOURS = {"ok": "#16a34a", "error": "#dc2626", "rejected": "#dc2626", "running": "#2563eb"}
+
+
+def view_status_html(model: RunViewModel) -> str:
+    """The view's header: state badge, run id, counters, and whether it is live."""
+    reason = f" {escape(model.pause_reason)}" if model.pause_reason else ""
+    live = ' <small style="color:#16a34a">● live</small>' if model.watching else ""
+    problem = f'<div style="color:#dc2626">{escape(model.watch_error)}</div>' if model.watch_error else ""
+    return (
+        f'<div class="machina-status">{badge_html(model.state)}{reason} <code>{escape(model.run_id)}</code>'
+        f" <small>{escape(model.counters_text())}</small>{live}{problem}</div>"
+    )
+
+
+def handoff_html(model: RunViewModel) -> str:
+    if not model.handoff_tools:
+        return ""
+    tools = ", ".join(f"<b>{escape(t)}</b>" for t in model.handoff_tools)
+    return f'<div class="machina-handoff">⇢ handed off to the runner for {tools}</div>'
+
+
+def tool_log_html(entries: list[ToolLogEntry]) -> str:
+    if not entries:
+        return '<div class="machina-tools"><small>no tool calls yet</small></div>'
+    rows = []
+    for entry in entries:
+        colour = _STATUS_COLOURS.get(entry.status, "#d97706")
+        status = entry.status
+        if entry.decision and entry.decision != status:
+            status += f" · {entry.decision}"
+        if entry.decided_by:
+            status += f" by {entry.decided_by}"
+        if entry.status in ("ok", "error"):
+            status += f" · {entry.duration_ms} ms"
+        rows.append(
+            f"<tr><td><b>{escape(entry.tool_name)}</b></td>"
+            f"<td><code>{escape(clip(as_json(entry.arguments)))}</code></td>"
+            f'<td style="color:{colour}">{escape(status)}</td>'
+            f"<td>{escape(clip(entry.output))}</td></tr>"
+        )
+    return f'<table class="machina-tools">{"".join(rows)}</table>'
+
+
+def result_html(model: RunViewModel) -> str:
+    if model.error is not None:
+        return (
+            f'<div class="machina-result" style="color:#dc2626"><code>{escape(model.error.code)}</code> '
+            f"{escape(model.error.message)}</div>"
+        )
+    if model.state != "DONE" or model.data is None:
+        return ""
+    shown = (
+        model.data if isinstance(model.data, str) else json.dumps(model.data, indent=2, ensure_ascii=False)
+    )
+    pre = f'<pre style="white-space:pre-wrap">{escape(shown)}</pre>'
+    return f'<div class="machina-result"><b>result</b>{pre}</div>'
+
+
+def notes_html(notes: list[str]) -> str:
+    if not notes:
+        return ""
+    items = "".join(f"<li>{escape(note)}</li>" for note in notes)
+    return f'<ol class="machina-notes" style="margin:0;font-size:smaller">{items}</ol>'
+
+
+def view_html(model: RunViewModel) -> str:
+    """The whole view as static HTML (no buttons): for pages and frontends without widgets."""
+    text = (
+        f'<pre class="machina-text" style="white-space:pre-wrap">{escape(model.text)}</pre>'
+        if model.text
+        else ""
+    )
+    pending = ""
+    if model.cards:
+        items = "".join(f"<li>{escape(interrupt_line(card.interrupt))}</li>" for card in model.cards)
+        pending = f'<div class="machina-pending"><b>pending</b><ul>{items}</ul></div>'
+    parts = [
+        view_status_html(model),
+        handoff_html(model),
+        text,
+        tool_log_html(model.tool_log),
+        pending,
+        result_html(model),
+        notes_html(model.notes),
+    ]
+    return f'<div class="machina-view">{"".join(parts)}</div>'
