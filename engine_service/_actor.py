@@ -198,7 +198,8 @@ class RunActor:
             await self._execute_inner(resumed_by)
         except LeaseLost as lost:
             # Another process owns the run now: write nothing more, just stop.
-            log.warning("run %s stopped here: %s", self.record.run_id, lost, extra={"run_id": self.record.run_id})
+            run_id = self.record.run_id
+            log.warning("run %s stopped here: %s", run_id, lost, extra={"run_id": run_id})
             self.feed.close()
         finally:
             for helper in helpers:
