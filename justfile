@@ -22,6 +22,26 @@ gen:
 gen-check: setup
     {{venv}}/python scripts/gen_proto.py --check
 
+# Regenerate the TypeScript stubs for proto/ into examples/ts-client/src/gen/ (committed; runs `npm ci` if needed).
+gen-ts:
+    uv sync --frozen --quiet
+    {{venv}}/python scripts/gen_ts.py
+
+# Regenerate docs/api.md, the API reference, from the protos' comments and docs/errors.toml (committed).
+gen-docs:
+    uv sync --frozen --quiet
+    {{venv}}/python scripts/gen_api_docs.py
+
+# Fail if the TypeScript stubs or docs/api.md are stale (after a proto change: `just gen gen-ts gen-docs`); tsc the TS example.
+api-check: setup
+    {{venv}}/python scripts/gen_ts.py --check
+    {{venv}}/python scripts/gen_api_docs.py --check
+    cd examples/ts-client && node_modules/.bin/tsc --noEmit
+
+# buf breaking (FILE rules): proto/ against its newest earlier version in git, or a ref (`just breaking main`).
+breaking *ref: setup
+    {{venv}}/python scripts/buf_breaking.py {{ref}}
+
 # Format Python and proto sources in place.
 fmt: setup
     {{venv}}/ruff format .
@@ -59,5 +79,5 @@ serve-engine *args: setup
 serve-runner *args: setup
     {{venv}}/python -m runner_service {{args}}
 
-# Everything CI checks: generated code, lint, types, tests.
-ci: gen-check lint typecheck test
+# Everything CI checks: generated code and docs, lint, breaking changes, types, tests.
+ci: gen-check api-check lint breaking typecheck test

@@ -13,7 +13,7 @@ from pathlib import Path
 import uvicorn
 
 from engine_service._bootstrap import build_engine
-from engine_service._config import ConfigError, load_config
+from engine_service._config import ConfigError, is_loopback, load_config
 from engine_service._errors import EngineError
 from engine_service._logging import setup_logging
 from runner_service._config import RunnerConfig
@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--http-listen", help="HTTP shim address HOST:PORT (default 127.0.0.1:8080)")
     parser.add_argument("--storage", help="the engine's storage: file:///abs/dir or a path")
     parser.add_argument("--workspace", help="workspace of runs whose request names none (default 'default')")
+    parser.add_argument("--tls-cert", help="PEM cert chain; serve gRPC and HTTP over TLS with --tls-key")
+    parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
     parser.add_argument("--log-format", choices=["auto", "json", "text"])
     parser.add_argument("--port-file", help='write {"grpc": port, "http": port} here once serving')
     return parser.parse_args(argv)
@@ -50,20 +52,39 @@ def build_config(ns: argparse.Namespace) -> RunnerConfig:
             "runner_http_listen": ns.http_listen,
             "storage": ns.storage,
             "runner_workspace": ns.workspace,
+            "runner_tls_cert": ns.tls_cert,
+            "runner_tls_key": ns.tls_key,
             "log_format": ns.log_format,
         },
     )
+    # Every request is authenticated, so no listen address is ever served without auth.
     if not config.runner_secret.get_secret_value():
         raise ConfigError("MACHINA_RUNNER_SECRET is required: the engine and the runner share it")
+    if bool(config.runner_tls_cert) != bool(config.runner_tls_key):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key (MACHINA_RUNNER_TLS_CERT/_KEY)")
     # The runner has the real tools and never hands a run on (SPEC §5).
     return config.model_copy(update={"runner_url": "", "runner_urls": {}})
 
 
+def read_tls(config: RunnerConfig) -> tuple[bytes, bytes] | None:
+    """(PEM key, PEM certificate chain) when TLS is configured, read once at startup."""
+    if not config.runner_tls_cert:
+        return None
+    try:
+        return Path(config.runner_tls_key).read_bytes(), Path(config.runner_tls_cert).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS files: {exc}") from None
+
+
 async def serve(config: RunnerConfig, port_file: str | None) -> None:
+    tls = read_tls(config)
+    for address in (config.runner_listen, config.runner_http_listen):
+        if tls is None and not is_loopback(address):
+            log.warning("serving %s without TLS: the runner secret crosses the network in clear", address)
     engine = build_engine(config)
     await engine.start()  # MCP servers (the runner can start stdio ones and publishes their tools)
     runner = Runner(engine, config.runner_secret.get_secret_value(), config.runner_workspace)
-    server, grpc_port, health = await start_grpc(runner, config.runner_listen)
+    server, grpc_port, health = await start_grpc(runner, config.runner_listen, tls=tls)
     host, _, port = config.runner_http_listen.rpartition(":")
     http = uvicorn.Server(
         uvicorn.Config(
@@ -75,6 +96,9 @@ async def serve(config: RunnerConfig, port_file: str | None) -> None:
             timeout_keep_alive=5,
             limit_concurrency=256,
             lifespan="off",
+            # The same certificate as gRPC; uvicorn loads the files itself.
+            ssl_certfile=config.runner_tls_cert or None,
+            ssl_keyfile=config.runner_tls_key or None,
         )
     )
     http_task = asyncio.create_task(http.serve())
@@ -85,11 +109,12 @@ async def serve(config: RunnerConfig, port_file: str | None) -> None:
         await asyncio.sleep(0.01)
     http_port = http.servers[0].sockets[0].getsockname()[1]
     log.info(
-        "runner serving gRPC on %s:%d and HTTP on %s:%d",
+        "runner serving gRPC on %s:%d and HTTP on %s:%d (%s)",
         config.runner_listen.rpartition(":")[0],
         grpc_port,
         host,
         http_port,
+        "TLS" if tls else "plaintext",
         extra={"grpc_port": grpc_port, "http_port": http_port},
     )
     if port_file:

@@ -18,6 +18,11 @@ class RunnerConfig(EngineConfig):
     runner_workspace: str = "default"
     # Largest /continue body accepted.
     runner_max_body_bytes: int = Field(4096, ge=64, le=1 << 20)
+    # PEM certificate chain and private key: serve both gRPC and the HTTP shim over TLS
+    # (MACHINA_RUNNER_TLS_CERT / MACHINA_RUNNER_TLS_KEY / --tls-cert, --tls-key). Separate from
+    # the engine's tls_cert/tls_key, so one config file can serve both processes.
+    runner_tls_cert: str = ""
+    runner_tls_key: str = ""
 
     @field_validator("runner_listen", "runner_http_listen")
     @classmethod

@@ -47,8 +47,13 @@ class RunnerServicer(pb_grpc.RunnerServiceServicer):
         return pb.ContinueResponse(accepted=True)
 
 
-async def start_grpc(runner: Runner, listen: str) -> tuple[Any, int, Any]:
-    """Start RunnerService + health + reflection; returns (server, port, health servicer)."""
+async def start_grpc(
+    runner: Runner, listen: str, *, tls: tuple[bytes, bytes] | None = None
+) -> tuple[Any, int, Any]:
+    """Start RunnerService + health + reflection; returns (server, port, health servicer).
+
+    ``tls`` is (PEM private key, PEM certificate chain); None serves plaintext.
+    """
     server = grpc.aio.server()
     pb_grpc.add_RunnerServiceServicer_to_server(RunnerServicer(runner), server)
     health_servicer = health.aio.HealthServicer()
@@ -57,7 +62,10 @@ async def start_grpc(runner: Runner, listen: str) -> tuple[Any, int, Any]:
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(listen)
+    if tls is not None:
+        port = server.add_secure_port(listen, grpc.ssl_server_credentials([tls]))
+    else:
+        port = server.add_insecure_port(listen)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
