@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from engine_service import Engine, EngineConfig, LocalStorage, RunSpec, ScriptedTurn, ToolRegistry
+from engine_service import Engine, EngineConfig, LocalStorage, RunSpec, ScriptedTurn, Storage, ToolRegistry
 from engine_service._tools import ASK_USER
 from engine_service._types import Principal, RunState
 from machina.engine.v1 import engine_service_pb2 as svc
@@ -42,14 +42,14 @@ def progress(message: str) -> None:
 # -- per-turn engine overhead (in process, no gRPC) ----------------------------------
 
 
-async def per_turn_ms(turns: int, repeats: int) -> list[float]:
+async def per_turn_ms(turns: int, repeats: int, storage: Storage | None = None) -> list[float]:
     """Wall time per turn of a scripted run with a no-op tool, checkpointing every turn."""
     script = [ScriptedTurn("step", [("noop", {})]) for _ in range(turns - 1)] + [ScriptedTurn("done")]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         engine = Engine(
             EngineConfig(max_turns=100_000),
-            LocalStorage(tmp),
+            storage or LocalStorage(tmp),
             tools=ToolRegistry([ASK_USER, *test_tools.ALL]),
         )
         for _ in range(repeats):
@@ -80,7 +80,7 @@ def storage_ratio(root: Path) -> float:
 
 
 def start_engine(
-    storage: Path, env: dict[str, str] | None = None
+    storage: Path, env: dict[str, str] | None = None, storage_url: str | None = None
 ) -> tuple[subprocess.Popen[bytes], str, float]:
     port_file = storage / "port"
     port_file.unlink(missing_ok=True)
@@ -93,7 +93,7 @@ def start_engine(
             "--listen",
             "127.0.0.1:0",
             "--storage",
-            str(storage),
+            storage_url or str(storage),
             "--port-file",
             str(port_file),
             "--log-format",
@@ -166,14 +166,17 @@ async def events_per_second(target: str, n_events: int, repeats: int) -> dict[st
     return out
 
 
-def start_runner(storage: Path, secret: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_runner(
+    storage: Path, secret: str, env: dict[str, str] | None = None, storage_url: str | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     port_file = storage / "runner.port"
     port_file.unlink(missing_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "runner_service", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
-         "--storage", str(storage), "--port-file", str(port_file), "--log-format", "json"],
+         "--storage", storage_url or str(storage), "--port-file", str(port_file), "--log-format", "json"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "MACHINA_RUNNER_SECRET": secret, "MACHINA_WORKDIR_ROOT": str(storage / "work")},
+        env={**os.environ, "MACHINA_RUNNER_SECRET": secret, "MACHINA_WORKDIR_ROOT": str(storage / "work"),
+             **(env or {})},
     )  # fmt: skip
     while not (port_file.exists() and port_file.read_text()):
         if proc.poll() is not None:
@@ -199,19 +202,21 @@ async def round_trip_ms(target: str, repeats: int) -> list[float]:
     return results
 
 
-async def handoff_round_trips(storage: Path, repeats: int) -> dict[str, list[float]]:
+async def handoff_round_trips(
+    storage: Path, repeats: int, storage_url: str | None = None, env: dict[str, str] | None = None
+) -> dict[str, list[float]]:
     """The same Bash-step run on an engine that hands off to a runner, and on one that runs it itself."""
     secret = secrets.token_urlsafe(16)
-    runner, http_port = start_runner(storage, secret)
+    runner, http_port = start_runner(storage, secret, env, storage_url)
     handoff_env = {"MACHINA_CAPABILITIES_SUBPROCESS": "false", "MACHINA_RUNNER_SECRET": secret,
-                   "MACHINA_RUNNER_URL": f"http://127.0.0.1:{http_port}/continue"}  # fmt: skip
+                   "MACHINA_RUNNER_URL": f"http://127.0.0.1:{http_port}/continue", **(env or {})}  # fmt: skip
     try:
-        engine, target, _ = start_engine(storage, handoff_env)
+        engine, target, _ = start_engine(storage, handoff_env, storage_url)
         try:
             handoff = await round_trip_ms(target, repeats)
         finally:
             stop_engine(engine)
-        engine, target, _ = start_engine(storage)
+        engine, target, _ = start_engine(storage, env, storage_url)
         try:
             local = await round_trip_ms(target, repeats)
         finally:
@@ -306,7 +311,30 @@ async def run(quick: bool) -> dict[str, Any]:
         results["handoff_rtt_ms"] = summarize(trips["handoff"])
         results["local_rtt_ms"] = summarize(trips["local"])
         results["storage_bytes_ratio"] = storage_ratio(storage / "workspaces")
+    await s3_benchmarks(results, quick)
     return results
+
+
+async def s3_benchmarks(results: dict[str, Any], quick: bool) -> None:
+    """Per-turn overhead and handoff time over a real S3-compatible server (moto, on loopback)."""
+    from engine_service._s3 import S3Storage
+    from tests.s3_server import CREDENTIALS, running_moto
+    from tests.test_storage_contract import new_bucket
+
+    for key, value in CREDENTIALS.items():
+        os.environ.setdefault(key, value)
+    with running_moto() as endpoint, tempfile.TemporaryDirectory() as tmp:
+        bucket = await new_bucket(endpoint)
+        progress("per-turn overhead on the S3 server, 10-turn runs ×5 and one 1,000-turn run")
+        small = await per_turn_ms(10, 2 if quick else 5, S3Storage(bucket, "p", endpoint_url=endpoint))
+        big = await per_turn_ms(200 if quick else 1000, 1, S3Storage(bucket, "q", endpoint_url=endpoint))
+        results["s3_per_turn_ms_10"] = summarize(small)
+        results["s3_per_turn_ms_1000"] = summarize(big)
+        progress("handoff round trip on the S3 server ×10")
+        env = {"AWS_ENDPOINT_URL": endpoint, **CREDENTIALS}
+        trips = await handoff_round_trips(Path(tmp), 3 if quick else 10, f"s3://{bucket}/h", env)
+        results["s3_handoff_rtt_ms"] = summarize(trips["handoff"])
+        results["s3_local_rtt_ms"] = summarize(trips["local"])
 
 
 def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -353,6 +381,24 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"{r['handoff_rtt_ms']['median']:.1f} ms (locally: {r['local_rtt_ms']['median']:.1f} ms)",
             "≤ 50 ms",
             r["handoff_rtt_ms"]["median"] <= 50,
+        ),
+        row(
+            "S3 server: overhead per turn, 10-turn run (p50)",
+            f"{r['s3_per_turn_ms_10']['median']:.2f} ms",
+            "—",
+            None,
+        ),
+        row(
+            "S3 server: overhead per turn, 1,000-turn run (p50)",
+            f"{r['s3_per_turn_ms_1000']['median']:.2f} ms",
+            "flat (≤ 1.2× the 10-turn cost)",
+            r["s3_per_turn_ms_1000"]["median"] <= 1.2 * r["s3_per_turn_ms_10"]["median"],
+        ),
+        row(
+            "S3 server: handoff round trip (p50)",
+            f"{r['s3_handoff_rtt_ms']['median']:.1f} ms (locally: {r['s3_local_rtt_ms']['median']:.1f} ms)",
+            "≤ 250 ms",
+            r["s3_handoff_rtt_ms"]["median"] <= 250,
         ),
         row(
             "cold start to SERVING (median)",
