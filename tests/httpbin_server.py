@@ -76,11 +76,15 @@ class Recorder:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.bodies: list[bytes] = []
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
                 recorder.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+                length = int(self.headers.get("content-length") or 0)
+                if length:
+                    recorder.bodies.append(self.rfile.read(length))
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain")
                 self.send_header("Content-Length", "2")

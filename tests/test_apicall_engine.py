@@ -7,6 +7,7 @@ for every credential (tests/secrets_util.py). Also: per-run credentials are memo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,15 +117,17 @@ async def test_secret_isolation_across_the_whole_system(
     servers: ServerFactory, httpbin: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    srv = await servers.start(config=engine_config(httpbin))
+    config = {**engine_config(httpbin), "webhook_secrets": {"hook": "whsec-not-an-api-secret"}}
+    srv = await servers.start(config=config)
     blobs: list[str | bytes] = []
-    with Recorder() as recorder:
+    with Recorder() as recorder, Recorder() as hooks:
         async with AsyncEngineClient(f"127.0.0.1:{srv.port}") as client:
             execution = client.execute(
                 "Use every API.",
                 model="scripted",
                 script=adversarial_script(recorder.url),
                 api=run_api(httpbin),
+                webhook={"url": f"{hooks.url}/hook", "secret_ref": "hook"},
             )
             events = [e async for e in execution]
             run = execution.run
@@ -137,6 +140,12 @@ async def test_secret_isolation_across_the_whole_system(
                 blobs.append(response.SerializeToString())
             blobs.append((await stub.GetRun(svc.GetRunRequest(run_id=run.run_id))).SerializeToString())
             blobs.append((await stub.ListRuns(svc.ListRunsRequest())).SerializeToString())
+        for _ in range(100):  # the done webhook is delivered in the background
+            if hooks.bodies:
+                break
+            await asyncio.sleep(0.02)
+        assert hooks.bodies
+        blobs += hooks.bodies
         # Nothing credentialed followed the off-origin redirect.
         assert all("authorization" not in headers for _, headers in recorder.requests)
 
