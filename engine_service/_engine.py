@@ -35,7 +35,7 @@ from engine_service._apicall import (
 from engine_service._config import EngineConfig
 from engine_service._errors import EngineError, ErrorKind, aborted, invalid, not_found, precondition
 from engine_service._ids import check_id, new_id
-from engine_service._run import PENDING, READY, RESOLVED, PendingCall, RunRecord, RunSpec, ScriptedTurn
+from engine_service._run import PENDING, READY, RESOLVED, PendingCall, RunRecord, RunSpec
 from engine_service._storage import Storage
 from engine_service._tools import (
     ASK_USER,
@@ -58,7 +58,15 @@ from engine_service._types import (
     RunState,
 )
 from engine_service._webhooks import WebhookConfig, WebhookSender
-from engine_service.models import ModelAdapter, RetryPolicy, ScriptedModel
+from engine_service.models import ScriptedModel
+from engine_service.models._select import (
+    ModelFactory,
+    default_model_factory,
+    default_model_name,
+    load_script_file,
+    resolve_default_model,
+    validate_script,
+)
 from engine_service.tools import (
     BASH,
     EDIT,
@@ -77,7 +85,6 @@ from engine_service.tools import (
 log = logging.getLogger("machina.engine")
 
 MAX_TASK_CHARS = 200_000
-MAX_SCRIPT_TURNS = 100_000
 _POLL_S = 0.025  # how often watchers re-read storage for runs another process moves (state.json is tiny)
 
 
@@ -97,9 +104,6 @@ class ClientToolDef:
     name: str
     description: str
     input_schema: JsonObject
-
-
-ModelFactory = Callable[[str, str], ModelAdapter]
 
 
 class Engine:
@@ -1126,97 +1130,3 @@ def apply_decision(
     pending.result_text = render_result(output)
     pending.result_is_error = False
     return pending, "respond", "", False
-
-
-def validate_script(script: list[ScriptedTurn]) -> None:
-    if not script:
-        raise invalid("ERR_INVALID_SCRIPT", "the script has no turns", field="model.script")
-    if len(script) > MAX_SCRIPT_TURNS:
-        raise invalid(
-            "ERR_INVALID_SCRIPT", f"the script has more than {MAX_SCRIPT_TURNS} turns", field="model.script"
-        )
-    for index, turn in enumerate(script, start=1):
-        if not turn.text and not turn.tool_calls:
-            raise invalid(
-                "ERR_INVALID_SCRIPT",
-                f"script turn {index} has neither text nor tool calls",
-                field="model.script",
-                turn=index,
-            )
-        for call_index, (name, arguments) in enumerate(turn.tool_calls, start=1):
-            if not name:
-                raise invalid(
-                    "ERR_INVALID_SCRIPT",
-                    f"script turn {index}, tool call {call_index} has no name",
-                    field="model.script",
-                    turn=index,
-                )
-            if not isinstance(arguments, dict):
-                raise invalid(
-                    "ERR_INVALID_SCRIPT",
-                    f"script turn {index}, tool call {call_index}: arguments must be an object",
-                    field="model.script",
-                    turn=index,
-                )
-
-
-def load_script_file(path: str) -> list[ScriptedTurn]:
-    import tomllib
-    from pathlib import Path
-
-    text = Path(path).read_text(encoding="utf-8")
-    doc = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
-    turns = doc.get("turns") if isinstance(doc, dict) else doc
-    if not isinstance(turns, list):
-        raise ValueError(f"script file {path!r} must hold a list of turns under 'turns'")
-    script = [ScriptedTurn.from_json(t) for t in turns]
-    validate_script(script)
-    return script
-
-
-def resolve_default_model(config: EngineConfig, env: Mapping[str, str] | None = None) -> tuple[str, str]:
-    env = os.environ if env is None else env
-    provider = config.model.provider
-    if provider == "auto":
-        if env.get("ANTHROPIC_API_KEY"):
-            provider = "anthropic"
-        elif env.get("OPENAI_API_KEY"):
-            provider = "openai"
-        else:
-            provider = "scripted"
-    return provider, config.model.name or default_model_name(provider)
-
-
-def default_model_name(provider: str) -> str:
-    return {"anthropic": "claude-sonnet-4-5", "openai": "gpt-4o-mini"}.get(provider, "script")
-
-
-def default_model_factory(config: EngineConfig) -> ModelFactory:
-    """Build real adapters; one per (provider, model) shared across runs (connection pooling)."""
-    cache: dict[tuple[str, str], ModelAdapter] = {}
-    retry = RetryPolicy(max_attempts=config.model.max_attempts)
-
-    def make(provider: str, name: str) -> ModelAdapter:
-        adapter = cache.get((provider, name))
-        if adapter is not None:
-            return adapter
-        if provider == "openai":
-            from engine_service.models import OpenAIModel
-
-            kwargs: dict[str, Any] = {"base_url": config.model.base_url} if config.model.base_url else {}
-            adapter = OpenAIModel(
-                api_key=os.environ.get("OPENAI_API_KEY", ""), model=name, retry=retry, **kwargs
-            )
-        elif provider == "anthropic":
-            from engine_service.models import AnthropicModel
-
-            kwargs = {"base_url": config.model.base_url} if config.model.base_url else {}
-            adapter = AnthropicModel(
-                api_key=os.environ.get("ANTHROPIC_API_KEY", ""), model=name, retry=retry, **kwargs
-            )
-        else:
-            raise invalid("ERR_INVALID_REQUEST", f"unknown model provider {provider!r}")
-        cache[(provider, name)] = adapter
-        return adapter
-
-    return make

@@ -1,0 +1,110 @@
+"""Choosing and building models: defaults, zero-config selection, scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from engine_service._config import EngineConfig
+from engine_service._errors import invalid
+from engine_service._run import ScriptedTurn
+from engine_service.models._base import ModelAdapter, RetryPolicy
+
+MAX_SCRIPT_TURNS = 100_000
+
+ModelFactory = Callable[[str, str], ModelAdapter]
+
+
+def validate_script(script: list[ScriptedTurn]) -> None:
+    if not script:
+        raise invalid("ERR_INVALID_SCRIPT", "the script has no turns", field="model.script")
+    if len(script) > MAX_SCRIPT_TURNS:
+        raise invalid(
+            "ERR_INVALID_SCRIPT", f"the script has more than {MAX_SCRIPT_TURNS} turns", field="model.script"
+        )
+    for index, turn in enumerate(script, start=1):
+        if not turn.text and not turn.tool_calls:
+            raise invalid(
+                "ERR_INVALID_SCRIPT",
+                f"script turn {index} has neither text nor tool calls",
+                field="model.script",
+                turn=index,
+            )
+        for call_index, (name, arguments) in enumerate(turn.tool_calls, start=1):
+            if not name:
+                raise invalid(
+                    "ERR_INVALID_SCRIPT",
+                    f"script turn {index}, tool call {call_index} has no name",
+                    field="model.script",
+                    turn=index,
+                )
+            if not isinstance(arguments, dict):
+                raise invalid(
+                    "ERR_INVALID_SCRIPT",
+                    f"script turn {index}, tool call {call_index}: arguments must be an object",
+                    field="model.script",
+                    turn=index,
+                )
+
+
+def load_script_file(path: str) -> list[ScriptedTurn]:
+    text = Path(path).read_text(encoding="utf-8")
+    doc = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
+    turns = doc.get("turns") if isinstance(doc, dict) else doc
+    if not isinstance(turns, list):
+        raise ValueError(f"script file {path!r} must hold a list of turns under 'turns'")
+    script = [ScriptedTurn.from_json(t) for t in turns]
+    validate_script(script)
+    return script
+
+
+def resolve_default_model(config: EngineConfig, env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    env = os.environ if env is None else env
+    provider = config.model.provider
+    if provider == "auto":
+        if env.get("ANTHROPIC_API_KEY"):
+            provider = "anthropic"
+        elif env.get("OPENAI_API_KEY"):
+            provider = "openai"
+        else:
+            provider = "scripted"
+    return provider, config.model.name or default_model_name(provider)
+
+
+def default_model_name(provider: str) -> str:
+    return {"anthropic": "claude-sonnet-4-5", "openai": "gpt-4o-mini"}.get(provider, "script")
+
+
+def default_model_factory(config: EngineConfig) -> ModelFactory:
+    """Build real adapters; one per (provider, model) shared across runs (connection pooling)."""
+    cache: dict[tuple[str, str], ModelAdapter] = {}
+    retry = RetryPolicy(max_attempts=config.model.max_attempts)
+
+    def make(provider: str, name: str) -> ModelAdapter:
+        adapter = cache.get((provider, name))
+        if adapter is not None:
+            return adapter
+        if provider == "openai":
+            from engine_service.models import OpenAIModel
+
+            kwargs: dict[str, Any] = {"base_url": config.model.base_url} if config.model.base_url else {}
+            adapter = OpenAIModel(
+                api_key=os.environ.get("OPENAI_API_KEY", ""), model=name, retry=retry, **kwargs
+            )
+        elif provider == "anthropic":
+            from engine_service.models import AnthropicModel
+
+            kwargs = {"base_url": config.model.base_url} if config.model.base_url else {}
+            adapter = AnthropicModel(
+                api_key=os.environ.get("ANTHROPIC_API_KEY", ""), model=name, retry=retry, **kwargs
+            )
+        else:
+            raise invalid("ERR_INVALID_REQUEST", f"unknown model provider {provider!r}")
+        cache[(provider, name)] = adapter
+        return adapter
+
+    return make
