@@ -295,3 +295,37 @@ def test_runner_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "MACHINA_RUNNER_SECRET is required" in result.stderr
+
+
+async def test_the_runner_sends_the_webhook_when_it_finishes_the_run(tmp_path: Path) -> None:
+    from tests.test_webhooks import Receiver
+
+    receiver = Receiver()
+    secret_env = {"MACHINA_HOOK_SECRET": "whsec-runner-1234"}  # resolved by reference, from the environment
+    runner = RunnerProcess(tmp_path, env={**shared_env(tmp_path), **secret_env})
+    engine = engine_for(tmp_path, f"{runner.http}/continue", **secret_env)
+    try:
+        async with AsyncEngineClient(engine.target) as client:
+            webhook = {"url": receiver.url, "secret_ref": "MACHINA_HOOK_SECRET", "events": ["done"]}
+            handle = await client.create("run", model="scripted", script=BASH_SCRIPT, webhook=webhook)
+            run = await handle.wait(timeout=30)
+            for _ in range(100):
+                if run.state == "DONE":
+                    break
+                await asyncio.sleep(0.05)
+                run = await handle.refresh()
+            await receiver.wait_for(1)
+    finally:
+        engine.close()
+        runner.close()
+        receiver.close()
+    ((headers, body),) = receiver.requests
+    assert headers["x-machina-event"] == "status.done"
+    import hashlib
+    import hmac
+
+    mac = hmac.new(
+        b"whsec-runner-1234", headers["x-machina-timestamp"].encode() + b"." + body, hashlib.sha256
+    )
+    assert headers["x-machina-signature"] == f"sha256={mac.hexdigest()}"
+    assert b'"state":"DONE"' in body
