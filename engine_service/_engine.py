@@ -596,10 +596,20 @@ class Engine:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         await self.get_run(principal, run_id)  # NOT_FOUND before the stream opens
         cursor = after_seq
+        finished: RunActor | None = None  # the last actor read live from
         while True:
             actor = self._active.get(key)
+            done = 0 if finished is None else min(finished.record.last_seq, finished.feed.last_seq)
+            if actor is None and finished is not None and finished.feed.base_seq <= cursor < done:
+                # That actor has just finished: what it committed is still in its feed, so do
+                # not read (and parse) those events back from storage.
+                batch = finished.feed.after(cursor, limit=min(512, done - cursor))
+                cursor = batch[-1].seq
+                yield batch
+                continue
             if actor is not None and actor.feed.base_seq <= cursor:
                 # Live: the executing actor has every event after its base_seq.
+                finished = actor
                 batch = actor.feed.after(cursor)
                 if batch:
                     cursor = batch[-1].seq

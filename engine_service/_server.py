@@ -19,8 +19,8 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from engine_service._convert import (
+    add_events,
     decision_from_proto,
-    event_to_proto,
     run_to_proto,
     spec_from_proto,
     states_from_proto,
@@ -161,7 +161,9 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
                 webhook=webhook_from_proto(request.spec, "webhook"),
             )
             async for batch in self._engine.stream_events(principal, record.run_id, until_pause=True):
-                yield svc.ExecuteRunResponse(events=[event_to_proto(record.run_id, e) for e in batch])
+                response = svc.ExecuteRunResponse()
+                add_events(response.events, record.run_id, batch)
+                yield response
             final = await self._engine.get_run(principal, record.run_id)
             yield svc.ExecuteRunResponse(run=run_to_proto(final))
         except EngineError as error:
@@ -180,7 +182,9 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
             async for batch in self._engine.stream_events(
                 principal, run_id, after_seq=request.after_seq, follow=request.follow
             ):
-                yield svc.StreamRunEventsResponse(events=[event_to_proto(run_id, e) for e in batch])
+                streamed = svc.StreamRunEventsResponse()
+                add_events(streamed.events, run_id, batch)
+                yield streamed
         except EngineError as error:
             await self._fail(context, error)
         except (asyncio.CancelledError, grpc.aio.AbortError):

@@ -359,8 +359,12 @@ def _stream(name: str) -> str:
     return name
 
 
+# One encoder for every record: json.dumps with options builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _dumps(doc: Any) -> str:
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    return _encode(doc)
 
 
 def _read_json(path: Path) -> JsonObject | None:

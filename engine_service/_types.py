@@ -75,6 +75,9 @@ class EventKind(enum.StrEnum):
     RUN_FINISHED = "run_finished"
 
 
+_EVENT_KINDS = {kind.value: kind for kind in EventKind}
+
+
 @dataclass(slots=True)
 class Event:
     """One persisted change of a run. ``time`` is unix seconds."""
@@ -85,11 +88,12 @@ class Event:
     data: JsonObject
 
     def to_json(self) -> JsonObject:
-        return {"seq": self.seq, "t": self.time, "k": self.kind.value, "d": self.data}
+        # EventKind is a str: it encodes as its value without the enum's .value lookup.
+        return {"seq": self.seq, "t": self.time, "k": self.kind, "d": self.data}
 
     @classmethod
     def from_json(cls, doc: JsonObject) -> Event:
-        return cls(doc["seq"], doc["t"], EventKind(doc["k"]), doc["d"])
+        return cls(doc["seq"], doc["t"], _EVENT_KINDS[doc["k"]], doc["d"])
 
 
 @dataclass(slots=True)

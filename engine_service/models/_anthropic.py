@@ -58,6 +58,7 @@ class AnthropicModel:
         self._timeout = timeout
         self._client = client
         self._owns_client = client is None
+        self._history = _http.HistoryCache()
 
     @property
     def provider(self) -> str:
@@ -76,16 +77,42 @@ class AnthropicModel:
             self._client = None
 
     def _body(self, request: ModelRequest) -> JsonObject:
+        """The request as a document; what is sent is ``_content``, its JSON."""
+        return {"messages": _messages(request.messages), **self._settings(request)}
+
+    def _content(self, request: ModelRequest) -> bytes:
+        """The JSON of ``_body``, each history message serialised once per run (not every turn).
+
+        Finished messages are kept as JSON; the last one stays open as its blocks, since
+        the next history entry may belong to it (same-role neighbours are merged).
+        """
+        entry = self._history.get(request.messages)
+        added = 0
+        for message in request.messages[entry.count :]:
+            role, blocks = _blocks(message)
+            if not blocks:
+                continue
+            if entry.open_parts and role != entry.open_role:
+                entry.parts.append(_group(entry.open_role, entry.open_parts))
+                entry.open_parts = []
+            entry.open_role = role
+            new = [_http.encode_json(b) for b in blocks]
+            entry.open_parts.extend(new)
+            added += sum(map(len, new)) + 32
+        self._history.grew(entry, request.messages, added)
+        messages = (
+            [*entry.parts, _group(entry.open_role, entry.open_parts)] if entry.open_parts else entry.parts
+        )
+        settings = _http.encode_json(self._settings(request))
+        return f'{{"messages":[{",".join(messages)}],{settings[1:]}'.encode()
+
+    def _settings(self, request: ModelRequest) -> JsonObject:
+        """Everything in the body but the messages."""
         system = request.system
         if request.output_schema is not None:
             instruction = _SCHEMA_INSTRUCTION + json.dumps(request.output_schema, ensure_ascii=False)
             system = f"{system}\n\n{instruction}" if system else instruction
-        body: JsonObject = {
-            "model": self._model,
-            "max_tokens": request.max_output_tokens,
-            "messages": _messages(request.messages),
-            "stream": True,
-        }
+        body: JsonObject = {"model": self._model, "max_tokens": request.max_output_tokens, "stream": True}
         if system:
             body["system"] = system
         if request.tools:
@@ -97,7 +124,7 @@ class AnthropicModel:
         return body
 
     async def _once(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
-        body = self._body(request)
+        body = self._content(request)
         text: list[str] = []
         calls: dict[int, _PendingCall] = {}
         usage = Usage()
@@ -185,6 +212,11 @@ def _messages(history: Sequence[Message]) -> list[JsonObject]:
         else:
             merged.append({"role": role, "content": blocks})
     return merged
+
+
+def _group(role: str, blocks: list[str]) -> str:
+    """One API message from the JSON of its content blocks."""
+    return f'{{"role":{_http.encode_json(role)},"content":[{",".join(blocks)}]}}'
 
 
 def _blocks(message: Message) -> tuple[str, list[JsonObject]]:

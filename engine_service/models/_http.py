@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
-from engine_service._types import JsonObject
+from engine_service._types import JsonObject, Message
 from engine_service.models._base import ModelError
 
 UNAVAILABLE = "ERR_MODEL_UNAVAILABLE"
@@ -31,6 +32,66 @@ _AUTH_TYPES = frozenset({"authentication_error", "permission_error"})
 _REQUEST_TYPES = frozenset({"invalid_request_error", "not_found_error", "request_too_large"})
 
 
+# The JSON httpx writes for ``json=``; adapters that encode a body themselves use the same.
+encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+@dataclass(slots=True)
+class SerialisedHistory:
+    """One transcript's messages as JSON fragments, in whatever shape the adapter keeps them."""
+
+    first: Message | None = None
+    last: Message | None = None
+    count: int = 0  # messages of the transcript serialised so far
+    chars: int = 0
+    parts: list[str] = field(default_factory=list)
+    open_role: str = ""  # Anthropic: the role of the last, still growing message
+    open_parts: list[str] = field(default_factory=list)
+
+
+class HistoryCache:
+    """Serialised histories by transcript, so a run serialises each message once, not every turn.
+
+    The engine hands an adapter the same append-only list every turn of a run. An entry
+    is found by the list's id and trusted only while the list still holds the same
+    first and last serialised message objects; anything else starts over. Least
+    recently used entries go once there are more than ``max_entries`` or their
+    fragments add up to more than ``max_chars``.
+    """
+
+    def __init__(self, max_entries: int = 256, max_chars: int = 16_000_000) -> None:
+        self._entries: OrderedDict[int, SerialisedHistory] = OrderedDict()
+        self._max_entries = max_entries
+        self._max_chars = max_chars
+        self._chars = 0
+
+    def get(self, messages: Sequence[Message]) -> SerialisedHistory:
+        """The entry for ``messages`` (fresh if unknown or stale); add to it, then ``grew``."""
+        entry = self._entries.pop(id(messages), None)
+        if entry is not None and not (
+            entry.count <= len(messages)
+            and (entry.count == 0 or (messages[0] is entry.first and messages[entry.count - 1] is entry.last))
+        ):
+            self._chars -= entry.chars
+            entry = None
+        entry = entry or SerialisedHistory()
+        self._entries[id(messages)] = entry
+        return entry
+
+    def grew(self, entry: SerialisedHistory, messages: Sequence[Message], added_chars: int) -> None:
+        """Record that ``entry`` now covers all of ``messages``; evict the oldest entries if needed."""
+        if messages:
+            entry.first, entry.last = messages[0], messages[-1]
+        entry.count = len(messages)
+        entry.chars += added_chars
+        self._chars += added_chars
+        while len(self._entries) > 1 and (
+            len(self._entries) > self._max_entries or self._chars > self._max_chars
+        ):
+            _, old = self._entries.popitem(last=False)
+            self._chars -= old.chars
+
+
 @dataclass(frozen=True, slots=True)
 class SseEvent:
     event: str
@@ -42,15 +103,22 @@ async def post_sse(
     url: str,
     *,
     headers: Mapping[str, str],
-    body: JsonObject,
+    body: JsonObject | bytes,
     timeout: float,
     provider: str,
     secret: str,
 ) -> AsyncGenerator[SseEvent, None]:
-    """POST ``body`` and yield the server-sent events of a 2xx response."""
+    """POST ``body`` (a document, or its JSON encoded) and yield the server-sent events of a 2xx response."""
     failure: ModelError | None = None
+    if isinstance(body, bytes):
+        content, document = body, None
+        headers = {**headers, "content-type": "application/json"}
+    else:
+        content, document = None, body
     try:
-        async with client.stream("POST", url, headers=headers, json=body, timeout=timeout) as response:
+        async with client.stream(
+            "POST", url, headers=headers, content=content, json=document, timeout=timeout
+        ) as response:
             if not 200 <= response.status_code < 300:
                 raw = await response.aread()
                 raise status_error(provider, response.status_code, response.headers, raw, secret)

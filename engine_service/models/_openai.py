@@ -61,6 +61,7 @@ class OpenAIModel:
         # OpenAI rejects max_tokens for reasoning models; most compatible servers only know max_tokens.
         official = httpx.URL(self._url).host == "api.openai.com"
         self._max_tokens_field = "max_completion_tokens" if official else "max_tokens"
+        self._history = _http.HistoryCache()
 
     @property
     def provider(self) -> str:
@@ -79,11 +80,25 @@ class OpenAIModel:
             self._client = None
 
     def _body(self, request: ModelRequest) -> JsonObject:
+        """The request as a document; what is sent is ``_content``, its JSON."""
         messages: list[JsonObject] = [{"role": "system", "content": request.system}] if request.system else []
         messages.extend(_message(m) for m in request.messages)
+        return {"messages": messages, **self._settings(request)}
+
+    def _content(self, request: ModelRequest) -> bytes:
+        """The JSON of ``_body``, each history message serialised once per run (not every turn)."""
+        entry = self._history.get(request.messages)
+        new = [_http.encode_json(_message(m)) for m in request.messages[entry.count :]]
+        entry.parts.extend(new)
+        self._history.grew(entry, request.messages, sum(map(len, new)))
+        system = [_http.encode_json({"role": "system", "content": request.system})] if request.system else []
+        settings = _http.encode_json(self._settings(request))
+        return f'{{"messages":[{",".join([*system, *entry.parts])}],{settings[1:]}'.encode()
+
+    def _settings(self, request: ModelRequest) -> JsonObject:
+        """Everything in the body but the messages."""
         body: JsonObject = {
             "model": self._model,
-            "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
             self._max_tokens_field: request.max_output_tokens,
@@ -105,7 +120,7 @@ class OpenAIModel:
         return body
 
     async def _once(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
-        body = self._body(request)
+        body = self._content(request)
         text: list[str] = []
         calls: dict[int, _PendingCall] = {}
         usage = Usage()
