@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from engine_service._apicall import ApiConfig
 from engine_service._ids import is_valid_id
 from engine_service._types import Principal
-from engine_service.tools._mcp import McpServerConfig
+from engine_service.tools._mcp_config import McpServerConfig
 
 ENV_PREFIX = "MACHINA_"
 

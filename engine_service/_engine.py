@@ -75,7 +75,6 @@ from engine_service.tools import (
     GREP,
     READ,
     WRITE,
-    McpManager,
     WebFetchPolicy,
     result_blob_name,
     select_servers,
@@ -140,7 +139,7 @@ class Engine:
         )
         # Per-run ApiCall credentials: memory only, never persisted (SPEC §4).
         self._run_api_env: dict[tuple[str, str], dict[str, str]] = {}
-        self._mcp: McpManager | None = None
+        self._mcp: Any = None  # tools._mcp.McpManager, imported only when servers are configured
         self._started = False
         secrets = {k: v.get_secret_value() for k, v in config.webhook_secrets.items()}
         self.webhooks = WebhookSender(storage, lambda ref: secrets.get(ref) or os.environ.get(ref))
@@ -162,6 +161,8 @@ class Engine:
         servers = self.config.tools.mcp_servers
         local = [c for c in servers if c.transport == "http" or "subprocess" in self._capabilities]
         if local:
+            from engine_service.tools._mcp import McpManager
+
             self._mcp = McpManager(local)
             await self._mcp.start()
             tools = await self._mcp.list_tools()

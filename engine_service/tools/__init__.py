@@ -3,8 +3,18 @@
 from engine_service.tools._bash import BASH
 from engine_service.tools._fetch import FETCH_DATA, result_blob_name, truncation_note
 from engine_service.tools._files import EDIT, GLOB, GREP, READ, WRITE, resolve_in_workdir
-from engine_service.tools._mcp import McpManager, McpServerConfig, select_servers
+from engine_service.tools._mcp_config import McpServerConfig, select_servers
 from engine_service.tools._web import WebFetchPolicy, web_fetch_tool
+
+
+def __getattr__(name: str) -> object:
+    # McpManager imports the MCP SDK (~30 MB, ~0.3 s): only load it when it is used.
+    if name == "McpManager":
+        from engine_service.tools._mcp import McpManager
+
+        return McpManager
+    raise AttributeError(name)
+
 
 __all__ = [
     "BASH",
@@ -14,7 +24,6 @@ __all__ = [
     "GREP",
     "READ",
     "WRITE",
-    "McpManager",
     "McpServerConfig",
     "WebFetchPolicy",
     "resolve_in_workdir",

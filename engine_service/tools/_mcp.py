@@ -25,8 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, BinaryIO, Literal, Self, TextIO
-from urllib.parse import urlsplit
+from typing import Any, BinaryIO, Self, TextIO
 
 import anyio
 import jsonschema
@@ -41,14 +40,13 @@ from mcp.client import Transport
 from mcp.client._transport import TransportStreams
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine_service._tools import Tool, ToolContext, ToolError
 from engine_service._types import JsonObject
+from engine_service.tools._mcp_config import McpServerConfig, select_servers
 
 log = logging.getLogger("machina.engine.mcp")
 
-_SERVER_NAME = r"^[A-Za-z0-9_-]{1,32}$"
 # What model providers accept in a tool name; other characters of an MCP tool name become "_".
 _TOOL_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _MAX_TOOL_NAME = 128
@@ -63,73 +61,6 @@ _CLOSE_GRACE_S = 10.0
 _SETTLE_S = 0.3
 _STDERR_LINES = 20
 _STDERR_LINE_CHARS = 500
-
-
-class McpServerConfig(BaseModel):
-    """One MCP server: a command to run over stdio, or a streamable-HTTP URL."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(pattern=_SERVER_NAME, description="Tools appear as mcp__<name>__<tool>.")
-    transport: Literal["stdio", "http"]
-    # stdio: the server runs as our child, in its own process group, with only a minimal
-    # environment (PATH, HOME, USER, ...) plus `env`: the engine's secrets never reach it.
-    command: str | None = None
-    args: list[str] = []
-    env: dict[str, str] = Field(default={}, repr=False)
-    cwd: str | None = None
-    # http: the streamable-HTTP endpoint, e.g. http://127.0.0.1:8000/mcp.
-    url: str | None = None
-    headers: dict[str, str] = Field(default={}, repr=False)
-    # Per call; a call that takes longer is abandoned (the server is told) and reported.
-    timeout_s: float = Field(30.0, gt=0)
-    # Connecting, the handshake and listing the tools.
-    startup_timeout_s: float = Field(20.0, gt=0)
-    # MCP tool names (as the server spells them) that are safe to run again after a crash.
-    idempotent_tools: list[str] = []
-
-    @model_validator(mode="after")
-    def _transport_fields(self) -> Self:
-        if self.transport == "stdio":
-            if not self.command:
-                raise ValueError(f"MCP server {self.name!r}: transport 'stdio' needs a command")
-            wrong = {"url", "headers"} & self.model_fields_set
-        else:
-            if not self.url:
-                raise ValueError(f"MCP server {self.name!r}: transport 'http' needs a url")
-            if urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).hostname:
-                raise ValueError(f"MCP server {self.name!r}: url {self.url!r} must be an http(s) URL")
-            wrong = {"command", "args", "env", "cwd"} & self.model_fields_set
-        if wrong:
-            raise ValueError(
-                f"MCP server {self.name!r}: {', '.join(sorted(wrong))} do not apply to transport "
-                f"{self.transport!r}"
-            )
-        return self
-
-    def target(self) -> str:
-        """Where the server is, for log lines (no arguments, headers or credentials)."""
-        if self.transport == "stdio":
-            return f"stdio: {os.path.basename(self.command or '')}"
-        parts = urlsplit(self.url or "")
-        return f"http: {parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
-
-
-def select_servers(
-    all_configs: Sequence[McpServerConfig], names: Sequence[str] | None
-) -> list[McpServerConfig]:
-    """The servers a run may use: all of them for None, else the named ones (in config order)."""
-    if names is None:
-        return list(all_configs)
-    known = {c.name for c in all_configs}
-    unknown = sorted(set(names) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown MCP server(s) {', '.join(map(repr, unknown))}; configured: "
-            f"{', '.join(map(repr, sorted(known))) or 'none'}"
-        )
-    wanted = set(names)
-    return [c for c in all_configs if c.name in wanted]
 
 
 class McpManager:
