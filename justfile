@@ -71,6 +71,14 @@ demo: setup
 bench *args: setup
     {{venv}}/python -m bench {{args}}
 
+# Load on loopback (SPEC §8): hundreds of concurrent streams and runs against a real engine for `seconds`; writes test-artifacts/load.json.
+load seconds="60" concurrency="400": setup
+    MACHINA_LOAD_SECONDS={{seconds}} MACHINA_LOAD_CONCURRENCY={{concurrency}} {{venv}}/python -m pytest tests/test_load.py -s -p no:cacheprovider
+
+# Fuzz the parsers and validators (fuzz/, atheris) for `seconds` per target; crashes are saved in test-artifacts/fuzz/.
+fuzz seconds="30": setup
+    for target in fuzz/fuzz_*.py; do echo "== $target"; {{venv}}/python "$target" -max_total_time={{seconds}} -timeout=10 -print_final_stats=1; done
+
 # Serve the engine on 127.0.0.1:50051 (pass flags, e.g. `just serve-engine --listen 127.0.0.1:6000`).
 serve-engine *args: setup
     {{venv}}/python -m engine_service {{args}}

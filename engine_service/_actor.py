@@ -355,8 +355,14 @@ class RunActor:
 
     async def _loop(self) -> None:
         record = self.record
-        if record.pending and not await self._dispatch():
-            return
+        if record.pending:
+            # Calls carried over from a pause (approved, or handed to us by the engine): commit
+            # RUNNING and the decisions first, so a crash during such a call is recovered and
+            # reported as interrupted instead of leaving the run paused to be approved again.
+            if any(p.status == READY and not self._idempotent(p.call.name) for p in record.pending):
+                await self.checkpoint()
+            if not await self._dispatch():
+                return
         while True:
             self._check_limits()
             result = await self._model_turn()
@@ -376,7 +382,7 @@ class RunActor:
             # Commit the turn before running a tool that must not run twice: a
             # crash during the call then knows it was in flight. Idempotent
             # tools skip this write (it is most of a cheap turn's cost).
-            if any(p.status == READY and not self.env.tools[p.call.name].idempotent for p in record.pending):
+            if any(p.status == READY and not self._idempotent(p.call.name) for p in record.pending):
                 await self.checkpoint()
             if not await self._dispatch():
                 return
@@ -589,6 +595,10 @@ class RunActor:
             },
         )
         return text, is_error
+
+    def _idempotent(self, name: str) -> bool:
+        tool = self.env.tools.get(name)
+        return tool is not None and tool.idempotent
 
     def _notify(self, event: str) -> None:
         if self.env.notify is not None and self.record.webhook:

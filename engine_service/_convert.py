@@ -42,12 +42,20 @@ _KIND = {
 
 
 def struct_to_dict(message: struct_pb2.Struct) -> JsonObject:
-    doc: JsonObject = _integral(json_format.MessageToDict(message))
+    doc: JsonObject = _integral(_to_python(message))
     return doc
 
 
 def value_to_python(message: struct_pb2.Value) -> Any:
-    return _integral(json_format.MessageToDict(message))
+    return _integral(_to_python(message))
+
+
+def _to_python(message: Any) -> Any:
+    try:
+        return json_format.MessageToDict(message)
+    except ValueError:
+        # NaN and Infinity are valid protobuf doubles but not JSON.
+        raise invalid("ERR_INVALID_REQUEST", "JSON values cannot be NaN or Infinity") from None
 
 
 def _integral(value: Any) -> Any:

@@ -686,10 +686,12 @@ class Engine:
         if request_id:
             check_id(request_id, "request_id")
         webhook_doc = validate_webhook(webhook)
-        if api_env:
-            # Credentials re-supplied (e.g. after a restart); memory only, like at creation.
-            self._run_api_env[key] = dict(api_env)
         async with self._lock(key):
+            if api_env:
+                # Credentials re-supplied (e.g. after a restart); memory only, like at creation,
+                # and only for a run that exists in the caller's workspace.
+                await self._load(key)
+                self._run_api_env[key] = dict(api_env)
             if not decisions:
                 return await self._retry_handoff(principal, key)
             if request_id:

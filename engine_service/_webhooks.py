@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -31,6 +32,8 @@ EVENTS = ("paused", "done", "failed", "cancelled")
 DEFAULT_EVENTS = ("paused", "done", "failed")
 DELIVERY_LOG = "webhook-deliveries"
 _RESERVED = ("x-machina-", "content-type", "content-length", "host")
+# RFC 9110 token characters.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 class WebhookConfig(BaseModel):
@@ -55,9 +58,13 @@ class WebhookConfig(BaseModel):
     @field_validator("headers")
     @classmethod
     def _headers(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
+        for name, header in value.items():
             if name.lower().startswith(_RESERVED):
                 raise ValueError(f"header {name!r} is set by the engine")
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not a valid HTTP header name")
+            if not header.isascii() or any(ord(c) < 32 or ord(c) == 127 for c in header):
+                raise ValueError(f"the value of header {name!r} must be printable ASCII")
         return value
 
 
