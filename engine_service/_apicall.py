@@ -288,6 +288,8 @@ def known_secrets(services: Iterable[ApiService], env_lookup: EnvLookup) -> list
 
 def normalise_path(raw: str) -> str:
     """The path relative to base_url, normalised; ToolError for anything that could leave it."""
+    if not raw.isascii() and _unencodable(raw):
+        raise ToolError("path must be valid Unicode text")
     if _has_ctl(raw):
         raise ToolError("path must not contain control characters")
     for char, what in (("\\", "backslashes"), ("@", "'@'"), ("?", "'?' (use query)"), ("#", "'#'")):
@@ -318,7 +320,20 @@ def normalise_path(raw: str) -> str:
         if segment and head != ".":
             segments.append(quote(segment, safe="!$&'()*+,;=:%"))
     trailing = "/" if segments and decoded.endswith("/") else ""
-    return "/" + "/".join(segments) + trailing
+    result = "/" + "/".join(segments) + trailing
+    # Decoding may have built a double encoding from pieces ("%25" then "%32%65" → "%252e"):
+    # what is checked must be what is sent, so refuse it here too.
+    if re.search(r"%25[0-9A-Fa-f]{2}", result):
+        raise ToolError("path must not be double percent-encoded")
+    return result
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:

@@ -124,6 +124,7 @@ class Engine:
         self._owner = f"engine-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._active: dict[tuple[str, str], RunActor] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._lock_users: dict[tuple[str, str], int] = {}
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._changes: dict[tuple[str, str], asyncio.Event] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -1050,11 +1051,22 @@ class Engine:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
+    @contextlib.asynccontextmanager
+    async def _lock(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        """Serialise moves of one run in this process; the lock is dropped when nobody holds
+        or waits for it, so requests naming made-up run ids leave nothing behind."""
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
-        return lock
+        self._lock_users[key] = self._lock_users.get(key, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._lock_users[key] -= 1
+            if not self._lock_users[key]:
+                del self._lock_users[key]
+                del self._locks[key]
 
     def _check_open(self) -> None:
         if self._closing:

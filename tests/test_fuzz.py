@@ -64,13 +64,6 @@ def test_fuzz_target_finds_nothing(target: str, fuzz_runs: dict[str, subprocess.
     assert int(runs[0].split(":")[-1]) > 100, runs  # it really ran
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (found by fuzz_apicall_path): normalise_path checks for double encoding (%25 + two hex "
-    "digits) on the raw path only, then decodes the hex digits that follow, so '/%25%32%65%25%32%65/x' "
-    "comes out as '/%252e%252e/x' — a double-encoded '../' that normalise_path itself refuses and that "
-    "still matches an allowed_paths regex such as '/.*'",
-)
 @pytest.mark.parametrize(
     "raw", ["/%25%32%65%25%32%65/secret", "/files/%25%32%66etc%25%32%66passwd", "/%25%34%31"]
 )
@@ -82,12 +75,6 @@ def test_double_encoding_cannot_be_smuggled_past_normalise_path(raw: str) -> Non
     assert normalise_path(path) == path  # a fixed point: what is checked is what is sent
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: resolve_in_workdir and normalise_path raise UnicodeEncodeError, not ToolError, for a lone "
-    "surrogate (which JSON from a model can carry as \\ud800); call_tool still turns it into an error "
-    "result, but the validators' contract is ToolError",
-)
 @pytest.mark.parametrize("which", ["resolve_in_workdir", "normalise_path"])
 def test_validators_refuse_lone_surrogates_with_their_own_error(which: str, tmp_path: Path) -> None:
     check = {

@@ -721,11 +721,6 @@ async def test_resume_of_unknown_runs_retains_nothing(server: RunningServer, stu
     assert len(engine._run_api_env) == 0, f"{len(engine._run_api_env)} credential sets kept for unknown runs"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Engine._lock creates an asyncio.Lock per (workspace, run id) for any valid id a caller "
-    "names (ResumeRun, CancelRun) and never removes it, so made-up ids grow memory without bound",
-)
 async def test_requests_for_unknown_runs_do_not_grow_engine_state(server: RunningServer, stub: Any) -> None:
     for i in range(300):
         with contextlib.suppress(grpc.aio.AioRpcError):

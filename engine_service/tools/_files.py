@@ -37,6 +37,10 @@ def resolve_in_workdir(root: Path, user_path: str) -> Path:
     """The real path of ``user_path`` inside ``root``, or ToolError saying why not."""
     if not user_path or "\x00" in user_path:
         raise ToolError("path must be a non-empty string without NUL bytes")
+    try:
+        user_path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ToolError("path must be valid Unicode text (no lone surrogates)") from None
     real_root = Path(os.path.realpath(root))
     candidate = Path(user_path)
     if not candidate.is_absolute():
