@@ -16,7 +16,6 @@ from engine_service.models._base import (
     RetryPolicy,
     TextChunk,
     TurnResult,
-    stream_with_retries,
 )
 
 _API_VERSION = "2023-06-01"
@@ -39,8 +38,10 @@ class _PendingCall:
     json: str = ""
 
 
-class AnthropicModel:
+class AnthropicModel(_http.HttpModel):
     """Streams one turn from ``POST {base_url}/v1/messages``."""
+
+    provider_name = "anthropic"
 
     def __init__(
         self,
@@ -51,30 +52,7 @@ class AnthropicModel:
         timeout: float = 120.0,
         client: httpx.AsyncClient | None = None,
     ) -> None:
-        self._api_key = api_key
-        self._model = model
-        self._url = base_url.rstrip("/") + "/v1/messages"
-        self._retry = retry
-        self._timeout = timeout
-        self._client = client
-        self._owns_client = client is None
-        self._history = _http.HistoryCache()
-
-    @property
-    def provider(self) -> str:
-        return "anthropic"
-
-    @property
-    def name(self) -> str:
-        return self._model
-
-    def stream(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
-        return stream_with_retries(lambda: self._once(request), self._retry)
-
-    async def aclose(self) -> None:
-        if self._owns_client and self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        super().__init__(api_key, model, base_url.rstrip("/") + "/v1/messages", retry, timeout, client)
 
     def _body(self, request: ModelRequest) -> JsonObject:
         """The request as a document; what is sent is ``_content``, its JSON."""
@@ -130,8 +108,7 @@ class AnthropicModel:
         usage = Usage()
         stop = ""
         done = False
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout)
+        client = self._http()
         headers = {
             "x-api-key": self._api_key,
             "anthropic-version": _API_VERSION,
@@ -139,7 +116,7 @@ class AnthropicModel:
             "accept": "text/event-stream",
         }
         events = _http.post_sse(
-            self._client,
+            client,
             self._url,
             headers=headers,
             body=body,

@@ -18,7 +18,14 @@ from typing import Any
 import httpx
 
 from engine_service._types import JsonObject, Message
-from engine_service.models._base import ModelError
+from engine_service.models._base import (
+    ModelError,
+    ModelRequest,
+    RetryPolicy,
+    TextChunk,
+    TurnResult,
+    stream_with_retries,
+)
 
 UNAVAILABLE = "ERR_MODEL_UNAVAILABLE"
 AUTH = "ERR_MODEL_AUTH"
@@ -269,3 +276,54 @@ def _clip(text: str) -> str:
 
 def _redact(text: str, secret: str) -> str:
     return text.replace(secret, "[redacted]") if secret else text
+
+
+class HttpModel:
+    """What the HTTP adapters share: credentials, the client they own, retries and close.
+
+    Subclasses set ``provider`` and implement ``_once`` (one streamed attempt).
+    """
+
+    provider_name = ""
+
+    def __init__(
+        self,
+        api_key: str,
+        model: str,
+        url: str,
+        retry: RetryPolicy,
+        timeout: float,
+        client: httpx.AsyncClient | None,
+    ) -> None:
+        self._api_key = api_key
+        self._model = model
+        self._url = url
+        self._retry = retry
+        self._timeout = timeout
+        self._client = client
+        self._owns_client = client is None
+        self._history = HistoryCache()
+
+    @property
+    def provider(self) -> str:
+        return self.provider_name
+
+    @property
+    def name(self) -> str:
+        return self._model
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
+        return stream_with_retries(lambda: self._once(request), self._retry)
+
+    def _once(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
+        raise NotImplementedError
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout)
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None

@@ -16,7 +16,6 @@ from engine_service.models._base import (
     RetryPolicy,
     TextChunk,
     TurnResult,
-    stream_with_retries,
 )
 
 # Finish reasons in the engine's vocabulary (the one ScriptedModel and Anthropic use).
@@ -39,8 +38,10 @@ class _PendingCall:
     arguments: str = ""
 
 
-class OpenAIModel:
+class OpenAIModel(_http.HttpModel):
     """Streams one turn from ``POST {base_url}/chat/completions``."""
+
+    provider_name = "openai"
 
     def __init__(
         self,
@@ -51,33 +52,10 @@ class OpenAIModel:
         timeout: float = 120.0,
         client: httpx.AsyncClient | None = None,
     ) -> None:
-        self._api_key = api_key
-        self._model = model
-        self._url = base_url.rstrip("/") + "/chat/completions"
-        self._retry = retry
-        self._timeout = timeout
-        self._client = client
-        self._owns_client = client is None
+        super().__init__(api_key, model, base_url.rstrip("/") + "/chat/completions", retry, timeout, client)
         # OpenAI rejects max_tokens for reasoning models; most compatible servers only know max_tokens.
         official = httpx.URL(self._url).host == "api.openai.com"
         self._max_tokens_field = "max_completion_tokens" if official else "max_tokens"
-        self._history = _http.HistoryCache()
-
-    @property
-    def provider(self) -> str:
-        return "openai"
-
-    @property
-    def name(self) -> str:
-        return self._model
-
-    def stream(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
-        return stream_with_retries(lambda: self._once(request), self._retry)
-
-    async def aclose(self) -> None:
-        if self._owns_client and self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
     def _body(self, request: ModelRequest) -> JsonObject:
         """The request as a document; what is sent is ``_content``, its JSON."""
@@ -126,11 +104,10 @@ class OpenAIModel:
         usage = Usage()
         finish = ""
         done = False
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout)
+        client = self._http()
         headers = {"authorization": f"Bearer {self._api_key}", "accept": "text/event-stream"}
         events = _http.post_sse(
-            self._client,
+            client,
             self._url,
             headers=headers,
             body=body,
