@@ -10,8 +10,6 @@ import signal
 import sys
 from pathlib import Path
 
-import uvicorn
-
 from engine_service._bootstrap import build_engine
 from engine_service._config import ConfigError, is_loopback, load_config
 from engine_service._errors import EngineError
@@ -20,6 +18,7 @@ from runner_service._config import RunnerConfig
 from runner_service._grpc import start_grpc
 from runner_service._http import build_app
 from runner_service._runner import Runner
+from runner_service._shim_server import build_http_server
 
 log = logging.getLogger("machina.runner")
 
@@ -85,22 +84,7 @@ async def serve(config: RunnerConfig, port_file: str | None) -> None:
     await engine.start()  # MCP servers (the runner can start stdio ones and publishes their tools)
     runner = Runner(engine, config.runner_secret.get_secret_value(), config.runner_workspace)
     server, grpc_port, health = await start_grpc(runner, config.runner_listen, tls=tls)
-    host, _, port = config.runner_http_listen.rpartition(":")
-    http = uvicorn.Server(
-        uvicorn.Config(
-            build_app(runner, config.runner_max_body_bytes),
-            host=host,
-            port=int(port),
-            log_config=None,
-            access_log=False,
-            timeout_keep_alive=5,
-            limit_concurrency=256,
-            lifespan="off",
-            # The same certificate as gRPC; uvicorn loads the files itself.
-            ssl_certfile=config.runner_tls_cert or None,
-            ssl_keyfile=config.runner_tls_key or None,
-        )
-    )
+    http = build_http_server(build_app(runner, config.runner_max_body_bytes), config)
     http_task = asyncio.create_task(http.serve())
     while not http.started:
         if http_task.done():
@@ -108,6 +92,7 @@ async def serve(config: RunnerConfig, port_file: str | None) -> None:
             raise ConfigError(f"cannot serve HTTP on {config.runner_http_listen}")
         await asyncio.sleep(0.01)
     http_port = http.servers[0].sockets[0].getsockname()[1]
+    host = config.runner_http_listen.rpartition(":")[0]
     log.info(
         "runner serving gRPC on %s:%d and HTTP on %s:%d (%s)",
         config.runner_listen.rpartition(":")[0],

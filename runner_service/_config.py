@@ -18,6 +18,14 @@ class RunnerConfig(EngineConfig):
     runner_workspace: str = "default"
     # Largest /continue body accepted.
     runner_max_body_bytes: int = Field(4096, ge=64, le=1 << 20)
+    # The HTTP shim aborts a connection that has not sent a complete request head this many seconds
+    # after connecting (or after the first byte of its next request), and one whose body is not
+    # complete this many seconds after its head: slow or idle clients cannot hold sockets (slowloris).
+    runner_http_header_timeout_s: float = Field(5.0, gt=0, le=300)
+    runner_http_body_timeout_s: float = Field(5.0, gt=0, le=300)
+    # Open HTTP shim connections at most; a new one past it makes room by aborting the connection
+    # idle the longest (one with a request in progress never is). Keep it well under `ulimit -n`.
+    runner_http_max_connections: int = Field(256, ge=1, le=65536)
     # PEM certificate chain and private key: serve both gRPC and the HTTP shim over TLS
     # (MACHINA_RUNNER_TLS_CERT / MACHINA_RUNNER_TLS_KEY / --tls-cert, --tls-key). Separate from
     # the engine's tls_cert/tls_key, so one config file can serve both processes.
