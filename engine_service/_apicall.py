@@ -26,6 +26,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from engine_service._errors import EngineError, ErrorKind
+from engine_service._text import loads_untrusted
 from engine_service._tools import Tool, ToolContext, ToolError
 from engine_service._types import JsonObject
 
@@ -610,7 +611,7 @@ class _ApiCall:
         content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
         if not truncated and text and (content_type == "application/json" or content_type.endswith("+json")):
             try:
-                body = json.loads(text)
+                body = loads_untrusted(text)  # a "\ud83d" escape in it would crash the run's checkpoint
             except ValueError:
                 body = text
         result: JsonObject = {

@@ -27,6 +27,7 @@ import jsonschema
 import pydantic
 
 from engine_service._errors import EngineError, ErrorKind
+from engine_service._text import clean_text
 from engine_service._types import InterruptKind, JsonObject
 from engine_service.models import ToolSpec
 
@@ -292,14 +293,15 @@ async def call_tool(t: Tool, arguments: JsonObject, ctx: ToolContext) -> tuple[s
     try:
         value = await t.run(arguments, ctx)
     except ToolArgumentError as exc:
-        return f"Invalid arguments for {t.name}: {exc}", True
+        return clean_text(f"Invalid arguments for {t.name}: {exc}"), True
     except ToolError as exc:
-        return str(exc), True
+        return clean_text(str(exc)), True
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # a tool's failure is data for the model, not a crash
-        return f"{t.name} failed: {type(exc).__name__}: {exc}", True
-    return render_result(value), False
+        return clean_text(f"{t.name} failed: {type(exc).__name__}: {exc}"), True
+    # Whatever a tool returns (custom tools included) must be storable as UTF-8.
+    return clean_text(render_result(value)), False
 
 
 def render_result(value: Any) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from engine_service._text import clean_text, loads_untrusted
 from engine_service._types import JsonObject, Message
 from engine_service.models._base import (
     ModelError,
@@ -129,6 +130,9 @@ async def post_sse(
             if not 200 <= response.status_code < 300:
                 raw = await response.aread()
                 raise status_error(provider, response.status_code, response.headers, raw, secret)
+            # Event streams are UTF-8 by definition; a charset the server names (utf-7, say)
+            # could decode to lone surrogates, which no transcript can store.
+            response.encoding = "utf-8"
             async for event in _parse_sse(response.aiter_lines()):
                 yield event
     except httpx.RequestError as exc:
@@ -160,13 +164,15 @@ async def _parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
 
 
 def decode_event(event: SseEvent, provider: str, secret: str) -> JsonObject:
+    """One event's JSON; a lone surrogate escape in it (half an emoji) arrives as U+FFFD."""
     try:
-        doc = json.loads(event.data)
-    except json.JSONDecodeError:
+        doc = loads_untrusted(event.data)
+    except ValueError:
         doc = None
     if not isinstance(doc, dict):
         raise ModelError(
-            STREAM, _redact(f"{provider} sent a malformed stream event: {_clip(event.data)}", secret)
+            STREAM,
+            _redact(f"{provider} sent a malformed stream event: {_clip(clean_text(event.data))}", secret),
         )
     return doc
 
@@ -185,10 +191,10 @@ def parse_arguments(raw: str) -> JsonObject:
     if not raw.strip():
         return {}
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        return {"_raw": raw}
-    return value if isinstance(value, dict) else {"_raw": raw}
+        value = loads_untrusted(raw)
+    except ValueError:
+        return {"_raw": clean_text(raw)}
+    return value if isinstance(value, dict) else {"_raw": clean_text(raw)}
 
 
 def status_error(
@@ -252,8 +258,8 @@ def _provider_detail(raw: bytes) -> tuple[str, str]:
     """(error type, message) from OpenAI/Anthropic-style error bodies, else the raw text."""
     text = raw.decode("utf-8", "replace").strip()
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
+        doc = loads_untrusted(text)
+    except ValueError:
         return "", _clip(text) or "(empty body)"
     error = doc.get("error", doc) if isinstance(doc, dict) else doc
     if isinstance(error, dict) and "message" in error:

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from engine_service._text import clean_text
 from engine_service._tools import Tool, ToolContext, ToolError, tool_from_callable
 
 MAX_READ_BYTES = 2 * 1024 * 1024
@@ -60,7 +61,9 @@ def resolve_in_workdir(root: Path, user_path: str) -> Path:
 
 
 def _relative(root: Path, path: Path) -> str:
-    return str(path.relative_to(os.path.realpath(root))) or "."
+    # A file name that is not UTF-8 comes back from the OS with lone surrogates
+    # (surrogateescape), which no transcript can store: show those bytes as U+FFFD.
+    return clean_text(str(path.relative_to(os.path.realpath(root)))) or "."
 
 
 def _read_bytes(path: Path, user_path: str, limit: int) -> tuple[bytes, int]:

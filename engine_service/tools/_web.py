@@ -17,6 +17,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from pydantic import BaseModel, Field
 
+from engine_service._text import clean_text
 from engine_service._tools import Tool, ToolContext, ToolError, tool_from_callable
 
 _TEXT_TYPES = ("text/", "application/json", "application/xml", "application/xhtml+xml", "application/ld+json")
@@ -103,7 +104,9 @@ async def _fetch(http: httpx.AsyncClient, url: str, policy: WebFetchPolicy) -> s
                     del body[policy.max_bytes :]
                     truncated = True
                     break
-            text = body.decode(response.encoding or "utf-8", errors="replace")
+            # The page names its charset, and some (utf-7, unicode_escape) decode to lone
+            # surrogates, which no transcript can store.
+            text = clean_text(body.decode(response.encoding or "utf-8", errors="replace"))
             note = f"\n[truncated at {policy.max_bytes} bytes]" if truncated else ""
             head = f"status: {response.status_code}\ncontent-type: {kind or 'unknown'}\nurl: {url}"
             return f"{head}\n\n{text}{note}"
