@@ -109,7 +109,12 @@ async def test_failed_deliveries_are_retried_with_new_ids_and_logged(servers: Se
         ids = [headers["x-machina-delivery"] for headers, _ in receiver.requests]
         assert len(set(ids)) == 3
         assert all(verify(h, b) for h, b in receiver.requests)
-        log = await srv.engine.webhooks.deliveries("default", run.run_id)
+        # The receiver has answered the third attempt; the sender logs it a moment later.
+        for _ in range(100):
+            log = await srv.engine.webhooks.deliveries("default", run.run_id)
+            if len(log) >= 3:
+                break
+            await asyncio.sleep(0.02)
         assert [(e["attempt"], e["status"], e["ok"]) for e in log] == [
             (1, 500, False),
             (2, 500, False),
