@@ -300,9 +300,12 @@ class Resumed(RunEvent):
     kind: ClassVar[str] = "resumed"
 
     resumed_by: str
+    # After a crash: events from this seq up to this one were undone (0: nothing was).
+    rolled_back_from_seq: int = 0
 
     def _summary(self) -> str:
-        return f"by {self.resumed_by or '?'}"
+        undone = f", undoing from seq {self.rolled_back_from_seq}" if self.rolled_back_from_seq else ""
+        return f"by {self.resumed_by or '?'}{undone}"
 
 
 @dataclass(frozen=True, repr=False)
@@ -474,7 +477,7 @@ _CONVERTERS: dict[str, _Converter] = {
     "paused": lambda p, b: Paused(
         *b, reason=_pause_reason(p.pause), interrupts=[interrupt_from_proto(i) for i in p.pause.interrupts]
     ),
-    "resumed": lambda p, b: Resumed(*b, resumed_by=p.resumed_by),
+    "resumed": lambda p, b: Resumed(*b, resumed_by=p.resumed_by, rolled_back_from_seq=p.rolled_back_from_seq),
     "usage": lambda p, b: UsageReported(
         *b,
         turn=p.turn,

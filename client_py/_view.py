@@ -433,6 +433,9 @@ class RunViewModel:
         self.last_seq = after_seq  # the newest event applied
         self.state_seq = -1  # the seq the state-like fields reflect
         self._text_turn: int | None = None
+        # (seq, len(text) before it, turn before it) of each event that added text: a crash
+        # recovery rolls the text back to before a seq.
+        self._text_marks: list[tuple[int, int, int | None]] = []
         self._turns_with_deltas: set[int] = set()
         self._tools: dict[str, ToolLogEntry] = {}
         self._interrupt_calls: dict[str, str] = {}
@@ -575,18 +578,25 @@ class RunViewModel:
             self.tool_log.append(entry)
         return entry
 
-    def _add_text(self, text: str, turn: int) -> None:
+    def _add_text(self, text: str, turn: int, seq: int) -> None:
         if not text:
             return
+        self._text_marks.append((seq, len(self.text), self._text_turn))
         if self.text and self._text_turn is not None and turn != self._text_turn:
             self.text += "\n\n"
         self.text += text
         self._text_turn = turn
 
+    def _roll_back_text(self, from_seq: int) -> None:
+        """Drop the text that events from ``from_seq`` on added: the run redoes that turn."""
+        while self._text_marks and self._text_marks[-1][0] >= from_seq:
+            _, length, turn = self._text_marks.pop()
+            self.text, self._text_turn = self.text[:length], turn
+
     def _fold(self, event: RunEvent, fresh: bool, changed: set[str]) -> None:
         if isinstance(event, TextDelta):
             self._turns_with_deltas.add(event.turn)
-            self._add_text(event.text, event.turn)
+            self._add_text(event.text, event.turn, event.seq)
             changed.add(TEXT)
             if fresh and event.turn > self.turns:
                 self.turns = event.turn
@@ -594,7 +604,7 @@ class RunViewModel:
         elif isinstance(event, AssistantMessage):
             # A model that does not stream sends its text only here.
             if event.turn not in self._turns_with_deltas and event.text:
-                self._add_text(event.text, event.turn)
+                self._add_text(event.text, event.turn, event.seq)
                 changed.add(TEXT)
             if fresh and event.turn > self.turns:
                 self.turns = event.turn
@@ -643,6 +653,10 @@ class RunViewModel:
                 changed.update((STATUS, CARDS))
         elif isinstance(event, Resumed):
             self.notes.append(f"resumed by {event.resumed_by or '?'}")
+            if event.rolled_back_from_seq:
+                self._roll_back_text(event.rolled_back_from_seq)
+                self.notes.append(f"events from seq {event.rolled_back_from_seq} on were undone by a crash")
+                changed.add(TEXT)
             changed.add(NOTES)
             if fresh:
                 self.state, self.pause_reason = "RUNNING", None

@@ -23,6 +23,7 @@ from engine_service._errors import RunFailure
 from engine_service._feed import EventFeed
 from engine_service._run import PENDING, READY, RESOLVED, Interrupt, PendingCall, RunError, RunRecord, RunSpec
 from engine_service._storage import Storage
+from engine_service._text import loads_untrusted
 from engine_service._tools import Tool, ToolArgumentError, ToolContext, call_tool, capability_error
 from engine_service._types import (
     Event,
@@ -89,11 +90,20 @@ class RunActor:
         self.spec = spec
         self.transcript = transcript
         self.env = env
+        # Watchers see an event once it is written (the feed); until then it waits in
+        # _unwritten. Every event a watcher saw therefore survives a crash.
         self.feed = EventFeed(record.last_seq)
+        self._last_seq = record.last_seq
+        self._unwritten: list[Event] = []
+        self._write_lock = asyncio.Lock()
+        self._write_wanted = asyncio.Event()
+        # After a crash recovery: the first seq of what the dead writer wrote past its checkpoint.
+        self._rolled_back_from = 0
+        # While a pause or an end is being committed, readers are shown the run as it was.
+        self._shown: RunRecord | None = None
         self.task: asyncio.Task[None] | None = None
         self.cancel_reason: str | None = None
-        # Entries of events / transcript committed to storage so far.
-        self._events_committed = record.last_seq
+        # Transcript entries committed to storage so far.
         self._transcript_committed = record.transcript_len
         self._lease_renew_at = 0.0
         self._active_since = 0.0
@@ -105,20 +115,58 @@ class RunActor:
 
     # -- events and checkpoints ------------------------------------------------
 
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last event emitted (written or not)."""
+        return self._last_seq
+
+    def view(self) -> RunRecord:
+        """The run as readers may see it: never a pause or an end before it is committed."""
+        return self._shown or self.record
+
     def emit(self, kind: EventKind, data: JsonObject) -> Event:
-        event = Event(self.feed.last_seq + 1, self.env.clock(), kind, data)
-        self.feed.publish(event)
+        self._last_seq += 1
+        event = Event(self._last_seq, self.env.clock(), kind, data)
+        self._unwritten.append(event)
+        self._write_wanted.set()
         return event
 
+    async def write_events(self) -> None:
+        """Write the events emitted so far, then show them to watchers."""
+        async with self._write_lock:
+            batch = self._unwritten
+            if not batch:
+                return
+            self._unwritten = []
+            try:
+                ws, run_id = self.key
+                await self.env.storage.write_segment(
+                    ws, run_id, "events", batch[0].seq, [e.to_json() for e in batch]
+                )
+            except BaseException:
+                self._unwritten[:0] = batch  # the next write (or checkpoint) tries again
+                raise
+            self.feed.publish_many(batch)
+
+    async def _writer(self) -> None:
+        """Write events ahead as they come, so watchers see them within a write's time."""
+        delay = self.env.storage.event_flush_delay
+        while True:
+            await self._write_wanted.wait()
+            if delay:
+                await asyncio.sleep(delay)
+            self._write_wanted.clear()
+            try:
+                await self.write_events()
+            except Exception:  # a storage hiccup: the next write or the checkpoint retries
+                log.warning("writing events of run %s failed; will retry", self.record.run_id, exc_info=True)
+                await asyncio.sleep(0.1)
+
     async def checkpoint(self) -> None:
-        """Commit new events and transcript entries, then the state document."""
+        """Commit the events and transcript entries so far, then the state document."""
         record, storage = self.record, self.env.storage
         ws, run_id = self.key
-        if self.feed.last_seq > self._events_committed:
-            new_events = self.feed.after(self._events_committed, limit=1 << 30)
-            await storage.write_segment(
-                ws, run_id, "events", self._events_committed + 1, [e.to_json() for e in new_events]
-            )
+        await self.write_events()
         if len(self.transcript) > self._transcript_committed:
             new_entries = self.transcript[self._transcript_committed :]
             await storage.write_segment(
@@ -128,9 +176,13 @@ class RunActor:
         record.transcript_len = len(self.transcript)
         record.updated_at = self.env.clock()
         await storage.write_state(ws, run_id, record.to_json())
-        self._events_committed = record.last_seq
+        self._shown = None
         self._transcript_committed = record.transcript_len
         await self._renew_lease()
+
+    def _show_until_committed(self) -> None:
+        """Keep showing readers the run as it is now until the next checkpoint commits."""
+        self._shown = RunRecord.from_json(self.record.to_json())
 
     async def take_over(self) -> bool:
         """Acquire the lease and drop what a dead writer left uncommitted.
@@ -149,7 +201,17 @@ class RunActor:
             await self.env.storage.release_lease(ws, run_id, self.env.owner)
             return False
         self._lease_renew_at = self.env.clock() + self.env.lease_ttl / 3
-        await self.env.storage.drop_uncommitted(ws, run_id, "events", self.record.last_seq)
+        # Events the dead writer wrote past its checkpoint stay (watchers may have seen them);
+        # its transcript entries go: the run redoes that work from the checkpoint.
+        written = await self.env.storage.repair_end(ws, run_id, "events")
+        if written < self.record.last_seq:
+            log.error("run %s: its event log ends at %d, before its checkpoint's %d", run_id, written,
+                      self.record.last_seq)  # fmt: skip
+        if written > self.record.last_seq:
+            self._rolled_back_from = self.record.last_seq + 1
+        if written > self.feed.last_seq:
+            self.feed = EventFeed(written)
+            self._last_seq = written
         await self.env.storage.drop_uncommitted(ws, run_id, "transcript", self.record.transcript_len)
         return True
 
@@ -193,7 +255,11 @@ class RunActor:
         self.task = asyncio.create_task(self._execute(resumed_by), name=f"run:{self.record.run_id}")
 
     async def _execute(self, resumed_by: str | None) -> None:
-        helpers = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._watch_cancel())]
+        helpers = [
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._watch_cancel()),
+            asyncio.create_task(self._writer()),
+        ]
         try:
             await self._execute_inner(resumed_by)
         except LeaseLost as lost:
@@ -227,6 +293,10 @@ class RunActor:
         record.pause_reason = None
         if resumed_by is None:
             self.emit(EventKind.RUN_STARTED, {"task": record.task, "model": record.meta.model})
+        elif self._rolled_back_from:
+            # What the dead writer did past its checkpoint is redone (or reported) from here.
+            self.emit(EventKind.RESUMED, {"by": resumed_by, "rolled_back_from": self._rolled_back_from})
+            self._rolled_back_from = 0
         else:
             self.emit(EventKind.RESUMED, {"by": resumed_by})
         try:
@@ -286,6 +356,7 @@ class RunActor:
         self, state: RunState, *, data: Any = None, error: RunError | None = None, keep_pending: bool = False
     ) -> None:
         record = self.record
+        self._show_until_committed()
         self._account_time()
         record.state = state
         record.data = data
@@ -332,6 +403,7 @@ class RunActor:
 
     async def pause(self) -> None:
         record = self.record
+        self._show_until_committed()
         self._account_time()
         interrupts = record.interrupts
         kinds = {i.kind for i in interrupts}
@@ -449,7 +521,7 @@ class RunActor:
             return True, text
         problem = _schema_problem(text, schema)
         if problem is None:
-            return True, json.loads(text)
+            return True, loads_untrusted(text)
         if self.record.repair_used:
             raise RunFailure(
                 "ERR_OUTPUT_SCHEMA", f"the final answer does not match the output schema: {problem}"
@@ -535,6 +607,7 @@ class RunActor:
         """Pause HANDOFF_TO_RUNNER and POST the run to the runner; fail clearly if it cannot take it."""
         record = self.record
         assert self.env.handoff is not None
+        self._show_until_committed()
         self._account_time()
         record.state, record.pause_reason = RunState.PAUSED, PauseReason.HANDOFF_TO_RUNNER
         self.emit(EventKind.HANDOFF_TO_RUNNER, {"tools": tools})
@@ -656,9 +729,11 @@ def _schema_problem(text: str, schema: JsonObject) -> str | None:
     import jsonschema
 
     try:
-        value = json.loads(text)
+        value = loads_untrusted(text)
     except json.JSONDecodeError as exc:
         return f"not JSON ({exc.msg} at position {exc.pos})"
+    except ValueError as exc:
+        return f"not usable JSON ({exc})"
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
     if error is None:
         return None

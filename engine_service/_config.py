@@ -56,7 +56,8 @@ class ToolsConfig(_Section):
     permissions: dict[str, Literal["allow", "ask", "deny"]] = {}
     default_permission: Literal["allow", "ask", "deny"] = "allow"
     # Tool results longer than this reach the model truncated; the full text stays in storage (FetchData).
-    max_result_chars: int = Field(50_000, ge=1_000)
+    # At most 500,000 characters, so one tool_call_completed event stays well inside a gRPC message.
+    max_result_chars: int = Field(50_000, ge=1_000, le=500_000)
     # WebFetch refuses loopback/private/link-local targets unless allowed here.
     webfetch_allow_private: bool = False
     webfetch_allow_hosts: list[str] = []

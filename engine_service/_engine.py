@@ -33,7 +33,16 @@ from engine_service._apicall import (
     scope_to_run,
 )
 from engine_service._config import EngineConfig
-from engine_service._errors import EngineError, ErrorKind, aborted, invalid, not_found, precondition
+from engine_service._errors import (
+    EngineError,
+    ErrorKind,
+    aborted,
+    invalid,
+    not_found,
+    precondition,
+    shown,
+    shown_list,
+)
 from engine_service._ids import check_id, new_id
 from engine_service._run import PENDING, READY, RESOLVED, PendingCall, RunRecord, RunSpec
 from engine_service._storage import Storage
@@ -159,6 +168,7 @@ class Engine:
             return
         self._started = True
         self._spawn(self._recovery_loop())
+        self._spawn(self.webhooks.resume_pending_all())  # webhooks a previous process left pending
         servers = self.config.tools.mcp_servers
         local = [c for c in servers if c.transport == "http" or "subprocess" in self._capabilities]
         if local:
@@ -319,7 +329,7 @@ class Engine:
             if not t.name or len(t.name) > 64 or not all(c.isalnum() or c in "_-" for c in t.name):
                 raise invalid(
                     "ERR_INVALID_REQUEST",
-                    f"client tool name {t.name!r} must match [A-Za-z0-9_-]{{1,64}}",
+                    f"client tool name {shown(t.name)!r} must match [A-Za-z0-9_-]{{1,64}}",
                     field="client_tools",
                 )
             if t.name in names:
@@ -339,9 +349,9 @@ class Engine:
             if unknown:
                 raise invalid(
                     "ERR_UNKNOWN_TOOL",
-                    f"{what} names unknown tools: {', '.join(unknown)}",
+                    f"{what} names unknown tools: {shown_list(unknown)}",
                     field=what,
-                    tools=",".join(unknown),
+                    tools=shown_list(unknown),
                 )
         if spec.output_schema is not None:
             import jsonschema
@@ -351,7 +361,7 @@ class Engine:
             except jsonschema.SchemaError as exc:
                 raise invalid(
                     "ERR_INVALID_REQUEST",
-                    f"output_schema is not a valid JSON Schema: {exc.message}",
+                    f"output_schema is not a valid JSON Schema: {shown(exc.message, 500)}",
                     field="output_schema",
                 ) from None
         if spec.script is not None:
@@ -360,14 +370,16 @@ class Engine:
             try:
                 select_servers(self.config.tools.mcp_servers, spec.mcp_servers)
             except ValueError as exc:
-                raise invalid("ERR_INVALID_REQUEST", str(exc), field="mcp_servers") from None
+                raise invalid("ERR_INVALID_REQUEST", shown(exc, 500), field="mcp_servers") from None
         try:
             ApiConfig(services=[ApiService.model_validate(s) for s in spec.api_services])
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
             )
-            raise invalid("ERR_INVALID_REQUEST", f"invalid api services: {problems}", field="api") from None
+            raise invalid(
+                "ERR_INVALID_REQUEST", f"invalid api services: {shown(problems, 500)}", field="api"
+            ) from None
 
     def _choose_model(self, spec: RunSpec) -> tuple[str, str]:
         provider = spec.model_provider or self._default_provider
@@ -382,7 +394,7 @@ class Engine:
         if provider not in ("scripted", "openai", "anthropic"):
             raise invalid(
                 "ERR_INVALID_REQUEST",
-                f"unknown model provider {provider!r}: use scripted, openai or anthropic",
+                f"unknown model provider {shown(provider)!r}: use scripted, openai or anthropic",
                 field="model.provider",
             )
         if provider == "scripted":
@@ -502,7 +514,7 @@ class Engine:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         actor = self._active.get(key)
         if actor is not None:
-            return actor.record
+            return actor.view()
         return await self._load(key)
 
     async def _load(self, key: tuple[str, str]) -> RunRecord:
@@ -515,7 +527,7 @@ class Engine:
 
     def _live(self, record: RunRecord) -> RunRecord:
         actor = self._active.get((record.workspace_id, record.run_id))
-        return actor.record if actor is not None else record
+        return actor.view() if actor is not None else record
 
     async def list_runs(
         self,
@@ -525,7 +537,14 @@ class Engine:
         labels: Mapping[str, str] | None = None,
         page_size: int = 50,
         page_token: str = "",
+        max_bytes: int = 0,
+        size_of: Callable[[RunRecord], int] | None = None,
     ) -> tuple[list[RunRecord], str]:
+        """A page of runs, newest first, and the token of the next page ("" on the last).
+
+        With ``size_of`` (a run's size in the caller's encoding) a page also ends before its runs
+        add up to more than ``max_bytes``; it always holds at least one run, however large.
+        """
         if not 0 <= page_size <= 1000:
             raise invalid("ERR_INVALID_REQUEST", "page_size must be between 1 and 1000", field="page_size")
         page_size = page_size or 50
@@ -551,7 +570,15 @@ class Engine:
                 records.append(record)
         records.sort(key=lambda r: (r.created_at, r.run_id), reverse=True)
         page = records[offset : offset + page_size]
-        next_token = str(offset + page_size) if offset + page_size < len(records) else ""
+        if size_of is not None:
+            used = 0
+            for count, record in enumerate(page):
+                used += size_of(record)
+                if count and used > max_bytes:
+                    page = page[:count]
+                    break
+        end = offset + len(page)
+        next_token = str(end) if end < len(records) else ""
         return page, next_token
 
     async def wait_run(self, principal: Principal, run_id: str, timeout: float) -> tuple[RunRecord, bool]:
@@ -567,7 +594,7 @@ class Engine:
                 # state is committed: answering earlier (from memory) would let a caller
                 # act on a pause that another process cannot see yet.
                 if remaining <= 0:
-                    return actor.record, True
+                    return actor.view(), True
                 with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                     async with asyncio.timeout(remaining):
                         await asyncio.shield(actor.task)
@@ -601,10 +628,10 @@ class Engine:
         finished: RunActor | None = None  # the last actor read live from
         while True:
             actor = self._active.get(key)
-            done = 0 if finished is None else min(finished.record.last_seq, finished.feed.last_seq)
+            done = 0 if finished is None else finished.feed.last_seq
             if actor is None and finished is not None and finished.feed.base_seq <= cursor < done:
-                # That actor has just finished: what it committed is still in its feed, so do
-                # not read (and parse) those events back from storage.
+                # That actor has just finished: what it wrote is still in its feed, so do not
+                # read (and parse) those events back from storage.
                 batch = finished.feed.after(cursor, limit=min(512, done - cursor))
                 cursor = batch[-1].seq
                 yield batch
@@ -772,8 +799,8 @@ class Engine:
             if pending is None:
                 raise not_found(
                     "ERR_INTERRUPT_NOT_FOUND",
-                    f"interrupt {d.interrupt_id!r} is not pending on run {actor.record.run_id!r}",
-                    interrupt_id=d.interrupt_id,
+                    f"interrupt {shown(d.interrupt_id)!r} is not pending on run {actor.record.run_id!r}",
+                    interrupt_id=shown(d.interrupt_id, 128),
                     run_id=actor.record.run_id,
                 )
             if pending.status != PENDING or d.interrupt_id in seen:
@@ -807,7 +834,8 @@ class Engine:
                 except ToolArgumentError as exc:
                     raise invalid(
                         "ERR_INVALID_EDITS",
-                        f"edited arguments for {pending.call.name} do not match its schema: {exc}",
+                        f"edited arguments for {pending.call.name} do not match its schema: "
+                        f"{shown(exc, 500)}",
                         interrupt_id=d.interrupt_id,
                         tool=pending.call.name,
                     ) from None
@@ -1106,7 +1134,9 @@ def validate_webhook(webhook: Mapping[str, Any] | None) -> JsonObject | None:
         return WebhookConfig.model_validate(dict(webhook)).model_dump()
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
-        raise invalid("ERR_INVALID_REQUEST", f"invalid webhook: {problems}", field="webhook") from None
+        raise invalid(
+            "ERR_INVALID_REQUEST", f"invalid webhook: {shown(problems, 500)}", field="webhook"
+        ) from None
 
 
 def _poll_interval(record: RunRecord) -> float:

@@ -7,7 +7,7 @@ Messages never contain secrets: only values the caller already supplied or ids.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 
 class ErrorKind(enum.Enum):
@@ -46,6 +46,27 @@ class EngineError(Exception):
 
     def __repr__(self) -> str:
         return f"EngineError({self.code!r}, {self.message!r})"
+
+
+SHOWN_CHARS = 64
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``value`` as an error may repeat it: whole when short, else its start and its length.
+
+    Errors reach callers in gRPC trailers, which a default client refuses past 8 KiB: a value
+    from a request is never repeated whole (``_server.error_status`` bounds the rest).
+    """
+    text = str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…({len(text)} chars)"
+
+
+def shown_list(values: Sequence[object], most: int = 5) -> str:
+    """``values`` joined with commas as `shown` bounds each, at most ``most`` of them."""
+    listed = ", ".join(shown(v) for v in values[:most])
+    return listed if len(values) <= most else f"{listed} and {len(values) - most} more"
 
 
 def invalid(code: str, message: str, **metadata: object) -> EngineError:

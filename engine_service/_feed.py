@@ -1,8 +1,9 @@
 """In-memory fan-out of a run's events to live watchers.
 
-The executing process appends every event here as it happens (watchers see a
-token as soon as the model adapter yields it); storage gets them at the next
-checkpoint. Watchers that fall behind ``base_seq`` read storage first.
+The executing process appends events here as soon as they are written to
+storage (within a write's time of the model adapter yielding a token), so a
+watcher never sees an event that a crash could take back. Watchers that fall
+behind ``base_seq`` read storage first.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ class EventFeed:
     def last_seq(self) -> int:
         return self.base_seq + len(self.events)
 
-    def publish(self, event: Event) -> None:
-        self.events.append(event)
+    def publish_many(self, events: list[Event]) -> None:
+        self.events.extend(events)
         self._changed.set()
 
     def close(self) -> None:

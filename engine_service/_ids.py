@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from engine_service._errors import invalid
+from engine_service._errors import invalid, shown
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -17,10 +17,9 @@ def is_valid_id(value: str) -> bool:
 def check_id(value: str, what: str) -> str:
     """Return ``value`` if it is a valid id, else raise ``ERR_INVALID_ID``."""
     if not is_valid_id(value):
-        shown = value if len(value) <= 64 else value[:64] + "…"
         raise invalid(
             "ERR_INVALID_ID",
-            f"invalid {what} {shown!r}: ids match [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}",
+            f"invalid {what} {shown(value)!r}: ids match [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}",
             field=what,
             length=len(value),
         )

@@ -51,6 +51,9 @@ def _missing(error: ClientError) -> bool:
 class S3Storage:
     """Storage in ``s3://bucket/prefix``. Keys are built only from validated ids."""
 
+    # A streaming model turn writes its events ahead every 50 ms, not one PUT per token.
+    event_flush_delay = 0.05
+
     def __init__(
         self,
         bucket: str,
@@ -207,6 +210,10 @@ class S3Storage:
             # A segment is committed whole or not at all: state.json moves to its last record.
             if first > committed or last > committed:
                 await s3.delete_object(Bucket=self._bucket, Key=key)
+
+    async def repair_end(self, ws: str, run_id: str, stream: str) -> int:
+        # Segments are written whole or not at all: nothing is ever torn.
+        return max((last for _, last, _ in await self._segments(ws, run_id, stream)), default=0)
 
     async def put_blob(self, ws: str, run_id: str, name: str, data: bytes) -> None:
         await self._put(self._run(ws, run_id, "blobs", check_id(name, "blob name")), data)

@@ -7,12 +7,15 @@ import functools
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, message_factory
+from google.protobuf import message as protobuf_message
+from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -27,15 +30,18 @@ from engine_service._convert import (
     webhook_from_proto,
 )
 from engine_service._engine import Engine
-from engine_service._errors import EngineError, ErrorKind
+from engine_service._errors import EngineError, ErrorKind, shown
+from engine_service._run import RunRecord
 from engine_service._types import Principal
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
+from machina.engine.v1 import run_pb2 as rp
 
 log = logging.getLogger("machina.engine")
 
 ERROR_DOMAIN = "machina.dev"
-SERVICE_NAME = svc.DESCRIPTOR.services_by_name["EngineService"].full_name
+_SERVICE = svc.DESCRIPTOR.services_by_name["EngineService"]
+SERVICE_NAME = _SERVICE.full_name
 
 _STATUS: dict[ErrorKind, tuple[grpc.StatusCode, int]] = {
     ErrorKind.INVALID_ARGUMENT: (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
@@ -53,15 +59,63 @@ _STATUS: dict[ErrorKind, tuple[grpc.StatusCode, int]] = {
 }
 
 MAX_WAIT_MS = 300_000
+# A ListRuns page ends before its runs pass this many bytes; a run larger on its own is listed in
+# short form (see ListRunsResponse.runs).
+MAX_PAGE_BYTES = 1 << 20
+_SHORT_FORM_CHARS = 1000
+
+# A default gRPC client refuses trailers past 8 KiB (grpc.max_metadata_size). The message travels
+# twice: percent-encoded in grpc-message, and in grpc-status-details-bin (base64 on the wire) with
+# the ErrorInfo. With these bounds an error's trailers stay under about 5 KiB, whatever it repeats.
+_MAX_MESSAGE_BYTES = 1024  # as percent-encoded in grpc-message
+_MAX_METADATA_ENTRIES = 10
+_MAX_METADATA_KEY_BYTES = 64
+_MAX_METADATA_VALUE_BYTES = 128
+
+
+def _fit(text: str, max_bytes: int, *, percent_encoded: bool = False) -> str:
+    """``text`` cut (at a character) so that its UTF-8, or its grpc-message percent-encoding, fits."""
+    # Lone surrogates (Python strings may hold them, protobuf strings cannot) become U+FFFD.
+    data = text.encode("utf-8", "replace")
+    head = data[:max_bytes]  # every byte costs at least one
+    # grpc-message keeps printable ASCII but '%' and encodes every other byte as %XX.
+    cost = [1 if 0x20 <= b < 0x7F and b != 0x25 else 3 for b in head] if percent_encoded else [1] * len(head)
+    if len(data) <= max_bytes and sum(cost) <= max_bytes:
+        return data.decode()
+    suffix = f"…({len(text)} chars)"
+    budget = max_bytes - 3 * len(suffix.encode())
+    end = used = 0
+    while end < len(head) and used + cost[end] <= budget:
+        used += cost[end]
+        end += 1
+    return head[:end].decode("utf-8", "ignore") + suffix
 
 
 def error_status(error: EngineError) -> grpc.Status:
-    """A canonical status with exactly one google.rpc.ErrorInfo (AIP-193)."""
+    """A canonical status with exactly one google.rpc.ErrorInfo (AIP-193), small enough for any client.
+
+    Errors should show request values through `_errors.shown`; this bounds whatever still gets here.
+    """
     _, code = _STATUS[error.kind]
-    info = error_details_pb2.ErrorInfo(reason=error.code, domain=ERROR_DOMAIN, metadata=error.metadata)
+    metadata = {
+        _fit(key, _MAX_METADATA_KEY_BYTES): _fit(value, _MAX_METADATA_VALUE_BYTES)
+        for key, value in list(error.metadata.items())[:_MAX_METADATA_ENTRIES]
+    }
+    info = error_details_pb2.ErrorInfo(reason=error.code, domain=ERROR_DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    return rpc_status.to_status(status_pb2.Status(code=code, message=error.message, details=[detail]))
+    message = _fit(error.message, _MAX_MESSAGE_BYTES, percent_encoded=True)
+    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=[detail]))
+
+
+def set_error(context: Context, error: EngineError) -> None:
+    """End the RPC with ``error`` (as `error_status`) once its handler returns."""
+    # Setting the status (instead of abort_with_status) ends the RPC when the
+    # handler returns, and works with grpcio-testing's in-memory contexts too.
+    status = error_status(error)
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(status.trailing_metadata)
 
 
 class Authenticator:
@@ -129,12 +183,7 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
         self._auth = auth
 
     async def _fail(self, context: grpc.aio.ServicerContext, error: EngineError) -> None:
-        # Setting the status (instead of abort_with_status) ends the RPC when the
-        # handler returns, and works with grpcio-testing's in-memory contexts too.
-        status = error_status(error)
-        context.set_code(status.code)
-        context.set_details(status.details)
-        context.set_trailing_metadata(status.trailing_metadata)
+        set_error(context, error)
 
     async def _internal(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
         log.exception("%s failed with an internal error", rpc)
@@ -161,9 +210,11 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
                 webhook=webhook_from_proto(request.spec, "webhook"),
             )
             async for batch in self._engine.stream_events(principal, record.run_id, until_pause=True):
-                response = svc.ExecuteRunResponse()
-                add_events(response.events, record.run_id, batch)
-                yield response
+                start = 0
+                while start < len(batch):
+                    response = svc.ExecuteRunResponse()
+                    start = add_events(response.events, record.run_id, batch, start)
+                    yield response
             final = await self._engine.get_run(principal, record.run_id)
             yield svc.ExecuteRunResponse(run=run_to_proto(final))
         except EngineError as error:
@@ -182,9 +233,11 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
             async for batch in self._engine.stream_events(
                 principal, run_id, after_seq=request.after_seq, follow=request.follow
             ):
-                streamed = svc.StreamRunEventsResponse()
-                add_events(streamed.events, run_id, batch)
-                yield streamed
+                start = 0
+                while start < len(batch):
+                    streamed = svc.StreamRunEventsResponse()
+                    start = add_events(streamed.events, run_id, batch, start)
+                    yield streamed
         except EngineError as error:
             await self._fail(context, error)
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -210,14 +263,25 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
 
     @_unary
     async def ListRuns(self, request: svc.ListRunsRequest, principal: Principal, context: Context) -> Any:
+        converted: dict[str, rp.Run] = {}
+
+        def size_of(record: RunRecord) -> int:
+            run = converted[record.run_id] = run_to_proto(record)
+            return run.ByteSize() + 8  # and its tag and length in the response
+
         records, token = await self._engine.list_runs(
             principal,
             states=states_from_proto(request.states),
             labels=dict(request.labels),
             page_size=request.page_size,
             page_token=request.page_token,
+            max_bytes=MAX_PAGE_BYTES,
+            size_of=size_of,
         )
-        return svc.ListRunsResponse(runs=[run_to_proto(r) for r in records], next_page_token=token)
+        runs = [converted[r.run_id] if r.run_id in converted else run_to_proto(r) for r in records]
+        if runs and runs[0].ByteSize() > MAX_PAGE_BYTES:
+            _short_form(runs[0])  # alone on its page: the others were left to the next one
+        return svc.ListRunsResponse(runs=runs, next_page_token=token)
 
     @_unary
     async def WaitRun(self, request: svc.WaitRunRequest, principal: Principal, context: Context) -> Any:
@@ -273,6 +337,96 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
         return svc.RecoverOrphanedRunsResponse(run_ids=run_ids)
 
 
+def _short_form(run: rp.Run) -> None:
+    """Shrink a run too large for a ListRuns page to a summary; GetRun still returns it whole."""
+    run.ClearField("data")
+    run.task = shown(run.task, _SHORT_FORM_CHARS)
+    if run.HasField("error"):
+        run.error.message = shown(run.error.message, _SHORT_FORM_CHARS)
+    for interrupt in run.pause.interrupts:
+        interrupt.ClearField("arguments")
+        interrupt.ClearField("input_schema")
+        interrupt.description = shown(interrupt.description, _SHORT_FORM_CHARS)
+        interrupt.question = shown(interrupt.question, _SHORT_FORM_CHARS)
+
+
+_DECODE_ERRORS = (protobuf_message.Error, ValueError, RecursionError)
+
+
+def _malformed(request_type: Any, exc: Exception) -> EngineError:
+    return EngineError(
+        "ERR_INVALID_REQUEST",
+        f"the request is not a valid {request_type.DESCRIPTOR.full_name}: {shown(exc, 200)}",
+        metadata={"field": "request", "message_type": request_type.DESCRIPTOR.full_name},
+    )
+
+
+def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object) -> None:
+    """Register ``servicer`` for ``service`` as the generated ``add_*_to_server`` would, except
+    that the handlers parse the requests.
+
+    The generated registration lets grpc parse each request before the servicer runs, and grpc
+    answers bytes that do not parse (truncated, bad UTF-8, nested too deep) UNKNOWN without
+    ErrorInfo. Here they get INVALID_ARGUMENT with ErrorInfo like every other bad request; valid
+    requests pay one more call.
+    """
+    handlers = _method_handlers(service, servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _method_handlers(service: ServiceDescriptor, servicer: object) -> dict[str, grpc.RpcMethodHandler]:
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        assert not method.client_streaming, method.full_name
+        request_type = message_factory.GetMessageClass(method.input_type)
+        serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
+        impl = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _parsing_stream(impl, request_type), response_serializer=serialize
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _parsing_unary(impl, request_type), response_serializer=serialize
+            )
+    return handlers
+
+
+def _parsing_unary(
+    impl: Callable[[Any, Context], Awaitable[Any]], request_type: Any
+) -> Callable[[bytes, Context], Awaitable[Any]]:
+    parse = request_type.FromString
+
+    async def handler(raw: bytes, context: Context) -> Any:
+        try:
+            request = parse(raw)
+        except _DECODE_ERRORS as exc:
+            set_error(context, _malformed(request_type, exc))
+            return None
+        return await impl(request, context)
+
+    return handler
+
+
+def _parsing_stream(
+    impl: Callable[[Any, Context], AsyncGenerator[Any, None]], request_type: Any
+) -> Callable[[bytes, Context], AsyncGenerator[Any, None]]:
+    parse = request_type.FromString
+
+    async def handler(raw: bytes, context: Context) -> AsyncGenerator[Any, None]:
+        try:
+            request = parse(raw)
+        except _DECODE_ERRORS as exc:
+            set_error(context, _malformed(request_type, exc))
+            return
+        async with aclosing(impl(request, context)) as responses:
+            async for response in responses:
+                yield response
+
+    return handler
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
@@ -305,7 +459,7 @@ async def start_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    svc_grpc.add_EngineServiceServicer_to_server(EngineServicer(engine, Authenticator(api_keys)), server)
+    add_service(server, _SERVICE, EngineServicer(engine, Authenticator(api_keys)))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -16,10 +16,16 @@ rewrites the history and a checkpoint costs the same at turn 1 and turn 1,000.
 ``SEGMENT_RECORDS`` records, because creating a file costs far more than an
 append; an object store writes one immutable segment per checkpoint instead.)
 
-Records only count once ``state.json`` says so: ``last_seq`` and
-``transcript_len`` are the commit point. Whatever a writer wrote past them
-before dying is ignored by readers and removed by the next writer
-(``drop_uncommitted``).
+The two streams commit differently:
+
+- events are written ahead: a process writes each event before any watcher
+  sees it, so every event a watcher was ever shown is in the log, also after
+  a crash. ``state.json``'s ``last_seq`` says how far the last checkpoint got;
+  a recovering writer keeps what lies past it (``repair_end`` drops only a
+  torn last record) and marks it rolled back in its ``resumed`` event.
+- transcript entries only count once ``state.json``'s ``transcript_len`` says
+  so; whatever a writer wrote past it before dying is ignored by readers and
+  removed by the next writer (``drop_uncommitted``).
 """
 
 from __future__ import annotations
@@ -50,6 +56,11 @@ class Lease:
 class Storage(Protocol):
     """What the engine needs from storage. All ids are validated by the caller."""
 
+    # How long a run's writer gathers events before writing them ahead (seconds). 0 writes at
+    # once; an object store, which pays a request per write, trades a little latency for fewer
+    # and larger segments.
+    event_flush_delay: float
+
     async def create_run(self, ws: str, run_id: str, spec: JsonObject, state: JsonObject) -> bool:
         """Write spec.json and state.json unless the run exists; False if it did."""
         ...
@@ -76,6 +87,10 @@ class Storage(Protocol):
 
     async def drop_uncommitted(self, ws: str, run_id: str, stream: str, committed: int) -> None:
         """Delete segments starting after ``committed`` (left by a writer that died)."""
+        ...
+
+    async def repair_end(self, ws: str, run_id: str, stream: str) -> int:
+        """The index of the last complete record of ``stream``, after dropping a torn one (0 if none)."""
         ...
 
     async def put_blob(self, ws: str, run_id: str, name: str, data: bytes) -> None:
@@ -139,6 +154,8 @@ class LocalStorage:
     ``fsync`` makes each checkpoint durable against power loss (slower); without
     it writes survive a process crash, which is what kill -9 tests exercise.
     """
+
+    event_flush_delay = 0.0
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = False) -> None:
         self._root = Path(root).resolve()
@@ -237,6 +254,20 @@ class LocalStorage:
             (directory / segment_name(first)).unlink(missing_ok=True)
         if kept:
             _truncate_after(directory / segment_name(kept[-1]), committed - kept[-1] + 1)
+
+    async def repair_end(self, ws: str, run_id: str, stream: str) -> int:
+        key = (ws, run_id, _stream(stream))
+        appender = self._appenders.pop(key, None)
+        if appender is not None:
+            appender.file.close()
+        directory = self._run_dir(ws, run_id) / key[2]
+        try:
+            starts = segment_starts(os.listdir(directory))
+        except FileNotFoundError:
+            return 0
+        if not starts:
+            return 0
+        return starts[-1] - 1 + _truncate_after(directory / segment_name(starts[-1]), 1 << 62)
 
     async def put_blob(self, ws: str, run_id: str, name: str, data: bytes) -> None:
         directory = self._run_dir(ws, run_id) / "blobs"
@@ -341,16 +372,21 @@ class LocalStorage:
                 os.close(dir_fd)
 
 
-def _truncate_after(path: Path, keep: int) -> None:
-    """Keep the first ``keep`` complete lines of ``path`` (drops a torn or uncommitted tail)."""
-    size = 0
+def _truncate_after(path: Path, keep: int) -> int:
+    """Keep the first ``keep`` complete lines of ``path`` (drops a torn or uncommitted tail).
+
+    Returns how many lines were kept.
+    """
+    size = kept = 0
     with open(path, "rb") as fh:
-        for count, line in enumerate(fh, start=1):
-            if count > keep or not line.endswith(b"\n"):
+        for line in fh:
+            if kept >= keep or not line.endswith(b"\n"):
                 break
             size += len(line)
+            kept += 1
     if os.path.getsize(path) != size:
         os.truncate(path, size)
+    return kept
 
 
 def _stream(name: str) -> str:

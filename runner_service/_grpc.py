@@ -10,7 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine_service._errors import EngineError, ErrorKind
-from engine_service._server import error_status
+from engine_service._server import add_service, error_status
 from machina.runner.v1 import runner_service_pb2 as pb
 from machina.runner.v1 import runner_service_pb2_grpc as pb_grpc
 from runner_service._runner import Rejected, Runner
@@ -55,7 +55,8 @@ async def start_grpc(
     ``tls`` is (PEM private key, PEM certificate chain); None serves plaintext.
     """
     server = grpc.aio.server()
-    pb_grpc.add_RunnerServiceServicer_to_server(RunnerServicer(runner), server)
+    # Requests are parsed by us, so bytes that are not a message get INVALID_ARGUMENT + ErrorInfo.
+    add_service(server, pb.DESCRIPTOR.services_by_name["RunnerService"], RunnerServicer(runner))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -67,7 +67,9 @@ COMMENTS lint rules, FILE breaking-change checks); this page renders their comme
   resume return the first call's result instead of acting twice.
 - **Streams.** `ExecuteRun` and `StreamRunEvents` send events in batches (`repeated RunEvent`).
   `seq` is gap-free per run: reconnect with the last `seq` you saw as `after_seq` to get
-  every later event exactly once.
+  every later event exactly once, also across an engine crash (an event is written before
+  any watcher sees it; a recovered run's `Resumed.rolled_back_from_seq` marks what the crash
+  undid).
 - **JSON values.** `google.protobuf.Struct` and `google.protobuf.Value` fields (tool
   arguments, schemas, `Run.data`) carry plain JSON in every language's JSON mapping.
 - **Stubs.** Python: the `machina` package (generated into `machina/`, `just gen`).

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from client_py import AsyncEngineClient
+from client_py import AsyncEngineClient, RunEvent
 from engine_service import Engine, EngineConfig, LocalStorage, ToolRegistry
 from engine_service._engine import builtin_tools
 from engine_service._server import RunningServer, start_server
@@ -21,6 +21,18 @@ ROOT = Path(__file__).resolve().parent.parent
 # Keep a developer's real API keys out of tests: the scripted model is the default.
 for _key in ("ANTHROPIC_API_KEY", "OPENAI_API_KEY"):
     os.environ.pop(_key, None)
+
+
+def undone_seqs(events: list[RunEvent]) -> set[int]:
+    """Seqs a crash undid: from each recovery's ``rolled_back_from_seq`` up to its ``resumed``."""
+    undone: set[int] = set()
+    for e in events:
+        if e.kind == "resumed" and e.rolled_back_from_seq:
+            assert e.resumed_by == "recovery"
+            assert 0 < e.rolled_back_from_seq < e.seq
+            assert not undone & set(range(e.rolled_back_from_seq, e.seq)), "undone ranges overlap"
+            undone.update(range(e.rolled_back_from_seq, e.seq))
+    return undone
 
 
 def turn(text: str = "", *calls: tuple[str, dict[str, Any]]) -> dict[str, Any]:

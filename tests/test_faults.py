@@ -4,8 +4,10 @@ down, a webhook receiver that is down.
 
 Every run must end in a correct state with nothing lost or duplicated:
 
-- the durable event log is gap-free (seqs 1..N), with one ``run_started``, one final
-  ``run_finished`` and every assistant turn exactly once, in order;
+- the durable event log is gap-free (seqs 1..N), with one ``run_started`` and one final
+  ``run_finished``; what a killed engine wrote past its last checkpoint (watchers may have seen
+  it) stays in the log, marked undone by the recovered run's ``resumed`` event, and outside
+  those undone ranges every assistant turn appears exactly once, in order;
 - every tool call has exactly one result in the transcript; a call that completed ran exactly
   once (its side effect, a line appended to ``side.log`` in the run's directory, is there once);
   a call a crash interrupted is reported to the model as interrupted and ran at most once — no
@@ -38,7 +40,7 @@ import pytest
 from client_py import AsyncEngineClient, AsyncRunHandle, RunEvent
 from engine_service import LocalStorage, Storage
 from engine_service._s3 import S3Storage
-from tests.conftest import ServerFactory, turn
+from tests.conftest import ServerFactory, turn, undone_seqs
 from tests.processes import EngineProcess, RunnerProcess, ServiceProcess, free_port
 from tests.s3_server import FaultyProxy
 
@@ -106,12 +108,15 @@ async def check_history(
     run = await (await client.attach(run_id)).refresh()
     assert run.state == "DONE", run
     assert run.data == "all done"
-    events = await durable_events(client, run_id)
-    assert [e.seq for e in events] == list(range(1, len(events) + 1)), "seqs are not gap-free 1..N"
+    logged = await durable_events(client, run_id)
+    assert [e.seq for e in logged] == list(range(1, len(logged) + 1)), "seqs are not gap-free 1..N"
+    assert run.last_seq == len(logged), list(enumerate((e.kind for e in logged), start=1))
+    undone = undone_seqs(logged)
+    events = [e for e in logged if e.seq not in undone]
     kinds = [e.kind for e in events]
-    assert run.last_seq == len(events), list(enumerate(kinds, start=1))
-    # A kill before the run's first commit loses its run_started (watchers saw it live; the
-    # recovered run numbers its `resumed` from seq 1: see the live-watcher xfail below).
+    assert [e.kind for e in logged if e.seq in undone].count("run_finished") == 0
+    assert [e.kind for e in logged].count("run_started") <= 1
+    # A kill before the first checkpoint undoes the run_started (or it was never written).
     if kinds[0] == "resumed":
         assert events[0].resumed_by == "recovery"
         assert "run_started" not in kinds
@@ -128,7 +133,7 @@ async def check_history(
 
     state = await store.read_state("default", run_id)
     assert state is not None
-    assert state["last_seq"] == len(events)
+    assert state["last_seq"] == len(logged)
     transcript = await store.read_segments("default", run_id, "transcript", 0, state["transcript_len"])
     results = [d for d in transcript if d["role"] == "tool"]
     by_call = collections.Counter(d["call_id"] for d in results)
@@ -152,6 +157,10 @@ async def check_history(
             # Reported, not silently re-run: at most once, and no completion was recorded.
             interrupted.append(call_id)
             assert result["is_error"]
+            # If the dead engine got as far as announcing the call, that announcement was undone.
+            assert all(
+                e.seq in undone for e in logged if e.kind == "tool_call_started" and e.call.call_id == call_id
+            )
             assert ran[marker] <= 1
             assert call_id not in completed
         else:
@@ -187,7 +196,6 @@ def kill9(process: ServiceProcess) -> None:
 async def wait_terminal(handle: AsyncRunHandle, timeout: float = 30) -> Any:
     """Wait until the run is DONE, FAILED or CANCELLED (a PAUSED HANDOFF_TO_RUNNER is transient)."""
     deadline = time.monotonic() + timeout
-    # WaitRun, not GetRun: GetRun can report an end that is not committed yet (see the xfail below).
     run = await handle.wait(timeout=1)
     while run.state not in TERMINAL and time.monotonic() < deadline:
         if run.state == "PAUSED" and run.pause_reason != "HANDOFF_TO_RUNNER":
@@ -196,10 +204,6 @@ async def wait_terminal(handle: AsyncRunHandle, timeout: float = 30) -> Any:
         if run.state == "PAUSED":
             await asyncio.sleep(0.05)
             run = await handle.refresh()
-    if run.state in TERMINAL:
-        # A WaitRun that times out answers from the executing process's memory, which says DONE a
-        # moment before the end is committed (the GetRun xfail below); a long WaitRun waits for it.
-        run = await handle.wait(timeout=20)
     return run
 
 
@@ -575,11 +579,6 @@ async def test_webhook_receiver_outage_is_retried_and_never_blocks_the_run(
     assert deliveries[-1]["delivery"] == headers["x-machina-delivery"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: webhook retries live only in the memory of the process that moved the run; a crash "
-    "while the receiver is down loses the notification for good (nothing resumes pending deliveries)",
-)
 @pytest.mark.timeout(40)
 async def test_webhook_pending_at_a_crash_is_delivered_after_restart(tmp_path: Path, hook_port: int) -> None:
     env = base_env(tmp_path, hook=WEBHOOK_SECRET)
@@ -605,12 +604,6 @@ async def test_webhook_pending_at_a_crash_is_delivered_after_restart(tmp_path: P
 # -- 6. a live watcher across a crash -----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: watchers are sent events before they are committed; after a kill -9 the recovered run "
-    "reuses those seqs for other events, so a watcher that reconnects with its last seq never sees "
-    "them (here: it saw a tool_call_started that is not in the log and misses the `resumed`)",
-)
 @pytest.mark.timeout(40)
 async def test_a_live_watcher_reconnecting_after_a_crash_sees_the_durable_history(tmp_path: Path) -> None:
     env = base_env(tmp_path)
@@ -638,6 +631,10 @@ async def test_a_live_watcher_reconnecting_after_a_crash_sees_the_durable_histor
         restarted.close()
     watched = [(e.seq, e.kind) for e in live + later]
     assert watched == [(e.seq, e.kind) for e in durable]
+    # The recovered run says which of the events the watcher saw were undone by the crash.
+    resumed = next(e for e in later if e.kind == "resumed")
+    assert resumed.resumed_by == "recovery"
+    assert 0 < resumed.rolled_back_from_seq <= live[-1].seq < resumed.seq
 
 
 # -- 7. what GetRun reports while a run is being committed ------------------------------------------
@@ -652,12 +649,6 @@ class SlowCommitStorage(LocalStorage):
         await super().write_state(ws, run_id, state)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: GetRun answers from the executing actor's in-memory record, which _finish/pause set to "
-    "DONE/PAUSED before the checkpoint commits it: a caller sees DONE (and a stale last_seq) that a "
-    "crash at that moment would undo",
-)
 @pytest.mark.timeout(30)
 async def test_get_run_never_reports_an_end_that_is_not_committed(tmp_path: Path) -> None:
     from engine_service import Engine, EngineConfig, ToolRegistry

@@ -276,6 +276,30 @@ async def test_grpc_continue_has_the_same_semantics(runner: RunnerProcess) -> No
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_grpc_bytes_that_are_not_a_request_are_invalid_argument(runner: RunnerProcess) -> None:
+    from google.rpc import error_details_pb2, status_pb2
+
+    auth = (("authorization", f"Bearer {SECRET}"),)
+    async with grpc.aio.insecure_channel(runner.grpc_target) as channel:
+        raw = channel.unary_unary(
+            "/machina.runner.v1.RunnerService/Continue",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await raw(b"\xff\xff\xff\xff", metadata=auth)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        details = dict(caught.value.trailing_metadata() or ())["grpc-status-details-bin"]
+        info = error_details_pb2.ErrorInfo()
+        status_pb2.Status.FromString(details).details[0].Unpack(info)
+        assert info.reason == "ERR_INVALID_REQUEST"
+        with pytest.raises(grpc.aio.AioRpcError) as still:  # and it keeps serving
+            await rpb_grpc.RunnerServiceStub(channel).Continue(
+                rpb.ContinueRequest(run_id="nope"), metadata=auth
+            )
+        assert still.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_runner_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
     import subprocess
     import sys

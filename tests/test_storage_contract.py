@@ -68,6 +68,18 @@ async def test_segments_and_uncommitted_tails(storage: Storage) -> None:
     assert not any(d.get("dead") for d in read)
 
 
+async def test_repair_end_keeps_what_was_written_ahead(storage: Storage) -> None:
+    await storage.create_run("ws", "r1", {}, {})
+    assert await storage.repair_end("ws", "r1", "events") == 0
+    await storage.write_segment("ws", "r1", "events", 1, [{"seq": i} for i in range(1, 6)])
+    # Written ahead of any checkpoint (watchers may have seen them): a successor keeps them.
+    await storage.write_segment("ws", "r1", "events", 6, [{"seq": i} for i in range(6, 9)])
+    assert await storage.repair_end("ws", "r1", "events") == 8
+    await storage.write_segment("ws", "r1", "events", 9, [{"seq": 9}])
+    assert [d["seq"] for d in await storage.read_segments("ws", "r1", "events", 0, 9)] == list(range(1, 10))
+    assert await storage.repair_end("ws", "r1", "events") == 9
+
+
 async def test_put_if_absent_has_one_winner(storage: Storage) -> None:
     results = await asyncio.gather(*(storage.put_if_absent("ws", "req-1", {"n": n}) for n in range(8)))
     winners = [r for r in results if r is None]

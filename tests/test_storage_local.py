@@ -77,6 +77,22 @@ async def test_a_torn_last_line_is_dropped(tmp_path: Path) -> None:
     await storage.close()
 
 
+async def test_repair_end_drops_only_a_torn_last_line(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    await storage.create_run("ws", "r1", {}, {})
+    await storage.write_segment("ws", "r1", "events", 1, [{"seq": 1}, {"seq": 2}])
+    await storage.write_segment("ws", "r1", "events", 3, [{"seq": 3}])
+    await storage.close()
+    segment = tmp_path / "workspaces" / "ws" / "runs" / "r1" / "events" / "000000000001.jsonl"
+    with open(segment, "a") as fh:
+        fh.write('{"seq": 4, "torn')  # a crash in the middle of a write
+    successor = LocalStorage(tmp_path)
+    assert await successor.repair_end("ws", "r1", "events") == 3
+    await successor.write_segment("ws", "r1", "events", 4, [{"seq": 4}])
+    assert [d["seq"] for d in await successor.read_segments("ws", "r1", "events", 0, 4)] == [1, 2, 3, 4]
+    await successor.close()
+
+
 async def test_segments_roll_over_and_stay_numbered(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     await storage.create_run("ws", "r1", {}, {})

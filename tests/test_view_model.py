@@ -301,6 +301,22 @@ def test_text_streams_per_turn_and_a_non_streaming_turn_still_shows() -> None:
     assert model.turns == 2
 
 
+def test_text_a_crash_undid_is_replaced_by_the_redone_turn() -> None:
+    feed = Feed()
+    model = RunViewModel()
+    feed(RunStarted, task="t", model="scripted:script")
+    deltas(feed, "First turn.", 1)
+    feed(AssistantMessage, text="First turn.", tool_calls=[], turn=1)
+    undone_from = feed.seq + 1
+    deltas(feed, "Second turn, cut sh", 2)  # the engine died here; the run redoes turn 2
+    feed(Resumed, resumed_by="recovery", rolled_back_from_seq=undone_from)
+    deltas(feed, "Second turn, whole.", 2)
+    for event in feed.events:
+        model.apply(event)
+    assert model.text == "First turn.\n\nSecond turn, whole."
+    assert any("undone by a crash" in note for note in model.notes)
+
+
 def test_a_failed_run_shows_its_error() -> None:
     feed = Feed()
     model = RunViewModel()

@@ -853,7 +853,12 @@ class ListRunsResponse(_message.Message):
     """Pass as page_token to get the next page; empty on the last page."""
     @_builtins.property
     def runs(self) -> _containers.RepeatedCompositeFieldContainer[_run_pb2.Run]:
-        """The runs, newest first."""
+        """The runs, newest first. A page ends early rather than pass 1 MiB (next_page_token goes on
+        from there). A run larger than that on its own comes in short form: `task`, `error.message`
+        and the interrupts' `description` and `question` cut to 1000 characters (ending in
+        "…(N chars)"), without `data` and the interrupts' `arguments` and `input_schema`; GetRun
+        returns it whole.
+        """
 
     def __init__(
         self,

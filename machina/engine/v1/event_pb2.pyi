@@ -306,16 +306,24 @@ class Resumed(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESUMED_BY_FIELD_NUMBER: _builtins.int
+    ROLLED_BACK_FROM_SEQ_FIELD_NUMBER: _builtins.int
     resumed_by: _builtins.str
-    """The caller identity that resumed the run."""
+    """The caller identity that resumed the run ("recovery" after a crash)."""
+    rolled_back_from_seq: _builtins.int
+    """After a crash: the first seq of the events the dead process wrote past its last
+    checkpoint (a partly streamed model turn, a tool call it started). Watchers saw them,
+    so they stay in the log, but that work was undone: the run redoes it, or reports an
+    interrupted tool call, after this event. 0 when nothing was rolled back.
+    """
     def __init__(
         self,
         *,
         resumed_by: _builtins.str = ...,
+        rolled_back_from_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["resumed_by", b"resumed_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resumed_by", b"resumed_by", "rolled_back_from_seq", b"rolled_back_from_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

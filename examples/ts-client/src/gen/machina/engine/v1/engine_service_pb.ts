@@ -783,7 +783,11 @@ export const ListRunsRequestSchema: GenMessage<ListRunsRequest> = /*@__PURE__*/
  */
 export type ListRunsResponse = Message<"machina.engine.v1.ListRunsResponse"> & {
   /**
-   * The runs, newest first.
+   * The runs, newest first. A page ends early rather than pass 1 MiB (next_page_token goes on
+   * from there). A run larger than that on its own comes in short form: `task`, `error.message`
+   * and the interrupts' `description` and `question` cut to 1000 characters (ending in
+   * "…(N chars)"), without `data` and the interrupts' `arguments` and `input_schema`; GetRun
+   * returns it whole.
    *
    * @generated from field: repeated machina.engine.v1.Run runs = 1;
    */
