@@ -371,30 +371,25 @@ def add_events(
     used = 0
     for event in batch[start:] if start else batch:
         kind, data = event.kind, event.data
+        payload = None
         if kind is EventKind.TEXT_DELTA:
             text = data["text"]
             used += delta_overhead + 4 * len(text)
-            if used > max_bytes and len(events) > first:
-                return start + len(events) - first
-            t = event.time
-            seconds = int(t)
-            message = add(run_id=run_id, seq=event.seq)
-            stamp = message.time
-            stamp.seconds = seconds
-            stamp.nanos = int((t - seconds) * 1e9)
+        else:
+            payload = _payload(kind, data)
+            used += overhead + payload.ByteSize()
+        if used > max_bytes and len(events) > first:
+            return start + len(events) - first
+        t = event.time
+        seconds = int(t)
+        message = add(run_id=run_id, seq=event.seq)
+        stamp = message.time
+        stamp.seconds = seconds
+        stamp.nanos = int((t - seconds) * 1e9)
+        if payload is None:
             delta = message.text_delta
             delta.text = text
             delta.turn = data["turn"]
         else:
-            payload = _payload(kind, data)
-            used += overhead + payload.ByteSize()
-            if used > max_bytes and len(events) > first:
-                return start + len(events) - first
-            t = event.time
-            seconds = int(t)
-            message = add(run_id=run_id, seq=event.seq)
-            stamp = message.time
-            stamp.seconds = seconds
-            stamp.nanos = int((t - seconds) * 1e9)
             getattr(message, kind).CopyFrom(payload)
     return len(batch)

@@ -239,16 +239,20 @@ class LocalStorage:
                         out.append(json.loads(line))
         return out
 
-    async def drop_uncommitted(self, ws: str, run_id: str, stream: str, committed: int) -> None:
+    def _reopen(self, ws: str, run_id: str, stream: str) -> tuple[Path, list[int]]:
+        """Forget this process's open segment of ``stream``; its directory and segment starts."""
         key = (ws, run_id, _stream(stream))
         appender = self._appenders.pop(key, None)
         if appender is not None:
             appender.file.close()
         directory = self._run_dir(ws, run_id) / key[2]
         try:
-            starts = segment_starts(os.listdir(directory))
+            return directory, segment_starts(os.listdir(directory))
         except FileNotFoundError:
-            return
+            return directory, []
+
+    async def drop_uncommitted(self, ws: str, run_id: str, stream: str, committed: int) -> None:
+        directory, starts = self._reopen(ws, run_id, stream)
         kept = [first for first in starts if first <= committed]
         for first in starts[len(kept) :]:
             (directory / segment_name(first)).unlink(missing_ok=True)
@@ -256,15 +260,7 @@ class LocalStorage:
             _truncate_after(directory / segment_name(kept[-1]), committed - kept[-1] + 1)
 
     async def repair_end(self, ws: str, run_id: str, stream: str) -> int:
-        key = (ws, run_id, _stream(stream))
-        appender = self._appenders.pop(key, None)
-        if appender is not None:
-            appender.file.close()
-        directory = self._run_dir(ws, run_id) / key[2]
-        try:
-            starts = segment_starts(os.listdir(directory))
-        except FileNotFoundError:
-            return 0
+        directory, starts = self._reopen(ws, run_id, stream)
         if not starts:
             return 0
         return starts[-1] - 1 + _truncate_after(directory / segment_name(starts[-1]), 1 << 62)

@@ -6,10 +6,8 @@ import asyncio
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -17,43 +15,11 @@ import pytest
 from client_py import AsyncEngineClient, InvalidRequestError
 from tests.conftest import ServerFactory, turn
 from tests.processes import free_port
+from tests.webhook_receiver import Receiver
 
 SECRET = "whsec-test-8d1f2c"
 CONFIG = {"webhook_secrets": {"hook": SECRET}, "tools": {"permissions": {"double": "ask"}}}
 DOUBLE = [turn("", ("double", {"x": 2})), turn("4")]
-
-
-class Receiver:
-    def __init__(self, fail_first: int = 0) -> None:
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        self.fail_first = fail_first
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                status = 500 if len(receiver.requests) <= receiver.fail_first else 200
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                return None
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    async def wait_for(self, count: int, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.requests) < count and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert len(self.requests) >= count, self.requests
 
 
 @pytest.fixture
@@ -97,7 +63,7 @@ async def test_signed_deliveries_for_pause_and_done(servers: ServerFactory, rece
 
 
 async def test_failed_deliveries_are_retried_with_new_ids_and_logged(servers: ServerFactory) -> None:
-    receiver = Receiver(fail_first=2)
+    receiver = Receiver(statuses=(500, 500, 200))
     try:
         srv = await servers.start(config=CONFIG)
         async with AsyncEngineClient(f"127.0.0.1:{srv.port}") as client:

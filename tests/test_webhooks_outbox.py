@@ -8,11 +8,9 @@ import asyncio
 import hashlib
 import hmac
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import aioboto3
@@ -30,45 +28,13 @@ from engine_service._webhooks import (
 )
 from tests.conftest import ServerFactory, turn
 from tests.processes import free_port
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.timeout(60)
 
 SECRET = "whsec-outbox-5b7e3a"
 CONFIG = {"webhook_secrets": {"hook": SECRET}}
 RUN = {"run_id": "run_1", "workspace_id": "default", "state": "DONE", "data": "ok"}
-
-
-class Receiver:
-    """A webhook receiver on ``port`` answering ``statuses`` in turn (then the last one forever)."""
-
-    def __init__(self, port: int = 0, statuses: tuple[int, ...] = (200,)) -> None:
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(statuses[min(len(receiver.requests), len(statuses)) - 1])
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                return None
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    async def wait_for(self, count: int, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.requests) < count and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert len(self.requests) >= count, self.requests
 
 
 @pytest.fixture
