@@ -85,15 +85,19 @@ class RunEnv:
 
 
 class RunActor:
-    def __init__(self, record: RunRecord, spec: RunSpec, transcript: list[Message], env: RunEnv) -> None:
+    def __init__(
+        self, record: RunRecord, spec: RunSpec, transcript: list[Message] | None, env: RunEnv
+    ) -> None:
+        """``transcript`` None: the committed one is read by `take_over`, once the run is ours."""
         self.record = record
         self.spec = spec
-        self.transcript = transcript
+        self.transcript = transcript or []
+        self._transcript_read = transcript is not None
         self.env = env
         # Watchers see an event once it is written (the feed); until then it waits in
         # _unwritten. Every event a watcher saw therefore survives a crash.
         self.feed = EventFeed(record.last_seq)
-        self._last_seq = record.last_seq
+        self._last_seq = record.last_seq  # of the last event emitted, written or not
         self._unwritten: list[Event] = []
         self._write_lock = asyncio.Lock()
         self._write_wanted = asyncio.Event()
@@ -114,11 +118,6 @@ class RunActor:
         return (self.record.workspace_id, self.record.run_id)
 
     # -- events and checkpoints ------------------------------------------------
-
-    @property
-    def last_seq(self) -> int:
-        """The seq of the last event emitted (written or not)."""
-        return self._last_seq
 
     def view(self) -> RunRecord:
         """The run as readers may see it: never a pause or an end before it is committed."""
@@ -212,7 +211,12 @@ class RunActor:
         if written > self.feed.last_seq:
             self.feed = EventFeed(written)
             self._last_seq = written
-        await self.env.storage.drop_uncommitted(ws, run_id, "transcript", self.record.transcript_len)
+        committed = self.record.transcript_len
+        await self.env.storage.drop_uncommitted(ws, run_id, "transcript", committed)
+        if not self._transcript_read:
+            docs = await self.env.storage.read_segments(ws, run_id, "transcript", 0, committed)
+            self.transcript = [Message.from_json(d) for d in docs]
+            self._transcript_read = True
         return True
 
     async def release(self, *, close_feed: bool = True) -> None:

@@ -754,15 +754,7 @@ class Engine:
                 record.webhook = webhook_doc
             if request_id:
                 record.resume_requests = [*record.resume_requests[-31:], request_id]
-            for pending, action, reason, expired in plan:
-                actor.record_decision(pending, action, principal.identity, reason=reason, expired=expired)
-            if record.interrupts:
-                await actor.checkpoint()  # still waiting for the other interrupts
-                await actor.release()
-                self._arm_expiry(key, record)
-                self._notify(key)
-                return record
-            self._start(actor, resumed_by=principal.identity)
+            await self._decide(actor, plan, principal.identity)
             return record
 
     async def _retry_handoff(self, principal: Principal, key: tuple[str, str]) -> RunRecord:
@@ -852,12 +844,9 @@ class Engine:
         if spec_doc is None:
             raise EngineError("ERR_INTERNAL", f"run {run_id!r} has no spec", kind=ErrorKind.INTERNAL)
         spec = RunSpec.from_json(spec_doc)
-        docs = await self.storage.read_segments(ws, run_id, "transcript", 0, record.transcript_len)
-        transcript = [Message.from_json(d) for d in docs]
         provider, _, model_name = record.meta.model.partition(":")
-        return RunActor(
-            record, spec, transcript, self._env(ws, spec, spec_doc, provider, model_name, record.mode)
-        )
+        # The transcript is read by take_over: a sweep that finds the run held elsewhere reads none.
+        return RunActor(record, spec, None, self._env(ws, spec, spec_doc, provider, model_name, record.mode))
 
     async def cancel_run(self, principal: Principal, run_id: str, reason: str = "") -> RunRecord:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
@@ -1062,15 +1051,26 @@ class Engine:
             plan = self._apply_decisions(actor, decisions)
             if not await actor.take_over():
                 return
-            for pending, action, reason, _ in plan:
-                actor.record_decision(pending, action, principal.identity, reason=reason, expired=True)
-            if record.interrupts:
-                await actor.checkpoint()
-                await actor.release()
-                self._arm_expiry(key, record)
-                self._notify(key)
-                return
-            self._start(actor, resumed_by=principal.identity)
+            await self._decide(actor, plan, principal.identity, all_expired=True)
+
+    async def _decide(
+        self,
+        actor: RunActor,
+        plan: list[tuple[PendingCall, str, str, bool]],
+        by: str,
+        *,
+        all_expired: bool = False,
+    ) -> None:
+        """Record the planned decisions on a run we hold; it continues once none is pending."""
+        for pending, action, reason, expired in plan:
+            actor.record_decision(pending, action, by, reason=reason, expired=expired or all_expired)
+        if actor.record.interrupts:
+            await actor.checkpoint()  # still waiting for the other interrupts
+            await actor.release()
+            self._arm_expiry(actor.key, actor.record)
+            self._notify(actor.key)
+            return
+        self._start(actor, resumed_by=by)
 
     # -- plumbing ---------------------------------------------------------------------------
 
