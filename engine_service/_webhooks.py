@@ -173,7 +173,8 @@ class WebhookSender:
         self._max = max_delay_s
         self._timeout = timeout_s
         self._tasks: set[asyncio.Task[None]] = set()
-        self._log_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Striped: serialises appends to one run's delivery log without a lock per run ever seen.
+        self._log_locks = [asyncio.Lock() for _ in range(64)]
         self._index_locks: dict[str, asyncio.Lock] = {}
         self._inflight: set[str] = set()  # notification ids this process is delivering
         self._http: httpx.AsyncClient | None = None
@@ -297,7 +298,7 @@ class WebhookSender:
 
     async def _record(self, ws: str, run_id: str, entry: JsonObject) -> None:
         """Append to the run's persisted delivery log (the last 200 attempts)."""
-        lock = self._log_locks.setdefault((ws, run_id), asyncio.Lock())
+        lock = self._log_locks[hash((ws, run_id)) % len(self._log_locks)]
         async with lock:
             try:
                 raw = await self._storage.get_blob(ws, run_id, DELIVERY_LOG)
