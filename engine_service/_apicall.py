@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib
 import inspect
 import json
 import logging
@@ -25,9 +24,10 @@ from urllib.parse import quote, urljoin, urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from engine_service._errors import EngineError, ErrorKind
-from engine_service._text import loads_untrusted
-from engine_service._tools import Tool, ToolContext, ToolError
+from engine_service._errors import EngineError
+from engine_service._text import has_surrogate, loads_untrusted
+from engine_service._tls import client_ssl_context
+from engine_service._tools import Tool, ToolContext, ToolError, _import_attr
 from engine_service._types import JsonObject
 
 logger = logging.getLogger(__name__)
@@ -217,13 +217,7 @@ def scope_to_run(service: ApiService) -> ApiService:
 
 def load_resolve_auth(path: str) -> ResolveAuth:
     """Import ``package.module:function``."""
-    module_name, _, attribute = path.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise EngineError(
-            "ERR_CONFIG", f"cannot load resolve_auth {path!r}: {exc}", kind=ErrorKind.INVALID_ARGUMENT
-        ) from None
+    fn = _import_attr(path, "resolve_auth")
     if not callable(fn):
         raise EngineError("ERR_CONFIG", f"resolve_auth {path!r} is not callable")
     resolver: ResolveAuth = fn
@@ -289,7 +283,7 @@ def known_secrets(services: Iterable[ApiService], env_lookup: EnvLookup) -> list
 
 def normalise_path(raw: str) -> str:
     """The path relative to base_url, normalised; ToolError for anything that could leave it."""
-    if not raw.isascii() and _unencodable(raw):
+    if has_surrogate(raw):
         raise ToolError("path must be valid Unicode text")
     if _has_ctl(raw):
         raise ToolError("path must not contain control characters")
@@ -327,14 +321,6 @@ def normalise_path(raw: str) -> str:
     if re.search(r"%25[0-9A-Fa-f]{2}", result):
         raise ToolError("path must not be double percent-encoded")
     return result
-
-
-def _unencodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
@@ -539,7 +525,7 @@ class _ApiCall:
         headers: dict[str, str],
         body: bytes | None,
     ) -> tuple[JsonObject, int]:
-        client = self.client or httpx.AsyncClient(trust_env=False)
+        client = self.client or httpx.AsyncClient(trust_env=False, verify=client_ssl_context(False))
         url: httpx.URL = httpx.URL(service.base_url + path, params=query)
         origin = _origin(service.base_url)
         try:

@@ -85,6 +85,7 @@ from engine_service.tools import (
     READ,
     WRITE,
     WebFetchPolicy,
+    mcp_tool_prefix,
     result_blob_name,
     select_servers,
     web_fetch_tool,
@@ -180,7 +181,7 @@ class Engine:
             for tool in tools:
                 self.tools.register(tool)
             for config in (c for c in local if c.transport == "stdio"):
-                prefix = f"mcp__{config.name}__"
+                prefix = mcp_tool_prefix(config.name)
                 catalogue = [
                     {"name": t.name, "description": t.description, "input_schema": t.input_schema,
                      "idempotent": t.idempotent}
@@ -430,7 +431,7 @@ class Engine:
         for t in spec_doc.get("client_tools", ()):
             tools[t["name"]] = client_tool(t["name"], t["description"], t["input_schema"])
         if spec.mcp_servers is not None:
-            chosen = {f"mcp__{name}__" for name in spec.mcp_servers}
+            chosen = {mcp_tool_prefix(name) for name in spec.mcp_servers}
             tools = {
                 n: t for n, t in tools.items() if not n.startswith("mcp__") or n.startswith(tuple(chosen))
             }

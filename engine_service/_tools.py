@@ -180,6 +180,22 @@ def tool_from_callable(
     )
 
 
+def _import_attr(path: str, what: str = "") -> Any:
+    """The attribute ``package.module:name`` names; EngineError (``cannot load <what> ...``) if absent.
+
+    Shared by custom tools, hooks and ``resolve_auth``. A path without ``:`` asks for
+    the attribute ``""`` and so fails as missing.
+    """
+    module_name, _, attribute = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as exc:
+        label = f"{what} {path!r}" if what else repr(path)
+        raise EngineError(
+            "ERR_CONFIG", f"cannot load {label}: {exc}", kind=ErrorKind.INVALID_ARGUMENT
+        ) from None
+
+
 def load_tool(path: str) -> Tool:
     """Load ``package.module:attribute`` as a Tool (a Tool object or a callable)."""
     module_name, sep, attribute = path.partition(":")
@@ -189,12 +205,7 @@ def load_tool(path: str) -> Tool:
             f"custom tool path {path!r} must look like 'package.module:name'",
             kind=ErrorKind.INVALID_ARGUMENT,
         )
-    try:
-        obj = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise EngineError(
-            "ERR_CONFIG", f"cannot load custom tool {path!r}: {exc}", kind=ErrorKind.INVALID_ARGUMENT
-        ) from None
+    obj = _import_attr(path, "custom tool")
     if isinstance(obj, Tool):
         return obj
     if callable(obj):
@@ -206,13 +217,7 @@ def load_tool(path: str) -> Tool:
 
 def load_hook(path: str) -> Callable[..., Any]:
     """Import ``package.module:name`` as a callable (hooks, resolvers)."""
-    module_name, sep, attribute = path.partition(":")
-    try:
-        obj = getattr(importlib.import_module(module_name), attribute) if sep else None
-    except (ImportError, AttributeError) as exc:
-        raise EngineError(
-            "ERR_CONFIG", f"cannot load {path!r}: {exc}", kind=ErrorKind.INVALID_ARGUMENT
-        ) from None
+    obj = _import_attr(path) if ":" in path else None
     if not callable(obj):
         raise EngineError("ERR_CONFIG", f"{path!r} is not a callable 'package.module:name'")
     return obj  # type: ignore[no-any-return]

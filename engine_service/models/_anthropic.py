@@ -7,13 +7,10 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-import httpx
-
 from engine_service._types import JsonObject, Message, ToolCall, ToolChoice, Usage
 from engine_service.models import _http
 from engine_service.models._base import (
     ModelRequest,
-    RetryPolicy,
     TextChunk,
     TurnResult,
 )
@@ -25,9 +22,6 @@ _SCHEMA_INSTRUCTION = (
     "Answer with only a JSON value that matches the following JSON Schema: "
     "no prose, no Markdown code fence.\n"
 )
-
-# Frozen, so sharing one default instance between adapters is safe.
-_DEFAULT_RETRY = RetryPolicy()
 
 
 @dataclass(slots=True)
@@ -42,17 +36,11 @@ class AnthropicModel(_http.HttpModel):
     """Streams one turn from ``POST {base_url}/v1/messages``."""
 
     provider_name = "anthropic"
+    default_base_url = "https://api.anthropic.com"
+    url_path = "/v1/messages"
 
-    def __init__(
-        self,
-        api_key: str,
-        model: str,
-        base_url: str = "https://api.anthropic.com",
-        retry: RetryPolicy = _DEFAULT_RETRY,
-        timeout: float = 120.0,
-        client: httpx.AsyncClient | None = None,
-    ) -> None:
-        super().__init__(api_key, model, base_url.rstrip("/") + "/v1/messages", retry, timeout, client)
+    def _headers(self) -> dict[str, str]:
+        return {"x-api-key": self._api_key, "anthropic-version": _API_VERSION, "accept": "text/event-stream"}
 
     def _body(self, request: ModelRequest) -> JsonObject:
         """The request as a document; what is sent is ``_content``, its JSON."""
@@ -102,28 +90,12 @@ class AnthropicModel(_http.HttpModel):
         return body
 
     async def _once(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
-        body = self._content(request)
         text: list[str] = []
         calls: dict[int, _PendingCall] = {}
         usage = Usage()
         stop = ""
         done = False
-        client = self._http()
-        headers = {
-            "x-api-key": self._api_key,
-            "anthropic-version": _API_VERSION,
-            "content-type": "application/json",
-            "accept": "text/event-stream",
-        }
-        events = _http.post_sse(
-            client,
-            self._url,
-            headers=headers,
-            body=body,
-            timeout=self._timeout,
-            provider=self.provider,
-            secret=self._api_key,
-        )
+        events = self._post(request)
         async with aclosing(events):
             async for event in events:
                 doc = _http.decode_event(event, self.provider, self._api_key)

@@ -111,22 +111,16 @@ async def post_sse(
     url: str,
     *,
     headers: Mapping[str, str],
-    body: JsonObject | bytes,
+    content: bytes,
     timeout: float,
     provider: str,
     secret: str,
 ) -> AsyncGenerator[SseEvent, None]:
-    """POST ``body`` (a document, or its JSON encoded) and yield the server-sent events of a 2xx response."""
+    """POST ``content`` (a JSON document) and yield the server-sent events of a 2xx response."""
     failure: ModelError | None = None
-    if isinstance(body, bytes):
-        content, document = body, None
-        headers = {**headers, "content-type": "application/json"}
-    else:
-        content, document = None, body
+    headers = {**headers, "content-type": "application/json"}
     try:
-        async with client.stream(
-            "POST", url, headers=headers, content=content, json=document, timeout=timeout
-        ) as response:
+        async with client.stream("POST", url, headers=headers, content=content, timeout=timeout) as response:
             if not 200 <= response.status_code < 300:
                 raw = await response.aread()
                 raise status_error(provider, response.status_code, response.headers, raw, secret)
@@ -284,26 +278,35 @@ def _redact(text: str, secret: str) -> str:
     return text.replace(secret, "[redacted]") if secret else text
 
 
+# Frozen, so sharing one default instance between adapters is safe.
+DEFAULT_RETRY = RetryPolicy()
+
+
 class HttpModel:
     """What the HTTP adapters share: credentials, the client they own, retries and close.
 
-    Subclasses set ``provider`` and implement ``_once`` (one streamed attempt).
+    Subclasses set ``provider_name``, ``default_base_url`` and ``url_path`` (the endpoint,
+    appended to the base URL), and implement ``_headers``, ``_content`` and ``_once`` (one
+    streamed attempt, reading the events of ``_post``).
     """
 
     provider_name = ""
+    default_base_url = ""
+    url_path = ""
 
     def __init__(
         self,
         api_key: str,
         model: str,
-        url: str,
-        retry: RetryPolicy,
-        timeout: float,
-        client: httpx.AsyncClient | None,
+        base_url: str | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        timeout: float = 120.0,
+        client: httpx.AsyncClient | None = None,
     ) -> None:
         self._api_key = api_key
         self._model = model
-        self._url = url
+        base = self.default_base_url if base_url is None else base_url
+        self._url = base.rstrip("/") + self.url_path
         self._retry = retry
         self._timeout = timeout
         self._client = client
@@ -323,6 +326,27 @@ class HttpModel:
 
     def _once(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
         raise NotImplementedError
+
+    def _headers(self) -> dict[str, str]:
+        """The request headers, credentials included (content-type is added by ``post_sse``)."""
+        raise NotImplementedError
+
+    def _content(self, request: ModelRequest) -> bytes:
+        """The request body, JSON encoded."""
+        raise NotImplementedError
+
+    def _post(self, request: ModelRequest) -> AsyncGenerator[SseEvent, None]:
+        """Send ``request`` and stream the response's events (nothing is sent until iterated)."""
+        content = self._content(request)
+        return post_sse(
+            self._http(),
+            self._url,
+            headers=self._headers(),
+            content=content,
+            timeout=self._timeout,
+            provider=self.provider,
+            secret=self._api_key,
+        )
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -13,7 +14,6 @@ from engine_service._types import JsonObject, Message, ToolCall, Usage
 from engine_service.models import _http
 from engine_service.models._base import (
     ModelRequest,
-    RetryPolicy,
     TextChunk,
     TurnResult,
 )
@@ -27,9 +27,6 @@ _STOP_REASONS = {
     "content_filter": "refusal",
 }
 
-# Frozen, so sharing one default instance between adapters is safe.
-_DEFAULT_RETRY = RetryPolicy()
-
 
 @dataclass(slots=True)
 class _PendingCall:
@@ -42,20 +39,17 @@ class OpenAIModel(_http.HttpModel):
     """Streams one turn from ``POST {base_url}/chat/completions``."""
 
     provider_name = "openai"
+    default_base_url = "https://api.openai.com/v1"
+    url_path = "/chat/completions"
 
-    def __init__(
-        self,
-        api_key: str,
-        model: str,
-        base_url: str = "https://api.openai.com/v1",
-        retry: RetryPolicy = _DEFAULT_RETRY,
-        timeout: float = 120.0,
-        client: httpx.AsyncClient | None = None,
-    ) -> None:
-        super().__init__(api_key, model, base_url.rstrip("/") + "/chat/completions", retry, timeout, client)
+    @functools.cached_property
+    def _max_tokens_field(self) -> str:
         # OpenAI rejects max_tokens for reasoning models; most compatible servers only know max_tokens.
         official = httpx.URL(self._url).host == "api.openai.com"
-        self._max_tokens_field = "max_completion_tokens" if official else "max_tokens"
+        return "max_completion_tokens" if official else "max_tokens"
+
+    def _headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self._api_key}", "accept": "text/event-stream"}
 
     def _body(self, request: ModelRequest) -> JsonObject:
         """The request as a document; what is sent is ``_content``, its JSON."""
@@ -98,23 +92,12 @@ class OpenAIModel(_http.HttpModel):
         return body
 
     async def _once(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
-        body = self._content(request)
         text: list[str] = []
         calls: dict[int, _PendingCall] = {}
         usage = Usage()
         finish = ""
         done = False
-        client = self._http()
-        headers = {"authorization": f"Bearer {self._api_key}", "accept": "text/event-stream"}
-        events = _http.post_sse(
-            client,
-            self._url,
-            headers=headers,
-            body=body,
-            timeout=self._timeout,
-            provider=self.provider,
-            secret=self._api_key,
-        )
+        events = self._post(request)
         async with aclosing(events):
             async for event in events:
                 if event.data.strip() == "[DONE]":

@@ -7,16 +7,24 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 from engine_service._config import EngineConfig
 from engine_service._errors import invalid
 from engine_service._run import ScriptedTurn
+from engine_service.models._anthropic import AnthropicModel
 from engine_service.models._base import ModelAdapter, RetryPolicy
+from engine_service.models._http import HttpModel
+from engine_service.models._openai import OpenAIModel
 
 MAX_SCRIPT_TURNS = 100_000
 
 ModelFactory = Callable[[str, str], ModelAdapter]
+
+# The HTTP providers: adapter class and the environment variable holding its API key.
+_HTTP_PROVIDERS: dict[str, tuple[type[HttpModel], str]] = {
+    "openai": (OpenAIModel, "OPENAI_API_KEY"),
+    "anthropic": (AnthropicModel, "ANTHROPIC_API_KEY"),
+}
 
 
 def validate_script(script: list[ScriptedTurn]) -> None:
@@ -88,22 +96,16 @@ def default_model_factory(config: EngineConfig) -> ModelFactory:
         adapter = cache.get((provider, name))
         if adapter is not None:
             return adapter
-        if provider == "openai":
-            from engine_service.models import OpenAIModel
-
-            kwargs: dict[str, Any] = {"base_url": config.model.base_url} if config.model.base_url else {}
-            adapter = OpenAIModel(
-                api_key=os.environ.get("OPENAI_API_KEY", ""), model=name, retry=retry, **kwargs
-            )
-        elif provider == "anthropic":
-            from engine_service.models import AnthropicModel
-
-            kwargs = {"base_url": config.model.base_url} if config.model.base_url else {}
-            adapter = AnthropicModel(
-                api_key=os.environ.get("ANTHROPIC_API_KEY", ""), model=name, retry=retry, **kwargs
-            )
-        else:
+        entry = _HTTP_PROVIDERS.get(provider)
+        if entry is None:
             raise invalid("ERR_INVALID_REQUEST", f"unknown model provider {provider!r}")
+        adapter_class, key_env = entry
+        adapter = adapter_class(
+            api_key=os.environ.get(key_env, ""),
+            model=name,
+            base_url=config.model.base_url or None,
+            retry=retry,
+        )
         cache[(provider, name)] = adapter
         return adapter
 

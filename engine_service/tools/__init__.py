@@ -3,7 +3,7 @@
 from engine_service.tools._bash import BASH
 from engine_service.tools._fetch import FETCH_DATA, result_blob_name, truncation_note
 from engine_service.tools._files import EDIT, GLOB, GREP, READ, WRITE, resolve_in_workdir
-from engine_service.tools._mcp_config import McpServerConfig, select_servers
+from engine_service.tools._mcp_config import McpServerConfig, mcp_tool_prefix, select_servers
 from engine_service.tools._web import WebFetchPolicy, web_fetch_tool
 
 
@@ -26,6 +26,7 @@ __all__ = [
     "WRITE",
     "McpServerConfig",
     "WebFetchPolicy",
+    "mcp_tool_prefix",
     "resolve_in_workdir",
     "result_blob_name",
     "select_servers",

@@ -13,12 +13,11 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, Field
 
-from engine_service._text import clean_text
-from engine_service._tools import Tool, ToolContext, ToolError, tool_from_callable
+from engine_service._text import clean_text, has_surrogate
+from engine_service._tools import ToolContext, ToolError, tool_from_callable
 
 MAX_READ_BYTES = 2 * 1024 * 1024
 MAX_WRITE_BYTES = 5 * 1024 * 1024
@@ -38,11 +37,9 @@ def resolve_in_workdir(root: Path, user_path: str) -> Path:
     """The real path of ``user_path`` inside ``root``, or ToolError saying why not."""
     if not user_path or "\x00" in user_path:
         raise ToolError("path must be a non-empty string without NUL bytes")
-    try:
-        user_path.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ToolError("path must be valid Unicode text (no lone surrogates)") from None
-    real_root = Path(os.path.realpath(root))
+    if has_surrogate(user_path):
+        raise ToolError("path must be valid Unicode text (no lone surrogates)")
+    real_root = _real_root(root)
     candidate = Path(user_path)
     if not candidate.is_absolute():
         candidate = real_root / candidate
@@ -60,10 +57,15 @@ def resolve_in_workdir(root: Path, user_path: str) -> Path:
     return real
 
 
-def _relative(root: Path, path: Path) -> str:
+def _real_root(root: Path) -> Path:
+    return Path(os.path.realpath(root))
+
+
+def _relative(real_root: Path, path: Path) -> str:
+    """``path`` relative to ``real_root`` (``_real_root``, computed once per call, not per path)."""
     # A file name that is not UTF-8 comes back from the OS with lone surrogates
     # (surrogateescape), which no transcript can store: show those bytes as U+FFFD.
-    return clean_text(str(path.relative_to(os.path.realpath(root)))) or "."
+    return clean_text(str(path.relative_to(real_root))) or "."
 
 
 def _read_bytes(path: Path, user_path: str, limit: int) -> tuple[bytes, int]:
@@ -128,7 +130,7 @@ async def write(args: WriteArgs, ctx: ToolContext) -> str:
     parent = resolve_in_workdir(root, str(path.parent))
     parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, data)
-    return f"wrote {len(data)} bytes to {_relative(root, path)}"
+    return f"wrote {len(data)} bytes to {_relative(_real_root(root), path)}"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -155,9 +157,10 @@ async def edit(args: EditArgs, ctx: ToolContext) -> str:
         raise ToolError(f"{args.path!r} is {size} bytes; Edit handles files up to {MAX_WRITE_BYTES}")
     if _is_binary(data):
         raise ToolError(f"{args.path!r} is a binary file")
-    text = data.decode("utf-8", errors="strict") if _utf8(data) else None
-    if text is None:
-        raise ToolError(f"{args.path!r} is not valid UTF-8 text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ToolError(f"{args.path!r} is not valid UTF-8 text") from None
     count = text.count(args.old_string)
     if count == 0:
         raise ToolError(f"old_string was not found in {args.path!r}; read the file and copy the text exactly")
@@ -168,15 +171,8 @@ async def edit(args: EditArgs, ctx: ToolContext) -> str:
         )
     updated = text.replace(args.old_string, args.new_string, -1 if args.replace_all else 1)
     _write_atomic(path, updated.encode())
-    return f"replaced {count if args.replace_all else 1} occurrence(s) in {_relative(root, path)}"
-
-
-def _utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+    where = _relative(_real_root(root), path)
+    return f"replaced {count if args.replace_all else 1} occurrence(s) in {where}"
 
 
 class GlobArgs(BaseModel):
@@ -211,9 +207,8 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
-def _walk(root: Path, base: Path) -> list[Path]:
-    """Regular files under ``base`` whose real path stays in ``root`` (symlinks out are skipped)."""
-    real_root = Path(os.path.realpath(root))
+def _walk(real_root: Path, base: Path) -> list[Path]:
+    """Regular files under ``base`` whose real path stays in ``real_root`` (symlinks out are skipped)."""
     found: list[Path] = []
     for directory, dirnames, filenames in os.walk(base, followlinks=False):
         dirnames.sort()
@@ -233,7 +228,10 @@ async def glob(args: GlobArgs, ctx: ToolContext) -> str:
     if not base.is_dir():
         raise ToolError(f"{args.path!r} is not a directory")
     regex = _glob_regex(args.pattern)
-    matches = [_relative(root, p) for p in _walk(root, base) if regex.fullmatch(str(p.relative_to(base)))]
+    real_root = _real_root(root)
+    matches = [
+        _relative(real_root, p) for p in _walk(real_root, base) if regex.fullmatch(str(p.relative_to(base)))
+    ]
     if not matches:
         return "no files match"
     shown = matches[:MAX_GLOB_RESULTS]
@@ -256,7 +254,8 @@ async def grep(args: GrepArgs, ctx: ToolContext) -> str:
     except re.error as exc:
         raise ToolError(f"invalid regular expression: {exc}") from None
     base = resolve_in_workdir(root, args.path)
-    files = [base] if base.is_file() else _walk(root, base)
+    real_root = _real_root(root)
+    files = [base] if base.is_file() else _walk(real_root, base)
     out: list[str] = []
     for path in files:
         if args.glob and not fnmatch.fnmatch(path.name, args.glob):
@@ -266,18 +265,14 @@ async def grep(args: GrepArgs, ctx: ToolContext) -> str:
             continue
         for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
             if regex.search(line):
-                out.append(f"{_relative(root, path)}:{number}:{line[:500]}")
+                out.append(f"{_relative(real_root, path)}:{number}:{line[:500]}")
                 if len(out) >= MAX_GREP_MATCHES:
                     return "\n".join(out) + f"\n[stopped after {MAX_GREP_MATCHES} matches]"
     return "\n".join(out) if out else "no matches"
 
 
-def _file_tool(fn: Any, name: str, idempotent: bool) -> Tool:
-    return tool_from_callable(fn, name=name, idempotent=idempotent)
-
-
-READ = _file_tool(read, "Read", idempotent=True)
-WRITE = _file_tool(write, "Write", idempotent=True)
-EDIT = _file_tool(edit, "Edit", idempotent=False)
-GLOB = _file_tool(glob, "Glob", idempotent=True)
-GREP = _file_tool(grep, "Grep", idempotent=True)
+READ = tool_from_callable(read, name="Read", idempotent=True)
+WRITE = tool_from_callable(write, name="Write", idempotent=True)
+EDIT = tool_from_callable(edit, name="Edit", idempotent=False)
+GLOB = tool_from_callable(glob, name="Glob", idempotent=True)
+GREP = tool_from_callable(grep, name="Grep", idempotent=True)

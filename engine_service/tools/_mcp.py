@@ -45,7 +45,7 @@ from mcp.shared.message import SessionMessage
 from engine_service._text import loads_untrusted
 from engine_service._tools import Tool, ToolContext, ToolError
 from engine_service._types import JsonObject
-from engine_service.tools._mcp_config import McpServerConfig, select_servers
+from engine_service.tools._mcp_config import McpServerConfig, mcp_tool_prefix, select_servers
 
 log = logging.getLogger("machina.engine.mcp")
 
@@ -79,10 +79,6 @@ class McpManager:
             raise ValueError(f"MCP server name(s) configured twice: {', '.join(map(repr, duplicates))}")
         self._servers = {c.name: _Server(c) for c in self._configs}
         self._started = False
-
-    @property
-    def configs(self) -> list[McpServerConfig]:
-        return list(self._configs)
 
     async def start(self) -> None:
         """Connect to every server at once; a server that fails is logged and its tools left out."""
@@ -181,7 +177,7 @@ class _Server:
         tools: list[Tool] = []
         seen: set[str] = set()
         for spec in listed:
-            public = f"mcp__{self.name}__{_TOOL_NAME_UNSAFE.sub('_', spec.name)}"
+            public = mcp_tool_prefix(self.name) + _TOOL_NAME_UNSAFE.sub("_", spec.name)
             problem = None
             if public in seen:
                 problem = f"its name clashes with another tool as {public!r}"

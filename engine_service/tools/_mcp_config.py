@@ -66,6 +66,11 @@ class McpServerConfig(BaseModel):
         return f"http: {parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
+def mcp_tool_prefix(server: str) -> str:
+    """What the names of a server's tools start with: ``mcp__<server>__``."""
+    return f"mcp__{server}__"
+
+
 def select_servers(
     all_configs: Sequence[McpServerConfig], names: Sequence[str] | None
 ) -> list[McpServerConfig]:

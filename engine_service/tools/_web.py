@@ -18,6 +18,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from engine_service._text import clean_text
+from engine_service._tls import client_ssl_context
 from engine_service._tools import Tool, ToolContext, ToolError, tool_from_callable
 
 _TEXT_TYPES = ("text/", "application/json", "application/xml", "application/xhtml+xml", "application/ld+json")
@@ -69,7 +70,9 @@ def web_fetch_tool(policy: WebFetchPolicy, client: httpx.AsyncClient | None = No
     async def web_fetch(args: WebFetchArgs, ctx: ToolContext) -> str:
         """Fetch a web page or API response (text formats only) and return its status, type and body."""
         owned = client is None
-        http = client or httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False)
+        http = client or httpx.AsyncClient(
+            timeout=policy.timeout_s, follow_redirects=False, verify=client_ssl_context(True)
+        )
         try:
             return await _fetch(http, args.url, policy)
         except httpx.TimeoutException:
