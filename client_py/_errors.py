@@ -22,6 +22,7 @@ __all__ = [
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InternalError",
+    "InterruptDecidedError",
     "InterruptNotFoundError",
     "InvalidArgumentError",
     "InvalidDecisionError",

@@ -84,17 +84,20 @@ def run_repr(run: Run) -> str:
     return f"Run({', '.join(parts)})"
 
 
-def _usage_text(run: Run) -> str:
-    usage = run.meta.usage
-    return (
-        f"turns {run.meta.turns} · tokens {usage.input_tokens} in / {usage.output_tokens} out"
-        f" · ${run.meta.cost_usd:.4f}"
-    )
+def counters_text(turns: int, input_tokens: int, output_tokens: int, cost_usd: float) -> str:
+    return f"turns {turns} · tokens {input_tokens} in / {output_tokens} out · ${cost_usd:.4f}"
+
+
+def _pretty(data: Any) -> str:
+    """A run's result for a <pre>: text as it is, other JSON values indented."""
+    return data if isinstance(data, str) else json.dumps(data, indent=2, ensure_ascii=False)
 
 
 def run_text(run: Run) -> str:
     state = run.state + (f" ({run.pause_reason})" if run.pause_reason else "")
-    lines = [f"Run {run.run_id}: {state}", f"  task: {short(run.task, 100)}", f"  {_usage_text(run)}"]
+    meta = run.meta
+    counters = counters_text(meta.turns, meta.usage.input_tokens, meta.usage.output_tokens, meta.cost_usd)
+    lines = [f"Run {run.run_id}: {state}", f"  task: {short(run.task, 100)}", f"  {counters}"]
     lines += [f"  pending {interrupt_line(i)}" for i in run.interrupts]
     if run.data is not None:
         lines.append(f"  data: {short(as_json(run.data), 200)}")
@@ -145,8 +148,9 @@ def run_html(run: Run) -> str:
         )
         rows.append(_row("pending", f'<ul style="margin:0;padding-left:1.2em">{items}</ul>'))
     if run.data is not None:
-        shown = run.data if isinstance(run.data, str) else json.dumps(run.data, indent=2, ensure_ascii=False)
-        rows.append(_row("data", f'<pre style="margin:0;white-space:pre-wrap">{escape(shown)}</pre>'))
+        rows.append(
+            _row("data", f'<pre style="margin:0;white-space:pre-wrap">{escape(_pretty(run.data))}</pre>')
+        )
     if run.error is not None:
         rows.append(_row("error", f"<code>{escape(run.error.code)}</code> {escape(run.error.message)}"))
     return f'<table class="machina-run">{"".join(rows)}</table>'
@@ -209,10 +213,7 @@ def result_html(model: RunViewModel) -> str:
         )
     if model.state != "DONE" or model.data is None:
         return ""
-    shown = (
-        model.data if isinstance(model.data, str) else json.dumps(model.data, indent=2, ensure_ascii=False)
-    )
-    pre = f'<pre style="white-space:pre-wrap">{escape(shown)}</pre>'
+    pre = f'<pre style="white-space:pre-wrap">{escape(_pretty(model.data))}</pre>'
     return f'<div class="machina-result"><b>result</b>{pre}</div>'
 
 

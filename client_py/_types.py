@@ -237,13 +237,18 @@ class ToolCallCompleted(RunEvent):
 
 
 @dataclass(frozen=True, repr=False)
-class ApprovalRequested(RunEvent):
-    kind: ClassVar[str] = "approval_requested"
+class _InterruptRaised(RunEvent):
+    """An interrupt was raised; ``kind`` says which (approval, input or a client tool's result)."""
 
     interrupt: Interrupt
 
     def _summary(self) -> str:
         return str(self.interrupt)
+
+
+@dataclass(frozen=True, repr=False)
+class ApprovalRequested(_InterruptRaised):
+    kind: ClassVar[str] = "approval_requested"
 
 
 @dataclass(frozen=True, repr=False)
@@ -265,23 +270,13 @@ class ApprovalDecided(RunEvent):
 
 
 @dataclass(frozen=True, repr=False)
-class InputRequested(RunEvent):
+class InputRequested(_InterruptRaised):
     kind: ClassVar[str] = "input_requested"
-
-    interrupt: Interrupt
-
-    def _summary(self) -> str:
-        return str(self.interrupt)
 
 
 @dataclass(frozen=True, repr=False)
-class ToolResultRequested(RunEvent):
+class ToolResultRequested(_InterruptRaised):
     kind: ClassVar[str] = "tool_result_requested"
-
-    interrupt: Interrupt
-
-    def _summary(self) -> str:
-        return str(self.interrupt)
 
 
 @dataclass(frozen=True, repr=False)

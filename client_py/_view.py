@@ -40,10 +40,8 @@ from client_py._types import (
     TERMINAL_STATES,
     ApiCallMetered,
     ApprovalDecided,
-    ApprovalRequested,
     AssistantMessage,
     HandoffToRunner,
-    InputRequested,
     Interrupt,
     Paused,
     Resumed,
@@ -56,8 +54,8 @@ from client_py._types import (
     TextDelta,
     ToolCallCompleted,
     ToolCallStarted,
-    ToolResultRequested,
     UsageReported,
+    _InterruptRaised,
 )
 
 if TYPE_CHECKING:
@@ -382,7 +380,7 @@ class CardModel:
         try:
             run = call(actions)
         except MachinaError as exc:
-            failure = f"{exc.code}: {exc.message}" if exc.message else exc.code
+            failure = str(exc)
         except Exception as exc:  # a closed client, a bug: shown in the card, not lost in a callback
             failure = f"{type(exc).__name__}: {exc}"
         else:
@@ -471,10 +469,7 @@ class RunViewModel:
             return _render.view_html(self)
 
     def counters_text(self) -> str:
-        return (
-            f"turns {self.turns} · tokens {self.input_tokens} in / {self.output_tokens} out"
-            f" · ${self.cost_usd:.4f}"
-        )
+        return _render.counters_text(self.turns, self.input_tokens, self.output_tokens, self.cost_usd)
 
     # -- listening -------------------------------------------------------------------
 
@@ -618,7 +613,7 @@ class RunViewModel:
             entry.status = "error" if event.is_error else "ok"
             entry.output, entry.duration_ms = event.output, event.duration_ms
             changed.add(TOOLS)
-        elif isinstance(event, ApprovalRequested | InputRequested | ToolResultRequested):
+        elif isinstance(event, _InterruptRaised):
             interrupt = event.interrupt
             self._interrupt_calls[interrupt.interrupt_id] = interrupt.call_id
             entry = self._entry(interrupt.call_id, interrupt.tool_name, interrupt.arguments)

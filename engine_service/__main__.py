@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 
 from engine_service._bootstrap import build_engine
-from engine_service._config import ConfigError, EngineConfig, is_loopback, load_api_keys, load_config
+from engine_service._config import (
+    ConfigError,
+    EngineConfig,
+    is_loopback,
+    load_api_keys,
+    load_config,
+    read_tls_files,
+)
 from engine_service._errors import EngineError
 from engine_service._logging import setup_logging
 from engine_service._server import start_server
@@ -98,10 +105,7 @@ def check_security(config: EngineConfig) -> tuple[dict[str, Principal] | None, t
     if config.tls_cert or config.tls_key:
         if not (config.tls_cert and config.tls_key):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
-        try:
-            tls = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())
-        except OSError as exc:
-            raise ConfigError(f"cannot read TLS files: {exc}") from None
+        tls = read_tls_files(config.tls_cert, config.tls_key)
     return api_keys, tls
 
 

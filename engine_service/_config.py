@@ -104,10 +104,7 @@ class EngineConfig(_Section):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"listen address {value!r} must look like HOST:PORT")
-        return value
+        return check_address(value, "listen address")
 
     @field_validator("runner_ca_file")
     @classmethod
@@ -136,14 +133,7 @@ def load_config(
     cls: type[ConfigT] = EngineConfig,  # type: ignore[assignment]  # the default is the bound itself
 ) -> ConfigT:
     """Merge file, environment and flag overrides into a validated config (EngineConfig or a subclass)."""
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    data = _read_toml(path, "config file") if path else {}
     _merge(data, _from_env(os.environ if env is None else env, cls))
     _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
     try:
@@ -155,6 +145,31 @@ def load_config(
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message says which setting and why."""
+
+
+def check_address(value: str, what: str = "address") -> str:
+    """``value`` if it looks like HOST:PORT (a pydantic validator's ValueError if not)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what} {value!r} must look like HOST:PORT")
+    return value
+
+
+def _read_toml(path: str, what: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {path!r} is not valid TOML: {exc}") from None
+
+
+def read_tls_files(cert: str, key: str) -> tuple[bytes, bytes]:
+    """(PEM private key, PEM certificate chain), read once at startup."""
+    try:
+        return Path(key).read_bytes(), Path(cert).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS files: {exc}") from None
 
 
 def _from_env(env: Mapping[str, str], cls: type[EngineConfig]) -> dict[str, Any]:
@@ -199,12 +214,7 @@ def load_api_keys(path: str) -> dict[str, Principal]:
     The identity recorded on decisions is ``name`` if given, else a short
     fingerprint of the key — never the key itself.
     """
-    try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"API keys file {path!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"API keys file {path!r} is not valid TOML: {exc}") from None
+    raw = _read_toml(path, "API keys file")
     keys = raw.get("keys", raw)
     out: dict[str, Principal] = {}
     for index, (key, value) in enumerate(keys.items(), start=1):

@@ -7,7 +7,7 @@ import functools
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -22,8 +22,8 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from engine_service._convert import (
-    add_events,
     decision_from_proto,
+    event_responses,
     run_to_proto,
     spec_from_proto,
     states_from_proto,
@@ -42,21 +42,6 @@ log = logging.getLogger("machina.engine")
 ERROR_DOMAIN = "machina.dev"
 _SERVICE = svc.DESCRIPTOR.services_by_name["EngineService"]
 SERVICE_NAME = _SERVICE.full_name
-
-_STATUS: dict[ErrorKind, tuple[grpc.StatusCode, int]] = {
-    ErrorKind.INVALID_ARGUMENT: (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
-    ErrorKind.NOT_FOUND: (grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
-    ErrorKind.ALREADY_EXISTS: (grpc.StatusCode.ALREADY_EXISTS, code_pb2.ALREADY_EXISTS),
-    ErrorKind.FAILED_PRECONDITION: (grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
-    ErrorKind.ABORTED: (grpc.StatusCode.ABORTED, code_pb2.ABORTED),
-    ErrorKind.PERMISSION_DENIED: (grpc.StatusCode.PERMISSION_DENIED, code_pb2.PERMISSION_DENIED),
-    ErrorKind.UNAUTHENTICATED: (grpc.StatusCode.UNAUTHENTICATED, code_pb2.UNAUTHENTICATED),
-    ErrorKind.RESOURCE_EXHAUSTED: (grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
-    ErrorKind.UNAVAILABLE: (grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
-    ErrorKind.DEADLINE_EXCEEDED: (grpc.StatusCode.DEADLINE_EXCEEDED, code_pb2.DEADLINE_EXCEEDED),
-    ErrorKind.INTERNAL: (grpc.StatusCode.INTERNAL, code_pb2.INTERNAL),
-    ErrorKind.UNIMPLEMENTED: (grpc.StatusCode.UNIMPLEMENTED, code_pb2.UNIMPLEMENTED),
-}
 
 MAX_WAIT_MS = 300_000
 # A ListRuns page ends before its runs pass this many bytes; a run larger on its own is listed in
@@ -96,7 +81,7 @@ def error_status(error: EngineError) -> grpc.Status:
 
     Errors should show request values through `_errors.shown`; this bounds whatever still gets here.
     """
-    _, code = _STATUS[error.kind]
+    code = code_pb2.Code.Value(error.kind.name)  # each ErrorKind is named after its canonical code
     metadata = {
         _fit(key, _MAX_METADATA_KEY_BYTES): _fit(value, _MAX_METADATA_VALUE_BYTES)
         for key, value in list(error.metadata.items())[:_MAX_METADATA_ENTRIES]
@@ -155,6 +140,14 @@ class Authenticator:
 # grpc.aio.ServicerContext; grpc ships no type information, so it is Any to mypy anyway.
 Context: TypeAlias = Any
 UnaryImpl = Callable[[Any, Any, Principal, Context], Awaitable[Any]]
+StreamImpl = Callable[[Any, Any, Principal, Context], AsyncGenerator[Any, None]]
+
+
+def _internal(context: Context, rpc: str) -> None:
+    log.exception("%s failed with an internal error", rpc)
+    set_error(
+        context, EngineError("ERR_INTERNAL", "internal error; see the engine log", kind=ErrorKind.INTERNAL)
+    )
 
 
 def _unary(impl: UnaryImpl) -> Callable[[Any, Any, Context], Awaitable[Any]]:
@@ -165,12 +158,31 @@ def _unary(impl: UnaryImpl) -> Callable[[Any, Any, Context], Awaitable[Any]]:
         try:
             return await impl(self, request, self._principal(context), context)
         except EngineError as error:
-            await self._fail(context, error)
+            set_error(context, error)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception:
-            await self._internal(context, impl.__name__)
+            _internal(context, impl.__name__)
         return None
+
+    return method
+
+
+def _streaming(impl: StreamImpl) -> Callable[[Any, Any, Context], AsyncGenerator[Any, None]]:
+    """Wrap a server-streaming RPC as `_unary` does a unary one."""
+
+    @functools.wraps(impl)
+    async def method(self: EngineServicer, request: Any, context: Context) -> AsyncGenerator[Any, None]:
+        try:
+            async with aclosing(impl(self, request, self._principal(context), context)) as responses:
+                async for response in responses:
+                    yield response
+        except EngineError as error:
+            set_error(context, error)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            _internal(context, impl.__name__)
 
     return method
 
@@ -182,80 +194,46 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
         self._engine = engine
         self._auth = auth
 
-    async def _fail(self, context: grpc.aio.ServicerContext, error: EngineError) -> None:
-        set_error(context, error)
-
-    async def _internal(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
-        log.exception("%s failed with an internal error", rpc)
-        await self._fail(
-            context,
-            EngineError("ERR_INTERNAL", "internal error; see the engine log", kind=ErrorKind.INTERNAL),
-        )
-
     def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
         return self._auth.principal(context.invocation_metadata())
 
-    async def ExecuteRun(
-        self, request: svc.ExecuteRunRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[svc.ExecuteRunResponse]:
-        try:
-            principal = self._principal(context)
-            spec, client_tools = spec_from_proto(request.spec)
-            record, _ = await self._engine.create_run(
-                principal,
-                spec,
-                client_tools,
-                mode="sync",
-                api_env=dict(request.spec.api.env),
-                webhook=webhook_from_proto(request.spec, "webhook"),
-            )
-            async for batch in self._engine.stream_events(principal, record.run_id, until_pause=True):
-                start = 0
-                while start < len(batch):
-                    response = svc.ExecuteRunResponse()
-                    start = add_events(response.events, record.run_id, batch, start)
-                    yield response
-            final = await self._engine.get_run(principal, record.run_id)
-            yield svc.ExecuteRunResponse(run=run_to_proto(final))
-        except EngineError as error:
-            await self._fail(context, error)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception:
-            await self._internal(context, "ExecuteRun")
-
-    async def StreamRunEvents(
-        self, request: svc.StreamRunEventsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[svc.StreamRunEventsResponse]:
-        try:
-            principal = self._principal(context)
-            run_id = request.run_id
-            async for batch in self._engine.stream_events(
-                principal, run_id, after_seq=request.after_seq, follow=request.follow
-            ):
-                start = 0
-                while start < len(batch):
-                    streamed = svc.StreamRunEventsResponse()
-                    start = add_events(streamed.events, run_id, batch, start)
-                    yield streamed
-        except EngineError as error:
-            await self._fail(context, error)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception:
-            await self._internal(context, "StreamRunEvents")
-
-    @_unary
-    async def CreateRun(self, request: svc.CreateRunRequest, principal: Principal, context: Context) -> Any:
-        spec, client_tools = spec_from_proto(request.spec)
+    async def _create_run(self, principal: Principal, message: svc.RunSpec, mode: str = "async") -> RunRecord:
+        spec, client_tools = spec_from_proto(message)
         record, _ = await self._engine.create_run(
             principal,
             spec,
             client_tools,
-            api_env=dict(request.spec.api.env),
-            webhook=webhook_from_proto(request.spec, "webhook"),
+            mode=mode,
+            api_env=dict(message.api.env),
+            webhook=webhook_from_proto(message),
         )
-        return svc.CreateRunResponse(run=run_to_proto(record))
+        return record
+
+    @_streaming
+    async def ExecuteRun(
+        self, request: svc.ExecuteRunRequest, principal: Principal, context: Context
+    ) -> AsyncGenerator[svc.ExecuteRunResponse, None]:
+        record = await self._create_run(principal, request.spec, mode="sync")
+        async for batch in self._engine.stream_events(principal, record.run_id, until_pause=True):
+            for response in event_responses(svc.ExecuteRunResponse, record.run_id, batch):
+                yield response
+        final = await self._engine.get_run(principal, record.run_id)
+        yield svc.ExecuteRunResponse(run=run_to_proto(final))
+
+    @_streaming
+    async def StreamRunEvents(
+        self, request: svc.StreamRunEventsRequest, principal: Principal, context: Context
+    ) -> AsyncGenerator[svc.StreamRunEventsResponse, None]:
+        run_id = request.run_id
+        async for batch in self._engine.stream_events(
+            principal, run_id, after_seq=request.after_seq, follow=request.follow
+        ):
+            for response in event_responses(svc.StreamRunEventsResponse, run_id, batch):
+                yield response
+
+    @_unary
+    async def CreateRun(self, request: svc.CreateRunRequest, principal: Principal, context: Context) -> Any:
+        return svc.CreateRunResponse(run=run_to_proto(await self._create_run(principal, request.spec)))
 
     @_unary
     async def GetRun(self, request: svc.GetRunRequest, principal: Principal, context: Context) -> Any:
@@ -306,7 +284,7 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
             decisions,
             request.request_id,
             api_env=dict(request.api.env),
-            webhook=webhook_from_proto(request, "webhook"),
+            webhook=webhook_from_proto(request),
         )
         return svc.ResumeRunResponse(run=run_to_proto(record))
 
@@ -436,10 +414,41 @@ class RunningServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful shutdown: NOT_SERVING first, then drain RPCs and runs."""
-        await self.health.enter_graceful_shutdown()
-        stopping = asyncio.ensure_future(self.server.stop(grace))
-        await self.engine.close(grace)
-        await stopping
+        await stop_gracefully(self.server, self.health, self.engine.close, grace)
+
+
+async def stop_gracefully(
+    server: grpc.aio.Server, health_servicer: Any, close: Callable[[float], Awaitable[None]], grace: float
+) -> None:
+    """NOT_SERVING first, then drain RPCs while ``close(grace)`` drains the work behind them."""
+    await health_servicer.enter_graceful_shutdown()
+    stopping = asyncio.ensure_future(server.stop(grace))
+    await close(grace)
+    await stopping
+
+
+async def serve_with_health(
+    server: grpc.aio.Server, service_name: str, listen: str, tls: tuple[bytes, bytes] | None
+) -> tuple[int, Any]:
+    """Add health and reflection to ``server``, bind ``listen`` and start; returns (port, health servicer).
+
+    ``tls`` is (PEM private key, PEM certificate chain); None serves plaintext. Once started, the
+    server and ``service_name`` report SERVING.
+    """
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    if tls is not None:
+        port = server.add_secure_port(listen, grpc.ssl_server_credentials([tls]))
+    else:
+        port = server.add_insecure_port(listen)
+    await server.start()
+    for name in ("", service_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return port, health_servicer
 
 
 async def start_server(
@@ -460,18 +469,5 @@ async def start_server(
         ]
     )
     add_service(server, _SERVICE, EngineServicer(engine, Authenticator(api_keys)))
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
-    if tls is not None:
-        key, cert = tls
-        port = server.add_secure_port(listen, grpc.ssl_server_credentials([(key, cert)]))
-    else:
-        port = server.add_insecure_port(listen)
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    port, health_servicer = await serve_with_health(server, SERVICE_NAME, listen, tls)
     return RunningServer(server, port, health_servicer, engine)

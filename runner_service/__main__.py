@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 from engine_service._bootstrap import build_engine
-from engine_service._config import ConfigError, is_loopback, load_config
+from engine_service._config import ConfigError, is_loopback, load_config, read_tls_files
 from engine_service._errors import EngineError
 from engine_service._logging import setup_logging
+from engine_service._server import stop_gracefully
 from runner_service._config import RunnerConfig
 from runner_service._grpc import start_grpc
 from runner_service._http import build_app
@@ -67,12 +68,7 @@ def build_config(ns: argparse.Namespace) -> RunnerConfig:
 
 def read_tls(config: RunnerConfig) -> tuple[bytes, bytes] | None:
     """(PEM key, PEM certificate chain) when TLS is configured, read once at startup."""
-    if not config.runner_tls_cert:
-        return None
-    try:
-        return Path(config.runner_tls_key).read_bytes(), Path(config.runner_tls_cert).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read TLS files: {exc}") from None
+    return read_tls_files(config.runner_tls_cert, config.runner_tls_key) if config.runner_tls_cert else None
 
 
 async def serve(config: RunnerConfig, port_file: str | None) -> None:
@@ -112,12 +108,15 @@ async def serve(config: RunnerConfig, port_file: str | None) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: health NOT_SERVING, draining")
-    await health.enter_graceful_shutdown()
-    runner.accepting = False
-    http.should_exit = True
-    stopping = asyncio.ensure_future(server.stop(config.shutdown_grace_s))
-    await runner.close(config.shutdown_grace_s)
-    await asyncio.gather(stopping, http_task)
+
+    async def close(grace: float) -> None:
+        # Runs once health is NOT_SERVING, before the gRPC server's stop does anything.
+        runner.accepting = False
+        http.should_exit = True
+        await runner.close(grace)
+
+    await stop_gracefully(server, health, close, config.shutdown_grace_s)
+    await http_task
     log.info("runner stopped")
 
 

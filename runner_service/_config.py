@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from engine_service import EngineConfig
+from engine_service._config import check_address
 
 
 class RunnerConfig(EngineConfig):
@@ -35,7 +36,4 @@ class RunnerConfig(EngineConfig):
     @field_validator("runner_listen", "runner_http_listen")
     @classmethod
     def _address(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"address {value!r} must look like HOST:PORT")
-        return value
+        return check_address(value)
