@@ -109,6 +109,13 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolResultPage:
+    content: str
+    total_chars: int
+    next_offset: int  # 0 once the end is reached
+
+
+@dataclass(frozen=True, slots=True)
 class ClientToolDef:
     name: str
     description: str
@@ -679,8 +686,15 @@ class Engine:
         if changed is not None:
             changed.set()
 
-    async def tool_result(self, principal: Principal, run_id: str, call_id: str) -> str:
-        """The full text of a tool result that was stored because it was too large to show."""
+    async def tool_result(
+        self, principal: Principal, run_id: str, call_id: str, *, offset: int = 0, limit: int = 0
+    ) -> ToolResultPage:
+        """A page of a tool result that was stored because it was too large to show.
+
+        ``limit`` 0 means up to 1,000,000 characters.
+        """
+        if offset < 0 or limit < 0:
+            raise EngineError("ERR_INVALID_REQUEST", "offset and limit must not be negative")
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         await self.get_run(principal, run_id)  # NOT_FOUND for unknown runs and other workspaces
         blob = await self.storage.get_blob(*key, result_blob_name(call_id))
@@ -692,7 +706,9 @@ class Engine:
                 run_id=run_id,
                 call_id=call_id[:128],
             )
-        return blob.decode("utf-8", errors="replace")
+        full = blob.decode("utf-8", errors="replace")
+        end = offset + (limit or 1_000_000)
+        return ToolResultPage(full[offset:end], len(full), end if end < len(full) else 0)
 
     # -- moving runs ---------------------------------------------------------------------
 

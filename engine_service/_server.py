@@ -297,14 +297,11 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
     async def GetToolResult(
         self, request: svc.GetToolResultRequest, principal: Principal, context: Context
     ) -> Any:
-        if request.offset < 0 or request.limit < 0:
-            raise EngineError("ERR_INVALID_REQUEST", "offset and limit must not be negative")
-        full = await self._engine.tool_result(principal, request.run_id, request.call_id)
-        end = request.offset + (request.limit or 1_000_000)
+        page = await self._engine.tool_result(
+            principal, request.run_id, request.call_id, offset=request.offset, limit=request.limit
+        )
         return svc.GetToolResultResponse(
-            content=full[request.offset : end],
-            total_chars=len(full),
-            next_offset=end if end < len(full) else 0,
+            content=page.content, total_chars=page.total_chars, next_offset=page.next_offset
         )
 
     @_unary
