@@ -21,9 +21,9 @@ gen:
     uv sync --frozen --quiet
     {{venv}}/python scripts/gen_proto.py
 
+# No body of its own: its dependency `setup` already runs `gen_proto.py --check` and fails if stale.
 # Fail if machina/ differs from what proto/ generates.
 gen-check: setup
-    {{venv}}/python scripts/gen_proto.py --check
 
 # Regenerate the TypeScript stubs for proto/ into examples/ts-client/src/gen/ (committed; runs `npm ci` if needed).
 gen-ts:

@@ -23,6 +23,9 @@ from tests import tools as test_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 PRINCIPAL = Principal("default", "bench")
+# How long a started engine, runner or bench host may take to write its port file and to report
+# SERVING before the benchmark gives up on it instead of waiting forever.
+START_TIMEOUT_S = 60.0
 
 
 def progress(message: str) -> None:
@@ -101,21 +104,52 @@ def storage_ratio(root: Path) -> float:
 # -- engine and runner processes --------------------------------------------------------
 
 
-def _wait_port(proc: subprocess.Popen[bytes], port_file: Path, what: str) -> str:
+def _wait_port(
+    proc: subprocess.Popen[bytes], port_file: Path, what: str, timeout: float = START_TIMEOUT_S
+) -> str:
+    """The port file's contents once ``proc`` has written it; a hung process is killed after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
     while not (port_file.exists() and port_file.read_text()):
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited during start-up")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{what} wrote no port to {port_file} within {timeout:.0f} s (killed)")
         time.sleep(0.005)
     return port_file.read_text()
 
 
-def wait_serving(target: str) -> None:
+def wait_serving(target: str, timeout: float = START_TIMEOUT_S) -> None:
+    """Return once the gRPC health check at ``target`` reports SERVING; fail after ``timeout`` s."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    deadline = time.monotonic() + timeout
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while stub.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.SERVING:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(f"{target} did not report SERVING within {timeout:.0f} s")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=remaining).status
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                continue  # the next pass reports the timeout
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
             time.sleep(0.005)
+
+
+def _serving_or_kill(proc: subprocess.Popen[bytes], target: str) -> None:
+    """``wait_serving``, killing ``proc`` if it never gets there (no process is left behind)."""
+    try:
+        wait_serving(target)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def engine_env(storage: Path, env: dict[str, str] | None = None) -> dict[str, str]:
@@ -142,7 +176,7 @@ def start_engine(
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=engine_env(storage, env),
     )  # fmt: skip
     target = f"127.0.0.1:{_wait_port(proc, port_file, 'engine')}"
-    wait_serving(target)
+    _serving_or_kill(proc, target)
     return proc, target, time.perf_counter() - started
 
 
@@ -158,7 +192,7 @@ def start_host(storage: Path, profile: Path | None = None) -> tuple[subprocess.P
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=engine_env(storage),
     )  # fmt: skip
     target = f"127.0.0.1:{_wait_port(proc, port_file, 'bench host')}"
-    wait_serving(target)
+    _serving_or_kill(proc, target)
     return proc, target
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -10,12 +11,13 @@ from typing import Any
 
 import pytest
 
-from client_py import AsyncEngineClient, RunEvent
+from client_py import AsyncEngineClient, AsyncRunHandle, Resumed, Run, RunEvent
 from engine_service import Engine, EngineConfig, LocalStorage, ToolRegistry
 from engine_service._engine import builtin_tools
 from engine_service._server import RunningServer, start_server
 from engine_service._types import Principal
 from tests import tools as test_tools
+from tests.webhook_receiver import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 # Keep a developer's real API keys out of tests: the scripted model is the default.
@@ -27,7 +29,7 @@ def undone_seqs(events: list[RunEvent]) -> set[int]:
     """Seqs a crash undid: from each recovery's ``rolled_back_from_seq`` up to its ``resumed``."""
     undone: set[int] = set()
     for e in events:
-        if e.kind == "resumed" and e.rolled_back_from_seq:
+        if isinstance(e, Resumed) and e.rolled_back_from_seq:
             assert e.resumed_by == "recovery"
             assert 0 < e.rolled_back_from_seq < e.seq
             assert not undone & set(range(e.rolled_back_from_seq, e.seq)), "undone ranges overlap"
@@ -38,6 +40,20 @@ def undone_seqs(events: list[RunEvent]) -> set[int]:
 def turn(text: str = "", *calls: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     """One scripted turn for the client's ``script=`` argument."""
     return {"text": text, "tool_calls": [{"name": n, "arguments": a} for n, a in calls]}
+
+
+async def refresh_until(
+    handle: AsyncRunHandle, *states: str, tries: int = 200, interval: float = 0.05
+) -> Run:
+    """Refresh ``handle`` until its run is in one of ``states`` or ``tries`` refreshes were made,
+    ``interval`` seconds apart; return the last Run (the caller asserts on it)."""
+    run = await handle.refresh()
+    for _ in range(tries - 1):
+        if run.state in states:
+            break
+        await asyncio.sleep(interval)
+        run = await handle.refresh()
+    return run
 
 
 class ServerFactory:
@@ -101,3 +117,20 @@ def moto() -> Iterator[str]:
         os.environ.setdefault(key, value)
     with running_moto() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def httpbin() -> Iterator[str]:
+    """The third-party httpbin app in a real server process for the whole session, started on first use."""
+    from tests.httpbin_server import running_httpbin
+
+    with running_httpbin() as url:
+        yield url
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A real local webhook receiver answering 200."""
+    r = Receiver()
+    yield r
+    r.close()

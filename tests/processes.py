@@ -54,6 +54,12 @@ class ServiceProcess:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=20)
 
+    def kill9(self) -> None:
+        """SIGKILL the process (a crash: no shutdown code runs), reap it, and close."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.close()
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()

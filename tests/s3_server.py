@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import aioboto3
 import aiohttp
 from aiohttp import web
 
@@ -21,6 +23,14 @@ CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+async def new_bucket(endpoint: str) -> str:
+    """A new, empty bucket with a unique name on the S3 server at ``endpoint``."""
+    name = f"b-{uuid.uuid4().hex[:16]}"
+    async with aioboto3.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1") as s3:
+        await s3.create_bucket(Bucket=name)
+    return name
 
 
 @contextmanager

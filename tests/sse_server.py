@@ -4,6 +4,9 @@ It records every request (method, path, headers, JSON body) and answers with
 the next scripted response: an SSE stream written frame by frame, or a plain
 status + JSON body. It runs uvicorn in its own thread and event loop, so the
 adapter under test talks to it over a genuine TCP connection.
+
+Plus the helpers the adapter tests share: a model factory, a request, stream collectors, and
+the checks on a ModelError.
 """
 
 from __future__ import annotations
@@ -13,16 +16,25 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import httpx
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from engine_service._types import Message
+from engine_service.models import ModelAdapter, ModelError, ModelRequest, RetryPolicy, TextChunk, TurnResult
+from tests.processes import free_port
+
+M = TypeVar("M", bound=ModelAdapter)
 
 
 @dataclass
@@ -132,10 +144,7 @@ def serve() -> Iterator[ScriptedServer]:
 
 def closed_port_url() -> str:
     """A loopback URL nobody listens on, for connection-refused tests."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 class FakeSleep:
@@ -146,3 +155,59 @@ class FakeSleep:
 
     async def __call__(self, seconds: float) -> None:
         self.delays.append(seconds)
+
+
+# -- shared by the model-adapter tests ------------------------------------------------------------
+
+
+@asynccontextmanager
+async def model_factory(
+    adapter: Callable[..., M], key: str, model: str, base_url: str
+) -> AsyncIterator[Callable[..., M]]:
+    """``build(**options)`` makes ``adapter(key, model, ...)`` talking to ``base_url`` with three
+    attempts and no real waits (both overridable); every model built is closed on exit."""
+    models: list[M] = []
+
+    def build(**options: Any) -> M:
+        options.setdefault("base_url", base_url)
+        options.setdefault("retry", RetryPolicy(max_attempts=3, sleep=FakeSleep()))
+        built = adapter(key, model, **options)
+        models.append(built)
+        return built
+
+    try:
+        yield build
+    finally:
+        for built in models:
+            await built.aclose()
+
+
+def request(**fields: Any) -> ModelRequest:
+    fields.setdefault("system", "")
+    fields.setdefault("messages", [Message("user", "Hi")])
+    fields.setdefault("tools", [])
+    return ModelRequest(**fields)
+
+
+async def collect(model: ModelAdapter, req: ModelRequest | None = None) -> list[TextChunk | TurnResult]:
+    return [item async for item in model.stream(req or request())]
+
+
+async def drain(model: ModelAdapter, req: ModelRequest, into: list[TextChunk | TurnResult]) -> None:
+    """Like collect, but the items seen before a failure stay visible to the test."""
+    async for item in model.stream(req):
+        into.append(item)
+
+
+async def failure(run: Awaitable[object]) -> ModelError:
+    with pytest.raises(ModelError) as caught:
+        await run
+    return caught.value
+
+
+def assert_no_key(error: ModelError, key: str) -> None:
+    rendered = [str(error), repr(error), error.message, "".join(traceback.format_exception(error))]
+    assert all(key not in text for text in rendered), rendered
+    # Not chained to an httpx error, whose request would still hold the auth header.
+    assert error.__cause__ is None
+    assert not isinstance(error.__context__, httpx.HTTPError)

@@ -27,16 +27,10 @@ from engine_service._apicall import (
 )
 from engine_service._errors import EngineError
 from engine_service._tools import Tool, ToolContext, ToolError, call_tool
-from tests.httpbin_server import Recorder, running_httpbin
+from tests.httpbin_server import Recorder
 
 ENV = {"tok": "bearer-value-1234", "user": "alice", "pass": "wonder-pw-99", "key": "key-value-5678"}
 SIGNING_KEY = b"signing-key"
-
-
-@pytest.fixture(scope="module")
-def httpbin() -> Iterator[str]:
-    with running_httpbin() as url:
-        yield url
 
 
 @pytest.fixture

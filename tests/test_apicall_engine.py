@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from engine_service._apicall import AuthContext, CustomAuth
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
 from tests.conftest import ServerFactory, turn
-from tests.httpbin_server import Recorder, running_httpbin
+from tests.httpbin_server import Recorder
 from tests.secrets_util import (
     BASIC_PASS,
     BASIC_USER,
@@ -30,12 +29,6 @@ from tests.secrets_util import (
     HEADER_VALUE,
     assert_no_secret,
 )
-
-
-@pytest.fixture(scope="module")
-def httpbin() -> Iterator[str]:
-    with running_httpbin() as url:
-        yield url
 
 
 def resolver(auth: CustomAuth, ctx: AuthContext) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import traceback
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,7 +17,7 @@ import pytest
 
 from engine_service._apicall import ApiService, AuthContext, CustomAuth, build_api_call_tool
 from engine_service._tools import Tool, ToolContext, ToolError, call_tool
-from tests.httpbin_server import Recorder, running_httpbin
+from tests.httpbin_server import Recorder
 from tests.secrets_util import CUSTOM_TOKEN, SECRET_ENV, assert_no_secret, find_secrets
 
 AUTHS: dict[str, dict[str, Any]] = {
@@ -34,12 +33,6 @@ BAD_PATHS = ["//evil.example/x", "https://evil/x", "http:x", "..", "/a/../../b",
              "/%252e%252e/x", "@evil", "/x@evil.example", "\\\\evil\\x", "/a%2f..%2fb", "/a%5c..",
              "/a\r\nAuthorization: x", "javascript:alert(1)"]  # fmt: skip
 ECHO_PATHS = ["/headers", "/anything", "/anything/deep/path", "/get", "/gzip", "/deflate", "/bearer"]
-
-
-@pytest.fixture(scope="module")
-def httpbin() -> Iterator[str]:
-    with running_httpbin() as url:
-        yield url
 
 
 class Collector:

@@ -6,7 +6,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 
 from client_py import (
     AsyncEngineClient,
@@ -21,20 +20,9 @@ from client_py import (
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
 from tests.conftest import turn
+from tests.grpc_errors import error_info
 
 DOUBLE = [turn("", ("double", {"x": 21})), turn("42")]
-
-
-def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    """The one ErrorInfo in the status details (AIP-193)."""
-    raw = dict(exc.trailing_metadata() or ())["grpc-status-details-bin"]
-    status = status_pb2.Status.FromString(raw)
-    assert status.code == exc.code().value[0]
-    (detail,) = status.details
-    info = error_details_pb2.ErrorInfo()
-    assert detail.Unpack(info)
-    assert info.domain == "machina.dev"
-    return info
 
 
 @pytest.fixture

@@ -21,28 +21,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hmac
 import json
 import random
-import signal
-import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import aioboto3
 import pytest
 
 from client_py import AsyncEngineClient, AsyncRunHandle, RunEvent
 from engine_service import LocalStorage, Storage
 from engine_service._s3 import S3Storage
 from tests.conftest import ServerFactory, turn, undone_seqs
-from tests.processes import EngineProcess, RunnerProcess, ServiceProcess, free_port
-from tests.s3_server import FaultyProxy
+from tests.processes import EngineProcess, RunnerProcess, free_port
+from tests.s3_server import FaultyProxy, new_bucket
+from tests.webhook_receiver import Receiver, signed
 
 pytestmark = pytest.mark.slow
 
@@ -187,12 +182,6 @@ def base_env(tmp: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def kill9(process: ServiceProcess) -> None:
-    process.proc.send_signal(signal.SIGKILL)
-    process.proc.wait()
-    process.close()
-
-
 async def wait_terminal(handle: AsyncRunHandle, timeout: float = 30) -> Any:
     """Wait until the run is DONE, FAILED or CANCELLED (a PAUSED HANDOFF_TO_RUNNER is transient)."""
     deadline = time.monotonic() + timeout
@@ -237,7 +226,7 @@ async def test_engine_kill_9_at_a_random_point(tmp_path: Path, seed: int) -> Non
             handle = await client.create("side effects", model="scripted", script=plan.script)
             await follow_until(handle, kill_after, extra_delay)
     finally:
-        kill9(engine)
+        engine.kill9()
     at_kill = await store.read_state("default", handle.run_id)
     assert at_kill is not None
     restarted = EngineProcess(tmp_path, env=env)
@@ -302,7 +291,7 @@ async def test_runner_kill_9_at_a_random_point(tmp_path: Path, seed: int) -> Non
                 if (seen and seen > kill_after) or event.kind == "run_finished":
                     break
             await asyncio.sleep(extra_delay)
-            kill9(runner)
+            runner.kill9()
             # Restart it at once: the engine's recovery sweep (or the new runner's) takes the run
             # over when the dead runner's lease expires; the next Bash call is handed off again.
             runner = RunnerProcess(tmp_path / "runner-2", http_port=port, env=runner_env(tmp_path))
@@ -342,7 +331,7 @@ async def test_runner_killed_in_its_first_tool_call_is_recovered(tmp_path: Path)
                     break
                 await asyncio.sleep(0.02)
             assert side.exists()
-            kill9(runner)
+            runner.kill9()
             runner = RunnerProcess(tmp_path / "runner-2", http_port=port, env=runner_env(tmp_path))
             deadline = time.monotonic() + 5  # 5 lease lifetimes and 25 recovery sweeps
             run = await handle.refresh()
@@ -374,7 +363,7 @@ async def test_engine_killed_during_an_approved_call_does_not_rerun_it(tmp_path:
                 await asyncio.sleep(0.02)
             assert side.exists()
     finally:
-        kill9(engine)
+        engine.kill9()
     restarted = EngineProcess(tmp_path, env=env)
     try:
         async with AsyncEngineClient(restarted.target) as client:
@@ -393,13 +382,6 @@ async def test_engine_killed_during_an_approved_call_does_not_rerun_it(tmp_path:
 
 
 # -- 3. storage faults: the engine on S3 behind a fault-injecting proxy -----------------------------
-
-
-async def new_bucket(endpoint: str) -> str:
-    name = f"faults-{uuid.uuid4().hex[:12]}"
-    async with aioboto3.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1") as s3:
-        await s3.create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture
@@ -439,7 +421,7 @@ async def test_s3_faults_and_a_kill_9(
                 handle = await client.create("side effects", model="scripted", script=plan.script)
                 await follow_until(handle, kill_after, 0.0)
         finally:
-            kill9(engine)
+            engine.kill9()
         restarted = EngineProcess(tmp_path, env=env)
         try:
             async with AsyncEngineClient(restarted.target) as client:
@@ -500,44 +482,9 @@ async def test_runner_down_then_retry_handoff_after_it_is_back(tmp_path: Path) -
 # -- 5. webhook receiver outage -----------------------------------------------------------------
 
 
-class Receiver:
-    """A webhook receiver on a fixed port that can be started late."""
-
-    def __init__(self, port: int) -> None:
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                return None
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    async def wait_for(self, count: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.requests) < count and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-
-
 @pytest.fixture
 def hook_port() -> int:
     return free_port()
-
-
-def signed(headers: dict[str, str], body: bytes) -> bool:
-    mac = hmac.new(WEBHOOK_SECRET.encode(), headers["x-machina-timestamp"].encode() + b"." + body, "sha256")
-    return hmac.compare_digest(headers["x-machina-signature"], f"sha256={mac.hexdigest()}")
 
 
 @pytest.mark.timeout(45)
@@ -557,7 +504,7 @@ async def test_webhook_receiver_outage_is_retried_and_never_blocks_the_run(
             assert run.state == "DONE"
             assert took < 5, f"the run waited for the webhook receiver ({took:.1f}s)"
             await asyncio.sleep(0.5)  # a few failed attempts while nobody listens
-            receiver = Receiver(hook_port)
+            receiver = Receiver(hook_port, statuses=(204,))
             await receiver.wait_for(1, timeout=20)
             assert len(receiver.requests) == 1, "the done notification was not delivered after the outage"
             storage = LocalStorage(tmp_path / "storage")
@@ -569,7 +516,7 @@ async def test_webhook_receiver_outage_is_retried_and_never_blocks_the_run(
     ((headers, body),) = receiver.requests
     assert headers["x-machina-event"] == "status.done"
     assert headers["x-machina-run-id"] == handle.run_id
-    assert signed(headers, body)
+    assert signed(WEBHOOK_SECRET, headers, body)
     assert json.loads(body)["state"] == "DONE"
     deliveries = await srv.engine.webhooks.deliveries("default", handle.run_id)
     assert len(deliveries) >= 2
@@ -590,9 +537,9 @@ async def test_webhook_pending_at_a_crash_is_delivered_after_restart(tmp_path: P
             assert (await wait_terminal(handle)).state == "DONE"
             await asyncio.sleep(0.3)  # the first delivery attempt failed: the receiver is down
     finally:
-        kill9(engine)
+        engine.kill9()
     restarted = EngineProcess(tmp_path, env=env)
-    receiver = Receiver(hook_port)
+    receiver = Receiver(hook_port, statuses=(204,))
     try:
         await receiver.wait_for(1, timeout=6)
     finally:
@@ -618,7 +565,7 @@ async def test_a_live_watcher_reconnecting_after_a_crash_sees_the_durable_histor
                 if event.kind == "tool_call_started":
                     break
     finally:
-        kill9(engine)
+        engine.kill9()
     restarted = EngineProcess(tmp_path, env=env)
     try:
         async with AsyncEngineClient(restarted.target) as client:

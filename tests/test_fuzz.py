@@ -1,5 +1,5 @@
 """The atheris fuzz targets under fuzz/ run for a few seconds each, so CI exercises them
-(`just fuzz` runs them longer), plus the bugs they found, pinned as strict xfails."""
+(`just fuzz` runs them longer), plus regression tests for the bugs they found."""
 
 from __future__ import annotations
 

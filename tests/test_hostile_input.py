@@ -4,9 +4,8 @@ messages; model output that is not valid text; slowloris clients against the shi
 
 The property: every answer is OK or a clean status — a canonical code other than INTERNAL or
 UNKNOWN carrying exactly one ``google.rpc.ErrorInfo`` in domain ``machina.dev`` — and the server
-keeps serving. Known violations are pinned by the ``xfail(strict=True)`` tests at the end, and the
-generators leave those inputs out so the property tests stay green (each such gap says which test
-covers it).
+keeps serving. Targeted tests after the property test pin specific inputs: errors that echo what
+they were sent, oversized and malformed messages, large runs and event logs, webhook headers.
 
 Hypothesis runs in a worker thread with a blocking gRPC channel while the server runs on the test's
 event loop. ``CI`` set makes the examples deterministic (``derandomize``); locally they vary.
@@ -31,7 +30,7 @@ import httpx
 import pytest
 from google.protobuf import struct_pb2
 from google.protobuf.internal import encoder
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -43,8 +42,10 @@ from engine_service._server import MAX_PAGE_BYTES, RunningServer
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
 from machina.engine.v1 import run_pb2 as rp
+from tests import grpc_errors
 from tests.conftest import ServerFactory, turn
 from tests.processes import RunnerProcess
+from tests.webhook_receiver import Receiver
 
 MAX_MESSAGE = 4 * 1024 * 1024
 RUNNER_SECRET = "runner-secret-hostile-input-4be0"
@@ -424,15 +425,9 @@ class Known:
 
 
 def error_info(exc: grpc.RpcError) -> error_details_pb2.ErrorInfo:
-    """Exactly one ErrorInfo in domain machina.dev, consistent with the status code."""
-    trailers = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
-    assert "grpc-status-details-bin" in trailers, f"{exc.code()} without ErrorInfo: {exc.details()}"  # type: ignore[attr-defined]
-    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
-    assert status.code == exc.code().value[0]  # type: ignore[attr-defined]
-    assert len(status.details) == 1, status
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    assert info.domain == "machina.dev"
+    """Exactly one ErrorInfo in domain machina.dev, consistent with the status code, whose reason
+    is a well-formed ``ERR_*`` code."""
+    info = grpc_errors.error_info(exc)
     assert REASON.fullmatch(info.reason), info.reason
     return info
 
@@ -828,33 +823,6 @@ async def test_requests_for_unknown_runs_do_not_grow_engine_state(server: Runnin
     assert len(engine._locks) < 50, f"{len(engine._locks)} locks held for runs that do not exist"
 
 
-class _Receiver:
-    def __init__(self) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.posts: list[dict[str, str]] = []
-        posts = self.posts
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                posts.append(dict(self.headers.items()))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                return None
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("headers", [{"X-Tenant": "café"}, {"X Tenant": "a"}, {"X-Tenant": "a\r\nX-Evil: 1"}])
 async def test_webhook_headers_that_http_cannot_carry_are_refused(
@@ -862,7 +830,7 @@ async def test_webhook_headers_that_http_cannot_carry_are_refused(
 ) -> None:
     from client_py import InvalidRequestError
 
-    receiver = _Receiver()
+    receiver = Receiver(statuses=(204,))
     try:
         try:
             handle = await client.create(
@@ -872,10 +840,10 @@ async def test_webhook_headers_that_http_cannot_carry_are_refused(
             return  # refused up front: fine
         assert (await handle.wait(timeout=10)).state == "DONE"
         for _ in range(40):
-            if receiver.posts:
+            if receiver.requests:
                 break
             await asyncio.sleep(0.05)
-        assert receiver.posts, "accepted, but no delivery was even attempted"
+        assert receiver.requests, "accepted, but no delivery was even attempted"
     finally:
         receiver.close()
 

@@ -31,19 +31,13 @@ from engine_service.tools import McpManager, McpServerConfig, select_servers
 from engine_service.tools._mcp import render_content
 from tests.conftest import ROOT
 from tests.mcp_servers.flaky import PNG
+from tests.processes import free_port
 
 FLAKY = ROOT / "tests" / "mcp_servers" / "flaky.py"
 BIN = Path(sys.executable).parent
 CTX = ToolContext(run_id="run-1", workspace_id="ws-1", call_id="call-1")
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def children() -> set[int]:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -12,15 +11,27 @@ import pytest
 
 from engine_service._types import Message, ToolCall, ToolChoice, Usage
 from engine_service.models import (
-    ModelError,
-    ModelRequest,
     OpenAIModel,
     RetryPolicy,
     TextChunk,
     ToolSpec,
     TurnResult,
 )
-from tests.sse_server import FakeSleep, Reply, ScriptedServer, Sse, closed_port_url, data, serve
+from tests.sse_server import (
+    FakeSleep,
+    Reply,
+    ScriptedServer,
+    Sse,
+    assert_no_key,
+    closed_port_url,
+    collect,
+    data,
+    drain,
+    failure,
+    model_factory,
+    request,
+    serve,
+)
 
 KEY = "sk-test-openai-0123456789abcdef"
 WEATHER = ToolSpec("get_weather", "Current weather for a city.", {"type": "object", "properties": {}})
@@ -36,41 +47,8 @@ def server() -> Iterator[ScriptedServer]:
 
 @pytest.fixture
 async def make(server: ScriptedServer) -> AsyncIterator[Make]:
-    models: list[OpenAIModel] = []
-
-    def build(**options: Any) -> OpenAIModel:
-        options.setdefault("base_url", server.url + "/v1")
-        options.setdefault("retry", RetryPolicy(max_attempts=3, sleep=FakeSleep()))
-        model = OpenAIModel(KEY, "gpt-test", **options)
-        models.append(model)
-        return model
-
-    yield build
-    for model in models:
-        await model.aclose()
-
-
-def request(**fields: Any) -> ModelRequest:
-    fields.setdefault("system", "")
-    fields.setdefault("messages", [Message("user", "Hi")])
-    fields.setdefault("tools", [])
-    return ModelRequest(**fields)
-
-
-async def collect(model: OpenAIModel, req: ModelRequest | None = None) -> list[TextChunk | TurnResult]:
-    return [item async for item in model.stream(req or request())]
-
-
-async def drain(model: OpenAIModel, req: ModelRequest, into: list[TextChunk | TurnResult]) -> None:
-    """Like collect, but the items seen before a failure stay visible to the test."""
-    async for item in model.stream(req):
-        into.append(item)
-
-
-async def failure(run: Awaitable[object]) -> ModelError:
-    with pytest.raises(ModelError) as caught:
-        await run
-    return caught.value
+    async with model_factory(OpenAIModel, KEY, "gpt-test", server.url + "/v1") as build:
+        yield build
 
 
 def content(text: str) -> str:
@@ -392,17 +370,9 @@ async def test_api_key_never_appears_in_errors(
 ) -> None:
     server.push(reply)
     error = await failure(collect(make(retry=RetryPolicy(max_attempts=1))))
-    assert_no_key(error)
+    assert_no_key(error, KEY)
 
 
 async def test_api_key_never_appears_in_transport_errors(make: Make) -> None:
     model = make(base_url=closed_port_url() + "/v1", retry=RetryPolicy(max_attempts=1))
-    assert_no_key(await failure(collect(model)))
-
-
-def assert_no_key(error: ModelError) -> None:
-    rendered = [str(error), repr(error), error.message, "".join(traceback.format_exception(error))]
-    assert all(KEY not in text for text in rendered), rendered
-    # Not chained to an httpx error, whose request would still hold the auth header.
-    assert error.__cause__ is None
-    assert not isinstance(error.__context__, httpx.HTTPError)
+    assert_no_key(await failure(collect(model)), KEY)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +57,7 @@ async def test_kill_9_mid_run_then_restart_completes_every_turn_once(tmp_path: P
                 completed += event.kind == "tool_call_completed"
                 if completed >= 40:
                     break
-        engine.proc.send_signal(signal.SIGKILL)
-        engine.proc.wait()
+        engine.kill9()
     finally:
         engine.close()
     restarted = EngineProcess(tmp_path, env=env_for(tmp_path))
@@ -100,8 +98,7 @@ async def test_kill_9_during_a_tool_call_reports_it_interrupted(tmp_path: Path) 
                 if (workdir(tmp_path, handle.run_id) / "side.txt").exists():
                     break
                 await asyncio.sleep(0.02)
-        engine.proc.send_signal(signal.SIGKILL)
-        engine.proc.wait()
+        engine.kill9()
     finally:
         engine.close()
     restarted = EngineProcess(tmp_path, env=env_for(tmp_path))
@@ -135,8 +132,7 @@ async def test_paused_runs_stay_paused_through_a_crash(tmp_path: Path) -> None:
             )
             run = await handle.wait(timeout=20)
             assert run.state == "PAUSED"
-        engine.proc.send_signal(signal.SIGKILL)
-        engine.proc.wait()
+        engine.kill9()
     finally:
         engine.close()
     restarted = EngineProcess(tmp_path, env=env)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from client_py import AsyncEngineClient, ConcurrentUpdateError, InterruptNotFoundError, RunNotPausedError
-from tests.conftest import turn
+from tests.conftest import refresh_until, turn
 from tests.processes import EngineProcess
-from tests.test_storage_contract import new_bucket
+from tests.s3_server import new_bucket
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -83,11 +83,7 @@ async def test_concurrent_resumes_across_replicas_exactly_one_wins(
             for r in results
             if isinstance(r, BaseException)
         ), results
-        for _ in range(200):
-            run = await handle.refresh()
-            if run.state == "DONE":
-                break
-            await asyncio.sleep(0.05)
+        run = await refresh_until(handle, "DONE")
         events = [e async for e in handle.events(follow=False)]
     assert run.state == "DONE"
     assert sum(e.kind == "approval_decided" for e in events) == 1
@@ -105,11 +101,7 @@ async def test_cancel_from_the_other_replica(replicas: tuple[EngineProcess, Engi
         other = await cb.attach(handle.run_id)
         run = await other.cancel("stop from replica b")
         assert run.state in ("RUNNING", "CANCELLED")
-        for _ in range(100):
-            run = await other.refresh()
-            if run.state == "CANCELLED":
-                break
-            await asyncio.sleep(0.05)
+        run = await refresh_until(other, "CANCELLED", tries=100)
     assert run.state == "CANCELLED"
     assert run.error is not None
     assert "replica b" in run.error.message

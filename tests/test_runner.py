@@ -17,8 +17,9 @@ import pytest
 from client_py import AsyncEngineClient
 from machina.runner.v1 import runner_service_pb2 as rpb
 from machina.runner.v1 import runner_service_pb2_grpc as rpb_grpc
-from tests.conftest import turn
+from tests.conftest import refresh_until, turn
 from tests.processes import EngineProcess, RunnerProcess, free_port
+from tests.webhook_receiver import Receiver, signed
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +43,15 @@ def shared_env(tmp: Path, **extra: str) -> dict[str, str]:
 @pytest.fixture
 def runner(tmp_path: Path) -> Iterator[RunnerProcess]:
     process = RunnerProcess(tmp_path, env=shared_env(tmp_path))
+    yield process
+    process.close()
+
+
+@pytest.fixture(scope="module")
+def idle_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunnerProcess]:
+    """One runner process for the module's tests that create no runs (its storage stays empty)."""
+    tmp = tmp_path_factory.mktemp("idle-runner")
+    process = RunnerProcess(tmp, env=shared_env(tmp))
     yield process
     process.close()
 
@@ -161,11 +171,7 @@ async def test_wrong_secret_then_retry_after_fixing_the_runner(tmp_path: Path) -
     try:
         async with AsyncEngineClient(engine.target) as client:
             handle = await client.create("run", model="scripted", script=BASH_SCRIPT)
-            for _ in range(200):
-                run = await handle.refresh()
-                if run.state == "FAILED":
-                    break
-                await asyncio.sleep(0.05)
+            run = await refresh_until(handle, "FAILED")
             assert run.error is not None
             assert run.error.code == "ERR_RUNNER_UNREACHABLE"
             assert "401" in run.error.message
@@ -175,12 +181,8 @@ async def test_wrong_secret_then_retry_after_fixing_the_runner(tmp_path: Path) -
             right = RunnerProcess(tmp_path / "right", http_port=http_port, env=shared_env(tmp_path))
             try:
                 await handle.retry_handoff()
-                run = await handle.wait(timeout=30)
-                for _ in range(200):
-                    if run.state == "DONE":
-                        break
-                    await asyncio.sleep(0.05)
-                    run = await handle.refresh()
+                await handle.wait(timeout=30)
+                run = await refresh_until(handle, "DONE")
                 assert run.state == "DONE"
                 outputs = [
                     e.output async for e in handle.events(follow=False) if e.kind == "tool_call_completed"
@@ -213,13 +215,15 @@ BAD_BODIES: list[tuple[str, dict[str, str], bytes, int]] = [
 
 @pytest.mark.parametrize(("what", "headers", "body", "status"), BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
 def test_continue_contract_rejections(
-    runner: RunnerProcess, what: str, headers: dict[str, str], body: bytes, status: int
+    idle_runner: RunnerProcess, what: str, headers: dict[str, str], body: bytes, status: int
 ) -> None:
     auth = {"Authorization": f"Bearer {SECRET}"}
-    response = httpx.post(f"{runner.http}/continue", content=body, headers={**auth, **headers}, timeout=10)
+    response = httpx.post(
+        f"{idle_runner.http}/continue", content=body, headers={**auth, **headers}, timeout=10
+    )
     assert response.status_code == status, response.text
     assert SECRET not in response.text
-    assert httpx.get(f"{runner.http}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{idle_runner.http}/health", timeout=10).status_code == 200
 
 
 async def test_same_run_posted_twice_at_once_runs_once(tmp_path: Path, runner: RunnerProcess) -> None:
@@ -243,12 +247,8 @@ async def test_same_run_posted_twice_at_once_runs_once(tmp_path: Path, runner: R
                 )
             assert all(r.status_code in (202, 409) for r in responses), [r.status_code for r in responses]
             assert any(r.status_code == 202 for r in responses)
-            run = await handle.wait(timeout=30)
-            for _ in range(200):
-                if run.state == "DONE":
-                    break
-                await asyncio.sleep(0.05)
-                run = await handle.refresh()
+            await handle.wait(timeout=30)
+            run = await refresh_until(handle, "DONE")
             assert run.state == "DONE"
             events = [e async for e in handle.events(follow=False)]
             assert sum(1 for e in events if e.kind == "tool_call_started") == 1
@@ -259,8 +259,8 @@ async def test_same_run_posted_twice_at_once_runs_once(tmp_path: Path, runner: R
         stub.server_close()
 
 
-async def test_grpc_continue_has_the_same_semantics(runner: RunnerProcess) -> None:
-    async with grpc.aio.insecure_channel(runner.grpc_target) as channel:
+async def test_grpc_continue_has_the_same_semantics(idle_runner: RunnerProcess) -> None:
+    async with grpc.aio.insecure_channel(idle_runner.grpc_target) as channel:
         stub: Any = rpb_grpc.RunnerServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Continue(
@@ -276,11 +276,11 @@ async def test_grpc_continue_has_the_same_semantics(runner: RunnerProcess) -> No
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_grpc_bytes_that_are_not_a_request_are_invalid_argument(runner: RunnerProcess) -> None:
+async def test_grpc_bytes_that_are_not_a_request_are_invalid_argument(idle_runner: RunnerProcess) -> None:
     from google.rpc import error_details_pb2, status_pb2
 
     auth = (("authorization", f"Bearer {SECRET}"),)
-    async with grpc.aio.insecure_channel(runner.grpc_target) as channel:
+    async with grpc.aio.insecure_channel(idle_runner.grpc_target) as channel:
         raw = channel.unary_unary(
             "/machina.runner.v1.RunnerService/Continue",
             request_serializer=lambda b: b,
@@ -322,8 +322,6 @@ def test_runner_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
 
 
 async def test_the_runner_sends_the_webhook_when_it_finishes_the_run(tmp_path: Path) -> None:
-    from tests.test_webhooks import Receiver
-
     receiver = Receiver()
     secret_env = {"MACHINA_HOOK_SECRET": "whsec-runner-1234"}  # resolved by reference, from the environment
     runner = RunnerProcess(tmp_path, env={**shared_env(tmp_path), **secret_env})
@@ -332,12 +330,8 @@ async def test_the_runner_sends_the_webhook_when_it_finishes_the_run(tmp_path: P
         async with AsyncEngineClient(engine.target) as client:
             webhook = {"url": receiver.url, "secret_ref": "MACHINA_HOOK_SECRET", "events": ["done"]}
             handle = await client.create("run", model="scripted", script=BASH_SCRIPT, webhook=webhook)
-            run = await handle.wait(timeout=30)
-            for _ in range(100):
-                if run.state == "DONE":
-                    break
-                await asyncio.sleep(0.05)
-                run = await handle.refresh()
+            await handle.wait(timeout=30)
+            await refresh_until(handle, "DONE", tries=100)
             await receiver.wait_for(1)
     finally:
         engine.close()
@@ -345,11 +339,5 @@ async def test_the_runner_sends_the_webhook_when_it_finishes_the_run(tmp_path: P
         receiver.close()
     ((headers, body),) = receiver.requests
     assert headers["x-machina-event"] == "status.done"
-    import hashlib
-    import hmac
-
-    mac = hmac.new(
-        b"whsec-runner-1234", headers["x-machina-timestamp"].encode() + b"." + body, hashlib.sha256
-    )
-    assert headers["x-machina-signature"] == f"sha256={mac.hexdigest()}"
+    assert signed("whsec-runner-1234", headers, body)
     assert b'"state":"DONE"' in body

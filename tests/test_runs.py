@@ -14,7 +14,7 @@ from client_py import (
     RunNotFoundError,
     RunNotPausedError,
 )
-from tests.conftest import ServerFactory, turn
+from tests.conftest import ServerFactory, refresh_until, turn
 
 DOUBLE_THEN_ANSWER = [turn("Let me double it.", ("double", {"x": 21})), turn("The answer is 42.")]
 
@@ -348,11 +348,7 @@ async def test_an_unanswered_approval_expires_with_the_configured_default(client
     assert run.state == "PAUSED"
     assert run.interrupts[0].expire_time is not None
     run = await handle.wait(timeout=10)  # returns at once (paused); poll until the expiry moves it on
-    for _ in range(100):
-        run = await handle.refresh()
-        if run.state == "DONE":
-            break
-        await asyncio.sleep(0.05)
+    run = await refresh_until(handle, "DONE", tries=100)
     assert run.state == "DONE"
     events = [e async for e in handle.events(follow=False)]
     decided = next(e for e in events if e.kind == "approval_decided")
@@ -369,11 +365,7 @@ async def test_an_expired_approval_can_default_to_approve(client: AsyncEngineCli
         approval_expiry_action="approve",
     )
     await handle.wait(timeout=10)
-    for _ in range(100):
-        run = await handle.refresh()
-        if run.state == "DONE":
-            break
-        await asyncio.sleep(0.05)
+    run = await refresh_until(handle, "DONE", tries=100)
     assert run.state == "DONE"
     outputs = [e.output async for e in handle.events(follow=False) if e.kind == "tool_call_completed"]
     assert outputs == ["42"]

@@ -7,23 +7,14 @@ dropped connections, with no torn or lost checkpoint.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aioboto3
 import pytest
 
 from engine_service import EngineError, LocalStorage, Storage
 from engine_service._s3 import S3Storage
-from tests.s3_server import FaultyProxy
-
-
-async def new_bucket(endpoint: str) -> str:
-    name = f"b-{uuid.uuid4().hex[:16]}"
-    async with aioboto3.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1") as s3:
-        await s3.create_bucket(Bucket=name)
-    return name
+from tests.s3_server import FaultyProxy, new_bucket
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,25 +12,11 @@ import pytest
 from client_py import AsyncEngineClient, InvalidRequestError
 from tests.conftest import ServerFactory, turn
 from tests.processes import free_port
-from tests.webhook_receiver import Receiver
+from tests.webhook_receiver import Receiver, signed
 
 SECRET = "whsec-test-8d1f2c"
 CONFIG = {"webhook_secrets": {"hook": SECRET}, "tools": {"permissions": {"double": "ask"}}}
 DOUBLE = [turn("", ("double", {"x": 2})), turn("4")]
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
-
-
-def verify(headers: dict[str, str], body: bytes) -> bool:
-    expected = hmac.new(
-        SECRET.encode(), headers["x-machina-timestamp"].encode() + b"." + body, hashlib.sha256
-    )
-    return hmac.compare_digest(headers["x-machina-signature"], f"sha256={expected.hexdigest()}")
 
 
 async def test_signed_deliveries_for_pause_and_done(servers: ServerFactory, receiver: Receiver) -> None:
@@ -50,7 +33,7 @@ async def test_signed_deliveries_for_pause_and_done(servers: ServerFactory, rece
     assert paused_headers["x-machina-event"] == "status.paused"
     assert done_headers["x-machina-event"] == "status.done"
     for headers, body in receiver.requests:
-        assert verify(headers, body)
+        assert signed(SECRET, headers, body)
         assert headers["x-machina-run-id"] == run.run_id
         assert headers["x-tenant"] == "acme"
         assert abs(int(headers["x-machina-timestamp"]) / 1000 - time.time()) < 60
@@ -74,7 +57,7 @@ async def test_failed_deliveries_are_retried_with_new_ids_and_logged(servers: Se
             await receiver.wait_for(3)
         ids = [headers["x-machina-delivery"] for headers, _ in receiver.requests]
         assert len(set(ids)) == 3
-        assert all(verify(h, b) for h, b in receiver.requests)
+        assert all(signed(SECRET, h, b) for h, b in receiver.requests)
         # The receiver has answered the third attempt; the sender logs it a moment later.
         for _ in range(100):
             log = await srv.engine.webhooks.deliveries("default", run.run_id)

@@ -5,15 +5,10 @@ given up, so a restart (or a crash: tests/test_faults.py) resumes it; it carries
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import aioboto3
 import pytest
 
 from client_py import AsyncEngineClient
@@ -28,25 +23,14 @@ from engine_service._webhooks import (
 )
 from tests.conftest import ServerFactory, turn
 from tests.processes import free_port
-from tests.webhook_receiver import Receiver
+from tests.s3_server import new_bucket
+from tests.webhook_receiver import Receiver, signed
 
 pytestmark = pytest.mark.timeout(60)
 
 SECRET = "whsec-outbox-5b7e3a"
 CONFIG = {"webhook_secrets": {"hook": SECRET}}
 RUN = {"run_id": "run_1", "workspace_id": "default", "state": "DONE", "data": "ok"}
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
-
-
-def signed(headers: dict[str, str], body: bytes) -> bool:
-    mac = hmac.new(SECRET.encode(), headers["x-machina-timestamp"].encode() + b"." + body, hashlib.sha256)
-    return hmac.compare_digest(headers["x-machina-signature"], f"sha256={mac.hexdigest()}")
 
 
 async def outbox(storage: Storage) -> dict[str, JsonObject]:
@@ -96,7 +80,7 @@ async def test_delivered_exactly_once_when_the_receiver_is_up_and_the_outbox_is_
         await receiver.wait_for(1)
     await wait_until_settled(srv.engine.webhooks, "default", run.run_id)
     ((headers, body),) = receiver.requests
-    assert signed(headers, body)
+    assert signed(SECRET, headers, body)
     notification_id = headers["x-machina-notification-id"]
     assert notification_id != headers["x-machina-delivery"]
     (entry,) = await srv.engine.webhooks.deliveries("default", run.run_id)
@@ -148,7 +132,7 @@ async def test_pending_at_shutdown_is_delivered_by_the_next_engine(servers: Serv
     ((headers, body),) = receiver.requests
     assert headers["x-machina-notification-id"] == notification_id
     assert headers["x-machina-event"] == "status.done"
-    assert signed(headers, body)
+    assert signed(SECRET, headers, body)
     assert json.loads(body)["state"] == "DONE"
     log = await second.engine.webhooks.deliveries("default", run.run_id)
     assert {e["notification"] for e in log} == {notification_id}
@@ -277,7 +261,7 @@ async def test_two_processes_resuming_one_notification_use_one_notification_id(t
     assert len(receiver.requests) == 2
     assert len({headers["x-machina-notification-id"] for headers, _ in receiver.requests}) == 1
     assert len({headers["x-machina-delivery"] for headers, _ in receiver.requests}) == 2
-    assert all(signed(headers, body) for headers, body in receiver.requests)
+    assert all(signed(SECRET, headers, body) for headers, body in receiver.requests)
     assert await outbox(storage) == {}
 
 
@@ -333,9 +317,7 @@ async def test_the_startup_scan_reads_the_index_not_every_run(servers: ServerFac
 
 
 async def test_the_outbox_over_s3(moto: str) -> None:
-    bucket = f"b-{uuid.uuid4().hex[:16]}"
-    async with aioboto3.Session().client("s3", endpoint_url=moto, region_name="us-east-1") as s3:
-        await s3.create_bucket(Bucket=bucket)
+    bucket = await new_bucket(moto)
     hook_port = free_port()
     crashed = S3Storage(bucket, "machina", endpoint_url=moto)
     assert await crashed.create_run("default", "run_1", {}, {"state": "DONE"})
@@ -357,7 +339,7 @@ async def test_the_outbox_over_s3(moto: str) -> None:
         await second.close()
         receiver.close()
     ((headers, body),) = receiver.requests
-    assert signed(headers, body)
+    assert signed(SECRET, headers, body)
     assert json.loads(body) == RUN
     assert await outbox(storage) == {}
     settled = await notification(storage, "default", "run_1", headers["x-machina-notification-id"])

@@ -1,15 +1,24 @@
-"""A real local webhook receiver for the webhook tests."""
+"""A real local webhook receiver for the webhook tests, and the signature check."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def signed(secret: str, headers: dict[str, str], body: bytes) -> bool:
+    """Whether ``headers`` (lower-cased) carry a valid ``X-Machina-Signature`` of ``body`` by ``secret``."""
+    mac = hmac.new(secret.encode(), headers["x-machina-timestamp"].encode() + b"." + body, hashlib.sha256)
+    return hmac.compare_digest(headers["x-machina-signature"], f"sha256={mac.hexdigest()}")
+
+
 class Receiver:
-    """A webhook receiver on ``port`` answering ``statuses`` in turn (then the last one forever)."""
+    """A webhook receiver on ``port`` (0: any free one; a fixed one lets a test start it late)
+    answering ``statuses`` in turn (then the last one forever)."""
 
     def __init__(self, port: int = 0, statuses: tuple[int, ...] = (200,)) -> None:
         self.requests: list[tuple[dict[str, str], bytes]] = []
@@ -38,4 +47,6 @@ class Receiver:
         deadline = time.monotonic() + timeout
         while len(self.requests) < count and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        assert len(self.requests) >= count, self.requests
+        assert len(self.requests) >= count, (
+            f"{len(self.requests)} of {count} webhook requests arrived within {timeout} s: {self.requests}"
+        )
