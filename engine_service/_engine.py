@@ -299,10 +299,7 @@ class Engine:
             actor = RunActor(
                 record, spec, transcript, self._env(ws, spec, spec_doc, provider, model_name, mode)
             )
-            if not await actor.take_over():
-                raise aborted(
-                    "ERR_CONCURRENT_UPDATE", f"run {run_id!r} is held by another process", run_id=run_id
-                )
+            await self._take_over(actor)
             self._start(actor, resumed_by=None)
         log.info(
             "run %s created (model %s)", run_id, record.meta.model, extra={"run_id": run_id, "workspace": ws}
@@ -760,12 +757,7 @@ class Engine:
                 )
             actor = await self._actor_for(record)
             plan = self._apply_decisions(actor, decisions)
-            if not await actor.take_over():
-                raise aborted(
-                    "ERR_CONCURRENT_UPDATE",
-                    f"run {run_id!r} is being moved by another process",
-                    run_id=run_id,
-                )
+            await self._take_over(actor)
             self._disarm_expiry(key)
             if webhook_doc is not None:
                 record.webhook = webhook_doc
@@ -788,10 +780,7 @@ class Engine:
         ):
             raise invalid("ERR_INVALID_DECISION", "resume needs at least one decision", field="decisions")
         actor = await self._actor_for(record)
-        if not await actor.take_over():
-            raise aborted(
-                "ERR_CONCURRENT_UPDATE", f"run {key[1]!r} is being moved by another process", run_id=key[1]
-            )
+        await self._take_over(actor)
         record.error = None
         self._start(actor, resumed_by=principal.identity)
         return record
@@ -1014,10 +1003,7 @@ class Engine:
                     state=record.state.value,
                 )
             actor = await self._actor_for(record)
-            if not await actor.take_over():
-                raise aborted(
-                    "ERR_CONCURRENT_UPDATE", f"run {run_id!r} is held by another process", run_id=run_id
-                )
+            await self._take_over(actor)
             self._start(actor, resumed_by=principal.identity)
             return record
 
@@ -1069,6 +1055,13 @@ class Engine:
             if not await actor.take_over():
                 return
             await self._decide(actor, plan, principal.identity, all_expired=True)
+
+    async def _take_over(self, actor: RunActor) -> None:
+        """Make the run ours to move, or fail ABORTED: another process holds or just moved it."""
+        if not await actor.take_over():
+            run_id = actor.record.run_id
+            raise aborted("ERR_CONCURRENT_UPDATE", f"run {run_id!r} is being moved by another process",
+                          run_id=run_id)  # fmt: skip
 
     async def _decide(
         self,
