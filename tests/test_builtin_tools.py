@@ -133,6 +133,31 @@ async def test_symlink_escape_and_special_files(client: AsyncEngineClient, serve
     assert Path("/etc/passwd").read_text() != "pwned"
 
 
+async def test_a_symlink_loop_cannot_hide_an_escape(client: AsyncEngineClient, server: RunningServer) -> None:
+    # realpath stops resolving at a loop and keeps the rest of the path as written, so
+    # "loop/../etc/passwd" came back as {root}/etc/passwd while {root}/etc points at /etc
+    # (found by fuzz/fuzz_workdir_paths.py).
+    run_id = new_run_id()
+    root = workdir(server, run_id)
+    (root / "loop").symlink_to(root / "loop")
+    (root / "etc").symlink_to("/etc")
+    (root / "sneaky").symlink_to("loop/../etc/passwd")  # the same trick inside a listed file
+    *refused, grep, listing = await run_calls(
+        client,
+        ("Read", {"path": "loop/..//etc/passwd/sub/.."}),
+        ("Read", {"path": "loop/../etc/passwd"}),
+        ("Read", {"path": "sneaky"}),
+        ("Write", {"path": "loop/../etc/machina-pwned", "content": "pwned"}),
+        ("Grep", {"pattern": "root"}),
+        ("Glob", {"pattern": "*"}),
+        run_id=run_id,
+    )
+    assert all(r.is_error for r in refused), refused
+    assert all("root:" not in r.output for r in (*refused, grep))
+    assert "sneaky" not in listing.output.split()  # listed files resolve inside the directory
+    assert not Path("/etc/machina-pwned").exists()
+
+
 async def test_binary_huge_and_non_utf8_files(client: AsyncEngineClient, server: RunningServer) -> None:
     run_id = new_run_id()
     root = workdir(server, run_id)

@@ -43,7 +43,9 @@ def resolve_in_workdir(root: Path, user_path: str) -> Path:
     candidate = Path(user_path)
     if not candidate.is_absolute():
         candidate = real_root / candidate
-    real = Path(os.path.realpath(candidate))
+    real = _resolved(candidate)
+    if real is None:
+        raise ToolError(f"path {user_path!r} goes through a symlink loop")
     if real != real_root and real_root not in real.parents:
         raise ToolError(f"path {user_path!r} is outside the run's workspace directory")
     try:
@@ -55,6 +57,16 @@ def resolve_in_workdir(root: Path, user_path: str) -> Path:
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise ToolError(f"{user_path!r} is not a regular file or directory")
     return real
+
+
+def _resolved(path: Path) -> Path | None:
+    """The real path of ``path``; None when a symlink loop stops it resolving.
+
+    realpath stops at a loop and keeps the rest as written: "loop/../etc/passwd" comes back as
+    {dir}/etc/passwd even when {dir}/etc links to /etc. A fully resolved path resolves to itself.
+    """
+    real = os.path.realpath(path)
+    return Path(real) if os.path.realpath(real) == real else None
 
 
 def _real_root(root: Path) -> Path:
@@ -214,8 +226,8 @@ def _walk(real_root: Path, base: Path) -> list[Path]:
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(directory) / name
-            real = Path(os.path.realpath(path))
-            if real_root in real.parents and real.is_file():
+            real = _resolved(path)
+            if real is not None and real_root in real.parents and real.is_file():
                 found.append(path)
     return found
 
