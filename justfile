@@ -11,59 +11,59 @@ export PATH := env_var("PATH") + ":" + justfile_directory() + "/.venv/bin"
 default:
     @just --list
 
-# Create .venv and install everything (idempotent; fast when already done).
+# Create .venv with the runtime only: the engine, the runner and the client (idempotent, fast when done).
 setup:
-    uv sync --frozen --quiet
-    @{{venv}}/python scripts/gen_proto.py --check >/dev/null || (echo "generated code is stale: run 'just gen'" >&2; exit 1)
+    uv sync --frozen --inexact --quiet
+
+# Add dependency groups to .venv (`just sync test lint`): test, browser, lint, bench, fuzz.
+sync *groups:
+    uv sync --frozen --inexact --quiet {{ prepend("--group ", groups) }}
 
 # Regenerate the Python code for proto/ into machina/ (committed).
-gen:
-    uv sync --frozen --quiet
+gen: (sync "lint")
     {{venv}}/python scripts/gen_proto.py
 
-# No body of its own: its dependency `setup` already runs `gen_proto.py --check` and fails if stale.
 # Fail if machina/ differs from what proto/ generates.
-gen-check: setup
+gen-check: (sync "lint")
+    @{{venv}}/python scripts/gen_proto.py --check >/dev/null || (echo "generated code is stale: run 'just gen'" >&2; exit 1)
 
 # Regenerate the TypeScript stubs for proto/ into examples/ts-client/src/gen/ (committed; runs `npm ci` if needed).
-gen-ts:
-    uv sync --frozen --quiet
+gen-ts: (sync "lint" "test")
     {{venv}}/python scripts/gen_ts.py
 
 # Regenerate docs/api.md, the API reference, from the protos' comments and docs/errors.toml (committed).
-gen-docs:
-    uv sync --frozen --quiet
+gen-docs: (sync "lint")
     {{venv}}/python scripts/gen_api_docs.py
 
 # Fail if the TypeScript stubs or docs/api.md are stale (after a proto change: `just gen gen-ts gen-docs`); tsc the TS example.
-api-check: setup
+api-check: (sync "lint" "test")
     {{venv}}/python scripts/gen_ts.py --check
     {{venv}}/python scripts/gen_api_docs.py --check
     cd examples/ts-client && node_modules/.bin/tsc --noEmit
 
 # buf breaking (FILE rules): proto/ against its newest earlier version in git, or a ref (`just breaking main`).
-breaking *ref: setup
+breaking *ref: (sync "lint")
     {{venv}}/python scripts/buf_breaking.py {{ref}}
 
 # Format Python and proto sources in place.
-fmt: setup
+fmt: (sync "lint")
     {{venv}}/ruff format .
     {{venv}}/ruff check --fix .
     {{venv}}/buf format -w
 
 # Lint: ruff (lint + format check), buf lint and buf format check.
-lint: setup
+lint: (sync "lint")
     {{venv}}/ruff check .
     {{venv}}/ruff format --check .
     {{venv}}/buf lint
     {{venv}}/buf format --diff --exit-code
 
 # Type-check our code with mypy --strict (generated code via its .pyi stubs).
-typecheck: setup
+typecheck: (sync "lint" "test" "bench")
     {{venv}}/mypy
 
 # Run the whole test suite (pass pytest args, e.g. `just test -k resume`).
-test *args: setup
+test *args: (sync "test" "browser" "fuzz")
     {{venv}}/python -m pytest {{args}}
 
 # The end-to-end demo: a real engine process, a scripted (or real, with an API key) run, an approval.
@@ -71,15 +71,15 @@ demo: setup
     {{venv}}/python -m demo
 
 # Benchmarks (SPEC §7): prints a table and writes bench-results/bench.json (`just bench --quick` for a smoke run).
-bench *args: setup
+bench *args: (sync "test" "bench")
     {{venv}}/python -m bench {{args}}
 
 # Load on loopback (SPEC §8): hundreds of concurrent streams and runs against a real engine for `seconds`; writes test-artifacts/load.json.
-load seconds="60" concurrency="400": setup
+load seconds="60" concurrency="400": (sync "test")
     MACHINA_LOAD_SECONDS={{seconds}} MACHINA_LOAD_CONCURRENCY={{concurrency}} {{venv}}/python -m pytest tests/test_load.py -s -p no:cacheprovider
 
 # Fuzz the parsers and validators (fuzz/, atheris) for `seconds` per target; crashes are saved in test-artifacts/fuzz/.
-fuzz seconds="30": setup
+fuzz seconds="30": (sync "test" "fuzz")
     for target in fuzz/fuzz_*.py; do echo "== $target"; {{venv}}/python "$target" -max_total_time={{seconds}} -timeout=10 -print_final_stats=1; done
 
 # Serve the engine on 127.0.0.1:50051 (pass flags, e.g. `just serve-engine --listen 127.0.0.1:6000`).

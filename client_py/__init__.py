@@ -5,7 +5,7 @@ Synchronous use (also inside Jupyter)::
     from client_py import EngineClient
 
     with EngineClient("127.0.0.1:50051", api_key="...") as client:
-        execution = client.execute("Summarise README.md", tools=["read_file"])
+        execution = client.execute("Summarise README.md", tools=["Read"])
         for event in execution:
             print(event)
         run = execution.run
@@ -16,6 +16,13 @@ Synchronous use (also inside Jupyter)::
 subclasses of ``MachinaError`` keyed by the engine's stable error codes; a run
 that fails is not an exception but a Run whose ``error`` is set.
 """
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("machina-client")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 from client_py._async import AsyncEngineClient, AsyncExecution, AsyncRunHandle
 from client_py._errors import (

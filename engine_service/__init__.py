@@ -4,6 +4,13 @@ The core (``Engine``, tools, storage, models) never imports grpc; the server
 module translates.
 """
 
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("machina-engine")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
 from engine_service._config import ConfigError, EngineConfig, load_config
 from engine_service._engine import ClientToolDef, Decision, Engine
 from engine_service._errors import EngineError, ErrorKind

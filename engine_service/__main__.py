@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from engine_service import __version__
 from engine_service._bootstrap import build_engine
 from engine_service._config import (
     ConfigError,
@@ -33,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "Every setting can also come from MACHINA_<NAME> environment variables or a TOML --config file; "
         "flags override the environment, which overrides the file.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--config", help="TOML config file")
     parser.add_argument(
         "--listen", help="gRPC address HOST:PORT (default 127.0.0.1:50051; port 0 = any free port)"

@@ -38,6 +38,7 @@ from engine_service._errors import (
     ErrorKind,
     aborted,
     invalid,
+    missing_extra,
     not_found,
     precondition,
     shown,
@@ -180,7 +181,10 @@ class Engine:
         servers = self.config.tools.mcp_servers
         local = [c for c in servers if c.transport == "http" or "subprocess" in self._capabilities]
         if local:
-            from engine_service.tools._mcp import McpManager
+            try:
+                from engine_service.tools._mcp import McpManager
+            except ModuleNotFoundError as exc:
+                raise missing_extra(exc, "mcp", "mcp", "MCP servers (tools.mcp_servers)") from None
 
             self._mcp = McpManager(local)
             await self._mcp.start()

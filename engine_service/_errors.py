@@ -93,3 +93,20 @@ class RunFailure(Exception):
         self.code = code
         self.message = message
         self.metadata: dict[str, str] = {k: str(v) for k, v in metadata.items()}
+
+
+def missing_extra(exc: ModuleNotFoundError, package: str, extra: str, feature: str) -> EngineError:
+    """The error for ``feature`` needing an optional dependency that is not installed.
+
+    Re-raises ``exc`` unchanged when the missing module is not ``package`` itself (a broken
+    install of something else must not be reported as a missing extra).
+    """
+    if exc.name is None or exc.name.split(".")[0] != package:
+        raise exc
+    return EngineError(
+        "ERR_CONFIG",
+        f"{feature} needs the optional '{extra}' dependencies, which are not installed: "
+        f"pip install 'machina-engine[{extra}]'",
+        kind=ErrorKind.FAILED_PRECONDITION,
+        metadata={"extra": extra},
+    )

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from engine_service._errors import missing_extra
 from engine_service._ids import check_id
 from engine_service._types import JsonObject
 
@@ -413,7 +414,10 @@ def open_storage(url: str, *, fsync: bool = False) -> Storage:
     if url.startswith("file://"):
         return LocalStorage(url.removeprefix("file://"), fsync=fsync)
     if url.startswith("s3://"):
-        from engine_service._s3 import S3Storage
+        try:
+            from engine_service._s3 import S3Storage
+        except ModuleNotFoundError as exc:
+            raise missing_extra(exc, "aioboto3", "s3", "S3 storage") from None
 
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not bucket:

@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from engine_service import __version__
 from engine_service._bootstrap import build_engine
 from engine_service._config import ConfigError, is_loopback, load_config, read_tls_files
 from engine_service._errors import EngineError
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "handed off, with the real tools, over the same storage. Settings come from flags, "
         "MACHINA_<NAME> environment variables (MACHINA_RUNNER_SECRET is required) or a TOML --config.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--config", help="TOML config file (the engine's settings plus runner_* keys)")
     parser.add_argument("--listen", help="gRPC address HOST:PORT (default 127.0.0.1:50052)")
     parser.add_argument("--http-listen", help="HTTP shim address HOST:PORT (default 127.0.0.1:8080)")

@@ -25,8 +25,16 @@ class ServiceProcess:
     """``python -m <module> ... --port-file F``; waits until the port file appears."""
 
     def __init__(
-        self, module: str, tmp: Path, *args: str, env: dict[str, str] | None = None, name: str = ""
+        self,
+        module: str,
+        tmp: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        name: str = "",
+        command: list[str] | None = None,
+        cwd: Path = ROOT,
     ) -> None:
+        """``command`` replaces ``python -m module`` (e.g. an installed console script)."""
         name = name or module
         tmp.mkdir(parents=True, exist_ok=True)
         self.port_file = tmp / f"{name}.port"
@@ -34,8 +42,8 @@ class ServiceProcess:
         self.log = tmp / f"{name}.log"
         self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--port-file", str(self.port_file), *args],
-            cwd=ROOT,
+            [*(command or [sys.executable, "-m", module]), "--port-file", str(self.port_file), *args],
+            cwd=cwd,
             stdout=subprocess.DEVNULL,
             stderr=self._log_file,
             env={**os.environ, **(env or {})},
