@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from engine_service._config import EngineConfig
-from engine_service._engine import Engine, builtin_tools
+from engine_service._engine import MCP_FEATURE, Engine, builtin_tools
+from engine_service._errors import missing_extra
 from engine_service._storage import open_storage
 from engine_service._tools import ToolRegistry, load_tool
 
 
 def build_engine(config: EngineConfig) -> Engine:
     """The built-in catalogue plus custom tools by import path, over the configured storage."""
+    if config.tools.mcp_servers and importlib.util.find_spec("mcp") is None:
+        raise missing_extra("mcp", "mcp", MCP_FEATURE)
     tools = ToolRegistry(builtin_tools(config))
     for path in config.tools.custom:
         tools.register(load_tool(path))

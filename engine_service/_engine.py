@@ -92,6 +92,7 @@ from engine_service.tools import (
     web_fetch_tool,
 )
 
+MCP_FEATURE = "MCP servers (tools.mcp_servers)"
 log = logging.getLogger("machina.engine")
 
 MAX_TASK_CHARS = 200_000
@@ -184,7 +185,7 @@ class Engine:
             try:
                 from engine_service.tools._mcp import McpManager
             except ModuleNotFoundError as exc:
-                raise missing_extra(exc, "mcp", "mcp", "MCP servers (tools.mcp_servers)") from None
+                raise missing_extra("mcp", "mcp", MCP_FEATURE, exc) from None
 
             self._mcp = McpManager(local)
             await self._mcp.start()

@@ -95,13 +95,15 @@ class RunFailure(Exception):
         self.metadata: dict[str, str] = {k: str(v) for k, v in metadata.items()}
 
 
-def missing_extra(exc: ModuleNotFoundError, package: str, extra: str, feature: str) -> EngineError:
-    """The error for ``feature`` needing an optional dependency that is not installed.
+def missing_extra(
+    package: str, extra: str, feature: str, exc: ModuleNotFoundError | None = None
+) -> EngineError:
+    """The error for ``feature`` needing the optional ``package`` (the ``extra``), not installed.
 
-    Re-raises ``exc`` unchanged when the missing module is not ``package`` itself (a broken
-    install of something else must not be reported as a missing extra).
+    Given the ``exc`` an import raised, re-raises it unchanged when the missing module is not
+    ``package`` itself: a broken install of something else is not a missing extra.
     """
-    if exc.name is None or exc.name.split(".")[0] != package:
+    if exc is not None and (exc.name is None or exc.name.split(".")[0] != package):
         raise exc
     return EngineError(
         "ERR_CONFIG",

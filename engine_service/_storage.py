@@ -417,7 +417,7 @@ def open_storage(url: str, *, fsync: bool = False) -> Storage:
         try:
             from engine_service._s3 import S3Storage
         except ModuleNotFoundError as exc:
-            raise missing_extra(exc, "aioboto3", "s3", "S3 storage") from None
+            raise missing_extra("aioboto3", "s3", "S3 storage", exc) from None
 
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not bucket:
