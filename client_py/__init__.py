@@ -58,6 +58,7 @@ from client_py._errors import (
     UnknownToolError,
     error_from_rpc,
 )
+from client_py._progress import ProgressLine, print_events
 from client_py._spec import Approve, Decision, DecisionLike, Reject, Respond, RunOptions
 from client_py._sync import EngineClient, Execution, RunHandle
 from client_py._types import (
@@ -120,6 +121,7 @@ __all__ = [
     "NotFoundError",
     "Paused",
     "PermissionDeniedError",
+    "ProgressLine",
     "Reject",
     "RequestTooLargeError",
     "ResourceExhaustedError",
@@ -153,4 +155,5 @@ __all__ = [
     "Usage",
     "UsageReported",
     "error_from_rpc",
+    "print_events",
 ]

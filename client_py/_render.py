@@ -88,6 +88,23 @@ def counters_text(turns: int, input_tokens: int, output_tokens: int, cost_usd: f
     return f"turns {turns} · tokens {input_tokens} in / {output_tokens} out · ${cost_usd:.4f}"
 
 
+def duration_text(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def progress_text(model: RunViewModel, elapsed: float) -> str:
+    """``RUNNING · turns 3 · tokens 812 in / 96 out · $0.0042 · 4.2 s · ⚙ Bash``."""
+    state = model.state + (f" ({model.pause_reason})" if model.pause_reason else "")
+    parts = [state, model.counters_text(), duration_text(elapsed)]
+    running = model.running_tools
+    if running and not model.done:
+        parts.append("⚙ " + ", ".join(running))
+    return " · ".join(parts)
+
+
 def _pretty(data: Any) -> str:
     """A run's result for a <pre>: text as it is, other JSON values indented."""
     return data if isinstance(data, str) else json.dumps(data, indent=2, ensure_ascii=False)

@@ -32,6 +32,7 @@ import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from client_py import _render
@@ -423,6 +424,8 @@ class RunViewModel:
         self.input_tokens = 0
         self.output_tokens = 0
         self.cost_usd = 0.0
+        self.started: datetime | None = None  # when the run started (its first event or create time)
+        self.ended: datetime | None = None  # when it ended
         self.data: Any = None
         self.error: RunError | None = None
         self.cards: list[CardModel] = []
@@ -470,6 +473,25 @@ class RunViewModel:
 
     def counters_text(self) -> str:
         return _render.counters_text(self.turns, self.input_tokens, self.output_tokens, self.cost_usd)
+
+    @property
+    def running_tools(self) -> list[str]:
+        """The tools running now, in the order they started."""
+        with self._lock:
+            return [entry.tool_name for entry in self.tool_log if entry.status == "running"]
+
+    def elapsed(self, now: datetime | None = None) -> float:
+        """Seconds from the run's start to its end, or to ``now`` (default: the clock) while it goes on."""
+        with self._lock:
+            if self.started is None:
+                return 0.0
+            end = self.ended or now or datetime.now(UTC)
+            return max(0.0, (end - self.started).total_seconds())
+
+    def progress_text(self, now: datetime | None = None) -> str:
+        """One line: state, turns, tokens, cost, elapsed time and the tool running now."""
+        with self._lock:
+            return _render.progress_text(self, self.elapsed(now))
 
     # -- listening -------------------------------------------------------------------
 
@@ -540,6 +562,9 @@ class RunViewModel:
             self.state, self.pause_reason = run.state, run.pause_reason
             self.data, self.error = run.data, run.error
             self._take_meta(run.meta)
+            self.started = self.started or run.create_time
+            if run.state in TERMINAL_STATES:
+                self.ended = self.ended or run.update_time
             self._set_cards(run.interrupts if run.state == "PAUSED" else [])
             self._notify({STATUS, CARDS})
             return True
@@ -661,6 +686,7 @@ class RunViewModel:
                 changed.add(STATUS)
         elif isinstance(event, RunStarted):
             self.task, self.model_name = event.task, event.model
+            self.started = self.started or event.time
             self.notes.append(f"started on {event.model}")
             changed.add(NOTES)
             if fresh:
@@ -686,6 +712,7 @@ class RunViewModel:
             if fresh:
                 self.state, self.pause_reason = event.state, None
                 self.data, self.error = event.data, event.error
+                self.ended = event.time
                 self._take_meta(event.meta)
                 if self.cards:
                     self.cards = []

@@ -10,7 +10,9 @@
     ui = show(handle)              # the run view and the approval panel, updating live
     ui.panel.cards[0].approve_button.click()   # what clicking "Approve" does
 
-``RunView(handle)`` and ``ApprovalPanel(handle)`` can also be shown on their own.
+``RunView(handle)`` and ``ApprovalPanel(handle)`` can also be shown on their own. All of
+them, and what ``show()`` returns, are ipywidgets boxes: they go inside ``VBox``, ``HBox``,
+``Tab`` or ``Accordion`` like any widget (``VBox([RunView(a), RunView(b)])``).
 After a kernel restart, ``show(client.attach(run_id))`` rebuilds the view from the
 run's events (from seq 0, or ``after_seq``) with nothing lost or repeated.
 
@@ -58,16 +60,7 @@ def _model_for(source: RunHandle | RunViewModel, after_seq: int) -> tuple[RunVie
     return model, Watcher(source, model)
 
 
-class _Shown:
-    """Displays as its ``widget`` (composition rather than subclassing keeps the types strict)."""
-
-    widget: Any
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
-
-
-class RunView(_Shown):
+class RunView(W.VBox):  # type: ignore[misc]  # ipywidgets is not annotated
     """A run as it happens: state badge, model text, tool-call log, counters, handoff, result.
 
     Args:
@@ -77,6 +70,7 @@ class RunView(_Shown):
     """
 
     def __init__(self, source: RunHandle | RunViewModel, *, after_seq: int = 0) -> None:
+        super().__init__()  # first: a widget whose __init__ fails must still close cleanly
         self.model, self.watcher = _model_for(source, after_seq)
         self.status = W.HTML()
         self.handoff = W.HTML()
@@ -84,7 +78,7 @@ class RunView(_Shown):
         self.tools = W.HTML()
         self.result = W.HTML()
         self.notes = W.HTML()
-        self.widget = W.VBox([self.status, self.handoff, self.text, self.tools, self.result, self.notes])
+        self.children = (self.status, self.handoff, self.text, self.tools, self.result, self.notes)
         self._shown_text = 0
         self._unsubscribe = self.model.subscribe(self._render)
         if self.watcher is not None:
@@ -109,10 +103,11 @@ class RunView(_Shown):
 
     def close(self) -> None:
         """Stops following the run and closes the widgets."""
-        _close(self._unsubscribe, self.watcher, self.widget)
+        _close(self._unsubscribe, self.watcher, self.children)
+        super().close()
 
 
-class ApprovalCard(_Shown):
+class ApprovalCard(W.VBox):  # type: ignore[misc]
     """One pending interrupt: tool, arguments (editable JSON), Approve / Reject / Respond.
 
     The text boxes write through to the ``CardModel``; the buttons call its
@@ -120,6 +115,7 @@ class ApprovalCard(_Shown):
     """
 
     def __init__(self, card: CardModel) -> None:
+        super().__init__(layout=W.Layout(border="1px solid #d1d5db", padding="4px 8px", margin="4px 0"))
         self.model = card
         interrupt = card.interrupt
         self.title = W.HTML(_card_title(card))
@@ -166,10 +162,7 @@ class ApprovalCard(_Shown):
         if interrupt.kind == "INPUT":
             self.arguments.layout.display = "none"
         buttons = W.HBox([self.approve_button, self.reject_button, self.respond_button])
-        self.widget = W.VBox(
-            [self.title, self.arguments, self.reason, self.response, buttons, self.message],
-            layout=W.Layout(border="1px solid #d1d5db", padding="4px 8px", margin="4px 0"),
-        )
+        self.children = (self.title, self.arguments, self.reason, self.response, buttons, self.message)
         self.update()
 
     def __repr__(self) -> str:
@@ -208,9 +201,9 @@ class ApprovalCard(_Shown):
             self.reject_button,
             self.respond_button,
             self.message,
-            self.widget,
         ):
             child.close()
+        super().close()
 
 
 def _card_title(card: CardModel) -> str:
@@ -227,7 +220,7 @@ def _card_title(card: CardModel) -> str:
     )
 
 
-class ApprovalPanel(_Shown):
+class ApprovalPanel(W.VBox):  # type: ignore[misc]
     """One ``ApprovalCard`` per pending interrupt, updated live as the run moves on.
 
     ``cards`` lists the cards now shown, in the run's order; a card goes away once
@@ -236,11 +229,12 @@ class ApprovalPanel(_Shown):
     """
 
     def __init__(self, source: RunHandle | RunViewModel, *, after_seq: int = 0) -> None:
+        super().__init__()
         self.model, self.watcher = _model_for(source, after_seq)
         self.status = W.HTML()
         self.box = W.VBox()
-        self.widget = W.VBox([self.status, self.box])
         self.cards: list[ApprovalCard] = []
+        self.children = (self.status, self.box)
         self._unsubscribe = self.model.subscribe(self._render)
         if self.watcher is not None:
             self.watcher.start()
@@ -262,7 +256,7 @@ class ApprovalPanel(_Shown):
                 gone.close()
             if [c.model for c in cards] != [c.model for c in self.cards]:
                 self.cards = cards
-                self.box.children = tuple(card.widget for card in cards)
+                self.box.children = tuple(cards)
         if CARDS in changed or STATUS in changed:
             for card in self.cards:
                 card.update()
@@ -272,7 +266,8 @@ class ApprovalPanel(_Shown):
         """Stops following the run and closes the widgets."""
         for card in self.cards:
             card.close()
-        _close(self._unsubscribe, self.watcher, self.widget)
+        _close(self._unsubscribe, self.watcher, self.children)
+        super().close()
 
 
 def _panel_status(model: RunViewModel) -> str:
@@ -289,16 +284,17 @@ def _panel_status(model: RunViewModel) -> str:
     return f'<div class="machina-panel-status">{badge} {escape(text)}</div>'
 
 
-class RunWidgets(_Shown):
+class RunWidgets(W.VBox):  # type: ignore[misc]
     """A ``RunView`` and an ``ApprovalPanel`` over one model, fed by one watcher."""
 
     def __init__(self, handle: RunHandle, *, after_seq: int = 0) -> None:
+        super().__init__()
         self.model, watcher = _model_for(handle, after_seq)
         assert watcher is not None
         self.watcher = watcher
         self.view = RunView(self.model)
         self.panel = ApprovalPanel(self.model)
-        self.widget = W.VBox([self.view.widget, self.panel.widget])
+        self.children = (self.view, self.panel)
         self.watcher.start()
 
     def __repr__(self) -> str:
@@ -309,7 +305,7 @@ class RunWidgets(_Shown):
         self.watcher.stop()
         self.view.close()
         self.panel.close()
-        self.widget.close()
+        super().close()
 
 
 def show(handle: RunHandle, *, after_seq: int = 0) -> RunWidgets:
@@ -322,10 +318,9 @@ def show(handle: RunHandle, *, after_seq: int = 0) -> RunWidgets:
     return widgets
 
 
-def _close(unsubscribe: Any, watcher: Watcher | None, widget: Any) -> None:
+def _close(unsubscribe: Any, watcher: Watcher | None, children: Any) -> None:
     unsubscribe()
     if watcher is not None:
         watcher.stop()
-    for child in getattr(widget, "children", ()):
+    for child in children:
         child.close()
-    widget.close()

@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import subprocess
+import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from client_py import EngineClient, RunEvent
+from client_py import EngineClient, ProgressLine, RunEvent
+from engine_service.local import LocalService
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "demo" / "engine.toml"
@@ -69,64 +68,31 @@ def say(line: str = "") -> None:
     print(line, flush=True)
 
 
-class Service:
-    """A ``python -m`` service process that writes its port(s) to a file once serving."""
-
-    def __init__(self, module: str, work: Path, args: list[str], env: dict[str, str]) -> None:
-        self.port_file = work / f"{module}.port"
-        self.log_path = work / f"{module}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--port-file", str(self.port_file), "--log-format", "json", *args],
-            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not (self.port_file.exists() and self.port_file.read_text()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{module} did not start; see {self.log_path}")
-            time.sleep(0.02)
-        self.ports = self.port_file.read_text()
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-        finally:
-            self._log.close()
-
-
-def show(event: RunEvent, state: dict[str, bool]) -> None:
+def describe(event: RunEvent) -> str | None:
+    """The line the demo prints for an event (None: shown only in the progress line)."""
     kind = event.kind
-    if kind == "text_delta":
-        if not state.get("in_text"):
-            print(f"{CYAN}model:{RESET} ", end="")
-            state["in_text"] = True
-        print(event.text, end="", flush=True)  # type: ignore[attr-defined]
-        return
-    if state.get("in_text"):
-        say()
-        state["in_text"] = False
+    if kind == "assistant_message" and event.text:  # type: ignore[attr-defined]
+        return f"{CYAN}model:{RESET} {event.text}"  # type: ignore[attr-defined]
     if kind == "run_started":
-        say(f"{DIM}▸ run started on model {event.model}{RESET}")  # type: ignore[attr-defined]
-    elif kind == "tool_call_started":
+        return f"{DIM}▸ run started on model {event.model}{RESET}"  # type: ignore[attr-defined]
+    if kind == "tool_call_started":
         call = event.call  # type: ignore[attr-defined]
-        say(f"{YELLOW}⚙ {call.tool_name}{RESET} {json.dumps(call.arguments, ensure_ascii=False)}")
-    elif kind == "tool_call_completed":
+        return f"{YELLOW}⚙ {call.tool_name}{RESET} {json.dumps(call.arguments, ensure_ascii=False)}"
+    if kind == "tool_call_completed":
         mark = "✖" if event.is_error else "✔"  # type: ignore[attr-defined]
-        say(f"  {mark} {event.output.strip()}")  # type: ignore[attr-defined]
-    elif kind == "handoff_to_runner":
-        say(f"{BOLD}⇢ handed off to the runner{RESET} (this engine cannot run {', '.join(event.tools)})")  # type: ignore[attr-defined]
-    elif kind == "approval_requested":
-        say(f"{BOLD}⏸ approval needed:{RESET} {event.interrupt.description}")  # type: ignore[attr-defined]
-    elif kind == "approval_decided":
-        say(f"{GREEN}✔ {event.decision}{RESET} by {event.decided_by}")  # type: ignore[attr-defined]
-    elif kind == "resumed":
-        say(f"{DIM}▸ resumed by {event.resumed_by}{RESET}")  # type: ignore[attr-defined]
-    elif kind == "run_finished":
-        say(f"{DIM}▸ run finished: {event.state}{RESET}")  # type: ignore[attr-defined]
+        return f"  {mark} {event.output.strip()}"  # type: ignore[attr-defined]
+    if kind == "handoff_to_runner":
+        tools = ", ".join(event.tools)  # type: ignore[attr-defined]
+        return f"{BOLD}⇢ handed off to the runner{RESET} (this engine cannot run {tools})"
+    if kind == "approval_requested":
+        return f"{BOLD}⏸ approval needed:{RESET} {event.interrupt.description}"  # type: ignore[attr-defined]
+    if kind == "approval_decided":
+        return f"{GREEN}✔ {event.decision}{RESET} by {event.decided_by}"  # type: ignore[attr-defined]
+    if kind == "resumed":
+        return f"{DIM}▸ resumed by {event.resumed_by}{RESET}"  # type: ignore[attr-defined]
+    if kind == "run_finished":
+        return f"{DIM}▸ run finished: {event.state}{RESET}"  # type: ignore[attr-defined]
+    return None
 
 
 def main() -> int:
@@ -138,29 +104,36 @@ def main() -> int:
         "MACHINA_RUNNER_SECRET": secrets.token_urlsafe(24),
     }
     say(f"{BOLD}Machina demo{RESET} — engine + runner processes, storage {work}")
-    runner = Service("runner_service", work, ["--config", str(CONFIG), "--listen", "127.0.0.1:0",
-                                              "--http-listen", "127.0.0.1:0"], shared)  # fmt: skip
+    common = ["--config", str(CONFIG), "--listen", "127.0.0.1:0", "--log-format", "json"]
+    runner = LocalService("runner_service", [*common, "--http-listen", "127.0.0.1:0"], env=shared, work=work)
     http_port = json.loads(runner.ports)["http"]
-    engine = Service(
+    engine = LocalService(
         "engine_service",
-        work,
-        ["--config", str(CONFIG), "--listen", "127.0.0.1:0", "--capabilities-subprocess", "false"],
-        {**shared, "MACHINA_RUNNER_URL": f"http://127.0.0.1:{http_port}/continue"},
+        [*common, "--capabilities-subprocess", "false"],
+        env={**shared, "MACHINA_RUNNER_URL": f"http://127.0.0.1:{http_port}/continue"},
+        work=work,
     )
     target = f"127.0.0.1:{engine.ports}"
     say(f"{DIM}engine on {target} (no subprocess capability), runner on http://127.0.0.1:{http_port}{RESET}")
+    ok = False
     try:
         with EngineClient(target) as client:
             say(f"{BOLD}task:{RESET} {TASK}")
             options: dict[str, Any] = {} if real_model else {"model": "scripted", "script": SCRIPT}
             handle = client.create(TASK, **options)
-            state: dict[str, bool] = {}
+            progress = ProgressLine()
             for event in handle.events(follow=True):
-                show(event, state)
+                line = describe(event)
+                if line is not None:
+                    progress.print(line)
+                progress.update(event)
                 if event.kind == "approval_requested":
                     interrupt = event.interrupt  # type: ignore[attr-defined]
-                    say(f"{GREEN}→ approving{RESET} {interrupt.tool_name} ({interrupt.interrupt_id})")
+                    progress.print(
+                        f"{GREEN}→ approving{RESET} {interrupt.tool_name} ({interrupt.interrupt_id})"
+                    )
                     handle.approve(interrupt.interrupt_id)
+            progress.close()
             run = handle.wait(timeout=60)
             say()
             say(f"{BOLD}final state:{RESET} {run.state}")
@@ -168,12 +141,21 @@ def main() -> int:
                 say(f"{BOLD}answer:{RESET} {run.data}")
             elif run.error is not None:
                 say(f"{BOLD}error:{RESET} {run.error.code}: {run.error.message}")
-            tokens = f"{run.meta.usage.input_tokens} in / {run.meta.usage.output_tokens} out"
+            estimate = (
+                " (estimated: the scripted model counts words, not a tokenizer)" if not real_model else ""
+            )
+            tokens = f"{run.meta.usage.input_tokens} in / {run.meta.usage.output_tokens} out{estimate}"
             say(f"{DIM}turns {run.meta.turns}, tokens {tokens}{RESET}")
-            return 0 if run.state == "DONE" else 1
+            ok = run.state == "DONE"
+            return 0 if ok else 1
     finally:
         codes = (engine.stop(), runner.stop())
         say(f"{DIM}engine and runner stopped gracefully (exit {codes[0]}, {codes[1]}){RESET}")
+        if ok and codes == (0, 0):
+            shutil.rmtree(work, ignore_errors=True)
+            say(f"{DIM}removed {work}{RESET}")
+        else:
+            say(f"kept {work} for a look: the engine's and the runner's logs are there")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,11 @@ def set_error(context: Context, error: EngineError) -> None:
     context.set_trailing_metadata(status.trailing_metadata)
 
 
+# Who decides, resumes or cancels when the engine has no API keys: it then listens on loopback
+# only, so the caller is someone on this machine.
+LOCAL_IDENTITY = "local-user"
+
+
 class Authenticator:
     """Maps ``authorization: Bearer <key>`` to a workspace.
 
@@ -117,7 +122,7 @@ class Authenticator:
 
     def principal(self, metadata: Any) -> Principal:
         if not self.enabled:
-            return Principal("default", "anonymous")
+            return Principal("default", LOCAL_IDENTITY)
         header = ""
         for key, value in metadata or ():
             if key == "authorization":

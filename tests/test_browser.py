@@ -18,10 +18,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs
 
+import ipywidgets as W  # type: ignore[import-untyped]
 import pytest
 
 from client_py import EngineClient
-from client_py.widgets import ApprovalCard, ApprovalPanel
+from client_py.widgets import ApprovalCard, ApprovalPanel, RunView
 from tests.conftest import ROOT, turn
 from tests.processes import EngineProcess
 
@@ -137,7 +138,10 @@ def test_approve_in_a_real_browser_finishes_the_run(engine: EngineProcess) -> No
     ARTIFACTS.mkdir(exist_ok=True)
     with EngineClient(engine.target) as client:
         handle = client.create("Email Alice today's weather", model="scripted", script=SCRIPT)
-        panel = ApprovalPanel(handle)
+        # The panel as a person composes it, inside a tab beside the run's view.
+        ui = W.Tab(children=[W.VBox([RunView(handle), ApprovalPanel(handle)])])
+        panel = ui.children[0].children[1]
+        assert isinstance(panel, ApprovalPanel)
         server, stop = _serve(panel)
         try:
             assert panel.model.wait_for(lambda m: len(m.cards) == 1, 20)
@@ -184,4 +188,6 @@ def test_approve_in_a_real_browser_finishes_the_run(engine: EngineProcess) -> No
             ]
         finally:
             stop()
-            panel.close()
+            for widget in ui.children[0].children:
+                widget.close()
+            ui.close()

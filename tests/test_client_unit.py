@@ -647,6 +647,7 @@ def test_public_api_is_pinned() -> None:
         "NotFoundError",
         "Paused",
         "PermissionDeniedError",
+        "ProgressLine",
         "Reject",
         "RequestTooLargeError",
         "ResourceExhaustedError",
@@ -680,6 +681,7 @@ def test_public_api_is_pinned() -> None:
         "Usage",
         "UsageReported",
         "error_from_rpc",
+        "print_events",
     ]
     for name in client_py.__all__:
         assert getattr(client_py, name) is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -110,8 +111,9 @@ def test_help() -> None:
     assert "--listen" in result.stdout
 
 
-def test_the_demo_runs_end_to_end() -> None:
+def test_the_demo_runs_end_to_end(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("ANTHROPIC_API_KEY", "OPENAI_API_KEY")}
+    env["TMPDIR"] = str(tmp_path)  # where the demo makes its working directory
     result = subprocess.run(
         [sys.executable, "-m", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
     )
@@ -128,5 +130,15 @@ def test_the_demo_runs_end_to_end() -> None:
         "queued message",
         "final state: DONE",
         "engine and runner stopped gracefully (exit 0, 0)",
+        "approve by local-user",  # who approved: the engine has no API keys, so the local user
+        "DONE · turns 4 · tokens",  # the progress line, left in place at the end
     ):
         assert expected in out
+    assert "anonymous" not in out
+    # The scripted model counts what it was given and what it said.
+    tokens_in, tokens_out = (int(n) for n in re.findall(r"tokens (\d+) in / (\d+) out", out)[-1])
+    assert tokens_in > 0
+    assert tokens_out > 0
+    # It removes what it created, and says so.
+    assert "removed " in out
+    assert list(tmp_path.iterdir()) == []

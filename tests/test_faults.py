@@ -309,7 +309,7 @@ async def test_runner_kill_9_at_a_random_point(tmp_path: Path, seed: int) -> Non
     finally:
         engine.close()
         runner.close()
-    assert set(outcome.resumed_by) <= {"runner", "recovery", "anonymous"}
+    assert set(outcome.resumed_by) <= {"runner", "recovery", "local-user"}
     print(
         f"seed {seed}: runner killed {kill_after} events after it resumed (+{extra_delay}s); "
         f"resumed by {outcome.resumed_by}; handoff retries {retries}; interrupted {outcome.interrupted}"

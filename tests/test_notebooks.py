@@ -69,8 +69,16 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProcess]:
 
 
 @pytest.fixture
-def kernel_env(tmp_path: Path, engine: EngineProcess, monkeypatch: pytest.MonkeyPatch) -> str:
+def kernel_env(kernel_spec: str, engine: EngineProcess, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The kernel, told where the engine is (``MACHINA_TARGET``)."""
+    monkeypatch.setenv("MACHINA_TARGET", engine.target)
+    return kernel_spec
+
+
+@pytest.fixture
+def kernel_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A kernel spec for this venv's Python, and the environment the kernel starts with."""
+    monkeypatch.delenv("MACHINA_TARGET", raising=False)
     spec_dir = tmp_path / "jupyter" / "kernels" / KERNEL
     spec_dir.mkdir(parents=True)
     spec = {
@@ -86,12 +94,11 @@ def kernel_env(tmp_path: Path, engine: EngineProcess, monkeypatch: pytest.Monkey
     monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")
     # debugpy (inside ipykernel) warns on stderr about frozen modules otherwise.
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
-    monkeypatch.setenv("MACHINA_TARGET", engine.target)
     return KERNEL
 
 
-def _execute(name: str, kernel: str) -> Any:
-    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+def _execute(name: str | Any, kernel: str) -> Any:
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4) if isinstance(name, str) else name
     client = NotebookClient(
         notebook,
         kernel_name=kernel,
@@ -143,3 +150,50 @@ def test_approvals_notebook_runs(kernel_env: str) -> None:
     assert "Done: Alice has the forecast." in text
     assert "send_email: ok (approved with edits)" in text
     assert _widget_views(notebook) == 2  # the live UI, and the one re-attached after "a restart"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_quickstart_starts_its_own_engine_when_none_runs(kernel_spec: str) -> None:
+    """A newcomer opens the quick start first, with no engine running: it needs no edits."""
+    notebook = _execute("quickstart.ipynb", kernel_spec)
+    text = _text(notebook)
+    assert "started for this notebook" in text
+    assert "It is a fine day in Paris" in text
+    assert "DONE · turns 2" in text
+
+
+COMPOSED = """
+import ipywidgets as W
+from client_py import EngineClient
+from client_py.widgets import ApprovalPanel, RunView, show
+
+client = EngineClient(os.environ["MACHINA_TARGET"])
+script = [{"text": "Sending.", "tool_calls": [{"name": "send_email",
+          "arguments": {"to": "a@example.com", "subject": "s", "body": "b"}}]}, {"text": "Sent."}]
+first = client.create("one", model="scripted", script=script)
+second = client.create("two", model="scripted", script=script)
+both = W.HBox([RunView(first), RunView(second)])
+tabs = W.Tab(children=[
+    W.VBox([RunView(first), ApprovalPanel(first)]),
+    W.Accordion(children=[ApprovalPanel(second)]),
+])
+tabs.titles = ("first", "second")
+panel = tabs.children[1].children[0]
+assert panel.model.wait_for(lambda m: len(m.cards) == 1, timeout=20)
+panel.cards[0].approve_button.click()
+assert second.wait(timeout=20).state == "DONE"
+print("composed ok", type(both).__name__, type(tabs).__name__, isinstance(show(first), W.VBox))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_views_compose_like_widgets_in_a_real_kernel(kernel_env: str) -> None:
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell("import os"), nbformat.v4.new_code_cell(COMPOSED)]
+    notebook.cells.append(nbformat.v4.new_code_cell("both"))
+    notebook.cells.append(nbformat.v4.new_code_cell("tabs"))
+    executed = _execute(notebook, kernel_env)
+    assert "composed ok HBox Tab True" in _text(executed)
+    assert _widget_views(executed) == 3  # show(first), both, tabs

@@ -66,7 +66,7 @@ def test_ts_client_creates_streams_approves_and_waits(engine: EngineProcess) -> 
     assert "tool get_weather" in out
     assert "approval needed: Call send_email" in out
     assert "→ approving send_email" in out
-    assert "approve by anonymous" in out
+    assert "approve by local-user" in out
     assert "✔ send_email: queued message" in out
     assert "final state: DONE" in out
     assert "answer: Done: I emailed Alice the Paris weather." in out

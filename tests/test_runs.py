@@ -70,7 +70,7 @@ async def test_approve(client: AsyncEngineClient) -> None:
     events = [e async for e in handle.events(follow=False)]
     decided = next(e for e in events if e.kind == "approval_decided")
     assert decided.decision == "approve"
-    assert decided.decided_by == "anonymous"
+    assert decided.decided_by == "local-user"
     assert len(decided.arguments_sha256) == 64
     result = next(e for e in events if e.kind == "tool_call_completed")
     assert result.output == "42"

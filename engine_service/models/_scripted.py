@@ -6,6 +6,7 @@ resumed in another process continues exactly where it stopped.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator, Sequence
 
@@ -13,6 +14,8 @@ from engine_service._run import ScriptedTurn
 from engine_service._types import ToolCall, Usage
 from engine_service.models._base import ModelError, ModelRequest, TextChunk, TurnResult
 
+# Usage is an estimate: about four characters a token, as for English text with common tokenizers.
+_CHARS_PER_TOKEN = 4
 # Split text into word-sized fragments (keeping whitespace) to stream it like a model.
 _FRAGMENT = re.compile(r"\s*\S+\s*|\s+")
 
@@ -23,6 +26,9 @@ class ScriptedModel:
     def __init__(self, script: Sequence[ScriptedTurn], name: str = "script") -> None:
         self._script = script
         self._name = name
+        # The request's history only grows within a run: count the characters of what is new.
+        self._counted_messages = 0
+        self._counted_chars = 0
 
     @property
     def provider(self) -> str:
@@ -46,8 +52,23 @@ class ScriptedModel:
             ToolCall(f"call_{turn + 1}_{i + 1}", name, dict(arguments))
             for i, (name, arguments) in enumerate(step.tool_calls)
         ]
-        usage = step.usage or Usage(input_tokens=0, output_tokens=max(1, len(step.text) // 4))
+        usage = step.usage or Usage(
+            input_tokens=max(1, self._input_chars(request) // _CHARS_PER_TOKEN),
+            output_tokens=max(1, len(step.text) // _CHARS_PER_TOKEN),
+        )
         yield TurnResult(step.text, calls, usage, "tool_use" if calls else "end_turn")
+
+    def _input_chars(self, request: ModelRequest) -> int:
+        messages = request.messages
+        if len(messages) < self._counted_messages:  # not the history counted so far
+            self._counted_messages = self._counted_chars = 0
+        for message in messages[self._counted_messages :]:
+            self._counted_chars += len(message.text) + sum(
+                len(call.name) + len(json.dumps(call.arguments)) for call in message.tool_calls
+            )
+        self._counted_messages = len(messages)
+        fixed = len(request.system) + sum(len(t.name) + len(t.description) for t in request.tools)
+        return fixed + self._counted_chars
 
     async def aclose(self) -> None:
         return None
