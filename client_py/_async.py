@@ -17,7 +17,7 @@ from typing import Any, Unpack
 import grpc
 
 from client_py import _render
-from client_py._errors import InternalError, UnavailableError, error_from_rpc
+from client_py._errors import InternalError, UnavailableError, error_from_rpc, refused
 from client_py._spec import (
     Approve,
     DecisionLike,
@@ -193,7 +193,7 @@ class AsyncEngineClient:
             request.labels.update(dict(labels))
         if page_size is not None:
             if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
-                raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+                raise refused("ERR_INVALID_REQUEST", f"page_size must be a positive int, got {page_size!r}")
             request.page_size = page_size
         return self._list_runs(request)
 
@@ -232,7 +232,7 @@ class AsyncEngineClient:
         api: Mapping[str, Any] | None = None,
     ) -> Run:
         if not decisions and not allow_empty:
-            raise ValueError("resume needs at least one decision")
+            raise refused("ERR_INVALID_DECISION", "resume needs at least one decision")
         request = pb.ResumeRunRequest(
             run_id=run_id,
             decisions=[decision_to_proto(d) for d in decisions],
@@ -468,7 +468,10 @@ class AsyncRunHandle:
     async def answer(self, interrupt_id: str, text: str) -> Run:
         """Answers the model's question (an INPUT interrupt) with text."""
         if not isinstance(text, str):
-            raise TypeError(f"answer takes a str, got {type(text).__name__}; use respond() for JSON")
+            raise refused(
+                "ERR_INVALID_DECISION",
+                f"answer takes a str, got {type(text).__name__}; use respond() for JSON",
+            )
         return await self.respond(interrupt_id, text)
 
     async def retry_handoff(self) -> Run:

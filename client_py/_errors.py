@@ -106,7 +106,7 @@ def _rebuild(
 # what an error maps to when its reason is unknown to this client version.
 
 
-class InvalidArgumentError(MachinaError):
+class InvalidArgumentError(MachinaError, ValueError):
     default_status = grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -362,6 +362,22 @@ def _trailer(metadata: Iterable[Any] | None) -> bytes | None:
         if key == _DETAILS_KEY and isinstance(value, bytes):
             return value
     return None
+
+
+def refused(code: str, message: str, **metadata: object) -> InvalidArgumentError:
+    """A request the client refuses before sending it, as the class the engine's refusal decodes to.
+
+    So a caller catches one class per condition, whoever noticed the mistake; the classes are
+    also ``ValueError`` subclasses.
+    """
+    cls = _BY_REASON.get(code, InvalidArgumentError)
+    assert issubclass(cls, InvalidArgumentError), code
+    return cls(
+        code,
+        message,
+        status=grpc.StatusCode.INVALID_ARGUMENT,
+        metadata={k: str(v) for k, v in metadata.items()},
+    )
 
 
 def error_from_rpc(exc: grpc.RpcError) -> MachinaError:

@@ -9,6 +9,8 @@ from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
+from client_py._errors import refused
+
 # Doubles represent every integer up to here exactly; beyond it a float is honest.
 _MAX_SAFE_INT = 2**53
 
@@ -51,7 +53,7 @@ def python_to_value(
         value.bool_value = obj
     elif isinstance(obj, int | float):
         if not math.isfinite(obj):
-            raise ValueError(f"{where}: {obj!r} is not a valid JSON number")
+            raise refused("ERR_INVALID_REQUEST", f"{where}: {obj!r} is not a valid JSON number")
         value.number_value = float(obj)
     elif isinstance(obj, str):
         value.string_value = obj
@@ -63,7 +65,7 @@ def python_to_value(
         for index, item in enumerate(obj):
             python_to_value(item, items.values.add(), where=f"{where}[{index}]")
     else:
-        raise TypeError(f"{where}: {type(obj).__name__} is not JSON-serialisable")
+        raise refused("ERR_INVALID_REQUEST", f"{where}: {type(obj).__name__} is not JSON-serialisable")
     return value
 
 
@@ -71,12 +73,12 @@ def dict_to_struct(
     obj: Mapping[str, Any], out: struct_pb2.Struct | None = None, *, where: str = "value"
 ) -> struct_pb2.Struct:
     if not isinstance(obj, Mapping):
-        raise TypeError(f"{where}: expected a dict, got {type(obj).__name__}")
+        raise refused("ERR_INVALID_REQUEST", f"{where}: expected a dict, got {type(obj).__name__}")
     struct = struct_pb2.Struct() if out is None else out
     struct.SetInParent()
     for key, item in obj.items():
         if not isinstance(key, str):
-            raise TypeError(f"{where}: JSON object keys must be str, got {key!r}")
+            raise refused("ERR_INVALID_REQUEST", f"{where}: JSON object keys must be str, got {key!r}")
         python_to_value(item, struct.fields[key], where=f"{where}[{key!r}]")
     return struct
 

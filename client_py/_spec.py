@@ -14,6 +14,7 @@ from typing import Any, TypedDict, Unpack
 
 from google.protobuf import json_format
 
+from client_py._errors import InvalidArgumentError, InvalidRequestError, refused
 from client_py._json import dict_to_struct, python_to_value
 from machina.engine.v1 import engine_service_pb2 as pb
 from machina.engine.v1 import run_pb2
@@ -103,38 +104,42 @@ _SCRIPT_CALL_KEYS = frozenset({"name", "arguments"})
 _USAGE_KEYS = frozenset({"input_tokens", "output_tokens"})
 
 
+def _refuse(message: str) -> InvalidArgumentError:
+    return refused("ERR_INVALID_REQUEST", message)
+
+
 def _choice(name: str, value: str, choices: Mapping[str, Any]) -> Any:
     if not isinstance(value, str) or value.lower() not in choices:
-        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+        raise _refuse(f"{name} must be one of {sorted(choices)}, got {value!r}")
     return choices[value.lower()]
 
 
 def _str(name: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+        raise _refuse(f"{name} must be a str, got {type(value).__name__}")
     return value
 
 
 def _names(name: str, value: Any) -> list[str]:
     # A bare string is iterable too, and would silently become one tool per letter.
     if isinstance(value, str | bytes) or not isinstance(value, Sequence | set | frozenset):
-        raise TypeError(f"{name} must be a list of tool names, got {type(value).__name__}")
+        raise _refuse(f"{name} must be a list of tool names, got {type(value).__name__}")
     return [_str(f"{name}[]", item) for item in value]
 
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise _refuse(f"{name} must be an int, got {type(value).__name__}")
     if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+        raise _refuse(f"{name} must be > 0, got {value}")
     return value
 
 
 def _positive_number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        raise _refuse(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        raise _refuse(f"{name} must be a finite number > 0, got {value}")
     return float(value)
 
 
@@ -145,10 +150,10 @@ def _millis(name: str, seconds: Any) -> int:
 
 def _known_keys(where: str, mapping: Any, allowed: frozenset[str]) -> Mapping[str, Any]:
     if not isinstance(mapping, Mapping):
-        raise TypeError(f"{where} must be a dict, got {type(mapping).__name__}")
+        raise _refuse(f"{where} must be a dict, got {type(mapping).__name__}")
     unknown = set(mapping) - allowed
     if unknown:
-        raise ValueError(f"{where} has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raise _refuse(f"{where} has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
     return mapping
 
 
@@ -161,12 +166,12 @@ def _script_turn(index: int, turn: Mapping[str, Any] | str, out: pb.ScriptedTurn
     out.text = _str(f"{where}.text", turn.get("text", ""))
     calls = turn.get("tool_calls") or []
     if isinstance(calls, Mapping) or not isinstance(calls, Sequence):
-        raise TypeError(f"{where}.tool_calls must be a list of dicts")
+        raise _refuse(f"{where}.tool_calls must be a list of dicts")
     for j, call in enumerate(calls):
         call_where = f"{where}.tool_calls[{j}]"
         call = _known_keys(call_where, call, _SCRIPT_CALL_KEYS)
         if "name" not in call:
-            raise ValueError(f"{call_where} needs a 'name'")
+            raise _refuse(f"{call_where} needs a 'name'")
         proto_call = out.tool_calls.add(name=_str(f"{call_where}.name", call["name"]))
         dict_to_struct(call.get("arguments") or {}, proto_call.arguments, where=f"{call_where}.arguments")
     if "usage" in turn:
@@ -185,12 +190,15 @@ def _model(spec: pb.RunSpec, options: RunOptions) -> None:
             provider, name = provider.split(":", 1)
     if script is not None:
         if provider not in (None, "scripted"):
-            raise ValueError(f"script needs the scripted model, but model={provider!r}")
+            raise refused("ERR_INVALID_SCRIPT", f"script needs the scripted model, but model={provider!r}")
         provider = "scripted"
         if isinstance(script, str | Mapping) or not isinstance(script, Sequence):
-            raise TypeError("script must be a list of turns (dicts or strings)")
-        for index, turn in enumerate(script):
-            _script_turn(index, turn, spec.model.script.add())
+            raise refused("ERR_INVALID_SCRIPT", "script must be a list of turns (dicts or strings)")
+        try:
+            for index, turn in enumerate(script):
+                _script_turn(index, turn, spec.model.script.add())
+        except InvalidRequestError as exc:
+            raise refused("ERR_INVALID_SCRIPT", exc.message) from None
     if provider is not None:
         spec.model.provider = provider
     if name is not None:
@@ -214,6 +222,7 @@ def build_run_spec(task: str, **options: Unpack[RunOptions]) -> pb.RunSpec:
     """Returns the ``RunSpec`` for ``task``; see ``RunOptions`` for the options."""
     unknown = set(options) - _OPTION_NAMES
     if unknown:
+        # A misspelt keyword argument is a TypeError, as for any Python function.
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}; allowed: {sorted(_OPTION_NAMES)}")
     spec = pb.RunSpec(task=_str("task", task))
     if (run_id := options.get("run_id")) is not None:
@@ -230,7 +239,7 @@ def build_run_spec(task: str, **options: Unpack[RunOptions]) -> pb.RunSpec:
         spec.tools.names.extend(_names("tools", tools))
     if (permissions := options.get("permissions")) is not None:
         if not isinstance(permissions, Mapping):
-            raise TypeError("permissions must be a dict of tool name -> 'allow' | 'ask' | 'deny'")
+            raise _refuse("permissions must be a dict of tool name -> 'allow' | 'ask' | 'deny'")
         for tool, permission in permissions.items():
             spec.permissions[_str("permissions key", tool)] = _choice(
                 f"permissions[{tool!r}]", permission, _PERMISSIONS
@@ -247,7 +256,7 @@ def build_run_spec(task: str, **options: Unpack[RunOptions]) -> pb.RunSpec:
         spec.approval_expiry_action = _choice("approval_expiry_action", expiry, _EXPIRY_ACTIONS)
     if (labels := options.get("labels")) is not None:
         if not isinstance(labels, Mapping):
-            raise TypeError("labels must be a dict of str -> str")
+            raise _refuse("labels must be a dict of str -> str")
         for key, value in labels.items():
             spec.labels[_str("labels key", key)] = _str(f"labels[{key!r}]", value)
     if (mcp_servers := options.get("mcp_servers")) is not None:
@@ -255,11 +264,11 @@ def build_run_spec(task: str, **options: Unpack[RunOptions]) -> pb.RunSpec:
         spec.mcp_servers.servers.extend(_names("mcp_servers", mcp_servers))
     if (webhook := options.get("webhook")) is not None:
         if not isinstance(webhook, Mapping):
-            raise TypeError("webhook must be a dict like {'url': ..., 'secret_ref': ..., 'events': [...]}")
+            raise _refuse("webhook must be a dict like {'url': ..., 'secret_ref': ..., 'events': [...]}")
         try:
             json_format.ParseDict(dict(webhook), spec.webhook)
         except json_format.ParseError as exc:
-            raise ValueError(f"invalid webhook: {exc}") from None
+            raise _refuse(f"invalid webhook: {exc}") from None
     if (api := options.get("api")) is not None:
         api_spec_into(api, spec.api)
     for index, client_tool in enumerate(options.get("client_tools") or ()):
@@ -278,11 +287,11 @@ def build_run_spec(task: str, **options: Unpack[RunOptions]) -> pb.RunSpec:
 def api_spec_into(api: Mapping[str, Any], out: pb.ApiSpec) -> None:
     """Fill an ApiSpec message from its dict form (the message's field names)."""
     if not isinstance(api, Mapping):
-        raise TypeError("api must be a dict like {'services': [...], 'env': {...}}")
+        raise _refuse("api must be a dict like {'services': [...], 'env': {...}}")
     try:
         json_format.ParseDict(dict(api), out)
     except json_format.ParseError as exc:
-        raise ValueError(f"invalid api spec: {exc}") from None
+        raise _refuse(f"invalid api spec: {exc}") from None
 
 
 # --- decisions --------------------------------------------------------------------
@@ -334,7 +343,7 @@ def _decision_action(raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         return name, {k: v for k, v in raw.items() if k != "action"}
     named = [name for name in _EXTRA_KEY if name in raw]
     if len(named) != 1:
-        raise ValueError(
+        raise _refuse(
             "a decision dict needs 'action' ('approve', 'reject' or 'respond') "
             f"or exactly one of those as a key, got keys {sorted(raw)}"
         )
@@ -346,16 +355,16 @@ def _decision_action(raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     else:
         _known_keys(f"{name} decision", raw, frozenset({"interrupt_id", name, _EXTRA_KEY[name]}))
         if raw[name] is not True:
-            raise ValueError(f"{name!r} must be True in a decision dict, got {raw[name]!r}")
+            raise _refuse(f"{name!r} must be True in a decision dict, got {raw[name]!r}")
     return name, fields
 
 
 def _decision_from_dict(raw: Mapping[str, Any]) -> Decision:
     if not isinstance(raw, Mapping):
-        raise TypeError(f"not a decision: {raw!r}")
+        raise _refuse(f"not a decision: {raw!r}")
     action, fields = _decision_action(raw)
     if "interrupt_id" not in fields:
-        raise ValueError("a decision needs an 'interrupt_id'")
+        raise _refuse("a decision needs an 'interrupt_id'")
     interrupt_id = _str("interrupt_id", fields["interrupt_id"])
     match action:
         case "approve":
@@ -364,11 +373,18 @@ def _decision_from_dict(raw: Mapping[str, Any]) -> Decision:
             return Reject(interrupt_id, _str("reason", fields.get("reason", "")))
         case _:
             if "output" not in fields:
-                raise ValueError("a respond decision needs an 'output'")
+                raise _refuse("a respond decision needs an 'output'")
             return Respond(interrupt_id, fields["output"])
 
 
 def decision_to_proto(decision: DecisionLike) -> pb.Decision:
+    try:
+        return _decision_to_proto(decision)
+    except InvalidRequestError as exc:
+        raise refused("ERR_INVALID_DECISION", exc.message) from None
+
+
+def _decision_to_proto(decision: DecisionLike) -> pb.Decision:
     if isinstance(decision, Mapping):
         decision = _decision_from_dict(decision)
     proto = pb.Decision(interrupt_id=_str("interrupt_id", decision.interrupt_id))
@@ -383,7 +399,7 @@ def decision_to_proto(decision: DecisionLike) -> pb.Decision:
         case Respond(output=output):
             python_to_value(output, proto.respond.output, where="output")
         case _:
-            raise TypeError(f"not a decision: {decision!r}")
+            raise _refuse(f"not a decision: {decision!r}")
     return proto
 
 
@@ -393,7 +409,7 @@ def states_to_proto(states: Sequence[str] | None) -> list[run_pb2.RunState.Value
         try:
             result.append(run_pb2.RunState.Value(f"RUN_STATE_{state.upper()}"))
         except ValueError:
-            raise ValueError(
+            raise _refuse(
                 f"unknown run state {state!r}; use QUEUED, RUNNING, PAUSED, DONE, FAILED or CANCELLED"
             ) from None
     return result

@@ -29,6 +29,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from client_py import _render
-from client_py._errors import MachinaError
+from client_py._errors import MachinaError, refused
 from client_py._types import (
     TERMINAL_STATES,
     ApiCallMetered,
@@ -155,6 +156,17 @@ def _resolve(schema: Any, root: Mapping[str, Any]) -> Any:
     return node
 
 
+def _matches(pattern: str, value: str) -> bool:
+    """JSON Schema's ``pattern``: a search, not anchored. A pattern Python cannot compile (or one
+    too slow to try on a long value) is left to the engine, which has the last word."""
+    if len(value) > 10_000:
+        return True
+    try:
+        return re.search(pattern, value) is not None
+    except re.error:
+        return True
+
+
 def _check(value: Any, schema: Any, root: Mapping[str, Any], path: str, depth: int = 0) -> list[str]:
     schema = _resolve(schema, root)
     if not isinstance(schema, Mapping) or depth > 32:
@@ -184,11 +196,18 @@ def _check(value: Any, schema: Any, root: Mapping[str, Any], path: str, depth: i
             errors.append(f"{path}: shorter than {schema['minLength']} characters")
         if isinstance(schema.get("maxLength"), int) and len(value) > schema["maxLength"]:
             errors.append(f"{path}: longer than {schema['maxLength']} characters")
+        pattern = schema.get("pattern")
+        if isinstance(pattern, str) and not _matches(pattern, value):
+            errors.append(f"{path}: does not match the pattern {pattern!r}")
     if _json_type(value) in ("integer", "number"):
         if isinstance(schema.get("minimum"), int | float) and value < schema["minimum"]:
             errors.append(f"{path}: must be ≥ {schema['minimum']}")
         if isinstance(schema.get("maximum"), int | float) and value > schema["maximum"]:
             errors.append(f"{path}: must be ≤ {schema['maximum']}")
+        if isinstance(schema.get("exclusiveMinimum"), int | float) and value <= schema["exclusiveMinimum"]:
+            errors.append(f"{path}: must be > {schema['exclusiveMinimum']}")
+        if isinstance(schema.get("exclusiveMaximum"), int | float) and value >= schema["exclusiveMaximum"]:
+            errors.append(f"{path}: must be < {schema['exclusiveMaximum']}")
     if isinstance(value, dict):
         properties = schema.get("properties")
         properties = properties if isinstance(properties, Mapping) else {}
@@ -205,6 +224,11 @@ def _check(value: Any, schema: Any, root: Mapping[str, Any], path: str, depth: i
                 errors.append(f"{path}: unexpected key {key!r}")
             elif isinstance(extra, Mapping):
                 errors += _check(item, extra, root, f"{path}.{key}", depth + 1)
+    if isinstance(value, list):
+        if isinstance(schema.get("minItems"), int) and len(value) < schema["minItems"]:
+            errors.append(f"{path}: fewer than {schema['minItems']} items")
+        if isinstance(schema.get("maxItems"), int) and len(value) > schema["maxItems"]:
+            errors.append(f"{path}: more than {schema['maxItems']} items")
     if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
         for index, item in enumerate(value):
             errors += _check(item, schema["items"], root, f"{path}[{index}]", depth + 1)
@@ -215,7 +239,8 @@ def validate_json(value: Any, schema: Mapping[str, Any] | None) -> list[str]:
     """Problems of ``value`` against a JSON Schema, as readable lines (empty = fine).
 
     A deliberately small subset — types, required and unexpected keys, enum/const,
-    anyOf/oneOf/allOf, local ``$ref``, string lengths and number bounds — enough to
+    anyOf/oneOf/allOf, local ``$ref``, string lengths and patterns, number bounds and
+    array lengths — enough to
     catch a typo before sending; the engine validates edits fully and has the
     last word (``InvalidEditsError``).
     """
@@ -309,18 +334,22 @@ class CardModel:
     def edits(self) -> dict[str, Any] | None:
         """The edited arguments, or None when they equal the original ones.
 
-        Raises ValueError with every problem found (not JSON, not an object, or
+        Raises InvalidEditsError (a ValueError) with every problem found (not JSON, not an object, or
         not matching the interrupt's ``input_schema``).
         """
         try:
             value = json.loads(self.arguments_text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"The arguments are not valid JSON: {exc}") from None
+            raise refused("ERR_INVALID_EDITS", f"The arguments are not valid JSON: {exc}") from None
         if not isinstance(value, dict):
-            raise ValueError(f"The arguments must be a JSON object, not {_json_type(value)}.")
+            raise refused(
+                "ERR_INVALID_EDITS", f"The arguments must be a JSON object, not {_json_type(value)}."
+            )
         problems = validate_json(value, self.interrupt.input_schema)
         if problems:
-            raise ValueError("The arguments do not match the tool's schema: " + "; ".join(problems))
+            raise refused(
+                "ERR_INVALID_EDITS", "The arguments do not match the tool's schema: " + "; ".join(problems)
+            )
         return None if value == self.interrupt.arguments else value
 
     def approve(self) -> bool:

@@ -13,6 +13,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 import client_py
 from client_py import _errors, _spec, _types
+from client_py._errors import InvalidRequestError, InvalidScriptError
 from machina.engine.v1 import engine_service_pb2 as pb
 from machina.engine.v1 import event_pb2, run_pb2
 
@@ -267,19 +268,19 @@ def test_spec_model_shorthand() -> None:
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [
-        ({"tool_choice": "sometimes"}, ValueError, "tool_choice"),
-        ({"permissions": {"shell": "maybe"}}, ValueError, "permissions"),
-        ({"approval_expiry_action": "ignore"}, ValueError, "approval_expiry_action"),
-        ({"max_turns": 0}, ValueError, "max_turns"),
-        ({"max_turns": True}, TypeError, "max_turns"),
-        ({"timeout": -1}, ValueError, "timeout"),
-        ({"timeout": float("inf")}, ValueError, "timeout"),
-        ({"tools": "search"}, TypeError, "tools"),
-        ({"script": [{"txt": "typo"}]}, ValueError, "unknown keys"),
-        ({"script": [{"tool_calls": [{"arguments": {}}]}]}, ValueError, "name"),
-        ({"script": ["x"], "model": "openai"}, ValueError, "scripted"),
-        ({"output_schema": {"x": object()}}, TypeError, "output_schema"),
-        ({"labels": {"a": 1}}, TypeError, "labels"),
+        ({"tool_choice": "sometimes"}, InvalidRequestError, "tool_choice"),
+        ({"permissions": {"shell": "maybe"}}, InvalidRequestError, "permissions"),
+        ({"approval_expiry_action": "ignore"}, InvalidRequestError, "approval_expiry_action"),
+        ({"max_turns": 0}, InvalidRequestError, "max_turns"),
+        ({"max_turns": True}, InvalidRequestError, "max_turns"),
+        ({"timeout": -1}, InvalidRequestError, "timeout"),
+        ({"timeout": float("inf")}, InvalidRequestError, "timeout"),
+        ({"tools": "search"}, InvalidRequestError, "tools"),
+        ({"script": [{"txt": "typo"}]}, InvalidScriptError, "unknown keys"),
+        ({"script": [{"tool_calls": [{"arguments": {}}]}]}, InvalidScriptError, "name"),
+        ({"script": ["x"], "model": "openai"}, InvalidScriptError, "scripted"),
+        ({"output_schema": {"x": object()}}, InvalidRequestError, "output_schema"),
+        ({"labels": {"a": 1}}, InvalidRequestError, "labels"),
         ({"max_turn": 3}, TypeError, "unexpected keyword"),
     ],
 )
@@ -564,7 +565,7 @@ def test_json_round_trip() -> None:
     assert value_to_python(python_to_value(value)) == {**value, "big": float(2**60)}
     with pytest.raises(ValueError, match="JSON number"):
         python_to_value(float("nan"))
-    with pytest.raises(TypeError, match="keys must be str"):
+    with pytest.raises(InvalidRequestError, match="keys must be str"):
         python_to_value({1: "x"})
 
 

@@ -51,4 +51,16 @@ async def explode(args: dict[str, object], ctx: ToolContext) -> str:
     raise RuntimeError("boom")
 
 
-ALL = [double, echo, noop, sleep, explode]
+@tool(
+    input_schema={
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]+$"}},
+        "required": ["code"],
+    }
+)
+async def ticket(args: dict[str, object], ctx: ToolContext) -> str:
+    """Open a ticket (its code is checked by a pattern)."""
+    return f"opened {args['code']}"
+
+
+ALL = [double, echo, noop, sleep, explode, ticket]
