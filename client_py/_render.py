@@ -98,7 +98,12 @@ def duration_text(seconds: float) -> str:
 def progress_text(model: RunViewModel, elapsed: float) -> str:
     """``RUNNING · turns 3 · tokens 812 in / 96 out · $0.0042 · 4.2 s · ⚙ Bash``."""
     state = model.state + (f" ({model.pause_reason})" if model.pause_reason else "")
-    parts = [state, model.counters_text(), duration_text(elapsed)]
+    return f"{state} · {progress_details(model, elapsed)}"
+
+
+def progress_details(model: RunViewModel, elapsed: float) -> str:
+    """The counters, the elapsed time and the tools running now."""
+    parts = [model.counters_text(), duration_text(elapsed)]
     running = model.running_tools
     if running and not model.done:
         parts.append("⚙ " + ", ".join(running))
@@ -189,7 +194,7 @@ def view_status_html(model: RunViewModel) -> str:
     problem = f'<div style="color:#dc2626">{escape(model.watch_error)}</div>' if model.watch_error else ""
     return (
         f'<div class="machina-status">{badge_html(model.state)}{reason} <code>{escape(model.run_id)}</code>'
-        f" <small>{escape(model.counters_text())}</small>{live}{problem}</div>"
+        f" <small>{escape(progress_details(model, model.elapsed()))}</small>{live}{problem}</div>"
     )
 
 

@@ -26,6 +26,7 @@ Needs the client's ``widgets`` extra (ipywidgets) and a sync ``EngineClient``.
 
 from __future__ import annotations
 
+import threading
 from html import escape
 from typing import Any
 
@@ -81,18 +82,25 @@ class RunView(W.VBox):  # type: ignore[misc]  # ipywidgets is not annotated
         self.children = (self.status, self.handoff, self.text, self.tools, self.result, self.notes)
         self._shown_text = 0
         self._unsubscribe = self.model.subscribe(self._render)
+        self._ticking = threading.Event()
         if self.watcher is not None:
             self.watcher.start()
+            # The elapsed time moves while nothing else does (a long tool call): redraw it.
+            threading.Thread(target=self._tick, name="machina-run-view-clock", daemon=True).start()
 
     def __repr__(self) -> str:
         return f"RunView({self.model!r})"
+
+    def _tick(self) -> None:
+        while not self._ticking.wait(1.0) and not self.model.done:
+            self.status.value = _render.view_status_html(self.model)
 
     def _render(self, model: RunViewModel, changed: frozenset[str]) -> None:
         if TEXT in changed and len(model.text) > self._shown_text:
             # The model's text only grows, so each update appends just the new part.
             self.text.append_stdout(model.text[self._shown_text :])
             self._shown_text = len(model.text)
-        if STATUS in changed:
+        if STATUS in changed or TOOLS in changed:  # the status line names the tool running now
             self.status.value = _render.view_status_html(model)
             self.handoff.value = _render.handoff_html(model)
             self.result.value = _render.result_html(model)
@@ -103,6 +111,7 @@ class RunView(W.VBox):  # type: ignore[misc]  # ipywidgets is not annotated
 
     def close(self) -> None:
         """Stops following the run and closes the widgets."""
+        self._ticking.set()
         _close(self._unsubscribe, self.watcher, self.children)
         super().close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -19,6 +20,7 @@ from client_py import (
     Interrupt,
     InvalidEditsError,
     Paused,
+    ProgressLine,
     Resumed,
     Run,
     RunError,
@@ -674,3 +676,51 @@ def test_the_static_html_view_escapes_everything() -> None:
     assert "<script>" not in page
     assert "&lt;script&gt;" in page
     assert "PAUSED" in page
+
+
+def test_progress_names_the_running_tool_and_the_elapsed_time() -> None:
+    feed = Feed()
+    model = RunViewModel()
+    model.apply(feed(RunStarted, task="t", model="scripted:script"))
+    call = ToolCall("c1", "Bash", {"command": "make"})
+    model.apply(feed(AssistantMessage, text="Building.", tool_calls=[call], turn=1))
+    model.apply(feed(UsageReported, turn=1, input_tokens=812, output_tokens=96, cost_usd=0.0042))
+    model.apply(feed(ToolCallStarted, call=call))
+    later = T0.replace(second=T0.second + 4)
+    assert model.running_tools == ["Bash"]
+    assert model.progress_text(now=later) == (
+        "RUNNING · turns 1 · tokens 812 in / 96 out · $0.0042 · 4.0 s · ⚙ Bash"
+    )
+    model.apply(feed(ToolCallCompleted, call_id="c1", tool_name="Bash", is_error=False, size_bytes=0,
+                     output="ok", duration_ms=4000))  # fmt: skip
+    assert model.running_tools == []
+    assert "⚙" not in model.progress_text(now=later)
+
+
+def test_the_progress_line_redraws_in_place_only_on_a_terminal() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    feed = Feed()
+    events = [
+        feed(RunStarted, task="t", model="scripted:script"),
+        feed(TextDelta, text="Hello ", turn=1),
+        feed(TextDelta, text="there", turn=1),
+        feed(AssistantMessage, text="Hello there", tool_calls=[], turn=1),
+        feed(RunFinished, state="DONE", data="Hello there", error=None, meta=RunMeta(turns=1)),
+    ]
+    for out in (Tty(), io.StringIO()):
+        line = ProgressLine(out, min_interval=0)
+        for event in events:
+            line.update(event)
+            if isinstance(event, AssistantMessage):
+                line.print("model: " + event.text)
+        line.close()
+        written = out.getvalue()
+        assert written.endswith("DONE · turns 1 · tokens 0 in / 0 out · $0.0000 · 0.0 s\n"), written
+        if isinstance(out, Tty):
+            assert "\r\033[K" in written
+            assert "· Hello there" in written  # the text being streamed, at the end of the line
+        else:
+            assert written == "model: Hello there\nDONE · turns 1 · tokens 0 in / 0 out · $0.0000 · 0.0 s\n"
