@@ -258,7 +258,8 @@ class EgressPolicy:
 def _message(host: str, reason: str, address: IPAddress | None = None) -> str:
     shown = address is not None and str(address) != host.strip("[]")
     where = f" ({address}, {reason})" if shown else f" ({reason})"
-    return f"refused: {host!r} is a non-public address{where}; the operator can allow it"
+    verb = "is" if ip_literal(host) is not None else "resolves to"
+    return f"refused: {host!r} {verb} a non-public address{where}; the operator can allow it"
 
 
 class _CheckedBackend(httpcore.AsyncNetworkBackend):

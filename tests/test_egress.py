@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from urllib.parse import parse_qs, urlsplit
 import grpc
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from client_py import AsyncEngineClient, DestinationRefusedError, ToolCallCompleted
 from engine_service._egress import EgressPolicy, EgressRefused, ip_literal, refusal_reason
@@ -89,6 +92,28 @@ def test_public_addresses_and_names_pass_the_literal_check(url: str) -> None:
 def test_ip_literals_are_read_like_a_resolver_reads_them(host: str, address: str | None) -> None:
     parsed = ip_literal(host)
     assert (str(parsed) if parsed else None) == address
+
+
+def _encodings(value: int) -> list[str]:
+    """Spellings of one IPv4 address that BSD ``inet_aton`` (and so getaddrinfo) accepts."""
+    a, b, c, d = value.to_bytes(4, "big")
+    return [
+        str(value), hex(value), f"0{value:o}", f"{a}.{b}.{c}.{d}", f"{a:#x}.{b:#x}.{c:#x}.{d:#x}",
+        f"0{a:o}.0{b:o}.0{c:o}.0{d:o}", f"{a}.{b}.{(c << 8) | d}", f"{a}.{(b << 16) | (c << 8) | d}",
+        f"{a:#x}.{b}.0{c:o}.{d}", f"{a}.{b}.{c}.{d}.", f"0x{value:08X}",
+    ]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32 - 1) | st.sampled_from([0x7F000001, 0xA9FEA9FE, 0x0A000001, 0xC0A80001, 0]))
+def test_every_spelling_of_any_ipv4_address_is_judged_as_that_address(value: int) -> None:
+    address = ipaddress.IPv4Address(value)
+    for spelling in _encodings(value):
+        assert ip_literal(spelling) == address, spelling
+        # The system's own reader agrees (glibc inet_aton, which getaddrinfo uses for literals).
+        assert socket.inet_aton(spelling.rstrip(".")) == address.packed, spelling
+        refused = EgressPolicy().url_refusal(f"http://{spelling}:8080/x") is not None
+        assert refused == (refusal_reason(address) is not None), spelling
 
 
 def test_reasons_name_the_kind_of_address() -> None:
