@@ -54,6 +54,8 @@ METADATA_ADDRESSES = frozenset(
     )
 )
 _METADATA = "cloud metadata"
+# Full stops IDNA reads as ".": "127。0。0。1" is 127.0.0.1 to httpx.
+_IDNA_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 
@@ -87,7 +89,7 @@ def ip_literal(host: str) -> IPAddress | None:
     ``2130706433``, ``0x7f.1``, ``0177.0.0.01``, ``127.1``; IPv6 with or without brackets
     or a zone id. A trailing dot does not make a literal a name.
     """
-    host = host.strip().strip("[]").rstrip(".")
+    host = host.strip().strip("[]").translate(_IDNA_DOTS).rstrip(".")
     if ":" in host:
         try:
             return ipaddress.IPv6Address(host)

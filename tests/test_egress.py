@@ -59,6 +59,7 @@ REFUSED_URLS = [
     "http://224.0.0.1/", "http://239.255.255.250/", "http://[ff02::1]/", "http://255.255.255.255/",
     "http://240.0.0.1/", "http://192.0.2.1/", "http://198.18.0.1/", "http://192.0.0.1/", "http://[2001:db8::1]/",
     "http://[::ffff:10.0.0.1]/", "http://evil.example@127.0.0.1/", "http://user:pw@[::1]/",
+    "http://127\u30020\u30020\u30021/", "http://127\uff0e0\uff0e0\uff0e1/", "http://\uff11\uff12\uff17.0.0.1/",
 ]  # fmt: skip
 
 PUBLIC_URLS = [
@@ -359,10 +360,17 @@ async def test_webfetch_refuses_every_hostile_target(servers: ServerFactory, rec
         f"http://api.example:{p}/redirect?to=http://127.0.0.1:{p}/b",
         f"http://api.example:{p}/redirect?to=http://0x7f000001:{p}/b",
     ]  # fmt: skip
-    results = await run_tool_calls(srv.port, [("WebFetch", {"url": u}) for u in hostile])
-    for url, result in zip(hostile, results, strict=True):
+    # Look-alikes: refused by the policy, or not a valid host name at all; either way an error.
+    lookalikes = [
+        f"http://127\u30020\u30020\u30021:{p}/a", f"http://\u24db\u24de\u24d2\u24d0\u24db\u24d7\u24de\u24e2\u24e3:{p}/a",
+        f"http://\uff11\uff12\uff17.0.0.1:{p}/a", f"http://\u2460\u2461\u2466.0.0.1:{p}/a", f"http://loc\u00adalhost:{p}/a",
+        f"http://127.0.0.1\\@internal.test:{p}/a", f"http://internal.test\\@127.0.0.1:{p}/a",
+    ]  # fmt: skip
+    results = await run_tool_calls(srv.port, [("WebFetch", {"url": u}) for u in hostile + lookalikes])
+    for url, result in zip(hostile + lookalikes, results, strict=True):
         assert result.is_error, url
-        assert "non-public address" in result.output, (url, result.output)
+        reasons = ("non-public address", "invalid URL", "URLs with credentials")
+        assert any(reason in result.output for reason in reasons), (url, result.output)
     # Nothing reached the server but the three redirects of the allowed name.
     assert [path for _, path, _ in recorder.requests if not path.startswith("/redirect")] == []
     assert len(recorder.requests) == 3

@@ -78,6 +78,8 @@ def web_fetch_tool(policy: WebFetchPolicy, client: httpx.AsyncClient | None = No
             return await _fetch(http, args.url, policy, egress)
         except EgressRefused as exc:
             raise ToolError(str(exc)) from None
+        except httpx.InvalidURL as exc:  # e.g. a host name IDNA cannot encode
+            raise ToolError(f"invalid URL: {exc}") from None
         except httpx.TimeoutException:
             raise ToolError(f"fetching {args.url} timed out after {policy.timeout_s:g}s") from None
         except httpx.HTTPError as exc:
