@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import ssl
+import unicodedata
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TypeAlias
@@ -54,6 +56,8 @@ METADATA_ADDRESSES = frozenset(
     )
 )
 _METADATA = "cloud metadata"
+# One part of an inet_aton address: hex (0x7f, even a bare 0x), octal (0177) or decimal.
+_INET_ATON_PART = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
 # Full stops IDNA reads as ".": "127。0。0。1" is 127.0.0.1 to httpx.
 _IDNA_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
@@ -87,30 +91,23 @@ def ip_literal(host: str) -> IPAddress | None:
 
     Beyond dotted quads this reads the BSD ``inet_aton`` forms resolvers still honour:
     ``2130706433``, ``0x7f.1``, ``0177.0.0.01``, ``127.1``; IPv6 with or without brackets
-    or a zone id. A trailing dot does not make a literal a name.
+    or a zone id. A trailing dot does not make a literal a name. Look-alike characters
+    (fullwidth or circled digits, ideographic full stops) are read as IDNA's mapping
+    would read them.
     """
-    host = host.strip().strip("[]").translate(_IDNA_DOTS).rstrip(".")
+    host = unicodedata.normalize("NFKC", host.strip()).strip("[]").translate(_IDNA_DOTS).rstrip(".")
     if ":" in host:
         try:
             return ipaddress.IPv6Address(host)
         except ValueError:
             return None
     parts = host.split(".")
-    if not 1 <= len(parts) <= 4:
+    if not 1 <= len(parts) <= 4 or not all(_INET_ATON_PART.fullmatch(part) for part in parts):
         return None
-    numbers: list[int] = []
-    for part in parts:
-        try:
-            if part[:2].lower() == "0x":
-                numbers.append(int(part[2:] or "0", 16))
-            elif len(part) > 1 and part.startswith("0"):
-                numbers.append(int(part, 8))
-            else:
-                numbers.append(int(part, 10) if part.isdigit() else -1)
-        except ValueError:
-            return None
-        if numbers[-1] < 0:
-            return None
+    numbers = [
+        int(part[2:] or "0", 16) if part[:2].lower() == "0x" else int(part, 8 if part[0] == "0" else 10)
+        for part in parts
+    ]
     *head, last = numbers
     if any(n > 255 for n in head) or last >= 256 ** (4 - len(head)):
         return None

@@ -60,6 +60,7 @@ REFUSED_URLS = [
     "http://240.0.0.1/", "http://192.0.2.1/", "http://198.18.0.1/", "http://192.0.0.1/", "http://[2001:db8::1]/",
     "http://[::ffff:10.0.0.1]/", "http://evil.example@127.0.0.1/", "http://user:pw@[::1]/",
     "http://127\u30020\u30020\u30021/", "http://127\uff0e0\uff0e0\uff0e1/", "http://\uff11\uff12\uff17.0.0.1/",
+    "http://\u2460\u2461\u2466.0.0.1/",
 ]  # fmt: skip
 
 PUBLIC_URLS = [
@@ -88,7 +89,9 @@ def test_public_addresses_and_names_pass_the_literal_check(url: str) -> None:
      ("127.0.0.1.", "127.0.0.1"),
      ("[::1]", "::1"),
      ("example.com", None), ("1.2.3.4.5", None), ("256.1.1.1", None), ("0x1g.1", None), ("1..1", None),
-     ("4294967296", None), ("08.1.1.1", None), ("", None)],
+     ("4294967296", None), ("08.1.1.1", None), ("", None), ("0x7_f.1", None), ("+1.1.1.1", None),
+     ("1.1.1.1 ", "1.1.1.1"), ("0x.0.0.1", "0.0.0.1"), ("\u2460\u2461\u2466.0.0.1", "127.0.0.1"),
+     ("\uff11\uff12\uff17.0.0.1", "127.0.0.1"), ("127\u30020\u30020\u30021", "127.0.0.1")],
 )  # fmt: skip
 def test_ip_literals_are_read_like_a_resolver_reads_them(host: str, address: str | None) -> None:
     parsed = ip_literal(host)
