@@ -95,7 +95,7 @@ def ip_literal(host: str) -> IPAddress | None:
     (fullwidth or circled digits, ideographic full stops) are read as IDNA's mapping
     would read them.
     """
-    host = unicodedata.normalize("NFKC", host.strip()).strip("[]").translate(_IDNA_DOTS).rstrip(".")
+    host = unicodedata.normalize("NFKC", host).strip().strip("[]").strip().translate(_IDNA_DOTS).rstrip(".")
     if ":" in host:
         try:
             return ipaddress.IPv6Address(host)
