@@ -964,6 +964,8 @@ class Engine:
     # -- runner handoff ---------------------------------------------------------------------
 
     def _runner_url(self, ws: str) -> str:
+        # Operator config only (no request can name a runner), so the egress policy does not
+        # apply: a runner usually lives on the engine's own host or private network.
         return self.config.runner_urls.get(ws, self.config.runner_url)
 
     async def _post_to_runner(self, ws: str, run_id: str) -> None:
