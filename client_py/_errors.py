@@ -20,6 +20,7 @@ __all__ = [
     "AlreadyExistsError",
     "ConcurrentUpdateError",
     "DeadlineExceededError",
+    "DestinationRefusedError",
     "FailedPreconditionError",
     "InternalError",
     "InterruptDecidedError",
@@ -189,6 +190,10 @@ class UnknownToolError(InvalidArgumentError):
     pass
 
 
+class DestinationRefusedError(InvalidArgumentError):
+    """A webhook URL or per-run service base_url names an address the engine's egress policy refuses."""
+
+
 class RunNotFoundError(NotFoundError):
     pass
 
@@ -236,6 +241,7 @@ _BY_REASON: dict[str, type[MachinaError]] = {
     "ERR_INVALID_EDITS": InvalidEditsError,
     "ERR_INVALID_DECISION": InvalidDecisionError,
     "ERR_UNKNOWN_TOOL": UnknownToolError,
+    "ERR_DESTINATION_REFUSED": DestinationRefusedError,
     "ERR_RUN_NOT_FOUND": RunNotFoundError,
     "ERR_INTERRUPT_NOT_FOUND": InterruptNotFoundError,
     "ERR_RESULT_NOT_FOUND": ResultNotFoundError,

@@ -24,6 +24,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from engine_service._egress import EgressPolicy, EgressRefused
 from engine_service._errors import EngineError
 from engine_service._text import has_surrogate, loads_untrusted
 from engine_service._tls import client_ssl_context
@@ -381,6 +382,9 @@ class _ApiCall:
     on_request: Hook | None
     on_response: Hook | None
     client: httpx.AsyncClient | None
+    # Services (by name) whose connections go through ``egress``: the ones a run defined.
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
+    guarded: frozenset[str] = frozenset()
 
     async def __call__(self, args: JsonObject, ctx: ToolContext) -> str:
         scrub = _Scrubber(known_secrets(self.services.values(), self.env_lookup))
@@ -389,6 +393,8 @@ class _ApiCall:
             return scrub.text(await self._call(args, ctx, scrub))
         except ToolError as exc:
             failure = scrub.text(str(exc))
+        except EgressRefused as exc:
+            failure = scrub.text(f"ApiCall: {exc}")
         except httpx.TransportError as exc:
             failure = scrub.text(f"ApiCall could not reach the service: {type(exc).__name__}: {exc}")
         except Exception as exc:  # messages of unknown errors may quote a header value: type only
@@ -525,7 +531,13 @@ class _ApiCall:
         headers: dict[str, str],
         body: bytes | None,
     ) -> tuple[JsonObject, int]:
-        client = self.client or httpx.AsyncClient(trust_env=False, verify=client_ssl_context(False))
+        if self.client is not None:
+            client = self.client
+        elif service.name in self.guarded:
+            transport = self.egress.transport(verify=client_ssl_context(False))
+            client = httpx.AsyncClient(trust_env=False, transport=transport)
+        else:
+            client = httpx.AsyncClient(trust_env=False, verify=client_ssl_context(False))
         url: httpx.URL = httpx.URL(service.base_url + path, params=query)
         origin = _origin(service.base_url)
         try:
@@ -627,11 +639,20 @@ def build_api_call_tool(
     on_request: Hook | None = None,
     on_response: Hook | None = None,
     client: httpx.AsyncClient | None = None,
+    egress: EgressPolicy | None = None,
+    guarded: Iterable[str] = (),
 ) -> Tool:
-    """The ``ApiCall`` tool over these services (build it per run: env values may be per run)."""
+    """The ``ApiCall`` tool over these services (build it per run: env values may be per run).
+
+    Connections to the services named in ``guarded`` (those a tenant's run defined) go through
+    ``egress``; the others are the operator's and connect directly.
+    """
     listed = list(services)
     if not listed:
         raise ValueError("ApiCall needs at least one service")
     by_name = {s.name: s for s in listed}
-    call = _ApiCall(by_name, env_lookup, resolve_auth, on_request, on_response, client)
+    call = _ApiCall(
+        by_name, env_lookup, resolve_auth, on_request, on_response, client,
+        egress or EgressPolicy(), frozenset(guarded),
+    )  # fmt: skip
     return Tool(TOOL_NAME, _description(listed), _input_schema(listed), handler=call)

@@ -9,6 +9,7 @@ name in the variable: ``MACHINA_MODEL_PROVIDER``, ``MACHINA_TOOLS_DISABLED``
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import ssl
 import tomllib
@@ -19,6 +20,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from engine_service._apicall import ApiConfig
+from engine_service._egress import EgressPolicy, Resolver
 from engine_service._ids import is_valid_id
 from engine_service._types import Principal
 from engine_service.tools._mcp_config import McpServerConfig
@@ -58,7 +60,7 @@ class ToolsConfig(_Section):
     # Tool results longer than this reach the model truncated; the full text stays in storage (FetchData).
     # At most 500,000 characters, so one tool_call_completed event stays well inside a gRPC message.
     max_result_chars: int = Field(50_000, ge=1_000, le=500_000)
-    # WebFetch refuses loopback/private/link-local targets unless allowed here.
+    # WebFetch's own additions to the engine's egress_allow_* settings (WebFetch only).
     webfetch_allow_private: bool = False
     webfetch_allow_hosts: list[str] = []
     # MCP servers whose tools join the catalogue as mcp__<server>__<tool> ([[tools.mcp_servers]]).
@@ -81,6 +83,13 @@ class EngineConfig(_Section):
     # Per-workspace runner URLs (one runner per tenant); they override runner_url.
     runner_urls: dict[str, str] = {}
     runner_secret: SecretStr = SecretStr("")
+    # Destinations a tenant or the model chooses (WebFetch, per-run ApiCall services, webhooks)
+    # may not be loopback, private, link-local, CGNAT, multicast, reserved or cloud metadata
+    # addresses unless allowed here: host names or IP literals, networks (CIDR), or every
+    # non-public address except cloud metadata (allow_private).
+    egress_allow_hosts: list[str] = []
+    egress_allow_networks: list[str] = []
+    egress_allow_private: bool = False
     # Webhook signing secrets by reference (a run's webhook names one in secret_ref).
     webhook_secrets: dict[str, SecretStr] = {}
     # PEM CA bundle that verifies an https:// runner (a private CA); empty = the system CAs.
@@ -106,6 +115,16 @@ class EngineConfig(_Section):
     def _listen(cls, value: str) -> str:
         return check_address(value, "listen address")
 
+    @field_validator("egress_allow_networks")
+    @classmethod
+    def _egress_networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network like 10.0.0.0/8 or fd00::/8") from None
+        return value
+
     @field_validator("runner_ca_file")
     @classmethod
     def _runner_ca_file(cls, value: str) -> str:
@@ -116,6 +135,15 @@ class EngineConfig(_Section):
             except (OSError, ssl.SSLError) as exc:
                 raise ValueError(f"cannot load the CA file {value!r}: {exc}") from None
         return value
+
+    def egress_policy(self, resolver: Resolver | None = None) -> EgressPolicy:
+        """The policy for destinations tenants and models choose (``resolver``: tests only)."""
+        return EgressPolicy.from_settings(
+            allow_private=self.egress_allow_private,
+            allow_hosts=self.egress_allow_hosts,
+            allow_networks=self.egress_allow_networks,
+            resolver=resolver,
+        )
 
     def runner_tls_verify(self) -> ssl.SSLContext | bool:
         """httpx's ``verify`` for the runner handoff: the configured CA bundle, else the system CAs."""

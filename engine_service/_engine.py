@@ -33,6 +33,7 @@ from engine_service._apicall import (
     scope_to_run,
 )
 from engine_service._config import EngineConfig
+from engine_service._egress import EgressPolicy
 from engine_service._errors import (
     EngineError,
     ErrorKind,
@@ -133,10 +134,13 @@ class Engine:
         tools: ToolRegistry | None = None,
         model_factory: ModelFactory | None = None,
         clock: Callable[[], float] = time.time,
+        egress: EgressPolicy | None = None,
     ) -> None:
         self.config = config
         self.storage = storage
-        self.tools = tools or ToolRegistry(builtin_tools(config))
+        # Where tenants' specs and models may send requests (per-run ApiCall services, webhooks).
+        self.egress = egress or config.egress_policy()
+        self.tools = tools or ToolRegistry(builtin_tools(config, self.egress))
         self._capabilities = host_capabilities(config)
         self._model_factory = model_factory or default_model_factory(config)
         self._clock = clock
@@ -162,7 +166,9 @@ class Engine:
         self._mcp: Any = None  # tools._mcp.McpManager, imported only when servers are configured
         self._started = False
         secrets = {k: v.get_secret_value() for k, v in config.webhook_secrets.items()}
-        self.webhooks = WebhookSender(storage, lambda ref: secrets.get(ref) or os.environ.get(ref))
+        self.webhooks = WebhookSender(
+            storage, lambda ref: secrets.get(ref) or os.environ.get(ref), egress=self.egress
+        )
         self._default_script = (
             load_script_file(config.model.script_file) if config.model.script_file else None
         )
@@ -243,7 +249,7 @@ class Engine:
         self._check_open()
         ws = principal.workspace_id
         self._validate_spec(spec, client_tools)
-        webhook_doc = validate_webhook(webhook)
+        webhook_doc = validate_webhook(webhook, self.egress)
         if spec.request_id:
             # The idempotency key maps to one run id; whoever reaches the run
             # first creates it, everyone else gets the same run back.
@@ -382,7 +388,7 @@ class Engine:
             except ValueError as exc:
                 raise invalid("ERR_INVALID_REQUEST", shown(exc, 500), field="mcp_servers") from None
         try:
-            ApiConfig(services=[ApiService.model_validate(s) for s in spec.api_services])
+            per_run = ApiConfig(services=[ApiService.model_validate(s) for s in spec.api_services])
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
@@ -390,6 +396,8 @@ class Engine:
             raise invalid(
                 "ERR_INVALID_REQUEST", f"invalid api services: {shown(problems, 500)}", field="api"
             ) from None
+        for service in per_run.services:
+            check_destination(self.egress, service.base_url, f"api.services[{service.name}].base_url")
 
     def _choose_model(self, spec: RunSpec) -> tuple[str, str]:
         provider = spec.model_provider or self._default_provider
@@ -499,6 +507,10 @@ class Engine:
             resolve_auth=self._resolve_auth,
             on_request=on_request,
             on_response=on_response,
+            # The operator's own services are trusted; a tenant's (also one that replaces an
+            # operator's service by name) may only reach what the egress policy allows.
+            egress=self.egress,
+            guarded={s.name for s in per_run},
         )
 
     def _start(self, actor: RunActor, *, resumed_by: str | None) -> None:
@@ -732,7 +744,7 @@ class Engine:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         if request_id:
             check_id(request_id, "request_id")
-        webhook_doc = validate_webhook(webhook)
+        webhook_doc = validate_webhook(webhook, self.egress)
         async with self._lock(key):
             if api_env:
                 # Credentials re-supplied (e.g. after a restart); memory only, like at creation,
@@ -957,6 +969,8 @@ class Engine:
     # -- runner handoff ---------------------------------------------------------------------
 
     def _runner_url(self, ws: str) -> str:
+        # Operator config only (no request can name a runner), so the egress policy does not
+        # apply: a runner usually lives on the engine's own host or private network.
         return self.config.runner_urls.get(ws, self.config.runner_url)
 
     async def _post_to_runner(self, ws: str, run_id: str) -> None:
@@ -1142,16 +1156,28 @@ class Engine:
         await self.storage.close()
 
 
-def validate_webhook(webhook: Mapping[str, Any] | None) -> JsonObject | None:
+def validate_webhook(webhook: Mapping[str, Any] | None, egress: EgressPolicy) -> JsonObject | None:
     if not webhook:
         return None
     try:
-        return WebhookConfig.model_validate(dict(webhook)).model_dump()
+        config = WebhookConfig.model_validate(dict(webhook))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
         raise invalid(
             "ERR_INVALID_REQUEST", f"invalid webhook: {shown(problems, 500)}", field="webhook"
         ) from None
+    check_destination(egress, config.url, "webhook.url")
+    return config.model_dump()
+
+
+def check_destination(egress: EgressPolicy, url: str, what: str) -> None:
+    """INVALID_ARGUMENT when ``url``'s host is a literal the egress policy refuses.
+
+    Host names are resolved and checked on every connection instead (a name's answer can change).
+    """
+    refusal = egress.url_refusal(url)
+    if refusal:
+        raise invalid("ERR_DESTINATION_REFUSED", f"{what}: {shown(refusal, 300)}", field=what)
 
 
 def _poll_interval(record: RunRecord) -> float:
@@ -1161,11 +1187,12 @@ def _poll_interval(record: RunRecord) -> float:
     return _POLL_S if moving or record.pause_reason is PauseReason.HANDOFF_TO_RUNNER else 0.5
 
 
-def builtin_tools(config: EngineConfig) -> list[Tool]:
+def builtin_tools(config: EngineConfig, egress: EgressPolicy | None = None) -> list[Tool]:
     """The built-in catalogue: AskUser, the file tools, Bash, WebFetch, FetchData."""
     policy = WebFetchPolicy(
         allow_private=config.tools.webfetch_allow_private,
         allow_hosts=frozenset(config.tools.webfetch_allow_hosts),
+        egress=egress or config.egress_policy(),
     )
     return [ASK_USER, READ, WRITE, EDIT, GLOB, GREP, BASH, web_fetch_tool(policy), FETCH_DATA]
 

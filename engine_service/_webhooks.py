@@ -48,7 +48,9 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from engine_service._egress import EgressPolicy, EgressRefused
 from engine_service._storage import Storage
+from engine_service._tls import client_ssl_context
 from engine_service._types import JsonObject
 
 log = logging.getLogger("machina.webhooks")
@@ -165,8 +167,11 @@ class WebhookSender:
         base_delay_s: float = 0.5,
         max_delay_s: float = 30.0,
         timeout_s: float = 10.0,
+        egress: EgressPolicy | None = None,
     ) -> None:
         self._storage = storage
+        # Webhook URLs come from tenants: every connection is checked by the egress policy.
+        self._egress = egress or EgressPolicy()
         self._resolve_secret = resolve_secret
         self._max_attempts = max_attempts
         self._base = base_delay_s
@@ -242,7 +247,8 @@ class WebhookSender:
             log.warning("webhook secret %r is not configured; sending unsigned", config.secret_ref,
                         extra={"run_id": n.run_id})  # fmt: skip
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False)
+            transport = self._egress.transport(verify=client_ssl_context(True))
+            self._http = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False, transport=transport)
         attempt = first_attempt - 1
         for attempt in range(first_attempt, self._max_attempts + 1):
             if attempt > first_attempt and not await self._still_pending(n):
@@ -261,10 +267,12 @@ class WebhookSender:
             if secret:
                 headers["X-Machina-Signature"] = sign(secret, timestamp, body)
             started = time.perf_counter()
-            status, error = 0, ""
+            status, error, refused = 0, "", False
             try:
                 response = await self._http.post(config.url, content=body, headers=headers)
                 status = response.status_code
+            except EgressRefused as exc:
+                error, refused = f"{type(exc).__name__}: {exc}", True  # host and reason only
             except httpx.HTTPError as exc:
                 error = type(exc).__name__
             ok = 200 <= status < 300
@@ -275,6 +283,10 @@ class WebhookSender:
             })  # fmt: skip
             if ok:
                 await self._settle(n, "delivered", attempt)
+                return
+            if refused:
+                log.warning("webhook for %s not sent: %s", n.run_id, error, extra={"run_id": n.run_id})
+                await self._settle(n, "refused", attempt)
                 return
             if status and 400 <= status < 500 and status not in (408, 429):
                 log.warning("webhook for %s refused with HTTP %d; not retrying", n.run_id, status)

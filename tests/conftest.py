@@ -13,6 +13,7 @@ import pytest
 
 from client_py import AsyncEngineClient, AsyncRunHandle, Resumed, Run, RunEvent
 from engine_service import Engine, EngineConfig, LocalStorage, ToolRegistry
+from engine_service._egress import Resolver
 from engine_service._engine import builtin_tools
 from engine_service._server import RunningServer, start_server
 from engine_service._types import Principal
@@ -69,13 +70,16 @@ class ServerFactory:
         config: dict[str, Any] | None = None,
         api_keys: dict[str, Principal] | None = None,
         clock: Callable[[], float] | None = None,
+        resolver: Resolver | None = None,
     ) -> RunningServer:
+        """``resolver`` answers the egress policy's DNS questions (default: the system's)."""
         cfg = EngineConfig.model_validate(
             {"storage": str(self.root), "workdir_root": str(self.root / "workdirs"), **(config or {})}
         )
         kwargs: dict[str, Any] = {"clock": clock} if clock else {}
-        tools = ToolRegistry([*builtin_tools(cfg), *test_tools.ALL])
-        engine = Engine(cfg, LocalStorage(self.root), tools=tools, **kwargs)
+        egress = cfg.egress_policy(resolver)
+        tools = ToolRegistry([*builtin_tools(cfg, egress), *test_tools.ALL])
+        engine = Engine(cfg, LocalStorage(self.root), tools=tools, egress=egress, **kwargs)
         server = await start_server(engine, "127.0.0.1:0", api_keys=api_keys)
         self.running.append(server)
         return server

@@ -40,6 +40,9 @@ def resolver(auth: CustomAuth, ctx: AuthContext) -> dict[str, str]:
 
 def engine_config(httpbin: str) -> dict[str, Any]:
     return {
+        # httpbin and the webhook receiver listen on loopback: the per-run services and the
+        # webhook may reach it only because the operator allows it.
+        "egress_allow_hosts": ["127.0.0.1"],
         "api": {
             "services": [
                 {
@@ -52,7 +55,7 @@ def engine_config(httpbin: str) -> dict[str, Any]:
             ],
             "env": {"eng_token": BEARER},
             "resolve_auth": "tests.test_apicall_engine:resolver",
-        }
+        },
     }
 
 
@@ -171,7 +174,7 @@ async def test_secret_isolation_across_the_whole_system(
 
 
 async def test_per_run_credentials_are_memory_only(servers: ServerFactory, httpbin: str) -> None:
-    config = {"tools": {"permissions": {"ApiCall": "ask"}}}
+    config = {"tools": {"permissions": {"ApiCall": "ask"}}, "egress_allow_hosts": ["127.0.0.1"]}
     api = run_api(httpbin)
     script = [turn("", call("tenant_basic", "/headers")), turn("done")]
     first = await servers.start(config=config)
@@ -197,7 +200,7 @@ async def test_per_run_credentials_are_memory_only(servers: ServerFactory, httpb
 
 
 async def test_credentials_resupplied_on_resume(servers: ServerFactory, httpbin: str) -> None:
-    config = {"tools": {"permissions": {"ApiCall": "ask"}}}
+    config = {"tools": {"permissions": {"ApiCall": "ask"}}, "egress_allow_hosts": ["127.0.0.1"]}
     api = run_api(httpbin)
     script = [turn("", call("tenant_basic", "/headers")), turn("done")]
     first = await servers.start(config=config)

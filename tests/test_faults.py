@@ -178,6 +178,7 @@ def base_env(tmp: Path, **extra: str) -> dict[str, str]:
         "MACHINA_MAX_TURNS": "100",
         "MACHINA_RUNNER_SECRET": SECRET,
         "MACHINA_RUNNER_TIMEOUT_S": "2",
+        "MACHINA_EGRESS_ALLOW_HOSTS": "127.0.0.1",  # the webhook receivers listen on loopback
         **extra,
     }
 
@@ -491,7 +492,9 @@ def hook_port() -> int:
 async def test_webhook_receiver_outage_is_retried_and_never_blocks_the_run(
     servers: ServerFactory, tmp_path: Path, hook_port: int
 ) -> None:
-    srv = await servers.start(config={"webhook_secrets": {"hook": WEBHOOK_SECRET}})
+    srv = await servers.start(
+        config={"webhook_secrets": {"hook": WEBHOOK_SECRET}, "egress_allow_hosts": ["127.0.0.1"]}
+    )
     plan = make_plan(random.Random(200), min_turns=2, max_turns=2)
     webhook = {"url": f"http://127.0.0.1:{hook_port}/hook", "secret_ref": "hook"}
     receiver: Receiver | None = None

@@ -23,7 +23,13 @@ SECONDS = int(os.environ.get("MACHINA_FUZZ_SECONDS", "3"))
 
 
 def test_every_target_is_collected() -> None:
-    assert TARGETS == ["fuzz_apicall_path", "fuzz_ids", "fuzz_script", "fuzz_workdir_paths"]
+    assert TARGETS == [
+        "fuzz_apicall_path",
+        "fuzz_egress_hosts",
+        "fuzz_ids",
+        "fuzz_script",
+        "fuzz_workdir_paths",
+    ]
 
 
 @pytest.fixture(scope="module")

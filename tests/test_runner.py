@@ -323,7 +323,10 @@ def test_runner_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
 
 async def test_the_runner_sends_the_webhook_when_it_finishes_the_run(tmp_path: Path) -> None:
     receiver = Receiver()
-    secret_env = {"MACHINA_HOOK_SECRET": "whsec-runner-1234"}  # resolved by reference, from the environment
+    secret_env = {
+        "MACHINA_HOOK_SECRET": "whsec-runner-1234",  # resolved by reference, from the environment
+        "MACHINA_EGRESS_ALLOW_HOSTS": "127.0.0.1",  # the receiver listens on loopback
+    }
     runner = RunnerProcess(tmp_path, env={**shared_env(tmp_path), **secret_env})
     engine = engine_for(tmp_path, f"{runner.http}/continue", **secret_env)
     try:

@@ -15,7 +15,12 @@ from tests.processes import free_port
 from tests.webhook_receiver import Receiver, signed
 
 SECRET = "whsec-test-8d1f2c"
-CONFIG = {"webhook_secrets": {"hook": SECRET}, "tools": {"permissions": {"double": "ask"}}}
+# The receivers listen on loopback, which the egress policy refuses unless the operator allows it.
+CONFIG = {
+    "webhook_secrets": {"hook": SECRET},
+    "tools": {"permissions": {"double": "ask"}},
+    "egress_allow_hosts": ["127.0.0.1"],
+}
 DOUBLE = [turn("", ("double", {"x": 2})), turn("4")]
 
 

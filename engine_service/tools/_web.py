@@ -1,22 +1,24 @@
 """WebFetch: fetch a URL over HTTP(S) with size, time and target limits.
 
-Targets are checked after DNS resolution and again on every redirect: loopback,
-private, link-local, multicast and reserved addresses are refused unless the
-operator allows them (``allow_hosts`` / ``allow_private``). Redirects are
-followed by hand so each hop is checked before anything is sent to it.
+Every connection goes through the engine's egress policy (``_egress.py``): the
+host name is resolved once, every address is checked, and the socket connects to
+the checked address, so loopback, private, link-local, metadata and other
+non-public targets are refused unless the operator allows them (the engine's
+``egress_allow_*`` settings plus WebFetch's own ``allow_hosts`` /
+``allow_private``). Redirects are followed by hand so each hop's scheme is
+checked too, and each hop's connection passes the same policy.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import socket
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 from pydantic import BaseModel, Field
 
+from engine_service._egress import EgressPolicy, EgressRefused
 from engine_service._text import clean_text
 from engine_service._tls import client_ssl_context
 from engine_service._tools import Tool, ToolContext, ToolError, tool_from_callable
@@ -31,16 +33,21 @@ class WebFetchPolicy:
     max_bytes: int = 2 * 1024 * 1024
     timeout_s: float = 20.0
     max_redirects: int = 5
+    # WebFetch's additions to ``egress``: every non-public address but metadata, and host
+    # names or IP literals allowed whatever they resolve to.
     allow_private: bool = False
-    # Host names or IP literals allowed even if they resolve to a private/loopback address.
     allow_hosts: frozenset[str] = field(default_factory=frozenset)
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
+
+    def effective_egress(self) -> EgressPolicy:
+        return self.egress.widened(allow_private=self.allow_private, allow_hosts=self.allow_hosts)
 
 
 class WebFetchArgs(BaseModel):
     url: str = Field(min_length=1, max_length=8192, description="The http(s) URL to fetch.")
 
 
-async def _check_target(url: str, policy: WebFetchPolicy) -> None:
+def _check_target(url: str, egress: EgressPolicy) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise ToolError(f"only http and https URLs can be fetched, not {parts.scheme or 'no scheme'!r}")
@@ -49,32 +56,30 @@ async def _check_target(url: str, policy: WebFetchPolicy) -> None:
         raise ToolError("the URL has no host")
     if parts.username or parts.password:
         raise ToolError("URLs with credentials are not fetched")
-    if policy.allow_private or host in policy.allow_hosts:
-        return
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        raise ToolError(f"cannot resolve host {host!r}") from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global or address.is_multicast:
-            raise ToolError(
-                f"refusing to fetch {host!r}: it resolves to a non-public address ({address}); "
-                "the operator can allow it"
-            )
+    # Literals are refused before any connection; names are checked by the transport.
+    refusal = egress.url_refusal(url)
+    if refusal:
+        raise ToolError(refusal)
 
 
 def web_fetch_tool(policy: WebFetchPolicy, client: httpx.AsyncClient | None = None) -> Tool:
     """The WebFetch tool bound to ``policy`` (and an optional shared client, for tests)."""
+    egress = policy.effective_egress()
 
     async def web_fetch(args: WebFetchArgs, ctx: ToolContext) -> str:
         """Fetch a web page or API response (text formats only) and return its status, type and body."""
         owned = client is None
         http = client or httpx.AsyncClient(
-            timeout=policy.timeout_s, follow_redirects=False, verify=client_ssl_context(True)
+            timeout=policy.timeout_s,
+            follow_redirects=False,
+            transport=egress.transport(verify=client_ssl_context(True)),
         )
         try:
-            return await _fetch(http, args.url, policy)
+            return await _fetch(http, args.url, policy, egress)
+        except EgressRefused as exc:
+            raise ToolError(str(exc)) from None
+        except httpx.InvalidURL as exc:  # e.g. a host name IDNA cannot encode
+            raise ToolError(f"invalid URL: {exc}") from None
         except httpx.TimeoutException:
             raise ToolError(f"fetching {args.url} timed out after {policy.timeout_s:g}s") from None
         except httpx.HTTPError as exc:
@@ -86,9 +91,9 @@ def web_fetch_tool(policy: WebFetchPolicy, client: httpx.AsyncClient | None = No
     return tool_from_callable(web_fetch, name="WebFetch", idempotent=True)
 
 
-async def _fetch(http: httpx.AsyncClient, url: str, policy: WebFetchPolicy) -> str:
+async def _fetch(http: httpx.AsyncClient, url: str, policy: WebFetchPolicy, egress: EgressPolicy) -> str:
     for _ in range(policy.max_redirects + 1):
-        await _check_target(url, policy)
+        _check_target(url, egress)
         async with (
             asyncio.timeout(policy.timeout_s),
             http.stream("GET", url, timeout=policy.timeout_s) as response,
