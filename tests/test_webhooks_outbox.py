@@ -175,7 +175,9 @@ async def with_run(root: Path) -> LocalStorage:
 
 def sender(storage: Storage, *, max_attempts: int = 6, base_delay_s: float = 0.01) -> WebhookSender:
     secrets = {"hook": SECRET}
-    return WebhookSender(storage, secrets.get, max_attempts=max_attempts, base_delay_s=base_delay_s)
+    return WebhookSender(
+        storage, lambda _ws, ref: secrets.get(ref), max_attempts=max_attempts, base_delay_s=base_delay_s
+    )
 
 
 async def test_giving_up_after_max_attempts_clears_the_outbox_and_is_logged(tmp_path: Path) -> None:
@@ -272,7 +274,7 @@ async def test_a_process_without_the_secret_leaves_the_notification_pending(tmp_
     first.notify("default", "run_1", {"url": dead, "secret_ref": "hook"}, "done", RUN)
     await wait_for_attempts(first, "default", "run_1", 1)
     await first.close(grace=0)
-    unsigned = WebhookSender(storage, lambda _ref: None)
+    unsigned = WebhookSender(storage, lambda _ws, _ref: None)
     assert await unsigned.resume_pending_all() == 0  # it would have to send unsigned
     await unsigned.close()
     assert len(await outbox(storage)) == 1
@@ -310,7 +312,7 @@ async def test_the_startup_scan_reads_the_index_not_every_run(servers: ServerFac
         for i in range(5):
             await client.execute(f"r{i}", model="scripted", script=[turn("hello")]).result()
     storage = CountingStorage(servers.root)
-    webhooks = WebhookSender(storage, lambda _ref: None)
+    webhooks = WebhookSender(storage, lambda _ws, _ref: None)
     assert await webhooks.resume_pending_all() == 0
     await webhooks.close()
     assert storage.calls == ["get_shared"] * OUTBOX_SHARDS
