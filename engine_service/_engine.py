@@ -923,7 +923,8 @@ class Engine:
             # anything else, e.g. a process variable, would make the engine an HMAC oracle.
             raise invalid(
                 "ERR_WEBHOOK_SECRET_UNKNOWN",
-                f"webhook secret_ref {shown(ref)!r} names no webhook secret configured for this workspace",
+                # The ref is not echoed: a caller may have put a secret itself there by mistake.
+                "webhook secret_ref names no webhook secret configured for this workspace",
                 field="webhook.secret_ref",
             )
         return doc

@@ -155,6 +155,34 @@ def test_registration_helpers() -> None:
             load_resolve_auth(path)
 
 
+async def test_per_run_services_read_only_the_run_env_and_allowed_custom_ids(recorder: Recorder) -> None:
+    """Also for a run stored before the policy changed: the tool itself refuses, not only the door."""
+    seen: list[AuthContext] = []
+
+    def resolver(auth: CustomAuth, ctx: AuthContext) -> dict[str, str]:
+        seen.append(ctx)
+        return {"Authorization": "Bearer engine-minted-0000"}
+
+    own = [
+        service(recorder.url, "bin", auth={"type": "bearer", "token_ref": "tok"}),
+        service(recorder.url, "minted", auth={"type": "custom", "id": "vault"}),
+        service(recorder.url, "tenant", auth={"type": "custom", "id": "tenant"}),
+    ]
+    tool = build_api_call_tool(
+        [],
+        env_lookup=ENV.get,
+        resolve_auth=resolver,
+        per_run_services=own,
+        run_env_lookup={"other": "x"}.get,
+        per_run_custom_auth_ids=["tenant"],
+    )
+    assert "ERR_CREDENTIALS_MISSING" in await call(tool, path="/x")  # "tok" is the engine's, not the run's
+    assert "ERR_API_AUTH_NOT_ALLOWED" in await call(tool, service="minted", path="/x")
+    assert (await call(tool, service="tenant", path="/x"))["status"] == 200
+    assert [h.get("authorization") for _, h in recorder.requests] == ["Bearer engine-minted-0000"]
+    assert seen == [AuthContext("tenant", "GET", "/x", "default", "run-1", recorder.url, per_run=True)]
+
+
 # -- auth ---------------------------------------------------------------------------------------------
 
 
