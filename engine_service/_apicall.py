@@ -24,7 +24,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from engine_service._errors import EngineError
+from engine_service._errors import EngineError, shown
 from engine_service._text import has_surrogate, loads_untrusted
 from engine_service._tls import client_ssl_context
 from engine_service._tools import Tool, ToolContext, ToolError, _import_attr
@@ -218,15 +218,11 @@ def check_per_run_services(
         if isinstance(service.auth, CustomAuth) and service.auth.id not in allowed:
             raise ApiPolicyError(
                 "ERR_API_AUTH_NOT_ALLOWED",
-                f"per-run service {service.name!r} names custom auth id {shown_id(service.auth.id)!r}, "
+                f"per-run service {service.name!r} names custom auth id {shown(service.auth.id)!r}, "
                 "which this engine does not allow for per-run services (use per-run credentials: "
                 "bearer, header or basic with refs into the run's env)",
                 service=service.name,
             )
-
-
-def shown_id(value: str) -> str:
-    return value[:64] + ("…" if len(value) > 64 else "")
 
 
 def api_tool_enabled(services: Iterable[ApiService], disabled_tools: Iterable[str]) -> bool:

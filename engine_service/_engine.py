@@ -389,11 +389,11 @@ class Engine:
         try:
             check_per_run_services(self._api_services, per_run, self._per_run_custom_ids)
         except ApiPolicyError as exc:
-            kind = ErrorKind.PERMISSION_DENIED if exc.reason == "ERR_API_AUTH_NOT_ALLOWED" else None
-            raise EngineError(
-                exc.reason, str(exc), kind=kind or ErrorKind.INVALID_ARGUMENT,
-                metadata={"field": "api.services", **exc.metadata},
-            ) from None  # fmt: skip
+            # Asking for an engine credential is not allowed; a name clash is a malformed spec.
+            denied = exc.reason == "ERR_API_AUTH_NOT_ALLOWED"
+            kind = ErrorKind.PERMISSION_DENIED if denied else ErrorKind.INVALID_ARGUMENT
+            metadata = {"field": "api.services", **exc.metadata}
+            raise EngineError(exc.reason, str(exc), kind=kind, metadata=metadata) from None
 
     def _choose_model(self, spec: RunSpec) -> tuple[str, str]:
         provider = spec.model_provider or self._default_provider
