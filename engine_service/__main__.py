@@ -97,6 +97,7 @@ def build_config(ns: argparse.Namespace) -> EngineConfig:
 
 def check_security(config: EngineConfig) -> tuple[dict[str, Principal] | None, tuple[bytes, bytes] | None]:
     """API keys and TLS material, refusing unsafe combinations up front."""
+    config.check_runner_secrets()
     api_keys = load_api_keys(config.api_keys_file) if config.api_keys_file else None
     if not api_keys and not is_loopback(config.listen) and not config.allow_unauthenticated_remote:
         raise ConfigError(

@@ -25,7 +25,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from engine_service._egress import EgressPolicy, EgressRefused
-from engine_service._errors import EngineError
+from engine_service._errors import EngineError, shown
 from engine_service._text import has_surrogate, loads_untrusted
 from engine_service._tls import client_ssl_context
 from engine_service._tools import Tool, ToolContext, ToolError, _import_attr
@@ -152,22 +152,35 @@ class ApiConfig(_Frozen):
     # Metering hooks by import path, called with {service, method, path[, status, latency_ms, bytes_in]}.
     on_request: str | None = Field(None, pattern=r"^[\w.]+:\w+$")
     on_response: str | None = Field(None, pattern=r"^[\w.]+:\w+$")
+    # Engine config only: the custom auth ids a run's own services may name (exact match).
+    # Empty (the default) = per-run services use per-run credentials only; resolve_auth then
+    # never runs for a service a tenant defined.
+    per_run_custom_auth_ids: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique_names(self) -> ApiConfig:
-        names = [s.name for s in self.services]
+        # Case-insensitively: "GitHub" beside "github" would let one pass for the other.
+        names = [s.name.lower() for s in self.services]
         if dupes := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"service names must be unique: {dupes}")
+            raise ValueError(f"service names must be unique (ignoring case): {dupes}")
         return self
 
 
 @dataclass(frozen=True, slots=True)
 class AuthContext:
-    """What a custom ``resolve_auth`` knows about the request it signs."""
+    """What a custom ``resolve_auth`` knows about the request it signs and who asks for it.
+
+    ``per_run`` is True for a service the run's caller defined (its ``base_url`` is the
+    caller's choice): mint nothing for it that the workspace may not hold.
+    """
 
     service: str
     method: str
     path: str
+    workspace_id: str = ""
+    run_id: str = ""
+    base_url: str = ""
+    per_run: bool = False
 
 
 ResolveAuth = Callable[[CustomAuth, AuthContext], Mapping[str, str] | Awaitable[Mapping[str, str]]]
@@ -175,11 +188,42 @@ Hook = Callable[[JsonObject], Any]
 EnvLookup = Callable[[str], str | None]
 
 
-def merge_services(engine_level: Iterable[ApiService], per_run: Iterable[ApiService]) -> list[ApiService]:
-    """Engine services with per-run ones overriding by name; new per-run services appended."""
-    merged = {s.name: s for s in engine_level}
-    merged.update((s.name, s) for s in per_run)
-    return list(merged.values())
+class ApiPolicyError(ValueError):
+    """A run's own services ask for something the engine does not grant; ``reason`` says what."""
+
+    def __init__(self, reason: str, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.metadata = metadata
+
+
+def check_per_run_services(
+    engine_level: Iterable[ApiService], per_run: Iterable[ApiService], custom_ids: Iterable[str]
+) -> None:
+    """Refuse per-run services that would shadow an engine service or borrow an engine credential.
+
+    Per-run services add to the engine's; a name may not repeat one, ignoring case. Their refs
+    resolve against the run's own ``env`` only (see ``build_api_call_tool``), and a ``custom``
+    id must be one the engine lists in ``per_run_custom_auth_ids``.
+    """
+    taken = {s.name.lower(): s.name for s in engine_level}
+    allowed = set(custom_ids)
+    for service in per_run:
+        if service.name.lower() in taken:
+            raise ApiPolicyError(
+                "ERR_API_SERVICE_SHADOWED",
+                f"per-run service {service.name!r} has the name of an engine service "
+                f"({taken[service.name.lower()]!r}); choose another name",
+                service=service.name,
+            )
+        if isinstance(service.auth, CustomAuth) and service.auth.id not in allowed:
+            raise ApiPolicyError(
+                "ERR_API_AUTH_NOT_ALLOWED",
+                f"per-run service {service.name!r} names custom auth id {shown(service.auth.id)!r}, "
+                "which this engine does not allow for per-run services (use per-run credentials: "
+                "bearer, header or basic with refs into the run's env)",
+                service=service.name,
+            )
 
 
 def api_tool_enabled(services: Iterable[ApiService], disabled_tools: Iterable[str]) -> bool:
@@ -198,22 +242,8 @@ def env_lookup_from(*envs: Mapping[str, SecretStr] | None) -> EnvLookup:
     return lookup
 
 
-RUN_REF_PREFIX = "run:"
-
-
-def scope_to_run(service: ApiService) -> ApiService:
-    """Point a per-run service's refs at the run's own env only ("run:<ref>").
-
-    Without this a caller could define a service on its own host whose token_ref
-    names an engine-level credential, and the engine would send it there.
-    """
-    auth = service.auth
-    fields = {
-        name: RUN_REF_PREFIX + value
-        for name in ("token_ref", "value_ref", "user_ref", "pass_ref")
-        if isinstance(value := getattr(auth, name, None), str)
-    }
-    return service.model_copy(update={"auth": auth.model_copy(update=fields)}) if fields else service
+def _no_env(ref: str) -> str | None:
+    return None
 
 
 def load_resolve_auth(path: str) -> ResolveAuth:
@@ -382,12 +412,23 @@ class _ApiCall:
     on_request: Hook | None
     on_response: Hook | None
     client: httpx.AsyncClient | None
-    # Services (by name) whose connections go through ``egress``: the ones a run defined.
+    # Names of the run's own services, their env and the custom ids they may name. Their
+    # connections go through ``egress``; the operator's services connect directly.
+    per_run: frozenset[str] = frozenset()
+    run_env_lookup: EnvLookup = field(default=_no_env, repr=False)
+    per_run_custom_ids: frozenset[str] = frozenset()
     egress: EgressPolicy = field(default_factory=EgressPolicy)
-    guarded: frozenset[str] = frozenset()
+
+    def _lookup_for(self, service: ApiService) -> EnvLookup:
+        # A per-run service's refs name the run's env only, never the engine's or the process's.
+        return self.run_env_lookup if service.name in self.per_run else self.env_lookup
 
     async def __call__(self, args: JsonObject, ctx: ToolContext) -> str:
-        scrub = _Scrubber(known_secrets(self.services.values(), self.env_lookup))
+        scrub = _Scrubber(
+            value
+            for service in self.services.values()
+            for value in known_secrets([service], self._lookup_for(service))
+        )
         failure: str | None = None
         try:
             return scrub.text(await self._call(args, ctx, scrub))
@@ -420,12 +461,15 @@ class _ApiCall:
                     f"body is {len(body)} bytes; service {service.name!r} allows at most "
                     f"{service.max_body_bytes}"
                 )
-        auth = await self._auth_headers(service, method, path, scrub)
+        auth = await self._auth_headers(service, method, path, scrub, ctx)
         headers = self._headers(service, dict(args.get("headers") or {}), auth, body is not None)
         query = [(str(k), _query_value(v)) for k, v in (args.get("query") or {}).items()]
 
         meter: JsonObject = {"service": service.name, "method": method, "path": scrub.text(path)}
-        await self._hook(self.on_request, dict(meter), scrub)
+        # Hooks also learn whose call it is (per-tenant metering); the event needs no such tag.
+        who: JsonObject = {"workspace_id": ctx.workspace_id, "run_id": ctx.run_id,
+                           "per_run": service.name in self.per_run}  # fmt: skip
+        await self._hook(self.on_request, {**meter, **who}, scrub)
         started = time.perf_counter()
         result: JsonObject = {"status": 0}
         bytes_in = 0
@@ -438,7 +482,7 @@ class _ApiCall:
             latency_ms = round((time.perf_counter() - started) * 1000)
             done = {**meter, "status": result["status"], "latency_ms": latency_ms, "bytes_in": bytes_in}
             logger.debug("ApiCall %s %s %s -> %s", service.name, method, meter["path"], result["status"])
-            await self._hook(self.on_response, dict(done), scrub)
+            await self._hook(self.on_response, {**done, **who}, scrub)
             ctx.emit("api_call", done)
         # Scrub the structure first: a secret with characters JSON escapes would slip past a text scrub.
         return json.dumps(scrub.value(result), ensure_ascii=False)
@@ -449,15 +493,16 @@ class _ApiCall:
         return patterns is None or any(re.fullmatch(p, path) for p in patterns)
 
     async def _auth_headers(
-        self, service: ApiService, method: str, path: str, scrub: _Scrubber
+        self, service: ApiService, method: str, path: str, scrub: _Scrubber, ctx: ToolContext
     ) -> dict[str, str]:
         auth = service.auth
         if isinstance(auth, CustomAuth):
-            return await self._custom_auth(service, auth, method, path, scrub)
+            return await self._custom_auth(service, auth, method, path, scrub, ctx)
         values: dict[str, str] = {}
         missing = []
+        lookup = self._lookup_for(service)
         for ref in _refs(auth):
-            value = self.env_lookup(ref)
+            value = lookup(ref)
             if value:
                 values[ref] = value
             else:
@@ -482,15 +527,31 @@ class _ApiCall:
         return {}
 
     async def _custom_auth(
-        self, service: ApiService, auth: CustomAuth, method: str, path: str, scrub: _Scrubber
+        self,
+        service: ApiService,
+        auth: CustomAuth,
+        method: str,
+        path: str,
+        scrub: _Scrubber,
+        ctx: ToolContext,
     ) -> dict[str, str]:
+        per_run = service.name in self.per_run
+        if per_run and auth.id not in self.per_run_custom_ids:
+            # Checked at the door too; this holds for runs stored before the policy changed.
+            raise ToolError(
+                f"ERR_API_AUTH_NOT_ALLOWED: service {service.name!r} is the run's own and may not use "
+                "custom auth this engine does not allow for per-run services"
+            )
         if self.resolve_auth is None:
             raise ToolError(
                 f"ERR_AUTH_RESOLVER: service {service.name!r} uses custom auth but no "
                 "resolve_auth is configured"
             )
         try:
-            raw = await _maybe_await(self.resolve_auth(auth, AuthContext(service.name, method, path)))
+            who = AuthContext(
+                service.name, method, path, ctx.workspace_id, ctx.run_id, service.base_url, per_run
+            )
+            raw = await _maybe_await(self.resolve_auth(auth, who))
             headers = {str(k): str(v) for k, v in dict(raw).items()}
         except Exception as exc:  # the message may carry the secret the resolver was handling
             kind = type(exc).__name__
@@ -533,7 +594,7 @@ class _ApiCall:
     ) -> tuple[JsonObject, int]:
         if self.client is not None:
             client = self.client
-        elif service.name in self.guarded:
+        elif service.name in self.per_run:
             transport = self.egress.transport(verify=client_ssl_context(False))
             client = httpx.AsyncClient(trust_env=False, transport=transport)
         else:
@@ -639,20 +700,37 @@ def build_api_call_tool(
     on_request: Hook | None = None,
     on_response: Hook | None = None,
     client: httpx.AsyncClient | None = None,
+    per_run_services: Iterable[ApiService] = (),
+    run_env_lookup: EnvLookup = _no_env,
+    per_run_custom_auth_ids: Iterable[str] = (),
     egress: EgressPolicy | None = None,
-    guarded: Iterable[str] = (),
 ) -> Tool:
     """The ``ApiCall`` tool over these services (build it per run: env values may be per run).
 
-    Connections to the services named in ``guarded`` (those a tenant's run defined) go through
-    ``egress``; the others are the operator's and connect directly.
+    ``services`` are the operator's (refs read ``env_lookup``); ``per_run_services`` are the run
+    caller's: they add to the others, refs read ``run_env_lookup`` only, custom auth only with
+    an id in ``per_run_custom_auth_ids`` (another id fails the call), and their connections go
+    through ``egress``. ApiPolicyError if a per-run name repeats an engine one.
     """
     listed = list(services)
-    if not listed:
+    own = list(per_run_services)
+    custom_ids = frozenset(per_run_custom_auth_ids)
+    # Shadowing is refused here; a custom id the engine does not allow fails each call instead.
+    check_per_run_services(listed, own, {a.id for s in own if isinstance(a := s.auth, CustomAuth)})
+    everything = [*listed, *own]
+    if not everything:
         raise ValueError("ApiCall needs at least one service")
-    by_name = {s.name: s for s in listed}
+    by_name = {s.name: s for s in everything}
     call = _ApiCall(
-        by_name, env_lookup, resolve_auth, on_request, on_response, client,
-        egress or EgressPolicy(), frozenset(guarded),
-    )  # fmt: skip
-    return Tool(TOOL_NAME, _description(listed), _input_schema(listed), handler=call)
+        by_name,
+        env_lookup,
+        resolve_auth,
+        on_request,
+        on_response,
+        client,
+        frozenset(s.name for s in own),
+        run_env_lookup,
+        custom_ids,
+        egress or EgressPolicy(),
+    )
+    return Tool(TOOL_NAME, _description(everything), _input_schema(everything), handler=call)

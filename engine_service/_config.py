@@ -82,7 +82,11 @@ class EngineConfig(_Section):
     runner_url: str = ""
     # Per-workspace runner URLs (one runner per tenant); they override runner_url.
     runner_urls: dict[str, str] = {}
+    # The bearer secret of the runner handoff: runner_secrets[workspace] if set, else runner_secret.
+    # An engine with a runner URL for a workspace that has neither refuses to start; a runner
+    # accepts a run only with the secret of the run's workspace.
     runner_secret: SecretStr = SecretStr("")
+    runner_secrets: dict[str, SecretStr] = {}
     # Destinations a tenant or the model chooses (WebFetch, per-run ApiCall services, webhooks)
     # may not be loopback, private, link-local, CGNAT, multicast, reserved or cloud metadata
     # addresses unless allowed here: host names or IP literals, networks (CIDR), or every
@@ -90,8 +94,11 @@ class EngineConfig(_Section):
     egress_allow_hosts: list[str] = []
     egress_allow_networks: list[str] = []
     egress_allow_private: bool = False
-    # Webhook signing secrets by reference (a run's webhook names one in secret_ref).
+    # Webhook signing secrets by reference: a run's webhook names one in secret_ref, and nothing
+    # else (never a process environment variable). webhook_secrets serve every workspace;
+    # workspace_webhook_secrets[workspace] only that one (and win over a shared one of that name).
     webhook_secrets: dict[str, SecretStr] = {}
+    workspace_webhook_secrets: dict[str, dict[str, SecretStr]] = {}
     # PEM CA bundle that verifies an https:// runner (a private CA); empty = the system CAs.
     runner_ca_file: str = ""
     runner_timeout_s: float = Field(5.0, gt=0, le=60)
@@ -144,6 +151,34 @@ class EngineConfig(_Section):
             allow_networks=self.egress_allow_networks,
             resolver=resolver,
         )
+
+    def runner_secret_for(self, workspace: str) -> str:
+        """The handoff bearer secret of ``workspace``'s runs ("" if none is configured)."""
+        own = self.runner_secrets.get(workspace)
+        return (own or self.runner_secret).get_secret_value()
+
+    def webhook_secret(self, workspace: str, ref: str) -> str | None:
+        """The webhook signing secret ``ref`` names for ``workspace``, if one is configured for it."""
+        found = self.workspace_webhook_secrets.get(workspace, {}).get(ref) or self.webhook_secrets.get(ref)
+        return found.get_secret_value() if found is not None and found.get_secret_value() else None
+
+    def check_runner_secrets(self) -> None:
+        """ConfigError unless every workspace a runner URL serves has a handoff secret.
+
+        Without one the handoff would POST with no Authorization header.
+        """
+        # runner_url serves every workspace without a runner_urls entry, any workspace at all.
+        if self.runner_url and not self.runner_secret.get_secret_value():
+            raise ConfigError(
+                "runner_url is set but runner_secret (MACHINA_RUNNER_SECRET) is empty: "
+                "the runner handoff must be authenticated"
+            )
+        urls = self.runner_urls.items()
+        if missing := sorted(w for w, url in urls if url and not self.runner_secret_for(w)):
+            raise ConfigError(
+                f"runner_urls has a URL for workspace(s) {missing} but no secret for them: set "
+                "runner_secrets.<workspace> or runner_secret (MACHINA_RUNNER_SECRET)"
+            )
 
     def runner_tls_verify(self) -> ssl.SSLContext | bool:
         """httpx's ``verify`` for the runner handoff: the configured CA bundle, else the system CAs."""

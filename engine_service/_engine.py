@@ -23,14 +23,13 @@ from pydantic import ValidationError
 
 from engine_service._actor import CANCEL_REQUEST, RunActor, RunEnv, RunnerUnreachable
 from engine_service._apicall import (
-    RUN_REF_PREFIX,
     ApiConfig,
+    ApiPolicyError,
     ApiService,
     api_tool_enabled,
     build_api_call_tool,
+    check_per_run_services,
     load_resolve_auth,
-    merge_services,
-    scope_to_run,
 )
 from engine_service._config import EngineConfig
 from engine_service._egress import EgressPolicy
@@ -136,6 +135,7 @@ class Engine:
         clock: Callable[[], float] = time.time,
         egress: EgressPolicy | None = None,
     ) -> None:
+        config.check_runner_secrets()  # never hand a run off unauthenticated
         self.config = config
         self.storage = storage
         # Where tenants' specs and models may send requests (per-run ApiCall services, webhooks).
@@ -156,6 +156,7 @@ class Engine:
         self._default_provider, self._default_model = resolve_default_model(config)
         api = config.api or ApiConfig()
         self._api_services = list(api.services)
+        self._per_run_custom_ids = frozenset(api.per_run_custom_auth_ids)
         self._api_env = {k: v.get_secret_value() for k, v in api.env.items()}
         self._resolve_auth = load_resolve_auth(api.resolve_auth) if api.resolve_auth else None
         self._api_hooks = tuple(
@@ -165,10 +166,8 @@ class Engine:
         self._run_api_env: dict[tuple[str, str], dict[str, str]] = {}
         self._mcp: Any = None  # tools._mcp.McpManager, imported only when servers are configured
         self._started = False
-        secrets = {k: v.get_secret_value() for k, v in config.webhook_secrets.items()}
-        self.webhooks = WebhookSender(
-            storage, lambda ref: secrets.get(ref) or os.environ.get(ref), egress=self.egress
-        )
+        # Only secrets configured for webhooks, per workspace: never the process environment.
+        self.webhooks = WebhookSender(storage, config.webhook_secret, egress=self.egress)
         self._default_script = (
             load_script_file(config.model.script_file) if config.model.script_file else None
         )
@@ -249,7 +248,7 @@ class Engine:
         self._check_open()
         ws = principal.workspace_id
         self._validate_spec(spec, client_tools)
-        webhook_doc = validate_webhook(webhook, self.egress)
+        webhook_doc = self._validate_webhook(ws, webhook)
         if spec.request_id:
             # The idempotency key maps to one run id; whoever reaches the run
             # first creates it, everyone else gets the same run back.
@@ -388,7 +387,7 @@ class Engine:
             except ValueError as exc:
                 raise invalid("ERR_INVALID_REQUEST", shown(exc, 500), field="mcp_servers") from None
         try:
-            per_run = ApiConfig(services=[ApiService.model_validate(s) for s in spec.api_services])
+            per_run = ApiConfig(services=[ApiService.model_validate(s) for s in spec.api_services]).services
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
@@ -396,8 +395,16 @@ class Engine:
             raise invalid(
                 "ERR_INVALID_REQUEST", f"invalid api services: {shown(problems, 500)}", field="api"
             ) from None
-        for service in per_run.services:
+        for service in per_run:
             check_destination(self.egress, service.base_url, f"api.services[{service.name}].base_url")
+        try:
+            check_per_run_services(self._api_services, per_run, self._per_run_custom_ids)
+        except ApiPolicyError as exc:
+            # Asking for an engine credential is not allowed; a name clash is a malformed spec.
+            denied = exc.reason == "ERR_API_AUTH_NOT_ALLOWED"
+            kind = ErrorKind.PERMISSION_DENIED if denied else ErrorKind.INVALID_ARGUMENT
+            metadata = {"field": "api.services", **exc.metadata}
+            raise EngineError(exc.reason, str(exc), kind=kind, metadata=metadata) from None
 
     def _choose_model(self, spec: RunSpec) -> tuple[str, str]:
         provider = spec.model_provider or self._default_provider
@@ -487,30 +494,39 @@ class Engine:
         )
 
     def _api_call_tool(self, ws: str, spec: RunSpec) -> Tool | None:
-        """ApiCall for this run: engine services plus the run's own, or None when there are none."""
-        per_run = [scope_to_run(ApiService.model_validate(s)) for s in spec.api_services]
-        services = merge_services(self._api_services, per_run)
-        if not api_tool_enabled(services, self.config.tools.disabled):
+        """ApiCall for this run: engine services plus the run's own, or None when there are none.
+
+        The run's services add to the engine's (never replace one); their refs read the run's
+        env only, and their custom auth only ids in api.per_run_custom_auth_ids.
+        """
+        taken = {s.name.lower() for s in self._api_services}
+        per_run = [ApiService.model_validate(s) for s in spec.api_services]
+        if shadowing := [s.name for s in per_run if s.name.lower() in taken]:
+            # Refused at the door; a run stored before that keeps the engine's service.
+            log.warning("run %s: per-run services %s shadow engine services; ignored", spec.run_id,
+                        shadowing, extra={"run_id": spec.run_id})  # fmt: skip
+            per_run = [s for s in per_run if s.name.lower() not in taken]
+        if not api_tool_enabled([*self._api_services, *per_run], self.config.tools.disabled):
             return None
         run_env = self._run_api_env.get((ws, spec.run_id), {})
         engine_env = self._api_env
 
-        def lookup(ref: str) -> str | None:
-            if ref.startswith(RUN_REF_PREFIX):
-                return run_env.get(ref.removeprefix(RUN_REF_PREFIX))
+        def engine_lookup(ref: str) -> str | None:
             return engine_env.get(ref) or os.environ.get(ref)
 
         on_request, on_response = self._api_hooks
         return build_api_call_tool(
-            services,
-            env_lookup=lookup,
+            self._api_services,
+            env_lookup=engine_lookup,
             resolve_auth=self._resolve_auth,
             on_request=on_request,
             on_response=on_response,
-            # The operator's own services are trusted; a tenant's (also one that replaces an
-            # operator's service by name) may only reach what the egress policy allows.
+            per_run_services=per_run,
+            run_env_lookup=run_env.get,
+            per_run_custom_auth_ids=self._per_run_custom_ids,
+            # The operator's own services are trusted; a tenant's may only reach what the
+            # egress policy allows.
             egress=self.egress,
-            guarded={s.name for s in per_run},
         )
 
     def _start(self, actor: RunActor, *, resumed_by: str | None) -> None:
@@ -744,7 +760,7 @@ class Engine:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         if request_id:
             check_id(request_id, "request_id")
-        webhook_doc = validate_webhook(webhook, self.egress)
+        webhook_doc = self._validate_webhook(key[0], webhook)
         async with self._lock(key):
             if api_env:
                 # Credentials re-supplied (e.g. after a restart); memory only, like at creation,
@@ -913,6 +929,20 @@ class Engine:
             self._notify(key)
             return record
 
+    def _validate_webhook(self, ws: str, webhook: Mapping[str, Any] | None) -> JsonObject | None:
+        doc = validate_webhook(webhook, self.egress)
+        ref = doc.get("secret_ref") if doc else None
+        if ref and self.config.webhook_secret(ws, ref) is None:
+            # Only secrets configured for webhooks (this workspace's or shared) sign: a ref naming
+            # anything else, e.g. a process variable, would make the engine an HMAC oracle.
+            raise invalid(
+                "ERR_WEBHOOK_SECRET_UNKNOWN",
+                # The ref is not echoed: a caller may have put a secret itself there by mistake.
+                "webhook secret_ref names no webhook secret configured for this workspace",
+                field="webhook.secret_ref",
+            )
+        return doc
+
     def _notify_webhook(self, record: RunRecord, event: str) -> None:
         if record.webhook:
             self.webhooks.notify(record.workspace_id, record.run_id, record.webhook, event, record.public())
@@ -976,7 +1006,7 @@ class Engine:
     async def _post_to_runner(self, ws: str, run_id: str) -> None:
         """POST ``{"runId": ...}`` to the workspace's runner; RunnerUnreachable unless it answers 2xx."""
         url = self._runner_url(ws)
-        secret = self.config.runner_secret.get_secret_value()
+        secret = self.config.runner_secret_for(ws)
         if self._http is None:
             self._http = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.config.runner_timeout_s, connect=2.0),
@@ -986,7 +1016,7 @@ class Engine:
             response = await self._http.post(
                 url,
                 json={"runId": run_id, "workspaceId": ws},
-                headers={"Authorization": f"Bearer {secret}"} if secret else {},
+                headers={"Authorization": f"Bearer {secret}"},
             )
         except httpx.HTTPError as exc:
             # The exception text can carry the request; only its kind is reported.

@@ -71,7 +71,7 @@ class WebhookConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     url: str = Field(pattern=r"^https?://")
-    # Names a secret in the engine config's webhook_secrets (or the process environment).
+    # Names a secret in the engine config's webhook_secrets or workspace_webhook_secrets (only).
     secret_ref: str = ""
     events: list[str] = Field(default_factory=lambda: list(DEFAULT_EVENTS))
     headers: dict[str, str] = Field(default_factory=dict)
@@ -161,7 +161,7 @@ class WebhookSender:
     def __init__(
         self,
         storage: Storage,
-        resolve_secret: Callable[[str], str | None],
+        resolve_secret: Callable[[str, str], str | None],
         *,
         max_attempts: int = 6,
         base_delay_s: float = 0.5,
@@ -242,7 +242,7 @@ class WebhookSender:
     async def _deliver(self, n: _Notification, first_attempt: int) -> None:
         config = n.config
         body = _dumps(n.run)
-        secret = self._resolve_secret(config.secret_ref) if config.secret_ref else None
+        secret = self._resolve_secret(n.ws, config.secret_ref) if config.secret_ref else None
         if config.secret_ref and secret is None:
             log.warning("webhook secret %r is not configured; sending unsigned", config.secret_ref,
                         extra={"run_id": n.run_id})  # fmt: skip
@@ -395,7 +395,7 @@ class WebhookSender:
                     settled.append(nid)
                     continue
                 n = _Notification.from_json(stored)
-                if n.config.secret_ref and self._resolve_secret(n.config.secret_ref) is None:
+                if n.config.secret_ref and self._resolve_secret(n.ws, n.config.secret_ref) is None:
                     # Sending unsigned could get it refused for good: leave it to a process that can sign.
                     log.warning(
                         "a pending webhook for %s names secret %r, which this process lacks; leaving it",

@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m runner_service",
         description="Machina runner: continues runs that an engine without a capability (e.g. subprocess) "
         "handed off, with the real tools, over the same storage. Settings come from flags, "
-        "MACHINA_<NAME> environment variables (MACHINA_RUNNER_SECRET is required) or a TOML --config.",
+        "MACHINA_<NAME> environment variables (MACHINA_RUNNER_SECRET and/or MACHINA_RUNNER_SECRETS "
+        "is required) or a TOML --config.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--config", help="TOML config file (the engine's settings plus runner_* keys)")
@@ -60,8 +61,13 @@ def build_config(ns: argparse.Namespace) -> RunnerConfig:
         },
     )
     # Every request is authenticated, so no listen address is ever served without auth.
-    if not config.runner_secret.get_secret_value():
-        raise ConfigError("MACHINA_RUNNER_SECRET is required: the engine and the runner share it")
+    if not config.runner_secret.get_secret_value() and not any(
+        v.get_secret_value() for v in config.runner_secrets.values()
+    ):
+        raise ConfigError(
+            "MACHINA_RUNNER_SECRET is required (or runner_secrets per workspace): the engine and the "
+            "runner share it"
+        )
     if bool(config.runner_tls_cert) != bool(config.runner_tls_key):
         raise ConfigError("TLS needs both --tls-cert and --tls-key (MACHINA_RUNNER_TLS_CERT/_KEY)")
     # The runner has the real tools and never hands a run on (SPEC §5).
@@ -80,7 +86,12 @@ async def serve(config: RunnerConfig, port_file: str | None) -> None:
             log.warning("serving %s without TLS: the runner secret crosses the network in clear", address)
     engine = build_engine(config)
     await engine.start()  # MCP servers (the runner can start stdio ones and publishes their tools)
-    runner = Runner(engine, config.runner_secret.get_secret_value(), config.runner_workspace)
+    runner = Runner(
+        engine,
+        config.runner_secret.get_secret_value(),
+        config.runner_workspace,
+        {ws: secret.get_secret_value() for ws, secret in config.runner_secrets.items()},
+    )
     server, grpc_port, health = await start_grpc(runner, config.runner_listen, tls=tls)
     http = build_http_server(build_app(runner, config.runner_max_body_bytes), config)
     http_task = asyncio.create_task(http.serve())

@@ -31,8 +31,8 @@ class RunnerServicer(pb_grpc.RunnerServiceServicer):
     async def Continue(self, request: pb.ContinueRequest, context: Any) -> pb.ContinueResponse:
         try:
             metadata = dict(context.invocation_metadata() or ())
-            self._runner.check_bearer(metadata.get("authorization"))
-            await self._runner.accept(request.run_id, request.workspace_id)
+            presented = self._runner.check_bearer(metadata.get("authorization"))
+            await self._runner.accept(request.run_id, request.workspace_id, presented=presented)
         except Rejected as rejected:
             set_error(
                 context, EngineError(rejected.code, rejected.message, kind=_KIND_BY_HTTP[rejected.status])

@@ -33,7 +33,7 @@ def build_app(runner: Runner, max_body_bytes: int) -> Starlette:
 
     async def continue_run(request: Request) -> Response:
         try:
-            runner.check_bearer(request.headers.get("authorization"))
+            presented = runner.check_bearer(request.headers.get("authorization"))
             raw = await read_capped(request)
             try:
                 doc = json.loads(raw)
@@ -43,7 +43,7 @@ def build_app(runner: Runner, max_body_bytes: int) -> Starlette:
                 ) from None
             if not isinstance(doc, dict) or "runId" not in doc:
                 raise Rejected(400, "ERR_INVALID_REQUEST", 'the body must be a JSON object with "runId"')
-            run_id = await runner.accept(doc["runId"], doc.get("workspaceId"))
+            run_id = await runner.accept(doc["runId"], doc.get("workspaceId"), presented=presented)
         except Rejected as rejected:
             return JSONResponse(
                 {"error": rejected.code, "message": rejected.message}, status_code=rejected.status

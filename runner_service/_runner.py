@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from engine_service import Engine, EngineError, Principal
@@ -28,23 +29,53 @@ class Rejected(Exception):
 
 
 class Runner:
-    def __init__(self, engine: Engine, secret: str, default_workspace: str) -> None:
+    """Continues handed-off runs; a request must carry the handoff secret of the run's workspace.
+
+    ``secrets`` maps workspaces to their own secret; ``default_secret`` ("" = none) serves every
+    workspace without one. A workspace with its own secret never accepts the default one.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        default_secret: str,
+        default_workspace: str,
+        secrets: Mapping[str, str] | None = None,
+    ) -> None:
         self.engine = engine
-        self._secret_digest = hashlib.sha256(secret.encode()).digest()
+        self._default_digest = _digest(default_secret) if default_secret else None
+        self._digests = {ws: _digest(secret) for ws, secret in (secrets or {}).items() if secret}
         self._default_workspace = default_workspace
         self._tasks: set[asyncio.Task[Any]] = set()
         self.accepting = True
 
-    def check_bearer(self, header: str | None) -> None:
-        """Constant-time check of ``Authorization: Bearer <secret>``."""
+    def check_bearer(self, header: str | None) -> bytes:
+        """Constant-time check that ``Authorization: Bearer <token>`` is one of the secrets.
+
+        Returns the token's digest for ``accept``, which checks it is the workspace's own.
+        """
         scheme, _, token = (header or "").partition(" ")
-        presented = hashlib.sha256(token.strip().encode()).digest()
-        # Compare digests of equal length so timing says nothing about the secret.
-        if not (hmac.compare_digest(presented, self._secret_digest) and scheme.lower() == "bearer"):
+        presented = _digest(token.strip())
+        # Compare every digest (equal lengths) so timing says nothing about which matched.
+        known = [d for d in (self._default_digest, *self._digests.values()) if d is not None]
+        matched = False
+        for digest in known:
+            matched |= hmac.compare_digest(presented, digest)
+        if not (matched and scheme.lower() == "bearer"):
+            raise Rejected(401, "ERR_UNAUTHENTICATED", "bad or missing bearer token")
+        return presented
+
+    def _check_workspace(self, presented: bytes, workspace: str) -> None:
+        expected = self._digests.get(workspace, self._default_digest)
+        if expected is None or not hmac.compare_digest(presented, expected):
+            # The same answer as an unknown token: which workspaces a secret serves stays private.
             raise Rejected(401, "ERR_UNAUTHENTICATED", "bad or missing bearer token")
 
-    async def accept(self, run_id: Any, workspace_id: Any = None) -> str:
-        """Validate and start continuing ``run_id``; returns the run id. Raises Rejected."""
+    async def accept(self, run_id: Any, workspace_id: Any = None, *, presented: bytes) -> str:
+        """Validate and start continuing ``run_id``; returns the run id. Raises Rejected.
+
+        ``presented`` is what ``check_bearer`` returned: the secret must be the workspace's.
+        """
         if not self.accepting:
             raise Rejected(503, "ERR_SHUTTING_DOWN", "the runner is shutting down")
         if not isinstance(run_id, str) or not is_valid_id(run_id):
@@ -54,6 +85,8 @@ class Runner:
         workspace = self._default_workspace if workspace_id in (None, "") else workspace_id
         if not isinstance(workspace, str) or not is_valid_id(workspace):
             raise Rejected(400, "ERR_INVALID_ID", "workspaceId must be a valid id")
+        # The run is read from storage under this workspace only, so the secret binds the run too.
+        self._check_workspace(presented, workspace)
         principal = Principal(workspace, "runner")
         try:
             await self.engine.continue_handoff(principal, run_id)
@@ -71,3 +104,7 @@ class Runner:
     async def close(self, grace: float) -> None:
         self.accepting = False
         await self.engine.close(grace)
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()

@@ -15,16 +15,18 @@ from pydantic import SecretStr, ValidationError
 
 from engine_service._apicall import (
     ApiConfig,
+    ApiPolicyError,
     ApiService,
     AuthContext,
     CustomAuth,
     api_tool_enabled,
     build_api_call_tool,
+    check_per_run_services,
     env_lookup_from,
     load_resolve_auth,
-    merge_services,
     normalise_path,
 )
+from engine_service._egress import EgressPolicy
 from engine_service._errors import EngineError
 from engine_service._tools import Tool, ToolContext, ToolError, call_tool
 from tests.httpbin_server import Recorder
@@ -132,13 +134,55 @@ def test_registration_helpers() -> None:
         build_api_call_tool([], env_lookup=ENV.get)
     b2 = service("http://b2.example", "b")
     c = service("http://c.example", "c")
-    assert merge_services([a, b], [b2, c]) == [a, b2, c]
+    # Per-run services add to the engine's and never shadow one, whatever the case of the name.
+    check_per_run_services([a, b], [c], ())
+    for clash in (b2, service("http://x.example", "B"), service("http://x.example", "A")):
+        with pytest.raises(ApiPolicyError) as refused:
+            check_per_run_services([a, b], [clash], ())
+        assert refused.value.reason == "ERR_API_SERVICE_SHADOWED"
+        with pytest.raises(ApiPolicyError):
+            build_api_call_tool([a, b], env_lookup=ENV.get, per_run_services=[clash])
+    custom = service("http://c.example", "c", auth={"type": "custom", "id": "vault"})
+    check_per_run_services([a], [custom], ["vault"])
+    for allowed in ((), ["VAULT"], ["vault "]):
+        with pytest.raises(ApiPolicyError) as refused:
+            check_per_run_services([a], [custom], allowed)
+        assert refused.value.reason == "ERR_API_AUTH_NOT_ALLOWED"
     lookup = env_lookup_from({"x": SecretStr("run")}, None, {"x": SecretStr("e"), "y": SecretStr("e")})
     assert (lookup("x"), lookup("y"), lookup("z")) == ("run", "e", None)
     assert load_resolve_auth("tests.test_apicall:sign") is sign
     for path in ("tests.test_apicall:nope", "no_such_module:x", "tests.test_apicall:ENV"):
         with pytest.raises(EngineError):
             load_resolve_auth(path)
+
+
+async def test_per_run_services_read_only_the_run_env_and_allowed_custom_ids(recorder: Recorder) -> None:
+    """Also for a run stored before the policy changed: the tool itself refuses, not only the door."""
+    seen: list[AuthContext] = []
+
+    def resolver(auth: CustomAuth, ctx: AuthContext) -> dict[str, str]:
+        seen.append(ctx)
+        return {"Authorization": "Bearer engine-minted-0000"}
+
+    own = [
+        service(recorder.url, "bin", auth={"type": "bearer", "token_ref": "tok"}),
+        service(recorder.url, "minted", auth={"type": "custom", "id": "vault"}),
+        service(recorder.url, "tenant", auth={"type": "custom", "id": "tenant"}),
+    ]
+    tool = build_api_call_tool(
+        [],
+        env_lookup=ENV.get,
+        resolve_auth=resolver,
+        per_run_services=own,
+        run_env_lookup={"other": "x"}.get,
+        per_run_custom_auth_ids=["tenant"],
+        egress=EgressPolicy.from_settings(allow_hosts=["127.0.0.1"]),  # the recorder is on loopback
+    )
+    assert "ERR_CREDENTIALS_MISSING" in await call(tool, path="/x")  # "tok" is the engine's, not the run's
+    assert "ERR_API_AUTH_NOT_ALLOWED" in await call(tool, service="minted", path="/x")
+    assert (await call(tool, service="tenant", path="/x"))["status"] == 200
+    assert [h.get("authorization") for _, h in recorder.requests] == ["Bearer engine-minted-0000"]
+    assert seen == [AuthContext("tenant", "GET", "/x", "default", "run-1", recorder.url, per_run=True)]
 
 
 # -- auth ---------------------------------------------------------------------------------------------
@@ -192,7 +236,7 @@ async def test_auth_custom_resolver_signs_method_and_path(httpbin: str, is_async
         resolve_auth=async_resolver if is_async else sync_resolver,
     )
     result = await call(tool, method="PUT", path="/anything/./items/7", body={"a": 1})
-    assert seen == [AuthContext("bin", "PUT", "/anything/items/7")]
+    assert seen == [AuthContext("bin", "PUT", "/anything/items/7", "default", "run-1", httpbin)]
     assert result["body"]["method"] == "PUT"
     # The signature was sent: it comes back redacted, because resolver output is secret too.
     assert result["body"]["headers"]["X-Signature"] == "[REDACTED]"
@@ -483,13 +527,15 @@ async def test_metering_hooks_and_event(httpbin: str, caplog: pytest.LogCaptureF
     tool = make_tool(service(httpbin), on_request=requests.append, on_response=on_response)
     result = await call(tool, events, method="POST", path="/status/201", query={"secretish": "value"})
     assert result["status"] == 201
-    assert requests == [{"service": "bin", "method": "POST", "path": "/status/201"}]
+    # Hooks learn whose call it is (per-tenant metering); the run's own event needs no such tag.
+    who = {"workspace_id": "default", "run_id": "run-1", "per_run": False}
+    assert requests == [{"service": "bin", "method": "POST", "path": "/status/201", **who}]
     [payload] = responses
-    assert set(payload) == {"service", "method", "path", "status", "latency_ms", "bytes_in"}
+    assert set(payload) == {"service", "method", "path", "status", "latency_ms", "bytes_in", *who}
     assert payload["status"] == 201
     assert payload["latency_ms"] >= 0
     assert payload["bytes_in"] == 0
-    assert events.items == [("api_call", payload)]
+    assert events.items == [("api_call", {k: v for k, v in payload.items() if k not in who})]
 
     def broken(payload: dict[str, Any]) -> None:
         raise RuntimeError("meter down")

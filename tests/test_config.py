@@ -93,3 +93,30 @@ def test_custom_tool_by_import_path() -> None:
         load_tool("tests.tools.double")
     with pytest.raises(Exception, match="cannot load"):
         load_tool("tests.tools:nope")
+
+
+def test_runner_and_webhook_secrets_per_workspace(tmp_path: Path) -> None:
+    path = tmp_path / "engine.toml"
+    path.write_text('[workspace_webhook_secrets.acme]\nhook = "acme-own"\nacme_only = "a1"\n')
+    env = {
+        "MACHINA_RUNNER_SECRET": "shared-runner",
+        "MACHINA_RUNNER_SECRETS": "acme=acme-runner,globex=globex-runner",
+        "MACHINA_WEBHOOK_SECRETS": "hook=shared-hook",
+        "HOOK_FROM_ENV": "never-read",
+    }
+    config = load_config(str(path), env=env)
+    assert config.runner_secret_for("acme") == "acme-runner"
+    assert config.runner_secret_for("initech") == "shared-runner"
+    assert config.webhook_secret("acme", "hook") == "acme-own"  # the workspace's own wins
+    assert config.webhook_secret("globex", "hook") == "shared-hook"
+    assert config.webhook_secret("globex", "acme_only") is None  # another workspace's
+    assert config.webhook_secret("acme", "HOOK_FROM_ENV") is None  # never the environment
+    assert config.webhook_secret("acme", "MACHINA_RUNNER_SECRET") is None
+    config.check_runner_secrets()
+    with pytest.raises(ConfigError, match="runner_secret"):
+        load_config(env={"MACHINA_RUNNER_URL": "http://127.0.0.1:9/continue"}).check_runner_secrets()
+    alone = load_config(
+        env={"MACHINA_RUNNER_SECRETS": "acme=x"}, overrides={"runner_urls": {"acme": "u", "b": "v"}}
+    )
+    with pytest.raises(ConfigError, match=r"\['b'\]"):
+        alone.check_runner_secrets()

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client_py import AsyncEngineClient, DestinationRefusedError, ToolCallCompleted
+from client_py import AsyncEngineClient, DestinationRefusedError, MachinaError, ToolCallCompleted
 from engine_service._egress import EgressPolicy, EgressRefused, ip_literal, refusal_reason
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
@@ -465,11 +465,10 @@ async def test_operator_services_are_exempt_and_allowed_tenant_services_work(
     assert json.loads(ops.output)["body"] == "recorded /ops"
     assert tenant.is_error
     assert "non-public address" in tenant.output
-    # A tenant cannot escape by naming its service like the operator's: it is still the tenant's.
-    (shadow,) = await run_tool_calls(strict.port, [calls[0]], api={"services": [
-        {"name": "ops", "base_url": f"http://internal.test:{recorder.port}"}]})  # fmt: skip
-    assert shadow.is_error
-    assert "non-public address" in shadow.output
+    # A tenant cannot escape by naming its service like the operator's: that is refused at the door.
+    with pytest.raises(MachinaError, match="ERR_API_SERVICE_SHADOWED"):
+        await run_tool_calls(strict.port, [calls[0]], api={"services": [
+            {"name": "ops", "base_url": f"http://internal.test:{recorder.port}"}]})  # fmt: skip
     await servers.stop_all()
 
     allowing = await servers.start(config={**operator, "egress_allow_hosts": ["api.example"]}, resolver=dns())

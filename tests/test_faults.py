@@ -531,7 +531,7 @@ async def test_webhook_receiver_outage_is_retried_and_never_blocks_the_run(
 
 @pytest.mark.timeout(40)
 async def test_webhook_pending_at_a_crash_is_delivered_after_restart(tmp_path: Path, hook_port: int) -> None:
-    env = base_env(tmp_path, hook=WEBHOOK_SECRET)
+    env = base_env(tmp_path, MACHINA_WEBHOOK_SECRETS=f"hook={WEBHOOK_SECRET}")
     engine = EngineProcess(tmp_path, env=env)
     webhook = {"url": f"http://127.0.0.1:{hook_port}/hook", "secret_ref": "hook"}
     try:

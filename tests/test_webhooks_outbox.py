@@ -179,7 +179,11 @@ async def with_run(root: Path) -> LocalStorage:
 def sender(storage: Storage, *, max_attempts: int = 6, base_delay_s: float = 0.01) -> WebhookSender:
     secrets = {"hook": SECRET}
     return WebhookSender(
-        storage, secrets.get, max_attempts=max_attempts, base_delay_s=base_delay_s, egress=LOOPBACK
+        storage,
+        lambda _ws, ref: secrets.get(ref),
+        max_attempts=max_attempts,
+        base_delay_s=base_delay_s,
+        egress=LOOPBACK,
     )
 
 
@@ -277,7 +281,7 @@ async def test_a_process_without_the_secret_leaves_the_notification_pending(tmp_
     first.notify("default", "run_1", {"url": dead, "secret_ref": "hook"}, "done", RUN)
     await wait_for_attempts(first, "default", "run_1", 1)
     await first.close(grace=0)
-    unsigned = WebhookSender(storage, lambda _ref: None, egress=LOOPBACK)
+    unsigned = WebhookSender(storage, lambda _ws, _ref: None, egress=LOOPBACK)
     assert await unsigned.resume_pending_all() == 0  # it would have to send unsigned
     await unsigned.close()
     assert len(await outbox(storage)) == 1
@@ -315,7 +319,7 @@ async def test_the_startup_scan_reads_the_index_not_every_run(servers: ServerFac
         for i in range(5):
             await client.execute(f"r{i}", model="scripted", script=[turn("hello")]).result()
     storage = CountingStorage(servers.root)
-    webhooks = WebhookSender(storage, lambda _ref: None, egress=LOOPBACK)
+    webhooks = WebhookSender(storage, lambda _ws, _ref: None, egress=LOOPBACK)
     assert await webhooks.resume_pending_all() == 0
     await webhooks.close()
     assert storage.calls == ["get_shared"] * OUTBOX_SHARDS

@@ -215,7 +215,8 @@ Global___ToolDefinition: _TypeAlias = ToolDefinition  # noqa: Y015
 @_typing.final
 class ApiAuth(_message.Message):
     """How ApiCall authenticates to a service. Values are never sent here, only the
-    names (refs) of credentials in the `env` map of ApiSpec or the engine's config.
+    names (refs) of credentials: a per-run service's refs name entries of its ApiSpec's
+    `env` only, never the engine's credentials.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -240,7 +241,10 @@ class ApiAuth(_message.Message):
     pass_ref: _builtins.str
     """basic: the ref of the password."""
     id: _builtins.str
-    """custom: the id passed to the engine's resolve_auth callable."""
+    """custom: the id passed to the engine's resolve_auth callable. A per-run service may
+    name only an id the engine lists in `api.per_run_custom_auth_ids` (else
+    PERMISSION_DENIED, ERR_API_AUTH_NOT_ALLOWED).
+    """
     def __init__(
         self,
         *,
@@ -374,7 +378,10 @@ class ApiSpec(_message.Message):
     ENV_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def services(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiService]:
-        """Services for this run (they extend or replace the engine's by name)."""
+        """Services for this run. They add to the engine's services and may not share a name
+        with one, ignoring case (ERR_API_SERVICE_SHADOWED). Read at creation only: on
+        ResumeRun only `env` is used.
+        """
 
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -584,7 +591,10 @@ class Webhook(_message.Message):
     url: _builtins.str
     """The receiver's http(s) URL."""
     secret_ref: _builtins.str
-    """The name of a signing secret in the engine's `webhook_secrets` (never the secret itself)."""
+    """The name of a signing secret configured for webhooks: the workspace's own
+    (`workspace_webhook_secrets`) or a shared one (`webhook_secrets`), never the secret
+    itself and never anything else (ERR_WEBHOOK_SECRET_UNKNOWN).
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Which of `paused`, `done`, `failed`, `cancelled` to send; empty = paused, done, failed."""

@@ -27,7 +27,9 @@ class ContinueRequest(_message.Message):
     run_id: _builtins.str
     """The id of the run to continue."""
     workspace_id: _builtins.str
-    """The workspace the run belongs to; empty = `default`."""
+    """The workspace the run belongs to; empty = the runner's `runner_workspace`
+    (`default` unless configured). The run is read from this workspace only.
+    """
     def __init__(
         self,
         *,

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class RunnerServiceStub:
     """RunnerService resumes runs handed off by an engine that lacks a capability
-    (for example `subprocess`). Calls carry `authorization: Bearer <runner secret>`.
+    (for example `subprocess`). Calls carry `authorization: Bearer <runner secret>`: the
+    secret of the run's workspace (its own, or else the shared one), else UNAUTHENTICATED.
     """
 
     def __init__(self, channel):
@@ -45,7 +46,8 @@ class RunnerServiceStub:
 
 class RunnerServiceServicer:
     """RunnerService resumes runs handed off by an engine that lacks a capability
-    (for example `subprocess`). Calls carry `authorization: Bearer <runner secret>`.
+    (for example `subprocess`). Calls carry `authorization: Bearer <runner secret>`: the
+    secret of the run's workspace (its own, or else the shared one), else UNAUTHENTICATED.
     """
 
     def Continue(self, request, context):
@@ -73,7 +75,8 @@ def add_RunnerServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RunnerService:
     """RunnerService resumes runs handed off by an engine that lacks a capability
-    (for example `subprocess`). Calls carry `authorization: Bearer <runner secret>`.
+    (for example `subprocess`). Calls carry `authorization: Bearer <runner secret>`: the
+    secret of the run's workspace (its own, or else the shared one), else UNAUTHENTICATED.
     """
 
     @staticmethod

@@ -28,7 +28,8 @@ GRPC_VERSION: str
 
 class RunnerServiceStub:
     """RunnerService resumes runs handed off by an engine that lacks a capability
-    (for example `subprocess`). Calls carry `authorization: Bearer <runner secret>`.
+    (for example `subprocess`). Calls carry `authorization: Bearer <runner secret>`: the
+    secret of the run's workspace (its own, or else the shared one), else UNAUTHENTICATED.
     """
 
     @_typing.overload
@@ -41,7 +42,8 @@ class RunnerServiceStub:
 @_typing.type_check_only
 class RunnerServiceAsyncStub(RunnerServiceStub):
     """RunnerService resumes runs handed off by an engine that lacks a capability
-    (for example `subprocess`). Calls carry `authorization: Bearer <runner secret>`.
+    (for example `subprocess`). Calls carry `authorization: Bearer <runner secret>`: the
+    secret of the run's workspace (its own, or else the shared one), else UNAUTHENTICATED.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -50,7 +52,8 @@ class RunnerServiceAsyncStub(RunnerServiceStub):
 
 class RunnerServiceServicer(metaclass=_abc_1.ABCMeta):
     """RunnerService resumes runs handed off by an engine that lacks a capability
-    (for example `subprocess`). Calls carry `authorization: Bearer <runner secret>`.
+    (for example `subprocess`). Calls carry `authorization: Bearer <runner secret>`: the
+    secret of the run's workspace (its own, or else the shared one), else UNAUTHENTICATED.
     """
 
     @_abc_1.abstractmethod

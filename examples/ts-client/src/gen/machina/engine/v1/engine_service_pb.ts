@@ -225,7 +225,8 @@ export const ToolDefinitionSchema: GenMessage<ToolDefinition> = /*@__PURE__*/
 
 /**
  * How ApiCall authenticates to a service. Values are never sent here, only the
- * names (refs) of credentials in the `env` map of ApiSpec or the engine's config.
+ * names (refs) of credentials: a per-run service's refs name entries of its ApiSpec's
+ * `env` only, never the engine's credentials.
  *
  * @generated from message machina.engine.v1.ApiAuth
  */
@@ -273,7 +274,9 @@ export type ApiAuth = Message<"machina.engine.v1.ApiAuth"> & {
   passRef: string;
 
   /**
-   * custom: the id passed to the engine's resolve_auth callable.
+   * custom: the id passed to the engine's resolve_auth callable. A per-run service may
+   * name only an id the engine lists in `api.per_run_custom_auth_ids` (else
+   * PERMISSION_DENIED, ERR_API_AUTH_NOT_ALLOWED).
    *
    * @generated from field: string id = 7;
    */
@@ -372,7 +375,9 @@ export const ApiServiceSchema: GenMessage<ApiService> = /*@__PURE__*/
  */
 export type ApiSpec = Message<"machina.engine.v1.ApiSpec"> & {
   /**
-   * Services for this run (they extend or replace the engine's by name).
+   * Services for this run. They add to the engine's services and may not share a name
+   * with one, ignoring case (ERR_API_SERVICE_SHADOWED). Read at creation only: on
+   * ResumeRun only `env` is used.
    *
    * @generated from field: repeated machina.engine.v1.ApiService services = 1;
    */
@@ -551,7 +556,9 @@ export type Webhook = Message<"machina.engine.v1.Webhook"> & {
   url: string;
 
   /**
-   * The name of a signing secret in the engine's `webhook_secrets` (never the secret itself).
+   * The name of a signing secret configured for webhooks: the workspace's own
+   * (`workspace_webhook_secrets`) or a shared one (`webhook_secrets`), never the secret
+   * itself and never anything else (ERR_WEBHOOK_SECRET_UNKNOWN).
    *
    * @generated from field: string secret_ref = 2;
    */

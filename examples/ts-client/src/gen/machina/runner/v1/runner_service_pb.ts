@@ -26,7 +26,8 @@ export type ContinueRequest = Message<"machina.runner.v1.ContinueRequest"> & {
   runId: string;
 
   /**
-   * The workspace the run belongs to; empty = `default`.
+   * The workspace the run belongs to; empty = the runner's `runner_workspace`
+   * (`default` unless configured). The run is read from this workspace only.
    *
    * @generated from field: string workspace_id = 2;
    */
@@ -63,7 +64,8 @@ export const ContinueResponseSchema: GenMessage<ContinueResponse> = /*@__PURE__*
 
 /**
  * RunnerService resumes runs handed off by an engine that lacks a capability
- * (for example `subprocess`). Calls carry `authorization: Bearer <runner secret>`.
+ * (for example `subprocess`). Calls carry `authorization: Bearer <runner secret>`: the
+ * secret of the run's workspace (its own, or else the shared one), else UNAUTHENTICATED.
  *
  * @generated from service machina.runner.v1.RunnerService
  */
