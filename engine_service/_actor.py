@@ -217,6 +217,10 @@ class RunActor:
             docs = await self.env.storage.read_segments(ws, run_id, "transcript", 0, committed)
             self.transcript = [Message.from_json(d) for d in docs]
             self._transcript_read = True
+        if not self.transcript:
+            # Before the first checkpoint the transcript's first entry, the task, lives in the
+            # spec (written before CreateRun answered); the first checkpoint commits it.
+            self.transcript = [Message("user", self.record.task)]
         return True
 
     async def release(self, *, close_feed: bool = True) -> None:
@@ -295,7 +299,8 @@ class RunActor:
         self._active_since = self.env.clock()
         record.state = RunState.RUNNING
         record.pause_reason = None
-        if resumed_by is None:
+        if resumed_by is None or self.feed.last_seq == 0:
+            # Also a run recovered before any of its events was written: it never started visibly.
             self.emit(EventKind.RUN_STARTED, {"task": record.task, "model": record.meta.model})
         elif self._rolled_back_from:
             # What the dead writer did past its checkpoint is redone (or reported) from here.
