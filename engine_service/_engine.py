@@ -945,6 +945,10 @@ class Engine:
                 await self.recover_orphaned_runs()
             except Exception:
                 log.warning("recovery sweep failed; will retry", exc_info=True)
+            try:
+                await self.arm_approval_deadlines()
+            except Exception:
+                log.warning("approval deadline sweep failed; will retry", exc_info=True)
             if not self.config.recovery_interval_s:
                 return
             await asyncio.sleep(self.config.recovery_interval_s)
@@ -1008,6 +1012,24 @@ class Engine:
             return record
 
     # -- approval expiry ----------------------------------------------------------------
+
+    async def arm_approval_deadlines(self) -> None:
+        """Arm a timer for every paused run's approval deadline that no timer here watches.
+
+        Deadlines live in each run's state.json; a timer lives only in the process that
+        paused the run. After a restart (or on another replica) this sweep takes over: a
+        deadline that passed while no engine was up fires at once. Whichever process fires
+        first takes the run's lease and records the expiry; the others find it moved.
+        """
+        for ws in await self.storage.list_workspaces():
+            for run_id in await self.storage.list_runs(ws):
+                key = (ws, run_id)
+                if key in self._active or key in self._timers or self._closing:
+                    continue
+                with contextlib.suppress(EngineError, ValueError):
+                    record = await self._load(key)
+                    if record.state is RunState.PAUSED:
+                        self._arm_expiry(key, record)
 
     def _arm_expiry(self, key: tuple[str, str], record: RunRecord) -> None:
         deadlines = [i.expires_at for i in record.interrupts if i.expires_at]

@@ -90,3 +90,41 @@ async def test_a_crash_during_the_first_model_turn_keeps_the_task(tmp_path: Path
     assert {"role": "user", "content": "what is the capital of France?"} in messages, messages
     assert [e.kind for e in events][0] == "run_started"
     assert events[-1].kind == "run_finished"
+
+
+# -- approval deadlines survive restarts ---------------------------------------------------------
+
+
+async def test_an_approval_deadline_that_passed_while_down_fires_once_after_restart(tmp_path: Path) -> None:
+    from tests.conftest import turn
+
+    env = base_env(tmp_path, MACHINA_TOOLS_CUSTOM="tests.tools:echo")
+    engine = EngineProcess(tmp_path / "a", env=env)
+    try:
+        async with AsyncEngineClient(engine.target) as client:
+            handle = await client.create(
+                "echo something",
+                model="scripted",
+                script=[turn("", ("echo", {"text": "hi"})), turn("all done")],
+                permissions={"echo": "ask"},
+                approval_timeout=1.0,
+            )
+            run = await wait_state(client, handle.run_id, ("PAUSED", *TERMINAL), 20)
+            assert run.state == "PAUSED"
+    finally:
+        engine.kill9()
+    await asyncio.sleep(1.5)  # the deadline passes while no engine is up
+    # Two replicas come up on the same storage: the expiry is recorded exactly once.
+    replicas = [EngineProcess(tmp_path / name, env=env) for name in ("b", "c")]
+    try:
+        async with AsyncEngineClient(replicas[0].target) as client:
+            run = await wait_state(client, handle.run_id, TERMINAL, 30)
+            assert run.state == "DONE", run
+            events = [e async for e in (await client.attach(handle.run_id)).events(follow=False)]
+    finally:
+        for replica in replicas:
+            replica.close()
+    decided = [e for e in events if e.kind == "approval_decided"]
+    assert len(decided) == 1, decided
+    assert decided[0].expired and decided[0].decision == "reject"
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
