@@ -661,6 +661,16 @@ class Engine:
                 committed = actor.feed.base_seq if actor is not None else record.last_seq
                 if committed > cursor:
                     docs = await self.storage.read_segments(key[0], key[1], "events", cursor, committed)
+                    if not docs or docs[0].get("seq") != cursor + 1:
+                        # A log that lacks committed events cannot be streamed in order; say so
+                        # rather than read the same gap forever.
+                        log.error("run %s: event log lacks events after seq %d", key[1], cursor)
+                        raise EngineError(
+                            "ERR_EVENT_LOG_DAMAGED",
+                            f"the event log of run {key[1]!r} lacks events after seq {cursor}",
+                            kind=ErrorKind.INTERNAL,
+                            metadata={"run_id": key[1], "after_seq": str(cursor)},
+                        )
                     for start in range(0, len(docs), 512):
                         batch = [Event.from_json(d) for d in docs[start : start + 512]]
                         cursor = batch[-1].seq

@@ -206,14 +206,30 @@ class LocalStorage:
                 appender.file.close()
             directory = self._run_dir(ws, run_id) / key[2]
             directory.mkdir(exist_ok=True)
+            if (directory / segment_name(first)).exists():
+                # Only a retry after a failed append reopens a segment: never append after torn bytes.
+                _truncate_after(directory / segment_name(first), 1 << 62)
             # Kept open across checkpoints (closed on release/close): appends are cheap, opens are not.
             handle = open(directory / segment_name(first), "a", encoding="utf-8")  # noqa: SIM115
             appender = _Appender(handle, first, first)
             self._appenders[key] = appender
-        appender.file.write("".join(_dumps(r) + "\n" for r in records))
-        appender.file.flush()
-        if self._fsync:
-            os.fsync(appender.file.fileno())
+        path = Path(appender.file.name)
+        whole = os.fstat(appender.file.fileno()).st_size  # the end of the last whole record
+        try:
+            appender.file.write("".join(_dumps(r) + "\n" for r in records))
+            appender.file.flush()
+            if self._fsync:
+                os.fsync(appender.file.fileno())
+        except BaseException:
+            # A failed append (disk full, I/O error) may have left part of the batch. Cut the
+            # segment back to its last whole record so a retry appends after it, never after
+            # torn bytes; if even that fails, the retry starts a new segment (see read_segments).
+            del self._appenders[key]
+            with contextlib.suppress(OSError, ValueError):
+                appender.file.close()  # flushing what is buffered may fail again: truncated below
+            with contextlib.suppress(OSError):
+                os.truncate(path, whole)
+            raise
         appender.next += len(records)
 
     async def read_segments(
@@ -228,12 +244,14 @@ class LocalStorage:
             return []
         out: list[JsonObject] = []
         for i, first in enumerate(starts):
-            end = starts[i + 1] - 1 if i + 1 < len(starts) else upto
+            end = min(starts[i + 1] - 1, upto) if i + 1 < len(starts) else upto
             if end <= after or first > upto:
                 continue
-            with open(directory / segment_name(first), encoding="utf-8") as fh:
+            with open(directory / segment_name(first), "rb") as fh:
                 for index, line in enumerate(fh, start=first):
-                    if index > upto:
+                    # A segment ends where the next begins, or at a torn last line (an append
+                    # that failed and could not be cut back; its retry began a new segment).
+                    if index > end or not line.endswith(b"\n"):
                         break
                     if index > after:
                         out.append(json.loads(line))
