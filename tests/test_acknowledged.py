@@ -88,7 +88,7 @@ async def test_a_crash_during_the_first_model_turn_keeps_the_task(tmp_path: Path
     # The recovered turn asked the model the user's task, not an empty conversation.
     messages = model.requests[1].body["messages"]
     assert {"role": "user", "content": "what is the capital of France?"} in messages, messages
-    assert [e.kind for e in events][0] == "run_started"
+    assert events[0].kind == "run_started"
     assert events[-1].kind == "run_finished"
 
 
@@ -126,5 +126,6 @@ async def test_an_approval_deadline_that_passed_while_down_fires_once_after_rest
             replica.close()
     decided = [e for e in events if e.kind == "approval_decided"]
     assert len(decided) == 1, decided
-    assert decided[0].expired and decided[0].decision == "reject"
+    assert decided[0].expired
+    assert decided[0].decision == "reject"
     assert [e.seq for e in events] == list(range(1, len(events) + 1))

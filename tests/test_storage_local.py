@@ -174,7 +174,7 @@ async def test_an_append_that_fails_on_a_full_disk_is_cut_back_then_retried(tmp_
         await storage.write_segment("ws", "r1", "events", 1, [{"seq": 1}])
         filler = fill(disk)
         big = [{"seq": n, "pad": "x" * 4000} for n in range(2, 40)]  # more than a page: partly written
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="No space left"):
             await storage.write_segment("ws", "r1", "events", 2, big)
         assert await storage.read_segments("ws", "r1", "events", 0, 100) == [{"seq": 1}]
         filler.unlink()
