@@ -471,6 +471,7 @@ class Engine:
             handoff=self._post_to_runner if mode == "async" and self._runner_url(ws) else None,
             notify=self._notify_webhook,
             clock=self._clock,
+            storage_retry_s=cfg.storage_retry_s,
         )
 
     def _api_call_tool(self, ws: str, spec: RunSpec) -> Tool | None:
@@ -506,7 +507,7 @@ class Engine:
     def _on_actor_done(self, actor: RunActor) -> None:
         if self._active.get(actor.key) is actor:
             del self._active[actor.key]
-        record = actor.record
+        record = actor.view()  # as committed: a run parked by a storage outage is not what it tried
         if record.state.terminal and not (record.error and record.error.code == "ERR_RUNNER_UNREACHABLE"):
             self._run_api_env.pop(actor.key, None)
         if record.state is RunState.PAUSED:
@@ -666,7 +667,7 @@ class Engine:
                         # rather than read the same gap forever.
                         log.error("run %s: event log lacks events after seq %d", key[1], cursor)
                         raise EngineError(
-                            "ERR_EVENT_LOG_DAMAGED",
+                            "ERR_INTERNAL",
                             f"the event log of run {key[1]!r} lacks events after seq {cursor}",
                             kind=ErrorKind.INTERNAL,
                             metadata={"run_id": key[1], "after_seq": str(cursor)},
@@ -1106,6 +1107,8 @@ class Engine:
         """Record the planned decisions on a run we hold; it continues once none is pending."""
         for pending, action, reason, expired in plan:
             actor.record_decision(pending, action, by, reason=reason, expired=expired or all_expired)
+            if all_expired and pending.outcome == "rejected":
+                pending.outcome = "expired"
         if actor.record.interrupts:
             await actor.checkpoint()  # still waiting for the other interrupts
             await actor.release()
@@ -1222,8 +1225,10 @@ def apply_decision(
             f"The user rejected this call. Reason: {reason}" if reason else "The user rejected this call."
         )
         pending.result_is_error = True
+        pending.outcome = "rejected"
         return pending, "reject", reason, False
     pending.status = RESOLVED
     pending.result_text = render_result(output)
     pending.result_is_error = False
+    pending.outcome = "responded"
     return pending, "respond", "", False

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -45,6 +46,25 @@ from engine_service._ids import check_id
 from engine_service._types import JsonObject
 
 _SEGMENT_DIGITS = 12
+
+
+class StorageUnavailable(Exception):
+    """Storage cannot serve a request now (read-only, full, unreachable, answering 5xx).
+
+    Adapters raise it (or an `OSError` such as ``EROFS``/``ENOSPC``, see `storage_fault`)
+    for faults that may pass; the run waits and retries instead of failing.
+    """
+
+
+# File-system errors that are the storage being unavailable, not a bug in the engine.
+_FAULT_ERRNOS = frozenset(
+    {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO, errno.EAGAIN}
+)
+
+
+def storage_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is storage being unavailable (worth waiting for) rather than a bug."""
+    return isinstance(exc, StorageUnavailable) or (isinstance(exc, OSError) and exc.errno in _FAULT_ERRNOS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,8 +201,16 @@ class LocalStorage:
             run_dir.mkdir()
         except FileExistsError:
             return False
-        self._write_atomic(run_dir / "spec.json", _dumps(spec))
-        self._write_atomic(run_dir / "state.json", _dumps(state))
+        try:
+            self._write_atomic(run_dir / "spec.json", _dumps(spec))
+            self._write_atomic(run_dir / "state.json", _dumps(state))
+        except BaseException:
+            # A run is created whole or not at all: a retry must find no half-made run directory.
+            for leftover in run_dir.iterdir():
+                leftover.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+            raise
         return True
 
     async def read_spec(self, ws: str, run_id: str) -> JsonObject | None:
@@ -330,8 +358,12 @@ class LocalStorage:
                     return existing
                 await asyncio.sleep(0.01)
             raise
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(_dumps(doc))
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(_dumps(doc))
+        except BaseException:
+            path.unlink(missing_ok=True)  # an empty key would block every retry
+            raise
         return None
 
     async def acquire_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
@@ -372,12 +404,17 @@ class LocalStorage:
 
     def _write_atomic(self, path: Path, data: str | bytes) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-            if self._fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data.encode() if isinstance(data, str) else data)
+                if self._fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # a full disk must not keep what it could not take
+            raise
         if self._fsync:
             dir_fd = os.open(path.parent, os.O_RDONLY)
             try:

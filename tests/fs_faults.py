@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,11 +48,14 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def as_nobody() -> dict[str, object]:
-    """Popen options that run the child as ``nobody`` (no CAP_DAC_OVERRIDE: chmod binds it)."""
+def as_nobody() -> list[str]:
+    """A launcher that runs a command as ``nobody``: no capabilities, so CAP_DAC_OVERRIDE cannot
+    get past a directory's mode the way root would."""
     if os.geteuid() != 0:
         pytest.skip("running a process as another user needs root")
-    return {"user": NOBODY, "group": NOBODY, "extra_groups": []}
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 
 def chown_tree(path: Path, uid: int = NOBODY) -> None:

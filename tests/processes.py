@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -25,7 +26,13 @@ class ServiceProcess:
     """``python -m <module> ... --port-file F``; waits until the port file appears."""
 
     def __init__(
-        self, module: str, tmp: Path, *args: str, env: dict[str, str] | None = None, name: str = ""
+        self,
+        module: str,
+        tmp: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        name: str = "",
+        launcher: Sequence[str] = (),  # a command the process runs under, e.g. setpriv to drop root
     ) -> None:
         name = name or module
         tmp.mkdir(parents=True, exist_ok=True)
@@ -34,7 +41,7 @@ class ServiceProcess:
         self.log = tmp / f"{name}.log"
         self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--port-file", str(self.port_file), *args],
+            [*launcher, sys.executable, "-m", module, "--port-file", str(self.port_file), *args],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=self._log_file,
@@ -68,8 +75,12 @@ class ServiceProcess:
 
 
 class EngineProcess(ServiceProcess):
-    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        super().__init__("engine_service", tmp, "--listen", "127.0.0.1:0", *args, env=env, name="engine")
+    def __init__(
+        self, tmp: Path, *args: str, env: dict[str, str] | None = None, launcher: Sequence[str] = ()
+    ) -> None:
+        super().__init__(
+            "engine_service", tmp, "--listen", "127.0.0.1:0", *args, env=env, name="engine", launcher=launcher
+        )
         self.target = f"127.0.0.1:{self.ports}"
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from client_py import AsyncEngineClient
+from client_py import ApprovalDecided, AsyncEngineClient
 from tests.processes import EngineProcess
 from tests.sse_server import Sse, data, serve
 
@@ -124,8 +124,126 @@ async def test_an_approval_deadline_that_passed_while_down_fires_once_after_rest
     finally:
         for replica in replicas:
             replica.close()
-    decided = [e for e in events if e.kind == "approval_decided"]
+    decided = [e for e in events if isinstance(e, ApprovalDecided)]
     assert len(decided) == 1, decided
     assert decided[0].expired
     assert decided[0].decision == "reject"
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+# -- storage read-only or full mid-run: the run waits, nothing is shown that is taken back ---------
+
+
+class Watcher:
+    """Follows a run's events in the background, as a user's widget would."""
+
+    def __init__(self, client: AsyncEngineClient, run_id: str) -> None:
+        self.events: list[Any] = []
+        self._task = asyncio.ensure_future(self._follow(client, run_id))
+
+    async def _follow(self, client: AsyncEngineClient, run_id: str) -> None:
+        async for event in (await client.attach(run_id)).events(follow=True):
+            self.events.append(event)
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]
+
+    async def finished(self, timeout: float = 30) -> list[Any]:
+        await asyncio.wait_for(self._task, timeout)
+        return self.events
+
+
+def sleepy_script(seconds: float) -> list[dict[str, Any]]:
+    from tests.conftest import turn
+
+    return [turn("", ("sleep", {"seconds": seconds})), turn("all done")]
+
+
+async def storage_fault_mid_run(
+    client: AsyncEngineClient, break_storage: Any, mend_storage: Any
+) -> tuple[list[Any], Any]:
+    """A run whose storage breaks during its tool call; returns what a watcher saw and the run."""
+    from client_py import StorageUnavailableError
+
+    handle = await client.create("sleep a while", model="scripted", script=sleepy_script(1.5))
+    watcher = Watcher(client, handle.run_id)
+    await until(lambda: "tool_call_started" in watcher.kinds())
+    break_storage()
+    await asyncio.sleep(4)  # the call ends, its commit fails and is retried
+    run = await client.get_run(handle.run_id)
+    assert run.state == "RUNNING", run
+    assert "run_finished" not in watcher.kinds(), watcher.kinds()
+    with pytest.raises(StorageUnavailableError) as refused:
+        await client.create("another", model="scripted", script=sleepy_script(0))
+    assert refused.value.code == "ERR_STORAGE_UNAVAILABLE"
+    mend_storage()
+    events = await watcher.finished()
+    return events, await client.get_run(handle.run_id)
+
+
+def check_one_end(events: list[Any], run: Any) -> None:
+    assert run.state == "DONE", run
+    ends = [e for e in events if e.kind == "run_finished"]
+    assert [e.state for e in ends] == ["DONE"], ends
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_storage_made_read_only_mid_run_shows_no_end_that_is_not_committed() -> None:
+    import os
+    import shutil
+    import tempfile
+
+    from tests.fs_faults import as_nobody, chown_tree
+
+    launcher = as_nobody()
+    # Outside pytest's tmp (root-only): the engine runs as nobody, without CAP_DAC_OVERRIDE.
+    root = Path(tempfile.mkdtemp(prefix="machina-ro-", dir="/tmp"))
+    try:
+        os.chmod(root, 0o755)  # noqa: S103 - nobody must reach it
+        chown_tree(root)
+        env = base_env(root, MACHINA_TOOLS_CUSTOM="tests.tools:sleep")
+        engine = EngineProcess(root, env=env, launcher=launcher)
+        runs = root / "storage" / "workspaces" / "default" / "runs"
+
+        def set_mode(mode: int) -> None:
+            for directory in [runs, *runs.rglob("*")]:
+                if directory.is_dir():
+                    os.chmod(directory, mode)
+
+        try:
+            async with AsyncEngineClient(engine.target) as client:
+                events, run = await storage_fault_mid_run(
+                    client, lambda: set_mode(0o555), lambda: set_mode(0o755)
+                )
+        finally:
+            engine.close()
+        check_one_end(events, run)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_storage_full_mid_run_shows_no_end_that_is_not_committed(tmp_path: Path) -> None:
+    from tests.fs_faults import fill, small_tmpfs
+
+    with small_tmpfs(tmp_path / "disk", "4m") as disk:
+        env = base_env(
+            tmp_path, MACHINA_STORAGE=str(disk / "storage"), MACHINA_TOOLS_CUSTOM="tests.tools:sleep"
+        )
+        engine = EngineProcess(tmp_path, env=env)
+        filler: list[Path] = []
+        try:
+            async with AsyncEngineClient(engine.target) as client:
+                events, run = await storage_fault_mid_run(
+                    client, lambda: filler.append(fill(disk)), lambda: filler[0].unlink()
+                )
+        finally:
+            engine.close()
+        check_one_end(events, run)
+        # What was written during the fault reads back whole from a fresh process.
+        again = EngineProcess(tmp_path / "again", env=env)
+        try:
+            async with AsyncEngineClient(again.target) as client:
+                stored = [e async for e in (await client.attach(run.run_id)).events(follow=False)]
+        finally:
+            again.close()
+        assert [(e.seq, e.kind) for e in stored] == [(e.seq, e.kind) for e in events]
