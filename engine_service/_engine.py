@@ -73,6 +73,7 @@ from engine_service.models._select import (
     default_model_factory,
     default_model_name,
     load_script_file,
+    model_price,
     resolve_default_model,
     validate_script,
 )
@@ -269,6 +270,15 @@ class Engine:
                     metadata={"run_id": run_id},
                 )
             provider, model_name = self._choose_model(spec)
+            price = model_price(self.config, self._default_provider, provider, model_name)
+            if spec.max_cost_usd and price is None:
+                raise invalid(
+                    "ERR_PRICE_UNKNOWN",
+                    f"max_cost_usd needs the price of {provider}:{shown(model_name)}, which this engine "
+                    f"does not know; configure model.{provider}.prices",
+                    field="max_cost_usd",
+                    model=f"{provider}:{shown(model_name)}",
+                )
             now = self._clock()
             record = RunRecord(
                 run_id=run_id,
@@ -463,7 +473,8 @@ class Engine:
             system_prompt=spec.system_prompt,
             max_turns=spec.max_turns or cfg.max_turns,
             max_output_tokens=spec.max_output_tokens or cfg.model.max_output_tokens,
-            price=(cfg.model.input_cost_per_mtok, cfg.model.output_cost_per_mtok),
+            # Unknown prices count as 0: a run with a cost budget needs known ones (create_run).
+            price=model_price(cfg, self._default_provider, provider, model_name) or (0.0, 0.0),
             owner=self._owner,
             lease_ttl=cfg.lease_ttl_s,
             workdir=Path(cfg.workdir_root).resolve() / ws / spec.run_id,
