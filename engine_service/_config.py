@@ -214,7 +214,7 @@ def _from_env(env: Mapping[str, str], cls: type[EngineConfig]) -> dict[str, Any]
             section: dict[str, Any] = {}
             for sub, sub_field in sections[name].model_fields.items():
                 prefix = f"{ENV_PREFIX}{name.upper()}_{sub.upper()}"
-                if sub_field.annotation is ProviderConfig or sub_field.annotation == "ProviderConfig":
+                if sub_field.annotation is ProviderConfig:
                     # One level deeper: MACHINA_MODEL_OPENAI_BASE_URL and the like.
                     provider = {
                         leaf: _parse_env(env[f"{prefix}_{leaf.upper()}"], leaf_field.annotation)
