@@ -90,6 +90,9 @@ class S3Storage:
         self._region = (
             region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         )
+        # The standard AWS variable, when set, says how hard botocore tries before a fault
+        # reaches the engine (which then waits for storage itself, see RunActor.checkpoint).
+        max_attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or max_attempts)
         self._config = Config(
             retries={"max_attempts": max_attempts, "mode": "standard"},
             connect_timeout=timeout_s,

@@ -247,3 +247,91 @@ async def test_storage_full_mid_run_shows_no_end_that_is_not_committed(tmp_path:
         finally:
             again.close()
         assert [(e.seq, e.kind) for e in stored] == [(e.seq, e.kind) for e in events]
+
+
+async def test_s3_answering_503_mid_run_shows_no_end_that_is_not_committed(tmp_path: Path, moto: str) -> None:
+    from tests.s3_server import FaultyProxy, new_bucket
+
+    bucket = await new_bucket(moto)
+    proxy = FaultyProxy(moto, ["ok"])
+    await proxy.start()
+    env = base_env(
+        tmp_path,
+        MACHINA_STORAGE=f"s3://{bucket}/machina",
+        AWS_ENDPOINT_URL=proxy.url,
+        AWS_MAX_ATTEMPTS="2",  # botocore gives up fast; the engine itself waits for storage
+        MACHINA_TOOLS_CUSTOM="tests.tools:sleep",
+    )
+    try:
+        engine = EngineProcess(tmp_path, env=env)
+        try:
+            async with AsyncEngineClient(engine.target) as client:
+                events, run = await storage_fault_mid_run(
+                    client, lambda: proxy.set_pattern(["503"]), lambda: proxy.set_pattern(["ok"])
+                )
+        finally:
+            engine.close()
+    finally:
+        await proxy.stop()
+    check_one_end(events, run)
+    assert proxy.counts["503"] > 0
+
+
+async def test_an_end_whose_commit_failed_is_dropped_by_recovery(tmp_path: Path) -> None:
+    """Killed while the commit of its end is failing (storage read-only), the run is resumed
+    from its last checkpoint after a restart, and its log holds one end: the one committed."""
+    import os
+    import shutil
+    import tempfile
+
+    from tests.fs_faults import as_nobody, chown_tree
+
+    launcher = as_nobody()
+    root = Path(tempfile.mkdtemp(prefix="machina-ro-", dir="/tmp"))
+    with serve() as model:
+        model.push(openai_text("first answer", delay=1.0), openai_text("second answer"))
+        try:
+            os.chmod(root, 0o755)  # noqa: S103 - nobody must reach it
+            for name in ("a", "b"):
+                (root / name).mkdir()
+            chown_tree(root)
+            env = base_env(
+                root,
+                MACHINA_MODEL_PROVIDER="openai",
+                MACHINA_MODEL_BASE_URL=model.url + "/v1",
+                OPENAI_API_KEY="sk-test-end-commit",
+            )
+            runs = root / "storage" / "workspaces" / "default" / "runs"
+
+            def set_mode(mode: int) -> None:
+                for directory in [runs, *runs.rglob("*")]:
+                    if directory.is_dir():
+                        os.chmod(directory, mode)
+
+            engine = EngineProcess(root / "a", env=env, launcher=launcher)
+            try:
+                async with AsyncEngineClient(engine.target) as client:
+                    handle = await client.create("answer twice")
+                    watcher = Watcher(client, handle.run_id)
+                    await until(lambda: "text_delta" in watcher.kinds())
+                    set_mode(0o555)  # the answer streams on; its end cannot be committed
+                    await asyncio.sleep(5)
+                    assert "run_finished" not in watcher.kinds(), watcher.kinds()
+                    assert (await client.get_run(handle.run_id)).state == "RUNNING"
+            finally:
+                engine.kill9()
+            set_mode(0o755)
+            restarted = EngineProcess(root / "b", env=env, launcher=launcher)
+            try:
+                async with AsyncEngineClient(restarted.target) as client:
+                    run = await wait_state(client, handle.run_id, TERMINAL, 30)
+                    events = [e async for e in (await client.attach(handle.run_id)).events(follow=False)]
+            finally:
+                restarted.close()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    assert run.state == "DONE", run
+    assert run.data == "second answer"
+    ends = [e for e in events if e.kind == "run_finished"]
+    assert [e.state for e in ends] == ["DONE"], ends
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
