@@ -82,7 +82,8 @@ class RunEnv:
     # How often to look for a cancel request left by another process (a replica).
     cancel_poll_s: float = 0.5
     clock: Callable[[], float] = time.time
-    # How long a checkpoint waits for unavailable storage (retrying) before the run fails.
+    # How long a checkpoint retries unavailable storage before the run is left at its last
+    # checkpoint for the recovery sweep (see _execute).
     storage_retry_s: float = 300.0
 
 
