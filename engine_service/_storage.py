@@ -204,6 +204,8 @@ class LocalStorage:
         try:
             self._write_atomic(run_dir / "spec.json", _dumps(spec))
             self._write_atomic(run_dir / "state.json", _dumps(state))
+            if self._fsync:
+                _fsync_dir(run_dir.parent)  # the run directory's own entry: CreateRun answers after this
         except BaseException:
             # A run is created whole or not at all: a retry must find no half-made run directory.
             for leftover in run_dir.iterdir():
@@ -361,6 +363,11 @@ class LocalStorage:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(_dumps(doc))
+                if self._fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            if self._fsync:
+                _fsync_dir(directory)
         except BaseException:
             path.unlink(missing_ok=True)  # an empty key would block every retry
             raise
@@ -416,11 +423,15 @@ class LocalStorage:
                 tmp.unlink(missing_ok=True)  # a full disk must not keep what it could not take
             raise
         if self._fsync:
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _truncate_after(path: Path, keep: int) -> int:
