@@ -335,3 +335,40 @@ async def test_an_end_whose_commit_failed_is_dropped_by_recovery(tmp_path: Path)
     ends = [e for e in events if e.kind == "run_finished"]
     assert [e.state for e in ends] == ["DONE"], ends
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_a_fault_that_outlasts_the_storage_wait_parks_the_run_for_the_sweep(tmp_path: Path) -> None:
+    """Past storage_retry_s the run stops where its last checkpoint left it (nothing newer is
+    shown); once storage is back the sweep resumes it, reporting the in-flight call interrupted."""
+    from tests.fs_faults import fill, small_tmpfs
+
+    with small_tmpfs(tmp_path / "disk", "4m") as disk:
+        env = base_env(
+            tmp_path,
+            MACHINA_STORAGE=str(disk / "storage"),
+            MACHINA_TOOLS_CUSTOM="tests.tools:sleep",
+            MACHINA_STORAGE_RETRY_S="1",
+        )
+        engine = EngineProcess(tmp_path, env=env)
+        try:
+            async with AsyncEngineClient(engine.target) as client:
+                handle = await client.create("sleep a while", model="scripted", script=sleepy_script(1.0))
+                watcher = Watcher(client, handle.run_id)
+                await until(lambda: "tool_call_started" in watcher.kinds())
+                filler = fill(disk)
+                await asyncio.sleep(4)  # the call ends; its commit fails for longer than 1 s
+                assert "run_finished" not in watcher.kinds(), watcher.kinds()
+                parked = await client.get_run(handle.run_id)
+                assert parked.state == "RUNNING", parked
+                filler.unlink()
+                events = await watcher.finished()
+                run = await client.get_run(handle.run_id)
+        finally:
+            engine.close()
+        log = (tmp_path / "engine.log").read_text()
+    assert "parked at its last checkpoint" in log
+    check_one_end(events, run)
+    resumed = [e for e in events if e.kind == "resumed"]
+    assert [e.resumed_by for e in resumed] == ["recovery"], resumed
+    (completed,) = [e for e in events if e.kind == "tool_call_completed" and e.seq > resumed[0].seq]
+    assert completed.outcome == "interrupted"
