@@ -435,3 +435,19 @@ async def test_every_tool_call_the_model_made_is_on_the_record(client: AsyncEngi
     assert shown["call_1_2"][0] == "denied"
     assert shown["call_1_3"][0] == "invalid arguments"
     assert shown["call_2_1"] == ("responded", '{"value": 7}')
+
+
+async def test_a_call_to_a_tool_this_host_cannot_run_is_on_the_record(servers: ServerFactory) -> None:
+    srv = await servers.start(config={"capabilities_subprocess": False})
+    async with AsyncEngineClient(f"127.0.0.1:{srv.port}") as c:
+        script = [turn("", ("Bash", {"command": "true"})), turn("done")]
+        run = await c.execute("bash", model="scripted", script=script).result()
+        assert run.state == "DONE"
+        events = [e async for e in (await c.attach(run.run_id)).events(follow=False)]
+    (completed,) = [e for e in events if e.kind == "tool_call_completed"]
+    assert (completed.tool_name, completed.outcome, completed.is_error) == (
+        "Bash",
+        "capability_missing",
+        True,
+    )
+    assert run.meta.capabilities_missing == ["Bash"]
