@@ -42,6 +42,7 @@ __all__ = [
     "RunNotPausedError",
     "RunTerminalError",
     "ShuttingDownError",
+    "StorageUnavailableError",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
@@ -234,6 +235,10 @@ class ShuttingDownError(UnavailableError):
     pass
 
 
+class StorageUnavailableError(UnavailableError):
+    """The engine's storage is read-only, full or unreachable; retry later (same request_id)."""
+
+
 _BY_REASON: dict[str, type[MachinaError]] = {
     "ERR_INVALID_ID": InvalidIdError,
     "ERR_INVALID_REQUEST": InvalidRequestError,
@@ -255,6 +260,7 @@ _BY_REASON: dict[str, type[MachinaError]] = {
     "ERR_REQUEST_TOO_LARGE": RequestTooLargeError,
     "ERR_UNIMPLEMENTED": UnimplementedError,
     "ERR_SHUTTING_DOWN": ShuttingDownError,
+    "ERR_STORAGE_UNAVAILABLE": StorageUnavailableError,
     "ERR_INTERNAL": InternalError,
 }
 

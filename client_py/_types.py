@@ -229,9 +229,12 @@ class ToolCallCompleted(RunEvent):
     size_bytes: int
     output: str
     duration_ms: int
+    # "ran", or why the call did not run: unknown_tool, invalid_arguments, denied,
+    # capability_missing, rejected, responded, expired, interrupted.
+    outcome: str = "ran"
 
     def _summary(self) -> str:
-        status = "error" if self.is_error else "ok"
+        status = ("error" if self.is_error else "ok") if self.outcome == "ran" else self.outcome
         output = _render.short(self.output)
         return f"{self.tool_name} ({self.call_id}) {status} in {self.duration_ms} ms {output}"
 
@@ -453,6 +456,7 @@ _CONVERTERS: dict[str, _Converter] = {
         size_bytes=p.size_bytes,
         output=p.output,
         duration_ms=p.duration_ms,
+        outcome=p.outcome or "ran",
     ),
     "approval_requested": lambda p, b: ApprovalRequested(*b, interrupt=interrupt_from_proto(p.interrupt)),
     "approval_decided": lambda p, b: ApprovalDecided(

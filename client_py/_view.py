@@ -664,7 +664,10 @@ class RunViewModel:
             changed.add(TOOLS)
         elif isinstance(event, ToolCallCompleted):
             entry = self._entry(event.call_id, event.tool_name, {})
-            entry.status = "error" if event.is_error else "ok"
+            if event.outcome == "ran":
+                entry.status = "error" if event.is_error else "ok"
+            elif not entry.decision:  # a decision's label (e.g. "rejected (expired)") says more
+                entry.status = event.outcome.replace("_", " ")
             entry.output, entry.duration_ms = event.output, event.duration_ms
             changed.add(TOOLS)
         elif isinstance(event, _InterruptRaised):

@@ -22,7 +22,7 @@ from typing import Any
 from engine_service._errors import RunFailure
 from engine_service._feed import EventFeed
 from engine_service._run import PENDING, READY, RESOLVED, Interrupt, PendingCall, RunError, RunRecord, RunSpec
-from engine_service._storage import Storage
+from engine_service._storage import Storage, StorageUnavailable, storage_fault
 from engine_service._text import loads_untrusted
 from engine_service._tools import Tool, ToolArgumentError, ToolContext, call_tool, capability_error
 from engine_service._types import (
@@ -82,6 +82,9 @@ class RunEnv:
     # How often to look for a cancel request left by another process (a replica).
     cancel_poll_s: float = 0.5
     clock: Callable[[], float] = time.time
+    # How long a checkpoint retries unavailable storage before the run is left at its last
+    # checkpoint for the recovery sweep (see _execute).
+    storage_retry_s: float = 300.0
 
 
 class RunActor:
@@ -99,6 +102,10 @@ class RunActor:
         self.feed = EventFeed(record.last_seq)
         self._last_seq = record.last_seq  # of the last event emitted, written or not
         self._unwritten: list[Event] = []
+        self._written_seq = record.last_seq  # of the last event written to storage
+        # Written, but shown only once the checkpoint that commits them lands: a pause or an
+        # end (and what follows it) that a failed commit could still take back.
+        self._held: list[Event] = []
         self._write_lock = asyncio.Lock()
         self._write_wanted = asyncio.Event()
         # After a crash recovery: the first seq of what the dead writer wrote past its checkpoint.
@@ -131,25 +138,39 @@ class RunActor:
         return event
 
     async def write_events(self) -> None:
-        """Write the events emitted so far, then show them to watchers."""
+        """Write the events emitted so far, then show them to watchers.
+
+        A pause or an end is written in a segment of its own and shown only once the
+        checkpoint that commits it lands: if that commit fails, recovery drops it unseen.
+        """
         async with self._write_lock:
             batch = self._unwritten
             if not batch:
                 return
             self._unwritten = []
-            try:
-                ws, run_id = self.key
-                await self.env.storage.write_segment(
-                    ws, run_id, "events", batch[0].seq, [e.to_json() for e in batch]
-                )
-            except BaseException:
-                self._unwritten[:0] = batch  # the next write (or checkpoint) tries again
-                raise
-            self.feed.publish_many(batch)
+            cut = len(batch) if not self._held else 0
+            cut = next((i for i, e in enumerate(batch) if e.kind in _SHOWN_AT_COMMIT), cut)
+            parts = [part for part in (batch[:cut], batch[cut:]) if part]
+            ws, run_id = self.key
+            for index, part in enumerate(parts):
+                try:
+                    await self.env.storage.write_segment(
+                        ws, run_id, "events", part[0].seq, [e.to_json() for e in part]
+                    )
+                except BaseException:
+                    # What is left: the next write (or the checkpoint) tries again.
+                    self._unwritten[:0] = [e for rest in parts[index:] for e in rest]
+                    raise
+                self._written_seq = part[-1].seq
+                if self._held or part[0].kind in _SHOWN_AT_COMMIT:
+                    self._held.extend(part)
+                else:
+                    self.feed.publish_many(part)
 
     async def _writer(self) -> None:
         """Write events ahead as they come, so watchers see them within a write's time."""
         delay = self.env.storage.event_flush_delay
+        backoff = 0.1
         while True:
             await self._write_wanted.wait()
             if delay:
@@ -157,12 +178,51 @@ class RunActor:
             self._write_wanted.clear()
             try:
                 await self.write_events()
+                backoff = 0.1
             except Exception:  # a storage hiccup: the next write or the checkpoint retries
                 log.warning("writing events of run %s failed; will retry", self.record.run_id, exc_info=True)
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self._write_wanted.set()
 
     async def checkpoint(self) -> None:
-        """Commit the events and transcript entries so far, then the state document."""
+        """Commit the events and transcript entries so far, then the state document.
+
+        While storage is unavailable (read-only, full, answering 5xx) the run waits here,
+        retrying with backoff; past ``storage_retry_s`` it raises StorageUnavailable.
+        """
+        await self._retrying_storage("checkpoint", self._commit)
+
+    async def _retrying_storage(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
+        give_up = time.monotonic() + self.env.storage_retry_s
+        delay = 0.05
+        while True:
+            try:
+                await attempt()
+                return
+            except Exception as exc:
+                if not storage_fault(exc):
+                    raise
+                if time.monotonic() >= give_up:
+                    raise StorageUnavailable(
+                        f"storage was unavailable for more than {self.env.storage_retry_s:g} s ({exc})"
+                    ) from None
+                log.warning(
+                    "run %s: storage unavailable during %s (%s); retrying in %.2f s",
+                    self.record.run_id, what, exc, delay, extra={"run_id": self.record.run_id},
+                )  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            # The outage may have outlasted the lease: make sure the run is still ours first
+            # (LeaseLost if another process took it; a storage fault is retried with the rest).
+            self._lease_renew_at = 0.0
+            try:
+                await self._renew_lease()
+            except Exception as exc:
+                if not storage_fault(exc):
+                    raise
+
+    async def _commit(self) -> None:
         record, storage = self.record, self.env.storage
         ws, run_id = self.key
         await self.write_events()
@@ -171,17 +231,21 @@ class RunActor:
             await storage.write_segment(
                 ws, run_id, "transcript", self._transcript_committed + 1, [m.to_json() for m in new_entries]
             )
-        record.last_seq = self.feed.last_seq
+        record.last_seq = self._written_seq
         record.transcript_len = len(self.transcript)
         record.updated_at = self.env.clock()
         await storage.write_state(ws, run_id, record.to_json())
         self._shown = None
         self._transcript_committed = record.transcript_len
+        if self._held:
+            self.feed.publish_many(self._held)
+            self._held = []
         await self._renew_lease()
 
     def _show_until_committed(self) -> None:
         """Keep showing readers the run as it is now until the next checkpoint commits."""
-        self._shown = RunRecord.from_json(self.record.to_json())
+        if self._shown is None:  # a failed commit: what readers see is still the older state
+            self._shown = RunRecord.from_json(self.record.to_json())
 
     async def take_over(self) -> bool:
         """Acquire the lease and drop what a dead writer left uncommitted.
@@ -207,21 +271,46 @@ class RunActor:
             log.error("run %s: its event log ends at %d, before its checkpoint's %d", run_id, written,
                       self.record.last_seq)  # fmt: skip
         if written > self.record.last_seq:
+            written = await self._drop_unshown(written)
+        if written > self.record.last_seq:
             self._rolled_back_from = self.record.last_seq + 1
         if written > self.feed.last_seq:
             self.feed = EventFeed(written)
             self._last_seq = written
+        self._written_seq = max(written, self.record.last_seq)
         committed = self.record.transcript_len
         await self.env.storage.drop_uncommitted(ws, run_id, "transcript", committed)
         if not self._transcript_read:
             docs = await self.env.storage.read_segments(ws, run_id, "transcript", 0, committed)
             self.transcript = [Message.from_json(d) for d in docs]
             self._transcript_read = True
+        if not self.transcript:
+            # Before the first checkpoint the transcript's first entry, the task, lives in the
+            # spec (written before CreateRun answered); the first checkpoint commits it.
+            self.transcript = [Message("user", self.record.task)]
         return True
+
+    async def _drop_unshown(self, written: int) -> int:
+        """Drop a pause or an end past the checkpoint (and what follows): its commit failed,
+        so no watcher was shown it. Returns the new end of the log."""
+        ws, run_id = self.key
+        docs = await self.env.storage.read_segments(ws, run_id, "events", self.record.last_seq, written)
+        unshown = next((d["seq"] for d in docs if d["k"] in _SHOWN_AT_COMMIT), 0)
+        if not unshown:
+            return written
+        await self.env.storage.drop_uncommitted(ws, run_id, "events", unshown - 1)
+        log.warning("run %s: dropped events from seq %d, whose commit failed", run_id, unshown)
+        return unshown - 1
 
     async def release(self, *, close_feed: bool = True) -> None:
         ws, run_id = self.key
-        await self.env.storage.release_lease(ws, run_id, self.env.owner)
+        try:
+            await self.env.storage.release_lease(ws, run_id, self.env.owner)
+        except Exception as exc:
+            if not storage_fault(exc):
+                raise
+            # What mattered is committed; the lease expires on its own.
+            log.warning("run %s: could not release its lease (%s)", run_id, exc)
         if close_feed:
             self.feed.close()
 
@@ -266,6 +355,13 @@ class RunActor:
         ]
         try:
             await self._execute_inner(resumed_by)
+        except StorageUnavailable as exc:
+            # Storage stayed unavailable past storage_retry_s: nothing more can be committed
+            # here. The run stays at its last checkpoint (readers see it as it was there) and
+            # is resumed by whichever process sweeps once storage is back, this one included.
+            log.error("run %s parked at its last checkpoint, storage unavailable: %s", self.record.run_id,
+                      exc, extra={"run_id": self.record.run_id})  # fmt: skip
+            await self._close_quietly()
         except LeaseLost as lost:
             # Another process owns the run now: write nothing more, just stop.
             run_id = self.record.run_id
@@ -295,7 +391,8 @@ class RunActor:
         self._active_since = self.env.clock()
         record.state = RunState.RUNNING
         record.pause_reason = None
-        if resumed_by is None:
+        if resumed_by is None or self.feed.last_seq == 0:
+            # Also a run recovered before any of its events was written: it never started visibly.
             self.emit(EventKind.RUN_STARTED, {"task": record.task, "model": record.meta.model})
         elif self._rolled_back_from:
             # What the dead writer did past its checkpoint is redone (or reported) from here.
@@ -329,6 +426,8 @@ class RunActor:
             )
         except LeaseLost:
             raise
+        except StorageUnavailable:
+            raise
         except RunFailure as failure:
             await self._finish(
                 RunState.FAILED, error=RunError(failure.code, failure.message, failure.metadata)
@@ -337,7 +436,9 @@ class RunActor:
             await self._finish(
                 RunState.FAILED, error=RunError(error.code, error.message, {"status": str(error.status)})
             )
-        except Exception:
+        except Exception as exc:
+            if storage_fault(exc):
+                raise StorageUnavailable(str(exc)) from None
             log.exception("run %s failed with an internal error", record.run_id)
             await self._finish(
                 RunState.FAILED, error=RunError("ERR_INTERNAL", "internal error; see the engine log")
@@ -391,7 +492,7 @@ class RunActor:
         for p in self.record.pending:
             tool = self.env.tools.get(p.call.name)
             if p.status == READY and not (tool is not None and tool.idempotent):
-                p.status, p.result_is_error = RESOLVED, True
+                p.status, p.result_is_error, p.outcome = RESOLVED, True, "interrupted"
                 p.result_text = (
                     f"The {p.call.name} call was interrupted by an engine crash: it may or may not have "
                     "taken effect. Check before you retry it."
@@ -540,14 +641,18 @@ class RunActor:
         tool = self.env.tools.get(call.name)
         if tool is None:
             available = ", ".join(sorted(self.env.tools)) or "none"
-            return _resolved(call, f"Unknown tool {call.name!r}. Available tools: {available}.")
+            return _resolved(
+                call, f"Unknown tool {call.name!r}. Available tools: {available}.", "unknown_tool"
+            )
         permission = self.env.permissions(call.name)
         if permission is Permission.DENY:
-            return _resolved(call, f"Permission denied: the {call.name} tool is not allowed in this run.")
+            return _resolved(
+                call, f"Permission denied: the {call.name} tool is not allowed in this run.", "denied"
+            )
         try:
             tool.validate(call.arguments)
         except ToolArgumentError as exc:
-            return _resolved(call, f"Invalid arguments for {call.name}: {exc}")
+            return _resolved(call, f"Invalid arguments for {call.name}: {exc}", "invalid_arguments")
         kind = tool.interrupt_kind
         if kind is None and call.name in self.spec.gated_tools:
             kind = InterruptKind.TOOL_RESULT
@@ -584,16 +689,20 @@ class RunActor:
             return False
         for p in stubs:
             missing = self.env.tools[p.call.name].missing
-            p.status, p.result_text, p.result_is_error = (
+            p.status, p.result_text, p.result_is_error, p.outcome = (
                 RESOLVED,
                 capability_error(p.call.name, missing),
                 True,
+                "capability_missing",
             )
             if p.call.name not in self.record.meta.capabilities_missing:
                 self.record.meta.capabilities_missing.append(p.call.name)
-        results: dict[str, tuple[str, bool]] = {
-            p.call.call_id: (p.result_text, p.result_is_error) for p in pending if p.status == RESOLVED
-        }
+        results: dict[str, tuple[str, bool]] = {}
+        for p in pending:
+            if p.status == RESOLVED:
+                # A call that does not run is on the record too, with why: the model sees its result.
+                self._record_unrun(p)
+                results[p.call.call_id] = (p.result_text, p.result_is_error)
         ready = [p for p in pending if p.status == READY]
         if ready:
             outcomes = await asyncio.gather(*(self._run_call(p.call) for p in ready))
@@ -606,6 +715,21 @@ class RunActor:
         self.record.pending = []
         await self.checkpoint()
         return True
+
+    def _record_unrun(self, p: PendingCall) -> None:
+        """A call that never started still completes on the record, with why and its result."""
+        self.emit(
+            EventKind.TOOL_CALL_COMPLETED,
+            {
+                "call_id": p.call.call_id,
+                "tool": p.call.name,
+                "is_error": p.result_is_error,
+                "size": len(p.result_text.encode()),
+                "output": p.result_text,
+                "duration_ms": 0,
+                "outcome": p.outcome or ("rejected" if p.result_is_error else "responded"),
+            },
+        )
 
     async def _hand_off(self, tools: list[str]) -> None:
         """Pause HANDOFF_TO_RUNNER and POST the run to the runner; fail clearly if it cannot take it."""
@@ -657,7 +781,12 @@ class RunActor:
         if len(text) > self.env.max_result_chars:
             # The model gets a head and a ref; the whole payload stays retrievable (FetchData, API).
             ws, run_id = self.key
-            await self.env.storage.put_blob(ws, run_id, result_blob_name(call.call_id), text.encode())
+            blob = text.encode()
+
+            async def store() -> None:
+                await self.env.storage.put_blob(ws, run_id, result_blob_name(call.call_id), blob)
+
+            await self._retrying_storage("storing a tool result", store)
             shown = self.env.max_result_chars
             text = text[:shown] + truncation_note(call.call_id, shown, len(text))
         self.emit(
@@ -669,6 +798,7 @@ class RunActor:
                 "size": size,
                 "output": text,
                 "duration_ms": int((time.perf_counter() - started) * 1000),
+                "outcome": "ran",
             },
         )
         return text, is_error
@@ -710,6 +840,9 @@ class RunActor:
         )
 
 
+# Event kinds shown to watchers only once the checkpoint that commits them lands.
+_SHOWN_AT_COMMIT = frozenset({EventKind.HANDOFF_TO_RUNNER, EventKind.PAUSED, EventKind.RUN_FINISHED})
+
 # Event kinds a tool may emit itself (metering).
 _TOOL_EVENTS = frozenset({EventKind.API_CALL.value})
 
@@ -720,8 +853,8 @@ _REQUEST_EVENT = {
 }
 
 
-def _resolved(call: ToolCall, text: str) -> PendingCall:
-    return PendingCall(call, RESOLVED, result_text=text, result_is_error=True)
+def _resolved(call: ToolCall, text: str, outcome: str) -> PendingCall:
+    return PendingCall(call, RESOLVED, result_text=text, result_is_error=True, outcome=outcome)
 
 
 def arguments_digest(arguments: JsonObject) -> str:

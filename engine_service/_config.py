@@ -32,18 +32,49 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ProviderConfig(_Section):
+    """Where one model provider is reached, with which key, and what its models cost."""
+
+    # Empty: the provider's public endpoint.
+    base_url: str = ""
+    # The environment variable holding the API key; empty: OPENAI_API_KEY / ANTHROPIC_API_KEY.
+    api_key_env: str = ""
+    # USD per million input and output tokens, by model name: {"gpt-4o-mini" = [0.15, 0.6]};
+    # in an environment variable, "gpt-4o-mini=0.15/0.6,gpt-4o=2.5/10".
+    prices: dict[str, tuple[float, float]] = {}
+
+    @field_validator("prices", mode="before")
+    @classmethod
+    def _prices(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: tuple(v.split("/", 1)) if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    @field_validator("prices")
+    @classmethod
+    def _non_negative(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        if any(price < 0 for pair in value.values() for price in pair):
+            raise ValueError("prices must not be negative")
+        return value
+
+
 class ModelConfig(_Section):
     """The default model and what callers may choose per run."""
 
     # auto: Anthropic if ANTHROPIC_API_KEY is set, else OpenAI if OPENAI_API_KEY, else scripted.
     provider: Literal["auto", "scripted", "openai", "anthropic"] = "auto"
     name: str = ""
+    # The default provider's endpoint (a provider's own base_url below wins).
     base_url: str = ""
     # A TOML or JSON file with `turns = [...]` for the scripted model.
     script_file: str = ""
     max_output_tokens: int = Field(4096, ge=1)
-    input_cost_per_mtok: float = Field(0.0, ge=0)
-    output_cost_per_mtok: float = Field(0.0, ge=0)
+    # Prices of the default provider's models that its `prices` table does not list; unset = unknown.
+    input_cost_per_mtok: float | None = Field(None, ge=0)
+    output_cost_per_mtok: float | None = Field(None, ge=0)
+    # Per-provider settings ([model.openai], [model.anthropic]; MACHINA_MODEL_OPENAI_BASE_URL, ...).
+    openai: ProviderConfig = ProviderConfig()
+    anthropic: ProviderConfig = ProviderConfig()
     allow_per_run_choice: bool = True
     max_attempts: int = Field(4, ge=1, le=10)
 
@@ -108,6 +139,9 @@ class EngineConfig(_Section):
     # How often to sweep for runs whose executor died (lease expired, queued or running); 0 = at startup.
     recovery_interval_s: float = Field(10.0, ge=0)
     shutdown_grace_s: float = Field(5.0, ge=0)
+    # How long a run waits for unavailable storage (read-only, full, 5xx), retrying, before it is
+    # left at its last checkpoint for the recovery sweep (here or on a replica) to resume.
+    storage_retry_s: float = Field(300.0, gt=0)
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     log_format: Literal["auto", "json", "text"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -242,7 +276,18 @@ def _from_env(env: Mapping[str, str], cls: type[EngineConfig]) -> dict[str, Any]
         if name in sections:
             section: dict[str, Any] = {}
             for sub, sub_field in sections[name].model_fields.items():
-                value = env.get(f"{ENV_PREFIX}{name.upper()}_{sub.upper()}")
+                prefix = f"{ENV_PREFIX}{name.upper()}_{sub.upper()}"
+                if sub_field.annotation is ProviderConfig:
+                    # One level deeper: MACHINA_MODEL_OPENAI_BASE_URL and the like.
+                    provider = {
+                        leaf: _parse_env(env[f"{prefix}_{leaf.upper()}"], leaf_field.annotation)
+                        for leaf, leaf_field in ProviderConfig.model_fields.items()
+                        if f"{prefix}_{leaf.upper()}" in env
+                    }
+                    if provider:
+                        section[sub] = provider
+                    continue
+                value = env.get(prefix)
                 if value is not None:
                     section[sub] = _parse_env(value, sub_field.annotation)
             if section:

@@ -288,6 +288,7 @@ def _payload(kind: EventKind, d: JsonObject) -> Any:
             size_bytes=d["size"],
             output=d["output"],
             duration_ms=d["duration_ms"],
+            outcome=d.get("outcome", "ran"),
         )
     if kind in (EventKind.APPROVAL_REQUESTED, EventKind.INPUT_REQUESTED, EventKind.TOOL_RESULT_REQUESTED):
         return _interrupt_raised(d)

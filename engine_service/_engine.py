@@ -74,6 +74,7 @@ from engine_service.models._select import (
     default_model_factory,
     default_model_name,
     load_script_file,
+    model_price,
     resolve_default_model,
     validate_script,
 )
@@ -279,6 +280,15 @@ class Engine:
                     metadata={"run_id": run_id},
                 )
             provider, model_name = self._choose_model(spec)
+            price = model_price(self.config, self._default_provider, provider, model_name)
+            if spec.max_cost_usd and price is None:
+                raise invalid(
+                    "ERR_PRICE_UNKNOWN",
+                    f"max_cost_usd needs the price of {provider}:{shown(model_name)}, which this engine "
+                    f"does not know; configure model.{provider}.prices",
+                    field="max_cost_usd",
+                    model=f"{provider}:{shown(model_name)}",
+                )
             now = self._clock()
             record = RunRecord(
                 run_id=run_id,
@@ -483,7 +493,8 @@ class Engine:
             system_prompt=spec.system_prompt,
             max_turns=spec.max_turns or cfg.max_turns,
             max_output_tokens=spec.max_output_tokens or cfg.model.max_output_tokens,
-            price=(cfg.model.input_cost_per_mtok, cfg.model.output_cost_per_mtok),
+            # Unknown prices count as 0: a run with a cost budget needs known ones (create_run).
+            price=model_price(cfg, self._default_provider, provider, model_name) or (0.0, 0.0),
             owner=self._owner,
             lease_ttl=cfg.lease_ttl_s,
             workdir=Path(cfg.workdir_root).resolve() / ws / spec.run_id,
@@ -491,6 +502,7 @@ class Engine:
             handoff=self._post_to_runner if mode == "async" and self._runner_url(ws) else None,
             notify=self._notify_webhook,
             clock=self._clock,
+            storage_retry_s=cfg.storage_retry_s,
         )
 
     def _api_call_tool(self, ws: str, spec: RunSpec) -> Tool | None:
@@ -539,7 +551,7 @@ class Engine:
     def _on_actor_done(self, actor: RunActor) -> None:
         if self._active.get(actor.key) is actor:
             del self._active[actor.key]
-        record = actor.record
+        record = actor.view()  # as committed: a run parked by a storage outage is not what it tried
         if record.state.terminal and not (record.error and record.error.code == "ERR_RUNNER_UNREACHABLE"):
             self._run_api_env.pop(actor.key, None)
         if record.state is RunState.PAUSED:
@@ -694,6 +706,16 @@ class Engine:
                 committed = actor.feed.base_seq if actor is not None else record.last_seq
                 if committed > cursor:
                     docs = await self.storage.read_segments(key[0], key[1], "events", cursor, committed)
+                    if not docs or docs[0].get("seq") != cursor + 1:
+                        # A log that lacks committed events cannot be streamed in order; say so
+                        # rather than read the same gap forever.
+                        log.error("run %s: event log lacks events after seq %d", key[1], cursor)
+                        raise EngineError(
+                            "ERR_INTERNAL",
+                            f"the event log of run {key[1]!r} lacks events after seq {cursor}",
+                            kind=ErrorKind.INTERNAL,
+                            metadata={"run_id": key[1], "after_seq": str(cursor)},
+                        )
                     for start in range(0, len(docs), 512):
                         batch = [Event.from_json(d) for d in docs[start : start + 512]]
                         cursor = batch[-1].seq
@@ -992,6 +1014,10 @@ class Engine:
                 await self.recover_orphaned_runs()
             except Exception:
                 log.warning("recovery sweep failed; will retry", exc_info=True)
+            try:
+                await self.arm_approval_deadlines()
+            except Exception:
+                log.warning("approval deadline sweep failed; will retry", exc_info=True)
             if not self.config.recovery_interval_s:
                 return
             await asyncio.sleep(self.config.recovery_interval_s)
@@ -1058,6 +1084,24 @@ class Engine:
 
     # -- approval expiry ----------------------------------------------------------------
 
+    async def arm_approval_deadlines(self) -> None:
+        """Arm a timer for every paused run's approval deadline that no timer here watches.
+
+        Deadlines live in each run's state.json; a timer lives only in the process that
+        paused the run. After a restart (or on another replica) this sweep takes over: a
+        deadline that passed while no engine was up fires at once. Whichever process fires
+        first takes the run's lease and records the expiry; the others find it moved.
+        """
+        for ws in await self.storage.list_workspaces():
+            for run_id in await self.storage.list_runs(ws):
+                key = (ws, run_id)
+                if key in self._active or key in self._timers or self._closing:
+                    continue
+                with contextlib.suppress(EngineError, ValueError):
+                    record = await self._load(key)
+                    if record.state is RunState.PAUSED:
+                        self._arm_expiry(key, record)
+
     def _arm_expiry(self, key: tuple[str, str], record: RunRecord) -> None:
         deadlines = [i.expires_at for i in record.interrupts if i.expires_at]
         if not deadlines or self._closing:
@@ -1123,6 +1167,8 @@ class Engine:
         """Record the planned decisions on a run we hold; it continues once none is pending."""
         for pending, action, reason, expired in plan:
             actor.record_decision(pending, action, by, reason=reason, expired=expired or all_expired)
+            if all_expired and pending.outcome == "rejected":
+                pending.outcome = "expired"
         if actor.record.interrupts:
             await actor.checkpoint()  # still waiting for the other interrupts
             await actor.release()
@@ -1252,8 +1298,10 @@ def apply_decision(
             f"The user rejected this call. Reason: {reason}" if reason else "The user rejected this call."
         )
         pending.result_is_error = True
+        pending.outcome = "rejected"
         return pending, "reject", reason, False
     pending.status = RESOLVED
     pending.result_text = render_result(output)
     pending.result_is_error = False
+    pending.outcome = "responded"
     return pending, "respond", "", False

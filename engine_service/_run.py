@@ -189,6 +189,8 @@ class PendingCall:
     interrupt: Interrupt | None = None
     result_text: str = ""
     result_is_error: bool = False
+    # Why a RESOLVED call did not run (see ToolCallCompleted.outcome); "" while it may still run.
+    outcome: str = ""
 
     def to_json(self) -> JsonObject:
         return {
@@ -197,6 +199,7 @@ class PendingCall:
             "interrupt": None if self.interrupt is None else self.interrupt.to_json(),
             "result": self.result_text,
             "is_error": self.result_is_error,
+            "outcome": self.outcome,
         }
 
     @classmethod
@@ -208,6 +211,7 @@ class PendingCall:
             interrupt=None if interrupt is None else Interrupt.from_json(interrupt),
             result_text=doc.get("result", ""),
             result_is_error=doc.get("is_error", False),
+            outcome=doc.get("outcome", ""),
         )
 
 

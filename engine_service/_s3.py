@@ -16,13 +16,15 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import aioboto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from engine_service._ids import check_id
+from engine_service._storage import StorageUnavailable
 from engine_service._types import JsonObject
 
 _DIGITS = 12
@@ -48,6 +50,24 @@ def _missing(error: ClientError) -> bool:
     return _status(error) == 404 or _code(error) in ("NoSuchKey", "404", "NotFound")
 
 
+_THROTTLED = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable"}
+)
+
+
+@contextlib.contextmanager
+def _faults() -> Iterator[None]:
+    """What botocore's own retries could not get through becomes StorageUnavailable."""
+    try:
+        yield
+    except ClientError as error:
+        if _status(error) >= 500 or _code(error) in _THROTTLED:
+            raise StorageUnavailable(f"the object store answered {_status(error)} {_code(error)}") from None
+        raise
+    except BotoCoreError as error:
+        raise StorageUnavailable(f"the object store is unreachable ({type(error).__name__})") from None
+
+
 class S3Storage:
     """Storage in ``s3://bucket/prefix``. Keys are built only from validated ids."""
 
@@ -70,6 +90,9 @@ class S3Storage:
         self._region = (
             region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         )
+        # The standard AWS variable, when set, says how hard botocore tries before a fault
+        # reaches the engine (which then waits for storage itself, see RunActor.checkpoint).
+        max_attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or max_attempts)
         self._config = Config(
             retries={"max_attempts": max_attempts, "mode": "standard"},
             connect_timeout=timeout_s,
@@ -100,15 +123,16 @@ class S3Storage:
 
     async def _get(self, key: str) -> tuple[bytes, str] | None:
         s3 = await self._s3()
-        try:
-            response = await s3.get_object(Bucket=self._bucket, Key=key)
-            async with response["Body"] as body:
-                data: bytes = await body.read()
-            return data, str(response.get("ETag", ""))
-        except ClientError as error:
-            if _missing(error):
-                return None
-            raise
+        with _faults():
+            try:
+                response = await s3.get_object(Bucket=self._bucket, Key=key)
+                async with response["Body"] as body:
+                    data: bytes = await body.read()
+                return data, str(response.get("ETag", ""))
+            except ClientError as error:
+                if _missing(error):
+                    return None
+                raise
 
     async def _get_json(self, key: str) -> JsonObject | None:
         found = await self._get(key)
@@ -120,12 +144,13 @@ class S3Storage:
     async def _put(self, key: str, data: bytes, **conditions: str) -> str | None:
         """Put ``data``; with a condition, None when it failed (412)."""
         s3 = await self._s3()
-        try:
-            response = await s3.put_object(Bucket=self._bucket, Key=key, Body=data, **conditions)
-        except ClientError as error:
-            if conditions and _precondition_failed(error):
-                return None
-            raise
+        with _faults():
+            try:
+                response = await s3.put_object(Bucket=self._bucket, Key=key, Body=data, **conditions)
+            except ClientError as error:
+                if conditions and _precondition_failed(error):
+                    return None
+                raise
         return str(response.get("ETag", ""))
 
     async def _put_new(self, key: str, data: bytes) -> bool:
@@ -143,9 +168,10 @@ class S3Storage:
         kwargs: dict[str, Any] = {"Bucket": self._bucket, "Prefix": prefix}
         if delimiter:
             kwargs["Delimiter"] = delimiter
-        async for page in paginator.paginate(**kwargs):
-            keys += [item["Key"] for item in page.get("Contents", ())]
-            prefixes += [item["Prefix"] for item in page.get("CommonPrefixes", ())]
+        with _faults():
+            async for page in paginator.paginate(**kwargs):
+                keys += [item["Key"] for item in page.get("Contents", ())]
+                prefixes += [item["Prefix"] for item in page.get("CommonPrefixes", ())]
         return keys, prefixes
 
     # -- the Storage protocol --------------------------------------------------------------
@@ -209,7 +235,8 @@ class S3Storage:
         for first, last, key in await self._segments(ws, run_id, stream):
             # A segment is committed whole or not at all: state.json moves to its last record.
             if first > committed or last > committed:
-                await s3.delete_object(Bucket=self._bucket, Key=key)
+                with _faults():
+                    await s3.delete_object(Bucket=self._bucket, Key=key)
 
     async def repair_end(self, ws: str, run_id: str, stream: str) -> int:
         # Segments are written whole or not at all: nothing is ever torn.

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import sys
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from engine_service._convert import (
 from engine_service._engine import Engine
 from engine_service._errors import EngineError, ErrorKind, shown
 from engine_service._run import RunRecord
+from engine_service._storage import storage_fault
 from engine_service._types import Principal
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
@@ -149,6 +151,19 @@ StreamImpl = Callable[[Any, Any, Principal, Context], AsyncGenerator[Any, None]]
 
 
 def _internal(context: Context, rpc: str) -> None:
+    error = sys.exc_info()[1]
+    if error is not None and storage_fault(error):
+        # Not a bug: storage is read-only, full or unreachable. Nothing was acknowledged.
+        log.warning("%s: storage unavailable: %s", rpc, error)
+        set_error(
+            context,
+            EngineError(
+                "ERR_STORAGE_UNAVAILABLE",
+                "storage is unavailable (read-only, full or unreachable); retry later",
+                kind=ErrorKind.UNAVAILABLE,
+            ),
+        )
+        return
     log.exception("%s failed with an internal error", rpc)
     set_error(
         context, EngineError("ERR_INTERNAL", "internal error; see the engine log", kind=ErrorKind.INTERNAL)

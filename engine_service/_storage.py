@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -46,6 +47,25 @@ from engine_service._ids import check_id
 from engine_service._types import JsonObject
 
 _SEGMENT_DIGITS = 12
+
+
+class StorageUnavailable(Exception):
+    """Storage cannot serve a request now (read-only, full, unreachable, answering 5xx).
+
+    Adapters raise it (or an `OSError` such as ``EROFS``/``ENOSPC``, see `storage_fault`)
+    for faults that may pass; the run waits and retries instead of failing.
+    """
+
+
+# File-system errors that are the storage being unavailable, not a bug in the engine.
+_FAULT_ERRNOS = frozenset(
+    {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO, errno.EAGAIN}
+)
+
+
+def storage_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is storage being unavailable (worth waiting for) rather than a bug."""
+    return isinstance(exc, StorageUnavailable) or (isinstance(exc, OSError) and exc.errno in _FAULT_ERRNOS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +202,18 @@ class LocalStorage:
             run_dir.mkdir()
         except FileExistsError:
             return False
-        self._write_atomic(run_dir / "spec.json", _dumps(spec))
-        self._write_atomic(run_dir / "state.json", _dumps(state))
+        try:
+            self._write_atomic(run_dir / "spec.json", _dumps(spec))
+            self._write_atomic(run_dir / "state.json", _dumps(state))
+            if self._fsync:
+                _fsync_dir(run_dir.parent)  # the run directory's own entry: CreateRun answers after this
+        except BaseException:
+            # A run is created whole or not at all: a retry must find no half-made run directory.
+            for leftover in run_dir.iterdir():
+                leftover.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+            raise
         return True
 
     async def read_spec(self, ws: str, run_id: str) -> JsonObject | None:
@@ -207,14 +237,30 @@ class LocalStorage:
                 appender.file.close()
             directory = self._run_dir(ws, run_id) / key[2]
             directory.mkdir(exist_ok=True)
+            if (directory / segment_name(first)).exists():
+                # Only a retry after a failed append reopens a segment: never append after torn bytes.
+                _truncate_after(directory / segment_name(first), 1 << 62)
             # Kept open across checkpoints (closed on release/close): appends are cheap, opens are not.
             handle = open(directory / segment_name(first), "a", encoding="utf-8")  # noqa: SIM115
             appender = _Appender(handle, first, first)
             self._appenders[key] = appender
-        appender.file.write("".join(_dumps(r) + "\n" for r in records))
-        appender.file.flush()
-        if self._fsync:
-            os.fsync(appender.file.fileno())
+        path = Path(appender.file.name)
+        whole = os.fstat(appender.file.fileno()).st_size  # the end of the last whole record
+        try:
+            appender.file.write("".join(_dumps(r) + "\n" for r in records))
+            appender.file.flush()
+            if self._fsync:
+                os.fsync(appender.file.fileno())
+        except BaseException:
+            # A failed append (disk full, I/O error) may have left part of the batch. Cut the
+            # segment back to its last whole record so a retry appends after it, never after
+            # torn bytes; if even that fails, the retry starts a new segment (see read_segments).
+            del self._appenders[key]
+            with contextlib.suppress(OSError, ValueError):
+                appender.file.close()  # flushing what is buffered may fail again: truncated below
+            with contextlib.suppress(OSError):
+                os.truncate(path, whole)
+            raise
         appender.next += len(records)
 
     async def read_segments(
@@ -229,12 +275,14 @@ class LocalStorage:
             return []
         out: list[JsonObject] = []
         for i, first in enumerate(starts):
-            end = starts[i + 1] - 1 if i + 1 < len(starts) else upto
+            end = min(starts[i + 1] - 1, upto) if i + 1 < len(starts) else upto
             if end <= after or first > upto:
                 continue
-            with open(directory / segment_name(first), encoding="utf-8") as fh:
+            with open(directory / segment_name(first), "rb") as fh:
                 for index, line in enumerate(fh, start=first):
-                    if index > upto:
+                    # A segment ends where the next begins, or at a torn last line (an append
+                    # that failed and could not be cut back; its retry began a new segment).
+                    if index > end or not line.endswith(b"\n"):
                         break
                     if index > after:
                         out.append(json.loads(line))
@@ -313,8 +361,17 @@ class LocalStorage:
                     return existing
                 await asyncio.sleep(0.01)
             raise
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(_dumps(doc))
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(_dumps(doc))
+                if self._fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            if self._fsync:
+                _fsync_dir(directory)
+        except BaseException:
+            path.unlink(missing_ok=True)  # an empty key would block every retry
+            raise
         return None
 
     async def acquire_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
@@ -355,18 +412,27 @@ class LocalStorage:
 
     def _write_atomic(self, path: Path, data: str | bytes) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-            if self._fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data.encode() if isinstance(data, str) else data)
+                if self._fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # a full disk must not keep what it could not take
+            raise
         if self._fsync:
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _truncate_after(path: Path, keep: int) -> int:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -33,6 +34,7 @@ class ServiceProcess:
         name: str = "",
         command: list[str] | None = None,
         cwd: Path = ROOT,
+        launcher: Sequence[str] = (),  # a command the process runs under, e.g. setpriv to drop root
     ) -> None:
         """``command`` replaces ``python -m module`` (e.g. an installed console script)."""
         name = name or module
@@ -42,7 +44,13 @@ class ServiceProcess:
         self.log = tmp / f"{name}.log"
         self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
-            [*(command or [sys.executable, "-m", module]), "--port-file", str(self.port_file), *args],
+            [
+                *launcher,
+                *(command or [sys.executable, "-m", module]),
+                "--port-file",
+                str(self.port_file),
+                *args,
+            ],
             cwd=cwd,
             stdout=subprocess.DEVNULL,
             stderr=self._log_file,
@@ -76,8 +84,12 @@ class ServiceProcess:
 
 
 class EngineProcess(ServiceProcess):
-    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        super().__init__("engine_service", tmp, "--listen", "127.0.0.1:0", *args, env=env, name="engine")
+    def __init__(
+        self, tmp: Path, *args: str, env: dict[str, str] | None = None, launcher: Sequence[str] = ()
+    ) -> None:
+        super().__init__(
+            "engine_service", tmp, "--listen", "127.0.0.1:0", *args, env=env, name="engine", launcher=launcher
+        )
         self.target = f"127.0.0.1:{self.ports}"
 
 

@@ -86,6 +86,10 @@ class FaultyProxy:
         self._session: aiohttp.ClientSession | None = None
         self.url = ""
 
+    def set_pattern(self, pattern: Iterable[str]) -> None:
+        """From the next request on, inject faults in this pattern instead (e.g. an outage)."""
+        self._pattern = itertools.cycle(list(pattern))
+
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)

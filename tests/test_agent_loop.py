@@ -72,10 +72,14 @@ async def test_tool_failure_and_bad_arguments_become_error_results(
     script = [turn("", ("explode", {}), ("echo", {"text": 5})), turn("ok")]
     execution = client.execute("x", model="scripted", script=script)
     events = [e async for e in execution]
-    completed = [e for e in events if e.kind == "tool_call_completed"]
-    assert len(completed) == 1
-    assert completed[0].is_error
-    assert "boom" in completed[0].output
+    completed = {e.tool_name: e for e in events if e.kind == "tool_call_completed"}
+    assert completed["explode"].is_error
+    assert completed["explode"].outcome == "ran"
+    assert "boom" in completed["explode"].output
+    # The call that never ran is on the record too, with the result the model saw.
+    assert completed["echo"].is_error
+    assert completed["echo"].outcome == "invalid_arguments"
+    assert "Invalid arguments for echo" in completed["echo"].output
     assert execution.run is not None
     docs = await server.engine.storage.read_segments("default", execution.run.run_id, "transcript", 0, 10)
     tool_results = [d for d in docs if d["role"] == "tool"]

@@ -81,6 +81,7 @@ REASONS = [
     ("ERR_REQUEST_TOO_LARGE", grpc.StatusCode.RESOURCE_EXHAUSTED, client_py.RequestTooLargeError),
     ("ERR_UNIMPLEMENTED", grpc.StatusCode.UNIMPLEMENTED, client_py.UnimplementedError),
     ("ERR_SHUTTING_DOWN", grpc.StatusCode.UNAVAILABLE, client_py.ShuttingDownError),
+    ("ERR_STORAGE_UNAVAILABLE", grpc.StatusCode.UNAVAILABLE, client_py.StorageUnavailableError),
     ("ERR_INTERNAL", grpc.StatusCode.INTERNAL, client_py.InternalError),
 ]
 
@@ -671,6 +672,7 @@ def test_public_api_is_pinned() -> None:
         "RunStarted",
         "RunTerminalError",
         "ShuttingDownError",
+        "StorageUnavailableError",
         "TextDelta",
         "ToolCall",
         "ToolCallCompleted",

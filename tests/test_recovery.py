@@ -111,12 +111,16 @@ async def test_kill_9_during_a_tool_call_reports_it_interrupted(tmp_path: Path) 
     assert run.state == "DONE"
     assert (workdir(tmp_path, handle.run_id) / "side.txt").read_text() == "ran\n"  # not re-run
     # The watcher saw the call start, so the log keeps that; the recovered run marks it undone
-    # and records no completion: the model was told the call was interrupted instead.
-    (started,) = [e for e in events if e.kind == "tool_call_started"]
+    # and records the call's outcome as the model was told it: interrupted, not run again.
+    started = [e for e in events if e.kind == "tool_call_started"]
     (resumed,) = [e for e in events if e.kind == "resumed"]
     assert resumed.resumed_by == "recovery"
-    assert resumed.rolled_back_from_seq <= started.seq < resumed.seq
-    assert not any(e.kind == "tool_call_completed" for e in events)
+    assert resumed.rolled_back_from_seq <= started[0].seq < resumed.seq
+    (completed,) = [e for e in events if e.kind == "tool_call_completed"]
+    assert completed.outcome == "interrupted"
+    assert completed.is_error
+    assert completed.seq > resumed.seq
+    assert "interrupted by an engine crash" in completed.output
     storage = tmp_path / "storage" / "workspaces" / "default" / "runs" / handle.run_id / "transcript"
     transcript = "".join(p.read_text() for p in sorted(storage.iterdir()))
     assert "interrupted by an engine crash" in transcript

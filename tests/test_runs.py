@@ -124,7 +124,11 @@ async def test_several_interrupts_answered_one_by_one(client: AsyncEngineClient)
     assert run.state == "DONE"
     events = [e async for e in handle.events()]
     completed = [e for e in events if e.kind == "tool_call_completed"]
-    assert [c.output for c in completed] == ["4"]
+    # Both calls are on the record: the rejected one with what the model was told.
+    assert [(c.outcome, c.output) for c in completed] == [
+        ("rejected", "The user rejected this call. Reason: no"),
+        ("ran", "4"),
+    ]
 
 
 async def test_several_interrupts_answered_together(client: AsyncEngineClient) -> None:
@@ -397,3 +401,53 @@ async def test_the_decision_is_already_taken_when_answered_twice_in_one_request(
                 {"interrupt_id": interrupt_id, "action": "reject"},
             ]
         )
+
+
+async def test_every_tool_call_the_model_made_is_on_the_record(client: AsyncEngineClient) -> None:
+    from client_py._view import RunViewModel
+
+    script = [
+        turn("", ("nope", {}), ("echo", {"text": "hi"}), ("double", {"x": "not a number"})),
+        turn("", ("double", {"x": 1})),
+        turn("done"),
+    ]
+    handle = await client.create("calls", model="scripted", script=script, permissions={"echo": "deny"})
+    run = await handle.wait(timeout=10)
+    await handle.respond(run.interrupts[0].interrupt_id, {"value": 7})
+    run = await handle.wait(timeout=10)
+    assert run.state == "DONE"
+    events = [e async for e in handle.events(follow=False)]
+    completed = {e.call_id: e for e in events if e.kind == "tool_call_completed"}
+    assert [(e.tool_name, e.outcome, e.is_error) for e in completed.values()] == [
+        ("nope", "unknown_tool", True),
+        ("echo", "denied", True),
+        ("double", "invalid_arguments", True),
+        ("double", "responded", False),
+    ]
+    assert "Unknown tool 'nope'" in completed["call_1_1"].output
+    assert completed["call_2_1"].output == '{"value": 7}'
+    # The widget shows each outcome and what the model saw, not an empty "responded".
+    view = RunViewModel()
+    for event in events:
+        view.apply(event)
+    shown = {entry.call_id: (entry.status, entry.output) for entry in view.tool_log}
+    assert shown["call_1_1"][0] == "unknown tool"
+    assert shown["call_1_2"][0] == "denied"
+    assert shown["call_1_3"][0] == "invalid arguments"
+    assert shown["call_2_1"] == ("responded", '{"value": 7}')
+
+
+async def test_a_call_to_a_tool_this_host_cannot_run_is_on_the_record(servers: ServerFactory) -> None:
+    srv = await servers.start(config={"capabilities_subprocess": False})
+    async with AsyncEngineClient(f"127.0.0.1:{srv.port}") as c:
+        script = [turn("", ("Bash", {"command": "true"})), turn("done")]
+        run = await c.execute("bash", model="scripted", script=script).result()
+        assert run.state == "DONE"
+        events = [e async for e in (await c.attach(run.run_id)).events(follow=False)]
+    (completed,) = [e for e in events if e.kind == "tool_call_completed"]
+    assert (completed.tool_name, completed.outcome, completed.is_error) == (
+        "Bash",
+        "capability_missing",
+        True,
+    )
+    assert run.meta.capabilities_missing == ["Bash"]

@@ -142,3 +142,43 @@ async def test_fsync_mode_round_trips(tmp_path: Path) -> None:
     await storage.write_segment("ws", "r1", "transcript", 1, [{"role": "user"}])
     assert await storage.read_segments("ws", "r1", "transcript", 0, 1) == [{"role": "user"}]
     await storage.close()
+
+
+# -- torn segments: a failed append, and a segment torn on purpose --------------------------------
+
+
+async def test_a_segment_torn_on_purpose_reads_back_whole_records(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    await storage.create_run("ws", "r1", {}, {})
+    await storage.write_segment("ws", "r1", "events", 1, [{"seq": 1}, {"seq": 2}])
+    await storage.close()
+    segment = tmp_path / "workspaces" / "ws" / "runs" / "r1" / "events" / "000000000001.jsonl"
+    with open(segment, "ab") as fh:
+        fh.write(b'{"seq":3,"torn')  # a writer died in the middle of an append
+    storage = LocalStorage(tmp_path)
+    # Readers stop at the torn record (never fail, never repeat); the writer appends after the cut.
+    assert await storage.read_segments("ws", "r1", "events", 0, 5) == [{"seq": 1}, {"seq": 2}]
+    await storage.write_segment("ws", "r1", "events", 3, [{"seq": 3}, {"seq": 4}])
+    assert await storage.read_segments("ws", "r1", "events", 0, 4) == [{"seq": n} for n in range(1, 5)]
+    assert await storage.read_segments("ws", "r1", "events", 2, 4) == [{"seq": 3}, {"seq": 4}]
+    await storage.close()
+
+
+@pytest.mark.slow
+async def test_an_append_that_fails_on_a_full_disk_is_cut_back_then_retried(tmp_path: Path) -> None:
+    from tests.fs_faults import fill, small_tmpfs
+
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
+        storage = LocalStorage(disk / "store")
+        await storage.create_run("ws", "r1", {}, {})
+        await storage.write_segment("ws", "r1", "events", 1, [{"seq": 1}])
+        filler = fill(disk)
+        big = [{"seq": n, "pad": "x" * 4000} for n in range(2, 40)]  # more than a page: partly written
+        with pytest.raises(OSError, match="No space left"):
+            await storage.write_segment("ws", "r1", "events", 2, big)
+        assert await storage.read_segments("ws", "r1", "events", 0, 100) == [{"seq": 1}]
+        filler.unlink()
+        await storage.write_segment("ws", "r1", "events", 2, big)  # the same batch, retried
+        assert await storage.read_segments("ws", "r1", "events", 0, 100) == [{"seq": 1}, *big]
+        assert await storage.repair_end("ws", "r1", "events") == 39
+        await storage.close()

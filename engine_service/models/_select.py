@@ -8,7 +8,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from engine_service._config import EngineConfig
+from engine_service._config import EngineConfig, ProviderConfig
 from engine_service._errors import invalid
 from engine_service._run import ScriptedTurn
 from engine_service.models._anthropic import AnthropicModel
@@ -74,13 +74,49 @@ def resolve_default_model(config: EngineConfig, env: Mapping[str, str] | None = 
     env = os.environ if env is None else env
     provider = config.model.provider
     if provider == "auto":
-        if env.get("ANTHROPIC_API_KEY"):
+        if env.get(api_key_env(config, "anthropic")):
             provider = "anthropic"
-        elif env.get("OPENAI_API_KEY"):
+        elif env.get(api_key_env(config, "openai")):
             provider = "openai"
         else:
             provider = "scripted"
     return provider, config.model.name or default_model_name(provider)
+
+
+def provider_config(config: EngineConfig, provider: str) -> ProviderConfig:
+    settings: ProviderConfig | None = getattr(config.model, provider, None)
+    return settings if isinstance(settings, ProviderConfig) else ProviderConfig()
+
+
+def api_key_env(config: EngineConfig, provider: str) -> str:
+    """The environment variable holding ``provider``'s API key."""
+    return provider_config(config, provider).api_key_env or _HTTP_PROVIDERS[provider][1]
+
+
+def provider_base_url(config: EngineConfig, default_provider: str, provider: str) -> str | None:
+    """Where ``provider`` is reached: its own base_url, else ``model.base_url`` if it is the
+    default provider (that setting names the default provider's endpoint), else its public one."""
+    own = provider_config(config, provider).base_url
+    if own:
+        return own
+    if provider == default_provider and config.model.base_url:
+        return config.model.base_url
+    return None
+
+
+def model_price(
+    config: EngineConfig, default_provider: str, provider: str, name: str
+) -> tuple[float, float] | None:
+    """USD per million input and output tokens of ``provider:name``; None when unknown."""
+    listed = provider_config(config, provider).prices.get(name)
+    if listed is not None:
+        return listed
+    legacy = (config.model.input_cost_per_mtok, config.model.output_cost_per_mtok)
+    if provider == default_provider and legacy != (None, None):
+        return legacy[0] or 0.0, legacy[1] or 0.0
+    if provider == "scripted":
+        return 0.0, 0.0  # offline and free
+    return None
 
 
 def default_model_name(provider: str) -> str:
@@ -88,9 +124,14 @@ def default_model_name(provider: str) -> str:
 
 
 def default_model_factory(config: EngineConfig) -> ModelFactory:
-    """Build real adapters; one per (provider, model) shared across runs (connection pooling)."""
+    """Build real adapters; one per (provider, model) shared across runs (connection pooling).
+
+    Each provider has its own endpoint and key: a run choosing another provider than the
+    default never reaches the default provider's endpoint or sees its key.
+    """
     cache: dict[tuple[str, str], ModelAdapter] = {}
     retry = RetryPolicy(max_attempts=config.model.max_attempts)
+    default_provider, _ = resolve_default_model(config)
 
     def make(provider: str, name: str) -> ModelAdapter:
         adapter = cache.get((provider, name))
@@ -99,11 +140,11 @@ def default_model_factory(config: EngineConfig) -> ModelFactory:
         entry = _HTTP_PROVIDERS.get(provider)
         if entry is None:
             raise invalid("ERR_INVALID_REQUEST", f"unknown model provider {provider!r}")
-        adapter_class, key_env = entry
+        adapter_class, _ = entry
         adapter = adapter_class(
-            api_key=os.environ.get(key_env, ""),
+            api_key=os.environ.get(api_key_env(config, provider), ""),
             model=name,
-            base_url=config.model.base_url or None,
+            base_url=provider_base_url(config, default_provider, provider),
             retry=retry,
         )
         cache[(provider, name)] = adapter

@@ -173,6 +173,7 @@ class ToolCallCompleted(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     DURATION_MS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The id of the call."""
     tool_name: _builtins.str
@@ -185,6 +186,13 @@ class ToolCallCompleted(_message.Message):
     """The result as the model sees it (possibly truncated)."""
     duration_ms: _builtins.int
     """How long the call took, in milliseconds."""
+    outcome: _builtins.str
+    """What happened to the call: `ran` (the tool ran; `is_error` says how it went), or why it
+    did not run and the model got `output` instead: `unknown_tool`, `invalid_arguments`,
+    `denied`, `capability_missing`, `rejected`, `responded` (the caller supplied the
+    result), `expired` (its approval deadline passed) or `interrupted` (an engine crash
+    interrupted it; it may or may not have taken effect).
+    """
     def __init__(
         self,
         *,
@@ -194,10 +202,11 @@ class ToolCallCompleted(_message.Message):
         size_bytes: _builtins.int = ...,
         output: _builtins.str = ...,
         duration_ms: _builtins.int = ...,
+        outcome: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "duration_ms", b"duration_ms", "is_error", b"is_error", "output", b"output", "size_bytes", b"size_bytes", "tool_name", b"tool_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "duration_ms", b"duration_ms", "is_error", b"is_error", "outcome", b"outcome", "output", b"output", "size_bytes", b"size_bytes", "tool_name", b"tool_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,65 @@
+"""Storage faults on a real file system: a small tmpfs that fills up, a directory made read-only
+for a process without CAP_DAC_OVERRIDE (the engine runs as ``nobody``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. ``"2m"``) mounted on ``path``; skips the test where mounting is
+    impossible (not root, or no mount namespace rights). CI runs as root, where it works."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system holding ``directory``; returns the filler file (delete it to free space)."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for size in (65536, 512, 1):  # then whatever a bigger write could not use
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def as_nobody() -> list[str]:
+    """A launcher that runs a command as ``nobody``: no capabilities, so CAP_DAC_OVERRIDE cannot
+    get past a directory's mode the way root would."""
+    if os.geteuid() != 0:
+        pytest.skip("running a process as another user needs root")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+def chown_tree(path: Path, uid: int = NOBODY) -> None:
+    for root, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            os.lchown(os.path.join(root, name), uid, uid)
+    os.lchown(path, uid, uid)
