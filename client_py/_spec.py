@@ -35,8 +35,11 @@ __all__ = [
 class RunOptions(TypedDict, total=False):
     """Keyword arguments of ``execute``/``create`` besides ``task``; ``None`` = the engine's default.
 
-    - ``model``: the provider (``"scripted"``, ``"openai"``, ``"anthropic"``), or
-      ``"provider:name"`` as a shorthand for ``model`` plus ``model_name``.
+    - ``model``: a model name (``"gpt-4o"``, ``"claude-sonnet-4-5"``: the engine infers the
+      provider from well-known prefixes, else it is the default provider's model), a provider
+      (``"scripted"``, ``"openai"``, ``"anthropic"``: its default model), or ``"provider:name"``
+      (e.g. ``"openai:llama-3.1-8b"`` for a model an OpenAI-compatible server serves).
+    - ``model_name``: the model, with ``model`` naming the provider.
     - ``script``: turns for the scripted model, each a dict
       ``{"text": str, "tool_calls": [{"name": str, "arguments": dict}],
       "usage": {"input_tokens": int, "output_tokens": int}}`` (all keys optional) or
@@ -102,6 +105,10 @@ _EXPIRY_ACTIONS = {
 _SCRIPT_TURN_KEYS = frozenset({"text", "tool_calls", "usage"})
 _SCRIPT_CALL_KEYS = frozenset({"name", "arguments"})
 _USAGE_KEYS = frozenset({"input_tokens", "output_tokens"})
+
+
+# The engine's model providers; anything else given as `model=` is taken as a model name.
+_PROVIDERS = frozenset({"scripted", "openai", "anthropic"})
 
 
 def _refuse(message: str) -> InvalidArgumentError:
@@ -188,6 +195,11 @@ def _model(spec: pb.RunSpec, options: RunOptions) -> None:
         provider = _str("model", provider)
         if ":" in provider and name is None:
             provider, name = provider.split(":", 1)
+        elif provider.lower() in _PROVIDERS:
+            provider = provider.lower()
+        elif name is None:
+            # A bare model name: the engine infers its provider ("gpt-4o" → openai).
+            provider, name = None, provider
     if script is not None:
         if provider not in (None, "scripted"):
             raise refused("ERR_INVALID_SCRIPT", f"script needs the scripted model, but model={provider!r}")

@@ -73,6 +73,7 @@ from engine_service.models._select import (
     ModelFactory,
     default_model_factory,
     default_model_name,
+    infer_provider,
     load_script_file,
     model_price,
     resolve_default_model,
@@ -417,7 +418,11 @@ class Engine:
             raise EngineError(exc.reason, str(exc), kind=kind, metadata=metadata) from None
 
     def _choose_model(self, spec: RunSpec) -> tuple[str, str]:
-        provider = spec.model_provider or self._default_provider
+        # A bare model name ("gpt-4o", "claude-sonnet-4-5") names its provider by a well-known
+        # prefix; any other name is the default provider's (e.g. a model an OpenAI-compatible
+        # server such as vLLM serves).
+        inferred = infer_provider(spec.model_name) if spec.model_name and not spec.model_provider else None
+        provider = spec.model_provider or inferred or self._default_provider
         if (
             spec.model_provider or spec.model_name or spec.script is not None
         ) and not self.config.model.allow_per_run_choice:
@@ -429,7 +434,8 @@ class Engine:
         if provider not in ("scripted", "openai", "anthropic"):
             raise invalid(
                 "ERR_INVALID_REQUEST",
-                f"unknown model provider {shown(provider)!r}: use scripted, openai or anthropic",
+                f"unknown model provider {shown(provider)!r}: use scripted, openai or anthropic, "
+                "'provider:model', or a model name such as gpt-4o or claude-sonnet-4-5",
                 field="model.provider",
             )
         if provider == "scripted":

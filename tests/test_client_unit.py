@@ -263,6 +263,10 @@ def test_spec_full() -> None:
 def test_spec_model_shorthand() -> None:
     spec = _spec.build_run_spec("t", model="anthropic:claude-sonnet-4-5")
     assert (spec.model.provider, spec.model.name) == ("anthropic", "claude-sonnet-4-5")
+    spec = _spec.build_run_spec("t", model="gpt-4o")  # a bare model name: the engine infers openai
+    assert (spec.model.provider, spec.model.name) == ("", "gpt-4o")
+    spec = _spec.build_run_spec("t", model="OpenAI")
+    assert (spec.model.provider, spec.model.name) == ("openai", "")
     spec = _spec.build_run_spec("t", model="openai", model_name="gpt-4o-mini")
     assert (spec.model.provider, spec.model.name) == ("openai", "gpt-4o-mini")
 

@@ -451,3 +451,29 @@ async def test_a_call_to_a_tool_this_host_cannot_run_is_on_the_record(servers: S
         True,
     )
     assert run.meta.capabilities_missing == ["Bash"]
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("gpt-4o", "openai:gpt-4o"),
+        ("o3-mini", "openai:o3-mini"),
+        ("claude-sonnet-4-5", "anthropic:claude-sonnet-4-5"),
+        ("openai:llama-3.1-8b", "openai:llama-3.1-8b"),
+        ("anthropic", "anthropic:claude-sonnet-4-5"),
+    ],
+)
+async def test_a_bare_model_name_names_its_provider(
+    client: AsyncEngineClient, model: str, expected: str
+) -> None:
+    """``model="gpt-4o"`` works as a newcomer expects; ``provider:name`` for the rest."""
+    handle = await client.create("hi", model=model)
+    assert handle.run.meta.model == expected
+    await handle.cancel()
+
+
+async def test_a_bare_unknown_model_name_is_the_default_providers(client: AsyncEngineClient) -> None:
+    # The default provider here is the scripted one, so the name must come with a script.
+    handle = await client.create("hi", model="my-local-model", script=[turn("hello")])
+    run = await handle.wait(timeout=20)
+    assert (run.state, run.meta.model) == ("DONE", "scripted:my-local-model")

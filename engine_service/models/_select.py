@@ -119,6 +119,26 @@ def model_price(
     return None
 
 
+# Bare model names whose provider is plain from the name (as LangChain's init_chat_model infers).
+_NAME_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("gpt-", "openai"),
+    ("chatgpt-", "openai"),
+    ("o1", "openai"),
+    ("o3", "openai"),
+    ("o4", "openai"),
+    ("claude", "anthropic"),
+)
+
+
+def infer_provider(model_name: str) -> str | None:
+    """The provider a bare model name belongs to, when a well-known prefix says; else None."""
+    name = model_name.lower()
+    for prefix, provider in _NAME_PREFIXES:
+        if name.startswith(prefix):
+            return provider
+    return None
+
+
 def default_model_name(provider: str) -> str:
     return {"anthropic": "claude-sonnet-4-5", "openai": "gpt-4o-mini"}.get(provider, "script")
 
