@@ -21,6 +21,8 @@ from typing import Any
 
 from engine_service._errors import RunFailure
 from engine_service._feed import EventFeed
+from engine_service._limits import MAX_DEPTH, too_deep
+from engine_service._regex import SchemaValidator
 from engine_service._run import PENDING, READY, RESOLVED, Interrupt, PendingCall, RunError, RunRecord, RunSpec
 from engine_service._storage import Storage
 from engine_service._text import loads_untrusted
@@ -738,7 +740,9 @@ def _schema_problem(text: str, schema: JsonObject) -> str | None:
         return f"not JSON ({exc.msg} at position {exc.pos})"
     except ValueError as exc:
         return f"not usable JSON ({exc})"
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    if too_deep(value):
+        return f"(root): nested deeper than {MAX_DEPTH} levels"
+    error = jsonschema.exceptions.best_match(SchemaValidator(schema).iter_errors(value))
     if error is None:
         return None
     where = ".".join(str(p) for p in error.path) or "(root)"

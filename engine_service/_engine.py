@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 from pydantic import ValidationError
 
 from engine_service._actor import CANCEL_REQUEST, RunActor, RunEnv, RunnerUnreachable
@@ -44,6 +45,7 @@ from engine_service._errors import (
     shown_list,
 )
 from engine_service._ids import check_id, new_id
+from engine_service._regex import check_schema
 from engine_service._run import PENDING, READY, RESOLVED, PendingCall, RunRecord, RunSpec
 from engine_service._storage import Storage
 from engine_service._tools import (
@@ -358,16 +360,16 @@ class Engine:
                     field=what,
                     tools=shown_list(unknown),
                 )
-        if spec.output_schema is not None:
-            import jsonschema
-
+        schemas = [("output_schema", spec.output_schema)] if spec.output_schema is not None else []
+        schemas += [("client_tools", t.input_schema) for t in client_tools]
+        for field_name, schema in schemas:
             try:
-                jsonschema.Draft202012Validator.check_schema(spec.output_schema)
+                check_schema(schema)
             except jsonschema.SchemaError as exc:
                 raise invalid(
                     "ERR_INVALID_REQUEST",
-                    f"output_schema is not a valid JSON Schema: {shown(exc.message, 500)}",
-                    field="output_schema",
+                    f"{field_name} is not a valid JSON Schema: {shown(exc.message, 500)}",
+                    field=field_name,
                 ) from None
         if spec.script is not None:
             validate_script(spec.script)

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pydantic
 
 from engine_service._errors import EngineError, ErrorKind
+from engine_service._limits import MAX_DEPTH, too_deep
+from engine_service._regex import SchemaValidator
 from engine_service._text import clean_text
 from engine_service._types import InterruptKind, JsonObject
 from engine_service.models import ToolSpec
@@ -89,6 +90,8 @@ class Tool:
 
     def validate(self, arguments: JsonObject) -> Any:
         """Validated arguments (a model instance for pydantic tools) or ToolArgumentError."""
+        if too_deep(arguments):
+            raise ToolArgumentError(f"(root): nested deeper than {MAX_DEPTH} levels")
         if self.model is not None:
             try:
                 return self.model.model_validate(arguments)
@@ -98,7 +101,7 @@ class Tool:
                 )
                 raise ToolArgumentError(problems) from None
         if self._validator is None:
-            self._validator = jsonschema.Draft202012Validator(self.input_schema)
+            self._validator = SchemaValidator(self.input_schema)
         errors = sorted(self._validator.iter_errors(arguments), key=lambda e: list(e.path))
         if errors:
             problems = "; ".join(
