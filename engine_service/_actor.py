@@ -37,6 +37,7 @@ from engine_service._types import (
     Permission,
     RunState,
     ToolCall,
+    ToolChoice,
 )
 from engine_service.models import ModelAdapter, ModelError, ModelRequest, TextChunk, TurnResult
 from engine_service.tools import result_blob_name, truncation_note
@@ -543,6 +544,11 @@ class RunActor:
         if tool is None:
             available = ", ".join(sorted(self.env.tools)) or "none"
             return _resolved(call, f"Unknown tool {call.name!r}. Available tools: {available}.")
+        if self.spec.tool_choice is ToolChoice.NONE:
+            # The model was told it may not call tools; a call it makes anyway is answered, not run.
+            return _resolved(
+                call, f"Tool calls are turned off for this run (tool_choice none): {call.name} was not run."
+            )
         permission = self.env.permissions(call.name)
         if permission is Permission.DENY:
             return _resolved(call, f"Permission denied: the {call.name} tool is not allowed in this run.")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -44,6 +46,7 @@ from engine_service._errors import (
     shown,
     shown_list,
 )
+from engine_service._idempotency import check_same_request, fingerprint
 from engine_service._ids import check_id, new_id
 from engine_service._regex import check_schema
 from engine_service._run import PENDING, READY, RESOLVED, PendingCall, RunRecord, RunSpec
@@ -239,6 +242,8 @@ class Engine:
         """Start a run in the background. Returns (run, created); idempotent on run_id/request_id."""
         self._check_open()
         ws = principal.workspace_id
+        # Taken before validation fills in defaults: a retry repeats the request as it was sent.
+        request_fp = fingerprint(spec.to_json(), [dataclasses.asdict(t) for t in client_tools], webhook)
         self._validate_spec(spec, client_tools)
         webhook_doc = validate_webhook(webhook)
         if spec.request_id:
@@ -246,7 +251,11 @@ class Engine:
             # first creates it, everyone else gets the same run back.
             check_id(spec.request_id, "request_id")
             proposed = spec.run_id or new_id("run")
-            claimed = await self.storage.put_if_absent(ws, spec.request_id, {"run_id": proposed})
+            claimed = await self.storage.put_if_absent(
+                ws, spec.request_id, {"run_id": proposed, "fingerprint": request_fp}
+            )
+            if claimed is not None:
+                check_same_request(spec.request_id, claimed.get("fingerprint"), request_fp, "CreateRun")
             if claimed is not None and spec.run_id and claimed["run_id"] != spec.run_id:
                 raise EngineError(
                     "ERR_RUN_EXISTS",
@@ -329,8 +338,14 @@ class Engine:
         ):
             if value < 0:
                 raise invalid("ERR_INVALID_REQUEST", f"{name} must not be negative", field=name, value=value)
-        if spec.max_cost_usd < 0:
-            raise invalid("ERR_INVALID_REQUEST", "max_cost_usd must not be negative", field="max_cost_usd")
+        if not math.isfinite(spec.max_cost_usd) or spec.max_cost_usd < 0:
+            # NaN compares false with everything: unchecked, it would be a budget never reached.
+            raise invalid(
+                "ERR_INVALID_REQUEST",
+                "max_cost_usd must be a finite number, not negative",
+                field="max_cost_usd",
+                value=spec.max_cost_usd,
+            )
         names = set(self.tools.names())
         for t in client_tools:
             if not t.name or len(t.name) > 64 or not all(c.isalnum() or c in "_-" for c in t.name):
@@ -729,6 +744,7 @@ class Engine:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         if request_id:
             check_id(request_id, "request_id")
+        resume_fp = fingerprint([dataclasses.asdict(d) for d in decisions], webhook)
         webhook_doc = validate_webhook(webhook)
         async with self._lock(key):
             if api_env:
@@ -740,8 +756,11 @@ class Engine:
                 return await self._retry_handoff(principal, key)
             if request_id:
                 current = await self.get_run(principal, run_id)
-                if request_id in current.resume_requests:
-                    return current
+                for entry in current.resume_requests:
+                    used_id, _, used_fp = entry.partition(":")
+                    if used_id == request_id:
+                        check_same_request(request_id, used_fp, resume_fp, "ResumeRun")
+                        return current
             if key in self._active:
                 raise precondition(
                     "ERR_RUN_NOT_PAUSED",
@@ -764,7 +783,7 @@ class Engine:
             if webhook_doc is not None:
                 record.webhook = webhook_doc
             if request_id:
-                record.resume_requests = [*record.resume_requests[-31:], request_id]
+                record.resume_requests = [*record.resume_requests[-31:], f"{request_id}:{resume_fp}"]
             await self._decide(actor, plan, principal.identity)
             return record
 
