@@ -1,17 +1,19 @@
 """How deep a structured value may nest, wherever one enters or leaves the engine.
 
-A JSON value of lists and objects nested N deep is 2N protobuf messages deep as a
-``google.protobuf.Value``; protobuf refuses to parse (or convert) past 100, so a value nested
-50 deep that got into a run would break every response that carries it. Values are refused
-where they come in (requests, scripts, tool-call arguments, structured answers, the runner's
-HTTP shim) past `MAX_DEPTH`, well inside that limit even with the messages around them.
+Protobuf refuses to parse (or convert) messages nested more than 100 deep, and a JSON value costs
+more than its own depth there: each object level is three messages (``Value`` → ``Struct`` → map
+entry), each list level two (``Value`` → ``ListValue``), under the messages that carry it (a tool
+call's arguments in an interrupt in a ``Paused`` event is five down). A value that got into a run
+too deep would break every response that carries it. Values are refused where they come in
+(requests, scripts, tool-call arguments, structured answers, the runner's HTTP shim) past
+`MAX_DEPTH`: objects nested that deep still fit any response with room to spare (5 + 3 × 24 = 77).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-MAX_DEPTH = 32
+MAX_DEPTH = 24
 
 
 def depth(value: Any, limit: int = MAX_DEPTH) -> int:
