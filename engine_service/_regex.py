@@ -24,6 +24,7 @@ import re2
 from jsonschema import Draft202012Validator, ValidationError
 
 from engine_service._errors import shown
+from engine_service._text import clean_text
 
 MAX_PATTERN_CHARS = 4096
 # A program bigger than this (e.g. ``(a{1000}){1000}``) is refused rather than built.
@@ -65,11 +66,11 @@ def _reason(pattern: str, exc: re2.error) -> str:
 
 
 def search(pattern: str, text: str) -> bool:
-    return compile_pattern(pattern).search(text) is not None
+    return compile_pattern(pattern).search(clean_text(text)) is not None
 
 
 def fullmatch(pattern: str, text: str) -> bool:
-    return compile_pattern(pattern).fullmatch(text) is not None
+    return compile_pattern(pattern).fullmatch(clean_text(text)) is not None
 
 
 def check_patterns(patterns: list[str] | None) -> None:

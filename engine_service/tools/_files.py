@@ -273,7 +273,10 @@ def _glob(root: Path, user_path: str, regex: re2._Regexp[str]) -> str:
         raise ToolError(f"{user_path!r} is not a directory")
     real_root = _real_root(root)
     matches = [
-        _relative(real_root, p) for p in _walk(real_root, base) if regex.fullmatch(str(p.relative_to(base)))
+        _relative(real_root, p)
+        for p in _walk(real_root, base)
+        # A name that is not UTF-8 holds lone surrogates, which RE2 (UTF-8) cannot take: U+FFFD there.
+        if regex.fullmatch(clean_text(str(p.relative_to(base))))
     ]
     if not matches:
         return "no files match"
@@ -310,7 +313,7 @@ def _grep(root: Path, user_path: str, regex: re2._Regexp[str], name_regex: re2._
     out: list[str] = []
     scanned = 0
     for path in files:
-        if name_regex is not None and not name_regex.fullmatch(path.name):
+        if name_regex is not None and not name_regex.fullmatch(clean_text(path.name)):
             continue
         if scanned >= MAX_GREP_TOTAL_BYTES:
             out.append(f"[stopped after searching {MAX_GREP_TOTAL_BYTES} bytes; narrow path or glob]")
