@@ -131,7 +131,7 @@ async def test_catastrophic_allowed_paths_match_in_linear_time(client: AsyncEngi
 
 
 @pytest.mark.parametrize("pattern", UNSUPPORTED + TOO_BIG)
-async def test_allowed_paths_rre2_refuses_are_invalid_argument(stub: Any, pattern: str) -> None:
+async def test_allowed_paths_re2_refuses_are_invalid_argument(stub: Any, pattern: str) -> None:
     spec = svc.RunSpec(
         task="t",
         model=svc.ModelSpec(provider="scripted", script=[svc.ScriptedTurn(text="ok")]),
