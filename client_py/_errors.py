@@ -233,6 +233,7 @@ _BY_REASON: dict[str, type[MachinaError]] = {
     "ERR_INVALID_ID": InvalidIdError,
     "ERR_INVALID_REQUEST": InvalidRequestError,
     "ERR_VALUE_TOO_DEEP": InvalidRequestError,
+    "ERR_VALUE_TOO_LARGE": InvalidRequestError,
     "ERR_INVALID_SCRIPT": InvalidScriptError,
     "ERR_INVALID_EDITS": InvalidEditsError,
     "ERR_INVALID_DECISION": InvalidDecisionError,

@@ -21,7 +21,7 @@ from typing import Any
 
 from engine_service._errors import RunFailure
 from engine_service._feed import EventFeed
-from engine_service._limits import MAX_DEPTH, too_deep
+from engine_service._limits import MAX_DEPTH, is_small, too_deep
 from engine_service._regex import SchemaValidator
 from engine_service._run import PENDING, READY, RESOLVED, Interrupt, PendingCall, RunError, RunRecord, RunSpec
 from engine_service._storage import Storage
@@ -451,7 +451,13 @@ class RunActor:
                     await self._finish(RunState.DONE, data=data)
                     return
                 continue
-            record.pending = [self._plan(call) for call in result.tool_calls]
+            calls = result.tool_calls
+            if all(is_small(c.arguments) for c in calls):
+                record.pending = [self._plan(call) for call in calls]
+            else:
+                # Checking large arguments against a JSON Schema is seconds of pure-Python work:
+                # in a worker thread the event loop keeps serving every other run meanwhile.
+                record.pending = await asyncio.to_thread(self._plan_all, calls)
             if any(p.status == PENDING for p in record.pending):
                 for p in record.pending:
                     if p.status == PENDING and p.interrupt is not None:
@@ -526,7 +532,10 @@ class RunActor:
         schema = self.spec.output_schema
         if schema is None:
             return True, text
-        problem = _schema_problem(text, schema)
+        if len(text) > _INLINE_ANSWER_CHARS:
+            problem = await asyncio.to_thread(_schema_problem, text, schema)
+        else:
+            problem = _schema_problem(text, schema)
         if problem is None:
             return True, loads_untrusted(text)
         if self.record.repair_used:
@@ -537,6 +546,9 @@ class RunActor:
         self.transcript.append(Message("user", _REPAIR_PROMPT.format(problem=problem)))
         await self.checkpoint()
         return False, None
+
+    def _plan_all(self, calls: list[ToolCall]) -> list[PendingCall]:
+        return [self._plan(call) for call in calls]
 
     def _plan(self, call: ToolCall) -> PendingCall:
         """Decide what happens to one tool call: run, ask, or answer at once."""
@@ -717,6 +729,9 @@ class RunActor:
             },
         )
 
+
+# A structured final answer longer than this is validated in a worker thread.
+_INLINE_ANSWER_CHARS = 16_384
 
 # Event kinds a tool may emit itself (metering).
 _TOOL_EVENTS = frozenset({EventKind.API_CALL.value})

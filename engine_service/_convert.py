@@ -14,7 +14,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from engine_service._engine import ClientToolDef, Decision
 from engine_service._errors import invalid, shown
-from engine_service._limits import MAX_DEPTH, too_deep
+from engine_service._limits import MAX_DEPTH, MAX_SCHEMA_BYTES, too_deep
 from engine_service._run import Interrupt, RunError, RunMeta, RunRecord, RunSpec, ScriptedTurn
 from engine_service._types import Event, EventKind, JsonObject, Permission, RunState, ToolChoice, Usage
 from machina.engine.v1 import engine_service_pb2 as svc
@@ -48,6 +48,20 @@ _KIND = {
 def struct_to_dict(message: struct_pb2.Struct, field: str = "") -> JsonObject:
     doc: JsonObject = _integral(_to_python(message, field))
     return doc
+
+
+def schema_to_dict(message: struct_pb2.Struct, field: str) -> JsonObject:
+    """A JSON Schema from a request: `struct_to_dict`, at most `MAX_SCHEMA_BYTES`."""
+    size = message.ByteSize()
+    if size > MAX_SCHEMA_BYTES:
+        raise invalid(
+            "ERR_VALUE_TOO_LARGE",
+            f"{field} is {size} bytes; the limit is {MAX_SCHEMA_BYTES}",
+            field=field,
+            size=size,
+            max_bytes=MAX_SCHEMA_BYTES,
+        )
+    return struct_to_dict(message, field)
 
 
 def value_to_python(message: struct_pb2.Value, field: str = "") -> Any:
@@ -196,7 +210,7 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
         permissions=permissions,
         gated_tools=list(message.gated_tools),
         output_schema=(
-            struct_to_dict(message.output_schema, "output_schema")
+            schema_to_dict(message.output_schema, "output_schema")
             if message.HasField("output_schema")
             else None
         ),
@@ -211,7 +225,7 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
         ClientToolDef(
             t.name,
             t.description,
-            struct_to_dict(t.input_schema, "client_tools.input_schema")
+            schema_to_dict(t.input_schema, "client_tools.input_schema")
             if t.HasField("input_schema")
             else {"type": "object"},
         )

@@ -48,6 +48,7 @@ from engine_service._errors import (
 )
 from engine_service._idempotency import check_same_request, fingerprint
 from engine_service._ids import check_id, new_id
+from engine_service._limits import is_small
 from engine_service._regex import check_schema
 from engine_service._run import PENDING, READY, RESOLVED, PendingCall, RunRecord, RunSpec
 from engine_service._storage import Storage
@@ -244,7 +245,8 @@ class Engine:
         ws = principal.workspace_id
         # Taken before validation fills in defaults: a retry repeats the request as it was sent.
         request_fp = fingerprint(spec.to_json(), [dataclasses.asdict(t) for t in client_tools], webhook)
-        self._validate_spec(spec, client_tools)
+        # Checking schemas and scripts is pure-Python work that grows with the request: off the loop.
+        await asyncio.to_thread(self._validate_spec, spec, client_tools)
         webhook_doc = validate_webhook(webhook)
         if spec.request_id:
             # The idempotency key maps to one run id; whoever reaches the run
@@ -777,7 +779,10 @@ class Engine:
                     state=record.state.value,
                 )
             actor = await self._actor_for(record)
-            plan = self._apply_decisions(actor, decisions)
+            if all(d.edited_arguments is None or is_small(d.edited_arguments) for d in decisions):
+                plan = self._apply_decisions(actor, decisions)
+            else:  # large edits: schema validation is slow pure-Python work, kept off the loop
+                plan = await asyncio.to_thread(self._apply_decisions, actor, decisions)
             await self._take_over(actor)
             self._disarm_expiry(key)
             if webhook_doc is not None:

@@ -14,6 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 MAX_DEPTH = 24
+# A JSON Schema from a request (output_schema, a client tool's input_schema) is at most this many
+# bytes as a protobuf Struct: checking and applying one is pure-Python work, about 4 ms per KB.
+MAX_SCHEMA_BYTES = 64 * 1024
+# Values with more nodes than this are validated in a worker thread, not on the event loop.
+INLINE_NODES = 2000
 
 
 def depth(value: Any, limit: int = MAX_DEPTH) -> int:
@@ -42,3 +47,19 @@ def depth(value: Any, limit: int = MAX_DEPTH) -> int:
 
 def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
     return depth(value, limit) > limit
+
+
+def is_small(value: Any, nodes: int = INLINE_NODES) -> bool:
+    """Whether ``value`` has at most ``nodes`` lists, objects and scalars; stops counting past that."""
+    count = 0
+    stack: list[Any] = [value]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > nodes:
+            return False
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return True

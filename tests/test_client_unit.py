@@ -63,6 +63,7 @@ REASONS = [
     ("ERR_INVALID_ID", grpc.StatusCode.INVALID_ARGUMENT, client_py.InvalidIdError),
     ("ERR_INVALID_REQUEST", grpc.StatusCode.INVALID_ARGUMENT, client_py.InvalidRequestError),
     ("ERR_VALUE_TOO_DEEP", grpc.StatusCode.INVALID_ARGUMENT, client_py.InvalidRequestError),
+    ("ERR_VALUE_TOO_LARGE", grpc.StatusCode.INVALID_ARGUMENT, client_py.InvalidRequestError),
     ("ERR_INVALID_SCRIPT", grpc.StatusCode.INVALID_ARGUMENT, client_py.InvalidScriptError),
     ("ERR_INVALID_EDITS", grpc.StatusCode.INVALID_ARGUMENT, client_py.InvalidEditsError),
     ("ERR_INVALID_DECISION", grpc.StatusCode.INVALID_ARGUMENT, client_py.InvalidDecisionError),

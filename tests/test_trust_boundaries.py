@@ -33,7 +33,7 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client_py import AsyncEngineClient, InvalidRequestError, ToolCallCompleted
-from engine_service._limits import MAX_DEPTH
+from engine_service._limits import MAX_DEPTH, MAX_SCHEMA_BYTES
 from engine_service._server import RunningServer
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
@@ -261,8 +261,22 @@ def _big_workdir(root: Path, run_id: str) -> None:
         (work / f"f{i}.txt").write_text(block)
 
 
-@pytest.mark.timeout(120)
-async def test_a_real_engine_answers_health_checks_while_the_worst_grep_runs(tmp_path: Path) -> None:
+async def _health_while(client: AsyncEngineClient, health: Any, task: str, **options: Any) -> Any:
+    """Start a run and send health checks until it ends; every one must be answered."""
+    handle = await client.create(task, **options)
+    answered = 0
+    while (await handle.refresh()).state not in ("DONE", "FAILED"):
+        # A generous deadline: a loop blocked by backtracking would miss it by hours.
+        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        answered += 1
+        await asyncio.sleep(0.01)
+    assert answered >= 1
+    return await handle.wait(timeout=60)
+
+
+@pytest.mark.timeout(180)
+async def test_a_real_engine_answers_health_checks_while_the_worst_input_runs(tmp_path: Path) -> None:
     work = tmp_path / "work"
     _big_workdir(work, "run-grep")
     engine = EngineProcess(
@@ -271,18 +285,23 @@ async def test_a_real_engine_answers_health_checks_while_the_worst_grep_runs(tmp
     try:
         async with AsyncEngineClient(engine.target) as client, grpc.aio.insecure_channel(engine.target) as ch:
             health = health_pb2_grpc.HealthStub(ch)
+            # Grep of 48 MB with catastrophic patterns.
             script = [turn("", ("Grep", {"pattern": p})) for p in (r"(a+)+!$", r"(a|aa)+!$", r"(.*a){20}!")]
-            handle = await client.create("grep", run_id="run-grep", script=[*script, turn("done")])
-            answered = 0
-            while (await handle.refresh()).state not in ("DONE", "FAILED"):
-                # A generous deadline: a loop blocked by backtracking would miss it by hours.
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                assert reply.status == health_pb2.HealthCheckResponse.SERVING
-                answered += 1
-                await asyncio.sleep(0.01)
-            run = await handle.wait(timeout=60)
+            run = await _health_while(client, health, "grep", run_id="run-grep", script=[*script, "done"])
             assert run.state == "DONE", run
-            assert answered >= 1
+            # Megabytes of tool arguments checked against a schema's patterns (each item fails).
+            items = {"type": "array", "items": {"type": "string", "pattern": r"^(a+)+$"}}
+            tool = {"name": "lookup", "description": "d", "input_schema": {"properties": {"xs": items}}}
+            call = ("lookup", {"xs": [EVIL] * 60_000})
+            run = await _health_while(
+                client, health, "args", client_tools=[tool], script=[turn("", call), "ok"]
+            )
+            assert run.state == "DONE", run
+            # A structured answer of megabytes checked against the same patterns (each item matches).
+            answer = json.dumps(["a" * 40] * 60_000)
+            run = await _health_while(client, health, "answer", output_schema=items, script=[answer])
+            assert run.state == "DONE", run
+            assert len(run.data) == 60_000
     finally:
         engine.close()
 
@@ -337,6 +356,19 @@ async def test_deep_values_in_every_request_struct_are_refused(
     assert str(MAX_DEPTH) in message
     # (Deeper than protobuf parses at all is refused before any of this code: see
     # tests/test_hostile_input.py::test_malformed_protobuf_is_invalid_argument.)
+
+
+@pytest.mark.parametrize("where", ["output_schema", "client tool input_schema"])
+async def test_schemas_over_the_size_limit_are_refused(stub: Any, where: str) -> None:
+    schema = struct({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(3000)}})
+    assert schema.ByteSize() > MAX_SCHEMA_BYTES
+    spec = base_spec()
+    if where == "output_schema":
+        spec.output_schema.CopyFrom(schema)
+    else:
+        spec.client_tools.append(svc.ToolDefinition(name="lookup", input_schema=schema))
+    code, reason, message = await rpc_error(stub.CreateRun(svc.CreateRunRequest(spec=spec)))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "ERR_VALUE_TOO_LARGE"), message
 
 
 async def test_the_limit_itself_is_accepted(client: AsyncEngineClient) -> None:
