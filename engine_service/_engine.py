@@ -245,8 +245,16 @@ class Engine:
         ws = principal.workspace_id
         # Taken before validation fills in defaults: a retry repeats the request as it was sent.
         request_fp = fingerprint(spec.to_json(), [dataclasses.asdict(t) for t in client_tools], webhook)
-        # Checking schemas and scripts is pure-Python work that grows with the request: off the loop.
-        await asyncio.to_thread(self._validate_spec, spec, client_tools)
+        structured = [
+            spec.output_schema,
+            [t.input_schema for t in client_tools],
+            [arguments for turn in spec.script or () for _, arguments in turn.tool_calls],
+        ]
+        if is_small(structured):
+            self._validate_spec(spec, client_tools)
+        else:
+            # Checking large schemas and scripts is seconds of pure-Python work: off the loop.
+            await asyncio.to_thread(self._validate_spec, spec, client_tools)
         webhook_doc = validate_webhook(webhook)
         if spec.request_id:
             # The idempotency key maps to one run id; whoever reaches the run

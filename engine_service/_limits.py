@@ -17,8 +17,9 @@ MAX_DEPTH = 24
 # A JSON Schema from a request (output_schema, a client tool's input_schema) is at most this many
 # bytes as a protobuf Struct: checking and applying one is pure-Python work, about 4 ms per KB.
 MAX_SCHEMA_BYTES = 64 * 1024
-# Values with more nodes than this are validated in a worker thread, not on the event loop.
-INLINE_NODES = 2000
+# Values with more nodes than this are validated in a worker thread, not on the event loop
+# (checking a schema costs up to ~50 µs a node in jsonschema).
+INLINE_NODES = 256
 
 
 def depth(value: Any, limit: int = MAX_DEPTH) -> int:
