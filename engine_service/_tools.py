@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pydantic
 
 from engine_service._errors import EngineError, ErrorKind
 from engine_service._limits import MAX_DEPTH, too_deep
-from engine_service._regex import SchemaValidator
+from engine_service._regex import SchemaValidator, check_schema
 from engine_service._text import clean_text
 from engine_service._types import InterruptKind, JsonObject
 from engine_service.models import ToolSpec
@@ -280,6 +281,16 @@ class ToolRegistry:
             raise EngineError(
                 "ERR_CONFIG", f"tool {t.name!r} is registered twice", kind=ErrorKind.INVALID_ARGUMENT
             )
+        if t.model is None:
+            # A pattern RE2 refuses would match nothing at call time: say so at startup instead.
+            try:
+                check_schema(t.input_schema)
+            except jsonschema.SchemaError as exc:
+                raise EngineError(
+                    "ERR_CONFIG",
+                    f"tool {t.name!r} has an input schema the engine cannot use: {exc.message}",
+                    kind=ErrorKind.INVALID_ARGUMENT,
+                ) from None
         self._tools[t.name] = t
 
     def get(self, name: str) -> Tool | None:

@@ -690,3 +690,16 @@ async def test_the_client_maps_the_new_reasons(client: AsyncEngineClient) -> Non
     with pytest.raises(InvalidRequestError) as caught:
         await client.create("deep", script=[turn("", ("noop", {"a": nested(40)}))])
     assert caught.value.code == "ERR_VALUE_TOO_DEEP"
+
+
+def test_a_custom_tool_whose_schema_re2_refuses_is_a_config_error() -> None:
+    from engine_service import EngineError, ToolRegistry, tool
+
+    @tool(input_schema={"type": "object", "properties": {"s": {"type": "string", "pattern": r"(a)\1"}}})
+    def lookahead(args: dict[str, object], ctx: object) -> str:
+        return "never"
+
+    with pytest.raises(EngineError) as caught:
+        ToolRegistry([lookahead])
+    assert caught.value.code == "ERR_CONFIG"
+    assert "RE2" in caught.value.message
