@@ -703,3 +703,18 @@ def test_a_custom_tool_whose_schema_re2_refuses_is_a_config_error() -> None:
         ToolRegistry([lookahead])
     assert caught.value.code == "ERR_CONFIG"
     assert "RE2" in caught.value.message
+
+
+async def test_a_webhook_body_never_carries_a_value_too_deep(tmp_path: Path, receiver: Any) -> None:
+    # A run's own answer cannot get this deep (see above); this is the sender's last line.
+    from engine_service import LocalStorage
+    from engine_service._webhooks import WebhookSender
+
+    sender = WebhookSender(LocalStorage(tmp_path), lambda ref: None)
+    run = {"run_id": "run-1", "state": "DONE", "data": nested(50)}
+    sender.notify("default", "run-1", {"url": receiver.url, "events": ["done"]}, "done", run)
+    await receiver.wait_for(1)
+    await sender.close()
+    body = json.loads(receiver.requests[0][1])
+    assert "omitted" in json.dumps(body)
+    assert "[[[[[[" not in json.dumps(body)
