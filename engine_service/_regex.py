@@ -38,7 +38,9 @@ class PatternError(ValueError):
     """A pattern RE2 will not run; the message says which and why."""
 
 
-@functools.lru_cache(maxsize=1024)
+# Like re's own cache. Each program may grow its DFA cache up to _MAX_MEM while matching, so the
+# cache stays small enough that even a tenant cycling through hostile patterns bounds the memory.
+@functools.lru_cache(maxsize=128)
 def compile_pattern(pattern: str, *, ignore_case: bool = False) -> re2._Regexp[str]:
     """``pattern`` compiled by RE2 (cached), or `PatternError` with RE2's reason."""
     if len(pattern) > MAX_PATTERN_CHARS:
