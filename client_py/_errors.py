@@ -242,6 +242,8 @@ class StorageUnavailableError(UnavailableError):
 _BY_REASON: dict[str, type[MachinaError]] = {
     "ERR_INVALID_ID": InvalidIdError,
     "ERR_INVALID_REQUEST": InvalidRequestError,
+    "ERR_VALUE_TOO_DEEP": InvalidRequestError,
+    "ERR_VALUE_TOO_LARGE": InvalidRequestError,
     "ERR_INVALID_SCRIPT": InvalidScriptError,
     "ERR_INVALID_EDITS": InvalidEditsError,
     "ERR_INVALID_DECISION": InvalidDecisionError,
@@ -251,6 +253,7 @@ _BY_REASON: dict[str, type[MachinaError]] = {
     "ERR_INTERRUPT_NOT_FOUND": InterruptNotFoundError,
     "ERR_RESULT_NOT_FOUND": ResultNotFoundError,
     "ERR_RUN_EXISTS": RunExistsError,
+    "ERR_REQUEST_ID_REUSED": FailedPreconditionError,
     "ERR_RUN_NOT_PAUSED": RunNotPausedError,
     "ERR_RUN_TERMINAL": RunTerminalError,
     "ERR_INTERRUPT_DECIDED": InterruptDecidedError,

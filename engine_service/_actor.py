@@ -21,6 +21,8 @@ from typing import Any
 
 from engine_service._errors import RunFailure
 from engine_service._feed import EventFeed
+from engine_service._limits import MAX_DEPTH, is_small, too_deep
+from engine_service._regex import SchemaValidator
 from engine_service._run import PENDING, READY, RESOLVED, Interrupt, PendingCall, RunError, RunRecord, RunSpec
 from engine_service._storage import Storage, StorageUnavailable, storage_fault
 from engine_service._text import loads_untrusted
@@ -35,6 +37,7 @@ from engine_service._types import (
     Permission,
     RunState,
     ToolCall,
+    ToolChoice,
 )
 from engine_service.models import ModelAdapter, ModelError, ModelRequest, TextChunk, TurnResult
 from engine_service.tools import result_blob_name, truncation_note
@@ -549,7 +552,13 @@ class RunActor:
                     await self._finish(RunState.DONE, data=data)
                     return
                 continue
-            record.pending = [self._plan(call) for call in result.tool_calls]
+            calls = result.tool_calls
+            if all(is_small(c.arguments) for c in calls):
+                record.pending = [self._plan(call) for call in calls]
+            else:
+                # Checking large arguments against a JSON Schema is seconds of pure-Python work:
+                # in a worker thread the event loop keeps serving every other run meanwhile.
+                record.pending = await asyncio.to_thread(self._plan_all, calls)
             if any(p.status == PENDING for p in record.pending):
                 for p in record.pending:
                     if p.status == PENDING and p.interrupt is not None:
@@ -624,7 +633,10 @@ class RunActor:
         schema = self.spec.output_schema
         if schema is None:
             return True, text
-        problem = _schema_problem(text, schema)
+        if len(text) > _INLINE_ANSWER_CHARS:
+            problem = await asyncio.to_thread(_schema_problem, text, schema)
+        else:
+            problem = _schema_problem(text, schema)
         if problem is None:
             return True, loads_untrusted(text)
         if self.record.repair_used:
@@ -636,6 +648,9 @@ class RunActor:
         await self.checkpoint()
         return False, None
 
+    def _plan_all(self, calls: list[ToolCall]) -> list[PendingCall]:
+        return [self._plan(call) for call in calls]
+
     def _plan(self, call: ToolCall) -> PendingCall:
         """Decide what happens to one tool call: run, ask, or answer at once."""
         tool = self.env.tools.get(call.name)
@@ -643,6 +658,13 @@ class RunActor:
             available = ", ".join(sorted(self.env.tools)) or "none"
             return _resolved(
                 call, f"Unknown tool {call.name!r}. Available tools: {available}.", "unknown_tool"
+            )
+        if self.spec.tool_choice is ToolChoice.NONE:
+            # The model was told it may not call tools; a call it makes anyway is answered, not run.
+            return _resolved(
+                call,
+                f"Tool calls are turned off for this run (tool_choice none): {call.name} was not run.",
+                "denied",
             )
         permission = self.env.permissions(call.name)
         if permission is Permission.DENY:
@@ -842,6 +864,8 @@ class RunActor:
 
 # Event kinds shown to watchers only once the checkpoint that commits them lands.
 _SHOWN_AT_COMMIT = frozenset({EventKind.HANDOFF_TO_RUNNER, EventKind.PAUSED, EventKind.RUN_FINISHED})
+# A structured final answer longer than this is validated in a worker thread.
+_INLINE_ANSWER_CHARS = 16_384
 
 # Event kinds a tool may emit itself (metering).
 _TOOL_EVENTS = frozenset({EventKind.API_CALL.value})
@@ -871,7 +895,9 @@ def _schema_problem(text: str, schema: JsonObject) -> str | None:
         return f"not JSON ({exc.msg} at position {exc.pos})"
     except ValueError as exc:
         return f"not usable JSON ({exc})"
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    if too_deep(value):
+        return f"(root): nested deeper than {MAX_DEPTH} levels"
+    error = jsonschema.exceptions.best_match(SchemaValidator(schema).iter_errors(value))
     if error is None:
         return None
     where = ".".join(str(p) for p in error.path) or "(root)"

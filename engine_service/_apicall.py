@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from engine_service._egress import EgressPolicy, EgressRefused
 from engine_service._errors import EngineError, shown
+from engine_service._regex import PatternError, check_patterns, fullmatch
 from engine_service._text import has_surrogate, loads_untrusted
 from engine_service._tls import client_ssl_context
 from engine_service._tools import Tool, ToolContext, ToolError, _import_attr
@@ -90,7 +91,7 @@ class ApiService(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     base_url: str
     auth: ApiAuth = NoAuth()
-    # Regexes, full-matched against the normalised path relative to base_url.
+    # RE2 regexes (linear time), full-matched against the normalised path relative to base_url.
     allowed_paths: list[str] | None = None
     allowed_methods: list[str] | None = None
     max_body_bytes: int = Field(1 << 20, gt=0)
@@ -113,11 +114,10 @@ class ApiService(_Frozen):
     @field_validator("allowed_paths")
     @classmethod
     def _check_paths(cls, value: list[str] | None) -> list[str] | None:
-        for pattern in value or ():
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"allowed_paths: invalid regex {pattern!r}: {exc}") from None
+        try:
+            check_patterns(value)
+        except PatternError as exc:
+            raise ValueError(f"allowed_paths: {exc}") from None
         return value
 
     @field_validator("allowed_methods")
@@ -490,7 +490,7 @@ class _ApiCall:
     @staticmethod
     def _path_allowed(service: ApiService, path: str) -> bool:
         patterns = service.allowed_paths
-        return patterns is None or any(re.fullmatch(p, path) for p in patterns)
+        return patterns is None or any(fullmatch(p, path) for p in patterns)
 
     async def _auth_headers(
         self, service: ApiService, method: str, path: str, scrub: _Scrubber, ctx: ToolContext

@@ -6,6 +6,7 @@ code; the core never sees a protobuf message.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -13,11 +14,14 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from engine_service._engine import ClientToolDef, Decision
 from engine_service._errors import invalid, shown
+from engine_service._limits import MAX_DEPTH, MAX_SCHEMA_BYTES, too_deep
 from engine_service._run import Interrupt, RunError, RunMeta, RunRecord, RunSpec, ScriptedTurn
 from engine_service._types import Event, EventKind, JsonObject, Permission, RunState, ToolChoice, Usage
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import event_pb2 as ev
 from machina.engine.v1 import run_pb2 as rp
+
+log = logging.getLogger("machina.engine")
 
 _PERMISSIONS = {
     rp.PERMISSION_ALLOW: Permission.ALLOW,
@@ -41,21 +45,47 @@ _KIND = {
 }
 
 
-def struct_to_dict(message: struct_pb2.Struct) -> JsonObject:
-    doc: JsonObject = _integral(_to_python(message))
+def struct_to_dict(message: struct_pb2.Struct, field: str = "") -> JsonObject:
+    doc: JsonObject = _integral(_to_python(message, field))
     return doc
 
 
-def value_to_python(message: struct_pb2.Value) -> Any:
-    return _integral(_to_python(message))
+def schema_to_dict(message: struct_pb2.Struct, field: str) -> JsonObject:
+    """A JSON Schema from a request: `struct_to_dict`, at most `MAX_SCHEMA_BYTES`."""
+    size = message.ByteSize()
+    if size > MAX_SCHEMA_BYTES:
+        raise invalid(
+            "ERR_VALUE_TOO_LARGE",
+            f"{field} is {size} bytes; the limit is {MAX_SCHEMA_BYTES}",
+            field=field,
+            size=size,
+            max_bytes=MAX_SCHEMA_BYTES,
+        )
+    return struct_to_dict(message, field)
 
 
-def _to_python(message: Any) -> Any:
+def value_to_python(message: struct_pb2.Value, field: str = "") -> Any:
+    return _integral(_to_python(message, field))
+
+
+def _to_python(message: Any, field: str) -> Any:
     try:
-        return json_format.MessageToDict(message)
+        value = json_format.MessageToDict(message)
     except ValueError:
         # NaN and Infinity are valid protobuf doubles but not JSON.
-        raise invalid("ERR_INVALID_REQUEST", "JSON values cannot be NaN or Infinity") from None
+        raise invalid("ERR_INVALID_REQUEST", "JSON values cannot be NaN or Infinity", field=field) from None
+    except RecursionError:
+        value = None
+    if value is None or too_deep(value):
+        # Deeper than this, a value would break the responses that carry it back (protobuf's
+        # recursion limit): refused here, at the door.
+        raise invalid(
+            "ERR_VALUE_TOO_DEEP",
+            f"{field or 'a structured value'} is nested deeper than {MAX_DEPTH} levels",
+            field=field,
+            max_depth=MAX_DEPTH,
+        )
+    return value
 
 
 def _integral(value: Any) -> Any:
@@ -69,18 +99,35 @@ def _integral(value: Any) -> Any:
     return value
 
 
+# What a stored value that cannot be rendered (nested past MAX_DEPTH, or not JSON) becomes in a
+# response: the response still renders, and says what it left out.
+OMITTED = f"[omitted: not renderable as a protobuf value (nested deeper than {MAX_DEPTH} levels?)]"
+
+
 def _struct(doc: JsonObject | None) -> struct_pb2.Struct | None:
     if doc is None:
         return None
     out = struct_pb2.Struct()
-    out.update(doc)
+    if too_deep(doc):
+        out.update({"omitted": OMITTED})
+        return out
+    try:
+        out.update(doc)
+    except (ValueError, TypeError, RecursionError):
+        out.Clear()
+        out.update({"omitted": OMITTED})
     return out
 
 
 def _value(value: Any) -> struct_pb2.Value | None:
     if value is None:
         return None
-    return json_format.ParseDict(value, struct_pb2.Value())
+    if too_deep(value):
+        return struct_pb2.Value(string_value=OMITTED)
+    try:
+        return json_format.ParseDict(value, struct_pb2.Value())
+    except (json_format.ParseError, ValueError, TypeError, RecursionError):
+        return struct_pb2.Value(string_value=OMITTED)
 
 
 def _time(t: float) -> timestamp_pb2.Timestamp:
@@ -121,7 +168,10 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
             usage = (
                 Usage(turn.usage.input_tokens, turn.usage.output_tokens) if turn.HasField("usage") else None
             )
-            calls = [(c.name, struct_to_dict(c.arguments)) for c in turn.tool_calls]
+            calls = [
+                (c.name, struct_to_dict(c.arguments, "model.script.tool_calls.arguments"))
+                for c in turn.tool_calls
+            ]
             script.append(ScriptedTurn(turn.text, calls, usage))
     permissions = {}
     for name, value in message.permissions.items():
@@ -135,6 +185,14 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
         permissions[name] = _PERMISSIONS[value]
     if message.tool_choice not in _TOOL_CHOICE:
         raise invalid("ERR_INVALID_REQUEST", "unknown tool_choice value", field="tool_choice")
+    if message.approval_expiry_action not in rp.ExpiryAction.values():
+        # An open enum keeps values it does not know: one this engine does not define is refused,
+        # never read as a default.
+        raise invalid(
+            "ERR_INVALID_REQUEST",
+            f"unknown approval_expiry_action value {message.approval_expiry_action}",
+            field="approval_expiry_action",
+        )
     spec = RunSpec(
         task=message.task,
         run_id=message.run_id,
@@ -151,7 +209,11 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
         tools=list(message.tools.names) if message.HasField("tools") else None,
         permissions=permissions,
         gated_tools=list(message.gated_tools),
-        output_schema=struct_to_dict(message.output_schema) if message.HasField("output_schema") else None,
+        output_schema=(
+            schema_to_dict(message.output_schema, "output_schema")
+            if message.HasField("output_schema")
+            else None
+        ),
         system_prompt=message.system_prompt,
         approval_timeout_ms=message.approval_timeout_ms,
         approval_expiry_approves=message.approval_expiry_action == rp.EXPIRY_ACTION_APPROVE,
@@ -163,7 +225,9 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
         ClientToolDef(
             t.name,
             t.description,
-            struct_to_dict(t.input_schema) if t.HasField("input_schema") else {"type": "object"},
+            schema_to_dict(t.input_schema, "client_tools.input_schema")
+            if t.HasField("input_schema")
+            else {"type": "object"},
         )
         for t in message.client_tools
     ]
@@ -187,7 +251,7 @@ def decision_from_proto(message: svc.Decision) -> Decision:
     action = message.WhichOneof("action")
     if action == "approve":
         edits = (
-            struct_to_dict(message.approve.edited_arguments)
+            struct_to_dict(message.approve.edited_arguments, "decisions.approve.edited_arguments")
             if message.approve.HasField("edited_arguments")
             else None
         )
@@ -195,7 +259,11 @@ def decision_from_proto(message: svc.Decision) -> Decision:
     if action == "reject":
         return Decision(message.interrupt_id, "reject", reason=message.reject.reason[:2000])
     if action == "respond":
-        return Decision(message.interrupt_id, "respond", output=value_to_python(message.respond.output))
+        return Decision(
+            message.interrupt_id,
+            "respond",
+            output=value_to_python(message.respond.output, "decisions.respond.output"),
+        )
     raise invalid(
         "ERR_INVALID_DECISION",
         f"decision for {shown(message.interrupt_id)!r} sets no action",
@@ -243,6 +311,25 @@ def _meta(m: RunMeta) -> rp.RunMeta:
 
 
 def run_to_proto(r: RunRecord) -> rp.Run:
+    """``r`` as a Run message; a run whose stored values cannot be rendered comes back degraded
+    (values replaced by `OMITTED`) so that it never fails the response that lists it."""
+    try:
+        return _run_to_proto(r)
+    except Exception:
+        log.exception("run %s cannot be rendered in full; answering its short form", r.run_id)
+        return rp.Run(
+            run_id=r.run_id,
+            workspace_id=r.workspace_id,
+            state=_STATE[r.state],
+            data=struct_pb2.Value(string_value=OMITTED),
+            create_time=_time(r.created_at),
+            update_time=_time(r.updated_at),
+            task=shown(r.task, 1000),
+            last_seq=r.last_seq,
+        )
+
+
+def _run_to_proto(r: RunRecord) -> rp.Run:
     pause = None
     if r.state is RunState.PAUSED and r.pause_reason is not None:
         pause = rp.Pause(

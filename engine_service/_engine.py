@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 from pydantic import ValidationError
 
 from engine_service._actor import CANCEL_REQUEST, RunActor, RunEnv, RunnerUnreachable
@@ -44,7 +47,10 @@ from engine_service._errors import (
     shown,
     shown_list,
 )
+from engine_service._idempotency import check_same_request, fingerprint
 from engine_service._ids import check_id, new_id
+from engine_service._limits import is_small
+from engine_service._regex import check_schema
 from engine_service._run import PENDING, READY, RESOLVED, PendingCall, RunRecord, RunSpec
 from engine_service._storage import Storage
 from engine_service._tools import (
@@ -249,14 +255,29 @@ class Engine:
         """Start a run in the background. Returns (run, created); idempotent on run_id/request_id."""
         self._check_open()
         ws = principal.workspace_id
-        self._validate_spec(spec, client_tools)
+        # Taken before validation fills in defaults: a retry repeats the request as it was sent.
+        request_fp = fingerprint(spec.to_json(), [dataclasses.asdict(t) for t in client_tools], webhook)
+        structured = [
+            spec.output_schema,
+            [t.input_schema for t in client_tools],
+            [arguments for turn in spec.script or () for _, arguments in turn.tool_calls],
+        ]
+        if is_small(structured):
+            self._validate_spec(spec, client_tools)
+        else:
+            # Checking large schemas and scripts is seconds of pure-Python work: off the loop.
+            await asyncio.to_thread(self._validate_spec, spec, client_tools)
         webhook_doc = self._validate_webhook(ws, webhook)
         if spec.request_id:
             # The idempotency key maps to one run id; whoever reaches the run
             # first creates it, everyone else gets the same run back.
             check_id(spec.request_id, "request_id")
             proposed = spec.run_id or new_id("run")
-            claimed = await self.storage.put_if_absent(ws, spec.request_id, {"run_id": proposed})
+            claimed = await self.storage.put_if_absent(
+                ws, spec.request_id, {"run_id": proposed, "fingerprint": request_fp}
+            )
+            if claimed is not None:
+                check_same_request(spec.request_id, claimed.get("fingerprint"), request_fp, "CreateRun")
             if claimed is not None and spec.run_id and claimed["run_id"] != spec.run_id:
                 raise EngineError(
                     "ERR_RUN_EXISTS",
@@ -348,8 +369,14 @@ class Engine:
         ):
             if value < 0:
                 raise invalid("ERR_INVALID_REQUEST", f"{name} must not be negative", field=name, value=value)
-        if spec.max_cost_usd < 0:
-            raise invalid("ERR_INVALID_REQUEST", "max_cost_usd must not be negative", field="max_cost_usd")
+        if not math.isfinite(spec.max_cost_usd) or spec.max_cost_usd < 0:
+            # NaN compares false with everything: unchecked, it would be a budget never reached.
+            raise invalid(
+                "ERR_INVALID_REQUEST",
+                "max_cost_usd must be a finite number, not negative",
+                field="max_cost_usd",
+                value=spec.max_cost_usd,
+            )
         names = set(self.tools.names())
         for t in client_tools:
             if not t.name or len(t.name) > 64 or not all(c.isalnum() or c in "_-" for c in t.name):
@@ -379,16 +406,16 @@ class Engine:
                     field=what,
                     tools=shown_list(unknown),
                 )
-        if spec.output_schema is not None:
-            import jsonschema
-
+        schemas = [("output_schema", spec.output_schema)] if spec.output_schema is not None else []
+        schemas += [("client_tools", t.input_schema) for t in client_tools]
+        for field_name, schema in schemas:
             try:
-                jsonschema.Draft202012Validator.check_schema(spec.output_schema)
+                check_schema(schema)
             except jsonschema.SchemaError as exc:
                 raise invalid(
                     "ERR_INVALID_REQUEST",
-                    f"output_schema is not a valid JSON Schema: {shown(exc.message, 500)}",
-                    field="output_schema",
+                    f"{field_name} is not a valid JSON Schema: {shown(exc.message, 500)}",
+                    field=field_name,
                 ) from None
         if spec.script is not None:
             validate_script(spec.script)
@@ -788,6 +815,7 @@ class Engine:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         if request_id:
             check_id(request_id, "request_id")
+        resume_fp = fingerprint([dataclasses.asdict(d) for d in decisions], webhook)
         webhook_doc = self._validate_webhook(key[0], webhook)
         async with self._lock(key):
             if api_env:
@@ -799,8 +827,11 @@ class Engine:
                 return await self._retry_handoff(principal, key)
             if request_id:
                 current = await self.get_run(principal, run_id)
-                if request_id in current.resume_requests:
-                    return current
+                for entry in current.resume_requests:
+                    used_id, _, used_fp = entry.partition(":")
+                    if used_id == request_id:
+                        check_same_request(request_id, used_fp, resume_fp, "ResumeRun")
+                        return current
             if key in self._active:
                 raise precondition(
                     "ERR_RUN_NOT_PAUSED",
@@ -817,13 +848,16 @@ class Engine:
                     state=record.state.value,
                 )
             actor = await self._actor_for(record)
-            plan = self._apply_decisions(actor, decisions)
+            if all(d.edited_arguments is None or is_small(d.edited_arguments) for d in decisions):
+                plan = self._apply_decisions(actor, decisions)
+            else:  # large edits: schema validation is slow pure-Python work, kept off the loop
+                plan = await asyncio.to_thread(self._apply_decisions, actor, decisions)
             await self._take_over(actor)
             self._disarm_expiry(key)
             if webhook_doc is not None:
                 record.webhook = webhook_doc
             if request_id:
-                record.resume_requests = [*record.resume_requests[-31:], request_id]
+                record.resume_requests = [*record.resume_requests[-31:], f"{request_id}:{resume_fp}"]
             await self._decide(actor, plan, principal.identity)
             return record
 

@@ -27,6 +27,8 @@ import jsonschema
 import pydantic
 
 from engine_service._errors import EngineError, ErrorKind
+from engine_service._limits import MAX_DEPTH, too_deep
+from engine_service._regex import SchemaValidator, check_schema
 from engine_service._text import clean_text
 from engine_service._types import InterruptKind, JsonObject
 from engine_service.models import ToolSpec
@@ -89,6 +91,8 @@ class Tool:
 
     def validate(self, arguments: JsonObject) -> Any:
         """Validated arguments (a model instance for pydantic tools) or ToolArgumentError."""
+        if too_deep(arguments):
+            raise ToolArgumentError(f"(root): nested deeper than {MAX_DEPTH} levels")
         if self.model is not None:
             try:
                 return self.model.model_validate(arguments)
@@ -98,7 +102,7 @@ class Tool:
                 )
                 raise ToolArgumentError(problems) from None
         if self._validator is None:
-            self._validator = jsonschema.Draft202012Validator(self.input_schema)
+            self._validator = SchemaValidator(self.input_schema)
         errors = sorted(self._validator.iter_errors(arguments), key=lambda e: list(e.path))
         if errors:
             problems = "; ".join(
@@ -277,6 +281,16 @@ class ToolRegistry:
             raise EngineError(
                 "ERR_CONFIG", f"tool {t.name!r} is registered twice", kind=ErrorKind.INVALID_ARGUMENT
             )
+        if t.model is None:
+            # A pattern RE2 refuses would match nothing at call time: say so at startup instead.
+            try:
+                check_schema(t.input_schema)
+            except jsonschema.SchemaError as exc:
+                raise EngineError(
+                    "ERR_CONFIG",
+                    f"tool {t.name!r} has an input schema the engine cannot use: {exc.message}",
+                    kind=ErrorKind.INVALID_ARGUMENT,
+                ) from None
         self._tools[t.name] = t
 
     def get(self, name: str) -> Tool | None:

@@ -49,6 +49,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine_service._egress import EgressPolicy, EgressRefused
+from engine_service._limits import MAX_DEPTH, too_deep
 from engine_service._storage import Storage
 from engine_service._tls import client_ssl_context
 from engine_service._types import JsonObject
@@ -95,6 +96,9 @@ class WebhookConfig(BaseModel):
             if not header.isascii() or any(ord(c) < 32 or ord(c) == 127 for c in header):
                 raise ValueError(f"the value of header {name!r} must be printable ASCII")
         return value
+
+
+OMITTED_DATA = f"[omitted: nested deeper than {MAX_DEPTH} levels]"
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -189,6 +193,10 @@ class WebhookSender:
         config = WebhookConfig.model_validate(webhook)
         if event not in config.events:
             return
+        if too_deep(run):
+            # Receivers parse this body too; the run's answer is refused deeper than this, so only
+            # a value that got in some other way is left out, never the notification.
+            run = {**run, "data": OMITTED_DATA}
         notification = _Notification(uuid.uuid4().hex, ws, run_id, event, config, run, time.time())
         self._spawn(notification, self._send_new(notification))
 

@@ -9,7 +9,25 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from engine_service._limits import MAX_DEPTH, too_deep
 from runner_service._runner import Rejected, Runner
+
+
+def _parse(raw: bytes) -> object:
+    """The JSON of a /continue body, or a 400 (never a 500) for anything that is not usable JSON."""
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise _too_deep() from None  # nested past what the decoder can hold
+    except (ValueError, UnicodeDecodeError):
+        raise Rejected(400, "ERR_INVALID_REQUEST", 'the body must be JSON like {"runId": "..."}') from None
+    if too_deep(doc):
+        raise _too_deep()
+    return doc
+
+
+def _too_deep() -> Rejected:
+    return Rejected(400, "ERR_VALUE_TOO_DEEP", f"the body is nested deeper than {MAX_DEPTH} levels")
 
 
 def build_app(runner: Runner, max_body_bytes: int) -> Starlette:
@@ -35,12 +53,7 @@ def build_app(runner: Runner, max_body_bytes: int) -> Starlette:
         try:
             presented = runner.check_bearer(request.headers.get("authorization"))
             raw = await read_capped(request)
-            try:
-                doc = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                raise Rejected(
-                    400, "ERR_INVALID_REQUEST", 'the body must be JSON like {"runId": "..."}'
-                ) from None
+            doc = _parse(raw)
             if not isinstance(doc, dict) or "runId" not in doc:
                 raise Rejected(400, "ERR_INVALID_REQUEST", 'the body must be a JSON object with "runId"')
             run_id = await runner.accept(doc["runId"], doc.get("workspaceId"), presented=presented)

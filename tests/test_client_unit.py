@@ -63,6 +63,8 @@ class _SyncCallError(grpc.RpcError):
 REASONS = [
     ("ERR_INVALID_ID", grpc.StatusCode.INVALID_ARGUMENT, client_py.InvalidIdError),
     ("ERR_INVALID_REQUEST", grpc.StatusCode.INVALID_ARGUMENT, client_py.InvalidRequestError),
+    ("ERR_VALUE_TOO_DEEP", grpc.StatusCode.INVALID_ARGUMENT, client_py.InvalidRequestError),
+    ("ERR_VALUE_TOO_LARGE", grpc.StatusCode.INVALID_ARGUMENT, client_py.InvalidRequestError),
     ("ERR_INVALID_SCRIPT", grpc.StatusCode.INVALID_ARGUMENT, client_py.InvalidScriptError),
     ("ERR_INVALID_EDITS", grpc.StatusCode.INVALID_ARGUMENT, client_py.InvalidEditsError),
     ("ERR_INVALID_DECISION", grpc.StatusCode.INVALID_ARGUMENT, client_py.InvalidDecisionError),
@@ -72,6 +74,7 @@ REASONS = [
     ("ERR_INTERRUPT_NOT_FOUND", grpc.StatusCode.NOT_FOUND, client_py.InterruptNotFoundError),
     ("ERR_RESULT_NOT_FOUND", grpc.StatusCode.NOT_FOUND, client_py.ResultNotFoundError),
     ("ERR_RUN_EXISTS", grpc.StatusCode.ALREADY_EXISTS, client_py.RunExistsError),
+    ("ERR_REQUEST_ID_REUSED", grpc.StatusCode.FAILED_PRECONDITION, client_py.FailedPreconditionError),
     ("ERR_RUN_NOT_PAUSED", grpc.StatusCode.FAILED_PRECONDITION, client_py.RunNotPausedError),
     ("ERR_RUN_TERMINAL", grpc.StatusCode.FAILED_PRECONDITION, client_py.RunTerminalError),
     ("ERR_INTERRUPT_DECIDED", grpc.StatusCode.FAILED_PRECONDITION, client_py.InterruptDecidedError),

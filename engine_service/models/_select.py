@@ -10,6 +10,7 @@ from pathlib import Path
 
 from engine_service._config import EngineConfig, ProviderConfig
 from engine_service._errors import invalid
+from engine_service._limits import MAX_DEPTH, too_deep
 from engine_service._run import ScriptedTurn
 from engine_service.models._anthropic import AnthropicModel
 from engine_service.models._base import ModelAdapter, RetryPolicy
@@ -57,6 +58,21 @@ def validate_script(script: list[ScriptedTurn]) -> None:
                     field="model.script",
                     turn=index,
                 )
+            if too_deep(arguments):
+                raise invalid(
+                    "ERR_VALUE_TOO_DEEP",
+                    f"script turn {index}, tool call {call_index}: arguments are nested deeper than "
+                    f"{MAX_DEPTH} levels",
+                    field="model.script",
+                    turn=index,
+                )
+        if turn.usage is not None and (turn.usage.input_tokens < 0 or turn.usage.output_tokens < 0):
+            raise invalid(
+                "ERR_INVALID_SCRIPT",
+                f"script turn {index}: usage token counts must not be negative",
+                field="model.script",
+                turn=index,
+            )
 
 
 def load_script_file(path: str) -> list[ScriptedTurn]:

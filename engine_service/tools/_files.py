@@ -8,14 +8,16 @@ or endless file cannot exhaust the engine.
 
 from __future__ import annotations
 
-import fnmatch
+import asyncio
 import os
 import re
 import stat
 from pathlib import Path
 
+import re2
 from pydantic import BaseModel, Field
 
+from engine_service._regex import PatternError, compile_pattern
 from engine_service._text import clean_text, has_surrogate
 from engine_service._tools import ToolContext, ToolError, tool_from_callable
 
@@ -24,6 +26,7 @@ MAX_WRITE_BYTES = 5 * 1024 * 1024
 MAX_GLOB_RESULTS = 1000
 MAX_GREP_MATCHES = 500
 MAX_GREP_FILE_BYTES = 5 * 1024 * 1024
+MAX_GREP_TOTAL_BYTES = 64 * 1024 * 1024
 _BINARY_SNIFF = 8192
 
 
@@ -109,7 +112,12 @@ class ReadArgs(BaseModel):
 
 async def read(args: ReadArgs, ctx: ToolContext) -> str:
     """Read a text file from the workspace directory, with line numbers."""
-    root = _workdir(ctx)
+    # Read, Write and Edit stay on the loop: bounded (2 MB, 5 MB) and linear, a few ms at most,
+    # and a turn's calls then act on a file in call order (two Edits never race).
+    return _read(_workdir(ctx), args)
+
+
+def _read(root: Path, args: ReadArgs) -> str:
     path = resolve_in_workdir(root, args.path)
     data, size = _read_bytes(path, args.path, MAX_READ_BYTES)
     if _is_binary(data):
@@ -132,7 +140,10 @@ class WriteArgs(BaseModel):
 
 async def write(args: WriteArgs, ctx: ToolContext) -> str:
     """Create or overwrite a text file in the workspace directory."""
-    root = _workdir(ctx)
+    return _write(_workdir(ctx), args)
+
+
+def _write(root: Path, args: WriteArgs) -> str:
     data = args.content.encode()
     if len(data) > MAX_WRITE_BYTES:
         raise ToolError(f"content is {len(data)} bytes; the limit is {MAX_WRITE_BYTES}")
@@ -162,7 +173,10 @@ class EditArgs(BaseModel):
 
 async def edit(args: EditArgs, ctx: ToolContext) -> str:
     """Replace exact text in a file. old_string must occur exactly once unless replace_all is set."""
-    root = _workdir(ctx)
+    return _edit(_workdir(ctx), args)
+
+
+def _edit(root: Path, args: EditArgs) -> str:
     path = resolve_in_workdir(root, args.path)
     data, size = _read_bytes(path, args.path, MAX_WRITE_BYTES + 1)
     if size > MAX_WRITE_BYTES:
@@ -197,14 +211,18 @@ def _check_pattern(pattern: str) -> None:
         raise ToolError("pattern must be relative and must not contain '..'")
 
 
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """Glob to regex: ``**/`` spans directories, ``*`` and ``?`` stay within one."""
+def _glob_regex(pattern: str, *, spans_dirs: bool = True) -> re2._Regexp[str]:
+    """Glob to an RE2 regex: ``**/`` spans directories, ``*`` and ``?`` stay within one, ``[...]``
+    is a class (``[!...]`` negated). With ``spans_dirs=False`` (a file name) ``**`` is ``*``.
+
+    RE2, because a model's ``*a*a*a*a*a*b`` against a long name backtracks for hours in ``re``.
+    """
     out, i = [], 0
     while i < len(pattern):
-        if pattern.startswith("**/", i):
+        if spans_dirs and pattern.startswith("**/", i):
             out.append("(?:.*/)?")
             i += 3
-        elif pattern.startswith("**", i):
+        elif spans_dirs and pattern.startswith("**", i):
             out.append(".*")
             i += 2
         elif pattern[i] == "*":
@@ -213,10 +231,20 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
         elif pattern[i] == "?":
             out.append("[^/]")
             i += 1
+        elif pattern[i] == "[" and (end := pattern.find("]", i + 2)) != -1:
+            body = pattern[i + 1 : end]
+            negate = body.startswith("!")
+            body = body[1:] if negate else body
+            escaped = "".join("\\" + c if c in "\\^[]" else c for c in body)
+            out.append(f"[{'^' if negate else ''}{escaped}]")
+            i = end + 1
         else:
             out.append(re.escape(pattern[i]))
             i += 1
-    return re.compile("".join(out))
+    try:
+        return compile_pattern("".join(out))
+    except PatternError as exc:
+        raise ToolError(f"invalid glob pattern {pattern!r}: {exc}") from None
 
 
 def _walk(real_root: Path, base: Path) -> list[Path]:
@@ -236,13 +264,21 @@ async def glob(args: GlobArgs, ctx: ToolContext) -> str:
     """List files in the workspace directory matching a glob pattern."""
     root = _workdir(ctx)
     _check_pattern(args.pattern)
-    base = resolve_in_workdir(root, args.path)
-    if not base.is_dir():
-        raise ToolError(f"{args.path!r} is not a directory")
     regex = _glob_regex(args.pattern)
+    # Walking a large tree is CPU and disk work: off the event loop, like every file tool's.
+    return await asyncio.to_thread(_glob, root, args.path, regex)
+
+
+def _glob(root: Path, user_path: str, regex: re2._Regexp[str]) -> str:
+    base = resolve_in_workdir(root, user_path)
+    if not base.is_dir():
+        raise ToolError(f"{user_path!r} is not a directory")
     real_root = _real_root(root)
     matches = [
-        _relative(real_root, p) for p in _walk(real_root, base) if regex.fullmatch(str(p.relative_to(base)))
+        _relative(real_root, p)
+        for p in _walk(real_root, base)
+        # A name that is not UTF-8 holds lone surrogates, which RE2 (UTF-8) cannot take: U+FFFD there.
+        if regex.fullmatch(clean_text(str(p.relative_to(base))))
     ]
     if not matches:
         return "no files match"
@@ -252,7 +288,9 @@ async def glob(args: GlobArgs, ctx: ToolContext) -> str:
 
 
 class GrepArgs(BaseModel):
-    pattern: str = Field(description="Regular expression (Python syntax).")
+    pattern: str = Field(
+        description="Regular expression (RE2 syntax: no backreferences or lookaround).",
+    )
     path: str = Field(".", description="File or directory to search, relative to the workspace directory.")
     glob: str | None = Field(None, description="Only search files whose name matches this glob, e.g. '*.py'.")
     ignore_case: bool = False
@@ -262,17 +300,28 @@ async def grep(args: GrepArgs, ctx: ToolContext) -> str:
     """Search file contents in the workspace directory; prints path:line:text for each match."""
     root = _workdir(ctx)
     try:
-        regex = re.compile(args.pattern, re.IGNORECASE if args.ignore_case else 0)
-    except re.error as exc:
+        regex = compile_pattern(args.pattern, ignore_case=args.ignore_case)
+    except PatternError as exc:
         raise ToolError(f"invalid regular expression: {exc}") from None
-    base = resolve_in_workdir(root, args.path)
+    name_regex = _glob_regex(args.glob, spans_dirs=False) if args.glob else None
+    # RE2 matches in linear time and releases the GIL: a worker thread keeps the loop answering.
+    return await asyncio.to_thread(_grep, root, args.path, regex, name_regex)
+
+
+def _grep(root: Path, user_path: str, regex: re2._Regexp[str], name_regex: re2._Regexp[str] | None) -> str:
+    base = resolve_in_workdir(root, user_path)
     real_root = _real_root(root)
     files = [base] if base.is_file() else _walk(real_root, base)
     out: list[str] = []
+    scanned = 0
     for path in files:
-        if args.glob and not fnmatch.fnmatch(path.name, args.glob):
+        if name_regex is not None and not name_regex.fullmatch(clean_text(path.name)):
             continue
+        if scanned >= MAX_GREP_TOTAL_BYTES:
+            out.append(f"[stopped after searching {MAX_GREP_TOTAL_BYTES} bytes; narrow path or glob]")
+            break
         data, _ = _read_bytes(path, str(path), MAX_GREP_FILE_BYTES)
+        scanned += len(data)
         if _is_binary(data):
             continue
         for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):

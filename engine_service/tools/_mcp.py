@@ -42,6 +42,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.message import SessionMessage
 
+from engine_service._regex import check_schema
 from engine_service._text import loads_untrusted
 from engine_service._tools import Tool, ToolContext, ToolError
 from engine_service._types import JsonObject
@@ -185,7 +186,7 @@ class _Server:
                 problem = f"{public!r} is longer than {_MAX_TOOL_NAME} characters"
             else:
                 try:
-                    jsonschema.Draft202012Validator.check_schema(spec.input_schema)
+                    check_schema(spec.input_schema)
                 except jsonschema.SchemaError as exc:
                     problem = f"its input schema is invalid: {exc.message}"
             if problem:
