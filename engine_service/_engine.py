@@ -77,14 +77,16 @@ from engine_service.models._select import (
     validate_script,
 )
 from engine_service.tools import (
-    BASH,
     EDIT,
     FETCH_DATA,
     GLOB,
     GREP,
     READ,
     WRITE,
+    Sandbox,
     WebFetchPolicy,
+    bash_tool,
+    describe_sandbox,
     mcp_tool_prefix,
     result_blob_name,
     select_servers,
@@ -134,8 +136,9 @@ class Engine:
     ) -> None:
         self.config = config
         self.storage = storage
-        self.tools = tools or ToolRegistry(builtin_tools(config))
-        self._capabilities = host_capabilities(config)
+        self.sandbox = Sandbox.from_config(config)
+        self.tools = tools or ToolRegistry(builtin_tools(config, self.sandbox))
+        self._capabilities = host_capabilities(config, self.sandbox)
         self._model_factory = model_factory or default_model_factory(config)
         self._clock = clock
         self._owner = f"engine-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -175,6 +178,8 @@ class Engine:
         if self._started:
             return
         self._started = True
+        level, line = describe_sandbox(self.sandbox, self.config.capabilities_subprocess)
+        log.log(level, line, extra={"sandbox": self.sandbox_status})
         self._spawn(self._recovery_loop())
         self._spawn(self.webhooks.resume_pending_all())  # webhooks a previous process left pending
         servers = self.config.tools.mcp_servers
@@ -217,6 +222,15 @@ class Engine:
                         idempotent=idempotent,
                     )
                 )
+
+    @property
+    def sandbox_status(self) -> str:
+        """How processes for runs are confined: ``bubblewrap``, ``none`` (unsandboxed, on the
+        operator's word), ``unavailable`` (no sandbox here, so no subprocess capability) or
+        ``off`` (the subprocess capability is turned off)."""
+        if not self.config.capabilities_subprocess:
+            return "off"
+        return self.sandbox.status()
 
     @property
     def default_model(self) -> str:
@@ -1156,18 +1170,25 @@ def _poll_interval(record: RunRecord) -> float:
     return _POLL_S if moving or record.pause_reason is PauseReason.HANDOFF_TO_RUNNER else 0.5
 
 
-def builtin_tools(config: EngineConfig) -> list[Tool]:
-    """The built-in catalogue: AskUser, the file tools, Bash, WebFetch, FetchData."""
+def builtin_tools(config: EngineConfig, sandbox: Sandbox | None = None) -> list[Tool]:
+    """The built-in catalogue: AskUser, the file tools, Bash (in ``sandbox``), WebFetch, FetchData."""
     policy = WebFetchPolicy(
         allow_private=config.tools.webfetch_allow_private,
         allow_hosts=frozenset(config.tools.webfetch_allow_hosts),
     )
-    return [ASK_USER, READ, WRITE, EDIT, GLOB, GREP, BASH, web_fetch_tool(policy), FETCH_DATA]
+    bash = bash_tool(sandbox or Sandbox.from_config(config))
+    return [ASK_USER, READ, WRITE, EDIT, GLOB, GREP, bash, web_fetch_tool(policy), FETCH_DATA]
 
 
-def host_capabilities(config: EngineConfig) -> frozenset[str]:
-    """What this host offers to tools that declare needs (see Tool.capabilities)."""
-    return frozenset({"subprocess"} if config.capabilities_subprocess else ())
+def host_capabilities(config: EngineConfig, sandbox: Sandbox | None = None) -> frozenset[str]:
+    """What this host offers to tools that declare needs (see Tool.capabilities).
+
+    ``subprocess`` means "can start a process for a run in a sandbox": a host where
+    bubblewrap cannot run lacks it, unless the operator chose ``sandbox = "none"``.
+    """
+    sandbox = sandbox or Sandbox.from_config(config)
+    sandboxed = sandbox.unavailable_reason() is None
+    return frozenset({"subprocess"} if config.capabilities_subprocess and sandboxed else ())
 
 
 def apply_decision(

@@ -1,0 +1,332 @@
+"""The OS sandbox for processes started for a run (Bash), on bubblewrap.
+
+Every call gets fresh user, PID, IPC, UTS, cgroup and network namespaces (the network
+one is kept only when the operator allows it), a root made of read-only system
+directories, a fresh ``/dev``, ``/proc`` (of its own PID namespace) and ``/tmp``, and the
+run's directory as the only writable path, at the same absolute path as on the host.
+Nothing else of the host is mounted: not the storage root, not other runs' directories,
+not config or key files (when one lies inside a mounted directory it is masked). The
+environment is an allow-list; bubblewrap itself starts with an empty environment so
+that even its own ``/proc/1/environ`` holds nothing of the engine's.
+
+Resource limits are rlimits set by ``prlimit`` inside the sandbox, after the user
+namespace exists: the process count is then counted per call, not per host user. The
+kernel never limits the process count of root, so an engine running as root cannot
+contain a fork bomb this way (it says so at startup): run it as an unprivileged user.
+
+Killing bubblewrap kills the sandbox's PID 1 (``--die-with-parent``), and with it every
+process in the sandbox, grandchildren included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger("machina.engine.sandbox")
+
+SandboxMode = Literal["bubblewrap", "none"]
+# What the engine reports: sandboxed, unsandboxed on the operator's word, or no sandbox
+# possible here (then the host lacks the subprocess capability).
+SandboxStatus = Literal["bubblewrap", "none", "unavailable"]
+
+_SYSTEM_DIRS = ("/usr",)
+# Top-level names that are /usr symlinks on merged-/usr systems, directories elsewhere.
+_SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# /etc is not mounted whole: only what programs need to start, resolve names and find CAs.
+_ETC_ALLOWED = (
+    "/etc/alternatives",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/host.conf",
+    "/etc/gai.conf",
+    "/etc/services",
+    "/etc/protocols",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/mime.types",
+    "/etc/magic",
+    "/etc/inputrc",
+)
+_DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+_TMP_BYTES = 64 * 1024 * 1024
+# Inside the sandbox, /tmp is a fresh tmpfs of its own, never the host's.
+_SANDBOX_TMP = "/tmp"  # noqa: S108
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxLimits:
+    """Per-call rlimits (each process of the call; processes count all of the call's)."""
+
+    cpu_s: int = 300
+    address_space_mb: int = 4096
+    processes: int = 256
+    file_size_mb: int = 1024
+    open_files: int = 1024
+
+    def prlimit_args(self) -> list[str]:
+        mb = 1024 * 1024
+        return [
+            f"--cpu={self.cpu_s}",
+            f"--as={self.address_space_mb * mb}",
+            f"--nproc={self.processes}",
+            f"--fsize={self.file_size_mb * mb}",
+            f"--nofile={self.open_files}",
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """How to start one sandboxed command: its argv and environment, and a pids cgroup if any.
+
+    Start the process with ``preexec_fn=launch.enter`` and call ``launch.close()`` once it
+    has exited.
+    """
+
+    argv: list[str]
+    env: dict[str, str]
+    cgroup: Path | None = None
+
+    def enter(self) -> None:
+        """In the child, before exec: join the call's cgroup (so every descendant is in it)."""
+        if self.cgroup is not None:
+            with open(self.cgroup / "cgroup.procs", "w") as f:
+                f.write(str(os.getpid()))
+
+    def close(self) -> None:
+        """Kill whatever is left in the call's cgroup and remove it."""
+        if self.cgroup is None:
+            return
+        for _ in range(50):
+            try:
+                pids = (self.cgroup / "cgroup.procs").read_text().split()
+            except OSError:
+                return
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(int(pid), signal.SIGKILL)
+            try:
+                self.cgroup.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.01)
+        log.warning("could not remove the sandbox cgroup %s", self.cgroup)
+
+
+@dataclass(frozen=True, slots=True)
+class Sandbox:
+    """The sandbox policy of one engine, read from config at startup."""
+
+    mode: SandboxMode = "bubblewrap"
+    network: bool = False
+    # Allow-listed variables with their values, read once from the engine's environment.
+    env: Mapping[str, str] = field(default_factory=dict)
+    # Extra host paths mounted read-only (e.g. a toolchain under /opt).
+    ro_paths: tuple[Path, ...] = ()
+    # Host paths that must never be visible (storage root, keys, ...), masked if mounted.
+    masked: tuple[Path, ...] = ()
+    limits: SandboxLimits = SandboxLimits()
+    bwrap: str = "bwrap"
+    prlimit: str = "prlimit"
+
+    @classmethod
+    def from_config(cls, config: Any, environ: Mapping[str, str] | None = None) -> Sandbox:
+        """The sandbox an EngineConfig describes (duck-typed: the runner's config adds key files)."""
+        environ = os.environ if environ is None else environ
+        masked = [config.storage if "://" not in config.storage else "", config.workdir_root]
+        for name in ("api_keys_file", "tls_key", "tls_cert", "runner_tls_key", "runner_tls_cert"):
+            masked.append(getattr(config, name, "") or "")
+        return cls(
+            mode=config.sandbox,
+            network=config.sandbox_network,
+            env={k: environ[k] for k in config.sandbox_env if k in environ},
+            ro_paths=tuple(Path(p).resolve() for p in config.sandbox_ro_paths),
+            masked=tuple(Path(p.removeprefix("file://")).resolve() for p in masked if p),
+            limits=SandboxLimits(
+                cpu_s=config.sandbox_cpu_s,
+                address_space_mb=config.sandbox_memory_mb,
+                processes=config.sandbox_max_processes,
+                file_size_mb=config.sandbox_max_file_mb,
+                open_files=config.sandbox_max_open_files,
+            ),
+        )
+
+    # -- availability ----------------------------------------------------------------
+
+    def unavailable_reason(self) -> str | None:
+        """Why bubblewrap cannot run here (None when it can); probed once per process and policy."""
+        if self.mode == "none":
+            return None
+        return _probe(self.bwrap, self.prlimit, self.network)
+
+    def status(self) -> SandboxStatus:
+        if self.mode == "none":
+            return "none"
+        return "bubblewrap" if self.unavailable_reason() is None else "unavailable"
+
+    # -- one call --------------------------------------------------------------------
+
+    def base_env(self, workdir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = {"PATH": _DEFAULT_PATH, "LANG": "C.UTF-8", "TERM": "dumb", **self.env}
+        env.update(HOME=str(workdir), **(extra or {}))
+        if self.mode != "none":
+            env["TMPDIR"] = _SANDBOX_TMP
+        return env
+
+    def launch(
+        self, command: Sequence[str], workdir: Path, extra_env: Mapping[str, str] | None = None
+    ) -> Launch:
+        """How to run ``command`` in ``workdir`` under this policy."""
+        env = self.base_env(workdir, extra_env)
+        if self.mode == "none":
+            return Launch(list(command), env)
+        workdir = workdir.resolve()
+        argv = [shutil.which(self.bwrap) or self.bwrap, *self._bwrap_args(workdir, env)]
+        prlimit = shutil.which(self.prlimit) or self.prlimit
+        argv += ["--", prlimit, *self.limits.prlimit_args(), "--", *command]
+        # bubblewrap gets no environment at all: its /proc/1/environ is visible inside.
+        return Launch(argv, {}, _pids_cgroup(self.limits.processes))
+
+    def _bwrap_args(self, workdir: Path, env: Mapping[str, str]) -> list[str]:
+        args = ["--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+        if self.network:
+            args.append("--share-net")
+        args += ["--disable-userns", "--hostname", "sandbox", "--clearenv"]
+        for name, value in env.items():
+            args += ["--setenv", name, value]
+        mounted: list[Path] = []
+        for d in _SYSTEM_DIRS:
+            args += ["--ro-bind", d, d]
+            mounted.append(Path(d))
+        for link in _SYSTEM_LINKS:
+            if os.path.islink(link):
+                args += ["--symlink", os.readlink(link), link]
+            elif os.path.isdir(link):
+                args += ["--ro-bind", link, link]
+                mounted.append(Path(link))
+        for extra in (*_ETC_ALLOWED, *map(str, self.ro_paths)):
+            args += ["--ro-bind-try", extra, extra]
+            mounted.append(Path(extra))
+        args += ["--proc", "/proc", "--dev", "/dev", "--size", str(_TMP_BYTES), "--tmpfs", _SANDBOX_TMP]
+        hidden = [p for p in self.masked if any(_within(p, m) for m in mounted)]
+        for path in hidden:
+            if path.is_dir():
+                args += ["--size", "4096", "--tmpfs", str(path)]
+            elif path.exists():
+                args += ["--ro-bind", "/dev/null", str(path)]
+        args += ["--bind", str(workdir), str(workdir)]
+        for path in hidden:
+            if path.is_dir():
+                args += ["--remount-ro", str(path)]
+        args += ["--chdir", str(workdir)]
+        return args
+
+
+def _within(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def _pids_cgroup(limit: int) -> Path | None:
+    """A fresh cgroup capped at ``limit`` processes, where this process may create one.
+
+    The kernel never applies RLIMIT_NPROC to root, so an engine running as root relies on
+    this (cgroup v1 ``pids`` or a delegated cgroup v2 with the pids controller); elsewhere
+    it is a second fence behind the rlimit. None when no writable pids hierarchy exists.
+    """
+    name = f"machina-sandbox-{uuid.uuid4().hex[:16]}"
+    for base in _pids_bases():
+        path = base / name
+        try:
+            path.mkdir()
+        except OSError:
+            continue
+        try:
+            (path / "pids.max").write_text(str(limit))
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+            continue
+        return path
+    return None
+
+
+def _pids_bases() -> list[Path]:
+    bases = [Path("/sys/fs/cgroup/pids")]
+    try:
+        own = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return bases
+    for line in own:
+        if line.startswith("0::"):  # cgroup v2: a child of our own cgroup, if it is delegated to us
+            rel = line[3:].lstrip("/")
+            bases += [Path("/sys/fs/cgroup/unified") / rel, Path("/sys/fs/cgroup") / rel]
+    return [b for b in bases if (b / "cgroup.procs").exists()]
+
+
+@functools.cache  # a fact about this host and binary: probing costs a process start, so once is enough
+def _probe(bwrap: str, prlimit: str, network: bool) -> str | None:
+    if shutil.which(bwrap) is None:
+        return f"{bwrap} is not installed"
+    if shutil.which(prlimit) is None:
+        return f"{prlimit} is not installed"
+    with tempfile.TemporaryDirectory(prefix="machina-sandbox-probe-") as tmp:
+        launch = Sandbox(network=network, bwrap=bwrap, prlimit=prlimit).launch(["true"], Path(tmp))
+        try:
+            done = subprocess.run(  # noqa: S603 - our own argv, no shell
+                launch.argv, env=launch.env, capture_output=True, timeout=10, stdin=subprocess.DEVNULL,
+                check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"{bwrap} cannot start: {exc}"
+        finally:
+            launch.close()
+    if done.returncode != 0:
+        detail = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        return f"{bwrap} cannot create a sandbox here: {detail[-1] if detail else f'exit {done.returncode}'}"
+    return None
+
+
+def describe(sandbox: Sandbox, capable: bool) -> tuple[int, str]:
+    """The startup log line about the sandbox: (level, message)."""
+    if not capable:
+        return logging.INFO, "subprocess capability off: Bash and stdio MCP servers are capability stubs"
+    if sandbox.mode == "none":
+        return logging.WARNING, (
+            "sandbox = none: Bash runs UNSANDBOXED, as the engine's user with the engine's view of "
+            "the machine (MACHINA_SANDBOX=bubblewrap confines it)"
+        )
+    reason = sandbox.unavailable_reason()
+    if reason is not None:
+        return logging.WARNING, (
+            f"no sandbox: {reason}; Bash and stdio MCP servers are capability stubs here (handed to a "
+            "runner that has a sandbox); MACHINA_SANDBOX=none runs them unsandboxed instead"
+        )
+    net = "network allowed" if sandbox.network else "no network"
+    allowed = ", ".join(sorted(sandbox.env)) or "none"
+    if os.geteuid() == 0:
+        return logging.WARNING, (
+            f"sandbox: bubblewrap ({net}, environment allow-list: {allowed}); the engine runs as root, "
+            "so the kernel does not enforce the sandbox's process limit: run it as an unprivileged user"
+        )
+    return logging.INFO, f"sandbox: bubblewrap ({net}, environment allow-list: {allowed})"
