@@ -425,7 +425,7 @@ async def stop_gracefully(
 
 
 # The health service also answers for ``machina.sandbox.<status>`` (bubblewrap, none, unavailable,
-# off): a client or a probe can Check it, or List, to learn how run processes are confined.
+# off): a client or a probe can Check it to learn how run processes are confined.
 SANDBOX_HEALTH_PREFIX = "machina.sandbox."
 
 

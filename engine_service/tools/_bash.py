@@ -87,7 +87,6 @@ async def _run(args: BashArgs, ctx: ToolContext, sandbox: Sandbox, launch: Launc
     proc = await asyncio.create_subprocess_exec(
         *launch.argv,
         cwd=ctx.workdir, env=launch.env, start_new_session=True,
-        preexec_fn=launch.enter if launch.cgroup is not None else None,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None

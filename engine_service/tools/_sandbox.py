@@ -96,21 +96,14 @@ class SandboxLimits:
 
 @dataclass(frozen=True, slots=True)
 class Launch:
-    """How to start one sandboxed command: its argv and environment, and a pids cgroup if any.
+    """How to start one sandboxed command: its argv and environment, and its pids cgroup if any.
 
-    Start the process with ``preexec_fn=launch.enter`` and call ``launch.close()`` once it
-    has exited.
+    Call ``close()`` once the process has exited.
     """
 
     argv: list[str]
     env: dict[str, str]
     cgroup: Path | None = None
-
-    def enter(self) -> None:
-        """In the child, before exec: join the call's cgroup (so every descendant is in it)."""
-        if self.cgroup is not None:
-            with open(self.cgroup / "cgroup.procs", "w") as f:
-                f.write(str(os.getpid()))
 
     def close(self) -> None:
         """Kill whatever is left in the call's cgroup and remove it."""
@@ -205,8 +198,13 @@ class Sandbox:
         argv = [shutil.which(self.bwrap) or self.bwrap, *self._bwrap_args(workdir, env)]
         prlimit = shutil.which(self.prlimit) or self.prlimit
         argv += ["--", prlimit, *self.limits.prlimit_args(), "--", *command]
+        cgroup = _pids_cgroup(self.limits.processes)
+        if cgroup is not None:
+            # The process joins the cgroup itself before bubblewrap starts, so nothing escapes it.
+            # (Not a preexec_fn: forking a process that runs gRPC's threads aborts the child.)
+            argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup / "cgroup.procs"), *argv]
         # bubblewrap gets no environment at all: its /proc/1/environ is visible inside.
-        return Launch(argv, {}, _pids_cgroup(self.limits.processes))
+        return Launch(argv, {}, cgroup)
 
     def _bwrap_args(self, workdir: Path, env: Mapping[str, str]) -> list[str]:
         args = ["--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
