@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from client_py import EngineClient, RunEvent
+from engine_service.tools import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "demo" / "engine.toml"
@@ -138,6 +139,15 @@ def main() -> int:
         "MACHINA_RUNNER_SECRET": secrets.token_urlsafe(24),
     }
     say(f"{BOLD}Machina demo{RESET} — engine + runner processes, storage {work}")
+    # The runner runs Bash in a bubblewrap sandbox. Where bubblewrap cannot run (macOS, a container
+    # without user namespaces), the demo says so and opts out explicitly; the runner logs a warning.
+    unsandboxed = Sandbox().unavailable_reason()
+    if unsandboxed is not None:
+        say(
+            f"{YELLOW}no sandbox here ({unsandboxed}): the runner runs Bash unsandboxed "
+            f"(MACHINA_SANDBOX=none){RESET}"
+        )
+        shared["MACHINA_SANDBOX"] = "none"
     runner = Service("runner_service", work, ["--config", str(CONFIG), "--listen", "127.0.0.1:0",
                                               "--http-listen", "127.0.0.1:0"], shared)  # fmt: skip
     http_port = json.loads(runner.ports)["http"]
@@ -148,7 +158,11 @@ def main() -> int:
         {**shared, "MACHINA_RUNNER_URL": f"http://127.0.0.1:{http_port}/continue"},
     )
     target = f"127.0.0.1:{engine.ports}"
-    say(f"{DIM}engine on {target} (no subprocess capability), runner on http://127.0.0.1:{http_port}{RESET}")
+    sandbox = "unsandboxed" if unsandboxed else "Bash in a bubblewrap sandbox"
+    say(
+        f"{DIM}engine on {target} (no subprocess capability), runner on http://127.0.0.1:{http_port} "
+        f"({sandbox}){RESET}"
+    )
     try:
         with EngineClient(target) as client:
             say(f"{BOLD}task:{RESET} {TASK}")
