@@ -86,7 +86,10 @@ async def run_bash(args: BashArgs, ctx: ToolContext, sandbox: Sandbox) -> str:
 async def _run(args: BashArgs, ctx: ToolContext, sandbox: Sandbox, launch: Launch) -> str:
     proc = await asyncio.create_subprocess_exec(
         *launch.argv,
-        cwd=ctx.workdir, env=launch.env, start_new_session=True,
+        cwd=ctx.workdir, env=launch.env,
+        # Its own process group either way; unsandboxed also its own session (bubblewrap starts
+        # one for the command itself, and a session around bubblewrap costs several ms per call).
+        start_new_session=sandbox.mode == "none", process_group=None if sandbox.mode == "none" else 0,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None
