@@ -10,6 +10,7 @@ corpus runs where the engine runs Bash itself and where it hands Bash to the run
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import threading
@@ -24,10 +25,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client_py import AsyncEngineClient, Run, ToolCallCompleted, ToolCallStarted
-from tests.conftest import refresh_until, turn
+from tests.conftest import ServerFactory, refresh_until, turn
 from tests.processes import EngineProcess, RunnerProcess
 from tests.secrets_util import BEARER, MARKER, assert_no_secret
-from tests.test_builtin_tools import processes_with
+from tests.test_builtin_tools import processes_with, run_calls
 
 pytestmark = [
     pytest.mark.slow,
@@ -329,3 +330,58 @@ async def test_without_bubblewrap_bash_is_a_stub_unless_the_operator_opts_out(
         assert reported == "none"
         assert run.meta.capabilities_missing == []
         assert "UNSANDBOXED" in log
+
+
+# -- what the operator can change (a real server in this process, driven through the client) --
+
+
+async def test_operator_settings_widen_only_what_they_name(servers: ServerFactory, tmp_path: Path) -> None:
+    """``sandbox_env`` passes the named variables only; ``sandbox_ro_paths`` mounts a directory
+    read-only, with the key and storage files inside it still masked; ``sandbox_network`` opens
+    the host's network, loopback included."""
+    tools_dir = tmp_path / "opt-tools"
+    tools_dir.mkdir()
+    (tools_dir / "tool.sh").write_text("echo tool-ran\n")
+    keys = tools_dir / "keys.toml"
+    keys.write_text(f'"{API_KEY}" = "default"\n')
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    os.environ["MACHINA_TEST_ALLOWED"] = "allowed-value"
+    os.environ["MACHINA_TEST_SECRET"] = ENV_SECRET
+    try:
+        checks = (
+            ("Bash", {"command": "echo $MACHINA_TEST_ALLOWED; env"}),
+            ("Bash", {"command": f"bash {tools_dir}/tool.sh; cat {keys}; touch {tools_dir}/x; echo END"}),
+            ("Bash", {"command": f"(exec 3<>/dev/tcp/127.0.0.1/{port}) && echo OPEN; echo END"}),
+        )
+        closed = await servers.start(config={"api_keys_file": str(keys)})
+        wide = await servers.start(
+            config={
+                "api_keys_file": str(keys),
+                "sandbox_env": ["MACHINA_TEST_ALLOWED"],
+                "sandbox_ro_paths": [str(tools_dir)],
+                "sandbox_network": True,
+            }
+        )
+        results = {}
+        for name, srv in (("closed", closed), ("wide", wide)):
+            async with AsyncEngineClient(f"127.0.0.1:{srv.port}", api_key=API_KEY) as client:
+                results[name] = [c.output for c in await run_calls(client, *checks)]
+    finally:
+        del os.environ["MACHINA_TEST_ALLOWED"], os.environ["MACHINA_TEST_SECRET"]
+        listener.close()
+    (env_closed, files_closed, net_closed), (env_wide, files_wide, net_wide) = (
+        results["closed"],
+        results["wide"],
+    )
+    assert "allowed-value" not in env_closed
+    assert "allowed-value" in env_wide
+    assert ENV_SECRET not in env_closed + env_wide
+    assert "tool-ran" not in files_closed
+    assert "tool-ran" in files_wide
+    assert API_KEY not in files_closed + files_wide
+    assert not (tools_dir / "x").exists()
+    assert "OPEN" not in net_closed
+    assert "OPEN" in net_wide

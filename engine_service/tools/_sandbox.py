@@ -230,10 +230,14 @@ class Sandbox:
             elif os.path.isdir(link):
                 args += ["--ro-bind", link, link]
                 mounted.append(Path(link))
-        for extra in (*_ETC_ALLOWED, *map(str, self.ro_paths)):
+        for extra in _ETC_ALLOWED:
             args += ["--ro-bind-try", extra, extra]
             mounted.append(Path(extra))
         args += ["--proc", "/proc", "--dev", "/dev", "--size", str(_TMP_BYTES), "--tmpfs", _SANDBOX_TMP]
+        # After /tmp, so that an operator's path under /tmp is not hidden by the fresh tmpfs.
+        for extra in map(str, self.ro_paths):
+            args += ["--ro-bind-try", extra, extra]
+            mounted.append(Path(extra))
         hidden = [p for p in self.masked if any(_within(p, m) for m in mounted)]
         for path in hidden:
             if path.is_dir():
@@ -282,6 +286,15 @@ def _pids_cgroup(limit: int) -> Path | None:
             continue
         return path
     return None
+
+
+def _can_make_pids_cgroup() -> bool:
+    path = _pids_cgroup(1)
+    if path is None:
+        return False
+    with contextlib.suppress(OSError):
+        path.rmdir()
+    return True
 
 
 def _pids_bases() -> list[Path]:
@@ -337,9 +350,10 @@ def describe(sandbox: Sandbox, capable: bool) -> tuple[int, str]:
         )
     net = "network allowed" if sandbox.network else "no network"
     allowed = ", ".join(sorted(sandbox.env)) or "none"
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not _can_make_pids_cgroup():
         return logging.WARNING, (
-            f"sandbox: bubblewrap ({net}, environment allow-list: {allowed}); the engine runs as root, "
-            "so the kernel does not enforce the sandbox's process limit: run it as an unprivileged user"
+            f"sandbox: bubblewrap ({net}, environment allow-list: {allowed}); the engine runs as root "
+            "and cannot create a pids cgroup, so nothing limits a sandbox's process count (the kernel "
+            "exempts root from RLIMIT_NPROC): run it as an unprivileged user"
         )
     return logging.INFO, f"sandbox: bubblewrap ({net}, environment allow-list: {allowed})"
