@@ -157,6 +157,7 @@ async def test_hostile_steps_are_confined(stack: Stack) -> None:
         "other run": f"cat {other_dir}/mine.txt; ls -1 {stack.workdirs}/default | sed s/^/LS:/",
         "writes": f"for f in {' '.join(outside)}; do echo x > $f; done; touch ../evil-{tag}",
         "host": "cat /proc/1/cmdline; hostname; ls /sys /home /root /var /opt",
+        "nesting": "unshare -r id && echo NESTED; bwrap --bind / / id && echo NESTED",
     }
     run, done = await run_bash(stack, *(proc_view(c) for c in corpus.values()))
     assert run.state == "DONE"
@@ -167,6 +168,7 @@ async def test_hostile_steps_are_confined(stack: Stack) -> None:
             assert secret not in output, (check, output)
         assert MARKER not in output, (check, output)
     assert "OPEN-" not in by_check["ports"]
+    assert "NESTED" not in by_check["nesting"]
     assert "engine_service" not in by_check["cmdline"]
     assert "runner_service" not in by_check["cmdline"]
     assert "private-data-4e1" not in by_check["other run"]
