@@ -385,6 +385,12 @@ class Engine:
                 ) from None
         if spec.script is not None:
             validate_script(spec.script)
+        if spec.sandbox_network and not self.config.sandbox_network:
+            raise invalid(
+                "ERR_INVALID_REQUEST",
+                "sandbox_network: this engine gives sandboxed processes no network; a run can only narrow it",
+                field="sandbox_network",
+            )
         if spec.mcp_servers is not None:
             try:
                 select_servers(self.config.tools.mcp_servers, spec.mcp_servers)

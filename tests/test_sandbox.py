@@ -24,7 +24,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client_py import AsyncEngineClient, Run, ToolCallCompleted, ToolCallStarted
+from client_py import AsyncEngineClient, InvalidRequestError, Run, ToolCallCompleted, ToolCallStarted
 from tests.conftest import ServerFactory, refresh_until, turn
 from tests.processes import EngineProcess, RunnerProcess
 from tests.secrets_util import BEARER, MARKER, assert_no_secret
@@ -387,3 +387,25 @@ async def test_operator_settings_widen_only_what_they_name(servers: ServerFactor
     assert not (tools_dir / "x").exists()
     assert "OPEN" not in net_closed
     assert "OPEN" in net_wide
+
+
+async def test_a_run_can_only_narrow_the_network(servers: ServerFactory) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    probe = ("Bash", {"command": f"(exec 3<>/dev/tcp/127.0.0.1/{listener.getsockname()[1]}) && echo OPEN"})
+    try:
+        allowed = await servers.start(config={"sandbox_network": True})
+        closed = await servers.start()
+        async with AsyncEngineClient(f"127.0.0.1:{allowed.port}") as client:
+            (default,) = await run_calls(client, probe)
+            (narrowed,) = await run_calls(client, probe, sandbox_network=False)
+        async with AsyncEngineClient(f"127.0.0.1:{closed.port}") as client:
+            with pytest.raises(InvalidRequestError) as refused:
+                await client.create("x", model="scripted", script=[turn("done")], sandbox_network=True)
+    finally:
+        listener.close()
+    assert "OPEN" in default.output
+    assert "OPEN" not in narrowed.output
+    assert refused.value.code == "ERR_INVALID_REQUEST"
+    assert refused.value.metadata["field"] == "sandbox_network"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 
@@ -76,6 +77,8 @@ async def run_bash(args: BashArgs, ctx: ToolContext, sandbox: Sandbox) -> str:
     """Run a bash command in the run's workspace directory. Returns the exit code, stdout and stderr."""
     if ctx.workdir is None:
         raise ToolError("this host gives the run no workspace directory")
+    if sandbox.network and ctx.sandbox_network is False:
+        sandbox = dataclasses.replace(sandbox, network=False)  # the run narrowed it
     launch = sandbox.launch(["bash", "-c", args.command], ctx.workdir, {"MACHINA_RUN_ID": ctx.run_id})
     try:
         return await _run(args, ctx, sandbox, launch)
