@@ -137,6 +137,11 @@ async def test_hostile_steps_are_confined(stack: Stack) -> None:
     assert pending.state == "PAUSED"
 
     tag = uuid.uuid4().hex[:8]
+    # An abstract unix socket: no file to mount, reachable from any process in the network namespace.
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind(f"\0machina-test-{tag}")
+    abstract.listen()
+    pids = f"{stack.engine.proc.pid} {stack.runner.proc.pid} {os.getpid()}"
     ports = " ".join(map(str, stack.ports()))
     outside = [
         f"/usr/evil-{tag}",
@@ -158,8 +163,14 @@ async def test_hostile_steps_are_confined(stack: Stack) -> None:
         "writes": f"for f in {' '.join(outside)}; do echo x > $f; done; touch ../evil-{tag}",
         "host": "cat /proc/1/cmdline; hostname; ls /sys /home /root /var /opt",
         "nesting": "unshare -r id && echo NESTED; bwrap --bind / / id && echo NESTED",
+        "signals": f"for p in {pids}; do kill -0 $p && echo SIGNALLED-$p; kill -9 $p; done",
+        "unix": f'python3 -c "import socket; s = socket.socket(socket.AF_UNIX); '
+        f"s.connect('\\0machina-test-{tag}'); print('OPEN-UNIX')\"",
     }
-    run, done = await run_bash(stack, *(proc_view(c) for c in corpus.values()))
+    try:
+        run, done = await run_bash(stack, *(proc_view(c) for c in corpus.values()))
+    finally:
+        abstract.close()
     assert run.state == "DONE"
     by_check = dict(zip(corpus, (c.output for c in done), strict=True))
     for check, output in by_check.items():
@@ -169,6 +180,8 @@ async def test_hostile_steps_are_confined(stack: Stack) -> None:
         assert MARKER not in output, (check, output)
     assert "OPEN-" not in by_check["ports"]
     assert "NESTED" not in by_check["nesting"]
+    assert "SIGNALLED" not in by_check["signals"]
+    assert "OPEN-UNIX" not in by_check["unix"]
     assert "engine_service" not in by_check["cmdline"]
     assert "runner_service" not in by_check["cmdline"]
     assert "private-data-4e1" not in by_check["other run"]
@@ -257,7 +270,7 @@ class HealthProbe:
 
 async def test_fork_bomb_and_disk_filler_are_contained(stack: Stack) -> None:
     bomb = "bomb() { bomb | bomb & }; bomb; sleep 3; echo still-here"
-    with HealthProbe(stack.engine.target) as probe:
+    with HealthProbe(stack.engine.target) as probe, HealthProbe(stack.runner.grpc_target) as runner_probe:
         run, (forked, filled) = await run_bash(stack, bomb, "yes > f", timeout_s=10)
     assert run.state == "DONE"
     assert "process limit (64)" in forked.output
@@ -266,6 +279,8 @@ async def test_fork_bomb_and_disk_filler_are_contained(stack: Stack) -> None:
     assert (stack.workdirs / "default" / run.run_id / "f").stat().st_size <= 8 * 1024 * 1024
     assert probe.answers > 0
     assert probe.failures == []
+    assert runner_probe.answers > 0
+    assert runner_probe.failures == []
 
 
 async def test_the_timeout_kills_the_whole_tree(stack: Stack) -> None:
