@@ -6,13 +6,15 @@ directories, a fresh ``/dev``, ``/proc`` (of its own PID namespace) and ``/tmp``
 run's directory as the only writable path, at the same absolute path as on the host.
 Nothing else of the host is mounted: not the storage root, not other runs' directories,
 not config or key files (when one lies inside a mounted directory it is masked). The
-environment is an allow-list; bubblewrap itself starts with an empty environment so
-that even its own ``/proc/1/environ`` holds nothing of the engine's.
+environment is an allow-list, and it is all bubblewrap itself gets (the sandbox can read
+its ``/proc/1/environ``); it is passed as the environment, not as arguments, because
+any local user can read a process's command line.
 
 Resource limits are rlimits set by ``prlimit`` inside the sandbox, after the user
 namespace exists: the process count is then counted per call, not per host user. The
-kernel never limits the process count of root, so an engine running as root cannot
-contain a fork bomb this way (it says so at startup): run it as an unprivileged user.
+kernel never limits the process count of root, so each call also gets a pids cgroup
+where the engine can create one (as root it usually can); without either, it says so
+at startup.
 
 Killing bubblewrap kills the sandbox's PID 1 (``--die-with-parent``), and with it every
 process in the sandbox, grandchildren included.
@@ -197,7 +199,7 @@ class Sandbox:
         if self.mode == "none":
             return Launch(list(command), env)
         workdir = workdir.resolve()
-        argv = [shutil.which(self.bwrap) or self.bwrap, *self._bwrap_args(workdir, env)]
+        argv = [shutil.which(self.bwrap) or self.bwrap, *self._bwrap_args(workdir)]
         prlimit = shutil.which(self.prlimit) or self.prlimit
         argv += ["--", prlimit, *self.limits.prlimit_args(), "--", *command]
         cgroup = _pids_cgroup(self.limits.processes)
@@ -205,10 +207,11 @@ class Sandbox:
             # The process joins the cgroup itself before bubblewrap starts, so nothing escapes it.
             # (Not a preexec_fn: forking a process that runs gRPC's threads aborts the child.)
             argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup / "cgroup.procs"), *argv]
-        # bubblewrap gets no environment at all: its /proc/1/environ is visible inside.
-        return Launch(argv, {}, cgroup)
+        # bubblewrap gets the allow-listed environment and nothing else: its /proc/1/environ is
+        # visible inside, and it hands its environment on to the command as it is.
+        return Launch(argv, env, cgroup)
 
-    def _bwrap_args(self, workdir: Path, env: Mapping[str, str]) -> list[str]:
+    def _bwrap_args(self, workdir: Path) -> list[str]:
         args = ["--unshare-all", "--unshare-user", "--die-with-parent", "--cap-drop", "ALL"]
         if _has_controlling_terminal():
             # A process that shares the engine's terminal could push keystrokes into it (TIOCSTI).
@@ -217,9 +220,7 @@ class Sandbox:
             args.append("--new-session")
         if self.network:
             args.append("--share-net")
-        args += ["--disable-userns", "--hostname", "sandbox", "--clearenv"]
-        for name, value in env.items():
-            args += ["--setenv", name, value]
+        args += ["--disable-userns", "--hostname", "sandbox"]
         mounted: list[Path] = []
         for d in _SYSTEM_DIRS:
             args += ["--ro-bind", d, d]
