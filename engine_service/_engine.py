@@ -1192,9 +1192,10 @@ def host_capabilities(config: EngineConfig, sandbox: Sandbox | None = None) -> f
     ``subprocess`` means "can start a process for a run in a sandbox": a host where
     bubblewrap cannot run lacks it, unless the operator chose ``sandbox = "none"``.
     """
+    if not config.capabilities_subprocess:
+        return frozenset()
     sandbox = sandbox or Sandbox.from_config(config)
-    sandboxed = sandbox.unavailable_reason() is None
-    return frozenset({"subprocess"} if config.capabilities_subprocess and sandboxed else ())
+    return frozenset({"subprocess"} if sandbox.unavailable_reason() is None else ())
 
 
 def apply_decision(

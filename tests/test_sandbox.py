@@ -372,13 +372,15 @@ async def test_operator_settings_widen_only_what_they_name(servers: ServerFactor
             ("Bash", {"command": "echo $MACHINA_TEST_ALLOWED; env"}),
             ("Bash", {"command": f"bash {tools_dir}/tool.sh; cat {keys}; touch {tools_dir}/x; echo END"}),
             ("Bash", {"command": f"(exec 3<>/dev/tcp/127.0.0.1/{port}) && echo OPEN; echo END"}),
+            ("Bash", {"command": f"ls -R {servers.root}; touch {servers.root}/x {servers.root}/workdirs/x"}),
         )
         closed = await servers.start(config={"api_keys_file": str(keys)})
         wide = await servers.start(
             config={
                 "api_keys_file": str(keys),
                 "sandbox_env": ["MACHINA_TEST_ALLOWED"],
-                "sandbox_ro_paths": [str(tools_dir)],
+                # The storage root (with every run directory) inside an operator path: still masked.
+                "sandbox_ro_paths": [str(tools_dir), str(servers.root)],
                 "sandbox_network": True,
             }
         )
@@ -389,7 +391,7 @@ async def test_operator_settings_widen_only_what_they_name(servers: ServerFactor
     finally:
         del os.environ["MACHINA_TEST_ALLOWED"], os.environ["MACHINA_TEST_SECRET"]
         listener.close()
-    (env_closed, files_closed, net_closed), (env_wide, files_wide, net_wide) = (
+    (env_closed, files_closed, net_closed, _), (env_wide, files_wide, net_wide, storage_wide) = (
         results["closed"],
         results["wide"],
     )
@@ -402,6 +404,10 @@ async def test_operator_settings_widen_only_what_they_name(servers: ServerFactor
     assert not (tools_dir / "x").exists()
     assert "OPEN" not in net_closed
     assert "OPEN" in net_wide
+    assert "workspaces" not in storage_wide
+    assert "state.json" not in storage_wide
+    assert not (servers.root / "x").exists()
+    assert not (servers.root / "workdirs" / "x").exists()
 
 
 async def test_a_run_can_only_narrow_the_network(servers: ServerFactory) -> None:
