@@ -90,6 +90,7 @@ from engine_service.tools import (
     mcp_tool_prefix,
     result_blob_name,
     select_servers,
+    sweep_stale_cgroups,
     web_fetch_tool,
 )
 
@@ -962,6 +963,9 @@ class Engine:
     async def _recovery_loop(self) -> None:
         while not self._closing:
             try:
+                if self.sandbox_status == "bubblewrap":
+                    # Sandboxes a crashed engine on this host may have left (see the function).
+                    await asyncio.to_thread(sweep_stale_cgroups)
                 await self.recover_orphaned_runs()
             except Exception:
                 log.warning("recovery sweep failed; will retry", exc_info=True)

@@ -430,3 +430,42 @@ async def test_a_run_can_only_narrow_the_network(servers: ServerFactory) -> None
     assert "OPEN" not in narrowed.output
     assert refused.value.code == "ERR_INVALID_REQUEST"
     assert refused.value.metadata["field"] == "sandbox_network"
+
+
+async def test_a_crash_leaves_no_cgroup_behind_the_next_start(tmp_path: Path) -> None:
+    """A call's pids cgroup is removed when the call ends; a crash skips that, so the next engine
+    on the host ends what is left in the cgroups of engines that are gone, and removes them."""
+    from engine_service.tools._sandbox import _pids_bases
+
+    bases = _pids_bases()
+    if os.geteuid() != 0 or not bases:
+        pytest.skip("no writable pids cgroup hierarchy here")
+    env = {"MACHINA_STORAGE": str(tmp_path / "storage"), "MACHINA_WORKDIR_ROOT": str(tmp_path / "w")}
+    engine = EngineProcess(tmp_path, env=env)
+    pid = engine.proc.pid
+
+    def cgroups_of(owner: int) -> list[Path]:
+        return [p for b in bases for p in b.glob(f"machina-sandbox-{owner}-*")]
+
+    try:
+        async with AsyncEngineClient(engine.target) as client:
+            marker = f"300.{uuid.uuid4().int % 10**9}"
+            script = [turn("", ("Bash", {"command": f"sleep {marker}; sleep {marker}"})), turn("done")]
+            await client.create("x", model="scripted", script=script)
+            for _ in range(400):
+                if cgroups_of(pid):
+                    break
+                await asyncio.sleep(0.05)
+        assert cgroups_of(pid)
+    finally:
+        engine.kill9()
+    restarted = EngineProcess(tmp_path, env=env)
+    try:
+        for _ in range(100):
+            if not cgroups_of(pid) and not processes_with(marker):
+                break
+            await asyncio.sleep(0.05)
+        assert cgroups_of(pid) == []
+        assert processes_with(marker) == []
+    finally:
+        restarted.close()

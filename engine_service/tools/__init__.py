@@ -4,7 +4,7 @@ from engine_service.tools._bash import bash_tool
 from engine_service.tools._fetch import FETCH_DATA, result_blob_name, truncation_note
 from engine_service.tools._files import EDIT, GLOB, GREP, READ, WRITE, resolve_in_workdir
 from engine_service.tools._mcp_config import McpServerConfig, mcp_tool_prefix, select_servers
-from engine_service.tools._sandbox import Sandbox, SandboxLimits
+from engine_service.tools._sandbox import Sandbox, SandboxLimits, sweep_stale_cgroups
 from engine_service.tools._sandbox import describe as describe_sandbox
 from engine_service.tools._web import WebFetchPolicy, web_fetch_tool
 
@@ -35,6 +35,7 @@ __all__ = [
     "resolve_in_workdir",
     "result_blob_name",
     "select_servers",
+    "sweep_stale_cgroups",
     "truncation_note",
     "web_fetch_tool",
 ]

@@ -73,6 +73,7 @@ _DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 _TMP_BYTES = 64 * 1024 * 1024
 # Inside the sandbox, /tmp is a fresh tmpfs of its own, never the host's.
 _SANDBOX_TMP = "/tmp"  # noqa: S108
+_CGROUP_PREFIX = "machina-sandbox-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +273,8 @@ def _pids_cgroup(limit: int) -> Path | None:
     this (cgroup v1 ``pids`` or a delegated cgroup v2 with the pids controller); elsewhere
     it is a second fence behind the rlimit. None when no writable pids hierarchy exists.
     """
-    name = f"machina-sandbox-{uuid.uuid4().hex[:16]}"
+    # The creator's pid in the name lets a later process remove what a crashed one left.
+    name = f"{_CGROUP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
     for base in _pids_bases():
         path = base / name
         try:
@@ -287,6 +289,34 @@ def _pids_cgroup(limit: int) -> Path | None:
             continue
         return path
     return None
+
+
+def sweep_stale_cgroups() -> int:
+    """Kill and remove the call cgroups of engines that no longer exist; how many were removed.
+
+    A crashed engine skips ``Launch.close``. Its sandboxes normally die with it (bubblewrap's
+    parent), but one started in the instant before the crash can miss that signal and live on
+    with no timeout: its cgroup still holds it, so this ends it.
+    """
+    removed = 0
+    for base in _pids_bases():
+        for path in base.glob(f"{_CGROUP_PREFIX}*"):
+            owner = path.name.removeprefix(_CGROUP_PREFIX).partition("-")[0]
+            if not owner.isdigit() or _alive(int(owner)):
+                continue
+            Launch([], {}, path).close()
+            removed += not path.exists()
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _can_make_pids_cgroup() -> bool:
