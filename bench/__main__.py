@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import _grpc, adapters
+from bench import _grpc, adapters, sandbox
 from bench._common import (
     ROOT,
     per_turn_ms,
@@ -122,6 +122,8 @@ async def run(quick: bool) -> dict[str, Any]:
         trips = await _grpc.handoff_round_trips(storage / "handoff", 5 if quick else 20)
         results["handoff_rtt_ms"] = summarize(trips["handoff"])
         results["local_rtt_ms"] = summarize(trips["local"])
+    progress("Bash call latency with and without the bubblewrap sandbox, interleaved")
+    results["sandbox_bash_ms"] = await sandbox.bash_latency_ms(50 if quick else 300)
     await s3_benchmarks(results, quick)
     return results
 
@@ -276,7 +278,20 @@ def table(results: dict[str, Any]) -> list[Row]:
             s3_handoff["median"] <= 250,
         ),
         row("cold start of python -m engine_service to SERVING", f"{cold:.2f} s", "≤ 1.5 s", cold <= 1.5),
+        sandbox_row(r["sandbox_bash_ms"]),
     ]
+
+
+def sandbox_row(s: dict[str, Any]) -> Row:
+    name = "sandbox: added latency per Bash call (bubblewrap vs unsandboxed, same run)"
+    if "unavailable" in s:
+        return row(name, f"not measured: {s['unavailable']}", "p50 ≤ 15 ms added", None)
+    none, bwrap = s["none"], s["bubblewrap"]
+    value = (
+        f"+{s['added_p50_ms']:.1f} ms p50, +{s['added_p95_ms']:.1f} ms p95 "
+        f"(sandboxed {_ms(bwrap, 1)}; unsandboxed {_ms(none, 1)})"
+    )
+    return row(name, value, "p50 ≤ 15 ms added", s["added_p50_ms"] <= 15)
 
 
 def markdown(rows: list[Row]) -> str:

@@ -57,6 +57,8 @@ class RunOptions(TypedDict, total=False):
       "token_ref": "t"}, ...}], "env": {"t": "<secret>"}}``. The engine keeps ``env``
       in memory only.
     - ``mcp_servers``: only these configured MCP servers' tools (``[]`` = none).
+    - ``sandbox_network``: ``False`` keeps this run's Bash off the network even where the
+      engine allows it (``True`` only where it does; a run can only narrow the sandbox).
     - ``webhook``: ``{"url", "secret_ref", "events": ["paused", "done", "failed"], "headers"}``;
       the engine POSTs the run there, signed with the secret ``secret_ref`` names.
     """
@@ -83,6 +85,7 @@ class RunOptions(TypedDict, total=False):
     client_tools: Sequence[Mapping[str, Any]] | None
     api: Mapping[str, Any] | None
     mcp_servers: Sequence[str] | None
+    sandbox_network: bool | None
     webhook: Mapping[str, Any] | None
 
 
@@ -274,6 +277,10 @@ def build_run_spec(task: str, **options: Unpack[RunOptions]) -> pb.RunSpec:
     if (mcp_servers := options.get("mcp_servers")) is not None:
         spec.mcp_servers.SetInParent()
         spec.mcp_servers.servers.extend(_names("mcp_servers", mcp_servers))
+    if (sandbox_network := options.get("sandbox_network")) is not None:
+        if not isinstance(sandbox_network, bool):
+            raise TypeError("sandbox_network must be True or False")
+        spec.sandbox_network = sandbox_network
     if (webhook := options.get("webhook")) is not None:
         if not isinstance(webhook, Mapping):
             raise _refuse("webhook must be a dict like {'url': ..., 'secret_ref': ..., 'events': [...]}")

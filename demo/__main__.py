@@ -20,6 +20,7 @@ from typing import Any
 
 from client_py import EngineClient, ProgressLine, RunEvent
 from engine_service.local import LocalService
+from engine_service.tools import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "demo" / "engine.toml"
@@ -104,6 +105,15 @@ def main() -> int:
         "MACHINA_RUNNER_SECRET": secrets.token_urlsafe(24),
     }
     say(f"{BOLD}Machina demo{RESET} — engine + runner processes, storage {work}")
+    # The runner runs Bash in a bubblewrap sandbox. Where bubblewrap cannot run (macOS, a container
+    # without user namespaces), the demo says so and opts out explicitly; the runner logs a warning.
+    unsandboxed = Sandbox().unavailable_reason()
+    if unsandboxed is not None:
+        say(
+            f"{YELLOW}no sandbox here ({unsandboxed}): the runner runs Bash unsandboxed "
+            f"(MACHINA_SANDBOX=none){RESET}"
+        )
+        shared["MACHINA_SANDBOX"] = "none"
     common = ["--config", str(CONFIG), "--listen", "127.0.0.1:0", "--log-format", "json"]
     runner = LocalService("runner_service", [*common, "--http-listen", "127.0.0.1:0"], env=shared, work=work)
     http_port = json.loads(runner.ports)["http"]
@@ -114,7 +124,11 @@ def main() -> int:
         work=work,
     )
     target = f"127.0.0.1:{engine.ports}"
-    say(f"{DIM}engine on {target} (no subprocess capability), runner on http://127.0.0.1:{http_port}{RESET}")
+    sandbox = "unsandboxed" if unsandboxed else "Bash in a bubblewrap sandbox"
+    say(
+        f"{DIM}engine on {target} (no subprocess capability), runner on http://127.0.0.1:{http_port} "
+        f"({sandbox}){RESET}"
+    )
     ok = False
     try:
         with EngineClient(target) as client:

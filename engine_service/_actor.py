@@ -797,6 +797,7 @@ class RunActor:
             workdir=self.env.workdir,
             emit=self._emit_from_tool,
             fetch_result=self._fetch_result,
+            sandbox_network=self.spec.sandbox_network,
         )
         text, is_error = await call_tool(tool, call.arguments, ctx)
         size = len(text.encode())

@@ -134,6 +134,21 @@ class EngineConfig(_Section):
     runner_ca_file: str = ""
     runner_timeout_s: float = Field(5.0, gt=0, le=60)
     capabilities_subprocess: bool = True
+    # Processes started for a run (Bash) run under bubblewrap. Where it cannot run, the host
+    # lacks the subprocess capability; "none" runs them unsandboxed (logged as a warning).
+    sandbox: Literal["bubblewrap", "none"] = "bubblewrap"
+    # Keep the host's network inside the sandbox (loopback included: the engine's own ports).
+    sandbox_network: bool = False
+    # Names of the engine's environment variables a sandboxed process sees (nothing else is passed).
+    sandbox_env: list[str] = []
+    # Extra host paths mounted read-only (e.g. a toolchain under /opt).
+    sandbox_ro_paths: list[str] = []
+    # Per-call rlimits: CPU seconds and address space per process, processes, file size, open files.
+    sandbox_cpu_s: int = Field(300, ge=1)
+    sandbox_memory_mb: int = Field(4096, ge=64)
+    sandbox_max_processes: int = Field(256, ge=8)
+    sandbox_max_file_mb: int = Field(1024, ge=1)
+    sandbox_max_open_files: int = Field(1024, ge=16)
     max_turns: int = Field(50, ge=1, le=100_000)
     lease_ttl_s: float = Field(30.0, gt=0)
     # How often to sweep for runs whose executor died (lease expired, queued or running); 0 = at startup.

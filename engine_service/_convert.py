@@ -220,6 +220,7 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
         labels=dict(message.labels),
         api_services=api_services_from_proto(message.api),
         mcp_servers=list(message.mcp_servers.servers) if message.HasField("mcp_servers") else None,
+        sandbox_network=message.sandbox_network if message.HasField("sandbox_network") else None,
     )
     client_tools = [
         ClientToolDef(

@@ -86,17 +86,20 @@ from engine_service.models._select import (
     validate_script,
 )
 from engine_service.tools import (
-    BASH,
     EDIT,
     FETCH_DATA,
     GLOB,
     GREP,
     READ,
     WRITE,
+    Sandbox,
     WebFetchPolicy,
+    bash_tool,
+    describe_sandbox,
     mcp_tool_prefix,
     result_blob_name,
     select_servers,
+    sweep_stale_cgroups,
     web_fetch_tool,
 )
 
@@ -148,8 +151,9 @@ class Engine:
         self.storage = storage
         # Where tenants' specs and models may send requests (per-run ApiCall services, webhooks).
         self.egress = egress or config.egress_policy()
-        self.tools = tools or ToolRegistry(builtin_tools(config, self.egress))
-        self._capabilities = host_capabilities(config)
+        self.sandbox = Sandbox.from_config(config)
+        self.tools = tools or ToolRegistry(builtin_tools(config, self.egress, self.sandbox))
+        self._capabilities = host_capabilities(config, self.sandbox)
         self._model_factory = model_factory or default_model_factory(config)
         self._clock = clock
         self._owner = f"engine-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -190,6 +194,8 @@ class Engine:
         if self._started:
             return
         self._started = True
+        level, line = describe_sandbox(self.sandbox, self.config.capabilities_subprocess)
+        log.log(level, line, extra={"sandbox": self.sandbox_status})
         self._spawn(self._recovery_loop())
         self._spawn(self.webhooks.resume_pending_all())  # webhooks a previous process left pending
         servers = self.config.tools.mcp_servers
@@ -235,6 +241,15 @@ class Engine:
                         idempotent=idempotent,
                     )
                 )
+
+    @property
+    def sandbox_status(self) -> str:
+        """How processes for runs are confined: ``bubblewrap``, ``none`` (unsandboxed, on the
+        operator's word), ``unavailable`` (no sandbox here, so no subprocess capability) or
+        ``off`` (the subprocess capability is turned off)."""
+        if not self.config.capabilities_subprocess:
+            return "off"
+        return self.sandbox.status()
 
     @property
     def default_model(self) -> str:
@@ -419,6 +434,12 @@ class Engine:
                 ) from None
         if spec.script is not None:
             validate_script(spec.script)
+        if spec.sandbox_network and not self.config.sandbox_network:
+            raise invalid(
+                "ERR_INVALID_REQUEST",
+                "sandbox_network: this engine gives sandboxed processes no network; a run can only narrow it",
+                field="sandbox_network",
+            )
         if spec.mcp_servers is not None:
             try:
                 select_servers(self.config.tools.mcp_servers, spec.mcp_servers)
@@ -1051,6 +1072,9 @@ class Engine:
     async def _recovery_loop(self) -> None:
         while not self._closing:
             try:
+                if self.sandbox_status == "bubblewrap":
+                    # Sandboxes a crashed engine on this host may have left (see the function).
+                    await asyncio.to_thread(sweep_stale_cgroups)
                 await self.recover_orphaned_runs()
             except Exception:
                 log.warning("recovery sweep failed; will retry", exc_info=True)
@@ -1303,19 +1327,29 @@ def _poll_interval(record: RunRecord) -> float:
     return _POLL_S if moving or record.pause_reason is PauseReason.HANDOFF_TO_RUNNER else 0.5
 
 
-def builtin_tools(config: EngineConfig, egress: EgressPolicy | None = None) -> list[Tool]:
-    """The built-in catalogue: AskUser, the file tools, Bash, WebFetch, FetchData."""
+def builtin_tools(
+    config: EngineConfig, egress: EgressPolicy | None = None, sandbox: Sandbox | None = None
+) -> list[Tool]:
+    """The built-in catalogue: AskUser, the file tools, Bash (in ``sandbox``), WebFetch, FetchData."""
     policy = WebFetchPolicy(
         allow_private=config.tools.webfetch_allow_private,
         allow_hosts=frozenset(config.tools.webfetch_allow_hosts),
         egress=egress or config.egress_policy(),
     )
-    return [ASK_USER, READ, WRITE, EDIT, GLOB, GREP, BASH, web_fetch_tool(policy), FETCH_DATA]
+    bash = bash_tool(sandbox or Sandbox.from_config(config))
+    return [ASK_USER, READ, WRITE, EDIT, GLOB, GREP, bash, web_fetch_tool(policy), FETCH_DATA]
 
 
-def host_capabilities(config: EngineConfig) -> frozenset[str]:
-    """What this host offers to tools that declare needs (see Tool.capabilities)."""
-    return frozenset({"subprocess"} if config.capabilities_subprocess else ())
+def host_capabilities(config: EngineConfig, sandbox: Sandbox | None = None) -> frozenset[str]:
+    """What this host offers to tools that declare needs (see Tool.capabilities).
+
+    ``subprocess`` means "can start a process for a run in a sandbox": a host where
+    bubblewrap cannot run lacks it, unless the operator chose ``sandbox = "none"``.
+    """
+    if not config.capabilities_subprocess:
+        return frozenset()
+    sandbox = sandbox or Sandbox.from_config(config)
+    return frozenset({"subprocess"} if sandbox.unavailable_reason() is None else ())
 
 
 def apply_decision(

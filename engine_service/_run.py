@@ -75,11 +75,14 @@ class RunSpec:
     api_services: list[JsonObject] = field(default_factory=list)
     # MCP servers this run may use; None = all configured.
     mcp_servers: list[str] | None = None
+    # Network for the run's sandboxed processes; None = the engine's setting, False = none.
+    sandbox_network: bool | None = None
 
     def to_json(self) -> JsonObject:
         return {
             "api_services": self.api_services,
             "mcp_servers": self.mcp_servers,
+            "sandbox_network": self.sandbox_network,
             "task": self.task,
             "run_id": self.run_id,
             "request_id": self.request_id,
@@ -128,6 +131,7 @@ class RunSpec:
             labels=doc.get("labels", {}),
             api_services=doc.get("api_services", []),
             mcp_servers=doc.get("mcp_servers"),
+            sandbox_network=doc.get("sandbox_network"),
         )
 
 

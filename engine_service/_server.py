@@ -461,13 +461,22 @@ async def stop_gracefully(
     await stopping
 
 
+# The health service also answers for ``machina.sandbox.<status>`` (bubblewrap, none, unavailable,
+# off): a client or a probe can Check it to learn how run processes are confined.
+SANDBOX_HEALTH_PREFIX = "machina.sandbox."
+
+
 async def serve_with_health(
-    server: grpc.aio.Server, service_name: str, listen: str, tls: tuple[bytes, bytes] | None
+    server: grpc.aio.Server,
+    service_name: str,
+    listen: str,
+    tls: tuple[bytes, bytes] | None,
+    sandbox_status: str = "",
 ) -> tuple[int, Any]:
     """Add health and reflection to ``server``, bind ``listen`` and start; returns (port, health servicer).
 
     ``tls`` is (PEM private key, PEM certificate chain); None serves plaintext. Once started, the
-    server and ``service_name`` report SERVING.
+    server and ``service_name`` report SERVING, and so does ``machina.sandbox.<sandbox_status>``.
     """
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -480,7 +489,8 @@ async def serve_with_health(
     else:
         port = server.add_insecure_port(listen)
     await server.start()
-    for name in ("", service_name):
+    names = ["", service_name] + ([SANDBOX_HEALTH_PREFIX + sandbox_status] if sandbox_status else [])
+    for name in names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return port, health_servicer
 
@@ -503,5 +513,7 @@ async def start_server(
         ]
     )
     add_service(server, _SERVICE, EngineServicer(engine, Authenticator(api_keys)))
-    port, health_servicer = await serve_with_health(server, SERVICE_NAME, listen, tls)
+    port, health_servicer = await serve_with_health(
+        server, SERVICE_NAME, listen, tls, sandbox_status=engine.sandbox_status
+    )
     return RunningServer(server, port, health_servicer, engine)

@@ -51,6 +51,8 @@ class ToolContext:
     emit: Callable[[str, JsonObject], None] = _ignore_event
     # The full text of an earlier, truncated tool result of this run (None if unknown).
     fetch_result: Callable[[str], Awaitable[str | None]] | None = None
+    # False when the run turned the sandbox's network off (it can only narrow the engine's).
+    sandbox_network: bool | None = None
 
 
 class ToolArgumentError(Exception):

@@ -52,5 +52,7 @@ async def start_grpc(
     server = grpc.aio.server()
     # Requests are parsed by us, so bytes that are not a message get INVALID_ARGUMENT + ErrorInfo.
     add_service(server, pb.DESCRIPTOR.services_by_name["RunnerService"], RunnerServicer(runner))
-    port, health_servicer = await serve_with_health(server, SERVICE_NAME, listen, tls)
+    port, health_servicer = await serve_with_health(
+        server, SERVICE_NAME, listen, tls, sandbox_status=runner.engine.sandbox_status
+    )
     return server, port, health_servicer

@@ -66,7 +66,7 @@ def build_app(runner: Runner, max_body_bytes: int) -> Starlette:
     async def health(request: Request) -> Response:
         if not runner.accepting:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "sandbox": runner.engine.sandbox_status})
 
     return Starlette(
         routes=[Route("/continue", continue_run, methods=["POST"]), Route("/health", health, methods=["GET"])]

@@ -465,6 +465,7 @@ class RunSpec(_message.Message):
     API_FIELD_NUMBER: _builtins.int
     MCP_SERVERS_FIELD_NUMBER: _builtins.int
     WEBHOOK_FIELD_NUMBER: _builtins.int
+    SANDBOX_NETWORK_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     """The task for the agent."""
     run_id: _builtins.str
@@ -479,6 +480,11 @@ class RunSpec(_message.Message):
     """If > 0, approvals expire after this many ms."""
     approval_expiry_action: _run_pb2.ExpiryAction.ValueType
     """What an expired approval becomes."""
+    sandbox_network: _builtins.bool
+    """Network for this run's sandboxed processes (Bash). Unset: the engine's setting. False: no
+    network, even where the engine allows it. True: only where the engine allows it; elsewhere
+    the request fails with INVALID_ARGUMENT (a run can only narrow the engine's sandbox).
+    """
     @_builtins.property
     def model(self) -> Global___ModelSpec:
         """The model; empty = the engine's default."""
@@ -544,12 +550,15 @@ class RunSpec(_message.Message):
         api: Global___ApiSpec | None = ...,
         mcp_servers: Global___McpServerSelection | None = ...,
         webhook: Global___Webhook | None = ...,
+        sandbox_network: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "limits", b"limits", "mcp_servers", b"mcp_servers", "model", b"model", "output_schema", b"output_schema", "tools", b"tools", "webhook", b"webhook"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_sandbox_network", b"_sandbox_network", "api", b"api", "limits", b"limits", "mcp_servers", b"mcp_servers", "model", b"model", "output_schema", b"output_schema", "sandbox_network", b"sandbox_network", "tools", b"tools", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api", b"api", "approval_expiry_action", b"approval_expiry_action", "approval_timeout_ms", b"approval_timeout_ms", "client_tools", b"client_tools", "gated_tools", b"gated_tools", "labels", b"labels", "limits", b"limits", "mcp_servers", b"mcp_servers", "model", b"model", "output_schema", b"output_schema", "permissions", b"permissions", "request_id", b"request_id", "run_id", b"run_id", "system_prompt", b"system_prompt", "task", b"task", "tool_choice", b"tool_choice", "tools", b"tools", "webhook", b"webhook"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox_network", b"_sandbox_network", "api", b"api", "approval_expiry_action", b"approval_expiry_action", "approval_timeout_ms", b"approval_timeout_ms", "client_tools", b"client_tools", "gated_tools", b"gated_tools", "labels", b"labels", "limits", b"limits", "mcp_servers", b"mcp_servers", "model", b"model", "output_schema", b"output_schema", "permissions", b"permissions", "request_id", b"request_id", "run_id", b"run_id", "sandbox_network", b"sandbox_network", "system_prompt", b"system_prompt", "task", b"task", "tool_choice", b"tool_choice", "tools", b"tools", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__sandbox_network: _TypeAlias = _typing.Literal["sandbox_network"]  # noqa: Y015
+    _WhichOneofArgType__sandbox_network: _TypeAlias = _typing.Literal["_sandbox_network", b"_sandbox_network"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__sandbox_network) -> _WhichOneofReturnType__sandbox_network | None: ...
 
 Global___RunSpec: _TypeAlias = RunSpec  # noqa: Y015
 
