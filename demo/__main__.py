@@ -156,7 +156,7 @@ def main() -> int:
             elif run.error is not None:
                 say(f"{BOLD}error:{RESET} {run.error.code}: {run.error.message}")
             estimate = (
-                " (estimated: the scripted model counts words, not a tokenizer)" if not real_model else ""
+                " (estimated by the scripted model: about 4 characters a token)" if not real_model else ""
             )
             tokens = f"{run.meta.usage.input_tokens} in / {run.meta.usage.output_tokens} out{estimate}"
             say(f"{DIM}turns {run.meta.turns}, tokens {tokens}{RESET}")
