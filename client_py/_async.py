@@ -406,7 +406,9 @@ class AsyncRunHandle:
         return self._update(await self._client.get_run(self.run_id))
 
     async def wait(self, timeout: float | None = None) -> Run:
-        """Waits until the run is paused or ended, or ``timeout`` seconds pass.
+        """Waits until the run is paused for the caller or ended, or ``timeout`` seconds pass.
+
+        A run handed to a runner is waited through: it is not the caller's to act on.
 
         Returns the Run either way; check ``run.paused``/``run.done``.
         """
@@ -418,7 +420,8 @@ class AsyncRunHandle:
                 return await self.refresh()
             run, timed_out = await self._client._wait_run(self.run_id, chunk)
             self._update(run)
-            if not timed_out or run.done or run.paused:
+            # A handoff pause is not the caller's to act on: the runner continues the run.
+            if not timed_out or run.done or (run.paused and run.pause_reason != "HANDOFF_TO_RUNNER"):
                 return run
             if deadline is not None and loop.time() >= deadline:
                 return run

@@ -78,7 +78,12 @@ async def serve(config: RunnerConfig, port_file: str | None) -> None:
             log.warning("serving %s without TLS: the runner secret crosses the network in clear", address)
     engine = build_engine(config)
     await engine.start()  # MCP servers (the runner can start stdio ones and publishes their tools)
-    runner = Runner(engine, config.runner_secret.get_secret_value(), config.runner_workspace)
+    runner = Runner(
+        engine,
+        config.runner_secret.get_secret_value(),
+        config.runner_workspace,
+        hold_s=config.test_runner_hold_s,
+    )
     server, grpc_port, health = await start_grpc(runner, config.runner_listen, tls=tls)
     http = build_http_server(build_app(runner, config.runner_max_body_bytes), config)
     http_task = asyncio.create_task(http.serve())

@@ -28,8 +28,9 @@ class Rejected(Exception):
 
 
 class Runner:
-    def __init__(self, engine: Engine, secret: str, default_workspace: str) -> None:
+    def __init__(self, engine: Engine, secret: str, default_workspace: str, *, hold_s: float = 0.0) -> None:
         self.engine = engine
+        self._hold_s = hold_s  # test hook (test_runner_hold_s): queue accepted runs this long
         self._secret_digest = hashlib.sha256(secret.encode()).digest()
         self._default_workspace = default_workspace
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -55,6 +56,13 @@ class Runner:
         if not isinstance(workspace, str) or not is_valid_id(workspace):
             raise Rejected(400, "ERR_INVALID_ID", "workspaceId must be a valid id")
         principal = Principal(workspace, "runner")
+        if self._hold_s:
+            await self.engine.check_handed_off(principal, run_id)
+            task = asyncio.create_task(self._continue_later(principal, run_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            log.info("queued run %s", run_id, extra={"run_id": run_id, "workspace": workspace})
+            return run_id
         try:
             await self.engine.continue_handoff(principal, run_id)
         except EngineError as error:
@@ -67,6 +75,15 @@ class Runner:
             raise Rejected(409, error.code, error.message) from None
         log.info("continuing run %s", run_id, extra={"run_id": run_id, "workspace": workspace})
         return run_id
+
+    async def _continue_later(self, principal: Principal, run_id: str) -> None:
+        await asyncio.sleep(self._hold_s)
+        try:
+            await self.engine.continue_handoff(principal, run_id)
+        except EngineError as error:
+            log.warning("queued run %s was not continued: %s", run_id, error.code, extra={"run_id": run_id})
+            return
+        log.info("continuing run %s", run_id, extra={"run_id": run_id})
 
     async def close(self, grace: float) -> None:
         self.accepting = False
