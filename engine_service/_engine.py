@@ -911,8 +911,9 @@ class Engine:
     ) -> RunRecord:
         """See a cancel of a run another process moves through: that process honours the request
         at its next await point or when it pauses; a run found paused is cancelled here. Answers
-        once the run ended (or after ``_CANCEL_FOLLOW_S``, the request left in place), so a cancel
-        answered OK is never applied late, to a later resume."""
+        once the run ended, so a cancel answered OK is never applied late, to a later resume
+        (after ``_CANCEL_FOLLOW_S``: the run as it stands if it still runs elsewhere, the
+        request left in place; ABORTED if it stayed paused and held by another process)."""
         deadline = time.monotonic() + _CANCEL_FOLLOW_S
         while True:
             if key in self._active:  # resumed here meanwhile
@@ -934,7 +935,15 @@ class Engine:
                 # A resume that started after the request was written cleared it: ask that execution.
                 await self.storage.put_blob(key[0], key[1], CANCEL_REQUEST, request)
             if time.monotonic() >= deadline:
-                return record
+                if record.state is RunState.PAUSED:
+                    # Paused, and held by another process all along: refused rather than
+                    # left for a later resume to find.
+                    raise aborted(
+                        "ERR_CONCURRENT_UPDATE",
+                        f"run {key[1]!r} is being moved by another process; cancel it again",
+                        run_id=key[1],
+                    )
+                return record  # still running elsewhere: the request stays and is honoured there
             await self._wait_change(key, 0.05)
 
     def _notify_webhook(self, record: RunRecord, event: str) -> None:
