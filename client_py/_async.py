@@ -475,7 +475,8 @@ class AsyncRunHandle:
         return await self.respond(interrupt_id, text)
 
     async def retry_handoff(self) -> Run:
-        """Retries handing a run to its runner after it failed with ERR_RUNNER_UNREACHABLE."""
+        """Hands a run to its runner again: after ERR_RUNNER_UNREACHABLE or ERR_RUNNER_LOST, or at once
+        while it waits for a runner that has not taken it."""
         return self._update(await self._client._resume(self.run_id, [], None, allow_empty=True))
 
     async def tool_result(self, call_id: str) -> str:
