@@ -782,7 +782,8 @@ class Engine:
                 "ERR_RUN_NOT_PAUSED", f"run {key[1]!r} is running", run_id=key[1], state="RUNNING"
             )
         record = await self._load(key)
-        if record.state is RunState.PAUSED and record.pause_reason is PauseReason.HANDOFF_TO_RUNNER:
+        handed_off = record.state is RunState.PAUSED and record.pause_reason is PauseReason.HANDOFF_TO_RUNNER
+        if handed_off and self._runner_url(key[0]):
             await self._hand_off_again(key, record, force=True)
             return record
         if (

@@ -146,7 +146,7 @@ async def test_a_runner_that_accepts_and_never_continues_is_asked_again_then_the
             assert run.state == "FAILED", run
             assert run.error is not None
             assert run.error.code == "ERR_RUNNER_LOST"
-            assert len(stub.RequestHandlerClass.posts) == 3  # type: ignore[attr-defined]
+            assert len(stub.RequestHandlerClass.posts) == 3  # type: ignore[attr-defined]  # 1 + 2 again
             # A runner that works appears on that address: retrying hands the run off again.
             stub.shutdown()
             stub.server_close()
@@ -160,6 +160,30 @@ async def test_a_runner_that_accepts_and_never_continues_is_asked_again_then_the
                 assert "hello-from-runner" in outputs[0]
             finally:
                 runner.close()
+    finally:
+        engine.close()
+        stub.shutdown()
+        stub.server_close()
+
+
+async def test_retry_handoff_asks_again_at_once_for_a_run_no_runner_took(tmp_path: Path) -> None:
+    stub, url = stub_runner("accept")
+    engine = engine_for(tmp_path, url, MACHINA_RUNNER_TIMEOUT_S="10")  # deadline 30 s: the sweep waits
+    posts: list[bytes] = stub.RequestHandlerClass.posts  # type: ignore[attr-defined]
+    try:
+        async with AsyncEngineClient(engine.target) as client:
+            handle = await client.create("run", model="scripted", script=BASH_SCRIPT)
+            run, timed_out = await client._wait_run(handle.run_id, 1.0)
+            assert (run.pause_reason, timed_out) == ("HANDOFF_TO_RUNNER", True), run
+            assert len(posts) == 1
+            await handle.retry_handoff()
+            for _ in range(200):
+                if len(posts) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(posts) == 2
+            run = await handle.refresh()
+            assert (run.state, run.pause_reason) == ("PAUSED", "HANDOFF_TO_RUNNER")
     finally:
         engine.close()
         stub.shutdown()
