@@ -112,7 +112,8 @@ class RunActor:
         self._lease_renew_at = 0.0
         self._active_since = 0.0
         self._lease_lost = False
-        # Set once the run started committing its end: nothing may cancel it then (one end per run).
+        # Set once the run is past its last point of cancellation: it started committing its end
+        # (one end per run), or its pause is committed (a cancel then applies to the paused run).
         self.ending = False
         # The start (RUNNING, run_started/resumed) was committed before the task began.
         self._start_committed = False
@@ -482,6 +483,7 @@ class RunActor:
         await self.checkpoint()
         if await self._cancelled_at_pause():
             return
+        self.ending = True
         await self.release()
         self._notify("paused")
 
@@ -679,6 +681,7 @@ class RunActor:
         await self.checkpoint()
         if await self._cancelled_at_pause():
             return
+        self.ending = True
         # The runner takes the lease itself, so it must be free before the POST.
         await self.release(close_feed=False)
         try:

@@ -881,7 +881,9 @@ class Engine:
                 with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                     async with asyncio.timeout(10):
                         await asyncio.shield(actor.task)
-                return actor.record
+                if actor.record.state is not RunState.PAUSED:
+                    return actor.record
+                # It paused before the cancel reached it: cancel the paused run below.
             record = await self._load(key)
             if record.state is RunState.CANCELLED:
                 return record
