@@ -56,15 +56,11 @@ class Runner:
         if not isinstance(workspace, str) or not is_valid_id(workspace):
             raise Rejected(400, "ERR_INVALID_ID", "workspaceId must be a valid id")
         principal = Principal(workspace, "runner")
-        if self._hold_s:
-            await self.engine.check_handed_off(principal, run_id)
-            task = asyncio.create_task(self._continue_later(principal, run_id))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            log.info("queued run %s", run_id, extra={"run_id": run_id, "workspace": workspace})
-            return run_id
         try:
-            await self.engine.continue_handoff(principal, run_id)
+            if self._hold_s:
+                await self.engine.check_handed_off(principal, run_id)
+            else:
+                await self.engine.continue_handoff(principal, run_id)
         except EngineError as error:
             if error.code == "ERR_RUN_NOT_FOUND":
                 raise Rejected(404, error.code, error.message) from None
@@ -73,6 +69,12 @@ class Runner:
                 log.info("run %s is already being continued", run_id, extra={"run_id": run_id})
                 return run_id
             raise Rejected(409, error.code, error.message) from None
+        if self._hold_s:
+            task = asyncio.create_task(self._continue_later(principal, run_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            log.info("queued run %s", run_id, extra={"run_id": run_id, "workspace": workspace})
+            return run_id
         log.info("continuing run %s", run_id, extra={"run_id": run_id, "workspace": workspace})
         return run_id
 
