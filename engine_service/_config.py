@@ -90,9 +90,6 @@ class EngineConfig(_Section):
     # off again, waiting twice as long each time; after handoff_attempts it fails ERR_RUNNER_LOST.
     handoff_deadline_s: float = Field(30.0, gt=0)
     handoff_attempts: int = Field(3, ge=1, le=20)
-    # Test hook, inert by default (0): wait this long between committing a handoff and POSTing
-    # it, so a test can kill the engine in between.
-    test_handoff_post_delay_s: float = Field(0.0, ge=0)
     capabilities_subprocess: bool = True
     max_turns: int = Field(50, ge=1, le=100_000)
     lease_ttl_s: float = Field(30.0, gt=0)

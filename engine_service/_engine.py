@@ -1014,8 +1014,6 @@ class Engine:
         """POST ``{"runId": ...}`` to the workspace's runner; RunnerUnreachable unless it answers 2xx."""
         url = self._runner_url(ws)
         secret = self.config.runner_secret.get_secret_value()
-        if self.config.test_handoff_post_delay_s:  # test hook, inert by default
-            await asyncio.sleep(self.config.test_handoff_post_delay_s)
         if self._http is None:
             self._http = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.config.runner_timeout_s, connect=2.0),

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -217,20 +218,19 @@ async def test_an_engine_killed_between_the_handoff_commit_and_its_post_does_not
     tmp_path: Path,
 ) -> None:
     runner = RunnerProcess(tmp_path, env=shared_env(tmp_path))
-    url = f"{runner.http}/continue"
-    first = engine_for(tmp_path, url, MACHINA_TEST_HANDOFF_POST_DELAY_S="60", MACHINA_RUNNER_TIMEOUT_S="10")
+    # The first engine's POST goes to a socket that accepts connections and never reads: the
+    # pause is committed, the runner never hears of the run, and the engine dies meanwhile.
+    blackhole = socket.create_server(("127.0.0.1", 0))
+    hole = f"http://127.0.0.1:{blackhole.getsockname()[1]}/continue"
+    first = engine_for(tmp_path, hole, MACHINA_RUNNER_TIMEOUT_S="60")
     second = None
     try:
         async with AsyncEngineClient(first.target) as client:
             handle = await client.create("run", model="scripted", script=BASH_SCRIPT)
-            for _ in range(400):
-                run = await handle.refresh()
-                if run.pause_reason == "HANDOFF_TO_RUNNER":
-                    break
-                await asyncio.sleep(0.02)
-            assert run.pause_reason == "HANDOFF_TO_RUNNER", run
+            run, timed_out = await client._wait_run(handle.run_id, 1.0)
+            assert (run.pause_reason, timed_out) == ("HANDOFF_TO_RUNNER", True), run
         first.kill9()
-        second = engine_for(tmp_path, url, **FAST_HANDOFF)
+        second = engine_for(tmp_path, f"{runner.http}/continue", **FAST_HANDOFF)
         async with AsyncEngineClient(second.target) as client:
             handle = await client.attach(run.run_id)
             run = await handle.wait(timeout=60)
@@ -241,6 +241,7 @@ async def test_an_engine_killed_between_the_handoff_commit_and_its_post_does_not
         if second is not None:
             second.close()
         runner.close()
+        blackhole.close()
 
 
 # -- 3. a resumed run hands off ----------------------------------------------------------------
