@@ -492,5 +492,9 @@ class AsyncRunHandle:
             offset = response.next_offset
 
     async def cancel(self, reason: str = "") -> Run:
-        """Requests cancellation; the run may stay RUNNING until its next await point."""
+        """Cancels the run at its next await point or, at the latest, when it pauses.
+
+        Returns the run once it has ended (CANCELLED, or the end it reached first); a run
+        another process moves is followed for up to 10 s, and may still be RUNNING then.
+        """
         return self._update(await self._client._cancel(self.run_id, reason))
