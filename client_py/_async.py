@@ -406,7 +406,9 @@ class AsyncRunHandle:
         return self._update(await self._client.get_run(self.run_id))
 
     async def wait(self, timeout: float | None = None) -> Run:
-        """Waits until the run is paused or ended, or ``timeout`` seconds pass.
+        """Waits until the run is paused for the caller or ended, or ``timeout`` seconds pass.
+
+        A run handed to a runner is waited through: it is not the caller's to act on.
 
         Returns the Run either way; check ``run.paused``/``run.done``.
         """
@@ -418,7 +420,8 @@ class AsyncRunHandle:
                 return await self.refresh()
             run, timed_out = await self._client._wait_run(self.run_id, chunk)
             self._update(run)
-            if not timed_out or run.done or run.paused:
+            # A handoff pause is not the caller's to act on: the runner continues the run.
+            if not timed_out or run.done or (run.paused and run.pause_reason != "HANDOFF_TO_RUNNER"):
                 return run
             if deadline is not None and loop.time() >= deadline:
                 return run
@@ -475,7 +478,8 @@ class AsyncRunHandle:
         return await self.respond(interrupt_id, text)
 
     async def retry_handoff(self) -> Run:
-        """Retries handing a run to its runner after it failed with ERR_RUNNER_UNREACHABLE."""
+        """Hands a run to its runner again: after ERR_RUNNER_UNREACHABLE or ERR_RUNNER_LOST, or at once
+        while it waits for a runner that has not taken it."""
         return self._update(await self._client._resume(self.run_id, [], None, allow_empty=True))
 
     async def tool_result(self, call_id: str) -> str:
@@ -491,5 +495,9 @@ class AsyncRunHandle:
             offset = response.next_offset
 
     async def cancel(self, reason: str = "") -> Run:
-        """Requests cancellation; the run may stay RUNNING until its next await point."""
+        """Cancels the run at its next await point or, at the latest, when it pauses.
+
+        Returns the run once it has ended (CANCELLED, or the end it reached first); a run
+        another process moves is followed for up to 10 s, and may still be RUNNING then.
+        """
         return self._update(await self._client._cancel(self.run_id, reason))

@@ -264,7 +264,8 @@ class RunHandle:
         return self._portal.call(self._handle.answer(interrupt_id, text))
 
     def retry_handoff(self) -> Run:
-        """Retries handing a run to its runner after it failed with ERR_RUNNER_UNREACHABLE."""
+        """Hands a run to its runner again: after ERR_RUNNER_UNREACHABLE or ERR_RUNNER_LOST, or at once
+        while it waits for a runner that has not taken it."""
         return self._portal.call(self._handle.retry_handoff())
 
     def tool_result(self, call_id: str) -> str:

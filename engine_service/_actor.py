@@ -122,6 +122,11 @@ class RunActor:
         self._lease_renew_at = 0.0
         self._active_since = 0.0
         self._lease_lost = False
+        # Set once the run is past its last point of cancellation: it started committing its end
+        # (one end per run), or its pause is committed (a cancel then applies to the paused run).
+        self.ending = False
+        # The start (RUNNING, run_started/resumed) was committed before the task began.
+        self._start_committed = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -342,6 +347,62 @@ class RunActor:
 
     # -- lifecycle ---------------------------------------------------------------
 
+    async def commit_start(self, resumed_by: str | None) -> None:
+        """Commit RUNNING and the run_started/resumed event before the caller is answered, so no
+        process (a replica) shows the run as it was before this start."""
+        self.record.state = RunState.RUNNING
+        self.record.pause_reason = None
+        self._emit_start(resumed_by)
+        if resumed_by is not None:
+            # A cancel request left for an earlier execution does not apply to this one.
+            await self._clear_cancel_request()
+        await self.checkpoint()
+        self._start_committed = True
+
+    def _emit_start(self, resumed_by: str | None) -> None:
+        if resumed_by is None or self.feed.last_seq == 0:
+            # Also a run recovered before any of its events was written: it never started visibly.
+            self.emit(EventKind.RUN_STARTED, {"task": self.record.task, "model": self.record.meta.model})
+        elif self._rolled_back_from:
+            # What the dead writer did past its checkpoint is redone (or reported) from here.
+            self.emit(EventKind.RESUMED, {"by": resumed_by, "rolled_back_from": self._rolled_back_from})
+            self._rolled_back_from = 0
+        else:
+            self.emit(EventKind.RESUMED, {"by": resumed_by})
+
+    async def cancel_request(self) -> str | None:
+        """The reason of a cancel another process (a replica) asked for, or None."""
+        ws, run_id = self.key
+        blob = await self.env.storage.get_blob(ws, run_id, CANCEL_REQUEST)
+        if not blob:
+            return None
+        try:
+            return str(json.loads(blob).get("reason") or "cancelled by a caller")
+        except (ValueError, AttributeError):
+            return "cancelled by a caller"
+
+    async def _clear_cancel_request(self) -> None:
+        ws, run_id = self.key
+        if await self.env.storage.get_blob(ws, run_id, CANCEL_REQUEST):
+            await self.env.storage.put_blob(ws, run_id, CANCEL_REQUEST, b"")
+
+    async def _cancelled_at_pause(self) -> bool:
+        """After committing a pause, still holding the lease: honour a cancel asked for meanwhile.
+
+        A canceller that wrote its request after this check sees the pause and cancels the run
+        itself, so a cancel is never left waiting for a later resume.
+        """
+        try:
+            reason = await self.cancel_request()
+        except Exception:
+            log.warning("cancel check of run %s failed", self.record.run_id, exc_info=True)
+            return False
+        if reason is None:
+            return False
+        self.cancel_reason = reason
+        await self.cancel_now()
+        return True
+
     def start(self, *, resumed_by: str | None) -> None:
         if self.env.workdir is not None:
             self.env.workdir.mkdir(parents=True, exist_ok=True)
@@ -376,16 +437,18 @@ class RunActor:
 
     async def _watch_cancel(self) -> None:
         """Honour a cancel that another process (a replica) recorded in storage."""
-        ws, run_id = self.key
+        run_id = self.record.run_id
         while True:
             await asyncio.sleep(self.env.cancel_poll_s)
             try:
-                request = await self.env.storage.get_blob(ws, run_id, CANCEL_REQUEST)
+                reason = await self.cancel_request()
             except Exception:  # a storage hiccup: look again next time
                 log.debug("cancel check of run %s failed", run_id, exc_info=True)
                 continue
-            if request is not None and self.cancel_reason is None and self.task is not None:
-                self.cancel_reason = json.loads(request).get("reason") or "cancelled by a caller"
+            if reason is not None and self.cancel_reason is None and self.task is not None:
+                if self.ending:
+                    return  # it is committing its end: that is the end
+                self.cancel_reason = reason
                 self.task.cancel()
                 return
 
@@ -394,15 +457,8 @@ class RunActor:
         self._active_since = self.env.clock()
         record.state = RunState.RUNNING
         record.pause_reason = None
-        if resumed_by is None or self.feed.last_seq == 0:
-            # Also a run recovered before any of its events was written: it never started visibly.
-            self.emit(EventKind.RUN_STARTED, {"task": record.task, "model": record.meta.model})
-        elif self._rolled_back_from:
-            # What the dead writer did past its checkpoint is redone (or reported) from here.
-            self.emit(EventKind.RESUMED, {"by": resumed_by, "rolled_back_from": self._rolled_back_from})
-            self._rolled_back_from = 0
-        else:
-            self.emit(EventKind.RESUMED, {"by": resumed_by})
+        if not self._start_committed:
+            self._emit_start(resumed_by)
         try:
             remaining = record.deadline_at - self.env.clock() if record.deadline_at else None
             if remaining is not None and remaining <= 0:
@@ -419,7 +475,7 @@ class RunActor:
         except asyncio.CancelledError:
             if self._lease_lost:
                 raise LeaseLost("lease lost") from None
-            if self.cancel_reason is None:
+            if self.cancel_reason is None or self.ending:
                 # Engine shutdown: leave the last checkpoint for recovery.
                 await self._close_quietly()
                 raise
@@ -464,6 +520,7 @@ class RunActor:
         self, state: RunState, *, data: Any = None, error: RunError | None = None, keep_pending: bool = False
     ) -> None:
         record = self.record
+        self.ending = True
         self._show_until_committed()
         self._account_time()
         record.state = state
@@ -528,6 +585,9 @@ class RunActor:
             {"reason": record.pause_reason.value, "interrupts": [i.to_json() for i in interrupts]},
         )
         await self.checkpoint()
+        if await self._cancelled_at_pause():
+            return
+        self.ending = True
         await self.release()
         self._notify("paused")
 
@@ -539,7 +599,8 @@ class RunActor:
             # Calls carried over from a pause (approved, or handed to us by the engine): commit
             # RUNNING and the decisions first, so a crash during such a call is recovered and
             # reported as interrupted instead of leaving the run paused to be approved again.
-            if any(p.status == READY and not self._idempotent(p.call.name) for p in record.pending):
+            ready = any(p.status == READY and not self._idempotent(p.call.name) for p in record.pending)
+            if ready and not self._start_committed:  # committed with the start otherwise
                 await self.checkpoint()
             if not await self._dispatch():
                 return
@@ -760,9 +821,13 @@ class RunActor:
         self._show_until_committed()
         self._account_time()
         record.state, record.pause_reason = RunState.PAUSED, PauseReason.HANDOFF_TO_RUNNER
+        record.handoff_at, record.handoff_attempts = self.env.clock(), 1
         self.emit(EventKind.HANDOFF_TO_RUNNER, {"tools": tools})
         self.emit(EventKind.PAUSED, {"reason": PauseReason.HANDOFF_TO_RUNNER.value, "interrupts": []})
         await self.checkpoint()
+        if await self._cancelled_at_pause():
+            return
+        self.ending = True
         # The runner takes the lease itself, so it must be free before the POST.
         await self.release(close_feed=False)
         try:
@@ -771,6 +836,37 @@ class RunActor:
             await self._handoff_failed(str(exc))
             return
         self.feed.close()
+
+    async def hand_off_again(self) -> None:
+        """A handed-off run no runner took (we hold its lease): ask the runner again.
+
+        A failed POST counts as an attempt; the recovery sweep asks again later or gives up.
+        """
+        record = self.record
+        assert self.env.handoff is not None
+        record.handoff_at, record.handoff_attempts = self.env.clock(), record.handoff_attempts + 1
+        await self.checkpoint()
+        await self.release(close_feed=False)
+        log.warning("handing run %s to the runner again (attempt %d)", record.run_id, record.handoff_attempts,
+                    extra={"run_id": record.run_id})  # fmt: skip
+        try:
+            await self.env.handoff(*self.key)
+        except RunnerUnreachable as exc:
+            log.warning("re-handoff of %s failed: %s", record.run_id, exc, extra={"run_id": record.run_id})
+        self.feed.close()
+
+    async def runner_lost(self) -> None:
+        """No runner took the run after every attempt: fail it clearly; resuming retries it."""
+        attempts = self.record.handoff_attempts
+        await self._finish(
+            RunState.FAILED,
+            error=RunError(
+                "ERR_RUNNER_LOST",
+                f"no runner took the run after {attempts} handoffs",
+                {"attempts": str(attempts)},
+            ),
+            keep_pending=True,
+        )
 
     async def _handoff_failed(self, reason: str) -> None:
         ws, run_id = self.key

@@ -133,6 +133,10 @@ class EngineConfig(_Section):
     # PEM CA bundle that verifies an https:// runner (a private CA); empty = the system CAs.
     runner_ca_file: str = ""
     runner_timeout_s: float = Field(5.0, gt=0, le=60)
+    # A handed-off run that no runner has taken (its lease) within handoff_deadline_s is handed
+    # off again, waiting twice as long each time; after handoff_attempts it fails ERR_RUNNER_LOST.
+    handoff_deadline_s: float = Field(30.0, gt=0)
+    handoff_attempts: int = Field(3, ge=1, le=20)
     capabilities_subprocess: bool = True
     # Processes started for a run (Bash) run under bubblewrap. Where it cannot run, the host
     # lacks the subprocess capability; "none" runs them unsandboxed (logged as a warning).

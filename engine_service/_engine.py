@@ -107,7 +107,10 @@ MCP_FEATURE = "MCP servers (tools.mcp_servers)"
 log = logging.getLogger("machina.engine")
 
 MAX_TASK_CHARS = 200_000
+# Run errors that resuming without decisions retries (a fresh handoff from the same checkpoint).
+_HANDOFF_FAILURES = ("ERR_RUNNER_UNREACHABLE", "ERR_RUNNER_LOST")
 _POLL_S = 0.025  # how often watchers re-read storage for runs another process moves (state.json is tiny)
+_CANCEL_FOLLOW_S = 10.0  # how long CancelRun follows a run another process moves before answering
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,7 +359,13 @@ class Engine:
             actor = RunActor(
                 record, spec, transcript, self._env(ws, spec, spec_doc, provider, model_name, mode)
             )
-            await self._take_over(actor)
+            if not await actor.take_over():
+                # It exists and another process (a recovery sweep that ignored the grace period
+                # of a fresh run) moves it: answer with the run, not an error.
+                log.warning("run %s was taken by another process as it was created", run_id,
+                            extra={"run_id": run_id, "workspace": ws})  # fmt: skip
+                return await self._load(key), True
+            await actor.commit_start(None)
             self._start(actor, resumed_by=None)
         log.info(
             "run %s created (model %s)", run_id, record.meta.model, extra={"run_id": run_id, "workspace": ws}
@@ -606,7 +615,7 @@ class Engine:
         if self._active.get(actor.key) is actor:
             del self._active[actor.key]
         record = actor.view()  # as committed: a run parked by a storage outage is not what it tried
-        if record.state.terminal and not (record.error and record.error.code == "ERR_RUNNER_UNREACHABLE"):
+        if record.state.terminal and not (record.error and record.error.code in _HANDOFF_FAILURES):
             self._run_api_env.pop(actor.key, None)
         if record.state is RunState.PAUSED:
             self._arm_expiry(actor.key, record)
@@ -704,7 +713,7 @@ class Engine:
                         await asyncio.shield(actor.task)
                 continue
             record = await self._load(key)
-            if record.state is RunState.PAUSED or record.state.terminal:
+            if settled(record):
                 return record, False
             if remaining <= 0:
                 return record, True
@@ -775,7 +784,7 @@ class Engine:
                         cursor = batch[-1].seq
                         yield batch
                     continue
-            stop = record.state.terminal or (until_pause and record.state is RunState.PAUSED)
+            stop = record.state.terminal or (until_pause and settled(record))
             if stop or not (follow or until_pause):
                 return
             await self._wait_change(key, _poll_interval(record))
@@ -889,15 +898,20 @@ class Engine:
                 "ERR_RUN_NOT_PAUSED", f"run {key[1]!r} is running", run_id=key[1], state="RUNNING"
             )
         record = await self._load(key)
+        handed_off = record.state is RunState.PAUSED and record.pause_reason is PauseReason.HANDOFF_TO_RUNNER
+        if handed_off and self._runner_url(key[0]):
+            await self._hand_off_again(key, record, force=True)
+            return record
         if (
             record.state is not RunState.FAILED
             or record.error is None
-            or record.error.code != "ERR_RUNNER_UNREACHABLE"
+            or record.error.code not in _HANDOFF_FAILURES
         ):
             raise invalid("ERR_INVALID_DECISION", "resume needs at least one decision", field="decisions")
         actor = await self._actor_for(record)
         await self._take_over(actor)
         record.error = None
+        await actor.commit_start(principal.identity)
         self._start(actor, resumed_by=principal.identity)
         return record
 
@@ -976,13 +990,16 @@ class Engine:
         async with self._lock(key):
             actor = self._active.get(key)
             if actor is not None:
-                actor.cancel_reason = reason
                 assert actor.task is not None
-                actor.task.cancel()
+                if not actor.ending:  # an end being committed is the end
+                    actor.cancel_reason = reason
+                    actor.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                     async with asyncio.timeout(10):
                         await asyncio.shield(actor.task)
-                return actor.record
+                if actor.record.state is not RunState.PAUSED:
+                    return actor.record
+                # It paused before the cancel reached it: cancel the paused run below.
             record = await self._load(key)
             if record.state is RunState.CANCELLED:
                 return record
@@ -995,22 +1012,58 @@ class Engine:
                 )
             actor = await self._actor_for(record)
             if not await actor.take_over():
-                if record.state in (RunState.QUEUED, RunState.RUNNING):
-                    # Another process (a replica or the runner) executes it: leave a request
-                    # it honours within cancel_poll_s, and report the run as it stands.
-                    request = {"reason": reason, "by": principal.identity, "at": self._clock()}
-                    await self.storage.put_blob(key[0], key[1], CANCEL_REQUEST, json.dumps(request).encode())
-                    return record
-                raise aborted(
-                    "ERR_CONCURRENT_UPDATE",
-                    f"run {run_id!r} is being moved by another process",
-                    run_id=run_id,
-                )
-            self._disarm_expiry(key)
-            actor.cancel_reason = reason
-            await actor.cancel_now()
-            self._notify(key)
-            return record
+                # Another process (a replica or the runner) moves it: leave a request it honours
+                # at its next await point or its pause, and follow the run until then.
+                doc = {"reason": reason, "by": principal.identity, "at": self._clock()}
+                request = json.dumps(doc).encode()
+                await self.storage.put_blob(key[0], key[1], CANCEL_REQUEST, request)
+            else:
+                self._disarm_expiry(key)
+                actor.cancel_reason = reason
+                await actor.cancel_now()
+                self._notify(key)
+                return record
+        return await self._follow_cancel(principal, key, reason, request)
+
+    async def _follow_cancel(
+        self, principal: Principal, key: tuple[str, str], reason: str, request: bytes
+    ) -> RunRecord:
+        """See a cancel of a run another process moves through: that process honours the request
+        at its next await point or when it pauses; a run found paused is cancelled here. Answers
+        once the run ended, so a cancel answered OK is never applied late, to a later resume
+        (after ``_CANCEL_FOLLOW_S``: the run as it stands if it still runs elsewhere, the
+        request left in place; ABORTED if it stayed paused and held by another process)."""
+        deadline = time.monotonic() + _CANCEL_FOLLOW_S
+        while True:
+            if key in self._active:  # resumed here meanwhile
+                return await self.cancel_run(principal, key[1], reason)
+            record = await self._load(key)
+            if record.state.terminal:
+                return record
+            if record.state is RunState.PAUSED:
+                async with self._lock(key):
+                    if key not in self._active:
+                        actor = await self._actor_for(record)
+                        if await actor.take_over():
+                            self._disarm_expiry(key)
+                            actor.cancel_reason = reason
+                            await actor.cancel_now()
+                            self._notify(key)
+                            return actor.record
+            elif not await self.storage.get_blob(key[0], key[1], CANCEL_REQUEST):
+                # A resume that started after the request was written cleared it: ask that execution.
+                await self.storage.put_blob(key[0], key[1], CANCEL_REQUEST, request)
+            if time.monotonic() >= deadline:
+                if record.state is RunState.PAUSED:
+                    # Paused, and held by another process all along: refused rather than
+                    # left for a later resume to find.
+                    raise aborted(
+                        "ERR_CONCURRENT_UPDATE",
+                        f"run {key[1]!r} is being moved by another process; cancel it again",
+                        run_id=key[1],
+                    )
+                return record  # still running elsewhere: the request stays and is honoured there
+            await self._wait_change(key, 0.05)
 
     def _validate_webhook(self, ws: str, webhook: Mapping[str, Any] | None) -> JsonObject | None:
         doc = validate_webhook(webhook, self.egress)
@@ -1045,7 +1098,7 @@ class Engine:
                 if key in self._active or self._closing:
                     continue
                 with contextlib.suppress(EngineError):
-                    if await self._recover(key):
+                    if await self._recover(key) or await self._recover_handoff(key):
                         recovered.append(run_id)
         return recovered
 
@@ -1057,6 +1110,9 @@ class Engine:
             if doc is None or doc["state"] not in (RunState.QUEUED.value, RunState.RUNNING.value):
                 return False
             record = RunRecord.from_json(doc)
+            fresh = self._clock() - record.created_at < self.config.lease_ttl_s
+            if record.state is RunState.QUEUED and fresh:
+                return False  # just created: it is its creator's until the creator takes its lease
             actor = await self._actor_for(record)
             if not await actor.take_over():
                 log.debug("run %s is %s but its lease is held; not recovering", key[1], record.state.value)
@@ -1121,6 +1177,47 @@ class Engine:
             raise RunnerUnreachable(f"the runner answered HTTP {response.status_code}")
         log.info("run %s handed off to the runner", run_id, extra={"run_id": run_id})
 
+    async def _recover_handoff(self, key: tuple[str, str]) -> bool:
+        """A run paused HANDOFF_TO_RUNNER whose lease no runner took (or whose runner's lease
+        expired) by its deadline is handed off again, each wait twice as long as the last;
+        after ``handoff_attempts`` it fails ERR_RUNNER_LOST. Never a silent hang."""
+        if not self._runner_url(key[0]):
+            return False  # a runner itself, or no runner for this workspace: not ours to hand on
+        async with self._lock(key):
+            if key in self._active:
+                return False
+            doc = await self.storage.read_state(*key)
+            if doc is None or (doc["state"], doc.get("pause_reason")) != (
+                RunState.PAUSED.value,
+                PauseReason.HANDOFF_TO_RUNNER.value,
+            ):
+                return False
+            return await self._hand_off_again(key, RunRecord.from_json(doc), force=False)
+
+    async def _hand_off_again(self, key: tuple[str, str], record: RunRecord, *, force: bool) -> bool:
+        """Hand a stranded run off again, or give up on it once every attempt is used.
+
+        ``force`` (retry_handoff): now, with a fresh set of attempts; ABORTED if a runner holds it.
+        """
+        cfg = self.config
+        waited = cfg.handoff_deadline_s * 2 ** max(0, min(record.handoff_attempts, 20) - 1)
+        if not force and self._clock() < record.handoff_at + waited:
+            return False
+        actor = await self._actor_for(record)
+        actor.env.handoff = self._post_to_runner
+        if force:
+            await self._take_over(actor)
+            record.handoff_attempts = 0
+        elif not await actor.take_over():
+            return False  # a runner holds its lease (it is continuing it), or it moved
+        if record.handoff_attempts >= cfg.handoff_attempts:
+            await actor.runner_lost()
+            self._notify(key)
+            log.warning("run %s failed: no runner took it", key[1], extra={"run_id": key[1]})
+            return True
+        self._spawn(actor.hand_off_again())
+        return True
+
     async def continue_handoff(self, principal: Principal, run_id: str) -> RunRecord:
         """Runner side: take a run paused HANDOFF_TO_RUNNER and continue it with this host's tools."""
         self._check_open()
@@ -1143,8 +1240,20 @@ class Engine:
                 )
             actor = await self._actor_for(record)
             await self._take_over(actor)
+            await actor.commit_start(principal.identity)
             self._start(actor, resumed_by=principal.identity)
             return record
+
+    async def check_handed_off(self, principal: Principal, run_id: str) -> None:
+        """Raise unless the run is paused HANDOFF_TO_RUNNER (a runner that queues work checks first)."""
+        record = await self._load((principal.workspace_id, check_id(run_id, "run_id")))
+        if record.state is not RunState.PAUSED or record.pause_reason is not PauseReason.HANDOFF_TO_RUNNER:
+            raise precondition(
+                "ERR_RUN_NOT_HANDED_OFF",
+                f"run {run_id!r} is not waiting for a runner",
+                run_id=run_id,
+                state=record.state.value,
+            )
 
     # -- approval expiry ----------------------------------------------------------------
 
@@ -1239,6 +1348,11 @@ class Engine:
             self._arm_expiry(actor.key, actor.record)
             self._notify(actor.key)
             return
+        # A resumed run is asynchronous (its caller is not streaming it): it may hand off.
+        actor.record.mode = "async"
+        ws = actor.record.workspace_id
+        actor.env.handoff = self._post_to_runner if self._runner_url(ws) else None
+        await actor.commit_start(by)
         self._start(actor, resumed_by=by)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -1318,6 +1432,13 @@ def check_destination(egress: EgressPolicy, url: str, what: str) -> None:
     refusal = egress.url_refusal(url)
     if refusal:
         raise invalid("ERR_DESTINATION_REFUSED", f"{what}: {shown(refusal, 300)}", field=what)
+
+
+def settled(record: RunRecord) -> bool:
+    """Ended, or paused for the caller: what waits wait for. A handoff is not the caller's to act on."""
+    if record.state is RunState.PAUSED:
+        return record.pause_reason is not PauseReason.HANDOFF_TO_RUNNER
+    return record.state.terminal
 
 
 def _poll_interval(record: RunRecord) -> float:

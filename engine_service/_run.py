@@ -291,6 +291,10 @@ class RunRecord:
     mode: str = "async"
     # Where to POST status changes (WebhookConfig as a dict; the secret only by reference).
     webhook: JsonObject | None = None
+    # While paused HANDOFF_TO_RUNNER: when the runner was last asked to take the run, and how
+    # many times it was asked (the recovery sweep asks again, with backoff, then gives up).
+    handoff_at: float = 0.0
+    handoff_attempts: int = 0
 
     @property
     def interrupts(self) -> list[Interrupt]:
@@ -318,6 +322,8 @@ class RunRecord:
             "resume_requests": self.resume_requests,
             "mode": self.mode,
             "webhook": self.webhook,
+            "handoff_at": self.handoff_at,
+            "handoff_attempts": self.handoff_attempts,
         }
 
     @classmethod
@@ -345,6 +351,8 @@ class RunRecord:
             resume_requests=list(doc.get("resume_requests", [])),
             mode=doc.get("mode", "async"),
             webhook=doc.get("webhook"),
+            handoff_at=doc.get("handoff_at", 0.0),
+            handoff_attempts=doc.get("handoff_attempts", 0),
         )
 
     def public(self) -> JsonObject:

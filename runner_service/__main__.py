@@ -91,6 +91,7 @@ async def serve(config: RunnerConfig, port_file: str | None) -> None:
         config.runner_secret.get_secret_value(),
         config.runner_workspace,
         {ws: secret.get_secret_value() for ws, secret in config.runner_secrets.items()},
+        hold_s=config.test_runner_hold_s,
     )
     server, grpc_port, health = await start_grpc(runner, config.runner_listen, tls=tls)
     http = build_http_server(build_app(runner, config.runner_max_body_bytes), config)

@@ -17,6 +17,9 @@ class RunnerConfig(EngineConfig):
     runner_http_listen: str = "127.0.0.1:8080"
     # The workspace whose runs this runner continues when a request does not name one.
     runner_workspace: str = "default"
+    # Test hook, inert by default (0): hold an accepted run this long before taking it, like a
+    # runner that queues work.
+    test_runner_hold_s: float = Field(0.0, ge=0)
     # Largest /continue body accepted.
     runner_max_body_bytes: int = Field(4096, ge=64, le=1 << 20)
     # The HTTP shim aborts a connection that has not sent a complete request head this many seconds

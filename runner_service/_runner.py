@@ -41,8 +41,11 @@ class Runner:
         default_secret: str,
         default_workspace: str,
         secrets: Mapping[str, str] | None = None,
+        *,
+        hold_s: float = 0.0,
     ) -> None:
         self.engine = engine
+        self._hold_s = hold_s  # test hook (test_runner_hold_s): queue accepted runs this long
         self._default_digest = _digest(default_secret) if default_secret else None
         self._digests = {ws: _digest(secret) for ws, secret in (secrets or {}).items() if secret}
         self._default_workspace = default_workspace
@@ -89,7 +92,10 @@ class Runner:
         self._check_workspace(presented, workspace)
         principal = Principal(workspace, "runner")
         try:
-            await self.engine.continue_handoff(principal, run_id)
+            if self._hold_s:
+                await self.engine.check_handed_off(principal, run_id)
+            else:
+                await self.engine.continue_handoff(principal, run_id)
         except EngineError as error:
             if error.code == "ERR_RUN_NOT_FOUND":
                 raise Rejected(404, error.code, error.message) from None
@@ -98,8 +104,23 @@ class Runner:
                 log.info("run %s is already being continued", run_id, extra={"run_id": run_id})
                 return run_id
             raise Rejected(409, error.code, error.message) from None
+        if self._hold_s:
+            task = asyncio.create_task(self._continue_later(principal, run_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            log.info("queued run %s", run_id, extra={"run_id": run_id, "workspace": workspace})
+            return run_id
         log.info("continuing run %s", run_id, extra={"run_id": run_id, "workspace": workspace})
         return run_id
+
+    async def _continue_later(self, principal: Principal, run_id: str) -> None:
+        await asyncio.sleep(self._hold_s)
+        try:
+            await self.engine.continue_handoff(principal, run_id)
+        except EngineError as error:
+            log.warning("queued run %s was not continued: %s", run_id, error.code, extra={"run_id": run_id})
+            return
+        log.info("continuing run %s", run_id, extra={"run_id": run_id})
 
     async def close(self, grace: float) -> None:
         self.accepting = False

@@ -166,6 +166,14 @@ class FakeEngine(pb_grpc.EngineServiceServicer):
         if request.run_id == "slow":
             await asyncio.sleep(min(request.timeout_ms, 200) / 1000)
             return pb.WaitRunResponse(run=run_proto("slow", run_pb2.RUN_STATE_RUNNING), timed_out=True)
+        if request.run_id == "handoff" and len(self.wait_timeouts) < 3:
+            # A server answers timed_out while a runner holds the run: not the caller's pause.
+            pause = run_pb2.Pause(reason=run_pb2.PAUSE_REASON_HANDOFF_TO_RUNNER)
+            return pb.WaitRunResponse(
+                run=run_proto("handoff", run_pb2.RUN_STATE_PAUSED, pause=pause), timed_out=True
+            )
+        if request.run_id == "handoff":
+            return pb.WaitRunResponse(run=run_proto("handoff", run_pb2.RUN_STATE_DONE))
         if len(self.wait_timeouts) < 3:
             return pb.WaitRunResponse(
                 run=run_proto(request.run_id, run_pb2.RUN_STATE_RUNNING), timed_out=True
@@ -397,6 +405,13 @@ async def test_wait_loops_until_paused(client: client_py.AsyncEngineClient, fake
     run = await handle.wait()
     assert run.paused
     assert fake.wait_timeouts == [60_000, 60_000, 60_000]
+
+
+async def test_wait_goes_on_through_a_handoff(client: client_py.AsyncEngineClient, fake: FakeEngine) -> None:
+    handle = await client.attach("handoff")
+    run = await handle.wait()
+    assert run.state == "DONE"
+    assert len(fake.wait_timeouts) == 3
 
 
 async def test_wait_honours_client_timeout(client: client_py.AsyncEngineClient, fake: FakeEngine) -> None:

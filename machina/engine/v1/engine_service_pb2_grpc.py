@@ -98,7 +98,8 @@ class EngineServiceServicer:
     """
 
     def ExecuteRun(self, request, context):
-        """Starts a run and streams its events until it pauses or ends.
+        """Starts a run and streams its events until it pauses for the caller or ends (a handoff
+        to a runner is streamed through).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,7 +127,8 @@ class EngineServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WaitRun(self, request, context):
-        """Blocks until the run is paused or ended, or the timeout passes.
+        """Blocks until the run is paused for the caller or ended, or the timeout passes. A handoff
+        to a runner is not the caller's to act on: it is waited through.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,7 +149,8 @@ class EngineServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelRun(self, request, context):
-        """Cancels a run; honoured at the next await point.
+        """Cancels a run; honoured at the next await point or, at the latest, when it pauses. For a
+        run another process moves, answers once the run has ended (up to 10 s).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,7 +38,9 @@ class EngineServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> EngineServiceAsyncStub: ...
     ExecuteRun: _grpc.UnaryStreamMultiCallable[_engine_service_pb2.ExecuteRunRequest, _engine_service_pb2.ExecuteRunResponse]
-    """Starts a run and streams its events until it pauses or ends."""
+    """Starts a run and streams its events until it pauses for the caller or ends (a handoff
+    to a runner is streamed through).
+    """
     CreateRun: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.CreateRunRequest, _engine_service_pb2.CreateRunResponse]
     """Starts a run in the background and returns it at once."""
     GetRun: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.GetRunRequest, _engine_service_pb2.GetRunResponse]
@@ -46,13 +48,17 @@ class EngineServiceStub:
     ListRuns: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.ListRunsRequest, _engine_service_pb2.ListRunsResponse]
     """Lists the workspace's runs, newest first, filtered and paginated."""
     WaitRun: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.WaitRunRequest, _engine_service_pb2.WaitRunResponse]
-    """Blocks until the run is paused or ended, or the timeout passes."""
+    """Blocks until the run is paused for the caller or ended, or the timeout passes. A handoff
+    to a runner is not the caller's to act on: it is waited through.
+    """
     StreamRunEvents: _grpc.UnaryStreamMultiCallable[_engine_service_pb2.StreamRunEventsRequest, _engine_service_pb2.StreamRunEventsResponse]
     """Streams the run's events after a given seq; `follow` keeps streaming live."""
     ResumeRun: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.ResumeRunRequest, _engine_service_pb2.ResumeRunResponse]
     """Answers interrupts of a paused run and continues it."""
     CancelRun: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.CancelRunRequest, _engine_service_pb2.CancelRunResponse]
-    """Cancels a run; honoured at the next await point."""
+    """Cancels a run; honoured at the next await point or, at the latest, when it pauses. For a
+    run another process moves, answers once the run has ended (up to 10 s).
+    """
     RecoverOrphanedRuns: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.RecoverOrphanedRunsRequest, _engine_service_pb2.RecoverOrphanedRunsResponse]
     """Resumes runs whose executor died (lease expired while queued or running)."""
     GetToolResult: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.GetToolResultRequest, _engine_service_pb2.GetToolResultResponse]
@@ -68,7 +74,9 @@ class EngineServiceAsyncStub(EngineServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ExecuteRun: _aio.UnaryStreamMultiCallable[_engine_service_pb2.ExecuteRunRequest, _engine_service_pb2.ExecuteRunResponse]  # type: ignore[assignment]
-    """Starts a run and streams its events until it pauses or ends."""
+    """Starts a run and streams its events until it pauses for the caller or ends (a handoff
+    to a runner is streamed through).
+    """
     CreateRun: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.CreateRunRequest, _engine_service_pb2.CreateRunResponse]  # type: ignore[assignment]
     """Starts a run in the background and returns it at once."""
     GetRun: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.GetRunRequest, _engine_service_pb2.GetRunResponse]  # type: ignore[assignment]
@@ -76,13 +84,17 @@ class EngineServiceAsyncStub(EngineServiceStub):
     ListRuns: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.ListRunsRequest, _engine_service_pb2.ListRunsResponse]  # type: ignore[assignment]
     """Lists the workspace's runs, newest first, filtered and paginated."""
     WaitRun: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.WaitRunRequest, _engine_service_pb2.WaitRunResponse]  # type: ignore[assignment]
-    """Blocks until the run is paused or ended, or the timeout passes."""
+    """Blocks until the run is paused for the caller or ended, or the timeout passes. A handoff
+    to a runner is not the caller's to act on: it is waited through.
+    """
     StreamRunEvents: _aio.UnaryStreamMultiCallable[_engine_service_pb2.StreamRunEventsRequest, _engine_service_pb2.StreamRunEventsResponse]  # type: ignore[assignment]
     """Streams the run's events after a given seq; `follow` keeps streaming live."""
     ResumeRun: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.ResumeRunRequest, _engine_service_pb2.ResumeRunResponse]  # type: ignore[assignment]
     """Answers interrupts of a paused run and continues it."""
     CancelRun: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.CancelRunRequest, _engine_service_pb2.CancelRunResponse]  # type: ignore[assignment]
-    """Cancels a run; honoured at the next await point."""
+    """Cancels a run; honoured at the next await point or, at the latest, when it pauses. For a
+    run another process moves, answers once the run has ended (up to 10 s).
+    """
     RecoverOrphanedRuns: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.RecoverOrphanedRunsRequest, _engine_service_pb2.RecoverOrphanedRunsResponse]  # type: ignore[assignment]
     """Resumes runs whose executor died (lease expired while queued or running)."""
     GetToolResult: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.GetToolResultRequest, _engine_service_pb2.GetToolResultResponse]  # type: ignore[assignment]
@@ -101,7 +113,9 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _engine_service_pb2.ExecuteRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_engine_service_pb2.ExecuteRunResponse], _abc.AsyncIterator[_engine_service_pb2.ExecuteRunResponse]]:
-        """Starts a run and streams its events until it pauses or ends."""
+        """Starts a run and streams its events until it pauses for the caller or ends (a handoff
+        to a runner is streamed through).
+        """
 
     @_abc_1.abstractmethod
     def CreateRun(
@@ -133,7 +147,9 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _engine_service_pb2.WaitRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_engine_service_pb2.WaitRunResponse, _abc.Awaitable[_engine_service_pb2.WaitRunResponse]]:
-        """Blocks until the run is paused or ended, or the timeout passes."""
+        """Blocks until the run is paused for the caller or ended, or the timeout passes. A handoff
+        to a runner is not the caller's to act on: it is waited through.
+        """
 
     @_abc_1.abstractmethod
     def StreamRunEvents(
@@ -157,7 +173,9 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _engine_service_pb2.CancelRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_engine_service_pb2.CancelRunResponse, _abc.Awaitable[_engine_service_pb2.CancelRunResponse]]:
-        """Cancels a run; honoured at the next await point."""
+        """Cancels a run; honoured at the next await point or, at the latest, when it pauses. For a
+        run another process moves, answers once the run has ended (up to 10 s).
+        """
 
     @_abc_1.abstractmethod
     def RecoverOrphanedRuns(

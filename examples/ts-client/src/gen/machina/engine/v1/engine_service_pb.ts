@@ -1293,7 +1293,8 @@ export const RecoverOrphanedRunsResponseSchema: GenMessage<RecoverOrphanedRunsRe
  */
 export const EngineService: GenService<{
   /**
-   * Starts a run and streams its events until it pauses or ends.
+   * Starts a run and streams its events until it pauses for the caller or ends (a handoff
+   * to a runner is streamed through).
    *
    * @generated from rpc machina.engine.v1.EngineService.ExecuteRun
    */
@@ -1333,7 +1334,8 @@ export const EngineService: GenService<{
     output: typeof ListRunsResponseSchema;
   },
   /**
-   * Blocks until the run is paused or ended, or the timeout passes.
+   * Blocks until the run is paused for the caller or ended, or the timeout passes. A handoff
+   * to a runner is not the caller's to act on: it is waited through.
    *
    * @generated from rpc machina.engine.v1.EngineService.WaitRun
    */
@@ -1363,7 +1365,8 @@ export const EngineService: GenService<{
     output: typeof ResumeRunResponseSchema;
   },
   /**
-   * Cancels a run; honoured at the next await point.
+   * Cancels a run; honoured at the next await point or, at the latest, when it pauses. For a
+   * run another process moves, answers once the run has ended (up to 10 s).
    *
    * @generated from rpc machina.engine.v1.EngineService.CancelRun
    */
