@@ -68,8 +68,12 @@ class ServiceProcess:
 
 
 class EngineProcess(ServiceProcess):
-    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        super().__init__("engine_service", tmp, "--listen", "127.0.0.1:0", *args, env=env, name="engine")
+    """``port`` 0 binds any free port; a fixed one restarts an engine where its clients are."""
+
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None, port: int = 0) -> None:
+        super().__init__(
+            "engine_service", tmp, "--listen", f"127.0.0.1:{port}", *args, env=env, name="engine"
+        )
         self.target = f"127.0.0.1:{self.ports}"
 
 
