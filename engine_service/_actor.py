@@ -36,6 +36,7 @@ from engine_service._types import (
     RunState,
     ToolCall,
 )
+from engine_service._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
 from engine_service.models import ModelAdapter, ModelError, ModelRequest, TextChunk, TurnResult
 from engine_service.tools import result_blob_name, truncation_note
 
@@ -74,6 +75,8 @@ class RunEnv:
     owner: str
     lease_ttl: float
     workdir: Path | None = None
+    # Carries the run directory in storage at checkpoints (None = it stays on this host).
+    snapshots: WorkdirSnapshots | None = None
     max_result_chars: int = 50_000
     # Hands the run to a runner (POST /continue); None = stubs answer with an error instead.
     handoff: Callable[[str, str], Awaitable[None]] | None = None
@@ -112,6 +115,8 @@ class RunActor:
         self._lease_renew_at = 0.0
         self._active_since = 0.0
         self._lease_lost = False
+        # A tool may have changed the run directory since its last snapshot.
+        self._workdir_dirty = True
 
     @property
     def key(self) -> tuple[str, str]:
@@ -165,6 +170,7 @@ class RunActor:
         """Commit the events and transcript entries so far, then the state document."""
         record, storage = self.record, self.env.storage
         ws, run_id = self.key
+        await self._snapshot_workdir()
         await self.write_events()
         if len(self.transcript) > self._transcript_committed:
             new_entries = self.transcript[self._transcript_committed :]
@@ -178,6 +184,18 @@ class RunActor:
         self._shown = None
         self._transcript_committed = record.transcript_len
         await self._renew_lease()
+
+    async def _snapshot_workdir(self) -> None:
+        snapshots, workdir = self.env.snapshots, self.env.workdir
+        if snapshots is None or workdir is None or not self._workdir_dirty:
+            return
+        try:
+            self.record.workdir_manifest = await snapshots.save(self.env.storage, *self.key, workdir)
+        except WorkdirTooLarge:
+            if not self.record.state.terminal:
+                raise
+            return  # an ending run keeps the last snapshot that fitted
+        self._workdir_dirty = False
 
     def _show_until_committed(self) -> None:
         """Keep showing readers the run as it is now until the next checkpoint commits."""
@@ -217,6 +235,14 @@ class RunActor:
             docs = await self.env.storage.read_segments(ws, run_id, "transcript", 0, committed)
             self.transcript = [Message.from_json(d) for d in docs]
             self._transcript_read = True
+        if self.env.snapshots is not None and self.env.workdir is not None:
+            try:  # the run may have moved on elsewhere: bring its directory here
+                await self.env.snapshots.restore(
+                    self.env.storage, ws, run_id, self.env.workdir, current.get("workdir_manifest", "")
+                )
+            except BaseException:
+                await self.env.storage.release_lease(ws, run_id, self.env.owner)
+                raise
         return True
 
     async def release(self, *, close_feed: bool = True) -> None:
@@ -407,6 +433,7 @@ class RunActor:
 
     async def pause(self) -> None:
         record = self.record
+        await self._snapshot_workdir()  # a refused snapshot fails the run before it says paused
         self._show_until_committed()
         self._account_time()
         interrupts = record.interrupts
@@ -611,6 +638,7 @@ class RunActor:
         """Pause HANDOFF_TO_RUNNER and POST the run to the runner; fail clearly if it cannot take it."""
         record = self.record
         assert self.env.handoff is not None
+        await self._snapshot_workdir()
         self._show_until_committed()
         self._account_time()
         record.state, record.pause_reason = RunState.PAUSED, PauseReason.HANDOFF_TO_RUNNER
@@ -642,6 +670,7 @@ class RunActor:
 
     async def _run_call(self, call: ToolCall) -> tuple[str, bool]:
         tool = self.env.tools[call.name]
+        self._workdir_dirty = True
         self.emit(EventKind.TOOL_CALL_STARTED, {"call": call.to_json()})
         started = time.perf_counter()
         ctx = ToolContext(

@@ -283,6 +283,8 @@ class RunRecord:
     mode: str = "async"
     # Where to POST status changes (WebhookConfig as a dict; the secret only by reference).
     webhook: JsonObject | None = None
+    # The digest of the run directory's manifest at this checkpoint ("" = none): _workdir_snapshot.
+    workdir_manifest: str = ""
 
     @property
     def interrupts(self) -> list[Interrupt]:
@@ -310,6 +312,7 @@ class RunRecord:
             "resume_requests": self.resume_requests,
             "mode": self.mode,
             "webhook": self.webhook,
+            "workdir_manifest": self.workdir_manifest,
         }
 
     @classmethod
@@ -337,6 +340,7 @@ class RunRecord:
             resume_requests=list(doc.get("resume_requests", [])),
             mode=doc.get("mode", "async"),
             webhook=doc.get("webhook"),
+            workdir_manifest=doc.get("workdir_manifest", ""),
         )
 
     def public(self) -> JsonObject:
