@@ -192,9 +192,12 @@ class RunActor:
         try:
             self.record.workdir_manifest = await snapshots.save(self.env.storage, *self.key, workdir)
         except WorkdirTooLarge:
-            if not self.record.state.terminal:
-                raise
-            return  # an ending run keeps the last snapshot that fitted
+            if self.task is not None and not self.record.state.terminal:
+                raise  # the run fails with it
+            # Ending, or recording decisions while paused: keep the last snapshot that fitted
+            # (a paused run that grew too large fails at its first checkpoint once it runs).
+            log.warning("run %s: its directory is too large to snapshot", self.record.run_id)
+            return
         self._workdir_dirty = False
 
     def _show_until_committed(self) -> None:
