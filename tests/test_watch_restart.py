@@ -80,7 +80,9 @@ async def test_async_watcher_and_execute_ride_through_a_restart(tmp_path: Path) 
             await asyncio.sleep(0.3)
             engine = await asyncio.to_thread(restart, engine, tmp_path, port)
             # The engine's recovery finishes the executed run; the paused one waits for us.
-            run = await handle.approve(handle.run.interrupts[0].interrupt_id)
+            # gRPC's reconnect backoff (up to 2 s) may still hold the channel: more unary retries.
+            async with AsyncEngineClient(engine.target, max_retries=8) as fresh:
+                run = await (await fresh.attach(handle.run_id)).approve(handle.run.interrupts[0].interrupt_id)
             await asyncio.wait_for(watcher, 30)
             final = await asyncio.wait_for(resumed_execution, 30)
             durable = [e async for e in handle.events(follow=False)]
@@ -126,7 +128,10 @@ def test_sync_iterator_and_view_model_ride_through_a_restart(tmp_path: Path) -> 
             engine = restart(engine, tmp_path, port)
             assert model.watching
             assert model.watch_error is None
-            handle.approve(handle.run.interrupts[0].interrupt_id)
+            # The channel to the engine may still be in gRPC's reconnect backoff (up to 2 s): a unary
+            # call needs more than the default 3 quick retries to ride that out.
+            with EngineClient(engine.target, max_retries=8) as fresh:
+                fresh.attach(handle.run_id).approve(handle.run.interrupts[0].interrupt_id)
             thread.join(30)
             assert view_watcher.join(30)
             durable = list(handle.events(follow=False))
