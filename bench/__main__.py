@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import _grpc, adapters, sandbox
+from bench import _grpc, adapters, sandbox, workdir
 from bench._common import (
     ROOT,
     per_turn_ms,
@@ -29,6 +29,7 @@ from bench._common import (
     storage_ratio,
     summarize,
 )
+from engine_service import LocalStorage
 
 
 def side_by_side(side: str, turns: int, repeats: int) -> dict[str, Any]:
@@ -100,6 +101,13 @@ async def run(quick: bool) -> dict[str, Any]:
             stop_engine(proc)
         results["storage_bytes_ratio"] = storage_ratio(storage / "workspaces")
 
+        progress("run directory snapshot per checkpoint (200 files): unchanged, one file changed")
+        (storage / "workdir").mkdir()
+        snap = await workdir.checkpoint_ms(
+            LocalStorage(storage / "workdir" / "s"), storage / "workdir" / "w", 20 if quick else 100
+        )
+        results["workdir_checkpoint_ms"] = {k: summarize(v) for k, v in snap.items()}
+
         (storage / "host").mkdir()
         host, target = start_host(storage / "host")
         try:
@@ -147,6 +155,11 @@ async def s3_benchmarks(results: dict[str, Any], quick: bool) -> None:
         big = await per_turn_ms(200 if quick else 1000, 1, S3Storage(bucket, "q", endpoint_url=endpoint))
         results["s3_per_turn_ms_10"] = summarize(small)
         results["s3_per_turn_ms_1000"] = summarize(big)
+        progress("run directory snapshot per checkpoint on the S3 server")
+        s3 = S3Storage(bucket, "w", endpoint_url=endpoint)
+        snap = await workdir.checkpoint_ms(s3, Path(tmp) / "w", 5 if quick else 20)
+        await s3.close()
+        results["s3_workdir_checkpoint_ms"] = {k: summarize(v) for k, v in snap.items()}
         progress("handoff round trip on the S3 server")
         env = {"AWS_ENDPOINT_URL": endpoint, **CREDENTIALS}
         trips = await _grpc.handoff_round_trips(Path(tmp), 3 if quick else 10, f"s3://{bucket}/h", env)
@@ -178,6 +191,7 @@ def table(results: dict[str, Any]) -> list[Row]:
     peaks = (m10["peak_rss_mb"], lg10["peak_rss_mb"], m1000["peak_rss_mb"], lg1000["peak_rss_mb"])
     handoff, s3_handoff = r["handoff_rtt_ms"], r["s3_handoff_rtt_ms"]
     s3_10, s3_1000 = r["s3_per_turn_ms_10"]["median"], r["s3_per_turn_ms_1000"]["median"]
+    snap, s3_snap = r["workdir_checkpoint_ms"], r["s3_workdir_checkpoint_ms"]
     approval, cold = r["approval_rtt_ms"], r["cold_start_s"]["median"]
 
     def build(name: str) -> str:
@@ -276,6 +290,18 @@ def table(results: dict[str, Any]) -> list[Row]:
             f"{_ms(s3_handoff, 1)}; no handoff: {r['s3_local_rtt_ms']['median']:.1f} ms",
             "p50 ≤ 250 ms",
             s3_handoff["median"] <= 250,
+        ),
+        row(
+            "run directory snapshot per checkpoint, 200 files: unchanged / 1 file changed",
+            f"{_ms(snap['unchanged'])} / {_ms(snap['changed'])}",
+            "report",
+            None,
+        ),
+        row(
+            "the same on the S3 server",
+            f"{_ms(s3_snap['unchanged'])} / {_ms(s3_snap['changed'])}",
+            "report",
+            None,
         ),
         row("cold start of python -m engine_service to SERVING", f"{cold:.2f} s", "≤ 1.5 s", cold <= 1.5),
         sandbox_row(r["sandbox_bash_ms"]),

@@ -2,14 +2,19 @@
 
 Retry policy: only calls that cannot do anything twice are retried on
 UNAVAILABLE (GetRun, ListRuns, WaitRun; CreateRun when the spec has a
-request_id; ResumeRun, which always carries one). Event streams reconnect from
-the last seq they delivered, so a consumer sees every event exactly once.
+request_id; ResumeRun, which always carries one). Event streams (``events``,
+and ``execute`` once its run has started) reconnect after UNAVAILABLE or a
+dropped stream, with exponential backoff and jitter, for up to
+``reconnect_deadline`` seconds without a new event (an engine restart or a
+rolling deploy), and continue from the last seq they delivered, so a consumer
+sees every event exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Unpack
@@ -42,6 +47,10 @@ _WAIT_CHUNK_S = 60.0
 _WAIT_DEADLINE_MARGIN_S = 30.0
 _BACKOFF_BASE_S = 0.1
 _BACKOFF_MAX_S = 2.0
+DEFAULT_RECONNECT_DEADLINE_S = 60.0
+# gRPC's own reconnect backoff grows to 120 s by default: after a long outage a channel
+# would stay idle for minutes after the engine is back. Ours caps it near our own backoff.
+_CHANNEL_DEFAULTS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000))
 
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
@@ -49,6 +58,31 @@ _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 def _backoff(attempt: int) -> float:
     # Jitter spreads out clients that all lost the same server at once.
     return min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2.0**attempt) * random.uniform(0.5, 1.0)
+
+
+class _Reconnects:
+    """When a stream reconnects: backoff with jitter, until ``deadline`` s pass without an event."""
+
+    def __init__(self, deadline: float) -> None:
+        self._deadline = deadline
+        self._attempt = 0
+        self._failing_since: float | None = None
+
+    def progress(self) -> None:
+        self._attempt, self._failing_since = 0, None
+
+    def exhausted(self) -> bool:
+        """Called on each failure: True once the stream has been failing for the whole deadline."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        return now - self._failing_since >= self._deadline
+
+    async def pause(self) -> None:
+        assert self._failing_since is not None
+        left = self._failing_since + self._deadline - time.monotonic()
+        await asyncio.sleep(max(0.0, min(_backoff(self._attempt), left)))
+        self._attempt += 1
 
 
 class AsyncEngineClient:
@@ -64,9 +98,11 @@ class AsyncEngineClient:
         tls: use TLS (implied by ``root_certificates``).
         root_certificates: PEM bytes of the CA to trust instead of the system's.
         channel_options: extra ``(name, value)`` gRPC channel options.
-        max_retries: retries of safe calls on UNAVAILABLE, and stream reconnects
-            in a row without progress.
+        max_retries: retries of safe unary calls on UNAVAILABLE.
         call_timeout: deadline in seconds of each unary call (None = no deadline).
+        reconnect_deadline: how long, in seconds, an event stream keeps reconnecting
+            (backoff with jitter, up to 2 s apart) while no new event arrives, e.g.
+            through an engine restart; then it raises ``UnavailableError``. 0 = never.
     """
 
     def __init__(
@@ -79,14 +115,19 @@ class AsyncEngineClient:
         channel_options: Sequence[tuple[str, Any]] = (),
         max_retries: int = 3,
         call_timeout: float | None = 60.0,
+        reconnect_deadline: float = DEFAULT_RECONNECT_DEADLINE_S,
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if not reconnect_deadline >= 0:
+            raise ValueError(f"reconnect_deadline must be >= 0, got {reconnect_deadline}")
         self.target = target
         self._tls = tls or root_certificates is not None
         self._root_certificates = root_certificates
-        self._channel_options = list(channel_options)
+        given = {name for name, _ in channel_options}
+        self._channel_options = [*channel_options, *(o for o in _CHANNEL_DEFAULTS if o[0] not in given)]
         self._max_retries = max_retries
+        self._reconnect_deadline = float(reconnect_deadline)
         self._call_timeout = call_timeout
         self._metadata: tuple[tuple[str, str], ...] | None = (
             (("authorization", f"Bearer {api_key}"),) if api_key else None
@@ -255,7 +296,7 @@ class AsyncEngineClient:
         self, run_id: str, after_seq: int, follow: bool, *, until_pause: bool = False
     ) -> AsyncGenerator[RunEvent, None]:
         last = after_seq
-        failures = 0  # reconnects in a row without a new event
+        reconnects = _Reconnects(self._reconnect_deadline)
         while True:
             call = self._stub.StreamRunEvents(
                 pb.StreamRunEventsRequest(run_id=run_id, after_seq=last, follow=follow),
@@ -268,7 +309,8 @@ class AsyncEngineClient:
                         if proto.seq <= last:
                             continue
                         event = event_from_proto(proto)
-                        last, failures = event.seq, 0
+                        last = event.seq
+                        reconnects.progress()
                         yield event
                         # Without follow the server ends the stream after what exists now:
                         # a run retried after failing has more events past its first end.
@@ -276,26 +318,33 @@ class AsyncEngineClient:
                         if ended or (until_pause and isinstance(event, Paused)):
                             return
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != _UNAVAILABLE or failures >= self._max_retries:
+                if exc.code() != _UNAVAILABLE or reconnects.exhausted():
                     raise error_from_rpc(exc) from None
             else:
                 if not follow:
                     return
-                # A follow stream only ends by itself once the run has ended; if
-                # the end of the run is already behind us, so is the stream.
-                run = await self.get_run(run_id)
-                if run.done and run.last_seq <= last:
-                    return
-                if failures >= self._max_retries:
-                    raise UnavailableError(
-                        "UNAVAILABLE",
-                        f"the event stream of run {run_id} kept ending before the run did",
-                        metadata={"run_id": run_id, "last_seq": str(last)},
+                # A follow stream only ends by itself once the run has ended (or its server
+                # stopped); if the end of the run is already behind us, so is the stream.
+                try:
+                    response = await self._stub.GetRun(
+                        pb.GetRunRequest(run_id=run_id), metadata=self._metadata, timeout=self._call_timeout
                     )
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != _UNAVAILABLE or reconnects.exhausted():
+                        raise error_from_rpc(exc) from None
+                else:
+                    run = run_from_proto(response.run)
+                    if run.done and run.last_seq <= last:
+                        return
+                    if reconnects.exhausted():
+                        raise UnavailableError(
+                            "UNAVAILABLE",
+                            f"the event stream of run {run_id} kept ending before the run did",
+                            metadata={"run_id": run_id, "last_seq": str(last)},
+                        )
             finally:
                 call.cancel()
-            await asyncio.sleep(_backoff(failures))
-            failures += 1
+            await reconnects.pause()
 
 
 class AsyncExecution:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mappin
 from typing import Any, Self, TypeVar, Unpack
 
 from client_py import _render
-from client_py._async import AsyncEngineClient, AsyncExecution, AsyncRunHandle
+from client_py._async import DEFAULT_RECONNECT_DEADLINE_S, AsyncEngineClient, AsyncExecution, AsyncRunHandle
 from client_py._spec import DecisionLike, RunOptions
 from client_py._types import Run, RunEvent
 
@@ -118,6 +118,7 @@ class EngineClient:
         channel_options: Sequence[tuple[str, Any]] = (),
         max_retries: int = 3,
         call_timeout: float | None = 60.0,
+        reconnect_deadline: float = DEFAULT_RECONNECT_DEADLINE_S,
     ) -> None:
         self._async = AsyncEngineClient(
             target,
@@ -127,6 +128,7 @@ class EngineClient:
             channel_options=channel_options,
             max_retries=max_retries,
             call_timeout=call_timeout,
+            reconnect_deadline=reconnect_deadline,
         )
         self._portal = _Portal()
         # A forgotten client must not keep its thread and channel alive forever;

@@ -39,6 +39,7 @@ from engine_service._types import (
     ToolCall,
     ToolChoice,
 )
+from engine_service._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
 from engine_service.models import ModelAdapter, ModelError, ModelRequest, TextChunk, TurnResult
 from engine_service.tools import result_blob_name, truncation_note
 
@@ -77,6 +78,8 @@ class RunEnv:
     owner: str
     lease_ttl: float
     workdir: Path | None = None
+    # Carries the run directory in storage at checkpoints (None = it stays on this host).
+    snapshots: WorkdirSnapshots | None = None
     max_result_chars: int = 50_000
     # Hands the run to a runner (POST /continue); None = stubs answer with an error instead.
     handoff: Callable[[str, str], Awaitable[None]] | None = None
@@ -127,6 +130,8 @@ class RunActor:
         self.ending = False
         # The start (RUNNING, run_started/resumed) was committed before the task began.
         self._start_committed = False
+        # A tool may have changed the run directory since its last snapshot.
+        self._workdir_dirty = True
 
     @property
     def key(self) -> tuple[str, str]:
@@ -233,6 +238,7 @@ class RunActor:
     async def _commit(self) -> None:
         record, storage = self.record, self.env.storage
         ws, run_id = self.key
+        await self._snapshot_workdir()
         await self.write_events()
         if len(self.transcript) > self._transcript_committed:
             new_entries = self.transcript[self._transcript_committed :]
@@ -249,6 +255,21 @@ class RunActor:
             self.feed.publish_many(self._held)
             self._held = []
         await self._renew_lease()
+
+    async def _snapshot_workdir(self) -> None:
+        snapshots, workdir = self.env.snapshots, self.env.workdir
+        if snapshots is None or workdir is None or not self._workdir_dirty:
+            return
+        try:
+            self.record.workdir_manifest = await snapshots.save(self.env.storage, *self.key, workdir)
+        except WorkdirTooLarge:
+            if self.task is not None and not self.record.state.terminal:
+                raise  # the run fails with it
+            # Ending, or recording decisions while paused: keep the last snapshot that fitted
+            # (a paused run that grew too large fails at its first checkpoint once it runs).
+            log.warning("run %s: its directory is too large to snapshot", self.record.run_id)
+            return
+        self._workdir_dirty = False
 
     def _show_until_committed(self) -> None:
         """Keep showing readers the run as it is now until the next checkpoint commits."""
@@ -296,6 +317,14 @@ class RunActor:
             # Before the first checkpoint the transcript's first entry, the task, lives in the
             # spec (written before CreateRun answered); the first checkpoint commits it.
             self.transcript = [Message("user", self.record.task)]
+        if self.env.snapshots is not None and self.env.workdir is not None:
+            try:  # the run may have moved on elsewhere: bring its directory here
+                await self.env.snapshots.restore(
+                    self.env.storage, ws, run_id, self.env.workdir, current.get("workdir_manifest", "")
+                )
+            except BaseException:
+                await self.env.storage.release_lease(ws, run_id, self.env.owner)
+                raise
         return True
 
     async def _drop_unshown(self, written: int) -> int:
@@ -568,6 +597,7 @@ class RunActor:
 
     async def pause(self) -> None:
         record = self.record
+        await self._snapshot_workdir()  # a refused snapshot fails the run before it says paused
         self._show_until_committed()
         self._account_time()
         interrupts = record.interrupts
@@ -818,6 +848,7 @@ class RunActor:
         """Pause HANDOFF_TO_RUNNER and POST the run to the runner; fail clearly if it cannot take it."""
         record = self.record
         assert self.env.handoff is not None
+        await self._snapshot_workdir()
         self._show_until_committed()
         self._account_time()
         record.state, record.pause_reason = RunState.PAUSED, PauseReason.HANDOFF_TO_RUNNER
@@ -884,6 +915,7 @@ class RunActor:
 
     async def _run_call(self, call: ToolCall) -> tuple[str, bool]:
         tool = self.env.tools[call.name]
+        self._workdir_dirty = True
         self.emit(EventKind.TOOL_CALL_STARTED, {"call": call.to_json()})
         started = time.perf_counter()
         ctx = ToolContext(

@@ -103,6 +103,10 @@ class EngineConfig(_Section):
     storage: str = "./.machina"
     # Each run gets {workdir_root}/{workspace}/{run_id}/ for Bash and the file tools.
     workdir_root: str = "./.machina/workdirs"
+    # Each checkpoint snapshots the run's directory into its storage (so the run can continue
+    # on another replica or a runner) up to this many bytes; past it the run fails
+    # ERR_WORKDIR_TOO_LARGE. 0 = no snapshots (one host, or a shared workdir_root).
+    workdir_snapshot_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
     fsync: bool = False
     api_keys_file: str = ""
     # Serving a non-loopback address without API keys must be asked for explicitly.

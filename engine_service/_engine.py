@@ -74,6 +74,7 @@ from engine_service._types import (
     RunState,
 )
 from engine_service._webhooks import WebhookConfig, WebhookSender
+from engine_service._workdir_snapshot import WorkdirSnapshots
 from engine_service.models import ScriptedModel
 from engine_service.models._select import (
     ModelFactory,
@@ -183,6 +184,9 @@ class Engine:
         self._started = False
         # Only secrets configured for webhooks, per workspace: never the process environment.
         self.webhooks = WebhookSender(storage, config.webhook_secret, egress=self.egress)
+        snapshot_max = config.workdir_snapshot_max_bytes
+        root = Path(config.workdir_root).resolve()
+        self._snapshots = WorkdirSnapshots(root, snapshot_max) if snapshot_max else None
         self._default_script = (
             load_script_file(config.model.script_file) if config.model.script_file else None
         )
@@ -561,6 +565,7 @@ class Engine:
             owner=self._owner,
             lease_ttl=cfg.lease_ttl_s,
             workdir=Path(cfg.workdir_root).resolve() / ws / spec.run_id,
+            snapshots=self._snapshots,
             max_result_chars=cfg.tools.max_result_chars,
             handoff=self._post_to_runner if mode == "async" and self._runner_url(ws) else None,
             notify=self._notify_webhook,

@@ -295,6 +295,8 @@ class RunRecord:
     # many times it was asked (the recovery sweep asks again, with backoff, then gives up).
     handoff_at: float = 0.0
     handoff_attempts: int = 0
+    # The digest of the run directory's manifest at this checkpoint ("" = none): _workdir_snapshot.
+    workdir_manifest: str = ""
 
     @property
     def interrupts(self) -> list[Interrupt]:
@@ -324,6 +326,7 @@ class RunRecord:
             "webhook": self.webhook,
             "handoff_at": self.handoff_at,
             "handoff_attempts": self.handoff_attempts,
+            "workdir_manifest": self.workdir_manifest,
         }
 
     @classmethod
@@ -353,6 +356,7 @@ class RunRecord:
             webhook=doc.get("webhook"),
             handoff_at=doc.get("handoff_at", 0.0),
             handoff_attempts=doc.get("handoff_attempts", 0),
+            workdir_manifest=doc.get("workdir_manifest", ""),
         )
 
     def public(self) -> JsonObject:

@@ -84,11 +84,25 @@ class ServiceProcess:
 
 
 class EngineProcess(ServiceProcess):
+    """``port`` 0 binds any free port; a fixed one restarts an engine where its clients are."""
+
     def __init__(
-        self, tmp: Path, *args: str, env: dict[str, str] | None = None, launcher: Sequence[str] = ()
+        self,
+        tmp: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        launcher: Sequence[str] = (),
+        port: int = 0,
     ) -> None:
         super().__init__(
-            "engine_service", tmp, "--listen", "127.0.0.1:0", *args, env=env, name="engine", launcher=launcher
+            "engine_service",
+            tmp,
+            "--listen",
+            f"127.0.0.1:{port}",
+            *args,
+            env=env,
+            name="engine",
+            launcher=launcher,
         )
         self.target = f"127.0.0.1:{self.ports}"
 

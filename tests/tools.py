@@ -51,6 +51,20 @@ async def explode(args: dict[str, object], ctx: ToolContext) -> str:
     raise RuntimeError("boom")
 
 
+class RemoveArgs(BaseModel):
+    path: str
+
+
+@tool
+async def remove(args: RemoveArgs, ctx: ToolContext) -> str:
+    """Delete a file of the run's directory (the built-in file tools cannot)."""
+    from engine_service.tools._files import resolve_in_workdir
+
+    assert ctx.workdir is not None
+    resolve_in_workdir(ctx.workdir, args.path).unlink()
+    return f"removed {args.path}"
+
+
 @tool(
     input_schema={
         "type": "object",
