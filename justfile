@@ -76,7 +76,7 @@ bench *args: (sync "test" "bench")
 
 # Load on loopback (SPEC §8): hundreds of concurrent streams and runs against a real engine for `seconds`; writes test-artifacts/load.json.
 load seconds="60" concurrency="400": (sync "test")
-    MACHINA_LOAD_SECONDS={{seconds}} MACHINA_LOAD_CONCURRENCY={{concurrency}} {{venv}}/python -m pytest tests/test_load.py -s -p no:cacheprovider
+    MACHINA_LOAD_SECONDS={{seconds}} MACHINA_LOAD_CONCURRENCY={{concurrency}} {{venv}}/python -m pytest tests/system/test_load.py -s -p no:cacheprovider
 
 # Fuzz the parsers and validators (fuzz/, atheris) for `seconds` per target; crashes are saved in test-artifacts/fuzz/.
 fuzz seconds="30": (sync "test" "fuzz")

@@ -85,7 +85,7 @@ def test_config_shape_and_validation() -> None:
                 {"name": "b", "base_url": "http://b.example", "auth": {"type": "custom", "id": "oauth"}},
             ],
             "env": {"t": "the-token-value"},
-            "resolve_auth": "tests.test_apicall:sign",
+            "resolve_auth": "tests.engine.tools.test_apicall:sign",
         }
     )
     assert cfg.services[0].base_url == "https://a.example/v1"
@@ -150,8 +150,12 @@ def test_registration_helpers() -> None:
         assert refused.value.reason == "ERR_API_AUTH_NOT_ALLOWED"
     lookup = env_lookup_from({"x": SecretStr("run")}, None, {"x": SecretStr("e"), "y": SecretStr("e")})
     assert (lookup("x"), lookup("y"), lookup("z")) == ("run", "e", None)
-    assert load_resolve_auth("tests.test_apicall:sign") is sign
-    for path in ("tests.test_apicall:nope", "no_such_module:x", "tests.test_apicall:ENV"):
+    assert load_resolve_auth("tests.engine.tools.test_apicall:sign") is sign
+    for path in (
+        "tests.engine.tools.test_apicall:nope",
+        "no_such_module:x",
+        "tests.engine.tools.test_apicall:ENV",
+    ):
         with pytest.raises(EngineError):
             load_resolve_auth(path)
 

@@ -54,7 +54,7 @@ def engine_config(httpbin: str) -> dict[str, Any]:
                 {"name": "broken_bin", "base_url": httpbin, "auth": {"type": "custom", "id": "fail"}},
             ],
             "env": {"eng_token": BEARER},
-            "resolve_auth": "tests.test_apicall_engine:resolver",
+            "resolve_auth": "tests.engine.tools.test_apicall_engine:resolver",
         },
     }
 

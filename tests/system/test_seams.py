@@ -33,8 +33,8 @@ from client_py import (
 )
 from tests.conftest import turn
 from tests.processes import EngineProcess, RunnerProcess, free_port
+from tests.runner.test_runner import BASH_SCRIPT, engine_for, shared_env, stub_runner
 from tests.s3_server import FaultyProxy, new_bucket
-from tests.test_runner import BASH_SCRIPT, engine_for, shared_env, stub_runner
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

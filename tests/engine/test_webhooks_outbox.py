@@ -1,5 +1,5 @@
 """The webhook outbox: a notification is persisted as pending until it is delivered, refused or
-given up, so a restart (or a crash: tests/test_faults.py) resumes it; it carries a stable
+given up, so a restart (or a crash: tests/system/test_faults.py) resumes it; it carries a stable
 ``X-Machina-Notification-Id`` across attempts and processes; the secret is never stored."""
 
 from __future__ import annotations

@@ -363,7 +363,7 @@ async def test_deep_values_in_every_request_struct_are_refused(
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "ERR_VALUE_TOO_DEEP"), message
     assert str(MAX_DEPTH) in message
     # (Deeper than protobuf parses at all is refused before any of this code: see
-    # tests/test_hostile_input.py::test_malformed_protobuf_is_invalid_argument.)
+    # tests/engine/test_hostile_input.py::test_malformed_protobuf_is_invalid_argument.)
 
 
 @pytest.mark.parametrize("where", ["output_schema", "client tool input_schema"])

@@ -1,6 +1,6 @@
 """The runner's HTTP shim against slow and idle clients, through a real runner process: the request
 head and body deadlines and the connection cap (runner_service/_shim_server.py), over plain HTTP and
-TLS. tests/test_hostile_input.py has the slowloris tests at the default settings."""
+TLS. tests/engine/test_hostile_input.py has the slowloris tests at the default settings."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from google.rpc import error_details_pb2, status_pb2
 from client_py import EngineClient
 from tests.processes import EngineProcess, ServiceProcess
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ALLOWED = {"machina-client", "grpcio", "protobuf", "typing-extensions"}
 VERSION = (ROOT / "VERSION").read_text().strip()
 

@@ -26,9 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client_py import AsyncEngineClient, InvalidRequestError, Run, ToolCallCompleted, ToolCallStarted
 from tests.conftest import ServerFactory, refresh_until, turn
+from tests.engine.tools.test_builtin_tools import processes_with, run_calls
 from tests.processes import EngineProcess, RunnerProcess
 from tests.secrets_util import BEARER, MARKER, assert_no_secret
-from tests.test_builtin_tools import processes_with, run_calls
 
 pytestmark = [
     pytest.mark.slow,

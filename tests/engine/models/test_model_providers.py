@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from client_py import AsyncEngineClient, InvalidArgumentError
+from tests.engine.models.test_model_anthropic import text_stream as anthropic_text
 from tests.processes import EngineProcess
 from tests.sse_server import serve
-from tests.test_acknowledged import openai_text
-from tests.test_model_anthropic import text_stream as anthropic_text
+from tests.system.test_acknowledged import openai_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 

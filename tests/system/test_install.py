@@ -106,7 +106,7 @@ def test_readme_quick_start_on_a_system_python_that_refuses_pip_installs(tmp_pat
     # The test command, on one small file (the whole suite is what CI runs with it).
     out = _run(
         test.replace("python3", system, 1),
-        "tests/test_config.py",
+        "tests/engine/test_config.py",
         "-q",
         "-p",
         "no:cacheprovider",
