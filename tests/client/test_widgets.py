@@ -382,6 +382,7 @@ def test_a_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
         importlib.import_module("client_py.widgets")
 
 
+@pytest.mark.slow
 def test_the_view_model_does_not_import_ipywidgets() -> None:
     code = "import sys, client_py._view; assert 'ipywidgets' not in sys.modules, 'imported'"
     done = subprocess.run(

@@ -922,6 +922,7 @@ json_bodies = st.one_of(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 # The assertions are on status codes; a socket the HTTP client library leaves to the garbage
 # collector under load is not what this test is about (it made the test flaky).
@@ -1010,6 +1011,7 @@ header_blocks = st.lists(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_raw_http_garbage_never_gets_a_5xx(runner: RunnerProcess) -> None:
     address = address_of(runner)
@@ -1030,6 +1032,7 @@ def test_raw_http_garbage_never_gets_a_5xx(runner: RunnerProcess) -> None:
     raw_holds()
 
 
+@pytest.mark.slow
 def test_oversized_and_endless_bodies_are_cut_off(runner: RunnerProcess) -> None:
     auth = {"Authorization": f"Bearer {RUNNER_SECRET}"}
     with httpx.Client(timeout=10) as http:

@@ -283,6 +283,7 @@ async def _health_while(client: AsyncEngineClient, health: Any, task: str, **opt
     return await handle.wait(timeout=60)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_a_real_engine_answers_health_checks_while_the_worst_input_runs(tmp_path: Path) -> None:
     work = tmp_path / "work"
@@ -498,6 +499,7 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunnerProcess]:
     process.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "body",
     [

@@ -410,6 +410,7 @@ async def test_file_names_that_are_not_utf8_are_listed_with_u_fffd(servers: Serv
 # -- MCP --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_an_mcp_tool_answer_with_lone_surrogates_is_a_clean_result(servers: ServerFactory) -> None:
     server = {
         "name": "raw",

@@ -105,6 +105,7 @@ async def test_delivered_exactly_once_when_the_receiver_is_up_and_the_outbox_is_
     assert len(receiver.requests) == 1
 
 
+@pytest.mark.slow
 async def test_pending_at_shutdown_is_delivered_by_the_next_engine(servers: ServerFactory) -> None:
     hook_port = free_port()
     first = await servers.start(config=CONFIG)

@@ -34,6 +34,7 @@ def _engine_without(module: str, tmp: Path, *args: str) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("module", "extra", "config"),
     [

@@ -22,6 +22,7 @@ TARGETS = sorted(p.stem for p in (ROOT / "fuzz").glob("fuzz_*.py"))
 SECONDS = int(os.environ.get("MACHINA_FUZZ_SECONDS", "3"))
 
 
+@pytest.mark.slow
 def test_every_target_is_collected() -> None:
     assert TARGETS == [
         "fuzz_apicall_path",
@@ -65,6 +66,7 @@ def fuzz_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, su
         process.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(SECONDS + 60)
 @pytest.mark.parametrize("target", TARGETS)
 def test_fuzz_target_finds_nothing(target: str, fuzz_runs: dict[str, subprocess.Popen[str]]) -> None:
@@ -77,6 +79,7 @@ def test_fuzz_target_finds_nothing(target: str, fuzz_runs: dict[str, subprocess.
     assert int(runs[0].split(":")[-1]) > 100, runs  # it really ran
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "raw", ["/%25%32%65%25%32%65/secret", "/files/%25%32%66etc%25%32%66passwd", "/%25%34%31"]
 )
@@ -88,6 +91,7 @@ def test_double_encoding_cannot_be_smuggled_past_normalise_path(raw: str) -> Non
     assert normalise_path(path) == path  # a fixed point: what is checked is what is sent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["resolve_in_workdir", "normalise_path"])
 def test_validators_refuse_lone_surrogates_with_their_own_error(which: str, tmp_path: Path) -> None:
     check = {

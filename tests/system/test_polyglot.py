@@ -187,6 +187,7 @@ def test_buf_curl_with_server_reflection_only(engine: EngineProcess, tmp_path: P
 # --- The reference page and the error codes -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_api_reference_is_current() -> None:
     result = subprocess.run(
         [sys.executable, "scripts/gen_api_docs.py", "--check"], cwd=ROOT, capture_output=True, text=True
@@ -249,6 +250,7 @@ def breaking(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_buf_breaking_checks_the_newest_proto_change(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     (repo / "proto" / "demo" / "v1").mkdir(parents=True)
@@ -287,6 +289,7 @@ def test_buf_breaking_checks_the_newest_proto_change(tmp_path: Path) -> None:
     assert breaking(repo, "HEAD").returncode == 0
 
 
+@pytest.mark.slow
 def test_buf_breaking_skips_without_git_history(tmp_path: Path) -> None:
     result = breaking(tmp_path)
     assert result.returncode == 0

@@ -117,6 +117,7 @@ async def test_keys_can_never_escape_the_prefix(storage: Storage, bad: str) -> N
         await storage.put_blob("ws", "r1", bad, b"x")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "pattern",
     [

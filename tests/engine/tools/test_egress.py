@@ -550,6 +550,7 @@ async def test_an_allowed_webhook_name_is_delivered_to_the_checked_address(serve
 # -- a real engine process, configured by environment ---------------------------------------------
 
 
+@pytest.mark.slow
 async def test_an_engine_process_applies_the_policy_from_its_settings(
     tmp_path: Path, recorder: Recorder
 ) -> None:

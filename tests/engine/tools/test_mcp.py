@@ -228,6 +228,7 @@ def test_render_content_summarises_non_text_parts() -> None:
 # --- real servers ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_tools_are_listed_with_prefixed_names_and_server_schemas(stamp_url: str) -> None:
     configs = [time_config(idempotent_tools=["get_current_time"]), stamp_config(stamp_url)]
     async with McpManager(configs) as manager:
@@ -259,6 +260,7 @@ async def test_tools_are_listed_with_prefixed_names_and_server_schemas(stamp_url
             await manager.list_tools(["nope"])
 
 
+@pytest.mark.slow
 async def test_time_server_returns_the_real_time() -> None:
     async with McpManager([time_config()]) as manager:
         tools = tools_by_name(await manager.list_tools())
@@ -277,6 +279,7 @@ async def test_time_server_returns_the_real_time() -> None:
         assert "21:00" in text
 
 
+@pytest.mark.slow
 async def test_http_server_answers(stamp_url: str) -> None:
     async with McpManager([stamp_config(stamp_url)]) as manager:
         calc = tools_by_name(await manager.list_tools())["mcp__stamp__calculate"]
@@ -285,6 +288,7 @@ async def test_http_server_answers(stamp_url: str) -> None:
         assert json.loads(text) == {"expression": "6 * 7", "result": 42}
 
 
+@pytest.mark.slow
 async def test_tool_errors_become_tool_errors(stamp_url: str) -> None:
     async with McpManager([time_config(), stamp_config(stamp_url), flaky_config()]) as manager:
         tools = tools_by_name(await manager.list_tools())
@@ -305,6 +309,7 @@ async def test_tool_errors_become_tool_errors(stamp_url: str) -> None:
         assert "timezone" in text
 
 
+@pytest.mark.slow
 async def test_non_text_content_is_summarised() -> None:
     async with McpManager([flaky_config()]) as manager:
         picture = tools_by_name(await manager.list_tools())["mcp__flaky__picture"]
@@ -314,6 +319,7 @@ async def test_non_text_content_is_summarised() -> None:
 # --- failures -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_unreachable_http_server_is_left_out_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="machina.engine.mcp")
     down = McpServerConfig(name="down", transport="http", url=f"http://127.0.0.1:{free_port()}/mcp")
@@ -331,6 +337,7 @@ async def test_unreachable_http_server_is_left_out_and_logged(caplog: pytest.Log
     assert any("MCP server 'down'" in m and "failed to start" in m and "ConnectError" in m for m in warnings)
 
 
+@pytest.mark.slow
 async def test_servers_that_cannot_start_are_left_out() -> None:
     configs = [
         McpServerConfig(name="missing", transport="stdio", command="/nonexistent/mcp-server"),
@@ -362,6 +369,7 @@ async def test_servers_that_cannot_start_are_left_out() -> None:
     assert {pid for pid in children() - before if alive(pid)} == set()
 
 
+@pytest.mark.slow
 async def test_crash_mid_call_is_an_error_and_the_server_is_restarted() -> None:
     async with McpManager([flaky_config()]) as manager:
         tools = tools_by_name(await manager.list_tools())
@@ -380,6 +388,7 @@ async def test_crash_mid_call_is_an_error_and_the_server_is_restarted() -> None:
         assert await tools["mcp__flaky__echo"].run({"text": "back"}, CTX) == "back"
 
 
+@pytest.mark.slow
 async def test_server_killed_between_calls_is_replaced_before_the_next_call() -> None:
     async with McpManager([flaky_config()]) as manager:
         pid_tool = tools_by_name(await manager.list_tools())["mcp__flaky__pid"]
@@ -390,6 +399,7 @@ async def test_server_killed_between_calls_is_replaced_before_the_next_call() ->
         assert int(await pid_tool.run({}, CTX)) != first_pid
 
 
+@pytest.mark.slow
 async def test_broken_http_connection_is_an_error_then_reconnects(http_flaky: HttpFlaky) -> None:
     config = McpServerConfig(name="web", transport="http", url=http_flaky.url, timeout_s=5)
     async with McpManager([config]) as manager:
@@ -407,6 +417,7 @@ async def test_broken_http_connection_is_an_error_then_reconnects(http_flaky: Ht
         assert await tools["mcp__web__echo"].run({"text": "three"}, CTX) == "three"
 
 
+@pytest.mark.slow
 async def test_http_server_crashing_mid_call(http_flaky: HttpFlaky) -> None:
     config = McpServerConfig(name="web", transport="http", url=http_flaky.url, timeout_s=5)
     async with McpManager([config]) as manager:
@@ -422,6 +433,7 @@ async def test_http_server_crashing_mid_call(http_flaky: HttpFlaky) -> None:
         assert await tools["mcp__web__echo"].run({"text": "up"}, CTX) == "up"
 
 
+@pytest.mark.slow
 async def test_slow_tool_times_out_and_the_server_stays_usable() -> None:
     async with McpManager([flaky_config(timeout_s=1)]) as manager:
         tools = tools_by_name(await manager.list_tools())
@@ -433,6 +445,7 @@ async def test_slow_tool_times_out_and_the_server_stays_usable() -> None:
         assert await tools["mcp__flaky__pid"].run({}, CTX) == pid
 
 
+@pytest.mark.slow
 async def test_cancelled_call_leaves_the_server_usable() -> None:
     async with McpManager([flaky_config()]) as manager:
         tools = tools_by_name(await manager.list_tools())
@@ -445,6 +458,7 @@ async def test_cancelled_call_leaves_the_server_usable() -> None:
         assert await tools["mcp__flaky__pid"].run({}, CTX) == pid
 
 
+@pytest.mark.slow
 async def test_concurrent_calls_share_one_session(stamp_url: str) -> None:
     async with McpManager([flaky_config(), stamp_config(stamp_url)]) as manager:
         tools = tools_by_name(await manager.list_tools())
@@ -459,6 +473,7 @@ async def test_concurrent_calls_share_one_session(stamp_url: str) -> None:
         assert [json.loads(s)["result"] for s in sums] == [2 * n for n in range(10)]
 
 
+@pytest.mark.slow
 async def test_close_leaves_no_child_process() -> None:
     before = children()
     manager = McpManager([time_config(), flaky_config()])
