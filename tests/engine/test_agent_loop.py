@@ -8,13 +8,14 @@ from typing import Any
 import pytest
 
 from client_py import AsyncEngineClient, UnknownToolError
-from engine_service import Engine, EngineConfig, LocalStorage, ToolRegistry
+from engine_service import Engine, EngineConfig, LocalStorage, RunState, ToolRegistry
 from engine_service._server import start_server
 from engine_service._tools import ASK_USER
 from engine_service._types import ToolCall, ToolChoice, Usage
 from engine_service.models import ModelRequest, TextChunk, TurnResult
 from tests import tools as test_tools
 from tests.conftest import turn
+from tests.engine.harness import Harness
 
 
 def loop_script(n: int, tool: str = "noop") -> list[dict[str, Any]]:
@@ -66,22 +67,19 @@ async def test_unknown_tool_from_the_model_is_an_error_result(client: AsyncEngin
     assert len(assistant) == 2
 
 
-async def test_tool_failure_and_bad_arguments_become_error_results(
-    client: AsyncEngineClient, server: Any
-) -> None:
-    script = [turn("", ("explode", {}), ("echo", {"text": 5})), turn("ok")]
-    execution = client.execute("x", model="scripted", script=script)
-    events = [e async for e in execution]
-    completed = {e.tool_name: e for e in events if e.kind == "tool_call_completed"}
-    assert completed["explode"].is_error
-    assert completed["explode"].outcome == "ran"
-    assert "boom" in completed["explode"].output
+async def test_tool_failure_and_bad_arguments_become_error_results(harness: Harness) -> None:
+    record = await harness.run("x", turn("", ("explode", {}), ("echo", {"text": 5})), turn("ok"))
+    assert record.state is RunState.DONE
+    events = await harness.events(record)
+    completed = {e["d"]["tool"]: e["d"] for e in events if e["k"] == "tool_call_completed"}
+    assert completed["explode"]["is_error"]
+    assert completed["explode"]["outcome"] == "ran"
+    assert "boom" in completed["explode"]["output"]
     # The call that never ran is on the record too, with the result the model saw.
-    assert completed["echo"].is_error
-    assert completed["echo"].outcome == "invalid_arguments"
-    assert "Invalid arguments for echo" in completed["echo"].output
-    assert execution.run is not None
-    docs = await server.engine.storage.read_segments("default", execution.run.run_id, "transcript", 0, 10)
+    assert completed["echo"]["is_error"]
+    assert completed["echo"]["outcome"] == "invalid_arguments"
+    assert "Invalid arguments for echo" in completed["echo"]["output"]
+    docs = await harness.transcript(record)
     tool_results = [d for d in docs if d["role"] == "tool"]
     assert [d["tool"] for d in tool_results] == ["explode", "echo"]  # call order
     assert all(d["is_error"] for d in tool_results)
@@ -127,29 +125,26 @@ SCHEMA = {
 }
 
 
-async def test_structured_output_valid(client: AsyncEngineClient) -> None:
-    run = await client.execute(
-        "weather", model="scripted", script=[turn('{"city": "Paris", "temp": 21}')], output_schema=SCHEMA
-    ).result()
-    assert run.state == "DONE"
-    assert run.data == {"city": "Paris", "temp": 21}
+async def test_structured_output_valid(harness: Harness) -> None:
+    record = await harness.run("weather", turn('{"city": "Paris", "temp": 21}'), output_schema=SCHEMA)
+    assert record.state is RunState.DONE
+    assert record.data == {"city": "Paris", "temp": 21}
 
 
-async def test_structured_output_one_repair_turn(client: AsyncEngineClient) -> None:
+async def test_structured_output_one_repair_turn(harness: Harness) -> None:
     script = [turn("It is sunny in Paris."), turn('{"city": "Paris", "temp": 21.5}')]
-    run = await client.execute("weather", model="scripted", script=script, output_schema=SCHEMA).result()
-    assert run.state == "DONE"
-    assert run.data == {"city": "Paris", "temp": 21.5}
-    assert run.meta.turns == 2
+    record = await harness.run("weather", *script, output_schema=SCHEMA)
+    assert record.state is RunState.DONE
+    assert record.data == {"city": "Paris", "temp": 21.5}
+    assert record.meta.turns == 2
 
 
-async def test_structured_output_fails_after_the_repair(client: AsyncEngineClient) -> None:
-    script = [turn("sunny"), turn('{"city": "Paris"}')]
-    run = await client.execute("weather", model="scripted", script=script, output_schema=SCHEMA).result()
-    assert run.state == "FAILED"
-    assert run.error is not None
-    assert run.error.code == "ERR_OUTPUT_SCHEMA"
-    assert "temp" in run.error.message
+async def test_structured_output_fails_after_the_repair(harness: Harness) -> None:
+    record = await harness.run("weather", turn("sunny"), turn('{"city": "Paris"}'), output_schema=SCHEMA)
+    assert record.state is RunState.FAILED
+    assert record.error is not None
+    assert record.error.code == "ERR_OUTPUT_SCHEMA"
+    assert "temp" in record.error.message
 
 
 class RecordingModel:
