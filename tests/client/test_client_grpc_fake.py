@@ -226,6 +226,12 @@ class FakeEngine(pb_grpc.EngineServiceServicer):
         await self._enter("RecoverOrphanedRuns", context)
         return pb.RecoverOrphanedRunsResponse(run_ids=["a", "b"])
 
+    async def GetToolResult(
+        self, request: pb.GetToolResultRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetToolResultResponse:
+        await self._enter("GetToolResult", context)
+        return pb.GetToolResultResponse(content="", total_chars=0)
+
 
 class ServerThread:
     """A grpc.aio server on 127.0.0.1:0 with its own event loop in a thread."""

@@ -525,7 +525,8 @@ def test_buttons_are_disabled_while_a_decision_is_in_flight() -> None:
     assert results == [True]
     assert len(actions.calls) == 1
     assert not card.busy
-    assert card.decision == "approve"
+    # mypy still narrows card.busy to True from the assert above (the send cleared it since).
+    assert card.decision == "approve"  # type: ignore[unreachable]
     assert [c.interrupt_id for c in model.cards] == ["int_b"]
     assert True in busy_seen
     assert busy_seen[-1] is False

@@ -7,7 +7,12 @@ from typing import Any
 
 import pytest
 
-from client_py import AsyncEngineClient, UnknownToolError
+from client_py import (
+    AssistantMessage,
+    AsyncEngineClient,
+    RunFinished,
+    UnknownToolError,
+)
 from engine_service import Engine, EngineConfig, LocalStorage, RunState, ToolRegistry
 from engine_service._server import start_server
 from engine_service._tools import ASK_USER
@@ -61,9 +66,9 @@ async def test_unknown_tool_from_the_model_is_an_error_result(client: AsyncEngin
     script = [turn("", ("no_such_tool", {"a": 1})), turn("I could not do it.")]
     events = [e async for e in client.execute("x", model="scripted", script=script)]
     run = events[-1]
-    assert run.kind == "run_finished"
+    assert isinstance(run, RunFinished)
     assert run.state == "DONE"
-    assistant = [e for e in events if e.kind == "assistant_message"]
+    assistant = [e for e in events if isinstance(e, AssistantMessage)]
     assert len(assistant) == 2
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_service import ConfigError, load_config
+from engine_service import ConfigError, EngineConfig, load_config
 from engine_service._config import is_loopback, load_api_keys
 from engine_service._tools import load_tool
 
@@ -19,7 +19,7 @@ def test_flags_override_env_override_file(tmp_path: Path) -> None:
         "MACHINA_MODEL_PROVIDER": "anthropic",
         "MACHINA_TOOLS_DISABLED": "a, b",
     }
-    config = load_config(str(path), env=env, overrides={"storage": "/from/flag"})
+    config: EngineConfig = load_config(str(path), env=env, overrides={"storage": "/from/flag"})
     assert config.listen == "127.0.0.1:1111"
     assert config.storage == "/from/flag"
     assert config.model.provider == "anthropic"
@@ -27,7 +27,7 @@ def test_flags_override_env_override_file(tmp_path: Path) -> None:
 
 
 def test_defaults() -> None:
-    config = load_config(env={})
+    config: EngineConfig = load_config(env={})
     assert config.listen == "127.0.0.1:50051"
     assert config.storage == "./.machina"
     assert config.model.provider == "auto"
@@ -104,7 +104,7 @@ def test_runner_and_webhook_secrets_per_workspace(tmp_path: Path) -> None:
         "MACHINA_WEBHOOK_SECRETS": "hook=shared-hook",
         "HOOK_FROM_ENV": "never-read",
     }
-    config = load_config(str(path), env=env)
+    config: EngineConfig = load_config(str(path), env=env)
     assert config.runner_secret_for("acme") == "acme-runner"
     assert config.runner_secret_for("initech") == "shared-runner"
     assert config.webhook_secret("acme", "hook") == "acme-own"  # the workspace's own wins
@@ -115,7 +115,7 @@ def test_runner_and_webhook_secrets_per_workspace(tmp_path: Path) -> None:
     config.check_runner_secrets()
     with pytest.raises(ConfigError, match="runner_secret"):
         load_config(env={"MACHINA_RUNNER_URL": "http://127.0.0.1:9/continue"}).check_runner_secrets()
-    alone = load_config(
+    alone: EngineConfig = load_config(
         env={"MACHINA_RUNNER_SECRETS": "acme=x"}, overrides={"runner_urls": {"acme": "u", "b": "v"}}
     )
     with pytest.raises(ConfigError, match=r"\['b'\]"):

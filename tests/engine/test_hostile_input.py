@@ -78,7 +78,7 @@ SETTINGS = settings(
 # -- strategies -----------------------------------------------------------------------------------
 
 # Protobuf strings are UTF-8, so no lone surrogates; everything else goes, NUL and controls included.
-CHARS = st.characters(blacklist_categories=("Cs",))
+CHARS = st.characters(blacklist_categories=["Cs"])
 NASTY = [
     "",
     " ",
@@ -433,14 +433,14 @@ def error_info(exc: grpc.RpcError) -> error_details_pb2.ErrorInfo:
 
 
 def check_clean(rpc: str, request: Any, exc: grpc.RpcError) -> None:
-    code = exc.code()  # type: ignore[attr-defined]
+    code = exc.code()
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and request.ByteSize() > MAX_MESSAGE:
         return  # refused by gRPC itself before the servicer sees it (no ErrorInfo possible)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED and rpc == "StreamRunEvents" and request.follow:
         return  # following a run that is paused for a person: the caller's own deadline ends it
-    assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (rpc, code, exc.details())  # type: ignore[attr-defined]
+    assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (rpc, code, exc.details())
     info = error_info(exc)
-    assert exc.details(), info.reason  # type: ignore[attr-defined]
+    assert exc.details(), info.reason
 
 
 def call(stub: Any, rpc: str, request: Any, timeout: float) -> Any:
@@ -497,7 +497,7 @@ async def test_every_rpc_answers_ok_or_a_clean_error(
                 outcomes["OK"] = outcomes.get("OK", 0) + 1
             except grpc.RpcError as exc:
                 check_clean(rpc, request, exc)
-                name = exc.code().name  # type: ignore[attr-defined]
+                name = exc.code().name
                 outcomes[name] = outcomes.get(name, 0) + 1
             # The server keeps serving: health and a real read still answer.
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -522,7 +522,9 @@ def echo_cases() -> dict[str, tuple[str, Any]]:
         ),
         "permission tool name": (
             "CreateRun",
-            svc.CreateRunRequest(spec=svc.RunSpec(task="t", model=ok_script, permissions={LONG: 2})),
+            svc.CreateRunRequest(
+                spec=svc.RunSpec(task="t", model=ok_script, permissions={LONG: rp.PERMISSION_ASK})
+            ),
         ),
         "client tool name": (
             "CreateRun",
@@ -615,7 +617,9 @@ async def test_oversized_requests_are_refused_and_the_server_keeps_serving(stub:
 
 def _ld(field: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field, written by hand (to build what no client library would)."""
-    return encoder.TagBytes(field, 2) + encoder._VarintBytes(len(payload)) + payload  # type: ignore[attr-defined]
+    tag: bytes = encoder.TagBytes(field, 2)
+    length: bytes = encoder._VarintBytes(len(payload))  # type: ignore[attr-defined]  # private, untyped
+    return tag + length + payload
 
 
 def deeply_nested_create_request(depth: int) -> bytes:
@@ -1095,7 +1099,7 @@ async def health_latencies(url: str, seconds: float) -> list[tuple[int, float]]:
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_health_keeps_answering_under_slowloris(runner: RunnerProcess) -> None:
-    stop, dropped = asyncio.Event(), []
+    stop, dropped = asyncio.Event(), list[int]()
     slow = [asyncio.create_task(slow_client(address_of(runner), stop, dropped, 0.2)) for _ in range(120)]
     try:
         await asyncio.sleep(0.5)
@@ -1111,7 +1115,7 @@ async def test_health_keeps_answering_under_slowloris(runner: RunnerProcess) -> 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_slowloris_sockets_are_dropped_and_the_shim_recovers(runner: RunnerProcess) -> None:
-    stop, dropped = asyncio.Event(), []
+    stop, dropped = asyncio.Event(), list[int]()
     count = 300  # more than the shim's connection limit
     slow = [asyncio.create_task(slow_client(address_of(runner), stop, dropped, 0.3)) for _ in range(count)]
     try:

@@ -542,7 +542,7 @@ def _set(spec: svc.RunSpec, path: str, value: Any) -> None:
     setattr(target, name, value)
 
 
-LIMITS = {
+LIMITS: dict[str, list[float]] = {
     "limits.max_cost_usd": [math.nan, math.inf, -math.inf, -0.01],
     "limits.max_turns": [-1],
     "limits.max_tokens": [-1],

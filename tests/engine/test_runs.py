@@ -8,11 +8,15 @@ from typing import Any
 import pytest
 
 from client_py import (
+    ApprovalDecided,
+    ApprovalRequested,
     AsyncEngineClient,
     ConcurrentUpdateError,
     InterruptNotFoundError,
     RunNotFoundError,
     RunNotPausedError,
+    ToolCallCompleted,
+    ToolCallStarted,
 )
 from tests.conftest import ServerFactory, refresh_until, turn
 
@@ -51,7 +55,7 @@ async def test_async_run_with_wait_and_follow_watch(client: AsyncEngineClient) -
     assert run.state == "DONE"
     assert watched[-1].kind == "run_finished"
     assert [e.seq for e in watched] == list(range(1, run.last_seq + 1))
-    completed = [e for e in watched if e.kind == "tool_call_completed"]
+    completed = [e for e in watched if isinstance(e, ToolCallCompleted)]
     assert completed[0].output == "x"
 
 
@@ -68,11 +72,11 @@ async def test_approve(client: AsyncEngineClient) -> None:
     run = await handle.wait(timeout=10)
     assert run.state == "DONE"
     events = [e async for e in handle.events(follow=False)]
-    decided = next(e for e in events if e.kind == "approval_decided")
+    decided = next(e for e in events if isinstance(e, ApprovalDecided))
     assert decided.decision == "approve"
     assert decided.decided_by == "local-user"
     assert len(decided.arguments_sha256) == 64
-    result = next(e for e in events if e.kind == "tool_call_completed")
+    result = next(e for e in events if isinstance(e, ToolCallCompleted))
     assert result.output == "42"
 
 
@@ -82,8 +86,8 @@ async def test_approve_with_edits_runs_the_edited_arguments(client: AsyncEngineC
     await handle.approve(run.interrupts[0].interrupt_id, edits={"x": 50})
     await handle.wait(timeout=10)
     events = [e async for e in handle.events()]
-    assert next(e for e in events if e.kind == "tool_call_completed").output == "100"
-    assert next(e for e in events if e.kind == "approval_decided").decision == "approve_with_edits"
+    assert next(e for e in events if isinstance(e, ToolCallCompleted)).output == "100"
+    assert next(e for e in events if isinstance(e, ApprovalDecided)).decision == "approve_with_edits"
 
 
 async def test_reject_shows_the_reason_to_the_model(client: AsyncEngineClient) -> None:
@@ -93,8 +97,8 @@ async def test_reject_shows_the_reason_to_the_model(client: AsyncEngineClient) -
     run = await handle.wait(timeout=10)
     assert run.state == "DONE"
     events = [e async for e in handle.events()]
-    assert not any(e.kind == "tool_call_started" for e in events)
-    decided = next(e for e in events if e.kind == "approval_decided")
+    assert not any(isinstance(e, ToolCallStarted) for e in events)
+    decided = next(e for e in events if isinstance(e, ApprovalDecided))
     assert (decided.decision, decided.reason) == ("reject", "not today")
 
 
@@ -123,7 +127,7 @@ async def test_several_interrupts_answered_one_by_one(client: AsyncEngineClient)
     run = await handle.wait(timeout=10)
     assert run.state == "DONE"
     events = [e async for e in handle.events()]
-    completed = [e for e in events if e.kind == "tool_call_completed"]
+    completed = [e for e in events if isinstance(e, ToolCallCompleted)]
     # Both calls are on the record: the rejected one with what the model was told.
     assert [(c.outcome, c.output) for c in completed] == [
         ("rejected", "The user rejected this call. Reason: no"),
@@ -143,7 +147,7 @@ async def test_several_interrupts_answered_together(client: AsyncEngineClient) -
     )
     run = await handle.wait(timeout=10)
     assert run.state == "DONE"
-    outputs = [e.output async for e in handle.events() if e.kind == "tool_call_completed"]
+    outputs = [e.output async for e in handle.events() if isinstance(e, ToolCallCompleted)]
     assert sorted(outputs) == ["10", "2"]
 
 
@@ -178,7 +182,7 @@ async def test_reconnect_with_last_seq_gets_each_later_event_exactly_once(client
     first_part = []
     async for event in handle.events(follow=True):
         first_part.append(event)
-        if event.kind == "approval_requested":
+        if isinstance(event, ApprovalRequested):
             break  # the watcher disconnects mid-run
     await handle.wait(timeout=10)
     await handle.approve((await handle.refresh()).interrupts[0].interrupt_id)
@@ -216,7 +220,7 @@ async def test_cancel_a_running_run(client: AsyncEngineClient) -> None:
         "sleep", model="scripted", script=[turn("", ("sleep", {"seconds": 20})), turn("x")]
     )
     async for event in handle.events(follow=True):
-        if event.kind == "tool_call_started":
+        if isinstance(event, ToolCallStarted):
             break
     run = await handle.cancel("changed my mind")
     run = await handle.wait(timeout=10)
@@ -250,8 +254,8 @@ async def test_ten_concurrent_resumes_exactly_one_wins(client: AsyncEngineClient
     run = await handle.wait(timeout=10)
     assert run.state == "DONE"
     events = [e async for e in handle.events()]
-    assert sum(1 for e in events if e.kind == "approval_decided") == 1
-    assert sum(1 for e in events if e.kind == "tool_call_completed") == 1
+    assert sum(1 for e in events if isinstance(e, ApprovalDecided)) == 1
+    assert sum(1 for e in events if isinstance(e, ToolCallCompleted)) == 1
 
 
 async def test_resume_of_a_run_that_is_not_paused(client: AsyncEngineClient) -> None:
@@ -355,9 +359,9 @@ async def test_an_unanswered_approval_expires_with_the_configured_default(client
     run = await refresh_until(handle, "DONE", tries=100)
     assert run.state == "DONE"
     events = [e async for e in handle.events(follow=False)]
-    decided = next(e for e in events if e.kind == "approval_decided")
+    decided = next(e for e in events if isinstance(e, ApprovalDecided))
     assert (decided.decision, decided.expired, decided.decided_by) == ("reject", True, "system:expiry")
-    assert not any(e.kind == "tool_call_started" for e in events)
+    assert not any(isinstance(e, ToolCallStarted) for e in events)
 
 
 async def test_an_expired_approval_can_default_to_approve(client: AsyncEngineClient) -> None:
@@ -371,7 +375,7 @@ async def test_an_expired_approval_can_default_to_approve(client: AsyncEngineCli
     await handle.wait(timeout=10)
     run = await refresh_until(handle, "DONE", tries=100)
     assert run.state == "DONE"
-    outputs = [e.output async for e in handle.events(follow=False) if e.kind == "tool_call_completed"]
+    outputs = [e.output async for e in handle.events(follow=False) if isinstance(e, ToolCallCompleted)]
     assert outputs == ["42"]
 
 
@@ -417,7 +421,7 @@ async def test_every_tool_call_the_model_made_is_on_the_record(client: AsyncEngi
     run = await handle.wait(timeout=10)
     assert run.state == "DONE"
     events = [e async for e in handle.events(follow=False)]
-    completed = {e.call_id: e for e in events if e.kind == "tool_call_completed"}
+    completed = {e.call_id: e for e in events if isinstance(e, ToolCallCompleted)}
     assert [(e.tool_name, e.outcome, e.is_error) for e in completed.values()] == [
         ("nope", "unknown_tool", True),
         ("echo", "denied", True),
@@ -444,7 +448,7 @@ async def test_a_call_to_a_tool_this_host_cannot_run_is_on_the_record(servers: S
         run = await c.execute("bash", model="scripted", script=script).result()
         assert run.state == "DONE"
         events = [e async for e in (await c.attach(run.run_id)).events(follow=False)]
-    (completed,) = [e for e in events if e.kind == "tool_call_completed"]
+    (completed,) = [e for e in events if isinstance(e, ToolCallCompleted)]
     assert (completed.tool_name, completed.outcome, completed.is_error) == (
         "Bash",
         "capability_missing",

@@ -80,12 +80,13 @@ def reason(trailing_metadata: Any) -> str:
     raw = dict(trailing_metadata)["grpc-status-details-bin"]
     info = error_details_pb2.ErrorInfo()
     status_pb2.Status.FromString(raw).details[0].Unpack(info)
-    return info.reason
+    return str(info.reason)
 
 
 def unary(server: Any, name: str, request: Any, metadata: Any = ()) -> tuple[Any, Any, Any, str]:
     rpc = server.invoke_unary_unary(SERVICE.methods_by_name[name], metadata, request, None)
-    return rpc.termination()
+    response, trailing, code, details = rpc.termination()
+    return response, trailing, code, details
 
 
 def test_get_run_not_found_maps_to_status_and_error_info(

@@ -14,7 +14,12 @@ import grpc
 import httpx
 import pytest
 
-from client_py import AsyncEngineClient
+from client_py import (
+    AsyncEngineClient,
+    Resumed,
+    ToolCallCompleted,
+    ToolCallStarted,
+)
 from machina.runner.v1 import runner_service_pb2 as rpb
 from machina.runner.v1 import runner_service_pb2_grpc as rpb_grpc
 from tests.conftest import refresh_until, turn
@@ -80,9 +85,9 @@ async def test_async_run_hands_off_and_finishes_on_the_runner(engine: EngineProc
     assert kinds.index("handoff_to_runner") < kinds.index("paused") < kinds.index("resumed")
     assert kinds[-1] == "run_finished"
     assert [e.seq for e in watched] == list(range(1, len(watched) + 1))
-    resumed = next(e for e in watched if e.kind == "resumed")
+    resumed = next(e for e in watched if isinstance(e, Resumed))
     assert resumed.resumed_by == "runner"
-    output = next(e for e in watched if e.kind == "tool_call_completed")
+    output = next(e for e in watched if isinstance(e, ToolCallCompleted))
     assert "hello-from-runner" in output.output
     assert (tmp_path / "workdirs" / "default" / run.run_id / "out.txt").read_text() == "hello-from-runner\n"
 
@@ -185,7 +190,7 @@ async def test_wrong_secret_then_retry_after_fixing_the_runner(tmp_path: Path) -
                 run = await refresh_until(handle, "DONE")
                 assert run.state == "DONE"
                 outputs = [
-                    e.output async for e in handle.events(follow=False) if e.kind == "tool_call_completed"
+                    e.output async for e in handle.events(follow=False) if isinstance(e, ToolCallCompleted)
                 ]
                 assert len(outputs) == 1
                 assert "hello-from-runner" in outputs[0]
@@ -251,8 +256,8 @@ async def test_same_run_posted_twice_at_once_runs_once(tmp_path: Path, runner: R
             run = await refresh_until(handle, "DONE")
             assert run.state == "DONE"
             events = [e async for e in handle.events(follow=False)]
-            assert sum(1 for e in events if e.kind == "tool_call_started") == 1
-            assert sum(1 for e in events if e.kind == "resumed") == 1
+            assert sum(1 for e in events if isinstance(e, ToolCallStarted)) == 1
+            assert sum(1 for e in events if isinstance(e, Resumed)) == 1
     finally:
         process.close()
         stub.shutdown()

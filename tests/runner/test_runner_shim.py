@@ -216,7 +216,7 @@ async def pest(address: tuple[str, int], stop: asyncio.Event, drops: list[int]) 
 
 @pytest.mark.timeout(60)
 async def test_health_and_continue_answer_during_a_sustained_slowloris(runner: RunnerProcess) -> None:
-    stop, drops = asyncio.Event(), []
+    stop, drops = asyncio.Event(), list[int]()
     pests = [asyncio.create_task(pest(address_of(runner), stop, drops)) for _ in range(300)]
     samples: list[tuple[int, int, float]] = []
     try:

@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from client_py import ApprovalDecided, AsyncEngineClient
+from client_py import (
+    ApprovalDecided,
+    AsyncEngineClient,
+    Resumed,
+    RunFinished,
+    ToolCallCompleted,
+)
 from tests.processes import EngineProcess
 from tests.sse_server import Sse, data, serve
 
@@ -183,7 +189,7 @@ async def storage_fault_mid_run(
 
 def check_one_end(events: list[Any], run: Any) -> None:
     assert run.state == "DONE", run
-    ends = [e for e in events if e.kind == "run_finished"]
+    ends = [e for e in events if isinstance(e, RunFinished)]
     assert [e.state for e in ends] == ["DONE"], ends
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
 
@@ -332,7 +338,7 @@ async def test_an_end_whose_commit_failed_is_dropped_by_recovery(tmp_path: Path)
             shutil.rmtree(root, ignore_errors=True)
     assert run.state == "DONE", run
     assert run.data == "second answer"
-    ends = [e for e in events if e.kind == "run_finished"]
+    ends = [e for e in events if isinstance(e, RunFinished)]
     assert [e.state for e in ends] == ["DONE"], ends
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
 
@@ -368,7 +374,7 @@ async def test_a_fault_that_outlasts_the_storage_wait_parks_the_run_for_the_swee
         log = (tmp_path / "engine.log").read_text()
     assert "parked at its last checkpoint" in log
     check_one_end(events, run)
-    resumed = [e for e in events if e.kind == "resumed"]
+    resumed = [e for e in events if isinstance(e, Resumed)]
     assert [e.resumed_by for e in resumed] == ["recovery"], resumed
-    (completed,) = [e for e in events if e.kind == "tool_call_completed" and e.seq > resumed[0].seq]
+    (completed,) = [e for e in events if isinstance(e, ToolCallCompleted) and e.seq > resumed[0].seq]
     assert completed.outcome == "interrupted"

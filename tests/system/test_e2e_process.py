@@ -15,7 +15,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from client_py import EngineClient
+from client_py import (
+    ApprovalDecided,
+    EngineClient,
+)
 from tests.conftest import ROOT, turn
 from tests.processes import EngineProcess
 
@@ -62,7 +65,7 @@ def test_health_reflection_run_and_graceful_shutdown(engine: EngineProcess) -> N
         handle.approve(run.interrupts[0].interrupt_id)
         run = handle.wait(timeout=20)
         assert (run.state, run.data, run.workspace_id) == ("DONE", "8", "team-a")
-        decided = next(e for e in handle.events(follow=False) if e.kind == "approval_decided")
+        decided = next(e for e in handle.events(follow=False) if isinstance(e, ApprovalDecided))
         assert decided.decided_by == "alice"
 
     assert engine.stop() == 0

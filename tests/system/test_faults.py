@@ -31,7 +31,16 @@ from typing import Any
 
 import pytest
 
-from client_py import AsyncEngineClient, AsyncRunHandle, RunEvent
+from client_py import (
+    AssistantMessage,
+    AsyncEngineClient,
+    AsyncRunHandle,
+    Resumed,
+    RunEvent,
+    RunFinished,
+    ToolCallCompleted,
+    ToolCallStarted,
+)
 from engine_service import LocalStorage, Storage
 from engine_service._s3 import S3Storage
 from tests.conftest import ServerFactory, turn, undone_seqs
@@ -112,17 +121,17 @@ async def check_history(
     assert [e.kind for e in logged if e.seq in undone].count("run_finished") == 0
     assert [e.kind for e in logged].count("run_started") <= 1
     # A kill before the first checkpoint undoes the run_started (or it was never written).
-    if kinds[0] == "resumed":
+    if isinstance(events[0], Resumed):
         assert events[0].resumed_by == "recovery"
         assert "run_started" not in kinds
     else:
         assert kinds[0] == "run_started"
         assert kinds.count("run_started") == 1
-    finished = [e for e in events if e.kind == "run_finished"]
+    finished = [e for e in events if isinstance(e, RunFinished)]
     # A run that failed its runner handoff and was retried ended once FAILED before its final DONE.
     assert [f.state for f in finished] == ["FAILED"] * failed_attempts + ["DONE"]
     assert kinds[-1] == "run_finished"
-    assistant_turns = [e.turn for e in events if e.kind == "assistant_message"]
+    assistant_turns = [e.turn for e in events if isinstance(e, AssistantMessage)]
     assert assistant_turns == list(range(1, plan.turns + 1)), "an assistant turn was lost or repeated"
     assert run.meta.turns == plan.turns
 
@@ -140,8 +149,8 @@ async def check_history(
     ran = collections.Counter(lines)
     assert set(ran) <= set(plan.markers.values()), ran
     assert all(n == 1 for n in ran.values()), f"a tool ran twice: {ran.most_common(3)}"
-    started = collections.Counter(e.call.call_id for e in events if e.kind == "tool_call_started")
-    completed = collections.Counter(e.call_id for e in events if e.kind == "tool_call_completed")
+    started = collections.Counter(e.call.call_id for e in events if isinstance(e, ToolCallStarted))
+    completed = collections.Counter(e.call_id for e in events if isinstance(e, ToolCallCompleted))
     assert all(n == 1 for n in started.values()), started
     assert all(n == 1 for n in completed.values()), completed
 
@@ -154,16 +163,18 @@ async def check_history(
             assert result["is_error"]
             # If the dead engine got as far as announcing the call, that announcement was undone.
             assert all(
-                e.seq in undone for e in logged if e.kind == "tool_call_started" and e.call.call_id == call_id
+                e.seq in undone
+                for e in logged
+                if isinstance(e, ToolCallStarted) and e.call.call_id == call_id
             )
             assert ran[marker] <= 1
-            (done,) = [e for e in events if e.kind == "tool_call_completed" and e.call_id == call_id]
+            (done,) = [e for e in events if isinstance(e, ToolCallCompleted) and e.call_id == call_id]
             assert done.outcome == "interrupted"
         else:
             assert not result["is_error"], result
             assert ran[marker] == 1, f"{call_id} ({marker}) completed but its side effect is missing"
             assert completed[call_id] == 1
-    resumed_by = [e.resumed_by for e in events if e.kind == "resumed"]
+    resumed_by = [e.resumed_by for e in events if isinstance(e, Resumed)]
     return Outcome(events, interrupted, resumed_by)
 
 
@@ -286,11 +297,11 @@ async def test_runner_kill_9_at_a_random_point(tmp_path: Path, seed: int) -> Non
             # first tool call is test_runner_killed_in_its_first_tool_call_is_recovered below.)
             seen = 0
             async for event in handle.events(follow=True):
-                if event.kind == "resumed" and event.resumed_by == "runner":
+                if isinstance(event, Resumed) and event.resumed_by == "runner":
                     seen = 1
                 elif seen:
                     seen += 1
-                if (seen and seen > kill_after) or event.kind == "run_finished":
+                if (seen and seen > kill_after) or isinstance(event, RunFinished):
                     break
             await asyncio.sleep(extra_delay)
             runner.kill9()
@@ -566,7 +577,7 @@ async def test_a_live_watcher_reconnecting_after_a_crash_sees_the_durable_histor
             live: list[RunEvent] = []
             async for event in handle.events(follow=True):
                 live.append(event)
-                if event.kind == "tool_call_started":
+                if isinstance(event, ToolCallStarted):
                     break
     finally:
         engine.kill9()
@@ -583,7 +594,7 @@ async def test_a_live_watcher_reconnecting_after_a_crash_sees_the_durable_histor
     watched = [(e.seq, e.kind) for e in live + later]
     assert watched == [(e.seq, e.kind) for e in durable]
     # The recovered run says which of the events the watcher saw were undone by the crash.
-    resumed = next(e for e in later if e.kind == "resumed")
+    resumed = next(e for e in later if isinstance(e, Resumed))
     assert resumed.resumed_by == "recovery"
     assert 0 < resumed.rolled_back_from_seq <= live[-1].seq < resumed.seq
 

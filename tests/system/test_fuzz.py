@@ -8,7 +8,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -94,7 +94,7 @@ def test_double_encoding_cannot_be_smuggled_past_normalise_path(raw: str) -> Non
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["resolve_in_workdir", "normalise_path"])
 def test_validators_refuse_lone_surrogates_with_their_own_error(which: str, tmp_path: Path) -> None:
-    check = {
+    check: Callable[[], object] = {
         "resolve_in_workdir": lambda: resolve_in_workdir(tmp_path, "notes\ud800.txt"),
         "normalise_path": lambda: normalise_path("/items/\ud800"),
     }[which]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import os
 import statistics
@@ -88,7 +89,7 @@ async def executor(client: AsyncEngineClient, stats: Stats, stop: asyncio.Event)
     async def once() -> None:
         started = time.perf_counter()
         execution = client.execute("load", model="scripted", script=SCRIPT)
-        events = []
+        events: list[RunEvent] = []
         async for event in execution:
             if not events:
                 stats.record("execute_first_event", time.perf_counter() - started)
@@ -137,7 +138,7 @@ async def follower(
             run_id = await asyncio.wait_for(runs.get(), timeout=0.5)
         except TimeoutError:
             continue
-        await guarded(stats, "follow", lambda run_id=run_id: once(run_id))
+        await guarded(stats, "follow", functools.partial(once, run_id))
 
 
 def rss_mb(pid: int) -> float:

@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from client_py import AsyncEngineClient
+from client_py import (
+    AssistantMessage,
+    AsyncEngineClient,
+    Resumed,
+    ToolCallCompleted,
+    ToolCallStarted,
+)
 from tests.conftest import turn, undone_seqs
 from tests.processes import EngineProcess
 
@@ -54,7 +60,7 @@ async def test_kill_9_mid_run_then_restart_completes_every_turn_once(tmp_path: P
             handle = await client.create("count", model="scripted", script=script, max_turns=turns + 5)
             completed = 0
             async for event in handle.events(follow=True):
-                completed += event.kind == "tool_call_completed"
+                completed += isinstance(event, ToolCallCompleted)
                 if completed >= 40:
                     break
         engine.kill9()
@@ -70,7 +76,7 @@ async def test_kill_9_mid_run_then_restart_completes_every_turn_once(tmp_path: P
         restarted.close()
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     undone = undone_seqs(events)  # what the killed engine wrote past its checkpoint
-    assistant_turns = [e.turn for e in events if e.kind == "assistant_message" and e.seq not in undone]
+    assistant_turns = [e.turn for e in events if isinstance(e, AssistantMessage) and e.seq not in undone]
     assert assistant_turns == list(range(1, turns + 2))  # every turn exactly once, in order
     assert run.meta.turns == turns + 1
     lines = (workdir(tmp_path, handle.run_id) / "turns.log").read_text().split()
@@ -78,7 +84,7 @@ async def test_kill_9_mid_run_then_restart_completes_every_turn_once(tmp_path: P
     assert all(n == 1 for n in counts.values()), counts.most_common(3)  # no command ran twice
     missing = {str(i) for i in range(1, turns + 1)} - set(lines)
     assert len(missing) <= 1  # at most the call the crash interrupted
-    resumed = [e for e in events if e.kind == "resumed"]
+    resumed = [e for e in events if isinstance(e, Resumed)]
     assert [e.resumed_by for e in resumed] == ["recovery"]
 
 
@@ -92,7 +98,7 @@ async def test_kill_9_during_a_tool_call_reports_it_interrupted(tmp_path: Path) 
         async with AsyncEngineClient(engine.target) as client:
             handle = await client.create("side effect", model="scripted", script=script)
             async for event in handle.events(follow=True):
-                if event.kind == "tool_call_started":
+                if isinstance(event, ToolCallStarted):
                     break
             for _ in range(100):
                 if (workdir(tmp_path, handle.run_id) / "side.txt").exists():
@@ -112,11 +118,11 @@ async def test_kill_9_during_a_tool_call_reports_it_interrupted(tmp_path: Path) 
     assert (workdir(tmp_path, handle.run_id) / "side.txt").read_text() == "ran\n"  # not re-run
     # The watcher saw the call start, so the log keeps that; the recovered run marks it undone
     # and records the call's outcome as the model was told it: interrupted, not run again.
-    started = [e for e in events if e.kind == "tool_call_started"]
-    (resumed,) = [e for e in events if e.kind == "resumed"]
+    started = [e for e in events if isinstance(e, ToolCallStarted)]
+    (resumed,) = [e for e in events if isinstance(e, Resumed)]
     assert resumed.resumed_by == "recovery"
     assert resumed.rolled_back_from_seq <= started[0].seq < resumed.seq
-    (completed,) = [e for e in events if e.kind == "tool_call_completed"]
+    (completed,) = [e for e in events if isinstance(e, ToolCallCompleted)]
     assert completed.outcome == "interrupted"
     assert completed.is_error
     assert completed.seq > resumed.seq

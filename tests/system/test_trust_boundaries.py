@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -70,7 +70,7 @@ def forms(secrets: tuple[str, ...] = CANARIES) -> list[str]:
     return sorted(set(out))
 
 
-def assert_clean(blobs: list[str | bytes], where: str, secrets: tuple[str, ...] = CANARIES) -> None:
+def assert_clean(blobs: Sequence[str | bytes], where: str, secrets: tuple[str, ...] = CANARIES) -> None:
     hits = {i: found for i, b in enumerate(blobs) if (found := find_secrets(b, forms(secrets)))}
     assert not hits, f"engine-held secrets found in {where}: {hits}"
 
@@ -166,7 +166,7 @@ def service(name: str, base_url: str, auth: dict[str, str]) -> dict[str, Any]:
     return {"name": name, "base_url": base_url, "auth": auth}
 
 
-def scan_everything(stack: Stack, extra: list[str | bytes]) -> None:
+def scan_everything(stack: Stack, extra: Sequence[str | bytes]) -> None:
     assert_clean(tree(stack.storage), "the storage tree")
     assert_clean([stack.engine.log.read_bytes()], "the engine's stderr")
     assert_clean([json.dumps(r) for r in read(str(stack.hook_log))], "metering hook payloads")
@@ -406,7 +406,10 @@ async def test_a_workspaces_runner_secret_cannot_continue_another_workspaces_run
               "MACHINA_EGRESS_ALLOW_HOSTS": "127.0.0.1"}  # fmt: skip
     runner_config = tmp_path / "runner.toml"
     runner_config.write_text(secrets)
-    handler = type("Accepting", (_Accepting,), {"seen": []})
+
+    class handler(_Accepting):  # a fresh class: its own list of what it saw
+        seen: ClassVar[list[dict[str, str]]] = []
+
     stub = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=stub.serve_forever, daemon=True).start()
     runner = RunnerProcess(tmp_path / "r", "--config", str(runner_config), env=shared)

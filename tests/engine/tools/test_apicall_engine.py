@@ -15,7 +15,11 @@ from typing import Any
 import grpc
 import pytest
 
-from client_py import AsyncEngineClient, ToolCallCompleted
+from client_py import (
+    ApiCallMetered,
+    AsyncEngineClient,
+    ToolCallCompleted,
+)
 from engine_service._apicall import AuthContext, CustomAuth
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
@@ -161,7 +165,7 @@ async def test_secret_isolation_across_the_whole_system(
     assert teapot.is_error
     assert "not allowed for service 'tenant_header'" in teapot.output  # allowed_paths
     assert "spoof" not in tenant_header.output
-    api_events = [e for e in events if e.kind == "api_call"]
+    api_events = [e for e in events if isinstance(e, ApiCallMetered)]
     assert {e.service for e in api_events} >= {"engine_bin", "vault_bin", "tenant_basic"}
     assert all(e.latency_ms >= 0 for e in api_events)
 
@@ -192,7 +196,7 @@ async def test_per_run_credentials_are_memory_only(servers: ServerFactory, httpb
         handle = await client.attach(run.run_id)
         await handle.approve(run.interrupts[0].interrupt_id)
         run = await handle.wait(timeout=20)
-        outputs = [e.output async for e in handle.events(follow=False) if e.kind == "tool_call_completed"]
+        outputs = [e.output async for e in handle.events(follow=False) if isinstance(e, ToolCallCompleted)]
     assert run.state == "DONE"
     assert "ERR_CREDENTIALS_MISSING" in outputs[0]
     assert "tenant_basic" in outputs[0]
@@ -213,7 +217,7 @@ async def test_credentials_resupplied_on_resume(servers: ServerFactory, httpbin:
         handle = await client.attach(run.run_id)
         await handle.resume([{"interrupt_id": run.interrupts[0].interrupt_id, "action": "approve"}], api=api)
         run = await handle.wait(timeout=20)
-        outputs = [e.output async for e in handle.events(follow=False) if e.kind == "tool_call_completed"]
+        outputs = [e.output async for e in handle.events(follow=False) if isinstance(e, ToolCallCompleted)]
     assert "[REDACTED]" in outputs[0]  # the re-supplied credential was sent (and echoed, scrubbed)
     assert_no_secret(outputs, "resumed output")
 
