@@ -60,10 +60,14 @@ def fuzz_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, su
             text=True,
         )
     yield runs
+    # A subset (`-k`) may have waited for only some targets: stop the rest and close every pipe,
+    # or the unclosed ones surface as a ResourceWarning in whichever test runs next.
     for process in runs.values():
         if process.poll() is None:
             process.kill()
         process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
 
 
 @pytest.mark.slow
