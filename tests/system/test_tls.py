@@ -142,7 +142,7 @@ def test_handoff_to_a_tls_runner_verifies_the_ca(tmp_path: Path, pki: Pki) -> No
             verify=ssl.create_default_context(cafile=str(pki.ca_cert)),
             timeout=10,
         )
-        assert health.json() == {"status": "ok"}
+        assert health.json()["status"] == "ok"
         credentials = grpc.ssl_channel_credentials(pki.ca_cert.read_bytes())
         with grpc.secure_channel(runner.grpc_target, credentials) as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
