@@ -62,9 +62,13 @@ lint: (sync "lint")
 typecheck: (sync "lint" "test" "bench")
     {{venv}}/mypy
 
-# Run the whole test suite (pass pytest args, e.g. `just test -k resume`).
+# Run the whole test suite, slow tests included (pass pytest args, e.g. `just test -k resume`, `just test tests/engine`).
 test *args: (sync "test" "browser" "fuzz")
     {{venv}}/python -m pytest {{args}}
+
+# The tests not marked slow, in a few minutes (no engine/runner/fuzz/MCP processes, storage faults or kill -9): `just test-fast -x`.
+test-fast *args: (sync "test" "browser" "fuzz")
+    {{venv}}/python -m pytest -m "not slow" -p no:cacheprovider {{args}}
 
 # The end-to-end demo: a real engine process, a scripted (or real, with an API key) run, an approval.
 demo: setup
@@ -76,7 +80,7 @@ bench *args: (sync "test" "bench")
 
 # Load on loopback (SPEC §8): hundreds of concurrent streams and runs against a real engine for `seconds`; writes test-artifacts/load.json.
 load seconds="60" concurrency="400": (sync "test")
-    MACHINA_LOAD_SECONDS={{seconds}} MACHINA_LOAD_CONCURRENCY={{concurrency}} {{venv}}/python -m pytest tests/test_load.py -s -p no:cacheprovider
+    MACHINA_LOAD_SECONDS={{seconds}} MACHINA_LOAD_CONCURRENCY={{concurrency}} {{venv}}/python -m pytest tests/system/test_load.py -s -p no:cacheprovider
 
 # Fuzz the parsers and validators (fuzz/, atheris) for `seconds` per target; crashes are saved in test-artifacts/fuzz/.
 fuzz seconds="30": (sync "test" "fuzz")

@@ -33,7 +33,7 @@ from typing import Any
 try:
     import ipywidgets as W  # type: ignore[import-untyped]
     from IPython.display import display
-except ImportError as exc:  # tests/test_widgets.py::test_a_missing_extra_names_it
+except ImportError as exc:  # tests/client/test_widgets.py::test_a_missing_extra_names_it
     raise ImportError(
         "client_py.widgets needs ipywidgets, which the client's `widgets` extra installs: "
         "pip install 'machina-client[widgets]' (or 'machina[widgets]' from the repository)"

@@ -7,7 +7,7 @@ gives it back unchanged (so what the allow-list regexes match is what is sent).
 
 Known bug, skipped here: hex digits encoded after ``%25`` slip past the double-encoding check
 (``/%25%32%65`` becomes ``/%252e``, which normalise_path itself refuses); pinned by
-tests/test_fuzz.py::test_double_encoding_cannot_be_smuggled_past_normalise_path.
+tests/system/test_fuzz.py::test_double_encoding_cannot_be_smuggled_past_normalise_path.
 """
 
 from __future__ import annotations

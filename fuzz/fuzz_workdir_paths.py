@@ -7,7 +7,7 @@ file or a directory — never a path outside, never a device, FIFO or socket.
 
 Paths are drawn without lone surrogates: JSON from a model can carry them, and they make
 ``resolve_in_workdir`` raise UnicodeEncodeError rather than ToolError (see
-tests/test_fuzz.py::test_validators_refuse_lone_surrogates_with_their_own_error).
+tests/system/test_fuzz.py::test_validators_refuse_lone_surrogates_with_their_own_error).
 """
 
 from __future__ import annotations

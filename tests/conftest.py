@@ -57,6 +57,29 @@ async def refresh_until(
     return run
 
 
+def build_engine(
+    root: Path,
+    *,
+    config: dict[str, Any] | None = None,
+    clock: Callable[[], float] | None = None,
+    resolver: Resolver | None = None,
+    model_factory: Callable[[str, str], Any] | None = None,
+) -> Engine:
+    """An Engine over LocalStorage at ``root`` with the built-in and the test tools (not started).
+
+    ``config`` is merged over the storage and run-directory settings; ``resolver`` answers the
+    egress policy's DNS questions (default: the system's)."""
+    cfg = EngineConfig.model_validate(
+        {"storage": str(root), "workdir_root": str(root / "workdirs"), **(config or {})}
+    )
+    kwargs: dict[str, Any] = {"clock": clock} if clock else {}
+    if model_factory is not None:
+        kwargs["model_factory"] = model_factory
+    egress = cfg.egress_policy(resolver)
+    tools = ToolRegistry([*builtin_tools(cfg, egress), *test_tools.ALL])
+    return Engine(cfg, LocalStorage(root), tools=tools, egress=egress, **kwargs)
+
+
 class ServerFactory:
     """Starts engine servers over one storage root (so tests can 'restart' the engine)."""
 
@@ -73,13 +96,7 @@ class ServerFactory:
         resolver: Resolver | None = None,
     ) -> RunningServer:
         """``resolver`` answers the egress policy's DNS questions (default: the system's)."""
-        cfg = EngineConfig.model_validate(
-            {"storage": str(self.root), "workdir_root": str(self.root / "workdirs"), **(config or {})}
-        )
-        kwargs: dict[str, Any] = {"clock": clock} if clock else {}
-        egress = cfg.egress_policy(resolver)
-        tools = ToolRegistry([*builtin_tools(cfg, egress), *test_tools.ALL])
-        engine = Engine(cfg, LocalStorage(self.root), tools=tools, egress=egress, **kwargs)
+        engine = build_engine(self.root, config=config, clock=clock, resolver=resolver)
         server = await start_server(engine, "127.0.0.1:0", api_keys=api_keys)
         self.running.append(server)
         return server

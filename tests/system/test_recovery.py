@@ -1,0 +1,158 @@
+"""Crash recovery: kill -9 of a real engine process mid-run, restart, and the run completes
+with no turn lost or duplicated and no in-flight tool silently re-run."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client_py import (
+    AssistantMessage,
+    AsyncEngineClient,
+    Resumed,
+    ToolCallCompleted,
+    ToolCallStarted,
+)
+from tests.conftest import turn, undone_seqs
+from tests.processes import EngineProcess
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+def env_for(tmp: Path) -> dict[str, str]:
+    return {
+        "MACHINA_STORAGE": str(tmp / "storage"),
+        "MACHINA_WORKDIR_ROOT": str(tmp / "work"),
+        "MACHINA_LEASE_TTL_S": "1",
+        "MACHINA_RECOVERY_INTERVAL_S": "0.2",
+        "MACHINA_MAX_TURNS": "1000",
+        "MACHINA_TOOLS_CUSTOM": "tests.tools:noop",
+    }
+
+
+async def wait_done(client: AsyncEngineClient, run_id: str, timeout: float = 60) -> Any:
+    handle = await client.attach(run_id)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    run = handle.run
+    while run.state not in ("DONE", "FAILED", "CANCELLED") and loop.time() < deadline:
+        run = await handle.wait(timeout=2)
+        if run.state == "PAUSED":
+            break
+    return run
+
+
+def workdir(tmp: Path, run_id: str) -> Path:
+    return tmp / "work" / "default" / run_id
+
+
+async def test_kill_9_mid_run_then_restart_completes_every_turn_once(tmp_path: Path) -> None:
+    turns = 120
+    script = [turn(f"turn {i}", ("Bash", {"command": f"echo {i} >> turns.log"})) for i in range(1, turns + 1)]
+    script.append(turn("all done"))
+    engine = EngineProcess(tmp_path, env=env_for(tmp_path))
+    try:
+        async with AsyncEngineClient(engine.target) as client:
+            handle = await client.create("count", model="scripted", script=script, max_turns=turns + 5)
+            completed = 0
+            async for event in handle.events(follow=True):
+                completed += isinstance(event, ToolCallCompleted)
+                if completed >= 40:
+                    break
+        engine.kill9()
+    finally:
+        engine.close()
+    restarted = EngineProcess(tmp_path, env=env_for(tmp_path))
+    try:
+        async with AsyncEngineClient(restarted.target) as client:
+            run = await wait_done(client, handle.run_id)
+            assert run.state == "DONE", run
+            events = [e async for e in (await client.attach(handle.run_id)).events(follow=False)]
+    finally:
+        restarted.close()
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    undone = undone_seqs(events)  # what the killed engine wrote past its checkpoint
+    assistant_turns = [e.turn for e in events if isinstance(e, AssistantMessage) and e.seq not in undone]
+    assert assistant_turns == list(range(1, turns + 2))  # every turn exactly once, in order
+    assert run.meta.turns == turns + 1
+    lines = (workdir(tmp_path, handle.run_id) / "turns.log").read_text().split()
+    counts = collections.Counter(lines)
+    assert all(n == 1 for n in counts.values()), counts.most_common(3)  # no command ran twice
+    missing = {str(i) for i in range(1, turns + 1)} - set(lines)
+    assert len(missing) <= 1  # at most the call the crash interrupted
+    resumed = [e for e in events if isinstance(e, Resumed)]
+    assert [e.resumed_by for e in resumed] == ["recovery"]
+
+
+async def test_kill_9_during_a_tool_call_reports_it_interrupted(tmp_path: Path) -> None:
+    script = [
+        turn("", ("Bash", {"command": "echo ran >> side.txt; sleep 30"})),
+        turn("I will check side.txt."),
+    ]
+    engine = EngineProcess(tmp_path, env=env_for(tmp_path))
+    try:
+        async with AsyncEngineClient(engine.target) as client:
+            handle = await client.create("side effect", model="scripted", script=script)
+            async for event in handle.events(follow=True):
+                if isinstance(event, ToolCallStarted):
+                    break
+            for _ in range(100):
+                if (workdir(tmp_path, handle.run_id) / "side.txt").exists():
+                    break
+                await asyncio.sleep(0.02)
+        engine.kill9()
+    finally:
+        engine.close()
+    restarted = EngineProcess(tmp_path, env=env_for(tmp_path))
+    try:
+        async with AsyncEngineClient(restarted.target) as client:
+            run = await wait_done(client, handle.run_id)
+            events = [e async for e in (await client.attach(handle.run_id)).events(follow=False)]
+    finally:
+        restarted.close()
+    assert run.state == "DONE"
+    assert (workdir(tmp_path, handle.run_id) / "side.txt").read_text() == "ran\n"  # not re-run
+    # The watcher saw the call start, so the log keeps that; the recovered run marks it undone
+    # and records the call's outcome as the model was told it: interrupted, not run again.
+    started = [e for e in events if isinstance(e, ToolCallStarted)]
+    (resumed,) = [e for e in events if isinstance(e, Resumed)]
+    assert resumed.resumed_by == "recovery"
+    assert resumed.rolled_back_from_seq <= started[0].seq < resumed.seq
+    (completed,) = [e for e in events if isinstance(e, ToolCallCompleted)]
+    assert completed.outcome == "interrupted"
+    assert completed.is_error
+    assert completed.seq > resumed.seq
+    assert "interrupted by an engine crash" in completed.output
+    storage = tmp_path / "storage" / "workspaces" / "default" / "runs" / handle.run_id / "transcript"
+    transcript = "".join(p.read_text() for p in sorted(storage.iterdir()))
+    assert "interrupted by an engine crash" in transcript
+
+
+async def test_paused_runs_stay_paused_through_a_crash(tmp_path: Path) -> None:
+    env = {**env_for(tmp_path), "MACHINA_TOOLS_PERMISSIONS": "noop=ask"}
+    engine = EngineProcess(tmp_path, env=env)
+    try:
+        async with AsyncEngineClient(engine.target) as client:
+            handle = await client.create(
+                "wait", model="scripted", script=[turn("", ("noop", {})), turn("ok")]
+            )
+            run = await handle.wait(timeout=20)
+            assert run.state == "PAUSED"
+        engine.kill9()
+    finally:
+        engine.close()
+    restarted = EngineProcess(tmp_path, env=env)
+    try:
+        async with AsyncEngineClient(restarted.target) as client:
+            await asyncio.sleep(1.5)  # past the lease and several sweeps
+            assert await client.recover_orphaned_runs() == []
+            handle = await client.attach(run.run_id)
+            assert handle.run.state == "PAUSED"
+            await handle.approve(run.interrupts[0].interrupt_id)
+            assert (await handle.wait(timeout=20)).state == "DONE"
+    finally:
+        restarted.close()
