@@ -15,9 +15,9 @@ from engine_service._config import ConfigError, EngineConfig, load_config
 from engine_service._engine import ClientToolDef, Decision, Engine
 from engine_service._errors import EngineError, ErrorKind
 from engine_service._run import RunRecord, RunSpec, ScriptedTurn
-from engine_service._storage import LocalStorage, Storage, open_storage
 from engine_service._tools import Tool, ToolContext, ToolError, ToolRegistry, tool
 from engine_service._types import Principal, RunState
+from engine_service.storage._local import LocalStorage, Storage, open_storage
 
 __all__ = [
     "ClientToolDef",

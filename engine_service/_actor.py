@@ -24,7 +24,6 @@ from engine_service._feed import EventFeed
 from engine_service._limits import MAX_DEPTH, is_small, too_deep
 from engine_service._regex import SchemaValidator
 from engine_service._run import PENDING, READY, RESOLVED, Interrupt, PendingCall, RunError, RunRecord, RunSpec
-from engine_service._storage import Storage, StorageUnavailable, storage_fault
 from engine_service._text import loads_untrusted
 from engine_service._tools import Tool, ToolArgumentError, ToolContext, call_tool, capability_error
 from engine_service._types import (
@@ -39,8 +38,9 @@ from engine_service._types import (
     ToolCall,
     ToolChoice,
 )
-from engine_service._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
 from engine_service.models import ModelAdapter, ModelError, ModelRequest, TextChunk, TurnResult
+from engine_service.storage._local import Storage, StorageUnavailable, storage_fault
+from engine_service.storage._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
 from engine_service.tools import result_blob_name, truncation_note
 
 log = logging.getLogger("machina.engine")

@@ -52,7 +52,6 @@ from engine_service._ids import check_id, new_id
 from engine_service._limits import is_small
 from engine_service._regex import check_schema
 from engine_service._run import PENDING, READY, RESOLVED, PendingCall, RunRecord, RunSpec
-from engine_service._storage import Storage
 from engine_service._tools import (
     ASK_USER,
     Tool,
@@ -74,7 +73,6 @@ from engine_service._types import (
     RunState,
 )
 from engine_service._webhooks import WebhookConfig, WebhookSender
-from engine_service._workdir_snapshot import WorkdirSnapshots
 from engine_service.models import ScriptedModel
 from engine_service.models._select import (
     ModelFactory,
@@ -86,6 +84,8 @@ from engine_service.models._select import (
     resolve_default_model,
     validate_script,
 )
+from engine_service.storage._local import Storage
+from engine_service.storage._workdir_snapshot import WorkdirSnapshots
 from engine_service.tools import (
     EDIT,
     FETCH_DATA,

@@ -33,8 +33,8 @@ from engine_service._convert import (
 from engine_service._engine import Decision, Engine
 from engine_service._errors import EngineError, ErrorKind, shown
 from engine_service._run import RunRecord
-from engine_service._storage import storage_fault
 from engine_service._types import Principal
+from engine_service.storage._local import storage_fault
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
 from machina.engine.v1 import run_pb2 as rp

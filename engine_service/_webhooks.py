@@ -50,9 +50,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine_service._egress import EgressPolicy, EgressRefused
 from engine_service._limits import MAX_DEPTH, too_deep
-from engine_service._storage import Storage
 from engine_service._tls import client_ssl_context
 from engine_service._types import JsonObject
+from engine_service.storage._local import Storage
 
 log = logging.getLogger("machina.webhooks")
 

@@ -33,7 +33,7 @@ import pytest
 
 from client_py import AsyncEngineClient, AsyncRunHandle, RunEvent
 from engine_service import LocalStorage, Storage
-from engine_service._s3 import S3Storage
+from engine_service.storage._s3 import S3Storage
 from tests.conftest import ServerFactory, turn, undone_seqs
 from tests.processes import EngineProcess, RunnerProcess, free_port
 from tests.s3_server import FaultyProxy, new_bucket

@@ -14,7 +14,6 @@ import pytest
 from client_py import AsyncEngineClient
 from engine_service import LocalStorage, Storage
 from engine_service._egress import EgressPolicy
-from engine_service._s3 import S3Storage
 from engine_service._types import JsonObject
 from engine_service._webhooks import (
     OUTBOX_SHARDS,
@@ -22,6 +21,7 @@ from engine_service._webhooks import (
     notification_blob,
     outbox_shard,
 )
+from engine_service.storage._s3 import S3Storage
 from tests.conftest import ServerFactory, turn
 from tests.processes import free_port
 from tests.s3_server import new_bucket

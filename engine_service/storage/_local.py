@@ -481,7 +481,7 @@ def open_storage(url: str, *, fsync: bool = False) -> Storage:
         return LocalStorage(url.removeprefix("file://"), fsync=fsync)
     if url.startswith("s3://"):
         try:
-            from engine_service._s3 import S3Storage
+            from engine_service.storage._s3 import S3Storage
         except ModuleNotFoundError as exc:
             raise missing_extra("aioboto3", "s3", "S3 storage", exc) from None
 

@@ -24,8 +24,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from engine_service._ids import check_id
-from engine_service._storage import StorageUnavailable
 from engine_service._types import JsonObject
+from engine_service.storage._local import StorageUnavailable
 
 _DIGITS = 12
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from engine_service._errors import RunFailure
-from engine_service._storage import Storage
+from engine_service.storage._local import Storage
 
 log = logging.getLogger("machina.engine")
 
