@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 
 from engine_service import Engine, EngineConfig, LocalStorage, RunSpec, ScriptedTurn, Storage, ToolRegistry
-from engine_service._tools import ASK_USER
-from engine_service._types import Principal, RunState
+from engine_service.core._types import Principal, RunState
+from engine_service.tools._registry import ASK_USER
 from machina.engine.v1 import engine_service_pb2 as svc
 from tests import tools as test_tools
 

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 
 from engine_service import EngineConfig
-from engine_service._engine import builtin_tools
-from engine_service._types import Message, ToolCall
+from engine_service.core._engine import builtin_tools
+from engine_service.core._types import Message, ToolCall
 from engine_service.models import AnthropicModel, ModelRequest, OpenAIModel
 
 

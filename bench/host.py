@@ -23,10 +23,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from engine_service import Engine, EngineConfig, LocalStorage, ToolRegistry
-from engine_service._server import start_server
-from engine_service._tools import ASK_USER
-from engine_service._types import Usage
+from engine_service.api._server import start_server
+from engine_service.core._types import Usage
 from engine_service.models import ModelAdapter, ModelRequest, TextChunk, TurnResult
+from engine_service.tools._registry import ASK_USER
 from tests import tools as test_tools
 
 

@@ -11,13 +11,13 @@ try:
 except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
-from engine_service._config import ConfigError, EngineConfig, load_config
-from engine_service._engine import ClientToolDef, Decision, Engine
-from engine_service._errors import EngineError, ErrorKind
-from engine_service._run import RunRecord, RunSpec, ScriptedTurn
-from engine_service._tools import Tool, ToolContext, ToolError, ToolRegistry, tool
-from engine_service._types import Principal, RunState
+from engine_service.core._config import ConfigError, EngineConfig, load_config
+from engine_service.core._engine import ClientToolDef, Decision, Engine
+from engine_service.core._errors import EngineError, ErrorKind
+from engine_service.core._run import RunRecord, RunSpec, ScriptedTurn
+from engine_service.core._types import Principal, RunState
 from engine_service.storage._local import LocalStorage, Storage, open_storage
+from engine_service.tools._registry import Tool, ToolContext, ToolError, ToolRegistry, tool
 
 __all__ = [
     "ClientToolDef",

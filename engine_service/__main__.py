@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from engine_service import __version__
-from engine_service._bootstrap import build_engine
-from engine_service._config import (
+from engine_service.api._server import start_server
+from engine_service.core._bootstrap import build_engine
+from engine_service.core._config import (
     ConfigError,
     EngineConfig,
     is_loopback,
@@ -19,10 +20,9 @@ from engine_service._config import (
     load_config,
     read_tls_files,
 )
-from engine_service._errors import EngineError
-from engine_service._logging import setup_logging
-from engine_service._server import start_server
-from engine_service._types import Principal
+from engine_service.core._errors import EngineError
+from engine_service.core._logging import setup_logging
+from engine_service.core._types import Principal
 
 log = logging.getLogger("machina.engine")
 

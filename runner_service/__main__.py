@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 from engine_service import __version__
-from engine_service._bootstrap import build_engine
-from engine_service._config import ConfigError, is_loopback, load_config, read_tls_files
-from engine_service._errors import EngineError
-from engine_service._logging import setup_logging
-from engine_service._server import stop_gracefully
+from engine_service.api._server import stop_gracefully
+from engine_service.core._bootstrap import build_engine
+from engine_service.core._config import ConfigError, is_loopback, load_config, read_tls_files
+from engine_service.core._errors import EngineError
+from engine_service.core._logging import setup_logging
 from runner_service._config import RunnerConfig
 from runner_service._grpc import start_grpc
 from runner_service._http import build_app

@@ -36,9 +36,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client_py import AsyncEngineClient
-from engine_service._convert import MAX_EVENTS_BYTES
-from engine_service._errors import EngineError, ErrorKind
-from engine_service._server import MAX_PAGE_BYTES, RunningServer
+from engine_service.api._convert import MAX_EVENTS_BYTES
+from engine_service.api._server import MAX_PAGE_BYTES, RunningServer
+from engine_service.core._errors import EngineError, ErrorKind
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
 from machina.engine.v1 import run_pb2 as rp

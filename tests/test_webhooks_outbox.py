@@ -13,9 +13,9 @@ import pytest
 
 from client_py import AsyncEngineClient
 from engine_service import LocalStorage, Storage
-from engine_service._egress import EgressPolicy
-from engine_service._types import JsonObject
-from engine_service._webhooks import (
+from engine_service.core._types import JsonObject
+from engine_service.net._egress import EgressPolicy
+from engine_service.net._webhooks import (
     OUTBOX_SHARDS,
     WebhookSender,
     notification_blob,

@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from engine_service._errors import missing_extra
-from engine_service._ids import check_id
-from engine_service._types import JsonObject
+from engine_service.core._errors import missing_extra
+from engine_service.core._ids import check_id
+from engine_service.core._types import JsonObject
 
 _SEGMENT_DIGITS = 12
 

@@ -23,8 +23,8 @@ import aioboto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from engine_service._ids import check_id
-from engine_service._types import JsonObject
+from engine_service.core._ids import check_id
+from engine_service.core._types import JsonObject
 from engine_service.storage._local import StorageUnavailable
 
 _DIGITS = 12

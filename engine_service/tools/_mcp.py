@@ -42,11 +42,11 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.message import SessionMessage
 
-from engine_service._regex import check_schema
-from engine_service._text import loads_untrusted
-from engine_service._tools import Tool, ToolContext, ToolError
-from engine_service._types import JsonObject
+from engine_service.core._regex import check_schema
+from engine_service.core._text import loads_untrusted
+from engine_service.core._types import JsonObject
 from engine_service.tools._mcp_config import McpServerConfig, mcp_tool_prefix, select_servers
+from engine_service.tools._registry import Tool, ToolContext, ToolError
 
 log = logging.getLogger("machina.engine.mcp")
 

@@ -18,10 +18,10 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from pydantic import BaseModel, Field
 
-from engine_service._egress import EgressPolicy, EgressRefused
-from engine_service._text import clean_text
-from engine_service._tls import client_ssl_context
-from engine_service._tools import Tool, ToolContext, ToolError, tool_from_callable
+from engine_service.core._text import clean_text
+from engine_service.net._egress import EgressPolicy, EgressRefused
+from engine_service.net._tls import client_ssl_context
+from engine_service.tools._registry import Tool, ToolContext, ToolError, tool_from_callable
 
 _TEXT_TYPES = ("text/", "application/json", "application/xml", "application/xhtml+xml", "application/ld+json")
 

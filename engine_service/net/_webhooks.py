@@ -48,10 +48,10 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine_service._egress import EgressPolicy, EgressRefused
-from engine_service._limits import MAX_DEPTH, too_deep
-from engine_service._tls import client_ssl_context
-from engine_service._types import JsonObject
+from engine_service.core._limits import MAX_DEPTH, too_deep
+from engine_service.core._types import JsonObject
+from engine_service.net._egress import EgressPolicy, EgressRefused
+from engine_service.net._tls import client_ssl_context
 from engine_service.storage._local import Storage
 
 log = logging.getLogger("machina.webhooks")

@@ -26,11 +26,11 @@ from typing import Any
 import jsonschema
 import pydantic
 
-from engine_service._errors import EngineError, ErrorKind
-from engine_service._limits import MAX_DEPTH, too_deep
-from engine_service._regex import SchemaValidator, check_schema
-from engine_service._text import clean_text
-from engine_service._types import InterruptKind, JsonObject
+from engine_service.core._errors import EngineError, ErrorKind
+from engine_service.core._limits import MAX_DEPTH, too_deep
+from engine_service.core._regex import SchemaValidator, check_schema
+from engine_service.core._text import clean_text
+from engine_service.core._types import InterruptKind, JsonObject
 from engine_service.models import ToolSpec
 
 

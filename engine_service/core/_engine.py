@@ -24,19 +24,9 @@ import httpx
 import jsonschema
 from pydantic import ValidationError
 
-from engine_service._actor import CANCEL_REQUEST, RunActor, RunEnv, RunnerUnreachable
-from engine_service._apicall import (
-    ApiConfig,
-    ApiPolicyError,
-    ApiService,
-    api_tool_enabled,
-    build_api_call_tool,
-    check_per_run_services,
-    load_resolve_auth,
-)
-from engine_service._config import EngineConfig
-from engine_service._egress import EgressPolicy
-from engine_service._errors import (
+from engine_service.core._actor import CANCEL_REQUEST, RunActor, RunEnv, RunnerUnreachable
+from engine_service.core._config import EngineConfig
+from engine_service.core._errors import (
     EngineError,
     ErrorKind,
     aborted,
@@ -47,22 +37,12 @@ from engine_service._errors import (
     shown,
     shown_list,
 )
-from engine_service._idempotency import check_same_request, fingerprint
-from engine_service._ids import check_id, new_id
-from engine_service._limits import is_small
-from engine_service._regex import check_schema
-from engine_service._run import PENDING, READY, RESOLVED, PendingCall, RunRecord, RunSpec
-from engine_service._tools import (
-    ASK_USER,
-    Tool,
-    ToolArgumentError,
-    ToolRegistry,
-    capability_stub,
-    client_tool,
-    load_hook,
-    render_result,
-)
-from engine_service._types import (
+from engine_service.core._idempotency import check_same_request, fingerprint
+from engine_service.core._ids import check_id, new_id
+from engine_service.core._limits import is_small
+from engine_service.core._regex import check_schema
+from engine_service.core._run import PENDING, READY, RESOLVED, PendingCall, RunRecord, RunSpec
+from engine_service.core._types import (
     Event,
     InterruptKind,
     JsonObject,
@@ -72,7 +52,6 @@ from engine_service._types import (
     Principal,
     RunState,
 )
-from engine_service._webhooks import WebhookConfig, WebhookSender
 from engine_service.models import ScriptedModel
 from engine_service.models._select import (
     ModelFactory,
@@ -84,6 +63,8 @@ from engine_service.models._select import (
     resolve_default_model,
     validate_script,
 )
+from engine_service.net._egress import EgressPolicy
+from engine_service.net._webhooks import WebhookConfig, WebhookSender
 from engine_service.storage._local import Storage
 from engine_service.storage._workdir_snapshot import WorkdirSnapshots
 from engine_service.tools import (
@@ -102,6 +83,25 @@ from engine_service.tools import (
     select_servers,
     sweep_stale_cgroups,
     web_fetch_tool,
+)
+from engine_service.tools._apicall import (
+    ApiConfig,
+    ApiPolicyError,
+    ApiService,
+    api_tool_enabled,
+    build_api_call_tool,
+    check_per_run_services,
+    load_resolve_auth,
+)
+from engine_service.tools._registry import (
+    ASK_USER,
+    Tool,
+    ToolArgumentError,
+    ToolRegistry,
+    capability_stub,
+    client_tool,
+    load_hook,
+    render_result,
 )
 
 MCP_FEATURE = "MCP servers (tools.mcp_servers)"

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from engine_service._convert import (
+from engine_service.api._convert import (
     decision_from_proto,
     event_responses,
     run_to_proto,
@@ -30,10 +30,10 @@ from engine_service._convert import (
     states_from_proto,
     webhook_from_proto,
 )
-from engine_service._engine import Decision, Engine
-from engine_service._errors import EngineError, ErrorKind, shown
-from engine_service._run import RunRecord
-from engine_service._types import Principal
+from engine_service.core._engine import Decision, Engine
+from engine_service.core._errors import EngineError, ErrorKind, shown
+from engine_service.core._run import RunRecord
+from engine_service.core._types import Principal
 from engine_service.storage._local import storage_fault
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc

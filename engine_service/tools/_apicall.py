@@ -24,13 +24,13 @@ from urllib.parse import quote, urljoin, urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from engine_service._egress import EgressPolicy, EgressRefused
-from engine_service._errors import EngineError, shown
-from engine_service._regex import PatternError, check_patterns, fullmatch
-from engine_service._text import has_surrogate, loads_untrusted
-from engine_service._tls import client_ssl_context
-from engine_service._tools import Tool, ToolContext, ToolError, _import_attr
-from engine_service._types import JsonObject
+from engine_service.core._errors import EngineError, shown
+from engine_service.core._regex import PatternError, check_patterns, fullmatch
+from engine_service.core._text import has_surrogate, loads_untrusted
+from engine_service.core._types import JsonObject
+from engine_service.net._egress import EgressPolicy, EgressRefused
+from engine_service.net._tls import client_ssl_context
+from engine_service.tools._registry import Tool, ToolContext, ToolError, _import_attr
 
 logger = logging.getLogger(__name__)
 

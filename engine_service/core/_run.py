@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine_service._types import (
+from engine_service.core._types import (
     InterruptKind,
     JsonObject,
     PauseReason,

@@ -19,14 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine_service._errors import RunFailure
-from engine_service._feed import EventFeed
-from engine_service._limits import MAX_DEPTH, is_small, too_deep
-from engine_service._regex import SchemaValidator
-from engine_service._run import PENDING, READY, RESOLVED, Interrupt, PendingCall, RunError, RunRecord, RunSpec
-from engine_service._text import loads_untrusted
-from engine_service._tools import Tool, ToolArgumentError, ToolContext, call_tool, capability_error
-from engine_service._types import (
+from engine_service.core._errors import RunFailure
+from engine_service.core._feed import EventFeed
+from engine_service.core._limits import MAX_DEPTH, is_small, too_deep
+from engine_service.core._regex import SchemaValidator
+from engine_service.core._run import (
+    PENDING,
+    READY,
+    RESOLVED,
+    Interrupt,
+    PendingCall,
+    RunError,
+    RunRecord,
+    RunSpec,
+)
+from engine_service.core._text import loads_untrusted
+from engine_service.core._types import (
     Event,
     EventKind,
     InterruptKind,
@@ -42,6 +50,7 @@ from engine_service.models import ModelAdapter, ModelError, ModelRequest, TextCh
 from engine_service.storage._local import Storage, StorageUnavailable, storage_fault
 from engine_service.storage._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
 from engine_service.tools import result_blob_name, truncation_note
+from engine_service.tools._registry import Tool, ToolArgumentError, ToolContext, call_tool, capability_error
 
 log = logging.getLogger("machina.engine")
 
