@@ -12,9 +12,9 @@ except _metadata.PackageNotFoundError:  # imported from a source tree that was n
     __version__ = "0+unknown"
 
 from engine_service.core._config import ConfigError, EngineConfig, load_config
-from engine_service.core._engine import ClientToolDef, Decision, Engine
+from engine_service.core._engine import Engine
 from engine_service.core._errors import EngineError, ErrorKind
-from engine_service.core._run import RunRecord, RunSpec, ScriptedTurn
+from engine_service.core._run import ClientToolDef, Decision, RunRecord, RunSpec, ScriptedTurn
 from engine_service.core._types import Principal, RunState
 from engine_service.storage._local import LocalStorage, Storage, open_storage
 from engine_service.tools._registry import Tool, ToolContext, ToolError, ToolRegistry, tool

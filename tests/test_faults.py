@@ -604,7 +604,7 @@ class SlowCommitStorage(LocalStorage):
 async def test_get_run_never_reports_an_end_that_is_not_committed(tmp_path: Path) -> None:
     from engine_service import Engine, EngineConfig, ToolRegistry
     from engine_service.api._server import start_server
-    from engine_service.core._engine import builtin_tools
+    from engine_service.core._catalogue import builtin_tools
 
     config = EngineConfig.model_validate({"storage": str(tmp_path), "workdir_root": str(tmp_path / "w")})
     storage = SlowCommitStorage(tmp_path)

@@ -12,10 +12,18 @@ from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from engine_service.core._engine import ClientToolDef, Decision
 from engine_service.core._errors import invalid, shown
 from engine_service.core._limits import MAX_DEPTH, MAX_SCHEMA_BYTES, too_deep
-from engine_service.core._run import Interrupt, RunError, RunMeta, RunRecord, RunSpec, ScriptedTurn
+from engine_service.core._run import (
+    ClientToolDef,
+    Decision,
+    Interrupt,
+    RunError,
+    RunMeta,
+    RunRecord,
+    RunSpec,
+    ScriptedTurn,
+)
 from engine_service.core._types import Event, EventKind, JsonObject, Permission, RunState, ToolChoice, Usage
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import event_pb2 as ev

@@ -30,9 +30,9 @@ from engine_service.api._convert import (
     states_from_proto,
     webhook_from_proto,
 )
-from engine_service.core._engine import Decision, Engine
+from engine_service.core._engine import Engine
 from engine_service.core._errors import EngineError, ErrorKind, shown
-from engine_service.core._run import RunRecord
+from engine_service.core._run import Decision, RunRecord
 from engine_service.core._types import Principal
 from engine_service.storage._local import storage_fault
 from machina.engine.v1 import engine_service_pb2 as svc

@@ -11,37 +11,42 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-import jsonschema
-from pydantic import ValidationError
-
-from engine_service.core._actor import CANCEL_REQUEST, RunActor, RunEnv, RunnerUnreachable
+from engine_service.core._actor import CANCEL_REQUEST, RunActor, RunEnv
+from engine_service.core._background import BackgroundJobs
+from engine_service.core._catalogue import ToolCatalogue, builtin_tools, host_capabilities
 from engine_service.core._config import EngineConfig
 from engine_service.core._errors import (
     EngineError,
     ErrorKind,
     aborted,
     invalid,
-    missing_extra,
     not_found,
     precondition,
     shown,
-    shown_list,
 )
+from engine_service.core._handoff import RunnerClient
 from engine_service.core._idempotency import check_same_request, fingerprint
 from engine_service.core._ids import check_id, new_id
 from engine_service.core._limits import is_small
-from engine_service.core._regex import check_schema
-from engine_service.core._run import PENDING, READY, RESOLVED, PendingCall, RunRecord, RunSpec
+from engine_service.core._run import (
+    PENDING,
+    READY,
+    RESOLVED,
+    ClientToolDef,
+    Decision,
+    PendingCall,
+    PlannedDecision,
+    RunRecord,
+    RunSpec,
+    ToolResultPage,
+)
 from engine_service.core._types import (
     Event,
     InterruptKind,
@@ -52,91 +57,41 @@ from engine_service.core._types import (
     Principal,
     RunState,
 )
+from engine_service.core._validate import SpecChecks
 from engine_service.models import ScriptedModel
 from engine_service.models._select import (
     ModelFactory,
     default_model_factory,
-    default_model_name,
-    infer_provider,
     load_script_file,
     model_price,
     resolve_default_model,
-    validate_script,
 )
 from engine_service.net._egress import EgressPolicy
-from engine_service.net._webhooks import WebhookConfig, WebhookSender
+from engine_service.net._webhooks import WebhookSender
 from engine_service.storage._local import Storage
 from engine_service.storage._workdir_snapshot import WorkdirSnapshots
 from engine_service.tools import (
-    EDIT,
-    FETCH_DATA,
-    GLOB,
-    GREP,
-    READ,
-    WRITE,
     Sandbox,
-    WebFetchPolicy,
-    bash_tool,
     describe_sandbox,
-    mcp_tool_prefix,
     result_blob_name,
-    select_servers,
-    sweep_stale_cgroups,
-    web_fetch_tool,
 )
 from engine_service.tools._apicall import (
     ApiConfig,
-    ApiPolicyError,
-    ApiService,
-    api_tool_enabled,
-    build_api_call_tool,
-    check_per_run_services,
     load_resolve_auth,
 )
 from engine_service.tools._registry import (
-    ASK_USER,
-    Tool,
     ToolArgumentError,
     ToolRegistry,
-    capability_stub,
-    client_tool,
     load_hook,
     render_result,
 )
 
-MCP_FEATURE = "MCP servers (tools.mcp_servers)"
 log = logging.getLogger("machina.engine")
 
-MAX_TASK_CHARS = 200_000
 # Run errors that resuming without decisions retries (a fresh handoff from the same checkpoint).
 _HANDOFF_FAILURES = ("ERR_RUNNER_UNREACHABLE", "ERR_RUNNER_LOST")
 _POLL_S = 0.025  # how often watchers re-read storage for runs another process moves (state.json is tiny)
 _CANCEL_FOLLOW_S = 10.0  # how long CancelRun follows a run another process moves before answering
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """A caller's answer to one interrupt."""
-
-    interrupt_id: str
-    action: str  # "approve" | "reject" | "respond"
-    edited_arguments: JsonObject | None = None
-    reason: str = ""
-    output: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class ToolResultPage:
-    content: str
-    total_chars: int
-    next_offset: int  # 0 once the end is reached
-
-
-@dataclass(frozen=True, slots=True)
-class ClientToolDef:
-    name: str
-    description: str
-    input_schema: JsonObject
 
 
 class Engine:
@@ -158,6 +113,9 @@ class Engine:
         self.sandbox = Sandbox.from_config(config)
         self.tools = tools or ToolRegistry(builtin_tools(config, self.egress, self.sandbox))
         self._capabilities = host_capabilities(config, self.sandbox)
+        self._checks = SpecChecks(self)
+        self._catalogue = ToolCatalogue(self)
+        self._jobs = BackgroundJobs(self)
         self._model_factory = model_factory or default_model_factory(config)
         self._clock = clock
         self._owner = f"engine-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -168,7 +126,7 @@ class Engine:
         self._changes: dict[tuple[str, str], asyncio.Event] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
-        self._http: httpx.AsyncClient | None = None
+        self._runner = RunnerClient(config)
         self._default_provider, self._default_model = resolve_default_model(config)
         api = config.api or ApiConfig()
         self._api_services = list(api.services)
@@ -203,51 +161,9 @@ class Engine:
         self._started = True
         level, line = describe_sandbox(self.sandbox, self.config.capabilities_subprocess)
         log.log(level, line, extra={"sandbox": self.sandbox_status})
-        self._spawn(self._recovery_loop())
+        self._spawn(self._jobs.recovery_loop())
         self._spawn(self.webhooks.resume_pending_all())  # webhooks a previous process left pending
-        servers = self.config.tools.mcp_servers
-        local = [c for c in servers if c.transport == "http" or "subprocess" in self._capabilities]
-        if local:
-            try:
-                from engine_service.tools._mcp import McpManager
-            except ModuleNotFoundError as exc:
-                raise missing_extra("mcp", "mcp", MCP_FEATURE, exc) from None
-
-            self._mcp = McpManager(local)
-            await self._mcp.start()
-            tools = await self._mcp.list_tools()
-            for tool in tools:
-                self.tools.register(tool)
-            for config in (c for c in local if c.transport == "stdio"):
-                prefix = mcp_tool_prefix(config.name)
-                catalogue = [
-                    {"name": t.name, "description": t.description, "input_schema": t.input_schema,
-                     "idempotent": t.idempotent}
-                    for t in tools if t.name.startswith(prefix)
-                ]  # fmt: skip
-                await self.storage.put_shared(f"mcp-{config.name}", {"tools": catalogue})
-        for config in servers:
-            if config in local:
-                continue
-            doc = await self.storage.get_shared(f"mcp-{config.name}")
-            if doc is None:
-                log.warning(
-                    "MCP server %s needs subprocess, which this host lacks, and no runner has published "
-                    "its tools yet; start the runner first", config.name, extra={"mcp_server": config.name},
-                )  # fmt: skip
-                continue
-            for t in doc["tools"]:
-                needs = frozenset({"subprocess"})
-                idempotent = bool(t.get("idempotent", False))
-                self.tools.register(
-                    Tool(
-                        t["name"],
-                        t["description"],
-                        t["input_schema"],
-                        capabilities=needs,
-                        idempotent=idempotent,
-                    )
-                )
+        await self._catalogue.connect_mcp()
 
     @property
     def sandbox_status(self) -> str:
@@ -285,11 +201,11 @@ class Engine:
             [arguments for turn in spec.script or () for _, arguments in turn.tool_calls],
         ]
         if is_small(structured):
-            self._validate_spec(spec, client_tools)
+            self._checks.validate_spec(spec, client_tools)
         else:
             # Checking large schemas and scripts is seconds of pure-Python work: off the loop.
-            await asyncio.to_thread(self._validate_spec, spec, client_tools)
-        webhook_doc = self._validate_webhook(ws, webhook)
+            await asyncio.to_thread(self._checks.validate_spec, spec, client_tools)
+        webhook_doc = self._checks.validate_webhook(ws, webhook)
         if spec.request_id:
             # The idempotency key maps to one run id; whoever reaches the run
             # first creates it, everyone else gets the same run back.
@@ -323,7 +239,7 @@ class Engine:
                     kind=ErrorKind.ALREADY_EXISTS,
                     metadata={"run_id": run_id},
                 )
-            provider, model_name = self._choose_model(spec)
+            provider, model_name = self._checks.choose_model(spec)
             price = model_price(self.config, self._default_provider, provider, model_name)
             if spec.max_cost_usd and price is None:
                 raise invalid(
@@ -376,171 +292,11 @@ class Engine:
         )
         return record, True
 
-    def _validate_spec(self, spec: RunSpec, client_tools: Sequence[ClientToolDef]) -> None:
-        if not spec.task.strip():
-            raise invalid("ERR_INVALID_REQUEST", "task must not be empty", field="task")
-        if len(spec.task) > MAX_TASK_CHARS:
-            raise invalid(
-                "ERR_INVALID_REQUEST",
-                f"task is longer than {MAX_TASK_CHARS} characters",
-                field="task",
-                length=len(spec.task),
-            )
-        if spec.run_id:
-            check_id(spec.run_id, "run_id")
-        for name, value in (
-            ("max_turns", spec.max_turns),
-            ("max_tokens", spec.max_tokens),
-            ("timeout_ms", spec.timeout_ms),
-            ("approval_timeout_ms", spec.approval_timeout_ms),
-            ("max_output_tokens", spec.max_output_tokens),
-        ):
-            if value < 0:
-                raise invalid("ERR_INVALID_REQUEST", f"{name} must not be negative", field=name, value=value)
-        if not math.isfinite(spec.max_cost_usd) or spec.max_cost_usd < 0:
-            # NaN compares false with everything: unchecked, it would be a budget never reached.
-            raise invalid(
-                "ERR_INVALID_REQUEST",
-                "max_cost_usd must be a finite number, not negative",
-                field="max_cost_usd",
-                value=spec.max_cost_usd,
-            )
-        names = set(self.tools.names())
-        for t in client_tools:
-            if not t.name or len(t.name) > 64 or not all(c.isalnum() or c in "_-" for c in t.name):
-                raise invalid(
-                    "ERR_INVALID_REQUEST",
-                    f"client tool name {shown(t.name)!r} must match [A-Za-z0-9_-]{{1,64}}",
-                    field="client_tools",
-                )
-            if t.name in names:
-                raise invalid(
-                    "ERR_INVALID_REQUEST",
-                    f"client tool {t.name!r} clashes with another tool",
-                    field="client_tools",
-                    tool=t.name,
-                )
-            names.add(t.name)
-        for listed, what in (
-            (spec.tools or [], "tools"),
-            (list(spec.permissions), "permissions"),
-            (spec.gated_tools, "gated_tools"),
-        ):
-            unknown = sorted(set(listed) - names)
-            if unknown:
-                raise invalid(
-                    "ERR_UNKNOWN_TOOL",
-                    f"{what} names unknown tools: {shown_list(unknown)}",
-                    field=what,
-                    tools=shown_list(unknown),
-                )
-        schemas = [("output_schema", spec.output_schema)] if spec.output_schema is not None else []
-        schemas += [("client_tools", t.input_schema) for t in client_tools]
-        for field_name, schema in schemas:
-            try:
-                check_schema(schema)
-            except jsonschema.SchemaError as exc:
-                raise invalid(
-                    "ERR_INVALID_REQUEST",
-                    f"{field_name} is not a valid JSON Schema: {shown(exc.message, 500)}",
-                    field=field_name,
-                ) from None
-        if spec.script is not None:
-            validate_script(spec.script)
-        if spec.sandbox_network and not self.config.sandbox_network:
-            raise invalid(
-                "ERR_INVALID_REQUEST",
-                "sandbox_network: this engine gives sandboxed processes no network; a run can only narrow it",
-                field="sandbox_network",
-            )
-        if spec.mcp_servers is not None:
-            try:
-                select_servers(self.config.tools.mcp_servers, spec.mcp_servers)
-            except ValueError as exc:
-                raise invalid("ERR_INVALID_REQUEST", shown(exc, 500), field="mcp_servers") from None
-        try:
-            per_run = ApiConfig(services=[ApiService.model_validate(s) for s in spec.api_services]).services
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
-            )
-            raise invalid(
-                "ERR_INVALID_REQUEST", f"invalid api services: {shown(problems, 500)}", field="api"
-            ) from None
-        for service in per_run:
-            check_destination(self.egress, service.base_url, f"api.services[{service.name}].base_url")
-        try:
-            check_per_run_services(self._api_services, per_run, self._per_run_custom_ids)
-        except ApiPolicyError as exc:
-            # Asking for an engine credential is not allowed; a name clash is a malformed spec.
-            denied = exc.reason == "ERR_API_AUTH_NOT_ALLOWED"
-            kind = ErrorKind.PERMISSION_DENIED if denied else ErrorKind.INVALID_ARGUMENT
-            metadata = {"field": "api.services", **exc.metadata}
-            raise EngineError(exc.reason, str(exc), kind=kind, metadata=metadata) from None
-
-    def _choose_model(self, spec: RunSpec) -> tuple[str, str]:
-        # A bare model name ("gpt-4o", "claude-sonnet-4-5") names its provider by a well-known
-        # prefix; any other name is the default provider's (e.g. a model an OpenAI-compatible
-        # server such as vLLM serves).
-        inferred = infer_provider(spec.model_name) if spec.model_name and not spec.model_provider else None
-        provider = spec.model_provider or inferred or self._default_provider
-        if (
-            spec.model_provider or spec.model_name or spec.script is not None
-        ) and not self.config.model.allow_per_run_choice:
-            raise EngineError(
-                "ERR_PERMISSION_DENIED",
-                "this engine does not allow choosing the model per run",
-                kind=ErrorKind.PERMISSION_DENIED,
-            )
-        if provider not in ("scripted", "openai", "anthropic"):
-            raise invalid(
-                "ERR_INVALID_REQUEST",
-                f"unknown model provider {shown(provider)!r}: use scripted, openai or anthropic, "
-                "'provider:model', or a model name such as gpt-4o or claude-sonnet-4-5",
-                field="model.provider",
-            )
-        if provider == "scripted":
-            if spec.script is None:
-                if self._default_script is None:
-                    raise invalid(
-                        "ERR_INVALID_SCRIPT",
-                        "the scripted model needs a script: pass model.script or configure model.script_file",
-                    )
-                spec.script = self._default_script
-            return provider, spec.model_name or "script"
-        if spec.script is not None:
-            raise invalid(
-                "ERR_INVALID_SCRIPT", f"a script only makes sense with the scripted model, not {provider}"
-            )
-        name = spec.model_name or (self._default_model if provider == self._default_provider else "")
-        return provider, name or default_model_name(provider)
-
     def _env(
         self, ws: str, spec: RunSpec, spec_doc: JsonObject, provider: str, model_name: str, mode: str
     ) -> RunEnv:
         cfg = self.config
-        tools: dict[str, Tool] = {}
-        enabled = set(cfg.tools.enabled) if cfg.tools.enabled is not None else None
-        for name in self.tools.names():
-            if name in cfg.tools.disabled or (enabled is not None and name not in enabled):
-                continue
-            tool = self.tools.get(name)
-            assert tool is not None
-            missing = tool.capabilities - self._capabilities
-            # A tool this host cannot run stays visible to the model as a stub (SPEC §5).
-            tools[name] = capability_stub(tool, missing) if missing else tool
-        for t in spec_doc.get("client_tools", ()):
-            tools[t["name"]] = client_tool(t["name"], t["description"], t["input_schema"])
-        if spec.mcp_servers is not None:
-            chosen = {mcp_tool_prefix(name) for name in spec.mcp_servers}
-            tools = {
-                n: t for n, t in tools.items() if not n.startswith("mcp__") or n.startswith(tuple(chosen))
-            }
-        api_tool = self._api_call_tool(ws, spec)
-        if api_tool is not None:
-            tools[api_tool.name] = api_tool
-        if spec.tools is not None:
-            tools = {n: t for n, t in tools.items() if n in spec.tools}
+        tools = self._catalogue.run_tools(ws, spec, spec_doc)
         engine_perms = {k: Permission(v) for k, v in cfg.tools.permissions.items()}
         default = Permission(cfg.tools.default_permission)
 
@@ -567,46 +323,10 @@ class Engine:
             workdir=Path(cfg.workdir_root).resolve() / ws / spec.run_id,
             snapshots=self._snapshots,
             max_result_chars=cfg.tools.max_result_chars,
-            handoff=self._post_to_runner if mode == "async" and self._runner_url(ws) else None,
+            handoff=self._runner.post if mode == "async" and self._runner.url(ws) else None,
             notify=self._notify_webhook,
             clock=self._clock,
             storage_retry_s=cfg.storage_retry_s,
-        )
-
-    def _api_call_tool(self, ws: str, spec: RunSpec) -> Tool | None:
-        """ApiCall for this run: engine services plus the run's own, or None when there are none.
-
-        The run's services add to the engine's (never replace one); their refs read the run's
-        env only, and their custom auth only ids in api.per_run_custom_auth_ids.
-        """
-        taken = {s.name.lower() for s in self._api_services}
-        per_run = [ApiService.model_validate(s) for s in spec.api_services]
-        if shadowing := [s.name for s in per_run if s.name.lower() in taken]:
-            # Refused at the door; a run stored before that keeps the engine's service.
-            log.warning("run %s: per-run services %s shadow engine services; ignored", spec.run_id,
-                        shadowing, extra={"run_id": spec.run_id})  # fmt: skip
-            per_run = [s for s in per_run if s.name.lower() not in taken]
-        if not api_tool_enabled([*self._api_services, *per_run], self.config.tools.disabled):
-            return None
-        run_env = self._run_api_env.get((ws, spec.run_id), {})
-        engine_env = self._api_env
-
-        def engine_lookup(ref: str) -> str | None:
-            return engine_env.get(ref) or os.environ.get(ref)
-
-        on_request, on_response = self._api_hooks
-        return build_api_call_tool(
-            self._api_services,
-            env_lookup=engine_lookup,
-            resolve_auth=self._resolve_auth,
-            on_request=on_request,
-            on_response=on_response,
-            per_run_services=per_run,
-            run_env_lookup=run_env.get,
-            per_run_custom_auth_ids=self._per_run_custom_ids,
-            # The operator's own services are trusted; a tenant's may only reach what the
-            # egress policy allows.
-            egress=self.egress,
         )
 
     def _start(self, actor: RunActor, *, resumed_by: str | None) -> None:
@@ -623,7 +343,7 @@ class Engine:
         if record.state.terminal and not (record.error and record.error.code in _HANDOFF_FAILURES):
             self._run_api_env.pop(actor.key, None)
         if record.state is RunState.PAUSED:
-            self._arm_expiry(actor.key, record)
+            self._jobs.arm_expiry(actor.key, record)
         self._notify(actor.key)
 
     # -- reading runs ---------------------------------------------------------------------
@@ -851,7 +571,7 @@ class Engine:
         if request_id:
             check_id(request_id, "request_id")
         resume_fp = fingerprint([dataclasses.asdict(d) for d in decisions], webhook)
-        webhook_doc = self._validate_webhook(key[0], webhook)
+        webhook_doc = self._checks.validate_webhook(key[0], webhook)
         async with self._lock(key):
             if api_env:
                 # Credentials re-supplied (e.g. after a restart); memory only, like at creation,
@@ -888,7 +608,7 @@ class Engine:
             else:  # large edits: schema validation is slow pure-Python work, kept off the loop
                 plan = await asyncio.to_thread(self._apply_decisions, actor, decisions)
             await self._take_over(actor)
-            self._disarm_expiry(key)
+            self._jobs.disarm_expiry(key)
             if webhook_doc is not None:
                 record.webhook = webhook_doc
             if request_id:
@@ -904,8 +624,8 @@ class Engine:
             )
         record = await self._load(key)
         handed_off = record.state is RunState.PAUSED and record.pause_reason is PauseReason.HANDOFF_TO_RUNNER
-        if handed_off and self._runner_url(key[0]):
-            await self._hand_off_again(key, record, force=True)
+        if handed_off and self._runner.url(key[0]):
+            await self._jobs.hand_off_again(key, record, force=True)
             return record
         if (
             record.state is not RunState.FAILED
@@ -920,9 +640,7 @@ class Engine:
         self._start(actor, resumed_by=principal.identity)
         return record
 
-    def _apply_decisions(
-        self, actor: RunActor, decisions: list[Decision]
-    ) -> list[tuple[PendingCall, str, str, bool]]:
+    def _apply_decisions(self, actor: RunActor, decisions: list[Decision]) -> list[PlannedDecision]:
         """Validate every decision, then apply them all (all or nothing)."""
         by_id = {p.interrupt.interrupt_id: p for p in actor.record.pending if p.interrupt is not None}
         seen: set[str] = set()
@@ -1023,7 +741,7 @@ class Engine:
                 request = json.dumps(doc).encode()
                 await self.storage.put_blob(key[0], key[1], CANCEL_REQUEST, request)
             else:
-                self._disarm_expiry(key)
+                self._jobs.disarm_expiry(key)
                 actor.cancel_reason = reason
                 await actor.cancel_now()
                 self._notify(key)
@@ -1050,7 +768,7 @@ class Engine:
                     if key not in self._active:
                         actor = await self._actor_for(record)
                         if await actor.take_over():
-                            self._disarm_expiry(key)
+                            self._jobs.disarm_expiry(key)
                             actor.cancel_reason = reason
                             await actor.cancel_now()
                             self._notify(key)
@@ -1070,158 +788,22 @@ class Engine:
                 return record  # still running elsewhere: the request stays and is honoured there
             await self._wait_change(key, 0.05)
 
-    def _validate_webhook(self, ws: str, webhook: Mapping[str, Any] | None) -> JsonObject | None:
-        doc = validate_webhook(webhook, self.egress)
-        ref = doc.get("secret_ref") if doc else None
-        if ref and self.config.webhook_secret(ws, ref) is None:
-            # Only secrets configured for webhooks (this workspace's or shared) sign: a ref naming
-            # anything else, e.g. a process variable, would make the engine an HMAC oracle.
-            raise invalid(
-                "ERR_WEBHOOK_SECRET_UNKNOWN",
-                # The ref is not echoed: a caller may have put a secret itself there by mistake.
-                "webhook secret_ref names no webhook secret configured for this workspace",
-                field="webhook.secret_ref",
-            )
-        return doc
-
     def _notify_webhook(self, record: RunRecord, event: str) -> None:
         if record.webhook:
             self.webhooks.notify(record.workspace_id, record.run_id, record.webhook, event, record.public())
 
-    # -- crash recovery -------------------------------------------------------------------
+    # -- crash recovery and runner handoff ------------------------------------------------
 
     async def recover_orphaned_runs(self, principal: Principal | None = None) -> list[str]:
         """Resume runs whose executor died: QUEUED/RUNNING with an expired lease. Paused runs stay paused.
 
         With a principal, only that workspace is swept (the RPC); without, all (the background sweep).
         """
-        workspaces = [principal.workspace_id] if principal else await self.storage.list_workspaces()
-        recovered = []
-        for ws in workspaces:
-            for run_id in await self.storage.list_runs(ws):
-                key = (ws, run_id)
-                if key in self._active or self._closing:
-                    continue
-                with contextlib.suppress(EngineError):
-                    if await self._recover(key) or await self._recover_handoff(key):
-                        recovered.append(run_id)
-        return recovered
+        return await self._jobs.recover_orphaned_runs(principal)
 
-    async def _recover(self, key: tuple[str, str]) -> bool:
-        async with self._lock(key):
-            if key in self._active:
-                return False
-            doc = await self.storage.read_state(*key)
-            if doc is None or doc["state"] not in (RunState.QUEUED.value, RunState.RUNNING.value):
-                return False
-            record = RunRecord.from_json(doc)
-            fresh = self._clock() - record.created_at < self.config.lease_ttl_s
-            if record.state is RunState.QUEUED and fresh:
-                return False  # just created: it is its creator's until the creator takes its lease
-            actor = await self._actor_for(record)
-            if not await actor.take_over():
-                log.debug("run %s is %s but its lease is held; not recovering", key[1], record.state.value)
-                return False  # its executor is alive (lease held) or it moved meanwhile
-            interrupted = actor.mark_interrupted()
-            log.warning(
-                "recovering run %s from its last checkpoint (seq %d); interrupted calls: %s",
-                key[1], record.last_seq, ", ".join(interrupted) or "none", extra={"run_id": key[1]},
-            )  # fmt: skip
-            self._start(actor, resumed_by="recovery")
-            return True
-
-    async def _recovery_loop(self) -> None:
-        while not self._closing:
-            try:
-                if self.sandbox_status == "bubblewrap":
-                    # Sandboxes a crashed engine on this host may have left (see the function).
-                    await asyncio.to_thread(sweep_stale_cgroups)
-                await self.recover_orphaned_runs()
-            except Exception:
-                log.warning("recovery sweep failed; will retry", exc_info=True)
-            try:
-                await self.arm_approval_deadlines()
-            except Exception:
-                log.warning("approval deadline sweep failed; will retry", exc_info=True)
-            if not self.config.recovery_interval_s:
-                return
-            await asyncio.sleep(self.config.recovery_interval_s)
-
-    # -- runner handoff ---------------------------------------------------------------------
-
-    def _runner_url(self, ws: str) -> str:
-        # Operator config only (no request can name a runner), so the egress policy does not
-        # apply: a runner usually lives on the engine's own host or private network.
-        return self.config.runner_urls.get(ws, self.config.runner_url)
-
-    async def _post_to_runner(self, ws: str, run_id: str) -> None:
-        """POST ``{"runId": ...}`` to the workspace's runner; RunnerUnreachable unless it answers 2xx."""
-        url = self._runner_url(ws)
-        secret = self.config.runner_secret_for(ws)
-        if self._http is None:
-            self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.config.runner_timeout_s, connect=2.0),
-                verify=self.config.runner_tls_verify(),  # runner_ca_file: an https runner with a private CA
-            )
-        try:
-            response = await self._http.post(
-                url,
-                json={"runId": run_id, "workspaceId": ws},
-                headers={"Authorization": f"Bearer {secret}"},
-            )
-        except httpx.HTTPError as exc:
-            # The exception text can carry the request; only its kind is reported.
-            log.warning(
-                "runner handoff of %s failed: %s", run_id, type(exc).__name__, extra={"run_id": run_id}
-            )
-            raise RunnerUnreachable(f"{type(exc).__name__} posting to the runner") from None
-        if not 200 <= response.status_code < 300:
-            log.warning(
-                "runner refused %s with HTTP %d", run_id, response.status_code, extra={"run_id": run_id}
-            )
-            raise RunnerUnreachable(f"the runner answered HTTP {response.status_code}")
-        log.info("run %s handed off to the runner", run_id, extra={"run_id": run_id})
-
-    async def _recover_handoff(self, key: tuple[str, str]) -> bool:
-        """A run paused HANDOFF_TO_RUNNER whose lease no runner took (or whose runner's lease
-        expired) by its deadline is handed off again, each wait twice as long as the last;
-        after ``handoff_attempts`` it fails ERR_RUNNER_LOST. Never a silent hang."""
-        if not self._runner_url(key[0]):
-            return False  # a runner itself, or no runner for this workspace: not ours to hand on
-        async with self._lock(key):
-            if key in self._active:
-                return False
-            doc = await self.storage.read_state(*key)
-            if doc is None or (doc["state"], doc.get("pause_reason")) != (
-                RunState.PAUSED.value,
-                PauseReason.HANDOFF_TO_RUNNER.value,
-            ):
-                return False
-            return await self._hand_off_again(key, RunRecord.from_json(doc), force=False)
-
-    async def _hand_off_again(self, key: tuple[str, str], record: RunRecord, *, force: bool) -> bool:
-        """Hand a stranded run off again, or give up on it once every attempt is used.
-
-        ``force`` (retry_handoff): now, with a fresh set of attempts; ABORTED if a runner holds it.
-        """
-        cfg = self.config
-        waited = cfg.handoff_deadline_s * 2 ** max(0, min(record.handoff_attempts, 20) - 1)
-        if not force and self._clock() < record.handoff_at + waited:
-            return False
-        actor = await self._actor_for(record)
-        actor.env.handoff = self._post_to_runner
-        if force:
-            await self._take_over(actor)
-            record.handoff_attempts = 0
-        elif not await actor.take_over():
-            return False  # a runner holds its lease (it is continuing it), or it moved
-        if record.handoff_attempts >= cfg.handoff_attempts:
-            await actor.runner_lost()
-            self._notify(key)
-            log.warning("run %s failed: no runner took it", key[1], extra={"run_id": key[1]})
-            return True
-        self._spawn(actor.hand_off_again())
-        return True
+    async def arm_approval_deadlines(self) -> None:
+        """Arm a timer for every paused run's approval deadline that no timer here watches."""
+        await self._jobs.arm_approval_deadlines()
 
     async def continue_handoff(self, principal: Principal, run_id: str) -> RunRecord:
         """Runner side: take a run paused HANDOFF_TO_RUNNER and continue it with this host's tools."""
@@ -1260,73 +842,6 @@ class Engine:
                 state=record.state.value,
             )
 
-    # -- approval expiry ----------------------------------------------------------------
-
-    async def arm_approval_deadlines(self) -> None:
-        """Arm a timer for every paused run's approval deadline that no timer here watches.
-
-        Deadlines live in each run's state.json; a timer lives only in the process that
-        paused the run. After a restart (or on another replica) this sweep takes over: a
-        deadline that passed while no engine was up fires at once. Whichever process fires
-        first takes the run's lease and records the expiry; the others find it moved.
-        """
-        for ws in await self.storage.list_workspaces():
-            for run_id in await self.storage.list_runs(ws):
-                key = (ws, run_id)
-                if key in self._active or key in self._timers or self._closing:
-                    continue
-                with contextlib.suppress(EngineError, ValueError):
-                    record = await self._load(key)
-                    if record.state is RunState.PAUSED:
-                        self._arm_expiry(key, record)
-
-    def _arm_expiry(self, key: tuple[str, str], record: RunRecord) -> None:
-        deadlines = [i.expires_at for i in record.interrupts if i.expires_at]
-        if not deadlines or self._closing:
-            return
-        self._disarm_expiry(key)
-        delay = max(0.0, min(deadlines) - self._clock())
-        loop = asyncio.get_running_loop()
-        self._timers[key] = loop.call_later(delay, lambda: self._spawn(self._expire(key)))
-
-    def _disarm_expiry(self, key: tuple[str, str]) -> None:
-        timer = self._timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
-
-    async def _expire(self, key: tuple[str, str]) -> None:
-        self._timers.pop(key, None)
-        with contextlib.suppress(EngineError):
-            record = await self._load(key)
-            if record.state is not RunState.PAUSED:
-                return
-            spec_doc = await self.storage.read_spec(*key) or {}
-            approves = bool(spec_doc.get("approval_expiry_approves"))
-            now = self._clock()
-            due = [i for i in record.interrupts if i.expires_at and i.expires_at <= now]
-            if not due:
-                self._arm_expiry(key, record)
-                return
-            decisions = [
-                Decision(i.interrupt_id, "approve" if approves else "reject", reason="the approval expired")
-                for i in due
-            ]
-            await self._resume_expired(key, decisions)
-
-    async def _resume_expired(self, key: tuple[str, str], decisions: list[Decision]) -> None:
-        principal = Principal(key[0], "system:expiry")
-        async with self._lock(key):
-            if key in self._active:
-                return
-            record = await self._load(key)
-            if record.state is not RunState.PAUSED:
-                return
-            actor = await self._actor_for(record)
-            plan = self._apply_decisions(actor, decisions)
-            if not await actor.take_over():
-                return
-            await self._decide(actor, plan, principal.identity, all_expired=True)
-
     async def _take_over(self, actor: RunActor) -> None:
         """Make the run ours to move, or fail ABORTED: another process holds or just moved it."""
         if not await actor.take_over():
@@ -1337,26 +852,27 @@ class Engine:
     async def _decide(
         self,
         actor: RunActor,
-        plan: list[tuple[PendingCall, str, str, bool]],
+        plan: list[PlannedDecision],
         by: str,
         *,
         all_expired: bool = False,
     ) -> None:
         """Record the planned decisions on a run we hold; it continues once none is pending."""
-        for pending, action, reason, expired in plan:
-            actor.record_decision(pending, action, by, reason=reason, expired=expired or all_expired)
+        for planned in plan:
+            pending = planned.pending
+            actor.record_decision(pending, planned.action, by, reason=planned.reason, expired=all_expired)
             if all_expired and pending.outcome == "rejected":
                 pending.outcome = "expired"
         if actor.record.interrupts:
             await actor.checkpoint()  # still waiting for the other interrupts
             await actor.release()
-            self._arm_expiry(actor.key, actor.record)
+            self._jobs.arm_expiry(actor.key, actor.record)
             self._notify(actor.key)
             return
         # A resumed run is asynchronous (its caller is not streaming it): it may hand off.
         actor.record.mode = "async"
         ws = actor.record.workspace_id
-        actor.env.handoff = self._post_to_runner if self._runner_url(ws) else None
+        actor.env.handoff = self._runner.post if self._runner.url(ws) else None
         await actor.commit_start(by)
         self._start(actor, resumed_by=by)
 
@@ -1407,36 +923,11 @@ class Engine:
                 await asyncio.wait(still, timeout=5)
         for task in list(self._background):
             task.cancel()
-        if self._http is not None:
-            await self._http.aclose()
+        await self._runner.close()
         if self._mcp is not None:
             await self._mcp.close()
         await self.webhooks.close()
         await self.storage.close()
-
-
-def validate_webhook(webhook: Mapping[str, Any] | None, egress: EgressPolicy) -> JsonObject | None:
-    if not webhook:
-        return None
-    try:
-        config = WebhookConfig.model_validate(dict(webhook))
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
-        raise invalid(
-            "ERR_INVALID_REQUEST", f"invalid webhook: {shown(problems, 500)}", field="webhook"
-        ) from None
-    check_destination(egress, config.url, "webhook.url")
-    return config.model_dump()
-
-
-def check_destination(egress: EgressPolicy, url: str, what: str) -> None:
-    """INVALID_ARGUMENT when ``url``'s host is a literal the egress policy refuses.
-
-    Host names are resolved and checked on every connection instead (a name's answer can change).
-    """
-    refusal = egress.url_refusal(url)
-    if refusal:
-        raise invalid("ERR_DESTINATION_REFUSED", f"{what}: {shown(refusal, 300)}", field=what)
 
 
 def settled(record: RunRecord) -> bool:
@@ -1453,31 +944,6 @@ def _poll_interval(record: RunRecord) -> float:
     return _POLL_S if moving or record.pause_reason is PauseReason.HANDOFF_TO_RUNNER else 0.5
 
 
-def builtin_tools(
-    config: EngineConfig, egress: EgressPolicy | None = None, sandbox: Sandbox | None = None
-) -> list[Tool]:
-    """The built-in catalogue: AskUser, the file tools, Bash (in ``sandbox``), WebFetch, FetchData."""
-    policy = WebFetchPolicy(
-        allow_private=config.tools.webfetch_allow_private,
-        allow_hosts=frozenset(config.tools.webfetch_allow_hosts),
-        egress=egress or config.egress_policy(),
-    )
-    bash = bash_tool(sandbox or Sandbox.from_config(config))
-    return [ASK_USER, READ, WRITE, EDIT, GLOB, GREP, bash, web_fetch_tool(policy), FETCH_DATA]
-
-
-def host_capabilities(config: EngineConfig, sandbox: Sandbox | None = None) -> frozenset[str]:
-    """What this host offers to tools that declare needs (see Tool.capabilities).
-
-    ``subprocess`` means "can start a process for a run in a sandbox": a host where
-    bubblewrap cannot run lacks it, unless the operator chose ``sandbox = "none"``.
-    """
-    if not config.capabilities_subprocess:
-        return frozenset()
-    sandbox = sandbox or Sandbox.from_config(config)
-    return frozenset({"subprocess"} if sandbox.unavailable_reason() is None else ())
-
-
 def apply_decision(
     pending: PendingCall,
     action: str,
@@ -1485,13 +951,13 @@ def apply_decision(
     edited: JsonObject | None = None,
     reason: str = "",
     output: Any = None,
-) -> tuple[PendingCall, str, str, bool]:
-    """Move a pending call according to a decision; returns the decision record parts."""
+) -> PlannedDecision:
+    """Move a pending call according to a decision; returns what the run's history records."""
     if action == "approve":
         if edited is not None:
             pending.call.arguments = edited
         pending.status = READY
-        return pending, "approve_with_edits" if edited is not None else "approve", "", False
+        return PlannedDecision(pending, "approve_with_edits" if edited is not None else "approve")
     if action == "reject":
         pending.status = RESOLVED
         pending.result_text = (
@@ -1499,9 +965,9 @@ def apply_decision(
         )
         pending.result_is_error = True
         pending.outcome = "rejected"
-        return pending, "reject", reason, False
+        return PlannedDecision(pending, "reject", reason)
     pending.status = RESOLVED
     pending.result_text = render_result(output)
     pending.result_is_error = False
     pending.outcome = "responded"
-    return pending, "respond", "", False
+    return PlannedDecision(pending, "respond")

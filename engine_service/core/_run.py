@@ -378,3 +378,37 @@ class RunRecord:
             "updated_at": self.updated_at,
             "last_seq": self.last_seq,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A caller's answer to one interrupt."""
+
+    interrupt_id: str
+    action: str  # "approve" | "reject" | "respond"
+    edited_arguments: JsonObject | None = None
+    reason: str = ""
+    output: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResultPage:
+    content: str
+    total_chars: int
+    next_offset: int  # 0 once the end is reached
+
+
+@dataclass(frozen=True, slots=True)
+class ClientToolDef:
+    name: str
+    description: str
+    input_schema: JsonObject
+
+
+@dataclass(slots=True)
+class PlannedDecision:
+    """How one decision moved its pending call: what the run's history records once the run is ours."""
+
+    pending: PendingCall
+    action: str  # "approve" | "approve_with_edits" | "reject" | "respond"
+    reason: str = ""
