@@ -182,7 +182,7 @@ class BackgroundJobs:
             if record.state is not RunState.PAUSED:
                 return
             actor = await self._engine._actor_for(record)
-            plan = self._engine._apply_decisions(actor, decisions)
+            plan = self._engine._decisions.plan(actor, decisions)
             if not await actor.take_over():
                 return
-            await self._engine._decide(actor, plan, principal.identity, all_expired=True)
+            await self._engine._decisions.decide(actor, plan, principal.identity, all_expired=True)

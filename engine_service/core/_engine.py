@@ -18,10 +18,11 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine_service.core._actor import CANCEL_REQUEST, RunActor, RunEnv
+from engine_service.core._actor import CANCEL_REQUEST, RunActor
 from engine_service.core._background import BackgroundJobs
 from engine_service.core._catalogue import ToolCatalogue, builtin_tools, host_capabilities
 from engine_service.core._config import EngineConfig
+from engine_service.core._decisions import DecisionDesk
 from engine_service.core._errors import (
     EngineError,
     ErrorKind,
@@ -35,30 +36,22 @@ from engine_service.core._handoff import RunnerClient
 from engine_service.core._idempotency import check_same_request, fingerprint
 from engine_service.core._ids import check_id, new_id
 from engine_service.core._limits import is_small
+from engine_service.core._reading import RunReader
 from engine_service.core._run import (
-    PENDING,
-    READY,
-    RESOLVED,
     ClientToolDef,
     Decision,
-    PendingCall,
-    PlannedDecision,
     RunRecord,
     RunSpec,
     ToolResultPage,
 )
 from engine_service.core._types import (
     Event,
-    InterruptKind,
-    JsonObject,
     Message,
     PauseReason,
-    Permission,
     Principal,
     RunState,
 )
 from engine_service.core._validate import SpecChecks
-from engine_service.models import ScriptedModel
 from engine_service.models._select import (
     ModelFactory,
     default_model_factory,
@@ -75,22 +68,14 @@ from engine_service.tools import (
     describe_sandbox,
     result_blob_name,
 )
-from engine_service.tools._apicall import (
-    ApiConfig,
-    load_resolve_auth,
-)
 from engine_service.tools._registry import (
-    ToolArgumentError,
     ToolRegistry,
-    load_hook,
-    render_result,
 )
 
 log = logging.getLogger("machina.engine")
 
 # Run errors that resuming without decisions retries (a fresh handoff from the same checkpoint).
 _HANDOFF_FAILURES = ("ERR_RUNNER_UNREACHABLE", "ERR_RUNNER_LOST")
-_POLL_S = 0.025  # how often watchers re-read storage for runs another process moves (state.json is tiny)
 _CANCEL_FOLLOW_S = 10.0  # how long CancelRun follows a run another process moves before answering
 
 
@@ -116,6 +101,8 @@ class Engine:
         self._checks = SpecChecks(self)
         self._catalogue = ToolCatalogue(self)
         self._jobs = BackgroundJobs(self)
+        self._reader = RunReader(self)
+        self._decisions = DecisionDesk(self)
         self._model_factory = model_factory or default_model_factory(config)
         self._clock = clock
         self._owner = f"engine-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -128,17 +115,6 @@ class Engine:
         self._closing = False
         self._runner = RunnerClient(config)
         self._default_provider, self._default_model = resolve_default_model(config)
-        api = config.api or ApiConfig()
-        self._api_services = list(api.services)
-        self._per_run_custom_ids = frozenset(api.per_run_custom_auth_ids)
-        self._api_env = {k: v.get_secret_value() for k, v in api.env.items()}
-        self._resolve_auth = load_resolve_auth(api.resolve_auth) if api.resolve_auth else None
-        self._api_hooks = tuple(
-            load_hook(path) if path else None for path in (api.on_request, api.on_response)
-        )
-        # Per-run ApiCall credentials: memory only, never persisted (SPEC §4).
-        self._run_api_env: dict[tuple[str, str], dict[str, str]] = {}
-        self._mcp: Any = None  # tools._mcp.McpManager, imported only when servers are configured
         self._started = False
         # Only secrets configured for webhooks, per workspace: never the process environment.
         self.webhooks = WebhookSender(storage, config.webhook_secret, egress=self.egress)
@@ -275,9 +251,12 @@ class Engine:
                 )
             transcript = [Message("user", spec.task)]
             if api_env:
-                self._run_api_env[key] = dict(api_env)
+                self._catalogue.run_api_env[key] = dict(api_env)
             actor = RunActor(
-                record, spec, transcript, self._env(ws, spec, spec_doc, provider, model_name, mode)
+                record,
+                spec,
+                transcript,
+                self._catalogue.run_env(ws, spec, spec_doc, provider, model_name, mode),
             )
             if not await actor.take_over():
                 # It exists and another process (a recovery sweep that ignored the grace period
@@ -292,43 +271,6 @@ class Engine:
         )
         return record, True
 
-    def _env(
-        self, ws: str, spec: RunSpec, spec_doc: JsonObject, provider: str, model_name: str, mode: str
-    ) -> RunEnv:
-        cfg = self.config
-        tools = self._catalogue.run_tools(ws, spec, spec_doc)
-        engine_perms = {k: Permission(v) for k, v in cfg.tools.permissions.items()}
-        default = Permission(cfg.tools.default_permission)
-
-        def permission(name: str) -> Permission:
-            return engine_perms.get(name, default).narrow(spec.permissions.get(name))
-
-        model = (
-            ScriptedModel(spec.script or [], model_name)
-            if provider == "scripted"
-            else self._model_factory(provider, model_name)
-        )
-        return RunEnv(
-            storage=self.storage,
-            model=model,
-            tools=tools,
-            permissions=permission,
-            system_prompt=spec.system_prompt,
-            max_turns=spec.max_turns or cfg.max_turns,
-            max_output_tokens=spec.max_output_tokens or cfg.model.max_output_tokens,
-            # Unknown prices count as 0: a run with a cost budget needs known ones (create_run).
-            price=model_price(cfg, self._default_provider, provider, model_name) or (0.0, 0.0),
-            owner=self._owner,
-            lease_ttl=cfg.lease_ttl_s,
-            workdir=Path(cfg.workdir_root).resolve() / ws / spec.run_id,
-            snapshots=self._snapshots,
-            max_result_chars=cfg.tools.max_result_chars,
-            handoff=self._runner.post if mode == "async" and self._runner.url(ws) else None,
-            notify=self._notify_webhook,
-            clock=self._clock,
-            storage_retry_s=cfg.storage_retry_s,
-        )
-
     def _start(self, actor: RunActor, *, resumed_by: str | None) -> None:
         self._active[actor.key] = actor
         actor.start(resumed_by=resumed_by)
@@ -341,7 +283,7 @@ class Engine:
             del self._active[actor.key]
         record = actor.view()  # as committed: a run parked by a storage outage is not what it tried
         if record.state.terminal and not (record.error and record.error.code in _HANDOFF_FAILURES):
-            self._run_api_env.pop(actor.key, None)
+            self._catalogue.run_api_env.pop(actor.key, None)
         if record.state is RunState.PAUSED:
             self._jobs.arm_expiry(actor.key, record)
         self._notify(actor.key)
@@ -383,68 +325,21 @@ class Engine:
         With ``size_of`` (a run's size in the caller's encoding) a page also ends before its runs
         add up to more than ``max_bytes``; it always holds at least one run, however large.
         """
-        if not 0 <= page_size <= 1000:
-            raise invalid("ERR_INVALID_REQUEST", "page_size must be between 1 and 1000", field="page_size")
-        page_size = page_size or 50
-        offset = 0
-        if page_token:
-            try:
-                offset = int(page_token)
-                if offset < 0:
-                    raise ValueError
-            except ValueError:
-                raise invalid(
-                    "ERR_INVALID_REQUEST", "page_token is not one this server issued", field="page_token"
-                ) from None
-        ws = principal.workspace_id
-        records = []
-        for run_id in await self.storage.list_runs(ws):
-            with contextlib.suppress(EngineError):
-                record = self._live(await self._load((ws, run_id)))
-                if states and record.state not in states:
-                    continue
-                if labels and any(record.labels.get(k) != v for k, v in labels.items()):
-                    continue
-                records.append(record)
-        records.sort(key=lambda r: (r.created_at, r.run_id), reverse=True)
-        page = records[offset : offset + page_size]
-        if size_of is not None:
-            used = 0
-            for count, record in enumerate(page):
-                used += size_of(record)
-                if count and used > max_bytes:
-                    page = page[:count]
-                    break
-        end = offset + len(page)
-        next_token = str(end) if end < len(records) else ""
-        return page, next_token
+        return await self._reader.list_runs(
+            principal,
+            states=states,
+            labels=labels,
+            page_size=page_size,
+            page_token=page_token,
+            max_bytes=max_bytes,
+            size_of=size_of,
+        )
 
     async def wait_run(self, principal: Principal, run_id: str, timeout: float) -> tuple[RunRecord, bool]:
         """Wait until the run is paused or ended. Returns (run, timed_out)."""
-        key = (principal.workspace_id, check_id(run_id, "run_id"))
-        deadline = time.monotonic() + timeout
-        await self.get_run(principal, run_id)  # NOT_FOUND first
-        while True:
-            remaining = deadline - time.monotonic()
-            actor = self._active.get(key)
-            if actor is not None and actor.task is not None and not actor.task.done():
-                # The actor's task ends exactly when the run pauses or ends, after the
-                # state is committed: answering earlier (from memory) would let a caller
-                # act on a pause that another process cannot see yet.
-                if remaining <= 0:
-                    return actor.view(), True
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                    async with asyncio.timeout(remaining):
-                        await asyncio.shield(actor.task)
-                continue
-            record = await self._load(key)
-            if settled(record):
-                return record, False
-            if remaining <= 0:
-                return record, True
-            await self._wait_change(key, min(_poll_interval(record), remaining))
+        return await self._reader.wait_run(principal, run_id, timeout)
 
-    async def stream_events(
+    def stream_events(
         self,
         principal: Principal,
         run_id: str,
@@ -458,68 +353,9 @@ class Engine:
         ``follow`` streams until the run ends; ``until_pause`` stops at a pause too.
         Without either, it stops after what exists now.
         """
-        if after_seq < 0:
-            raise invalid("ERR_INVALID_REQUEST", "after_seq must not be negative", field="after_seq")
-        key = (principal.workspace_id, check_id(run_id, "run_id"))
-        await self.get_run(principal, run_id)  # NOT_FOUND before the stream opens
-        cursor = after_seq
-        finished: RunActor | None = None  # the last actor read live from
-        while True:
-            actor = self._active.get(key)
-            done = 0 if finished is None else finished.feed.last_seq
-            if actor is None and finished is not None and finished.feed.base_seq <= cursor < done:
-                # That actor has just finished: what it wrote is still in its feed, so do not
-                # read (and parse) those events back from storage.
-                batch = finished.feed.after(cursor, limit=min(512, done - cursor))
-                cursor = batch[-1].seq
-                yield batch
-                continue
-            if actor is not None and actor.feed.base_seq <= cursor:
-                # Live: the executing actor has every event after its base_seq.
-                finished = actor
-                batch = actor.feed.after(cursor)
-                if batch:
-                    cursor = batch[-1].seq
-                    yield batch
-                    continue
-                if not actor.feed.closed:
-                    if not (follow or until_pause):
-                        return
-                    await actor.feed.wait(cursor, timeout=1.0)
-                    continue
-                record = actor.record
-            else:
-                # Catch up from storage: everything committed before the live part.
-                record = actor.record if actor is not None else await self._load(key)
-                committed = actor.feed.base_seq if actor is not None else record.last_seq
-                if committed > cursor:
-                    docs = await self.storage.read_segments(key[0], key[1], "events", cursor, committed)
-                    if not docs or docs[0].get("seq") != cursor + 1:
-                        # A log that lacks committed events cannot be streamed in order; say so
-                        # rather than read the same gap forever.
-                        log.error("run %s: event log lacks events after seq %d", key[1], cursor)
-                        raise EngineError(
-                            "ERR_INTERNAL",
-                            f"the event log of run {key[1]!r} lacks events after seq {cursor}",
-                            kind=ErrorKind.INTERNAL,
-                            metadata={"run_id": key[1], "after_seq": str(cursor)},
-                        )
-                    for start in range(0, len(docs), 512):
-                        batch = [Event.from_json(d) for d in docs[start : start + 512]]
-                        cursor = batch[-1].seq
-                        yield batch
-                    continue
-            stop = record.state.terminal or (until_pause and settled(record))
-            if stop or not (follow or until_pause):
-                return
-            await self._wait_change(key, _poll_interval(record))
-
-    async def _wait_change(self, key: tuple[str, str], timeout: float) -> None:
-        """Wait until this process moves the run again (or ``timeout``, for other processes)."""
-        changed = self._changes.setdefault(key, asyncio.Event())
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await changed.wait()
+        return self._reader.stream_events(
+            principal, run_id, after_seq=after_seq, follow=follow, until_pause=until_pause
+        )
 
     def _notify(self, key: tuple[str, str]) -> None:
         changed = self._changes.pop(key, None)
@@ -577,7 +413,7 @@ class Engine:
                 # Credentials re-supplied (e.g. after a restart); memory only, like at creation,
                 # and only for a run that exists in the caller's workspace.
                 await self._load(key)
-                self._run_api_env[key] = dict(api_env)
+                self._catalogue.run_api_env[key] = dict(api_env)
             if not decisions:
                 return await self._retry_handoff(principal, key)
             if request_id:
@@ -604,16 +440,16 @@ class Engine:
                 )
             actor = await self._actor_for(record)
             if all(d.edited_arguments is None or is_small(d.edited_arguments) for d in decisions):
-                plan = self._apply_decisions(actor, decisions)
+                plan = self._decisions.plan(actor, decisions)
             else:  # large edits: schema validation is slow pure-Python work, kept off the loop
-                plan = await asyncio.to_thread(self._apply_decisions, actor, decisions)
+                plan = await asyncio.to_thread(self._decisions.plan, actor, decisions)
             await self._take_over(actor)
             self._jobs.disarm_expiry(key)
             if webhook_doc is not None:
                 record.webhook = webhook_doc
             if request_id:
                 record.resume_requests = [*record.resume_requests[-31:], f"{request_id}:{resume_fp}"]
-            await self._decide(actor, plan, principal.identity)
+            await self._decisions.decide(actor, plan, principal.identity)
             return record
 
     async def _retry_handoff(self, principal: Principal, key: tuple[str, str]) -> RunRecord:
@@ -640,63 +476,6 @@ class Engine:
         self._start(actor, resumed_by=principal.identity)
         return record
 
-    def _apply_decisions(self, actor: RunActor, decisions: list[Decision]) -> list[PlannedDecision]:
-        """Validate every decision, then apply them all (all or nothing)."""
-        by_id = {p.interrupt.interrupt_id: p for p in actor.record.pending if p.interrupt is not None}
-        seen: set[str] = set()
-        staged: list[tuple[PendingCall, Decision, JsonObject | None]] = []
-        for d in decisions:
-            pending = by_id.get(d.interrupt_id)
-            if pending is None:
-                raise not_found(
-                    "ERR_INTERRUPT_NOT_FOUND",
-                    f"interrupt {shown(d.interrupt_id)!r} is not pending on run {actor.record.run_id!r}",
-                    interrupt_id=shown(d.interrupt_id, 128),
-                    run_id=actor.record.run_id,
-                )
-            if pending.status != PENDING or d.interrupt_id in seen:
-                raise precondition(
-                    "ERR_INTERRUPT_DECIDED",
-                    f"interrupt {d.interrupt_id!r} is already decided",
-                    interrupt_id=d.interrupt_id,
-                )
-            seen.add(d.interrupt_id)
-            assert pending.interrupt is not None
-            kind = pending.interrupt.kind
-            if d.action not in ("approve", "reject", "respond"):
-                raise invalid(
-                    "ERR_INVALID_DECISION",
-                    f"decision for {d.interrupt_id!r} has no action",
-                    interrupt_id=d.interrupt_id,
-                )
-            if d.action != "respond" and kind is not InterruptKind.APPROVAL:
-                raise invalid(
-                    "ERR_INVALID_DECISION",
-                    f"interrupt {d.interrupt_id!r} is {kind.value}: answer it with respond, not {d.action}",
-                    interrupt_id=d.interrupt_id,
-                    kind=kind.value,
-                )
-            edited = None
-            if d.action == "approve" and d.edited_arguments is not None:
-                tool = actor.env.tools.get(pending.call.name)
-                assert tool is not None
-                try:
-                    tool.validate(d.edited_arguments)
-                except ToolArgumentError as exc:
-                    raise invalid(
-                        "ERR_INVALID_EDITS",
-                        f"edited arguments for {pending.call.name} do not match its schema: "
-                        f"{shown(exc, 500)}",
-                        interrupt_id=d.interrupt_id,
-                        tool=pending.call.name,
-                    ) from None
-                edited = d.edited_arguments
-            staged.append((pending, d, edited))
-        plan = []
-        for pending, d, edited in staged:
-            plan.append(apply_decision(pending, d.action, edited=edited, reason=d.reason, output=d.output))
-        return plan
-
     async def _actor_for(self, record: RunRecord) -> RunActor:
         ws, run_id = record.workspace_id, record.run_id
         spec_doc = await self.storage.read_spec(ws, run_id)
@@ -705,7 +484,9 @@ class Engine:
         spec = RunSpec.from_json(spec_doc)
         provider, _, model_name = record.meta.model.partition(":")
         # The transcript is read by take_over: a sweep that finds the run held elsewhere reads none.
-        return RunActor(record, spec, None, self._env(ws, spec, spec_doc, provider, model_name, record.mode))
+        return RunActor(
+            record, spec, None, self._catalogue.run_env(ws, spec, spec_doc, provider, model_name, record.mode)
+        )
 
     async def cancel_run(self, principal: Principal, run_id: str, reason: str = "") -> RunRecord:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
@@ -786,7 +567,7 @@ class Engine:
                         run_id=key[1],
                     )
                 return record  # still running elsewhere: the request stays and is honoured there
-            await self._wait_change(key, 0.05)
+            await self._reader.wait_change(key, 0.05)
 
     def _notify_webhook(self, record: RunRecord, event: str) -> None:
         if record.webhook:
@@ -849,33 +630,6 @@ class Engine:
             raise aborted("ERR_CONCURRENT_UPDATE", f"run {run_id!r} is being moved by another process",
                           run_id=run_id)  # fmt: skip
 
-    async def _decide(
-        self,
-        actor: RunActor,
-        plan: list[PlannedDecision],
-        by: str,
-        *,
-        all_expired: bool = False,
-    ) -> None:
-        """Record the planned decisions on a run we hold; it continues once none is pending."""
-        for planned in plan:
-            pending = planned.pending
-            actor.record_decision(pending, planned.action, by, reason=planned.reason, expired=all_expired)
-            if all_expired and pending.outcome == "rejected":
-                pending.outcome = "expired"
-        if actor.record.interrupts:
-            await actor.checkpoint()  # still waiting for the other interrupts
-            await actor.release()
-            self._jobs.arm_expiry(actor.key, actor.record)
-            self._notify(actor.key)
-            return
-        # A resumed run is asynchronous (its caller is not streaming it): it may hand off.
-        actor.record.mode = "async"
-        ws = actor.record.workspace_id
-        actor.env.handoff = self._runner.post if self._runner.url(ws) else None
-        await actor.commit_start(by)
-        self._start(actor, resumed_by=by)
-
     # -- plumbing ---------------------------------------------------------------------------
 
     def _spawn(self, coro: Any) -> None:
@@ -924,50 +678,6 @@ class Engine:
         for task in list(self._background):
             task.cancel()
         await self._runner.close()
-        if self._mcp is not None:
-            await self._mcp.close()
+        await self._catalogue.close()
         await self.webhooks.close()
         await self.storage.close()
-
-
-def settled(record: RunRecord) -> bool:
-    """Ended, or paused for the caller: what waits wait for. A handoff is not the caller's to act on."""
-    if record.state is RunState.PAUSED:
-        return record.pause_reason is not PauseReason.HANDOFF_TO_RUNNER
-    return record.state.terminal
-
-
-def _poll_interval(record: RunRecord) -> float:
-    """How soon to re-read a run this process is not moving: fast while another process
-    (a runner, a replica) is likely moving it, slowly while it waits for a person."""
-    moving = record.state in (RunState.QUEUED, RunState.RUNNING)
-    return _POLL_S if moving or record.pause_reason is PauseReason.HANDOFF_TO_RUNNER else 0.5
-
-
-def apply_decision(
-    pending: PendingCall,
-    action: str,
-    *,
-    edited: JsonObject | None = None,
-    reason: str = "",
-    output: Any = None,
-) -> PlannedDecision:
-    """Move a pending call according to a decision; returns what the run's history records."""
-    if action == "approve":
-        if edited is not None:
-            pending.call.arguments = edited
-        pending.status = READY
-        return PlannedDecision(pending, "approve_with_edits" if edited is not None else "approve")
-    if action == "reject":
-        pending.status = RESOLVED
-        pending.result_text = (
-            f"The user rejected this call. Reason: {reason}" if reason else "The user rejected this call."
-        )
-        pending.result_is_error = True
-        pending.outcome = "rejected"
-        return PlannedDecision(pending, "reject", reason)
-    pending.status = RESOLVED
-    pending.result_text = render_result(output)
-    pending.result_is_error = False
-    pending.outcome = "responded"
-    return PlannedDecision(pending, "respond")

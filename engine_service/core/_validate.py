@@ -126,7 +126,8 @@ class SpecChecks:
         for service in per_run:
             check_destination(self._engine.egress, service.base_url, f"api.services[{service.name}].base_url")
         try:
-            check_per_run_services(self._engine._api_services, per_run, self._engine._per_run_custom_ids)
+            catalogue = self._engine._catalogue
+            check_per_run_services(catalogue.api_services, per_run, catalogue.per_run_custom_ids)
         except ApiPolicyError as exc:
             # Asking for an engine credential is not allowed; a name clash is a malformed spec.
             denied = exc.reason == "ERR_API_AUTH_NOT_ALLOWED"
