@@ -812,7 +812,8 @@ async def test_resume_of_unknown_runs_retains_nothing(server: RunningServer, stu
             )
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     engine: Any = server.engine
-    assert len(engine._run_api_env) == 0, f"{len(engine._run_api_env)} credential sets kept for unknown runs"
+    kept = engine._catalogue.run_api_env
+    assert len(kept) == 0, f"{len(kept)} credential sets kept for unknown runs"
 
 
 async def test_requests_for_unknown_runs_do_not_grow_engine_state(server: RunningServer, stub: Any) -> None:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine_service.core._actor import RunEnv
+from engine_service.core._checkpoint import RunEnv
 from engine_service.core._config import EngineConfig
 from engine_service.core._errors import missing_extra
 from engine_service.core._run import RunSpec

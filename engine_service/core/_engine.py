@@ -18,9 +18,10 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine_service.core._actor import CANCEL_REQUEST, RunActor
+from engine_service.core._actor import RunActor
 from engine_service.core._background import BackgroundJobs
 from engine_service.core._catalogue import ToolCatalogue, builtin_tools, host_capabilities
+from engine_service.core._checkpoint import CANCEL_REQUEST
 from engine_service.core._config import EngineConfig
 from engine_service.core._decisions import DecisionDesk
 from engine_service.core._errors import (

@@ -6,8 +6,8 @@ import logging
 
 import httpx
 
-from engine_service.core._actor import RunnerUnreachable
 from engine_service.core._config import EngineConfig
+from engine_service.core._dispatch import RunnerUnreachable
 
 log = logging.getLogger("machina.engine")
 
