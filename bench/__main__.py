@@ -143,8 +143,7 @@ BURST = 50
 
 async def s3_benchmarks(results: dict[str, Any], quick: bool) -> None:
     """Per-turn overhead and handoff time over a real S3-compatible server (moto, on loopback)."""
-    from engine_service.storage._s3 import S3Storage
-    from tests.s3_server import CREDENTIALS, new_bucket, running_moto
+    from engine_service.testing import CREDENTIALS, S3Storage, new_bucket, running_moto
 
     for key, value in CREDENTIALS.items():
         os.environ.setdefault(key, value)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from engine_service import LocalStorage, Storage
-from engine_service.storage._workdir_snapshot import WorkdirSnapshots
+from engine_service.testing import WorkdirSnapshots
 
 FILES = 200
 

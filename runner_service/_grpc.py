@@ -7,8 +7,8 @@ from typing import Any
 
 import grpc
 
-from engine_service.api._server import add_service, serve_with_health, set_error
-from engine_service.core._errors import EngineError, ErrorKind
+from engine_service import EngineError, ErrorKind
+from engine_service.api.serving import add_service, serve_with_health, set_error
 from machina.runner.v1 import runner_service_pb2 as pb
 from machina.runner.v1 import runner_service_pb2_grpc as pb_grpc
 from runner_service._runner import Rejected, Runner

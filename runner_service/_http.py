@@ -9,7 +9,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from engine_service.core._limits import MAX_DEPTH, too_deep
+from engine_service.api.serving import MAX_DEPTH, too_deep
 from runner_service._runner import Rejected, Runner
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine_service import Engine, EngineError, Principal
-from engine_service.core._ids import is_valid_id
+from engine_service.api.serving import is_valid_id
 
 log = logging.getLogger("machina.runner")
 

@@ -21,7 +21,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import jsonschema
 import pydantic
@@ -129,6 +129,22 @@ class Tool:
         return result
 
 
+@overload
+def tool(fn: Handler) -> Tool: ...
+
+
+@overload
+def tool(
+    fn: None = None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    input_schema: JsonObject | None = None,
+    idempotent: bool = False,
+    capabilities: Iterable[str] = (),
+) -> Callable[[Handler], Tool]: ...
+
+
 def tool(
     fn: Handler | None = None,
     *,
@@ -137,7 +153,7 @@ def tool(
     input_schema: JsonObject | None = None,
     idempotent: bool = False,
     capabilities: Iterable[str] = (),
-) -> Any:
+) -> Tool | Callable[[Handler], Tool]:
     """Turn a function into a `Tool`; usable bare (``@tool``) or with options."""
 
     def wrap(func: Handler) -> Tool:
