@@ -98,7 +98,7 @@ def dir_bytes(root: Path) -> int:
 
 
 def storage_ratio(root: Path) -> float:
-    """Bytes stored per run ÷ bytes of its transcript and events (SPEC: ≤ 2×)."""
+    """Bytes stored per run ÷ bytes of its transcript and events (the target: ≤ 2×)."""
     total = payload = 0
     for path in root.rglob("*"):
         if path.is_file():

@@ -74,7 +74,7 @@ def build_config(ns: argparse.Namespace) -> RunnerConfig:
         )
     if bool(config.runner_tls_cert) != bool(config.runner_tls_key):
         raise ConfigError("TLS needs both --tls-cert and --tls-key (MACHINA_RUNNER_TLS_CERT/_KEY)")
-    # The runner has the real tools and never hands a run on (SPEC §5).
+    # The runner has the real tools and never hands a run on.
     return config.model_copy(update={"runner_url": "", "runner_urls": {}})
 
 

@@ -1,4 +1,4 @@
-"""Fault injection end to end (SPEC §8): real engine and runner processes killed with SIGKILL at
+"""Fault injection end to end: real engine and runner processes killed with SIGKILL at
 random points of multi-turn runs, an S3 server behind a fault-injecting proxy, a runner that is
 down, a webhook receiver that is down.
 

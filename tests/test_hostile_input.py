@@ -1,4 +1,4 @@
-"""Hostile input (SPEC §8): property-based requests to every EngineService RPC through a real
+"""Hostile input: property-based requests to every EngineService RPC through a real
 server, and to the runner's HTTP shim through a real runner process; oversized and malformed
 messages; model output that is not valid text; slowloris clients against the shim.
 

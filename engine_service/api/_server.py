@@ -111,7 +111,12 @@ def _streaming(impl: StreamImpl) -> Callable[[Any, Any, Context], AsyncGenerator
 
 
 class EngineServicer(svc_grpc.EngineServiceServicer):
-    """Translates proto <-> domain and domain errors -> status; no logic of its own."""
+    """Translates proto <-> domain and domain errors -> status, and owns what only the wire needs.
+
+    That is: the caller's principal from its metadata, the bound on waits (``MAX_WAIT_MS``),
+    ListRuns pages bounded in bytes (a run too large is listed in short form), and converting
+    large messages off the event loop. The run lifecycle itself is the Engine's.
+    """
 
     def __init__(self, engine: Engine, auth: Authenticator) -> None:
         self._engine = engine

@@ -118,7 +118,7 @@ class ToolCatalogue:
             tool = self._engine.tools.get(name)
             assert tool is not None
             missing = tool.capabilities - self._engine._capabilities
-            # A tool this host cannot run stays visible to the model as a stub (SPEC §5).
+            # A tool this host cannot run stays visible to the model as a stub.
             tools[name] = capability_stub(tool, missing) if missing else tool
         for t in spec_doc.get("client_tools", ()):
             tools[t["name"]] = client_tool(t["name"], t["description"], t["input_schema"])

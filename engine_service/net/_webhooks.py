@@ -1,4 +1,4 @@
-"""Webhooks (SPEC E8): signed POSTs of a run's status when it pauses or ends.
+"""Webhooks: signed POSTs of a run's status when it pauses or ends.
 
 Delivery never blocks the run: each notification is a background task that
 retries with exponential backoff and jitter, and every attempt is appended to

@@ -7,7 +7,16 @@ Layout under the root (the same for every adapter)::
     workspaces/{workspace_id}/runs/{run_id}/events/{first:012d}.jsonl       numbered segments
     workspaces/{workspace_id}/runs/{run_id}/transcript/{first:012d}.jsonl
     workspaces/{workspace_id}/runs/{run_id}/lease.json       one writer at a time
+    workspaces/{workspace_id}/runs/{run_id}/blobs/{name}     opaque bytes, see below
     workspaces/{workspace_id}/requests/{request_id}.json     idempotency keys
+    shared/{name}.json                                       documents every process shares
+
+A run's blobs are what does not belong in its state: full tool results too large for the
+transcript (``result_blob_name``), a cancel request left by another process
+(``cancel-request``), webhook notifications and their delivery log, and the run
+directory's snapshots (``wd-{sha256}`` file contents, ``wdm-{sha256}`` manifests; see
+``_workdir_snapshot``). Shared documents are the catalogues of MCP tools a runner
+publishes (``mcp-{server}``) and the index of pending webhook notifications.
 
 The event log and the transcript are numbered segments: a segment is named by
 the index of its first record and holds consecutive records, so nothing ever
