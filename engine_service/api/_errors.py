@@ -53,7 +53,7 @@ def error_status(error: EngineError) -> grpc.Status:
         _fit(key, _MAX_METADATA_KEY_BYTES): _fit(value, _MAX_METADATA_VALUE_BYTES)
         for key, value in list(error.metadata.items())[:_MAX_METADATA_ENTRIES]
     }
-    info = error_details_pb2.ErrorInfo(reason=error.code, domain=ERROR_DOMAIN, metadata=metadata)
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
     message = _fit(error.message, _MAX_MESSAGE_BYTES, percent_encoded=True)
