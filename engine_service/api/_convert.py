@@ -17,6 +17,7 @@ from engine_service.core._limits import MAX_DEPTH, MAX_SCHEMA_BYTES, too_deep
 from engine_service.core._run import (
     ClientToolDef,
     Decision,
+    DecisionAction,
     Interrupt,
     RunError,
     RunMeta,
@@ -264,13 +265,13 @@ def decision_from_proto(message: svc.Decision) -> Decision:
             if message.approve.HasField("edited_arguments")
             else None
         )
-        return Decision(message.interrupt_id, "approve", edited_arguments=edits)
+        return Decision(message.interrupt_id, DecisionAction.APPROVE, edited_arguments=edits)
     if action == "reject":
-        return Decision(message.interrupt_id, "reject", reason=message.reject.reason[:2000])
+        return Decision(message.interrupt_id, DecisionAction.REJECT, reason=message.reject.reason[:2000])
     if action == "respond":
         return Decision(
             message.interrupt_id,
-            "respond",
+            DecisionAction.RESPOND,
             output=value_to_python(message.respond.output, "decisions.respond.output"),
         )
     raise invalid(

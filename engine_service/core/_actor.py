@@ -21,7 +21,7 @@ from engine_service.core._dispatch import REQUEST_EVENT, ToolDispatch
 from engine_service.core._errors import RunFailure
 from engine_service.core._limits import MAX_DEPTH, is_small, too_deep
 from engine_service.core._regex import SchemaValidator
-from engine_service.core._run import PENDING, READY, RESOLVED, RunError
+from engine_service.core._run import PENDING, READY, RESOLVED, CallOutcome, RunError
 from engine_service.core._text import loads_untrusted
 from engine_service.core._types import EventKind, InterruptKind, JsonObject, Message, PauseReason, RunState
 from engine_service.models import ModelError, ModelRequest, TextChunk, TurnResult
@@ -157,7 +157,7 @@ class RunActor(ToolDispatch):
         for p in self.record.pending:
             tool = self.env.tools.get(p.call.name)
             if p.status == READY and not (tool is not None and tool.idempotent):
-                p.status, p.result_is_error, p.outcome = RESOLVED, True, "interrupted"
+                p.status, p.result_is_error, p.outcome = RESOLVED, True, CallOutcome.INTERRUPTED
                 p.result_text = (
                     f"The {p.call.name} call was interrupted by an engine crash: it may or may not have "
                     "taken effect. Check before you retry it."

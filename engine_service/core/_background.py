@@ -8,7 +8,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from engine_service.core._errors import EngineError
-from engine_service.core._run import Decision, RunRecord
+from engine_service.core._run import Decision, DecisionAction, RunRecord
 from engine_service.core._types import PauseReason, Principal, RunState
 from engine_service.tools import sweep_stale_cgroups
 
@@ -168,7 +168,11 @@ class BackgroundJobs:
                 self.arm_expiry(key, record)
                 return
             decisions = [
-                Decision(i.interrupt_id, "approve" if approves else "reject", reason="the approval expired")
+                Decision(
+                    i.interrupt_id,
+                    DecisionAction.APPROVE if approves else DecisionAction.REJECT,
+                    reason="the approval expired",
+                )
                 for i in due
             ]
             await self._resume_expired(key, decisions)

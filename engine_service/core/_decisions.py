@@ -7,7 +7,17 @@ from typing import TYPE_CHECKING, Any
 
 from engine_service.core._actor import RunActor
 from engine_service.core._errors import invalid, not_found, precondition, shown
-from engine_service.core._run import PENDING, READY, RESOLVED, Decision, PendingCall, PlannedDecision
+from engine_service.core._run import (
+    PENDING,
+    READY,
+    RESOLVED,
+    CallOutcome,
+    Decision,
+    DecisionAction,
+    PendingCall,
+    PlannedDecision,
+    RunMode,
+)
 from engine_service.core._types import InterruptKind, JsonObject
 from engine_service.tools._registry import ToolArgumentError, render_result
 
@@ -46,13 +56,13 @@ class DecisionDesk:
             seen.add(d.interrupt_id)
             assert pending.interrupt is not None
             kind = pending.interrupt.kind
-            if d.action not in ("approve", "reject", "respond"):
+            if d.action not in (DecisionAction.APPROVE, DecisionAction.REJECT, DecisionAction.RESPOND):
                 raise invalid(
                     "ERR_INVALID_DECISION",
                     f"decision for {d.interrupt_id!r} has no action",
                     interrupt_id=d.interrupt_id,
                 )
-            if d.action != "respond" and kind is not InterruptKind.APPROVAL:
+            if d.action is not DecisionAction.RESPOND and kind is not InterruptKind.APPROVAL:
                 raise invalid(
                     "ERR_INVALID_DECISION",
                     f"interrupt {d.interrupt_id!r} is {kind.value}: answer it with respond, not {d.action}",
@@ -60,7 +70,7 @@ class DecisionDesk:
                     kind=kind.value,
                 )
             edited = None
-            if d.action == "approve" and d.edited_arguments is not None:
+            if d.action is DecisionAction.APPROVE and d.edited_arguments is not None:
                 tool = actor.env.tools.get(pending.call.name)
                 assert tool is not None
                 try:
@@ -87,8 +97,8 @@ class DecisionDesk:
         for planned in plan:
             pending = planned.pending
             actor.record_decision(pending, planned.action, by, reason=planned.reason, expired=all_expired)
-            if all_expired and pending.outcome == "rejected":
-                pending.outcome = "expired"
+            if all_expired and pending.outcome is CallOutcome.REJECTED:
+                pending.outcome = CallOutcome.EXPIRED
         if actor.record.interrupts:
             await actor.checkpoint()  # still waiting for the other interrupts
             await actor.release()
@@ -96,7 +106,7 @@ class DecisionDesk:
             self._engine._notify(actor.key)
             return
         # A resumed run is asynchronous (its caller is not streaming it): it may hand off.
-        actor.record.mode = "async"
+        actor.record.mode = RunMode.ASYNC
         ws = actor.record.workspace_id
         actor.env.handoff = self._engine._runner.post if self._engine._runner.url(ws) else None
         await actor.commit_start(by)
@@ -105,28 +115,30 @@ class DecisionDesk:
 
 def apply_decision(
     pending: PendingCall,
-    action: str,
+    action: DecisionAction,
     *,
     edited: JsonObject | None = None,
     reason: str = "",
     output: Any = None,
 ) -> PlannedDecision:
     """Move a pending call according to a decision; returns what the run's history records."""
-    if action == "approve":
+    if action is DecisionAction.APPROVE:
         if edited is not None:
             pending.call.arguments = edited
         pending.status = READY
-        return PlannedDecision(pending, "approve_with_edits" if edited is not None else "approve")
-    if action == "reject":
+        return PlannedDecision(
+            pending, DecisionAction.APPROVE_WITH_EDITS if edited is not None else DecisionAction.APPROVE
+        )
+    if action is DecisionAction.REJECT:
         pending.status = RESOLVED
         pending.result_text = (
             f"The user rejected this call. Reason: {reason}" if reason else "The user rejected this call."
         )
         pending.result_is_error = True
-        pending.outcome = "rejected"
-        return PlannedDecision(pending, "reject", reason)
+        pending.outcome = CallOutcome.REJECTED
+        return PlannedDecision(pending, DecisionAction.REJECT, reason)
     pending.status = RESOLVED
     pending.result_text = render_result(output)
     pending.result_is_error = False
-    pending.outcome = "responded"
-    return PlannedDecision(pending, "respond")
+    pending.outcome = CallOutcome.RESPONDED
+    return PlannedDecision(pending, DecisionAction.RESPOND)

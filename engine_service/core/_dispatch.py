@@ -9,7 +9,16 @@ import logging
 import time
 
 from engine_service.core._checkpoint import CheckpointedRun
-from engine_service.core._run import PENDING, READY, RESOLVED, Interrupt, PendingCall, RunError
+from engine_service.core._run import (
+    PENDING,
+    READY,
+    RESOLVED,
+    CallOutcome,
+    DecisionAction,
+    Interrupt,
+    PendingCall,
+    RunError,
+)
 from engine_service.core._types import (
     EventKind,
     InterruptKind,
@@ -42,7 +51,7 @@ REQUEST_EVENT = {
 }
 
 
-def _resolved(call: ToolCall, text: str, outcome: str) -> PendingCall:
+def _resolved(call: ToolCall, text: str, outcome: CallOutcome) -> PendingCall:
     return PendingCall(call, RESOLVED, result_text=text, result_is_error=True, outcome=outcome)
 
 
@@ -63,24 +72,26 @@ class ToolDispatch(CheckpointedRun):
         if tool is None:
             available = ", ".join(sorted(self.env.tools)) or "none"
             return _resolved(
-                call, f"Unknown tool {call.name!r}. Available tools: {available}.", "unknown_tool"
+                call, f"Unknown tool {call.name!r}. Available tools: {available}.", CallOutcome.UNKNOWN_TOOL
             )
         if self.spec.tool_choice is ToolChoice.NONE:
             # The model was told it may not call tools; a call it makes anyway is answered, not run.
             return _resolved(
                 call,
                 f"Tool calls are turned off for this run (tool_choice none): {call.name} was not run.",
-                "denied",
+                CallOutcome.DENIED,
             )
         permission = self.env.permissions(call.name)
         if permission is Permission.DENY:
             return _resolved(
-                call, f"Permission denied: the {call.name} tool is not allowed in this run.", "denied"
+                call,
+                f"Permission denied: the {call.name} tool is not allowed in this run.",
+                CallOutcome.DENIED,
             )
         try:
             tool.validate(call.arguments)
         except ToolArgumentError as exc:
-            return _resolved(call, f"Invalid arguments for {call.name}: {exc}", "invalid_arguments")
+            return _resolved(call, f"Invalid arguments for {call.name}: {exc}", CallOutcome.INVALID_ARGUMENTS)
         kind = tool.interrupt_kind
         if kind is None and call.name in self.spec.gated_tools:
             kind = InterruptKind.TOOL_RESULT
@@ -121,7 +132,7 @@ class ToolDispatch(CheckpointedRun):
                 RESOLVED,
                 capability_error(p.call.name, missing),
                 True,
-                "capability_missing",
+                CallOutcome.CAPABILITY_MISSING,
             )
             if p.call.name not in self.record.meta.capabilities_missing:
                 self.record.meta.capabilities_missing.append(p.call.name)
@@ -155,7 +166,8 @@ class ToolDispatch(CheckpointedRun):
                 "size": len(p.result_text.encode()),
                 "output": p.result_text,
                 "duration_ms": 0,
-                "outcome": p.outcome or ("rejected" if p.result_is_error else "responded"),
+                "outcome": p.outcome
+                or (CallOutcome.REJECTED if p.result_is_error else CallOutcome.RESPONDED),
             },
         )
 
@@ -264,7 +276,7 @@ class ToolDispatch(CheckpointedRun):
                 "size": size,
                 "output": text,
                 "duration_ms": int((time.perf_counter() - started) * 1000),
-                "outcome": "ran",
+                "outcome": CallOutcome.RAN.value,
             },
         )
         return text, is_error
@@ -283,14 +295,20 @@ class ToolDispatch(CheckpointedRun):
         return None if blob is None else blob.decode("utf-8", errors="replace")
 
     def record_decision(
-        self, pending: PendingCall, decision: str, by: str, *, expired: bool = False, reason: str = ""
+        self,
+        pending: PendingCall,
+        decision: DecisionAction,
+        by: str,
+        *,
+        expired: bool = False,
+        reason: str = "",
     ) -> None:
         assert pending.interrupt is not None
         self.emit(
             EventKind.APPROVAL_DECIDED,
             {
                 "interrupt_id": pending.interrupt.interrupt_id,
-                "decision": decision,
+                "decision": decision.value,
                 "by": by,
                 "at": self.env.clock(),
                 "sha256": arguments_digest(pending.call.arguments) if pending.status == READY else "",

@@ -41,6 +41,7 @@ from engine_service.core._reading import RunReader
 from engine_service.core._run import (
     ClientToolDef,
     Decision,
+    RunMode,
     RunRecord,
     RunSpec,
     ToolResultPage,
@@ -163,7 +164,7 @@ class Engine:
         spec: RunSpec,
         client_tools: Sequence[ClientToolDef] = (),
         *,
-        mode: str = "async",
+        mode: str = RunMode.ASYNC,
         api_env: Mapping[str, str] | None = None,
         webhook: Mapping[str, Any] | None = None,
     ) -> tuple[RunRecord, bool]:
@@ -237,7 +238,7 @@ class Engine:
                 request_id=spec.request_id,
                 labels=dict(spec.labels),
                 deadline_at=now + spec.timeout_ms / 1000 if spec.timeout_ms else 0.0,
-                mode=mode,
+                mode=RunMode(mode),
                 webhook=webhook_doc,
             )
             record.meta.model = f"{provider}:{model_name}"
