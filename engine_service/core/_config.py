@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from engine_service.core._ids import is_valid_id
 from engine_service.core._types import Principal
 from engine_service.net._egress import EgressPolicy, Resolver
-from engine_service.tools._apicall import ApiConfig
+from engine_service.tools._apicall_config import ApiConfig
 from engine_service.tools._mcp_config import McpServerConfig
 
 ENV_PREFIX = "MACHINA_"

@@ -18,152 +18,69 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import SecretStr
 
 from engine_service.core._errors import EngineError, shown
-from engine_service.core._regex import PatternError, check_patterns, fullmatch
+from engine_service.core._regex import fullmatch
 from engine_service.core._text import has_surrogate, loads_untrusted
 from engine_service.core._types import JsonObject
 from engine_service.net._egress import EgressPolicy, EgressRefused
 from engine_service.net._tls import client_ssl_context
+from engine_service.tools._apicall_config import (
+    DEFAULT_METHODS as DEFAULT_METHODS,
+)
+from engine_service.tools._apicall_config import (
+    HEADER_NAME,
+    RESERVED_HEADERS,
+    has_ctl,
+)
+from engine_service.tools._apicall_config import (
+    METHODS as METHODS,
+)
+from engine_service.tools._apicall_config import (
+    AnyAuth as AnyAuth,
+)
+from engine_service.tools._apicall_config import (
+    ApiAuth as ApiAuth,
+)
+from engine_service.tools._apicall_config import (
+    ApiConfig as ApiConfig,
+)
+from engine_service.tools._apicall_config import (
+    ApiService as ApiService,
+)
+from engine_service.tools._apicall_config import (
+    BasicAuth as BasicAuth,
+)
+from engine_service.tools._apicall_config import (
+    BearerAuth as BearerAuth,
+)
+from engine_service.tools._apicall_config import (
+    CustomAuth as CustomAuth,
+)
+from engine_service.tools._apicall_config import (
+    HeaderAuth as HeaderAuth,
+)
+from engine_service.tools._apicall_config import (
+    NoAuth as NoAuth,
+)
 from engine_service.tools._registry import Tool, ToolContext, ToolError, _import_attr
 
 logger = logging.getLogger(__name__)
 
-TOOL_NAME = "ApiCall"
-REDACTED = "[REDACTED]"
-MAX_REDIRECTS = 5
-METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
-DEFAULT_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-# Headers the model may never set: credentials, routing and message framing.
-_RESERVED_HEADERS = frozenset(("authorization", "proxy-authorization", "cookie", "host", "content-length",
-                               "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
-                               "expect"))  # fmt: skip
 # The only response headers the model sees (never set-cookie or anything credential-like).
 _RESPONSE_HEADERS = frozenset(("content-type", "content-length", "content-language", "location", "etag",
                                "last-modified", "cache-control", "retry-after", "link", "x-request-id",
                                "x-ratelimit-limit", "x-ratelimit-remaining",
                                "x-ratelimit-reset"))  # fmt: skip
 
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class NoAuth(_Frozen):
-    type: Literal["none"] = "none"
-
-
-class BearerAuth(_Frozen):
-    type: Literal["bearer"]
-    token_ref: str = Field(min_length=1)
-
-
-class HeaderAuth(_Frozen):
-    type: Literal["header"]
-    name: str = Field(pattern=_HEADER_NAME.pattern)
-    value_ref: str = Field(min_length=1)
-
-
-class BasicAuth(_Frozen):
-    type: Literal["basic"]
-    user_ref: str = Field(min_length=1)
-    pass_ref: str = Field(min_length=1)
-
-
-class CustomAuth(_Frozen):
-    type: Literal["custom"]
-    id: str = Field(min_length=1)
-
-
-AnyAuth: TypeAlias = NoAuth | BearerAuth | HeaderAuth | BasicAuth | CustomAuth
-ApiAuth: TypeAlias = Annotated[AnyAuth, Field(discriminator="type")]
-
-
-class ApiService(_Frozen):
-    """One HTTP service the model may call; secrets are named by ref, never inlined."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    base_url: str
-    auth: ApiAuth = NoAuth()
-    # RE2 regexes (linear time), full-matched against the normalised path relative to base_url.
-    allowed_paths: list[str] | None = None
-    allowed_methods: list[str] | None = None
-    max_body_bytes: int = Field(1 << 20, gt=0)
-    max_response_bytes: int = Field(1 << 20, gt=0)
-    timeout_s: float = Field(30.0, gt=0)
-    # Fixed, non-secret headers (e.g. Accept, an API version); the model cannot override them.
-    headers: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("base_url")
-    @classmethod
-    def _check_base_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("base_url must be an absolute http:// or https:// URL")
-        # Userinfo would put a credential in the tool description; query/fragment break path joins.
-        if "@" in parts.netloc or parts.query or parts.fragment:
-            raise ValueError("base_url must not contain credentials, a query or a fragment")
-        return value.rstrip("/")
-
-    @field_validator("allowed_paths")
-    @classmethod
-    def _check_paths(cls, value: list[str] | None) -> list[str] | None:
-        try:
-            check_patterns(value)
-        except PatternError as exc:
-            raise ValueError(f"allowed_paths: {exc}") from None
-        return value
-
-    @field_validator("allowed_methods")
-    @classmethod
-    def _check_methods(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        upper = [m.upper() for m in value]
-        if bad := [m for m in upper if m not in METHODS]:
-            raise ValueError(f"unsupported methods {bad}; choose from {list(METHODS)}")
-        return upper
-
-    @field_validator("headers")
-    @classmethod
-    def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, val in value.items():
-            if not _HEADER_NAME.match(name) or name.lower() in _RESERVED_HEADERS or _has_ctl(val):
-                raise ValueError(f"fixed header {name!r} is not allowed (credentials belong in auth)")
-        return value
-
-    @property
-    def methods(self) -> tuple[str, ...]:
-        return tuple(self.allowed_methods) if self.allowed_methods is not None else DEFAULT_METHODS
-
-
-class ApiConfig(_Frozen):
-    """The ``api`` block of engine config or of a run: services, secret env and a custom resolver."""
-
-    services: list[ApiService] = Field(default_factory=list)
-    env: dict[str, SecretStr] = Field(default_factory=dict)
-    resolve_auth: str | None = Field(None, pattern=r"^[\w.]+:\w+$")
-    # Metering hooks by import path, called with {service, method, path[, status, latency_ms, bytes_in]}.
-    on_request: str | None = Field(None, pattern=r"^[\w.]+:\w+$")
-    on_response: str | None = Field(None, pattern=r"^[\w.]+:\w+$")
-    # Engine config only: the custom auth ids a run's own services may name (exact match).
-    # Empty (the default) = per-run services use per-run credentials only; resolve_auth then
-    # never runs for a service a tenant defined.
-    per_run_custom_auth_ids: list[str] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> ApiConfig:
-        # Case-insensitively: "GitHub" beside "github" would let one pass for the other.
-        names = [s.name.lower() for s in self.services]
-        if dupes := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"service names must be unique (ignoring case): {dupes}")
-        return self
+TOOL_NAME = "ApiCall"
+REDACTED = "[REDACTED]"
+MAX_REDIRECTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,10 +172,6 @@ def load_resolve_auth(path: str) -> ResolveAuth:
     return resolver
 
 
-def _has_ctl(text: str) -> bool:
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
-
-
 class _Scrubber:
     """Replaces every known secret value (longest first) with ``[REDACTED]``."""
 
@@ -316,7 +229,7 @@ def normalise_path(raw: str) -> str:
     """The path relative to base_url, normalised; ToolError for anything that could leave it."""
     if has_surrogate(raw):
         raise ToolError("path must be valid Unicode text")
-    if _has_ctl(raw):
+    if has_ctl(raw):
         raise ToolError("path must not contain control characters")
     for char, what in (("\\", "backslashes"), ("@", "'@'"), ("?", "'?' (use query)"), ("#", "'#'")):
         if char in raw:
@@ -332,7 +245,7 @@ def normalise_path(raw: str) -> str:
         char = chr(int(match.group(1), 16))
         if char.isascii() and (char.isalnum() or char in "-._~"):
             return char
-        if char in "/\\" or _has_ctl(char):
+        if char in "/\\" or has_ctl(char):
             raise ToolError("path must not contain encoded slashes, backslashes or control characters")
         return "%" + match.group(1).upper()
 
@@ -513,7 +426,7 @@ class _ApiCall:
                 "which are not available in this process (per-run env values are kept in memory only: "
                 "supply them again when resuming)"
             )
-        if any(_has_ctl(v) for v in values.values()):
+        if any(has_ctl(v) for v in values.values()):
             raise ToolError(
                 f"ERR_CREDENTIALS_INVALID: a credential of service {service.name!r} has "
                 "characters not allowed in an HTTP header"
@@ -561,7 +474,7 @@ class _ApiCall:
             ) from None
         for value in headers.values():
             scrub.add(value)
-        if any(not _HEADER_NAME.match(k) or _has_ctl(v) for k, v in headers.items()):
+        if any(not HEADER_NAME.match(k) or has_ctl(v) for k, v in headers.items()):
             raise ToolError(
                 f"ERR_AUTH_RESOLVER: resolve_auth returned an invalid header for service {service.name!r}"
             )
@@ -571,12 +484,12 @@ class _ApiCall:
     def _headers(
         service: ApiService, model: dict[str, Any], auth: dict[str, str], has_body: bool
     ) -> dict[str, str]:
-        reserved = _RESERVED_HEADERS | {n.lower() for n in (*auth, *service.headers)}
+        reserved = RESERVED_HEADERS | {n.lower() for n in (*auth, *service.headers)}
         headers = dict(service.headers)
         for name, value in model.items():
             if name.lower() in reserved or name.lower().startswith("proxy-"):
                 raise ToolError(f"header {name!r} cannot be set by the model (it is set by the engine)")
-            if not _HEADER_NAME.match(name) or _has_ctl(str(value)):
+            if not HEADER_NAME.match(name) or has_ctl(str(value)):
                 raise ToolError(f"header {name!r} has an invalid name or value")
             headers[name] = str(value)
         if has_body and not any(n.lower() == "content-type" for n in headers):
