@@ -68,7 +68,6 @@ from engine_service.storage._workdir_snapshot import WorkdirSnapshots
 from engine_service.tools import (
     Sandbox,
     describe_sandbox,
-    result_blob_name,
 )
 from engine_service.tools._registry import (
     ToolRegistry,
@@ -78,7 +77,6 @@ log = logging.getLogger("machina.engine")
 
 # Run errors that resuming without decisions retries (a fresh handoff from the same checkpoint).
 _HANDOFF_FAILURES = ("ERR_RUNNER_UNREACHABLE", "ERR_RUNNER_LOST")
-_CANCEL_FOLLOW_S = 10.0  # how long CancelRun follows a run another process moves before answering
 
 
 class Engine:
@@ -364,6 +362,8 @@ class Engine:
         if changed is not None:
             changed.set()
 
+    # -- moving runs ---------------------------------------------------------------------
+
     async def tool_result(
         self, principal: Principal, run_id: str, call_id: str, *, offset: int = 0, limit: int = 0
     ) -> ToolResultPage:
@@ -371,24 +371,7 @@ class Engine:
 
         ``limit`` 0 means up to 1,000,000 characters.
         """
-        if offset < 0 or limit < 0:
-            raise EngineError("ERR_INVALID_REQUEST", "offset and limit must not be negative")
-        key = (principal.workspace_id, check_id(run_id, "run_id"))
-        await self.get_run(principal, run_id)  # NOT_FOUND for unknown runs and other workspaces
-        blob = await self.storage.get_blob(*key, result_blob_name(call_id))
-        if blob is None:
-            raise not_found(
-                "ERR_RESULT_NOT_FOUND",
-                f"run {run_id!r} has no stored result for call {call_id[:128]!r} "
-                "(only results too large to show in full are stored)",
-                run_id=run_id,
-                call_id=call_id[:128],
-            )
-        full = blob.decode("utf-8", errors="replace")
-        end = offset + (limit or 1_000_000)
-        return ToolResultPage(full[offset:end], len(full), end if end < len(full) else 0)
-
-    # -- moving runs ---------------------------------------------------------------------
+        return await self._reader.tool_result(principal, run_id, call_id, offset=offset, limit=limit)
 
     async def resume_run(
         self,
@@ -529,47 +512,7 @@ class Engine:
                 await actor.cancel_now()
                 self._notify(key)
                 return record
-        return await self._follow_cancel(principal, key, reason, request)
-
-    async def _follow_cancel(
-        self, principal: Principal, key: tuple[str, str], reason: str, request: bytes
-    ) -> RunRecord:
-        """See a cancel of a run another process moves through: that process honours the request
-        at its next await point or when it pauses; a run found paused is cancelled here. Answers
-        once the run ended, so a cancel answered OK is never applied late, to a later resume
-        (after ``_CANCEL_FOLLOW_S``: the run as it stands if it still runs elsewhere, the
-        request left in place; ABORTED if it stayed paused and held by another process)."""
-        deadline = time.monotonic() + _CANCEL_FOLLOW_S
-        while True:
-            if key in self._active:  # resumed here meanwhile
-                return await self.cancel_run(principal, key[1], reason)
-            record = await self._load(key)
-            if record.state.terminal:
-                return record
-            if record.state is RunState.PAUSED:
-                async with self._lock(key):
-                    if key not in self._active:
-                        actor = await self._actor_for(record)
-                        if await actor.take_over():
-                            self._jobs.disarm_expiry(key)
-                            actor.cancel_reason = reason
-                            await actor.cancel_now()
-                            self._notify(key)
-                            return actor.record
-            elif not await self.storage.get_blob(key[0], key[1], CANCEL_REQUEST):
-                # A resume that started after the request was written cleared it: ask that execution.
-                await self.storage.put_blob(key[0], key[1], CANCEL_REQUEST, request)
-            if time.monotonic() >= deadline:
-                if record.state is RunState.PAUSED:
-                    # Paused, and held by another process all along: refused rather than
-                    # left for a later resume to find.
-                    raise aborted(
-                        "ERR_CONCURRENT_UPDATE",
-                        f"run {key[1]!r} is being moved by another process; cancel it again",
-                        run_id=key[1],
-                    )
-                return record  # still running elsewhere: the request stays and is honoured there
-            await self._reader.wait_change(key, 0.05)
+        return await self._reader.follow_cancel(principal, key, reason, request)
 
     def _notify_webhook(self, record: RunRecord, event: str) -> None:
         if record.webhook:

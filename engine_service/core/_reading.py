@@ -10,12 +10,15 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from engine_service.core._actor import RunActor
-from engine_service.core._errors import EngineError, ErrorKind, invalid
+from engine_service.core._checkpoint import CANCEL_REQUEST
+from engine_service.core._errors import EngineError, ErrorKind, aborted, invalid, not_found
 from engine_service.core._ids import check_id
-from engine_service.core._run import RunRecord
+from engine_service.core._run import RunRecord, ToolResultPage
 from engine_service.core._types import Event, PauseReason, Principal, RunState
+from engine_service.tools import result_blob_name
 
 _POLL_S = 0.025  # how often watchers re-read storage for runs another process moves (state.json is tiny)
+_CANCEL_FOLLOW_S = 10.0  # how long CancelRun follows a run another process moves before answering
 
 if TYPE_CHECKING:
     from engine_service.core._engine import Engine
@@ -184,6 +187,70 @@ class RunReader:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await changed.wait()
+
+    async def tool_result(
+        self, principal: Principal, run_id: str, call_id: str, *, offset: int = 0, limit: int = 0
+    ) -> ToolResultPage:
+        """A page of a tool result that was stored because it was too large to show.
+
+        ``limit`` 0 means up to 1,000,000 characters.
+        """
+        if offset < 0 or limit < 0:
+            raise EngineError("ERR_INVALID_REQUEST", "offset and limit must not be negative")
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        await self._engine.get_run(principal, run_id)  # NOT_FOUND for unknown runs and other workspaces
+        blob = await self._engine.storage.get_blob(*key, result_blob_name(call_id))
+        if blob is None:
+            raise not_found(
+                "ERR_RESULT_NOT_FOUND",
+                f"run {run_id!r} has no stored result for call {call_id[:128]!r} "
+                "(only results too large to show in full are stored)",
+                run_id=run_id,
+                call_id=call_id[:128],
+            )
+        full = blob.decode("utf-8", errors="replace")
+        end = offset + (limit or 1_000_000)
+        return ToolResultPage(full[offset:end], len(full), end if end < len(full) else 0)
+
+    async def follow_cancel(
+        self, principal: Principal, key: tuple[str, str], reason: str, request: bytes
+    ) -> RunRecord:
+        """See a cancel of a run another process moves through: that process honours the request
+        at its next await point or when it pauses; a run found paused is cancelled here. Answers
+        once the run ended, so a cancel answered OK is never applied late, to a later resume
+        (after ``_CANCEL_FOLLOW_S``: the run as it stands if it still runs elsewhere, the
+        request left in place; ABORTED if it stayed paused and held by another process)."""
+        deadline = time.monotonic() + _CANCEL_FOLLOW_S
+        while True:
+            if key in self._engine._active:  # resumed here meanwhile
+                return await self._engine.cancel_run(principal, key[1], reason)
+            record = await self._engine._load(key)
+            if record.state.terminal:
+                return record
+            if record.state is RunState.PAUSED:
+                async with self._engine._lock(key):
+                    if key not in self._engine._active:
+                        actor = await self._engine._actor_for(record)
+                        if await actor.take_over():
+                            self._engine._jobs.disarm_expiry(key)
+                            actor.cancel_reason = reason
+                            await actor.cancel_now()
+                            self._engine._notify(key)
+                            return actor.record
+            elif not await self._engine.storage.get_blob(key[0], key[1], CANCEL_REQUEST):
+                # A resume that started after the request was written cleared it: ask that execution.
+                await self._engine.storage.put_blob(key[0], key[1], CANCEL_REQUEST, request)
+            if time.monotonic() >= deadline:
+                if record.state is RunState.PAUSED:
+                    # Paused, and held by another process all along: refused rather than
+                    # left for a later resume to find.
+                    raise aborted(
+                        "ERR_CONCURRENT_UPDATE",
+                        f"run {key[1]!r} is being moved by another process; cancel it again",
+                        run_id=key[1],
+                    )
+                return record  # still running elsewhere: the request stays and is honoured there
+            await self.wait_change(key, 0.05)
 
 
 def settled(record: RunRecord) -> bool:
