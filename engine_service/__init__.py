@@ -16,7 +16,8 @@ from engine_service.core._engine import Engine
 from engine_service.core._errors import EngineError, ErrorKind
 from engine_service.core._run import ClientToolDef, Decision, RunRecord, RunSpec, ScriptedTurn
 from engine_service.core._types import Principal, RunState
-from engine_service.storage._local import LocalStorage, Storage, open_storage
+from engine_service.storage._local import LocalStorage, open_storage
+from engine_service.storage._protocol import Storage
 from engine_service.tools._registry import Tool, ToolContext, ToolError, ToolRegistry, tool
 
 __all__ = [

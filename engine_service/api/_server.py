@@ -28,7 +28,7 @@ from engine_service.core._engine import Engine
 from engine_service.core._errors import EngineError, ErrorKind, shown
 from engine_service.core._run import Decision, RunRecord
 from engine_service.core._types import Principal
-from engine_service.storage._local import storage_fault
+from engine_service.storage._protocol import storage_fault
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
 from machina.engine.v1 import run_pb2 as rp

@@ -25,7 +25,7 @@ from engine_service.core._run import PENDING, READY, RESOLVED, CallOutcome, RunE
 from engine_service.core._text import loads_untrusted
 from engine_service.core._types import EventKind, InterruptKind, JsonObject, Message, PauseReason, RunState
 from engine_service.models import ModelError, ModelRequest, TextChunk, TurnResult
-from engine_service.storage._local import StorageUnavailable, storage_fault
+from engine_service.storage._protocol import StorageUnavailable, storage_fault
 
 log = logging.getLogger("machina.engine")
 

@@ -15,7 +15,7 @@ from engine_service.core._feed import EventFeed
 from engine_service.core._run import RunError, RunRecord, RunSpec
 from engine_service.core._types import Event, EventKind, JsonObject, Message, Permission, RunState
 from engine_service.models import ModelAdapter
-from engine_service.storage._local import Storage, StorageUnavailable, storage_fault
+from engine_service.storage._protocol import Storage, StorageUnavailable, storage_fault
 from engine_service.storage._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
 from engine_service.tools._registry import Tool
 

@@ -63,7 +63,7 @@ from engine_service.models._select import (
 )
 from engine_service.net._egress import EgressPolicy
 from engine_service.net._webhooks import WebhookSender
-from engine_service.storage._local import Storage
+from engine_service.storage._protocol import Storage
 from engine_service.storage._workdir_snapshot import WorkdirSnapshots
 from engine_service.tools import (
     Sandbox,

@@ -52,7 +52,7 @@ from engine_service.core._limits import MAX_DEPTH, too_deep
 from engine_service.core._types import JsonObject
 from engine_service.net._egress import EgressPolicy, EgressRefused
 from engine_service.net._tls import client_ssl_context
-from engine_service.storage._local import Storage
+from engine_service.storage._protocol import Storage
 
 log = logging.getLogger("machina.webhooks")
 

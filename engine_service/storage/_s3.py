@@ -25,7 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
-from engine_service.storage._local import StorageUnavailable
+from engine_service.storage._protocol import StorageUnavailable
 
 _DIGITS = 12
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from engine_service.core._errors import RunFailure
-from engine_service.storage._local import Storage
+from engine_service.storage._protocol import Storage
 
 log = logging.getLogger("machina.engine")
 
