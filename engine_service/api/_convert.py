@@ -1,7 +1,7 @@
 """Translation between protobuf messages and the engine's domain types.
 
-This module and `_server.py` are the only engine modules that import generated
-code; the core never sees a protobuf message.
+Only the modules of ``api/`` import generated code; the core never sees a protobuf
+message.
 """
 
 from __future__ import annotations

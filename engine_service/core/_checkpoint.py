@@ -54,7 +54,7 @@ class RunEnv:
     cancel_poll_s: float = 0.5
     clock: Callable[[], float] = time.time
     # How long a checkpoint retries unavailable storage before the run is left at its last
-    # checkpoint for the recovery sweep (see _execute).
+    # checkpoint for the recovery sweep (see RunActor._execute).
     storage_retry_s: float = 300.0
 
 

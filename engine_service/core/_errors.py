@@ -61,7 +61,7 @@ def shown(value: object, limit: int = SHOWN_CHARS) -> str:
     """``value`` as an error may repeat it: whole when short, else its start and its length.
 
     Errors reach callers in gRPC trailers, which a default client refuses past 8 KiB: a value
-    from a request is never repeated whole (``_server.error_status`` bounds the rest).
+    from a request is never repeated whole (``api/_errors.error_status`` bounds the rest).
     """
     text = str(value)
     if len(text) <= limit:

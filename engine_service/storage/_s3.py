@@ -1,6 +1,6 @@
 """The S3-compatible storage adapter (AWS S3, Cloudflare R2, MinIO) on aioboto3.
 
-Same layout and guarantees as the local adapter (see _storage.py), with the
+Same layout and guarantees as the local adapter (see _protocol.py), with the
 object store's own tools: every object is written whole (no torn state.json);
 segments are immutable objects named ``{first}-{last}.jsonl``, one per
 checkpoint, so nothing rewrites the history; creation, idempotency keys and

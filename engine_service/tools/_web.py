@@ -1,6 +1,6 @@
 """WebFetch: fetch a URL over HTTP(S) with size, time and target limits.
 
-Every connection goes through the engine's egress policy (``_egress.py``): the
+Every connection goes through the engine's egress policy (``net/_egress.py``): the
 host name is resolved once, every address is checked, and the socket connects to
 the checked address, so loopback, private, link-local, metadata and other
 non-public targets are refused unless the operator allows them (the engine's
