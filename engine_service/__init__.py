@@ -1,7 +1,10 @@
 """Machina engine: the agent-loop core and the EngineService gRPC server.
 
-The core (``Engine``, tools, storage, models) never imports grpc; the server
-module translates.
+Layers are folders: ``core/`` (the Engine, the run actor, the run record),
+``storage/``, ``tools/``, ``net/``, ``models/`` and ``api/``, the only one that
+imports grpc or generated code. The names below are the public surface; tests and
+benchmarks use ``engine_service.testing``, processes that serve the engine
+``engine_service.api.serving``.
 """
 
 from importlib import metadata as _metadata
