@@ -10,65 +10,83 @@ line — is scrubbed of every known credential value first, because APIs echo he
 from __future__ import annotations
 
 import asyncio
-import base64
 import inspect
 import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
-from pydantic import SecretStr
 
-from engine_service.core._errors import EngineError, shown
+from engine_service.core._errors import shown
 from engine_service.core._regex import fullmatch
 from engine_service.core._text import has_surrogate, loads_untrusted
 from engine_service.core._types import JsonObject
 from engine_service.net._egress import EgressPolicy, EgressRefused
 from engine_service.net._tls import client_ssl_context
-from engine_service.tools._apicall_config import (
-    DEFAULT_METHODS as DEFAULT_METHODS,
+from engine_service.tools._apicall_auth import (
+    REDACTED,
+    AuthContext,
+    EnvLookup,
+    ResolveAuth,
+    Scrubber,
+    basic_credentials,
+    credential_refs,
+    env_lookup_from,
+    known_secrets,
+    load_resolve_auth,
+    no_env,
 )
 from engine_service.tools._apicall_config import (
+    DEFAULT_METHODS,
     HEADER_NAME,
+    METHODS,
     RESERVED_HEADERS,
+    AnyAuth,
+    ApiAuth,
+    ApiConfig,
+    ApiService,
+    BasicAuth,
+    BearerAuth,
+    CustomAuth,
+    HeaderAuth,
+    NoAuth,
     has_ctl,
 )
-from engine_service.tools._apicall_config import (
-    METHODS as METHODS,
-)
-from engine_service.tools._apicall_config import (
-    AnyAuth as AnyAuth,
-)
-from engine_service.tools._apicall_config import (
-    ApiAuth as ApiAuth,
-)
-from engine_service.tools._apicall_config import (
-    ApiConfig as ApiConfig,
-)
-from engine_service.tools._apicall_config import (
-    ApiService as ApiService,
-)
-from engine_service.tools._apicall_config import (
-    BasicAuth as BasicAuth,
-)
-from engine_service.tools._apicall_config import (
-    BearerAuth as BearerAuth,
-)
-from engine_service.tools._apicall_config import (
-    CustomAuth as CustomAuth,
-)
-from engine_service.tools._apicall_config import (
-    HeaderAuth as HeaderAuth,
-)
-from engine_service.tools._apicall_config import (
-    NoAuth as NoAuth,
-)
-from engine_service.tools._registry import Tool, ToolContext, ToolError, _import_attr
+from engine_service.tools._registry import Tool, ToolContext, ToolError
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "MAX_REDIRECTS",
+    "METHODS",
+    "REDACTED",
+    "TOOL_NAME",
+    "AnyAuth",
+    "ApiAuth",
+    "ApiConfig",
+    "ApiPolicyError",
+    "ApiService",
+    "AuthContext",
+    "BasicAuth",
+    "BearerAuth",
+    "CustomAuth",
+    "EnvLookup",
+    "HeaderAuth",
+    "Hook",
+    "NoAuth",
+    "ResolveAuth",
+    "api_tool_enabled",
+    "build_api_call_tool",
+    "check_per_run_services",
+    "env_lookup_from",
+    "known_secrets",
+    "load_resolve_auth",
+    "normalise_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -79,30 +97,10 @@ _RESPONSE_HEADERS = frozenset(("content-type", "content-length", "content-langua
                                "x-ratelimit-reset"))  # fmt: skip
 
 TOOL_NAME = "ApiCall"
-REDACTED = "[REDACTED]"
 MAX_REDIRECTS = 5
 
 
-@dataclass(frozen=True, slots=True)
-class AuthContext:
-    """What a custom ``resolve_auth`` knows about the request it signs and who asks for it.
-
-    ``per_run`` is True for a service the run's caller defined (its ``base_url`` is the
-    caller's choice): mint nothing for it that the workspace may not hold.
-    """
-
-    service: str
-    method: str
-    path: str
-    workspace_id: str = ""
-    run_id: str = ""
-    base_url: str = ""
-    per_run: bool = False
-
-
-ResolveAuth = Callable[[CustomAuth, AuthContext], Mapping[str, str] | Awaitable[Mapping[str, str]]]
 Hook = Callable[[JsonObject], Any]
-EnvLookup = Callable[[str], str | None]
 
 
 class ApiPolicyError(ValueError):
@@ -145,84 +143,6 @@ def check_per_run_services(
 
 def api_tool_enabled(services: Iterable[ApiService], disabled_tools: Iterable[str]) -> bool:
     return any(True for _ in services) and TOOL_NAME not in set(disabled_tools)
-
-
-def env_lookup_from(*envs: Mapping[str, SecretStr] | None) -> EnvLookup:
-    """A lookup reading the given env maps in order (first hit wins)."""
-
-    def lookup(ref: str) -> str | None:
-        for env in envs:
-            if env and ref in env:
-                return env[ref].get_secret_value()
-        return None
-
-    return lookup
-
-
-def _no_env(ref: str) -> str | None:
-    return None
-
-
-def load_resolve_auth(path: str) -> ResolveAuth:
-    """Import ``package.module:function``."""
-    fn = _import_attr(path, "resolve_auth")
-    if not callable(fn):
-        raise EngineError("ERR_CONFIG", f"resolve_auth {path!r} is not callable")
-    resolver: ResolveAuth = fn
-    return resolver
-
-
-class _Scrubber:
-    """Replaces every known secret value (longest first) with ``[REDACTED]``."""
-
-    def __init__(self, secrets: Iterable[str]) -> None:
-        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
-
-    def add(self, value: str) -> None:
-        # "Bearer abc" → also "abc": an API may echo the bare token (httpbin /bearer does).
-        found = [value, *value.split(None, 1)[1:]]
-        self.secrets = sorted(
-            {*self.secrets, *(v.strip() for v in found if v.strip())}, key=len, reverse=True
-        )
-
-    def text(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, REDACTED)
-        return text
-
-    def value(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, list):
-            return [self.value(v) for v in value]
-        if isinstance(value, dict):
-            return {self.text(str(k)): self.value(v) for k, v in value.items()}
-        return value
-
-
-def _refs(auth: AnyAuth) -> list[str]:
-    if isinstance(auth, BearerAuth):
-        return [auth.token_ref]
-    if isinstance(auth, HeaderAuth):
-        return [auth.value_ref]
-    if isinstance(auth, BasicAuth):
-        return [auth.user_ref, auth.pass_ref]
-    return []
-
-
-def _basic(user: str, password: str) -> str:
-    return base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-
-
-def known_secrets(services: Iterable[ApiService], env_lookup: EnvLookup) -> list[str]:
-    """Every credential value the services' refs resolve to now, plus basic auth's base64 form."""
-    found: list[str] = []
-    for service in services:
-        values = [v for v in map(env_lookup, _refs(service.auth)) if v]
-        found += values
-        if isinstance(service.auth, BasicAuth) and len(values) == 2:
-            found.append(_basic(*values))
-    return found
 
 
 def normalise_path(raw: str) -> str:
@@ -328,7 +248,7 @@ class _ApiCall:
     # Names of the run's own services, their env and the custom ids they may name. Their
     # connections go through ``egress``; the operator's services connect directly.
     per_run: frozenset[str] = frozenset()
-    run_env_lookup: EnvLookup = field(default=_no_env, repr=False)
+    run_env_lookup: EnvLookup = field(default=no_env, repr=False)
     per_run_custom_ids: frozenset[str] = frozenset()
     egress: EgressPolicy = field(default_factory=EgressPolicy)
 
@@ -337,7 +257,7 @@ class _ApiCall:
         return self.run_env_lookup if service.name in self.per_run else self.env_lookup
 
     async def __call__(self, args: JsonObject, ctx: ToolContext) -> str:
-        scrub = _Scrubber(
+        scrub = Scrubber(
             value
             for service in self.services.values()
             for value in known_secrets([service], self._lookup_for(service))
@@ -356,7 +276,7 @@ class _ApiCall:
         # Raised outside the except blocks so no original exception rides along as __context__.
         raise ToolError(failure)
 
-    async def _call(self, args: JsonObject, ctx: ToolContext, scrub: _Scrubber) -> str:
+    async def _call(self, args: JsonObject, ctx: ToolContext, scrub: Scrubber) -> str:
         service = self.services.get(str(args.get("service")))
         if service is None:
             raise ToolError(f"unknown service {args.get('service')!r}; choose from {sorted(self.services)}")
@@ -406,7 +326,7 @@ class _ApiCall:
         return patterns is None or any(fullmatch(p, path) for p in patterns)
 
     async def _auth_headers(
-        self, service: ApiService, method: str, path: str, scrub: _Scrubber, ctx: ToolContext
+        self, service: ApiService, method: str, path: str, scrub: Scrubber, ctx: ToolContext
     ) -> dict[str, str]:
         auth = service.auth
         if isinstance(auth, CustomAuth):
@@ -414,7 +334,7 @@ class _ApiCall:
         values: dict[str, str] = {}
         missing = []
         lookup = self._lookup_for(service)
-        for ref in _refs(auth):
+        for ref in credential_refs(auth):
             value = lookup(ref)
             if value:
                 values[ref] = value
@@ -436,7 +356,9 @@ class _ApiCall:
         if isinstance(auth, HeaderAuth):
             return {auth.name: values[auth.value_ref]}
         if isinstance(auth, BasicAuth):
-            return {"Authorization": f"Basic {_basic(values[auth.user_ref], values[auth.pass_ref])}"}
+            return {
+                "Authorization": f"Basic {basic_credentials(values[auth.user_ref], values[auth.pass_ref])}"
+            }
         return {}
 
     async def _custom_auth(
@@ -445,7 +367,7 @@ class _ApiCall:
         auth: CustomAuth,
         method: str,
         path: str,
-        scrub: _Scrubber,
+        scrub: Scrubber,
         ctx: ToolContext,
     ) -> dict[str, str]:
         per_run = service.name in self.per_run
@@ -596,7 +518,7 @@ class _ApiCall:
             result["note"] = note
         return result, len(data)
 
-    async def _hook(self, hook: Hook | None, payload: JsonObject, scrub: _Scrubber) -> None:
+    async def _hook(self, hook: Hook | None, payload: JsonObject, scrub: Scrubber) -> None:
         if hook is None:
             return
         try:
@@ -614,7 +536,7 @@ def build_api_call_tool(
     on_response: Hook | None = None,
     client: httpx.AsyncClient | None = None,
     per_run_services: Iterable[ApiService] = (),
-    run_env_lookup: EnvLookup = _no_env,
+    run_env_lookup: EnvLookup = no_env,
     per_run_custom_auth_ids: Iterable[str] = (),
     egress: EgressPolicy | None = None,
 ) -> Tool:
