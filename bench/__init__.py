@@ -1,1 +1,1 @@
-"""Benchmarks for SPEC §7 (run with `just bench`)."""
+"""Benchmarks of the engine against its performance targets (run with `just bench`)."""

@@ -1,4 +1,4 @@
-"""``python -m bench``: measure the engine against the SPEC §7 targets.
+"""``python -m bench``: measure the engine against its performance targets.
 
 Prints one table and writes ``bench-results/bench.json``. Medians of several
 repetitions (p95/p99 where the tail matters); every ratio is computed from numbers
@@ -143,8 +143,7 @@ BURST = 50
 
 async def s3_benchmarks(results: dict[str, Any], quick: bool) -> None:
     """Per-turn overhead and handoff time over a real S3-compatible server (moto, on loopback)."""
-    from engine_service._s3 import S3Storage
-    from tests.s3_server import CREDENTIALS, new_bucket, running_moto
+    from engine_service.testing import CREDENTIALS, S3Storage, new_bucket, running_moto
 
     for key, value in CREDENTIALS.items():
         os.environ.setdefault(key, value)
@@ -321,7 +320,7 @@ def sandbox_row(s: dict[str, Any]) -> Row:
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| what | measured | target (SPEC §7) | status |", "|---|---|---|---|"]
+    lines = ["| what | measured | target | status |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {'**MISSED**' if d == 'MISSED' else d} |" for a, b, c, d in rows]
     return "\n".join(lines)
 

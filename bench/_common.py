@@ -15,11 +15,19 @@ from typing import Any
 
 import grpc
 
-from engine_service import Engine, EngineConfig, LocalStorage, RunSpec, ScriptedTurn, Storage, ToolRegistry
-from engine_service._tools import ASK_USER
-from engine_service._types import Principal, RunState
+from engine_service import (
+    Engine,
+    EngineConfig,
+    LocalStorage,
+    Principal,
+    RunSpec,
+    RunState,
+    ScriptedTurn,
+    Storage,
+    ToolRegistry,
+)
+from engine_service.testing import ASK_USER, SAMPLE_TOOLS
 from machina.engine.v1 import engine_service_pb2 as svc
-from tests import tools as test_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 PRINCIPAL = Principal("default", "bench")
@@ -58,7 +66,7 @@ def tool_script(turns: int) -> list[ScriptedTurn]:
 def bench_engine(storage: Storage, workdirs: str) -> Engine:
     """An in-process engine with the test tools (noop among them) and room for long runs."""
     config = EngineConfig(max_turns=100_000, workdir_root=workdirs)
-    return Engine(config, storage, tools=ToolRegistry([ASK_USER, *test_tools.ALL]))
+    return Engine(config, storage, tools=ToolRegistry([ASK_USER, *SAMPLE_TOOLS]))
 
 
 async def per_turn_ms(
@@ -90,7 +98,7 @@ def dir_bytes(root: Path) -> int:
 
 
 def storage_ratio(root: Path) -> float:
-    """Bytes stored per run ÷ bytes of its transcript and events (SPEC: ≤ 2×)."""
+    """Bytes stored per run ÷ bytes of its transcript and events (the target: ≤ 2×)."""
     total = payload = 0
     for path in root.rglob("*"):
         if path.is_file():
@@ -155,7 +163,7 @@ def _serving_or_kill(proc: subprocess.Popen[bytes], target: str) -> None:
 def engine_env(storage: Path, env: dict[str, str] | None = None) -> dict[str, str]:
     return {
         **os.environ,
-        "MACHINA_TOOLS_CUSTOM": "tests.tools:noop,tests.tools:double",
+        "MACHINA_TOOLS_CUSTOM": "engine_service.testing:noop,engine_service.testing:double",
         "MACHINA_TOOLS_PERMISSIONS": "double=ask",
         "MACHINA_WORKDIR_ROOT": str(storage / "work"),
         **(env or {}),

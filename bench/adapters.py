@@ -16,9 +16,8 @@ from typing import Any
 import httpx
 
 from engine_service import EngineConfig
-from engine_service._engine import builtin_tools
-from engine_service._types import Message, ToolCall
 from engine_service.models import AnthropicModel, ModelRequest, OpenAIModel
+from engine_service.testing import Message, ToolCall, builtin_tools
 
 
 def history(turns: int) -> list[Message]:

@@ -23,11 +23,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from engine_service import Engine, EngineConfig, LocalStorage, ToolRegistry
-from engine_service._server import start_server
-from engine_service._tools import ASK_USER
-from engine_service._types import Usage
 from engine_service.models import ModelAdapter, ModelRequest, TextChunk, TurnResult
-from tests import tools as test_tools
+from engine_service.testing import ASK_USER, SAMPLE_TOOLS, Usage, start_server
 
 
 class BenchModel:
@@ -76,7 +73,7 @@ def model_factory(provider: str, name: str) -> ModelAdapter:
 
 async def serve(storage: Path, port_file: Path) -> None:
     config = EngineConfig(max_turns=100_000, workdir_root=str(storage / "work"))
-    tools = ToolRegistry([ASK_USER, *test_tools.ALL])
+    tools = ToolRegistry([ASK_USER, *SAMPLE_TOOLS])
     engine = Engine(config, LocalStorage(storage), tools=tools, model_factory=model_factory)
     running = await start_server(engine, "127.0.0.1:0", max_message_bytes=64 << 20)
     await asyncio.to_thread(port_file.write_text, str(running.port))

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import summarize
-from engine_service._tools import ToolContext
+from engine_service import ToolContext
+from engine_service.testing import BashArgs, run_bash
 from engine_service.tools import Sandbox
-from engine_service.tools._bash import BashArgs, run_bash
 
 
 async def bash_latency_ms(calls: int) -> dict[str, Any]:

@@ -40,8 +40,7 @@ def _rss() -> dict[str, float]:
 
 
 async def _machina(turns: int, repeats: int) -> dict[str, Any]:
-    from engine_service import LocalStorage, RunSpec
-    from engine_service._types import RunState
+    from engine_service import LocalStorage, RunSpec, RunState
 
     baseline = _rss()["rss_mb"]
     per_turn, stored = [], 0

@@ -1,4 +1,4 @@
-"""What a checkpoint spends carrying the run directory into storage (engine_service/_workdir_snapshot.py).
+"""What a checkpoint spends carrying the run directory into storage (storage/_workdir_snapshot.py).
 
 A run directory of 200 files of 1 KiB in 10 subdirectories, already snapshotted once; then
 ``WorkdirSnapshots.save`` is timed as a checkpoint calls it, for an unchanged directory (a
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from engine_service import LocalStorage, Storage
-from engine_service._workdir_snapshot import WorkdirSnapshots
+from engine_service.testing import WorkdirSnapshots
 
 FILES = 200
 

@@ -59,9 +59,11 @@ class MachinaError(Exception):
     """An error returned by the engine (or by the transport on its way).
 
     Attributes:
-        code: the stable reason, e.g. ``"ERR_RUN_NOT_FOUND"``. When the server sent
-            no ErrorInfo (a proxy, or a server that is down) it is the gRPC status
-            name instead, e.g. ``"UNAVAILABLE"``.
+        reason: the stable reason (the ErrorInfo's ``reason``), e.g. ``"ERR_RUN_NOT_FOUND"``.
+            When the server sent no ErrorInfo (a proxy, or a server that is down) it is the
+            gRPC status name instead, e.g. ``"UNAVAILABLE"``.
+        code: deprecated, read-only: the same as ``reason`` (its former name), kept so
+            existing code keeps working. Use ``reason``.
         message: a human-readable message.
         metadata: the dynamic values the message mentions.
         status: the ``grpc.StatusCode`` of the call.
@@ -71,37 +73,42 @@ class MachinaError(Exception):
 
     def __init__(
         self,
-        code: str,
+        reason: str,
         message: str,
         *,
         status: grpc.StatusCode | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
-        self.code = code
+        self.reason = reason
         self.message = message
         self.status: grpc.StatusCode = self.default_status if status is None else status
         self.metadata: dict[str, str] = dict(metadata or {})
 
+    @property
+    def code(self) -> str:
+        """Deprecated: the former name of ``reason`` (read-only). Use ``reason``."""
+        return self.reason
+
     def __str__(self) -> str:
-        return f"{self.code}: {self.message}" if self.message else self.code
+        return f"{self.reason}: {self.message}" if self.message else self.reason
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, "
+            f"{type(self).__name__}(code={self.reason!r}, message={self.message!r}, "
             f"status={self.status.name}, metadata={self.metadata!r})"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The keyword-only constructor defeats Exception's default pickling, which
         # matters when errors cross process boundaries (multiprocessing, Dask…).
-        return (_rebuild, (type(self), self.code, self.message, self.status.name, self.metadata))
+        return (_rebuild, (type(self), self.reason, self.message, self.status.name, self.metadata))
 
 
 def _rebuild(
-    cls: type[MachinaError], code: str, message: str, status: str, metadata: dict[str, str]
+    cls: type[MachinaError], reason: str, message: str, status: str, metadata: dict[str, str]
 ) -> MachinaError:
-    return cls(code, message, status=grpc.StatusCode[status], metadata=metadata)
+    return cls(reason, message, status=grpc.StatusCode[status], metadata=metadata)
 
 
 # Status-level classes: what a caller can catch without knowing every reason, and
@@ -164,7 +171,7 @@ class RpcCancelledError(MachinaError):
     default_status = grpc.StatusCode.CANCELLED
 
 
-# Reason-level classes, one per stable code the engine sends.
+# Reason-level classes, one per stable reason the engine sends (docs/errors.toml).
 
 
 class InvalidIdError(InvalidArgumentError):
@@ -228,7 +235,8 @@ class ConcurrentUpdateError(AbortedError):
 
 
 class RequestTooLargeError(ResourceExhaustedError):
-    pass
+    """Kept so code that catches it keeps working; the engine sends no reason for it (a request
+    over the message limit is refused by gRPC itself and decodes to ``ResourceExhaustedError``)."""
 
 
 class ShuttingDownError(UnavailableError):
@@ -260,8 +268,6 @@ _BY_REASON: dict[str, type[MachinaError]] = {
     "ERR_CONCURRENT_UPDATE": ConcurrentUpdateError,
     "ERR_UNAUTHENTICATED": UnauthenticatedError,
     "ERR_PERMISSION_DENIED": PermissionDeniedError,
-    "ERR_REQUEST_TOO_LARGE": RequestTooLargeError,
-    "ERR_UNIMPLEMENTED": UnimplementedError,
     "ERR_SHUTTING_DOWN": ShuttingDownError,
     "ERR_STORAGE_UNAVAILABLE": StorageUnavailableError,
     "ERR_INTERNAL": InternalError,
@@ -379,16 +385,16 @@ def _trailer(metadata: Iterable[Any] | None) -> bytes | None:
     return None
 
 
-def refused(code: str, message: str, **metadata: object) -> InvalidArgumentError:
+def refused(reason: str, message: str, **metadata: object) -> InvalidArgumentError:
     """A request the client refuses before sending it, as the class the engine's refusal decodes to.
 
     So a caller catches one class per condition, whoever noticed the mistake; the classes are
     also ``ValueError`` subclasses.
     """
-    cls = _BY_REASON.get(code, InvalidArgumentError)
-    assert issubclass(cls, InvalidArgumentError), code
+    cls = _BY_REASON.get(reason, InvalidArgumentError)
+    assert issubclass(cls, InvalidArgumentError), reason
     return cls(
-        code,
+        reason,
         message,
         status=grpc.StatusCode.INVALID_ARGUMENT,
         metadata={k: str(v) for k, v in metadata.items()},
@@ -411,5 +417,5 @@ def error_from_rpc(exc: grpc.RpcError) -> MachinaError:
 
     ours = bool(details.reason) and details.domain in (DOMAIN, "")
     cls = (_BY_REASON.get(details.reason) if ours else None) or _BY_STATUS.get(status, MachinaError)
-    code = details.reason if ours else status.name
-    return cls(code, details.message or text, status=status, metadata=details.metadata)
+    reason = details.reason if ours else status.name
+    return cls(reason, details.message or text, status=status, metadata=details.metadata)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
-from pathlib import Path
 
 from engine_service import __version__
-from engine_service._bootstrap import build_engine
-from engine_service._config import (
+from engine_service.api._server import start_server
+from engine_service.api.serving import wait_for_stop_signal, write_port_file
+from engine_service.core._bootstrap import build_engine
+from engine_service.core._config import (
     ConfigError,
     EngineConfig,
     is_loopback,
@@ -19,10 +19,9 @@ from engine_service._config import (
     load_config,
     read_tls_files,
 )
-from engine_service._errors import EngineError
-from engine_service._logging import setup_logging
-from engine_service._server import start_server
-from engine_service._types import Principal
+from engine_service.core._errors import EngineError
+from engine_service.core._logging import setup_logging
+from engine_service.core._types import Principal
 
 log = logging.getLogger("machina.engine")
 
@@ -136,13 +135,8 @@ async def serve(
         "api-keys" if api_keys else "none",
         extra={"port": running.port},
     )
-    if port_file:
-        await asyncio.to_thread(Path(port_file).write_text, str(running.port))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await write_port_file(port_file, str(running.port))
+    await wait_for_stop_signal()
     log.info("shutting down: health NOT_SERVING, draining for up to %.1fs", config.shutdown_grace_s)
     await running.stop(config.shutdown_grace_s)
     log.info("engine stopped")

@@ -1,4 +1,4 @@
-"""Fuzz target: ApiCall paths from the model (engine_service/_apicall.py ``normalise_path``).
+"""Fuzz target: ApiCall paths from the model (engine_service/tools/_apicall.py ``normalise_path``).
 
 Contract: refuse with ``ToolError``, or return a path relative to the service's base URL that cannot
 leave it: it starts with one "/", has no scheme, host, "//", "..", backslash, "@", "?", "#", control
@@ -18,9 +18,9 @@ from urllib.parse import unquote
 import atheris
 from _harness import run
 
-with atheris.instrument_imports(include=["engine_service._apicall"]):
-    from engine_service._apicall import normalise_path
-    from engine_service._tools import ToolError
+with atheris.instrument_imports(include=["engine_service.tools._apicall"]):
+    from engine_service.tools._apicall import normalise_path
+    from engine_service.tools._registry import ToolError
 
 PIECES = ["/", "..", ".", "%2e", "%2E", "%2f", "%5c", "%25", "%00", "%41", "%7e", "@", "?", "#", ";", "a",
           "b", "http:", "//", "\\", "é", "%C3%A9", " ", "\t", "~", ":", "%3a", "..;", ".;x"]  # fmt: skip

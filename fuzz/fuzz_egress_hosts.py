@@ -1,4 +1,4 @@
-"""Fuzz target: host literals in the egress policy (engine_service/_egress.py).
+"""Fuzz target: host literals in the egress policy (engine_service/net/_egress.py).
 
 Contract: every string the system's own resolver reads as a numeric address
 (``getaddrinfo`` with ``AI_NUMERICHOST``, which follows ``inet_aton`` for IPv4: ``0x7f.1``,
@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 import atheris
 from _harness import run
 
-with atheris.instrument_imports(include=["engine_service._egress"]):
-    from engine_service._egress import EgressPolicy, ip_literal, refusal_reason
+with atheris.instrument_imports(include=["engine_service.net._egress"]):
+    from engine_service.net._egress import EgressPolicy, ip_literal, refusal_reason
 
 PIECES = ["0", "1", "7", "8", "9", "127", "255", "256", "0x", "0X", "7f", "ff", "00", "017", "4294967295",
           "2130706433", ".", ".", ".", ":", "::", "ffff", "[", "]", "%", "eth0", " ", "\t", "a", "e", "x",

@@ -1,4 +1,4 @@
-"""Fuzz target: id validation (engine_service/_ids.py), the guard of every storage key.
+"""Fuzz target: id validation (engine_service/core/_ids.py), the guard of every storage key.
 
 Contract: ``is_valid_id`` accepts exactly ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` (checked here by an
 independent implementation); ``check_id`` returns valid ids unchanged and refuses everything else
@@ -12,9 +12,9 @@ import string
 import atheris
 from _harness import run
 
-with atheris.instrument_imports(include=["engine_service._ids"]):
-    from engine_service._errors import EngineError
-    from engine_service._ids import check_id, is_valid_id
+with atheris.instrument_imports(include=["engine_service.core._ids"]):
+    from engine_service.core._errors import EngineError
+    from engine_service.core._ids import check_id, is_valid_id
 
 FIRST = set(string.ascii_letters + string.digits)
 REST = FIRST | set("._-")

@@ -1,4 +1,4 @@
-"""Fuzz target: scripted turns from the wire (``RunSpec`` bytes → engine_service/_convert.py
+"""Fuzz target: scripted turns from the wire (``RunSpec`` bytes → engine_service/api/_convert.py
 ``spec_from_proto`` → engine_service/models/_select.py ``validate_script``).
 
 Contract: bytes that are not a RunSpec fail ``DecodeError``; a RunSpec whose script is invalid fails
@@ -13,12 +13,12 @@ import json
 import atheris
 from _harness import run
 
-with atheris.instrument_imports(include=["engine_service._convert", "engine_service.models._select"]):
+with atheris.instrument_imports(include=["engine_service.api._convert", "engine_service.models._select"]):
     from google.protobuf.message import DecodeError
 
-    from engine_service._convert import spec_from_proto
-    from engine_service._errors import EngineError
-    from engine_service._run import ScriptedTurn
+    from engine_service.api._convert import spec_from_proto
+    from engine_service.core._errors import EngineError
+    from engine_service.core._run import ScriptedTurn
     from engine_service.models._select import validate_script
     from machina.engine.v1 import engine_service_pb2 as svc
 

@@ -21,8 +21,8 @@ import atheris
 from _harness import run
 
 with atheris.instrument_imports(include=["engine_service.tools._files"]):
-    from engine_service._tools import ToolError
     from engine_service.tools._files import resolve_in_workdir
+    from engine_service.tools._registry import ToolError
 
 BASE = Path(tempfile.mkdtemp(prefix="machina-fuzz-paths-"))
 ROOT = BASE / "run"

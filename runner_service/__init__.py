@@ -1,6 +1,6 @@
 """Machina runner: continues runs handed off by an engine that lacks a capability.
 
-It serves the seed's HTTP contract (``POST /continue`` with a bearer secret,
+It serves the runner's HTTP contract (``POST /continue`` with a bearer secret,
 ``GET /health``) and the same operation as gRPC ``machina.runner.v1.RunnerService``.
 A run is continued with the engine core over the same storage root, with the
 real tools, and is never run twice at the same time (the run's lease).

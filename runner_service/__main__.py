@@ -6,16 +6,20 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
-from pathlib import Path
 
-from engine_service import __version__
-from engine_service._bootstrap import build_engine
-from engine_service._config import ConfigError, is_loopback, load_config, read_tls_files
-from engine_service._errors import EngineError
-from engine_service._logging import setup_logging
-from engine_service._server import stop_gracefully
+from engine_service import EngineError, __version__
+from engine_service.api.serving import (
+    ConfigError,
+    build_engine,
+    is_loopback,
+    load_config,
+    read_tls_files,
+    setup_logging,
+    stop_gracefully,
+    wait_for_stop_signal,
+    write_port_file,
+)
 from runner_service._config import RunnerConfig
 from runner_service._grpc import start_grpc
 from runner_service._http import build_app
@@ -70,7 +74,7 @@ def build_config(ns: argparse.Namespace) -> RunnerConfig:
         )
     if bool(config.runner_tls_cert) != bool(config.runner_tls_key):
         raise ConfigError("TLS needs both --tls-cert and --tls-key (MACHINA_RUNNER_TLS_CERT/_KEY)")
-    # The runner has the real tools and never hands a run on (SPEC §5).
+    # The runner has the real tools and never hands a run on.
     return config.model_copy(update={"runner_url": "", "runner_urls": {}})
 
 
@@ -112,15 +116,8 @@ async def serve(config: RunnerConfig, port_file: str | None) -> None:
         "TLS" if tls else "plaintext",
         extra={"grpc_port": grpc_port, "http_port": http_port},
     )
-    if port_file:
-        await asyncio.to_thread(
-            Path(port_file).write_text, json.dumps({"grpc": grpc_port, "http": http_port})
-        )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await write_port_file(port_file, json.dumps({"grpc": grpc_port, "http": http_port}))
+    await wait_for_stop_signal()
     log.info("shutting down: health NOT_SERVING, draining")
 
     async def close(grace: float) -> None:

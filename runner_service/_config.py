@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from engine_service import EngineConfig
-from engine_service._config import check_address
+from engine_service.api.serving import check_address
 
 
 class RunnerConfig(EngineConfig):

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import grpc
 
-from engine_service._errors import EngineError, ErrorKind
-from engine_service._server import add_service, serve_with_health, set_error
+from engine_service.api.serving import add_service, serve_with_health, set_error
 from machina.runner.v1 import runner_service_pb2 as pb
 from machina.runner.v1 import runner_service_pb2_grpc as pb_grpc
 from runner_service._runner import Rejected, Runner
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RunnerService"].full_name
-
-_KIND_BY_HTTP: Mapping[int, ErrorKind] = {
-    400: ErrorKind.INVALID_ARGUMENT,
-    401: ErrorKind.UNAUTHENTICATED,
-    404: ErrorKind.NOT_FOUND,
-    409: ErrorKind.FAILED_PRECONDITION,
-    503: ErrorKind.UNAVAILABLE,
-}
 
 
 class RunnerServicer(pb_grpc.RunnerServiceServicer):
@@ -34,9 +24,7 @@ class RunnerServicer(pb_grpc.RunnerServiceServicer):
             presented = self._runner.check_bearer(metadata.get("authorization"))
             await self._runner.accept(request.run_id, request.workspace_id, presented=presented)
         except Rejected as rejected:
-            set_error(
-                context, EngineError(rejected.code, rejected.message, kind=_KIND_BY_HTTP[rejected.status])
-            )
+            set_error(context, rejected)
             # The status set above is what the caller gets; this body is not sent.
             return pb.ContinueResponse(accepted=False)
         return pb.ContinueResponse(accepted=True)

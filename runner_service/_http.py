@@ -9,8 +9,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from engine_service._limits import MAX_DEPTH, too_deep
-from runner_service._runner import Rejected, Runner
+from engine_service import ErrorKind
+from engine_service.api.serving import MAX_DEPTH, too_deep
+from runner_service._runner import Rejected, Runner, http_status
 
 
 def _parse(raw: bytes) -> object:
@@ -20,33 +21,45 @@ def _parse(raw: bytes) -> object:
     except RecursionError:
         raise _too_deep() from None  # nested past what the decoder can hold
     except (ValueError, UnicodeDecodeError):
-        raise Rejected(400, "ERR_INVALID_REQUEST", 'the body must be JSON like {"runId": "..."}') from None
+        raise Rejected(
+            ErrorKind.INVALID_ARGUMENT, "ERR_INVALID_REQUEST", 'the body must be JSON like {"runId": "..."}'
+        ) from None
     if too_deep(doc):
         raise _too_deep()
     return doc
 
 
 def _too_deep() -> Rejected:
-    return Rejected(400, "ERR_VALUE_TOO_DEEP", f"the body is nested deeper than {MAX_DEPTH} levels")
+    return Rejected(
+        ErrorKind.INVALID_ARGUMENT, "ERR_VALUE_TOO_DEEP", f"the body is nested deeper than {MAX_DEPTH} levels"
+    )
 
 
 def build_app(runner: Runner, max_body_bytes: int) -> Starlette:
     async def read_capped(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > max_body_bytes):
-            raise Rejected(400, "ERR_BODY_TOO_LARGE", f"the body must be at most {max_body_bytes} bytes")
+            raise Rejected(
+                ErrorKind.INVALID_ARGUMENT,
+                "ERR_BODY_TOO_LARGE",
+                f"the body must be at most {max_body_bytes} bytes",
+            )
         body = bytearray()
         try:
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > max_body_bytes:
                     raise Rejected(
-                        400, "ERR_BODY_TOO_LARGE", f"the body must be at most {max_body_bytes} bytes"
+                        ErrorKind.INVALID_ARGUMENT,
+                        "ERR_BODY_TOO_LARGE",
+                        f"the body must be at most {max_body_bytes} bytes",
                     )
         except ClientDisconnect:
             # Gone before its body was in (e.g. dropped at the body deadline): nobody reads this
             # answer, but returning one keeps a traceback out of the log.
-            raise Rejected(400, "ERR_INVALID_REQUEST", "the body did not arrive") from None
+            raise Rejected(
+                ErrorKind.INVALID_ARGUMENT, "ERR_INVALID_REQUEST", "the body did not arrive"
+            ) from None
         return bytes(body)
 
     async def continue_run(request: Request) -> Response:
@@ -55,11 +68,16 @@ def build_app(runner: Runner, max_body_bytes: int) -> Starlette:
             raw = await read_capped(request)
             doc = _parse(raw)
             if not isinstance(doc, dict) or "runId" not in doc:
-                raise Rejected(400, "ERR_INVALID_REQUEST", 'the body must be a JSON object with "runId"')
+                raise Rejected(
+                    ErrorKind.INVALID_ARGUMENT,
+                    "ERR_INVALID_REQUEST",
+                    'the body must be a JSON object with "runId"',
+                )
             run_id = await runner.accept(doc["runId"], doc.get("workspaceId"), presented=presented)
         except Rejected as rejected:
             return JSONResponse(
-                {"error": rejected.code, "message": rejected.message}, status_code=rejected.status
+                {"error": rejected.reason, "message": rejected.message},
+                status_code=http_status(rejected.kind),
             )
         return JSONResponse({"accepted": True, "runId": run_id}, status_code=202)
 

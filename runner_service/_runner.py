@@ -12,20 +12,39 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from engine_service import Engine, EngineError, Principal
-from engine_service._ids import is_valid_id
+from engine_service import Engine, EngineError, ErrorKind, Principal
+from engine_service.api.serving import is_valid_id
 
 log = logging.getLogger("machina.runner")
 
 
-class Rejected(Exception):
-    """A /continue request the runner will not take; ``status`` is the HTTP status."""
+class Rejected(EngineError):
+    """A /continue request the runner will not take: an engine error kind, a reason, a message.
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+    The gRPC service answers it like the engine answers its errors (``set_error``); the HTTP
+    shim answers ``http_status(kind)``.
+    """
+
+    def __init__(self, kind: ErrorKind, reason: str, message: str) -> None:
+        super().__init__(reason, message, kind=kind)
+
+
+# The one mapping from the engine's error kinds to the shim's HTTP statuses.
+_HTTP_STATUS: Mapping[ErrorKind, int] = {
+    ErrorKind.INVALID_ARGUMENT: 400,
+    ErrorKind.UNAUTHENTICATED: 401,
+    ErrorKind.PERMISSION_DENIED: 403,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.FAILED_PRECONDITION: 409,
+    ErrorKind.ABORTED: 409,
+    ErrorKind.RESOURCE_EXHAUSTED: 413,
+    ErrorKind.UNAVAILABLE: 503,
+}
+
+
+def http_status(kind: ErrorKind) -> int:
+    """The HTTP status the shim answers for an error of ``kind``."""
+    return _HTTP_STATUS.get(kind, 500)
 
 
 class Runner:
@@ -65,14 +84,14 @@ class Runner:
         for digest in known:
             matched |= hmac.compare_digest(presented, digest)
         if not (matched and scheme.lower() == "bearer"):
-            raise Rejected(401, "ERR_UNAUTHENTICATED", "bad or missing bearer token")
+            raise Rejected(ErrorKind.UNAUTHENTICATED, "ERR_UNAUTHENTICATED", "bad or missing bearer token")
         return presented
 
     def _check_workspace(self, presented: bytes, workspace: str) -> None:
         expected = self._digests.get(workspace, self._default_digest)
         if expected is None or not hmac.compare_digest(presented, expected):
             # The same answer as an unknown token: which workspaces a secret serves stays private.
-            raise Rejected(401, "ERR_UNAUTHENTICATED", "bad or missing bearer token")
+            raise Rejected(ErrorKind.UNAUTHENTICATED, "ERR_UNAUTHENTICATED", "bad or missing bearer token")
 
     async def accept(self, run_id: Any, workspace_id: Any = None, *, presented: bytes) -> str:
         """Validate and start continuing ``run_id``; returns the run id. Raises Rejected.
@@ -80,14 +99,16 @@ class Runner:
         ``presented`` is what ``check_bearer`` returned: the secret must be the workspace's.
         """
         if not self.accepting:
-            raise Rejected(503, "ERR_SHUTTING_DOWN", "the runner is shutting down")
+            raise Rejected(ErrorKind.UNAVAILABLE, "ERR_SHUTTING_DOWN", "the runner is shutting down")
         if not isinstance(run_id, str) or not is_valid_id(run_id):
             raise Rejected(
-                400, "ERR_INVALID_ID", "runId must be a string matching [A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+                ErrorKind.INVALID_ARGUMENT,
+                "ERR_INVALID_ID",
+                "runId must be a string matching [A-Za-z0-9][A-Za-z0-9._-]{0,127}",
             )
         workspace = self._default_workspace if workspace_id in (None, "") else workspace_id
         if not isinstance(workspace, str) or not is_valid_id(workspace):
-            raise Rejected(400, "ERR_INVALID_ID", "workspaceId must be a valid id")
+            raise Rejected(ErrorKind.INVALID_ARGUMENT, "ERR_INVALID_ID", "workspaceId must be a valid id")
         # The run is read from storage under this workspace only, so the secret binds the run too.
         self._check_workspace(presented, workspace)
         principal = Principal(workspace, "runner")
@@ -97,13 +118,13 @@ class Runner:
             else:
                 await self.engine.continue_handoff(principal, run_id)
         except EngineError as error:
-            if error.code == "ERR_RUN_NOT_FOUND":
-                raise Rejected(404, error.code, error.message) from None
-            if error.code == "ERR_RUN_NOT_HANDED_OFF" and error.metadata.get("state") == "RUNNING":
+            if error.reason == "ERR_RUN_NOT_FOUND":
+                raise Rejected(ErrorKind.NOT_FOUND, error.reason, error.message) from None
+            if error.reason == "ERR_RUN_NOT_HANDED_OFF" and error.metadata.get("state") == "RUNNING":
                 # Posted twice (e.g. a retry after a timeout): it is already being continued.
                 log.info("run %s is already being continued", run_id, extra={"run_id": run_id})
                 return run_id
-            raise Rejected(409, error.code, error.message) from None
+            raise Rejected(ErrorKind.FAILED_PRECONDITION, error.reason, error.message) from None
         if self._hold_s:
             task = asyncio.create_task(self._continue_later(principal, run_id))
             self._tasks.add(task)
@@ -118,7 +139,7 @@ class Runner:
         try:
             await self.engine.continue_handoff(principal, run_id)
         except EngineError as error:
-            log.warning("queued run %s was not continued: %s", run_id, error.code, extra={"run_id": run_id})
+            log.warning("queued run %s was not continued: %s", run_id, error.reason, extra={"run_id": run_id})
             return
         log.info("continuing run %s", run_id, extra={"run_id": run_id})
 

@@ -13,10 +13,7 @@ import pytest
 
 from client_py import AsyncEngineClient, AsyncRunHandle, Resumed, Run, RunEvent
 from engine_service import Engine, EngineConfig, LocalStorage, ToolRegistry
-from engine_service._egress import Resolver
-from engine_service._engine import builtin_tools
-from engine_service._server import RunningServer, start_server
-from engine_service._types import Principal
+from engine_service.testing import Principal, Resolver, RunningServer, builtin_tools, start_server
 from tests import tools as test_tools
 from tests.webhook_receiver import Receiver
 

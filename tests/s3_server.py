@@ -1,71 +1,23 @@
-"""A real S3-compatible server process (moto's) and a fault-injecting proxy in front of it."""
+"""A real S3-compatible server process (moto's, from engine_service.testing) and a fault-injecting proxy."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import os
-import subprocess
-import sys
-import time
-import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
-import aioboto3
 import aiohttp
 from aiohttp import web
 
-from tests.processes import free_port
-
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-async def new_bucket(endpoint: str) -> str:
-    """A new, empty bucket with a unique name on the S3 server at ``endpoint``."""
-    name = f"b-{uuid.uuid4().hex[:16]}"
-    async with aioboto3.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1") as s3:
-        await s3.create_bucket(Bucket=name)
-    return name
-
-
-@contextmanager
-def running_moto() -> Iterator[str]:
-    """Start ``moto_server`` on a free loopback port; yield its endpoint URL."""
-    port = free_port()
-    bin_dir = os.path.dirname(sys.executable)
-    proc = subprocess.Popen(
-        [os.path.join(bin_dir, "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                import urllib.request
-
-                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()  # noqa: S310 - loopback
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
+from engine_service.testing import CREDENTIALS, new_bucket, running_moto
 
 _S3_ERRORS = {
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
     "503": (503, "SlowDown", "Please reduce your request rate."),
 }
+
+
+__all__ = ["CREDENTIALS", "FaultyProxy", "new_bucket", "running_moto"]
 
 
 class FaultyProxy:

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from engine_service._types import Message
+from engine_service.core._types import Message
 from engine_service.models import ModelAdapter, ModelError, ModelRequest, RetryPolicy, TextChunk, TurnResult
 from tests.processes import free_port
 

@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any
 
-from engine_service._apicall import AuthContext, CustomAuth
+from engine_service.tools._apicall import AuthContext, CustomAuth
 
 # What the operator's resolver mints for its own services: an engine-held credential.
 ENGINE_MINTED = "eng-CANARY-minted-8a1f"

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from engine_service._types import JsonObject, Message, ToolCall, ToolChoice, Usage
+from engine_service.core._types import JsonObject, Message, ToolCall, ToolChoice, Usage
 from engine_service.models import _http
 from engine_service.models._base import (
     ModelRequest,

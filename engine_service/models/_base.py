@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from engine_service._types import JsonObject, Message, ToolCall, ToolChoice, Usage
+from engine_service.core._types import JsonObject, Message, ToolCall, ToolChoice, Usage
 
 
 @dataclass(frozen=True, slots=True)

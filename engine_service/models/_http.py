@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from engine_service._text import clean_text, loads_untrusted
-from engine_service._types import JsonObject, Message
+from engine_service.core._text import clean_text, loads_untrusted
+from engine_service.core._types import JsonObject, Message
 from engine_service.models._base import (
     ModelError,
     ModelRequest,

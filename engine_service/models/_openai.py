@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from engine_service._types import JsonObject, Message, ToolCall, Usage
+from engine_service.core._types import JsonObject, Message, ToolCall, Usage
 from engine_service.models import _http
 from engine_service.models._base import (
     ModelRequest,

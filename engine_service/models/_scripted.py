@@ -10,8 +10,8 @@ import json
 import re
 from collections.abc import AsyncIterator, Sequence
 
-from engine_service._run import ScriptedTurn
-from engine_service._types import ToolCall, Usage
+from engine_service.core._run import ScriptedTurn
+from engine_service.core._types import ToolCall, Usage
 from engine_service.models._base import ModelError, ModelRequest, TextChunk, TurnResult
 
 # Usage is an estimate: about four characters a token, as for English text with common tokenizers.

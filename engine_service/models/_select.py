@@ -8,10 +8,10 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from engine_service._config import EngineConfig, ProviderConfig
-from engine_service._errors import invalid
-from engine_service._limits import MAX_DEPTH, too_deep
-from engine_service._run import ScriptedTurn
+from engine_service.core._config import EngineConfig, ProviderConfig
+from engine_service.core._errors import invalid
+from engine_service.core._limits import MAX_DEPTH, too_deep
+from engine_service.core._run import ScriptedTurn
 from engine_service.models._anthropic import AnthropicModel
 from engine_service.models._base import ModelAdapter, RetryPolicy
 from engine_service.models._http import HttpModel

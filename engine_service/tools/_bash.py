@@ -16,7 +16,7 @@ import signal
 
 from pydantic import BaseModel, Field
 
-from engine_service._tools import Tool, ToolContext, ToolError, tool_from_callable
+from engine_service.tools._registry import Tool, ToolContext, ToolError, tool_from_callable
 from engine_service.tools._sandbox import Launch, Sandbox
 
 OUTPUT_CAP_BYTES = 30_000

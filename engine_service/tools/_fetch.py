@@ -6,7 +6,7 @@ import hashlib
 
 from pydantic import BaseModel, Field
 
-from engine_service._tools import ToolContext, ToolError, tool_from_callable
+from engine_service.tools._registry import ToolContext, ToolError, tool_from_callable
 
 
 def result_blob_name(call_id: str) -> str:

@@ -17,9 +17,9 @@ from pathlib import Path
 import re2
 from pydantic import BaseModel, Field
 
-from engine_service._regex import PatternError, compile_pattern
-from engine_service._text import clean_text, has_surrogate
-from engine_service._tools import ToolContext, ToolError, tool_from_callable
+from engine_service.core._regex import PatternError, compile_pattern
+from engine_service.core._text import clean_text, has_surrogate
+from engine_service.tools._registry import ToolContext, ToolError, tool_from_callable
 
 MAX_READ_BYTES = 2 * 1024 * 1024
 MAX_WRITE_BYTES = 5 * 1024 * 1024

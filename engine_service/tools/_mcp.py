@@ -19,34 +19,23 @@ import contextlib
 import importlib.metadata
 import json
 import logging
-import os
 import re
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, BinaryIO, Self, TextIO
+from typing import Any, Self, TextIO
 
 import anyio
 import jsonschema
 import pydantic
-from mcp import Client, MCPError, StdioServerParameters, stdio_client
+from mcp import Client, MCPError, StdioServerParameters
 from mcp import types as mt
 from mcp.client import Transport
 
-# The two private modules hold names the SDK has no public home for yet: the stream pair a
-# transport yields, and the HTTP client factory with the SDK's recommended MCP timeouts (which
-# its own ClientSessionGroup imports from there too).
-from mcp.client._transport import ReadStream, TransportStreams
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
-from mcp.shared.message import SessionMessage
-
-from engine_service._regex import check_schema
-from engine_service._text import loads_untrusted
-from engine_service._tools import Tool, ToolContext, ToolError
-from engine_service._types import JsonObject
+from engine_service.core._regex import check_schema
+from engine_service.core._types import JsonObject
 from engine_service.tools._mcp_config import McpServerConfig, mcp_tool_prefix, select_servers
+from engine_service.tools._mcp_transport import StderrTail, http_transport, stderr_pipe, stdio_transport
+from engine_service.tools._registry import Tool, ToolContext, ToolError
 
 log = logging.getLogger("machina.engine.mcp")
 
@@ -62,8 +51,6 @@ _WRITE_GRACE_S = 2.0
 _CLOSE_GRACE_S = 10.0
 # After a connection drops, how long to wait for its last words (stderr, transport error).
 _SETTLE_S = 0.3
-_STDERR_LINES = 20
-_STDERR_LINE_CHARS = 500
 
 
 class McpManager:
@@ -313,7 +300,7 @@ class _Connection:
         self._scope: anyio.CancelScope | None = None
         self._stop = asyncio.Event()
         self._failure: str | None = None
-        self._stderr: _StderrTail | None = None
+        self._stderr: StderrTail | None = None
         self._stderr_transport: asyncio.ReadTransport | None = None
         self._errlog: TextIO | None = None
 
@@ -375,14 +362,14 @@ class _Connection:
         config = self.config
         if config.transport == "http":
             assert config.url is not None
-            return _http_transport(config.url, config.headers)
+            return http_transport(config.url, config.headers)
         assert config.command is not None
         params = StdioServerParameters(
             command=config.command, args=config.args, env=config.env or None, cwd=config.cwd
         )
-        errlog, reader = _stderr_pipe()
+        errlog, reader = stderr_pipe()
         self._errlog = errlog
-        tail = _StderrTail(config.name)
+        tail = StderrTail(config.name)
         try:
             self._stderr_transport, _ = await asyncio.get_running_loop().connect_read_pipe(
                 lambda: tail, reader
@@ -392,7 +379,7 @@ class _Connection:
             reader.close()
             raise
         self._stderr = tail
-        return _stdio_transport(params, errlog)
+        return stdio_transport(params, errlog)
 
     def usable(self) -> bool:
         return (
@@ -449,121 +436,6 @@ class _Connection:
             self._scope.cancel()
         else:
             task.cancel()
-
-
-def _stderr_pipe() -> tuple[TextIO, BinaryIO]:
-    """A pipe for a stdio server's stderr: (write end for the child, read end for us)."""
-    read_fd, write_fd = os.pipe()
-    return open(write_fd, "w", encoding="utf-8", errors="replace"), open(read_fd, "rb", buffering=0)
-
-
-@asynccontextmanager
-async def _stdio_transport(params: StdioServerParameters, errlog: TextIO) -> AsyncIterator[TransportStreams]:
-    try:
-        async with stdio_client(params, errlog=errlog) as (read, write):
-            # The child has its own copy now; ours would keep the pipe open past the child's exit.
-            errlog.close()
-            yield _SurrogateRepair(read), write
-    finally:
-        errlog.close()
-
-
-@asynccontextmanager
-async def _http_transport(url: str, headers: dict[str, str]) -> AsyncIterator[TransportStreams]:
-    async with (
-        create_mcp_http_client(headers=headers or None) as http,
-        streamable_http_client(url, http_client=http) as (read, write),
-    ):
-        # The HTTP transport answers a request whose reply it cannot parse with an error of
-        # its own, so a lone surrogate there costs the call an error result; the repair
-        # only reaches messages it hands over unparsed (server-initiated ones).
-        yield _SurrogateRepair(read), write
-
-
-class _SurrogateRepair:
-    """A transport's read stream, with the messages its JSON parser refused for a lone surrogate.
-
-    The SDK parses with pydantic, which refuses a JSON string holding a lone UTF-16
-    surrogate escape ("\\ud83d", say half an emoji) and hands the stdio session the parse
-    error instead of the message: the call it answers would then wait for its timeout.
-    Such a message is parsed again here with those surrogates as U+FFFD.
-    """
-
-    def __init__(self, inner: ReadStream[SessionMessage | Exception]) -> None:
-        self._inner = inner
-
-    @property
-    def last_context(self) -> Any:
-        # The dispatcher runs each message in its sender's context, read from here if present.
-        return getattr(self._inner, "last_context", None)
-
-    async def receive(self) -> SessionMessage | Exception:
-        return _reparse(await self._inner.receive())
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> SessionMessage | Exception:
-        return _reparse(await self._inner.__anext__())
-
-    async def __aenter__(self) -> Self:
-        await self._inner.__aenter__()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        return await self._inner.__aexit__(exc_type, exc, tb)
-
-
-def _reparse(item: SessionMessage | Exception) -> SessionMessage | Exception:
-    """The message a JSON parse error stands for, if only lone surrogates made it fail."""
-    if not isinstance(item, pydantic.ValidationError):
-        return item
-    errors = item.errors(include_url=False)
-    raw = errors[0].get("input") if len(errors) == 1 and errors[0]["type"] == "json_invalid" else None
-    if not isinstance(raw, str) or "\\u" not in raw:
-        return item
-    try:
-        # json.loads reads what pydantic refused; the repaired message then takes the SDK's path.
-        text = json.dumps(loads_untrusted(raw), ensure_ascii=False, allow_nan=False)
-        return SessionMessage(mt.jsonrpc_message_adapter.validate_json(text, by_name=False))
-    except ValueError:  # pydantic's ValidationError is one
-        return item
-
-
-class _StderrTail(asyncio.Protocol):
-    """Logs a stdio server's stderr at debug level and keeps its last lines for error messages."""
-
-    def __init__(self, server: str) -> None:
-        self.server = server
-        self.lines: deque[str] = deque(maxlen=_STDERR_LINES)
-        self.closed = asyncio.Event()
-        self._partial = b""
-
-    def data_received(self, data: bytes) -> None:
-        *complete, partial = (self._partial + data).split(b"\n")
-        # A server that never ends its line must not grow this buffer without bound.
-        self._partial = partial[-4 * _STDERR_LINE_CHARS :]
-        for raw in complete:
-            self._line(raw)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._line(self._partial)
-        self._partial = b""
-        self.closed.set()
-
-    def _line(self, raw: bytes) -> None:
-        text = raw.decode("utf-8", errors="replace").rstrip()
-        if text:
-            self.lines.append(text[:_STDERR_LINE_CHARS])
-            log.debug("MCP server %r stderr: %s", self.server, text, extra={"mcp_server": self.server})
-
-    def tail(self, count: int = 3) -> str:
-        return " | ".join(list(self.lines)[-count:])
 
 
 async def _list_all_tools(client: Client) -> list[mt.Tool]:

@@ -1,6 +1,6 @@
 """WebFetch: fetch a URL over HTTP(S) with size, time and target limits.
 
-Every connection goes through the engine's egress policy (``_egress.py``): the
+Every connection goes through the engine's egress policy (``net/_egress.py``): the
 host name is resolved once, every address is checked, and the socket connects to
 the checked address, so loopback, private, link-local, metadata and other
 non-public targets are refused unless the operator allows them (the engine's
@@ -18,10 +18,10 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from pydantic import BaseModel, Field
 
-from engine_service._egress import EgressPolicy, EgressRefused
-from engine_service._text import clean_text
-from engine_service._tls import client_ssl_context
-from engine_service._tools import Tool, ToolContext, ToolError, tool_from_callable
+from engine_service.core._text import clean_text
+from engine_service.net._egress import EgressPolicy, EgressRefused
+from engine_service.net._tls import client_ssl_context
+from engine_service.tools._registry import Tool, ToolContext, ToolError, tool_from_callable
 
 _TEXT_TYPES = ("text/", "application/json", "application/xml", "application/xhtml+xml", "application/ld+json")
 

@@ -17,7 +17,7 @@ from client_py import (
     error_from_rpc,
 )
 from client_py._view import RunViewModel
-from engine_service._server import RunningServer
+from engine_service.api._server import RunningServer
 from machina.engine.v1 import engine_service_pb2 as pb
 from machina.engine.v1 import engine_service_pb2_grpc as pb_grpc
 from tests.conftest import ServerFactory, turn

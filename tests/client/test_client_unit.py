@@ -82,8 +82,6 @@ REASONS = [
     ("ERR_CONCURRENT_UPDATE", grpc.StatusCode.ABORTED, client_py.ConcurrentUpdateError),
     ("ERR_UNAUTHENTICATED", grpc.StatusCode.UNAUTHENTICATED, client_py.UnauthenticatedError),
     ("ERR_PERMISSION_DENIED", grpc.StatusCode.PERMISSION_DENIED, client_py.PermissionDeniedError),
-    ("ERR_REQUEST_TOO_LARGE", grpc.StatusCode.RESOURCE_EXHAUSTED, client_py.RequestTooLargeError),
-    ("ERR_UNIMPLEMENTED", grpc.StatusCode.UNIMPLEMENTED, client_py.UnimplementedError),
     ("ERR_SHUTTING_DOWN", grpc.StatusCode.UNAVAILABLE, client_py.ShuttingDownError),
     ("ERR_STORAGE_UNAVAILABLE", grpc.StatusCode.UNAVAILABLE, client_py.StorageUnavailableError),
     ("ERR_INTERNAL", grpc.StatusCode.INTERNAL, client_py.InternalError),

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from engine_service import Decision, Engine, Principal, RunRecord, RunSpec, RunState, ScriptedTurn
+from engine_service.core._run import DecisionAction
 from tests.conftest import build_engine, turn
 
 __all__ = ["FakeClock", "Harness", "harness", "turn"]
@@ -113,7 +114,7 @@ class Harness:
     async def approve(self, record: RunRecord, action: str = "approve") -> RunRecord:
         """Answer every pending interrupt with ``action`` ("approve" or "reject")."""
         assert record.state is RunState.PAUSED, record.state
-        decisions = [Decision(i.interrupt_id, action) for i in record.interrupts]
+        decisions = [Decision(i.interrupt_id, DecisionAction(action)) for i in record.interrupts]
         return await self.resume(record, *decisions)
 
     async def transcript(self, record: RunRecord) -> list[dict[str, Any]]:

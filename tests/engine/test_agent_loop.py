@@ -14,10 +14,10 @@ from client_py import (
     UnknownToolError,
 )
 from engine_service import Engine, EngineConfig, LocalStorage, RunState, ToolRegistry
-from engine_service._server import start_server
-from engine_service._tools import ASK_USER
-from engine_service._types import ToolCall, ToolChoice, Usage
+from engine_service.api._server import start_server
+from engine_service.core._types import ToolCall, ToolChoice, Usage
 from engine_service.models import ModelRequest, TextChunk, TurnResult
+from engine_service.tools._registry import ASK_USER
 from tests import tools as test_tools
 from tests.conftest import turn
 from tests.engine.harness import Harness

@@ -255,7 +255,7 @@ async def test_malformed_scripted_tool_arguments_from_the_model(client: AsyncEng
 
 async def test_unauthenticated_and_wrong_key(servers: Any) -> None:
     from client_py import UnauthenticatedError
-    from engine_service._types import Principal
+    from engine_service.core._types import Principal
 
     srv = await servers.start(api_keys={"right-key-123": Principal("ws1", "me")})
     async with AsyncEngineClient(f"127.0.0.1:{srv.port}") as anonymous:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from engine_service import ConfigError, EngineConfig, load_config
-from engine_service._config import is_loopback, load_api_keys
-from engine_service._tools import load_tool
+from engine_service.core._config import is_loopback, load_api_keys
+from engine_service.tools._registry import load_tool
 
 
 def test_flags_override_env_override_file(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Hostile input (SPEC §8): property-based requests to every EngineService RPC through a real
+"""Hostile input: property-based requests to every EngineService RPC through a real
 server, and to the runner's HTTP shim through a real runner process; oversized and malformed
 messages; model output that is not valid text; slowloris clients against the shim.
 
@@ -36,9 +36,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client_py import AsyncEngineClient
-from engine_service._convert import MAX_EVENTS_BYTES
-from engine_service._errors import EngineError, ErrorKind
-from engine_service._server import MAX_PAGE_BYTES, RunningServer
+from engine_service.api._convert import MAX_EVENTS_BYTES
+from engine_service.api._server import MAX_PAGE_BYTES, RunningServer
+from engine_service.core._errors import EngineError, ErrorKind
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
 from machina.engine.v1 import run_pb2 as rp
@@ -816,7 +816,8 @@ async def test_resume_of_unknown_runs_retains_nothing(server: RunningServer, stu
             )
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     engine: Any = server.engine
-    assert len(engine._run_api_env) == 0, f"{len(engine._run_api_env)} credential sets kept for unknown runs"
+    kept = engine._catalogue.run_api_env
+    assert len(kept) == 0, f"{len(kept)} credential sets kept for unknown runs"
 
 
 async def test_requests_for_unknown_runs_do_not_grow_engine_state(server: RunningServer, stub: Any) -> None:

@@ -33,8 +33,8 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client_py import AsyncEngineClient, InvalidRequestError, ToolCallCompleted
-from engine_service._limits import MAX_DEPTH, MAX_SCHEMA_BYTES
-from engine_service._server import RunningServer
+from engine_service.api._server import RunningServer
+from engine_service.core._limits import MAX_DEPTH, MAX_SCHEMA_BYTES
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
 from machina.engine.v1 import run_pb2 as rp
@@ -720,8 +720,8 @@ def test_a_custom_tool_whose_schema_re2_refuses_is_a_config_error() -> None:
 async def test_a_webhook_body_never_carries_a_value_too_deep(tmp_path: Path, receiver: Any) -> None:
     # A run's own answer cannot get this deep (see above); this is the sender's last line.
     from engine_service import LocalStorage
-    from engine_service._egress import EgressPolicy
-    from engine_service._webhooks import WebhookSender
+    from engine_service.net._egress import EgressPolicy
+    from engine_service.net._webhooks import WebhookSender
 
     loopback = EgressPolicy.from_settings(allow_hosts=["127.0.0.1"])  # the receiver's address
     sender = WebhookSender(LocalStorage(tmp_path), lambda _ws, _ref: None, egress=loopback)

@@ -303,7 +303,7 @@ async def test_list_runs_filters_and_paginates(client: AsyncEngineClient) -> Non
 
 
 async def test_workspace_isolation(servers: ServerFactory) -> None:
-    from engine_service._types import Principal
+    from engine_service.core._types import Principal
 
     keys = {"key-alice-123": Principal("alice", "alice"), "key-bob-4567": Principal("bob", "bob")}
     srv = await servers.start(api_keys=keys)

@@ -19,8 +19,9 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from engine_service import Engine, EngineConfig, LocalStorage
-from engine_service._server import Authenticator, EngineServicer
-from engine_service._types import Principal
+from engine_service.api._auth import Authenticator
+from engine_service.api._server import EngineServicer
+from engine_service.core._types import Principal
 from machina.engine.v1 import engine_service_pb2 as svc
 
 SERVICE = svc.DESCRIPTOR.services_by_name["EngineService"]

@@ -2,7 +2,7 @@
 
 A JSON ``"\\ud83d"`` escape (half an emoji) decodes to a Python string that UTF-8 cannot
 encode, so one such string in a transcript or event kills the run at its checkpoint.
-``engine_service/_text.py`` cleans untrusted JSON and text where they enter the engine;
+``engine_service/core/_text.py`` cleans untrusted JSON and text where they enter the engine;
 these tests check the functions, then each boundary through the public gRPC client:
 model streams (OpenAI, Anthropic), provider error bodies, ApiCall, WebFetch, MCP, file
 names, and gRPC input itself.
@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client_py import AsyncEngineClient, ToolCallCompleted, ToolCallStarted
-from engine_service._text import clean_text, clean_value, has_surrogate, loads_untrusted
+from engine_service.core._text import clean_text, clean_value, has_surrogate, loads_untrusted
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
 from tests.conftest import ROOT, ServerFactory, turn

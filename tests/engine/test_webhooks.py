@@ -1,4 +1,4 @@
-"""Webhooks (SPEC E8) against a real local receiver: signatures, retries, delivery ids, never blocking."""
+"""Webhooks against a real local receiver: signatures, retries, delivery ids, never blocking."""
 
 from __future__ import annotations
 

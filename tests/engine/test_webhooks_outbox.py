@@ -13,15 +13,15 @@ import pytest
 
 from client_py import AsyncEngineClient
 from engine_service import LocalStorage, Storage
-from engine_service._egress import EgressPolicy
-from engine_service._s3 import S3Storage
-from engine_service._types import JsonObject
-from engine_service._webhooks import (
+from engine_service.core._types import JsonObject
+from engine_service.net._egress import EgressPolicy
+from engine_service.net._webhooks import (
     OUTBOX_SHARDS,
     WebhookSender,
     notification_blob,
     outbox_shard,
 )
+from engine_service.storage._s3 import S3Storage
 from tests.conftest import ServerFactory, turn
 from tests.processes import free_port
 from tests.s3_server import new_bucket

@@ -1,4 +1,4 @@
-"""Engine and runner as separate real processes sharing a storage root (SPEC §5)."""
+"""Engine and runner as separate real processes sharing a storage root."""
 
 from __future__ import annotations
 

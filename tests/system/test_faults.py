@@ -1,4 +1,4 @@
-"""Fault injection end to end (SPEC §8): real engine and runner processes killed with SIGKILL at
+"""Fault injection end to end: real engine and runner processes killed with SIGKILL at
 random points of multi-turn runs, an S3 server behind a fault-injecting proxy, a runner that is
 down, a webhook receiver that is down.
 
@@ -42,7 +42,7 @@ from client_py import (
     ToolCallStarted,
 )
 from engine_service import LocalStorage, Storage
-from engine_service._s3 import S3Storage
+from engine_service.storage._s3 import S3Storage
 from tests.conftest import ServerFactory, turn, undone_seqs
 from tests.processes import EngineProcess, RunnerProcess, free_port
 from tests.s3_server import FaultyProxy, new_bucket
@@ -614,8 +614,8 @@ class SlowCommitStorage(LocalStorage):
 @pytest.mark.timeout(30)
 async def test_get_run_never_reports_an_end_that_is_not_committed(tmp_path: Path) -> None:
     from engine_service import Engine, EngineConfig, ToolRegistry
-    from engine_service._engine import builtin_tools
-    from engine_service._server import start_server
+    from engine_service.api._server import start_server
+    from engine_service.core._catalogue import builtin_tools
 
     config = EngineConfig.model_validate({"storage": str(tmp_path), "workdir_root": str(tmp_path / "w")})
     storage = SlowCommitStorage(tmp_path)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from engine_service._apicall import normalise_path
-from engine_service._tools import ToolError
+from engine_service.tools._apicall import normalise_path
 from engine_service.tools._files import resolve_in_workdir
+from engine_service.tools._registry import ToolError
 from tests.conftest import ROOT
 
 TARGETS = sorted(p.stem for p in (ROOT / "fuzz").glob("fuzz_*.py"))

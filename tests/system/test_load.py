@@ -1,4 +1,4 @@
-"""Load on loopback (SPEC §8): hundreds of concurrent streams and runs against a real engine
+"""Load on loopback: hundreds of concurrent streams and runs against a real engine
 process for a bounded time — zero errors, latency percentiles recorded, memory flat.
 
 Three kinds of workers share the engine for ``MACHINA_LOAD_SECONDS`` (default 8 s here; `just load`

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from engine_service._types import Message, ToolCall, ToolChoice, Usage
+from engine_service.core._types import Message, ToolCall, ToolChoice, Usage
 from engine_service.models import (
     AnthropicModel,
     RetryPolicy,

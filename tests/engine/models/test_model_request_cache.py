@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from engine_service._types import Message, ToolCall
+from engine_service.core._types import Message, ToolCall
 from engine_service.models import AnthropicModel, ModelRequest, OpenAIModel, ToolSpec
 
 TOOL = ToolSpec("noop", "Do nothing.", {"type": "object", "properties": {}})

@@ -18,8 +18,8 @@ from typing import Any, cast
 import pytest
 
 from engine_service import EngineError, LocalStorage, Storage
-from engine_service._s3 import S3Storage
-from engine_service._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
+from engine_service.storage._s3 import S3Storage
+from engine_service.storage._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
 from tests.s3_server import FaultyProxy, new_bucket
 
 
@@ -159,7 +159,7 @@ async def test_checkpoints_survive_storage_faults(moto: str, pattern: list[str])
     assert sum(proxy.counts.get(f, 0) for f in pattern if f != "ok") > 0
 
 
-# -- run directories carried in storage (engine_service/_workdir_snapshot.py) -------------------
+# -- run directories carried in storage (engine_service/storage/_workdir_snapshot.py) -------------------
 
 
 class CountingStorage:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from engine_service import EngineError, LocalStorage
-from engine_service._storage import SEGMENT_RECORDS, segment_starts
+from engine_service.storage._local import SEGMENT_RECORDS
+from engine_service.storage._protocol import segment_starts
 
 
 @pytest.fixture

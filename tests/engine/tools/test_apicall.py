@@ -13,7 +13,9 @@ import httpx
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from engine_service._apicall import (
+from engine_service.core._errors import EngineError
+from engine_service.net._egress import EgressPolicy
+from engine_service.tools._apicall import (
     ApiConfig,
     ApiPolicyError,
     ApiService,
@@ -26,9 +28,7 @@ from engine_service._apicall import (
     load_resolve_auth,
     normalise_path,
 )
-from engine_service._egress import EgressPolicy
-from engine_service._errors import EngineError
-from engine_service._tools import Tool, ToolContext, ToolError, call_tool
+from engine_service.tools._registry import Tool, ToolContext, ToolError, call_tool
 from tests.httpbin_server import Recorder
 
 ENV = {"tok": "bearer-value-1234", "user": "alice", "pass": "wonder-pw-99", "key": "key-value-5678"}
@@ -544,7 +544,7 @@ async def test_metering_hooks_and_event(httpbin: str, caplog: pytest.LogCaptureF
     def broken(payload: dict[str, Any]) -> None:
         raise RuntimeError("meter down")
 
-    caplog.set_level(logging.WARNING, logger="engine_service._apicall")
+    caplog.set_level(logging.WARNING, logger="engine_service.tools._apicall")
     tool = make_tool(service(httpbin), on_request=broken, on_response=broken)
     assert (await call(tool, path="/get"))["status"] == 200
     assert caplog.text.count("ApiCall hook failed: RuntimeError") == 2

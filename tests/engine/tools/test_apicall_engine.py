@@ -20,7 +20,7 @@ from client_py import (
     AsyncEngineClient,
     ToolCallCompleted,
 )
-from engine_service._apicall import AuthContext, CustomAuth
+from engine_service.tools._apicall import AuthContext, CustomAuth
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
 from tests.conftest import ServerFactory, turn

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from engine_service._apicall import ApiService, AuthContext, CustomAuth, build_api_call_tool
-from engine_service._tools import Tool, ToolContext, ToolError, call_tool
+from engine_service.tools._apicall import ApiService, AuthContext, CustomAuth, build_api_call_tool
+from engine_service.tools._registry import Tool, ToolContext, ToolError, call_tool
 from tests.httpbin_server import Recorder
 from tests.secrets_util import CUSTOM_TOKEN, SECRET_ENV, assert_no_secret, find_secrets
 
@@ -158,7 +158,7 @@ async def test_secret_with_json_special_characters_is_redacted_in_escaped_form(h
 
 
 def test_config_and_tool_objects_do_not_render_secrets(httpbin: str) -> None:
-    from engine_service._apicall import ApiConfig
+    from engine_service.tools._apicall import ApiConfig
 
     cfg = ApiConfig.model_validate(
         {

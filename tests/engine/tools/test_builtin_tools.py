@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from client_py import AsyncEngineClient, ResultNotFoundError, ToolCallCompleted
-from engine_service._server import RunningServer
+from engine_service.api._server import RunningServer
 from tests.conftest import ServerFactory, turn
 
 

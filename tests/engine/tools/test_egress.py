@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client_py import AsyncEngineClient, DestinationRefusedError, MachinaError, ToolCallCompleted
-from engine_service._egress import EgressPolicy, EgressRefused, ip_literal, refusal_reason
+from engine_service.net._egress import EgressPolicy, EgressRefused, ip_literal, refusal_reason
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
 from tests import grpc_errors

@@ -26,9 +26,9 @@ import pytest
 from mcp import types as mt
 from pydantic import ValidationError
 
-from engine_service._tools import Tool, ToolContext, ToolError, ToolRegistry, call_tool
 from engine_service.tools import McpServerConfig, select_servers
 from engine_service.tools._mcp import McpManager, render_content
+from engine_service.tools._registry import Tool, ToolContext, ToolError, ToolRegistry, call_tool
 from tests.conftest import ROOT
 from tests.mcp_servers.flaky import PNG
 from tests.processes import free_port

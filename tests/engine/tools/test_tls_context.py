@@ -7,7 +7,7 @@ import ssl
 import certifi
 import pytest
 
-from engine_service._tls import client_ssl_context
+from engine_service.net._tls import client_ssl_context
 
 
 def test_the_context_is_built_once_per_trust_setting(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine_service._errors import RunFailure
-from engine_service._storage import Storage
+from engine_service.core._errors import RunFailure
+from engine_service.storage._protocol import Storage
 
 log = logging.getLogger("machina.engine")
 

@@ -1,6 +1,7 @@
-"""Domain errors: a stable code, a clear message and the values it mentions.
+"""Domain errors: a stable reason, a clear message and the values it mentions.
 
-The servicer maps `ErrorKind` to a gRPC status code; clients branch on `code`.
+The servicer maps `ErrorKind` to a gRPC status code and sends the reason as the
+ErrorInfo's ``reason``; clients branch on it.
 Messages never contain secrets: only values the caller already supplied or ids.
 """
 
@@ -28,24 +29,29 @@ class ErrorKind(enum.Enum):
 
 
 class EngineError(Exception):
-    """An error with a stable code (e.g. ``ERR_RUN_NOT_FOUND``) and metadata."""
+    """An error with a stable reason (e.g. ``ERR_RUN_NOT_FOUND``) and metadata."""
 
     def __init__(
         self,
-        code: str,
+        reason: str,
         message: str,
         *,
         kind: ErrorKind = ErrorKind.INVALID_ARGUMENT,
         metadata: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(message)
-        self.code = code
+        self.reason = reason
         self.message = message
         self.kind = kind
         self.metadata: dict[str, str] = {k: str(v) for k, v in (metadata or {}).items()}
 
+    @property
+    def code(self) -> str:
+        """Deprecated: the former name of ``reason`` (read-only)."""
+        return self.reason
+
     def __repr__(self) -> str:
-        return f"EngineError({self.code!r}, {self.message!r})"
+        return f"EngineError({self.reason!r}, {self.message!r})"
 
 
 SHOWN_CHARS = 64
@@ -55,7 +61,7 @@ def shown(value: object, limit: int = SHOWN_CHARS) -> str:
     """``value`` as an error may repeat it: whole when short, else its start and its length.
 
     Errors reach callers in gRPC trailers, which a default client refuses past 8 KiB: a value
-    from a request is never repeated whole (``_server.error_status`` bounds the rest).
+    from a request is never repeated whole (``api/_errors.error_status`` bounds the rest).
     """
     text = str(value)
     if len(text) <= limit:
@@ -69,20 +75,20 @@ def shown_list(values: Sequence[object], most: int = 5) -> str:
     return listed if len(values) <= most else f"{listed} and {len(values) - most} more"
 
 
-def invalid(code: str, message: str, **metadata: object) -> EngineError:
-    return EngineError(code, message, kind=ErrorKind.INVALID_ARGUMENT, metadata=metadata)
+def invalid(reason: str, message: str, **metadata: object) -> EngineError:
+    return EngineError(reason, message, kind=ErrorKind.INVALID_ARGUMENT, metadata=metadata)
 
 
-def not_found(code: str, message: str, **metadata: object) -> EngineError:
-    return EngineError(code, message, kind=ErrorKind.NOT_FOUND, metadata=metadata)
+def not_found(reason: str, message: str, **metadata: object) -> EngineError:
+    return EngineError(reason, message, kind=ErrorKind.NOT_FOUND, metadata=metadata)
 
 
-def precondition(code: str, message: str, **metadata: object) -> EngineError:
-    return EngineError(code, message, kind=ErrorKind.FAILED_PRECONDITION, metadata=metadata)
+def precondition(reason: str, message: str, **metadata: object) -> EngineError:
+    return EngineError(reason, message, kind=ErrorKind.FAILED_PRECONDITION, metadata=metadata)
 
 
-def aborted(code: str, message: str, **metadata: object) -> EngineError:
-    return EngineError(code, message, kind=ErrorKind.ABORTED, metadata=metadata)
+def aborted(reason: str, message: str, **metadata: object) -> EngineError:
+    return EngineError(reason, message, kind=ErrorKind.ABORTED, metadata=metadata)
 
 
 class RunFailure(Exception):

@@ -1,4 +1,4 @@
-"""Webhooks (SPEC E8): signed POSTs of a run's status when it pauses or ends.
+"""Webhooks: signed POSTs of a run's status when it pauses or ends.
 
 Delivery never blocks the run: each notification is a background task that
 retries with exponential backoff and jitter, and every attempt is appended to
@@ -48,11 +48,11 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine_service._egress import EgressPolicy, EgressRefused
-from engine_service._limits import MAX_DEPTH, too_deep
-from engine_service._storage import Storage
-from engine_service._tls import client_ssl_context
-from engine_service._types import JsonObject
+from engine_service.core._limits import MAX_DEPTH, too_deep
+from engine_service.core._types import JsonObject
+from engine_service.net._egress import EgressPolicy, EgressRefused
+from engine_service.net._tls import client_ssl_context
+from engine_service.storage._protocol import Storage
 
 log = logging.getLogger("machina.webhooks")
 

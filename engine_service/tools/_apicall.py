@@ -10,182 +10,97 @@ line — is scrubbed of every known credential value first, because APIs echo he
 from __future__ import annotations
 
 import asyncio
-import base64
 import inspect
 import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from engine_service._egress import EgressPolicy, EgressRefused
-from engine_service._errors import EngineError, shown
-from engine_service._regex import PatternError, check_patterns, fullmatch
-from engine_service._text import has_surrogate, loads_untrusted
-from engine_service._tls import client_ssl_context
-from engine_service._tools import Tool, ToolContext, ToolError, _import_attr
-from engine_service._types import JsonObject
+from engine_service.core._errors import shown
+from engine_service.core._regex import fullmatch
+from engine_service.core._text import has_surrogate, loads_untrusted
+from engine_service.core._types import JsonObject
+from engine_service.net._egress import EgressPolicy, EgressRefused
+from engine_service.net._tls import client_ssl_context
+from engine_service.tools._apicall_auth import (
+    REDACTED,
+    AuthContext,
+    EnvLookup,
+    ResolveAuth,
+    Scrubber,
+    basic_credentials,
+    credential_refs,
+    env_lookup_from,
+    known_secrets,
+    load_resolve_auth,
+    no_env,
+)
+from engine_service.tools._apicall_config import (
+    DEFAULT_METHODS,
+    HEADER_NAME,
+    METHODS,
+    RESERVED_HEADERS,
+    AnyAuth,
+    ApiAuth,
+    ApiConfig,
+    ApiService,
+    BasicAuth,
+    BearerAuth,
+    CustomAuth,
+    HeaderAuth,
+    NoAuth,
+    has_ctl,
+)
+from engine_service.tools._registry import Tool, ToolContext, ToolError
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "MAX_REDIRECTS",
+    "METHODS",
+    "REDACTED",
+    "TOOL_NAME",
+    "AnyAuth",
+    "ApiAuth",
+    "ApiConfig",
+    "ApiPolicyError",
+    "ApiService",
+    "AuthContext",
+    "BasicAuth",
+    "BearerAuth",
+    "CustomAuth",
+    "EnvLookup",
+    "HeaderAuth",
+    "Hook",
+    "NoAuth",
+    "ResolveAuth",
+    "api_tool_enabled",
+    "build_api_call_tool",
+    "check_per_run_services",
+    "env_lookup_from",
+    "known_secrets",
+    "load_resolve_auth",
+    "normalise_path",
+]
 
 logger = logging.getLogger(__name__)
 
-TOOL_NAME = "ApiCall"
-REDACTED = "[REDACTED]"
-MAX_REDIRECTS = 5
-METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
-DEFAULT_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-# Headers the model may never set: credentials, routing and message framing.
-_RESERVED_HEADERS = frozenset(("authorization", "proxy-authorization", "cookie", "host", "content-length",
-                               "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
-                               "expect"))  # fmt: skip
 # The only response headers the model sees (never set-cookie or anything credential-like).
 _RESPONSE_HEADERS = frozenset(("content-type", "content-length", "content-language", "location", "etag",
                                "last-modified", "cache-control", "retry-after", "link", "x-request-id",
                                "x-ratelimit-limit", "x-ratelimit-remaining",
                                "x-ratelimit-reset"))  # fmt: skip
 
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class NoAuth(_Frozen):
-    type: Literal["none"] = "none"
+TOOL_NAME = "ApiCall"
+MAX_REDIRECTS = 5
 
 
-class BearerAuth(_Frozen):
-    type: Literal["bearer"]
-    token_ref: str = Field(min_length=1)
-
-
-class HeaderAuth(_Frozen):
-    type: Literal["header"]
-    name: str = Field(pattern=_HEADER_NAME.pattern)
-    value_ref: str = Field(min_length=1)
-
-
-class BasicAuth(_Frozen):
-    type: Literal["basic"]
-    user_ref: str = Field(min_length=1)
-    pass_ref: str = Field(min_length=1)
-
-
-class CustomAuth(_Frozen):
-    type: Literal["custom"]
-    id: str = Field(min_length=1)
-
-
-AnyAuth: TypeAlias = NoAuth | BearerAuth | HeaderAuth | BasicAuth | CustomAuth
-ApiAuth: TypeAlias = Annotated[AnyAuth, Field(discriminator="type")]
-
-
-class ApiService(_Frozen):
-    """One HTTP service the model may call; secrets are named by ref, never inlined."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    base_url: str
-    auth: ApiAuth = NoAuth()
-    # RE2 regexes (linear time), full-matched against the normalised path relative to base_url.
-    allowed_paths: list[str] | None = None
-    allowed_methods: list[str] | None = None
-    max_body_bytes: int = Field(1 << 20, gt=0)
-    max_response_bytes: int = Field(1 << 20, gt=0)
-    timeout_s: float = Field(30.0, gt=0)
-    # Fixed, non-secret headers (e.g. Accept, an API version); the model cannot override them.
-    headers: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("base_url")
-    @classmethod
-    def _check_base_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("base_url must be an absolute http:// or https:// URL")
-        # Userinfo would put a credential in the tool description; query/fragment break path joins.
-        if "@" in parts.netloc or parts.query or parts.fragment:
-            raise ValueError("base_url must not contain credentials, a query or a fragment")
-        return value.rstrip("/")
-
-    @field_validator("allowed_paths")
-    @classmethod
-    def _check_paths(cls, value: list[str] | None) -> list[str] | None:
-        try:
-            check_patterns(value)
-        except PatternError as exc:
-            raise ValueError(f"allowed_paths: {exc}") from None
-        return value
-
-    @field_validator("allowed_methods")
-    @classmethod
-    def _check_methods(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        upper = [m.upper() for m in value]
-        if bad := [m for m in upper if m not in METHODS]:
-            raise ValueError(f"unsupported methods {bad}; choose from {list(METHODS)}")
-        return upper
-
-    @field_validator("headers")
-    @classmethod
-    def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, val in value.items():
-            if not _HEADER_NAME.match(name) or name.lower() in _RESERVED_HEADERS or _has_ctl(val):
-                raise ValueError(f"fixed header {name!r} is not allowed (credentials belong in auth)")
-        return value
-
-    @property
-    def methods(self) -> tuple[str, ...]:
-        return tuple(self.allowed_methods) if self.allowed_methods is not None else DEFAULT_METHODS
-
-
-class ApiConfig(_Frozen):
-    """The ``api`` block of engine config or of a run: services, secret env and a custom resolver."""
-
-    services: list[ApiService] = Field(default_factory=list)
-    env: dict[str, SecretStr] = Field(default_factory=dict)
-    resolve_auth: str | None = Field(None, pattern=r"^[\w.]+:\w+$")
-    # Metering hooks by import path, called with {service, method, path[, status, latency_ms, bytes_in]}.
-    on_request: str | None = Field(None, pattern=r"^[\w.]+:\w+$")
-    on_response: str | None = Field(None, pattern=r"^[\w.]+:\w+$")
-    # Engine config only: the custom auth ids a run's own services may name (exact match).
-    # Empty (the default) = per-run services use per-run credentials only; resolve_auth then
-    # never runs for a service a tenant defined.
-    per_run_custom_auth_ids: list[str] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> ApiConfig:
-        # Case-insensitively: "GitHub" beside "github" would let one pass for the other.
-        names = [s.name.lower() for s in self.services]
-        if dupes := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"service names must be unique (ignoring case): {dupes}")
-        return self
-
-
-@dataclass(frozen=True, slots=True)
-class AuthContext:
-    """What a custom ``resolve_auth`` knows about the request it signs and who asks for it.
-
-    ``per_run`` is True for a service the run's caller defined (its ``base_url`` is the
-    caller's choice): mint nothing for it that the workspace may not hold.
-    """
-
-    service: str
-    method: str
-    path: str
-    workspace_id: str = ""
-    run_id: str = ""
-    base_url: str = ""
-    per_run: bool = False
-
-
-ResolveAuth = Callable[[CustomAuth, AuthContext], Mapping[str, str] | Awaitable[Mapping[str, str]]]
 Hook = Callable[[JsonObject], Any]
-EnvLookup = Callable[[str], str | None]
 
 
 class ApiPolicyError(ValueError):
@@ -230,93 +145,11 @@ def api_tool_enabled(services: Iterable[ApiService], disabled_tools: Iterable[st
     return any(True for _ in services) and TOOL_NAME not in set(disabled_tools)
 
 
-def env_lookup_from(*envs: Mapping[str, SecretStr] | None) -> EnvLookup:
-    """A lookup reading the given env maps in order (first hit wins)."""
-
-    def lookup(ref: str) -> str | None:
-        for env in envs:
-            if env and ref in env:
-                return env[ref].get_secret_value()
-        return None
-
-    return lookup
-
-
-def _no_env(ref: str) -> str | None:
-    return None
-
-
-def load_resolve_auth(path: str) -> ResolveAuth:
-    """Import ``package.module:function``."""
-    fn = _import_attr(path, "resolve_auth")
-    if not callable(fn):
-        raise EngineError("ERR_CONFIG", f"resolve_auth {path!r} is not callable")
-    resolver: ResolveAuth = fn
-    return resolver
-
-
-def _has_ctl(text: str) -> bool:
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
-
-
-class _Scrubber:
-    """Replaces every known secret value (longest first) with ``[REDACTED]``."""
-
-    def __init__(self, secrets: Iterable[str]) -> None:
-        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
-
-    def add(self, value: str) -> None:
-        # "Bearer abc" → also "abc": an API may echo the bare token (httpbin /bearer does).
-        found = [value, *value.split(None, 1)[1:]]
-        self.secrets = sorted(
-            {*self.secrets, *(v.strip() for v in found if v.strip())}, key=len, reverse=True
-        )
-
-    def text(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, REDACTED)
-        return text
-
-    def value(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, list):
-            return [self.value(v) for v in value]
-        if isinstance(value, dict):
-            return {self.text(str(k)): self.value(v) for k, v in value.items()}
-        return value
-
-
-def _refs(auth: AnyAuth) -> list[str]:
-    if isinstance(auth, BearerAuth):
-        return [auth.token_ref]
-    if isinstance(auth, HeaderAuth):
-        return [auth.value_ref]
-    if isinstance(auth, BasicAuth):
-        return [auth.user_ref, auth.pass_ref]
-    return []
-
-
-def _basic(user: str, password: str) -> str:
-    return base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-
-
-def known_secrets(services: Iterable[ApiService], env_lookup: EnvLookup) -> list[str]:
-    """Every credential value the services' refs resolve to now, plus basic auth's base64 form."""
-    found: list[str] = []
-    for service in services:
-        values = [v for v in map(env_lookup, _refs(service.auth)) if v]
-        found += values
-        if isinstance(service.auth, BasicAuth) and len(values) == 2:
-            found.append(_basic(*values))
-    return found
-
-
 def normalise_path(raw: str) -> str:
     """The path relative to base_url, normalised; ToolError for anything that could leave it."""
     if has_surrogate(raw):
         raise ToolError("path must be valid Unicode text")
-    if _has_ctl(raw):
+    if has_ctl(raw):
         raise ToolError("path must not contain control characters")
     for char, what in (("\\", "backslashes"), ("@", "'@'"), ("?", "'?' (use query)"), ("#", "'#'")):
         if char in raw:
@@ -332,7 +165,7 @@ def normalise_path(raw: str) -> str:
         char = chr(int(match.group(1), 16))
         if char.isascii() and (char.isalnum() or char in "-._~"):
             return char
-        if char in "/\\" or _has_ctl(char):
+        if char in "/\\" or has_ctl(char):
             raise ToolError("path must not contain encoded slashes, backslashes or control characters")
         return "%" + match.group(1).upper()
 
@@ -415,7 +248,7 @@ class _ApiCall:
     # Names of the run's own services, their env and the custom ids they may name. Their
     # connections go through ``egress``; the operator's services connect directly.
     per_run: frozenset[str] = frozenset()
-    run_env_lookup: EnvLookup = field(default=_no_env, repr=False)
+    run_env_lookup: EnvLookup = field(default=no_env, repr=False)
     per_run_custom_ids: frozenset[str] = frozenset()
     egress: EgressPolicy = field(default_factory=EgressPolicy)
 
@@ -424,7 +257,7 @@ class _ApiCall:
         return self.run_env_lookup if service.name in self.per_run else self.env_lookup
 
     async def __call__(self, args: JsonObject, ctx: ToolContext) -> str:
-        scrub = _Scrubber(
+        scrub = Scrubber(
             value
             for service in self.services.values()
             for value in known_secrets([service], self._lookup_for(service))
@@ -443,7 +276,7 @@ class _ApiCall:
         # Raised outside the except blocks so no original exception rides along as __context__.
         raise ToolError(failure)
 
-    async def _call(self, args: JsonObject, ctx: ToolContext, scrub: _Scrubber) -> str:
+    async def _call(self, args: JsonObject, ctx: ToolContext, scrub: Scrubber) -> str:
         service = self.services.get(str(args.get("service")))
         if service is None:
             raise ToolError(f"unknown service {args.get('service')!r}; choose from {sorted(self.services)}")
@@ -493,7 +326,7 @@ class _ApiCall:
         return patterns is None or any(fullmatch(p, path) for p in patterns)
 
     async def _auth_headers(
-        self, service: ApiService, method: str, path: str, scrub: _Scrubber, ctx: ToolContext
+        self, service: ApiService, method: str, path: str, scrub: Scrubber, ctx: ToolContext
     ) -> dict[str, str]:
         auth = service.auth
         if isinstance(auth, CustomAuth):
@@ -501,7 +334,7 @@ class _ApiCall:
         values: dict[str, str] = {}
         missing = []
         lookup = self._lookup_for(service)
-        for ref in _refs(auth):
+        for ref in credential_refs(auth):
             value = lookup(ref)
             if value:
                 values[ref] = value
@@ -513,7 +346,7 @@ class _ApiCall:
                 "which are not available in this process (per-run env values are kept in memory only: "
                 "supply them again when resuming)"
             )
-        if any(_has_ctl(v) for v in values.values()):
+        if any(has_ctl(v) for v in values.values()):
             raise ToolError(
                 f"ERR_CREDENTIALS_INVALID: a credential of service {service.name!r} has "
                 "characters not allowed in an HTTP header"
@@ -523,7 +356,9 @@ class _ApiCall:
         if isinstance(auth, HeaderAuth):
             return {auth.name: values[auth.value_ref]}
         if isinstance(auth, BasicAuth):
-            return {"Authorization": f"Basic {_basic(values[auth.user_ref], values[auth.pass_ref])}"}
+            return {
+                "Authorization": f"Basic {basic_credentials(values[auth.user_ref], values[auth.pass_ref])}"
+            }
         return {}
 
     async def _custom_auth(
@@ -532,7 +367,7 @@ class _ApiCall:
         auth: CustomAuth,
         method: str,
         path: str,
-        scrub: _Scrubber,
+        scrub: Scrubber,
         ctx: ToolContext,
     ) -> dict[str, str]:
         per_run = service.name in self.per_run
@@ -561,7 +396,7 @@ class _ApiCall:
             ) from None
         for value in headers.values():
             scrub.add(value)
-        if any(not _HEADER_NAME.match(k) or _has_ctl(v) for k, v in headers.items()):
+        if any(not HEADER_NAME.match(k) or has_ctl(v) for k, v in headers.items()):
             raise ToolError(
                 f"ERR_AUTH_RESOLVER: resolve_auth returned an invalid header for service {service.name!r}"
             )
@@ -571,12 +406,12 @@ class _ApiCall:
     def _headers(
         service: ApiService, model: dict[str, Any], auth: dict[str, str], has_body: bool
     ) -> dict[str, str]:
-        reserved = _RESERVED_HEADERS | {n.lower() for n in (*auth, *service.headers)}
+        reserved = RESERVED_HEADERS | {n.lower() for n in (*auth, *service.headers)}
         headers = dict(service.headers)
         for name, value in model.items():
             if name.lower() in reserved or name.lower().startswith("proxy-"):
                 raise ToolError(f"header {name!r} cannot be set by the model (it is set by the engine)")
-            if not _HEADER_NAME.match(name) or _has_ctl(str(value)):
+            if not HEADER_NAME.match(name) or has_ctl(str(value)):
                 raise ToolError(f"header {name!r} has an invalid name or value")
             headers[name] = str(value)
         if has_body and not any(n.lower() == "content-type" for n in headers):
@@ -683,7 +518,7 @@ class _ApiCall:
             result["note"] = note
         return result, len(data)
 
-    async def _hook(self, hook: Hook | None, payload: JsonObject, scrub: _Scrubber) -> None:
+    async def _hook(self, hook: Hook | None, payload: JsonObject, scrub: Scrubber) -> None:
         if hook is None:
             return
         try:
@@ -701,7 +536,7 @@ def build_api_call_tool(
     on_response: Hook | None = None,
     client: httpx.AsyncClient | None = None,
     per_run_services: Iterable[ApiService] = (),
-    run_env_lookup: EnvLookup = _no_env,
+    run_env_lookup: EnvLookup = no_env,
     per_run_custom_auth_ids: Iterable[str] = (),
     egress: EgressPolicy | None = None,
 ) -> Tool:

@@ -23,8 +23,8 @@ import jsonschema
 import re2
 from jsonschema import Draft202012Validator, ValidationError
 
-from engine_service._errors import shown
-from engine_service._text import clean_text
+from engine_service.core._errors import shown
+from engine_service.core._text import clean_text
 
 MAX_PATTERN_CHARS = 4096
 # A program bigger than this (e.g. ``(a{1000}){1000}``) is refused rather than built.

@@ -1,38 +1,9 @@
-"""Storage: one adapter protocol, and the local-directory adapter.
-
-Layout under the root (the same for every adapter)::
-
-    workspaces/{workspace_id}/runs/{run_id}/spec.json        written once
-    workspaces/{workspace_id}/runs/{run_id}/state.json       status + checkpoint, atomic
-    workspaces/{workspace_id}/runs/{run_id}/events/{first:012d}.jsonl       numbered segments
-    workspaces/{workspace_id}/runs/{run_id}/transcript/{first:012d}.jsonl
-    workspaces/{workspace_id}/runs/{run_id}/lease.json       one writer at a time
-    workspaces/{workspace_id}/requests/{request_id}.json     idempotency keys
-
-The event log and the transcript are numbered segments: a segment is named by
-the index of its first record and holds consecutive records, so nothing ever
-rewrites the history and a checkpoint costs the same at turn 1 and turn 1,000.
-(The local adapter appends to the newest segment until it holds
-``SEGMENT_RECORDS`` records, because creating a file costs far more than an
-append; an object store writes one immutable segment per checkpoint instead.)
-
-The two streams commit differently:
-
-- events are written ahead: a process writes each event before any watcher
-  sees it, so every event a watcher was ever shown is in the log, also after
-  a crash. ``state.json``'s ``last_seq`` says how far the last checkpoint got;
-  a recovering writer keeps what lies past it (``repair_end`` drops only a
-  torn last record) and marks it rolled back in its ``resumed`` event.
-- transcript entries only count once ``state.json``'s ``transcript_len`` says
-  so; whatever a writer wrote past it before dying is ignored by readers and
-  removed by the next writer (``drop_uncommitted``).
-"""
+"""The local-directory storage adapter (the layout is described in ``_protocol``), and ``open_storage``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -40,124 +11,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
-from engine_service._errors import missing_extra
-from engine_service._ids import check_id
-from engine_service._types import JsonObject
-
-_SEGMENT_DIGITS = 12
-
-
-class StorageUnavailable(Exception):
-    """Storage cannot serve a request now (read-only, full, unreachable, answering 5xx).
-
-    Adapters raise it (or an `OSError` such as ``EROFS``/``ENOSPC``, see `storage_fault`)
-    for faults that may pass; the run waits and retries instead of failing.
-    """
-
-
-# File-system errors that are the storage being unavailable, not a bug in the engine.
-_FAULT_ERRNOS = frozenset(
-    {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO, errno.EAGAIN}
-)
-
-
-def storage_fault(exc: BaseException) -> bool:
-    """Whether ``exc`` is storage being unavailable (worth waiting for) rather than a bug."""
-    return isinstance(exc, StorageUnavailable) or (isinstance(exc, OSError) and exc.errno in _FAULT_ERRNOS)
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    owner: str
-    expires_at: float
-
-
-class Storage(Protocol):
-    """What the engine needs from storage. All ids are validated by the caller."""
-
-    # How long a run's writer gathers events before writing them ahead (seconds). 0 writes at
-    # once; an object store, which pays a request per write, trades a little latency for fewer
-    # and larger segments.
-    event_flush_delay: float
-
-    async def create_run(self, ws: str, run_id: str, spec: JsonObject, state: JsonObject) -> bool:
-        """Write spec.json and state.json unless the run exists; False if it did."""
-        ...
-
-    async def read_spec(self, ws: str, run_id: str) -> JsonObject | None: ...
-
-    async def read_state(self, ws: str, run_id: str) -> JsonObject | None: ...
-
-    async def write_state(self, ws: str, run_id: str, state: JsonObject) -> None:
-        """Atomically replace state.json (readers see the old or the new document)."""
-        ...
-
-    async def write_segment(
-        self, ws: str, run_id: str, stream: str, first: int, records: list[JsonObject]
-    ) -> None:
-        """Write records ``first..first+len-1`` of ``stream`` (events|transcript) as one segment."""
-        ...
-
-    async def read_segments(
-        self, ws: str, run_id: str, stream: str, after: int, upto: int
-    ) -> list[JsonObject]:
-        """Records with index in ``(after, upto]`` (1-based), in order."""
-        ...
-
-    async def drop_uncommitted(self, ws: str, run_id: str, stream: str, committed: int) -> None:
-        """Delete segments starting after ``committed`` (left by a writer that died)."""
-        ...
-
-    async def repair_end(self, ws: str, run_id: str, stream: str) -> int:
-        """The index of the last complete record of ``stream``, after dropping a torn one (0 if none)."""
-        ...
-
-    async def put_blob(self, ws: str, run_id: str, name: str, data: bytes) -> None:
-        """Store a large payload of the run (e.g. a full tool result) under ``name``."""
-        ...
-
-    async def get_blob(self, ws: str, run_id: str, name: str) -> bytes | None: ...
-
-    async def put_shared(self, name: str, doc: JsonObject) -> None:
-        """A document shared by every process on this storage (e.g. a runner's MCP tool catalogue)."""
-        ...
-
-    async def get_shared(self, name: str) -> JsonObject | None: ...
-
-    async def list_runs(self, ws: str) -> list[str]: ...
-
-    async def list_workspaces(self) -> list[str]: ...
-
-    async def put_if_absent(self, ws: str, key: str, doc: JsonObject) -> JsonObject | None:
-        """Store ``doc`` under workspace key ``key`` unless present; return the existing one if it was."""
-        ...
-
-    async def acquire_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
-        """Take or renew the run's lease for ``owner``; False if another owner holds a live one."""
-        ...
-
-    async def release_lease(self, ws: str, run_id: str, owner: str) -> None: ...
-
-    async def close(self) -> None: ...
-
+from engine_service.core._errors import missing_extra
+from engine_service.core._ids import check_id
+from engine_service.core._types import JsonObject
+from engine_service.storage._protocol import Storage, segment_name, segment_starts
 
 SEGMENT_RECORDS = 4096
-
-
-def segment_name(first: int) -> str:
-    return f"{first:0{_SEGMENT_DIGITS}d}.jsonl"
-
-
-def segment_starts(names: list[str]) -> list[int]:
-    """The first indexes of the segments among ``names``, sorted."""
-    starts = []
-    for name in names:
-        stem, dot, ext = name.partition(".")
-        if dot and ext == "jsonl" and stem.isdigit() and len(stem) == _SEGMENT_DIGITS:
-            starts.append(int(stem))
-    return sorted(starts)
 
 
 @dataclass(slots=True)
@@ -481,7 +342,7 @@ def open_storage(url: str, *, fsync: bool = False) -> Storage:
         return LocalStorage(url.removeprefix("file://"), fsync=fsync)
     if url.startswith("s3://"):
         try:
-            from engine_service._s3 import S3Storage
+            from engine_service.storage._s3 import S3Storage
         except ModuleNotFoundError as exc:
             raise missing_extra("aioboto3", "s3", "S3 storage", exc) from None
 

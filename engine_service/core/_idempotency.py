@@ -13,7 +13,7 @@ import hashlib
 import json
 from typing import Any
 
-from engine_service._errors import precondition
+from engine_service.core._errors import precondition
 
 
 def fingerprint(*parts: Any) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from engine_service._errors import invalid, shown
+from engine_service.core._errors import invalid, shown
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 

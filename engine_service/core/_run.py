@@ -8,10 +8,11 @@ every checkpoint, so its size does not grow with the history.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine_service._types import (
+from engine_service.core._types import (
     InterruptKind,
     JsonObject,
     PauseReason,
@@ -178,10 +179,46 @@ class Interrupt:
         )
 
 
-# Statuses of a tool call of the current turn.
-PENDING = "pending"  # waits for a decision on its interrupt
-READY = "ready"  # will run (allowed, or approved)
-RESOLVED = "resolved"  # has its result already (rejected, responded, denied, unknown)
+class CallStatus(enum.StrEnum):
+    """Where a tool call of the current turn stands (stored as its string value)."""
+
+    PENDING = "pending"  # waits for a decision on its interrupt
+    READY = "ready"  # will run (allowed, or approved)
+    RESOLVED = "resolved"  # has its result already (rejected, responded, denied, unknown)
+
+
+PENDING, READY, RESOLVED = CallStatus.PENDING, CallStatus.READY, CallStatus.RESOLVED
+
+
+class CallOutcome(enum.StrEnum):
+    """How a tool call ended (``ToolCallCompleted.outcome``); ``NONE`` while it may still run."""
+
+    NONE = ""
+    RAN = "ran"
+    REJECTED = "rejected"
+    RESPONDED = "responded"
+    EXPIRED = "expired"
+    INTERRUPTED = "interrupted"
+    DENIED = "denied"
+    UNKNOWN_TOOL = "unknown_tool"
+    INVALID_ARGUMENTS = "invalid_arguments"
+    CAPABILITY_MISSING = "capability_missing"
+
+
+class RunMode(enum.StrEnum):
+    """Who waits for a run: a streaming caller (``sync``), or nobody (``async``: it may hand off)."""
+
+    SYNC = "sync"
+    ASYNC = "async"
+
+
+class DecisionAction(enum.StrEnum):
+    """A caller's answer to an interrupt, and what the run's history records for it."""
+
+    APPROVE = "approve"
+    APPROVE_WITH_EDITS = "approve_with_edits"  # recorded only: a caller approves with edited arguments
+    REJECT = "reject"
+    RESPOND = "respond"
 
 
 @dataclass(slots=True)
@@ -189,21 +226,21 @@ class PendingCall:
     """A tool call of the current turn and what will happen to it."""
 
     call: ToolCall
-    status: str
+    status: CallStatus
     interrupt: Interrupt | None = None
     result_text: str = ""
     result_is_error: bool = False
-    # Why a RESOLVED call did not run (see ToolCallCompleted.outcome); "" while it may still run.
-    outcome: str = ""
+    # Why a RESOLVED call did not run (see ToolCallCompleted.outcome); NONE while it may still run.
+    outcome: CallOutcome = CallOutcome.NONE
 
     def to_json(self) -> JsonObject:
         return {
             "call": self.call.to_json(),
-            "status": self.status,
+            "status": self.status.value,
             "interrupt": None if self.interrupt is None else self.interrupt.to_json(),
             "result": self.result_text,
             "is_error": self.result_is_error,
-            "outcome": self.outcome,
+            "outcome": self.outcome.value,
         }
 
     @classmethod
@@ -211,11 +248,11 @@ class PendingCall:
         interrupt = doc.get("interrupt")
         return cls(
             call=ToolCall.from_json(doc["call"]),
-            status=doc["status"],
+            status=CallStatus(doc["status"]),
             interrupt=None if interrupt is None else Interrupt.from_json(interrupt),
             result_text=doc.get("result", ""),
             result_is_error=doc.get("is_error", False),
-            outcome=doc.get("outcome", ""),
+            outcome=CallOutcome(doc.get("outcome", "")),
         )
 
 
@@ -288,7 +325,7 @@ class RunRecord:
     # request_ids of the latest resumes, so a retried ResumeRun is answered, not refused.
     resume_requests: list[str] = field(default_factory=list)
     # "sync" (ExecuteRun: a caller is streaming it) or "async" (CreateRun): only async runs hand off.
-    mode: str = "async"
+    mode: RunMode = RunMode.ASYNC
     # Where to POST status changes (WebhookConfig as a dict; the secret only by reference).
     webhook: JsonObject | None = None
     # While paused HANDOFF_TO_RUNNER: when the runner was last asked to take the run, and how
@@ -322,7 +359,7 @@ class RunRecord:
             "repair_used": self.repair_used,
             "deadline_at": self.deadline_at,
             "resume_requests": self.resume_requests,
-            "mode": self.mode,
+            "mode": self.mode.value,
             "webhook": self.webhook,
             "handoff_at": self.handoff_at,
             "handoff_attempts": self.handoff_attempts,
@@ -352,7 +389,7 @@ class RunRecord:
             repair_used=doc.get("repair_used", False),
             deadline_at=doc.get("deadline_at", 0.0),
             resume_requests=list(doc.get("resume_requests", [])),
-            mode=doc.get("mode", "async"),
+            mode=RunMode(doc.get("mode", "async")),
             webhook=doc.get("webhook"),
             handoff_at=doc.get("handoff_at", 0.0),
             handoff_attempts=doc.get("handoff_attempts", 0),
@@ -378,3 +415,37 @@ class RunRecord:
             "updated_at": self.updated_at,
             "last_seq": self.last_seq,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A caller's answer to one interrupt."""
+
+    interrupt_id: str
+    action: DecisionAction  # APPROVE, REJECT or RESPOND
+    edited_arguments: JsonObject | None = None
+    reason: str = ""
+    output: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResultPage:
+    content: str
+    total_chars: int
+    next_offset: int  # 0 once the end is reached
+
+
+@dataclass(frozen=True, slots=True)
+class ClientToolDef:
+    name: str
+    description: str
+    input_schema: JsonObject
+
+
+@dataclass(slots=True)
+class PlannedDecision:
+    """How one decision moved its pending call: what the run's history records once the run is ours."""
+
+    pending: PendingCall
+    action: DecisionAction
+    reason: str = ""

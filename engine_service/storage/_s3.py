@@ -1,6 +1,6 @@
 """The S3-compatible storage adapter (AWS S3, Cloudflare R2, MinIO) on aioboto3.
 
-Same layout and guarantees as the local adapter (see _storage.py), with the
+Same layout and guarantees as the local adapter (see _protocol.py), with the
 object store's own tools: every object is written whole (no torn state.json);
 segments are immutable objects named ``{first}-{last}.jsonl``, one per
 checkpoint, so nothing rewrites the history; creation, idempotency keys and
@@ -23,9 +23,9 @@ import aioboto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from engine_service._ids import check_id
-from engine_service._storage import StorageUnavailable
-from engine_service._types import JsonObject
+from engine_service.core._ids import check_id
+from engine_service.core._types import JsonObject
+from engine_service.storage._protocol import StorageUnavailable
 
 _DIGITS = 12
 

@@ -19,10 +19,10 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from engine_service._apicall import ApiConfig
-from engine_service._egress import EgressPolicy, Resolver
-from engine_service._ids import is_valid_id
-from engine_service._types import Principal
+from engine_service.core._ids import is_valid_id
+from engine_service.core._types import Principal
+from engine_service.net._egress import EgressPolicy, Resolver
+from engine_service.tools._apicall_config import ApiConfig
 from engine_service.tools._mcp_config import McpServerConfig
 
 ENV_PREFIX = "MACHINA_"

@@ -21,16 +21,16 @@ import json
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import jsonschema
 import pydantic
 
-from engine_service._errors import EngineError, ErrorKind
-from engine_service._limits import MAX_DEPTH, too_deep
-from engine_service._regex import SchemaValidator, check_schema
-from engine_service._text import clean_text
-from engine_service._types import InterruptKind, JsonObject
+from engine_service.core._errors import EngineError, ErrorKind
+from engine_service.core._limits import MAX_DEPTH, too_deep
+from engine_service.core._regex import SchemaValidator, check_schema
+from engine_service.core._text import clean_text
+from engine_service.core._types import InterruptKind, JsonObject
 from engine_service.models import ToolSpec
 
 
@@ -129,6 +129,22 @@ class Tool:
         return result
 
 
+@overload
+def tool(fn: Handler) -> Tool: ...
+
+
+@overload
+def tool(
+    fn: None = None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    input_schema: JsonObject | None = None,
+    idempotent: bool = False,
+    capabilities: Iterable[str] = (),
+) -> Callable[[Handler], Tool]: ...
+
+
 def tool(
     fn: Handler | None = None,
     *,
@@ -137,7 +153,7 @@ def tool(
     input_schema: JsonObject | None = None,
     idempotent: bool = False,
     capabilities: Iterable[str] = (),
-) -> Any:
+) -> Tool | Callable[[Handler], Tool]:
     """Turn a function into a `Tool`; usable bare (``@tool``) or with options."""
 
     def wrap(func: Handler) -> Tool:

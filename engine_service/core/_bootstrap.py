@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 
-from engine_service._config import EngineConfig
-from engine_service._engine import MCP_FEATURE, Engine, builtin_tools
-from engine_service._errors import missing_extra
-from engine_service._storage import open_storage
-from engine_service._tools import ToolRegistry, load_tool
+from engine_service.core._catalogue import MCP_FEATURE, builtin_tools
+from engine_service.core._config import EngineConfig
+from engine_service.core._engine import Engine
+from engine_service.core._errors import missing_extra
+from engine_service.storage._local import open_storage
+from engine_service.tools._registry import ToolRegistry, load_tool
 
 
 def build_engine(config: EngineConfig) -> Engine:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from engine_service._types import Event
+from engine_service.core._types import Event
 
 
 class EventFeed:

@@ -1,7 +1,7 @@
 """Translation between protobuf messages and the engine's domain types.
 
-This module and `_server.py` are the only engine modules that import generated
-code; the core never sees a protobuf message.
+Only the modules of ``api/`` import generated code; the core never sees a protobuf
+message.
 """
 
 from __future__ import annotations
@@ -12,11 +12,20 @@ from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from engine_service._engine import ClientToolDef, Decision
-from engine_service._errors import invalid, shown
-from engine_service._limits import MAX_DEPTH, MAX_SCHEMA_BYTES, too_deep
-from engine_service._run import Interrupt, RunError, RunMeta, RunRecord, RunSpec, ScriptedTurn
-from engine_service._types import Event, EventKind, JsonObject, Permission, RunState, ToolChoice, Usage
+from engine_service.core._errors import invalid, shown
+from engine_service.core._limits import MAX_DEPTH, MAX_SCHEMA_BYTES, too_deep
+from engine_service.core._run import (
+    ClientToolDef,
+    Decision,
+    DecisionAction,
+    Interrupt,
+    RunError,
+    RunMeta,
+    RunRecord,
+    RunSpec,
+    ScriptedTurn,
+)
+from engine_service.core._types import Event, EventKind, JsonObject, Permission, RunState, ToolChoice, Usage
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import event_pb2 as ev
 from machina.engine.v1 import run_pb2 as rp
@@ -256,13 +265,13 @@ def decision_from_proto(message: svc.Decision) -> Decision:
             if message.approve.HasField("edited_arguments")
             else None
         )
-        return Decision(message.interrupt_id, "approve", edited_arguments=edits)
+        return Decision(message.interrupt_id, DecisionAction.APPROVE, edited_arguments=edits)
     if action == "reject":
-        return Decision(message.interrupt_id, "reject", reason=message.reject.reason[:2000])
+        return Decision(message.interrupt_id, DecisionAction.REJECT, reason=message.reject.reason[:2000])
     if action == "respond":
         return Decision(
             message.interrupt_id,
-            "respond",
+            DecisionAction.RESPOND,
             output=value_to_python(message.respond.output, "decisions.respond.output"),
         )
     raise invalid(

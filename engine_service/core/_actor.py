@@ -1,0 +1,332 @@
+"""A run in execution: the agent loop.
+
+One `RunActor` exists per run being moved by this process (executing, or
+recording decisions). It is built in layers: `CheckpointedRun` (_checkpoint.py)
+owns the run's lease, appends events to the live feed and commits them together
+with transcript entries and the state document at each checkpoint;
+`ToolDispatch` (_dispatch.py) plans and runs the model's tool calls; `RunActor`
+runs the loop of model turns, enforces the run's limits and pauses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from engine_service.core._checkpoint import LeaseLost
+from engine_service.core._dispatch import REQUEST_EVENT, ToolDispatch
+from engine_service.core._errors import RunFailure
+from engine_service.core._limits import MAX_DEPTH, is_small, too_deep
+from engine_service.core._regex import SchemaValidator
+from engine_service.core._run import PENDING, READY, RESOLVED, CallOutcome, RunError
+from engine_service.core._text import loads_untrusted
+from engine_service.core._types import EventKind, InterruptKind, JsonObject, Message, PauseReason, RunState
+from engine_service.models import ModelError, ModelRequest, TextChunk, TurnResult
+from engine_service.storage._protocol import StorageUnavailable, storage_fault
+
+log = logging.getLogger("machina.engine")
+
+
+_REPAIR_PROMPT = (
+    "Your answer is not valid JSON for the required output schema: {problem}. "
+    "Reply again with only the JSON value, nothing else."
+)
+
+
+class RunActor(ToolDispatch):
+    """Executes a run: the agent loop, its limits, its end; pauses and cancels."""
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self, *, resumed_by: str | None) -> None:
+        if self.env.workdir is not None:
+            self.env.workdir.mkdir(parents=True, exist_ok=True)
+        # RUNNING from the moment the caller gets an answer, not when the task first runs.
+        self.record.state = RunState.RUNNING
+        self.record.pause_reason = None
+        self.task = asyncio.create_task(self._execute(resumed_by), name=f"run:{self.record.run_id}")
+
+    async def _execute(self, resumed_by: str | None) -> None:
+        helpers = [
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._watch_cancel()),
+            asyncio.create_task(self._writer()),
+        ]
+        try:
+            await self._execute_inner(resumed_by)
+        except StorageUnavailable as exc:
+            # Storage stayed unavailable past storage_retry_s: nothing more can be committed
+            # here. The run stays at its last checkpoint (readers see it as it was there) and
+            # is resumed by whichever process sweeps once storage is back, this one included.
+            log.error("run %s parked at its last checkpoint, storage unavailable: %s", self.record.run_id,
+                      exc, extra={"run_id": self.record.run_id})  # fmt: skip
+            await self._close_quietly()
+        except LeaseLost as lost:
+            # Another process owns the run now: write nothing more, just stop.
+            run_id = self.record.run_id
+            log.warning("run %s stopped here: %s", run_id, lost, extra={"run_id": run_id})
+            self.feed.close()
+        finally:
+            for helper in helpers:
+                helper.cancel()
+
+    async def _watch_cancel(self) -> None:
+        """Honour a cancel that another process (a replica) recorded in storage."""
+        run_id = self.record.run_id
+        while True:
+            await asyncio.sleep(self.env.cancel_poll_s)
+            try:
+                reason = await self.cancel_request()
+            except Exception:  # a storage hiccup: look again next time
+                log.debug("cancel check of run %s failed", run_id, exc_info=True)
+                continue
+            if reason is not None and self.cancel_reason is None and self.task is not None:
+                if self.ending:
+                    return  # it is committing its end: that is the end
+                self.cancel_reason = reason
+                self.task.cancel()
+                return
+
+    async def _execute_inner(self, resumed_by: str | None) -> None:
+        record = self.record
+        self._active_since = self.env.clock()
+        record.state = RunState.RUNNING
+        record.pause_reason = None
+        if not self._start_committed:
+            self._emit_start(resumed_by)
+        try:
+            remaining = record.deadline_at - self.env.clock() if record.deadline_at else None
+            if remaining is not None and remaining <= 0:
+                raise RunFailure(
+                    "ERR_DEADLINE_EXCEEDED", "the run's deadline passed", timeout_ms=self.spec.timeout_ms
+                )
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._loop()
+            except TimeoutError:
+                raise RunFailure(
+                    "ERR_DEADLINE_EXCEEDED", "the run's deadline passed", timeout_ms=self.spec.timeout_ms
+                ) from None
+        except asyncio.CancelledError:
+            if self._lease_lost:
+                raise LeaseLost("lease lost") from None
+            if self.cancel_reason is None or self.ending:
+                # Engine shutdown: leave the last checkpoint for recovery.
+                await self._close_quietly()
+                raise
+            await self._finish(
+                RunState.CANCELLED,
+                error=RunError("ERR_CANCELLED", self.cancel_reason or "cancelled by a caller"),
+            )
+        except LeaseLost:
+            raise
+        except StorageUnavailable:
+            raise
+        except RunFailure as failure:
+            await self._finish(
+                RunState.FAILED, error=RunError(failure.code, failure.message, failure.metadata)
+            )
+        except ModelError as error:
+            await self._finish(
+                RunState.FAILED, error=RunError(error.code, error.message, {"status": str(error.status)})
+            )
+        except Exception as exc:
+            if storage_fault(exc):
+                raise StorageUnavailable(str(exc)) from None
+            log.exception("run %s failed with an internal error", record.run_id)
+            await self._finish(
+                RunState.FAILED, error=RunError("ERR_INTERNAL", "internal error; see the engine log")
+            )
+
+    async def _close_quietly(self) -> None:
+        # Nothing past the last checkpoint is written: a half-streamed turn would
+        # leave events that the recovered run then streams again. Freeing the
+        # lease lets recovery (here or on a replica) start at once.
+        with contextlib.suppress(Exception):
+            await self.release()
+
+    def mark_interrupted(self) -> list[str]:
+        """After a crash: calls that may have been running are reported, not silently re-run.
+
+        Idempotent tools run again; others get an error result the model can act on.
+        """
+        interrupted = []
+        for p in self.record.pending:
+            tool = self.env.tools.get(p.call.name)
+            if p.status == READY and not (tool is not None and tool.idempotent):
+                p.status, p.result_is_error, p.outcome = RESOLVED, True, CallOutcome.INTERRUPTED
+                p.result_text = (
+                    f"The {p.call.name} call was interrupted by an engine crash: it may or may not have "
+                    "taken effect. Check before you retry it."
+                )
+                interrupted.append(p.call.call_id)
+        return interrupted
+
+    async def pause(self) -> None:
+        record = self.record
+        await self._snapshot_workdir()  # a refused snapshot fails the run before it says paused
+        self._show_until_committed()
+        self._account_time()
+        interrupts = record.interrupts
+        kinds = {i.kind for i in interrupts}
+        record.pause_reason = (
+            PauseReason.AWAITING_APPROVAL
+            if InterruptKind.APPROVAL in kinds
+            else PauseReason.AWAITING_TOOL_RESULT
+            if InterruptKind.TOOL_RESULT in kinds
+            else PauseReason.AWAITING_INPUT
+        )
+        record.state = RunState.PAUSED
+        self.emit(
+            EventKind.PAUSED,
+            {"reason": record.pause_reason.value, "interrupts": [i.to_json() for i in interrupts]},
+        )
+        await self.checkpoint()
+        if await self._cancelled_at_pause():
+            return
+        self.ending = True
+        await self.release()
+        self._notify("paused")
+
+    # -- the agent loop ------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        record = self.record
+        if record.pending:
+            # Calls carried over from a pause (approved, or handed to us by the engine): commit
+            # RUNNING and the decisions first, so a crash during such a call is recovered and
+            # reported as interrupted instead of leaving the run paused to be approved again.
+            ready = any(p.status == READY and not self._idempotent(p.call.name) for p in record.pending)
+            if ready and not self._start_committed:  # committed with the start otherwise
+                await self.checkpoint()
+            if not await self._dispatch():
+                return
+        while True:
+            self._check_limits()
+            result = await self._model_turn()
+            if not result.tool_calls:
+                done, data = await self._final_answer(result.text)
+                if done:
+                    await self._finish(RunState.DONE, data=data)
+                    return
+                continue
+            calls = result.tool_calls
+            if all(is_small(c.arguments) for c in calls):
+                record.pending = [self._plan(call) for call in calls]
+            else:
+                # Checking large arguments against a JSON Schema is seconds of pure-Python work:
+                # in a worker thread the event loop keeps serving every other run meanwhile.
+                record.pending = await asyncio.to_thread(self._plan_all, calls)
+            if any(p.status == PENDING for p in record.pending):
+                for p in record.pending:
+                    if p.status == PENDING and p.interrupt is not None:
+                        self.emit(REQUEST_EVENT[p.interrupt.kind], {"interrupt": p.interrupt.to_json()})
+                await self.pause()
+                return
+            # Commit the turn before running a tool that must not run twice: a
+            # crash during the call then knows it was in flight. Idempotent
+            # tools skip this write (it is most of a cheap turn's cost).
+            if any(p.status == READY and not self._idempotent(p.call.name) for p in record.pending):
+                await self.checkpoint()
+            if not await self._dispatch():
+                return
+
+    def _check_limits(self) -> None:
+        meta, spec = self.record.meta, self.spec
+        if meta.turns >= self.env.max_turns:
+            raise RunFailure(
+                "ERR_MAX_TURNS",
+                f"the run reached its limit of {self.env.max_turns} turns",
+                max_turns=self.env.max_turns,
+            )
+        if spec.max_tokens and meta.usage.total >= spec.max_tokens:
+            raise RunFailure(
+                "ERR_TOKEN_BUDGET",
+                f"the run used {meta.usage.total} of {spec.max_tokens} tokens",
+                used=meta.usage.total,
+                max_tokens=spec.max_tokens,
+            )
+        if spec.max_cost_usd and meta.cost_usd >= spec.max_cost_usd:
+            raise RunFailure(
+                "ERR_COST_BUDGET",
+                f"the run cost ${meta.cost_usd:.4f} of ${spec.max_cost_usd:.4f}",
+                cost_usd=meta.cost_usd,
+                max_cost_usd=spec.max_cost_usd,
+            )
+
+    async def _model_turn(self) -> TurnResult:
+        record, env = self.record, self.env
+        turn = record.meta.turns + 1
+        request = ModelRequest(
+            system=env.system_prompt,
+            messages=self.transcript,
+            tools=[t.spec() for t in env.tools.values()],
+            tool_choice=self.spec.tool_choice,
+            max_output_tokens=env.max_output_tokens,
+            output_schema=self.spec.output_schema,
+            turn=record.meta.turns,
+        )
+        result: TurnResult | None = None
+        async for item in env.model.stream(request):
+            if isinstance(item, TextChunk):
+                self.emit(EventKind.TEXT_DELTA, {"text": item.text, "turn": turn})
+            else:
+                result = item
+        if result is None:
+            raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
+        record.meta.turns = turn
+        record.meta.usage.add(result.usage)
+        cost = (result.usage.input_tokens * env.price[0] + result.usage.output_tokens * env.price[1]) / 1e6
+        record.meta.cost_usd += cost
+        self.transcript.append(Message("assistant", result.text, result.tool_calls))
+        self.emit(
+            EventKind.ASSISTANT_MESSAGE,
+            {"text": result.text, "calls": [c.to_json() for c in result.tool_calls], "turn": turn},
+        )
+        self.emit(EventKind.USAGE, {"turn": turn, "usage": result.usage.to_json(), "cost_usd": cost})
+        return result
+
+    async def _final_answer(self, text: str) -> tuple[bool, Any]:
+        """(done, data). In structured mode, one repair turn, then ERR_OUTPUT_SCHEMA."""
+        schema = self.spec.output_schema
+        if schema is None:
+            return True, text
+        if len(text) > _INLINE_ANSWER_CHARS:
+            problem = await asyncio.to_thread(_schema_problem, text, schema)
+        else:
+            problem = _schema_problem(text, schema)
+        if problem is None:
+            return True, loads_untrusted(text)
+        if self.record.repair_used:
+            raise RunFailure(
+                "ERR_OUTPUT_SCHEMA", f"the final answer does not match the output schema: {problem}"
+            )
+        self.record.repair_used = True
+        self.transcript.append(Message("user", _REPAIR_PROMPT.format(problem=problem)))
+        await self.checkpoint()
+        return False, None
+
+
+# A structured final answer longer than this is validated in a worker thread.
+_INLINE_ANSWER_CHARS = 16_384
+
+
+def _schema_problem(text: str, schema: JsonObject) -> str | None:
+    import jsonschema
+
+    try:
+        value = loads_untrusted(text)
+    except json.JSONDecodeError as exc:
+        return f"not JSON ({exc.msg} at position {exc.pos})"
+    except ValueError as exc:
+        return f"not usable JSON ({exc})"
+    if too_deep(value):
+        return f"(root): nested deeper than {MAX_DEPTH} levels"
+    error = jsonschema.exceptions.best_match(SchemaValidator(schema).iter_errors(value))
+    if error is None:
+        return None
+    where = ".".join(str(p) for p in error.path) or "(root)"
+    return f"{where}: {error.message}"

@@ -1,0 +1,192 @@
+"""Background jobs of an Engine: the recovery sweep, approval timers, handing runs off again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from engine_service.core._errors import EngineError
+from engine_service.core._run import Decision, DecisionAction, RunRecord
+from engine_service.core._types import PauseReason, Principal, RunState
+from engine_service.tools import sweep_stale_cgroups
+
+if TYPE_CHECKING:
+    from engine_service.core._engine import Engine
+
+log = logging.getLogger("machina.engine")
+
+
+class BackgroundJobs:
+    """Part of an :class:`Engine`, kept beside it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def recover_orphaned_runs(self, principal: Principal | None = None) -> list[str]:
+        """Resume runs whose executor died: QUEUED/RUNNING with an expired lease. Paused runs stay paused.
+
+        With a principal, only that workspace is swept (the RPC); without, all (the background sweep).
+        """
+        workspaces = [principal.workspace_id] if principal else await self._engine.storage.list_workspaces()
+        recovered = []
+        for ws in workspaces:
+            for run_id in await self._engine.storage.list_runs(ws):
+                key = (ws, run_id)
+                if key in self._engine._active or self._engine._closing:
+                    continue
+                with contextlib.suppress(EngineError):
+                    if await self._recover(key) or await self._recover_handoff(key):
+                        recovered.append(run_id)
+        return recovered
+
+    async def _recover(self, key: tuple[str, str]) -> bool:
+        async with self._engine._lock(key):
+            if key in self._engine._active:
+                return False
+            doc = await self._engine.storage.read_state(*key)
+            if doc is None or doc["state"] not in (RunState.QUEUED.value, RunState.RUNNING.value):
+                return False
+            record = RunRecord.from_json(doc)
+            fresh = self._engine._clock() - record.created_at < self._engine.config.lease_ttl_s
+            if record.state is RunState.QUEUED and fresh:
+                return False  # just created: it is its creator's until the creator takes its lease
+            actor = await self._engine._actor_for(record)
+            if not await actor.take_over():
+                log.debug("run %s is %s but its lease is held; not recovering", key[1], record.state.value)
+                return False  # its executor is alive (lease held) or it moved meanwhile
+            interrupted = actor.mark_interrupted()
+            log.warning(
+                "recovering run %s from its last checkpoint (seq %d); interrupted calls: %s",
+                key[1], record.last_seq, ", ".join(interrupted) or "none", extra={"run_id": key[1]},
+            )  # fmt: skip
+            self._engine._start(actor, resumed_by="recovery")
+            return True
+
+    async def recovery_loop(self) -> None:
+        while not self._engine._closing:
+            try:
+                if self._engine.sandbox_status == "bubblewrap":
+                    # Sandboxes a crashed engine on this host may have left (see the function).
+                    await asyncio.to_thread(sweep_stale_cgroups)
+                await self.recover_orphaned_runs()
+            except Exception:
+                log.warning("recovery sweep failed; will retry", exc_info=True)
+            try:
+                await self.arm_approval_deadlines()
+            except Exception:
+                log.warning("approval deadline sweep failed; will retry", exc_info=True)
+            if not self._engine.config.recovery_interval_s:
+                return
+            await asyncio.sleep(self._engine.config.recovery_interval_s)
+
+    async def _recover_handoff(self, key: tuple[str, str]) -> bool:
+        """A run paused HANDOFF_TO_RUNNER whose lease no runner took (or whose runner's lease
+        expired) by its deadline is handed off again, each wait twice as long as the last;
+        after ``handoff_attempts`` it fails ERR_RUNNER_LOST. Never a silent hang."""
+        if not self._engine._runner.url(key[0]):
+            return False  # a runner itself, or no runner for this workspace: not ours to hand on
+        async with self._engine._lock(key):
+            if key in self._engine._active:
+                return False
+            doc = await self._engine.storage.read_state(*key)
+            if doc is None or (doc["state"], doc.get("pause_reason")) != (
+                RunState.PAUSED.value,
+                PauseReason.HANDOFF_TO_RUNNER.value,
+            ):
+                return False
+            return await self.hand_off_again(key, RunRecord.from_json(doc), force=False)
+
+    async def hand_off_again(self, key: tuple[str, str], record: RunRecord, *, force: bool) -> bool:
+        """Hand a stranded run off again, or give up on it once every attempt is used.
+
+        ``force`` (retry_handoff): now, with a fresh set of attempts; ABORTED if a runner holds it.
+        """
+        cfg = self._engine.config
+        waited = cfg.handoff_deadline_s * 2 ** max(0, min(record.handoff_attempts, 20) - 1)
+        if not force and self._engine._clock() < record.handoff_at + waited:
+            return False
+        actor = await self._engine._actor_for(record)
+        actor.env.handoff = self._engine._runner.post
+        if force:
+            await self._engine._take_over(actor)
+            record.handoff_attempts = 0
+        elif not await actor.take_over():
+            return False  # a runner holds its lease (it is continuing it), or it moved
+        if record.handoff_attempts >= cfg.handoff_attempts:
+            await actor.runner_lost()
+            self._engine._notify(key)
+            log.warning("run %s failed: no runner took it", key[1], extra={"run_id": key[1]})
+            return True
+        self._engine._spawn(actor.hand_off_again())
+        return True
+
+    async def arm_approval_deadlines(self) -> None:
+        """Arm a timer for every paused run's approval deadline that no timer here watches.
+
+        Deadlines live in each run's state.json; a timer lives only in the process that
+        paused the run. After a restart (or on another replica) this sweep takes over: a
+        deadline that passed while no engine was up fires at once. Whichever process fires
+        first takes the run's lease and records the expiry; the others find it moved.
+        """
+        for ws in await self._engine.storage.list_workspaces():
+            for run_id in await self._engine.storage.list_runs(ws):
+                key = (ws, run_id)
+                if key in self._engine._active or key in self._engine._timers or self._engine._closing:
+                    continue
+                with contextlib.suppress(EngineError, ValueError):
+                    record = await self._engine._load(key)
+                    if record.state is RunState.PAUSED:
+                        self.arm_expiry(key, record)
+
+    def arm_expiry(self, key: tuple[str, str], record: RunRecord) -> None:
+        deadlines = [i.expires_at for i in record.interrupts if i.expires_at]
+        if not deadlines or self._engine._closing:
+            return
+        self.disarm_expiry(key)
+        delay = max(0.0, min(deadlines) - self._engine._clock())
+        loop = asyncio.get_running_loop()
+        self._engine._timers[key] = loop.call_later(delay, lambda: self._engine._spawn(self._expire(key)))
+
+    def disarm_expiry(self, key: tuple[str, str]) -> None:
+        timer = self._engine._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    async def _expire(self, key: tuple[str, str]) -> None:
+        self._engine._timers.pop(key, None)
+        with contextlib.suppress(EngineError):
+            record = await self._engine._load(key)
+            if record.state is not RunState.PAUSED:
+                return
+            spec_doc = await self._engine.storage.read_spec(*key) or {}
+            approves = bool(spec_doc.get("approval_expiry_approves"))
+            now = self._engine._clock()
+            due = [i for i in record.interrupts if i.expires_at and i.expires_at <= now]
+            if not due:
+                self.arm_expiry(key, record)
+                return
+            decisions = [
+                Decision(
+                    i.interrupt_id,
+                    DecisionAction.APPROVE if approves else DecisionAction.REJECT,
+                    reason="the approval expired",
+                )
+                for i in due
+            ]
+            await self._resume_expired(key, decisions)
+
+    async def _resume_expired(self, key: tuple[str, str], decisions: list[Decision]) -> None:
+        principal = Principal(key[0], "system:expiry")
+        async with self._engine._lock(key):
+            if key in self._engine._active:
+                return
+            record = await self._engine._load(key)
+            if record.state is not RunState.PAUSED:
+                return
+            actor = await self._engine._actor_for(record)
+            plan = self._engine._decisions.plan(actor, decisions)
+            if not await actor.take_over():
+                return
+            await self._engine._decisions.decide(actor, plan, principal.identity, all_expired=True)

@@ -1,0 +1,443 @@
+"""A run's durable side: events, checkpoints, the lease, snapshots of its directory, its end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine_service.core._feed import EventFeed
+from engine_service.core._run import RunError, RunRecord, RunSpec
+from engine_service.core._types import Event, EventKind, JsonObject, Message, Permission, RunState
+from engine_service.models import ModelAdapter
+from engine_service.storage._protocol import Storage, StorageUnavailable, storage_fault
+from engine_service.storage._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
+from engine_service.tools._registry import Tool
+
+log = logging.getLogger("machina.engine")
+
+CANCEL_REQUEST = "cancel-request"  # the blob where another process asks for a cancel
+
+
+class LeaseLost(Exception):
+    """Another process holds the run's lease now; this one must stop writing."""
+
+
+@dataclass(slots=True)
+class RunEnv:
+    """What a run needs from its engine, resolved once per actor."""
+
+    storage: Storage
+    model: ModelAdapter
+    tools: dict[str, Tool]  # the tools this run may see and call, by name
+    permissions: Callable[[str], Permission]
+    system_prompt: str
+    max_turns: int
+    max_output_tokens: int
+    price: tuple[float, float]  # USD per million input / output tokens
+    owner: str
+    lease_ttl: float
+    workdir: Path | None = None
+    # Carries the run directory in storage at checkpoints (None = it stays on this host).
+    snapshots: WorkdirSnapshots | None = None
+    max_result_chars: int = 50_000
+    # Hands the run to a runner (POST /continue); None = stubs answer with an error instead.
+    handoff: Callable[[str, str], Awaitable[None]] | None = None
+    # Tells webhooks about a status change ("paused", "done", "failed", "cancelled").
+    notify: Callable[[RunRecord, str], None] | None = None
+    # How often to look for a cancel request left by another process (a replica).
+    cancel_poll_s: float = 0.5
+    clock: Callable[[], float] = time.time
+    # How long a checkpoint retries unavailable storage before the run is left at its last
+    # checkpoint for the recovery sweep (see RunActor._execute).
+    storage_retry_s: float = 300.0
+
+
+# Event kinds shown to watchers only once the checkpoint that commits them lands.
+_SHOWN_AT_COMMIT = frozenset({EventKind.HANDOFF_TO_RUNNER, EventKind.PAUSED, EventKind.RUN_FINISHED})
+
+
+class CheckpointedRun:
+    """A run being moved by this process: its record, transcript, events and lease."""
+
+    def __init__(
+        self, record: RunRecord, spec: RunSpec, transcript: list[Message] | None, env: RunEnv
+    ) -> None:
+        """``transcript`` None: the committed one is read by `take_over`, once the run is ours."""
+        self.record = record
+        self.spec = spec
+        self.transcript = transcript or []
+        self._transcript_read = transcript is not None
+        self.env = env
+        # Watchers see an event once it is written (the feed); until then it waits in
+        # _unwritten. Every event a watcher saw therefore survives a crash.
+        self.feed = EventFeed(record.last_seq)
+        self._last_seq = record.last_seq  # of the last event emitted, written or not
+        self._unwritten: list[Event] = []
+        self._written_seq = record.last_seq  # of the last event written to storage
+        # Written, but shown only once the checkpoint that commits them lands: a pause or an
+        # end (and what follows it) that a failed commit could still take back.
+        self._held: list[Event] = []
+        self._write_lock = asyncio.Lock()
+        self._write_wanted = asyncio.Event()
+        # After a crash recovery: the first seq of what the dead writer wrote past its checkpoint.
+        self._rolled_back_from = 0
+        # While a pause or an end is being committed, readers are shown the run as it was.
+        self._shown: RunRecord | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.cancel_reason: str | None = None
+        # Transcript entries committed to storage so far.
+        self._transcript_committed = record.transcript_len
+        self._lease_renew_at = 0.0
+        self._active_since = 0.0
+        self._lease_lost = False
+        # Set once the run is past its last point of cancellation: it started committing its end
+        # (one end per run), or its pause is committed (a cancel then applies to the paused run).
+        self.ending = False
+        # The start (RUNNING, run_started/resumed) was committed before the task began.
+        self._start_committed = False
+        # A tool may have changed the run directory since its last snapshot.
+        self._workdir_dirty = True
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.record.workspace_id, self.record.run_id)
+
+    def view(self) -> RunRecord:
+        """The run as readers may see it: never a pause or an end before it is committed."""
+        return self._shown or self.record
+
+    def emit(self, kind: EventKind, data: JsonObject) -> Event:
+        self._last_seq += 1
+        event = Event(self._last_seq, self.env.clock(), kind, data)
+        self._unwritten.append(event)
+        self._write_wanted.set()
+        return event
+
+    async def write_events(self) -> None:
+        """Write the events emitted so far, then show them to watchers.
+
+        A pause or an end is written in a segment of its own and shown only once the
+        checkpoint that commits it lands: if that commit fails, recovery drops it unseen.
+        """
+        async with self._write_lock:
+            batch = self._unwritten
+            if not batch:
+                return
+            self._unwritten = []
+            cut = len(batch) if not self._held else 0
+            cut = next((i for i, e in enumerate(batch) if e.kind in _SHOWN_AT_COMMIT), cut)
+            parts = [part for part in (batch[:cut], batch[cut:]) if part]
+            ws, run_id = self.key
+            for index, part in enumerate(parts):
+                try:
+                    await self.env.storage.write_segment(
+                        ws, run_id, "events", part[0].seq, [e.to_json() for e in part]
+                    )
+                except BaseException:
+                    # What is left: the next write (or the checkpoint) tries again.
+                    self._unwritten[:0] = [e for rest in parts[index:] for e in rest]
+                    raise
+                self._written_seq = part[-1].seq
+                if self._held or part[0].kind in _SHOWN_AT_COMMIT:
+                    self._held.extend(part)
+                else:
+                    self.feed.publish_many(part)
+
+    async def _writer(self) -> None:
+        """Write events ahead as they come, so watchers see them within a write's time."""
+        delay = self.env.storage.event_flush_delay
+        backoff = 0.1
+        while True:
+            await self._write_wanted.wait()
+            if delay:
+                await asyncio.sleep(delay)
+            self._write_wanted.clear()
+            try:
+                await self.write_events()
+                backoff = 0.1
+            except Exception:  # a storage hiccup: the next write or the checkpoint retries
+                log.warning("writing events of run %s failed; will retry", self.record.run_id, exc_info=True)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self._write_wanted.set()
+
+    async def checkpoint(self) -> None:
+        """Commit the events and transcript entries so far, then the state document.
+
+        While storage is unavailable (read-only, full, answering 5xx) the run waits here,
+        retrying with backoff; past ``storage_retry_s`` it raises StorageUnavailable.
+        """
+        await self._retrying_storage("checkpoint", self._commit)
+
+    async def _retrying_storage(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
+        give_up = time.monotonic() + self.env.storage_retry_s
+        delay = 0.05
+        while True:
+            try:
+                await attempt()
+                return
+            except Exception as exc:
+                if not storage_fault(exc):
+                    raise
+                if time.monotonic() >= give_up:
+                    raise StorageUnavailable(
+                        f"storage was unavailable for more than {self.env.storage_retry_s:g} s ({exc})"
+                    ) from None
+                log.warning(
+                    "run %s: storage unavailable during %s (%s); retrying in %.2f s",
+                    self.record.run_id, what, exc, delay, extra={"run_id": self.record.run_id},
+                )  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            # The outage may have outlasted the lease: make sure the run is still ours first
+            # (LeaseLost if another process took it; a storage fault is retried with the rest).
+            self._lease_renew_at = 0.0
+            try:
+                await self._renew_lease()
+            except Exception as exc:
+                if not storage_fault(exc):
+                    raise
+
+    async def _commit(self) -> None:
+        record, storage = self.record, self.env.storage
+        ws, run_id = self.key
+        await self._snapshot_workdir()
+        await self.write_events()
+        if len(self.transcript) > self._transcript_committed:
+            new_entries = self.transcript[self._transcript_committed :]
+            await storage.write_segment(
+                ws, run_id, "transcript", self._transcript_committed + 1, [m.to_json() for m in new_entries]
+            )
+        record.last_seq = self._written_seq
+        record.transcript_len = len(self.transcript)
+        record.updated_at = self.env.clock()
+        await storage.write_state(ws, run_id, record.to_json())
+        self._shown = None
+        self._transcript_committed = record.transcript_len
+        if self._held:
+            self.feed.publish_many(self._held)
+            self._held = []
+        await self._renew_lease()
+
+    async def _snapshot_workdir(self) -> None:
+        snapshots, workdir = self.env.snapshots, self.env.workdir
+        if snapshots is None or workdir is None or not self._workdir_dirty:
+            return
+        try:
+            self.record.workdir_manifest = await snapshots.save(self.env.storage, *self.key, workdir)
+        except WorkdirTooLarge:
+            if self.task is not None and not self.record.state.terminal:
+                raise  # the run fails with it
+            # Ending, or recording decisions while paused: keep the last snapshot that fitted
+            # (a paused run that grew too large fails at its first checkpoint once it runs).
+            log.warning("run %s: its directory is too large to snapshot", self.record.run_id)
+            return
+        self._workdir_dirty = False
+
+    def _show_until_committed(self) -> None:
+        """Keep showing readers the run as it is now until the next checkpoint commits."""
+        if self._shown is None:  # a failed commit: what readers see is still the older state
+            self._shown = RunRecord.from_json(self.record.to_json())
+
+    async def take_over(self) -> bool:
+        """Acquire the lease and drop what a dead writer left uncommitted.
+
+        The record was read before the lease was ours; if another writer moved
+        the run in between, it is stale and we back off (False).
+        """
+        ws, run_id = self.key
+        if not await self.env.storage.acquire_lease(ws, run_id, self.env.owner, self.env.lease_ttl):
+            return False
+        current = await self.env.storage.read_state(ws, run_id)
+        if current is None or (current["last_seq"], current["state"]) != (
+            self.record.last_seq,
+            self.record.state.value,
+        ):
+            await self.env.storage.release_lease(ws, run_id, self.env.owner)
+            return False
+        self._lease_renew_at = self.env.clock() + self.env.lease_ttl / 3
+        # Events the dead writer wrote past its checkpoint stay (watchers may have seen them);
+        # its transcript entries go: the run redoes that work from the checkpoint.
+        written = await self.env.storage.repair_end(ws, run_id, "events")
+        if written < self.record.last_seq:
+            log.error("run %s: its event log ends at %d, before its checkpoint's %d", run_id, written,
+                      self.record.last_seq)  # fmt: skip
+        if written > self.record.last_seq:
+            written = await self._drop_unshown(written)
+        if written > self.record.last_seq:
+            self._rolled_back_from = self.record.last_seq + 1
+        if written > self.feed.last_seq:
+            self.feed = EventFeed(written)
+            self._last_seq = written
+        self._written_seq = max(written, self.record.last_seq)
+        committed = self.record.transcript_len
+        await self.env.storage.drop_uncommitted(ws, run_id, "transcript", committed)
+        if not self._transcript_read:
+            docs = await self.env.storage.read_segments(ws, run_id, "transcript", 0, committed)
+            self.transcript = [Message.from_json(d) for d in docs]
+            self._transcript_read = True
+        if not self.transcript:
+            # Before the first checkpoint the transcript's first entry, the task, lives in the
+            # spec (written before CreateRun answered); the first checkpoint commits it.
+            self.transcript = [Message("user", self.record.task)]
+        if self.env.snapshots is not None and self.env.workdir is not None:
+            try:  # the run may have moved on elsewhere: bring its directory here
+                await self.env.snapshots.restore(
+                    self.env.storage, ws, run_id, self.env.workdir, current.get("workdir_manifest", "")
+                )
+            except BaseException:
+                await self.env.storage.release_lease(ws, run_id, self.env.owner)
+                raise
+        return True
+
+    async def _drop_unshown(self, written: int) -> int:
+        """Drop a pause or an end past the checkpoint (and what follows): its commit failed,
+        so no watcher was shown it. Returns the new end of the log."""
+        ws, run_id = self.key
+        docs = await self.env.storage.read_segments(ws, run_id, "events", self.record.last_seq, written)
+        unshown = next((d["seq"] for d in docs if d["k"] in _SHOWN_AT_COMMIT), 0)
+        if not unshown:
+            return written
+        await self.env.storage.drop_uncommitted(ws, run_id, "events", unshown - 1)
+        log.warning("run %s: dropped events from seq %d, whose commit failed", run_id, unshown)
+        return unshown - 1
+
+    async def release(self, *, close_feed: bool = True) -> None:
+        ws, run_id = self.key
+        try:
+            await self.env.storage.release_lease(ws, run_id, self.env.owner)
+        except Exception as exc:
+            if not storage_fault(exc):
+                raise
+            # What mattered is committed; the lease expires on its own.
+            log.warning("run %s: could not release its lease (%s)", run_id, exc)
+        if close_feed:
+            self.feed.close()
+
+    async def _renew_lease(self) -> None:
+        now = self.env.clock()
+        if now >= self._lease_renew_at:
+            ws, run_id = self.key
+            if not await self.env.storage.acquire_lease(ws, run_id, self.env.owner, self.env.lease_ttl):
+                raise LeaseLost(f"run {run_id} is now moved by another process")
+            self._lease_renew_at = now + self.env.lease_ttl / 3
+
+    async def _heartbeat(self) -> None:
+        """Keep the lease alive through long model calls and tool calls (no checkpoint then)."""
+        while True:
+            await asyncio.sleep(self.env.lease_ttl / 3)
+            try:
+                await self._renew_lease()
+            except LeaseLost:
+                log.warning("lost the lease of run %s; stopping it here", self.record.run_id)
+                self._lease_lost = True
+                if self.task is not None:
+                    self.task.cancel()
+                return
+            except Exception:  # a storage hiccup: the next beat or checkpoint retries
+                log.warning("lease renewal of run %s failed; will retry", self.record.run_id, exc_info=True)
+
+    async def commit_start(self, resumed_by: str | None) -> None:
+        """Commit RUNNING and the run_started/resumed event before the caller is answered, so no
+        process (a replica) shows the run as it was before this start."""
+        self.record.state = RunState.RUNNING
+        self.record.pause_reason = None
+        self._emit_start(resumed_by)
+        if resumed_by is not None:
+            # A cancel request left for an earlier execution does not apply to this one.
+            await self._clear_cancel_request()
+        await self.checkpoint()
+        self._start_committed = True
+
+    def _emit_start(self, resumed_by: str | None) -> None:
+        if resumed_by is None or self.feed.last_seq == 0:
+            # Also a run recovered before any of its events was written: it never started visibly.
+            self.emit(EventKind.RUN_STARTED, {"task": self.record.task, "model": self.record.meta.model})
+        elif self._rolled_back_from:
+            # What the dead writer did past its checkpoint is redone (or reported) from here.
+            self.emit(EventKind.RESUMED, {"by": resumed_by, "rolled_back_from": self._rolled_back_from})
+            self._rolled_back_from = 0
+        else:
+            self.emit(EventKind.RESUMED, {"by": resumed_by})
+
+    async def cancel_request(self) -> str | None:
+        """The reason of a cancel another process (a replica) asked for, or None."""
+        ws, run_id = self.key
+        blob = await self.env.storage.get_blob(ws, run_id, CANCEL_REQUEST)
+        if not blob:
+            return None
+        try:
+            return str(json.loads(blob).get("reason") or "cancelled by a caller")
+        except (ValueError, AttributeError):
+            return "cancelled by a caller"
+
+    async def _clear_cancel_request(self) -> None:
+        ws, run_id = self.key
+        if await self.env.storage.get_blob(ws, run_id, CANCEL_REQUEST):
+            await self.env.storage.put_blob(ws, run_id, CANCEL_REQUEST, b"")
+
+    async def _cancelled_at_pause(self) -> bool:
+        """After committing a pause, still holding the lease: honour a cancel asked for meanwhile.
+
+        A canceller that wrote its request after this check sees the pause and cancels the run
+        itself, so a cancel is never left waiting for a later resume.
+        """
+        try:
+            reason = await self.cancel_request()
+        except Exception:
+            log.warning("cancel check of run %s failed", self.record.run_id, exc_info=True)
+            return False
+        if reason is None:
+            return False
+        self.cancel_reason = reason
+        await self.cancel_now()
+        return True
+
+    def _account_time(self) -> None:
+        if self._active_since:
+            now = self.env.clock()
+            self.record.meta.duration_ms += int((now - self._active_since) * 1000)
+            self._active_since = now
+
+    async def _finish(
+        self, state: RunState, *, data: Any = None, error: RunError | None = None, keep_pending: bool = False
+    ) -> None:
+        record = self.record
+        self.ending = True
+        self._show_until_committed()
+        self._account_time()
+        record.state = state
+        record.data = data
+        record.error = error
+        if not keep_pending:
+            record.pending = []
+        record.pause_reason = None
+        self.emit(
+            EventKind.RUN_FINISHED,
+            {
+                "state": state.value,
+                "data": data,
+                "error": None if error is None else error.to_json(),
+                "meta": record.meta.to_json(),
+            },
+        )
+        await self.checkpoint()
+        await self.release()
+        self._notify(state.value.lower())
+        log.info("run %s %s", record.run_id, state.value.lower(), extra={"run_id": record.run_id})
+
+    async def cancel_now(self) -> None:
+        """Cancel a run that is not executing (paused, or orphaned while queued)."""
+        await self._finish(
+            RunState.CANCELLED, error=RunError("ERR_CANCELLED", self.cancel_reason or "cancelled")
+        )
+
+    def _notify(self, event: str) -> None:
+        if self.env.notify is not None and self.record.webhook:
+            self.env.notify(self.record, event)

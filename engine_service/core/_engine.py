@@ -1,0 +1,628 @@
+"""The engine: the run lifecycle API the gRPC servicer (and the runner) call.
+
+Every method takes the caller's `Principal`; a run is only ever looked up
+inside the caller's workspace, so one tenant can never see another's runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from engine_service.core._actor import RunActor
+from engine_service.core._background import BackgroundJobs
+from engine_service.core._catalogue import ToolCatalogue, builtin_tools, host_capabilities
+from engine_service.core._checkpoint import CANCEL_REQUEST
+from engine_service.core._config import EngineConfig
+from engine_service.core._decisions import DecisionDesk
+from engine_service.core._errors import (
+    EngineError,
+    ErrorKind,
+    aborted,
+    invalid,
+    not_found,
+    precondition,
+    shown,
+)
+from engine_service.core._handoff import RunnerClient
+from engine_service.core._idempotency import check_same_request, fingerprint
+from engine_service.core._ids import check_id, new_id
+from engine_service.core._limits import is_small
+from engine_service.core._reading import RunReader
+from engine_service.core._run import (
+    ClientToolDef,
+    Decision,
+    RunMode,
+    RunRecord,
+    RunSpec,
+    ToolResultPage,
+)
+from engine_service.core._types import (
+    Event,
+    Message,
+    PauseReason,
+    Principal,
+    RunState,
+)
+from engine_service.core._validate import SpecChecks
+from engine_service.models._select import (
+    ModelFactory,
+    default_model_factory,
+    load_script_file,
+    model_price,
+    resolve_default_model,
+)
+from engine_service.net._egress import EgressPolicy
+from engine_service.net._webhooks import WebhookSender
+from engine_service.storage._protocol import Storage
+from engine_service.storage._workdir_snapshot import WorkdirSnapshots
+from engine_service.tools import (
+    Sandbox,
+    describe_sandbox,
+)
+from engine_service.tools._registry import (
+    ToolRegistry,
+)
+
+log = logging.getLogger("machina.engine")
+
+# Run errors that resuming without decisions retries (a fresh handoff from the same checkpoint).
+_HANDOFF_FAILURES = ("ERR_RUNNER_UNREACHABLE", "ERR_RUNNER_LOST")
+
+
+class Engine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        storage: Storage,
+        *,
+        tools: ToolRegistry | None = None,
+        model_factory: ModelFactory | None = None,
+        clock: Callable[[], float] = time.time,
+        egress: EgressPolicy | None = None,
+    ) -> None:
+        config.check_runner_secrets()  # never hand a run off unauthenticated
+        self.config = config
+        self.storage = storage
+        # Where tenants' specs and models may send requests (per-run ApiCall services, webhooks).
+        self.egress = egress or config.egress_policy()
+        self.sandbox = Sandbox.from_config(config)
+        self.tools = tools or ToolRegistry(builtin_tools(config, self.egress, self.sandbox))
+        self._capabilities = host_capabilities(config, self.sandbox)
+        self._checks = SpecChecks(self)
+        self._catalogue = ToolCatalogue(self)
+        self._jobs = BackgroundJobs(self)
+        self._reader = RunReader(self)
+        self._decisions = DecisionDesk(self)
+        self._model_factory = model_factory or default_model_factory(config)
+        self._clock = clock
+        self._owner = f"engine-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._active: dict[tuple[str, str], RunActor] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._lock_users: dict[tuple[str, str], int] = {}
+        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._changes: dict[tuple[str, str], asyncio.Event] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._runner = RunnerClient(config)
+        self._default_provider, self._default_model = resolve_default_model(config)
+        self._started = False
+        # Only secrets configured for webhooks, per workspace: never the process environment.
+        self.webhooks = WebhookSender(storage, config.webhook_secret, egress=self.egress)
+        snapshot_max = config.workdir_snapshot_max_bytes
+        root = Path(config.workdir_root).resolve()
+        self._snapshots = WorkdirSnapshots(root, snapshot_max) if snapshot_max else None
+        self._default_script = (
+            load_script_file(config.model.script_file) if config.model.script_file else None
+        )
+
+    async def start(self) -> None:
+        """Connect the configured MCP servers and add their tools to the catalogue.
+
+        A stdio server needs the ``subprocess`` capability. A host without it
+        cannot start one, so it offers the tools a runner published (capability
+        stubs the model still sees, handed to the runner when called).
+        """
+        if self._started:
+            return
+        self._started = True
+        level, line = describe_sandbox(self.sandbox, self.config.capabilities_subprocess)
+        log.log(level, line, extra={"sandbox": self.sandbox_status})
+        self._spawn(self._jobs.recovery_loop())
+        self._spawn(self.webhooks.resume_pending_all())  # webhooks a previous process left pending
+        await self._catalogue.connect_mcp()
+
+    @property
+    def sandbox_status(self) -> str:
+        """How processes for runs are confined: ``bubblewrap``, ``none`` (unsandboxed, on the
+        operator's word), ``unavailable`` (no sandbox here, so no subprocess capability) or
+        ``off`` (the subprocess capability is turned off)."""
+        if not self.config.capabilities_subprocess:
+            return "off"
+        return self.sandbox.status()
+
+    @property
+    def default_model(self) -> str:
+        return f"{self._default_provider}:{self._default_model}"
+
+    # -- starting runs ---------------------------------------------------------------
+
+    async def create_run(
+        self,
+        principal: Principal,
+        spec: RunSpec,
+        client_tools: Sequence[ClientToolDef] = (),
+        *,
+        mode: str = RunMode.ASYNC,
+        api_env: Mapping[str, str] | None = None,
+        webhook: Mapping[str, Any] | None = None,
+    ) -> tuple[RunRecord, bool]:
+        """Start a run in the background. Returns (run, created); idempotent on run_id/request_id."""
+        self._check_open()
+        ws = principal.workspace_id
+        # Taken before validation fills in defaults: a retry repeats the request as it was sent.
+        request_fp = fingerprint(spec.to_json(), [dataclasses.asdict(t) for t in client_tools], webhook)
+        structured = [
+            spec.output_schema,
+            [t.input_schema for t in client_tools],
+            [arguments for turn in spec.script or () for _, arguments in turn.tool_calls],
+        ]
+        if is_small(structured):
+            self._checks.validate_spec(spec, client_tools)
+        else:
+            # Checking large schemas and scripts is seconds of pure-Python work: off the loop.
+            await asyncio.to_thread(self._checks.validate_spec, spec, client_tools)
+        webhook_doc = self._checks.validate_webhook(ws, webhook)
+        if spec.request_id:
+            # The idempotency key maps to one run id; whoever reaches the run
+            # first creates it, everyone else gets the same run back.
+            check_id(spec.request_id, "request_id")
+            proposed = spec.run_id or new_id("run")
+            claimed = await self.storage.put_if_absent(
+                ws, spec.request_id, {"run_id": proposed, "fingerprint": request_fp}
+            )
+            if claimed is not None:
+                check_same_request(spec.request_id, claimed.get("fingerprint"), request_fp, "CreateRun")
+            if claimed is not None and spec.run_id and claimed["run_id"] != spec.run_id:
+                raise EngineError(
+                    "ERR_RUN_EXISTS",
+                    f"request_id {spec.request_id!r} was already used for run {claimed['run_id']!r}",
+                    kind=ErrorKind.ALREADY_EXISTS,
+                    metadata={"run_id": claimed["run_id"], "request_id": spec.request_id},
+                )
+            spec.run_id = claimed["run_id"] if claimed is not None else proposed
+        run_id = check_id(spec.run_id, "run_id") if spec.run_id else new_id("run")
+        spec.run_id = run_id
+        key = (ws, run_id)
+        async with self._lock(key):
+            existing_doc = await self.storage.read_state(ws, run_id)
+            if existing_doc is not None:
+                record = RunRecord.from_json(existing_doc)
+                if spec.request_id and record.request_id == spec.request_id:
+                    return self._live(record), False
+                raise EngineError(
+                    "ERR_RUN_EXISTS",
+                    f"run {run_id!r} already exists; pass the same request_id to retry a start safely",
+                    kind=ErrorKind.ALREADY_EXISTS,
+                    metadata={"run_id": run_id},
+                )
+            provider, model_name = self._checks.choose_model(spec)
+            price = model_price(self.config, self._default_provider, provider, model_name)
+            if spec.max_cost_usd and price is None:
+                raise invalid(
+                    "ERR_PRICE_UNKNOWN",
+                    f"max_cost_usd needs the price of {provider}:{shown(model_name)}, which this engine "
+                    f"does not know; configure model.{provider}.prices",
+                    field="max_cost_usd",
+                    model=f"{provider}:{shown(model_name)}",
+                )
+            now = self._clock()
+            record = RunRecord(
+                run_id=run_id,
+                workspace_id=ws,
+                task=spec.task,
+                state=RunState.QUEUED,
+                created_at=now,
+                updated_at=now,
+                request_id=spec.request_id,
+                labels=dict(spec.labels),
+                deadline_at=now + spec.timeout_ms / 1000 if spec.timeout_ms else 0.0,
+                mode=RunMode(mode),
+                webhook=webhook_doc,
+            )
+            record.meta.model = f"{provider}:{model_name}"
+            spec_doc = spec.to_json()
+            spec_doc["client_tools"] = [
+                {"name": t.name, "description": t.description, "input_schema": t.input_schema}
+                for t in client_tools
+            ]
+            if not await self.storage.create_run(ws, run_id, spec_doc, record.to_json()):
+                raise aborted(
+                    "ERR_CONCURRENT_UPDATE", f"run {run_id!r} was created concurrently", run_id=run_id
+                )
+            transcript = [Message("user", spec.task)]
+            if api_env:
+                self._catalogue.run_api_env[key] = dict(api_env)
+            actor = RunActor(
+                record,
+                spec,
+                transcript,
+                self._catalogue.run_env(ws, spec, spec_doc, provider, model_name, mode),
+            )
+            if not await actor.take_over():
+                # It exists and another process (a recovery sweep that ignored the grace period
+                # of a fresh run) moves it: answer with the run, not an error.
+                log.warning("run %s was taken by another process as it was created", run_id,
+                            extra={"run_id": run_id, "workspace": ws})  # fmt: skip
+                return await self._load(key), True
+            await actor.commit_start(None)
+            self._start(actor, resumed_by=None)
+        log.info(
+            "run %s created (model %s)", run_id, record.meta.model, extra={"run_id": run_id, "workspace": ws}
+        )
+        return record, True
+
+    def _start(self, actor: RunActor, *, resumed_by: str | None) -> None:
+        self._active[actor.key] = actor
+        actor.start(resumed_by=resumed_by)
+        self._notify(actor.key)
+        assert actor.task is not None
+        actor.task.add_done_callback(lambda _t: self._on_actor_done(actor))
+
+    def _on_actor_done(self, actor: RunActor) -> None:
+        if self._active.get(actor.key) is actor:
+            del self._active[actor.key]
+        record = actor.view()  # as committed: a run parked by a storage outage is not what it tried
+        if record.state.terminal and not (record.error and record.error.code in _HANDOFF_FAILURES):
+            self._catalogue.run_api_env.pop(actor.key, None)
+        if record.state is RunState.PAUSED:
+            self._jobs.arm_expiry(actor.key, record)
+        self._notify(actor.key)
+
+    # -- reading runs ---------------------------------------------------------------------
+
+    async def get_run(self, principal: Principal, run_id: str) -> RunRecord:
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        actor = self._active.get(key)
+        if actor is not None:
+            return actor.view()
+        return await self._load(key)
+
+    async def _load(self, key: tuple[str, str]) -> RunRecord:
+        doc = await self.storage.read_state(*key)
+        if doc is None:
+            raise not_found(
+                "ERR_RUN_NOT_FOUND", f"run {key[1]!r} does not exist in this workspace", run_id=key[1]
+            )
+        return RunRecord.from_json(doc)
+
+    def _live(self, record: RunRecord) -> RunRecord:
+        actor = self._active.get((record.workspace_id, record.run_id))
+        return actor.view() if actor is not None else record
+
+    async def list_runs(
+        self,
+        principal: Principal,
+        *,
+        states: set[RunState] | None = None,
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 50,
+        page_token: str = "",
+        max_bytes: int = 0,
+        size_of: Callable[[RunRecord], int] | None = None,
+    ) -> tuple[list[RunRecord], str]:
+        """A page of runs, newest first, and the token of the next page ("" on the last).
+
+        With ``size_of`` (a run's size in the caller's encoding) a page also ends before its runs
+        add up to more than ``max_bytes``; it always holds at least one run, however large.
+        """
+        return await self._reader.list_runs(
+            principal,
+            states=states,
+            labels=labels,
+            page_size=page_size,
+            page_token=page_token,
+            max_bytes=max_bytes,
+            size_of=size_of,
+        )
+
+    async def wait_run(self, principal: Principal, run_id: str, timeout: float) -> tuple[RunRecord, bool]:
+        """Wait until the run is paused or ended. Returns (run, timed_out)."""
+        return await self._reader.wait_run(principal, run_id, timeout)
+
+    def stream_events(
+        self,
+        principal: Principal,
+        run_id: str,
+        *,
+        after_seq: int = 0,
+        follow: bool = False,
+        until_pause: bool = False,
+    ) -> AsyncIterator[list[Event]]:
+        """Batches of events with seq > after_seq, in order, each exactly once.
+
+        ``follow`` streams until the run ends; ``until_pause`` stops at a pause too.
+        Without either, it stops after what exists now.
+        """
+        return self._reader.stream_events(
+            principal, run_id, after_seq=after_seq, follow=follow, until_pause=until_pause
+        )
+
+    def _notify(self, key: tuple[str, str]) -> None:
+        changed = self._changes.pop(key, None)
+        if changed is not None:
+            changed.set()
+
+    # -- moving runs ---------------------------------------------------------------------
+
+    async def tool_result(
+        self, principal: Principal, run_id: str, call_id: str, *, offset: int = 0, limit: int = 0
+    ) -> ToolResultPage:
+        """A page of a tool result that was stored because it was too large to show.
+
+        ``limit`` 0 means up to 1,000,000 characters.
+        """
+        return await self._reader.tool_result(principal, run_id, call_id, offset=offset, limit=limit)
+
+    async def resume_run(
+        self,
+        principal: Principal,
+        run_id: str,
+        decisions: list[Decision],
+        request_id: str = "",
+        api_env: Mapping[str, str] | None = None,
+        webhook: Mapping[str, Any] | None = None,
+    ) -> RunRecord:
+        """Record decisions; the run continues once no interrupt is pending.
+
+        A retry carrying the ``request_id`` of a resume that was already applied
+        returns the run as it stands instead of failing.
+        """
+        self._check_open()
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        if request_id:
+            check_id(request_id, "request_id")
+        resume_fp = fingerprint([dataclasses.asdict(d) for d in decisions], webhook)
+        webhook_doc = self._checks.validate_webhook(key[0], webhook)
+        async with self._lock(key):
+            if api_env:
+                # Credentials re-supplied (e.g. after a restart); memory only, like at creation,
+                # and only for a run that exists in the caller's workspace.
+                await self._load(key)
+                self._catalogue.run_api_env[key] = dict(api_env)
+            if not decisions:
+                return await self._retry_handoff(principal, key)
+            if request_id:
+                current = await self.get_run(principal, run_id)
+                for entry in current.resume_requests:
+                    used_id, _, used_fp = entry.partition(":")
+                    if used_id == request_id:
+                        check_same_request(request_id, used_fp, resume_fp, "ResumeRun")
+                        return current
+            if key in self._active:
+                raise precondition(
+                    "ERR_RUN_NOT_PAUSED",
+                    f"run {run_id!r} is running, not paused",
+                    run_id=run_id,
+                    state="RUNNING",
+                )
+            record = await self._load(key)
+            if record.state is not RunState.PAUSED:
+                raise precondition(
+                    "ERR_RUN_NOT_PAUSED",
+                    f"run {run_id!r} is {record.state.value}, not paused",
+                    run_id=run_id,
+                    state=record.state.value,
+                )
+            actor = await self._actor_for(record)
+            if all(d.edited_arguments is None or is_small(d.edited_arguments) for d in decisions):
+                plan = self._decisions.plan(actor, decisions)
+            else:  # large edits: schema validation is slow pure-Python work, kept off the loop
+                plan = await asyncio.to_thread(self._decisions.plan, actor, decisions)
+            await self._take_over(actor)
+            self._jobs.disarm_expiry(key)
+            if webhook_doc is not None:
+                record.webhook = webhook_doc
+            if request_id:
+                record.resume_requests = [*record.resume_requests[-31:], f"{request_id}:{resume_fp}"]
+            await self._decisions.decide(actor, plan, principal.identity)
+            return record
+
+    async def _retry_handoff(self, principal: Principal, key: tuple[str, str]) -> RunRecord:
+        """A resume without decisions retries a handoff that failed, from the same checkpoint."""
+        if key in self._active:
+            raise precondition(
+                "ERR_RUN_NOT_PAUSED", f"run {key[1]!r} is running", run_id=key[1], state="RUNNING"
+            )
+        record = await self._load(key)
+        handed_off = record.state is RunState.PAUSED and record.pause_reason is PauseReason.HANDOFF_TO_RUNNER
+        if handed_off and self._runner.url(key[0]):
+            await self._jobs.hand_off_again(key, record, force=True)
+            return record
+        if (
+            record.state is not RunState.FAILED
+            or record.error is None
+            or record.error.code not in _HANDOFF_FAILURES
+        ):
+            raise invalid("ERR_INVALID_DECISION", "resume needs at least one decision", field="decisions")
+        actor = await self._actor_for(record)
+        await self._take_over(actor)
+        record.error = None
+        await actor.commit_start(principal.identity)
+        self._start(actor, resumed_by=principal.identity)
+        return record
+
+    async def _actor_for(self, record: RunRecord) -> RunActor:
+        ws, run_id = record.workspace_id, record.run_id
+        spec_doc = await self.storage.read_spec(ws, run_id)
+        if spec_doc is None:
+            raise EngineError("ERR_INTERNAL", f"run {run_id!r} has no spec", kind=ErrorKind.INTERNAL)
+        spec = RunSpec.from_json(spec_doc)
+        provider, _, model_name = record.meta.model.partition(":")
+        # The transcript is read by take_over: a sweep that finds the run held elsewhere reads none.
+        return RunActor(
+            record, spec, None, self._catalogue.run_env(ws, spec, spec_doc, provider, model_name, record.mode)
+        )
+
+    async def cancel_run(self, principal: Principal, run_id: str, reason: str = "") -> RunRecord:
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        reason = reason[:1000] or f"cancelled by {principal.identity}"
+        async with self._lock(key):
+            actor = self._active.get(key)
+            if actor is not None:
+                assert actor.task is not None
+                if not actor.ending:  # an end being committed is the end
+                    actor.cancel_reason = reason
+                    actor.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    async with asyncio.timeout(10):
+                        await asyncio.shield(actor.task)
+                if actor.record.state is not RunState.PAUSED:
+                    return actor.record
+                # It paused before the cancel reached it: cancel the paused run below.
+            record = await self._load(key)
+            if record.state is RunState.CANCELLED:
+                return record
+            if record.state.terminal:
+                raise precondition(
+                    "ERR_RUN_TERMINAL",
+                    f"run {run_id!r} already ended ({record.state.value})",
+                    run_id=run_id,
+                    state=record.state.value,
+                )
+            actor = await self._actor_for(record)
+            if not await actor.take_over():
+                # Another process (a replica or the runner) moves it: leave a request it honours
+                # at its next await point or its pause, and follow the run until then.
+                doc = {"reason": reason, "by": principal.identity, "at": self._clock()}
+                request = json.dumps(doc).encode()
+                await self.storage.put_blob(key[0], key[1], CANCEL_REQUEST, request)
+            else:
+                self._jobs.disarm_expiry(key)
+                actor.cancel_reason = reason
+                await actor.cancel_now()
+                self._notify(key)
+                return record
+        return await self._reader.follow_cancel(principal, key, reason, request)
+
+    def _notify_webhook(self, record: RunRecord, event: str) -> None:
+        if record.webhook:
+            self.webhooks.notify(record.workspace_id, record.run_id, record.webhook, event, record.public())
+
+    # -- crash recovery and runner handoff ------------------------------------------------
+
+    async def recover_orphaned_runs(self, principal: Principal | None = None) -> list[str]:
+        """Resume runs whose executor died: QUEUED/RUNNING with an expired lease. Paused runs stay paused.
+
+        With a principal, only that workspace is swept (the RPC); without, all (the background sweep).
+        """
+        return await self._jobs.recover_orphaned_runs(principal)
+
+    async def arm_approval_deadlines(self) -> None:
+        """Arm a timer for every paused run's approval deadline that no timer here watches."""
+        await self._jobs.arm_approval_deadlines()
+
+    async def continue_handoff(self, principal: Principal, run_id: str) -> RunRecord:
+        """Runner side: take a run paused HANDOFF_TO_RUNNER and continue it with this host's tools."""
+        self._check_open()
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        async with self._lock(key):
+            if key in self._active:
+                raise precondition(
+                    "ERR_RUN_NOT_HANDED_OFF", f"run {run_id!r} is already running here", run_id=run_id
+                )
+            record = await self._load(key)
+            if (
+                record.state is not RunState.PAUSED
+                or record.pause_reason is not PauseReason.HANDOFF_TO_RUNNER
+            ):
+                raise precondition(
+                    "ERR_RUN_NOT_HANDED_OFF",
+                    f"run {run_id!r} is not waiting for a runner",
+                    run_id=run_id,
+                    state=record.state.value,
+                )
+            actor = await self._actor_for(record)
+            await self._take_over(actor)
+            await actor.commit_start(principal.identity)
+            self._start(actor, resumed_by=principal.identity)
+            return record
+
+    async def check_handed_off(self, principal: Principal, run_id: str) -> None:
+        """Raise unless the run is paused HANDOFF_TO_RUNNER (a runner that queues work checks first)."""
+        record = await self._load((principal.workspace_id, check_id(run_id, "run_id")))
+        if record.state is not RunState.PAUSED or record.pause_reason is not PauseReason.HANDOFF_TO_RUNNER:
+            raise precondition(
+                "ERR_RUN_NOT_HANDED_OFF",
+                f"run {run_id!r} is not waiting for a runner",
+                run_id=run_id,
+                state=record.state.value,
+            )
+
+    async def _take_over(self, actor: RunActor) -> None:
+        """Make the run ours to move, or fail ABORTED: another process holds or just moved it."""
+        if not await actor.take_over():
+            run_id = actor.record.run_id
+            raise aborted("ERR_CONCURRENT_UPDATE", f"run {run_id!r} is being moved by another process",
+                          run_id=run_id)  # fmt: skip
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @contextlib.asynccontextmanager
+    async def _lock(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        """Serialise moves of one run in this process; the lock is dropped when nobody holds
+        or waits for it, so requests naming made-up run ids leave nothing behind."""
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        self._lock_users[key] = self._lock_users.get(key, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._lock_users[key] -= 1
+            if not self._lock_users[key]:
+                del self._lock_users[key]
+                del self._locks[key]
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise EngineError(
+                "ERR_SHUTTING_DOWN",
+                "the engine is shutting down; retry on another replica",
+                kind=ErrorKind.UNAVAILABLE,
+            )
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting work, let running turns finish for ``grace`` s, then checkpoint and stop."""
+        self._closing = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        tasks = [a.task for a in self._active.values() if a.task is not None]
+        if tasks:
+            _done, still = await asyncio.wait(tasks, timeout=grace)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=5)
+        for task in list(self._background):
+            task.cancel()
+        await self._runner.close()
+        await self._catalogue.close()
+        await self.webhooks.close()
+        await self.storage.close()

@@ -1,0 +1,267 @@
+"""Reading runs: pages of runs, waiting for a run to settle, streaming its events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING
+
+from engine_service.core._actor import RunActor
+from engine_service.core._checkpoint import CANCEL_REQUEST
+from engine_service.core._errors import EngineError, ErrorKind, aborted, invalid, not_found
+from engine_service.core._ids import check_id
+from engine_service.core._run import RunRecord, ToolResultPage
+from engine_service.core._types import Event, PauseReason, Principal, RunState
+from engine_service.tools import result_blob_name
+
+_POLL_S = 0.025  # how often watchers re-read storage for runs another process moves (state.json is tiny)
+_CANCEL_FOLLOW_S = 10.0  # how long CancelRun follows a run another process moves before answering
+
+if TYPE_CHECKING:
+    from engine_service.core._engine import Engine
+
+log = logging.getLogger("machina.engine")
+
+
+class RunReader:
+    """Part of an :class:`Engine`, kept beside it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def list_runs(
+        self,
+        principal: Principal,
+        *,
+        states: set[RunState] | None = None,
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 50,
+        page_token: str = "",
+        max_bytes: int = 0,
+        size_of: Callable[[RunRecord], int] | None = None,
+    ) -> tuple[list[RunRecord], str]:
+        """A page of runs, newest first, and the token of the next page ("" on the last).
+
+        With ``size_of`` (a run's size in the caller's encoding) a page also ends before its runs
+        add up to more than ``max_bytes``; it always holds at least one run, however large.
+        """
+        if not 0 <= page_size <= 1000:
+            raise invalid("ERR_INVALID_REQUEST", "page_size must be between 1 and 1000", field="page_size")
+        page_size = page_size or 50
+        offset = 0
+        if page_token:
+            try:
+                offset = int(page_token)
+                if offset < 0:
+                    raise ValueError
+            except ValueError:
+                raise invalid(
+                    "ERR_INVALID_REQUEST", "page_token is not one this server issued", field="page_token"
+                ) from None
+        ws = principal.workspace_id
+        records = []
+        for run_id in await self._engine.storage.list_runs(ws):
+            with contextlib.suppress(EngineError):
+                record = self._engine._live(await self._engine._load((ws, run_id)))
+                if states and record.state not in states:
+                    continue
+                if labels and any(record.labels.get(k) != v for k, v in labels.items()):
+                    continue
+                records.append(record)
+        records.sort(key=lambda r: (r.created_at, r.run_id), reverse=True)
+        page = records[offset : offset + page_size]
+        if size_of is not None:
+            used = 0
+            for count, record in enumerate(page):
+                used += size_of(record)
+                if count and used > max_bytes:
+                    page = page[:count]
+                    break
+        end = offset + len(page)
+        next_token = str(end) if end < len(records) else ""
+        return page, next_token
+
+    async def wait_run(self, principal: Principal, run_id: str, timeout: float) -> tuple[RunRecord, bool]:
+        """Wait until the run is paused or ended. Returns (run, timed_out)."""
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        deadline = time.monotonic() + timeout
+        await self._engine.get_run(principal, run_id)  # NOT_FOUND first
+        while True:
+            remaining = deadline - time.monotonic()
+            actor = self._engine._active.get(key)
+            if actor is not None and actor.task is not None and not actor.task.done():
+                # The actor's task ends exactly when the run pauses or ends, after the
+                # state is committed: answering earlier (from memory) would let a caller
+                # act on a pause that another process cannot see yet.
+                if remaining <= 0:
+                    return actor.view(), True
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    async with asyncio.timeout(remaining):
+                        await asyncio.shield(actor.task)
+                continue
+            record = await self._engine._load(key)
+            if settled(record):
+                return record, False
+            if remaining <= 0:
+                return record, True
+            await self.wait_change(key, min(_poll_interval(record), remaining))
+
+    async def stream_events(
+        self,
+        principal: Principal,
+        run_id: str,
+        *,
+        after_seq: int = 0,
+        follow: bool = False,
+        until_pause: bool = False,
+    ) -> AsyncIterator[list[Event]]:
+        """Batches of events with seq > after_seq, in order, each exactly once.
+
+        ``follow`` streams until the run ends; ``until_pause`` stops at a pause too.
+        Without either, it stops after what exists now.
+        """
+        if after_seq < 0:
+            raise invalid("ERR_INVALID_REQUEST", "after_seq must not be negative", field="after_seq")
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        await self._engine.get_run(principal, run_id)  # NOT_FOUND before the stream opens
+        cursor = after_seq
+        finished: RunActor | None = None  # the last actor read live from
+        while True:
+            actor = self._engine._active.get(key)
+            done = 0 if finished is None else finished.feed.last_seq
+            if actor is None and finished is not None and finished.feed.base_seq <= cursor < done:
+                # That actor has just finished: what it wrote is still in its feed, so do not
+                # read (and parse) those events back from storage.
+                batch = finished.feed.after(cursor, limit=min(512, done - cursor))
+                cursor = batch[-1].seq
+                yield batch
+                continue
+            if actor is not None and actor.feed.base_seq <= cursor:
+                # Live: the executing actor has every event after its base_seq.
+                finished = actor
+                batch = actor.feed.after(cursor)
+                if batch:
+                    cursor = batch[-1].seq
+                    yield batch
+                    continue
+                if not actor.feed.closed:
+                    if not (follow or until_pause):
+                        return
+                    await actor.feed.wait(cursor, timeout=1.0)
+                    continue
+                record = actor.record
+            else:
+                # Catch up from storage: everything committed before the live part.
+                record = actor.record if actor is not None else await self._engine._load(key)
+                committed = actor.feed.base_seq if actor is not None else record.last_seq
+                if committed > cursor:
+                    docs = await self._engine.storage.read_segments(
+                        key[0], key[1], "events", cursor, committed
+                    )
+                    if not docs or docs[0].get("seq") != cursor + 1:
+                        # A log that lacks committed events cannot be streamed in order; say so
+                        # rather than read the same gap forever.
+                        log.error("run %s: event log lacks events after seq %d", key[1], cursor)
+                        raise EngineError(
+                            "ERR_INTERNAL",
+                            f"the event log of run {key[1]!r} lacks events after seq {cursor}",
+                            kind=ErrorKind.INTERNAL,
+                            metadata={"run_id": key[1], "after_seq": str(cursor)},
+                        )
+                    for start in range(0, len(docs), 512):
+                        batch = [Event.from_json(d) for d in docs[start : start + 512]]
+                        cursor = batch[-1].seq
+                        yield batch
+                    continue
+            stop = record.state.terminal or (until_pause and settled(record))
+            if stop or not (follow or until_pause):
+                return
+            await self.wait_change(key, _poll_interval(record))
+
+    async def wait_change(self, key: tuple[str, str], timeout: float) -> None:
+        """Wait until this process moves the run again (or ``timeout``, for other processes)."""
+        changed = self._engine._changes.setdefault(key, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await changed.wait()
+
+    async def tool_result(
+        self, principal: Principal, run_id: str, call_id: str, *, offset: int = 0, limit: int = 0
+    ) -> ToolResultPage:
+        """A page of a tool result that was stored because it was too large to show.
+
+        ``limit`` 0 means up to 1,000,000 characters.
+        """
+        if offset < 0 or limit < 0:
+            raise EngineError("ERR_INVALID_REQUEST", "offset and limit must not be negative")
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        await self._engine.get_run(principal, run_id)  # NOT_FOUND for unknown runs and other workspaces
+        blob = await self._engine.storage.get_blob(*key, result_blob_name(call_id))
+        if blob is None:
+            raise not_found(
+                "ERR_RESULT_NOT_FOUND",
+                f"run {run_id!r} has no stored result for call {call_id[:128]!r} "
+                "(only results too large to show in full are stored)",
+                run_id=run_id,
+                call_id=call_id[:128],
+            )
+        full = blob.decode("utf-8", errors="replace")
+        end = offset + (limit or 1_000_000)
+        return ToolResultPage(full[offset:end], len(full), end if end < len(full) else 0)
+
+    async def follow_cancel(
+        self, principal: Principal, key: tuple[str, str], reason: str, request: bytes
+    ) -> RunRecord:
+        """See a cancel of a run another process moves through: that process honours the request
+        at its next await point or when it pauses; a run found paused is cancelled here. Answers
+        once the run ended, so a cancel answered OK is never applied late, to a later resume
+        (after ``_CANCEL_FOLLOW_S``: the run as it stands if it still runs elsewhere, the
+        request left in place; ABORTED if it stayed paused and held by another process)."""
+        deadline = time.monotonic() + _CANCEL_FOLLOW_S
+        while True:
+            if key in self._engine._active:  # resumed here meanwhile
+                return await self._engine.cancel_run(principal, key[1], reason)
+            record = await self._engine._load(key)
+            if record.state.terminal:
+                return record
+            if record.state is RunState.PAUSED:
+                async with self._engine._lock(key):
+                    if key not in self._engine._active:
+                        actor = await self._engine._actor_for(record)
+                        if await actor.take_over():
+                            self._engine._jobs.disarm_expiry(key)
+                            actor.cancel_reason = reason
+                            await actor.cancel_now()
+                            self._engine._notify(key)
+                            return actor.record
+            elif not await self._engine.storage.get_blob(key[0], key[1], CANCEL_REQUEST):
+                # A resume that started after the request was written cleared it: ask that execution.
+                await self._engine.storage.put_blob(key[0], key[1], CANCEL_REQUEST, request)
+            if time.monotonic() >= deadline:
+                if record.state is RunState.PAUSED:
+                    # Paused, and held by another process all along: refused rather than
+                    # left for a later resume to find.
+                    raise aborted(
+                        "ERR_CONCURRENT_UPDATE",
+                        f"run {key[1]!r} is being moved by another process; cancel it again",
+                        run_id=key[1],
+                    )
+                return record  # still running elsewhere: the request stays and is honoured there
+            await self.wait_change(key, 0.05)
+
+
+def settled(record: RunRecord) -> bool:
+    """Ended, or paused for the caller: what waits wait for. A handoff is not the caller's to act on."""
+    if record.state is RunState.PAUSED:
+        return record.pause_reason is not PauseReason.HANDOFF_TO_RUNNER
+    return record.state.terminal
+
+
+def _poll_interval(record: RunRecord) -> float:
+    """How soon to re-read a run this process is not moving: fast while another process
+    (a runner, a replica) is likely moving it, slowly while it waits for a person."""
+    moving = record.state in (RunState.QUEUED, RunState.RUNNING)
+    return _POLL_S if moving or record.pause_reason is PauseReason.HANDOFF_TO_RUNNER else 0.5

@@ -1,0 +1,1 @@
+"""Outbound network: the egress policy, TLS client contexts, webhook delivery."""

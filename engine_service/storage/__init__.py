@@ -1,0 +1,1 @@
+"""Where runs live: the storage protocol, local disk, S3, and run-directory snapshots."""
