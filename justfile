@@ -74,11 +74,11 @@ test-fast *args: (sync "test" "browser" "fuzz")
 demo: setup
     {{venv}}/python -m demo
 
-# Benchmarks (SPEC §7): prints a table and writes bench-results/bench.json (`just bench --quick` for a smoke run).
+# Benchmarks against the performance targets: prints a table and writes bench-results/bench.json (`just bench --quick` for a smoke run).
 bench *args: (sync "test" "bench")
     {{venv}}/python -m bench {{args}}
 
-# Load on loopback (SPEC §8): hundreds of concurrent streams and runs against a real engine for `seconds`; writes test-artifacts/load.json.
+# Load on loopback: hundreds of concurrent streams and runs against a real engine for `seconds`; writes test-artifacts/load.json.
 load seconds="60" concurrency="400": (sync "test")
     MACHINA_LOAD_SECONDS={{seconds}} MACHINA_LOAD_CONCURRENCY={{concurrency}} {{venv}}/python -m pytest tests/system/test_load.py -s -p no:cacheprovider
 
