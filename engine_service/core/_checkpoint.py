@@ -96,6 +96,8 @@ class CheckpointedRun:
         self._lease_renew_at = 0.0
         self._active_since = 0.0
         self._lease_lost = False
+        # Set once the lease is given up (a pause or an end): this actor no longer speaks for the run.
+        self.lease_released = False
         # Set once the run is past its last point of cancellation: it started committing its end
         # (one end per run), or its pause is committed (a cancel then applies to the paused run).
         self.ending = False
@@ -310,6 +312,8 @@ class CheckpointedRun:
 
     async def release(self, *, close_feed: bool = True) -> None:
         ws, run_id = self.key
+        # From here on another process may move the run: readers go to storage, not to this actor.
+        self.lease_released = True
         try:
             await self.env.storage.release_lease(ws, run_id, self.env.owner)
         except Exception as exc:

@@ -293,7 +293,7 @@ class Engine:
     async def get_run(self, principal: Principal, run_id: str) -> RunRecord:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         actor = self._active.get(key)
-        if actor is not None:
+        if actor is not None and not actor.lease_released:
             return actor.view()
         return await self._load(key)
 
@@ -307,7 +307,7 @@ class Engine:
 
     def _live(self, record: RunRecord) -> RunRecord:
         actor = self._active.get((record.workspace_id, record.run_id))
-        return actor.view() if actor is not None else record
+        return actor.view() if actor is not None and not actor.lease_released else record
 
     async def list_runs(
         self,
