@@ -59,7 +59,7 @@ lint: (sync "lint")
     {{venv}}/buf format --diff --exit-code
 
 # Type-check our code with mypy --strict (generated code via its .pyi stubs).
-typecheck: (sync "lint" "test" "bench")
+typecheck: (sync "lint" "test" "browser" "bench")
     {{venv}}/mypy
 
 # Run the whole test suite, slow tests included (pass pytest args, e.g. `just test -k resume`, `just test tests/engine`).
