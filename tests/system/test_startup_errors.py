@@ -9,7 +9,8 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +41,17 @@ def busy_port() -> Iterator[int]:
 
 
 def _start(
-    module: str, args: list[str], env: dict[str, str], unset: tuple[str, ...], cwd: Path
+    module: str,
+    args: list[str],
+    env: dict[str, str],
+    unset: tuple[str, ...],
+    cwd: Path,
+    launcher: Sequence[str] = (),
 ) -> tuple[int, str]:
     full = {k: v for k, v in os.environ.items() if k not in unset and not k.startswith("MACHINA_")}
     full.update(env)
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [*launcher, sys.executable, "-m", module, *args],
         env=full,
         cwd=cwd,
         capture_output=True,
@@ -129,17 +135,16 @@ def test_engine_port_in_use(busy_port: int, tmp_path: Path) -> None:
     _assert_one_clear_line(rc, stderr, (str(busy_port), "MACHINA_LISTEN"))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to a read-only directory")
-def test_engine_storage_not_writable(tmp_path: Path) -> None:
-    store = tmp_path / "ro"
-    store.mkdir()
-    store.chmod(0o500)
-    try:
-        rc, stderr = _start(
-            "engine_service", ["--listen", "127.0.0.1:0", "--storage", str(store)], {}, (), tmp_path
-        )
-    finally:
-        store.chmod(0o700)
+def test_engine_storage_not_writable() -> None:
+    from tests.fs_faults import as_nobody
+
+    launcher = as_nobody()  # root would write anyway
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)  # noqa: S103 - nobody must reach the directory, not write it
+        store = Path(tmp) / "store"
+        store.mkdir(mode=0o755)
+        args = ["--listen", "127.0.0.1:0", "--storage", str(store)]
+        rc, stderr = _start("engine_service", args, {}, (), Path("/"), launcher)
     _assert_one_clear_line(rc, stderr, ("Permission denied", "MACHINA_STORAGE"))
 
 
