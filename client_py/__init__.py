@@ -24,7 +24,7 @@ try:
 except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
-from client_py._async import AsyncEngineClient, AsyncExecution, AsyncRunHandle
+from client_py._async import AsyncEngineClient, AsyncExecution, AsyncRunHandle, CallOptions
 from client_py._errors import (
     AbortedError,
     AlreadyExistsError,
@@ -61,6 +61,7 @@ from client_py._errors import (
     error_from_rpc,
 )
 from client_py._progress import ProgressLine, print_events
+from client_py._retry import RetryPolicy
 from client_py._spec import Approve, Decision, DecisionLike, Reject, Respond, RunOptions
 from client_py._sync import EngineClient, Execution, RunHandle
 from client_py._types import (
@@ -72,6 +73,7 @@ from client_py._types import (
     InputRequested,
     Interrupt,
     Paused,
+    PauseReason,
     Resumed,
     Run,
     RunError,
@@ -79,6 +81,7 @@ from client_py._types import (
     RunFinished,
     RunMeta,
     RunStarted,
+    RunState,
     TextDelta,
     ToolCall,
     ToolCallCompleted,
@@ -100,6 +103,7 @@ __all__ = [
     "AsyncEngineClient",
     "AsyncExecution",
     "AsyncRunHandle",
+    "CallOptions",
     "ConcurrentUpdateError",
     "DeadlineExceededError",
     "Decision",
@@ -122,6 +126,7 @@ __all__ = [
     "InvalidScriptError",
     "MachinaError",
     "NotFoundError",
+    "PauseReason",
     "Paused",
     "PermissionDeniedError",
     "ProgressLine",
@@ -131,6 +136,7 @@ __all__ = [
     "Respond",
     "ResultNotFoundError",
     "Resumed",
+    "RetryPolicy",
     "RpcCancelledError",
     "Run",
     "RunError",
@@ -143,6 +149,7 @@ __all__ = [
     "RunNotPausedError",
     "RunOptions",
     "RunStarted",
+    "RunState",
     "RunTerminalError",
     "ShuttingDownError",
     "StorageUnavailableError",

@@ -17,12 +17,13 @@ import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
-from typing import Any, Unpack
+from typing import Any, TypedDict, Unpack
 
 import grpc
 
 from client_py import _render
 from client_py._errors import InternalError, UnavailableError, error_from_rpc, refused
+from client_py._retry import RetryPolicy
 from client_py._spec import (
     Approve,
     DecisionLike,
@@ -38,7 +39,20 @@ from client_py._types import Paused, Run, RunEvent, RunFinished, event_from_prot
 from machina.engine.v1 import engine_service_pb2 as pb
 from machina.engine.v1 import engine_service_pb2_grpc as pb_grpc
 
-__all__ = ["AsyncEngineClient", "AsyncExecution", "AsyncRunHandle"]
+__all__ = ["AsyncEngineClient", "AsyncExecution", "AsyncRunHandle", "CallOptions"]
+
+
+class CallOptions(TypedDict, total=False):
+    """Per-call options of a unary method.
+
+    - ``timeout``: the call's deadline in seconds, instead of the client's ``call_timeout``.
+    - ``metadata``: extra ``(key, value)`` gRPC metadata, sent with the client's
+      authorization (an ``authorization`` key of the caller's own is refused).
+    """
+
+    timeout: float | None
+    metadata: Sequence[tuple[str, str]] | None
+
 
 # WaitRun is capped server-side; shorter chunks also keep idle proxies from
 # cutting a silent connection.
@@ -98,7 +112,9 @@ class AsyncEngineClient:
         tls: use TLS (implied by ``root_certificates``).
         root_certificates: PEM bytes of the CA to trust instead of the system's.
         channel_options: extra ``(name, value)`` gRPC channel options.
-        max_retries: retries of safe unary calls on UNAVAILABLE.
+        retry: how idempotent unary calls are retried (``RetryPolicy``; default: UNAVAILABLE,
+            4 attempts, backoff 0.1 s doubling up to 2 s, with jitter).
+        max_retries: shorthand for ``retry=RetryPolicy(max_attempts=max_retries + 1)``.
         call_timeout: deadline in seconds of each unary call (None = no deadline).
         reconnect_deadline: how long, in seconds, an event stream keeps reconnecting
             (backoff with jitter, up to 2 s apart) while no new event arrives, e.g.
@@ -113,12 +129,15 @@ class AsyncEngineClient:
         tls: bool = False,
         root_certificates: bytes | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
-        max_retries: int = 3,
+        max_retries: int | None = None,
         call_timeout: float | None = 60.0,
         reconnect_deadline: float = DEFAULT_RECONNECT_DEADLINE_S,
+        retry: RetryPolicy | None = None,
     ) -> None:
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if max_retries is not None and retry is not None:
+            raise ValueError("pass retry= or max_retries=, not both")
+        if retry is None:
+            retry = RetryPolicy() if max_retries is None else RetryPolicy.retries(max_retries)
         if not reconnect_deadline >= 0:
             raise ValueError(f"reconnect_deadline must be >= 0, got {reconnect_deadline}")
         self.target = target
@@ -126,7 +145,7 @@ class AsyncEngineClient:
         self._root_certificates = root_certificates
         given = {name for name, _ in channel_options}
         self._channel_options = [*channel_options, *(o for o in _CHANNEL_DEFAULTS if o[0] not in given)]
-        self._max_retries = max_retries
+        self._retry = retry
         self._reconnect_deadline = float(reconnect_deadline)
         self._call_timeout = call_timeout
         self._metadata: tuple[tuple[str, str], ...] | None = (
@@ -174,49 +193,92 @@ class AsyncEngineClient:
             )
         return self._stub_instance
 
-    async def _unary(self, method: str, request: Any, *, retry: bool, timeout: float | None = None) -> Any:
+    def _call_metadata(self, extra: Sequence[tuple[str, str]] | None) -> tuple[tuple[str, str], ...] | None:
+        """The client's authorization plus the caller's own ``(key, value)`` pairs."""
+        if not extra:
+            return self._metadata
+        pairs = []
+        for pair in extra:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+                raise ValueError(f"metadata must be (key, value) pairs of str, got {pair!r}")
+            if pair[0].lower() == "authorization":
+                raise ValueError(
+                    "metadata must not carry 'authorization': pass api_key= to the client instead"
+                )
+            pairs.append((pair[0].lower(), pair[1]))
+        return (*(self._metadata or ()), *pairs)
+
+    async def _unary(
+        self,
+        method: str,
+        request: Any,
+        *,
+        retry: bool,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> Any:
+        call_metadata = self._call_metadata(metadata)
         attempt = 0
         while True:
             try:
                 return await getattr(self._stub, method)(
                     request,
-                    metadata=self._metadata,
+                    metadata=call_metadata,
                     timeout=self._call_timeout if timeout is None else timeout,
                 )
             except grpc.aio.AioRpcError as exc:
-                if retry and exc.code() == _UNAVAILABLE and attempt < self._max_retries:
-                    await asyncio.sleep(_backoff(attempt))
+                if retry and self._retry.should_retry(exc.code(), attempt):
+                    await asyncio.sleep(self._retry.backoff(attempt))
                     attempt += 1
                     continue
                 raise error_from_rpc(exc) from None
 
     # --- starting runs ------------------------------------------------------------
 
-    def execute(self, task: str, **options: Unpack[RunOptions]) -> AsyncExecution:
+    def execute(
+        self, task: str, *, metadata: Sequence[tuple[str, str]] | None = None, **options: Unpack[RunOptions]
+    ) -> AsyncExecution:
         """Starts a run and streams its events until it pauses or ends.
 
         Iterate the returned ``AsyncExecution`` for typed events; afterwards
         ``execution.run`` is the final Run. ``await execution.result()`` drains it.
         The call starts on the first iteration; the options are validated now.
         """
-        return AsyncExecution(self, build_run_spec(task, **options))
+        return AsyncExecution(self, build_run_spec(task, **options), self._call_metadata(metadata))
 
-    async def create(self, task: str, **options: Unpack[RunOptions]) -> AsyncRunHandle:
-        """Starts a run in the background; retried on UNAVAILABLE only with a ``request_id``."""
+    async def create(
+        self,
+        task: str,
+        *,
+        call_timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+        **options: Unpack[RunOptions],
+    ) -> AsyncRunHandle:
+        """Starts a run in the background; retried on UNAVAILABLE only with a ``request_id``.
+
+        ``timeout`` is the run's own limit (an option of the run); this call's deadline is
+        ``call_timeout``.
+        """
         spec = build_run_spec(task, **options)
         response: pb.CreateRunResponse = await self._unary(
-            "CreateRun", pb.CreateRunRequest(spec=spec), retry=bool(spec.request_id)
+            "CreateRun",
+            pb.CreateRunRequest(spec=spec),
+            retry=bool(spec.request_id),
+            timeout=call_timeout,
+            metadata=metadata,
         )
         return AsyncRunHandle(self, run_from_proto(response.run))
 
-    async def attach(self, run_id: str) -> AsyncRunHandle:
+    async def attach(self, run_id: str, **call: Unpack[CallOptions]) -> AsyncRunHandle:
         """A handle on an existing run (e.g. after a kernel restart)."""
-        return AsyncRunHandle(self, await self.get_run(run_id))
+        return AsyncRunHandle(self, await self.get_run(run_id, **call))
 
     # --- reading runs -------------------------------------------------------------
 
-    async def get_run(self, run_id: str) -> Run:
-        response: pb.GetRunResponse = await self._unary("GetRun", pb.GetRunRequest(run_id=run_id), retry=True)
+    async def get_run(self, run_id: str, **call: Unpack[CallOptions]) -> Run:
+        response: pb.GetRunResponse = await self._unary(
+            "GetRun", pb.GetRunRequest(run_id=run_id), retry=True, **call
+        )
         return run_from_proto(response.run)
 
     def list_runs(
@@ -224,6 +286,7 @@ class AsyncEngineClient:
         states: Sequence[str] | None = None,
         labels: Mapping[str, str] | None = None,
         page_size: int | None = None,
+        **call: Unpack[CallOptions],
     ) -> AsyncIterator[Run]:
         """The workspace's runs, newest first, fetched page by page as you iterate.
 
@@ -236,30 +299,33 @@ class AsyncEngineClient:
             if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
                 raise refused("ERR_INVALID_REQUEST", f"page_size must be a positive int, got {page_size!r}")
             request.page_size = page_size
-        return self._list_runs(request)
+        self._call_metadata(call.get("metadata"))  # refused now, not on the first iteration
+        return self._list_runs(request, call)
 
-    async def _list_runs(self, request: pb.ListRunsRequest) -> AsyncGenerator[Run, None]:
+    async def _list_runs(self, request: pb.ListRunsRequest, call: CallOptions) -> AsyncGenerator[Run, None]:
         while True:
-            response: pb.ListRunsResponse = await self._unary("ListRuns", request, retry=True)
+            response: pb.ListRunsResponse = await self._unary("ListRuns", request, retry=True, **call)
             for run in response.runs:
                 yield run_from_proto(run)
             if not response.next_page_token:
                 return
             request.page_token = response.next_page_token
 
-    async def recover_orphaned_runs(self) -> list[str]:
+    async def recover_orphaned_runs(self, **call: Unpack[CallOptions]) -> list[str]:
         """Resumes runs whose executor died; returns their ids."""
         response: pb.RecoverOrphanedRunsResponse = await self._unary(
-            "RecoverOrphanedRuns", pb.RecoverOrphanedRunsRequest(), retry=False
+            "RecoverOrphanedRuns", pb.RecoverOrphanedRunsRequest(), retry=False, **call
         )
         return list(response.run_ids)
 
     # --- used by handles and executions -------------------------------------------
 
-    async def _wait_run(self, run_id: str, seconds: float) -> tuple[Run, bool]:
+    async def _wait_run(
+        self, run_id: str, seconds: float, metadata: Sequence[tuple[str, str]] | None = None
+    ) -> tuple[Run, bool]:
         request = pb.WaitRunRequest(run_id=run_id, timeout_ms=max(1, round(seconds * 1000)))
         response: pb.WaitRunResponse = await self._unary(
-            "WaitRun", request, retry=True, timeout=seconds + _WAIT_DEADLINE_MARGIN_S
+            "WaitRun", request, retry=True, timeout=seconds + _WAIT_DEADLINE_MARGIN_S, metadata=metadata
         )
         return run_from_proto(response.run), response.timed_out
 
@@ -271,6 +337,7 @@ class AsyncEngineClient:
         *,
         allow_empty: bool = False,
         api: Mapping[str, Any] | None = None,
+        call: CallOptions | None = None,
     ) -> Run:
         if not decisions and not allow_empty:
             raise refused("ERR_INVALID_DECISION", "resume needs at least one decision")
@@ -283,24 +350,32 @@ class AsyncEngineClient:
         )
         if api is not None:
             api_spec_into(api, request.api)
-        response: pb.ResumeRunResponse = await self._unary("ResumeRun", request, retry=True)
+        response: pb.ResumeRunResponse = await self._unary("ResumeRun", request, retry=True, **(call or {}))
         return run_from_proto(response.run)
 
-    async def _cancel(self, run_id: str, reason: str) -> Run:
+    async def _cancel(self, run_id: str, reason: str, call: CallOptions) -> Run:
         response: pb.CancelRunResponse = await self._unary(
-            "CancelRun", pb.CancelRunRequest(run_id=run_id, reason=reason), retry=False
+            "CancelRun", pb.CancelRunRequest(run_id=run_id, reason=reason), retry=False, **call
         )
         return run_from_proto(response.run)
 
     async def _events(
-        self, run_id: str, after_seq: int, follow: bool, *, until_pause: bool = False
+        self,
+        run_id: str,
+        after_seq: int,
+        follow: bool,
+        *,
+        until_pause: bool = False,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> AsyncGenerator[RunEvent, None]:
+        """``metadata`` is the whole call metadata (``_call_metadata``'s result); None = the client's."""
+        metadata = metadata or self._metadata
         last = after_seq
         reconnects = _Reconnects(self._reconnect_deadline)
         while True:
             call = self._stub.StreamRunEvents(
                 pb.StreamRunEventsRequest(run_id=run_id, after_seq=last, follow=follow),
-                metadata=self._metadata,
+                metadata=metadata,
             )
             try:
                 async for response in call:
@@ -327,7 +402,7 @@ class AsyncEngineClient:
                 # stopped); if the end of the run is already behind us, so is the stream.
                 try:
                     response = await self._stub.GetRun(
-                        pb.GetRunRequest(run_id=run_id), metadata=self._metadata, timeout=self._call_timeout
+                        pb.GetRunRequest(run_id=run_id), metadata=metadata, timeout=self._call_timeout
                     )
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() != _UNAVAILABLE or reconnects.exhausted():
@@ -355,9 +430,15 @@ class AsyncExecution:
     seq, up to the pause or the end, so nothing is lost.
     """
 
-    def __init__(self, client: AsyncEngineClient, spec: pb.RunSpec) -> None:
+    def __init__(
+        self,
+        client: AsyncEngineClient,
+        spec: pb.RunSpec,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> None:
         self._client = client
         self._spec = spec
+        self._metadata = metadata or client._metadata
         self.run: Run | None = None
         self.last_seq = 0
         self.run_id: str | None = spec.run_id or None
@@ -401,7 +482,7 @@ class AsyncExecution:
 
     async def _events(self) -> AsyncGenerator[RunEvent, None]:
         client = self._client
-        call = client._stub.ExecuteRun(pb.ExecuteRunRequest(spec=self._spec), metadata=client._metadata)
+        call = client._stub.ExecuteRun(pb.ExecuteRunRequest(spec=self._spec), metadata=self._metadata)
         stopped = False  # saw the pause or the end the stream stops at
         try:
             async for response in call:
@@ -422,7 +503,9 @@ class AsyncExecution:
         if self.run_id is None:
             raise InternalError("ERR_INTERNAL", "ExecuteRun ended without any event or run")
         if not stopped:
-            async for event in client._events(self.run_id, self.last_seq, True, until_pause=True):
+            async for event in client._events(
+                self.run_id, self.last_seq, True, until_pause=True, metadata=self._metadata
+            ):
                 yield self._seen(event)
         self.run = await client.get_run(self.run_id)
 
@@ -451,10 +534,12 @@ class AsyncRunHandle:
         self.run = run
         return run
 
-    async def refresh(self) -> Run:
-        return self._update(await self._client.get_run(self.run_id))
+    async def refresh(self, **call: Unpack[CallOptions]) -> Run:
+        return self._update(await self._client.get_run(self.run_id, **call))
 
-    async def wait(self, timeout: float | None = None) -> Run:
+    async def wait(
+        self, timeout: float | None = None, *, metadata: Sequence[tuple[str, str]] | None = None
+    ) -> Run:
         """Waits until the run is paused for the caller or ended, or ``timeout`` seconds pass.
 
         A run handed to a runner is waited through: it is not the caller's to act on.
@@ -466,8 +551,8 @@ class AsyncRunHandle:
         while True:
             chunk = _WAIT_CHUNK_S if deadline is None else min(_WAIT_CHUNK_S, deadline - loop.time())
             if chunk <= 0:
-                return await self.refresh()
-            run, timed_out = await self._client._wait_run(self.run_id, chunk)
+                return await self.refresh(metadata=metadata)
+            run, timed_out = await self._client._wait_run(self.run_id, chunk, metadata)
             self._update(run)
             # A handoff pause is not the caller's to act on: the runner continues the run.
             if not timed_out or run.done or (run.paused and run.pause_reason != "HANDOFF_TO_RUNNER"):
@@ -475,12 +560,15 @@ class AsyncRunHandle:
             if deadline is not None and loop.time() >= deadline:
                 return run
 
-    def events(self, after_seq: int = 0, follow: bool = True) -> AsyncIterator[RunEvent]:
+    def events(
+        self, after_seq: int = 0, follow: bool = True, *, metadata: Sequence[tuple[str, str]] | None = None
+    ) -> AsyncIterator[RunEvent]:
         """Events with seq > ``after_seq``; with ``follow`` it stays live until the run ends.
 
         Reconnects after UNAVAILABLE or a dropped stream from the last seq seen.
         """
-        return self._client._events(self.run_id, after_seq, follow)
+        full = self._client._call_metadata(metadata)
+        return self._client._events(self.run_id, after_seq, follow, metadata=full)
 
     async def resume(
         self,
@@ -488,6 +576,7 @@ class AsyncRunHandle:
         *,
         request_id: str | None = None,
         api: Mapping[str, Any] | None = None,
+        **call: Unpack[CallOptions],
     ) -> Run:
         """Answers several interrupts at once.
 
@@ -504,49 +593,51 @@ class AsyncRunHandle:
             batch: list[DecisionLike] = [decisions]
         else:
             batch = list(decisions)
-        return self._update(await self._client._resume(self.run_id, batch, request_id, api=api))
+        return self._update(await self._client._resume(self.run_id, batch, request_id, api=api, call=call))
 
-    async def approve(self, interrupt_id: str, edits: Mapping[str, Any] | None = None) -> Run:
+    async def approve(
+        self, interrupt_id: str, edits: Mapping[str, Any] | None = None, **call: Unpack[CallOptions]
+    ) -> Run:
         """Approves a tool call; ``edits`` replaces its arguments."""
-        return await self.resume(Approve(interrupt_id, edits))
+        return await self.resume(Approve(interrupt_id, edits), **call)
 
-    async def reject(self, interrupt_id: str, reason: str = "") -> Run:
-        return await self.resume(Reject(interrupt_id, reason))
+    async def reject(self, interrupt_id: str, reason: str = "", **call: Unpack[CallOptions]) -> Run:
+        return await self.resume(Reject(interrupt_id, reason), **call)
 
-    async def respond(self, interrupt_id: str, output: Any) -> Run:
+    async def respond(self, interrupt_id: str, output: Any, **call: Unpack[CallOptions]) -> Run:
         """Supplies a tool result or an answer (any JSON value)."""
-        return await self.resume(Respond(interrupt_id, output))
+        return await self.resume(Respond(interrupt_id, output), **call)
 
-    async def answer(self, interrupt_id: str, text: str) -> Run:
+    async def answer(self, interrupt_id: str, text: str, **call: Unpack[CallOptions]) -> Run:
         """Answers the model's question (an INPUT interrupt) with text."""
         if not isinstance(text, str):
             raise refused(
                 "ERR_INVALID_DECISION",
                 f"answer takes a str, got {type(text).__name__}; use respond() for JSON",
             )
-        return await self.respond(interrupt_id, text)
+        return await self.respond(interrupt_id, text, **call)
 
-    async def retry_handoff(self) -> Run:
+    async def retry_handoff(self, **call: Unpack[CallOptions]) -> Run:
         """Hands a run to its runner again: after ERR_RUNNER_UNREACHABLE or ERR_RUNNER_LOST, or at once
         while it waits for a runner that has not taken it."""
-        return self._update(await self._client._resume(self.run_id, [], None, allow_empty=True))
+        return self._update(await self._client._resume(self.run_id, [], None, allow_empty=True, call=call))
 
-    async def tool_result(self, call_id: str) -> str:
+    async def tool_result(self, call_id: str, **call: Unpack[CallOptions]) -> str:
         """The full text of a tool result the model saw truncated (stored by the engine)."""
         parts: list[str] = []
         offset = 0
         while True:
             request = pb.GetToolResultRequest(run_id=self.run_id, call_id=call_id, offset=offset)
-            response = await self._client._unary("GetToolResult", request, retry=True)
+            response = await self._client._unary("GetToolResult", request, retry=True, **call)
             parts.append(response.content)
             if not response.next_offset:
                 return "".join(parts)
             offset = response.next_offset
 
-    async def cancel(self, reason: str = "") -> Run:
+    async def cancel(self, reason: str = "", **call: Unpack[CallOptions]) -> Run:
         """Cancels the run at its next await point or, at the latest, when it pauses.
 
         Returns the run once it has ended (CANCELLED, or the end it reached first); a run
         another process moves is followed for up to 10 s, and may still be RUNNING then.
         """
-        return self._update(await self._client._cancel(self.run_id, reason))
+        return self._update(await self._client._cancel(self.run_id, reason, call))

@@ -71,9 +71,9 @@ def interrupt_line(interrupt: Interrupt) -> str:
 
 
 def run_repr(run: Run) -> str:
-    parts = [f"run_id={run.run_id!r}", f"state={run.state!r}"]
+    parts = [f"run_id={run.run_id!r}", f"state={str(run.state)!r}"]
     if run.pause_reason:
-        parts.append(f"pause_reason={run.pause_reason!r}")
+        parts.append(f"pause_reason={str(run.pause_reason)!r}")
     if run.interrupts:
         parts.append(f"interrupts={[i.interrupt_id for i in run.interrupts]!r}")
     if run.error is not None:

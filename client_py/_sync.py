@@ -15,7 +15,14 @@ from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mappin
 from typing import Any, Self, TypeVar, Unpack
 
 from client_py import _render
-from client_py._async import DEFAULT_RECONNECT_DEADLINE_S, AsyncEngineClient, AsyncExecution, AsyncRunHandle
+from client_py._async import (
+    DEFAULT_RECONNECT_DEADLINE_S,
+    AsyncEngineClient,
+    AsyncExecution,
+    AsyncRunHandle,
+    CallOptions,
+)
+from client_py._retry import RetryPolicy
 from client_py._spec import DecisionLike, RunOptions
 from client_py._types import Run, RunEvent
 
@@ -116,9 +123,10 @@ class EngineClient:
         tls: bool = False,
         root_certificates: bytes | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
-        max_retries: int = 3,
+        max_retries: int | None = None,
         call_timeout: float | None = 60.0,
         reconnect_deadline: float = DEFAULT_RECONNECT_DEADLINE_S,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self._async = AsyncEngineClient(
             target,
@@ -129,6 +137,7 @@ class EngineClient:
             max_retries=max_retries,
             call_timeout=call_timeout,
             reconnect_deadline=reconnect_deadline,
+            retry=retry,
         )
         self._portal = _Portal()
         # A forgotten client must not keep its thread and channel alive forever;
@@ -153,29 +162,44 @@ class EngineClient:
         """Closes the channel and stops the client's thread; idempotent."""
         self._finalizer()
 
-    def execute(self, task: str, **options: Unpack[RunOptions]) -> Execution:
+    def execute(
+        self, task: str, *, metadata: Sequence[tuple[str, str]] | None = None, **options: Unpack[RunOptions]
+    ) -> Execution:
         """Starts a run; iterate the result for events, then read ``.run`` (or call ``result()``)."""
-        return Execution(self, self._async.execute(task, **options))
+        return Execution(self, self._async.execute(task, metadata=metadata, **options))
 
-    def create(self, task: str, **options: Unpack[RunOptions]) -> RunHandle:
-        return RunHandle(self, self._portal.call(self._async.create(task, **options)))
+    def create(
+        self,
+        task: str,
+        *,
+        call_timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+        **options: Unpack[RunOptions],
+    ) -> RunHandle:
+        return RunHandle(
+            self,
+            self._portal.call(
+                self._async.create(task, call_timeout=call_timeout, metadata=metadata, **options)
+            ),
+        )
 
-    def attach(self, run_id: str) -> RunHandle:
-        return RunHandle(self, self._portal.call(self._async.attach(run_id)))
+    def attach(self, run_id: str, **call: Unpack[CallOptions]) -> RunHandle:
+        return RunHandle(self, self._portal.call(self._async.attach(run_id, **call)))
 
-    def get_run(self, run_id: str) -> Run:
-        return self._portal.call(self._async.get_run(run_id))
+    def get_run(self, run_id: str, **call: Unpack[CallOptions]) -> Run:
+        return self._portal.call(self._async.get_run(run_id, **call))
 
     def list_runs(
         self,
         states: Sequence[str] | None = None,
         labels: Mapping[str, str] | None = None,
         page_size: int | None = None,
+        **call: Unpack[CallOptions],
     ) -> Iterator[Run]:
-        return _SyncIterator(self, self._async.list_runs(states, labels, page_size))
+        return _SyncIterator(self, self._async.list_runs(states, labels, page_size, **call))
 
-    def recover_orphaned_runs(self) -> list[str]:
-        return self._portal.call(self._async.recover_orphaned_runs())
+    def recover_orphaned_runs(self, **call: Unpack[CallOptions]) -> list[str]:
+        return self._portal.call(self._async.recover_orphaned_runs(**call))
 
 
 class Execution(_SyncIterator[RunEvent]):
@@ -235,14 +259,16 @@ class RunHandle:
     def _repr_html_(self) -> str:
         return _render.handle_html(type(self).__name__, self.run)
 
-    def refresh(self) -> Run:
-        return self._portal.call(self._handle.refresh())
+    def refresh(self, **call: Unpack[CallOptions]) -> Run:
+        return self._portal.call(self._handle.refresh(**call))
 
-    def wait(self, timeout: float | None = None) -> Run:
-        return self._portal.call(self._handle.wait(timeout))
+    def wait(self, timeout: float | None = None, *, metadata: Sequence[tuple[str, str]] | None = None) -> Run:
+        return self._portal.call(self._handle.wait(timeout, metadata=metadata))
 
-    def events(self, after_seq: int = 0, follow: bool = True) -> Iterator[RunEvent]:
-        return _SyncIterator(self._client, self._handle.events(after_seq, follow))
+    def events(
+        self, after_seq: int = 0, follow: bool = True, *, metadata: Sequence[tuple[str, str]] | None = None
+    ) -> Iterator[RunEvent]:
+        return _SyncIterator(self._client, self._handle.events(after_seq, follow, metadata=metadata))
 
     def resume(
         self,
@@ -250,29 +276,32 @@ class RunHandle:
         *,
         request_id: str | None = None,
         api: Mapping[str, Any] | None = None,
+        **call: Unpack[CallOptions],
     ) -> Run:
-        return self._portal.call(self._handle.resume(decisions, request_id=request_id, api=api))
+        return self._portal.call(self._handle.resume(decisions, request_id=request_id, api=api, **call))
 
-    def approve(self, interrupt_id: str, edits: Mapping[str, Any] | None = None) -> Run:
-        return self._portal.call(self._handle.approve(interrupt_id, edits))
+    def approve(
+        self, interrupt_id: str, edits: Mapping[str, Any] | None = None, **call: Unpack[CallOptions]
+    ) -> Run:
+        return self._portal.call(self._handle.approve(interrupt_id, edits, **call))
 
-    def reject(self, interrupt_id: str, reason: str = "") -> Run:
-        return self._portal.call(self._handle.reject(interrupt_id, reason))
+    def reject(self, interrupt_id: str, reason: str = "", **call: Unpack[CallOptions]) -> Run:
+        return self._portal.call(self._handle.reject(interrupt_id, reason, **call))
 
-    def respond(self, interrupt_id: str, output: Any) -> Run:
-        return self._portal.call(self._handle.respond(interrupt_id, output))
+    def respond(self, interrupt_id: str, output: Any, **call: Unpack[CallOptions]) -> Run:
+        return self._portal.call(self._handle.respond(interrupt_id, output, **call))
 
-    def answer(self, interrupt_id: str, text: str) -> Run:
-        return self._portal.call(self._handle.answer(interrupt_id, text))
+    def answer(self, interrupt_id: str, text: str, **call: Unpack[CallOptions]) -> Run:
+        return self._portal.call(self._handle.answer(interrupt_id, text, **call))
 
-    def retry_handoff(self) -> Run:
+    def retry_handoff(self, **call: Unpack[CallOptions]) -> Run:
         """Hands a run to its runner again: after ERR_RUNNER_UNREACHABLE or ERR_RUNNER_LOST, or at once
         while it waits for a runner that has not taken it."""
-        return self._portal.call(self._handle.retry_handoff())
+        return self._portal.call(self._handle.retry_handoff(**call))
 
-    def tool_result(self, call_id: str) -> str:
+    def tool_result(self, call_id: str, **call: Unpack[CallOptions]) -> str:
         """The full text of a tool result the model saw truncated (stored by the engine)."""
-        return self._portal.call(self._handle.tool_result(call_id))
+        return self._portal.call(self._handle.tool_result(call_id, **call))
 
-    def cancel(self, reason: str = "") -> Run:
-        return self._portal.call(self._handle.cancel(reason))
+    def cancel(self, reason: str = "", **call: Unpack[CallOptions]) -> Run:
+        return self._portal.call(self._handle.cancel(reason, **call))

@@ -8,6 +8,7 @@ have to touch protobuf messages; enum values become short upper-case strings
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,7 +18,37 @@ from client_py import _render
 from client_py._json import struct_to_dict, to_datetime, value_to_python
 from machina.engine.v1 import event_pb2, run_pb2
 
-TERMINAL_STATES = frozenset({"DONE", "FAILED", "CANCELLED"})
+
+class RunState(enum.StrEnum):
+    """A run's state. A ``str``: ``run.state == "DONE"`` and ``run.state is RunState.DONE`` both
+    hold, and it prints, pickles and JSON-dumps as ``"DONE"``."""
+
+    UNSPECIFIED = "UNSPECIFIED"
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+class PauseReason(enum.StrEnum):
+    """Why a run is paused; a ``str`` like ``RunState``."""
+
+    UNSPECIFIED = "UNSPECIFIED"
+    AWAITING_APPROVAL = "AWAITING_APPROVAL"
+    AWAITING_TOOL_RESULT = "AWAITING_TOOL_RESULT"
+    AWAITING_INPUT = "AWAITING_INPUT"
+    HANDOFF_TO_RUNNER = "HANDOFF_TO_RUNNER"
+
+
+TERMINAL_STATES = frozenset({RunState.DONE, RunState.FAILED, RunState.CANCELLED})
+
+
+def _run_state(value: int) -> RunState | str:
+    name = enum_name(run_pb2.RunState, value, "RUN_STATE_")
+    # A state newer than this client stays a plain string.
+    return RunState(name) if name in RunState.__members__ else name
 
 
 def enum_name(wrapper: Any, value: int, prefix: str) -> str:
@@ -106,8 +137,8 @@ class Run:
 
     run_id: str
     workspace_id: str
-    state: str
-    pause_reason: str | None
+    state: RunState | str
+    pause_reason: PauseReason | str | None
     interrupts: list[Interrupt]
     data: Any
     error: RunError | None
@@ -286,7 +317,7 @@ class ToolResultRequested(_InterruptRaised):
 class Paused(RunEvent):
     kind: ClassVar[str] = "paused"
 
-    reason: str
+    reason: PauseReason | str
     interrupts: list[Interrupt]
 
     def _summary(self) -> str:
@@ -351,7 +382,7 @@ class HandoffToRunner(RunEvent):
 class RunFinished(RunEvent):
     kind: ClassVar[str] = "run_finished"
 
-    state: str
+    state: RunState | str
     data: Any
     error: RunError | None
     meta: RunMeta
@@ -403,8 +434,9 @@ def interrupt_from_proto(interrupt: run_pb2.Interrupt) -> Interrupt:
     )
 
 
-def _pause_reason(pause: run_pb2.Pause) -> str:
-    return enum_name(run_pb2.PauseReason, pause.reason, "PAUSE_REASON_")
+def _pause_reason(pause: run_pb2.Pause) -> PauseReason | str:
+    name = enum_name(run_pb2.PauseReason, pause.reason, "PAUSE_REASON_")
+    return PauseReason(name) if name in PauseReason.__members__ else name
 
 
 def run_from_proto(run: run_pb2.Run) -> Run:
@@ -412,7 +444,7 @@ def run_from_proto(run: run_pb2.Run) -> Run:
     return Run(
         run_id=run.run_id,
         workspace_id=run.workspace_id,
-        state=enum_name(run_pb2.RunState, run.state, "RUN_STATE_"),
+        state=_run_state(run.state),
         pause_reason=_pause_reason(run.pause) if paused else None,
         interrupts=[interrupt_from_proto(i) for i in run.pause.interrupts],
         data=value_to_python(run.data) if run.HasField("data") else None,
@@ -432,7 +464,7 @@ _Converter = Callable[[Any, _Base], RunEvent]
 def _finished(p: event_pb2.RunFinished, b: _Base) -> RunFinished:
     return RunFinished(
         *b,
-        state=enum_name(run_pb2.RunState, p.state, "RUN_STATE_"),
+        state=_run_state(p.state),
         data=value_to_python(p.data) if p.HasField("data") else None,
         error=run_error_from_proto(p.error) if p.HasField("error") else None,
         meta=meta_from_proto(p.meta),

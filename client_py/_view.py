@@ -474,7 +474,7 @@ class RunViewModel:
 
     def __repr__(self) -> str:
         return (
-            f"RunViewModel(run_id={self.run_id!r}, state={self.state!r}, last_seq={self.last_seq}, "
+            f"RunViewModel(run_id={self.run_id!r}, state={str(self.state)!r}, last_seq={self.last_seq}, "
             f"cards={[c.interrupt_id for c in self.cards]!r})"
         )
 

@@ -8,8 +8,14 @@ import logging
 import sys
 
 from engine_service import __version__
-from engine_service.api._server import start_server
-from engine_service.api.serving import wait_for_stop_signal, write_port_file
+from engine_service.api._server import SERVICE_NAME, start_server
+from engine_service.api.serving import (
+    check_model_key,
+    check_storage,
+    wait_for_stop_signal,
+    watch_storage_health,
+    write_port_file,
+)
 from engine_service.core._bootstrap import build_engine
 from engine_service.core._config import (
     ConfigError,
@@ -118,6 +124,11 @@ async def serve(
     port_file: str | None = None,
 ) -> None:
     engine = build_engine(config)
+    try:
+        await check_storage(engine.storage, config.storage)
+    except BaseException:
+        await engine.storage.close()
+        raise
     if engine.default_model.startswith("scripted"):
         log.info(
             "no ANTHROPIC_API_KEY or OPENAI_API_KEY set: the default model is the offline scripted model"
@@ -136,7 +147,13 @@ async def serve(
         extra={"port": running.port},
     )
     await write_port_file(port_file, str(running.port))
+    watch = asyncio.create_task(
+        watch_storage_health(
+            running.health, ["", SERVICE_NAME], engine.storage, config.storage_probe_interval_s
+        )
+    )
     await wait_for_stop_signal()
+    watch.cancel()
     log.info("shutting down: health NOT_SERVING, draining for up to %.1fs", config.shutdown_grace_s)
     await running.stop(config.shutdown_grace_s)
     log.info("engine stopped")
@@ -148,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(ns)
         setup_logging(config.log_format, config.log_level)
         api_keys, tls = check_security(config)
+        check_model_key(config)
         asyncio.run(serve(config, api_keys, tls, ns.port_file))
     except (ConfigError, EngineError) as exc:
         print(f"engine_service: {exc}", file=sys.stderr)

@@ -12,6 +12,8 @@ from engine_service import EngineError, __version__
 from engine_service.api.serving import (
     ConfigError,
     build_engine,
+    check_model_key,
+    check_storage,
     is_loopback,
     load_config,
     read_tls_files,
@@ -88,7 +90,13 @@ async def serve(config: RunnerConfig, port_file: str | None) -> None:
     for address in (config.runner_listen, config.runner_http_listen):
         if tls is None and not is_loopback(address):
             log.warning("serving %s without TLS: the runner secret crosses the network in clear", address)
+    check_model_key(config)
     engine = build_engine(config)
+    try:
+        await check_storage(engine.storage, config.storage)
+    except BaseException:
+        await engine.storage.close()
+        raise
     await engine.start()  # MCP servers (the runner can start stdio ones and publishes their tools)
     runner = Runner(
         engine,

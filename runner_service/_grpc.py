@@ -41,6 +41,11 @@ async def start_grpc(
     # Requests are parsed by us, so bytes that are not a message get INVALID_ARGUMENT + ErrorInfo.
     add_service(server, pb.DESCRIPTOR.services_by_name["RunnerService"], RunnerServicer(runner))
     port, health_servicer = await serve_with_health(
-        server, SERVICE_NAME, listen, tls, sandbox_status=runner.engine.sandbox_status
+        server,
+        SERVICE_NAME,
+        listen,
+        tls,
+        sandbox_status=runner.engine.sandbox_status,
+        listen_setting="MACHINA_RUNNER_LISTEN (--listen)",
     )
     return server, port, health_servicer

@@ -10,8 +10,10 @@ the engine through this module and ``engine_service``, never through a private m
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
-from collections.abc import AsyncGenerator, Awaitable, Callable
+import socket
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -30,6 +32,13 @@ from engine_service.core._errors import EngineError, shown
 from engine_service.core._ids import is_valid_id
 from engine_service.core._limits import MAX_DEPTH, too_deep
 from engine_service.core._logging import setup_logging
+from engine_service.core._preflight import (
+    STORAGE_CHECK_TIMEOUT_S,
+    check_model_key,
+    check_storage,
+    storage_problem,
+)
+from engine_service.storage._protocol import Storage
 
 __all__ = [
     "MAX_DEPTH",
@@ -38,6 +47,8 @@ __all__ = [
     "add_service",
     "build_engine",
     "check_address",
+    "check_model_key",
+    "check_storage",
     "error_status",
     "is_loopback",
     "is_valid_id",
@@ -49,8 +60,11 @@ __all__ = [
     "stop_gracefully",
     "too_deep",
     "wait_for_stop_signal",
+    "watch_storage_health",
     "write_port_file",
 ]
+
+log = logging.getLogger("machina.engine")
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpc ships no types)
 
@@ -150,6 +164,7 @@ async def serve_with_health(
     listen: str,
     tls: tuple[bytes, bytes] | None,
     sandbox_status: str = "",
+    listen_setting: str = "MACHINA_LISTEN (--listen)",
 ) -> tuple[int, Any]:
     """Add health and reflection to ``server``, bind ``listen`` and start; returns (port, health servicer).
 
@@ -162,10 +177,14 @@ async def serve_with_health(
         [service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    if tls is not None:
-        port = server.add_secure_port(listen, grpc.ssl_server_credentials([tls]))
-    else:
-        port = server.add_insecure_port(listen)
+    _check_can_bind(listen, listen_setting)
+    try:
+        if tls is not None:
+            port = server.add_secure_port(listen, grpc.ssl_server_credentials([tls]))
+        else:
+            port = server.add_insecure_port(listen)
+    except RuntimeError:
+        raise _cannot_listen(listen, listen_setting, "in use, or not an address of this machine") from None
     await server.start()
     names = ["", service_name] + ([SANDBOX_HEALTH_PREFIX + sandbox_status] if sandbox_status else [])
     for name in names:
@@ -174,6 +193,56 @@ async def serve_with_health(
 
 
 _DECODE_ERRORS = (protobuf_message.Error, ValueError, RecursionError)
+
+
+def _cannot_listen(listen: str, setting: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"cannot listen on {listen} ({why}): set {setting} to a free HOST:PORT (port 0 picks one)"
+    )
+
+
+def _check_can_bind(listen: str, setting: str) -> None:
+    """Bind ``listen`` once as grpc will (SO_REUSEADDR), so a port in use is one clear line
+    before grpc's own multi-line log of the failure."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit() or int(port) == 0 or host in ("", "0.0.0.0", "::", "*"):  # noqa: S104
+        return
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except OSError:
+        return  # grpc reports a name it cannot resolve
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise _cannot_listen(listen, setting, exc.strerror or "cannot bind") from None
+
+
+async def watch_storage_health(
+    health_servicer: Any, names: Sequence[str], storage: Storage, interval: float = 10.0
+) -> None:
+    """Report ``names`` NOT_SERVING while ``storage`` does not answer a cheap listing, SERVING
+    again once it does (one listing every ``interval`` seconds; run as a task, cancel to stop)."""
+    serving = True
+    while True:
+        await asyncio.sleep(interval)
+        problem = await storage_problem(storage, min(interval, STORAGE_CHECK_TIMEOUT_S))
+        if bool(problem) == serving:
+            serving = not problem
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in names:
+                await health_servicer.set(name, status)
+            if serving:
+                log.warning("storage reachable again: health SERVING")
+            else:
+                log.warning("storage unreachable (%s): health NOT_SERVING", problem)
 
 
 async def write_port_file(path: str | None, content: str) -> None:

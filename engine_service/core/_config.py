@@ -162,6 +162,8 @@ class EngineConfig(_Section):
     # How often to sweep for runs whose executor died (lease expired, queued or running); 0 = at startup.
     recovery_interval_s: float = Field(10.0, ge=0)
     shutdown_grace_s: float = Field(5.0, ge=0)
+    # How often a serving process checks that storage answers; health is NOT_SERVING while it does not.
+    storage_probe_interval_s: float = Field(10.0, gt=0)
     # How long a run waits for unavailable storage (read-only, full, 5xx), retrying, before it is
     # left at its last checkpoint for the recovery sweep (here or on a replica) to resume.
     storage_retry_s: float = Field(300.0, gt=0)

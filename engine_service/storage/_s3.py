@@ -21,7 +21,7 @@ from typing import Any
 
 import aioboto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
@@ -64,6 +64,10 @@ def _faults() -> Iterator[None]:
         if _status(error) >= 500 or _code(error) in _THROTTLED:
             raise StorageUnavailable(f"the object store answered {_status(error)} {_code(error)}") from None
         raise
+    except NoCredentialsError:
+        raise StorageUnavailable(
+            "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        ) from None
     except BotoCoreError as error:
         raise StorageUnavailable(f"the object store is unreachable ({type(error).__name__})") from None
 

@@ -89,9 +89,11 @@ class FakeEngine(pb_grpc.EngineServiceServicer):
         self.wait_timeouts: list[int] = []
         self.flaky_failures = 2
         self.dropped_once = False
+        self.metadata: list[tuple[str, dict[str, str]]] = []
 
     async def _enter(self, name: str, context: grpc.aio.ServicerContext) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
+        self.metadata.append((name, dict(context.invocation_metadata() or ())))
         if dict(context.invocation_metadata()).get("authorization") != f"Bearer {API_KEY}":
             await abort_with_info(context, grpc.StatusCode.UNAUTHENTICATED, "ERR_UNAUTHENTICATED", "bad key")
 
@@ -136,6 +138,10 @@ class FakeEngine(pb_grpc.EngineServiceServicer):
             )
         if request.run_id == "down":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "down")
+        if request.run_id == "busy":
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
+        if request.run_id == "stall":
+            await asyncio.sleep(0.5)
         if request.run_id == "flaky" and self.calls["GetRun"] <= self.flaky_failures:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
         if request.run_id == "r-exec":
@@ -444,6 +450,100 @@ async def test_unreachable_server_is_unavailable() -> None:
         with pytest.raises(client_py.UnavailableError) as info:
             await client.get_run("r")
     assert info.value.code == "UNAVAILABLE"
+
+
+async def test_retry_policy_sets_the_attempts(target: str, fake: FakeEngine) -> None:
+    policy = client_py.RetryPolicy(max_attempts=2, initial_backoff=0.0)
+    async with client_py.AsyncEngineClient(target, api_key=API_KEY, retry=policy) as client:
+        with pytest.raises(client_py.UnavailableError):
+            await client.get_run("down")
+        assert fake.calls["GetRun"] == 2
+        # A call that could act twice is never retried, whatever the policy.
+        await client.recover_orphaned_runs()
+        assert fake.calls["RecoverOrphanedRuns"] == 1
+
+
+async def test_retry_policy_retries_only_its_codes(target: str, fake: FakeEngine) -> None:
+    default = client_py.RetryPolicy(max_attempts=3, initial_backoff=0.0)
+    async with client_py.AsyncEngineClient(target, api_key=API_KEY, retry=default) as client:
+        with pytest.raises(client_py.ResourceExhaustedError):
+            await client.get_run("busy")
+    assert fake.calls["GetRun"] == 1
+    busy = client_py.RetryPolicy(
+        max_attempts=3, initial_backoff=0.0, retryable=(grpc.StatusCode.RESOURCE_EXHAUSTED,)
+    )
+    async with client_py.AsyncEngineClient(target, api_key=API_KEY, retry=busy) as client:
+        with pytest.raises(client_py.ResourceExhaustedError):
+            await client.get_run("busy")
+        with pytest.raises(client_py.UnavailableError):
+            await client.get_run("down")
+    assert fake.calls["GetRun"] == 1 + 3 + 1
+
+
+async def test_max_retries_is_a_shorthand(target: str, fake: FakeEngine) -> None:
+    async with client_py.AsyncEngineClient(target, api_key=API_KEY, max_retries=1) as client:
+        with pytest.raises(client_py.UnavailableError):
+            await client.get_run("down")
+    assert fake.calls["GetRun"] == 2
+    with pytest.raises(ValueError, match="not both"):
+        client_py.AsyncEngineClient(target, max_retries=1, retry=client_py.RetryPolicy())
+    with pytest.raises(ValueError, match="max_attempts"):
+        client_py.RetryPolicy(max_attempts=0)
+
+
+async def test_retry_policy_backoff_grows_to_its_cap() -> None:
+    policy = client_py.RetryPolicy(initial_backoff=1.0, max_backoff=3.0, multiplier=2.0, jitter=0.0)
+    assert [policy.backoff(n) for n in range(4)] == [1.0, 2.0, 3.0, 3.0]
+    jittered = client_py.RetryPolicy(initial_backoff=1.0, jitter=0.5)
+    assert all(0.5 <= jittered.backoff(0) <= 1.0 for _ in range(50))
+
+
+async def test_a_per_call_timeout_overrides_the_clients(target: str) -> None:
+    async with client_py.AsyncEngineClient(target, api_key=API_KEY, max_retries=0) as client:
+        with pytest.raises(client_py.DeadlineExceededError):
+            await client.get_run("stall", timeout=0.05)
+        assert (await client.get_run("stall")).run_id == "stall"  # the client's 60 s default
+    async with client_py.AsyncEngineClient(
+        target, api_key=API_KEY, max_retries=0, call_timeout=0.05
+    ) as client:
+        with pytest.raises(client_py.DeadlineExceededError):
+            await client.get_run("stall")
+        assert (await client.get_run("stall", timeout=30)).run_id == "stall"
+
+
+async def test_metadata_reaches_the_server_with_the_authorization(
+    client: client_py.AsyncEngineClient, fake: FakeEngine
+) -> None:
+    tag = [("x-request-tag", "nightly-42")]
+    await client.get_run("r1", metadata=tag)
+    handle = await client.attach("r1", metadata=tag)
+    await handle.approve("i1", metadata=tag)
+    [_ async for _ in client.list_runs(["PAUSED"], {"team": "a"}, page_size=2, metadata=tag)]
+    run = await client.execute("t", metadata=tag).result()
+    assert run.state == "PAUSED"
+    seen = {name for name, md in fake.metadata if md.get("x-request-tag") == "nightly-42"}
+    assert seen == {"GetRun", "ResumeRun", "ListRuns", "ExecuteRun"}
+    assert all(md.get("authorization") == f"Bearer {API_KEY}" for _, md in fake.metadata)
+
+
+async def test_metadata_cannot_replace_the_authorization(client: client_py.AsyncEngineClient) -> None:
+    for key in ("authorization", "Authorization"):
+        with pytest.raises(ValueError, match="api_key"):
+            await client.get_run("r1", metadata=[(key, "Bearer other")])
+    with pytest.raises(ValueError, match="pairs"):
+        await client.get_run("r1", metadata=["x-a"])  # type: ignore[list-item]
+
+
+def test_sync_client_takes_per_call_options(target: str, fake: FakeEngine) -> None:
+    policy = client_py.RetryPolicy(max_attempts=2, initial_backoff=0.0)
+    with client_py.EngineClient(target, api_key=API_KEY, retry=policy) as client:
+        with pytest.raises(client_py.DeadlineExceededError):
+            client.get_run("stall", timeout=0.05)
+        client.get_run("r1", metadata=[("x-request-tag", "sync")])
+        with pytest.raises(client_py.UnavailableError):
+            client.get_run("down")
+    assert fake.calls["GetRun"] == 1 + 1 + 2
+    assert ("GetRun", "sync") in {(name, md.get("x-request-tag")) for name, md in fake.metadata}
 
 
 # --- sync client ------------------------------------------------------------------

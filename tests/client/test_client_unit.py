@@ -633,6 +633,7 @@ def test_public_api_is_pinned() -> None:
         "AsyncEngineClient",
         "AsyncExecution",
         "AsyncRunHandle",
+        "CallOptions",
         "ConcurrentUpdateError",
         "DeadlineExceededError",
         "Decision",
@@ -655,6 +656,7 @@ def test_public_api_is_pinned() -> None:
         "InvalidScriptError",
         "MachinaError",
         "NotFoundError",
+        "PauseReason",
         "Paused",
         "PermissionDeniedError",
         "ProgressLine",
@@ -664,6 +666,7 @@ def test_public_api_is_pinned() -> None:
         "Respond",
         "ResultNotFoundError",
         "Resumed",
+        "RetryPolicy",
         "RpcCancelledError",
         "Run",
         "RunError",
@@ -676,6 +679,7 @@ def test_public_api_is_pinned() -> None:
         "RunNotPausedError",
         "RunOptions",
         "RunStarted",
+        "RunState",
         "RunTerminalError",
         "ShuttingDownError",
         "StorageUnavailableError",
@@ -701,3 +705,30 @@ def test_public_api_is_pinned() -> None:
 def test_client_repr_hides_api_key() -> None:
     client = client_py.AsyncEngineClient("h:1", api_key="sk-secret")
     assert "sk-secret" not in repr(client)
+
+
+def test_run_state_is_an_enum_that_is_its_string() -> None:
+    import json
+    import pickle
+
+    from client_py._types import run_from_proto
+    from machina.engine.v1 import run_pb2
+
+    pause = run_pb2.Pause(reason=run_pb2.PAUSE_REASON_AWAITING_APPROVAL)
+    run = run_from_proto(run_pb2.Run(run_id="r1", state=run_pb2.RUN_STATE_PAUSED, pause=pause))
+    assert run.state == "PAUSED"
+    assert run.state is client_py.RunState.PAUSED
+    assert str(run.state) == "PAUSED"
+    assert f"{run.state}" == "PAUSED"
+    assert run.pause_reason == "AWAITING_APPROVAL"
+    assert run.pause_reason is client_py.PauseReason.AWAITING_APPROVAL
+    assert json.dumps({"state": run.state, "reason": run.pause_reason}) == (
+        '{"state": "PAUSED", "reason": "AWAITING_APPROVAL"}'
+    )
+    restored = pickle.loads(pickle.dumps(run.state))  # noqa: S301 - our own bytes
+    assert restored is client_py.RunState.PAUSED
+    assert "state='PAUSED'" in repr(run)
+    # A state newer than this client stays a readable string.
+    newer = run_from_proto(run_pb2.Run(run_id="r2", state=99))  # type: ignore[arg-type]
+    assert newer.state == "UNKNOWN_99"
+    assert not isinstance(newer.state, client_py.RunState)
