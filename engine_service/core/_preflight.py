@@ -7,15 +7,17 @@ entry points print it on one line and exit 2.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 from collections.abc import Mapping
 
 from engine_service.core._config import ConfigError, EngineConfig
 from engine_service.storage._local import LocalStorage, open_storage
-from engine_service.storage._protocol import Storage
+from engine_service.storage._protocol import Storage, StorageCredentialsMissing, storage_fault
 
 # How long the startup storage check (and each later reachability probe) may take.
+log = logging.getLogger("machina.engine")
 STORAGE_CHECK_TIMEOUT_S = 10.0
 
 _STORAGE_SETTING = "MACHINA_STORAGE (--storage)"
@@ -62,9 +64,23 @@ async def check_storage(storage: Storage, url: str, timeout: float = STORAGE_CHE
             probe.unlink()
         except OSError as exc:
             raise ConfigError(_unusable_directory(url, exc)) from None
-    problem = await storage_problem(storage, timeout)
-    if problem:
-        raise ConfigError(f"storage {url!r} is not reachable: {problem}")
+    try:
+        await asyncio.wait_for(storage.list_workspaces(), timeout)
+    except Exception as exc:
+        transient = isinstance(exc, TimeoutError) or storage_fault(exc)
+        if transient and not isinstance(exc, StorageCredentialsMissing):
+            # Down for now (a 5xx, throttling, no answer): not a mistake in the settings. The
+            # engine serves NOT_SERVING until the storage answers (watch_storage_health).
+            log.warning("storage %s does not answer yet (%s); health is NOT_SERVING until it does", url,
+                        _describe(exc, timeout))  # fmt: skip
+            return
+        raise ConfigError(f"storage {url!r} is not reachable: {_describe(exc, timeout)}") from None
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g}s: check {_STORAGE_SETTING} and the endpoint (AWS_ENDPOINT_URL)"
+    return f"{exc or type(exc).__name__}"
 
 
 async def storage_problem(storage: Storage, timeout: float = STORAGE_CHECK_TIMEOUT_S) -> str:

@@ -62,6 +62,10 @@ _FAULT_ERRNOS = frozenset(
 )
 
 
+class StorageCredentialsMissing(StorageUnavailable):
+    """The storage refuses for want of credentials: a setting to fix, not an outage to wait out."""
+
+
 def storage_fault(exc: BaseException) -> bool:
     """Whether ``exc`` is storage being unavailable (worth waiting for) rather than a bug."""
     return isinstance(exc, StorageUnavailable) or (isinstance(exc, OSError) and exc.errno in _FAULT_ERRNOS)

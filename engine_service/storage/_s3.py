@@ -25,7 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
-from engine_service.storage._protocol import StorageUnavailable
+from engine_service.storage._protocol import StorageCredentialsMissing, StorageUnavailable
 
 _DIGITS = 12
 
@@ -65,7 +65,7 @@ def _faults() -> Iterator[None]:
             raise StorageUnavailable(f"the object store answered {_status(error)} {_code(error)}") from None
         raise
     except NoCredentialsError:
-        raise StorageUnavailable(
+        raise StorageCredentialsMissing(
             "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
         ) from None
     except BotoCoreError as error:
