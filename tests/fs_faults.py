@@ -58,6 +58,18 @@ def as_nobody() -> list[str]:
     return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 
+def as_root_without_dac_override() -> list[str]:
+    """A launcher that runs a command as root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH:
+    a directory's mode binds it, while everything root owns (the checkout, the venv) stays
+    readable — unlike ``nobody``, which cannot reach a clone under a mode-700 directory."""
+    if os.geteuid() != 0:
+        pytest.skip("dropping root's capabilities needs root")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]
+
+
 def chown_tree(path: Path, uid: int = NOBODY) -> None:
     for root, dirs, files in os.walk(path):
         for name in [*dirs, *files]:

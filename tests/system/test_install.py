@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.system.uv import uv
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 # Variables that describe the machine (its CA bundle, proxy), not the user's set-up: kept.
@@ -31,15 +31,6 @@ MACHINE_VARS = (
     "LANG",
     "LC_ALL",
 )
-
-
-def _uv() -> str:
-    uv = shutil.which("uv")
-    if uv is None:
-        if os.environ.get("CI"):
-            raise AssertionError("uv is not on PATH")
-        pytest.skip("uv is not installed")
-    return uv
 
 
 def _readme_commands() -> tuple[str, str]:
@@ -75,7 +66,7 @@ def test_readme_quick_start_on_a_system_python_that_refuses_pip_installs(tmp_pat
     home.mkdir()
     env = {k: os.environ[k] for k in MACHINE_VARS if k in os.environ}
     # A clean HOME and PATH; only uv's download cache is shared, to save fetching the same wheels.
-    cache = subprocess.run([_uv(), "cache", "dir"], capture_output=True, text=True, check=True).stdout.strip()
+    cache = subprocess.run([uv(), "cache", "dir"], capture_output=True, text=True, check=True).stdout.strip()
     env.update(HOME=str(home), PATH="/usr/bin:/bin", UV_CACHE_DIR=cache, PIP_NO_CACHE_DIR="1")
 
     # The premise: this Python refuses a plain `pip install`.
@@ -134,14 +125,14 @@ PLATFORMS = [
 def test_the_lock_installs_on_every_platform(platform: str, what: str, sdists: bool, tmp_path: Path) -> None:
     """Every locked package has a wheel for the platform (or, where allowed, a source release)."""
     requirements = tmp_path / "requirements.txt"
-    export = [_uv(), "export", "--frozen", "--no-hashes", "--no-header", "--quiet", "--no-emit-workspace"]
+    export = [uv(), "export", "--frozen", "--no-hashes", "--no-header", "--quiet", "--no-emit-workspace"]
     if what == "client":
         export += ["--package", "machina-client", "--extra", "widgets"]
     else:
         export += ["--all-groups", "--all-extras"]
     subprocess.run([*export, "-o", str(requirements)], cwd=ROOT, check=True, timeout=120)
     install = [
-        _uv(),
+        uv(),
         "pip",
         "install",
         "--dry-run",

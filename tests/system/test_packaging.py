@@ -23,6 +23,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from client_py import EngineClient
 from tests.processes import EngineProcess, ServiceProcess
+from tests.system.uv import uv
 
 ROOT = Path(__file__).resolve().parents[2]
 ALLOWED = {"machina-client", "grpcio", "protobuf", "typing-extensions"}
@@ -97,21 +98,12 @@ def _clean_env() -> dict[str, str]:
     }
 
 
-def _uv() -> str:
-    uv = shutil.which("uv")
-    if uv is None:
-        if os.environ.get("CI"):
-            raise AssertionError("uv is not on PATH")
-        pytest.skip("uv is not installed")
-    return uv
-
-
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     dist = tmp_path_factory.mktemp("dist")
     for package in ("client", "engine"):
         _run(
-            _uv(),
+            uv(),
             "build",
             "--wheel",
             "--out-dir",
@@ -129,10 +121,10 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _venv(tmp: Path, *requirements: str) -> Path:
     venv = tmp / "venv"
     env = _clean_env()
-    _run(_uv(), "venv", "--quiet", "--python", sys.executable, str(venv), cwd=tmp, env=env)
+    _run(uv(), "venv", "--quiet", "--python", sys.executable, str(venv), cwd=tmp, env=env)
     python = venv / "bin" / "python"
     _run(
-        _uv(),
+        uv(),
         "pip",
         "install",
         "--quiet",
@@ -181,7 +173,7 @@ def test_client_wheel_alone_runs_an_approval_against_a_live_engine(
     python = _venv(tmp_path, str(wheels["machina_client"]))
     env = _clean_env()
     listed = json.loads(
-        _run(_uv(), "pip", "list", "--python", str(python), "--format", "json", cwd=tmp_path, env=env)
+        _run(uv(), "pip", "list", "--python", str(python), "--format", "json", cwd=tmp_path, env=env)
     )
     names = {item["name"].lower() for item in listed}
     assert {"machina-client", "grpcio", "protobuf"} <= names

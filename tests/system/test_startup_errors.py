@@ -136,13 +136,12 @@ def test_engine_port_in_use(busy_port: int, tmp_path: Path) -> None:
 
 
 def test_engine_storage_not_writable() -> None:
-    from tests.fs_faults import as_nobody
+    from tests.fs_faults import as_root_without_dac_override
 
-    launcher = as_nobody()  # root would write anyway
+    launcher = as_root_without_dac_override()  # root with its capabilities would write anyway
     with tempfile.TemporaryDirectory() as tmp:
-        os.chmod(tmp, 0o755)  # noqa: S103 - nobody must reach the directory, not write it
         store = Path(tmp) / "store"
-        store.mkdir(mode=0o755)
+        store.mkdir(mode=0o555)
         args = ["--listen", "127.0.0.1:0", "--storage", str(store)]
         rc, stderr = _start("engine_service", args, {}, (), Path("/"), launcher)
     _assert_one_clear_line(rc, stderr, ("Permission denied", "MACHINA_STORAGE"))
