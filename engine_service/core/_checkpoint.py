@@ -58,6 +58,9 @@ class RunEnv:
     storage_retry_s: float = 300.0
 
 
+# At most this many text deltas in one event: the messages built from it go in one response.
+_DELTAS_PER_EVENT = 1024
+
 # Event kinds shown to watchers only once the checkpoint that commits them lands.
 _SHOWN_AT_COMMIT = frozenset({EventKind.HANDOFF_TO_RUNNER, EventKind.PAUSED, EventKind.RUN_FINISHED})
 
@@ -121,6 +124,25 @@ class CheckpointedRun:
         self._write_wanted.set()
         return event
 
+    def emit_text(self, text: str, turn: int) -> None:
+        """Emit a text delta: joined to the previous one while both wait to be written, so the
+        deltas of one flush are one record (and one event) instead of one each."""
+        self._last_seq += 1
+        last = self._unwritten[-1] if self._unwritten else None
+        if (
+            last is not None
+            and last.kind is EventKind.TEXT_DELTA
+            and last.data["turn"] == turn
+            and last.n < _DELTAS_PER_EVENT
+        ):
+            last.data["texts"].append(text)
+            last.n += 1
+            return
+        self._unwritten.append(
+            Event(self._last_seq, self.env.clock(), EventKind.TEXT_DELTA, {"texts": [text], "turn": turn})
+        )
+        self._write_wanted.set()
+
     async def write_events(self) -> None:
         """Write the events emitted so far, then show them to watchers.
 
@@ -145,7 +167,7 @@ class CheckpointedRun:
                     # What is left: the next write (or the checkpoint) tries again.
                     self._unwritten[:0] = [e for rest in parts[index:] for e in rest]
                     raise
-                self._written_seq = part[-1].seq
+                self._written_seq = part[-1].last_seq
                 if self._held or part[0].kind in _SHOWN_AT_COMMIT:
                     self._held.extend(part)
                 else:

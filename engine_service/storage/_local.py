@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from engine_service.core._errors import missing_extra
 from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
 from engine_service.storage._protocol import Storage, segment_name, segment_starts
+from engine_service.storage._records import doc_span, dump_lines, dumps, loads, span
 
 SEGMENT_RECORDS = 4096
 
@@ -25,16 +25,27 @@ SEGMENT_RECORDS = 4096
 class _Appender:
     """The open newest segment of one stream of a run this process writes."""
 
-    file: TextIO
+    fd: int
+    path: Path
     first: int
     next: int
+    # Appended to since its last fdatasync (fsync mode): the next state write syncs it first.
+    dirty: bool = False
+    # Directories whose new entries (this file, its directory) are not synced yet (fsync mode).
+    new_entries: tuple[Path, ...] = ()
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class LocalStorage:
     """Storage in a local directory. Atomic writes by write-to-temp + rename.
 
     ``fsync`` makes each checkpoint durable against power loss (slower); without
-    it writes survive a process crash, which is what kill -9 tests exercise.
+    it writes survive a process crash, which is what kill -9 tests exercise. A
+    checkpoint syncs each segment file it appended to once (``fdatasync``), right
+    before the state document that commits them, however many appends it took;
+    the lease needs no sync (after a power loss every lease has expired).
     """
 
     event_flush_delay = 0.0
@@ -84,7 +95,16 @@ class LocalStorage:
         return _read_json(self._run_dir(ws, run_id) / "state.json")
 
     async def write_state(self, ws: str, run_id: str, state: JsonObject) -> None:
+        if self._fsync:
+            self._sync_appended(ws, run_id)
         self._write_atomic(self._run_dir(ws, run_id) / "state.json", _dumps(state))
+
+    def _sync_appended(self, ws: str, run_id: str) -> None:
+        """Make the segments of the run appended to so far durable: what state.json will commit."""
+        for stream in ("events", "transcript"):
+            appender = self._appenders.get((ws, run_id, stream))
+            if appender is not None:
+                _sync(appender)
 
     async def write_segment(
         self, ws: str, run_id: str, stream: str, first: int, records: list[JsonObject]
@@ -95,34 +115,44 @@ class LocalStorage:
         appender = self._appenders.get(key)
         if appender is None or appender.next != first or appender.next - appender.first >= SEGMENT_RECORDS:
             if appender is not None:
-                appender.file.close()
+                del self._appenders[key]
+                try:
+                    _sync(appender)  # fsync mode: what it holds is committed by the next state write
+                finally:
+                    appender.close()
             directory = self._run_dir(ws, run_id) / key[2]
-            directory.mkdir(exist_ok=True)
-            if (directory / segment_name(first)).exists():
+            new_entries: tuple[Path, ...] = ()
+            if not directory.is_dir():
+                directory.mkdir(exist_ok=True)
+                new_entries = (directory.parent,)
+            path = directory / segment_name(first)
+            existed = path.exists()
+            if self._fsync and not existed:
+                new_entries = (directory, *new_entries)
+            if existed:
                 # Only a retry after a failed append reopens a segment: never append after torn bytes.
-                _truncate_after(directory / segment_name(first), 1 << 62)
+                _truncate_after(path, 1 << 62)
             # Kept open across checkpoints (closed on release/close): appends are cheap, opens are not.
-            handle = open(directory / segment_name(first), "a", encoding="utf-8")  # noqa: SIM115
-            appender = _Appender(handle, first, first)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            appender = _Appender(fd, path, first, first, new_entries=new_entries if self._fsync else ())
             self._appenders[key] = appender
-        path = Path(appender.file.name)
-        whole = os.fstat(appender.file.fileno()).st_size  # the end of the last whole record
+        data = dump_lines(records)
+        whole = os.fstat(appender.fd).st_size  # the end of the last whole record
         try:
-            appender.file.write("".join(_dumps(r) + "\n" for r in records))
-            appender.file.flush()
-            if self._fsync:
-                os.fsync(appender.file.fileno())
+            written = os.write(appender.fd, data)
+            while written < len(data):  # a short write: the rest, or the error that stopped it
+                written += os.write(appender.fd, data[written:])
         except BaseException:
             # A failed append (disk full, I/O error) may have left part of the batch. Cut the
             # segment back to its last whole record so a retry appends after it, never after
             # torn bytes; if even that fails, the retry starts a new segment (see read_segments).
             del self._appenders[key]
-            with contextlib.suppress(OSError, ValueError):
-                appender.file.close()  # flushing what is buffered may fail again: truncated below
+            appender.close()
             with contextlib.suppress(OSError):
-                os.truncate(path, whole)
+                os.truncate(appender.path, whole)
             raise
-        appender.next += len(records)
+        appender.dirty = self._fsync
+        appender.next += sum(doc_span(r) for r in records)
 
     async def read_segments(
         self, ws: str, run_id: str, stream: str, after: int, upto: int
@@ -140,13 +170,16 @@ class LocalStorage:
             if end <= after or first > upto:
                 continue
             with open(directory / segment_name(first), "rb") as fh:
-                for index, line in enumerate(fh, start=first):
+                index = first  # of the line's first record: a line may stand for several
+                for line in fh:
                     # A segment ends where the next begins, or at a torn last line (an append
                     # that failed and could not be cut back; its retry began a new segment).
                     if index > end or not line.endswith(b"\n"):
                         break
-                    if index > after:
-                        out.append(json.loads(line))
+                    n = span(line)
+                    if index + n - 1 > after:
+                        out.append(loads(line))
+                    index += n
         return out
 
     def _reopen(self, ws: str, run_id: str, stream: str) -> tuple[Path, list[int]]:
@@ -154,7 +187,7 @@ class LocalStorage:
         key = (ws, run_id, _stream(stream))
         appender = self._appenders.pop(key, None)
         if appender is not None:
-            appender.file.close()
+            appender.close()
         directory = self._run_dir(ws, run_id) / key[2]
         try:
             return directory, segment_starts(os.listdir(directory))
@@ -223,7 +256,7 @@ class LocalStorage:
                 await asyncio.sleep(0.01)
             raise
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            with os.fdopen(fd, "wb") as fh:
                 fh.write(_dumps(doc))
                 if self._fsync:
                     fh.flush()
@@ -239,27 +272,43 @@ class LocalStorage:
         run_dir = self._run_dir(ws, run_id)
         now = time.time()
         with self._locked(run_dir):
-            current = _read_json(run_dir / "lease.json")
+            current = _read_lease(run_dir / "lease.json")
             if current and current["owner"] != owner and current["expires_at"] > now:
                 return False
-            self._write_atomic(run_dir / "lease.json", _dumps({"owner": owner, "expires_at": now + ttl}))
+            # Rewritten in place under the lock, unsynced: only holders of the lock read it, and
+            # after a power loss every lease has expired anyway. A torn one reads as none.
+            fd = os.open(run_dir / "lease.json", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                data = dumps({"owner": owner, "expires_at": now + ttl})
+                os.pwrite(fd, data, 0)
+                os.ftruncate(fd, len(data))
+            finally:
+                os.close(fd)
             return True
 
     async def release_lease(self, ws: str, run_id: str, owner: str) -> None:
         for stream in ("events", "transcript"):
             appender = self._appenders.pop((ws, run_id, stream), None)
             if appender is not None:
-                appender.file.close()
+                try:
+                    _sync(appender)
+                finally:
+                    appender.close()
         run_dir = self._run_dir(ws, run_id)
         with self._locked(run_dir):
-            current = _read_json(run_dir / "lease.json")
+            current = _read_lease(run_dir / "lease.json")
             if current and current["owner"] == owner:
                 (run_dir / "lease.json").unlink(missing_ok=True)
 
     async def close(self) -> None:
-        for appender in self._appenders.values():
-            appender.file.close()
-        self._appenders.clear()
+        appenders, self._appenders = list(self._appenders.values()), {}
+        for appender in appenders:
+            try:
+                _sync(appender)
+            except OSError:
+                pass  # what was not committed is dropped by the run's next writer
+            finally:
+                appender.close()
 
     @contextlib.contextmanager
     def _locked(self, run_dir: Path) -> Iterator[None]:
@@ -278,7 +327,7 @@ class LocalStorage:
                 fh.write(data.encode() if isinstance(data, str) else data)
                 if self._fsync:
                     fh.flush()
-                    os.fsync(fh.fileno())
+                    os.fdatasync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -286,6 +335,16 @@ class LocalStorage:
             raise
         if self._fsync:
             _fsync_dir(path.parent)
+
+
+def _sync(appender: _Appender) -> None:
+    """fsync mode: make what was appended to ``appender`` durable, its file's name too."""
+    if appender.dirty:
+        os.fdatasync(appender.fd)
+        appender.dirty = False
+    for directory in appender.new_entries:
+        _fsync_dir(directory)
+    appender.new_entries = ()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -297,17 +356,19 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _truncate_after(path: Path, keep: int) -> int:
-    """Keep the first ``keep`` complete lines of ``path`` (drops a torn or uncommitted tail).
+    """Keep the first ``keep`` records of ``path``, whole lines only (drops a torn or
+    uncommitted tail).
 
-    Returns how many lines were kept.
+    Returns how many records were kept.
     """
     size = kept = 0
     with open(path, "rb") as fh:
         for line in fh:
-            if kept >= keep or not line.endswith(b"\n"):
+            n = span(line)  # a line may stand for several records (indexes)
+            if kept + n > keep or not line.endswith(b"\n"):
                 break
             size += len(line)
-            kept += 1
+            kept += n
     if os.path.getsize(path) != size:
         os.truncate(path, size)
     return kept
@@ -319,21 +380,24 @@ def _stream(name: str) -> str:
     return name
 
 
-# One encoder for every record: json.dumps with options builds a new one per call.
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-def _dumps(doc: Any) -> str:
-    return _encode(doc)
+def _dumps(doc: Any) -> bytes:
+    return dumps(doc)
 
 
 def _read_json(path: Path) -> JsonObject | None:
     try:
-        with open(path, encoding="utf-8") as fh:
-            doc: JsonObject = json.load(fh)
+        with open(path, "rb") as fh:
+            doc: JsonObject = loads(fh.read())
             return doc
     except FileNotFoundError:
         return None
+
+
+def _read_lease(path: Path) -> JsonObject | None:
+    try:
+        return _read_json(path)
+    except ValueError:
+        return None  # torn by a power loss (it is rewritten in place): no live lease
 
 
 def open_storage(url: str, *, fsync: bool = False) -> Storage:

@@ -25,6 +25,13 @@ rewrites the history and a checkpoint costs the same at turn 1 and turn 1,000.
 ``SEGMENT_RECORDS`` records, because creating a file costs far more than an
 append; an object store writes one immutable segment per checkpoint instead.)
 
+Records are compact JSON, one a line (see ``_records``). A record of the event log may
+stand for several consecutive indexes: a run's text deltas written together are one record
+``{"seq": first, "n": count, ...}`` (those two keys first, so a reader learns the span from a
+line's first bytes); every other record stands for one. Ranges (``read_segments``,
+``drop_uncommitted``, ``repair_end``) count indexes, and a range that starts inside a record
+returns that whole record.
+
 The two streams commit differently:
 
 - events are written ahead: a process writes each event before any watcher

@@ -1,0 +1,138 @@
+"""How records are encoded and read back: orjson, files of earlier versions, records that stand
+for several indexes (a run's text deltas written together), and what fsync mode syncs."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine_service import LocalStorage, Storage
+from engine_service.storage._records import dump_lines, dumps, loads, span
+from engine_service.storage._s3 import S3Storage
+from tests.s3_server import new_bucket
+
+
+@pytest.fixture(params=["local", "s3"])
+async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
+    if request.param == "local":
+        store: Storage = LocalStorage(tmp_path)
+    else:
+        endpoint = request.getfixturevalue("moto")
+        store = S3Storage(await new_bucket(endpoint), "machina/prod", endpoint_url=endpoint)
+    yield store
+    await store.close()
+
+
+def test_records_are_compact_utf8_json_that_the_standard_library_reads() -> None:
+    doc = {"seq": 1, "t": 1.5, "k": "text_delta", "d": {"text": 'héllo 😀 "q"', "turn": 1}}
+    assert dumps(doc) == json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    assert json.loads(dumps(doc)) == doc
+    assert loads(dumps(doc)) == doc
+
+
+def test_what_orjson_refuses_goes_through_the_standard_library() -> None:
+    doc = {"big": 1 << 70, "tuple": [1, 2]}
+    assert loads(dumps(doc)) == doc
+    assert dump_lines([{"a": 1}, {"b": 1 << 70}]) == b'{"a":1}\n{"b":' + str(1 << 70).encode() + b"}\n"
+    assert loads(b'{"x": NaN}')["x"] != loads(b'{"x": NaN}')["x"]  # NaN, as earlier versions wrote it
+
+
+def test_a_records_span_is_read_from_its_first_bytes() -> None:
+    assert span(b'{"seq":12,"n":40,"t":1.0,"k":"text_delta","d":{}}\n') == 40
+    assert span(b'{"seq":12,"t":1.0,"k":"usage","d":{"n":5}}\n') == 1
+    assert span(b'{"role":"user","text":"{\\"seq\\":1,\\"n\\":9}"}\n') == 1
+    assert span(b'{"seq":1}\n') == 1
+
+
+async def test_an_event_log_written_by_an_earlier_version_reads_back(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    await storage.create_run("ws", "r1", {}, {})
+    directory = tmp_path / "workspaces" / "ws" / "runs" / "r1" / "events"
+    directory.mkdir()
+    old = [{"seq": n, "t": 1.0, "k": "text_delta", "d": {"text": f"é{n}", "turn": 1}} for n in (1, 2)]
+    with open(directory / "000000000001.jsonl", "w", encoding="utf-8") as fh:
+        for doc in old:
+            fh.write(json.dumps(doc, ensure_ascii=False) + "\n")  # spaced, as json.dumps writes
+    assert await storage.read_segments("ws", "r1", "events", 0, 2) == old
+    assert await storage.repair_end("ws", "r1", "events") == 2
+    await storage.close()
+
+
+def _deltas(seq: int, n: int) -> dict[str, Any]:
+    return {"seq": seq, "n": n, "t": 1.0, "k": "text_delta", "d": {"texts": [str(seq + i) for i in range(n)]}}
+
+
+async def test_records_of_several_indexes_count_as_that_many(storage: Storage) -> None:
+    await storage.create_run("ws", "r1", {}, {})
+    one, many, last = {"seq": 1, "k": "run_started"}, _deltas(2, 5), {"seq": 7, "k": "usage"}
+    await storage.write_segment("ws", "r1", "events", 1, [one, many])
+    await storage.write_segment("ws", "r1", "events", 7, [last])  # follows index 6, not 3
+    assert await storage.read_segments("ws", "r1", "events", 0, 7) == [one, many, last]
+    # A range that starts inside a record returns that whole record.
+    for after in range(1, 6):
+        assert await storage.read_segments("ws", "r1", "events", after, 7) == [many, last]
+    assert await storage.read_segments("ws", "r1", "events", 6, 7) == [last]
+    assert await storage.read_segments("ws", "r1", "events", 0, 3) == [one, many]
+    assert await storage.repair_end("ws", "r1", "events") == 7
+    await storage.drop_uncommitted("ws", "r1", "events", 6)
+    assert await storage.repair_end("ws", "r1", "events") == 6
+    assert await storage.read_segments("ws", "r1", "events", 0, 10) == [one, many]
+
+
+async def test_fsync_mode_syncs_each_appended_file_once_per_state_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = LocalStorage(tmp_path, fsync=True)
+    await storage.create_run("ws", "r1", {}, {})
+    for seq in (1, 2, 3):  # three appends ahead of the checkpoint
+        await storage.write_segment("ws", "r1", "events", seq, [{"seq": seq}])
+    await storage.write_segment("ws", "r1", "transcript", 1, [{"role": "user"}])
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting)
+    await storage.write_state("ws", "r1", {"last_seq": 3})
+    assert len(synced) == 3  # the events file, the transcript file, the new state.json
+    synced.clear()
+    await storage.write_state("ws", "r1", {"last_seq": 3})
+    assert len(synced) == 1  # nothing appended since: only state.json
+    await storage.close()
+
+
+async def test_without_fsync_nothing_is_synced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", calls.append)
+    monkeypatch.setattr(os, "fsync", calls.append)
+    storage = LocalStorage(tmp_path)
+    await storage.create_run("ws", "r1", {}, {})
+    await storage.write_segment("ws", "r1", "events", 1, [{"seq": 1}])
+    await storage.write_state("ws", "r1", {"last_seq": 1})
+    await storage.acquire_lease("ws", "r1", "me", 30)
+    await storage.close()
+    assert calls == []
+
+
+async def test_the_lease_is_rewritten_in_place_and_a_torn_one_reads_as_none(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path, fsync=True)
+    await storage.create_run("ws", "r1", {}, {})
+    lease = tmp_path / "workspaces" / "ws" / "runs" / "r1" / "lease.json"
+    assert await storage.acquire_lease("ws", "r1", "a-longer-owner-name", 30)
+    inode = lease.stat().st_ino
+    assert await storage.acquire_lease("ws", "r1", "a-longer-owner-name", 30)
+    assert lease.stat().st_ino == inode
+    assert not await storage.acquire_lease("ws", "r1", "b", 30)
+    await storage.release_lease("ws", "r1", "a-longer-owner-name")
+    assert await storage.acquire_lease("ws", "r1", "b", 30)
+    assert json.loads(lease.read_bytes())["owner"] == "b"  # no tail of the longer name left
+    lease.write_bytes(b'{"owner":"b","expi')  # torn by a power loss
+    assert await storage.acquire_lease("ws", "r1", "c", 30)
+    await storage.close()
