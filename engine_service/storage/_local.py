@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,14 @@ from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
 from engine_service.storage._protocol import Storage, segment_name, segment_starts
 from engine_service.storage._records import doc_span, dump_lines, dumps, loads, span
+from engine_service.storage._workdir_snapshot import FILE_BLOB, MANIFEST_BLOB
 
 SEGMENT_RECORDS = 4096
+# Blobs of run-directory snapshots (see _workdir_snapshot): contents and manifests.
+SNAPSHOT_BLOB_PREFIXES = (FILE_BLOB, MANIFEST_BLOB)
+# The state log is rewritten with only its newest document once it holds this many bytes.
+STATE_LOG_BYTES = 256 * 1024
+STATE_LOG = "state.jsonl"
 
 
 @dataclass(slots=True)
@@ -29,13 +36,23 @@ class _Appender:
     path: Path
     first: int
     next: int
-    # Appended to since its last fdatasync (fsync mode): the next state write syncs it first.
-    dirty: bool = False
+    # Appends so far, and how many of them the last fdatasync covered (fsync mode): the next
+    # state write syncs what is not covered first.
+    appended: int = 0
+    synced: int = 0
     # Directories whose new entries (this file, its directory) are not synced yet (fsync mode).
     new_entries: tuple[Path, ...] = ()
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+@dataclass(slots=True)
+class _StateLog:
+    """The open state log of a run this process writes."""
+
+    fd: int
+    size: int  # the end of its last whole document
 
 
 class LocalStorage:
@@ -55,6 +72,9 @@ class LocalStorage:
         self._fsync = fsync
         self._root.mkdir(parents=True, exist_ok=True)
         self._appenders: dict[tuple[str, str, str], _Appender] = {}
+        self._state_logs: dict[tuple[str, str], _StateLog] = {}
+        # fsync mode: directories of a run holding new names that its next state write syncs.
+        self._unsynced_dirs: dict[tuple[str, str], set[Path]] = {}
 
     @property
     def root(self) -> Path:
@@ -92,19 +112,80 @@ class LocalStorage:
         return _read_json(self._run_dir(ws, run_id) / "spec.json")
 
     async def read_state(self, ws: str, run_id: str) -> JsonObject | None:
-        return _read_json(self._run_dir(ws, run_id) / "state.json")
+        run_dir = self._run_dir(ws, run_id)
+        newest = _last_document(run_dir / STATE_LOG)
+        return newest if newest is not None else _read_json(run_dir / "state.json")
 
     async def write_state(self, ws: str, run_id: str, state: JsonObject) -> None:
-        if self._fsync:
-            self._sync_appended(ws, run_id)
-        self._write_atomic(self._run_dir(ws, run_id) / "state.json", _dumps(state))
+        """Append ``state`` to the run's state log, whose last whole line is the run's state.
 
-    def _sync_appended(self, ws: str, run_id: str) -> None:
-        """Make the segments of the run appended to so far durable: what state.json will commit."""
+        An append is atomic for readers (they ignore a line still being written) and far cheaper
+        than replacing a file: on ext4, renaming over a file also writes the new one out. Past
+        ``STATE_LOG_BYTES`` the log is replaced (atomically) by one holding only ``state``.
+        """
+        if self._fsync:
+            await self._sync_run(ws, run_id)
+        key = (ws, run_id)
+        data = dumps(state) + b"\n"
+        log = self._state_logs.get(key) or self._open_state_log(ws, run_id)
+        if log is None or log.size + len(data) > STATE_LOG_BYTES:
+            if log is not None:
+                del self._state_logs[key]
+                os.close(log.fd)
+            path = self._run_dir(ws, run_id) / STATE_LOG
+            self._write_atomic(path, data)
+            self._state_logs[key] = _StateLog(os.open(path, os.O_WRONLY | os.O_APPEND), len(data))
+            return
+        try:
+            written = os.write(log.fd, data)
+            while written < len(data):
+                written += os.write(log.fd, data[written:])
+            if self._fsync:
+                os.fdatasync(log.fd)
+        except BaseException:
+            # Cut a partial line back (a full disk): the next append must not follow torn bytes.
+            del self._state_logs[key]
+            with contextlib.suppress(OSError):
+                os.ftruncate(log.fd, log.size)
+            os.close(log.fd)
+            raise
+        log.size += len(data)
+
+    def _open_state_log(self, ws: str, run_id: str) -> _StateLog | None:
+        """Open the run's state log to append to, cut back to its last whole line; None if none."""
+        try:
+            fd = os.open(self._run_dir(ws, run_id) / STATE_LOG, os.O_RDWR | os.O_APPEND)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # A writer died in the middle of an append: drop its torn line.
+                whole = os.pread(fd, size, 0)
+                size = whole.rfind(b"\n") + 1
+                os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        log = _StateLog(fd, size)
+        self._state_logs[(ws, run_id)] = log
+        return log
+
+    async def _sync_run(self, ws: str, run_id: str) -> None:
+        """fsync mode: make durable what the run's next state commits (its appended segments, the
+        names of its new snapshot blobs), all at once: each in a thread of its own, so the file
+        system commits them together instead of one after the other."""
+        syncs: list[Callable[[], None]] = []
         for stream in ("events", "transcript"):
             appender = self._appenders.get((ws, run_id, stream))
-            if appender is not None:
-                _sync(appender)
+            if appender is not None and (appender.appended > appender.synced or appender.new_entries):
+                syncs.append(functools.partial(_sync, appender))
+        for directory in self._unsynced_dirs.pop((ws, run_id), ()):
+            syncs.append(functools.partial(_fsync_dir, directory))
+        if len(syncs) == 1:
+            syncs[0]()
+        elif syncs:
+            await asyncio.gather(*(asyncio.to_thread(sync) for sync in syncs))
 
     async def write_segment(
         self, ws: str, run_id: str, stream: str, first: int, records: list[JsonObject]
@@ -151,7 +232,8 @@ class LocalStorage:
             with contextlib.suppress(OSError):
                 os.truncate(appender.path, whole)
             raise
-        appender.dirty = self._fsync
+        if self._fsync:
+            appender.appended += 1
         appender.next += sum(doc_span(r) for r in records)
 
     async def read_segments(
@@ -211,8 +293,16 @@ class LocalStorage:
     async def put_blob(self, ws: str, run_id: str, name: str, data: bytes) -> None:
         directory = self._run_dir(ws, run_id) / "blobs"
         path = directory / check_id(name, "blob name")
+        created = not directory.is_dir()
         directory.mkdir(exist_ok=True)
-        self._write_atomic(path, data)
+        # A snapshot's blob counts once a state names it: its name is synced with that state
+        # (its content is synced before it gets the name, so no name ever holds torn content).
+        snapshot = name.startswith(SNAPSHOT_BLOB_PREFIXES)
+        self._write_atomic(path, data, sync_dir=not snapshot)
+        if snapshot and self._fsync:
+            self._unsynced_dirs.setdefault((ws, run_id), set()).update(
+                (directory, directory.parent) if created else (directory,)
+            )
 
     async def get_blob(self, ws: str, run_id: str, name: str) -> bytes | None:
         try:
@@ -294,6 +384,9 @@ class LocalStorage:
                     _sync(appender)
                 finally:
                     appender.close()
+        log = self._state_logs.pop((ws, run_id), None)
+        if log is not None:
+            os.close(log.fd)
         run_dir = self._run_dir(ws, run_id)
         with self._locked(run_dir):
             current = _read_lease(run_dir / "lease.json")
@@ -301,6 +394,9 @@ class LocalStorage:
                 (run_dir / "lease.json").unlink(missing_ok=True)
 
     async def close(self) -> None:
+        logs, self._state_logs = list(self._state_logs.values()), {}
+        for log in logs:
+            os.close(log.fd)
         appenders, self._appenders = list(self._appenders.values()), {}
         for appender in appenders:
             try:
@@ -320,7 +416,7 @@ class LocalStorage:
         finally:
             os.close(fd)
 
-    def _write_atomic(self, path: Path, data: str | bytes) -> None:
+    def _write_atomic(self, path: Path, data: str | bytes, *, sync_dir: bool = True) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as fh:
@@ -333,18 +429,19 @@ class LocalStorage:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)  # a full disk must not keep what it could not take
             raise
-        if self._fsync:
+        if self._fsync and sync_dir:
             _fsync_dir(path.parent)
 
 
 def _sync(appender: _Appender) -> None:
     """fsync mode: make what was appended to ``appender`` durable, its file's name too."""
-    if appender.dirty:
+    appended = appender.appended  # appends made while this one syncs wait for the next
+    if appended > appender.synced:
         os.fdatasync(appender.fd)
-        appender.dirty = False
-    for directory in appender.new_entries:
+        appender.synced = max(appender.synced, appended)
+    entries, appender.new_entries = appender.new_entries, ()
+    for directory in entries:
         _fsync_dir(directory)
-    appender.new_entries = ()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -391,6 +488,30 @@ def _read_json(path: Path) -> JsonObject | None:
             return doc
     except FileNotFoundError:
         return None
+
+
+def _last_document(path: Path) -> JsonObject | None:
+    """The last whole line of a state log (a line still being written is not whole); None if
+    there is no log or no whole line in it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        chunk = min(size, 16384)
+        while True:
+            tail = os.pread(fd, chunk, size - chunk)
+            end = tail.rfind(b"\n")
+            start = tail.rfind(b"\n", 0, end) + 1 if end >= 0 else 0
+            if end >= 0 and (start > 0 or chunk == size):
+                doc: JsonObject = loads(tail[start:end])
+                return doc
+            if chunk == size:
+                return None
+            chunk = min(size, chunk * 4)  # the last line is longer than what was read
+    finally:
+        os.close(fd)
 
 
 def _read_lease(path: Path) -> JsonObject | None:

@@ -101,10 +101,10 @@ async def test_fsync_mode_syncs_each_appended_file_once_per_state_write(
 
     monkeypatch.setattr(os, "fdatasync", counting)
     await storage.write_state("ws", "r1", {"last_seq": 3})
-    assert len(synced) == 3  # the events file, the transcript file, the new state.json
+    assert len(synced) == 3  # the events file, the transcript file, the new state log
     synced.clear()
     await storage.write_state("ws", "r1", {"last_seq": 3})
-    assert len(synced) == 1  # nothing appended since: only state.json
+    assert len(synced) == 1  # nothing appended since: only the state log
     await storage.close()
 
 
@@ -135,4 +135,65 @@ async def test_the_lease_is_rewritten_in_place_and_a_torn_one_reads_as_none(tmp_
     assert json.loads(lease.read_bytes())["owner"] == "b"  # no tail of the longer name left
     lease.write_bytes(b'{"owner":"b","expi')  # torn by a power loss
     assert await storage.acquire_lease("ws", "r1", "c", 30)
+    await storage.close()
+
+
+async def test_states_are_appended_and_the_last_whole_line_is_the_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import engine_service.storage._local as local
+
+    writer, reader = LocalStorage(tmp_path), LocalStorage(tmp_path)  # two processes, as it were
+    await writer.create_run("ws", "r1", {}, {"n": 0})
+    assert await reader.read_state("ws", "r1") == {"n": 0}
+    for n in range(1, 6):
+        await writer.write_state("ws", "r1", {"n": n, "pad": "é" * 10})
+        assert await reader.read_state("ws", "r1") == {"n": n, "pad": "é" * 10}
+    log = tmp_path / "workspaces" / "ws" / "runs" / "r1" / "state.jsonl"
+    assert len(log.read_bytes().splitlines()) == 5
+    await writer.close()
+
+    with open(log, "ab") as fh:
+        fh.write(b'{"n":6,"pa')  # a writer died in the middle of an append
+    assert await reader.read_state("ws", "r1") == {"n": 5, "pad": "é" * 10}
+    writer = LocalStorage(tmp_path)
+    await writer.write_state("ws", "r1", {"n": 7})  # cuts the torn line, then appends
+    assert await reader.read_state("ws", "r1") == {"n": 7}
+    assert log.read_bytes().endswith(b'"}\n{"n":7}\n')
+
+    monkeypatch.setattr(local, "STATE_LOG_BYTES", 200)
+    for n in range(8, 30):
+        await writer.write_state("ws", "r1", {"n": n, "pad": "x" * 40})
+        assert await reader.read_state("ws", "r1") == {"n": n, "pad": "x" * 40}
+    assert log.stat().st_size <= 200  # replaced by one holding the newest state, now and then
+    await writer.close()
+
+
+async def test_a_state_longer_than_a_read_of_the_tail_reads_back(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    await storage.create_run("ws", "r1", {}, {})
+    big = {"pad": "y" * 100_000}
+    await storage.write_state("ws", "r1", {"n": 1})
+    await storage.write_state("ws", "r1", big)
+    assert await LocalStorage(tmp_path).read_state("ws", "r1") == big
+    await storage.close()
+
+
+async def test_the_snapshot_cache_is_rewritten_in_place_and_a_torn_one_reads_as_none(tmp_path: Path) -> None:
+    from engine_service.storage._workdir_snapshot import WorkdirSnapshots
+
+    storage = LocalStorage(tmp_path / "storage")
+    await storage.create_run("ws", "r1", {}, {})
+    workdir = tmp_path / "work" / "ws" / "r1"
+    workdir.mkdir(parents=True)
+    (workdir / "a.txt").write_text("one")
+    digest = await WorkdirSnapshots(tmp_path / "work", 1 << 20).save(storage, "ws", "r1", workdir)
+    cache = next((tmp_path / "work" / "ws").glob("*/r1.json"))
+    inode = cache.stat().st_ino
+    (workdir / "a.txt").write_text("two")
+    assert await WorkdirSnapshots(tmp_path / "work", 1 << 20).save(storage, "ws", "r1", workdir) != digest
+    assert cache.stat().st_ino == inode
+    assert WorkdirSnapshots(tmp_path / "work", 1 << 20)._get("ws", "r1").digest  # read back by a new process
+    cache.write_bytes(cache.read_bytes()[:-20])  # torn
+    assert not WorkdirSnapshots(tmp_path / "work", 1 << 20)._get("ws", "r1").digest
     await storage.close()
