@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,11 +22,14 @@ from engine_service.storage._records import doc_span, dump_lines, dumps, loads, 
 from engine_service.storage._workdir_snapshot import FILE_BLOB, MANIFEST_BLOB
 
 SEGMENT_RECORDS = 4096
+# Run directories (paths) and released runs remembered, at most.
+_RUN_DIRS_KEPT = 4096
 # Blobs of run-directory snapshots (see _workdir_snapshot): contents and manifests.
 SNAPSHOT_BLOB_PREFIXES = (FILE_BLOB, MANIFEST_BLOB)
-# The state log is rewritten with only its newest document once it holds this many bytes.
-STATE_LOG_BYTES = 256 * 1024
-STATE_LOG = "state.jsonl"
+# A run's states after the first: one new file per checkpoint, the highest number wins.
+STATES = "states"
+# Older state files are removed in batches of this many.
+STATES_KEPT = 16
 
 
 @dataclass(slots=True)
@@ -48,11 +52,11 @@ class _Appender:
 
 
 @dataclass(slots=True)
-class _StateLog:
-    """The open state log of a run this process writes."""
+class _States:
+    """The state files of a run this process writes: the next number, the oldest not removed."""
 
-    fd: int
-    size: int  # the end of its last whole document
+    next: int
+    oldest: int
 
 
 class LocalStorage:
@@ -72,16 +76,31 @@ class LocalStorage:
         self._fsync = fsync
         self._root.mkdir(parents=True, exist_ok=True)
         self._appenders: dict[tuple[str, str, str], _Appender] = {}
-        self._state_logs: dict[tuple[str, str], _StateLog] = {}
+        self._states: dict[tuple[str, str], _States] = {}
         # fsync mode: directories of a run holding new names that its next state write syncs.
         self._unsynced_dirs: dict[tuple[str, str], set[Path]] = {}
+        self._run_dirs: dict[tuple[str, str], Path] = {}
+        # Where this process left the streams of runs it released (the mark it left in the
+        # lease, and each stream's last index) and, once it takes such a run back with the mark
+        # still there (nobody wrote since), what repair_end and drop_uncommitted need not read.
+        self._left: dict[tuple[str, str], tuple[str, dict[str, int]]] = {}
+        self._known_ends: dict[tuple[str, str], dict[str, int]] = {}
 
     @property
     def root(self) -> Path:
         return self._root
 
     def _run_dir(self, ws: str, run_id: str) -> Path:
-        return self._root / "workspaces" / check_id(ws, "workspace_id") / "runs" / check_id(run_id, "run_id")
+        key = (ws, run_id)
+        path = self._run_dirs.get(key)
+        if path is None:
+            path = (
+                self._root / "workspaces" / check_id(ws, "workspace_id") / "runs" / check_id(run_id, "run_id")
+            )
+            if len(self._run_dirs) >= _RUN_DIRS_KEPT:
+                self._run_dirs.clear()
+            self._run_dirs[key] = path
+        return path
 
     # The methods below do small synchronous file I/O directly on the event
     # loop: each is tens of microseconds on a local disk, far cheaper than a
@@ -113,63 +132,56 @@ class LocalStorage:
 
     async def read_state(self, ws: str, run_id: str) -> JsonObject | None:
         run_dir = self._run_dir(ws, run_id)
-        newest = _last_document(run_dir / STATE_LOG)
+        newest = _newest_state(run_dir / STATES)
         return newest if newest is not None else _read_json(run_dir / "state.json")
 
     async def write_state(self, ws: str, run_id: str, state: JsonObject) -> None:
-        """Append ``state`` to the run's state log, whose last whole line is the run's state.
+        """Write ``state`` as a new file ``states/{n}.json``; the highest whole one is the state.
 
-        An append is atomic for readers (they ignore a line still being written) and far cheaper
-        than replacing a file: on ext4, renaming over a file also writes the new one out. Past
-        ``STATE_LOG_BYTES`` the log is replaced (atomically) by one holding only ``state``.
+        Creating a file is far cheaper than replacing one (on ext4 a rename over a file also
+        writes the new one out), and a reader never sees a torn state: a file still being
+        written (or torn by a crash) does not parse and the one before it counts. Like a rename,
+        it needs a writable directory and free space, so storage that refuses writes stops the
+        commit. Older files are removed now and then, the newest ones kept.
         """
         if self._fsync:
             await self._sync_run(ws, run_id)
         key = (ws, run_id)
-        data = dumps(state) + b"\n"
-        log = self._state_logs.get(key) or self._open_state_log(ws, run_id)
-        if log is None or log.size + len(data) > STATE_LOG_BYTES:
-            if log is not None:
-                del self._state_logs[key]
-                os.close(log.fd)
-            path = self._run_dir(ws, run_id) / STATE_LOG
-            self._write_atomic(path, data)
-            self._state_logs[key] = _StateLog(os.open(path, os.O_WRONLY | os.O_APPEND), len(data))
-            return
+        directory = self._run_dir(ws, run_id) / STATES
+        states = self._states.get(key)
+        if states is None:
+            try:
+                numbers = _state_numbers(os.listdir(directory))
+            except FileNotFoundError:
+                directory.mkdir()
+                if self._fsync:
+                    _fsync_dir(directory.parent)
+                numbers = []
+            states = _States(numbers[-1] + 1 if numbers else 1, numbers[0] if numbers else 1)
+            self._states[key] = states
+        path = directory / _state_name(states.next)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            written = os.write(log.fd, data)
+            data = dumps(state)
+            written = os.write(fd, data)
             while written < len(data):
-                written += os.write(log.fd, data[written:])
-            if self._fsync:
-                os.fdatasync(log.fd)
+                written += os.write(fd, data[written:])
+            if self._fsync:  # its content and its name, at once
+                await asyncio.gather(
+                    asyncio.to_thread(os.fdatasync, fd), asyncio.to_thread(_fsync_dir, directory)
+                )
         except BaseException:
-            # Cut a partial line back (a full disk): the next append must not follow torn bytes.
-            del self._state_logs[key]
             with contextlib.suppress(OSError):
-                os.ftruncate(log.fd, log.size)
-            os.close(log.fd)
+                path.unlink()  # a full disk must not keep what it could not take
             raise
-        log.size += len(data)
-
-    def _open_state_log(self, ws: str, run_id: str) -> _StateLog | None:
-        """Open the run's state log to append to, cut back to its last whole line; None if none."""
-        try:
-            fd = os.open(self._run_dir(ws, run_id) / STATE_LOG, os.O_RDWR | os.O_APPEND)
-        except FileNotFoundError:
-            return None
-        try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                # A writer died in the middle of an append: drop its torn line.
-                whole = os.pread(fd, size, 0)
-                size = whole.rfind(b"\n") + 1
-                os.ftruncate(fd, size)
-        except BaseException:
+        finally:
             os.close(fd)
-            raise
-        log = _StateLog(fd, size)
-        self._state_logs[(ws, run_id)] = log
-        return log
+        states.next += 1
+        if states.next - states.oldest > 2 * STATES_KEPT:
+            for number in range(states.oldest, states.next - STATES_KEPT):
+                with contextlib.suppress(OSError):
+                    os.unlink(directory / _state_name(number))
+            states.oldest = states.next - STATES_KEPT
 
     async def _sync_run(self, ws: str, run_id: str) -> None:
         """fsync mode: make durable what the run's next state commits (its appended segments, the
@@ -277,6 +289,8 @@ class LocalStorage:
             return directory, []
 
     async def drop_uncommitted(self, ws: str, run_id: str, stream: str, committed: int) -> None:
+        if self._known_ends.get((ws, run_id), {}).pop(stream, None) == committed:
+            return  # the stream ends where this process left it: nothing past ``committed``
         directory, starts = self._reopen(ws, run_id, stream)
         kept = [first for first in starts if first <= committed]
         for first in starts[len(kept) :]:
@@ -285,6 +299,9 @@ class LocalStorage:
             _truncate_after(directory / segment_name(kept[-1]), committed - kept[-1] + 1)
 
     async def repair_end(self, ws: str, run_id: str, stream: str) -> int:
+        known = self._known_ends.get((ws, run_id), {}).pop(stream, None)
+        if known is not None:
+            return known  # where this process left it, whole: nobody wrote since
         directory, starts = self._reopen(ws, run_id, stream)
         if not starts:
             return 0
@@ -359,16 +376,20 @@ class LocalStorage:
         return None
 
     async def acquire_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
+        key = (ws, run_id)
         run_dir = self._run_dir(ws, run_id)
         now = time.time()
         with self._locked(run_dir):
-            current = _read_lease(run_dir / "lease.json")
-            if current and current["owner"] != owner and current["expires_at"] > now:
-                return False
             # Rewritten in place under the lock, unsynced: only holders of the lock read it, and
             # after a power loss every lease has expired anyway. A torn one reads as none.
-            fd = os.open(run_dir / "lease.json", os.O_WRONLY | os.O_CREAT, 0o600)
+            fd = os.open(run_dir / "lease.json", os.O_RDWR | os.O_CREAT, 0o600)
             try:
+                current = _parse_lease(os.pread(fd, os.fstat(fd).st_size, 0))
+                if current and current["owner"] != owner and current["expires_at"] > now:
+                    return False
+                left = self._left.pop(key, None)
+                if left is not None and current is not None and current.get("left") == left[0]:
+                    self._known_ends[key] = left[1]  # our own mark: nobody took the run since
                 data = dumps({"owner": owner, "expires_at": now + ttl})
                 os.pwrite(fd, data, 0)
                 os.ftruncate(fd, len(data))
@@ -377,26 +398,38 @@ class LocalStorage:
             return True
 
     async def release_lease(self, ws: str, run_id: str, owner: str) -> None:
+        key = (ws, run_id)
+        ends = self._known_ends.pop(key, {})
         for stream in ("events", "transcript"):
             appender = self._appenders.pop((ws, run_id, stream), None)
             if appender is not None:
+                ends[stream] = appender.next - 1
                 try:
                     _sync(appender)
                 finally:
                     appender.close()
-        log = self._state_logs.pop((ws, run_id), None)
-        if log is not None:
-            os.close(log.fd)
+        self._states.pop(key, None)
         run_dir = self._run_dir(ws, run_id)
         with self._locked(run_dir):
             current = _read_lease(run_dir / "lease.json")
             if current and current["owner"] == owner:
-                (run_dir / "lease.json").unlink(missing_ok=True)
+                # Expired, with a mark: if it is still there when this process takes the run
+                # back, nobody wrote since and the streams end where they are known to.
+                mark = secrets.token_hex(8)
+                data = dumps({"owner": owner, "expires_at": 0, "left": mark})
+                fd = os.open(run_dir / "lease.json", os.O_WRONLY)
+                try:
+                    os.pwrite(fd, data, 0)
+                    os.ftruncate(fd, len(data))
+                finally:
+                    os.close(fd)
+                if len(ends) == 2:
+                    if len(self._left) >= _RUN_DIRS_KEPT:
+                        self._left.clear()
+                    self._left[key] = (mark, ends)
 
     async def close(self) -> None:
-        logs, self._state_logs = list(self._state_logs.values()), {}
-        for log in logs:
-            os.close(log.fd)
+        self._states.clear()
         appenders, self._appenders = list(self._appenders.values()), {}
         for appender in appenders:
             try:
@@ -490,33 +523,45 @@ def _read_json(path: Path) -> JsonObject | None:
         return None
 
 
-def _last_document(path: Path) -> JsonObject | None:
-    """The last whole line of a state log (a line still being written is not whole); None if
-    there is no log or no whole line in it."""
+def _state_name(number: int) -> str:
+    return f"{number:012d}.json"
+
+
+def _state_numbers(names: list[str]) -> list[int]:
+    return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+
+
+def _newest_state(directory: Path) -> JsonObject | None:
+    """The highest numbered whole state file in ``directory``; None if there is none."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        numbers = _state_numbers(os.listdir(directory))
     except FileNotFoundError:
         return None
-    try:
-        size = os.fstat(fd).st_size
-        chunk = min(size, 16384)
-        while True:
-            tail = os.pread(fd, chunk, size - chunk)
-            end = tail.rfind(b"\n")
-            start = tail.rfind(b"\n", 0, end) + 1 if end >= 0 else 0
-            if end >= 0 and (start > 0 or chunk == size):
-                doc: JsonObject = loads(tail[start:end])
-                return doc
-            if chunk == size:
-                return None
-            chunk = min(size, chunk * 4)  # the last line is longer than what was read
-    finally:
-        os.close(fd)
+    for number in reversed(numbers):
+        try:
+            with open(directory / _state_name(number), "rb") as fh:
+                doc: JsonObject = loads(fh.read())
+            return doc
+        except FileNotFoundError:
+            continue  # removed as old since the listing: a newer one exists
+        except ValueError:
+            continue  # still being written, or torn by a crash: the one before counts
+    return None
 
 
 def _read_lease(path: Path) -> JsonObject | None:
     try:
         return _read_json(path)
+    except ValueError:
+        return None  # torn by a power loss (it is rewritten in place): no live lease
+
+
+def _parse_lease(data: bytes) -> JsonObject | None:
+    if not data:
+        return None
+    try:
+        doc: JsonObject = loads(data)
+        return doc
     except ValueError:
         return None  # torn by a power loss (it is rewritten in place): no live lease
 

@@ -4,7 +4,7 @@ Layout under the root (the same for every adapter)::
 
     workspaces/{workspace_id}/runs/{run_id}/spec.json        written once
     workspaces/{workspace_id}/runs/{run_id}/state.json       status + checkpoint, atomic
-    workspaces/{workspace_id}/runs/{run_id}/state.jsonl      later states, appended (local adapter)
+    workspaces/{workspace_id}/runs/{run_id}/states/{n:012d}.json   later states (local adapter)
     workspaces/{workspace_id}/runs/{run_id}/events/{first:012d}.jsonl       numbered segments
     workspaces/{workspace_id}/runs/{run_id}/transcript/{first:012d}.jsonl
     workspaces/{workspace_id}/runs/{run_id}/lease.json       one writer at a time
@@ -33,9 +33,9 @@ line's first bytes); every other record stands for one. Ranges (``read_segments`
 ``drop_uncommitted``, ``repair_end``) count indexes, and a range that starts inside a record
 returns that whole record.
 
-The local adapter writes a run's state once as ``state.json`` and then appends each new state
-to ``state.jsonl``, whose last whole line is the state (an append costs far less than replacing
-a file); an object store replaces ``state.json``.
+The local adapter writes a run's first state as ``state.json`` and each later one as a new
+file ``states/{n}.json``, the highest whole one counting (creating a file costs far less than
+replacing one); an object store replaces ``state.json``.
 
 The two streams commit differently:
 

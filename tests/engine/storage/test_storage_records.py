@@ -101,10 +101,10 @@ async def test_fsync_mode_syncs_each_appended_file_once_per_state_write(
 
     monkeypatch.setattr(os, "fdatasync", counting)
     await storage.write_state("ws", "r1", {"last_seq": 3})
-    assert len(synced) == 3  # the events file, the transcript file, the new state log
+    assert len(synced) == 3  # the events file, the transcript file, the new state file
     synced.clear()
     await storage.write_state("ws", "r1", {"last_seq": 3})
-    assert len(synced) == 1  # nothing appended since: only the state log
+    assert len(synced) == 1  # nothing appended since: only the new state file
     await storage.close()
 
 
@@ -138,45 +138,31 @@ async def test_the_lease_is_rewritten_in_place_and_a_torn_one_reads_as_none(tmp_
     await storage.close()
 
 
-async def test_states_are_appended_and_the_last_whole_line_is_the_state(
+async def test_each_state_is_a_new_file_and_the_newest_whole_one_counts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import engine_service.storage._local as local
 
+    monkeypatch.setattr(local, "STATES_KEPT", 3)
     writer, reader = LocalStorage(tmp_path), LocalStorage(tmp_path)  # two processes, as it were
     await writer.create_run("ws", "r1", {}, {"n": 0})
+    run_dir = tmp_path / "workspaces" / "ws" / "runs" / "r1"
     assert await reader.read_state("ws", "r1") == {"n": 0}
-    for n in range(1, 6):
+    for n in range(1, 21):
         await writer.write_state("ws", "r1", {"n": n, "pad": "é" * 10})
         assert await reader.read_state("ws", "r1") == {"n": n, "pad": "é" * 10}
-    log = tmp_path / "workspaces" / "ws" / "runs" / "r1" / "state.jsonl"
-    assert len(log.read_bytes().splitlines()) == 5
+    assert 3 <= len(list((run_dir / "states").iterdir())) <= 6  # older ones removed in batches
+    assert json.loads((run_dir / "state.json").read_bytes()) == {"n": 0}  # never replaced
     await writer.close()
 
-    with open(log, "ab") as fh:
-        fh.write(b'{"n":6,"pa')  # a writer died in the middle of an append
-    assert await reader.read_state("ws", "r1") == {"n": 5, "pad": "é" * 10}
-    writer = LocalStorage(tmp_path)
-    await writer.write_state("ws", "r1", {"n": 7})  # cuts the torn line, then appends
-    assert await reader.read_state("ws", "r1") == {"n": 7}
-    assert log.read_bytes().endswith(b'"}\n{"n":7}\n')
-
-    monkeypatch.setattr(local, "STATE_LOG_BYTES", 200)
-    for n in range(8, 30):
-        await writer.write_state("ws", "r1", {"n": n, "pad": "x" * 40})
-        assert await reader.read_state("ws", "r1") == {"n": n, "pad": "x" * 40}
-    assert log.stat().st_size <= 200  # replaced by one holding the newest state, now and then
+    newest = max((run_dir / "states").iterdir())
+    torn = newest.with_name(f"{int(newest.stem) + 1:012d}.json")
+    torn.write_bytes(b'{"n":21,"pa')  # a writer died in the middle of writing it
+    assert await reader.read_state("ws", "r1") == {"n": 20, "pad": "é" * 10}
+    writer = LocalStorage(tmp_path)  # the next writer numbers after it
+    await writer.write_state("ws", "r1", {"n": 22})
+    assert await reader.read_state("ws", "r1") == {"n": 22}
     await writer.close()
-
-
-async def test_a_state_longer_than_a_read_of_the_tail_reads_back(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
-    await storage.create_run("ws", "r1", {}, {})
-    big = {"pad": "y" * 100_000}
-    await storage.write_state("ws", "r1", {"n": 1})
-    await storage.write_state("ws", "r1", big)
-    assert await LocalStorage(tmp_path).read_state("ws", "r1") == big
-    await storage.close()
 
 
 async def test_the_snapshot_cache_is_rewritten_in_place_and_a_torn_one_reads_as_none(tmp_path: Path) -> None:
