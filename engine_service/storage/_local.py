@@ -85,6 +85,8 @@ class LocalStorage:
         # still there (nobody wrote since), what repair_end and drop_uncommitted need not read.
         self._left: dict[tuple[str, str], tuple[str, dict[str, int]]] = {}
         self._known_ends: dict[tuple[str, str], dict[str, int]] = {}
+        # Where the streams of runs this process writes end, as far as it knows.
+        self._ends: dict[tuple[str, str], dict[str, int]] = {}
 
     @property
     def root(self) -> Path:
@@ -240,6 +242,7 @@ class LocalStorage:
             # segment back to its last whole record so a retry appends after it, never after
             # torn bytes; if even that fails, the retry starts a new segment (see read_segments).
             del self._appenders[key]
+            self._ends.get((ws, run_id), {}).pop(key[2], None)  # unknown now
             appender.close()
             with contextlib.suppress(OSError):
                 os.truncate(appender.path, whole)
@@ -289,23 +292,31 @@ class LocalStorage:
             return directory, []
 
     async def drop_uncommitted(self, ws: str, run_id: str, stream: str, committed: int) -> None:
+        ends = self._ends.setdefault((ws, run_id), {})
         if self._known_ends.get((ws, run_id), {}).pop(stream, None) == committed:
+            ends[stream] = committed
             return  # the stream ends where this process left it: nothing past ``committed``
         directory, starts = self._reopen(ws, run_id, stream)
         kept = [first for first in starts if first <= committed]
         for first in starts[len(kept) :]:
             (directory / segment_name(first)).unlink(missing_ok=True)
+        ends[stream] = 0
         if kept:
-            _truncate_after(directory / segment_name(kept[-1]), committed - kept[-1] + 1)
+            last = kept[-1]
+            ends[stream] = last - 1 + _truncate_after(directory / segment_name(last), committed - last + 1)
 
     async def repair_end(self, ws: str, run_id: str, stream: str) -> int:
+        ends = self._ends.setdefault((ws, run_id), {})
         known = self._known_ends.get((ws, run_id), {}).pop(stream, None)
         if known is not None:
+            ends[stream] = known
             return known  # where this process left it, whole: nobody wrote since
         directory, starts = self._reopen(ws, run_id, stream)
-        if not starts:
-            return 0
-        return starts[-1] - 1 + _truncate_after(directory / segment_name(starts[-1]), 1 << 62)
+        end = 0
+        if starts:
+            end = starts[-1] - 1 + _truncate_after(directory / segment_name(starts[-1]), 1 << 62)
+        ends[stream] = end
+        return end
 
     async def put_blob(self, ws: str, run_id: str, name: str, data: bytes) -> None:
         directory = self._run_dir(ws, run_id) / "blobs"
@@ -399,7 +410,8 @@ class LocalStorage:
 
     async def release_lease(self, ws: str, run_id: str, owner: str) -> None:
         key = (ws, run_id)
-        ends = self._known_ends.pop(key, {})
+        ends = self._ends.pop(key, {})
+        self._known_ends.pop(key, None)
         for stream in ("events", "transcript"):
             appender = self._appenders.pop((ws, run_id, stream), None)
             if appender is not None:

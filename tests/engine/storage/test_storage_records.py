@@ -183,3 +183,42 @@ async def test_the_snapshot_cache_is_rewritten_in_place_and_a_torn_one_reads_as_
     cache.write_bytes(cache.read_bytes()[:-20])  # torn
     assert not WorkdirSnapshots(tmp_path / "work", 1 << 20)._get("ws", "r1").digest
     await storage.close()
+
+
+async def test_a_run_taken_back_untouched_skips_rereading_its_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import engine_service.storage._local as local
+
+    storage, other = LocalStorage(tmp_path), LocalStorage(tmp_path)
+    await storage.create_run("ws", "r1", {}, {})
+    assert await storage.acquire_lease("ws", "r1", "me", 30)
+    await storage.write_segment("ws", "r1", "events", 1, [{"seq": 1}, _deltas(2, 3)])
+    await storage.write_segment("ws", "r1", "transcript", 1, [{"role": "user"}])
+    await storage.release_lease("ws", "r1", "me")
+
+    reads: list[Path] = []
+    real = local._truncate_after
+
+    def counting(path: Path, keep: int) -> int:
+        reads.append(path)
+        return real(path, keep)
+
+    monkeypatch.setattr(local, "_truncate_after", counting)
+    assert await storage.acquire_lease("ws", "r1", "me", 30)
+    assert await storage.repair_end("ws", "r1", "events") == 4
+    await storage.drop_uncommitted("ws", "r1", "transcript", 1)
+    assert reads == []  # nobody wrote since this process left them
+    await storage.release_lease("ws", "r1", "me")
+    assert await storage.acquire_lease("ws", "r1", "me", 30)  # and again: what it learnt carries over
+    assert await storage.repair_end("ws", "r1", "events") == 4
+    assert reads == []
+    await storage.release_lease("ws", "r1", "me")
+
+    assert await other.acquire_lease("ws", "r1", "someone-else", 30)  # another writer came by
+    await other.release_lease("ws", "r1", "someone-else")
+    assert await storage.acquire_lease("ws", "r1", "me", 30)
+    assert await storage.repair_end("ws", "r1", "events") == 4
+    assert len(reads) == 1  # read again
+    await storage.close()
+    await other.close()
