@@ -4,7 +4,8 @@ One `RunActor` exists per run being moved by this process (executing, or
 recording decisions). It is built in layers: `CheckpointedRun` (_checkpoint.py)
 owns the run's lease, appends events to the live feed and commits them together
 with transcript entries and the state document at each checkpoint;
-`ToolDispatch` (_dispatch.py) plans and runs the model's tool calls; `RunActor`
+`ToolDispatch` (_dispatch.py) plans and runs the model's tool calls; `Subagents`
+(_subagents.py) moves the children its ``Agent`` calls start; `RunActor`
 runs the loop of model turns, enforces the run's limits and pauses.
 """
 
@@ -17,11 +18,12 @@ import logging
 from typing import Any
 
 from engine_service.core._checkpoint import LeaseLost
-from engine_service.core._dispatch import REQUEST_EVENT, ToolDispatch
+from engine_service.core._dispatch import REQUEST_EVENT
 from engine_service.core._errors import RunFailure
 from engine_service.core._limits import MAX_DEPTH, is_small, too_deep
 from engine_service.core._regex import SchemaValidator
 from engine_service.core._run import PENDING, READY, RESOLVED, CallOutcome, RunError
+from engine_service.core._subagents import Subagents
 from engine_service.core._text import loads_untrusted
 from engine_service.core._types import EventKind, InterruptKind, JsonObject, Message, PauseReason, RunState
 from engine_service.models import ModelError, ModelRequest, TextChunk, TurnResult
@@ -36,7 +38,7 @@ _REPAIR_PROMPT = (
 )
 
 
-class RunActor(ToolDispatch):
+class RunActor(Subagents):
     """Executes a run: the agent loop, its limits, its end; pauses and cancels."""
 
     # -- lifecycle ---------------------------------------------------------------
@@ -154,7 +156,7 @@ class RunActor(ToolDispatch):
         Idempotent tools run again; others get an error result the model can act on.
         """
         interrupted = []
-        for p in self.record.pending:
+        for p in self.record.all_pending():
             tool = self.env.tools.get(p.call.name)
             if p.status == READY and not (tool is not None and tool.idempotent):
                 p.status, p.result_is_error, p.outcome = RESOLVED, True, CallOutcome.INTERRUPTED
