@@ -750,10 +750,10 @@ class RunViewModel:
                 self.turns = max(self.turns, event.turn)
                 changed.add(STATUS)
         elif isinstance(event, AgentStarted):
-            self.notes.append(f"subagent {path} started: {_render.short(event.task)}")
+            self.notes.append(f"subagent {path} started: {_render.clip(event.task)}")
             changed.add(NOTES)
         elif isinstance(event, AgentFinished):
-            how = f"{event.error.code}" if event.error is not None else _render.short(event.output)
+            how = event.error.code if event.error is not None else _render.clip(event.output)
             self.notes.append(f"subagent {path} {str(event.state).lower()}: {how}")
             changed.add(NOTES)
         elif isinstance(event, HandoffToRunner):

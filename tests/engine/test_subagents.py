@@ -80,6 +80,11 @@ async def _events(handle: Any) -> list[RunEvent]:
     return [e async for e in handle.events(follow=False)]
 
 
+def _code(event: AgentFinished) -> str:
+    assert event.error is not None
+    return event.error.code
+
+
 async def _run(client: AsyncEngineClient, task: str, **options: Any) -> tuple[Run, list[RunEvent]]:
     handle = await client.create(task, **options)
     run = await handle.wait(timeout=20)
@@ -219,13 +224,13 @@ async def test_a_childs_budget_ends_the_child_the_runs_ends_the_run(client: Asyn
     )
     finished = {e.agent_path: e for e in events if isinstance(e, AgentFinished)}
     # Its own budget ends the child only: the parent's call gets an error result and it goes on.
-    assert finished["call_1_1"].state == "FAILED" and finished["call_1_1"].error.code == "ERR_MAX_TURNS"
+    assert finished["call_1_1"].state == "FAILED" and _code(finished["call_1_1"]) == "ERR_MAX_TURNS"
     first = next(e for e in events if isinstance(e, ToolCallCompleted) and e.tool_name == "Agent")
     assert first.is_error and "ERR_MAX_TURNS" in first.output
     # The run's budget bounds its children: what they spend ends the run.
     assert run.state == "FAILED" and run.error is not None and run.error.code == "ERR_TOKEN_BUDGET"
     assert finished["call_2_1"].state == "FAILED"
-    assert finished["call_2_1"].error.code == "ERR_PARENT_ENDED"
+    assert _code(finished["call_2_1"]) == "ERR_PARENT_ENDED"
 
 
 async def test_a_childs_events_carry_its_path_and_a_missing_script_fails_only_it(
@@ -236,7 +241,7 @@ async def test_a_childs_events_carry_its_path_and_a_missing_script_fails_only_it
     )
     assert run.state == "DONE" and run.data == "parent ok"
     (finished,) = [e for e in events if isinstance(e, AgentFinished)]
-    assert finished.state == "FAILED" and finished.error.code == "ERR_SCRIPT_EXHAUSTED"
+    assert finished.state == "FAILED" and _code(finished) == "ERR_SCRIPT_EXHAUSTED"
 
 
 async def test_the_agent_tool_is_offered_only_when_named(client: AsyncEngineClient) -> None:

@@ -12,6 +12,7 @@ from client_py import (
     AgentFinished,
     AssistantMessage,
     AsyncEngineClient,
+    Resumed,
     RunEvent,
     ToolCallCompleted,
 )
@@ -62,7 +63,7 @@ async def test_kill_9_mid_child_then_restart_finishes_the_tree(tmp_path: Path) -
     finished = {e.agent_path: e.output for e in kept if isinstance(e, AgentFinished)}
     assert finished == {"call_1_1": "long done", "call_1_2": "short done"}
     assert [e.turn for e in kept if isinstance(e, AssistantMessage) and not e.agent_path] == [1, 2]
-    assert "recovery" in [e.resumed_by for e in kept if e.kind == "resumed"]
+    assert "recovery" in [e.resumed_by for e in kept if isinstance(e, Resumed)]
 
 
 async def test_a_run_paused_on_a_childs_call_is_decided_after_a_kill_9(tmp_path: Path) -> None:
