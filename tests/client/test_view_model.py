@@ -745,7 +745,7 @@ def test_subagents_show_by_path_and_keep_their_text_to_themselves() -> None:
             max_tokens=0,
             max_cost_usd=0.0,
             agent_path="call_1_1",
-        ),  # fmt: skip
+        ),
         feed(TextDelta, text="child thinking", turn=1, agent_path="call_1_1"),
         feed(UsageReported, turn=1, input_tokens=7, output_tokens=3, cost_usd=0.0, agent_path="call_1_1"),
         # The child's call ids are its own: the same id as the parent's is another call.
@@ -760,7 +760,7 @@ def test_subagents_show_by_path_and_keep_their_text_to_themselves() -> None:
             duration_ms=1,
             outcome="ran",
             agent_path="call_1_1",
-        ),  # fmt: skip
+        ),
         feed(
             AgentFinished, state="DONE", output="found x", error=None, meta=RunMeta(), agent_path="call_1_1"
         ),
@@ -773,7 +773,7 @@ def test_subagents_show_by_path_and_keep_their_text_to_themselves() -> None:
             output="found x",
             duration_ms=0,
             outcome="ran",
-        ),  # fmt: skip
+        ),
     ):
         model.apply(event)
     assert model.text == ""  # the child's text is not the run's

@@ -102,14 +102,16 @@ async def test_parallel_children_one_gated_through_the_parent(tree_client: Async
     events = await _events(handle)
     started = {e.agent_path: e for e in events if isinstance(e, AgentStarted)}
     assert set(started) == {"a", "b"}
-    assert started["a"].tools == ["double"] and started["a"].task == "double 21"
+    assert started["a"].tools == ["double"]
+    assert started["a"].task == "double 21"
     # The other child ran on meanwhile and finished before the run paused.
     finished = [e for e in events if isinstance(e, AgentFinished)]
     assert [(e.agent_path, e.state, e.output) for e in finished] == [("b", "DONE", "B echoed hi")]
     paused = next(e for e in events if isinstance(e, Paused))
     assert finished[0].seq < paused.seq
     requested = next(e for e in events if isinstance(e, ApprovalRequested))
-    assert requested.agent_path == "a" and requested.interrupt.agent_path == "a"
+    assert requested.agent_path == "a"
+    assert requested.interrupt.agent_path == "a"
     # Deciding through the parent resumes the child.
     await handle.approve(interrupt.interrupt_id)
     run = await handle.wait(timeout=20)
@@ -146,13 +148,16 @@ async def test_a_child_may_only_narrow_its_parents_tools(client: AsyncEngineClie
     by_call = {e.call_id: e for e in events if isinstance(e, ToolCallCompleted) and not e.agent_path}
     # Asking for a tool the parent lacks starts nothing.
     refused = by_call["call_1_1"]
-    assert refused.is_error and "ERR_AGENT_TOOLS" in refused.output and "double" in refused.output
+    assert refused.is_error
+    assert "ERR_AGENT_TOOLS" in refused.output
+    assert "double" in refused.output
     assert [e.agent_path for e in events if isinstance(e, AgentStarted)] == ["call_1_2"]
     # A child with the parent's tools (by default) still cannot call what the parent cannot.
     started = next(e for e in events if isinstance(e, AgentStarted))
     assert started.tools == ["echo", "Agent"]  # all of the parent's, no more
     inner = next(e for e in events if isinstance(e, ToolCallCompleted) and e.agent_path == "call_1_2")
-    assert inner.outcome == "unknown_tool" and "Unknown tool 'double'" in inner.output
+    assert inner.outcome == "unknown_tool"
+    assert "Unknown tool 'double'" in inner.output
     assert by_call["call_1_2"].output == "could not"
 
 
@@ -181,7 +186,8 @@ async def test_depth_is_limited(servers: ServerFactory) -> None:
         if isinstance(e, ToolCallCompleted) and e.tool_name == "Agent"
     }
     refused = agent_results[("call_1_1", "call_1_1")]
-    assert refused.is_error and "ERR_AGENT_DEPTH" in refused.output
+    assert refused.is_error
+    assert "ERR_AGENT_DEPTH" in refused.output
     deepest = agent_results[("call_1_1/call_2_1", "call_1_1")]
     assert deepest.outcome == "unknown_tool"
     assert agent_results[("call_1_1", "call_2_1")].output == "level 2 done"
@@ -203,9 +209,12 @@ async def test_cancel_cascades_to_children(client: AsyncEngineClient) -> None:
     assert run.state == "CANCELLED"
     events = await _events(handle)
     (finished,) = [e for e in events if isinstance(e, AgentFinished)]
-    assert finished.agent_path == "call_1_1" and finished.state == "CANCELLED"
-    assert finished.error is not None and finished.error.code == "ERR_CANCELLED"
-    assert events[-1].kind == "run_finished" and finished.seq < events[-1].seq
+    assert finished.agent_path == "call_1_1"
+    assert finished.state == "CANCELLED"
+    assert finished.error is not None
+    assert finished.error.code == "ERR_CANCELLED"
+    assert events[-1].kind == "run_finished"
+    assert finished.seq < events[-1].seq
 
 
 async def test_a_childs_budget_ends_the_child_the_runs_ends_the_run(client: AsyncEngineClient) -> None:
@@ -224,11 +233,15 @@ async def test_a_childs_budget_ends_the_child_the_runs_ends_the_run(client: Asyn
     )
     finished = {e.agent_path: e for e in events if isinstance(e, AgentFinished)}
     # Its own budget ends the child only: the parent's call gets an error result and it goes on.
-    assert finished["call_1_1"].state == "FAILED" and _code(finished["call_1_1"]) == "ERR_MAX_TURNS"
+    assert finished["call_1_1"].state == "FAILED"
+    assert _code(finished["call_1_1"]) == "ERR_MAX_TURNS"
     first = next(e for e in events if isinstance(e, ToolCallCompleted) and e.tool_name == "Agent")
-    assert first.is_error and "ERR_MAX_TURNS" in first.output
+    assert first.is_error
+    assert "ERR_MAX_TURNS" in first.output
     # The run's budget bounds its children: what they spend ends the run.
-    assert run.state == "FAILED" and run.error is not None and run.error.code == "ERR_TOKEN_BUDGET"
+    assert run.state == "FAILED"
+    assert run.error is not None
+    assert run.error.code == "ERR_TOKEN_BUDGET"
     assert finished["call_2_1"].state == "FAILED"
     assert _code(finished["call_2_1"]) == "ERR_PARENT_ENDED"
 
@@ -239,9 +252,11 @@ async def test_a_childs_events_carry_its_path_and_a_missing_script_fails_only_it
     run, events = await _run(
         client, "no script", script=[turn("", ("Agent", {"task": "x"})), turn("parent ok")], tools=["Agent"]
     )
-    assert run.state == "DONE" and run.data == "parent ok"
+    assert run.state == "DONE"
+    assert run.data == "parent ok"
     (finished,) = [e for e in events if isinstance(e, AgentFinished)]
-    assert finished.state == "FAILED" and _code(finished) == "ERR_SCRIPT_EXHAUSTED"
+    assert finished.state == "FAILED"
+    assert _code(finished) == "ERR_SCRIPT_EXHAUSTED"
 
 
 async def test_the_agent_tool_is_offered_only_when_named(client: AsyncEngineClient) -> None:

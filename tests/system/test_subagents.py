@@ -86,7 +86,8 @@ async def test_a_run_paused_on_a_childs_call_is_decided_after_a_kill_9(tmp_path:
         async with AsyncEngineClient(restarted.target) as client:
             handle = await client.attach(handle.run_id)
             (interrupt,) = handle.run.interrupts
-            assert interrupt.agent_path == "call_1_1" and interrupt.tool_name == "noop"
+            assert interrupt.agent_path == "call_1_1"
+            assert interrupt.tool_name == "noop"
             await handle.approve(interrupt.interrupt_id)
             run = await wait_done(client, handle.run_id)
             events = await _events(client, handle.run_id)
