@@ -93,6 +93,7 @@ async def test_a_run_paused_on_a_childs_call_is_decided_after_a_kill_9(tmp_path:
             events = await _events(client, handle.run_id)
     finally:
         restarted.close()
-    assert run.state == "DONE" and run.data == "parent done", run
+    assert run.state == "DONE", run
+    assert run.data == "parent done"
     agent_call = next(e for e in events if isinstance(e, ToolCallCompleted) and e.tool_name == "Agent")
     assert agent_call.output == "child done"
