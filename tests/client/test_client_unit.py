@@ -502,6 +502,7 @@ def test_an_events_agent_path_is_kept() -> None:
     proto = event_pb2.RunEvent(run_id="r1", seq=7, time=T0, agent_path="call_1_1/call_2_1")
     proto.text_delta.CopyFrom(event_pb2.TextDelta(text="hi", turn=1))
     event = _types.event_from_proto(proto)
+    assert isinstance(event, client_py.TextDelta)
     assert (event.agent_path, event.text) == ("call_1_1/call_2_1", "hi")
     assert "[call_1_1/call_2_1]" in str(event)
     interrupt = run_pb2.Interrupt(interrupt_id="i", agent_path="call_1_1", create_time=T0)
