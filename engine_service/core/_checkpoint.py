@@ -115,6 +115,7 @@ class CheckpointedRun:
         # The transcripts of the subagents moved here so far, by path (core/_subagents.py).
         self._child_transcripts: dict[str, list[Message]] = {}
         self._child_models: dict[str, ModelAdapter] = {}
+        self._child_written: dict[str, int] = {}  # entries of each transcript blob written
         # One commit at a time: parallel subagents each checkpoint.
         self._commit_lock = asyncio.Lock()
 
@@ -223,25 +224,34 @@ class CheckpointedRun:
         record, storage = self.record, self.env.storage
         ws, run_id = self.key
         await self._snapshot_workdir()
-        await self.write_events()
-        if len(self.transcript) > self._transcript_committed:
-            new_entries = self.transcript[self._transcript_committed :]
-            await storage.write_segment(
-                ws, run_id, "transcript", self._transcript_committed + 1, [m.to_json() for m in new_entries]
-            )
+        # What this checkpoint commits is taken at one instant: subagents running in parallel
+        # (core/_subagents.py) move on while it is written, and a state document that counted a
+        # turn whose transcript entry or events it does not commit would not recover.
+        upto = self._last_seq
+        first = self._transcript_committed + 1
+        new_entries = [m.to_json() for m in self.transcript[self._transcript_committed :]]
+        child_blobs = {
+            path: [m.to_json() for m in entries]
+            for path, entries in self._child_transcripts.items()
+            if self._child_written.get(path) != len(entries)
+        }
         for path, entries in self._child_transcripts.items():
-            child = record.children[path]
-            if len(entries) != child.transcript_len:
-                # Rewritten whole: a subagent's transcript is short next to its run's.
-                blob = json.dumps([m.to_json() for m in entries]).encode()
-                await storage.put_blob(ws, run_id, transcript_blob(path), blob)
-                child.transcript_len = len(entries)
-        record.last_seq = self._written_seq
+            record.children[path].transcript_len = len(entries)
         record.transcript_len = len(self.transcript)
         record.updated_at = self.env.clock()
-        await storage.write_state(ws, run_id, record.to_json())
+        doc = record.to_json()
+        await self.write_events()
+        if new_entries:
+            await storage.write_segment(ws, run_id, "transcript", first, new_entries)
+        for path, docs in child_blobs.items():
+            # Rewritten whole: a subagent's transcript is short next to its run's.
+            await storage.put_blob(ws, run_id, transcript_blob(path), json.dumps(docs).encode())
+            self._child_written[path] = len(docs)
+        doc["last_seq"] = min(upto, self._written_seq)
+        await storage.write_state(ws, run_id, doc)
+        record.last_seq = doc["last_seq"]
         self._shown = None
-        self._transcript_committed = record.transcript_len
+        self._transcript_committed = doc["transcript_len"]
         if self._held:
             self.feed.publish_many(self._held)
             self._held = []

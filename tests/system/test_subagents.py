@@ -29,9 +29,16 @@ async def _events(client: AsyncEngineClient, run_id: str) -> list[RunEvent]:
 
 async def test_kill_9_mid_child_then_restart_finishes_the_tree(tmp_path: Path) -> None:
     turns = 60
-    long = [turn(f"step {i}", ("noop", {"i": i})) for i in range(1, turns + 1)] + [turn("long done")]
+
+    def steps(n: int, answer: str) -> list[dict[str, Any]]:
+        return [turn(f"step {i}", ("noop", {"i": i})) for i in range(1, n + 1)] + [turn(answer)]
+
+    # Two children checkpoint in parallel: each commit must be one consistent instant of both.
     script = [turn("", ("Agent", {"task": "long"}), ("Agent", {"task": "short"})), turn("parent done")]
-    scripts: dict[str, Any] = {"call_1_1": long, "call_1_2": [turn("", ("noop", {})), turn("short done")]}
+    scripts: dict[str, Any] = {
+        "call_1_1": steps(turns, "long done"),
+        "call_1_2": steps(turns // 2, "short done"),
+    }
     engine = EngineProcess(tmp_path, env=env_for(tmp_path))
     try:
         async with AsyncEngineClient(engine.target) as client:
@@ -58,8 +65,9 @@ async def test_kill_9_mid_child_then_restart_finishes_the_tree(tmp_path: Path) -
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     undone = undone_seqs(events)
     kept = [e for e in events if e.seq not in undone]
-    child_turns = [e.turn for e in kept if isinstance(e, AssistantMessage) and e.agent_path == "call_1_1"]
-    assert child_turns == list(range(1, turns + 2))  # every child turn exactly once, in order
+    for path, n in (("call_1_1", turns), ("call_1_2", turns // 2)):
+        child_turns = [e.turn for e in kept if isinstance(e, AssistantMessage) and e.agent_path == path]
+        assert child_turns == list(range(1, n + 2))  # every child turn exactly once, in order
     finished = {e.agent_path: e.output for e in kept if isinstance(e, AgentFinished)}
     assert finished == {"call_1_1": "long done", "call_1_2": "short done"}
     assert [e.turn for e in kept if isinstance(e, AssistantMessage) and not e.agent_path] == [1, 2]
