@@ -143,3 +143,15 @@ def test_the_incremental_view_matches_the_view_from_scratch() -> None:
             assert [m.role for m in view].count("assistant") == 3
     # A transcript read back (say after a crash) gives the same view.
     assert ContextWindow().messages(list(transcript)) == model_view(transcript)
+
+
+async def test_the_bench_sees_bounded_input_with_compaction_and_growing_without() -> None:
+    from bench.compaction import input_tokens_per_turn
+
+    compacted, compactions = await input_tokens_per_turn(40, 3_000)
+    growing, none = await input_tokens_per_turn(40, 0)
+    assert compactions > 0
+    assert none == 0
+    assert max(compacted) <= 3_000
+    assert growing == sorted(growing)
+    assert growing[-1] > 3 * compacted[-1]
