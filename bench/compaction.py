@@ -68,7 +68,10 @@ async def rows(quick: bool) -> list[dict[str, Any]]:
     return [
         {
             "name": f"model input tokens at turn {turns}, compaction (window {WINDOW:,})",
-            "value": f"{at:,} (turn {turns // 2}: {half:,}; max from turn 20: {late_max:,}; {compactions} compactions)",
+            "value": (
+                f"{at:,} (turn {turns // 2}: {half:,}; max from turn 20: {late_max:,}; "
+                f"{compactions} compactions)"
+            ),
             "target": "bounded by the window, not growing",
             "verdict": "MET" if bounded else "MISSED",
             "data": data,
