@@ -21,6 +21,7 @@ lease, event log and checkpoints, so a crash recovers the children with the run.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from engine_service.core._checkpoint import transcript_blob
@@ -34,8 +35,16 @@ from engine_service.core._run import (
     ChildState,
     RunError,
 )
-from engine_service.core._types import EventKind, Message, ToolCall, ToolChoice
-from engine_service.models import ModelAdapter, ModelError, ModelRequest, ScriptedModel, TextChunk, TurnResult
+from engine_service.core._types import EventKind, Message, ToolCall, ToolChoice, Usage
+from engine_service.models import (
+    ModelAdapter,
+    ModelError,
+    ModelRequest,
+    ScriptedModel,
+    TextChunk,
+    ToolSpec,
+    TurnResult,
+)
 from engine_service.tools._registry import AGENT_TOOL, Tool, capability_error
 
 # How deep subagents may nest by default: the run's agent is at depth 0, its children at 1.
@@ -243,10 +252,11 @@ class Subagents(ToolDispatch):
     ) -> TurnResult:
         env, path = self.env, child.path
         turn = child.turns + 1
+        specs = [t.spec() for t in tools.values()]
         request = ModelRequest(
             system=env.system_prompt,
-            messages=self._model_messages(transcript),
-            tools=[t.spec() for t in tools.values()],
+            messages=await self._context_messages(specs, child),
+            tools=specs,
             tool_choice=ToolChoice.AUTO,
             max_output_tokens=env.max_output_tokens,
             turn=child.turns,
@@ -260,11 +270,8 @@ class Subagents(ToolDispatch):
         if result is None:
             raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
         child.turns = turn
-        cost = (result.usage.input_tokens * env.price[0] + result.usage.output_tokens * env.price[1]) / 1e6
-        # What a child spends, its parents and the run spend: their budgets bound it.
-        for payer in self._lineage(path):
-            payer.usage.add(result.usage)
-            payer.cost_usd += cost
+        cost = result.usage.cost(env.price)
+        self._spend(path, result.usage, cost)
         self.record.meta.usage.add(result.usage)
         self.record.meta.cost_usd += cost
         transcript.append(Message("assistant", result.text, result.tool_calls))
@@ -276,13 +283,18 @@ class Subagents(ToolDispatch):
         self.emit(EventKind.USAGE, {"turn": turn, "usage": result.usage.to_json(), "cost_usd": cost}, path)
         return result
 
-    def _model_messages(self, transcript: list[Message]) -> list[Message]:
-        """What the model is sent of a transcript (all of it)."""
-        return transcript
+    async def _context_messages(
+        self, tools: Sequence[ToolSpec], child: ChildState | None = None
+    ) -> Sequence[Message]:
+        raise NotImplementedError  # RunActor: what the model sees, compacted when it grows
 
-    def _lineage(self, path: str) -> list[ChildState]:
+    def _spend(self, path: str, usage: Usage, cost: float) -> None:
+        """What a subagent spends, its parents spend too: their budgets bound it."""
         parts = path.split("/")
-        return [self.record.children["/".join(parts[: i + 1])] for i in range(len(parts))]
+        for i in range(len(parts)):
+            payer = self.record.children["/".join(parts[: i + 1])]
+            payer.usage.add(usage)
+            payer.cost_usd += cost
 
 
 def _answer(child: ChildState) -> tuple[str, bool]:
