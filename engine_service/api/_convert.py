@@ -169,13 +169,12 @@ def api_services_from_proto(api: svc.ApiSpec) -> list[JsonObject]:
     return out
 
 
-def _script_from_proto(turns: Any) -> list[ScriptedTurn]:
+def _script_from_proto(turns: Any, where: str) -> list[ScriptedTurn]:
     script = []
     for turn in turns:
-        usage = Usage(turn.usage.input_tokens, turn.usage.output_tokens) if turn.HasField("usage") else None
+        usage = _usage_from_proto(turn.usage) if turn.HasField("usage") else None
         calls = [
-            (c.name, struct_to_dict(c.arguments, "model.agent_scripts.script.tool_calls.arguments"))
-            for c in turn.tool_calls
+            (c.name, struct_to_dict(c.arguments, f"{where}.tool_calls.arguments")) for c in turn.tool_calls
         ]
         script.append(ScriptedTurn(turn.text, calls, usage))
     return script
@@ -183,17 +182,10 @@ def _script_from_proto(turns: Any) -> list[ScriptedTurn]:
 
 def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]:
     model = message.model
-    script = None
-    if model.script:
-        script = []
-        for turn in model.script:
-            usage = _usage_from_proto(turn.usage) if turn.HasField("usage") else None
-            calls = [
-                (c.name, struct_to_dict(c.arguments, "model.script.tool_calls.arguments"))
-                for c in turn.tool_calls
-            ]
-            script.append(ScriptedTurn(turn.text, calls, usage))
-    agent_scripts = {s.agent_path: _script_from_proto(s.script) for s in model.agent_scripts}
+    script = _script_from_proto(model.script, "model.script") if model.script else None
+    agent_scripts = {
+        s.agent_path: _script_from_proto(s.script, "model.agent_scripts.script") for s in model.agent_scripts
+    }
     permissions = {}
     for name, value in message.permissions.items():
         if value not in _PERMISSIONS:
