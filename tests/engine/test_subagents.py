@@ -14,10 +14,12 @@ from client_py import (
     ApprovalRequested,
     AssistantMessage,
     AsyncEngineClient,
+    ContextCompacted,
     Paused,
     Run,
     RunEvent,
     ToolCallCompleted,
+    UsageReported,
 )
 from engine_service.core._types import ToolCall, Usage
 from engine_service.models import ModelRequest, TextChunk, TurnResult
@@ -265,3 +267,26 @@ async def test_the_agent_tool_is_offered_only_when_named(client: AsyncEngineClie
     (completed,) = [e for e in events if isinstance(e, ToolCallCompleted)]
     assert completed.outcome == "unknown_tool"
     assert not [e for e in events if isinstance(e, AgentStarted)]
+
+
+async def test_a_long_working_child_is_compacted_like_its_run(client: AsyncEngineClient) -> None:
+    filler = "lorem ipsum dolor sit amet " * 22
+    steps = [turn(f"step {i}", ("echo", {"text": f"{i}: {filler}"})) for i in range(60)]
+    run, events = await _run(
+        client,
+        "delegate",
+        script=[turn("", ("Agent", {"task": "work long"})), turn("parent done")],
+        agent_scripts={"call_1_1": [*steps, turn("child done")]},
+        tools=["Agent", "echo"],
+        context_window_tokens=3_000,
+        max_turns=100,
+    )
+    assert run.state == "DONE", run.error
+    compactions = [e for e in events if isinstance(e, ContextCompacted)]
+    assert compactions
+    assert {e.agent_path for e in compactions} == {"call_1_1"}  # the run's own stayed small
+    child_inputs = [e.input_tokens for e in events if isinstance(e, UsageReported) and e.agent_path]
+    assert len(child_inputs) == 61
+    assert max(child_inputs) <= 3_000  # bounded by the window, not growing with the child's work
+    agent_call = next(e for e in events if isinstance(e, ToolCallCompleted) and e.tool_name == "Agent")
+    assert agent_call.output == "child done"
