@@ -63,11 +63,11 @@ typecheck: (sync "lint" "test" "browser" "bench")
     {{venv}}/mypy
 
 # Run the whole test suite, slow tests included (pass pytest args, e.g. `just test -k resume`, `just test tests/engine`).
-test *args: (sync "test" "browser" "fuzz" "lint")
+test *args: (sync "test" "browser" "fuzz" "lint" "bench")
     {{venv}}/python -m pytest {{args}}
 
 # The tests not marked slow, in a few minutes (no engine/runner/fuzz/MCP processes, storage faults or kill -9): `just test-fast -x`.
-test-fast *args: (sync "test" "browser" "fuzz" "lint")
+test-fast *args: (sync "test" "browser" "fuzz" "lint" "bench")
     {{venv}}/python -m pytest -m "not slow" -p no:cacheprovider {{args}}
 
 # The end-to-end demo: a real engine process, a scripted (or real, with an API key) run, an approval.

@@ -86,12 +86,17 @@ async def run_group(name: str, title: str, measure: GroupFn, ctx: Context) -> di
     started = time.perf_counter()
     try:
         rows = await measure(ctx)
-    except Exception as exc:  # noqa: BLE001 - one broken group must not take the bench down
+    except Exception as exc:
         traceback.print_exc(file=sys.stderr)
         rows = [error_row(f"{title}: the group failed", exc)]
     for r in rows:
         r.group = name
-    return {"name": name, "title": title, "seconds": time.perf_counter() - started, "rows": [r.as_dict() for r in rows]}
+    return {
+        "name": name,
+        "title": title,
+        "seconds": time.perf_counter() - started,
+        "rows": [r.as_dict() for r in rows],
+    }
 
 
 def _load() -> list[float]:
@@ -136,7 +141,10 @@ def _cells(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 def text_table(result: dict[str, Any]) -> str:
     rows = [c for g in result["groups"] for c in _cells(g)]
     widths = [min(90, max(len(r[i]) for r in [*rows, HEADER])) for i in range(4)]
-    lines = [f"Machina bench — {result['machine']}{' (--quick)' if result['quick'] else ''}", _describe_load(result)]
+    lines = [
+        f"Machina bench — {result['machine']}{' (--quick)' if result['quick'] else ''}",
+        _describe_load(result),
+    ]
     for group in result["groups"]:
         lines += ["", f"## {group['title']} [{group['name']}] ({group['seconds']:.0f} s)"]
         lines.append(" | ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True)))
@@ -210,13 +218,21 @@ def load_result(path: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer and smaller repetitions (a smoke run)")
     parser.add_argument("--only", metavar="NAME[,NAME]", help="run only these groups (see --list)")
     parser.add_argument("--list", action="store_true", help="list the groups and exit")
-    parser.add_argument("--out", default=str(ROOT / "bench-results" / "bench.json"), help="where to write the result")
-    parser.add_argument("--compare", metavar="OLD.json", help="print each figure's ratio to an earlier result")
-    parser.add_argument("--results", metavar="NEW.json", help="with --compare: compare this file, measure nothing")
+    parser.add_argument(
+        "--out", default=str(ROOT / "bench-results" / "bench.json"), help="where to write the result"
+    )
+    parser.add_argument(
+        "--compare", metavar="OLD.json", help="print each figure's ratio to an earlier result"
+    )
+    parser.add_argument(
+        "--results", metavar="NEW.json", help="with --compare: compare this file, measure nothing"
+    )
     ns = parser.parse_args(argv)
     groups = registry()
     if ns.list:

@@ -25,7 +25,6 @@ from engine_service import (
     Storage,
     ToolRegistry,
 )
-from bench._rows import summarize
 from engine_service.testing import ASK_USER, SAMPLE_TOOLS
 from machina.engine.v1 import engine_service_pb2 as svc
 

@@ -223,7 +223,13 @@ async def concurrent_runs(target: str, runs: int, turns: int) -> dict[str, float
             states.append(run.state)
         elapsed = time.perf_counter() - started
     done = sum(s == DONE for s in states)
-    return {"runs": runs, "done": done, "turns": turns, "seconds": elapsed, "turns_per_s": done * turns / elapsed}
+    return {
+        "runs": runs,
+        "done": done,
+        "turns": turns,
+        "seconds": elapsed,
+        "turns_per_s": done * turns / elapsed,
+    }
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -238,7 +244,9 @@ async def scripted_streams_per_second(
     """Aggregate events/s of ``streams`` concurrent ExecuteRun calls of the scripted model, each on
     its own connection (so SO_REUSEPORT can spread them over engine processes), and each engine
     process's share of the CPU the engines spent."""
-    spec = svc.RunSpec(task="streams", model=svc.ModelSpec(provider="scripted", script=[scripted("w " * words)]))
+    spec = svc.RunSpec(
+        task="streams", model=svc.ModelSpec(provider="scripted", script=[scripted("w " * words)])
+    )
     out: dict[str, list[float]] = {"events_per_s": [], "cpu_share": []}
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)]
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(streams)]

@@ -29,7 +29,8 @@ async def adapters_group(ctx: Any) -> list[Row]:
         whole = [summarize(built[t][f"{name}_baseline"])["median"] for t in (10, 1000)]
         out.append(row(
             f"{title} adapter: build one request, 10 / 1,000 turns of history",
-            f"{now[0]:,.0f} / {now[1]:,.0f} µs (whole history each turn: {whole[0]:,.0f} / {whole[1]:,.0f} µs)",
+            f"{now[0]:,.0f} / {now[1]:,.0f} µs "
+            f"(whole history each turn: {whole[0]:,.0f} / {whole[1]:,.0f} µs)",
             {"us_10": now[0], "us_1000": now[1], "whole_us_10": whole[0], "whole_us_1000": whole[1]},
         ))  # fmt: skip
     return out
@@ -53,7 +54,9 @@ async def streams_group(ctx: Any) -> list[Row]:
             progress(f"events/s over one stream, scripted model ({n_events:,} events), and its replay")
             eps = await _grpc.scripted_events_per_second(target, n_events, repeats)
             words = 400 if quick else 2_000
-            progress(f"events/s over 50 concurrent streams of the scripted model, one engine ({words:,} each)")
+            progress(
+                f"events/s over 50 concurrent streams of the scripted model, one engine ({words:,} each)"
+            )
             one = await _grpc.scripted_streams_per_second(target, 50, words, repeats, [proc.pid])
         finally:
             stop_engine(proc)
@@ -79,7 +82,9 @@ async def streams_group(ctx: Any) -> list[Row]:
             stop_engine(host)
     out.insert(0, row(
         "events/s, one stream, live ExecuteRun (streaming adapter)", f"{single['median']:,.0f}",
-        {"events_per_s": single["median"]}, at_least("events_per_s", 1e5, "≥ 100,000"), {"events_per_s": single},
+        {"events_per_s": single["median"]},
+        at_least("events_per_s", 1e5, "≥ 100,000"),
+        {"events_per_s": single},
     ))  # fmt: skip
     out.append(row(
         "events/s, 50 concurrent ExecuteRun streams together (streaming adapter, one engine)",
@@ -112,7 +117,9 @@ async def _two_processes(storage: Path, words: int, repeats: int, one: dict[str,
                     return not_available(name, "the engine has no --reuse-port option", "≥ 300,000")
                 raise
             procs.append(proc)
-        progress("events/s over 50 concurrent streams of the scripted model, two engine processes on one port")
+        progress(
+            "events/s over 50 concurrent streams of the scripted model, two engine processes on one port"
+        )
         two = await _grpc.scripted_streams_per_second(listen, 50, words, repeats, [p.pid for p in procs])
     finally:
         for proc in procs:
@@ -120,8 +127,13 @@ async def _two_processes(storage: Path, words: int, repeats: int, one: dict[str,
     s, share = summarize(two["events_per_s"]), summarize(two["cpu_share"])
     return row(
         name,
-        f"{s['median']:,.0f} vs {one['median']:,.0f} (the less busy process did {share['median']:.0%} of the work)",
-        {"events_per_s": s["median"], "one_process_events_per_s": one["median"], "cpu_share": share["median"]},
+        f"{s['median']:,.0f} vs {one['median']:,.0f} "
+        f"(the less busy process did {share['median']:.0%} of the work)",
+        {
+            "events_per_s": s["median"],
+            "one_process_events_per_s": one["median"],
+            "cpu_share": share["median"],
+        },
         at_least("events_per_s", 3e5, "≥ 300,000"),
         {"two_processes": s, "one_process": one, "cpu_share": share},
     )

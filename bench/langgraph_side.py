@@ -66,7 +66,9 @@ def measure(agent_kind: str, sync: str, turns: int, runs: int) -> dict[str, Any]
             turn = sum(1 for m in messages if isinstance(m, AIMessage)) + 1
             text, calls = edit_script(self.turns)[turn - 1]
             tool_calls = [{"name": n, "args": a, "id": f"call_{turn}_{i}"} for i, (n, a) in enumerate(calls)]
-            return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text, tool_calls=tool_calls))])
+            return ChatResult(
+                generations=[ChatGeneration(message=AIMessage(content=text, tool_calls=tool_calls))]
+            )
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-lg-work-"))
 

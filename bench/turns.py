@@ -97,7 +97,10 @@ async def machina_batch(
             side.runs.setdefault(turns, []).append(elapsed)
             if turns not in side.storage_bytes:
                 side.storage_bytes[turns] = dir_bytes(storage / "workspaces" / "default" / "runs" / run_id)
-    side.rss[turns] = {"rss_mb": proc_status_mb(proc.pid, "VmRSS"), "peak_rss_mb": proc_status_mb(proc.pid, "VmHWM")}
+    side.rss[turns] = {
+        "rss_mb": proc_status_mb(proc.pid, "VmRSS"),
+        "peak_rss_mb": proc_status_mb(proc.pid, "VmHWM"),
+    }
 
 
 def langgraph_batch(agent: str, sync: str, side: Side, turns: int, runs: int) -> None:
@@ -141,15 +144,22 @@ async def rows(ctx: Any) -> list[Row]:
             for label, value in (("fsync off", "false"), ("fsync on", "true")):
                 storage = Path(tmp) / label.replace(" ", "-")
                 storage.mkdir()
-                proc, target, _ = start_engine(storage, {"MACHINA_FSYNC": value}, name=label.replace(" ", "-"))
+                proc, target, _ = start_engine(
+                    storage, {"MACHINA_FSYNC": value}, name=label.replace(" ", "-")
+                )
                 engines[label] = (proc, target, storage)
             for rep in range(reps):
                 for turns, runs in sizes.items():
-                    progress(f"per turn, {turns}-turn runs ×{runs}, repetition {rep + 1}/{reps}: Machina, LangGraph")
+                    progress(
+                        f"per turn, {turns}-turn runs ×{runs}, "
+                        f"repetition {rep + 1}/{reps}: Machina, LangGraph"
+                    )
                     for label, (proc, target, storage) in engines.items():
                         await machina_batch(target, proc, storage, sides[label], turns, runs)
                     for agent, sync in LANGGRAPH:
-                        await asyncio.to_thread(langgraph_batch, agent, sync, sides[f"{agent} {sync}"], turns, runs)
+                        await asyncio.to_thread(
+                            langgraph_batch, agent, sync, sides[f"{agent} {sync}"], turns, runs
+                        )
         finally:
             for proc, _, _ in engines.values():
                 stop_engine(proc)
@@ -158,7 +168,9 @@ async def rows(ctx: Any) -> list[Row]:
     return table(sides, sizes, in_process)
 
 
-def table(sides: dict[str, Side], sizes: dict[int, int], in_process: dict[int, dict[str, float]]) -> list[Row]:
+def table(
+    sides: dict[str, Side], sizes: dict[int, int], in_process: dict[int, dict[str, float]]
+) -> list[Row]:
     small, big = min(sizes), max(sizes)
     off, on = sides["fsync off"], sides["fsync on"]
     lg_off, lg_on = sides["create_agent off"], sides["create_agent default"]
@@ -190,7 +202,8 @@ def table(sides: dict[str, Side], sizes: dict[int, int], in_process: dict[int, d
                 f"LangGraph {what} per turn, {turns:,}-turn run (SqliteSaver)",
                 f"default sync {ms(d, 2, 'range')}; synchronous=OFF {ms(o, 2, 'range')}",
                 {"default_p50_ms": d["median"], "sync_off_p50_ms": o["median"]},
-                None, {"default_sync": d, "sync_off": o, "pragmas": sides[f"{agent} default"].extra.get("pragmas")},
+                None,
+                {"default_sync": d, "sync_off": o, "pragmas": sides[f"{agent} default"].extra.get("pragmas")},
             ))  # fmt: skip
     targets = {(small, "off"): 0.2, (small, "on"): 0.3, (big, "off"): 0.05, (big, "on"): 0.03}
     for turns in (small, big):
@@ -208,7 +221,10 @@ def table(sides: dict[str, Side], sizes: dict[int, int], in_process: dict[int, d
                 {"ratio": ratios["median"]}, at_most("ratio", limit, f"≤ {limit:g}×"), {"ratios": ratios},
             ))  # fmt: skip
     ours_rss, theirs_rss = off.rss.get(big, {}), lg_off.rss.get(big, {})
-    peak_ours, peak_theirs = ours_rss.get("peak_rss_mb", float("nan")), theirs_rss.get("peak_rss_mb", float("nan"))
+    peak_ours, peak_theirs = (
+        ours_rss.get("peak_rss_mb", float("nan")),
+        theirs_rss.get("peak_rss_mb", float("nan")),
+    )
     out.append(row(
         f"peak RSS after {big:,}-turn runs: engine process vs LangGraph create_agent process",
         f"{peak_ours:.0f} MB vs {peak_theirs:.0f} MB",
@@ -227,4 +243,3 @@ def table(sides: dict[str, Side], sizes: dict[int, int], in_process: dict[int, d
             ms(s, 3), {"p50_ms": s["median"]}, None, {"per_turn_ms": s},
         ))  # fmt: skip
     return out
-
