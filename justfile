@@ -74,7 +74,7 @@ test-fast *args: (sync "test" "browser" "fuzz" "lint" "bench")
 demo: setup
     {{venv}}/python -m demo
 
-# Benchmarks against the performance targets: prints a table and writes bench-results/bench.json (`just bench --quick` for a smoke run).
+# Benchmarks against the performance targets: a table and bench-results/bench.json (`--quick`, `--only turns,s3`, `--compare OLD.json`, `--list`).
 bench *args: (sync "test" "bench")
     {{venv}}/python -m bench {{args}}
 
