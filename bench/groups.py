@@ -18,4 +18,6 @@ NAME`` runs it alone.
 from __future__ import annotations
 
 # (module under bench/, title printed above its rows)
-GROUPS: list[tuple[str, str]] = []
+GROUPS: list[tuple[str, str]] = [
+    ("compaction", "Context compaction: model input per turn of a long run"),
+]
