@@ -45,6 +45,7 @@ from client_py._types import (
     ApiCallMetered,
     ApprovalDecided,
     AssistantMessage,
+    ContextCompacted,
     HandoffToRunner,
     Interrupt,
     Paused,
@@ -756,6 +757,18 @@ class RunViewModel:
             how = event.error.code if event.error is not None else _render.clip(event.output)
             self.notes.append(f"subagent {path} {str(event.state).lower()}: {how}")
             changed.add(NOTES)
+        elif isinstance(event, ContextCompacted):
+            whose = f"subagent {path} " if path else ""
+            self.notes.append(
+                f"{whose}context compacted before turn {event.turn}: {event.turns_summarized} turns summarised, "
+                f"~{event.tokens_before:,} → ~{event.tokens_after:,} tokens"
+            )
+            changed.add(NOTES)
+            if fresh:  # the summarising call counts in the run's usage and cost
+                self.input_tokens += event.usage.input_tokens
+                self.output_tokens += event.usage.output_tokens
+                self.cost_usd += event.cost_usd if math.isfinite(event.cost_usd) else 0.0
+                changed.add(STATUS)
         elif isinstance(event, HandoffToRunner):
             self.handoff_tools = list(event.tools)
             self.notes.append(f"handed off to the runner for {', '.join(event.tools) or 'its tools'}")
