@@ -760,7 +760,8 @@ class RunViewModel:
         elif isinstance(event, ContextCompacted):
             whose = f"subagent {path} " if path else ""
             self.notes.append(
-                f"{whose}context compacted before turn {event.turn}: {event.turns_summarized} turns summarised, "
+                f"{whose}context compacted before turn {event.turn}: "
+                f"{event.turns_summarized} turns summarised, "
                 f"~{event.tokens_before:,} → ~{event.tokens_after:,} tokens"
             )
             changed.add(NOTES)
