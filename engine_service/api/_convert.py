@@ -15,6 +15,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from engine_service.core._errors import invalid, shown
 from engine_service.core._limits import MAX_DEPTH, MAX_SCHEMA_BYTES, too_deep
 from engine_service.core._run import (
+    AgentState,
     ClientToolDef,
     Decision,
     DecisionAction,
@@ -168,20 +169,23 @@ def api_services_from_proto(api: svc.ApiSpec) -> list[JsonObject]:
     return out
 
 
+def _script_from_proto(turns: Any, where: str) -> list[ScriptedTurn]:
+    script = []
+    for turn in turns:
+        usage = _usage_from_proto(turn.usage) if turn.HasField("usage") else None
+        calls = [
+            (c.name, struct_to_dict(c.arguments, f"{where}.tool_calls.arguments")) for c in turn.tool_calls
+        ]
+        script.append(ScriptedTurn(turn.text, calls, usage))
+    return script
+
+
 def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]:
     model = message.model
-    script = None
-    if model.script:
-        script = []
-        for turn in model.script:
-            usage = (
-                Usage(turn.usage.input_tokens, turn.usage.output_tokens) if turn.HasField("usage") else None
-            )
-            calls = [
-                (c.name, struct_to_dict(c.arguments, "model.script.tool_calls.arguments"))
-                for c in turn.tool_calls
-            ]
-            script.append(ScriptedTurn(turn.text, calls, usage))
+    script = _script_from_proto(model.script, "model.script") if model.script else None
+    agent_scripts = {
+        s.agent_path: _script_from_proto(s.script, "model.agent_scripts.script") for s in model.agent_scripts
+    }
     permissions = {}
     for name, value in message.permissions.items():
         if value not in _PERMISSIONS:
@@ -210,6 +214,7 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
         model_name=model.name,
         script=script,
         max_output_tokens=model.max_output_tokens,
+        context_window_tokens=model.context_window_tokens,
         max_turns=message.limits.max_turns,
         max_tokens=message.limits.max_tokens,
         timeout_ms=message.limits.timeout_ms,
@@ -230,6 +235,7 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
         api_services=api_services_from_proto(message.api),
         mcp_servers=list(message.mcp_servers.servers) if message.HasField("mcp_servers") else None,
         sandbox_network=message.sandbox_network if message.HasField("sandbox_network") else None,
+        agent_scripts=agent_scripts,
     )
     client_tools = [
         ClientToolDef(
@@ -302,6 +308,7 @@ def interrupt_to_proto(i: Interrupt) -> rp.Interrupt:
         create_time=_time(i.created_at),
         expire_time=_time(i.expires_at) if i.expires_at else None,
         input_schema=_struct(i.input_schema),
+        agent_path=i.agent_path,
     )
 
 
@@ -309,10 +316,23 @@ def _error(e: RunError | None) -> rp.RunError | None:
     return None if e is None else rp.RunError(code=e.code, message=e.message, metadata=e.metadata)
 
 
+def _usage(u: Usage) -> rp.Usage:
+    return rp.Usage(
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        cache_read_tokens=u.cache_read_tokens,
+        cache_write_tokens=u.cache_write_tokens,
+    )
+
+
+def _usage_from_proto(u: rp.Usage) -> Usage:
+    return Usage(u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens)
+
+
 def _meta(m: RunMeta) -> rp.RunMeta:
     return rp.RunMeta(
         turns=m.turns,
-        usage=rp.Usage(input_tokens=m.usage.input_tokens, output_tokens=m.usage.output_tokens),
+        usage=_usage(m.usage),
         cost_usd=m.cost_usd,
         duration_ms=m.duration_ms,
         capabilities_missing=m.capabilities_missing,
@@ -407,10 +427,16 @@ def _payload(kind: EventKind, d: JsonObject) -> Any:
     if kind is EventKind.RESUMED:
         return ev.Resumed(resumed_by=d["by"], rolled_back_from_seq=d.get("rolled_back_from", 0))
     if kind is EventKind.USAGE:
-        u = d["usage"]
         return ev.UsageReported(
+            turn=d["turn"], usage=_usage(Usage.from_json(d["usage"])), cost_usd=d["cost_usd"]
+        )
+    if kind is EventKind.CONTEXT_COMPACTED:
+        return ev.ContextCompacted(
             turn=d["turn"],
-            usage=rp.Usage(input_tokens=u["input_tokens"], output_tokens=u["output_tokens"]),
+            turns_summarized=d["turns_summarized"],
+            tokens_before=d["tokens_before"],
+            tokens_after=d["tokens_after"],
+            usage=_usage(Usage.from_json(d["usage"])),
             cost_usd=d["cost_usd"],
         )
     if kind is EventKind.API_CALL:
@@ -425,8 +451,25 @@ def _payload(kind: EventKind, d: JsonObject) -> Any:
             error=_error(RunError.from_json(error) if error else None),
             meta=_meta(RunMeta.from_json(d["meta"])),
         )
+    if kind is EventKind.AGENT_STARTED:
+        return ev.AgentStarted(**d)
+    if kind is EventKind.AGENT_FINISHED:
+        error = d.get("error")
+        return ev.AgentFinished(
+            state=_AGENT_STATE[d["state"]],
+            output=d["output"],
+            error=_error(RunError.from_json(error) if error else None),
+            meta=_meta(RunMeta.from_json(d["meta"])),
+        )
     raise ValueError(f"no conversion for event kind {kind}")
 
+
+_AGENT_STATE = {
+    AgentState.RUNNING.value: rp.RUN_STATE_RUNNING,
+    AgentState.DONE.value: rp.RUN_STATE_DONE,
+    AgentState.FAILED.value: rp.RUN_STATE_FAILED,
+    AgentState.CANCELLED.value: rp.RUN_STATE_CANCELLED,
+}
 
 # Events per response message stay under this many bytes (a single larger event still goes, alone):
 # a whole stream batch of large events (tool results) would pass the 4 MiB gRPC message limit.
@@ -468,13 +511,16 @@ def add_events(
         if kind is EventKind.TEXT_DELTA:
             turn = data["turn"]
             seq = event.seq
+            path = event.agent_path
             for text in data["texts"]:
-                used += delta_overhead + 4 * len(text)
+                used += delta_overhead + len(path) + 4 * len(text)
                 if used > max_bytes and len(events) > first:
                     if seq > event.seq:
                         batch[index] = event.after(seq - 1)
                     return index
                 message = add(run_id=run_id, seq=seq)
+                if path:
+                    message.agent_path = path
                 stamp = message.time
                 stamp.seconds = seconds
                 stamp.nanos = nanos
@@ -488,6 +534,8 @@ def add_events(
         if used > max_bytes and len(events) > first:
             return index
         message = add(run_id=run_id, seq=event.seq)
+        if event.agent_path:
+            message.agent_path = event.agent_path
         stamp = message.time
         stamp.seconds = seconds
         stamp.nanos = nanos

@@ -4,7 +4,8 @@ One `RunActor` exists per run being moved by this process (executing, or
 recording decisions). It is built in layers: `CheckpointedRun` (_checkpoint.py)
 owns the run's lease, appends events to the live feed and commits them together
 with transcript entries and the state document at each checkpoint;
-`ToolDispatch` (_dispatch.py) plans and runs the model's tool calls; `RunActor`
+`ToolDispatch` (_dispatch.py) plans and runs the model's tool calls; `Subagents`
+(_subagents.py) moves the children its ``Agent`` calls start; `RunActor`
 runs the loop of model turns, enforces the run's limits and pauses.
 """
 
@@ -14,17 +15,34 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from engine_service.core._checkpoint import LeaseLost
-from engine_service.core._dispatch import REQUEST_EVENT, ToolDispatch
+from engine_service.core._compaction import (
+    COMPACTION,
+    SUMMARY_REQUEST,
+    SUMMARY_SYSTEM,
+    CompactionPlan,
+    ContextWindow,
+)
+from engine_service.core._dispatch import REQUEST_EVENT
 from engine_service.core._errors import RunFailure
 from engine_service.core._limits import MAX_DEPTH, is_small, too_deep
 from engine_service.core._regex import SchemaValidator
-from engine_service.core._run import PENDING, READY, RESOLVED, CallOutcome, RunError
+from engine_service.core._run import PENDING, READY, RESOLVED, CallOutcome, ChildState, RunError
+from engine_service.core._subagents import Subagents
 from engine_service.core._text import loads_untrusted
-from engine_service.core._types import EventKind, InterruptKind, JsonObject, Message, PauseReason, RunState
-from engine_service.models import ModelError, ModelRequest, TextChunk, TurnResult
+from engine_service.core._types import (
+    EventKind,
+    InterruptKind,
+    JsonObject,
+    Message,
+    PauseReason,
+    RunState,
+    ToolChoice,
+)
+from engine_service.models import ModelError, ModelRequest, TextChunk, ToolSpec, TurnResult
 from engine_service.storage._protocol import StorageUnavailable, storage_fault
 
 log = logging.getLogger("machina.engine")
@@ -36,7 +54,7 @@ _REPAIR_PROMPT = (
 )
 
 
-class RunActor(ToolDispatch):
+class RunActor(Subagents):
     """Executes a run: the agent loop, its limits, its end; pauses and cancels."""
 
     # -- lifecycle ---------------------------------------------------------------
@@ -154,7 +172,7 @@ class RunActor(ToolDispatch):
         Idempotent tools run again; others get an error result the model can act on.
         """
         interrupted = []
-        for p in self.record.pending:
+        for p in self.record.all_pending():
             tool = self.env.tools.get(p.call.name)
             if p.status == READY and not (tool is not None and tool.idempotent):
                 p.status, p.result_is_error, p.outcome = RESOLVED, True, CallOutcome.INTERRUPTED
@@ -260,10 +278,11 @@ class RunActor(ToolDispatch):
     async def _model_turn(self) -> TurnResult:
         record, env = self.record, self.env
         turn = record.meta.turns + 1
+        tools = [t.spec() for t in env.tools.values()]
         request = ModelRequest(
             system=env.system_prompt,
-            messages=self.transcript,
-            tools=[t.spec() for t in env.tools.values()],
+            messages=await self._context_messages(tools),
+            tools=tools,
             tool_choice=self.spec.tool_choice,
             max_output_tokens=env.max_output_tokens,
             output_schema=self.spec.output_schema,
@@ -279,7 +298,7 @@ class RunActor(ToolDispatch):
             raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
         record.meta.turns = turn
         record.meta.usage.add(result.usage)
-        cost = (result.usage.input_tokens * env.price[0] + result.usage.output_tokens * env.price[1]) / 1e6
+        cost = result.usage.cost(env.price)
         record.meta.cost_usd += cost
         self.transcript.append(Message("assistant", result.text, result.tool_calls))
         self.emit(
@@ -288,6 +307,104 @@ class RunActor(ToolDispatch):
         )
         self.emit(EventKind.USAGE, {"turn": turn, "usage": result.usage.to_json(), "cost_usd": cost})
         return result
+
+    # -- what the model sees ------------------------------------------------------------
+
+    _contexts: dict[str, ContextWindow] | None = None
+
+    async def _context_messages(
+        self, tools: Sequence[ToolSpec], child: ChildState | None = None
+    ) -> Sequence[Message]:
+        """The messages of the next model request, which every model request of the run (and of
+        its subagents: ``child``) takes from here: the transcript as the model sees it (see
+        _compaction.py), compacted first when the request would pass ``compact_at`` of the
+        model's context window."""
+        if self._contexts is None:
+            self._contexts = {}
+        path = child.path if child is not None else ""
+        transcript = self._child_transcripts[path] if child is not None else self.transcript
+        context = self._contexts.setdefault(path, ContextWindow())
+        messages = context.messages(transcript)
+        window = self.env.context_window_tokens
+        if not window:
+            return messages
+        fixed = _fixed_chars(self.env.system_prompt, tools)
+        before = context.tokens(fixed)
+        if before <= self.env.compact_at * window:
+            return messages
+        plan = context.plan(self.env.compact_keep_turns)
+        if plan is not None:
+            await self._compact(plan, tools, before, fixed, context, transcript, child)
+            messages = context.messages(transcript)
+        after = context.tokens(fixed)
+        if after > window:
+            raise RunFailure(
+                "ERR_COMPACTION_FAILED",
+                f"the model's request (about {after} tokens) does not fit its context window of {window} "
+                f"tokens, even with older turns summarised",
+                tokens=after,
+                context_window_tokens=window,
+            )
+        return messages
+
+    async def _compact(
+        self,
+        plan: CompactionPlan,
+        tools: Sequence[ToolSpec],
+        before: int,
+        fixed: int,
+        context: ContextWindow,
+        transcript: list[Message],
+        child: ChildState | None,
+    ) -> None:
+        """Summarise ``plan.messages`` with a model call and record the summary in the transcript
+        (the run's, or the subagent ``child``'s)."""
+        record, env = self.record, self.env
+        turns = child.turns if child is not None else record.meta.turns
+        model = self._child_model(child.path) if child is not None else env.model
+        request = ModelRequest(
+            system=SUMMARY_SYSTEM,
+            messages=[*plan.messages, Message("user", SUMMARY_REQUEST)],
+            tools=tools,  # the summarised turns may hold tool calls, which some APIs check against
+            tool_choice=ToolChoice.NONE,
+            max_output_tokens=env.max_output_tokens,
+            turn=turns,
+            purpose="compaction",
+        )
+        result: TurnResult | None = None
+        try:
+            async for item in model.stream(request):
+                if isinstance(item, TurnResult):
+                    result = item
+        except ModelError as error:
+            raise RunFailure(
+                "ERR_COMPACTION_FAILED",
+                f"summarising older turns to fit the context window failed: {error.message}",
+                model_error=error.code,
+            ) from None
+        if result is None or not result.text.strip():
+            raise RunFailure(
+                "ERR_COMPACTION_FAILED", "summarising older turns to fit the context window gave no summary"
+            )
+        record.meta.usage.add(result.usage)
+        cost = result.usage.cost(env.price)
+        record.meta.cost_usd += cost
+        if child is not None:
+            self._spend(child.path, result.usage, cost)
+        transcript.append(Message(COMPACTION, result.text, keep_from=plan.keep_from))
+        context.messages(transcript)
+        self.emit(
+            EventKind.CONTEXT_COMPACTED,
+            {
+                "turn": turns + 1,
+                "turns_summarized": plan.turns,
+                "tokens_before": before,
+                "tokens_after": context.tokens(fixed),
+                "usage": result.usage.to_json(),
+                "cost_usd": cost,
+            },
+            child.path if child is not None else "",
+        )
 
     async def _final_answer(self, text: str) -> tuple[bool, Any]:
         """(done, data). In structured mode, one repair turn, then ERR_OUTPUT_SCHEMA."""
@@ -312,6 +429,13 @@ class RunActor(ToolDispatch):
 
 # A structured final answer longer than this is validated in a worker thread.
 _INLINE_ANSWER_CHARS = 16_384
+
+
+def _fixed_chars(system: str, tools: Sequence[ToolSpec]) -> int:
+    """The characters of a request besides its messages: the system prompt and the tools."""
+    return len(system) + sum(
+        len(t.name) + len(t.description) + len(json.dumps(t.input_schema)) for t in tools
+    )
 
 
 def _schema_problem(text: str, schema: JsonObject) -> str | None:

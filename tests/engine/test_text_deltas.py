@@ -120,7 +120,7 @@ async def test_a_watcher_resumes_after_any_seq_live_and_from_storage_each_event_
 
 
 def _deltas(seq: int, texts: list[str]) -> Event:
-    return Event(seq, 1.0, EventKind.TEXT_DELTA, {"texts": texts, "turn": 1}, len(texts))
+    return Event(seq, 1.0, EventKind.TEXT_DELTA, {"texts": texts, "turn": 1}, n=len(texts))
 
 
 def test_the_feed_finds_any_seq_inside_an_event_of_several() -> None:
