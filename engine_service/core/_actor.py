@@ -296,6 +296,8 @@ class RunActor(ToolDispatch):
             raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
         record.meta.turns = turn
         record.meta.usage.add(result.usage)
+        if self._context is not None:
+            self._context.observe(result.usage.input_tokens)
         cost = result.usage.cost(env.price)
         record.meta.cost_usd += cost
         self.transcript.append(Message("assistant", result.text, result.tool_calls))
@@ -323,6 +325,7 @@ class RunActor(ToolDispatch):
         fixed = _fixed_chars(self.env.system_prompt, tools)
         before = self._context.tokens(fixed)
         if before <= self.env.compact_at * window:
+            self._context.sent(fixed)
             return messages
         plan = self._context.plan(self.env.compact_keep_turns)
         if plan is not None:
@@ -337,6 +340,7 @@ class RunActor(ToolDispatch):
                 tokens=after,
                 context_window_tokens=window,
             )
+        self._context.sent(fixed)
         return messages
 
     async def _compact(
