@@ -193,13 +193,20 @@ class LocalStorage:
         for stream in ("events", "transcript"):
             appender = self._appenders.get((ws, run_id, stream))
             if appender is not None and (appender.appended > appender.synced or appender.new_entries):
-                syncs.append(functools.partial(_sync, appender))
-        for directory in self._unsynced_dirs.pop((ws, run_id), ()):
-            syncs.append(functools.partial(_fsync_dir, directory))
-        if len(syncs) == 1:
-            syncs[0]()
-        elif syncs:
-            await asyncio.gather(*(asyncio.to_thread(sync) for sync in syncs))
+                # On a duplicate of its descriptor: the run's writer may roll the segment over
+                # (and close it) while the sync runs.
+                syncs.append(functools.partial(_sync, appender, os.dup(appender.fd)))
+        directories = self._unsynced_dirs.pop((ws, run_id), set())
+        syncs.extend(functools.partial(_fsync_dir, directory) for directory in directories)
+        try:
+            if len(syncs) == 1:
+                syncs[0]()
+            elif syncs:
+                await asyncio.gather(*(asyncio.to_thread(sync) for sync in syncs))
+        except BaseException:
+            if directories:  # the next state write tries them again
+                self._unsynced_dirs.setdefault((ws, run_id), set()).update(directories)
+            raise
 
     async def write_segment(
         self, ws: str, run_id: str, stream: str, first: int, records: list[JsonObject]
@@ -478,15 +485,22 @@ class LocalStorage:
             _fsync_dir(path.parent)
 
 
-def _sync(appender: _Appender) -> None:
-    """fsync mode: make what was appended to ``appender`` durable, its file's name too."""
-    appended = appender.appended  # appends made while this one syncs wait for the next
-    if appended > appender.synced:
-        os.fdatasync(appender.fd)
-        appender.synced = max(appender.synced, appended)
-    entries, appender.new_entries = appender.new_entries, ()
-    for directory in entries:
-        _fsync_dir(directory)
+def _sync(appender: _Appender, fd: int | None = None) -> None:
+    """fsync mode: make what was appended to ``appender`` durable, its file's name too.
+
+    ``fd``: a duplicate of its descriptor to sync through, closed here."""
+    try:
+        appended = appender.appended  # appends made while this one syncs wait for the next
+        if appended > appender.synced:
+            os.fdatasync(appender.fd if fd is None else fd)
+            appender.synced = max(appender.synced, appended)
+        entries = appender.new_entries
+        for directory in entries:
+            _fsync_dir(directory)
+        appender.new_entries = appender.new_entries[len(entries) :]
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:
