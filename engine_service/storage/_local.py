@@ -148,6 +148,15 @@ class LocalStorage:
         """
         if self._fsync:
             await self._sync_run(ws, run_id)
+        try:
+            await self._write_state_file(ws, run_id, state)
+        except FileExistsError:
+            # Another writer numbered past what this process knew (it took the run over): go on
+            # after its states, as a rename would have replaced its state.json.
+            self._states.pop((ws, run_id), None)
+            await self._write_state_file(ws, run_id, state)
+
+    async def _write_state_file(self, ws: str, run_id: str, state: JsonObject) -> None:
         key = (ws, run_id)
         directory = self._run_dir(ws, run_id) / STATES
         states = self._states.get(key)

@@ -222,3 +222,14 @@ async def test_a_run_taken_back_untouched_skips_rereading_its_logs(
     assert len(reads) == 1  # read again
     await storage.close()
     await other.close()
+
+
+async def test_a_state_write_goes_on_after_states_another_writer_added(tmp_path: Path) -> None:
+    first, second = LocalStorage(tmp_path), LocalStorage(tmp_path)
+    await first.create_run("ws", "r1", {}, {"n": 0})
+    await first.write_state("ws", "r1", {"n": 1})
+    await second.write_state("ws", "r1", {"n": 2})  # it took the run over
+    await first.write_state("ws", "r1", {"n": 3})  # its next number is taken: it goes after
+    assert await LocalStorage(tmp_path).read_state("ws", "r1") == {"n": 3}
+    await first.close()
+    await second.close()
