@@ -342,6 +342,11 @@ class LocalStorage:
         # A snapshot's blob counts once a state names it: its name is synced with that state
         # (its content is synced before it gets the name, so no name ever holds torn content).
         snapshot = name.startswith(SNAPSHOT_BLOB_PREFIXES)
+        if snapshot and not self._fsync and _write_new(path, data):
+            # Named by its content's digest, never rewritten, and checked against that digest
+            # when read back: created in place, without a temporary file and a rename. Only a
+            # state written after it names it, so a reader never meets one half-written.
+            return
         self._write_atomic(path, data, sync_dir=not snapshot)
         if snapshot and self._fsync:
             self._unsynced_dirs.setdefault((ws, run_id), set()).update(
@@ -492,6 +497,26 @@ class LocalStorage:
             raise
         if self._fsync and sync_dir:
             _fsync_dir(path.parent)
+
+
+def _write_new(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data``; False if it exists (possibly torn by a crash: the caller
+    rewrites it)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        written = os.write(fd, data)
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()  # a full disk must not keep what it could not take
+        raise
+    finally:
+        os.close(fd)
+    return True
 
 
 def _sync(appender: _Appender, fd: int | None = None) -> None:

@@ -233,3 +233,16 @@ async def test_a_state_write_goes_on_after_states_another_writer_added(tmp_path:
     assert await LocalStorage(tmp_path).read_state("ws", "r1") == {"n": 3}
     await first.close()
     await second.close()
+
+
+async def test_a_snapshot_blob_torn_by_a_crash_is_rewritten_whole(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    await storage.create_run("ws", "r1", {}, {})
+    name = "wd-" + "ab" * 32
+    await storage.put_blob("ws", "r1", name, b"whole content")
+    blob = tmp_path / "workspaces" / "ws" / "runs" / "r1" / "blobs" / name
+    blob.write_bytes(b"whole")  # a process died while writing it
+    await storage.put_blob("ws", "r1", name, b"whole content")  # the next save writes it again
+    assert await storage.get_blob("ws", "r1", name) == b"whole content"
+    assert not [p for p in blob.parent.iterdir() if p.name.endswith(".tmp")]
+    await storage.close()
