@@ -298,6 +298,8 @@ class RunActor(Subagents):
             raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
         record.meta.turns = turn
         record.meta.usage.add(result.usage)
+        if self._context is not None:
+            self._context.observe(result.usage.input_tokens)
         cost = result.usage.cost(env.price)
         record.meta.cost_usd += cost
         self.transcript.append(Message("assistant", result.text, result.tool_calls))
@@ -331,6 +333,7 @@ class RunActor(Subagents):
         fixed = _fixed_chars(self.env.system_prompt, tools)
         before = context.tokens(fixed)
         if before <= self.env.compact_at * window:
+            self._context.sent(fixed)
             return messages
         plan = context.plan(self.env.compact_keep_turns)
         if plan is not None:
@@ -345,6 +348,7 @@ class RunActor(Subagents):
                 tokens=after,
                 context_window_tokens=window,
             )
+        self._context.sent(fixed)
         return messages
 
     async def _compact(
