@@ -298,8 +298,7 @@ class RunActor(Subagents):
             raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
         record.meta.turns = turn
         record.meta.usage.add(result.usage)
-        if self._context is not None:
-            self._context.observe(result.usage.input_tokens)
+        self._observe_context("", result.usage.input_tokens)
         cost = result.usage.cost(env.price)
         record.meta.cost_usd += cost
         self.transcript.append(Message("assistant", result.text, result.tool_calls))
@@ -333,7 +332,7 @@ class RunActor(Subagents):
         fixed = _fixed_chars(self.env.system_prompt, tools)
         before = context.tokens(fixed)
         if before <= self.env.compact_at * window:
-            self._context.sent(fixed)
+            context.sent(fixed)
             return messages
         plan = context.plan(self.env.compact_keep_turns)
         if plan is not None:
@@ -348,8 +347,14 @@ class RunActor(Subagents):
                 tokens=after,
                 context_window_tokens=window,
             )
-        self._context.sent(fixed)
+        context.sent(fixed)
         return messages
+
+    def _observe_context(self, path: str, input_tokens: int) -> None:
+        """The model reported the size of the request the agent at ``path`` last sent."""
+        context = self._contexts.get(path) if self._contexts is not None else None
+        if context is not None:
+            context.observe(input_tokens)
 
     async def _compact(
         self,

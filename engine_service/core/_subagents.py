@@ -270,6 +270,7 @@ class Subagents(ToolDispatch):
         if result is None:
             raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
         child.turns = turn
+        self._observe_context(path, result.usage.input_tokens)
         cost = result.usage.cost(env.price)
         self._spend(path, result.usage, cost)
         self.record.meta.usage.add(result.usage)
@@ -287,6 +288,9 @@ class Subagents(ToolDispatch):
         self, tools: Sequence[ToolSpec], child: ChildState | None = None
     ) -> Sequence[Message]:
         raise NotImplementedError  # RunActor: what the model sees, compacted when it grows
+
+    def _observe_context(self, path: str, input_tokens: int) -> None:
+        raise NotImplementedError  # RunActor
 
     def _spend(self, path: str, usage: Usage, cost: float) -> None:
         """What a subagent spends, its parents spend too: their budgets bound it."""
