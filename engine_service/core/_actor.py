@@ -313,6 +313,12 @@ class RunActor(Subagents):
 
     _contexts: dict[str, ContextWindow] | None = None
 
+    def _observe_context(self, path: str, input_tokens: int) -> None:
+        """The model reported ``input_tokens`` for the last request of ``path`` ("" = the run)."""
+        context = self._contexts.get(path) if self._contexts is not None else None
+        if context is not None:
+            context.observe(input_tokens)
+
     async def _context_messages(
         self, tools: Sequence[ToolSpec], child: ChildState | None = None
     ) -> Sequence[Message]:
@@ -349,12 +355,6 @@ class RunActor(Subagents):
             )
         context.sent(fixed)
         return messages
-
-    def _observe_context(self, path: str, input_tokens: int) -> None:
-        """The model reported the size of the request the agent at ``path`` last sent."""
-        context = self._contexts.get(path) if self._contexts is not None else None
-        if context is not None:
-            context.observe(input_tokens)
 
     async def _compact(
         self,

@@ -270,11 +270,11 @@ class Subagents(ToolDispatch):
         if result is None:
             raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
         child.turns = turn
-        self._observe_context(path, result.usage.input_tokens)
         cost = result.usage.cost(env.price)
         self._spend(path, result.usage, cost)
         self.record.meta.usage.add(result.usage)
         self.record.meta.cost_usd += cost
+        self._observe_context(path, result.usage.input_tokens)
         transcript.append(Message("assistant", result.text, result.tool_calls))
         self.emit(
             EventKind.ASSISTANT_MESSAGE,
@@ -290,7 +290,7 @@ class Subagents(ToolDispatch):
         raise NotImplementedError  # RunActor: what the model sees, compacted when it grows
 
     def _observe_context(self, path: str, input_tokens: int) -> None:
-        raise NotImplementedError  # RunActor
+        raise NotImplementedError  # RunActor: the request's size as the model reported it
 
     def _spend(self, path: str, usage: Usage, cost: float) -> None:
         """What a subagent spends, its parents spend too: their budgets bound it."""
