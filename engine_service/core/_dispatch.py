@@ -8,6 +8,8 @@ import json
 import logging
 import time
 
+from engine_service.core import _metrics as metrics
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._checkpoint import CheckpointedRun
 from engine_service.core._run import (
     PENDING,
@@ -155,8 +157,17 @@ class ToolDispatch(CheckpointedRun):
         await self.checkpoint()
         return True
 
+    def _tool_label(self, name: str) -> str:
+        """The metrics label of a tool: its name for the engine's tools, ``client`` for a caller's."""
+        tool = self.env.tools.get(name)
+        if tool is None:
+            return "unknown"
+        return metrics.tool_label(name, tool.interrupt_kind is not InterruptKind.TOOL_RESULT)
+
     def _record_unrun(self, p: PendingCall) -> None:
         """A call that never started still completes on the record, with why and its result."""
+        outcome = p.outcome or (CallOutcome.REJECTED if p.result_is_error else CallOutcome.RESPONDED)
+        metrics.TOOL_CALLS.inc(self._tool_label(p.call.name), outcome.value)
         self.emit(
             EventKind.TOOL_CALL_COMPLETED,
             {
@@ -191,8 +202,11 @@ class ToolDispatch(CheckpointedRun):
         try:
             await self.env.handoff(*self.key)
         except RunnerUnreachable as exc:
+            metrics.HANDOFFS.inc("unreachable")
             await self._handoff_failed(str(exc))
             return
+        metrics.HANDOFFS.inc("accepted")
+        self.transition("handed_off", tools=tools, attempt=1)
         self.feed.close()
 
     async def hand_off_again(self) -> None:
@@ -210,7 +224,11 @@ class ToolDispatch(CheckpointedRun):
         try:
             await self.env.handoff(*self.key)
         except RunnerUnreachable as exc:
+            metrics.HANDOFFS.inc("unreachable")
             log.warning("re-handoff of %s failed: %s", record.run_id, exc, extra={"run_id": record.run_id})
+        else:
+            metrics.HANDOFFS.inc("accepted")
+            self.transition("handed_off", attempt=record.handoff_attempts)
         self.feed.close()
 
     async def runner_lost(self) -> None:
@@ -241,6 +259,30 @@ class ToolDispatch(CheckpointedRun):
         )
 
     async def _run_call(self, call: ToolCall) -> tuple[str, bool]:
+        label = self._tool_label(call.name)
+        started = time.perf_counter()
+        is_error = True
+        try:
+            if telemetry.enabled():
+                attributes = {
+                    "gen_ai.operation.name": "execute_tool",
+                    "gen_ai.tool.name": call.name,
+                    "gen_ai.tool.call.id": call.call_id,
+                    "gen_ai.tool.type": "function",
+                    "gen_ai.conversation.id": self.record.run_id,
+                }
+                with telemetry.span(f"execute_tool {call.name}", attributes=attributes) as span:
+                    text, is_error = await self._call(call)
+                    if is_error:
+                        span.record_error("tool_error")
+            else:
+                text, is_error = await self._call(call)
+        finally:
+            metrics.TOOL_CALLS.inc(label, "error" if is_error else CallOutcome.RAN.value)
+            metrics.TOOL_SECONDS.observe(time.perf_counter() - started, label)
+        return text, is_error
+
+    async def _call(self, call: ToolCall) -> tuple[str, bool]:
         tool = self.env.tools[call.name]
         self._workdir_dirty = True
         self.emit(EventKind.TOOL_CALL_STARTED, {"call": call.to_json()})

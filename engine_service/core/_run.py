@@ -78,9 +78,12 @@ class RunSpec:
     mcp_servers: list[str] | None = None
     # Network for the run's sandboxed processes; None = the engine's setting, False = none.
     sandbox_network: bool | None = None
+    # The W3C trace context the run was created in ("" = none): every process that moves the run
+    # (a runner, a process recovering it) continues that trace.
+    traceparent: str = ""
 
     def to_json(self) -> JsonObject:
-        return {
+        doc: JsonObject = {
             "api_services": self.api_services,
             "mcp_servers": self.mcp_servers,
             "sandbox_network": self.sandbox_network,
@@ -105,6 +108,9 @@ class RunSpec:
             "approval_expiry_approves": self.approval_expiry_approves,
             "labels": self.labels,
         }
+        if self.traceparent:
+            doc["traceparent"] = self.traceparent
+        return doc
 
     @classmethod
     def from_json(cls, doc: JsonObject) -> RunSpec:
@@ -133,6 +139,7 @@ class RunSpec:
             api_services=doc.get("api_services", []),
             mcp_servers=doc.get("mcp_servers"),
             sandbox_network=doc.get("sandbox_network"),
+            traceparent=str(doc.get("traceparent") or ""),
         )
 
 
