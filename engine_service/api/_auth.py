@@ -16,8 +16,9 @@ log = logging.getLogger("machina.engine")
 
 
 def key_fingerprint(token: str) -> str:
-    """What a log says about a presented key: the first 16 hex digits of its SHA-256, never the key."""
-    return hashlib.sha256(token.strip().encode()).hexdigest()[:16]
+    """What a log says about a presented key: the first 12 hex digits of its SHA-256 (as decisions
+    name a key without a name), never the key."""
+    return hashlib.sha256(token.strip().encode()).hexdigest()[:12]
 
 
 def log_refused(service: str, why: str, token: str) -> None:

@@ -351,9 +351,7 @@ class RunActor(ToolDispatch):
                     "gen_ai.response.model": model.name,
                     "gen_ai.usage.input_tokens": result.usage.input_tokens,
                     "gen_ai.usage.output_tokens": result.usage.output_tokens,
-                    "gen_ai.response.finish_reasons": [
-                        result.stop_reason or ("tool_calls" if result.tool_calls else "stop")
-                    ],
+                    "gen_ai.response.finish_reasons": [_finish_reason(result)],
                 }
             )
             return result
@@ -409,6 +407,21 @@ class RunActor(ToolDispatch):
         self.transcript.append(Message("user", _REPAIR_PROMPT.format(problem=problem)))
         await self.checkpoint()
         return False, None
+
+
+# Providers' stop reasons as the GenAI conventions name them.
+_FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "tool_use": "tool_call",
+    "max_tokens": "length",
+}
+
+
+def _finish_reason(result: TurnResult) -> str:
+    if result.stop_reason:
+        return _FINISH_REASONS.get(result.stop_reason, result.stop_reason)
+    return "tool_call" if result.tool_calls else "stop"
 
 
 # A structured final answer longer than this is validated in a worker thread.

@@ -194,6 +194,7 @@ class ToolDispatch(CheckpointedRun):
         self.emit(EventKind.HANDOFF_TO_RUNNER, {"tools": tools})
         self.emit(EventKind.PAUSED, {"reason": PauseReason.HANDOFF_TO_RUNNER.value, "interrupts": []})
         await self.checkpoint()
+        metrics.RUNS_PAUSED.inc(PauseReason.HANDOFF_TO_RUNNER.value)
         if await self._cancelled_at_pause():
             return
         self.ending = True

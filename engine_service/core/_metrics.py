@@ -54,7 +54,8 @@ class Counter(_Instrument):
         super().__init__(_PromCounter(name, doc, labels), name, doc, unit)
 
     def _bind(self, meter: Any) -> None:
-        self._otel = meter.create_counter(self._name + "_total", unit=self._unit, description=self._doc)
+        # OpenTelemetry names counters without the suffix; a Prometheus backend adds ``_total``.
+        self._otel = meter.create_counter(self._name, unit=self._unit, description=self._doc)
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
         self._series(labels).inc(amount)
