@@ -8,7 +8,6 @@ from engine_service.core._catalogue import MCP_FEATURE, builtin_tools
 from engine_service.core._config import EngineConfig
 from engine_service.core._engine import Engine
 from engine_service.core._errors import missing_extra
-from engine_service.core._metrics import instrument_storage
 from engine_service.core._preflight import open_configured_storage
 from engine_service.tools._registry import ToolRegistry, load_tool
 
@@ -20,4 +19,4 @@ def build_engine(config: EngineConfig) -> Engine:
     tools = ToolRegistry(builtin_tools(config))
     for path in config.tools.custom:
         tools.register(load_tool(path))
-    return Engine(config, instrument_storage(open_configured_storage(config)), tools=tools)
+    return Engine(config, open_configured_storage(config), tools=tools)

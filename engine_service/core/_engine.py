@@ -94,7 +94,7 @@ class Engine:
     ) -> None:
         config.check_runner_secrets()  # never hand a run off unauthenticated
         self.config = config
-        self.storage = storage
+        self.storage = metrics.instrument_storage(storage)
         # Where tenants' specs and models may send requests (per-run ApiCall services, webhooks).
         self.egress = egress or config.egress_policy()
         self.sandbox = Sandbox.from_config(config)

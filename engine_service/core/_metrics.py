@@ -190,16 +190,24 @@ def instrument_storage(storage: _S) -> _S:
     for operation in _STORAGE_OPERATIONS:
         method = getattr(storage, operation, None)
         if method is not None and not getattr(method, "_metered", False):
-            setattr(storage, operation, _metered(operation, method))
+            # An operation set on the instance is kept; one of the class is looked up at each call
+            # (so the class's own method is what runs, even if it changes later).
+            own = vars(storage).get(operation) if hasattr(storage, "__dict__") else None
+            try:
+                setattr(storage, operation, _metered(storage, operation, own))
+            except AttributeError:  # a storage that takes no attributes is served unmeasured
+                return storage
     return storage
 
 
-def _metered(operation: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _metered(storage: Any, operation: str, own: Any) -> Callable[..., Awaitable[Any]]:
     series = STORAGE_SECONDS._prom.labels(operation)
     errors = STORAGE_ERRORS._prom.labels(operation)
+    cls = type(storage)
 
     async def call(*args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
+        method = own if own is not None else getattr(cls, operation).__get__(storage, cls)
         try:
             return await method(*args, **kwargs)
         except Exception:
