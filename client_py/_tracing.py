@@ -12,11 +12,14 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+_otel: Any
 try:
-    from opentelemetry import propagate, trace
+    from opentelemetry import propagate as _propagate
+    from opentelemetry import trace as _trace
+
+    _otel = (_propagate, _trace)
 except ImportError:  # pragma: no cover - the client does not require OpenTelemetry
-    propagate = None  # type: ignore[assignment]
-    trace = None  # type: ignore[assignment]
+    _otel = None
 
 _SERVICE = "machina.engine.v1.EngineService"
 
@@ -25,10 +28,10 @@ def with_trace_context(
     metadata: Sequence[tuple[str, str]] | None,
 ) -> tuple[tuple[str, str], ...] | None:
     """``metadata`` plus ``traceparent`` (and ``tracestate``) of the current span, if there is one."""
-    if propagate is None:
+    if _otel is None:
         return None if metadata is None else tuple(metadata)
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    _otel[0].inject(carrier)
     given = {k for k, _ in metadata or ()}
     extra = tuple((k, v) for k, v in carrier.items() if k in ("traceparent", "tracestate") and k not in given)
     if not extra:
@@ -39,9 +42,10 @@ def with_trace_context(
 @contextlib.contextmanager
 def client_span(method: str) -> Iterator[Any]:
     """A CLIENT span for one call of ``method`` (a no-op span without an SDK)."""
-    if trace is None:
+    if _otel is None:
         yield None
         return
+    trace = _otel[1]
     tracer = trace.get_tracer("machina.client")
     attributes = {"rpc.system": "grpc", "rpc.service": _SERVICE, "rpc.method": method}
     with tracer.start_as_current_span(

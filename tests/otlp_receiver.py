@@ -105,10 +105,13 @@ class OtlpReceiver:
 @contextmanager
 def otlp_receiver() -> Iterator[OtlpReceiver]:
     """An OTLP/HTTP receiver on 127.0.0.1 for the block."""
-    handler = type("Handler", (_Handler,), {})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+
+    class Handler(_Handler):
+        pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     receiver = OtlpReceiver(f"http://127.0.0.1:{server.server_address[1]}")
-    handler.receiver = receiver
+    Handler.receiver = receiver
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

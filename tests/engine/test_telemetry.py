@@ -118,3 +118,12 @@ async def test_metrics_and_transition_lines_follow_the_run(
     doc = json.loads(JsonFormatter().format(lines[1]))
     assert doc["transition"] == "paused"
     assert doc["reason"] == "AWAITING_APPROVAL"
+
+
+async def test_the_tracing_bench_measures_both_sides() -> None:
+    from bench.tracing import measure
+
+    data = await measure(turns=3, rounds=1)
+    assert len(data["off_ms"]) == len(data["on_ms"]) == 1
+    assert data["spans"] == 1 + 3 + 2  # invoke_agent, a chat per turn, a tool call in all but the last
+    assert telemetry.enabled() is False

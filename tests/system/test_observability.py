@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -255,3 +256,20 @@ async def test_the_metrics_endpoint_is_off_by_default_and_a_busy_port_is_one_lin
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "MACHINA_METRICS_LISTEN" in lines[0]
+
+
+def test_an_unknown_trace_exporter_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-m", "engine_service", "--listen", "127.0.0.1:0", "--storage", str(tmp_path / "s")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "OTEL_TRACES_EXPORTER": "zipkinish"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "OTEL_TRACES_EXPORTER='zipkinish'" in lines[0]
