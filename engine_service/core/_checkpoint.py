@@ -42,7 +42,8 @@ class RunEnv:
     system_prompt: str
     max_turns: int
     max_output_tokens: int
-    price: tuple[float, float]  # USD per million input / output tokens
+    # USD per million input / output / cache-read / cache-write tokens.
+    price: tuple[float, float, float, float]
     owner: str
     lease_ttl: float
     workdir: Path | None = None
@@ -59,6 +60,11 @@ class RunEnv:
     # How long a checkpoint retries unavailable storage before the run is left at its last
     # checkpoint for the recovery sweep (see RunActor._execute).
     storage_retry_s: float = 300.0
+    # The model's context window in tokens (0 = unknown: no compaction), the share of it past
+    # which older turns are summarised, and how many recent turns the model keeps seeing whole.
+    context_window_tokens: int = 0
+    compact_at: float = 0.8
+    compact_keep_turns: int = 4
 
 
 # Event kinds shown to watchers only once the checkpoint that commits them lands.
