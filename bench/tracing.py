@@ -17,7 +17,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from bench._common import per_turn_ms, summarize
+from bench._common import per_turn_ms
+from bench._rows import summarize
 from engine_service.api.serving import telemetry
 
 
@@ -47,23 +48,25 @@ async def rows(quick: bool) -> list[dict[str, Any]]:
     data = await measure(turns=20 if quick else 200, rounds=2 if quick else 6)
     off, on = statistics.median(data["off_ms"]), statistics.median(data["on_ms"])
     overhead = (on - off) / off * 100 if off else 0.0
+    runs = f"median of {data['rounds']} runs of {data['turns']} turns"
     return [
         {
             "name": "per-turn time, tracing off (default)",
-            "value": f"{off:.3f} ms/turn (median of {data['rounds']} runs of {data['turns']} turns)",
+            "value": f"{off:.3f} ms/turn ({runs})",
             "target": "",
             "verdict": "REPORT",
-            "data": {"off": summarize(data["off_ms"])},
+            "data": {"ms_per_turn": off, "samples": summarize(data["off_ms"])},
         },
         {
             "name": "per-turn time, tracing on (in-memory exporter)",
-            "value": f"{on:.3f} ms/turn, {overhead:+.0f}% vs off ({data['spans']} spans recorded)",
+            "value": f"{on:.3f} ms/turn, {overhead:+.0f}% beside off ({data['spans']} spans)",
             "target": "",
             "verdict": "REPORT",
             "data": {
-                "on": summarize(data["on_ms"]),
+                "ms_per_turn": on,
                 "overhead_pct": round(overhead, 1),
                 "spans": data["spans"],
+                "samples": summarize(data["on_ms"]),
             },
         },
     ]
