@@ -397,8 +397,7 @@ class RunActor(Subagents):
             raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
         record.meta.turns = turn
         record.meta.usage.add(result.usage)
-        if self._context is not None:
-            self._context.observe(result.usage.input_tokens)
+        self._observe_context("", result.usage.input_tokens)
         cost = result.usage.cost(env.price)
         record.meta.cost_usd += cost
         self.transcript.append(Message("assistant", result.text, result.tool_calls))
@@ -412,6 +411,12 @@ class RunActor(Subagents):
     # -- what the model sees ------------------------------------------------------------
 
     _contexts: dict[str, ContextWindow] | None = None
+
+    def _observe_context(self, path: str, input_tokens: int) -> None:
+        """The model reported ``input_tokens`` for the last request of ``path`` ("" = the run)."""
+        context = self._contexts.get(path) if self._contexts is not None else None
+        if context is not None:
+            context.observe(input_tokens)
 
     async def _context_messages(
         self, tools: Sequence[ToolSpec], child: ChildState | None = None
@@ -432,7 +437,7 @@ class RunActor(Subagents):
         fixed = _fixed_chars(self.env.system_prompt, tools)
         before = context.tokens(fixed)
         if before <= self.env.compact_at * window:
-            self._context.sent(fixed)
+            context.sent(fixed)
             return messages
         plan = context.plan(self.env.compact_keep_turns)
         if plan is not None:
@@ -447,7 +452,7 @@ class RunActor(Subagents):
                 tokens=after,
                 context_window_tokens=window,
             )
-        self._context.sent(fixed)
+        context.sent(fixed)
         return messages
 
     async def _compact(
