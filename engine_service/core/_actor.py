@@ -325,54 +325,7 @@ class RunActor(Subagents):
             )
 
     async def _model_turn(self) -> TurnResult:
-        env = self.env
-        provider = env.model.provider
-        started = time.perf_counter()
-        outcome = "error"
-        try:
-            if telemetry.enabled():
-                result = await self._traced_model_turn()
-            else:
-                result = await self._model_call()
-            outcome = "ok"
-        finally:
-            metrics.MODEL_SECONDS.observe(time.perf_counter() - started, provider, outcome)
-        metrics.TURNS.inc(provider)
-        metrics.TOKENS.inc(provider, "input", amount=result.usage.input_tokens)
-        metrics.TOKENS.inc(provider, "output", amount=result.usage.output_tokens)
-        cost = result.usage.cost(env.price)
-        if cost:
-            metrics.COST.inc(provider, amount=cost)
-        return result
-
-    async def _traced_model_turn(self) -> TurnResult:
-        """The model call in a ``chat {model}`` span with the GenAI attributes."""
-        model = self.env.model
-        attributes: dict[str, str | int] = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": model.provider,
-            "gen_ai.request.model": model.name,
-            "gen_ai.conversation.id": self.record.run_id,
-        }
-        if self.env.max_output_tokens:
-            attributes["gen_ai.request.max_tokens"] = self.env.max_output_tokens
-        with telemetry.span(
-            f"chat {model.name}", kind=telemetry.SpanKind.CLIENT, attributes=attributes
-        ) as span:
-            try:
-                result = await self._model_call()
-            except ModelError as error:
-                span.record_error(error.code)
-                raise
-            span.set_attributes(
-                {
-                    "gen_ai.response.model": model.name,
-                    "gen_ai.usage.input_tokens": result.usage.input_tokens,
-                    "gen_ai.usage.output_tokens": result.usage.output_tokens,
-                    "gen_ai.response.finish_reasons": [_finish_reason(result)],
-                }
-            )
-            return result
+        return await self._measured_model_call(self.env.model, self._model_call)
 
     async def _model_call(self) -> TurnResult:
         record, env = self.record, self.env
@@ -533,21 +486,6 @@ class RunActor(Subagents):
         self.transcript.append(Message("user", _REPAIR_PROMPT.format(problem=problem)))
         await self.checkpoint()
         return False, None
-
-
-# Providers' stop reasons as the GenAI conventions name them.
-_FINISH_REASONS = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "tool_use": "tool_call",
-    "max_tokens": "length",
-}
-
-
-def _finish_reason(result: TurnResult) -> str:
-    if result.stop_reason:
-        return _FINISH_REASONS.get(result.stop_reason, result.stop_reason)
-    return "tool_call" if result.tool_calls else "stop"
 
 
 # A structured final answer longer than this is validated in a worker thread.

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from engine_service.core import _metrics as metrics
 from engine_service.core import _telemetry as telemetry
@@ -32,6 +33,7 @@ from engine_service.core._types import (
     ToolCall,
     ToolChoice,
 )
+from engine_service.models import ModelAdapter, ModelError, TurnResult
 from engine_service.tools import result_blob_name, truncation_note
 from engine_service.tools._registry import (
     AGENT_TOOL,
@@ -67,6 +69,21 @@ def _resolved(call: ToolCall, text: str, outcome: CallOutcome) -> PendingCall:
 def arguments_digest(arguments: JsonObject) -> str:
     canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# Providers' stop reasons as the GenAI conventions name them.
+_FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "tool_use": "tool_call",
+    "max_tokens": "length",
+}
+
+
+def _finish_reason(result: TurnResult) -> str:
+    if result.stop_reason:
+        return _FINISH_REASONS.get(result.stop_reason, result.stop_reason)
+    return "tool_call" if result.tool_calls else "stop"
 
 
 class ToolDispatch(CheckpointedRun):
@@ -162,6 +179,61 @@ class ToolDispatch(CheckpointedRun):
         self.record.pending = []
         await self.checkpoint()
         return True
+
+    async def _measured_model_call(
+        self, model: ModelAdapter, call: Callable[[], Awaitable[TurnResult]], path: str = ""
+    ) -> TurnResult:
+        """``call`` (one model call of the agent at ``path``), timed and counted, and in a
+        ``chat {model}`` span with the GenAI attributes while tracing is on."""
+        provider = model.provider
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            if telemetry.enabled():
+                result = await self._traced_model_call(model, call, path)
+            else:
+                result = await call()
+            outcome = "ok"
+        finally:
+            metrics.MODEL_SECONDS.observe(time.perf_counter() - started, provider, outcome)
+        metrics.TURNS.inc(provider)
+        metrics.TOKENS.inc(provider, "input", amount=result.usage.input_tokens)
+        metrics.TOKENS.inc(provider, "output", amount=result.usage.output_tokens)
+        cost = result.usage.cost(self.env.price)
+        if cost:
+            metrics.COST.inc(provider, amount=cost)
+        return result
+
+    async def _traced_model_call(
+        self, model: ModelAdapter, call: Callable[[], Awaitable[TurnResult]], path: str
+    ) -> TurnResult:
+        attributes: dict[str, str | int] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": model.provider,
+            "gen_ai.request.model": model.name,
+            "gen_ai.conversation.id": self.record.run_id,
+        }
+        if self.env.max_output_tokens:
+            attributes["gen_ai.request.max_tokens"] = self.env.max_output_tokens
+        if path:
+            attributes["machina.agent.path"] = path
+        with telemetry.span(
+            f"chat {model.name}", kind=telemetry.SpanKind.CLIENT, attributes=attributes
+        ) as span:
+            try:
+                result = await call()
+            except ModelError as error:
+                span.record_error(error.code)
+                raise
+            span.set_attributes(
+                {
+                    "gen_ai.response.model": model.name,
+                    "gen_ai.usage.input_tokens": result.usage.input_tokens,
+                    "gen_ai.usage.output_tokens": result.usage.output_tokens,
+                    "gen_ai.response.finish_reasons": [_finish_reason(result)],
+                }
+            )
+            return result
 
     def _tool_label(self, name: str) -> str:
         """The metrics label of a tool: its name for the engine's tools, ``client`` for a caller's."""
