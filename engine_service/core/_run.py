@@ -82,9 +82,12 @@ class RunSpec:
     sandbox_network: bool | None = None
     # For the scripted model: the turns of each subagent, by its path.
     agent_scripts: dict[str, list[ScriptedTurn]] = field(default_factory=dict)
+    # The W3C trace context the run was created in ("" = none): every process that moves the run
+    # (a runner, a process recovering it) continues that trace.
+    traceparent: str = ""
 
     def to_json(self) -> JsonObject:
-        return {
+        doc: JsonObject = {
             "agent_scripts": {p: [t.to_json() for t in turns] for p, turns in self.agent_scripts.items()},
             "api_services": self.api_services,
             "mcp_servers": self.mcp_servers,
@@ -111,6 +114,9 @@ class RunSpec:
             "approval_expiry_approves": self.approval_expiry_approves,
             "labels": self.labels,
         }
+        if self.traceparent:
+            doc["traceparent"] = self.traceparent
+        return doc
 
     @classmethod
     def from_json(cls, doc: JsonObject) -> RunSpec:
@@ -144,6 +150,7 @@ class RunSpec:
                 p: [ScriptedTurn.from_json(t) for t in turns]
                 for p, turns in (doc.get("agent_scripts") or {}).items()
             },
+            traceparent=str(doc.get("traceparent") or ""),
         )
 
 
