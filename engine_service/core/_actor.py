@@ -23,6 +23,7 @@ from engine_service.core._limits import MAX_DEPTH, is_small, too_deep
 from engine_service.core._regex import SchemaValidator
 from engine_service.core._run import PENDING, READY, RESOLVED, CallOutcome, RunError
 from engine_service.core._text import loads_untrusted
+from engine_service.core._threads import load_context
 from engine_service.core._types import EventKind, InterruptKind, JsonObject, Message, PauseReason, RunState
 from engine_service.models import ModelError, ModelRequest, TextChunk, TurnResult
 from engine_service.storage._protocol import StorageUnavailable, storage_fault
@@ -260,9 +261,12 @@ class RunActor(ToolDispatch):
     async def _model_turn(self) -> TurnResult:
         record, env = self.record, self.env
         turn = record.meta.turns + 1
+        if self.spec.context and self._context is None:
+            # The thread's history before this run: read once, when the run first needs it.
+            self._context = await load_context(env.storage, record.workspace_id, self.spec.context)
         request = ModelRequest(
             system=env.system_prompt,
-            messages=self.transcript,
+            messages=[*self._context, *self.transcript] if self._context else self.transcript,
             tools=[t.spec() for t in env.tools.values()],
             tool_choice=self.spec.tool_choice,
             max_output_tokens=env.max_output_tokens,

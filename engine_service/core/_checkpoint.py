@@ -72,6 +72,8 @@ class CheckpointedRun:
         self.record = record
         self.spec = spec
         self.transcript = transcript or []
+        # The thread's history the model sees before the transcript (read when first needed).
+        self._context: list[Message] | None = None
         self._transcript_read = transcript is not None
         self.env = env
         # Watchers see an event once it is written (the feed); until then it waits in

@@ -78,9 +78,19 @@ class RunSpec:
     mcp_servers: list[str] | None = None
     # Network for the run's sandboxed processes; None = the engine's setting, False = none.
     sandbox_network: bool | None = None
+    # The thread the run continues ("" = a thread of its own, named by the run id), or where
+    # a new thread forks from ({"run_id", "turn", "seq"}).
+    thread_id: str = ""
+    fork_from: JsonObject | None = None
+    # The history the model sees before the task: segments [{"run_id", "upto"}] of other runs'
+    # transcripts (set by the engine when the run starts on a thread; never copied).
+    context: list[JsonObject] = field(default_factory=list)
 
     def to_json(self) -> JsonObject:
         return {
+            "thread_id": self.thread_id,
+            "fork_from": self.fork_from,
+            "context": self.context,
             "api_services": self.api_services,
             "mcp_servers": self.mcp_servers,
             "sandbox_network": self.sandbox_network,
@@ -133,6 +143,9 @@ class RunSpec:
             api_services=doc.get("api_services", []),
             mcp_servers=doc.get("mcp_servers"),
             sandbox_network=doc.get("sandbox_network"),
+            thread_id=doc.get("thread_id", ""),
+            fork_from=doc.get("fork_from"),
+            context=list(doc.get("context", ())),
         )
 
 
@@ -334,6 +347,14 @@ class RunRecord:
     handoff_attempts: int = 0
     # The digest of the run directory's manifest at this checkpoint ("" = none): _workdir_snapshot.
     workdir_manifest: str = ""
+    # The thread the run belongs to ("" = its own, named by its run id) and its place in it
+    # (1-based; 0 = the first run of its own thread).
+    thread_id: str = ""
+    thread_slot: int = 0
+
+    @property
+    def thread(self) -> str:
+        return self.thread_id or self.run_id
 
     @property
     def interrupts(self) -> list[Interrupt]:
@@ -364,6 +385,8 @@ class RunRecord:
             "handoff_at": self.handoff_at,
             "handoff_attempts": self.handoff_attempts,
             "workdir_manifest": self.workdir_manifest,
+            "thread_id": self.thread_id,
+            "thread_slot": self.thread_slot,
         }
 
     @classmethod
@@ -394,6 +417,8 @@ class RunRecord:
             handoff_at=doc.get("handoff_at", 0.0),
             handoff_attempts=doc.get("handoff_attempts", 0),
             workdir_manifest=doc.get("workdir_manifest", ""),
+            thread_id=doc.get("thread_id", ""),
+            thread_slot=doc.get("thread_slot", 0),
         )
 
     def public(self) -> JsonObject:
@@ -414,6 +439,7 @@ class RunRecord:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "last_seq": self.last_seq,
+            "thread_id": self.thread,
         }
 
 
