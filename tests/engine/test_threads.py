@@ -67,7 +67,8 @@ async def test_a_run_stores_references_not_a_copy_of_the_history(stack: Stack) -
     ]
     # Its own transcript holds only its own turn.
     state = await stack.storage.read_state("default", runs[-1].run_id)
-    assert state is not None and state["transcript_len"] == 2
+    assert state is not None
+    assert state["transcript_len"] == 2
     context = await load_context(stack.storage, "default", spec["context"])
     assert [m.text for m in context] == ["remember 0", "ok", "remember 1", "ok", "remember 2", "ok"]
 
@@ -90,7 +91,8 @@ async def test_one_active_run_per_thread(stack: Stack) -> None:
     assert thread.active_run_id == paused.run_id
     await stack.stub.CancelRun(svc.CancelRunRequest(run_id=paused.run_id))
     after = await stack.run("recall", thread_id="busy")
-    assert after.state == rp.RUN_STATE_DONE and first.run_id in thread.run_ids
+    assert after.state == rp.RUN_STATE_DONE
+    assert first.run_id in thread.run_ids
 
 
 async def test_concurrent_starts_on_one_thread_one_wins(stack: Stack) -> None:
@@ -103,7 +105,8 @@ async def test_concurrent_starts_on_one_thread_one_wins(stack: Stack) -> None:
     )  # fmt: skip
     won = [r for r in results if not isinstance(r, BaseException)]
     lost = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
-    assert len(won) >= 1 and len(won) + len(lost) == 4
+    assert len(won) >= 1
+    assert len(won) + len(lost) == 4
     for error in lost:
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
 
@@ -124,7 +127,8 @@ async def test_a_fork_diverges_while_the_original_is_untouched(stack: Stack) -> 
     assert list(orig.run_ids) == [a.run_id, b.run_id, orig_recall.run_id]
     branch = (await stack.stub.GetThread(svc.GetThreadRequest(thread_id="branch"))).thread
     assert list(branch.run_ids) == [fork.run_id, branch_recall.run_id]
-    assert branch.forked_from.run_id == a.run_id and branch.forked_from.turn == 1
+    assert branch.forked_from.run_id == a.run_id
+    assert branch.forked_from.turn == 1
 
 
 async def test_a_fork_at_a_seq_and_of_a_whole_run(stack: Stack) -> None:
@@ -171,7 +175,9 @@ async def test_list_threads_pages_and_filters_by_labels(stack: Stack) -> None:
     assert [t.thread_id for t in page.threads] == ["t4", "t3"]
     seen = [t.thread_id for t in page.threads]
     while page.next_page_token:
-        page = await stack.stub.ListThreads(svc.ListThreadsRequest(page_size=2, page_token=page.next_page_token))
+        page = await stack.stub.ListThreads(
+            svc.ListThreadsRequest(page_size=2, page_token=page.next_page_token)
+        )
         seen += [t.thread_id for t in page.threads]
     assert seen == ["t4", "t3", "t2", "t1", "t0"]
     red = await stack.stub.ListThreads(svc.ListThreadsRequest(labels={"team": "red"}))

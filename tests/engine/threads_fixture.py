@@ -4,7 +4,7 @@ request, and a raw gRPC stub: what the thread, deletion and retention tests talk
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,11 @@ class MemoryModel:
         if task.startswith("remember "):
             answer = "ok"
         elif task == "recall":
-            kept = [text[len("remember ") :] for role, text in messages if role == "user" and text.startswith("remember ")]
+            kept = [
+                text[len("remember ") :]
+                for role, text in messages
+                if role == "user" and text.startswith("remember ")
+            ]
             answer = ",".join(kept) or "nothing"
         else:
             answer = f"echo {task}"
@@ -70,6 +74,7 @@ class Stack:
     seen: list[list[tuple[str, str]]] = field(default_factory=list)
     kind: str = "local"
     bucket: str = ""
+    endpoint: str = ""
 
     @property
     def engine(self) -> Engine:
@@ -99,12 +104,15 @@ class Stack:
         """Every object (file or S3 key) in storage, or only those naming ``run_id``."""
         if self.kind == "local":
             assert isinstance(self.storage, LocalStorage)
-            names = [str(p.relative_to(self.storage.root)) for p in self.storage.root.rglob("*") if p.is_file()]
+            names = [
+                str(p.relative_to(self.storage.root)) for p in self.storage.root.rglob("*") if p.is_file()
+            ]
         else:
             import aioboto3
 
             names = []
-            async with aioboto3.Session().client("s3", region_name="us-east-1") as s3:
+            session = aioboto3.Session()
+            async with session.client("s3", region_name="us-east-1", endpoint_url=self.endpoint) as s3:
                 paginator = s3.get_paginator("list_objects_v2")
                 async for page in paginator.paginate(Bucket=self.bucket):
                     names += [item["Key"] for item in page.get("Contents", ())]
@@ -127,14 +135,18 @@ def code_of(error: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
 
 
 async def fails(call: Any) -> tuple[grpc.StatusCode, str]:
+    """The status and reason ``call`` (a unary call, a stream or a coroutine) fails with."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        result = call
-        if hasattr(result, "__aiter__"):
-            async for _ in result:
-                pass
-        else:
-            await result
+        await _drain(call)
     return code_of(caught.value)
+
+
+async def _drain(call: Any) -> None:
+    if hasattr(call, "__aiter__"):
+        async for _ in call:
+            pass
+    else:
+        await call
 
 
 async def build_stack(
@@ -174,7 +186,8 @@ async def build_stack(
     )
     server = await start_server(engine, "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    return Stack(server, channel, svc_grpc.EngineServiceStub(channel), storage, clock, seen, kind, bucket)
+    stub = svc_grpc.EngineServiceStub(channel)
+    return Stack(server, channel, stub, storage, clock, seen, kind, bucket, moto_url or "")
 
 
 @pytest.fixture(params=["local", "s3"])
