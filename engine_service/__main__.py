@@ -174,7 +174,7 @@ def retention_main(argv: list[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     ns = parser.parse_args(argv)
     try:
-        config = load_config(ns.config, overrides={"storage": ns.storage})
+        config: EngineConfig = load_config(ns.config, overrides={"storage": ns.storage})
         setup_logging(config.log_format, config.log_level)
         reports = asyncio.run(_retention(config, ns.dry_run))
     except (ConfigError, EngineError) as exc:
