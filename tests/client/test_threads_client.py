@@ -25,8 +25,6 @@ from tests.engine.threads_fixture import Stack, build_stack
 
 pytestmark = pytest.mark.timeout(60)
 
-MEMORY = {"model": "openai:memory"}
-
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
@@ -43,12 +41,12 @@ async def client(stack: Stack) -> AsyncIterator[AsyncEngineClient]:
 
 
 async def test_follow_up_continues_the_conversation(client: AsyncEngineClient) -> None:
-    first = await client.create("remember apples", **MEMORY)
+    first = await client.create("remember apples", model="openai:memory")
     await first.wait(timeout=20)
     assert first.run.thread_id == first.run_id
-    second = await first.follow_up("remember pears", **MEMORY)
+    second = await first.follow_up("remember pears", model="openai:memory")
     assert (await second.wait(timeout=20)).state == "DONE"
-    third = await second.follow_up("recall", **MEMORY)
+    third = await second.follow_up("recall", model="openai:memory")
     assert (await third.wait(timeout=20)).data == "apples,pears"
     assert third.run.thread_id == first.run_id
     thread = await client.get_thread(first.run_id)
@@ -58,9 +56,9 @@ async def test_follow_up_continues_the_conversation(client: AsyncEngineClient) -
 
 async def test_a_thread_handle_and_its_event_history(client: AsyncEngineClient) -> None:
     chat = client.thread("chat-7")
-    one = await chat.create("remember a", labels={"user": "ana"}, **MEMORY)
+    one = await chat.create("remember a", labels={"user": "ana"}, model="openai:memory")
     await one.wait(timeout=20)
-    two = await chat.create("recall", **MEMORY)
+    two = await chat.create("recall", model="openai:memory")
     assert (await two.wait(timeout=20)).data == "a"
     runs = await chat.runs()
     assert [r.run_id for r in runs] == [one.run_id, two.run_id]
@@ -72,36 +70,36 @@ async def test_a_thread_handle_and_its_event_history(client: AsyncEngineClient) 
 
 
 async def test_one_run_at_a_time_and_fork(client: AsyncEngineClient) -> None:
-    first = await client.create("remember apples", **MEMORY)
+    first = await client.create("remember apples", model="openai:memory")
     await first.wait(timeout=20)
     paused = await first.follow_up(
         "ask", script=[{"tool_calls": [{"name": "lookup"}]}], client_tools=[{"name": "lookup"}]
     )
     assert (await paused.wait(timeout=20)).paused
     with pytest.raises(ThreadBusyError):
-        await first.follow_up("recall", **MEMORY)
+        await first.follow_up("recall", model="openai:memory")
     with pytest.raises(RunActiveError):
         await paused.delete()
-    branch = await first.fork("remember plums", turn=1, **MEMORY)
+    branch = await first.fork("remember plums", turn=1, model="openai:memory")
     await branch.wait(timeout=20)
-    recall = await branch.follow_up("recall", **MEMORY)
+    recall = await branch.follow_up("recall", model="openai:memory")
     assert (await recall.wait(timeout=20)).data == "apples,plums"
     with pytest.raises(ForkPointError):
-        await first.fork("x", turn=5, **MEMORY)
+        await first.fork("x", turn=5, model="openai:memory")
     with pytest.raises(RunReferencedError):
         await first.delete()
     await paused.cancel()
 
 
 async def test_delete_and_retention(client: AsyncEngineClient, stack: Stack) -> None:
-    run = await client.create("remember a", **MEMORY)
+    run = await client.create("remember a", model="openai:memory")
     await run.wait(timeout=20)
     await run.delete()
     with pytest.raises(RunNotFoundError):
         await run.refresh()
     chat = client.thread()
-    await (await chat.create("remember b", **MEMORY)).wait(timeout=20)
-    old = await client.create("remember c", **MEMORY)
+    await (await chat.create("remember b", model="openai:memory")).wait(timeout=20)
+    old = await client.create("remember c", model="openai:memory")
     await old.wait(timeout=20)
     stack.clock.advance(2 * 86_400)
     report = await client.apply_retention(dry_run=True)
@@ -124,11 +122,11 @@ async def test_the_sync_client(stack: Stack) -> None:
 
 def sync_conversation(target: str) -> None:
     with EngineClient(target) as client:
-        first = client.create("remember apples", **MEMORY)
+        first = client.create("remember apples", model="openai:memory")
         first.wait(timeout=20)
-        second = first.follow_up("recall", **MEMORY)
+        second = first.follow_up("recall", model="openai:memory")
         assert second.wait(timeout=20).data == "apples"
-        fork = second.fork("recall", **MEMORY)
+        fork = second.fork("recall", model="openai:memory")
         assert fork.wait(timeout=20).data == "apples"
         chat = client.thread(first.run_id)
         assert [r.run_id for r in chat.runs()] == [first.run_id, second.run_id]

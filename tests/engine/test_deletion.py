@@ -11,9 +11,11 @@ import sys
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import run_pb2 as rp
@@ -39,9 +41,7 @@ def files_run(task: str) -> dict[str, object]:
     return {"model": svc.ModelSpec(provider="scripted", script=script)}
 
 
-def _struct(doc: dict[str, object]) -> object:
-    from google.protobuf import struct_pb2
-
+def _struct(doc: dict[str, Any]) -> struct_pb2.Struct:
     value = struct_pb2.Struct()
     value.update(doc)
     return value

@@ -82,11 +82,15 @@ class Stack:
 
     async def start(self, task: str, **spec: Any) -> rp.Run:
         spec.setdefault("model", svc.ModelSpec(provider="openai", name="memory"))
-        response = await self.stub.CreateRun(svc.CreateRunRequest(spec=svc.RunSpec(task=task, **spec)))
+        response: svc.CreateRunResponse = await self.stub.CreateRun(
+            svc.CreateRunRequest(spec=svc.RunSpec(task=task, **spec))
+        )
         return response.run
 
     async def wait(self, run_id: str) -> rp.Run:
-        response = await self.stub.WaitRun(svc.WaitRunRequest(run_id=run_id, timeout_ms=20_000))
+        response: svc.WaitRunResponse = await self.stub.WaitRun(
+            svc.WaitRunRequest(run_id=run_id, timeout_ms=20_000)
+        )
         assert not response.timed_out
         return response.run
 
