@@ -185,3 +185,12 @@ async def test_list_threads_pages_and_filters_by_labels(stack: Stack) -> None:
     assert all(len(t.run_ids) == 1 for t in red.threads)
     code = await fails(stack.stub.ListThreads(svc.ListThreadsRequest(page_token="junk")))
     assert code == (grpc.StatusCode.INVALID_ARGUMENT, "ERR_INVALID_REQUEST")
+
+
+async def test_the_threads_bench_runs_at_a_tiny_size() -> None:
+    from bench.threads import measure
+
+    data = await measure(length=4, samples=2)
+    assert len(data["first_start_ms"]) == len(data["last_start_ms"]) == 2
+    assert data["runs_deleted"] == 6
+    assert data["bytes_left"] == 0
