@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import PRINCIPAL, bench_engine, dir_bytes, summarize
+from bench._common import PRINCIPAL, bench_engine, dir_bytes
+from bench._rows import summarize
 from engine_service import Engine, LocalStorage, RunSpec, RunState, ScriptedTurn
 
 LENGTH = 100

@@ -39,7 +39,8 @@ class RunEnv:
     system_prompt: str
     max_turns: int
     max_output_tokens: int
-    price: tuple[float, float]  # USD per million input / output tokens
+    # USD per million input / output / cache-read / cache-write tokens.
+    price: tuple[float, float, float, float]
     owner: str
     lease_ttl: float
     workdir: Path | None = None
@@ -56,6 +57,11 @@ class RunEnv:
     # How long a checkpoint retries unavailable storage before the run is left at its last
     # checkpoint for the recovery sweep (see RunActor._execute).
     storage_retry_s: float = 300.0
+    # The model's context window in tokens (0 = unknown: no compaction), the share of it past
+    # which older turns are summarised, and how many recent turns the model keeps seeing whole.
+    context_window_tokens: int = 0
+    compact_at: float = 0.8
+    compact_keep_turns: int = 4
 
 
 # Event kinds shown to watchers only once the checkpoint that commits them lands.
@@ -72,8 +78,13 @@ class CheckpointedRun:
         self.record = record
         self.spec = spec
         self.transcript = transcript or []
-        # The thread's history the model sees before the transcript (read when first needed).
-        self._context: list[Message] | None = None
+        # The thread's history the model sees before the transcript (read when first needed),
+        # its size, and the list that joins it to the run's own view (see RunActor._with_history).
+        self._thread_history: list[Message] | None = None
+        self._thread_chars = 0
+        self._joined: list[Message] = []
+        self._joined_view: object = None
+        self._joined_len = 0
         self._transcript_read = transcript is not None
         self.env = env
         # Watchers see an event once it is written (the feed); until then it waits in

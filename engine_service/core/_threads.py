@@ -27,6 +27,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from engine_service.core._compaction import model_view
 from engine_service.core._errors import EngineError, ErrorKind, invalid, not_found, precondition
 from engine_service.core._ids import check_id, new_id
 from engine_service.core._run import RunRecord, RunSpec
@@ -76,11 +77,13 @@ class Thread:
 
 
 async def load_context(storage: Storage, ws: str, segments: list[JsonObject]) -> list[Message]:
-    """The transcript entries the segments name, in order (a deleted run contributes nothing)."""
+    """What the model sees of the transcript entries the segments name, in order: each run's
+    as its own model saw it (older turns it compacted stay summarised, see `model_view`). A
+    deleted run contributes nothing."""
     parts = await asyncio.gather(
         *(storage.read_segments(ws, seg["run_id"], "transcript", 0, int(seg["upto"])) for seg in segments)
     )
-    return [Message.from_json(doc) for docs in parts for doc in docs]
+    return [m for docs in parts for m in model_view([Message.from_json(doc) for doc in docs])]
 
 
 class ThreadDesk:

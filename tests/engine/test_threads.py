@@ -4,11 +4,14 @@ history, a fork branches from any completed turn, and neither copies what it sha
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
 
 from engine_service.core._threads import load_context
+from engine_service.core._types import Message
+from engine_service.storage._local import LocalStorage
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import run_pb2 as rp
 from tests.engine.threads_fixture import Stack, fails, stack
@@ -194,3 +197,29 @@ async def test_the_threads_bench_runs_at_a_tiny_size() -> None:
     assert len(data["first_start_ms"]) == len(data["last_start_ms"]) == 2
     assert data["runs_deleted"] == 6
     assert data["bytes_left"] == 0
+
+
+async def test_a_compacted_run_is_continued_as_its_model_saw_it(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    transcript = [
+        Message("user", "task one"),
+        Message("assistant", "old turn"),
+        Message("user", "old question"),
+        Message("assistant", "kept turn"),
+        Message("compaction", "what happened before", keep_from=3),
+    ]
+    await storage.create_run("default", "r1", {}, {})
+    await storage.write_segment("default", "r1", "transcript", 1, [m.to_json() for m in transcript])
+    history = await load_context(
+        storage, "default", [{"run_id": "r1", "upto": 5}, {"run_id": "gone", "upto": 3}]
+    )
+    assert [m.role for m in history] == ["user", "user", "assistant"]
+    assert history[0].text == "task one"
+    assert "what happened before" in history[1].text
+    assert history[2].text == "kept turn"
+    # A shorter segment of the same run stops before its compaction: all of it is seen.
+    assert [m.text for m in await load_context(storage, "default", [{"run_id": "r1", "upto": 2}])] == [
+        "task one",
+        "old turn",
+    ]
+    await storage.close()
