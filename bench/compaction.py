@@ -58,13 +58,15 @@ async def rows(quick: bool) -> list[dict[str, Any]]:
     # Bounded: from turn 20 on, no request is larger than the window.
     late_max = max(compacted[19:])
     bounded = late_max <= WINDOW
-    data = {
+    compacted_figures = {
         "turns": turns,
         "window_tokens": WINDOW,
         "compactions": compactions,
-        "compacted": {"turn_100": half, "turn_200": at, "max_after_turn_20": late_max},
-        "baseline": {"turn_100": base_half, "turn_200": base_at},
+        "input_tokens_turn_100": half,
+        "input_tokens_turn_200": at,
+        "max_input_tokens_after_turn_20": late_max,
     }
+    baseline_figures = {"input_tokens_turn_100": base_half, "input_tokens_turn_200": base_at}
     return [
         {
             "name": f"model input tokens at turn {turns}, compaction (window {WINDOW:,})",
@@ -74,14 +76,14 @@ async def rows(quick: bool) -> list[dict[str, Any]]:
             ),
             "target": "bounded by the window, not growing",
             "verdict": "MET" if bounded else "MISSED",
-            "data": data,
+            "data": compacted_figures,
         },
         {
             "name": f"model input tokens at turn {turns}, no compaction (baseline)",
             "value": f"{base_at:,} (turn {turns // 2}: {base_half:,})",
             "target": "",
             "verdict": "REPORT",
-            "data": data["baseline"],
+            "data": baseline_figures,
         },
         {
             "name": f"input tokens at turn {turns}: compaction / baseline",

@@ -15,6 +15,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from engine_service.core._errors import invalid, shown
 from engine_service.core._limits import MAX_DEPTH, MAX_SCHEMA_BYTES, too_deep
 from engine_service.core._run import (
+    AgentState,
     ClientToolDef,
     Decision,
     DecisionAction,
@@ -169,18 +170,23 @@ def api_services_from_proto(api: svc.ApiSpec) -> list[JsonObject]:
     return out
 
 
+def _script_from_proto(turns: Any, where: str) -> list[ScriptedTurn]:
+    script = []
+    for turn in turns:
+        usage = _usage_from_proto(turn.usage) if turn.HasField("usage") else None
+        calls = [
+            (c.name, struct_to_dict(c.arguments, f"{where}.tool_calls.arguments")) for c in turn.tool_calls
+        ]
+        script.append(ScriptedTurn(turn.text, calls, usage))
+    return script
+
+
 def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]:
     model = message.model
-    script = None
-    if model.script:
-        script = []
-        for turn in model.script:
-            usage = _usage_from_proto(turn.usage) if turn.HasField("usage") else None
-            calls = [
-                (c.name, struct_to_dict(c.arguments, "model.script.tool_calls.arguments"))
-                for c in turn.tool_calls
-            ]
-            script.append(ScriptedTurn(turn.text, calls, usage))
+    script = _script_from_proto(model.script, "model.script") if model.script else None
+    agent_scripts = {
+        s.agent_path: _script_from_proto(s.script, "model.agent_scripts.script") for s in model.agent_scripts
+    }
     permissions = {}
     for name, value in message.permissions.items():
         if value not in _PERMISSIONS:
@@ -240,6 +246,7 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
             if message.HasField("fork_from")
             else None
         ),
+        agent_scripts=agent_scripts,
     )
     client_tools = [
         ClientToolDef(
@@ -312,6 +319,7 @@ def interrupt_to_proto(i: Interrupt) -> rp.Interrupt:
         create_time=_time(i.created_at),
         expire_time=_time(i.expires_at) if i.expires_at else None,
         input_schema=_struct(i.input_schema),
+        agent_path=i.agent_path,
     )
 
 
@@ -478,8 +486,25 @@ def _payload(kind: EventKind, d: JsonObject) -> Any:
             error=_error(RunError.from_json(error) if error else None),
             meta=_meta(RunMeta.from_json(d["meta"])),
         )
+    if kind is EventKind.AGENT_STARTED:
+        return ev.AgentStarted(**d)
+    if kind is EventKind.AGENT_FINISHED:
+        error = d.get("error")
+        return ev.AgentFinished(
+            state=_AGENT_STATE[d["state"]],
+            output=d["output"],
+            error=_error(RunError.from_json(error) if error else None),
+            meta=_meta(RunMeta.from_json(d["meta"])),
+        )
     raise ValueError(f"no conversion for event kind {kind}")
 
+
+_AGENT_STATE = {
+    AgentState.RUNNING.value: rp.RUN_STATE_RUNNING,
+    AgentState.DONE.value: rp.RUN_STATE_DONE,
+    AgentState.FAILED.value: rp.RUN_STATE_FAILED,
+    AgentState.CANCELLED.value: rp.RUN_STATE_CANCELLED,
+}
 
 # Events per response message stay under this many bytes (a single larger event still goes, alone):
 # a whole stream batch of large events (tool results) would pass the 4 MiB gRPC message limit.
@@ -523,6 +548,8 @@ def add_events(
         t = event.time
         seconds = int(t)
         message = add(run_id=run_id, seq=event.seq)
+        if event.agent_path:
+            message.agent_path = event.agent_path
         stamp = message.time
         stamp.seconds = seconds
         stamp.nanos = int((t - seconds) * 1e9)

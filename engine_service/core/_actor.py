@@ -4,7 +4,8 @@ One `RunActor` exists per run being moved by this process (executing, or
 recording decisions). It is built in layers: `CheckpointedRun` (_checkpoint.py)
 owns the run's lease, appends events to the live feed and commits them together
 with transcript entries and the state document at each checkpoint;
-`ToolDispatch` (_dispatch.py) plans and runs the model's tool calls; `RunActor`
+`ToolDispatch` (_dispatch.py) plans and runs the model's tool calls; `Subagents`
+(_subagents.py) moves the children its ``Agent`` calls start; `RunActor`
 runs the loop of model turns, enforces the run's limits and pauses.
 """
 
@@ -26,11 +27,12 @@ from engine_service.core._compaction import (
     ContextWindow,
     message_chars,
 )
-from engine_service.core._dispatch import REQUEST_EVENT, ToolDispatch
+from engine_service.core._dispatch import REQUEST_EVENT
 from engine_service.core._errors import RunFailure
 from engine_service.core._limits import MAX_DEPTH, is_small, too_deep
 from engine_service.core._regex import SchemaValidator
-from engine_service.core._run import PENDING, READY, RESOLVED, CallOutcome, RunError
+from engine_service.core._run import PENDING, READY, RESOLVED, CallOutcome, ChildState, RunError
+from engine_service.core._subagents import Subagents
 from engine_service.core._text import loads_untrusted
 from engine_service.core._threads import load_context
 from engine_service.core._types import (
@@ -54,7 +56,7 @@ _REPAIR_PROMPT = (
 )
 
 
-class RunActor(ToolDispatch):
+class RunActor(Subagents):
     """Executes a run: the agent loop, its limits, its end; pauses and cancels."""
 
     # -- lifecycle ---------------------------------------------------------------
@@ -172,7 +174,7 @@ class RunActor(ToolDispatch):
         Idempotent tools run again; others get an error result the model can act on.
         """
         interrupted = []
-        for p in self.record.pending:
+        for p in self.record.all_pending():
             tool = self.env.tools.get(p.call.name)
             if p.status == READY and not (tool is not None and tool.idempotent):
                 p.status, p.result_is_error, p.outcome = RESOLVED, True, CallOutcome.INTERRUPTED
@@ -298,6 +300,7 @@ class RunActor(ToolDispatch):
             raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
         record.meta.turns = turn
         record.meta.usage.add(result.usage)
+        self._observe_context("", result.usage.input_tokens)
         cost = result.usage.cost(env.price)
         record.meta.cost_usd += cost
         self.transcript.append(Message("assistant", result.text, result.tool_calls))
@@ -310,33 +313,47 @@ class RunActor(ToolDispatch):
 
     # -- what the model sees ------------------------------------------------------------
 
-    _context: ContextWindow | None = None
+    _contexts: dict[str, ContextWindow] | None = None
 
-    async def _context_messages(self, tools: Sequence[ToolSpec]) -> Sequence[Message]:
-        """The messages of the next model request, which every model request of the run takes
-        from here: the transcript as the model sees it (see _compaction.py), compacted first
-        when the request would pass ``compact_at`` of the model's context window."""
-        if self._context is None:
-            self._context = ContextWindow()
-        if self.spec.context and self._thread_history is None:
+    def _observe_context(self, path: str, input_tokens: int) -> None:
+        """The model reported ``input_tokens`` for the last request of ``path`` ("" = the run)."""
+        context = self._contexts.get(path) if self._contexts is not None else None
+        if context is not None:
+            context.observe(input_tokens)
+
+    async def _context_messages(
+        self, tools: Sequence[ToolSpec], child: ChildState | None = None
+    ) -> Sequence[Message]:
+        """The messages of the next model request, which every model request of the run (and of
+        its subagents: ``child``) takes from here: the transcript as the model sees it (see
+        _compaction.py), compacted first when the request would pass ``compact_at`` of the
+        model's context window. The run's own requests start with its thread's history."""
+        if self._contexts is None:
+            self._contexts = {}
+        path = child.path if child is not None else ""
+        transcript = self._child_transcripts[path] if child is not None else self.transcript
+        context = self._contexts.setdefault(path, ContextWindow())
+        if child is None and self.spec.context and self._thread_history is None:
             # The thread's history before this run: read once, when the run first needs it.
             history = await load_context(self.env.storage, self.record.workspace_id, self.spec.context)
             self._thread_history = history
             self._thread_chars = sum(map(message_chars, history))
-        messages = self._with_history(self._context.messages(self.transcript))
+        join = self._with_history if child is None else _as_is
+        messages = join(context.messages(transcript))
         window = self.env.context_window_tokens
         if not window:
             return messages
         # The thread's history counts like the system prompt: this run compacts only its own turns.
-        fixed = _fixed_chars(self.env.system_prompt, tools) + self._thread_chars
-        before = self._context.tokens(fixed)
+        fixed = _fixed_chars(self.env.system_prompt, tools) + (self._thread_chars if child is None else 0)
+        before = context.tokens(fixed)
         if before <= self.env.compact_at * window:
+            context.sent(fixed)
             return messages
-        plan = self._context.plan(self.env.compact_keep_turns)
+        plan = context.plan(self.env.compact_keep_turns)
         if plan is not None:
-            await self._compact(plan, tools, before, fixed)
-            messages = self._with_history(self._context.messages(self.transcript))
-        after = self._context.tokens(fixed)
+            await self._compact(plan, tools, before, fixed, context, transcript, child)
+            messages = join(context.messages(transcript))
+        after = context.tokens(fixed)
         if after > window:
             raise RunFailure(
                 "ERR_COMPACTION_FAILED",
@@ -345,6 +362,7 @@ class RunActor(ToolDispatch):
                 tokens=after,
                 context_window_tokens=window,
             )
+        context.sent(fixed)
         return messages
 
     def _with_history(self, view: Sequence[Message]) -> Sequence[Message]:
@@ -359,23 +377,32 @@ class RunActor(ToolDispatch):
         return self._joined
 
     async def _compact(
-        self, plan: CompactionPlan, tools: Sequence[ToolSpec], before: int, fixed: int
+        self,
+        plan: CompactionPlan,
+        tools: Sequence[ToolSpec],
+        before: int,
+        fixed: int,
+        context: ContextWindow,
+        transcript: list[Message],
+        child: ChildState | None,
     ) -> None:
-        """Summarise ``plan.messages`` with a model call and record the summary in the transcript."""
+        """Summarise ``plan.messages`` with a model call and record the summary in the transcript
+        (the run's, or the subagent ``child``'s)."""
         record, env = self.record, self.env
-        assert self._context is not None
+        turns = child.turns if child is not None else record.meta.turns
+        model = self._child_model(child.path) if child is not None else env.model
         request = ModelRequest(
             system=SUMMARY_SYSTEM,
             messages=[*plan.messages, Message("user", SUMMARY_REQUEST)],
             tools=tools,  # the summarised turns may hold tool calls, which some APIs check against
             tool_choice=ToolChoice.NONE,
             max_output_tokens=env.max_output_tokens,
-            turn=record.meta.turns,
+            turn=turns,
             purpose="compaction",
         )
         result: TurnResult | None = None
         try:
-            async for item in env.model.stream(request):
+            async for item in model.stream(request):
                 if isinstance(item, TurnResult):
                     result = item
         except ModelError as error:
@@ -391,18 +418,21 @@ class RunActor(ToolDispatch):
         record.meta.usage.add(result.usage)
         cost = result.usage.cost(env.price)
         record.meta.cost_usd += cost
-        self.transcript.append(Message(COMPACTION, result.text, keep_from=plan.keep_from))
-        self._context.messages(self.transcript)
+        if child is not None:
+            self._spend(child.path, result.usage, cost)
+        transcript.append(Message(COMPACTION, result.text, keep_from=plan.keep_from))
+        context.messages(transcript)
         self.emit(
             EventKind.CONTEXT_COMPACTED,
             {
-                "turn": record.meta.turns + 1,
+                "turn": turns + 1,
                 "turns_summarized": plan.turns,
                 "tokens_before": before,
-                "tokens_after": self._context.tokens(fixed),
+                "tokens_after": context.tokens(fixed),
                 "usage": result.usage.to_json(),
                 "cost_usd": cost,
             },
+            child.path if child is not None else "",
         )
 
     async def _final_answer(self, text: str) -> tuple[bool, Any]:
@@ -424,6 +454,10 @@ class RunActor(ToolDispatch):
         self.transcript.append(Message("user", _REPAIR_PROMPT.format(problem=problem)))
         await self.checkpoint()
         return False, None
+
+
+def _as_is(view: Sequence[Message]) -> Sequence[Message]:
+    return view
 
 
 # A structured final answer longer than this is validated in a worker thread.

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from engine_service.core._feed import EventFeed
-from engine_service.core._run import RunError, RunRecord, RunSpec
+from engine_service.core._run import AgentState, RunError, RunRecord, RunSpec
 from engine_service.core._types import Event, EventKind, JsonObject, Message, Permission, RunState
 from engine_service.models import ModelAdapter
 from engine_service.storage._protocol import Storage, StorageUnavailable, storage_fault
@@ -22,6 +22,11 @@ from engine_service.tools._registry import Tool
 log = logging.getLogger("machina.engine")
 
 CANCEL_REQUEST = "cancel-request"  # the blob where another process asks for a cancel
+
+
+def transcript_blob(path: str) -> str:
+    """The blob holding the transcript of the subagent at ``path`` (core/_subagents.py)."""
+    return f"agent-{path.replace('/', '.')}-transcript"
 
 
 class LeaseLost(Exception):
@@ -57,6 +62,8 @@ class RunEnv:
     # How long a checkpoint retries unavailable storage before the run is left at its last
     # checkpoint for the recovery sweep (see RunActor._execute).
     storage_retry_s: float = 300.0
+    # How deep subagents may nest (core/_subagents.py).
+    max_agent_depth: int = 2
     # The model's context window in tokens (0 = unknown: no compaction), the share of it past
     # which older turns are summarised, and how many recent turns the model keeps seeing whole.
     context_window_tokens: int = 0
@@ -118,6 +125,12 @@ class CheckpointedRun:
         self._start_committed = False
         # A tool may have changed the run directory since its last snapshot.
         self._workdir_dirty = True
+        # The transcripts of the subagents moved here so far, by path (core/_subagents.py).
+        self._child_transcripts: dict[str, list[Message]] = {}
+        self._child_models: dict[str, ModelAdapter] = {}
+        self._child_written: dict[str, int] = {}  # entries of each transcript blob written
+        # One commit at a time: parallel subagents each checkpoint.
+        self._commit_lock = asyncio.Lock()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -127,9 +140,9 @@ class CheckpointedRun:
         """The run as readers may see it: never a pause or an end before it is committed."""
         return self._shown or self.record
 
-    def emit(self, kind: EventKind, data: JsonObject) -> Event:
+    def emit(self, kind: EventKind, data: JsonObject, agent_path: str = "") -> Event:
         self._last_seq += 1
-        event = Event(self._last_seq, self.env.clock(), kind, data)
+        event = Event(self._last_seq, self.env.clock(), kind, data, agent_path)
         self._unwritten.append(event)
         self._write_wanted.set()
         return event
@@ -188,7 +201,8 @@ class CheckpointedRun:
         While storage is unavailable (read-only, full, answering 5xx) the run waits here,
         retrying with backoff; past ``storage_retry_s`` it raises StorageUnavailable.
         """
-        await self._retrying_storage("checkpoint", self._commit)
+        async with self._commit_lock:
+            await self._retrying_storage("checkpoint", self._commit)
 
     async def _retrying_storage(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
         give_up = time.monotonic() + self.env.storage_retry_s
@@ -223,18 +237,34 @@ class CheckpointedRun:
         record, storage = self.record, self.env.storage
         ws, run_id = self.key
         await self._snapshot_workdir()
-        await self.write_events()
-        if len(self.transcript) > self._transcript_committed:
-            new_entries = self.transcript[self._transcript_committed :]
-            await storage.write_segment(
-                ws, run_id, "transcript", self._transcript_committed + 1, [m.to_json() for m in new_entries]
-            )
-        record.last_seq = self._written_seq
+        # What this checkpoint commits is taken at one instant: subagents running in parallel
+        # (core/_subagents.py) move on while it is written, and a state document that counted a
+        # turn whose transcript entry or events it does not commit would not recover.
+        upto = self._last_seq
+        first = self._transcript_committed + 1
+        new_entries = [m.to_json() for m in self.transcript[self._transcript_committed :]]
+        child_blobs = {
+            path: [m.to_json() for m in entries]
+            for path, entries in self._child_transcripts.items()
+            if self._child_written.get(path) != len(entries)
+        }
+        for path, entries in self._child_transcripts.items():
+            record.children[path].transcript_len = len(entries)
         record.transcript_len = len(self.transcript)
         record.updated_at = self.env.clock()
-        await storage.write_state(ws, run_id, record.to_json())
+        doc = record.to_json()
+        await self.write_events()
+        if new_entries:
+            await storage.write_segment(ws, run_id, "transcript", first, new_entries)
+        for path, docs in child_blobs.items():
+            # Rewritten whole: a subagent's transcript is short next to its run's.
+            await storage.put_blob(ws, run_id, transcript_blob(path), json.dumps(docs).encode())
+            self._child_written[path] = len(docs)
+        doc["last_seq"] = min(upto, self._written_seq)
+        await storage.write_state(ws, run_id, doc)
+        record.last_seq = doc["last_seq"]
         self._shown = None
-        self._transcript_committed = record.transcript_len
+        self._transcript_committed = doc["transcript_len"]
         if self._held:
             self.feed.publish_many(self._held)
             self._held = []
@@ -429,6 +459,9 @@ class CheckpointedRun:
         self.ending = True
         self._show_until_committed()
         self._account_time()
+        if record.children:
+            ended = AgentState.CANCELLED if state is RunState.CANCELLED else AgentState.FAILED
+            self.end_children(ended, error.message if error is not None else "the run ended")
         record.state = state
         record.data = data
         record.error = error
@@ -448,6 +481,9 @@ class CheckpointedRun:
         await self.release()
         self._notify(state.value.lower())
         log.info("run %s %s", record.run_id, state.value.lower(), extra={"run_id": record.run_id})
+
+    def end_children(self, state: AgentState, reason: str) -> None:
+        """The run ends: so do its subagents still running (core/_subagents.py)."""
 
     async def cancel_now(self) -> None:
         """Cancel a run that is not executing (paused, or orphaned while queued)."""

@@ -178,6 +178,8 @@ class EngineConfig(_Section):
     sandbox_max_file_mb: int = Field(1024, ge=1)
     sandbox_max_open_files: int = Field(1024, ge=16)
     max_turns: int = Field(50, ge=1, le=100_000)
+    # How deep subagents (the Agent tool) may nest: 1 = children only, no grandchildren.
+    max_agent_depth: int = Field(2, ge=1, le=8)
     lease_ttl_s: float = Field(30.0, gt=0)
     # How often to sweep for runs whose executor died (lease expired, queued or running); 0 = at startup.
     recovery_interval_s: float = Field(10.0, ge=0)

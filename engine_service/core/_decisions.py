@@ -35,7 +35,7 @@ class DecisionDesk:
 
     def plan(self, actor: RunActor, decisions: list[Decision]) -> list[PlannedDecision]:
         """Validate every decision, then apply them all (all or nothing)."""
-        by_id = {p.interrupt.interrupt_id: p for p in actor.record.pending if p.interrupt is not None}
+        by_id = {p.interrupt.interrupt_id: p for p in actor.record.all_pending() if p.interrupt is not None}
         seen: set[str] = set()
         staged: list[tuple[PendingCall, Decision, JsonObject | None]] = []
         for d in decisions:

@@ -31,7 +31,14 @@ from engine_service.core._types import (
     ToolChoice,
 )
 from engine_service.tools import result_blob_name, truncation_note
-from engine_service.tools._registry import ToolArgumentError, ToolContext, call_tool, capability_error
+from engine_service.tools._registry import (
+    AGENT_TOOL,
+    Tool,
+    ToolArgumentError,
+    ToolContext,
+    call_tool,
+    capability_error,
+)
 
 log = logging.getLogger("machina.engine")
 
@@ -66,11 +73,15 @@ class ToolDispatch(CheckpointedRun):
     def _plan_all(self, calls: list[ToolCall]) -> list[PendingCall]:
         return [self._plan(call) for call in calls]
 
-    def _plan(self, call: ToolCall) -> PendingCall:
-        """Decide what happens to one tool call: run, ask, or answer at once."""
-        tool = self.env.tools.get(call.name)
+    def _plan(self, call: ToolCall, tools: dict[str, Tool] | None = None, path: str = "") -> PendingCall:
+        """Decide what happens to one tool call: run, ask, or answer at once.
+
+        ``tools`` and ``path``: those of the subagent that made the call (default: the run's own).
+        """
+        tools = self.env.tools if tools is None else tools
+        tool = tools.get(call.name)
         if tool is None:
-            available = ", ".join(sorted(self.env.tools)) or "none"
+            available = ", ".join(sorted(tools)) or "none"
             return _resolved(
                 call, f"Unknown tool {call.name!r}. Available tools: {available}.", CallOutcome.UNKNOWN_TOOL
             )
@@ -102,7 +113,7 @@ class ToolDispatch(CheckpointedRun):
         now = self.env.clock()
         timeout = self.spec.approval_timeout_ms
         interrupt = Interrupt(
-            interrupt_id=f"int_{call.call_id}",
+            interrupt_id=f"int_{path}/{call.call_id}" if path else f"int_{call.call_id}",
             kind=kind,
             call_id=call.call_id,
             tool_name=call.name,
@@ -112,6 +123,7 @@ class ToolDispatch(CheckpointedRun):
             question=str(call.arguments.get("question", "")) if kind is InterruptKind.INPUT else "",
             expires_at=now + timeout / 1000 if timeout and kind is InterruptKind.APPROVAL else 0.0,
             input_schema=tool.input_schema,
+            agent_path=path,
         )
         return PendingCall(call, PENDING, interrupt)
 
@@ -136,16 +148,10 @@ class ToolDispatch(CheckpointedRun):
             )
             if p.call.name not in self.record.meta.capabilities_missing:
                 self.record.meta.capabilities_missing.append(p.call.name)
-        results: dict[str, tuple[str, bool]] = {}
-        for p in pending:
-            if p.status == RESOLVED:
-                # A call that does not run is on the record too, with why: the model sees its result.
-                self._record_unrun(p)
-                results[p.call.call_id] = (p.result_text, p.result_is_error)
-        ready = [p for p in pending if p.status == READY]
-        if ready:
-            outcomes = await asyncio.gather(*(self._run_call(p.call) for p in ready))
-            results.update((p.call.call_id, outcome) for p, outcome in zip(ready, outcomes, strict=True))
+        results = await self._run_pending(pending)
+        if results is None:  # a subagent waits for a decision: so does the run
+            await self.pause()
+            return False
         for p in pending:
             text, is_error = results[p.call.call_id]
             self.transcript.append(
@@ -155,7 +161,40 @@ class ToolDispatch(CheckpointedRun):
         await self.checkpoint()
         return True
 
-    def _record_unrun(self, p: PendingCall) -> None:
+    async def _run_pending(
+        self, pending: list[PendingCall], path: str = ""
+    ) -> dict[str, tuple[str, bool]] | None:
+        """Run the READY calls of ``pending`` (the agent at ``path``'s) concurrently: their results by
+        call id, or None when a subagent among them paused for a decision (the calls that ended
+        keep their results in ``pending`` until the run goes on)."""
+        results: dict[str, tuple[str, bool]] = {}
+        for p in pending:
+            if p.status == RESOLVED:
+                if p.outcome is not CallOutcome.RAN:
+                    # A call that does not run is on the record too, with why: the model sees its result.
+                    self._record_unrun(p, path)
+                results[p.call.call_id] = (p.result_text, p.result_is_error)
+        ready = [p for p in pending if p.status == READY]
+        if not ready:
+            return results
+        outcomes = await asyncio.gather(*(self._run_call(p.call, path) for p in ready))
+        paused = False
+        for p, outcome in zip(ready, outcomes, strict=True):
+            if outcome is None:
+                paused = True
+                continue
+            results[p.call.call_id] = outcome
+            p.status, p.outcome = RESOLVED, CallOutcome.RAN
+            p.result_text, p.result_is_error = outcome
+        return None if paused else results
+
+    async def pause(self) -> None:
+        raise NotImplementedError  # RunActor
+
+    async def _run_agent(self, call: ToolCall, path: str) -> tuple[str, bool] | None:
+        raise NotImplementedError  # RunActor, via core/_subagents.py
+
+    def _record_unrun(self, p: PendingCall, path: str = "") -> None:
         """A call that never started still completes on the record, with why and its result."""
         self.emit(
             EventKind.TOOL_CALL_COMPLETED,
@@ -169,6 +208,7 @@ class ToolDispatch(CheckpointedRun):
                 "outcome": p.outcome
                 or (CallOutcome.REJECTED if p.result_is_error else CallOutcome.RESPONDED),
             },
+            path,
         )
 
     async def _hand_off(self, tools: list[str]) -> None:
@@ -240,17 +280,23 @@ class ToolDispatch(CheckpointedRun):
             keep_pending=True,
         )
 
-    async def _run_call(self, call: ToolCall) -> tuple[str, bool]:
+    async def _run_call(self, call: ToolCall, path: str = "") -> tuple[str, bool] | None:
+        """Run one call of the agent at ``path``: its result, or None when it started a subagent
+        that paused for a decision."""
+        if call.name == AGENT_TOOL:
+            return await self._run_agent(call, path)
         tool = self.env.tools[call.name]
         self._workdir_dirty = True
-        self.emit(EventKind.TOOL_CALL_STARTED, {"call": call.to_json()})
+        self.emit(EventKind.TOOL_CALL_STARTED, {"call": call.to_json()}, path)
         started = time.perf_counter()
+        # A subagent's call ids are its own: its stored results are named by path too.
+        ref = f"{path}/{call.call_id}" if path else call.call_id
         ctx = ToolContext(
             self.record.run_id,
             self.record.workspace_id,
-            call.call_id,
+            ref,
             workdir=self.env.workdir,
-            emit=self._emit_from_tool,
+            emit=lambda kind, data: self._emit_from_tool(kind, data, path),
             fetch_result=self._fetch_result,
             sandbox_network=self.spec.sandbox_network,
         )
@@ -262,11 +308,11 @@ class ToolDispatch(CheckpointedRun):
             blob = text.encode()
 
             async def store() -> None:
-                await self.env.storage.put_blob(ws, run_id, result_blob_name(call.call_id), blob)
+                await self.env.storage.put_blob(ws, run_id, result_blob_name(ref), blob)
 
             await self._retrying_storage("storing a tool result", store)
             shown = self.env.max_result_chars
-            text = text[:shown] + truncation_note(call.call_id, shown, len(text))
+            text = text[:shown] + truncation_note(ref, shown, len(text))
         self.emit(
             EventKind.TOOL_CALL_COMPLETED,
             {
@@ -278,6 +324,7 @@ class ToolDispatch(CheckpointedRun):
                 "duration_ms": int((time.perf_counter() - started) * 1000),
                 "outcome": CallOutcome.RAN.value,
             },
+            path,
         )
         return text, is_error
 
@@ -285,10 +332,10 @@ class ToolDispatch(CheckpointedRun):
         tool = self.env.tools.get(name)
         return tool is not None and tool.idempotent
 
-    def _emit_from_tool(self, kind: str, data: JsonObject) -> None:
+    def _emit_from_tool(self, kind: str, data: JsonObject, path: str = "") -> None:
         if kind not in _TOOL_EVENTS:
             raise ValueError(f"tools may not emit {kind!r} events")
-        self.emit(EventKind(kind), data)
+        self.emit(EventKind(kind), data, path)
 
     async def _fetch_result(self, ref: str) -> str | None:
         blob = await self.env.storage.get_blob(*self.key, result_blob_name(ref))
@@ -315,4 +362,5 @@ class ToolDispatch(CheckpointedRun):
                 "expired": expired,
                 "reason": reason,
             },
+            pending.interrupt.agent_path,
         )

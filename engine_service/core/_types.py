@@ -73,6 +73,8 @@ class EventKind(enum.StrEnum):
     API_CALL = "api_call"
     HANDOFF_TO_RUNNER = "handoff_to_runner"
     RUN_FINISHED = "run_finished"
+    AGENT_STARTED = "agent_started"
+    AGENT_FINISHED = "agent_finished"
     CONTEXT_COMPACTED = "context_compacted"
 
 
@@ -87,14 +89,19 @@ class Event:
     time: float
     kind: EventKind
     data: JsonObject
+    # The subagent the event is about ("" = the run's own agent): see core/_subagents.py.
+    agent_path: str = ""
 
     def to_json(self) -> JsonObject:
         # EventKind is a str: it encodes as its value without the enum's .value lookup.
-        return {"seq": self.seq, "t": self.time, "k": self.kind, "d": self.data}
+        doc = {"seq": self.seq, "t": self.time, "k": self.kind, "d": self.data}
+        if self.agent_path:
+            doc["a"] = self.agent_path
+        return doc
 
     @classmethod
     def from_json(cls, doc: JsonObject) -> Event:
-        return cls(doc["seq"], doc["t"], _EVENT_KINDS[doc["k"]], doc["d"])
+        return cls(doc["seq"], doc["t"], _EVENT_KINDS[doc["k"]], doc["d"], doc.get("a", ""))
 
 
 @dataclass(slots=True)

@@ -200,14 +200,21 @@ def default_model_factory(config: EngineConfig) -> ModelFactory:
     """Build real adapters; one per (provider, model) shared across runs (connection pooling).
 
     Each provider has its own endpoint and key: a run choosing another provider than the
-    default never reaches the default provider's endpoint or sees its key.
+    default never reaches the default provider's endpoint or sees its key. The factory's
+    ``aclose`` closes every adapter it built (the engine calls it when it stops).
     """
-    cache: dict[tuple[str, str], ModelAdapter] = {}
-    retry = RetryPolicy(max_attempts=config.model.max_attempts)
-    default_provider, _ = resolve_default_model(config)
+    return _Adapters(config)
 
-    def make(provider: str, name: str) -> ModelAdapter:
-        adapter = cache.get((provider, name))
+
+class _Adapters:
+    def __init__(self, config: EngineConfig) -> None:
+        self._config = config
+        self._cache: dict[tuple[str, str], ModelAdapter] = {}
+        self._retry = RetryPolicy(max_attempts=config.model.max_attempts)
+        self._default_provider, _ = resolve_default_model(config)
+
+    def __call__(self, provider: str, name: str) -> ModelAdapter:
+        adapter = self._cache.get((provider, name))
         if adapter is not None:
             return adapter
         entry = _HTTP_PROVIDERS.get(provider)
@@ -215,12 +222,15 @@ def default_model_factory(config: EngineConfig) -> ModelFactory:
             raise invalid("ERR_INVALID_REQUEST", f"unknown model provider {provider!r}")
         adapter_class, _ = entry
         adapter = adapter_class(
-            api_key=os.environ.get(api_key_env(config, provider), ""),
+            api_key=os.environ.get(api_key_env(self._config, provider), ""),
             model=name,
-            base_url=provider_base_url(config, default_provider, provider),
-            retry=retry,
+            base_url=provider_base_url(self._config, self._default_provider, provider),
+            retry=self._retry,
         )
-        cache[(provider, name)] = adapter
+        self._cache[(provider, name)] = adapter
         return adapter
 
-    return make
+    async def aclose(self) -> None:
+        adapters, self._cache = list(self._cache.values()), {}
+        for adapter in adapters:
+            await adapter.aclose()
