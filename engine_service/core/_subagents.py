@@ -274,6 +274,7 @@ class Subagents(ToolDispatch):
         self._spend(path, result.usage, cost)
         self.record.meta.usage.add(result.usage)
         self.record.meta.cost_usd += cost
+        self._observe_context(path, result.usage.input_tokens)
         transcript.append(Message("assistant", result.text, result.tool_calls))
         self.emit(
             EventKind.ASSISTANT_MESSAGE,
@@ -287,6 +288,9 @@ class Subagents(ToolDispatch):
         self, tools: Sequence[ToolSpec], child: ChildState | None = None
     ) -> Sequence[Message]:
         raise NotImplementedError  # RunActor: what the model sees, compacted when it grows
+
+    def _observe_context(self, path: str, input_tokens: int) -> None:
+        raise NotImplementedError  # RunActor: the request's size as the model reported it
 
     def _spend(self, path: str, usage: Usage, cost: float) -> None:
         """What a subagent spends, its parents spend too: their budgets bound it."""
