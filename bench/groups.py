@@ -20,5 +20,6 @@ from __future__ import annotations
 # (module under bench/, title printed above its rows)
 GROUPS: list[tuple[str, str]] = [
     ("compaction", "Context compaction: model input per turn of a long run"),
+    ("fastpath", "The durable fast path: per turn, approvals and streams through gRPC"),
     ("threads", "Threads: long conversations and deletion"),
 ]

@@ -71,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="serve a non-loopback address without API keys (dangerous)",
     )
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        default=None,
+        help="bind with SO_REUSEPORT: several engine processes sharing storage serve one port",
+    )
     parser.add_argument("--log-format", choices=["auto", "json", "text"])
     parser.add_argument("--port-file", help="write the bound port here once serving (for scripts and tests)")
     return parser.parse_args(argv)
@@ -96,6 +102,7 @@ def build_config(ns: argparse.Namespace) -> EngineConfig:
             "tls_key": ns.tls_key,
             "capabilities_subprocess": ns.capabilities_subprocess,
             "allow_unauthenticated_remote": ns.allow_unauthenticated_remote,
+            "reuse_port": ns.reuse_port,
             "log_format": ns.log_format,
             "model": model or None,
         },
@@ -136,7 +143,12 @@ async def serve(
             "no ANTHROPIC_API_KEY or OPENAI_API_KEY set: the default model is the offline scripted model"
         )
     running = await start_server(
-        engine, config.listen, api_keys=api_keys, tls=tls, max_message_bytes=config.max_message_bytes
+        engine,
+        config.listen,
+        api_keys=api_keys,
+        tls=tls,
+        max_message_bytes=config.max_message_bytes,
+        reuse_port=config.reuse_port,
     )
     host = config.listen.rpartition(":")[0]
     log.info(

@@ -326,18 +326,22 @@ async def start_server(
     api_keys: Mapping[str, Principal] | None = None,
     tls: tuple[bytes, bytes] | None = None,
     max_message_bytes: int = 4 * 1024 * 1024,
+    reuse_port: bool = False,
 ) -> RunningServer:
-    """Start EngineService (+ health + reflection) on ``listen``; port 0 picks a free port."""
+    """Start EngineService (+ health + reflection) on ``listen``; port 0 picks a free port.
+
+    ``reuse_port`` binds with SO_REUSEPORT: other processes that do the same share the port.
+    """
     await engine.start()
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
     )
     add_service(server, _SERVICE, EngineServicer(engine, Authenticator(api_keys)))
     port, health_servicer = await serve_with_health(
-        server, SERVICE_NAME, listen, tls, sandbox_status=engine.sandbox_status
+        server, SERVICE_NAME, listen, tls, sandbox_status=engine.sandbox_status, reuse_port=reuse_port
     )
     return RunningServer(server, port, health_servicer, engine)

@@ -165,6 +165,7 @@ async def serve_with_health(
     tls: tuple[bytes, bytes] | None,
     sandbox_status: str = "",
     listen_setting: str = "MACHINA_LISTEN (--listen)",
+    reuse_port: bool = False,
 ) -> tuple[int, Any]:
     """Add health and reflection to ``server``, bind ``listen`` and start; returns (port, health servicer).
 
@@ -177,7 +178,7 @@ async def serve_with_health(
         [service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    _check_can_bind(listen, listen_setting)
+    _check_can_bind(listen, listen_setting, reuse_port)
     try:
         if tls is not None:
             port = server.add_secure_port(listen, grpc.ssl_server_credentials([tls]))
@@ -201,9 +202,9 @@ def _cannot_listen(listen: str, setting: str, why: str) -> ConfigError:
     )
 
 
-def _check_can_bind(listen: str, setting: str) -> None:
-    """Bind ``listen`` once as grpc will (SO_REUSEADDR), so a port in use is one clear line
-    before grpc's own multi-line log of the failure."""
+def _check_can_bind(listen: str, setting: str, reuse_port: bool = False) -> None:
+    """Bind ``listen`` once as grpc will (SO_REUSEADDR, and SO_REUSEPORT with ``reuse_port``), so
+    a port in use is one clear line before grpc's own multi-line log of the failure."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     if not port.isdigit() or int(port) == 0 or host in ("", "0.0.0.0", "::", "*"):  # noqa: S104
@@ -215,6 +216,9 @@ def _check_can_bind(listen: str, setting: str) -> None:
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            # Shared with the other processes serving this port, which bound it the same way.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind(address)
         except OSError as exc:

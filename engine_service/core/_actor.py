@@ -293,7 +293,7 @@ class RunActor(Subagents):
         result: TurnResult | None = None
         async for item in env.model.stream(request):
             if isinstance(item, TextChunk):
-                self.emit(EventKind.TEXT_DELTA, {"text": item.text, "turn": turn})
+                self.emit_text(item.text, turn)
             else:
                 result = item
         if result is None:

@@ -71,6 +71,9 @@ class RunEnv:
     compact_keep_turns: int = 4
 
 
+# At most this many text deltas in one event: the messages built from it go in one response.
+_DELTAS_PER_EVENT = 1024
+
 # Event kinds shown to watchers only once the checkpoint that commits them lands.
 _SHOWN_AT_COMMIT = frozenset({EventKind.HANDOFF_TO_RUNNER, EventKind.PAUSED, EventKind.RUN_FINISHED})
 
@@ -141,8 +144,37 @@ class CheckpointedRun:
         return self._shown or self.record
 
     def emit(self, kind: EventKind, data: JsonObject, agent_path: str = "") -> Event:
+        if kind is EventKind.TEXT_DELTA:
+            return self.emit_text(data["text"], data["turn"], agent_path)
         self._last_seq += 1
         event = Event(self._last_seq, self.env.clock(), kind, data, agent_path)
+        self._unwritten.append(event)
+        self._write_wanted.set()
+        return event
+
+    def emit_text(self, text: str, turn: int, agent_path: str = "") -> Event:
+        """Emit a text delta: joined to the previous one while both wait to be written, so the
+        deltas of one flush are one record (and one event) instead of one each. Returns the
+        event that holds it."""
+        self._last_seq += 1
+        last = self._unwritten[-1] if self._unwritten else None
+        if (
+            last is not None
+            and last.kind is EventKind.TEXT_DELTA
+            and last.data["turn"] == turn
+            and last.agent_path == agent_path
+            and last.n < _DELTAS_PER_EVENT
+        ):
+            last.data["texts"].append(text)
+            last.n += 1
+            return last
+        event = Event(
+            self._last_seq,
+            self.env.clock(),
+            EventKind.TEXT_DELTA,
+            {"texts": [text], "turn": turn},
+            agent_path,
+        )
         self._unwritten.append(event)
         self._write_wanted.set()
         return event
@@ -171,7 +203,7 @@ class CheckpointedRun:
                     # What is left: the next write (or the checkpoint) tries again.
                     self._unwritten[:0] = [e for rest in parts[index:] for e in rest]
                     raise
-                self._written_seq = part[-1].seq
+                self._written_seq = part[-1].last_seq
                 if self._held or part[0].kind in _SHOWN_AT_COMMIT:
                     self._held.extend(part)
                 else:

@@ -128,6 +128,10 @@ class EngineConfig(_Section):
     # ERR_WORKDIR_TOO_LARGE. 0 = no snapshots (one host, or a shared workdir_root).
     workdir_snapshot_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
     fsync: bool = False
+    # Bind the gRPC port with SO_REUSEPORT, so several engine processes on this machine (sharing
+    # storage) serve one port and the kernel spreads connections over them. Any process of the
+    # same user may then bind it too: see SECURITY.md.
+    reuse_port: bool = False
     api_keys_file: str = ""
     # Serving a non-loopback address without API keys must be asked for explicitly.
     allow_unauthenticated_remote: bool = False
