@@ -13,6 +13,8 @@ from engine_service.api._server import SERVICE_NAME, start_server
 from engine_service.api.serving import (
     check_model_key,
     check_storage,
+    start_observability,
+    telemetry,
     wait_for_stop_signal,
     watch_storage_health,
     write_port_file,
@@ -78,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="bind with SO_REUSEPORT: several engine processes sharing storage serve one port",
     )
     parser.add_argument("--log-format", choices=["auto", "json", "text"])
+    parser.add_argument(
+        "--metrics-listen", help="serve Prometheus metrics on HOST:PORT/metrics (default: not served)"
+    )
     parser.add_argument("--port-file", help="write the bound port here once serving (for scripts and tests)")
     return parser.parse_args(argv)
 
@@ -104,6 +109,7 @@ def build_config(ns: argparse.Namespace) -> EngineConfig:
             "allow_unauthenticated_remote": ns.allow_unauthenticated_remote,
             "reuse_port": ns.reuse_port,
             "log_format": ns.log_format,
+            "metrics_listen": ns.metrics_listen,
             "model": model or None,
         },
     )
@@ -222,10 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(config.log_format, config.log_level)
         api_keys, tls = check_security(config)
         check_model_key(config)
+        start_observability(config, "machina-engine")
         asyncio.run(serve(config, api_keys, tls, ns.port_file))
     except (ConfigError, EngineError) as exc:
         print(f"engine_service: {exc}", file=sys.stderr)
         return 2
+    finally:
+        telemetry.shutdown()  # export the spans still batched
     return 0
 
 

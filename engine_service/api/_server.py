@@ -25,6 +25,7 @@ from engine_service.api._convert import (
 )
 from engine_service.api._errors import set_error
 from engine_service.api.serving import add_service, serve_with_health, stop_gracefully
+from engine_service.core import _metrics as metrics
 from engine_service.core._engine import Engine
 from engine_service.core._errors import EngineError, ErrorKind, shown
 from engine_service.core._run import Decision, RunRecord
@@ -97,6 +98,7 @@ def _streaming(impl: StreamImpl) -> Callable[[Any, Any, Context], AsyncGenerator
 
     @functools.wraps(impl)
     async def method(self: EngineServicer, request: Any, context: Context) -> AsyncGenerator[Any, None]:
+        metrics.ACTIVE_STREAMS.inc()
         try:
             async with aclosing(impl(self, request, self._principal(context), context)) as responses:
                 async for response in responses:
@@ -107,6 +109,8 @@ def _streaming(impl: StreamImpl) -> Callable[[Any, Any, Context], AsyncGenerator
             raise
         except Exception:
             _internal(context, impl.__name__)
+        finally:
+            metrics.ACTIVE_STREAMS.dec()
 
     return method
 

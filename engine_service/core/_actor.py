@@ -15,9 +15,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
+from engine_service.core import _metrics as metrics
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._checkpoint import LeaseLost
 from engine_service.core._compaction import (
     COMPACTION,
@@ -75,8 +78,12 @@ class RunActor(Subagents):
             asyncio.create_task(self._watch_cancel()),
             asyncio.create_task(self._writer()),
         ]
+        metrics.RUNS_ACTIVE.inc()
         try:
-            await self._execute_inner(resumed_by)
+            if telemetry.enabled():
+                await self._execute_traced(resumed_by)
+            else:
+                await self._execute_inner(resumed_by)
         except StorageUnavailable as exc:
             # Storage stayed unavailable past storage_retry_s: nothing more can be committed
             # here. The run stays at its last checkpoint (readers see it as it was there) and
@@ -88,10 +95,39 @@ class RunActor(Subagents):
             # Another process owns the run now: write nothing more, just stop.
             run_id = self.record.run_id
             log.warning("run %s stopped here: %s", run_id, lost, extra={"run_id": run_id})
+            metrics.LEASES_LOST.inc()
             self.feed.close()
         finally:
+            metrics.RUNS_ACTIVE.dec()
             for helper in helpers:
                 helper.cancel()
+
+    async def _execute_traced(self, resumed_by: str | None) -> None:
+        """`_execute_inner` in an ``invoke_agent`` span, a child of the run's own trace."""
+        record = self.record
+        provider, _, model = record.meta.model.partition(":")
+        attributes = {
+            "gen_ai.operation.name": "invoke_agent",
+            "gen_ai.provider.name": provider,
+            "gen_ai.request.model": model,
+            "gen_ai.conversation.id": record.run_id,
+            "machina.run.id": record.run_id,
+            "machina.workspace": record.workspace_id,
+            "machina.run.resumed_by": resumed_by or "",
+        }
+        with telemetry.span("invoke_agent", attributes=attributes, parent=self.spec.traceparent) as span:
+            try:
+                await self._execute_inner(resumed_by)
+            finally:
+                span.set_attributes(
+                    {
+                        "machina.run.state": record.state.value,
+                        "gen_ai.usage.input_tokens": record.meta.usage.input_tokens,
+                        "gen_ai.usage.output_tokens": record.meta.usage.output_tokens,
+                    }
+                )
+                if record.error is not None and record.state is RunState.FAILED:
+                    span.record_error(record.error.code)
 
     async def _watch_cancel(self) -> None:
         """Honour a cancel that another process (a replica) recorded in storage."""
@@ -205,6 +241,10 @@ class RunActor(Subagents):
             {"reason": record.pause_reason.value, "interrupts": [i.to_json() for i in interrupts]},
         )
         await self.checkpoint()
+        metrics.RUNS_PAUSED.inc(record.pause_reason.value)
+        self.transition(
+            "paused", reason=record.pause_reason.value, interrupt_ids=[i.interrupt_id for i in interrupts]
+        )
         if await self._cancelled_at_pause():
             return
         self.ending = True
@@ -226,33 +266,42 @@ class RunActor(Subagents):
                 return
         while True:
             self._check_limits()
-            result = await self._model_turn()
-            if not result.tool_calls:
-                done, data = await self._final_answer(result.text)
-                if done:
-                    await self._finish(RunState.DONE, data=data)
+            turn_started = time.perf_counter()
+            try:
+                if not await self._turn():
                     return
-                continue
-            calls = result.tool_calls
-            if all(is_small(c.arguments) for c in calls):
-                record.pending = [self._plan(call) for call in calls]
-            else:
-                # Checking large arguments against a JSON Schema is seconds of pure-Python work:
-                # in a worker thread the event loop keeps serving every other run meanwhile.
-                record.pending = await asyncio.to_thread(self._plan_all, calls)
-            if any(p.status == PENDING for p in record.pending):
-                for p in record.pending:
-                    if p.status == PENDING and p.interrupt is not None:
-                        self.emit(REQUEST_EVENT[p.interrupt.kind], {"interrupt": p.interrupt.to_json()})
-                await self.pause()
-                return
-            # Commit the turn before running a tool that must not run twice: a
-            # crash during the call then knows it was in flight. Idempotent
-            # tools skip this write (it is most of a cheap turn's cost).
-            if any(p.status == READY and not self._idempotent(p.call.name) for p in record.pending):
-                await self.checkpoint()
-            if not await self._dispatch():
-                return
+            finally:
+                metrics.TURN_SECONDS.observe(time.perf_counter() - turn_started, self.env.model.provider)
+
+    async def _turn(self) -> bool:
+        """One model turn and the tool calls it asked for; False once the run paused or ended."""
+        record = self.record
+        result = await self._model_turn()
+        if not result.tool_calls:
+            done, data = await self._final_answer(result.text)
+            if done:
+                await self._finish(RunState.DONE, data=data)
+                return False
+            return True
+        calls = result.tool_calls
+        if all(is_small(c.arguments) for c in calls):
+            record.pending = [self._plan(call) for call in calls]
+        else:
+            # Checking large arguments against a JSON Schema is seconds of pure-Python work:
+            # in a worker thread the event loop keeps serving every other run meanwhile.
+            record.pending = await asyncio.to_thread(self._plan_all, calls)
+        if any(p.status == PENDING for p in record.pending):
+            for p in record.pending:
+                if p.status == PENDING and p.interrupt is not None:
+                    self.emit(REQUEST_EVENT[p.interrupt.kind], {"interrupt": p.interrupt.to_json()})
+            await self.pause()
+            return False
+        # Commit the turn before running a tool that must not run twice: a
+        # crash during the call then knows it was in flight. Idempotent
+        # tools skip this write (it is most of a cheap turn's cost).
+        if any(p.status == READY and not self._idempotent(p.call.name) for p in record.pending):
+            await self.checkpoint()
+        return await self._dispatch()
 
     def _check_limits(self) -> None:
         meta, spec = self.record.meta, self.spec
@@ -278,6 +327,9 @@ class RunActor(Subagents):
             )
 
     async def _model_turn(self) -> TurnResult:
+        return await self._measured_model_call(self.env.model, self._model_call)
+
+    async def _model_call(self) -> TurnResult:
         record, env = self.record, self.env
         turn = record.meta.turns + 1
         tools = [t.spec() for t in env.tools.values()]

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine_service.core import _metrics as metrics
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._feed import EventFeed
+from engine_service.core._logging import run_transition
 from engine_service.core._run import AgentState, RunError, RunRecord, RunSpec
 from engine_service.core._types import Event, EventKind, JsonObject, Message, Permission, RunState
 from engine_service.models import ModelAdapter
@@ -138,6 +141,11 @@ class CheckpointedRun:
     @property
     def key(self) -> tuple[str, str]:
         return (self.record.workspace_id, self.record.run_id)
+
+    def transition(self, name: str, **fields: Any) -> None:
+        """Log one of the run's transitions (see `run_transition`)."""
+        trace_id = telemetry.trace_id_of(self.spec.traceparent) or telemetry.current_trace_id()
+        run_transition(name, self.record.run_id, self.record.workspace_id, trace_id=trace_id, **fields)
 
     def view(self) -> RunRecord:
         """The run as readers may see it: never a pause or an end before it is committed."""
@@ -512,7 +520,14 @@ class CheckpointedRun:
         await self.checkpoint()
         await self.release()
         self._notify(state.value.lower())
-        log.info("run %s %s", record.run_id, state.value.lower(), extra={"run_id": record.run_id})
+        code = "" if error is None else error.code
+        metrics.RUNS_FINISHED.inc(state.value.lower(), code)
+        self.transition(
+            state.value.lower(),
+            error_code=code,
+            turns=record.meta.turns,
+            cost_usd=round(record.meta.cost_usd, 6),
+        )
 
     def end_children(self, state: AgentState, reason: str) -> None:
         """The run ends: so do its subagents still running (core/_subagents.py)."""

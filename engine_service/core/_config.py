@@ -202,6 +202,9 @@ class EngineConfig(_Section):
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     log_format: Literal["auto", "json", "text"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Serve Prometheus metrics on http://HOST:PORT/metrics (MACHINA_METRICS_LISTEN, --metrics-listen);
+    # "" = not served. Plain HTTP without authentication: keep it on loopback or a private network.
+    metrics_listen: str = ""
     model: ModelConfig = ModelConfig()
     tools: ToolsConfig = ToolsConfig()
     # Engine-level ApiCall services, credentials (refs -> values; a ref missing here is read
@@ -212,6 +215,11 @@ class EngineConfig(_Section):
     @classmethod
     def _listen(cls, value: str) -> str:
         return check_address(value, "listen address")
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str) -> str:
+        return check_address(value, "metrics listen address") if value else value
 
     @field_validator("egress_allow_networks")
     @classmethod

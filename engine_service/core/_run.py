@@ -89,9 +89,12 @@ class RunSpec:
     # The history the model sees before the task: segments [{"run_id", "upto"}] of other runs'
     # transcripts (set by the engine when the run starts on a thread; never copied).
     context: list[JsonObject] = field(default_factory=list)
+    # The W3C trace context the run was created in ("" = none): every process that moves the run
+    # (a runner, a process recovering it) continues that trace.
+    traceparent: str = ""
 
     def to_json(self) -> JsonObject:
-        return {
+        doc: JsonObject = {
             "agent_scripts": {p: [t.to_json() for t in turns] for p, turns in self.agent_scripts.items()},
             "thread_id": self.thread_id,
             "fork_from": self.fork_from,
@@ -121,6 +124,9 @@ class RunSpec:
             "approval_expiry_approves": self.approval_expiry_approves,
             "labels": self.labels,
         }
+        if self.traceparent:
+            doc["traceparent"] = self.traceparent
+        return doc
 
     @classmethod
     def from_json(cls, doc: JsonObject) -> RunSpec:
@@ -157,6 +163,7 @@ class RunSpec:
                 p: [ScriptedTurn.from_json(t) for t in turns]
                 for p, turns in (doc.get("agent_scripts") or {}).items()
             },
+            traceparent=str(doc.get("traceparent") or ""),
         )
 
 

@@ -250,6 +250,13 @@ class Subagents(ToolDispatch):
     async def _child_turn(
         self, child: ChildState, transcript: list[Message], tools: dict[str, Tool]
     ) -> TurnResult:
+        return await self._measured_model_call(
+            self._child_model(child.path), lambda: self._child_call(child, transcript, tools), child.path
+        )
+
+    async def _child_call(
+        self, child: ChildState, transcript: list[Message], tools: dict[str, Tool]
+    ) -> TurnResult:
         env, path = self.env, child.path
         turn = child.turns + 1
         specs = [t.spec() for t in tools.values()]
