@@ -147,6 +147,8 @@ class Run:
     update_time: datetime
     task: str
     last_seq: int
+    # While QUEUED behind its workspace's concurrency limit: its place in the queue (1 = next).
+    queue_position: int = 0
 
     @property
     def done(self) -> bool:
@@ -454,6 +456,7 @@ def run_from_proto(run: run_pb2.Run) -> Run:
         update_time=to_datetime(run.update_time),
         task=run.task,
         last_seq=run.last_seq,
+        queue_position=run.queue_position,
     )
 
 

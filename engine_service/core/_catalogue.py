@@ -206,6 +206,7 @@ class ToolCatalogue:
             notify=self._engine._notify_webhook,
             clock=self._engine._clock,
             storage_retry_s=cfg.storage_retry_s,
+            control=self._engine.control,
         )
 
     async def close(self) -> None:

@@ -7,10 +7,11 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine_service.core._control import ControlPlane, LocalControl
 from engine_service.core._feed import EventFeed
 from engine_service.core._run import RunError, RunRecord, RunSpec
 from engine_service.core._types import Event, EventKind, JsonObject, Message, Permission, RunState
@@ -56,6 +57,8 @@ class RunEnv:
     # How long a checkpoint retries unavailable storage before the run is left at its last
     # checkpoint for the recovery sweep (see RunActor._execute).
     storage_retry_s: float = 300.0
+    # Tells the other replicas of commits and new events (LocalControl: there are none to tell).
+    control: ControlPlane = field(default_factory=LocalControl)
 
 
 # Event kinds shown to watchers only once the checkpoint that commits them lands.
@@ -150,6 +153,7 @@ class CheckpointedRun:
                     self._held.extend(part)
                 else:
                     self.feed.publish_many(part)
+                    self.env.control.shown(ws, run_id, part[-1].seq)
 
     async def _writer(self) -> None:
         """Write events ahead as they come, so watchers see them within a write's time."""
@@ -219,12 +223,14 @@ class CheckpointedRun:
         record.last_seq = self._written_seq
         record.transcript_len = len(self.transcript)
         record.updated_at = self.env.clock()
-        await storage.write_state(ws, run_id, record.to_json())
+        state = record.to_json()
+        await storage.write_state(ws, run_id, state)
         self._shown = None
         self._transcript_committed = record.transcript_len
         if self._held:
             self.feed.publish_many(self._held)
             self._held = []
+        await self.env.control.committed(state)  # never raises: an unreachable index catches up later
         await self._renew_lease()
 
     async def _snapshot_workdir(self) -> None:
@@ -325,12 +331,24 @@ class CheckpointedRun:
             self.feed.close()
 
     async def _renew_lease(self) -> None:
+        if self.lease_released:
+            # Given up (a pause, an end): renewing now would take it again, and keep every other
+            # process from moving the run until it expired.
+            return
         now = self.env.clock()
         if now >= self._lease_renew_at:
             ws, run_id = self.key
             if not await self.env.storage.acquire_lease(ws, run_id, self.env.owner, self.env.lease_ttl):
                 raise LeaseLost(f"run {run_id} is now moved by another process")
+            if self._released_meanwhile():
+                # Released while this renewal was under way (the heartbeat races the end): the
+                # renewal took the lease again, so give it back.
+                await self.env.storage.release_lease(ws, run_id, self.env.owner)
+                return
             self._lease_renew_at = now + self.env.lease_ttl / 3
+
+    def _released_meanwhile(self) -> bool:
+        return self.lease_released
 
     async def _heartbeat(self) -> None:
         """Keep the lease alive through long model calls and tool calls (no checkpoint then)."""

@@ -23,6 +23,7 @@ from engine_service.core._background import BackgroundJobs
 from engine_service.core._catalogue import ToolCatalogue, builtin_tools, host_capabilities
 from engine_service.core._checkpoint import CANCEL_REQUEST
 from engine_service.core._config import EngineConfig
+from engine_service.core._control import ControlPlane, LocalControl, control_unavailable
 from engine_service.core._decisions import DecisionDesk
 from engine_service.core._errors import (
     EngineError,
@@ -89,10 +90,18 @@ class Engine:
         model_factory: ModelFactory | None = None,
         clock: Callable[[], float] = time.time,
         egress: EgressPolicy | None = None,
+        control: ControlPlane | None = None,
     ) -> None:
         config.check_runner_secrets()  # never hand a run off unauthenticated
         self.config = config
         self.storage = storage
+        # Where replicas coordinate (a run index, a work queue, timers, live fan-out); the
+        # default is none: storage alone, as for one engine.
+        self.control: ControlPlane = control or LocalControl()
+        # Whether this process takes runs from the control plane's work queue (a runner does not).
+        self.claims_work = True
+        # The newest seq another replica announced for runs watched here.
+        self._remote_seq: dict[tuple[str, str], int] = {}
         # Where tenants' specs and models may send requests (per-run ApiCall services, webhooks).
         self.egress = egress or config.egress_policy()
         self.sandbox = Sandbox.from_config(config)
@@ -137,6 +146,11 @@ class Engine:
         self._started = True
         level, line = describe_sandbox(self.sandbox, self.config.capabilities_subprocess)
         log.log(level, line, extra={"sandbox": self.sandbox_status})
+        await self.control.start(self._owner, self._heard)
+        if self.control.indexed:
+            self._spawn(self._jobs.timer_loop())
+        if self.control.queued and self.claims_work:
+            self._spawn(self._work_loop())
         self._spawn(self._jobs.recovery_loop())
         self._spawn(self.webhooks.resume_pending_all())  # webhooks a previous process left pending
         await self._catalogue.connect_mcp()
@@ -245,13 +259,23 @@ class Engine:
                 {"name": t.name, "description": t.description, "input_schema": t.input_schema}
                 for t in client_tools
             ]
+            if problem := self.control.available():
+                raise control_unavailable(problem)
             if not await self.storage.create_run(ws, run_id, spec_doc, record.to_json()):
                 raise aborted(
                     "ERR_CONCURRENT_UPDATE", f"run {run_id!r} was created concurrently", run_id=run_id
                 )
+            await self.control.committed(record.to_json())
             transcript = [Message("user", spec.task)]
             if api_env:
                 self._catalogue.run_api_env[key] = dict(api_env)
+            if self.control.queued:
+                # It waits in the shared queue: whichever replica claims it first (within its
+                # workspace's limit) executes it. Credentials held in memory pin it here.
+                await self.control.enqueue(ws, run_id, pinned=bool(api_env) or not self.claims_work)
+                record.queue_position = await self.control.queue_position(ws, run_id)
+                log.info("run %s queued", run_id, extra={"run_id": run_id, "workspace": ws})
+                return record, True
             actor = RunActor(
                 record,
                 spec,
@@ -271,7 +295,55 @@ class Engine:
         )
         return record, True
 
+    async def _work_loop(self) -> None:
+        """Execute runs from the shared work queue, one claim at a time, as long as the engine is open."""
+        while not self._closing:
+            try:
+                key = await self.control.claim()
+            except Exception:
+                log.warning("claiming queued runs failed; will retry", exc_info=True)
+                key = None
+            if key is None:
+                await self.control.wait_for_work(1.0)
+                continue
+            try:
+                await self._start_claimed(key)
+            except Exception:
+                log.warning("starting queued run %s failed", key[1], exc_info=True, extra={"run_id": key[1]})
+                self.control.release_slot(*key)
+
+    async def _start_claimed(self, key: tuple[str, str]) -> None:
+        async with self._lock(key):
+            if key in self._active:
+                return
+            record = await self._load(key)
+            if record.state is not RunState.QUEUED:  # cancelled while it waited
+                self.control.release_slot(*key)
+                return
+            actor = await self._actor_for(record)
+            if not await actor.take_over():
+                self.control.release_slot(*key)
+                return
+            await actor.commit_start(None)
+            self._start(actor, resumed_by=None)
+
+    def _heard(self, ws: str, run_id: str, seq: int, state: str) -> None:
+        """Another replica (or this one) announced a change of a run; ``ws`` "": maybe any run."""
+        if not ws:
+            for key in list(self._changes):
+                self._notify(key)
+            return
+        key = (ws, run_id)
+        if key not in self._changes:
+            return  # nobody here waits for it
+        if state in ("DONE", "FAILED", "CANCELLED"):
+            self._remote_seq.pop(key, None)  # storage says the rest
+        elif seq > self._remote_seq.get(key, 0):
+            self._remote_seq[key] = seq
+        self._notify(key)
+
     def _start(self, actor: RunActor, *, resumed_by: str | None) -> None:
+        self.control.hold_slot(*actor.key)
         self._active[actor.key] = actor
         actor.start(resumed_by=resumed_by)
         self._notify(actor.key)
@@ -286,6 +358,7 @@ class Engine:
             self._catalogue.run_api_env.pop(actor.key, None)
         if record.state is RunState.PAUSED:
             self._jobs.arm_expiry(actor.key, record)
+        self.control.release_slot(*actor.key)
         self._notify(actor.key)
 
     # -- reading runs ---------------------------------------------------------------------
@@ -295,7 +368,11 @@ class Engine:
         actor = self._active.get(key)
         if actor is not None and not actor.lease_released:
             return actor.view()
-        return await self._load(key)
+        record = await self._load(key)
+        if record.state is RunState.QUEUED and self.control.queued:
+            with contextlib.suppress(EngineError):
+                record.queue_position = await self.control.queue_position(*key)
+        return record
 
     async def _load(self, key: tuple[str, str]) -> RunRecord:
         doc = await self.storage.read_state(*key)
@@ -623,6 +700,7 @@ class Engine:
         for task in list(self._background):
             task.cancel()
         await self._runner.close()
+        await self.control.close()
         await self._catalogue.close()
         await self.webhooks.close()
         await self.storage.close()

@@ -334,6 +334,8 @@ class RunRecord:
     handoff_attempts: int = 0
     # The digest of the run directory's manifest at this checkpoint ("" = none): _workdir_snapshot.
     workdir_manifest: str = ""
+    # Not stored: the run's place in its workspace's work queue while QUEUED (control plane only).
+    queue_position: int = 0
 
     @property
     def interrupts(self) -> list[Interrupt]:
