@@ -15,4 +15,6 @@ measures its own side-by-side baselines in the same run. Register a group with o
 from __future__ import annotations
 
 # (module under bench/, title printed above its rows)
-GROUPS: list[tuple[str, str]] = []
+GROUPS: list[tuple[str, str]] = [
+    ("control", "Several engines: the PostgreSQL control plane beside the embedded mode"),
+]

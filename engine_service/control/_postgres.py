@@ -35,6 +35,9 @@ MIGRATION_LOCK = 0x6D61636869_6E61
 RECONNECT_S = 1.0
 # A watcher of a run moved elsewhere re-reads storage this often even without news.
 WATCH_TIMEOUT_S = 300.0
+# A slot whose run was claimed (or paused) this long ago and has not started (or resumed) since
+# is its dead replica's: the sweep frees it.
+STALE_CLAIM_S = 60.0
 # A claimed timer that was not marked fired within this long is due again (its claimer died).
 TIMER_CLAIM_S = 60.0
 
@@ -358,21 +361,25 @@ class PostgresControl:
     async def active_runs(self, workspace: str | None) -> list[tuple[str, str]]:
         async def query(pool: Any) -> list[Any]:
             async with pool.acquire() as conn:
-                # Slots of runs that ended or paused without being released (their replica died).
+                # Slots of runs that ended or paused without being released, or were claimed
+                # and never started (their replica died): the runs are recovered or re-queued.
                 await conn.execute(
                     "DELETE FROM machina_slots s USING machina_runs r "
                     "WHERE r.workspace = s.workspace AND r.run_id = s.run_id "
                     "AND (r.state IN ('DONE', 'FAILED', 'CANCELLED') "
-                    "OR (r.state = 'PAUSED' AND r.updated_at < $1))",
-                    self._clock() - 60,
+                    "OR (r.state IN ('PAUSED', 'QUEUED') AND s.taken_at < $1))",
+                    self._clock() - STALE_CLAIM_S,
                 )
                 return list(
                     await conn.fetch(
                         "SELECT r.workspace, r.run_id FROM machina_runs r "
                         "WHERE (r.state IN ('QUEUED', 'RUNNING') OR r.pause_reason = 'HANDOFF_TO_RUNNER') "
-                        "AND ($1::text IS NULL OR r.workspace = $1) AND NOT EXISTS "
-                        "(SELECT 1 FROM machina_queue q "
-                        "WHERE q.workspace = r.workspace AND q.run_id = r.run_id)",
+                        "AND ($1::text IS NULL OR r.workspace = $1) "
+                        # Queued runs wait their turn; claimed ones are being started.
+                        "AND NOT (r.state = 'QUEUED' AND (EXISTS (SELECT 1 FROM machina_queue q "
+                        "WHERE q.workspace = r.workspace AND q.run_id = r.run_id) "
+                        "OR EXISTS (SELECT 1 FROM machina_slots s "
+                        "WHERE s.workspace = r.workspace AND s.run_id = r.run_id)))",
                         workspace,
                     )
                 )
@@ -459,15 +466,17 @@ class PostgresControl:
         )
         if run_id is None:
             return None
-        await conn.execute(
+        self._work.set()  # there may be more
+        taken = await conn.fetchval(
             "INSERT INTO machina_slots (workspace, run_id, owner) VALUES ($1, $2, $3) "
-            "ON CONFLICT (workspace, run_id) DO UPDATE SET owner = EXCLUDED.owner",
+            "ON CONFLICT (workspace, run_id) DO NOTHING RETURNING 1",
             workspace,
             run_id,
             owner,
         )
-        self._work.set()  # there may be more
-        return workspace, run_id
+        # A run queued twice (the sweep re-queued it while its creator did) and executing
+        # already: that entry is spent, and the slot stays whose it is.
+        return (workspace, run_id) if taken else None
 
     async def wait_for_work(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -569,7 +578,7 @@ class PostgresControl:
 _OPS = {
     "hold_slot": (
         "INSERT INTO machina_slots (workspace, run_id, owner) VALUES ($1, $2, $3) "
-        "ON CONFLICT (workspace, run_id) DO UPDATE SET owner = EXCLUDED.owner"
+        "ON CONFLICT (workspace, run_id) DO UPDATE SET owner = EXCLUDED.owner, taken_at = EXCLUDED.taken_at"
     ),
     "release_slot": (
         "WITH gone AS (DELETE FROM machina_slots "

@@ -60,6 +60,11 @@ class BackgroundJobs:
             fresh = self._engine._clock() - record.created_at < self._engine.config.lease_ttl_s
             if record.state is RunState.QUEUED and fresh:
                 return False  # just created: it is its creator's until the creator takes its lease
+            if record.state is RunState.QUEUED and self._engine.control.queued:
+                # Neither waiting in the shared queue nor claimed (its creator died before
+                # queueing it, or its claimer before starting it): back in line, within the limit.
+                await self._engine.control.enqueue(*key, pinned=False)
+                return False
             actor = await self._engine._actor_for(record)
             if not await actor.take_over():
                 log.debug("run %s is %s but its lease is held; not recovering", key[1], record.state.value)

@@ -76,6 +76,8 @@ from engine_service.tools._registry import (
 
 log = logging.getLogger("machina.engine")
 
+# How many runs claimed from the shared work queue one engine starts at once.
+_STARTING = 8
 # Run errors that resuming without decisions retries (a fresh handoff from the same checkpoint).
 _HANDOFF_FAILURES = ("ERR_RUNNER_UNREACHABLE", "ERR_RUNNER_LOST")
 
@@ -296,23 +298,32 @@ class Engine:
         return record, True
 
     async def _work_loop(self) -> None:
-        """Execute runs from the shared work queue, one claim at a time, as long as the engine is open."""
+        """Execute runs from the shared work queue as long as the engine is open: claims one at
+        a time, starts up to ``_STARTING`` at once (a start is a few storage round trips)."""
+        starting = asyncio.Semaphore(_STARTING)
         while not self._closing:
+            await starting.acquire()
             try:
                 key = await self.control.claim()
             except Exception:
                 log.warning("claiming queued runs failed; will retry", exc_info=True)
                 key = None
             if key is None:
+                starting.release()
                 await self.control.wait_for_work(1.0)
                 continue
-            try:
-                await self._start_claimed(key)
-            except Exception:
-                log.warning("starting queued run %s failed", key[1], exc_info=True, extra={"run_id": key[1]})
-                self.control.release_slot(*key)
+            self._spawn(self._start_claimed(key, starting))
 
-    async def _start_claimed(self, key: tuple[str, str]) -> None:
+    async def _start_claimed(self, key: tuple[str, str], starting: asyncio.Semaphore) -> None:
+        try:
+            await self._start_queued(key)
+        except Exception:
+            log.warning("starting queued run %s failed", key[1], exc_info=True, extra={"run_id": key[1]})
+            self.control.release_slot(*key)
+        finally:
+            starting.release()
+
+    async def _start_queued(self, key: tuple[str, str]) -> None:
         async with self._lock(key):
             if key in self._active:
                 return

@@ -43,7 +43,7 @@ async def test_a_renewal_under_way_when_the_lease_is_released_gives_it_back(tmp_
         await gate.wait()
         return await acquire(*args)
 
-    storage.acquire_lease = slow_acquire  # type: ignore[method-assign]
+    storage.acquire_lease = slow_acquire  # type: ignore[method-assign,assignment]
     renewal = asyncio.create_task(run._renew_lease())  # the heartbeat, mid-renewal
     await asyncio.sleep(0.05)
     await run.release()  # the run paused or ended meanwhile

@@ -42,6 +42,7 @@ CREATE TABLE machina_slots (
     workspace text NOT NULL,
     run_id    text NOT NULL,
     owner     text NOT NULL,
+    taken_at  double precision NOT NULL DEFAULT extract(epoch FROM clock_timestamp()),
     PRIMARY KEY (workspace, run_id)
 );
 
