@@ -63,18 +63,18 @@ typecheck: (sync "lint" "test" "browser" "bench")
     {{venv}}/mypy
 
 # Run the whole test suite, slow tests included (pass pytest args, e.g. `just test -k resume`, `just test tests/engine`).
-test *args: (sync "test" "browser" "fuzz" "lint")
+test *args: (sync "test" "browser" "fuzz" "lint" "bench")
     {{venv}}/python -m pytest {{args}}
 
 # The tests not marked slow, in a few minutes (no engine/runner/fuzz/MCP processes, storage faults or kill -9): `just test-fast -x`.
-test-fast *args: (sync "test" "browser" "fuzz" "lint")
+test-fast *args: (sync "test" "browser" "fuzz" "lint" "bench")
     {{venv}}/python -m pytest -m "not slow" -p no:cacheprovider {{args}}
 
 # The end-to-end demo: a real engine process, a scripted (or real, with an API key) run, an approval.
 demo: setup
     {{venv}}/python -m demo
 
-# Benchmarks against the performance targets: prints a table and writes bench-results/bench.json (`just bench --quick` for a smoke run).
+# Benchmarks against the performance targets: a table and bench-results/bench.json (`--quick`, `--only turns,s3`, `--compare OLD.json`, `--list`).
 bench *args: (sync "test" "bench")
     {{venv}}/python -m bench {{args}}
 

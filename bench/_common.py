@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,16 +37,6 @@ START_TIMEOUT_S = 60.0
 
 def progress(message: str) -> None:
     print(f"  … {message}", file=sys.stderr, flush=True)
-
-
-def summarize(values: list[float]) -> dict[str, float]:
-    """Median, p95 and p99 (nearest rank) of a sample."""
-    ordered = sorted(values)
-
-    def rank(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
-
-    return {"median": statistics.median(ordered), "p95": rank(0.95), "p99": rank(0.99), "n": len(ordered)}
 
 
 def proc_status_mb(pid: int | str, field: str) -> float:
@@ -171,19 +160,33 @@ def engine_env(storage: Path, env: dict[str, str] | None = None) -> dict[str, st
 
 
 def start_engine(
-    storage: Path, env: dict[str, str] | None = None, storage_url: str | None = None
+    storage: Path,
+    env: dict[str, str] | None = None,
+    storage_url: str | None = None,
+    *,
+    listen: str = "127.0.0.1:0",
+    args: list[str] | None = None,
+    name: str = "engine",
 ) -> tuple[subprocess.Popen[bytes], str, float]:
-    """``python -m engine_service`` on a free loopback port; (process, target, seconds to SERVING)."""
-    port_file = storage / "port"
+    """``python -m engine_service`` on ``listen`` (a free loopback port by default), with extra
+    command-line ``args``; (process, target, seconds to SERVING). ``name`` tells apart the port
+    files of engines that share ``storage``."""
+    port_file = storage / f"{name}.port"
     port_file.unlink(missing_ok=True)
+    log = storage / f"{name}.stderr"
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine_service", "--listen", "127.0.0.1:0",
-         "--storage", storage_url or str(storage), "--port-file", str(port_file),
-         "--log-format", "json", "--model", "scripted"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=engine_env(storage, env),
-    )  # fmt: skip
-    target = f"127.0.0.1:{_wait_port(proc, port_file, 'engine')}"
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine_service", "--listen", listen,
+             "--storage", storage_url or str(storage), "--port-file", str(port_file),
+             "--log-format", "json", "--model", "scripted", *(args or [])],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, env=engine_env(storage, env),
+        )  # fmt: skip
+    try:
+        target = f"127.0.0.1:{_wait_port(proc, port_file, name)}"
+    except RuntimeError as exc:
+        lines = log.read_text(errors="replace").strip().splitlines()
+        raise RuntimeError(f"{exc}: {lines[-1][-300:] if lines else '(no output)'}") from None
     _serving_or_kill(proc, target)
     return proc, target, time.perf_counter() - started
 

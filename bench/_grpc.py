@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import subprocess
 import time
 from pathlib import Path
 from typing import cast
+
+import grpc
 
 from bench._common import (
     channel,
@@ -203,7 +206,7 @@ async def paused_runs_rss(proc: subprocess.Popen[bytes], target: str, runs: int)
 
 
 async def concurrent_runs(target: str, runs: int, turns: int) -> dict[str, float]:
-    """``runs`` runs of ``turns`` scripted turns (no-op tool) at once: aggregate turns/s."""
+    """``runs`` runs of ``turns`` scripted turns (no-op tool) at once: how many ended DONE, turns/s."""
     script = [scripted("step", [("noop", {})]) for _ in range(turns - 1)] + [scripted("done")]
     spec = svc.RunSpec(task="many", model=svc.ModelSpec(provider="scripted", script=script))
     async with channel(target) as ch:
@@ -215,9 +218,52 @@ async def concurrent_runs(target: str, runs: int, turns: int) -> dict[str, float
         states = []
         for response in created:
             run = response.run
-            while run.state not in (DONE, run_pb2.RUN_STATE_FAILED):
+            while run.state not in (DONE, run_pb2.RUN_STATE_FAILED, run_pb2.RUN_STATE_CANCELLED):
                 run = (await stub.WaitRun(svc.WaitRunRequest(run_id=run.run_id, timeout_ms=60_000))).run
             states.append(run.state)
         elapsed = time.perf_counter() - started
-    assert all(s == DONE for s in states), states
-    return {"runs": runs, "turns": turns, "seconds": elapsed, "turns_per_s": runs * turns / elapsed}
+    done = sum(s == DONE for s in states)
+    return {
+        "runs": runs,
+        "done": done,
+        "turns": turns,
+        "seconds": elapsed,
+        "turns_per_s": done * turns / elapsed,
+    }
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def scripted_streams_per_second(
+    target: str, streams: int, words: int, repeats: int, pids: list[int]
+) -> dict[str, list[float]]:
+    """Aggregate events/s of ``streams`` concurrent ExecuteRun calls of the scripted model, each on
+    its own connection (so SO_REUSEPORT can spread them over engine processes), and each engine
+    process's share of the CPU the engines spent."""
+    spec = svc.RunSpec(
+        task="streams", model=svc.ModelSpec(provider="scripted", script=[scripted("w " * words)])
+    )
+    out: dict[str, list[float]] = {"events_per_s": [], "cpu_share": []}
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(streams)]
+    try:
+        stubs = [svc_grpc.EngineServiceStub(ch) for ch in channels]
+        await asyncio.gather(*(ch.channel_ready() for ch in channels))
+        for _ in range(repeats):
+            cpu = [_cpu_seconds(pid) for pid in pids]
+            started = time.perf_counter()
+            results = await asyncio.gather(*(_execute(stub, spec) for stub in stubs))
+            elapsed = time.perf_counter() - started
+            spent = [_cpu_seconds(pid) - before for pid, before in zip(pids, cpu, strict=True)]
+            if any(state != DONE for _, _, state in results):
+                raise RuntimeError("a stream's run did not end DONE")
+            out["events_per_s"].append(sum(count for count, _, _ in results) / elapsed)
+            out["cpu_share"].append(min(spent) / sum(spent) if sum(spent) else 0.0)
+    finally:
+        for ch in channels:
+            await ch.close()
+    return out

@@ -8,8 +8,11 @@ where every row is ``{"name": str, "value": str, "target": str, "verdict": str, 
 ``value`` is the formatted measurement (medians, with p95/p99 where the tail matters),
 ``target`` the goal in words (``""`` when the row only reports), ``verdict`` one of ``MET``,
 ``MISSED``, ``REPORT``, ``N/A`` (cannot be measured here, ``value`` says why) or ``ERROR``, always
-computed from the numbers, and ``data`` the raw numbers written to ``bench.json``. A group
-measures its own side-by-side baselines in the same run. Register a group with one line here.
+computed from the numbers, and ``data`` the raw numbers written to ``bench.json`` (its numeric
+values are the figures ``--compare`` sets beside an earlier result). A group measures its own
+side-by-side baselines in the same run; if ``rows`` raises, the group shows one ERROR row and
+the rest of the bench runs on. Register a group with one line here; ``python -m bench --only
+NAME`` runs it alone.
 """
 
 from __future__ import annotations
@@ -17,4 +20,5 @@ from __future__ import annotations
 # (module under bench/, title printed above its rows)
 GROUPS: list[tuple[str, str]] = [
     ("control", "Several engines: the PostgreSQL control plane beside the embedded mode"),
+    ("compaction", "Context compaction: model input per turn of a long run"),
 ]

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import summarize
+from bench._rows import summarize
 from engine_service import ToolContext
 from engine_service.testing import BashArgs, run_bash
 from engine_service.tools import Sandbox

@@ -20,7 +20,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench._common import ROOT, progress, start_engine, stop_engine, summarize
+from bench._common import ROOT, progress, start_engine, stop_engine
+from bench._rows import summarize
 from client_py import AsyncEngineClient
 
 PATTERNS = [r"(a+)+!$", r"(a|aa)+!$", r"(.*a){20}!"]

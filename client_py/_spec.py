@@ -42,8 +42,11 @@ class RunOptions(TypedDict, total=False):
     - ``model_name``: the model, with ``model`` naming the provider.
     - ``script``: turns for the scripted model, each a dict
       ``{"text": str, "tool_calls": [{"name": str, "arguments": dict}],
-      "usage": {"input_tokens": int, "output_tokens": int}}`` (all keys optional) or
+      "usage": {"input_tokens": int, "output_tokens": int, "cache_read_tokens": int,
+      "cache_write_tokens": int}}`` (all keys optional) or
       just the text as a string. Implies ``model="scripted"``.
+    - ``context_window_tokens``: the model's context window for this run; past the engine's
+      ``compact_at`` share of it, older turns are summarised (``ContextCompacted`` events).
     - ``timeout`` / ``approval_timeout``: seconds.
     - ``tools``: the allowed tool names; ``[]`` means no tools at all, ``None`` all.
     - ``permissions``: tool name -> ``"allow"``, ``"ask"`` or ``"deny"``.
@@ -69,6 +72,7 @@ class RunOptions(TypedDict, total=False):
     model_name: str | None
     script: Sequence[Mapping[str, Any] | str] | None
     max_output_tokens: int | None
+    context_window_tokens: int | None
     max_turns: int | None
     max_tokens: int | None
     timeout: float | None
@@ -107,7 +111,7 @@ _EXPIRY_ACTIONS = {
 }
 _SCRIPT_TURN_KEYS = frozenset({"text", "tool_calls", "usage"})
 _SCRIPT_CALL_KEYS = frozenset({"name", "arguments"})
-_USAGE_KEYS = frozenset({"input_tokens", "output_tokens"})
+_USAGE_KEYS = frozenset({"input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"})
 
 
 # The engine's model providers; anything else given as `model=` is taken as a model name.
@@ -188,6 +192,8 @@ def _script_turn(index: int, turn: Mapping[str, Any] | str, out: pb.ScriptedTurn
         usage = _known_keys(f"{where}.usage", turn["usage"], _USAGE_KEYS)
         out.usage.input_tokens = int(usage.get("input_tokens", 0))
         out.usage.output_tokens = int(usage.get("output_tokens", 0))
+        out.usage.cache_read_tokens = int(usage.get("cache_read_tokens", 0))
+        out.usage.cache_write_tokens = int(usage.get("cache_write_tokens", 0))
 
 
 def _model(spec: pb.RunSpec, options: RunOptions) -> None:
@@ -220,6 +226,10 @@ def _model(spec: pb.RunSpec, options: RunOptions) -> None:
         spec.model.name = _str("model_name", name)
     if options.get("max_output_tokens") is not None:
         spec.model.max_output_tokens = _positive_int("max_output_tokens", options.get("max_output_tokens"))
+    if options.get("context_window_tokens") is not None:
+        spec.model.context_window_tokens = _positive_int(
+            "context_window_tokens", options.get("context_window_tokens")
+        )
 
 
 def _limits(spec: pb.RunSpec, options: RunOptions) -> None:

@@ -62,10 +62,13 @@ def enum_name(wrapper: Any, value: int, prefix: str) -> str:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token usage."""
+    """Token usage. The cache counts are the parts of ``input_tokens`` the provider read from
+    or wrote to its prompt cache."""
 
     input_tokens: int = 0
     output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -347,11 +350,38 @@ class UsageReported(RunEvent):
     input_tokens: int
     output_tokens: int
     cost_usd: float
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+    def _summary(self) -> str:
+        cached = (
+            f" ({self.cache_read_tokens} cache read, {self.cache_write_tokens} cache write)"
+            if self.cache_read_tokens or self.cache_write_tokens
+            else ""
+        )
+        return (
+            f"turn {self.turn}: {self.input_tokens} in{cached} / {self.output_tokens} out tokens, "
+            f"${self.cost_usd:.4f}"
+        )
+
+
+@dataclass(frozen=True, repr=False)
+class ContextCompacted(RunEvent):
+    """Older turns were summarised to keep the model's request inside its context window."""
+
+    kind: ClassVar[str] = "context_compacted"
+
+    turn: int
+    turns_summarized: int
+    tokens_before: int
+    tokens_after: int
+    usage: Usage
+    cost_usd: float
 
     def _summary(self) -> str:
         return (
-            f"turn {self.turn}: {self.input_tokens} in / {self.output_tokens} out tokens, "
-            f"${self.cost_usd:.4f}"
+            f"before turn {self.turn}: {self.turns_summarized} turns summarised, "
+            f"~{self.tokens_before} → ~{self.tokens_after} tokens"
         )
 
 
@@ -399,7 +429,12 @@ class RunFinished(RunEvent):
 
 
 def usage_from_proto(usage: run_pb2.Usage) -> Usage:
-    return Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
+    return Usage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_tokens=usage.cache_read_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+    )
 
 
 def meta_from_proto(meta: run_pb2.RunMeta) -> RunMeta:
@@ -518,6 +553,17 @@ _CONVERTERS: dict[str, _Converter] = {
         input_tokens=p.usage.input_tokens,
         output_tokens=p.usage.output_tokens,
         cost_usd=p.cost_usd,
+        cache_read_tokens=p.usage.cache_read_tokens,
+        cache_write_tokens=p.usage.cache_write_tokens,
+    ),
+    "context_compacted": lambda p, b: ContextCompacted(
+        *b,
+        turn=p.turn,
+        turns_summarized=p.turns_summarized,
+        tokens_before=p.tokens_before,
+        tokens_after=p.tokens_after,
+        usage=usage_from_proto(p.usage),
+        cost_usd=p.cost_usd,
     ),
     "api_call": lambda p, b: ApiCallMetered(
         *b,
@@ -550,6 +596,7 @@ EVENT_TYPES: dict[str, type[RunEvent]] = {
         ApiCallMetered,
         HandoffToRunner,
         RunFinished,
+        ContextCompacted,
     )
 }
 

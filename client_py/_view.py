@@ -43,6 +43,7 @@ from client_py._types import (
     ApiCallMetered,
     ApprovalDecided,
     AssistantMessage,
+    ContextCompacted,
     HandoffToRunner,
     Interrupt,
     Paused,
@@ -730,6 +731,17 @@ class RunViewModel:
                 self.output_tokens += event.output_tokens
                 self.cost_usd += event.cost_usd if math.isfinite(event.cost_usd) else 0.0
                 self.turns = max(self.turns, event.turn)
+                changed.add(STATUS)
+        elif isinstance(event, ContextCompacted):
+            self.notes.append(
+                f"context compacted before turn {event.turn}: {event.turns_summarized} turns summarised, "
+                f"~{event.tokens_before:,} → ~{event.tokens_after:,} tokens"
+            )
+            changed.add(NOTES)
+            if fresh:  # the summarising call counts in the run's usage and cost
+                self.input_tokens += event.usage.input_tokens
+                self.output_tokens += event.usage.output_tokens
+                self.cost_usd += event.cost_usd if math.isfinite(event.cost_usd) else 0.0
                 changed.add(STATUS)
         elif isinstance(event, HandoffToRunner):
             self.handoff_tools = list(event.tools)

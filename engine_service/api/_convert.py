@@ -174,9 +174,7 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
     if model.script:
         script = []
         for turn in model.script:
-            usage = (
-                Usage(turn.usage.input_tokens, turn.usage.output_tokens) if turn.HasField("usage") else None
-            )
+            usage = _usage_from_proto(turn.usage) if turn.HasField("usage") else None
             calls = [
                 (c.name, struct_to_dict(c.arguments, "model.script.tool_calls.arguments"))
                 for c in turn.tool_calls
@@ -210,6 +208,7 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
         model_name=model.name,
         script=script,
         max_output_tokens=model.max_output_tokens,
+        context_window_tokens=model.context_window_tokens,
         max_turns=message.limits.max_turns,
         max_tokens=message.limits.max_tokens,
         timeout_ms=message.limits.timeout_ms,
@@ -309,10 +308,23 @@ def _error(e: RunError | None) -> rp.RunError | None:
     return None if e is None else rp.RunError(code=e.code, message=e.message, metadata=e.metadata)
 
 
+def _usage(u: Usage) -> rp.Usage:
+    return rp.Usage(
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        cache_read_tokens=u.cache_read_tokens,
+        cache_write_tokens=u.cache_write_tokens,
+    )
+
+
+def _usage_from_proto(u: rp.Usage) -> Usage:
+    return Usage(u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens)
+
+
 def _meta(m: RunMeta) -> rp.RunMeta:
     return rp.RunMeta(
         turns=m.turns,
-        usage=rp.Usage(input_tokens=m.usage.input_tokens, output_tokens=m.usage.output_tokens),
+        usage=_usage(m.usage),
         cost_usd=m.cost_usd,
         duration_ms=m.duration_ms,
         capabilities_missing=m.capabilities_missing,
@@ -410,10 +422,16 @@ def _payload(kind: EventKind, d: JsonObject) -> Any:
     if kind is EventKind.RESUMED:
         return ev.Resumed(resumed_by=d["by"], rolled_back_from_seq=d.get("rolled_back_from", 0))
     if kind is EventKind.USAGE:
-        u = d["usage"]
         return ev.UsageReported(
+            turn=d["turn"], usage=_usage(Usage.from_json(d["usage"])), cost_usd=d["cost_usd"]
+        )
+    if kind is EventKind.CONTEXT_COMPACTED:
+        return ev.ContextCompacted(
             turn=d["turn"],
-            usage=rp.Usage(input_tokens=u["input_tokens"], output_tokens=u["output_tokens"]),
+            turns_summarized=d["turns_summarized"],
+            tokens_before=d["tokens_before"],
+            tokens_after=d["tokens_after"],
+            usage=_usage(Usage.from_json(d["usage"])),
             cost_usd=d["cost_usd"],
         )
     if kind is EventKind.API_CALL:

@@ -14,17 +14,33 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from engine_service.core._checkpoint import LeaseLost
+from engine_service.core._compaction import (
+    COMPACTION,
+    SUMMARY_REQUEST,
+    SUMMARY_SYSTEM,
+    CompactionPlan,
+    ContextWindow,
+)
 from engine_service.core._dispatch import REQUEST_EVENT, ToolDispatch
 from engine_service.core._errors import RunFailure
 from engine_service.core._limits import MAX_DEPTH, is_small, too_deep
 from engine_service.core._regex import SchemaValidator
 from engine_service.core._run import PENDING, READY, RESOLVED, CallOutcome, RunError
 from engine_service.core._text import loads_untrusted
-from engine_service.core._types import EventKind, InterruptKind, JsonObject, Message, PauseReason, RunState
-from engine_service.models import ModelError, ModelRequest, TextChunk, TurnResult
+from engine_service.core._types import (
+    EventKind,
+    InterruptKind,
+    JsonObject,
+    Message,
+    PauseReason,
+    RunState,
+    ToolChoice,
+)
+from engine_service.models import ModelError, ModelRequest, TextChunk, ToolSpec, TurnResult
 from engine_service.storage._protocol import StorageUnavailable, storage_fault
 
 log = logging.getLogger("machina.engine")
@@ -260,10 +276,11 @@ class RunActor(ToolDispatch):
     async def _model_turn(self) -> TurnResult:
         record, env = self.record, self.env
         turn = record.meta.turns + 1
+        tools = [t.spec() for t in env.tools.values()]
         request = ModelRequest(
             system=env.system_prompt,
-            messages=self.transcript,
-            tools=[t.spec() for t in env.tools.values()],
+            messages=await self._context_messages(tools),
+            tools=tools,
             tool_choice=self.spec.tool_choice,
             max_output_tokens=env.max_output_tokens,
             output_schema=self.spec.output_schema,
@@ -279,7 +296,7 @@ class RunActor(ToolDispatch):
             raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
         record.meta.turns = turn
         record.meta.usage.add(result.usage)
-        cost = (result.usage.input_tokens * env.price[0] + result.usage.output_tokens * env.price[1]) / 1e6
+        cost = result.usage.cost(env.price)
         record.meta.cost_usd += cost
         self.transcript.append(Message("assistant", result.text, result.tool_calls))
         self.emit(
@@ -288,6 +305,86 @@ class RunActor(ToolDispatch):
         )
         self.emit(EventKind.USAGE, {"turn": turn, "usage": result.usage.to_json(), "cost_usd": cost})
         return result
+
+    # -- what the model sees ------------------------------------------------------------
+
+    _context: ContextWindow | None = None
+
+    async def _context_messages(self, tools: Sequence[ToolSpec]) -> Sequence[Message]:
+        """The messages of the next model request, which every model request of the run takes
+        from here: the transcript as the model sees it (see _compaction.py), compacted first
+        when the request would pass ``compact_at`` of the model's context window."""
+        if self._context is None:
+            self._context = ContextWindow()
+        messages = self._context.messages(self.transcript)
+        window = self.env.context_window_tokens
+        if not window:
+            return messages
+        fixed = _fixed_chars(self.env.system_prompt, tools)
+        before = self._context.tokens(fixed)
+        if before <= self.env.compact_at * window:
+            return messages
+        plan = self._context.plan(self.env.compact_keep_turns)
+        if plan is not None:
+            await self._compact(plan, tools, before, fixed)
+            messages = self._context.messages(self.transcript)
+        after = self._context.tokens(fixed)
+        if after > window:
+            raise RunFailure(
+                "ERR_COMPACTION_FAILED",
+                f"the model's request (about {after} tokens) does not fit its context window of {window} "
+                f"tokens, even with older turns summarised",
+                tokens=after,
+                context_window_tokens=window,
+            )
+        return messages
+
+    async def _compact(
+        self, plan: CompactionPlan, tools: Sequence[ToolSpec], before: int, fixed: int
+    ) -> None:
+        """Summarise ``plan.messages`` with a model call and record the summary in the transcript."""
+        record, env = self.record, self.env
+        assert self._context is not None
+        request = ModelRequest(
+            system=SUMMARY_SYSTEM,
+            messages=[*plan.messages, Message("user", SUMMARY_REQUEST)],
+            tools=tools,  # the summarised turns may hold tool calls, which some APIs check against
+            tool_choice=ToolChoice.NONE,
+            max_output_tokens=env.max_output_tokens,
+            turn=record.meta.turns,
+            purpose="compaction",
+        )
+        result: TurnResult | None = None
+        try:
+            async for item in env.model.stream(request):
+                if isinstance(item, TurnResult):
+                    result = item
+        except ModelError as error:
+            raise RunFailure(
+                "ERR_COMPACTION_FAILED",
+                f"summarising older turns to fit the context window failed: {error.message}",
+                model_error=error.code,
+            ) from None
+        if result is None or not result.text.strip():
+            raise RunFailure(
+                "ERR_COMPACTION_FAILED", "summarising older turns to fit the context window gave no summary"
+            )
+        record.meta.usage.add(result.usage)
+        cost = result.usage.cost(env.price)
+        record.meta.cost_usd += cost
+        self.transcript.append(Message(COMPACTION, result.text, keep_from=plan.keep_from))
+        self._context.messages(self.transcript)
+        self.emit(
+            EventKind.CONTEXT_COMPACTED,
+            {
+                "turn": record.meta.turns + 1,
+                "turns_summarized": plan.turns,
+                "tokens_before": before,
+                "tokens_after": self._context.tokens(fixed),
+                "usage": result.usage.to_json(),
+                "cost_usd": cost,
+            },
+        )
 
     async def _final_answer(self, text: str) -> tuple[bool, Any]:
         """(done, data). In structured mode, one repair turn, then ERR_OUTPUT_SCHEMA."""
@@ -312,6 +409,13 @@ class RunActor(ToolDispatch):
 
 # A structured final answer longer than this is validated in a worker thread.
 _INLINE_ANSWER_CHARS = 16_384
+
+
+def _fixed_chars(system: str, tools: Sequence[ToolSpec]) -> int:
+    """The characters of a request besides its messages: the system prompt and the tools."""
+    return len(system) + sum(
+        len(t.name) + len(t.description) + len(json.dumps(t.input_schema)) for t in tools
+    )
 
 
 def _schema_problem(text: str, schema: JsonObject) -> str | None:

@@ -13,7 +13,7 @@ from engine_service.core._errors import missing_extra
 from engine_service.core._run import RunSpec
 from engine_service.core._types import JsonObject, Permission
 from engine_service.models import ScriptedModel
-from engine_service.models._select import model_price
+from engine_service.models._select import context_window, model_price
 from engine_service.net._egress import EgressPolicy
 from engine_service.tools import (
     EDIT,
@@ -196,7 +196,7 @@ class ToolCatalogue:
             max_turns=spec.max_turns or cfg.max_turns,
             max_output_tokens=spec.max_output_tokens or cfg.model.max_output_tokens,
             # Unknown prices count as 0: a run with a cost budget needs known ones (create_run).
-            price=model_price(cfg, self._engine._default_provider, provider, model_name) or (0.0, 0.0),
+            price=model_price(cfg, self._engine._default_provider, provider, model_name) or (0.0,) * 4,
             owner=self._engine._owner,
             lease_ttl=cfg.lease_ttl_s,
             workdir=Path(cfg.workdir_root).resolve() / ws / spec.run_id,
@@ -207,6 +207,9 @@ class ToolCatalogue:
             clock=self._engine._clock,
             storage_retry_s=cfg.storage_retry_s,
             control=self._engine.control,
+            context_window_tokens=context_window(cfg, provider, model_name, spec.context_window_tokens),
+            compact_at=cfg.model.compact_at,
+            compact_keep_turns=cfg.model.compact_keep_turns,
         )
 
     async def close(self) -> None:

@@ -40,7 +40,8 @@ class RunEnv:
     system_prompt: str
     max_turns: int
     max_output_tokens: int
-    price: tuple[float, float]  # USD per million input / output tokens
+    # USD per million input / output / cache-read / cache-write tokens.
+    price: tuple[float, float, float, float]
     owner: str
     lease_ttl: float
     workdir: Path | None = None
@@ -59,6 +60,11 @@ class RunEnv:
     storage_retry_s: float = 300.0
     # Tells the other replicas of commits and new events (LocalControl: there are none to tell).
     control: ControlPlane = field(default_factory=LocalControl)
+    # The model's context window in tokens (0 = unknown: no compaction), the share of it past
+    # which older turns are summarised, and how many recent turns the model keeps seeing whole.
+    context_window_tokens: int = 0
+    compact_at: float = 0.8
+    compact_keep_turns: int = 4
 
 
 # Event kinds shown to watchers only once the checkpoint that commits them lands.

@@ -39,22 +39,35 @@ class ProviderConfig(_Section):
     base_url: str = ""
     # The environment variable holding the API key; empty: OPENAI_API_KEY / ANTHROPIC_API_KEY.
     api_key_env: str = ""
-    # USD per million input and output tokens, by model name: {"gpt-4o-mini" = [0.15, 0.6]};
-    # in an environment variable, "gpt-4o-mini=0.15/0.6,gpt-4o=2.5/10".
-    prices: dict[str, tuple[float, float]] = {}
+    # USD per million input and output tokens, by model name, optionally followed by the prices
+    # of cache reads and cache writes (else those cost what other input does):
+    # {"gpt-4o-mini" = [0.15, 0.6], "claude-sonnet-4-5" = [3, 15, 0.3, 3.75]};
+    # in an environment variable, "gpt-4o-mini=0.15/0.6,claude-sonnet-4-5=3/15/0.3/3.75".
+    prices: dict[str, tuple[float, float] | tuple[float, float, float, float]] = {}
+    # Context windows in tokens, by model name (for models the engine does not know).
+    context_window_tokens: dict[str, int] = {}
 
     @field_validator("prices", mode="before")
     @classmethod
     def _prices(cls, value: Any) -> Any:
         if isinstance(value, Mapping):
-            return {k: tuple(v.split("/", 1)) if isinstance(v, str) else v for k, v in value.items()}
+            return {k: tuple(v.split("/")) if isinstance(v, str) else v for k, v in value.items()}
         return value
 
     @field_validator("prices")
     @classmethod
-    def _non_negative(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    def _non_negative(
+        cls, value: dict[str, tuple[float, float] | tuple[float, float, float, float]]
+    ) -> dict[str, tuple[float, float] | tuple[float, float, float, float]]:
         if any(price < 0 for pair in value.values() for price in pair):
             raise ValueError("prices must not be negative")
+        return value
+
+    @field_validator("context_window_tokens")
+    @classmethod
+    def _positive_windows(cls, value: dict[str, int]) -> dict[str, int]:
+        if any(size < 1 for size in value.values()):
+            raise ValueError("context windows must be positive")
         return value
 
 
@@ -72,6 +85,13 @@ class ModelConfig(_Section):
     # Prices of the default provider's models that its `prices` table does not list; unset = unknown.
     input_cost_per_mtok: float | None = Field(None, ge=0)
     output_cost_per_mtok: float | None = Field(None, ge=0)
+    # The context window of models the provider tables below and the engine do not know; 0 = none
+    # (no compaction for them).
+    context_window_tokens: int = Field(0, ge=0)
+    # When a model request is estimated past this share of the context window, older turns are
+    # summarised (compacted) and the model sees the summary and the last compact_keep_turns turns.
+    compact_at: float = Field(0.8, gt=0, le=1)
+    compact_keep_turns: int = Field(4, ge=1)
     # Per-provider settings ([model.openai], [model.anthropic]; MACHINA_MODEL_OPENAI_BASE_URL, ...).
     openai: ProviderConfig = ProviderConfig()
     anthropic: ProviderConfig = ProviderConfig()

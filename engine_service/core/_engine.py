@@ -712,6 +712,9 @@ class Engine:
             task.cancel()
         await self._runner.close()
         await self.control.close()
+        close_models = getattr(self._model_factory, "aclose", None)
+        if close_models is not None:  # the HTTP adapters' connections
+            await close_models()
         await self._catalogue.close()
         await self.webhooks.close()
         await self.storage.close()

@@ -59,6 +59,8 @@ class RunSpec:
     model_name: str = ""
     script: list[ScriptedTurn] | None = None
     max_output_tokens: int = 0
+    # The model's context window for this run; 0 = the engine's setting for the model.
+    context_window_tokens: int = 0
     max_turns: int = 0
     max_tokens: int = 0
     timeout_ms: int = 0
@@ -91,6 +93,7 @@ class RunSpec:
             "model_name": self.model_name,
             "script": None if self.script is None else [t.to_json() for t in self.script],
             "max_output_tokens": self.max_output_tokens,
+            "context_window_tokens": self.context_window_tokens,
             "max_turns": self.max_turns,
             "max_tokens": self.max_tokens,
             "timeout_ms": self.timeout_ms,
@@ -117,6 +120,7 @@ class RunSpec:
             model_name=doc.get("model_name", ""),
             script=None if script is None else [ScriptedTurn.from_json(t) for t in script],
             max_output_tokens=doc.get("max_output_tokens", 0),
+            context_window_tokens=doc.get("context_window_tokens", 0),
             max_turns=doc.get("max_turns", 0),
             max_tokens=doc.get("max_tokens", 0),
             timeout_ms=doc.get("timeout_ms", 0),

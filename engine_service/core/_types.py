@@ -73,6 +73,7 @@ class EventKind(enum.StrEnum):
     API_CALL = "api_call"
     HANDOFF_TO_RUNNER = "handoff_to_runner"
     RUN_FINISHED = "run_finished"
+    CONTEXT_COMPACTED = "context_compacted"
 
 
 _EVENT_KINDS = {kind.value: kind for kind in EventKind}
@@ -112,14 +113,19 @@ class ToolCall:
 
 @dataclass(slots=True)
 class Message:
-    """A transcript entry: a user task, an assistant turn or a tool result."""
+    """A transcript entry: a user task, an assistant turn, a tool result or a compaction.
 
-    role: str  # "user" | "assistant" | "tool"
+    A compaction entry (role "compaction") holds a summary of the entries before it that
+    the model no longer sees: from index 1 (the task stays) up to ``keep_from``.
+    """
+
+    role: str  # "user" | "assistant" | "tool" | "compaction"
     text: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     call_id: str = ""
     tool_name: str = ""
     is_error: bool = False
+    keep_from: int = 0  # compaction: the index of the first entry the model still sees
 
     def to_json(self) -> JsonObject:
         doc: JsonObject = {"role": self.role, "text": self.text}
@@ -127,6 +133,8 @@ class Message:
             doc["calls"] = [c.to_json() for c in self.tool_calls]
         if self.role == "tool":
             doc.update(call_id=self.call_id, tool=self.tool_name, is_error=self.is_error)
+        elif self.role == "compaction":
+            doc["keep_from"] = self.keep_from
         return doc
 
     @classmethod
@@ -138,13 +146,19 @@ class Message:
             call_id=doc.get("call_id", ""),
             tool_name=doc.get("tool", ""),
             is_error=doc.get("is_error", False),
+            keep_from=doc.get("keep_from", 0),
         )
 
 
 @dataclass(slots=True)
 class Usage:
+    """Token counts. The cache counts are the parts of ``input_tokens`` the provider read
+    from or wrote to its prompt cache (billed at their own prices)."""
+
     input_tokens: int = 0
     output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @property
     def total(self) -> int:
@@ -153,13 +167,34 @@ class Usage:
     def add(self, other: Usage) -> None:
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
+        self.cache_read_tokens += other.cache_read_tokens
+        self.cache_write_tokens += other.cache_write_tokens
+
+    def cost(self, price: tuple[float, float, float, float]) -> float:
+        """USD at ``price``: per million uncached input, output, cache-read and cache-write tokens."""
+        cached = self.cache_read_tokens + self.cache_write_tokens
+        uncached = max(0, self.input_tokens - cached)
+        return (
+            uncached * price[0]
+            + self.output_tokens * price[1]
+            + self.cache_read_tokens * price[2]
+            + self.cache_write_tokens * price[3]
+        ) / 1e6
 
     def to_json(self) -> JsonObject:
-        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+        doc: JsonObject = {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+        if self.cache_read_tokens or self.cache_write_tokens:
+            doc.update(cache_read_tokens=self.cache_read_tokens, cache_write_tokens=self.cache_write_tokens)
+        return doc
 
     @classmethod
     def from_json(cls, doc: JsonObject) -> Usage:
-        return cls(doc.get("input_tokens", 0), doc.get("output_tokens", 0))
+        return cls(
+            doc.get("input_tokens", 0),
+            doc.get("output_tokens", 0),
+            doc.get("cache_read_tokens", 0),
+            doc.get("cache_write_tokens", 0),
+        )
 
 
 @dataclass(slots=True)

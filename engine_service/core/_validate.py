@@ -50,6 +50,7 @@ class SpecChecks:
             ("timeout_ms", spec.timeout_ms),
             ("approval_timeout_ms", spec.approval_timeout_ms),
             ("max_output_tokens", spec.max_output_tokens),
+            ("model.context_window_tokens", spec.context_window_tokens),
         ):
             if value < 0:
                 raise invalid("ERR_INVALID_REQUEST", f"{name} must not be negative", field=name, value=value)

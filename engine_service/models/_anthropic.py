@@ -1,4 +1,10 @@
-"""Anthropic Messages API, streamed."""
+"""Anthropic Messages API, streamed, with prompt caching.
+
+Each request marks up to four cache breakpoints (``cache_control``): the tools, the system
+prompt, the end of the previous request's history and the end of this one. The next turn's
+request then starts with the same bytes up to its predecessor's last breakpoint, and the
+provider reads that prefix from its cache instead of processing it again.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ _SCHEMA_INSTRUCTION = (
     "Answer with only a JSON value that matches the following JSON Schema: "
     "no prose, no Markdown code fence.\n"
 )
+_BREAKPOINT: JsonObject = {"type": "ephemeral"}
+_BREAKPOINT_JSON = ',"cache_control":{"type":"ephemeral"}'
 
 
 @dataclass(slots=True)
@@ -44,7 +52,12 @@ class AnthropicModel(_http.HttpModel):
 
     def _body(self, request: ModelRequest) -> JsonObject:
         """The request as a document; what is sent is ``_content``, its JSON."""
-        return {"messages": _messages(request.messages), **self._settings(request)}
+        messages = _messages(request.messages)
+        # The history's breakpoints: the end of this request and of the previous one (the user
+        # message before the last assistant turn), so the next request finds both cached.
+        for index in _history_breakpoints([m["role"] for m in messages]):
+            messages[index]["content"][-1]["cache_control"] = _BREAKPOINT
+        return {"messages": messages, **self._settings(request)}
 
     def _content(self, request: ModelRequest) -> bytes:
         """The JSON of ``_body``, each history message serialised once per run (not every turn).
@@ -60,6 +73,7 @@ class AnthropicModel(_http.HttpModel):
                 continue
             if entry.open_parts and role != entry.open_role:
                 entry.parts.append(_group(entry.open_role, entry.open_parts))
+                entry.roles.append(entry.open_role)
                 entry.open_parts = []
             entry.open_role = role
             new = [_http.encode_json(b) for b in blocks]
@@ -67,8 +81,12 @@ class AnthropicModel(_http.HttpModel):
             added += sum(map(len, new)) + 32
         self._history.grew(entry, request.messages, added)
         messages = (
-            [*entry.parts, _group(entry.open_role, entry.open_parts)] if entry.open_parts else entry.parts
+            [*entry.parts, _group(entry.open_role, entry.open_parts)] if entry.open_parts else [*entry.parts]
         )
+        roles = [*entry.roles, entry.open_role] if entry.open_parts else entry.roles
+        for index in _history_breakpoints(roles):
+            # Every group ends with its last block's "}" then "]}": the marker goes before those.
+            messages[index] = messages[index][:-3] + _BREAKPOINT_JSON + messages[index][-3:]
         settings = _http.encode_json(self._settings(request))
         return f'{{"messages":[{",".join(messages)}],{settings[1:]}'.encode()
 
@@ -80,12 +98,14 @@ class AnthropicModel(_http.HttpModel):
             system = f"{system}\n\n{instruction}" if system else instruction
         body: JsonObject = {"model": self._model, "max_tokens": request.max_output_tokens, "stream": True}
         if system:
-            body["system"] = system
+            body["system"] = [{"type": "text", "text": system, "cache_control": _BREAKPOINT}]
         if request.tools:
-            body["tools"] = [
+            tools: list[JsonObject] = [
                 {"name": t.name, "description": t.description, "input_schema": t.input_schema}
                 for t in request.tools
             ]
+            tools[-1] = {**tools[-1], "cache_control": _BREAKPOINT}
+            body["tools"] = tools
             body["tool_choice"] = {"type": _TOOL_CHOICE[request.tool_choice]}
         return body
 
@@ -102,7 +122,7 @@ class AnthropicModel(_http.HttpModel):
                 kind = doc.get("type") or event.event
                 if kind == "message_start":
                     counts = (doc.get("message") or {}).get("usage") or {}
-                    usage = Usage(_input_tokens(counts), int(counts.get("output_tokens") or 0))
+                    usage = _usage(counts, Usage())
                 elif kind == "content_block_start":
                     block = doc.get("content_block") or {}
                     if block.get("type") == "tool_use":
@@ -121,12 +141,8 @@ class AnthropicModel(_http.HttpModel):
                         calls[int(doc.get("index", 0))].json += delta.get("partial_json") or ""
                 elif kind == "message_delta":
                     stop = (doc.get("delta") or {}).get("stop_reason") or stop
-                    counts = doc.get("usage") or {}
-                    # Both counts are cumulative; newer API versions repeat input_tokens here.
-                    if counts.get("output_tokens") is not None:
-                        usage.output_tokens = int(counts["output_tokens"])
-                    if counts.get("input_tokens") is not None:
-                        usage.input_tokens = _input_tokens(counts)
+                    # The counts are cumulative; newer API versions repeat the input counts here.
+                    usage = _usage(doc.get("usage") or {}, usage)
                 elif kind == "message_stop":
                     done = True
                     break
@@ -142,10 +158,35 @@ class AnthropicModel(_http.HttpModel):
         yield TurnResult("".join(text), tool_calls, usage, stop)
 
 
-def _input_tokens(counts: JsonObject) -> int:
-    # Cache reads and writes are billed and fill the context like any other input.
-    keys = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-    return sum(int(counts.get(key) or 0) for key in keys)
+def _usage(counts: JsonObject, previous: Usage) -> Usage:
+    """``previous`` updated with the counts an event reports (it may leave some out)."""
+
+    def count(key: str, default: int) -> int:
+        value = counts.get(key)
+        return default if value is None else int(value or 0)
+
+    read = count("cache_read_input_tokens", previous.cache_read_tokens)
+    write = count("cache_creation_input_tokens", previous.cache_write_tokens)
+    uncached = previous.input_tokens - previous.cache_read_tokens - previous.cache_write_tokens
+    # Cache reads and writes fill the context like any other input: input_tokens counts them.
+    return Usage(
+        input_tokens=count("input_tokens", uncached) + read + write,
+        output_tokens=count("output_tokens", previous.output_tokens),
+        cache_read_tokens=read,
+        cache_write_tokens=write,
+    )
+
+
+def _history_breakpoints(roles: Sequence[str]) -> list[int]:
+    """The messages whose last block gets a breakpoint: the last one, and the last user message
+    before the last assistant message (where the previous request ended)."""
+    if not roles:
+        return []
+    marks = [len(roles) - 1]
+    last_assistant = next((i for i in range(len(roles) - 1, -1, -1) if roles[i] == "assistant"), None)
+    if last_assistant and roles[last_assistant - 1] == "user" and last_assistant - 1 != marks[0]:
+        marks.insert(0, last_assistant - 1)
+    return marks
 
 
 def _messages(history: Sequence[Message]) -> list[JsonObject]:

@@ -32,6 +32,9 @@ class ModelRequest:
     output_schema: JsonObject | None = None
     # Completed assistant turns so far (0 on the first turn).
     turn: int = 0
+    # "turn": the next step of the agent; "compaction": summarise ``messages`` (the last one
+    # asks for the summary), no tool calls wanted.
+    purpose: str = "turn"
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,7 @@ class SerialisedHistory:
     chars: int = 0
     parts: list[str] = field(default_factory=list)
     open_role: str = ""  # Anthropic: the role of the last, still growing message
+    roles: list[str] = field(default_factory=list)  # Anthropic: the role of each part
     open_parts: list[str] = field(default_factory=list)
 
 

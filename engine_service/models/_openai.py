@@ -107,10 +107,7 @@ class OpenAIModel(_http.HttpModel):
                 if chunk.get("error"):
                     raise _http.event_error(self.provider, chunk["error"], self._api_key)
                 if chunk.get("usage"):
-                    counts = chunk["usage"]
-                    usage = Usage(
-                        int(counts.get("prompt_tokens") or 0), int(counts.get("completion_tokens") or 0)
-                    )
+                    usage = _usage(chunk["usage"])
                 for choice in chunk.get("choices") or ():
                     delta = choice.get("delta") or {}
                     if delta.get("content"):
@@ -131,6 +128,19 @@ class OpenAIModel(_http.HttpModel):
             for i, (_, call) in enumerate(sorted(calls.items()))
         ]
         yield TurnResult("".join(text), tool_calls, usage, _STOP_REASONS.get(finish, finish))
+
+
+def _usage(counts: JsonObject) -> Usage:
+    # prompt_tokens counts cached tokens too. OpenAI caches by itself and reports reads only;
+    # some compatible servers report writes as well (OpenRouter), or reads their own way (DeepSeek).
+    details = counts.get("prompt_tokens_details") or {}
+    read = details.get("cached_tokens") or counts.get("prompt_cache_hit_tokens") or 0
+    return Usage(
+        input_tokens=int(counts.get("prompt_tokens") or 0),
+        output_tokens=int(counts.get("completion_tokens") or 0),
+        cache_read_tokens=int(read),
+        cache_write_tokens=int(details.get("cache_write_tokens") or 0),
+    )
 
 
 def _merge_call(calls: dict[int, _PendingCall], fragment: JsonObject) -> None:

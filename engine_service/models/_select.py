@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tomllib
@@ -66,7 +67,8 @@ def validate_script(script: list[ScriptedTurn]) -> None:
                     field="model.script",
                     turn=index,
                 )
-        if turn.usage is not None and (turn.usage.input_tokens < 0 or turn.usage.output_tokens < 0):
+        counts = () if turn.usage is None else dataclasses.astuple(turn.usage)
+        if any(count < 0 for count in counts):
             raise invalid(
                 "ERR_INVALID_SCRIPT",
                 f"script turn {index}: usage token counts must not be negative",
@@ -120,19 +122,54 @@ def provider_base_url(config: EngineConfig, default_provider: str, provider: str
     return None
 
 
-def model_price(
-    config: EngineConfig, default_provider: str, provider: str, name: str
-) -> tuple[float, float] | None:
-    """USD per million input and output tokens of ``provider:name``; None when unknown."""
+Price = tuple[float, float, float, float]
+
+
+def model_price(config: EngineConfig, default_provider: str, provider: str, name: str) -> Price | None:
+    """USD per million input, output, cache-read and cache-write tokens of ``provider:name``;
+    None when unknown. Without cache prices, cached tokens cost what other input does."""
     listed = provider_config(config, provider).prices.get(name)
     if listed is not None:
-        return listed
+        return (
+            (listed[0], listed[1], listed[2], listed[3])
+            if len(listed) == 4
+            else (*listed[:2], *listed[:1] * 2)
+        )
     legacy = (config.model.input_cost_per_mtok, config.model.output_cost_per_mtok)
     if provider == default_provider and legacy != (None, None):
-        return legacy[0] or 0.0, legacy[1] or 0.0
+        return legacy[0] or 0.0, legacy[1] or 0.0, legacy[0] or 0.0, legacy[0] or 0.0
     if provider == "scripted":
-        return 0.0, 0.0  # offline and free
+        return 0.0, 0.0, 0.0, 0.0  # offline and free
     return None
+
+
+# Context windows of well-known models, by name prefix (longest first); others need configuring.
+_CONTEXT_WINDOWS: tuple[tuple[str, int], ...] = (
+    ("gpt-4o", 128_000),
+    ("gpt-4.1", 1_047_576),
+    ("gpt-5", 400_000),
+    ("o1", 200_000),
+    ("o3", 200_000),
+    ("o4", 200_000),
+    ("claude", 200_000),
+)
+
+
+def context_window(config: EngineConfig, provider: str, name: str, per_run: int = 0) -> int:
+    """The context window, in tokens, compaction keeps ``provider:name``'s requests inside;
+    0 = unknown (no compaction): the run's own setting, the provider's table, the engine's
+    default, then the window of a well-known model."""
+    if per_run:
+        return per_run
+    listed = provider_config(config, provider).context_window_tokens.get(name)
+    if listed:
+        return listed
+    if config.model.context_window_tokens:
+        return config.model.context_window_tokens
+    if provider == "scripted":
+        return 0
+    lowered = name.lower()
+    return next((size for prefix, size in _CONTEXT_WINDOWS if lowered.startswith(prefix)), 0)
 
 
 # Bare model names whose provider is plain from the name (as LangChain's init_chat_model infers).
@@ -163,14 +200,21 @@ def default_model_factory(config: EngineConfig) -> ModelFactory:
     """Build real adapters; one per (provider, model) shared across runs (connection pooling).
 
     Each provider has its own endpoint and key: a run choosing another provider than the
-    default never reaches the default provider's endpoint or sees its key.
+    default never reaches the default provider's endpoint or sees its key. The factory's
+    ``aclose`` closes every adapter it built (the engine calls it when it stops).
     """
-    cache: dict[tuple[str, str], ModelAdapter] = {}
-    retry = RetryPolicy(max_attempts=config.model.max_attempts)
-    default_provider, _ = resolve_default_model(config)
+    return _Adapters(config)
 
-    def make(provider: str, name: str) -> ModelAdapter:
-        adapter = cache.get((provider, name))
+
+class _Adapters:
+    def __init__(self, config: EngineConfig) -> None:
+        self._config = config
+        self._cache: dict[tuple[str, str], ModelAdapter] = {}
+        self._retry = RetryPolicy(max_attempts=config.model.max_attempts)
+        self._default_provider, _ = resolve_default_model(config)
+
+    def __call__(self, provider: str, name: str) -> ModelAdapter:
+        adapter = self._cache.get((provider, name))
         if adapter is not None:
             return adapter
         entry = _HTTP_PROVIDERS.get(provider)
@@ -178,12 +222,15 @@ def default_model_factory(config: EngineConfig) -> ModelFactory:
             raise invalid("ERR_INVALID_REQUEST", f"unknown model provider {provider!r}")
         adapter_class, _ = entry
         adapter = adapter_class(
-            api_key=os.environ.get(api_key_env(config, provider), ""),
+            api_key=os.environ.get(api_key_env(self._config, provider), ""),
             model=name,
-            base_url=provider_base_url(config, default_provider, provider),
-            retry=retry,
+            base_url=provider_base_url(self._config, self._default_provider, provider),
+            retry=self._retry,
         )
-        cache[(provider, name)] = adapter
+        self._cache[(provider, name)] = adapter
         return adapter
 
-    return make
+    async def aclose(self) -> None:
+        adapters, self._cache = list(self._cache.values()), {}
+        for adapter in adapters:
+            await adapter.aclose()

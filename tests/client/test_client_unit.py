@@ -456,6 +456,37 @@ def _event_cases() -> list[tuple[str, Any, type, dict[str, Any]]]:
             {"turn": 1, "input_tokens": 4, "output_tokens": 2, "cost_usd": 0.1},
         ),
         (
+            "usage",
+            event_pb2.UsageReported(
+                turn=2,
+                usage=run_pb2.Usage(
+                    input_tokens=40, output_tokens=2, cache_read_tokens=30, cache_write_tokens=5
+                ),
+            ),
+            client_py.UsageReported,
+            {"turn": 2, "input_tokens": 40, "cache_read_tokens": 30, "cache_write_tokens": 5},
+        ),
+        (
+            "context_compacted",
+            event_pb2.ContextCompacted(
+                turn=9,
+                turns_summarized=4,
+                tokens_before=900,
+                tokens_after=300,
+                usage=run_pb2.Usage(input_tokens=850, output_tokens=60),
+                cost_usd=0.01,
+            ),
+            client_py.ContextCompacted,
+            {
+                "turn": 9,
+                "turns_summarized": 4,
+                "tokens_before": 900,
+                "tokens_after": 300,
+                "usage": client_py.Usage(850, 60),
+                "cost_usd": 0.01,
+            },
+        ),
+        (
             "api_call",
             event_pb2.ApiCallMetered(
                 service="gh", method="GET", path="/x", status=200, latency_ms=12, bytes_in=99
@@ -635,6 +666,7 @@ def test_public_api_is_pinned() -> None:
         "AsyncRunHandle",
         "CallOptions",
         "ConcurrentUpdateError",
+        "ContextCompacted",
         "DeadlineExceededError",
         "Decision",
         "DecisionLike",

@@ -15,6 +15,7 @@ from client_py import (
     ApprovalDecided,
     ApprovalRequested,
     AssistantMessage,
+    ContextCompacted,
     HandoffToRunner,
     InputRequested,
     Interrupt,
@@ -317,6 +318,26 @@ def test_text_a_crash_undid_is_replaced_by_the_redone_turn() -> None:
         model.apply(event)
     assert model.text == "First turn.\n\nSecond turn, whole."
     assert any("undone by a crash" in note for note in model.notes)
+
+
+def test_a_compaction_is_noted_and_its_call_counted() -> None:
+    feed = Feed()
+    model = RunViewModel()
+    feed(UsageReported, turn=1, input_tokens=900, output_tokens=4, cost_usd=0.01)
+    feed(
+        ContextCompacted,
+        turn=2,
+        turns_summarized=5,
+        tokens_before=3_300,
+        tokens_after=800,
+        usage=Usage(3_000, 90),
+        cost_usd=0.02,
+    )
+    for event in feed.events:
+        model.apply(event)
+    assert any("5 turns summarised, ~3,300 → ~800 tokens" in note for note in model.notes)
+    assert (model.input_tokens, model.output_tokens) == (3_900, 94)
+    assert model.cost_usd == pytest.approx(0.03)
 
 
 def test_a_failed_run_shows_its_error() -> None:

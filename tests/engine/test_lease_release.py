@@ -30,7 +30,7 @@ async def test_a_renewal_under_way_when_the_lease_is_released_gives_it_back(tmp_
         system_prompt="",
         max_turns=1,
         max_output_tokens=1,
-        price=(0.0, 0.0),
+        price=(0.0, 0.0, 0.0, 0.0),
         owner="engine-a",
         lease_ttl=30.0,
     )

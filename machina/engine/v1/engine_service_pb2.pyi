@@ -93,12 +93,17 @@ class ModelSpec(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     SCRIPT_FIELD_NUMBER: _builtins.int
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CONTEXT_WINDOW_TOKENS_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """`scripted`, `openai` or `anthropic`; empty = the engine's default."""
     name: _builtins.str
     """The model name, e.g. `claude-sonnet-4-5` or `gpt-4o-mini`; empty = the default."""
     max_output_tokens: _builtins.int
     """Maximum output tokens per turn; 0 = the engine's default."""
+    context_window_tokens: _builtins.int
+    """The model's context window in tokens, which compaction keeps the request inside;
+    0 = the engine's setting for the model.
+    """
     @_builtins.property
     def script(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScriptedTurn]:
         """For `scripted`: the turns to replay, in order."""
@@ -110,10 +115,11 @@ class ModelSpec(_message.Message):
         name: _builtins.str = ...,
         script: _abc.Iterable[Global___ScriptedTurn] | None = ...,
         max_output_tokens: _builtins.int = ...,
+        context_window_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_output_tokens", b"max_output_tokens", "name", b"name", "provider", b"provider", "script", b"script"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window_tokens", b"context_window_tokens", "max_output_tokens", b"max_output_tokens", "name", b"name", "provider", b"provider", "script", b"script"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -477,6 +477,52 @@ class RunFinished(_message.Message):
 Global___RunFinished: _TypeAlias = RunFinished  # noqa: Y015
 
 @_typing.final
+class ContextCompacted(_message.Message):
+    """Older turns were summarised to keep the model's request inside its context window. The
+    full transcript stays in storage; the model sees the summary and the turns after it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TURN_FIELD_NUMBER: _builtins.int
+    TURNS_SUMMARIZED_FIELD_NUMBER: _builtins.int
+    TOKENS_BEFORE_FIELD_NUMBER: _builtins.int
+    TOKENS_AFTER_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    turn: _builtins.int
+    """The turn the model takes next, on the compacted context."""
+    turns_summarized: _builtins.int
+    """How many assistant turns the summary replaces (in this compaction)."""
+    tokens_before: _builtins.int
+    """The estimated request size, in tokens, before compaction."""
+    tokens_after: _builtins.int
+    """The estimated request size, in tokens, after compaction."""
+    cost_usd: _builtins.float
+    """Cost of that call in US dollars."""
+    @_builtins.property
+    def usage(self) -> _run_pb2.Usage:
+        """Usage of the model call that wrote the summary."""
+
+    def __init__(
+        self,
+        *,
+        turn: _builtins.int = ...,
+        turns_summarized: _builtins.int = ...,
+        tokens_before: _builtins.int = ...,
+        tokens_after: _builtins.int = ...,
+        usage: _run_pb2.Usage | None = ...,
+        cost_usd: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "tokens_after", b"tokens_after", "tokens_before", b"tokens_before", "turn", b"turn", "turns_summarized", b"turns_summarized", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContextCompacted: _TypeAlias = ContextCompacted  # noqa: Y015
+
+@_typing.final
 class RunEvent(_message.Message):
     """One change in a run. `seq` is gap-free and increasing per run."""
 
@@ -500,6 +546,7 @@ class RunEvent(_message.Message):
     API_CALL_FIELD_NUMBER: _builtins.int
     HANDOFF_TO_RUNNER_FIELD_NUMBER: _builtins.int
     RUN_FINISHED_FIELD_NUMBER: _builtins.int
+    CONTEXT_COMPACTED_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run the event belongs to."""
     seq: _builtins.int
@@ -568,6 +615,10 @@ class RunEvent(_message.Message):
     def run_finished(self) -> Global___RunFinished:
         """See RunFinished."""
 
+    @_builtins.property
+    def context_compacted(self) -> Global___ContextCompacted:
+        """See ContextCompacted."""
+
     def __init__(
         self,
         *,
@@ -589,12 +640,13 @@ class RunEvent(_message.Message):
         api_call: Global___ApiCallMetered | None = ...,
         handoff_to_runner: Global___HandoffToRunner | None = ...,
         run_finished: Global___RunFinished | None = ...,
+        context_compacted: Global___ContextCompacted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["api_call", b"api_call", "approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "assistant_message", b"assistant_message", "handoff_to_runner", b"handoff_to_runner", "input_requested", b"input_requested", "kind", b"kind", "paused", b"paused", "resumed", b"resumed", "run_finished", b"run_finished", "run_started", b"run_started", "text_delta", b"text_delta", "time", b"time", "tool_call_completed", b"tool_call_completed", "tool_call_started", b"tool_call_started", "tool_result_requested", b"tool_result_requested", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api_call", b"api_call", "approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "assistant_message", b"assistant_message", "context_compacted", b"context_compacted", "handoff_to_runner", b"handoff_to_runner", "input_requested", b"input_requested", "kind", b"kind", "paused", b"paused", "resumed", b"resumed", "run_finished", b"run_finished", "run_started", b"run_started", "text_delta", b"text_delta", "time", b"time", "tool_call_completed", b"tool_call_completed", "tool_call_started", b"tool_call_started", "tool_result_requested", b"tool_result_requested", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_call", b"api_call", "approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "assistant_message", b"assistant_message", "handoff_to_runner", b"handoff_to_runner", "input_requested", b"input_requested", "kind", b"kind", "paused", b"paused", "resumed", b"resumed", "run_finished", b"run_finished", "run_id", b"run_id", "run_started", b"run_started", "seq", b"seq", "text_delta", b"text_delta", "time", b"time", "tool_call_completed", b"tool_call_completed", "tool_call_started", b"tool_call_started", "tool_result_requested", b"tool_result_requested", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_call", b"api_call", "approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "assistant_message", b"assistant_message", "context_compacted", b"context_compacted", "handoff_to_runner", b"handoff_to_runner", "input_requested", b"input_requested", "kind", b"kind", "paused", b"paused", "resumed", b"resumed", "run_finished", b"run_finished", "run_id", b"run_id", "run_started", b"run_started", "seq", b"seq", "text_delta", b"text_delta", "time", b"time", "tool_call_completed", b"tool_call_completed", "tool_call_started", b"tool_call_started", "tool_result_requested", b"tool_result_requested", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["run_started", "text_delta", "assistant_message", "tool_call_started", "tool_call_completed", "approval_requested", "approval_decided", "input_requested", "tool_result_requested", "paused", "resumed", "usage", "api_call", "handoff_to_runner", "run_finished"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["run_started", "text_delta", "assistant_message", "tool_call_started", "tool_call_completed", "approval_requested", "approval_decided", "input_requested", "tool_result_requested", "paused", "resumed", "usage", "api_call", "handoff_to_runner", "run_finished", "context_compacted"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -205,9 +205,11 @@ async def test_request_body_merges_tool_results_and_maps_everything(
     assert sent.headers["anthropic-version"] == "2023-06-01"
     assert sent.headers["content-type"] == "application/json"
     body = dict(sent.body)
-    system = body.pop("system")
-    assert system.startswith("Be brief.\n\n")
-    assert json.dumps(schema) in system
+    [system] = body.pop("system")
+    assert system["cache_control"] == {"type": "ephemeral"}
+    assert system["text"].startswith("Be brief.\n\n")
+    assert json.dumps(schema) in system["text"]
+    cached = {"cache_control": {"type": "ephemeral"}}
     assert body == {
         "model": "claude-test",
         "max_tokens": 512,
@@ -231,17 +233,19 @@ async def test_request_body_merges_tool_results_and_maps_everything(
                         "tool_use_id": "toolu_2",
                         "content": "clock broke",
                         "is_error": True,
+                        **cached,
                     },
                 ],
             },
             {"role": "assistant", "content": [{"type": "text", "text": "It is 18C."}]},
-            {"role": "user", "content": [{"type": "text", "text": "Thanks"}]},
+            {"role": "user", "content": [{"type": "text", "text": "Thanks", **cached}]},
         ],
         "tools": [
             {
                 "name": "get_weather",
                 "description": "Current weather for a city.",
                 "input_schema": {"type": "object", "properties": {}},
+                **cached,
             }
         ],
         "tool_choice": {"type": "any"},
@@ -265,7 +269,7 @@ async def test_user_text_after_tool_results_joins_the_same_message(
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert messages[2]["content"] == [
         {"type": "tool_result", "tool_use_id": "toolu_1", "content": "(no output)", "is_error": False},
-        {"type": "text", "text": "And now?"},
+        {"type": "text", "text": "And now?", "cache_control": {"type": "ephemeral"}},
     ]
 
 

@@ -14,7 +14,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file machina/engine/v1/event.proto.
  */
 export const file_machina_engine_v1_event: GenFile = /*@__PURE__*/
-  fileDesc("Ch1tYWNoaW5hL2VuZ2luZS92MS9ldmVudC5wcm90bxIRbWFjaGluYS5lbmdpbmUudjEiWgoIVG9vbENhbGwSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSKgoJYXJndW1lbnRzGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCIpCgpSdW5TdGFydGVkEgwKBHRhc2sYASABKAkSDQoFbW9kZWwYAiABKAkiJwoJVGV4dERlbHRhEgwKBHRleHQYASABKAkSDAoEdHVybhgCIAEoBSJfChBBc3Npc3RhbnRNZXNzYWdlEgwKBHRleHQYASABKAkSLwoKdG9vbF9jYWxscxgCIAMoCzIbLm1hY2hpbmEuZW5naW5lLnYxLlRvb2xDYWxsEgwKBHR1cm4YAyABKAUiPAoPVG9vbENhbGxTdGFydGVkEikKBGNhbGwYASABKAsyGy5tYWNoaW5hLmVuZ2luZS52MS5Ub29sQ2FsbCKTAQoRVG9vbENhbGxDb21wbGV0ZWQSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEAoIaXNfZXJyb3IYAyABKAgSEgoKc2l6ZV9ieXRlcxgEIAEoAxIOCgZvdXRwdXQYBSABKAkSEwoLZHVyYXRpb25fbXMYBiABKAMSDwoHb3V0Y29tZRgHIAEoCSJCCg9JbnRlcnJ1cHRSYWlzZWQSLwoJaW50ZXJydXB0GAEgASgLMhwubWFjaGluYS5lbmdpbmUudjEuSW50ZXJydXB0IroBChBJbnRlcnJ1cHREZWNpZGVkEhQKDGludGVycnVwdF9pZBgBIAEoCRIQCghkZWNpc2lvbhgCIAEoCRISCgpkZWNpZGVkX2J5GAMgASgJEi8KC2RlY2lkZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBhcmd1bWVudHNfc2hhMjU2GAUgASgJEg8KB2V4cGlyZWQYBiABKAgSDgoGcmVhc29uGAcgASgJIjEKBlBhdXNlZBInCgVwYXVzZRgBIAEoCzIYLm1hY2hpbmEuZW5naW5lLnYxLlBhdXNlIjsKB1Jlc3VtZWQSEgoKcmVzdW1lZF9ieRgBIAEoCRIcChRyb2xsZWRfYmFja19mcm9tX3NlcRgCIAEoAyJYCg1Vc2FnZVJlcG9ydGVkEgwKBHR1cm4YASABKAUSJwoFdXNhZ2UYAiABKAsyGC5tYWNoaW5hLmVuZ2luZS52MS5Vc2FnZRIQCghjb3N0X3VzZBgDIAEoASJ1Cg5BcGlDYWxsTWV0ZXJlZBIPCgdzZXJ2aWNlGAEgASgJEg4KBm1ldGhvZBgCIAEoCRIMCgRwYXRoGAMgASgJEg4KBnN0YXR1cxgEIAEoBRISCgpsYXRlbmN5X21zGAUgASgDEhAKCGJ5dGVzX2luGAYgASgDIiAKD0hhbmRvZmZUb1J1bm5lchINCgV0b29scxgBIAMoCSK1AQoLUnVuRmluaXNoZWQSKgoFc3RhdGUYASABKA4yGy5tYWNoaW5hLmVuZ2luZS52MS5SdW5TdGF0ZRIkCgRkYXRhGAIgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlEioKBWVycm9yGAMgASgLMhsubWFjaGluYS5lbmdpbmUudjEuUnVuRXJyb3ISKAoEbWV0YRgEIAEoCzIaLm1hY2hpbmEuZW5naW5lLnYxLlJ1bk1ldGEi0QcKCFJ1bkV2ZW50Eg4KBnJ1bl9pZBgBIAEoCRILCgNzZXEYAiABKAMSKAoEdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoLcnVuX3N0YXJ0ZWQYCiABKAsyHS5tYWNoaW5hLmVuZ2luZS52MS5SdW5TdGFydGVkSAASMgoKdGV4dF9kZWx0YRgLIAEoCzIcLm1hY2hpbmEuZW5naW5lLnYxLlRleHREZWx0YUgAEkAKEWFzc2lzdGFudF9tZXNzYWdlGAwgASgLMiMubWFjaGluYS5lbmdpbmUudjEuQXNzaXN0YW50TWVzc2FnZUgAEj8KEXRvb2xfY2FsbF9zdGFydGVkGA0gASgLMiIubWFjaGluYS5lbmdpbmUudjEuVG9vbENhbGxTdGFydGVkSAASQwoTdG9vbF9jYWxsX2NvbXBsZXRlZBgOIAEoCzIkLm1hY2hpbmEuZW5naW5lLnYxLlRvb2xDYWxsQ29tcGxldGVkSAASQAoSYXBwcm92YWxfcmVxdWVzdGVkGA8gASgLMiIubWFjaGluYS5lbmdpbmUudjEuSW50ZXJydXB0UmFpc2VkSAASPwoQYXBwcm92YWxfZGVjaWRlZBgQIAEoCzIjLm1hY2hpbmEuZW5naW5lLnYxLkludGVycnVwdERlY2lkZWRIABI9Cg9pbnB1dF9yZXF1ZXN0ZWQYESABKAsyIi5tYWNoaW5hLmVuZ2luZS52MS5JbnRlcnJ1cHRSYWlzZWRIABJDChV0b29sX3Jlc3VsdF9yZXF1ZXN0ZWQYEiABKAsyIi5tYWNoaW5hLmVuZ2luZS52MS5JbnRlcnJ1cHRSYWlzZWRIABIrCgZwYXVzZWQYEyABKAsyGS5tYWNoaW5hLmVuZ2luZS52MS5QYXVzZWRIABItCgdyZXN1bWVkGBQgASgLMhoubWFjaGluYS5lbmdpbmUudjEuUmVzdW1lZEgAEjEKBXVzYWdlGBUgASgLMiAubWFjaGluYS5lbmdpbmUudjEuVXNhZ2VSZXBvcnRlZEgAEjUKCGFwaV9jYWxsGBYgASgLMiEubWFjaGluYS5lbmdpbmUudjEuQXBpQ2FsbE1ldGVyZWRIABI/ChFoYW5kb2ZmX3RvX3J1bm5lchgXIAEoCzIiLm1hY2hpbmEuZW5naW5lLnYxLkhhbmRvZmZUb1J1bm5lckgAEjYKDHJ1bl9maW5pc2hlZBgYIAEoCzIeLm1hY2hpbmEuZW5naW5lLnYxLlJ1bkZpbmlzaGVkSABCBgoEa2luZGIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp, file_machina_engine_v1_run]);
+  fileDesc("Ch1tYWNoaW5hL2VuZ2luZS92MS9ldmVudC5wcm90bxIRbWFjaGluYS5lbmdpbmUudjEiWgoIVG9vbENhbGwSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSKgoJYXJndW1lbnRzGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCIpCgpSdW5TdGFydGVkEgwKBHRhc2sYASABKAkSDQoFbW9kZWwYAiABKAkiJwoJVGV4dERlbHRhEgwKBHRleHQYASABKAkSDAoEdHVybhgCIAEoBSJfChBBc3Npc3RhbnRNZXNzYWdlEgwKBHRleHQYASABKAkSLwoKdG9vbF9jYWxscxgCIAMoCzIbLm1hY2hpbmEuZW5naW5lLnYxLlRvb2xDYWxsEgwKBHR1cm4YAyABKAUiPAoPVG9vbENhbGxTdGFydGVkEikKBGNhbGwYASABKAsyGy5tYWNoaW5hLmVuZ2luZS52MS5Ub29sQ2FsbCKTAQoRVG9vbENhbGxDb21wbGV0ZWQSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEAoIaXNfZXJyb3IYAyABKAgSEgoKc2l6ZV9ieXRlcxgEIAEoAxIOCgZvdXRwdXQYBSABKAkSEwoLZHVyYXRpb25fbXMYBiABKAMSDwoHb3V0Y29tZRgHIAEoCSJCCg9JbnRlcnJ1cHRSYWlzZWQSLwoJaW50ZXJydXB0GAEgASgLMhwubWFjaGluYS5lbmdpbmUudjEuSW50ZXJydXB0IroBChBJbnRlcnJ1cHREZWNpZGVkEhQKDGludGVycnVwdF9pZBgBIAEoCRIQCghkZWNpc2lvbhgCIAEoCRISCgpkZWNpZGVkX2J5GAMgASgJEi8KC2RlY2lkZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBhcmd1bWVudHNfc2hhMjU2GAUgASgJEg8KB2V4cGlyZWQYBiABKAgSDgoGcmVhc29uGAcgASgJIjEKBlBhdXNlZBInCgVwYXVzZRgBIAEoCzIYLm1hY2hpbmEuZW5naW5lLnYxLlBhdXNlIjsKB1Jlc3VtZWQSEgoKcmVzdW1lZF9ieRgBIAEoCRIcChRyb2xsZWRfYmFja19mcm9tX3NlcRgCIAEoAyJYCg1Vc2FnZVJlcG9ydGVkEgwKBHR1cm4YASABKAUSJwoFdXNhZ2UYAiABKAsyGC5tYWNoaW5hLmVuZ2luZS52MS5Vc2FnZRIQCghjb3N0X3VzZBgDIAEoASJ1Cg5BcGlDYWxsTWV0ZXJlZBIPCgdzZXJ2aWNlGAEgASgJEg4KBm1ldGhvZBgCIAEoCRIMCgRwYXRoGAMgASgJEg4KBnN0YXR1cxgEIAEoBRISCgpsYXRlbmN5X21zGAUgASgDEhAKCGJ5dGVzX2luGAYgASgDIiAKD0hhbmRvZmZUb1J1bm5lchINCgV0b29scxgBIAMoCSK1AQoLUnVuRmluaXNoZWQSKgoFc3RhdGUYASABKA4yGy5tYWNoaW5hLmVuZ2luZS52MS5SdW5TdGF0ZRIkCgRkYXRhGAIgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlEioKBWVycm9yGAMgASgLMhsubWFjaGluYS5lbmdpbmUudjEuUnVuRXJyb3ISKAoEbWV0YRgEIAEoCzIaLm1hY2hpbmEuZW5naW5lLnYxLlJ1bk1ldGEiogEKEENvbnRleHRDb21wYWN0ZWQSDAoEdHVybhgBIAEoBRIYChB0dXJuc19zdW1tYXJpemVkGAIgASgFEhUKDXRva2Vuc19iZWZvcmUYAyABKAMSFAoMdG9rZW5zX2FmdGVyGAQgASgDEicKBXVzYWdlGAUgASgLMhgubWFjaGluYS5lbmdpbmUudjEuVXNhZ2USEAoIY29zdF91c2QYBiABKAEikwgKCFJ1bkV2ZW50Eg4KBnJ1bl9pZBgBIAEoCRILCgNzZXEYAiABKAMSKAoEdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoLcnVuX3N0YXJ0ZWQYCiABKAsyHS5tYWNoaW5hLmVuZ2luZS52MS5SdW5TdGFydGVkSAASMgoKdGV4dF9kZWx0YRgLIAEoCzIcLm1hY2hpbmEuZW5naW5lLnYxLlRleHREZWx0YUgAEkAKEWFzc2lzdGFudF9tZXNzYWdlGAwgASgLMiMubWFjaGluYS5lbmdpbmUudjEuQXNzaXN0YW50TWVzc2FnZUgAEj8KEXRvb2xfY2FsbF9zdGFydGVkGA0gASgLMiIubWFjaGluYS5lbmdpbmUudjEuVG9vbENhbGxTdGFydGVkSAASQwoTdG9vbF9jYWxsX2NvbXBsZXRlZBgOIAEoCzIkLm1hY2hpbmEuZW5naW5lLnYxLlRvb2xDYWxsQ29tcGxldGVkSAASQAoSYXBwcm92YWxfcmVxdWVzdGVkGA8gASgLMiIubWFjaGluYS5lbmdpbmUudjEuSW50ZXJydXB0UmFpc2VkSAASPwoQYXBwcm92YWxfZGVjaWRlZBgQIAEoCzIjLm1hY2hpbmEuZW5naW5lLnYxLkludGVycnVwdERlY2lkZWRIABI9Cg9pbnB1dF9yZXF1ZXN0ZWQYESABKAsyIi5tYWNoaW5hLmVuZ2luZS52MS5JbnRlcnJ1cHRSYWlzZWRIABJDChV0b29sX3Jlc3VsdF9yZXF1ZXN0ZWQYEiABKAsyIi5tYWNoaW5hLmVuZ2luZS52MS5JbnRlcnJ1cHRSYWlzZWRIABIrCgZwYXVzZWQYEyABKAsyGS5tYWNoaW5hLmVuZ2luZS52MS5QYXVzZWRIABItCgdyZXN1bWVkGBQgASgLMhoubWFjaGluYS5lbmdpbmUudjEuUmVzdW1lZEgAEjEKBXVzYWdlGBUgASgLMiAubWFjaGluYS5lbmdpbmUudjEuVXNhZ2VSZXBvcnRlZEgAEjUKCGFwaV9jYWxsGBYgASgLMiEubWFjaGluYS5lbmdpbmUudjEuQXBpQ2FsbE1ldGVyZWRIABI/ChFoYW5kb2ZmX3RvX3J1bm5lchgXIAEoCzIiLm1hY2hpbmEuZW5naW5lLnYxLkhhbmRvZmZUb1J1bm5lckgAEjYKDHJ1bl9maW5pc2hlZBgYIAEoCzIeLm1hY2hpbmEuZW5naW5lLnYxLlJ1bkZpbmlzaGVkSAASQAoRY29udGV4dF9jb21wYWN0ZWQYMiABKAsyIy5tYWNoaW5hLmVuZ2luZS52MS5Db250ZXh0Q29tcGFjdGVkSABCBgoEa2luZGIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp, file_machina_engine_v1_run]);
 
 /**
  * A tool call the model made.
@@ -521,6 +521,63 @@ export const RunFinishedSchema: GenMessage<RunFinished> = /*@__PURE__*/
   messageDesc(file_machina_engine_v1_event, 13);
 
 /**
+ * Older turns were summarised to keep the model's request inside its context window. The
+ * full transcript stays in storage; the model sees the summary and the turns after it.
+ *
+ * @generated from message machina.engine.v1.ContextCompacted
+ */
+export type ContextCompacted = Message<"machina.engine.v1.ContextCompacted"> & {
+  /**
+   * The turn the model takes next, on the compacted context.
+   *
+   * @generated from field: int32 turn = 1;
+   */
+  turn: number;
+
+  /**
+   * How many assistant turns the summary replaces (in this compaction).
+   *
+   * @generated from field: int32 turns_summarized = 2;
+   */
+  turnsSummarized: number;
+
+  /**
+   * The estimated request size, in tokens, before compaction.
+   *
+   * @generated from field: int64 tokens_before = 3;
+   */
+  tokensBefore: bigint;
+
+  /**
+   * The estimated request size, in tokens, after compaction.
+   *
+   * @generated from field: int64 tokens_after = 4;
+   */
+  tokensAfter: bigint;
+
+  /**
+   * Usage of the model call that wrote the summary.
+   *
+   * @generated from field: machina.engine.v1.Usage usage = 5;
+   */
+  usage?: Usage | undefined;
+
+  /**
+   * Cost of that call in US dollars.
+   *
+   * @generated from field: double cost_usd = 6;
+   */
+  costUsd: number;
+};
+
+/**
+ * Describes the message machina.engine.v1.ContextCompacted.
+ * Use `create(ContextCompactedSchema)` to create a new message.
+ */
+export const ContextCompactedSchema: GenMessage<ContextCompacted> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_event, 14);
+
+/**
  * One change in a run. `seq` is gap-free and increasing per run.
  *
  * @generated from message machina.engine.v1.RunEvent
@@ -672,6 +729,14 @@ export type RunEvent = Message<"machina.engine.v1.RunEvent"> & {
      */
     value: RunFinished;
     case: "runFinished";
+  } | {
+    /**
+     * See ContextCompacted.
+     *
+     * @generated from field: machina.engine.v1.ContextCompacted context_compacted = 50;
+     */
+    value: ContextCompacted;
+    case: "contextCompacted";
   } | { case: undefined; value?: undefined };
 };
 
@@ -680,5 +745,5 @@ export type RunEvent = Message<"machina.engine.v1.RunEvent"> & {
  * Use `create(RunEventSchema)` to create a new message.
  */
 export const RunEventSchema: GenMessage<RunEvent> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_event, 14);
+  messageDesc(file_machina_engine_v1_event, 15);
 

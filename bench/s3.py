@@ -1,0 +1,123 @@
+"""The engine on an S3-compatible server (moto, on loopback), beside that server's own round trip.
+
+Raw ``PutObject`` and ``GetObject`` of 1 KiB through the same client library the engine uses
+(aioboto3), before and after the engine's runs, so a slow server or a busy machine shows up in
+both. Per turn: a ``python -m engine_service --storage s3://…`` process and the script of
+``bench/turns.py`` (Write, then Edit every turn) through gRPC. Handoff: the one-Bash-step run
+of ``bench/_grpc.handoff_round_trips`` with engine and runner on the S3 server.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import _grpc, workdir
+from bench._common import channel, progress, start_engine, stop_engine
+from bench._rows import Check, Row, Target, at_most, ms, row, summarize
+from bench.turns import Side, one_run
+from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
+
+
+async def raw_round_trips(endpoint: str, bucket: str, repeats: int) -> dict[str, list[float]]:
+    import aioboto3
+
+    out: dict[str, list[float]] = {"put": [], "get": []}
+    body = os.urandom(1024)
+    async with aioboto3.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1") as s3:
+        for i in range(repeats + 3):
+            started = time.perf_counter()
+            await s3.put_object(Bucket=bucket, Key=f"raw/{i}", Body=body)
+            put = (time.perf_counter() - started) * 1000
+            started = time.perf_counter()
+            response = await s3.get_object(Bucket=bucket, Key=f"raw/{i}")
+            async with response["Body"] as stream:
+                await stream.read()
+            get = (time.perf_counter() - started) * 1000
+            if i >= 3:  # warm-up
+                out["put"].append(put)
+                out["get"].append(get)
+    return out
+
+
+async def rows(ctx: Any) -> list[Row]:
+    from engine_service.testing import CREDENTIALS, S3Storage, new_bucket, running_moto
+
+    quick = ctx.quick
+    for key, value in CREDENTIALS.items():
+        os.environ.setdefault(key, value)
+    small, big = 10, 100 if quick else 1000
+    side = Side()
+    with running_moto() as endpoint, tempfile.TemporaryDirectory() as tmp:
+        bucket = await new_bucket(endpoint)
+        env = {"AWS_ENDPOINT_URL": endpoint, **CREDENTIALS}
+        progress("S3 server: raw PUT and GET round trips")
+        raw = await raw_round_trips(endpoint, bucket, 20 if quick else 50)
+        proc, target, _ = start_engine(Path(tmp), env, f"s3://{bucket}/t")
+        try:
+            progress(f"S3 server: per turn through gRPC, {small}-turn runs and one {big:,}-turn run")
+            async with channel(target) as ch:
+                stub = svc_grpc.EngineServiceStub(ch)
+                await one_run(stub, small)  # warm-up
+                for _ in range(3 if quick else 5):
+                    side.one_turn.append((await one_run(stub, 1))[0])
+                    side.runs.setdefault(small, []).append((await one_run(stub, small))[0])
+                side.runs[big] = [(await one_run(stub, big))[0]]
+        finally:
+            stop_engine(proc)
+        progress("S3 server: raw PUT and GET round trips again")
+        after = await raw_round_trips(endpoint, bucket, 20 if quick else 50)
+        progress("S3 server: handoff round trip")
+        (Path(tmp) / "h").mkdir()
+        trips = await _grpc.handoff_round_trips(Path(tmp) / "h", 3 if quick else 20, f"s3://{bucket}/h", env)
+        progress("S3 server: run directory snapshot per checkpoint")
+        s3 = S3Storage(bucket, "w", endpoint_url=endpoint)
+        snap = await workdir.checkpoint_ms(s3, Path(tmp) / "w", 5 if quick else 20)
+        await s3.close()
+    put, get = summarize(raw["put"] + after["put"]), summarize(raw["get"] + after["get"])
+    per_turn, growth_small = side.per_turn(small), side.growth_per_turn(small)
+    per_turn_big, growth_big = side.per_turn(big), side.growth_per_turn(big)
+    in_puts = per_turn["median"] / put["median"]
+    big_in_puts = per_turn_big["median"] / put["median"]
+    growth = growth_big["median"] / growth_small["median"] if growth_small["median"] > 0 else float("nan")
+    handoff, local = summarize(trips["handoff"]), summarize(trips["local"])
+    u, c = summarize(snap["unchanged"]), summarize(snap["changed"])
+    return [
+        row(
+            "S3 server: one 1 KiB PUT / GET round trip (same server, same run)",
+            f"PUT {ms(put)}; GET {ms(get)}",
+            {"put_p50_ms": put["median"], "get_p50_ms": get["median"]}, None, {"put_ms": put, "get_ms": get},
+        ),
+        row(
+            f"S3 server: per turn through gRPC, {small}-turn run (Edit tool)",
+            f"{ms(per_turn, 2, 'range')} = {in_puts:.1f} PUTs; without creating the run "
+            f"{growth_small['median']:.2f} ms",
+            {"p50_ms": per_turn["median"], "in_puts": in_puts},
+            at_most("in_puts", 1.5, "≤ 1.5× one PUT"), {"per_turn_ms": per_turn, "growth_ms": growth_small},
+        ),
+        row(
+            f"S3 server: per turn through gRPC, {big:,}-turn run; "
+            f"growth {big:,} ÷ {small} without creating the run",
+            f"{per_turn_big['median']:.2f} ms = {big_in_puts:.1f} PUTs; growth {growth:.2f}×",
+            {"p50_ms": per_turn_big["median"], "in_puts": big_in_puts, "growth": growth},
+            Target(
+                "≤ 1.5× one PUT, growth ≤ 1.2×",
+                (Check("in_puts", "<=", 1.5), Check("growth", "<=", 1.2)),
+            ),
+            {"per_turn_ms": per_turn_big, "growth_ms": growth_big},
+        ),
+        row(
+            "S3 server: handoff round trip (p95 beside)",
+            f"{ms(handoff, 1)}; the same run without a handoff: {ms(local, 1)}",
+            {"p50_ms": handoff["median"], "p95_ms": handoff["p95"], "local_p50_ms": local["median"]},
+            at_most("p50_ms", 250, "p50 ≤ 250 ms"), {"handoff_ms": handoff, "local_ms": local},
+        ),
+        row(
+            "S3 server: run directory snapshot per checkpoint, 200 files: unchanged / 1 file changed",
+            f"{ms(u)} / {ms(c)}", {"unchanged_p50_ms": u["median"], "changed_p50_ms": c["median"]},
+            None, {"unchanged_ms": u, "changed_ms": c},
+        ),
+    ]  # fmt: skip
