@@ -275,6 +275,7 @@ class CheckpointedRun:
         ):
             await self.env.storage.release_lease(ws, run_id, self.env.owner)
             return False
+        self.lease_released = False  # ours again (a handoff the runner could not take comes back)
         self._lease_renew_at = self.env.clock() + self.env.lease_ttl / 3
         # Events the dead writer wrote past its checkpoint stay (watchers may have seen them);
         # its transcript entries go: the run redoes that work from the checkpoint.
