@@ -162,7 +162,8 @@ def running_postgres() -> Iterator[str]:
     bindir = postgres_bin()
     if bindir is None:
         raise RuntimeError("PostgreSQL is not installed (Debian: apt-get install postgresql)")
-    top = tempfile.mkdtemp(prefix="machina-pg-")
+    # As root the server runs as nobody, who must reach the directory: /tmp, not a private TMPDIR.
+    top = tempfile.mkdtemp(prefix="machina-pg-", dir="/tmp" if os.geteuid() == 0 else None)  # noqa: S108
     os.chmod(top, 0o755)  # noqa: S103 - the server's user must reach its socket directory
     if os.geteuid() == 0:
         os.chown(top, 65534, 65534)
