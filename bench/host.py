@@ -71,11 +71,13 @@ def model_factory(provider: str, name: str) -> ModelAdapter:
     return BenchModel(name)
 
 
-async def serve(storage: Path, port_file: Path) -> None:
+async def serve(
+    storage: Path, port_file: Path, listen: str = "127.0.0.1:0", reuse_port: bool = False
+) -> None:
     config = EngineConfig(max_turns=100_000, workdir_root=str(storage / "work"))
     tools = ToolRegistry([ASK_USER, *SAMPLE_TOOLS])
     engine = Engine(config, LocalStorage(storage), tools=tools, model_factory=model_factory)
-    running = await start_server(engine, "127.0.0.1:0", max_message_bytes=64 << 20)
+    running = await start_server(engine, listen, max_message_bytes=64 << 20, reuse_port=reuse_port)
     await asyncio.to_thread(port_file.write_text, str(running.port))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -89,8 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--storage", required=True)
     parser.add_argument("--port-file", required=True)
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    parser.add_argument(
+        "--reuse-port", action="store_true", help="share --listen with other hosts (SO_REUSEPORT)"
+    )
     ns = parser.parse_args(argv)
-    asyncio.run(serve(Path(ns.storage), Path(ns.port_file)))
+    asyncio.run(serve(Path(ns.storage), Path(ns.port_file), ns.listen, ns.reuse_port))
     return 0
 
 

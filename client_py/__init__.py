@@ -65,6 +65,8 @@ from client_py._retry import RetryPolicy
 from client_py._spec import Approve, Decision, DecisionLike, Reject, Respond, RunOptions
 from client_py._sync import EngineClient, Execution, RunHandle
 from client_py._types import (
+    AgentFinished,
+    AgentStarted,
     ApiCallMetered,
     ApprovalDecided,
     ApprovalRequested,
@@ -95,6 +97,8 @@ from client_py._types import (
 
 __all__ = [
     "AbortedError",
+    "AgentFinished",
+    "AgentStarted",
     "AlreadyExistsError",
     "ApiCallMetered",
     "ApprovalDecided",

@@ -35,6 +35,7 @@ from client_py._spec import (
     decision_to_proto,
     states_to_proto,
 )
+from client_py._tracing import client_span, with_trace_context
 from client_py._types import Paused, Run, RunEvent, RunFinished, event_from_proto, run_from_proto
 from machina.engine.v1 import engine_service_pb2 as pb
 from machina.engine.v1 import engine_service_pb2_grpc as pb_grpc
@@ -219,19 +220,23 @@ class AsyncEngineClient:
     ) -> Any:
         call_metadata = self._call_metadata(metadata)
         attempt = 0
-        while True:
-            try:
-                return await getattr(self._stub, method)(
-                    request,
-                    metadata=call_metadata,
-                    timeout=self._call_timeout if timeout is None else timeout,
-                )
-            except grpc.aio.AioRpcError as exc:
-                if retry and self._retry.should_retry(exc.code(), attempt):
-                    await asyncio.sleep(self._retry.backoff(attempt))
-                    attempt += 1
-                    continue
-                raise error_from_rpc(exc) from None
+        with client_span(method) as span:
+            call_metadata = with_trace_context(call_metadata)
+            while True:
+                try:
+                    return await getattr(self._stub, method)(
+                        request,
+                        metadata=call_metadata,
+                        timeout=self._call_timeout if timeout is None else timeout,
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    if retry and self._retry.should_retry(exc.code(), attempt):
+                        await asyncio.sleep(self._retry.backoff(attempt))
+                        attempt += 1
+                        continue
+                    if span is not None:
+                        span.set_attribute("rpc.grpc.status_code", exc.code().value[0])
+                    raise error_from_rpc(exc) from None
 
     # --- starting runs ------------------------------------------------------------
 
@@ -369,7 +374,7 @@ class AsyncEngineClient:
         metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> AsyncGenerator[RunEvent, None]:
         """``metadata`` is the whole call metadata (``_call_metadata``'s result); None = the client's."""
-        metadata = metadata or self._metadata
+        metadata = with_trace_context(metadata or self._metadata)
         last = after_seq
         reconnects = _Reconnects(self._reconnect_deadline)
         while True:
@@ -482,7 +487,9 @@ class AsyncExecution:
 
     async def _events(self) -> AsyncGenerator[RunEvent, None]:
         client = self._client
-        call = client._stub.ExecuteRun(pb.ExecuteRunRequest(spec=self._spec), metadata=self._metadata)
+        call = client._stub.ExecuteRun(
+            pb.ExecuteRunRequest(spec=self._spec), metadata=with_trace_context(self._metadata)
+        )
         stopped = False  # saw the pause or the end the stream stops at
         try:
             async for response in call:

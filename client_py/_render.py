@@ -67,7 +67,8 @@ def interrupt_repr(interrupt: Interrupt) -> str:
 def interrupt_line(interrupt: Interrupt) -> str:
     what = interrupt.question or interrupt.description or as_json(interrupt.arguments)
     tool = f" {interrupt.tool_name}" if interrupt.tool_name else ""
-    return f"{interrupt.interrupt_id} [{interrupt.kind}]{tool}: {short(what)}"
+    where = f" (subagent {interrupt.agent_path})" if interrupt.agent_path else ""
+    return f"{interrupt.interrupt_id} [{interrupt.kind}]{tool}{where}: {short(what)}"
 
 
 def run_repr(run: Run) -> str:
@@ -205,6 +206,11 @@ def handoff_html(model: RunViewModel) -> str:
     return f'<div class="machina-handoff">⇢ handed off to the runner for {tools}</div>'
 
 
+def agent_html(path: str) -> str:
+    """Which subagent a call or an interrupt is from, shown before it ("" for the run's own)."""
+    return f"<small><code>{escape(path)}</code></small> " if path else ""
+
+
 def tool_log_html(entries: list[ToolLogEntry]) -> str:
     if not entries:
         return '<div class="machina-tools"><small>no tool calls yet</small></div>'
@@ -219,7 +225,7 @@ def tool_log_html(entries: list[ToolLogEntry]) -> str:
         if entry.status in ("ok", "error"):
             status += f" · {entry.duration_ms} ms"
         rows.append(
-            f"<tr><td><b>{escape(entry.tool_name)}</b></td>"
+            f"<tr><td>{agent_html(entry.agent_path)}<b>{escape(entry.tool_name)}</b></td>"
             f"<td><code>{escape(clip(as_json(entry.arguments)))}</code></td>"
             f'<td style="color:{colour}">{escape(status)}</td>'
             f"<td>{escape(clip(entry.output))}</td></tr>"

@@ -45,6 +45,8 @@ class RunOptions(TypedDict, total=False):
       "usage": {"input_tokens": int, "output_tokens": int, "cache_read_tokens": int,
       "cache_write_tokens": int}}`` (all keys optional) or
       just the text as a string. Implies ``model="scripted"``.
+    - ``agent_scripts``: for the scripted model, the turns each subagent (``Agent`` tool)
+      replays, by its path (``{"call_1_1": [turns...]}``, turns as for ``script``).
     - ``context_window_tokens``: the model's context window for this run; past the engine's
       ``compact_at`` share of it, older turns are summarised (``ContextCompacted`` events).
     - ``timeout`` / ``approval_timeout``: seconds.
@@ -71,6 +73,7 @@ class RunOptions(TypedDict, total=False):
     model: str | None
     model_name: str | None
     script: Sequence[Mapping[str, Any] | str] | None
+    agent_scripts: Mapping[str, Sequence[Mapping[str, Any] | str]] | None
     max_output_tokens: int | None
     context_window_tokens: int | None
     max_turns: int | None
@@ -218,6 +221,19 @@ def _model(spec: pb.RunSpec, options: RunOptions) -> None:
         try:
             for index, turn in enumerate(script):
                 _script_turn(index, turn, spec.model.script.add())
+        except InvalidRequestError as exc:
+            raise refused("ERR_INVALID_SCRIPT", exc.message) from None
+    agent_scripts = options.get("agent_scripts")
+    if agent_scripts is not None:
+        if not isinstance(agent_scripts, Mapping):
+            raise refused("ERR_INVALID_SCRIPT", "agent_scripts must map agent paths to lists of turns")
+        try:
+            for path, turns in agent_scripts.items():
+                if isinstance(turns, str | Mapping) or not isinstance(turns, Sequence):
+                    raise refused("ERR_INVALID_SCRIPT", f"agent_scripts[{path!r}] must be a list of turns")
+                entry = spec.model.agent_scripts.add(agent_path=_str("agent_scripts", path))
+                for index, turn in enumerate(turns):
+                    _script_turn(index, turn, entry.script.add())
         except InvalidRequestError as exc:
             raise refused("ERR_INVALID_SCRIPT", exc.message) from None
     if provider is not None:

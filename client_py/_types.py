@@ -126,6 +126,8 @@ class Interrupt:
     create_time: datetime
     expire_time: datetime | None
     input_schema: dict[str, Any] | None
+    # The subagent whose call this is ("" = the run's own agent); decide it on the run as usual.
+    agent_path: str = ""
 
     def __repr__(self) -> str:
         return _render.interrupt_repr(self)
@@ -188,6 +190,9 @@ class RunEvent:
     run_id: str
     seq: int
     time: datetime
+    # The subagent the event is about: "" for the run's own agent, else the call ids from the run
+    # down to it joined by "/" (e.g. "call_1_1/call_2_1").
+    agent_path: str = dataclasses.field(default="", kw_only=True)
 
     def __repr__(self) -> str:
         shown = (f for f in dataclasses.fields(self) if f.name != "time")
@@ -196,7 +201,8 @@ class RunEvent:
 
     def __str__(self) -> str:
         summary = self._summary()
-        return f"#{self.seq} {self.kind}" + (f": {summary}" if summary else "")
+        where = f" [{self.agent_path}]" if self.agent_path else ""
+        return f"#{self.seq}{where} {self.kind}" + (f": {summary}" if summary else "")
 
     def _summary(self) -> str:
         return ""
@@ -425,6 +431,39 @@ class RunFinished(RunEvent):
         return f"{self.state} {_render.short(_render.as_json(self.data))}"
 
 
+@dataclass(frozen=True, repr=False)
+class AgentStarted(RunEvent):
+    """A subagent started (an ``Agent`` call); ``agent_path`` names it."""
+
+    kind: ClassVar[str] = "agent_started"
+
+    task: str
+    tools: list[str]
+    max_turns: int
+    max_tokens: int
+    max_cost_usd: float
+
+    def _summary(self) -> str:
+        return _render.short(self.task)
+
+
+@dataclass(frozen=True, repr=False)
+class AgentFinished(RunEvent):
+    """A subagent ended; ``output`` is its answer (the result of its parent's ``Agent`` call)."""
+
+    kind: ClassVar[str] = "agent_finished"
+
+    state: RunState | str
+    output: str
+    error: RunError | None
+    meta: RunMeta
+
+    def _summary(self) -> str:
+        if self.error is not None:
+            return f"{self.state} {self.error}"
+        return f"{self.state} {_render.short(self.output)}"
+
+
 # --- conversion -------------------------------------------------------------------
 
 
@@ -468,6 +507,7 @@ def interrupt_from_proto(interrupt: run_pb2.Interrupt) -> Interrupt:
         create_time=to_datetime(interrupt.create_time),
         expire_time=to_datetime(interrupt.expire_time) if interrupt.HasField("expire_time") else None,
         input_schema=struct_to_dict(interrupt.input_schema) if interrupt.HasField("input_schema") else None,
+        agent_path=interrupt.agent_path,
     )
 
 
@@ -576,6 +616,21 @@ _CONVERTERS: dict[str, _Converter] = {
     ),
     "handoff_to_runner": lambda p, b: HandoffToRunner(*b, tools=list(p.tools)),
     "run_finished": _finished,
+    "agent_started": lambda p, b: AgentStarted(
+        *b,
+        task=p.task,
+        tools=list(p.tools),
+        max_turns=p.max_turns,
+        max_tokens=p.max_tokens,
+        max_cost_usd=p.max_cost_usd,
+    ),
+    "agent_finished": lambda p, b: AgentFinished(
+        *b,
+        state=_run_state(p.state),
+        output=p.output,
+        error=run_error_from_proto(p.error) if p.HasField("error") else None,
+        meta=meta_from_proto(p.meta),
+    ),
 }
 
 EVENT_TYPES: dict[str, type[RunEvent]] = {
@@ -596,6 +651,8 @@ EVENT_TYPES: dict[str, type[RunEvent]] = {
         ApiCallMetered,
         HandoffToRunner,
         RunFinished,
+        AgentStarted,
+        AgentFinished,
         ContextCompacted,
     )
 }
@@ -606,5 +663,6 @@ def event_from_proto(event: event_pb2.RunEvent) -> RunEvent:
     base: _Base = (event.run_id, event.seq, to_datetime(event.time))
     which = event.WhichOneof("kind")
     if which is None or which not in _CONVERTERS:
-        return UnknownEvent(*base)
-    return _CONVERTERS[which](getattr(event, which), base)
+        return UnknownEvent(*base, agent_path=event.agent_path)
+    converted = _CONVERTERS[which](getattr(event, which), base)
+    return dataclasses.replace(converted, agent_path=event.agent_path) if event.agent_path else converted

@@ -40,6 +40,8 @@ from client_py import _render
 from client_py._errors import MachinaError, refused
 from client_py._types import (
     TERMINAL_STATES,
+    AgentFinished,
+    AgentStarted,
     ApiCallMetered,
     ApprovalDecided,
     AssistantMessage,
@@ -269,6 +271,7 @@ class ToolLogEntry:
     duration_ms: int = 0
     decision: str = ""  # how a person decided it, if it needed one
     decided_by: str = ""
+    agent_path: str = ""  # the subagent that made the call ("" = the run's own agent)
 
 
 class CardModel:
@@ -620,11 +623,15 @@ class RunViewModel:
             if interrupt.call_id:
                 self._interrupt_calls[interrupt.interrupt_id] = interrupt.call_id
 
-    def _entry(self, call_id: str, tool_name: str, arguments: dict[str, Any]) -> ToolLogEntry:
-        entry = self._tools.get(call_id)
+    def _entry(
+        self, call_id: str, tool_name: str, arguments: dict[str, Any], agent_path: str = ""
+    ) -> ToolLogEntry:
+        # A subagent's call ids are its own: its entries are keyed by its path too.
+        key = f"{agent_path}/{call_id}" if agent_path else call_id
+        entry = self._tools.get(key)
         if entry is None:
-            entry = ToolLogEntry(call_id, tool_name, arguments, "planned")
-            self._tools[call_id] = entry
+            entry = ToolLogEntry(call_id, tool_name, arguments, "planned", agent_path=agent_path)
+            self._tools[key] = entry
             self.tool_log.append(entry)
         return entry
 
@@ -644,6 +651,16 @@ class RunViewModel:
             self.text, self._text_turn = self.text[:length], turn
 
     def _fold(self, event: RunEvent, fresh: bool, changed: set[str]) -> None:
+        if event.agent_path and isinstance(event, TextDelta | AssistantMessage):
+            return  # a subagent's text is its own: its answer shows in the tool log and the notes
+        if event.agent_path and isinstance(event, UsageReported):
+            if fresh:  # what subagents spend counts for the run, their turns are their own
+                self.input_tokens += event.input_tokens
+                self.output_tokens += event.output_tokens
+                self.cost_usd += event.cost_usd if math.isfinite(event.cost_usd) else 0.0
+                changed.add(STATUS)
+            return
+        path = event.agent_path
         if isinstance(event, TextDelta):
             self._turns_with_deltas.add(event.turn)
             self._add_text(event.text, event.turn, event.seq)
@@ -660,11 +677,11 @@ class RunViewModel:
                 self.turns = event.turn
                 changed.add(STATUS)
         elif isinstance(event, ToolCallStarted):
-            entry = self._entry(event.call.call_id, event.call.tool_name, event.call.arguments)
+            entry = self._entry(event.call.call_id, event.call.tool_name, event.call.arguments, path)
             entry.arguments, entry.status = event.call.arguments, "running"
             changed.add(TOOLS)
         elif isinstance(event, ToolCallCompleted):
-            entry = self._entry(event.call_id, event.tool_name, {})
+            entry = self._entry(event.call_id, event.tool_name, {}, path)
             if event.outcome == "ran":
                 entry.status = "error" if event.is_error else "ok"
             elif not entry.decision:  # a decision's label (e.g. "rejected (expired)") says more
@@ -673,8 +690,9 @@ class RunViewModel:
             changed.add(TOOLS)
         elif isinstance(event, _InterruptRaised):
             interrupt = event.interrupt
-            self._interrupt_calls[interrupt.interrupt_id] = interrupt.call_id
-            entry = self._entry(interrupt.call_id, interrupt.tool_name, interrupt.arguments)
+            key = f"{path}/{interrupt.call_id}" if path else interrupt.call_id
+            self._interrupt_calls[interrupt.interrupt_id] = key
+            entry = self._entry(interrupt.call_id, interrupt.tool_name, interrupt.arguments, path)
             entry.status = _AWAITING.get(interrupt.kind, "awaiting decision")
             changed.add(TOOLS)
         elif isinstance(event, ApprovalDecided):
@@ -732,9 +750,18 @@ class RunViewModel:
                 self.cost_usd += event.cost_usd if math.isfinite(event.cost_usd) else 0.0
                 self.turns = max(self.turns, event.turn)
                 changed.add(STATUS)
+        elif isinstance(event, AgentStarted):
+            self.notes.append(f"subagent {path} started: {_render.clip(event.task)}")
+            changed.add(NOTES)
+        elif isinstance(event, AgentFinished):
+            how = event.error.code if event.error is not None else _render.clip(event.output)
+            self.notes.append(f"subagent {path} {str(event.state).lower()}: {how}")
+            changed.add(NOTES)
         elif isinstance(event, ContextCompacted):
+            whose = f"subagent {path} " if path else ""
             self.notes.append(
-                f"context compacted before turn {event.turn}: {event.turns_summarized} turns summarised, "
+                f"{whose}context compacted before turn {event.turn}: "
+                f"{event.turns_summarized} turns summarised, "
                 f"~{event.tokens_before:,} → ~{event.tokens_after:,} tokens"
             )
             changed.add(NOTES)

@@ -222,6 +222,7 @@ def _card_title(card: CardModel) -> str:
         card.kind, card.kind
     )
     tool = f"<b>{escape(interrupt.tool_name)}</b> " if interrupt.tool_name else ""
+    tool = _render.agent_html(interrupt.agent_path) + tool
     detail = f"<div>{escape(what)}</div>" if what else ""
     return (
         f'<div class="machina-card">{tool}{escape(kind)} '

@@ -12,6 +12,8 @@ from engine_service.api._server import SERVICE_NAME, start_server
 from engine_service.api.serving import (
     check_model_key,
     check_storage,
+    start_observability,
+    telemetry,
     wait_for_stop_signal,
     watch_storage_health,
     write_port_file,
@@ -82,7 +84,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="serve a non-loopback address without API keys (dangerous)",
     )
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        default=None,
+        help="bind with SO_REUSEPORT: several engine processes sharing storage serve one port",
+    )
     parser.add_argument("--log-format", choices=["auto", "json", "text"])
+    parser.add_argument(
+        "--metrics-listen", help="serve Prometheus metrics on HOST:PORT/metrics (default: not served)"
+    )
     parser.add_argument("--port-file", help="write the bound port here once serving (for scripts and tests)")
     return parser.parse_args(argv)
 
@@ -108,7 +119,9 @@ def build_config(ns: argparse.Namespace) -> EngineConfig:
             "tls_key": ns.tls_key,
             "capabilities_subprocess": ns.capabilities_subprocess,
             "allow_unauthenticated_remote": ns.allow_unauthenticated_remote,
+            "reuse_port": ns.reuse_port,
             "log_format": ns.log_format,
+            "metrics_listen": ns.metrics_listen,
             "model": model or None,
         },
     )
@@ -148,7 +161,12 @@ async def serve(
             "no ANTHROPIC_API_KEY or OPENAI_API_KEY set: the default model is the offline scripted model"
         )
     running = await start_server(
-        engine, config.listen, api_keys=api_keys, tls=tls, max_message_bytes=config.max_message_bytes
+        engine,
+        config.listen,
+        api_keys=api_keys,
+        tls=tls,
+        max_message_bytes=config.max_message_bytes,
+        reuse_port=config.reuse_port,
     )
     host = config.listen.rpartition(":")[0]
     log.info(
@@ -208,10 +226,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         api_keys, tls = check_security(config)
         check_model_key(config)
+        start_observability(config, "machina-engine")
         asyncio.run(serve(config, api_keys, tls, ns.port_file))
     except (ConfigError, EngineError) as exc:
         print(f"engine_service: {exc}", file=sys.stderr)
         return 2
+    finally:
+        telemetry.shutdown()  # export the spans still batched
     return 0
 
 

@@ -91,9 +91,13 @@ class ServerFactory:
         api_keys: dict[str, Principal] | None = None,
         clock: Callable[[], float] | None = None,
         resolver: Resolver | None = None,
+        model_factory: Callable[[str, str], Any] | None = None,
     ) -> RunningServer:
-        """``resolver`` answers the egress policy's DNS questions (default: the system's)."""
-        engine = build_engine(self.root, config=config, clock=clock, resolver=resolver)
+        """``resolver`` answers the egress policy's DNS questions (default: the system's);
+        ``model_factory`` builds the non-scripted models (default: the real adapters)."""
+        engine = build_engine(
+            self.root, config=config, clock=clock, resolver=resolver, model_factory=model_factory
+        )
         server = await start_server(engine, "127.0.0.1:0", api_keys=api_keys)
         self.running.append(server)
         return server

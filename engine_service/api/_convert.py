@@ -15,6 +15,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from engine_service.core._errors import invalid, shown
 from engine_service.core._limits import MAX_DEPTH, MAX_SCHEMA_BYTES, too_deep
 from engine_service.core._run import (
+    AgentState,
     ClientToolDef,
     Decision,
     DecisionAction,
@@ -168,18 +169,23 @@ def api_services_from_proto(api: svc.ApiSpec) -> list[JsonObject]:
     return out
 
 
+def _script_from_proto(turns: Any, where: str) -> list[ScriptedTurn]:
+    script = []
+    for turn in turns:
+        usage = _usage_from_proto(turn.usage) if turn.HasField("usage") else None
+        calls = [
+            (c.name, struct_to_dict(c.arguments, f"{where}.tool_calls.arguments")) for c in turn.tool_calls
+        ]
+        script.append(ScriptedTurn(turn.text, calls, usage))
+    return script
+
+
 def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]:
     model = message.model
-    script = None
-    if model.script:
-        script = []
-        for turn in model.script:
-            usage = _usage_from_proto(turn.usage) if turn.HasField("usage") else None
-            calls = [
-                (c.name, struct_to_dict(c.arguments, "model.script.tool_calls.arguments"))
-                for c in turn.tool_calls
-            ]
-            script.append(ScriptedTurn(turn.text, calls, usage))
+    script = _script_from_proto(model.script, "model.script") if model.script else None
+    agent_scripts = {
+        s.agent_path: _script_from_proto(s.script, "model.agent_scripts.script") for s in model.agent_scripts
+    }
     permissions = {}
     for name, value in message.permissions.items():
         if value not in _PERMISSIONS:
@@ -229,6 +235,7 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
         api_services=api_services_from_proto(message.api),
         mcp_servers=list(message.mcp_servers.servers) if message.HasField("mcp_servers") else None,
         sandbox_network=message.sandbox_network if message.HasField("sandbox_network") else None,
+        agent_scripts=agent_scripts,
     )
     client_tools = [
         ClientToolDef(
@@ -301,6 +308,7 @@ def interrupt_to_proto(i: Interrupt) -> rp.Interrupt:
         create_time=_time(i.created_at),
         expire_time=_time(i.expires_at) if i.expires_at else None,
         input_schema=_struct(i.input_schema),
+        agent_path=i.agent_path,
     )
 
 
@@ -382,8 +390,6 @@ def _interrupt_raised(d: JsonObject) -> ev.InterruptRaised:
 
 
 def _payload(kind: EventKind, d: JsonObject) -> Any:
-    if kind is EventKind.TEXT_DELTA:
-        return ev.TextDelta(text=d["text"], turn=d["turn"])
     if kind is EventKind.RUN_STARTED:
         return ev.RunStarted(task=d["task"], model=d["model"])
     if kind is EventKind.ASSISTANT_MESSAGE:
@@ -446,8 +452,25 @@ def _payload(kind: EventKind, d: JsonObject) -> Any:
             error=_error(RunError.from_json(error) if error else None),
             meta=_meta(RunMeta.from_json(d["meta"])),
         )
+    if kind is EventKind.AGENT_STARTED:
+        return ev.AgentStarted(**d)
+    if kind is EventKind.AGENT_FINISHED:
+        error = d.get("error")
+        return ev.AgentFinished(
+            state=_AGENT_STATE[d["state"]],
+            output=d["output"],
+            error=_error(RunError.from_json(error) if error else None),
+            meta=_meta(RunMeta.from_json(d["meta"])),
+        )
     raise ValueError(f"no conversion for event kind {kind}")
 
+
+_AGENT_STATE = {
+    AgentState.RUNNING.value: rp.RUN_STATE_RUNNING,
+    AgentState.DONE.value: rp.RUN_STATE_DONE,
+    AgentState.FAILED.value: rp.RUN_STATE_FAILED,
+    AgentState.CANCELLED.value: rp.RUN_STATE_CANCELLED,
+}
 
 # Events per response message stay under this many bytes (a single larger event still goes, alone):
 # a whole stream batch of large events (tool results) would pass the 4 MiB gRPC message limit.
@@ -459,47 +482,65 @@ _DELTA_OVERHEAD = 24
 
 
 def add_events(
-    events: Any, run_id: str, batch: Sequence[Event], start: int = 0, max_bytes: int = MAX_EVENTS_BYTES
+    events: Any, run_id: str, batch: list[Event], start: int = 0, max_bytes: int = MAX_EVENTS_BYTES
 ) -> int:
     """Append ``batch[start:]`` to a repeated RunEvent field, building each message in place.
 
     Each event becomes a RunEvent (``run_id``, ``seq``, ``time`` and its kind's payload), about 3×
     cheaper than building that message and copying it in: nothing intermediate is copied, and
-    text deltas (most of a stream) are filled field by field. Every assignment marks presence, so
-    defaults still set the oneof and ``time``.
+    text deltas (most of a stream) are filled field by field, one message per seq of an event
+    that covers several. Every assignment marks presence, so defaults still set the oneof and
+    ``time``.
 
-    Stops before the events added would pass ``max_bytes`` serialized (the first one always goes)
-    and returns the index of the first event not added: ``len(batch)`` when all were. Sizes cost
-    O(1) per text delta (4 bytes per character bound its UTF-8); other events are measured.
+    Stops before the messages added would pass ``max_bytes`` serialized (the first one always
+    goes) and returns the index of the first event not added: ``len(batch)`` when all were. When
+    it stops inside an event of several text deltas, ``batch`` at that index becomes the rest of
+    it. Sizes cost O(1) per text delta (4 bytes per character bound its UTF-8); other events are
+    measured.
     """
     add = events.add
     overhead = _EVENT_OVERHEAD + len(run_id)
     delta_overhead = overhead + _DELTA_OVERHEAD
     first = len(events)
     used = 0
-    for event in batch[start:] if start else batch:
+    for index in range(start, len(batch)):
+        event = batch[index]
         kind, data = event.kind, event.data
-        payload = None
-        if kind is EventKind.TEXT_DELTA:
-            text = data["text"]
-            used += delta_overhead + 4 * len(text)
-        else:
-            payload = _payload(kind, data)
-            used += overhead + payload.ByteSize()
-        if used > max_bytes and len(events) > first:
-            return start + len(events) - first
         t = event.time
         seconds = int(t)
+        nanos = int((t - seconds) * 1e9)
+        if kind is EventKind.TEXT_DELTA:
+            turn = data["turn"]
+            seq = event.seq
+            path = event.agent_path
+            for text in data["texts"]:
+                used += delta_overhead + len(path) + 4 * len(text)
+                if used > max_bytes and len(events) > first:
+                    if seq > event.seq:
+                        batch[index] = event.after(seq - 1)
+                    return index
+                message = add(run_id=run_id, seq=seq)
+                if path:
+                    message.agent_path = path
+                stamp = message.time
+                stamp.seconds = seconds
+                stamp.nanos = nanos
+                delta = message.text_delta
+                delta.text = text
+                delta.turn = turn
+                seq += 1
+            continue
+        payload = _payload(kind, data)
+        used += overhead + payload.ByteSize()
+        if used > max_bytes and len(events) > first:
+            return index
         message = add(run_id=run_id, seq=event.seq)
+        if event.agent_path:
+            message.agent_path = event.agent_path
         stamp = message.time
         stamp.seconds = seconds
-        stamp.nanos = int((t - seconds) * 1e9)
-        if payload is None:
-            delta = message.text_delta
-            delta.text = text
-            delta.turn = data["turn"]
-        else:
-            getattr(message, kind).CopyFrom(payload)
+        stamp.nanos = nanos
+        getattr(message, kind).CopyFrom(payload)
     return len(batch)
 
 
@@ -510,8 +551,9 @@ def event_responses(
     response_type: type[_Response], run_id: str, batch: Sequence[Event]
 ) -> Iterator[_Response]:
     """``batch`` in as many responses as `add_events` needs to keep each under ``MAX_EVENTS_BYTES``."""
+    pending = list(batch)  # add_events may replace an event it split between two responses
     start = 0
-    while start < len(batch):
+    while start < len(pending):
         response = response_type()
-        start = add_events(response.events, run_id, batch, start)
+        start = add_events(response.events, run_id, pending, start)
         yield response

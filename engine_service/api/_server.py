@@ -24,6 +24,7 @@ from engine_service.api._convert import (
 )
 from engine_service.api._errors import set_error
 from engine_service.api.serving import add_service, serve_with_health, stop_gracefully
+from engine_service.core import _metrics as metrics
 from engine_service.core._engine import Engine
 from engine_service.core._errors import EngineError, ErrorKind, shown
 from engine_service.core._run import Decision, RunRecord
@@ -96,6 +97,7 @@ def _streaming(impl: StreamImpl) -> Callable[[Any, Any, Context], AsyncGenerator
 
     @functools.wraps(impl)
     async def method(self: EngineServicer, request: Any, context: Context) -> AsyncGenerator[Any, None]:
+        metrics.ACTIVE_STREAMS.inc()
         try:
             async with aclosing(impl(self, request, self._principal(context), context)) as responses:
                 async for response in responses:
@@ -106,6 +108,8 @@ def _streaming(impl: StreamImpl) -> Callable[[Any, Any, Context], AsyncGenerator
             raise
         except Exception:
             _internal(context, impl.__name__)
+        finally:
+            metrics.ACTIVE_STREAMS.dec()
 
     return method
 
@@ -287,18 +291,22 @@ async def start_server(
     api_keys: Mapping[str, Principal] | None = None,
     tls: tuple[bytes, bytes] | None = None,
     max_message_bytes: int = 4 * 1024 * 1024,
+    reuse_port: bool = False,
 ) -> RunningServer:
-    """Start EngineService (+ health + reflection) on ``listen``; port 0 picks a free port."""
+    """Start EngineService (+ health + reflection) on ``listen``; port 0 picks a free port.
+
+    ``reuse_port`` binds with SO_REUSEPORT: other processes that do the same share the port.
+    """
     await engine.start()
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
     )
     add_service(server, _SERVICE, EngineServicer(engine, Authenticator(api_keys)))
     port, health_servicer = await serve_with_health(
-        server, SERVICE_NAME, listen, tls, sandbox_status=engine.sandbox_status
+        server, SERVICE_NAME, listen, tls, sandbox_status=engine.sandbox_status, reuse_port=reuse_port
     )
     return RunningServer(server, port, health_servicer, engine)

@@ -4,7 +4,8 @@ One `RunActor` exists per run being moved by this process (executing, or
 recording decisions). It is built in layers: `CheckpointedRun` (_checkpoint.py)
 owns the run's lease, appends events to the live feed and commits them together
 with transcript entries and the state document at each checkpoint;
-`ToolDispatch` (_dispatch.py) plans and runs the model's tool calls; `RunActor`
+`ToolDispatch` (_dispatch.py) plans and runs the model's tool calls; `Subagents`
+(_subagents.py) moves the children its ``Agent`` calls start; `RunActor`
 runs the loop of model turns, enforces the run's limits and pauses.
 """
 
@@ -14,9 +15,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
+from engine_service.core import _metrics as metrics
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._checkpoint import LeaseLost
 from engine_service.core._compaction import (
     COMPACTION,
@@ -25,11 +29,12 @@ from engine_service.core._compaction import (
     CompactionPlan,
     ContextWindow,
 )
-from engine_service.core._dispatch import REQUEST_EVENT, ToolDispatch
+from engine_service.core._dispatch import REQUEST_EVENT
 from engine_service.core._errors import RunFailure
 from engine_service.core._limits import MAX_DEPTH, is_small, too_deep
 from engine_service.core._regex import SchemaValidator
-from engine_service.core._run import PENDING, READY, RESOLVED, CallOutcome, RunError
+from engine_service.core._run import PENDING, READY, RESOLVED, CallOutcome, ChildState, RunError
+from engine_service.core._subagents import Subagents
 from engine_service.core._text import loads_untrusted
 from engine_service.core._types import (
     EventKind,
@@ -52,7 +57,7 @@ _REPAIR_PROMPT = (
 )
 
 
-class RunActor(ToolDispatch):
+class RunActor(Subagents):
     """Executes a run: the agent loop, its limits, its end; pauses and cancels."""
 
     # -- lifecycle ---------------------------------------------------------------
@@ -71,8 +76,12 @@ class RunActor(ToolDispatch):
             asyncio.create_task(self._watch_cancel()),
             asyncio.create_task(self._writer()),
         ]
+        metrics.RUNS_ACTIVE.inc()
         try:
-            await self._execute_inner(resumed_by)
+            if telemetry.enabled():
+                await self._execute_traced(resumed_by)
+            else:
+                await self._execute_inner(resumed_by)
         except StorageUnavailable as exc:
             # Storage stayed unavailable past storage_retry_s: nothing more can be committed
             # here. The run stays at its last checkpoint (readers see it as it was there) and
@@ -84,10 +93,39 @@ class RunActor(ToolDispatch):
             # Another process owns the run now: write nothing more, just stop.
             run_id = self.record.run_id
             log.warning("run %s stopped here: %s", run_id, lost, extra={"run_id": run_id})
+            metrics.LEASES_LOST.inc()
             self.feed.close()
         finally:
+            metrics.RUNS_ACTIVE.dec()
             for helper in helpers:
                 helper.cancel()
+
+    async def _execute_traced(self, resumed_by: str | None) -> None:
+        """`_execute_inner` in an ``invoke_agent`` span, a child of the run's own trace."""
+        record = self.record
+        provider, _, model = record.meta.model.partition(":")
+        attributes = {
+            "gen_ai.operation.name": "invoke_agent",
+            "gen_ai.provider.name": provider,
+            "gen_ai.request.model": model,
+            "gen_ai.conversation.id": record.run_id,
+            "machina.run.id": record.run_id,
+            "machina.workspace": record.workspace_id,
+            "machina.run.resumed_by": resumed_by or "",
+        }
+        with telemetry.span("invoke_agent", attributes=attributes, parent=self.spec.traceparent) as span:
+            try:
+                await self._execute_inner(resumed_by)
+            finally:
+                span.set_attributes(
+                    {
+                        "machina.run.state": record.state.value,
+                        "gen_ai.usage.input_tokens": record.meta.usage.input_tokens,
+                        "gen_ai.usage.output_tokens": record.meta.usage.output_tokens,
+                    }
+                )
+                if record.error is not None and record.state is RunState.FAILED:
+                    span.record_error(record.error.code)
 
     async def _watch_cancel(self) -> None:
         """Honour a cancel that another process (a replica) recorded in storage."""
@@ -170,7 +208,7 @@ class RunActor(ToolDispatch):
         Idempotent tools run again; others get an error result the model can act on.
         """
         interrupted = []
-        for p in self.record.pending:
+        for p in self.record.all_pending():
             tool = self.env.tools.get(p.call.name)
             if p.status == READY and not (tool is not None and tool.idempotent):
                 p.status, p.result_is_error, p.outcome = RESOLVED, True, CallOutcome.INTERRUPTED
@@ -201,6 +239,10 @@ class RunActor(ToolDispatch):
             {"reason": record.pause_reason.value, "interrupts": [i.to_json() for i in interrupts]},
         )
         await self.checkpoint()
+        metrics.RUNS_PAUSED.inc(record.pause_reason.value)
+        self.transition(
+            "paused", reason=record.pause_reason.value, interrupt_ids=[i.interrupt_id for i in interrupts]
+        )
         if await self._cancelled_at_pause():
             return
         self.ending = True
@@ -222,33 +264,42 @@ class RunActor(ToolDispatch):
                 return
         while True:
             self._check_limits()
-            result = await self._model_turn()
-            if not result.tool_calls:
-                done, data = await self._final_answer(result.text)
-                if done:
-                    await self._finish(RunState.DONE, data=data)
+            turn_started = time.perf_counter()
+            try:
+                if not await self._turn():
                     return
-                continue
-            calls = result.tool_calls
-            if all(is_small(c.arguments) for c in calls):
-                record.pending = [self._plan(call) for call in calls]
-            else:
-                # Checking large arguments against a JSON Schema is seconds of pure-Python work:
-                # in a worker thread the event loop keeps serving every other run meanwhile.
-                record.pending = await asyncio.to_thread(self._plan_all, calls)
-            if any(p.status == PENDING for p in record.pending):
-                for p in record.pending:
-                    if p.status == PENDING and p.interrupt is not None:
-                        self.emit(REQUEST_EVENT[p.interrupt.kind], {"interrupt": p.interrupt.to_json()})
-                await self.pause()
-                return
-            # Commit the turn before running a tool that must not run twice: a
-            # crash during the call then knows it was in flight. Idempotent
-            # tools skip this write (it is most of a cheap turn's cost).
-            if any(p.status == READY and not self._idempotent(p.call.name) for p in record.pending):
-                await self.checkpoint()
-            if not await self._dispatch():
-                return
+            finally:
+                metrics.TURN_SECONDS.observe(time.perf_counter() - turn_started, self.env.model.provider)
+
+    async def _turn(self) -> bool:
+        """One model turn and the tool calls it asked for; False once the run paused or ended."""
+        record = self.record
+        result = await self._model_turn()
+        if not result.tool_calls:
+            done, data = await self._final_answer(result.text)
+            if done:
+                await self._finish(RunState.DONE, data=data)
+                return False
+            return True
+        calls = result.tool_calls
+        if all(is_small(c.arguments) for c in calls):
+            record.pending = [self._plan(call) for call in calls]
+        else:
+            # Checking large arguments against a JSON Schema is seconds of pure-Python work:
+            # in a worker thread the event loop keeps serving every other run meanwhile.
+            record.pending = await asyncio.to_thread(self._plan_all, calls)
+        if any(p.status == PENDING for p in record.pending):
+            for p in record.pending:
+                if p.status == PENDING and p.interrupt is not None:
+                    self.emit(REQUEST_EVENT[p.interrupt.kind], {"interrupt": p.interrupt.to_json()})
+            await self.pause()
+            return False
+        # Commit the turn before running a tool that must not run twice: a
+        # crash during the call then knows it was in flight. Idempotent
+        # tools skip this write (it is most of a cheap turn's cost).
+        if any(p.status == READY and not self._idempotent(p.call.name) for p in record.pending):
+            await self.checkpoint()
+        return await self._dispatch()
 
     def _check_limits(self) -> None:
         meta, spec = self.record.meta, self.spec
@@ -274,6 +325,9 @@ class RunActor(ToolDispatch):
             )
 
     async def _model_turn(self) -> TurnResult:
+        return await self._measured_model_call(self.env.model, self._model_call)
+
+    async def _model_call(self) -> TurnResult:
         record, env = self.record, self.env
         turn = record.meta.turns + 1
         tools = [t.spec() for t in env.tools.values()]
@@ -289,13 +343,14 @@ class RunActor(ToolDispatch):
         result: TurnResult | None = None
         async for item in env.model.stream(request):
             if isinstance(item, TextChunk):
-                self.emit(EventKind.TEXT_DELTA, {"text": item.text, "turn": turn})
+                self.emit_text(item.text, turn)
             else:
                 result = item
         if result is None:
             raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
         record.meta.turns = turn
         record.meta.usage.add(result.usage)
+        self._observe_context("", result.usage.input_tokens)
         cost = result.usage.cost(env.price)
         record.meta.cost_usd += cost
         self.transcript.append(Message("assistant", result.text, result.tool_calls))
@@ -308,27 +363,40 @@ class RunActor(ToolDispatch):
 
     # -- what the model sees ------------------------------------------------------------
 
-    _context: ContextWindow | None = None
+    _contexts: dict[str, ContextWindow] | None = None
 
-    async def _context_messages(self, tools: Sequence[ToolSpec]) -> Sequence[Message]:
-        """The messages of the next model request, which every model request of the run takes
-        from here: the transcript as the model sees it (see _compaction.py), compacted first
-        when the request would pass ``compact_at`` of the model's context window."""
-        if self._context is None:
-            self._context = ContextWindow()
-        messages = self._context.messages(self.transcript)
+    def _observe_context(self, path: str, input_tokens: int) -> None:
+        """The model reported ``input_tokens`` for the last request of ``path`` ("" = the run)."""
+        context = self._contexts.get(path) if self._contexts is not None else None
+        if context is not None:
+            context.observe(input_tokens)
+
+    async def _context_messages(
+        self, tools: Sequence[ToolSpec], child: ChildState | None = None
+    ) -> Sequence[Message]:
+        """The messages of the next model request, which every model request of the run (and of
+        its subagents: ``child``) takes from here: the transcript as the model sees it (see
+        _compaction.py), compacted first when the request would pass ``compact_at`` of the
+        model's context window."""
+        if self._contexts is None:
+            self._contexts = {}
+        path = child.path if child is not None else ""
+        transcript = self._child_transcripts[path] if child is not None else self.transcript
+        context = self._contexts.setdefault(path, ContextWindow())
+        messages = context.messages(transcript)
         window = self.env.context_window_tokens
         if not window:
             return messages
         fixed = _fixed_chars(self.env.system_prompt, tools)
-        before = self._context.tokens(fixed)
+        before = context.tokens(fixed)
         if before <= self.env.compact_at * window:
+            context.sent(fixed)
             return messages
-        plan = self._context.plan(self.env.compact_keep_turns)
+        plan = context.plan(self.env.compact_keep_turns)
         if plan is not None:
-            await self._compact(plan, tools, before, fixed)
-            messages = self._context.messages(self.transcript)
-        after = self._context.tokens(fixed)
+            await self._compact(plan, tools, before, fixed, context, transcript, child)
+            messages = context.messages(transcript)
+        after = context.tokens(fixed)
         if after > window:
             raise RunFailure(
                 "ERR_COMPACTION_FAILED",
@@ -337,26 +405,36 @@ class RunActor(ToolDispatch):
                 tokens=after,
                 context_window_tokens=window,
             )
+        context.sent(fixed)
         return messages
 
     async def _compact(
-        self, plan: CompactionPlan, tools: Sequence[ToolSpec], before: int, fixed: int
+        self,
+        plan: CompactionPlan,
+        tools: Sequence[ToolSpec],
+        before: int,
+        fixed: int,
+        context: ContextWindow,
+        transcript: list[Message],
+        child: ChildState | None,
     ) -> None:
-        """Summarise ``plan.messages`` with a model call and record the summary in the transcript."""
+        """Summarise ``plan.messages`` with a model call and record the summary in the transcript
+        (the run's, or the subagent ``child``'s)."""
         record, env = self.record, self.env
-        assert self._context is not None
+        turns = child.turns if child is not None else record.meta.turns
+        model = self._child_model(child.path) if child is not None else env.model
         request = ModelRequest(
             system=SUMMARY_SYSTEM,
             messages=[*plan.messages, Message("user", SUMMARY_REQUEST)],
             tools=tools,  # the summarised turns may hold tool calls, which some APIs check against
             tool_choice=ToolChoice.NONE,
             max_output_tokens=env.max_output_tokens,
-            turn=record.meta.turns,
+            turn=turns,
             purpose="compaction",
         )
         result: TurnResult | None = None
         try:
-            async for item in env.model.stream(request):
+            async for item in model.stream(request):
                 if isinstance(item, TurnResult):
                     result = item
         except ModelError as error:
@@ -372,18 +450,21 @@ class RunActor(ToolDispatch):
         record.meta.usage.add(result.usage)
         cost = result.usage.cost(env.price)
         record.meta.cost_usd += cost
-        self.transcript.append(Message(COMPACTION, result.text, keep_from=plan.keep_from))
-        self._context.messages(self.transcript)
+        if child is not None:
+            self._spend(child.path, result.usage, cost)
+        transcript.append(Message(COMPACTION, result.text, keep_from=plan.keep_from))
+        context.messages(transcript)
         self.emit(
             EventKind.CONTEXT_COMPACTED,
             {
-                "turn": record.meta.turns + 1,
+                "turn": turns + 1,
                 "turns_summarized": plan.turns,
                 "tokens_before": before,
-                "tokens_after": self._context.tokens(fixed),
+                "tokens_after": context.tokens(fixed),
                 "usage": result.usage.to_json(),
                 "cost_usd": cost,
             },
+            child.path if child is not None else "",
         )
 
     async def _final_answer(self, text: str) -> tuple[bool, Any]:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
+from engine_service.core import _metrics as metrics
 from engine_service.core._control import APPROVAL_TIMER
 from engine_service.core._errors import EngineError
 from engine_service.core._run import Decision, DecisionAction, RunRecord
@@ -70,10 +71,8 @@ class BackgroundJobs:
                 log.debug("run %s is %s but its lease is held; not recovering", key[1], record.state.value)
                 return False  # its executor is alive (lease held) or it moved meanwhile
             interrupted = actor.mark_interrupted()
-            log.warning(
-                "recovering run %s from its last checkpoint (seq %d); interrupted calls: %s",
-                key[1], record.last_seq, ", ".join(interrupted) or "none", extra={"run_id": key[1]},
-            )  # fmt: skip
+            metrics.LEASE_TAKEOVERS.inc()
+            actor.transition("recovered", from_seq=record.last_seq, interrupted_calls=interrupted)
             self._engine._start(actor, resumed_by="recovery")
             return True
 

@@ -35,7 +35,15 @@ from engine_service.tools._apicall import (
     build_api_call_tool,
     load_resolve_auth,
 )
-from engine_service.tools._registry import ASK_USER, Tool, capability_stub, client_tool, load_hook
+from engine_service.tools._registry import (
+    AGENT,
+    AGENT_TOOL,
+    ASK_USER,
+    Tool,
+    capability_stub,
+    client_tool,
+    load_hook,
+)
 
 if TYPE_CHECKING:
     from engine_service.core._engine import Engine
@@ -132,6 +140,9 @@ class ToolCatalogue:
             tools[api_tool.name] = api_tool
         if spec.tools is not None:
             tools = {n: t for n, t in tools.items() if n in spec.tools}
+            # Subagents only for runs that name the Agent tool (core/_subagents.py).
+            if AGENT_TOOL in spec.tools and AGENT_TOOL not in cfg.tools.disabled:
+                tools[AGENT_TOOL] = AGENT
         return tools
 
     def api_call_tool(self, ws: str, spec: RunSpec) -> Tool | None:
@@ -207,6 +218,7 @@ class ToolCatalogue:
             clock=self._engine._clock,
             storage_retry_s=cfg.storage_retry_s,
             control=self._engine.control,
+            max_agent_depth=cfg.max_agent_depth,
             context_window_tokens=context_window(cfg, provider, model_name, spec.context_window_tokens),
             compact_at=cfg.model.compact_at,
             compact_keep_turns=cfg.model.compact_keep_turns,

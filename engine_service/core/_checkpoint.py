@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine_service.core import _metrics as metrics
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._control import ControlPlane, LocalControl
 from engine_service.core._feed import EventFeed
-from engine_service.core._run import RunError, RunRecord, RunSpec
+from engine_service.core._logging import run_transition
+from engine_service.core._run import AgentState, RunError, RunRecord, RunSpec
 from engine_service.core._types import Event, EventKind, JsonObject, Message, Permission, RunState
 from engine_service.models import ModelAdapter
 from engine_service.storage._protocol import Storage, StorageUnavailable, storage_fault
@@ -23,6 +26,11 @@ from engine_service.tools._registry import Tool
 log = logging.getLogger("machina.engine")
 
 CANCEL_REQUEST = "cancel-request"  # the blob where another process asks for a cancel
+
+
+def transcript_blob(path: str) -> str:
+    """The blob holding the transcript of the subagent at ``path`` (core/_subagents.py)."""
+    return f"agent-{path.replace('/', '.')}-transcript"
 
 
 class LeaseLost(Exception):
@@ -60,12 +68,17 @@ class RunEnv:
     storage_retry_s: float = 300.0
     # Tells the other replicas of commits and new events (LocalControl: there are none to tell).
     control: ControlPlane = field(default_factory=LocalControl)
+    # How deep subagents may nest (core/_subagents.py).
+    max_agent_depth: int = 2
     # The model's context window in tokens (0 = unknown: no compaction), the share of it past
     # which older turns are summarised, and how many recent turns the model keeps seeing whole.
     context_window_tokens: int = 0
     compact_at: float = 0.8
     compact_keep_turns: int = 4
 
+
+# At most this many text deltas in one event: the messages built from it go in one response.
+_DELTAS_PER_EVENT = 1024
 
 # Event kinds shown to watchers only once the checkpoint that commits them lands.
 _SHOWN_AT_COMMIT = frozenset({EventKind.HANDOFF_TO_RUNNER, EventKind.PAUSED, EventKind.RUN_FINISHED})
@@ -114,18 +127,58 @@ class CheckpointedRun:
         self._start_committed = False
         # A tool may have changed the run directory since its last snapshot.
         self._workdir_dirty = True
+        # The transcripts of the subagents moved here so far, by path (core/_subagents.py).
+        self._child_transcripts: dict[str, list[Message]] = {}
+        self._child_models: dict[str, ModelAdapter] = {}
+        self._child_written: dict[str, int] = {}  # entries of each transcript blob written
+        # One commit at a time: parallel subagents each checkpoint.
+        self._commit_lock = asyncio.Lock()
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.record.workspace_id, self.record.run_id)
 
+    def transition(self, name: str, **fields: Any) -> None:
+        """Log one of the run's transitions (see `run_transition`)."""
+        trace_id = telemetry.trace_id_of(self.spec.traceparent) or telemetry.current_trace_id()
+        run_transition(name, self.record.run_id, self.record.workspace_id, trace_id=trace_id, **fields)
+
     def view(self) -> RunRecord:
         """The run as readers may see it: never a pause or an end before it is committed."""
         return self._shown or self.record
 
-    def emit(self, kind: EventKind, data: JsonObject) -> Event:
+    def emit(self, kind: EventKind, data: JsonObject, agent_path: str = "") -> Event:
+        if kind is EventKind.TEXT_DELTA:
+            return self.emit_text(data["text"], data["turn"], agent_path)
         self._last_seq += 1
-        event = Event(self._last_seq, self.env.clock(), kind, data)
+        event = Event(self._last_seq, self.env.clock(), kind, data, agent_path)
+        self._unwritten.append(event)
+        self._write_wanted.set()
+        return event
+
+    def emit_text(self, text: str, turn: int, agent_path: str = "") -> Event:
+        """Emit a text delta: joined to the previous one while both wait to be written, so the
+        deltas of one flush are one record (and one event) instead of one each. Returns the
+        event that holds it."""
+        self._last_seq += 1
+        last = self._unwritten[-1] if self._unwritten else None
+        if (
+            last is not None
+            and last.kind is EventKind.TEXT_DELTA
+            and last.data["turn"] == turn
+            and last.agent_path == agent_path
+            and last.n < _DELTAS_PER_EVENT
+        ):
+            last.data["texts"].append(text)
+            last.n += 1
+            return last
+        event = Event(
+            self._last_seq,
+            self.env.clock(),
+            EventKind.TEXT_DELTA,
+            {"texts": [text], "turn": turn},
+            agent_path,
+        )
         self._unwritten.append(event)
         self._write_wanted.set()
         return event
@@ -154,7 +207,7 @@ class CheckpointedRun:
                     # What is left: the next write (or the checkpoint) tries again.
                     self._unwritten[:0] = [e for rest in parts[index:] for e in rest]
                     raise
-                self._written_seq = part[-1].seq
+                self._written_seq = part[-1].last_seq
                 if self._held or part[0].kind in _SHOWN_AT_COMMIT:
                     self._held.extend(part)
                 else:
@@ -185,7 +238,8 @@ class CheckpointedRun:
         While storage is unavailable (read-only, full, answering 5xx) the run waits here,
         retrying with backoff; past ``storage_retry_s`` it raises StorageUnavailable.
         """
-        await self._retrying_storage("checkpoint", self._commit)
+        async with self._commit_lock:
+            await self._retrying_storage("checkpoint", self._commit)
 
     async def _retrying_storage(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
         give_up = time.monotonic() + self.env.storage_retry_s
@@ -220,23 +274,38 @@ class CheckpointedRun:
         record, storage = self.record, self.env.storage
         ws, run_id = self.key
         await self._snapshot_workdir()
-        await self.write_events()
-        if len(self.transcript) > self._transcript_committed:
-            new_entries = self.transcript[self._transcript_committed :]
-            await storage.write_segment(
-                ws, run_id, "transcript", self._transcript_committed + 1, [m.to_json() for m in new_entries]
-            )
-        record.last_seq = self._written_seq
+        # What this checkpoint commits is taken at one instant: subagents running in parallel
+        # (core/_subagents.py) move on while it is written, and a state document that counted a
+        # turn whose transcript entry or events it does not commit would not recover.
+        upto = self._last_seq
+        first = self._transcript_committed + 1
+        new_entries = [m.to_json() for m in self.transcript[self._transcript_committed :]]
+        child_blobs = {
+            path: [m.to_json() for m in entries]
+            for path, entries in self._child_transcripts.items()
+            if self._child_written.get(path) != len(entries)
+        }
+        for path, entries in self._child_transcripts.items():
+            record.children[path].transcript_len = len(entries)
         record.transcript_len = len(self.transcript)
         record.updated_at = self.env.clock()
-        state = record.to_json()
-        await storage.write_state(ws, run_id, state)
+        doc = record.to_json()
+        await self.write_events()
+        if new_entries:
+            await storage.write_segment(ws, run_id, "transcript", first, new_entries)
+        for path, docs in child_blobs.items():
+            # Rewritten whole: a subagent's transcript is short next to its run's.
+            await storage.put_blob(ws, run_id, transcript_blob(path), json.dumps(docs).encode())
+            self._child_written[path] = len(docs)
+        doc["last_seq"] = min(upto, self._written_seq)
+        await storage.write_state(ws, run_id, doc)
+        record.last_seq = doc["last_seq"]
         self._shown = None
-        self._transcript_committed = record.transcript_len
+        self._transcript_committed = doc["transcript_len"]
         if self._held:
             self.feed.publish_many(self._held)
             self._held = []
-        await self.env.control.committed(state)  # never raises: an unreachable index catches up later
+        await self.env.control.committed(doc)  # never raises: an unreachable index catches up later
         await self._renew_lease()
 
     async def _snapshot_workdir(self) -> None:
@@ -441,6 +510,9 @@ class CheckpointedRun:
         self.ending = True
         self._show_until_committed()
         self._account_time()
+        if record.children:
+            ended = AgentState.CANCELLED if state is RunState.CANCELLED else AgentState.FAILED
+            self.end_children(ended, error.message if error is not None else "the run ended")
         record.state = state
         record.data = data
         record.error = error
@@ -459,7 +531,17 @@ class CheckpointedRun:
         await self.checkpoint()
         await self.release()
         self._notify(state.value.lower())
-        log.info("run %s %s", record.run_id, state.value.lower(), extra={"run_id": record.run_id})
+        code = "" if error is None else error.code
+        metrics.RUNS_FINISHED.inc(state.value.lower(), code)
+        self.transition(
+            state.value.lower(),
+            error_code=code,
+            turns=record.meta.turns,
+            cost_usd=round(record.meta.cost_usd, 6),
+        )
+
+    def end_children(self, state: AgentState, reason: str) -> None:
+        """The run ends: so do its subagents still running (core/_subagents.py)."""
 
     async def cancel_now(self) -> None:
         """Cancel a run that is not executing (paused, or orphaned while queued)."""

@@ -11,7 +11,9 @@ example one read back after a crash; `ContextWindow` keeps it up to date turn by
 rebuilding it, as the same list object between compactions, so the model adapters' serialised
 history (keyed by the list) stays valid.
 
-Sizes are estimates, about four characters a token, as the scripted model counts.
+Sizes are estimates: about four characters a token at first (as the scripted model counts),
+then at the rate the provider's reported input tokens show for the run's last request, so a
+tokenizer that needs more tokens for the run's text (code, JSON, other scripts) is accounted for.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from engine_service.core._types import Message
 
 COMPACTION = "compaction"
 CHARS_PER_TOKEN = 4
+# The range a learned rate may take, in tokens per character.
+_RATE_BOUNDS = (1 / 8, 1.0)
 
 SUMMARY_SYSTEM = (
     "You summarise the earlier part of an agent's working session so that the agent can go on "
@@ -77,6 +81,8 @@ class ContextWindow:
         # Index in the transcript of each view entry (-1 for the summary), once compacted.
         self._origin: list[int] = []
         self._chars = 0
+        self._rate = 1 / CHARS_PER_TOKEN  # tokens per character
+        self._sent_chars = 0  # the size of the last request, in characters
 
     def messages(self, transcript: list[Message]) -> list[Message]:
         """The view of ``transcript``, which must have only grown since the last call (else it is
@@ -104,7 +110,18 @@ class ContextWindow:
 
     def tokens(self, fixed_chars: int = 0) -> int:
         """The estimated size of a request: the view plus ``fixed_chars`` (system prompt, tools)."""
-        return (self._chars + fixed_chars) // CHARS_PER_TOKEN
+        return int((self._chars + fixed_chars) * self._rate)
+
+    def sent(self, fixed_chars: int) -> None:
+        """The view (plus ``fixed_chars``) goes to the model now; `observe` its reported size."""
+        self._sent_chars = self._chars + fixed_chars
+
+    def observe(self, input_tokens: int) -> None:
+        """The model reported ``input_tokens`` for the request last `sent`: learn the rate."""
+        if self._sent_chars > 0 and input_tokens > 0:
+            low, high = _RATE_BOUNDS
+            self._rate = min(max(input_tokens / self._sent_chars, low), high)
+        self._sent_chars = 0
 
     def plan(self, keep_turns: int) -> CompactionPlan | None:
         """What to summarise to keep the last ``keep_turns`` assistant turns whole; None when there

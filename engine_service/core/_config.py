@@ -128,6 +128,10 @@ class EngineConfig(_Section):
     # ERR_WORKDIR_TOO_LARGE. 0 = no snapshots (one host, or a shared workdir_root).
     workdir_snapshot_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
     fsync: bool = False
+    # Bind the gRPC port with SO_REUSEPORT, so several engine processes on this machine (sharing
+    # storage) serve one port and the kernel spreads connections over them. Any process of the
+    # same user may then bind it too: see SECURITY.md.
+    reuse_port: bool = False
     api_keys_file: str = ""
     # Serving a non-loopback address without API keys must be asked for explicitly.
     allow_unauthenticated_remote: bool = False
@@ -178,6 +182,8 @@ class EngineConfig(_Section):
     sandbox_max_file_mb: int = Field(1024, ge=1)
     sandbox_max_open_files: int = Field(1024, ge=16)
     max_turns: int = Field(50, ge=1, le=100_000)
+    # How deep subagents (the Agent tool) may nest: 1 = children only, no grandchildren.
+    max_agent_depth: int = Field(2, ge=1, le=8)
     lease_ttl_s: float = Field(30.0, gt=0)
     # How often to sweep for runs whose executor died (lease expired, queued or running); 0 = at startup.
     recovery_interval_s: float = Field(10.0, ge=0)
@@ -196,6 +202,9 @@ class EngineConfig(_Section):
     workspace_max_running: int = Field(0, ge=0)
     log_format: Literal["auto", "json", "text"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Serve Prometheus metrics on http://HOST:PORT/metrics (MACHINA_METRICS_LISTEN, --metrics-listen);
+    # "" = not served. Plain HTTP without authentication: keep it on loopback or a private network.
+    metrics_listen: str = ""
     model: ModelConfig = ModelConfig()
     tools: ToolsConfig = ToolsConfig()
     # Engine-level ApiCall services, credentials (refs -> values; a ref missing here is read
@@ -213,6 +222,11 @@ class EngineConfig(_Section):
         if value:
             check_control_url(value)
         return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str) -> str:
+        return check_address(value, "metrics listen address") if value else value
 
     @field_validator("egress_allow_networks")
     @classmethod

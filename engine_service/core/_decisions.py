@@ -35,7 +35,7 @@ class DecisionDesk:
 
     def plan(self, actor: RunActor, decisions: list[Decision]) -> list[PlannedDecision]:
         """Validate every decision, then apply them all (all or nothing)."""
-        by_id = {p.interrupt.interrupt_id: p for p in actor.record.pending if p.interrupt is not None}
+        by_id = {p.interrupt.interrupt_id: p for p in actor.record.all_pending() if p.interrupt is not None}
         seen: set[str] = set()
         staged: list[tuple[PendingCall, Decision, JsonObject | None]] = []
         for d in decisions:
@@ -94,6 +94,14 @@ class DecisionDesk:
         self, actor: RunActor, plan: list[PlannedDecision], by: str, *, all_expired: bool = False
     ) -> None:
         """Record the planned decisions on a run we hold; it continues once none is pending."""
+        actor.transition(
+            "decided",
+            by=by,
+            decisions=[
+                f"{p.pending.interrupt.interrupt_id}={p.action.value}" for p in plan if p.pending.interrupt
+            ],
+            expired=all_expired,
+        )
         for planned in plan:
             pending = planned.pending
             actor.record_decision(pending, planned.action, by, reason=planned.reason, expired=all_expired)

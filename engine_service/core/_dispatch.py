@@ -7,7 +7,10 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
+from engine_service.core import _metrics as metrics
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._checkpoint import CheckpointedRun
 from engine_service.core._run import (
     PENDING,
@@ -30,8 +33,16 @@ from engine_service.core._types import (
     ToolCall,
     ToolChoice,
 )
+from engine_service.models import ModelAdapter, ModelError, TurnResult
 from engine_service.tools import result_blob_name, truncation_note
-from engine_service.tools._registry import ToolArgumentError, ToolContext, call_tool, capability_error
+from engine_service.tools._registry import (
+    AGENT_TOOL,
+    Tool,
+    ToolArgumentError,
+    ToolContext,
+    call_tool,
+    capability_error,
+)
 
 log = logging.getLogger("machina.engine")
 
@@ -60,17 +71,36 @@ def arguments_digest(arguments: JsonObject) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# Providers' stop reasons as the GenAI conventions name them.
+_FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "tool_use": "tool_call",
+    "max_tokens": "length",
+}
+
+
+def _finish_reason(result: TurnResult) -> str:
+    if result.stop_reason:
+        return _FINISH_REASONS.get(result.stop_reason, result.stop_reason)
+    return "tool_call" if result.tool_calls else "stop"
+
+
 class ToolDispatch(CheckpointedRun):
     """Plans and runs one turn's tool calls; pauses for people, clients or runners."""
 
     def _plan_all(self, calls: list[ToolCall]) -> list[PendingCall]:
         return [self._plan(call) for call in calls]
 
-    def _plan(self, call: ToolCall) -> PendingCall:
-        """Decide what happens to one tool call: run, ask, or answer at once."""
-        tool = self.env.tools.get(call.name)
+    def _plan(self, call: ToolCall, tools: dict[str, Tool] | None = None, path: str = "") -> PendingCall:
+        """Decide what happens to one tool call: run, ask, or answer at once.
+
+        ``tools`` and ``path``: those of the subagent that made the call (default: the run's own).
+        """
+        tools = self.env.tools if tools is None else tools
+        tool = tools.get(call.name)
         if tool is None:
-            available = ", ".join(sorted(self.env.tools)) or "none"
+            available = ", ".join(sorted(tools)) or "none"
             return _resolved(
                 call, f"Unknown tool {call.name!r}. Available tools: {available}.", CallOutcome.UNKNOWN_TOOL
             )
@@ -102,7 +132,7 @@ class ToolDispatch(CheckpointedRun):
         now = self.env.clock()
         timeout = self.spec.approval_timeout_ms
         interrupt = Interrupt(
-            interrupt_id=f"int_{call.call_id}",
+            interrupt_id=f"int_{path}/{call.call_id}" if path else f"int_{call.call_id}",
             kind=kind,
             call_id=call.call_id,
             tool_name=call.name,
@@ -112,6 +142,7 @@ class ToolDispatch(CheckpointedRun):
             question=str(call.arguments.get("question", "")) if kind is InterruptKind.INPUT else "",
             expires_at=now + timeout / 1000 if timeout and kind is InterruptKind.APPROVAL else 0.0,
             input_schema=tool.input_schema,
+            agent_path=path,
         )
         return PendingCall(call, PENDING, interrupt)
 
@@ -136,16 +167,10 @@ class ToolDispatch(CheckpointedRun):
             )
             if p.call.name not in self.record.meta.capabilities_missing:
                 self.record.meta.capabilities_missing.append(p.call.name)
-        results: dict[str, tuple[str, bool]] = {}
-        for p in pending:
-            if p.status == RESOLVED:
-                # A call that does not run is on the record too, with why: the model sees its result.
-                self._record_unrun(p)
-                results[p.call.call_id] = (p.result_text, p.result_is_error)
-        ready = [p for p in pending if p.status == READY]
-        if ready:
-            outcomes = await asyncio.gather(*(self._run_call(p.call) for p in ready))
-            results.update((p.call.call_id, outcome) for p, outcome in zip(ready, outcomes, strict=True))
+        results = await self._run_pending(pending)
+        if results is None:  # a subagent waits for a decision: so does the run
+            await self.pause()
+            return False
         for p in pending:
             text, is_error = results[p.call.call_id]
             self.transcript.append(
@@ -155,8 +180,105 @@ class ToolDispatch(CheckpointedRun):
         await self.checkpoint()
         return True
 
-    def _record_unrun(self, p: PendingCall) -> None:
+    async def _measured_model_call(
+        self, model: ModelAdapter, call: Callable[[], Awaitable[TurnResult]], path: str = ""
+    ) -> TurnResult:
+        """``call`` (one model call of the agent at ``path``), timed and counted, and in a
+        ``chat {model}`` span with the GenAI attributes while tracing is on."""
+        provider = model.provider
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            if telemetry.enabled():
+                result = await self._traced_model_call(model, call, path)
+            else:
+                result = await call()
+            outcome = "ok"
+        finally:
+            metrics.MODEL_SECONDS.observe(time.perf_counter() - started, provider, outcome)
+        metrics.TURNS.inc(provider)
+        metrics.TOKENS.inc(provider, "input", amount=result.usage.input_tokens)
+        metrics.TOKENS.inc(provider, "output", amount=result.usage.output_tokens)
+        cost = result.usage.cost(self.env.price)
+        if cost:
+            metrics.COST.inc(provider, amount=cost)
+        return result
+
+    async def _traced_model_call(
+        self, model: ModelAdapter, call: Callable[[], Awaitable[TurnResult]], path: str
+    ) -> TurnResult:
+        attributes: dict[str, str | int] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": model.provider,
+            "gen_ai.request.model": model.name,
+            "gen_ai.conversation.id": self.record.run_id,
+        }
+        if self.env.max_output_tokens:
+            attributes["gen_ai.request.max_tokens"] = self.env.max_output_tokens
+        if path:
+            attributes["machina.agent.path"] = path
+        with telemetry.span(
+            f"chat {model.name}", kind=telemetry.SpanKind.CLIENT, attributes=attributes
+        ) as span:
+            try:
+                result = await call()
+            except ModelError as error:
+                span.record_error(error.code)
+                raise
+            span.set_attributes(
+                {
+                    "gen_ai.response.model": model.name,
+                    "gen_ai.usage.input_tokens": result.usage.input_tokens,
+                    "gen_ai.usage.output_tokens": result.usage.output_tokens,
+                    "gen_ai.response.finish_reasons": [_finish_reason(result)],
+                }
+            )
+            return result
+
+    def _tool_label(self, name: str) -> str:
+        """The metrics label of a tool: its name for the engine's tools, ``client`` for a caller's."""
+        tool = self.env.tools.get(name)
+        if tool is None:
+            return "unknown"
+        return metrics.tool_label(name, tool.interrupt_kind is not InterruptKind.TOOL_RESULT)
+
+    async def _run_pending(
+        self, pending: list[PendingCall], path: str = ""
+    ) -> dict[str, tuple[str, bool]] | None:
+        """Run the READY calls of ``pending`` (the agent at ``path``'s) concurrently: their results by
+        call id, or None when a subagent among them paused for a decision (the calls that ended
+        keep their results in ``pending`` until the run goes on)."""
+        results: dict[str, tuple[str, bool]] = {}
+        for p in pending:
+            if p.status == RESOLVED:
+                if p.outcome is not CallOutcome.RAN:
+                    # A call that does not run is on the record too, with why: the model sees its result.
+                    self._record_unrun(p, path)
+                results[p.call.call_id] = (p.result_text, p.result_is_error)
+        ready = [p for p in pending if p.status == READY]
+        if not ready:
+            return results
+        outcomes = await asyncio.gather(*(self._run_call(p.call, path) for p in ready))
+        paused = False
+        for p, outcome in zip(ready, outcomes, strict=True):
+            if outcome is None:
+                paused = True
+                continue
+            results[p.call.call_id] = outcome
+            p.status, p.outcome = RESOLVED, CallOutcome.RAN
+            p.result_text, p.result_is_error = outcome
+        return None if paused else results
+
+    async def pause(self) -> None:
+        raise NotImplementedError  # RunActor
+
+    async def _run_agent(self, call: ToolCall, path: str) -> tuple[str, bool] | None:
+        raise NotImplementedError  # RunActor, via core/_subagents.py
+
+    def _record_unrun(self, p: PendingCall, path: str = "") -> None:
         """A call that never started still completes on the record, with why and its result."""
+        outcome = p.outcome or (CallOutcome.REJECTED if p.result_is_error else CallOutcome.RESPONDED)
+        metrics.TOOL_CALLS.inc(self._tool_label(p.call.name), outcome.value)
         self.emit(
             EventKind.TOOL_CALL_COMPLETED,
             {
@@ -169,6 +291,7 @@ class ToolDispatch(CheckpointedRun):
                 "outcome": p.outcome
                 or (CallOutcome.REJECTED if p.result_is_error else CallOutcome.RESPONDED),
             },
+            path,
         )
 
     async def _hand_off(self, tools: list[str]) -> None:
@@ -183,6 +306,7 @@ class ToolDispatch(CheckpointedRun):
         self.emit(EventKind.HANDOFF_TO_RUNNER, {"tools": tools})
         self.emit(EventKind.PAUSED, {"reason": PauseReason.HANDOFF_TO_RUNNER.value, "interrupts": []})
         await self.checkpoint()
+        metrics.RUNS_PAUSED.inc(PauseReason.HANDOFF_TO_RUNNER.value)
         if await self._cancelled_at_pause():
             return
         self.ending = True
@@ -191,8 +315,11 @@ class ToolDispatch(CheckpointedRun):
         try:
             await self.env.handoff(*self.key)
         except RunnerUnreachable as exc:
+            metrics.HANDOFFS.inc("unreachable")
             await self._handoff_failed(str(exc))
             return
+        metrics.HANDOFFS.inc("accepted")
+        self.transition("handed_off", tools=tools, attempt=1)
         self.feed.close()
 
     async def hand_off_again(self) -> None:
@@ -210,7 +337,11 @@ class ToolDispatch(CheckpointedRun):
         try:
             await self.env.handoff(*self.key)
         except RunnerUnreachable as exc:
+            metrics.HANDOFFS.inc("unreachable")
             log.warning("re-handoff of %s failed: %s", record.run_id, exc, extra={"run_id": record.run_id})
+        else:
+            metrics.HANDOFFS.inc("accepted")
+            self.transition("handed_off", attempt=record.handoff_attempts)
         self.feed.close()
 
     async def runner_lost(self) -> None:
@@ -240,17 +371,49 @@ class ToolDispatch(CheckpointedRun):
             keep_pending=True,
         )
 
-    async def _run_call(self, call: ToolCall) -> tuple[str, bool]:
+    async def _run_call(self, call: ToolCall, path: str = "") -> tuple[str, bool] | None:
+        """Run one call of the agent at ``path``: its result, or None when it started a subagent
+        that paused for a decision."""
+        if call.name == AGENT_TOOL:
+            return await self._run_agent(call, path)
+        label = self._tool_label(call.name)
+        started = time.perf_counter()
+        is_error = True
+        try:
+            if telemetry.enabled():
+                attributes = {
+                    "gen_ai.operation.name": "execute_tool",
+                    "gen_ai.tool.name": call.name,
+                    "gen_ai.tool.call.id": call.call_id,
+                    "gen_ai.tool.type": "function",
+                    "gen_ai.conversation.id": self.record.run_id,
+                }
+                if path:
+                    attributes["machina.agent.path"] = path
+                with telemetry.span(f"execute_tool {call.name}", attributes=attributes) as span:
+                    text, is_error = await self._call(call, path)
+                    if is_error:
+                        span.record_error("tool_error")
+            else:
+                text, is_error = await self._call(call, path)
+        finally:
+            metrics.TOOL_CALLS.inc(label, "error" if is_error else CallOutcome.RAN.value)
+            metrics.TOOL_SECONDS.observe(time.perf_counter() - started, label)
+        return text, is_error
+
+    async def _call(self, call: ToolCall, path: str) -> tuple[str, bool]:
         tool = self.env.tools[call.name]
         self._workdir_dirty = True
-        self.emit(EventKind.TOOL_CALL_STARTED, {"call": call.to_json()})
+        self.emit(EventKind.TOOL_CALL_STARTED, {"call": call.to_json()}, path)
         started = time.perf_counter()
+        # A subagent's call ids are its own: its stored results are named by path too.
+        ref = f"{path}/{call.call_id}" if path else call.call_id
         ctx = ToolContext(
             self.record.run_id,
             self.record.workspace_id,
-            call.call_id,
+            ref,
             workdir=self.env.workdir,
-            emit=self._emit_from_tool,
+            emit=lambda kind, data: self._emit_from_tool(kind, data, path),
             fetch_result=self._fetch_result,
             sandbox_network=self.spec.sandbox_network,
         )
@@ -262,11 +425,11 @@ class ToolDispatch(CheckpointedRun):
             blob = text.encode()
 
             async def store() -> None:
-                await self.env.storage.put_blob(ws, run_id, result_blob_name(call.call_id), blob)
+                await self.env.storage.put_blob(ws, run_id, result_blob_name(ref), blob)
 
             await self._retrying_storage("storing a tool result", store)
             shown = self.env.max_result_chars
-            text = text[:shown] + truncation_note(call.call_id, shown, len(text))
+            text = text[:shown] + truncation_note(ref, shown, len(text))
         self.emit(
             EventKind.TOOL_CALL_COMPLETED,
             {
@@ -278,6 +441,7 @@ class ToolDispatch(CheckpointedRun):
                 "duration_ms": int((time.perf_counter() - started) * 1000),
                 "outcome": CallOutcome.RAN.value,
             },
+            path,
         )
         return text, is_error
 
@@ -285,10 +449,10 @@ class ToolDispatch(CheckpointedRun):
         tool = self.env.tools.get(name)
         return tool is not None and tool.idempotent
 
-    def _emit_from_tool(self, kind: str, data: JsonObject) -> None:
+    def _emit_from_tool(self, kind: str, data: JsonObject, path: str = "") -> None:
         if kind not in _TOOL_EVENTS:
             raise ValueError(f"tools may not emit {kind!r} events")
-        self.emit(EventKind(kind), data)
+        self.emit(EventKind(kind), data, path)
 
     async def _fetch_result(self, ref: str) -> str | None:
         blob = await self.env.storage.get_blob(*self.key, result_blob_name(ref))
@@ -315,4 +479,5 @@ class ToolDispatch(CheckpointedRun):
                 "expired": expired,
                 "reason": reason,
             },
+            pending.interrupt.agent_path,
         )

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine_service.core import _metrics as metrics
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._actor import RunActor
 from engine_service.core._background import BackgroundJobs
 from engine_service.core._catalogue import ToolCatalogue, builtin_tools, host_capabilities
@@ -96,7 +98,6 @@ class Engine:
     ) -> None:
         config.check_runner_secrets()  # never hand a run off unauthenticated
         self.config = config
-        self.storage = storage
         # Where replicas coordinate (a run index, a work queue, timers, live fan-out); the
         # default is none: storage alone, as for one engine.
         self.control: ControlPlane = control or LocalControl()
@@ -104,6 +105,7 @@ class Engine:
         self.claims_work = True
         # The newest seq another replica announced for runs watched here.
         self._remote_seq: dict[tuple[str, str], int] = {}
+        self.storage = metrics.instrument_storage(storage)
         # Where tenants' specs and models may send requests (per-run ApiCall services, webhooks).
         self.egress = egress or config.egress_policy()
         self.sandbox = Sandbox.from_config(config)
@@ -198,6 +200,8 @@ class Engine:
             # Checking large schemas and scripts is seconds of pure-Python work: off the loop.
             await asyncio.to_thread(self._checks.validate_spec, spec, client_tools)
         webhook_doc = self._checks.validate_webhook(ws, webhook)
+        # The trace this request is part of: whichever process moves the run later continues it.
+        spec.traceparent = spec.traceparent or telemetry.current_traceparent()
         if spec.request_id:
             # The idempotency key maps to one run id; whoever reaches the run
             # first creates it, everyone else gets the same run back.
@@ -291,10 +295,9 @@ class Engine:
                             extra={"run_id": run_id, "workspace": ws})  # fmt: skip
                 return await self._load(key), True
             await actor.commit_start(None)
+            metrics.RUNS_CREATED.inc(record.mode.value)
+            actor.transition("created", model=record.meta.model, mode=record.mode.value)
             self._start(actor, resumed_by=None)
-        log.info(
-            "run %s created (model %s)", run_id, record.meta.model, extra={"run_id": run_id, "workspace": ws}
-        )
         return record, True
 
     async def _work_loop(self) -> None:
@@ -355,6 +358,10 @@ class Engine:
 
     def _start(self, actor: RunActor, *, resumed_by: str | None) -> None:
         self.control.hold_slot(*actor.key)
+        if resumed_by is not None and resumed_by != "recovery":
+            how = resumed_by if resumed_by in ("runner", "system:expiry") else "caller"
+            metrics.RUNS_RESUMED.inc(how)
+            actor.transition("resumed", by=resumed_by)
         self._active[actor.key] = actor
         actor.start(resumed_by=resumed_by)
         self._notify(actor.key)

@@ -180,8 +180,8 @@ class RunReader:
             if actor is None and finished is not None and finished.feed.base_seq <= cursor < done:
                 # That actor has just finished: what it wrote is still in its feed, so do not
                 # read (and parse) those events back from storage.
-                batch = finished.feed.after(cursor, limit=min(512, done - cursor))
-                cursor = batch[-1].seq
+                batch = finished.feed.after(cursor)
+                cursor = batch[-1].last_seq
                 yield batch
                 continue
             if actor is not None and actor.feed.base_seq <= cursor:
@@ -189,7 +189,7 @@ class RunReader:
                 finished = actor
                 batch = actor.feed.after(cursor)
                 if batch:
-                    cursor = batch[-1].seq
+                    cursor = batch[-1].last_seq
                     yield batch
                     continue
                 if not actor.feed.closed:
@@ -212,7 +212,8 @@ class RunReader:
                     docs = await self._engine.storage.read_segments(
                         key[0], key[1], "events", cursor, committed
                     )
-                    if not docs or docs[0].get("seq") != cursor + 1:
+                    first = docs[0].get("seq", 0) if docs else 0
+                    if not first or not first <= cursor + 1 < first + docs[0].get("n", 1):
                         # A log that lacks committed events cannot be streamed in order; say so
                         # rather than read the same gap forever.
                         log.error("run %s: event log lacks events after seq %d", key[1], cursor)
@@ -224,7 +225,9 @@ class RunReader:
                         )
                     for start in range(0, len(docs), 512):
                         batch = [Event.from_json(d) for d in docs[start : start + 512]]
-                        cursor = batch[-1].seq
+                        if start == 0:
+                            batch[0] = batch[0].after(cursor)  # resuming inside a record
+                        cursor = batch[-1].last_seq
                         yield batch
                     continue
             stop = record.state.terminal or (until_pause and settled(record))

@@ -80,9 +80,15 @@ class RunSpec:
     mcp_servers: list[str] | None = None
     # Network for the run's sandboxed processes; None = the engine's setting, False = none.
     sandbox_network: bool | None = None
+    # For the scripted model: the turns of each subagent, by its path.
+    agent_scripts: dict[str, list[ScriptedTurn]] = field(default_factory=dict)
+    # The W3C trace context the run was created in ("" = none): every process that moves the run
+    # (a runner, a process recovering it) continues that trace.
+    traceparent: str = ""
 
     def to_json(self) -> JsonObject:
-        return {
+        doc: JsonObject = {
+            "agent_scripts": {p: [t.to_json() for t in turns] for p, turns in self.agent_scripts.items()},
             "api_services": self.api_services,
             "mcp_servers": self.mcp_servers,
             "sandbox_network": self.sandbox_network,
@@ -108,6 +114,9 @@ class RunSpec:
             "approval_expiry_approves": self.approval_expiry_approves,
             "labels": self.labels,
         }
+        if self.traceparent:
+            doc["traceparent"] = self.traceparent
+        return doc
 
     @classmethod
     def from_json(cls, doc: JsonObject) -> RunSpec:
@@ -137,6 +146,11 @@ class RunSpec:
             api_services=doc.get("api_services", []),
             mcp_servers=doc.get("mcp_servers"),
             sandbox_network=doc.get("sandbox_network"),
+            agent_scripts={
+                p: [ScriptedTurn.from_json(t) for t in turns]
+                for p, turns in (doc.get("agent_scripts") or {}).items()
+            },
+            traceparent=str(doc.get("traceparent") or ""),
         )
 
 
@@ -152,9 +166,12 @@ class Interrupt:
     question: str = ""
     expires_at: float = 0.0
     input_schema: JsonObject | None = None
+    # The subagent whose call this is ("" = the run's own agent).
+    agent_path: str = ""
 
     def to_json(self) -> JsonObject:
         return {
+            "agent_path": self.agent_path,
             "id": self.interrupt_id,
             "kind": self.kind.value,
             "call_id": self.call_id,
@@ -180,6 +197,7 @@ class Interrupt:
             question=doc.get("question", ""),
             expires_at=doc.get("expires_at", 0.0),
             input_schema=doc.get("schema"),
+            agent_path=doc.get("agent_path", ""),
         )
 
 
@@ -305,6 +323,78 @@ class RunError:
         return cls(doc["code"], doc["message"], dict(doc.get("metadata", {})))
 
 
+class AgentState(enum.StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(slots=True)
+class ChildState:
+    """Where one subagent stands; checkpointed with its run (``RunRecord.children``).
+
+    Its transcript is a blob of the run (`core/_subagents.py`); ``transcript_len`` entries
+    of it are committed.
+    """
+
+    path: str
+    task: str
+    tools: list[str]
+    max_turns: int
+    max_tokens: int = 0
+    max_cost_usd: float = 0.0
+    state: AgentState = AgentState.RUNNING
+    turns: int = 0
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    pending: list[PendingCall] = field(default_factory=list)
+    transcript_len: int = 0
+    output: str = ""
+    error: RunError | None = None
+
+    def meta(self) -> RunMeta:
+        return RunMeta(turns=self.turns, usage=Usage.from_json(self.usage.to_json()), cost_usd=self.cost_usd)
+
+    def to_json(self) -> JsonObject:
+        return {
+            "path": self.path,
+            "task": self.task,
+            "tools": self.tools,
+            "max_turns": self.max_turns,
+            "max_tokens": self.max_tokens,
+            "max_cost_usd": self.max_cost_usd,
+            "state": self.state.value,
+            "turns": self.turns,
+            "usage": self.usage.to_json(),
+            "cost_usd": self.cost_usd,
+            "pending": [p.to_json() for p in self.pending],
+            "transcript_len": self.transcript_len,
+            "output": self.output,
+            "error": None if self.error is None else self.error.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, doc: JsonObject) -> ChildState:
+        error = doc.get("error")
+        return cls(
+            path=doc["path"],
+            task=doc["task"],
+            tools=list(doc["tools"]),
+            max_turns=doc["max_turns"],
+            max_tokens=doc.get("max_tokens", 0),
+            max_cost_usd=doc.get("max_cost_usd", 0.0),
+            state=AgentState(doc.get("state", "running")),
+            turns=doc.get("turns", 0),
+            usage=Usage.from_json(doc.get("usage", {})),
+            cost_usd=doc.get("cost_usd", 0.0),
+            pending=[PendingCall.from_json(p) for p in doc.get("pending", ())],
+            transcript_len=doc.get("transcript_len", 0),
+            output=doc.get("output", ""),
+            error=None if error is None else RunError.from_json(error),
+        )
+
+
 @dataclass(slots=True)
 class RunRecord:
     """The status document and checkpoint cursor of one run (``state.json``)."""
@@ -340,10 +430,20 @@ class RunRecord:
     workdir_manifest: str = ""
     # Not stored: the run's place in its workspace's work queue while QUEUED (control plane only).
     queue_position: int = 0
+    # The run's subagents by path, finished ones included (core/_subagents.py).
+    children: dict[str, ChildState] = field(default_factory=dict)
 
     @property
     def interrupts(self) -> list[Interrupt]:
-        return [p.interrupt for p in self.pending if p.status == PENDING and p.interrupt is not None]
+        """What waits for a decision: the run's own calls', then its subagents'."""
+        own = [p.interrupt for p in self.pending if p.status == PENDING and p.interrupt is not None]
+        for child in self.children.values():
+            own += [p.interrupt for p in child.pending if p.status == PENDING and p.interrupt is not None]
+        return own
+
+    def all_pending(self) -> list[PendingCall]:
+        """The pending calls of the run's own agent and of its subagents."""
+        return [*self.pending, *(p for child in self.children.values() for p in child.pending)]
 
     def to_json(self) -> JsonObject:
         return {
@@ -370,6 +470,7 @@ class RunRecord:
             "handoff_at": self.handoff_at,
             "handoff_attempts": self.handoff_attempts,
             "workdir_manifest": self.workdir_manifest,
+            "children": {path: c.to_json() for path, c in self.children.items()},
         }
 
     @classmethod
@@ -400,6 +501,7 @@ class RunRecord:
             handoff_at=doc.get("handoff_at", 0.0),
             handoff_attempts=doc.get("handoff_attempts", 0),
             workdir_manifest=doc.get("workdir_manifest", ""),
+            children={path: ChildState.from_json(c) for path, c in (doc.get("children") or {}).items()},
         )
 
     def public(self) -> JsonObject:

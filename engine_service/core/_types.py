@@ -73,6 +73,8 @@ class EventKind(enum.StrEnum):
     API_CALL = "api_call"
     HANDOFF_TO_RUNNER = "handoff_to_runner"
     RUN_FINISHED = "run_finished"
+    AGENT_STARTED = "agent_started"
+    AGENT_FINISHED = "agent_finished"
     CONTEXT_COMPACTED = "context_compacted"
 
 
@@ -81,20 +83,67 @@ _EVENT_KINDS = {kind.value: kind for kind in EventKind}
 
 @dataclass(slots=True)
 class Event:
-    """One persisted change of a run. ``time`` is unix seconds."""
+    """One persisted change of a run, or ``n`` consecutive ones. ``time`` is unix seconds.
+
+    Text deltas are the only events that cover several seqs: a run's deltas of one turn that
+    are written together stay one event, ``data = {"texts": [...], "turn": t}``, seqs ``seq``
+    to ``last_seq``, until the messages a watcher receives are built (one per delta).
+    """
 
     seq: int
     time: float
     kind: EventKind
     data: JsonObject
+    # The subagent the event is about ("" = the run's own agent): see core/_subagents.py.
+    agent_path: str = ""
+    n: int = 1
+
+    @property
+    def last_seq(self) -> int:
+        return self.seq + self.n - 1
 
     def to_json(self) -> JsonObject:
         # EventKind is a str: it encodes as its value without the enum's .value lookup.
-        return {"seq": self.seq, "t": self.time, "k": self.kind, "d": self.data}
+        if self.kind is EventKind.TEXT_DELTA:
+            # "n" second: storage reads a record's span from its first bytes (see _protocol).
+            doc = {"seq": self.seq, "n": self.n, "t": self.time, "k": self.kind, "d": self.data}
+        else:
+            doc = {"seq": self.seq, "t": self.time, "k": self.kind, "d": self.data}
+        if self.agent_path:
+            doc["a"] = self.agent_path
+        return doc
 
     @classmethod
     def from_json(cls, doc: JsonObject) -> Event:
-        return cls(doc["seq"], doc["t"], _EVENT_KINDS[doc["k"]], doc["d"])
+        kind = _EVENT_KINDS[doc["k"]]
+        data = doc["d"]
+        if kind is EventKind.TEXT_DELTA and "texts" not in data:  # one delta a record
+            data = {"texts": [data["text"]], "turn": data["turn"]}
+        return cls(doc["seq"], doc["t"], kind, data, doc.get("a", ""), doc.get("n", 1))
+
+    def after(self, seq: int) -> Event:
+        """The part of this event past ``seq`` (itself when it all is)."""
+        skip = seq + 1 - self.seq
+        if skip <= 0:
+            return self
+        if skip >= self.n:
+            raise ValueError(f"event {self.seq}..{self.last_seq} has nothing after seq {seq}")
+        data = {"texts": self.data["texts"][skip:], "turn": self.data["turn"]}
+        return Event(seq + 1, self.time, self.kind, data, self.agent_path, self.n - skip)
+
+    def expand(self) -> list[JsonObject]:
+        """One record per seq, each text delta as ``{"text", "turn"}``."""
+        if self.kind is not EventKind.TEXT_DELTA:
+            return [self.to_json()]
+        turn = self.data["turn"]
+        docs: list[JsonObject] = [
+            {"seq": self.seq + i, "t": self.time, "k": self.kind, "d": {"text": text, "turn": turn}}
+            for i, text in enumerate(self.data["texts"])
+        ]
+        if self.agent_path:
+            for doc in docs:
+                doc["a"] = self.agent_path
+        return docs
 
 
 @dataclass(slots=True)

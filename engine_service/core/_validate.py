@@ -19,6 +19,7 @@ from engine_service.net._egress import EgressPolicy
 from engine_service.net._webhooks import WebhookConfig
 from engine_service.tools import select_servers
 from engine_service.tools._apicall import ApiConfig, ApiPolicyError, ApiService, check_per_run_services
+from engine_service.tools._registry import AGENT_TOOL
 
 if TYPE_CHECKING:
     from engine_service.core._engine import Engine
@@ -62,7 +63,7 @@ class SpecChecks:
                 field="max_cost_usd",
                 value=spec.max_cost_usd,
             )
-        names = set(self._engine.tools.names())
+        names = set(self._engine.tools.names()) | {AGENT_TOOL}
         for t in client_tools:
             if not t.name or len(t.name) > 64 or not all(c.isalnum() or c in "_-" for c in t.name):
                 raise invalid(
@@ -104,6 +105,12 @@ class SpecChecks:
                 ) from None
         if spec.script is not None:
             validate_script(spec.script)
+        for path, turns in spec.agent_scripts.items():
+            if not path or len(path) > 512:
+                raise invalid(
+                    "ERR_INVALID_SCRIPT", "a subagent script needs an agent_path", field="model.agent_scripts"
+                )
+            validate_script(turns)
         if spec.sandbox_network and not self._engine.config.sandbox_network:
             raise invalid(
                 "ERR_INVALID_REQUEST",

@@ -5,36 +5,68 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
+import functools
 import os
+import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from engine_service.core._errors import missing_extra
 from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
 from engine_service.storage._protocol import Storage, segment_name, segment_starts
+from engine_service.storage._records import doc_span, dump_lines, dumps, loads, span
+from engine_service.storage._workdir_snapshot import FILE_BLOB, MANIFEST_BLOB
 
 SEGMENT_RECORDS = 4096
+# Run directories (paths) and released runs remembered, at most.
+_RUN_DIRS_KEPT = 4096
+# Blobs of run-directory snapshots (see _workdir_snapshot): contents and manifests.
+SNAPSHOT_BLOB_PREFIXES = (FILE_BLOB, MANIFEST_BLOB)
+# A run's states after the first: one new file per checkpoint, the highest number wins.
+STATES = "states"
+# Older state files are removed in batches of this many.
+STATES_KEPT = 16
 
 
 @dataclass(slots=True)
 class _Appender:
     """The open newest segment of one stream of a run this process writes."""
 
-    file: TextIO
+    fd: int
+    path: Path
     first: int
     next: int
+    # Appends so far, and how many of them the last fdatasync covered (fsync mode): the next
+    # state write syncs what is not covered first.
+    appended: int = 0
+    synced: int = 0
+    # Directories whose new entries (this file, its directory) are not synced yet (fsync mode).
+    new_entries: tuple[Path, ...] = ()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass(slots=True)
+class _States:
+    """The state files of a run this process writes: the next number, the oldest not removed."""
+
+    next: int
+    oldest: int
 
 
 class LocalStorage:
     """Storage in a local directory. Atomic writes by write-to-temp + rename.
 
     ``fsync`` makes each checkpoint durable against power loss (slower); without
-    it writes survive a process crash, which is what kill -9 tests exercise.
+    it writes survive a process crash, which is what kill -9 tests exercise. A
+    checkpoint syncs each segment file it appended to once (``fdatasync``), right
+    before the state document that commits them, however many appends it took;
+    the lease needs no sync (after a power loss every lease has expired).
     """
 
     event_flush_delay = 0.0
@@ -44,13 +76,33 @@ class LocalStorage:
         self._fsync = fsync
         self._root.mkdir(parents=True, exist_ok=True)
         self._appenders: dict[tuple[str, str, str], _Appender] = {}
+        self._states: dict[tuple[str, str], _States] = {}
+        # fsync mode: directories of a run holding new names that its next state write syncs.
+        self._unsynced_dirs: dict[tuple[str, str], set[Path]] = {}
+        self._run_dirs: dict[tuple[str, str], Path] = {}
+        # Where this process left the streams of runs it released (the mark it left in the
+        # lease, and each stream's last index) and, once it takes such a run back with the mark
+        # still there (nobody wrote since), what repair_end and drop_uncommitted need not read.
+        self._left: dict[tuple[str, str], tuple[str, dict[str, int]]] = {}
+        self._known_ends: dict[tuple[str, str], dict[str, int]] = {}
+        # Where the streams of runs this process writes end, as far as it knows.
+        self._ends: dict[tuple[str, str], dict[str, int]] = {}
 
     @property
     def root(self) -> Path:
         return self._root
 
     def _run_dir(self, ws: str, run_id: str) -> Path:
-        return self._root / "workspaces" / check_id(ws, "workspace_id") / "runs" / check_id(run_id, "run_id")
+        key = (ws, run_id)
+        path = self._run_dirs.get(key)
+        if path is None:
+            path = (
+                self._root / "workspaces" / check_id(ws, "workspace_id") / "runs" / check_id(run_id, "run_id")
+            )
+            if len(self._run_dirs) >= _RUN_DIRS_KEPT:
+                self._run_dirs.clear()
+            self._run_dirs[key] = path
+        return path
 
     # The methods below do small synchronous file I/O directly on the event
     # loop: each is tens of microseconds on a local disk, far cheaper than a
@@ -81,10 +133,73 @@ class LocalStorage:
         return _read_json(self._run_dir(ws, run_id) / "spec.json")
 
     async def read_state(self, ws: str, run_id: str) -> JsonObject | None:
-        return _read_json(self._run_dir(ws, run_id) / "state.json")
+        run_dir = self._run_dir(ws, run_id)
+        newest = _newest_state(run_dir / STATES)
+        return newest if newest is not None else _read_json(run_dir / "state.json")
 
     async def write_state(self, ws: str, run_id: str, state: JsonObject) -> None:
-        self._write_atomic(self._run_dir(ws, run_id) / "state.json", _dumps(state))
+        """Write ``state`` as a new file ``states/{n}.json``; the highest whole one is the state.
+
+        Creating a file is far cheaper than replacing one (on ext4 a rename over a file also
+        writes the new one out), and a reader never sees a torn state: a file still being
+        written (or torn by a crash) does not parse and the one before it counts. Like a rename,
+        it needs a writable directory and free space, so storage that refuses writes stops the
+        commit. Older files are removed now and then, the newest ones kept.
+        """
+        if self._fsync:
+            await self._sync_run(ws, run_id)
+        key = (ws, run_id)
+        directory = self._run_dir(ws, run_id) / STATES
+        states = self._states.get(key)
+        if states is None:
+            try:
+                numbers = _state_numbers(os.listdir(directory))
+            except FileNotFoundError:
+                directory.mkdir()
+                if self._fsync:
+                    _fsync_dir(directory.parent)
+                numbers = []
+            states = _States(numbers[-1] + 1 if numbers else 1, numbers[0] if numbers else 1)
+            self._states[key] = states
+        path = directory / _state_name(states.next)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            data = dumps(state)
+            written = os.write(fd, data)
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            if self._fsync:  # its content and its name, at once
+                await asyncio.gather(
+                    asyncio.to_thread(os.fdatasync, fd), asyncio.to_thread(_fsync_dir, directory)
+                )
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()  # a full disk must not keep what it could not take
+            raise
+        finally:
+            os.close(fd)
+        states.next += 1
+        if states.next - states.oldest > 2 * STATES_KEPT:
+            for number in range(states.oldest, states.next - STATES_KEPT):
+                with contextlib.suppress(OSError):
+                    os.unlink(directory / _state_name(number))
+            states.oldest = states.next - STATES_KEPT
+
+    async def _sync_run(self, ws: str, run_id: str) -> None:
+        """fsync mode: make durable what the run's next state commits (its appended segments, the
+        names of its new snapshot blobs), all at once: each in a thread of its own, so the file
+        system commits them together instead of one after the other."""
+        syncs: list[Callable[[], None]] = []
+        for stream in ("events", "transcript"):
+            appender = self._appenders.get((ws, run_id, stream))
+            if appender is not None and (appender.appended > appender.synced or appender.new_entries):
+                syncs.append(functools.partial(_sync, appender))
+        for directory in self._unsynced_dirs.pop((ws, run_id), ()):
+            syncs.append(functools.partial(_fsync_dir, directory))
+        if len(syncs) == 1:
+            syncs[0]()
+        elif syncs:
+            await asyncio.gather(*(asyncio.to_thread(sync) for sync in syncs))
 
     async def write_segment(
         self, ws: str, run_id: str, stream: str, first: int, records: list[JsonObject]
@@ -95,34 +210,46 @@ class LocalStorage:
         appender = self._appenders.get(key)
         if appender is None or appender.next != first or appender.next - appender.first >= SEGMENT_RECORDS:
             if appender is not None:
-                appender.file.close()
+                del self._appenders[key]
+                try:
+                    _sync(appender)  # fsync mode: what it holds is committed by the next state write
+                finally:
+                    appender.close()
             directory = self._run_dir(ws, run_id) / key[2]
-            directory.mkdir(exist_ok=True)
-            if (directory / segment_name(first)).exists():
+            new_entries: tuple[Path, ...] = ()
+            if not directory.is_dir():
+                directory.mkdir(exist_ok=True)
+                new_entries = (directory.parent,)
+            path = directory / segment_name(first)
+            existed = path.exists()
+            if self._fsync and not existed:
+                new_entries = (directory, *new_entries)
+            if existed:
                 # Only a retry after a failed append reopens a segment: never append after torn bytes.
-                _truncate_after(directory / segment_name(first), 1 << 62)
+                _truncate_after(path, 1 << 62)
             # Kept open across checkpoints (closed on release/close): appends are cheap, opens are not.
-            handle = open(directory / segment_name(first), "a", encoding="utf-8")  # noqa: SIM115
-            appender = _Appender(handle, first, first)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            appender = _Appender(fd, path, first, first, new_entries=new_entries if self._fsync else ())
             self._appenders[key] = appender
-        path = Path(appender.file.name)
-        whole = os.fstat(appender.file.fileno()).st_size  # the end of the last whole record
+        data = dump_lines(records)
+        whole = os.fstat(appender.fd).st_size  # the end of the last whole record
         try:
-            appender.file.write("".join(_dumps(r) + "\n" for r in records))
-            appender.file.flush()
-            if self._fsync:
-                os.fsync(appender.file.fileno())
+            written = os.write(appender.fd, data)
+            while written < len(data):  # a short write: the rest, or the error that stopped it
+                written += os.write(appender.fd, data[written:])
         except BaseException:
             # A failed append (disk full, I/O error) may have left part of the batch. Cut the
             # segment back to its last whole record so a retry appends after it, never after
             # torn bytes; if even that fails, the retry starts a new segment (see read_segments).
             del self._appenders[key]
-            with contextlib.suppress(OSError, ValueError):
-                appender.file.close()  # flushing what is buffered may fail again: truncated below
+            self._ends.get((ws, run_id), {}).pop(key[2], None)  # unknown now
+            appender.close()
             with contextlib.suppress(OSError):
-                os.truncate(path, whole)
+                os.truncate(appender.path, whole)
             raise
-        appender.next += len(records)
+        if self._fsync:
+            appender.appended += 1
+        appender.next += sum(doc_span(r) for r in records)
 
     async def read_segments(
         self, ws: str, run_id: str, stream: str, after: int, upto: int
@@ -140,13 +267,16 @@ class LocalStorage:
             if end <= after or first > upto:
                 continue
             with open(directory / segment_name(first), "rb") as fh:
-                for index, line in enumerate(fh, start=first):
+                index = first  # of the line's first record: a line may stand for several
+                for line in fh:
                     # A segment ends where the next begins, or at a torn last line (an append
                     # that failed and could not be cut back; its retry began a new segment).
                     if index > end or not line.endswith(b"\n"):
                         break
-                    if index > after:
-                        out.append(json.loads(line))
+                    n = span(line)
+                    if index + n - 1 > after:
+                        out.append(loads(line))
+                    index += n
         return out
 
     def _reopen(self, ws: str, run_id: str, stream: str) -> tuple[Path, list[int]]:
@@ -154,7 +284,7 @@ class LocalStorage:
         key = (ws, run_id, _stream(stream))
         appender = self._appenders.pop(key, None)
         if appender is not None:
-            appender.file.close()
+            appender.close()
         directory = self._run_dir(ws, run_id) / key[2]
         try:
             return directory, segment_starts(os.listdir(directory))
@@ -162,24 +292,45 @@ class LocalStorage:
             return directory, []
 
     async def drop_uncommitted(self, ws: str, run_id: str, stream: str, committed: int) -> None:
+        ends = self._ends.setdefault((ws, run_id), {})
+        if self._known_ends.get((ws, run_id), {}).pop(stream, None) == committed:
+            ends[stream] = committed
+            return  # the stream ends where this process left it: nothing past ``committed``
         directory, starts = self._reopen(ws, run_id, stream)
         kept = [first for first in starts if first <= committed]
         for first in starts[len(kept) :]:
             (directory / segment_name(first)).unlink(missing_ok=True)
+        ends[stream] = 0
         if kept:
-            _truncate_after(directory / segment_name(kept[-1]), committed - kept[-1] + 1)
+            last = kept[-1]
+            ends[stream] = last - 1 + _truncate_after(directory / segment_name(last), committed - last + 1)
 
     async def repair_end(self, ws: str, run_id: str, stream: str) -> int:
+        ends = self._ends.setdefault((ws, run_id), {})
+        known = self._known_ends.get((ws, run_id), {}).pop(stream, None)
+        if known is not None:
+            ends[stream] = known
+            return known  # where this process left it, whole: nobody wrote since
         directory, starts = self._reopen(ws, run_id, stream)
-        if not starts:
-            return 0
-        return starts[-1] - 1 + _truncate_after(directory / segment_name(starts[-1]), 1 << 62)
+        end = 0
+        if starts:
+            end = starts[-1] - 1 + _truncate_after(directory / segment_name(starts[-1]), 1 << 62)
+        ends[stream] = end
+        return end
 
     async def put_blob(self, ws: str, run_id: str, name: str, data: bytes) -> None:
         directory = self._run_dir(ws, run_id) / "blobs"
         path = directory / check_id(name, "blob name")
+        created = not directory.is_dir()
         directory.mkdir(exist_ok=True)
-        self._write_atomic(path, data)
+        # A snapshot's blob counts once a state names it: its name is synced with that state
+        # (its content is synced before it gets the name, so no name ever holds torn content).
+        snapshot = name.startswith(SNAPSHOT_BLOB_PREFIXES)
+        self._write_atomic(path, data, sync_dir=not snapshot)
+        if snapshot and self._fsync:
+            self._unsynced_dirs.setdefault((ws, run_id), set()).update(
+                (directory, directory.parent) if created else (directory,)
+            )
 
     async def get_blob(self, ws: str, run_id: str, name: str) -> bytes | None:
         try:
@@ -223,7 +374,7 @@ class LocalStorage:
                 await asyncio.sleep(0.01)
             raise
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            with os.fdopen(fd, "wb") as fh:
                 fh.write(_dumps(doc))
                 if self._fsync:
                     fh.flush()
@@ -236,30 +387,69 @@ class LocalStorage:
         return None
 
     async def acquire_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
+        key = (ws, run_id)
         run_dir = self._run_dir(ws, run_id)
         now = time.time()
         with self._locked(run_dir):
-            current = _read_json(run_dir / "lease.json")
-            if current and current["owner"] != owner and current["expires_at"] > now:
-                return False
-            self._write_atomic(run_dir / "lease.json", _dumps({"owner": owner, "expires_at": now + ttl}))
+            # Rewritten in place under the lock, unsynced: only holders of the lock read it, and
+            # after a power loss every lease has expired anyway. A torn one reads as none.
+            fd = os.open(run_dir / "lease.json", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                current = _parse_lease(os.pread(fd, os.fstat(fd).st_size, 0))
+                if current and current["owner"] != owner and current["expires_at"] > now:
+                    return False
+                left = self._left.pop(key, None)
+                if left is not None and current is not None and current.get("left") == left[0]:
+                    self._known_ends[key] = left[1]  # our own mark: nobody took the run since
+                data = dumps({"owner": owner, "expires_at": now + ttl})
+                os.pwrite(fd, data, 0)
+                os.ftruncate(fd, len(data))
+            finally:
+                os.close(fd)
             return True
 
     async def release_lease(self, ws: str, run_id: str, owner: str) -> None:
+        key = (ws, run_id)
+        ends = self._ends.pop(key, {})
+        self._known_ends.pop(key, None)
         for stream in ("events", "transcript"):
             appender = self._appenders.pop((ws, run_id, stream), None)
             if appender is not None:
-                appender.file.close()
+                ends[stream] = appender.next - 1
+                try:
+                    _sync(appender)
+                finally:
+                    appender.close()
+        self._states.pop(key, None)
         run_dir = self._run_dir(ws, run_id)
         with self._locked(run_dir):
-            current = _read_json(run_dir / "lease.json")
+            current = _read_lease(run_dir / "lease.json")
             if current and current["owner"] == owner:
-                (run_dir / "lease.json").unlink(missing_ok=True)
+                # Expired, with a mark: if it is still there when this process takes the run
+                # back, nobody wrote since and the streams end where they are known to.
+                mark = secrets.token_hex(8)
+                data = dumps({"owner": owner, "expires_at": 0, "left": mark})
+                fd = os.open(run_dir / "lease.json", os.O_WRONLY)
+                try:
+                    os.pwrite(fd, data, 0)
+                    os.ftruncate(fd, len(data))
+                finally:
+                    os.close(fd)
+                if len(ends) == 2:
+                    if len(self._left) >= _RUN_DIRS_KEPT:
+                        self._left.clear()
+                    self._left[key] = (mark, ends)
 
     async def close(self) -> None:
-        for appender in self._appenders.values():
-            appender.file.close()
-        self._appenders.clear()
+        self._states.clear()
+        appenders, self._appenders = list(self._appenders.values()), {}
+        for appender in appenders:
+            try:
+                _sync(appender)
+            except OSError:
+                pass  # what was not committed is dropped by the run's next writer
+            finally:
+                appender.close()
 
     @contextlib.contextmanager
     def _locked(self, run_dir: Path) -> Iterator[None]:
@@ -271,21 +461,32 @@ class LocalStorage:
         finally:
             os.close(fd)
 
-    def _write_atomic(self, path: Path, data: str | bytes) -> None:
+    def _write_atomic(self, path: Path, data: str | bytes, *, sync_dir: bool = True) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data.encode() if isinstance(data, str) else data)
                 if self._fsync:
                     fh.flush()
-                    os.fsync(fh.fileno())
+                    os.fdatasync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)  # a full disk must not keep what it could not take
             raise
-        if self._fsync:
+        if self._fsync and sync_dir:
             _fsync_dir(path.parent)
+
+
+def _sync(appender: _Appender) -> None:
+    """fsync mode: make what was appended to ``appender`` durable, its file's name too."""
+    appended = appender.appended  # appends made while this one syncs wait for the next
+    if appended > appender.synced:
+        os.fdatasync(appender.fd)
+        appender.synced = max(appender.synced, appended)
+    entries, appender.new_entries = appender.new_entries, ()
+    for directory in entries:
+        _fsync_dir(directory)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -297,17 +498,19 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _truncate_after(path: Path, keep: int) -> int:
-    """Keep the first ``keep`` complete lines of ``path`` (drops a torn or uncommitted tail).
+    """Keep the first ``keep`` records of ``path``, whole lines only (drops a torn or
+    uncommitted tail).
 
-    Returns how many lines were kept.
+    Returns how many records were kept.
     """
     size = kept = 0
     with open(path, "rb") as fh:
         for line in fh:
-            if kept >= keep or not line.endswith(b"\n"):
+            n = span(line)  # a line may stand for several records (indexes)
+            if kept + n > keep or not line.endswith(b"\n"):
                 break
             size += len(line)
-            kept += 1
+            kept += n
     if os.path.getsize(path) != size:
         os.truncate(path, size)
     return kept
@@ -319,21 +522,60 @@ def _stream(name: str) -> str:
     return name
 
 
-# One encoder for every record: json.dumps with options builds a new one per call.
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-def _dumps(doc: Any) -> str:
-    return _encode(doc)
+def _dumps(doc: Any) -> bytes:
+    return dumps(doc)
 
 
 def _read_json(path: Path) -> JsonObject | None:
     try:
-        with open(path, encoding="utf-8") as fh:
-            doc: JsonObject = json.load(fh)
+        with open(path, "rb") as fh:
+            doc: JsonObject = loads(fh.read())
             return doc
     except FileNotFoundError:
         return None
+
+
+def _state_name(number: int) -> str:
+    return f"{number:012d}.json"
+
+
+def _state_numbers(names: list[str]) -> list[int]:
+    return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+
+
+def _newest_state(directory: Path) -> JsonObject | None:
+    """The highest numbered whole state file in ``directory``; None if there is none."""
+    try:
+        numbers = _state_numbers(os.listdir(directory))
+    except FileNotFoundError:
+        return None
+    for number in reversed(numbers):
+        try:
+            with open(directory / _state_name(number), "rb") as fh:
+                doc: JsonObject = loads(fh.read())
+            return doc
+        except FileNotFoundError:
+            continue  # removed as old since the listing: a newer one exists
+        except ValueError:
+            continue  # still being written, or torn by a crash: the one before counts
+    return None
+
+
+def _read_lease(path: Path) -> JsonObject | None:
+    try:
+        return _read_json(path)
+    except ValueError:
+        return None  # torn by a power loss (it is rewritten in place): no live lease
+
+
+def _parse_lease(data: bytes) -> JsonObject | None:
+    if not data:
+        return None
+    try:
+        doc: JsonObject = loads(data)
+        return doc
+    except ValueError:
+        return None  # torn by a power loss (it is rewritten in place): no live lease
 
 
 def open_storage(url: str, *, fsync: bool = False) -> Storage:

@@ -4,6 +4,7 @@ Layout under the root (the same for every adapter)::
 
     workspaces/{workspace_id}/runs/{run_id}/spec.json        written once
     workspaces/{workspace_id}/runs/{run_id}/state.json       status + checkpoint, atomic
+    workspaces/{workspace_id}/runs/{run_id}/states/{n:012d}.json   later states (local adapter)
     workspaces/{workspace_id}/runs/{run_id}/events/{first:012d}.jsonl       numbered segments
     workspaces/{workspace_id}/runs/{run_id}/transcript/{first:012d}.jsonl
     workspaces/{workspace_id}/runs/{run_id}/lease.json       one writer at a time
@@ -24,6 +25,17 @@ rewrites the history and a checkpoint costs the same at turn 1 and turn 1,000.
 (The local adapter appends to the newest segment until it holds
 ``SEGMENT_RECORDS`` records, because creating a file costs far more than an
 append; an object store writes one immutable segment per checkpoint instead.)
+
+Records are compact JSON, one a line (see ``_records``). A record of the event log may
+stand for several consecutive indexes: a run's text deltas written together are one record
+``{"seq": first, "n": count, ...}`` (those two keys first, so a reader learns the span from a
+line's first bytes); every other record stands for one. Ranges (``read_segments``,
+``drop_uncommitted``, ``repair_end``) count indexes, and a range that starts inside a record
+returns that whole record.
+
+The local adapter writes a run's first state as ``state.json`` and each later one as a new
+file ``states/{n}.json``, the highest whole one counting (creating a file costs far less than
+replacing one); an object store replaces ``state.json``.
 
 The two streams commit differently:
 

@@ -13,7 +13,6 @@ but whose answer was lost is recognised on the retry by reading back.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -26,12 +25,13 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
 from engine_service.storage._protocol import StorageCredentialsMissing, StorageUnavailable
+from engine_service.storage._records import doc_span, dump_lines, dumps, loads, span
 
 _DIGITS = 12
 
 
 def _dumps(doc: Any) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    return dumps(doc)
 
 
 def _code(error: ClientError) -> str:
@@ -142,7 +142,7 @@ class S3Storage:
         found = await self._get(key)
         if found is None:
             return None
-        doc: JsonObject = json.loads(found[0])
+        doc: JsonObject = loads(found[0])
         return doc
 
     async def _put(self, key: str, data: bytes, **conditions: str) -> str | None:
@@ -199,8 +199,9 @@ class S3Storage:
     ) -> None:
         if not records:
             return
-        name = f"{first:0{_DIGITS}d}-{first + len(records) - 1:0{_DIGITS}d}.jsonl"
-        body = b"".join(_dumps(r) + b"\n" for r in records)
+        last = first + sum(doc_span(r) for r in records) - 1
+        name = f"{first:0{_DIGITS}d}-{last:0{_DIGITS}d}.jsonl"
+        body = dump_lines(records)
         await self._put(self._run(ws, run_id, _stream(stream), name), body)
 
     async def _segments(self, ws: str, run_id: str, stream: str) -> list[tuple[int, int, str]]:
@@ -226,9 +227,12 @@ class S3Storage:
             found = await self._get(key)
             if found is None:
                 continue
-            for index, line in enumerate(found[0].splitlines(), start=first):
-                if cursor <= index <= upto:
-                    out.append(json.loads(line))
+            index = first  # of the line's first record: a line may stand for several
+            for line in found[0].splitlines():
+                n = span(line)
+                if index + n - 1 >= cursor and index <= upto:
+                    out.append(loads(line))
+                index += n
             cursor = last + 1
             if cursor > upto:
                 break
@@ -285,7 +289,7 @@ class S3Storage:
             if await self._put(key, doc, IfNoneMatch="*") is not None:
                 return True
         else:
-            held = json.loads(current[0])
+            held = loads(current[0])
             if held["owner"] != owner and held["expires_at"] > time.time():
                 return False
             if await self._put(key, doc, IfMatch=current[1]) is not None:
@@ -297,7 +301,7 @@ class S3Storage:
     async def release_lease(self, ws: str, run_id: str, owner: str) -> None:
         key = self._run(ws, run_id, "lease.json")
         current = await self._get(key)
-        if current is not None and json.loads(current[0]).get("owner") == owner:
+        if current is not None and loads(current[0]).get("owner") == owner:
             # Expire rather than delete: If-Match keeps us from clobbering a new owner.
             await self._put(key, _dumps({"owner": owner, "expires_at": 0}), IfMatch=current[1])
 

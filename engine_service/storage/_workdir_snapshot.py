@@ -154,7 +154,7 @@ class WorkdirSnapshots:
         if synced is None:
             synced = _Synced()
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                doc = json.loads(self._cache_file(ws, run_id).read_bytes())
+                doc = _unseal(self._cache_file(ws, run_id).read_bytes())
                 synced = _Synced(
                     doc["digest"],
                     _valid_entries(doc["entries"]),
@@ -175,14 +175,32 @@ class WorkdirSnapshots:
         doc = {"digest": synced.digest, "entries": synced.entries, "stats": synced.stats}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(_encode(doc))
-            os.replace(tmp, path)
+            # Rewritten in place (replacing a file costs a write-out on ext4); a torn or mixed
+            # one fails its checksum and reads as no cache.
+            data = _seal(_encode(doc))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.pwrite(fd, data, 0)
+                os.ftruncate(fd, len(data))
+            finally:
+                os.close(fd)
         except OSError:  # only a cache: the next process rehashes instead
             log.debug("could not write the snapshot cache of run %s", run_id, exc_info=True)
 
 
 # -- scanning ----------------------------------------------------------------------------------
+
+
+def _seal(data: bytes) -> bytes:
+    """``data`` followed by a line with its SHA-256: a cache file rewritten in place."""
+    return data + b"\n" + hashlib.sha256(data).hexdigest().encode() + b"\n"
+
+
+def _unseal(sealed: bytes) -> Any:
+    data, _, digest = sealed.rstrip(b"\n").rpartition(b"\n")
+    if hashlib.sha256(data).hexdigest().encode() != digest:
+        raise ValueError("a torn snapshot cache")
+    return json.loads(data)
 
 
 def _encode(doc: Any) -> bytes:

@@ -261,6 +261,36 @@ ASK_USER = Tool(
 )
 
 
+AGENT_TOOL = "Agent"
+# Started by the engine itself (core/_subagents.py), never through a handler. Calling it again
+# after a crash resumes the subagent from its checkpoint, hence idempotent.
+AGENT = Tool(
+    name=AGENT_TOOL,
+    description=(
+        "Delegate a self-contained task to a subagent. It works on its own with the tools you give "
+        "it (a subset of yours; all of yours when omitted) and its answer is this call's result. "
+        "Several Agent calls in one turn run in parallel."
+    ),
+    input_schema={
+        "type": "object",
+        "properties": {
+            "task": {"type": "string", "minLength": 1, "description": "What the subagent must do."},
+            "tools": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "The tools it may use; only tools you have.",
+            },
+            "max_turns": {"type": "integer", "minimum": 1, "description": "Its turn budget."},
+            "max_tokens": {"type": "integer", "minimum": 1, "description": "Its token budget."},
+            "max_cost_usd": {"type": "number", "exclusiveMinimum": 0, "description": "Its cost budget."},
+        },
+        "required": ["task"],
+        "additionalProperties": False,
+    },
+    idempotent=True,
+)
+
+
 def capability_stub(real: Tool, missing: frozenset[str]) -> Tool:
     """Same name, description and schema as ``real`` (the model still sees it), but it cannot run here."""
     return Tool(

@@ -514,7 +514,30 @@ def _event_cases() -> list[tuple[str, Any, type, dict[str, Any]]]:
                 "error": client_py.RunError("ERR_MAX_TURNS", "too many", {"max": "3"}),
             },
         ),
+        (
+            "agent_started",
+            event_pb2.AgentStarted(task="sub", tools=["echo"], max_turns=5, max_tokens=100),
+            client_py.AgentStarted,
+            {"task": "sub", "tools": ["echo"], "max_turns": 5, "max_tokens": 100, "max_cost_usd": 0.0},
+        ),
+        (
+            "agent_finished",
+            event_pb2.AgentFinished(state=run_pb2.RUN_STATE_DONE, output="answer", meta=_meta_proto()),
+            client_py.AgentFinished,
+            {"state": "DONE", "output": "answer", "error": None},
+        ),
     ]
+
+
+def test_an_events_agent_path_is_kept() -> None:
+    proto = event_pb2.RunEvent(run_id="r1", seq=7, time=T0, agent_path="call_1_1/call_2_1")
+    proto.text_delta.CopyFrom(event_pb2.TextDelta(text="hi", turn=1))
+    event = _types.event_from_proto(proto)
+    assert isinstance(event, client_py.TextDelta)
+    assert (event.agent_path, event.text) == ("call_1_1/call_2_1", "hi")
+    assert "[call_1_1/call_2_1]" in str(event)
+    interrupt = run_pb2.Interrupt(interrupt_id="i", agent_path="call_1_1", create_time=T0)
+    assert _types.interrupt_from_proto(interrupt).agent_path == "call_1_1"
 
 
 def test_every_oneof_case_has_an_event_class() -> None:
@@ -655,6 +678,8 @@ def test_run_text_reprs_are_readable() -> None:
 def test_public_api_is_pinned() -> None:
     assert sorted(client_py.__all__) == [
         "AbortedError",
+        "AgentFinished",
+        "AgentStarted",
         "AlreadyExistsError",
         "ApiCallMetered",
         "ApprovalDecided",

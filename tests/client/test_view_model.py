@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from client_py import (
+    AgentFinished,
+    AgentStarted,
     ApprovalDecided,
     ApprovalRequested,
     AssistantMessage,
@@ -746,3 +748,63 @@ def test_the_progress_line_redraws_in_place_only_on_a_terminal() -> None:
             assert "· Hello there" in written  # the text being streamed, at the end of the line
         else:
             assert written == "model: Hello there\nDONE · turns 1 · tokens 0 in / 0 out · $0.0000 · 0.0 s\n"
+
+
+def test_subagents_show_by_path_and_keep_their_text_to_themselves() -> None:
+    feed = Feed()
+    model = RunViewModel()
+    agent_call = ToolCall("call_1_1", "Agent", {"task": "look it up"})
+    for event in (
+        feed(RunStarted, task="parent", model="scripted:script"),
+        feed(AssistantMessage, text="", tool_calls=[agent_call], turn=1),
+        feed(ToolCallStarted, call=agent_call),
+        feed(
+            AgentStarted,
+            task="look it up",
+            tools=["echo"],
+            max_turns=5,
+            max_tokens=0,
+            max_cost_usd=0.0,
+            agent_path="call_1_1",
+        ),
+        feed(TextDelta, text="child thinking", turn=1, agent_path="call_1_1"),
+        feed(UsageReported, turn=1, input_tokens=7, output_tokens=3, cost_usd=0.0, agent_path="call_1_1"),
+        # The child's call ids are its own: the same id as the parent's is another call.
+        feed(ToolCallStarted, call=ToolCall("call_1_1", "echo", {"text": "x"}), agent_path="call_1_1"),
+        feed(
+            ToolCallCompleted,
+            call_id="call_1_1",
+            tool_name="echo",
+            is_error=False,
+            size_bytes=1,
+            output="x",
+            duration_ms=1,
+            outcome="ran",
+            agent_path="call_1_1",
+        ),
+        feed(
+            AgentFinished, state="DONE", output="found x", error=None, meta=RunMeta(), agent_path="call_1_1"
+        ),
+        feed(
+            ToolCallCompleted,
+            call_id="call_1_1",
+            tool_name="Agent",
+            is_error=False,
+            size_bytes=7,
+            output="found x",
+            duration_ms=0,
+            outcome="ran",
+        ),
+    ):
+        model.apply(event)
+    assert model.text == ""  # the child's text is not the run's
+    assert (model.turns, model.input_tokens, model.output_tokens) == (1, 7, 3)
+    assert [(e.agent_path, e.tool_name, e.status, e.output) for e in model.tool_log] == [
+        ("", "Agent", "ok", "found x"),
+        ("call_1_1", "echo", "ok", "x"),
+    ]
+    assert "subagent call_1_1 started: look it up" in model.notes
+    assert "subagent call_1_1 done: found x" in model.notes
+    assert "call_1_1" in _render.tool_log_html(model.tool_log)
+    gated = replace(interrupt("int_call_1_1/call_2_1"), agent_path="call_1_1")
+    assert "(subagent call_1_1)" in str(gated)

@@ -32,6 +32,7 @@ import pytest
 
 from engine_service import Decision, Engine, Principal, RunRecord, RunSpec, RunState, ScriptedTurn
 from engine_service.core._run import DecisionAction
+from engine_service.core._types import Event
 from tests.conftest import build_engine, turn
 
 __all__ = ["FakeClock", "Harness", "harness", "turn"]
@@ -124,10 +125,12 @@ class Harness:
         )
 
     async def events(self, record: RunRecord) -> list[dict[str, Any]]:
-        """The run's committed events as stored: ``{"seq", "t" (clock time), "k" (kind), "d" (data)}``."""
-        return await self.engine.storage.read_segments(
+        """The run's committed events, one per seq: ``{"seq", "t" (clock time), "k" (kind), "d" (data)}``
+        (a text delta's data is ``{"text", "turn"}``, also where several are stored as one record)."""
+        docs = await self.engine.storage.read_segments(
             self.principal.workspace_id, record.run_id, "events", 0, 10_000
         )
+        return [one for doc in docs for one in Event.from_json(doc).expand()]
 
 
 @pytest.fixture

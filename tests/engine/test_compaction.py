@@ -266,3 +266,36 @@ async def test_a_failed_summarising_call_fails_the_run(
     assert run.error.code == "ERR_COMPACTION_FAILED"
     assert run.error.metadata["model_error"] == "ERR_MODEL_REQUEST"
     assert len(provider.requests) == 3
+
+
+async def test_the_estimate_follows_the_input_tokens_the_model_reports(servers: ServerFactory) -> None:
+    # The model reports far more input tokens than four characters a token would give (a
+    # tokenizer that splits this text finely): the engine compacts by that count, not its guess.
+    script = [{**step, "usage": {"input_tokens": 12_000, "output_tokens": 5}} for step in _long_script(12)]
+    options: dict[str, Any] = {"tools": ["echo"], "context_window_tokens": 12_000}
+    async with await _client(servers) as client:
+        reported = client.execute("Run the steps.", script=script, **options)
+        reported_events = [e async for e in reported]
+        guessed = client.execute("Run the steps.", script=_long_script(12), **options)
+        guessed_events = [e async for e in guessed]
+    assert reported.run is not None
+    assert reported.run.state == "DONE"
+    assert [e for e in reported_events if isinstance(e, ContextCompacted)]
+    assert guessed.run is not None
+    assert guessed.run.state == "DONE"
+    assert not [e for e in guessed_events if isinstance(e, ContextCompacted)]
+
+
+def test_the_rate_is_learned_within_bounds() -> None:
+    transcript = [Message("user", "x" * 4_000)]
+    window = ContextWindow()
+    window.messages(transcript)
+    assert window.tokens() == 1_000
+    window.sent(0)
+    window.observe(2_000)
+    assert window.tokens() == 2_000
+    window.sent(0)
+    window.observe(1)  # implausible: the rate stays within its bounds
+    assert window.tokens() == 500
+    window.observe(9_999)  # nothing was sent since: ignored
+    assert window.tokens() == 500

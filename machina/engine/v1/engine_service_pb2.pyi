@@ -94,6 +94,7 @@ class ModelSpec(_message.Message):
     SCRIPT_FIELD_NUMBER: _builtins.int
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CONTEXT_WINDOW_TOKENS_FIELD_NUMBER: _builtins.int
+    AGENT_SCRIPTS_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """`scripted`, `openai` or `anthropic`; empty = the engine's default."""
     name: _builtins.str
@@ -108,6 +109,10 @@ class ModelSpec(_message.Message):
     def script(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScriptedTurn]:
         """For `scripted`: the turns to replay, in order."""
 
+    @_builtins.property
+    def agent_scripts(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubagentScript]:
+        """For `scripted`: the turns each subagent replays, by its path (see RunEvent.agent_path)."""
+
     def __init__(
         self,
         *,
@@ -116,14 +121,43 @@ class ModelSpec(_message.Message):
         script: _abc.Iterable[Global___ScriptedTurn] | None = ...,
         max_output_tokens: _builtins.int = ...,
         context_window_tokens: _builtins.int = ...,
+        agent_scripts: _abc.Iterable[Global___SubagentScript] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window_tokens", b"context_window_tokens", "max_output_tokens", b"max_output_tokens", "name", b"name", "provider", b"provider", "script", b"script"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_scripts", b"agent_scripts", "context_window_tokens", b"context_window_tokens", "max_output_tokens", b"max_output_tokens", "name", b"name", "provider", b"provider", "script", b"script"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelSpec: _TypeAlias = ModelSpec  # noqa: Y015
+
+@_typing.final
+class SubagentScript(_message.Message):
+    """The scripted turns of one subagent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_PATH_FIELD_NUMBER: _builtins.int
+    SCRIPT_FIELD_NUMBER: _builtins.int
+    agent_path: _builtins.str
+    """The subagent's path: the call ids from the run down to it, joined by `/`."""
+    @_builtins.property
+    def script(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScriptedTurn]:
+        """The turns it replays, in order."""
+
+    def __init__(
+        self,
+        *,
+        agent_path: _builtins.str = ...,
+        script: _abc.Iterable[Global___ScriptedTurn] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_path", b"agent_path", "script", b"script"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubagentScript: _TypeAlias = SubagentScript  # noqa: Y015
 
 @_typing.final
 class RunLimits(_message.Message):

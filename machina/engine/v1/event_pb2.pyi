@@ -523,6 +523,84 @@ class ContextCompacted(_message.Message):
 Global___ContextCompacted: _TypeAlias = ContextCompacted  # noqa: Y015
 
 @_typing.final
+class AgentStarted(_message.Message):
+    """A subagent started (the `Agent` tool was called); its events carry its `agent_path`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    MAX_TURNS_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_COST_USD_FIELD_NUMBER: _builtins.int
+    task: _builtins.str
+    """The task the parent gave it."""
+    max_turns: _builtins.int
+    """Its turn budget."""
+    max_tokens: _builtins.int
+    """Its token budget; 0 = only the run's."""
+    max_cost_usd: _builtins.float
+    """Its cost budget in US dollars; 0 = only the run's."""
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tools it may call (a subset of its parent's)."""
+
+    def __init__(
+        self,
+        *,
+        task: _builtins.str = ...,
+        tools: _abc.Iterable[_builtins.str] | None = ...,
+        max_turns: _builtins.int = ...,
+        max_tokens: _builtins.int = ...,
+        max_cost_usd: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_cost_usd", b"max_cost_usd", "max_tokens", b"max_tokens", "max_turns", b"max_turns", "task", b"task", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentStarted: _TypeAlias = AgentStarted  # noqa: Y015
+
+@_typing.final
+class AgentFinished(_message.Message):
+    """A subagent ended; what it answered becomes the result of its parent's `Agent` call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    META_FIELD_NUMBER: _builtins.int
+    state: _run_pb2.RunState.ValueType
+    """DONE, FAILED or CANCELLED."""
+    output: _builtins.str
+    """Its final answer (DONE)."""
+    @_builtins.property
+    def error(self) -> _run_pb2.RunError:
+        """Why it stopped (FAILED, CANCELLED)."""
+
+    @_builtins.property
+    def meta(self) -> _run_pb2.RunMeta:
+        """Its turns, usage and cost."""
+
+    def __init__(
+        self,
+        *,
+        state: _run_pb2.RunState.ValueType = ...,
+        output: _builtins.str = ...,
+        error: _run_pb2.RunError | None = ...,
+        meta: _run_pb2.RunMeta | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "meta", b"meta", "output", b"output", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentFinished: _TypeAlias = AgentFinished  # noqa: Y015
+
+@_typing.final
 class RunEvent(_message.Message):
     """One change in a run. `seq` is gap-free and increasing per run."""
 
@@ -546,11 +624,18 @@ class RunEvent(_message.Message):
     API_CALL_FIELD_NUMBER: _builtins.int
     HANDOFF_TO_RUNNER_FIELD_NUMBER: _builtins.int
     RUN_FINISHED_FIELD_NUMBER: _builtins.int
+    AGENT_STARTED_FIELD_NUMBER: _builtins.int
+    AGENT_FINISHED_FIELD_NUMBER: _builtins.int
     CONTEXT_COMPACTED_FIELD_NUMBER: _builtins.int
+    AGENT_PATH_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run the event belongs to."""
     seq: _builtins.int
     """The 1-based sequence number of the event within the run."""
+    agent_path: _builtins.str
+    """Which subagent the event is about: empty for the run's own agent, else the path of call
+    ids from the run down to the subagent, joined by `/` (e.g. `call_1_1/call_2_1`).
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the event happened."""
@@ -616,6 +701,14 @@ class RunEvent(_message.Message):
         """See RunFinished."""
 
     @_builtins.property
+    def agent_started(self) -> Global___AgentStarted:
+        """See AgentStarted."""
+
+    @_builtins.property
+    def agent_finished(self) -> Global___AgentFinished:
+        """See AgentFinished."""
+
+    @_builtins.property
     def context_compacted(self) -> Global___ContextCompacted:
         """See ContextCompacted."""
 
@@ -640,13 +733,16 @@ class RunEvent(_message.Message):
         api_call: Global___ApiCallMetered | None = ...,
         handoff_to_runner: Global___HandoffToRunner | None = ...,
         run_finished: Global___RunFinished | None = ...,
+        agent_started: Global___AgentStarted | None = ...,
+        agent_finished: Global___AgentFinished | None = ...,
         context_compacted: Global___ContextCompacted | None = ...,
+        agent_path: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["api_call", b"api_call", "approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "assistant_message", b"assistant_message", "context_compacted", b"context_compacted", "handoff_to_runner", b"handoff_to_runner", "input_requested", b"input_requested", "kind", b"kind", "paused", b"paused", "resumed", b"resumed", "run_finished", b"run_finished", "run_started", b"run_started", "text_delta", b"text_delta", "time", b"time", "tool_call_completed", b"tool_call_completed", "tool_call_started", b"tool_call_started", "tool_result_requested", b"tool_result_requested", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_finished", b"agent_finished", "agent_started", b"agent_started", "api_call", b"api_call", "approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "assistant_message", b"assistant_message", "context_compacted", b"context_compacted", "handoff_to_runner", b"handoff_to_runner", "input_requested", b"input_requested", "kind", b"kind", "paused", b"paused", "resumed", b"resumed", "run_finished", b"run_finished", "run_started", b"run_started", "text_delta", b"text_delta", "time", b"time", "tool_call_completed", b"tool_call_completed", "tool_call_started", b"tool_call_started", "tool_result_requested", b"tool_result_requested", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_call", b"api_call", "approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "assistant_message", b"assistant_message", "context_compacted", b"context_compacted", "handoff_to_runner", b"handoff_to_runner", "input_requested", b"input_requested", "kind", b"kind", "paused", b"paused", "resumed", b"resumed", "run_finished", b"run_finished", "run_id", b"run_id", "run_started", b"run_started", "seq", b"seq", "text_delta", b"text_delta", "time", b"time", "tool_call_completed", b"tool_call_completed", "tool_call_started", b"tool_call_started", "tool_result_requested", b"tool_result_requested", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_finished", b"agent_finished", "agent_path", b"agent_path", "agent_started", b"agent_started", "api_call", b"api_call", "approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "assistant_message", b"assistant_message", "context_compacted", b"context_compacted", "handoff_to_runner", b"handoff_to_runner", "input_requested", b"input_requested", "kind", b"kind", "paused", b"paused", "resumed", b"resumed", "run_finished", b"run_finished", "run_id", b"run_id", "run_started", b"run_started", "seq", b"seq", "text_delta", b"text_delta", "time", b"time", "tool_call_completed", b"tool_call_completed", "tool_call_started", b"tool_call_started", "tool_result_requested", b"tool_result_requested", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["run_started", "text_delta", "assistant_message", "tool_call_started", "tool_call_completed", "approval_requested", "approval_decided", "input_requested", "tool_result_requested", "paused", "resumed", "usage", "api_call", "handoff_to_runner", "run_finished", "context_compacted"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["run_started", "text_delta", "assistant_message", "tool_call_started", "tool_call_completed", "approval_requested", "approval_decided", "input_requested", "tool_result_requested", "paused", "resumed", "usage", "api_call", "handoff_to_runner", "run_finished", "agent_started", "agent_finished", "context_compacted"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -217,6 +217,7 @@ class Interrupt(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     INPUT_SCHEMA_FIELD_NUMBER: _builtins.int
+    AGENT_PATH_FIELD_NUMBER: _builtins.int
     interrupt_id: _builtins.str
     """Stable id of this interrupt, unique within the run; quote it in a Decision."""
     kind: Global___InterruptKind.ValueType
@@ -229,6 +230,10 @@ class Interrupt(_message.Message):
     """A human-readable one-line description of what will happen."""
     question: _builtins.str
     """For INTERRUPT_KIND_INPUT: the question the model asked."""
+    agent_path: _builtins.str
+    """Empty when the run's own agent made the call; else the path of the subagent that made it
+    (see RunEvent.agent_path). A decision on it through ResumeRun resumes that subagent.
+    """
     @_builtins.property
     def arguments(self) -> _struct_pb2.Struct:
         """The arguments the model proposed."""
@@ -258,10 +263,11 @@ class Interrupt(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         input_schema: _struct_pb2.Struct | None = ...,
+        agent_path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "create_time", b"create_time", "expire_time", b"expire_time", "input_schema", b"input_schema"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "call_id", b"call_id", "create_time", b"create_time", "description", b"description", "expire_time", b"expire_time", "input_schema", b"input_schema", "interrupt_id", b"interrupt_id", "kind", b"kind", "question", b"question", "tool_name", b"tool_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_path", b"agent_path", "arguments", b"arguments", "call_id", b"call_id", "create_time", b"create_time", "description", b"description", "expire_time", b"expire_time", "input_schema", b"input_schema", "interrupt_id", b"interrupt_id", "kind", b"kind", "question", b"question", "tool_name", b"tool_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

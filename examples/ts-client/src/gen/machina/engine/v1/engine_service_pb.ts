@@ -16,7 +16,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file machina/engine/v1/engine_service.proto.
  */
 export const file_machina_engine_v1_engine_service: GenFile = /*@__PURE__*/
-  fileDesc("CiZtYWNoaW5hL2VuZ2luZS92MS9lbmdpbmVfc2VydmljZS5wcm90bxIRbWFjaGluYS5lbmdpbmUudjEiTAoQU2NyaXB0ZWRUb29sQ2FsbBIMCgRuYW1lGAEgASgJEioKCWFyZ3VtZW50cxgCIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QifgoMU2NyaXB0ZWRUdXJuEgwKBHRleHQYASABKAkSNwoKdG9vbF9jYWxscxgCIAMoCzIjLm1hY2hpbmEuZW5naW5lLnYxLlNjcmlwdGVkVG9vbENhbGwSJwoFdXNhZ2UYAyABKAsyGC5tYWNoaW5hLmVuZ2luZS52MS5Vc2FnZSKWAQoJTW9kZWxTcGVjEhAKCHByb3ZpZGVyGAEgASgJEgwKBG5hbWUYAiABKAkSLwoGc2NyaXB0GAMgAygLMh8ubWFjaGluYS5lbmdpbmUudjEuU2NyaXB0ZWRUdXJuEhkKEW1heF9vdXRwdXRfdG9rZW5zGAQgASgFEh0KFWNvbnRleHRfd2luZG93X3Rva2VucxgUIAEoAyJcCglSdW5MaW1pdHMSEQoJbWF4X3R1cm5zGAEgASgFEhIKCm1heF90b2tlbnMYAiABKAMSEgoKdGltZW91dF9tcxgDIAEoAxIUCgxtYXhfY29zdF91c2QYBCABKAEiHgoNVG9vbEFsbG93TGlzdBINCgVuYW1lcxgBIAMoCSJiCg5Ub29sRGVmaW5pdGlvbhIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEi0KDGlucHV0X3NjaGVtYRgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiewoHQXBpQXV0aBIMCgR0eXBlGAEgASgJEhEKCXRva2VuX3JlZhgCIAEoCRIMCgRuYW1lGAMgASgJEhEKCXZhbHVlX3JlZhgEIAEoCRIQCgh1c2VyX3JlZhgFIAEoCRIQCghwYXNzX3JlZhgGIAEoCRIKCgJpZBgHIAEoCSK7AgoKQXBpU2VydmljZRIMCgRuYW1lGAEgASgJEhAKCGJhc2VfdXJsGAIgASgJEigKBGF1dGgYAyABKAsyGi5tYWNoaW5hLmVuZ2luZS52MS5BcGlBdXRoEhUKDWFsbG93ZWRfcGF0aHMYBCADKAkSFwoPYWxsb3dlZF9tZXRob2RzGAUgAygJEhYKDm1heF9ib2R5X2J5dGVzGAYgASgDEhoKEm1heF9yZXNwb25zZV9ieXRlcxgHIAEoAxISCgp0aW1lb3V0X21zGAggASgDEjsKB2hlYWRlcnMYCSADKAsyKi5tYWNoaW5hLmVuZ2luZS52MS5BcGlTZXJ2aWNlLkhlYWRlcnNFbnRyeRouCgxIZWFkZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKYAQoHQXBpU3BlYxIvCghzZXJ2aWNlcxgBIAMoCzIdLm1hY2hpbmEuZW5naW5lLnYxLkFwaVNlcnZpY2USMAoDZW52GAIgAygLMiMubWFjaGluYS5lbmdpbmUudjEuQXBpU3BlYy5FbnZFbnRyeRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIq4HCgdSdW5TcGVjEgwKBHRhc2sYASABKAkSDgoGcnVuX2lkGAIgASgJEhIKCnJlcXVlc3RfaWQYAyABKAkSKwoFbW9kZWwYBCABKAsyHC5tYWNoaW5hLmVuZ2luZS52MS5Nb2RlbFNwZWMSLAoGbGltaXRzGAUgASgLMhwubWFjaGluYS5lbmdpbmUudjEuUnVuTGltaXRzEjIKC3Rvb2xfY2hvaWNlGAYgASgOMh0ubWFjaGluYS5lbmdpbmUudjEuVG9vbENob2ljZRIvCgV0b29scxgHIAEoCzIgLm1hY2hpbmEuZW5naW5lLnYxLlRvb2xBbGxvd0xpc3QSQAoLcGVybWlzc2lvbnMYCCADKAsyKy5tYWNoaW5hLmVuZ2luZS52MS5SdW5TcGVjLlBlcm1pc3Npb25zRW50cnkSEwoLZ2F0ZWRfdG9vbHMYCSADKAkSLgoNb3V0cHV0X3NjaGVtYRgKIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFQoNc3lzdGVtX3Byb21wdBgLIAEoCRIbChNhcHByb3ZhbF90aW1lb3V0X21zGAwgASgDEj8KFmFwcHJvdmFsX2V4cGlyeV9hY3Rpb24YDSABKA4yHy5tYWNoaW5hLmVuZ2luZS52MS5FeHBpcnlBY3Rpb24SNgoGbGFiZWxzGA4gAygLMiYubWFjaGluYS5lbmdpbmUudjEuUnVuU3BlYy5MYWJlbHNFbnRyeRI3CgxjbGllbnRfdG9vbHMYDyADKAsyIS5tYWNoaW5hLmVuZ2luZS52MS5Ub29sRGVmaW5pdGlvbhInCgNhcGkYECABKAsyGi5tYWNoaW5hLmVuZ2luZS52MS5BcGlTcGVjEjoKC21jcF9zZXJ2ZXJzGBEgASgLMiUubWFjaGluYS5lbmdpbmUudjEuTWNwU2VydmVyU2VsZWN0aW9uEisKB3dlYmhvb2sYEiABKAsyGi5tYWNoaW5hLmVuZ2luZS52MS5XZWJob29rEhwKD3NhbmRib3hfbmV0d29yaxgTIAEoCEgAiAEBGlEKEFBlcm1pc3Npb25zRW50cnkSCwoDa2V5GAEgASgJEiwKBXZhbHVlGAIgASgOMh0ubWFjaGluYS5lbmdpbmUudjEuUGVybWlzc2lvbjoCOAEaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUISChBfc2FuZGJveF9uZXR3b3JrIqQBCgdXZWJob29rEgsKA3VybBgBIAEoCRISCgpzZWNyZXRfcmVmGAIgASgJEg4KBmV2ZW50cxgDIAMoCRI4CgdoZWFkZXJzGAQgAygLMicubWFjaGluYS5lbmdpbmUudjEuV2ViaG9vay5IZWFkZXJzRW50cnkaLgoMSGVhZGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiJQoSTWNwU2VydmVyU2VsZWN0aW9uEg8KB3NlcnZlcnMYASADKAkiPQoRRXhlY3V0ZVJ1blJlcXVlc3QSKAoEc3BlYxgBIAEoCzIaLm1hY2hpbmEuZW5naW5lLnYxLlJ1blNwZWMiZgoSRXhlY3V0ZVJ1blJlc3BvbnNlEisKBmV2ZW50cxgBIAMoCzIbLm1hY2hpbmEuZW5naW5lLnYxLlJ1bkV2ZW50EiMKA3J1bhgCIAEoCzIWLm1hY2hpbmEuZW5naW5lLnYxLlJ1biI8ChBDcmVhdGVSdW5SZXF1ZXN0EigKBHNwZWMYASABKAsyGi5tYWNoaW5hLmVuZ2luZS52MS5SdW5TcGVjIjgKEUNyZWF0ZVJ1blJlc3BvbnNlEiMKA3J1bhgBIAEoCzIWLm1hY2hpbmEuZW5naW5lLnYxLlJ1biIfCg1HZXRSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSI1Cg5HZXRSdW5SZXNwb25zZRIjCgNydW4YASABKAsyFi5tYWNoaW5hLmVuZ2luZS52MS5SdW4i1AEKD0xpc3RSdW5zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIrCgZzdGF0ZXMYAyADKA4yGy5tYWNoaW5hLmVuZ2luZS52MS5SdW5TdGF0ZRI+CgZsYWJlbHMYBCADKAsyLi5tYWNoaW5hLmVuZ2luZS52MS5MaXN0UnVuc1JlcXVlc3QuTGFiZWxzRW50cnkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJRChBMaXN0UnVuc1Jlc3BvbnNlEiQKBHJ1bnMYASADKAsyFi5tYWNoaW5hLmVuZ2luZS52MS5SdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjQKDldhaXRSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRISCgp0aW1lb3V0X21zGAIgASgDIkkKD1dhaXRSdW5SZXNwb25zZRIjCgNydW4YASABKAsyFi5tYWNoaW5hLmVuZ2luZS52MS5SdW4SEQoJdGltZWRfb3V0GAIgASgIIksKFlN0cmVhbVJ1bkV2ZW50c1JlcXVlc3QSDgoGcnVuX2lkGAEgASgJEhEKCWFmdGVyX3NlcRgCIAEoAxIOCgZmb2xsb3cYAyABKAgiRgoXU3RyZWFtUnVuRXZlbnRzUmVzcG9uc2USKwoGZXZlbnRzGAEgAygLMhsubWFjaGluYS5lbmdpbmUudjEuUnVuRXZlbnQiPAoHQXBwcm92ZRIxChBlZGl0ZWRfYXJndW1lbnRzGAEgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCIYCgZSZWplY3QSDgoGcmVhc29uGAEgASgJIjEKB1Jlc3BvbmQSJgoGb3V0cHV0GAEgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlIrUBCghEZWNpc2lvbhIUCgxpbnRlcnJ1cHRfaWQYASABKAkSLQoHYXBwcm92ZRgCIAEoCzIaLm1hY2hpbmEuZW5naW5lLnYxLkFwcHJvdmVIABIrCgZyZWplY3QYAyABKAsyGS5tYWNoaW5hLmVuZ2luZS52MS5SZWplY3RIABItCgdyZXNwb25kGAQgASgLMhoubWFjaGluYS5lbmdpbmUudjEuUmVzcG9uZEgAQggKBmFjdGlvbiK8AQoQUmVzdW1lUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSLgoJZGVjaXNpb25zGAIgAygLMhsubWFjaGluYS5lbmdpbmUudjEuRGVjaXNpb24SEgoKcmVxdWVzdF9pZBgDIAEoCRInCgNhcGkYBCABKAsyGi5tYWNoaW5hLmVuZ2luZS52MS5BcGlTcGVjEisKB3dlYmhvb2sYBSABKAsyGi5tYWNoaW5hLmVuZ2luZS52MS5XZWJob29rIjgKEVJlc3VtZVJ1blJlc3BvbnNlEiMKA3J1bhgBIAEoCzIWLm1hY2hpbmEuZW5naW5lLnYxLlJ1biIyChBDYW5jZWxSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiOAoRQ2FuY2VsUnVuUmVzcG9uc2USIwoDcnVuGAEgASgLMhYubWFjaGluYS5lbmdpbmUudjEuUnVuIhwKGlJlY292ZXJPcnBoYW5lZFJ1bnNSZXF1ZXN0IlYKFEdldFRvb2xSZXN1bHRSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIPCgdjYWxsX2lkGAIgASgJEg4KBm9mZnNldBgDIAEoAxINCgVsaW1pdBgEIAEoAyJSChVHZXRUb29sUmVzdWx0UmVzcG9uc2USDwoHY29udGVudBgBIAEoCRITCgt0b3RhbF9jaGFycxgCIAEoAxITCgtuZXh0X29mZnNldBgDIAEoAyIuChtSZWNvdmVyT3JwaGFuZWRSdW5zUmVzcG9uc2USDwoHcnVuX2lkcxgBIAMoCTKwBwoNRW5naW5lU2VydmljZRJbCgpFeGVjdXRlUnVuEiQubWFjaGluYS5lbmdpbmUudjEuRXhlY3V0ZVJ1blJlcXVlc3QaJS5tYWNoaW5hLmVuZ2luZS52MS5FeGVjdXRlUnVuUmVzcG9uc2UwARJWCglDcmVhdGVSdW4SIy5tYWNoaW5hLmVuZ2luZS52MS5DcmVhdGVSdW5SZXF1ZXN0GiQubWFjaGluYS5lbmdpbmUudjEuQ3JlYXRlUnVuUmVzcG9uc2USTQoGR2V0UnVuEiAubWFjaGluYS5lbmdpbmUudjEuR2V0UnVuUmVxdWVzdBohLm1hY2hpbmEuZW5naW5lLnYxLkdldFJ1blJlc3BvbnNlElMKCExpc3RSdW5zEiIubWFjaGluYS5lbmdpbmUudjEuTGlzdFJ1bnNSZXF1ZXN0GiMubWFjaGluYS5lbmdpbmUudjEuTGlzdFJ1bnNSZXNwb25zZRJQCgdXYWl0UnVuEiEubWFjaGluYS5lbmdpbmUudjEuV2FpdFJ1blJlcXVlc3QaIi5tYWNoaW5hLmVuZ2luZS52MS5XYWl0UnVuUmVzcG9uc2USagoPU3RyZWFtUnVuRXZlbnRzEikubWFjaGluYS5lbmdpbmUudjEuU3RyZWFtUnVuRXZlbnRzUmVxdWVzdBoqLm1hY2hpbmEuZW5naW5lLnYxLlN0cmVhbVJ1bkV2ZW50c1Jlc3BvbnNlMAESVgoJUmVzdW1lUnVuEiMubWFjaGluYS5lbmdpbmUudjEuUmVzdW1lUnVuUmVxdWVzdBokLm1hY2hpbmEuZW5naW5lLnYxLlJlc3VtZVJ1blJlc3BvbnNlElYKCUNhbmNlbFJ1bhIjLm1hY2hpbmEuZW5naW5lLnYxLkNhbmNlbFJ1blJlcXVlc3QaJC5tYWNoaW5hLmVuZ2luZS52MS5DYW5jZWxSdW5SZXNwb25zZRJ0ChNSZWNvdmVyT3JwaGFuZWRSdW5zEi0ubWFjaGluYS5lbmdpbmUudjEuUmVjb3Zlck9ycGhhbmVkUnVuc1JlcXVlc3QaLi5tYWNoaW5hLmVuZ2luZS52MS5SZWNvdmVyT3JwaGFuZWRSdW5zUmVzcG9uc2USYgoNR2V0VG9vbFJlc3VsdBInLm1hY2hpbmEuZW5naW5lLnYxLkdldFRvb2xSZXN1bHRSZXF1ZXN0GigubWFjaGluYS5lbmdpbmUudjEuR2V0VG9vbFJlc3VsdFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct, file_machina_engine_v1_event, file_machina_engine_v1_run]);
+  fileDesc("CiZtYWNoaW5hL2VuZ2luZS92MS9lbmdpbmVfc2VydmljZS5wcm90bxIRbWFjaGluYS5lbmdpbmUudjEiTAoQU2NyaXB0ZWRUb29sQ2FsbBIMCgRuYW1lGAEgASgJEioKCWFyZ3VtZW50cxgCIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QifgoMU2NyaXB0ZWRUdXJuEgwKBHRleHQYASABKAkSNwoKdG9vbF9jYWxscxgCIAMoCzIjLm1hY2hpbmEuZW5naW5lLnYxLlNjcmlwdGVkVG9vbENhbGwSJwoFdXNhZ2UYAyABKAsyGC5tYWNoaW5hLmVuZ2luZS52MS5Vc2FnZSLQAQoJTW9kZWxTcGVjEhAKCHByb3ZpZGVyGAEgASgJEgwKBG5hbWUYAiABKAkSLwoGc2NyaXB0GAMgAygLMh8ubWFjaGluYS5lbmdpbmUudjEuU2NyaXB0ZWRUdXJuEhkKEW1heF9vdXRwdXRfdG9rZW5zGAQgASgFEh0KFWNvbnRleHRfd2luZG93X3Rva2VucxgUIAEoAxI4Cg1hZ2VudF9zY3JpcHRzGFogAygLMiEubWFjaGluYS5lbmdpbmUudjEuU3ViYWdlbnRTY3JpcHQiVQoOU3ViYWdlbnRTY3JpcHQSEgoKYWdlbnRfcGF0aBgBIAEoCRIvCgZzY3JpcHQYAiADKAsyHy5tYWNoaW5hLmVuZ2luZS52MS5TY3JpcHRlZFR1cm4iXAoJUnVuTGltaXRzEhEKCW1heF90dXJucxgBIAEoBRISCgptYXhfdG9rZW5zGAIgASgDEhIKCnRpbWVvdXRfbXMYAyABKAMSFAoMbWF4X2Nvc3RfdXNkGAQgASgBIh4KDVRvb2xBbGxvd0xpc3QSDQoFbmFtZXMYASADKAkiYgoOVG9vbERlZmluaXRpb24SDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRItCgxpbnB1dF9zY2hlbWEYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0InsKB0FwaUF1dGgSDAoEdHlwZRgBIAEoCRIRCgl0b2tlbl9yZWYYAiABKAkSDAoEbmFtZRgDIAEoCRIRCgl2YWx1ZV9yZWYYBCABKAkSEAoIdXNlcl9yZWYYBSABKAkSEAoIcGFzc19yZWYYBiABKAkSCgoCaWQYByABKAkiuwIKCkFwaVNlcnZpY2USDAoEbmFtZRgBIAEoCRIQCghiYXNlX3VybBgCIAEoCRIoCgRhdXRoGAMgASgLMhoubWFjaGluYS5lbmdpbmUudjEuQXBpQXV0aBIVCg1hbGxvd2VkX3BhdGhzGAQgAygJEhcKD2FsbG93ZWRfbWV0aG9kcxgFIAMoCRIWCg5tYXhfYm9keV9ieXRlcxgGIAEoAxIaChJtYXhfcmVzcG9uc2VfYnl0ZXMYByABKAMSEgoKdGltZW91dF9tcxgIIAEoAxI7CgdoZWFkZXJzGAkgAygLMioubWFjaGluYS5lbmdpbmUudjEuQXBpU2VydmljZS5IZWFkZXJzRW50cnkaLgoMSGVhZGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEimAEKB0FwaVNwZWMSLwoIc2VydmljZXMYASADKAsyHS5tYWNoaW5hLmVuZ2luZS52MS5BcGlTZXJ2aWNlEjAKA2VudhgCIAMoCzIjLm1hY2hpbmEuZW5naW5lLnYxLkFwaVNwZWMuRW52RW50cnkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKuBwoHUnVuU3BlYxIMCgR0YXNrGAEgASgJEg4KBnJ1bl9pZBgCIAEoCRISCgpyZXF1ZXN0X2lkGAMgASgJEisKBW1vZGVsGAQgASgLMhwubWFjaGluYS5lbmdpbmUudjEuTW9kZWxTcGVjEiwKBmxpbWl0cxgFIAEoCzIcLm1hY2hpbmEuZW5naW5lLnYxLlJ1bkxpbWl0cxIyCgt0b29sX2Nob2ljZRgGIAEoDjIdLm1hY2hpbmEuZW5naW5lLnYxLlRvb2xDaG9pY2USLwoFdG9vbHMYByABKAsyIC5tYWNoaW5hLmVuZ2luZS52MS5Ub29sQWxsb3dMaXN0EkAKC3Blcm1pc3Npb25zGAggAygLMisubWFjaGluYS5lbmdpbmUudjEuUnVuU3BlYy5QZXJtaXNzaW9uc0VudHJ5EhMKC2dhdGVkX3Rvb2xzGAkgAygJEi4KDW91dHB1dF9zY2hlbWEYCiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhUKDXN5c3RlbV9wcm9tcHQYCyABKAkSGwoTYXBwcm92YWxfdGltZW91dF9tcxgMIAEoAxI/ChZhcHByb3ZhbF9leHBpcnlfYWN0aW9uGA0gASgOMh8ubWFjaGluYS5lbmdpbmUudjEuRXhwaXJ5QWN0aW9uEjYKBmxhYmVscxgOIAMoCzImLm1hY2hpbmEuZW5naW5lLnYxLlJ1blNwZWMuTGFiZWxzRW50cnkSNwoMY2xpZW50X3Rvb2xzGA8gAygLMiEubWFjaGluYS5lbmdpbmUudjEuVG9vbERlZmluaXRpb24SJwoDYXBpGBAgASgLMhoubWFjaGluYS5lbmdpbmUudjEuQXBpU3BlYxI6CgttY3Bfc2VydmVycxgRIAEoCzIlLm1hY2hpbmEuZW5naW5lLnYxLk1jcFNlcnZlclNlbGVjdGlvbhIrCgd3ZWJob29rGBIgASgLMhoubWFjaGluYS5lbmdpbmUudjEuV2ViaG9vaxIcCg9zYW5kYm94X25ldHdvcmsYEyABKAhIAIgBARpRChBQZXJtaXNzaW9uc0VudHJ5EgsKA2tleRgBIAEoCRIsCgV2YWx1ZRgCIAEoDjIdLm1hY2hpbmEuZW5naW5lLnYxLlBlcm1pc3Npb246AjgBGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCEgoQX3NhbmRib3hfbmV0d29yayKkAQoHV2ViaG9vaxILCgN1cmwYASABKAkSEgoKc2VjcmV0X3JlZhgCIAEoCRIOCgZldmVudHMYAyADKAkSOAoHaGVhZGVycxgEIAMoCzInLm1hY2hpbmEuZW5naW5lLnYxLldlYmhvb2suSGVhZGVyc0VudHJ5Gi4KDEhlYWRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIiUKEk1jcFNlcnZlclNlbGVjdGlvbhIPCgdzZXJ2ZXJzGAEgAygJIj0KEUV4ZWN1dGVSdW5SZXF1ZXN0EigKBHNwZWMYASABKAsyGi5tYWNoaW5hLmVuZ2luZS52MS5SdW5TcGVjImYKEkV4ZWN1dGVSdW5SZXNwb25zZRIrCgZldmVudHMYASADKAsyGy5tYWNoaW5hLmVuZ2luZS52MS5SdW5FdmVudBIjCgNydW4YAiABKAsyFi5tYWNoaW5hLmVuZ2luZS52MS5SdW4iPAoQQ3JlYXRlUnVuUmVxdWVzdBIoCgRzcGVjGAEgASgLMhoubWFjaGluYS5lbmdpbmUudjEuUnVuU3BlYyI4ChFDcmVhdGVSdW5SZXNwb25zZRIjCgNydW4YASABKAsyFi5tYWNoaW5hLmVuZ2luZS52MS5SdW4iHwoNR2V0UnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiNQoOR2V0UnVuUmVzcG9uc2USIwoDcnVuGAEgASgLMhYubWFjaGluYS5lbmdpbmUudjEuUnVuItQBCg9MaXN0UnVuc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSKwoGc3RhdGVzGAMgAygOMhsubWFjaGluYS5lbmdpbmUudjEuUnVuU3RhdGUSPgoGbGFiZWxzGAQgAygLMi4ubWFjaGluYS5lbmdpbmUudjEuTGlzdFJ1bnNSZXF1ZXN0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiUQoQTGlzdFJ1bnNSZXNwb25zZRIkCgRydW5zGAEgAygLMhYubWFjaGluYS5lbmdpbmUudjEuUnVuEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI0Cg5XYWl0UnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSEgoKdGltZW91dF9tcxgCIAEoAyJJCg9XYWl0UnVuUmVzcG9uc2USIwoDcnVuGAEgASgLMhYubWFjaGluYS5lbmdpbmUudjEuUnVuEhEKCXRpbWVkX291dBgCIAEoCCJLChZTdHJlYW1SdW5FdmVudHNSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIRCglhZnRlcl9zZXEYAiABKAMSDgoGZm9sbG93GAMgASgIIkYKF1N0cmVhbVJ1bkV2ZW50c1Jlc3BvbnNlEisKBmV2ZW50cxgBIAMoCzIbLm1hY2hpbmEuZW5naW5lLnYxLlJ1bkV2ZW50IjwKB0FwcHJvdmUSMQoQZWRpdGVkX2FyZ3VtZW50cxgBIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiGAoGUmVqZWN0Eg4KBnJlYXNvbhgBIAEoCSIxCgdSZXNwb25kEiYKBm91dHB1dBgBIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZSK1AQoIRGVjaXNpb24SFAoMaW50ZXJydXB0X2lkGAEgASgJEi0KB2FwcHJvdmUYAiABKAsyGi5tYWNoaW5hLmVuZ2luZS52MS5BcHByb3ZlSAASKwoGcmVqZWN0GAMgASgLMhkubWFjaGluYS5lbmdpbmUudjEuUmVqZWN0SAASLQoHcmVzcG9uZBgEIAEoCzIaLm1hY2hpbmEuZW5naW5lLnYxLlJlc3BvbmRIAEIICgZhY3Rpb24ivAEKEFJlc3VtZVJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEi4KCWRlY2lzaW9ucxgCIAMoCzIbLm1hY2hpbmEuZW5naW5lLnYxLkRlY2lzaW9uEhIKCnJlcXVlc3RfaWQYAyABKAkSJwoDYXBpGAQgASgLMhoubWFjaGluYS5lbmdpbmUudjEuQXBpU3BlYxIrCgd3ZWJob29rGAUgASgLMhoubWFjaGluYS5lbmdpbmUudjEuV2ViaG9vayI4ChFSZXN1bWVSdW5SZXNwb25zZRIjCgNydW4YASABKAsyFi5tYWNoaW5hLmVuZ2luZS52MS5SdW4iMgoQQ2FuY2VsUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSDgoGcmVhc29uGAIgASgJIjgKEUNhbmNlbFJ1blJlc3BvbnNlEiMKA3J1bhgBIAEoCzIWLm1hY2hpbmEuZW5naW5lLnYxLlJ1biIcChpSZWNvdmVyT3JwaGFuZWRSdW5zUmVxdWVzdCJWChRHZXRUb29sUmVzdWx0UmVxdWVzdBIOCgZydW5faWQYASABKAkSDwoHY2FsbF9pZBgCIAEoCRIOCgZvZmZzZXQYAyABKAMSDQoFbGltaXQYBCABKAMiUgoVR2V0VG9vbFJlc3VsdFJlc3BvbnNlEg8KB2NvbnRlbnQYASABKAkSEwoLdG90YWxfY2hhcnMYAiABKAMSEwoLbmV4dF9vZmZzZXQYAyABKAMiLgobUmVjb3Zlck9ycGhhbmVkUnVuc1Jlc3BvbnNlEg8KB3J1bl9pZHMYASADKAkysAcKDUVuZ2luZVNlcnZpY2USWwoKRXhlY3V0ZVJ1bhIkLm1hY2hpbmEuZW5naW5lLnYxLkV4ZWN1dGVSdW5SZXF1ZXN0GiUubWFjaGluYS5lbmdpbmUudjEuRXhlY3V0ZVJ1blJlc3BvbnNlMAESVgoJQ3JlYXRlUnVuEiMubWFjaGluYS5lbmdpbmUudjEuQ3JlYXRlUnVuUmVxdWVzdBokLm1hY2hpbmEuZW5naW5lLnYxLkNyZWF0ZVJ1blJlc3BvbnNlEk0KBkdldFJ1bhIgLm1hY2hpbmEuZW5naW5lLnYxLkdldFJ1blJlcXVlc3QaIS5tYWNoaW5hLmVuZ2luZS52MS5HZXRSdW5SZXNwb25zZRJTCghMaXN0UnVucxIiLm1hY2hpbmEuZW5naW5lLnYxLkxpc3RSdW5zUmVxdWVzdBojLm1hY2hpbmEuZW5naW5lLnYxLkxpc3RSdW5zUmVzcG9uc2USUAoHV2FpdFJ1bhIhLm1hY2hpbmEuZW5naW5lLnYxLldhaXRSdW5SZXF1ZXN0GiIubWFjaGluYS5lbmdpbmUudjEuV2FpdFJ1blJlc3BvbnNlEmoKD1N0cmVhbVJ1bkV2ZW50cxIpLm1hY2hpbmEuZW5naW5lLnYxLlN0cmVhbVJ1bkV2ZW50c1JlcXVlc3QaKi5tYWNoaW5hLmVuZ2luZS52MS5TdHJlYW1SdW5FdmVudHNSZXNwb25zZTABElYKCVJlc3VtZVJ1bhIjLm1hY2hpbmEuZW5naW5lLnYxLlJlc3VtZVJ1blJlcXVlc3QaJC5tYWNoaW5hLmVuZ2luZS52MS5SZXN1bWVSdW5SZXNwb25zZRJWCglDYW5jZWxSdW4SIy5tYWNoaW5hLmVuZ2luZS52MS5DYW5jZWxSdW5SZXF1ZXN0GiQubWFjaGluYS5lbmdpbmUudjEuQ2FuY2VsUnVuUmVzcG9uc2USdAoTUmVjb3Zlck9ycGhhbmVkUnVucxItLm1hY2hpbmEuZW5naW5lLnYxLlJlY292ZXJPcnBoYW5lZFJ1bnNSZXF1ZXN0Gi4ubWFjaGluYS5lbmdpbmUudjEuUmVjb3Zlck9ycGhhbmVkUnVuc1Jlc3BvbnNlEmIKDUdldFRvb2xSZXN1bHQSJy5tYWNoaW5hLmVuZ2luZS52MS5HZXRUb29sUmVzdWx0UmVxdWVzdBooLm1hY2hpbmEuZW5naW5lLnYxLkdldFRvb2xSZXN1bHRSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_struct, file_machina_engine_v1_event, file_machina_engine_v1_run]);
 
 /**
  * A tool call the scripted model will make.
@@ -122,6 +122,13 @@ export type ModelSpec = Message<"machina.engine.v1.ModelSpec"> & {
    * @generated from field: int64 context_window_tokens = 20;
    */
   contextWindowTokens: bigint;
+
+  /**
+   * For `scripted`: the turns each subagent replays, by its path (see RunEvent.agent_path).
+   *
+   * @generated from field: repeated machina.engine.v1.SubagentScript agent_scripts = 90;
+   */
+  agentScripts: SubagentScript[];
 };
 
 /**
@@ -130,6 +137,34 @@ export type ModelSpec = Message<"machina.engine.v1.ModelSpec"> & {
  */
 export const ModelSpecSchema: GenMessage<ModelSpec> = /*@__PURE__*/
   messageDesc(file_machina_engine_v1_engine_service, 2);
+
+/**
+ * The scripted turns of one subagent.
+ *
+ * @generated from message machina.engine.v1.SubagentScript
+ */
+export type SubagentScript = Message<"machina.engine.v1.SubagentScript"> & {
+  /**
+   * The subagent's path: the call ids from the run down to it, joined by `/`.
+   *
+   * @generated from field: string agent_path = 1;
+   */
+  agentPath: string;
+
+  /**
+   * The turns it replays, in order.
+   *
+   * @generated from field: repeated machina.engine.v1.ScriptedTurn script = 2;
+   */
+  script: ScriptedTurn[];
+};
+
+/**
+ * Describes the message machina.engine.v1.SubagentScript.
+ * Use `create(SubagentScriptSchema)` to create a new message.
+ */
+export const SubagentScriptSchema: GenMessage<SubagentScript> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_engine_service, 3);
 
 /**
  * Limits that end a run with a distinct error code.
@@ -171,7 +206,7 @@ export type RunLimits = Message<"machina.engine.v1.RunLimits"> & {
  * Use `create(RunLimitsSchema)` to create a new message.
  */
 export const RunLimitsSchema: GenMessage<RunLimits> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 3);
+  messageDesc(file_machina_engine_v1_engine_service, 4);
 
 /**
  * A list of tool names. Present-but-empty means "no tools".
@@ -192,7 +227,7 @@ export type ToolAllowList = Message<"machina.engine.v1.ToolAllowList"> & {
  * Use `create(ToolAllowListSchema)` to create a new message.
  */
 export const ToolAllowListSchema: GenMessage<ToolAllowList> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 4);
+  messageDesc(file_machina_engine_v1_engine_service, 5);
 
 /**
  * A tool defined by the caller. The model sees it like any other tool; each
@@ -229,7 +264,7 @@ export type ToolDefinition = Message<"machina.engine.v1.ToolDefinition"> & {
  * Use `create(ToolDefinitionSchema)` to create a new message.
  */
 export const ToolDefinitionSchema: GenMessage<ToolDefinition> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 5);
+  messageDesc(file_machina_engine_v1_engine_service, 6);
 
 /**
  * How ApiCall authenticates to a service. Values are never sent here, only the
@@ -296,7 +331,7 @@ export type ApiAuth = Message<"machina.engine.v1.ApiAuth"> & {
  * Use `create(ApiAuthSchema)` to create a new message.
  */
 export const ApiAuthSchema: GenMessage<ApiAuth> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 6);
+  messageDesc(file_machina_engine_v1_engine_service, 7);
 
 /**
  * An external HTTP API the model may call through the ApiCall tool.
@@ -373,7 +408,7 @@ export type ApiService = Message<"machina.engine.v1.ApiService"> & {
  * Use `create(ApiServiceSchema)` to create a new message.
  */
 export const ApiServiceSchema: GenMessage<ApiService> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 7);
+  messageDesc(file_machina_engine_v1_engine_service, 8);
 
 /**
  * Per-run (tenant) ApiCall services and the credentials their refs name.
@@ -404,7 +439,7 @@ export type ApiSpec = Message<"machina.engine.v1.ApiSpec"> & {
  * Use `create(ApiSpecSchema)` to create a new message.
  */
 export const ApiSpecSchema: GenMessage<ApiSpec> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 8);
+  messageDesc(file_machina_engine_v1_engine_service, 9);
 
 /**
  * What to start.
@@ -553,7 +588,7 @@ export type RunSpec = Message<"machina.engine.v1.RunSpec"> & {
  * Use `create(RunSpecSchema)` to create a new message.
  */
 export const RunSpecSchema: GenMessage<RunSpec> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 9);
+  messageDesc(file_machina_engine_v1_engine_service, 10);
 
 /**
  * Where to POST the run's status when it pauses or ends. Each POST carries the
@@ -601,7 +636,7 @@ export type Webhook = Message<"machina.engine.v1.Webhook"> & {
  * Use `create(WebhookSchema)` to create a new message.
  */
 export const WebhookSchema: GenMessage<Webhook> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 10);
+  messageDesc(file_machina_engine_v1_engine_service, 11);
 
 /**
  * A choice of configured MCP servers by name.
@@ -622,7 +657,7 @@ export type McpServerSelection = Message<"machina.engine.v1.McpServerSelection">
  * Use `create(McpServerSelectionSchema)` to create a new message.
  */
 export const McpServerSelectionSchema: GenMessage<McpServerSelection> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 11);
+  messageDesc(file_machina_engine_v1_engine_service, 12);
 
 /**
  * Request for ExecuteRun.
@@ -643,7 +678,7 @@ export type ExecuteRunRequest = Message<"machina.engine.v1.ExecuteRunRequest"> &
  * Use `create(ExecuteRunRequestSchema)` to create a new message.
  */
 export const ExecuteRunRequestSchema: GenMessage<ExecuteRunRequest> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 12);
+  messageDesc(file_machina_engine_v1_engine_service, 13);
 
 /**
  * A batch of events of a streaming run. The stream's last message carries
@@ -672,7 +707,7 @@ export type ExecuteRunResponse = Message<"machina.engine.v1.ExecuteRunResponse">
  * Use `create(ExecuteRunResponseSchema)` to create a new message.
  */
 export const ExecuteRunResponseSchema: GenMessage<ExecuteRunResponse> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 13);
+  messageDesc(file_machina_engine_v1_engine_service, 14);
 
 /**
  * Request for CreateRun.
@@ -693,7 +728,7 @@ export type CreateRunRequest = Message<"machina.engine.v1.CreateRunRequest"> & {
  * Use `create(CreateRunRequestSchema)` to create a new message.
  */
 export const CreateRunRequestSchema: GenMessage<CreateRunRequest> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 14);
+  messageDesc(file_machina_engine_v1_engine_service, 15);
 
 /**
  * Response of CreateRun.
@@ -714,7 +749,7 @@ export type CreateRunResponse = Message<"machina.engine.v1.CreateRunResponse"> &
  * Use `create(CreateRunResponseSchema)` to create a new message.
  */
 export const CreateRunResponseSchema: GenMessage<CreateRunResponse> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 15);
+  messageDesc(file_machina_engine_v1_engine_service, 16);
 
 /**
  * Request for GetRun.
@@ -735,7 +770,7 @@ export type GetRunRequest = Message<"machina.engine.v1.GetRunRequest"> & {
  * Use `create(GetRunRequestSchema)` to create a new message.
  */
 export const GetRunRequestSchema: GenMessage<GetRunRequest> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 16);
+  messageDesc(file_machina_engine_v1_engine_service, 17);
 
 /**
  * Response of GetRun.
@@ -756,7 +791,7 @@ export type GetRunResponse = Message<"machina.engine.v1.GetRunResponse"> & {
  * Use `create(GetRunResponseSchema)` to create a new message.
  */
 export const GetRunResponseSchema: GenMessage<GetRunResponse> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 17);
+  messageDesc(file_machina_engine_v1_engine_service, 18);
 
 /**
  * Request for ListRuns.
@@ -798,7 +833,7 @@ export type ListRunsRequest = Message<"machina.engine.v1.ListRunsRequest"> & {
  * Use `create(ListRunsRequestSchema)` to create a new message.
  */
 export const ListRunsRequestSchema: GenMessage<ListRunsRequest> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 18);
+  messageDesc(file_machina_engine_v1_engine_service, 19);
 
 /**
  * Response of ListRuns.
@@ -830,7 +865,7 @@ export type ListRunsResponse = Message<"machina.engine.v1.ListRunsResponse"> & {
  * Use `create(ListRunsResponseSchema)` to create a new message.
  */
 export const ListRunsResponseSchema: GenMessage<ListRunsResponse> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 19);
+  messageDesc(file_machina_engine_v1_engine_service, 20);
 
 /**
  * Request for WaitRun.
@@ -858,7 +893,7 @@ export type WaitRunRequest = Message<"machina.engine.v1.WaitRunRequest"> & {
  * Use `create(WaitRunRequestSchema)` to create a new message.
  */
 export const WaitRunRequestSchema: GenMessage<WaitRunRequest> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 20);
+  messageDesc(file_machina_engine_v1_engine_service, 21);
 
 /**
  * Response of WaitRun.
@@ -886,7 +921,7 @@ export type WaitRunResponse = Message<"machina.engine.v1.WaitRunResponse"> & {
  * Use `create(WaitRunResponseSchema)` to create a new message.
  */
 export const WaitRunResponseSchema: GenMessage<WaitRunResponse> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 21);
+  messageDesc(file_machina_engine_v1_engine_service, 22);
 
 /**
  * Request for StreamRunEvents.
@@ -921,7 +956,7 @@ export type StreamRunEventsRequest = Message<"machina.engine.v1.StreamRunEventsR
  * Use `create(StreamRunEventsRequestSchema)` to create a new message.
  */
 export const StreamRunEventsRequestSchema: GenMessage<StreamRunEventsRequest> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 22);
+  messageDesc(file_machina_engine_v1_engine_service, 23);
 
 /**
  * A batch of events.
@@ -942,7 +977,7 @@ export type StreamRunEventsResponse = Message<"machina.engine.v1.StreamRunEvents
  * Use `create(StreamRunEventsResponseSchema)` to create a new message.
  */
 export const StreamRunEventsResponseSchema: GenMessage<StreamRunEventsResponse> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 23);
+  messageDesc(file_machina_engine_v1_engine_service, 24);
 
 /**
  * Approve a tool call, optionally with edited arguments.
@@ -963,7 +998,7 @@ export type Approve = Message<"machina.engine.v1.Approve"> & {
  * Use `create(ApproveSchema)` to create a new message.
  */
 export const ApproveSchema: GenMessage<Approve> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 24);
+  messageDesc(file_machina_engine_v1_engine_service, 25);
 
 /**
  * Reject a tool call; the model sees the reason as an error result.
@@ -984,7 +1019,7 @@ export type Reject = Message<"machina.engine.v1.Reject"> & {
  * Use `create(RejectSchema)` to create a new message.
  */
 export const RejectSchema: GenMessage<Reject> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 25);
+  messageDesc(file_machina_engine_v1_engine_service, 26);
 
 /**
  * Supply the result of the call (or the answer to a question) directly.
@@ -1005,7 +1040,7 @@ export type Respond = Message<"machina.engine.v1.Respond"> & {
  * Use `create(RespondSchema)` to create a new message.
  */
 export const RespondSchema: GenMessage<Respond> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 26);
+  messageDesc(file_machina_engine_v1_engine_service, 27);
 
 /**
  * A decision on one interrupt.
@@ -1057,7 +1092,7 @@ export type Decision = Message<"machina.engine.v1.Decision"> & {
  * Use `create(DecisionSchema)` to create a new message.
  */
 export const DecisionSchema: GenMessage<Decision> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 27);
+  messageDesc(file_machina_engine_v1_engine_service, 28);
 
 /**
  * Request for ResumeRun.
@@ -1106,7 +1141,7 @@ export type ResumeRunRequest = Message<"machina.engine.v1.ResumeRunRequest"> & {
  * Use `create(ResumeRunRequestSchema)` to create a new message.
  */
 export const ResumeRunRequestSchema: GenMessage<ResumeRunRequest> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 28);
+  messageDesc(file_machina_engine_v1_engine_service, 29);
 
 /**
  * Response of ResumeRun.
@@ -1127,7 +1162,7 @@ export type ResumeRunResponse = Message<"machina.engine.v1.ResumeRunResponse"> &
  * Use `create(ResumeRunResponseSchema)` to create a new message.
  */
 export const ResumeRunResponseSchema: GenMessage<ResumeRunResponse> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 29);
+  messageDesc(file_machina_engine_v1_engine_service, 30);
 
 /**
  * Request for CancelRun.
@@ -1155,7 +1190,7 @@ export type CancelRunRequest = Message<"machina.engine.v1.CancelRunRequest"> & {
  * Use `create(CancelRunRequestSchema)` to create a new message.
  */
 export const CancelRunRequestSchema: GenMessage<CancelRunRequest> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 30);
+  messageDesc(file_machina_engine_v1_engine_service, 31);
 
 /**
  * Response of CancelRun.
@@ -1176,7 +1211,7 @@ export type CancelRunResponse = Message<"machina.engine.v1.CancelRunResponse"> &
  * Use `create(CancelRunResponseSchema)` to create a new message.
  */
 export const CancelRunResponseSchema: GenMessage<CancelRunResponse> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 31);
+  messageDesc(file_machina_engine_v1_engine_service, 32);
 
 /**
  * Request for RecoverOrphanedRuns.
@@ -1191,7 +1226,7 @@ export type RecoverOrphanedRunsRequest = Message<"machina.engine.v1.RecoverOrpha
  * Use `create(RecoverOrphanedRunsRequestSchema)` to create a new message.
  */
 export const RecoverOrphanedRunsRequestSchema: GenMessage<RecoverOrphanedRunsRequest> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 32);
+  messageDesc(file_machina_engine_v1_engine_service, 33);
 
 /**
  * Request for GetToolResult.
@@ -1233,7 +1268,7 @@ export type GetToolResultRequest = Message<"machina.engine.v1.GetToolResultReque
  * Use `create(GetToolResultRequestSchema)` to create a new message.
  */
 export const GetToolResultRequestSchema: GenMessage<GetToolResultRequest> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 33);
+  messageDesc(file_machina_engine_v1_engine_service, 34);
 
 /**
  * Response of GetToolResult.
@@ -1268,7 +1303,7 @@ export type GetToolResultResponse = Message<"machina.engine.v1.GetToolResultResp
  * Use `create(GetToolResultResponseSchema)` to create a new message.
  */
 export const GetToolResultResponseSchema: GenMessage<GetToolResultResponse> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 34);
+  messageDesc(file_machina_engine_v1_engine_service, 35);
 
 /**
  * Response of RecoverOrphanedRuns.
@@ -1289,7 +1324,7 @@ export type RecoverOrphanedRunsResponse = Message<"machina.engine.v1.RecoverOrph
  * Use `create(RecoverOrphanedRunsResponseSchema)` to create a new message.
  */
 export const RecoverOrphanedRunsResponseSchema: GenMessage<RecoverOrphanedRunsResponse> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_engine_service, 35);
+  messageDesc(file_machina_engine_v1_engine_service, 36);
 
 /**
  * EngineService runs LLM agent tasks. Every RPC acts inside the caller's

@@ -14,7 +14,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file machina/engine/v1/event.proto.
  */
 export const file_machina_engine_v1_event: GenFile = /*@__PURE__*/
-  fileDesc("Ch1tYWNoaW5hL2VuZ2luZS92MS9ldmVudC5wcm90bxIRbWFjaGluYS5lbmdpbmUudjEiWgoIVG9vbENhbGwSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSKgoJYXJndW1lbnRzGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCIpCgpSdW5TdGFydGVkEgwKBHRhc2sYASABKAkSDQoFbW9kZWwYAiABKAkiJwoJVGV4dERlbHRhEgwKBHRleHQYASABKAkSDAoEdHVybhgCIAEoBSJfChBBc3Npc3RhbnRNZXNzYWdlEgwKBHRleHQYASABKAkSLwoKdG9vbF9jYWxscxgCIAMoCzIbLm1hY2hpbmEuZW5naW5lLnYxLlRvb2xDYWxsEgwKBHR1cm4YAyABKAUiPAoPVG9vbENhbGxTdGFydGVkEikKBGNhbGwYASABKAsyGy5tYWNoaW5hLmVuZ2luZS52MS5Ub29sQ2FsbCKTAQoRVG9vbENhbGxDb21wbGV0ZWQSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEAoIaXNfZXJyb3IYAyABKAgSEgoKc2l6ZV9ieXRlcxgEIAEoAxIOCgZvdXRwdXQYBSABKAkSEwoLZHVyYXRpb25fbXMYBiABKAMSDwoHb3V0Y29tZRgHIAEoCSJCCg9JbnRlcnJ1cHRSYWlzZWQSLwoJaW50ZXJydXB0GAEgASgLMhwubWFjaGluYS5lbmdpbmUudjEuSW50ZXJydXB0IroBChBJbnRlcnJ1cHREZWNpZGVkEhQKDGludGVycnVwdF9pZBgBIAEoCRIQCghkZWNpc2lvbhgCIAEoCRISCgpkZWNpZGVkX2J5GAMgASgJEi8KC2RlY2lkZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBhcmd1bWVudHNfc2hhMjU2GAUgASgJEg8KB2V4cGlyZWQYBiABKAgSDgoGcmVhc29uGAcgASgJIjEKBlBhdXNlZBInCgVwYXVzZRgBIAEoCzIYLm1hY2hpbmEuZW5naW5lLnYxLlBhdXNlIjsKB1Jlc3VtZWQSEgoKcmVzdW1lZF9ieRgBIAEoCRIcChRyb2xsZWRfYmFja19mcm9tX3NlcRgCIAEoAyJYCg1Vc2FnZVJlcG9ydGVkEgwKBHR1cm4YASABKAUSJwoFdXNhZ2UYAiABKAsyGC5tYWNoaW5hLmVuZ2luZS52MS5Vc2FnZRIQCghjb3N0X3VzZBgDIAEoASJ1Cg5BcGlDYWxsTWV0ZXJlZBIPCgdzZXJ2aWNlGAEgASgJEg4KBm1ldGhvZBgCIAEoCRIMCgRwYXRoGAMgASgJEg4KBnN0YXR1cxgEIAEoBRISCgpsYXRlbmN5X21zGAUgASgDEhAKCGJ5dGVzX2luGAYgASgDIiAKD0hhbmRvZmZUb1J1bm5lchINCgV0b29scxgBIAMoCSK1AQoLUnVuRmluaXNoZWQSKgoFc3RhdGUYASABKA4yGy5tYWNoaW5hLmVuZ2luZS52MS5SdW5TdGF0ZRIkCgRkYXRhGAIgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlEioKBWVycm9yGAMgASgLMhsubWFjaGluYS5lbmdpbmUudjEuUnVuRXJyb3ISKAoEbWV0YRgEIAEoCzIaLm1hY2hpbmEuZW5naW5lLnYxLlJ1bk1ldGEiogEKEENvbnRleHRDb21wYWN0ZWQSDAoEdHVybhgBIAEoBRIYChB0dXJuc19zdW1tYXJpemVkGAIgASgFEhUKDXRva2Vuc19iZWZvcmUYAyABKAMSFAoMdG9rZW5zX2FmdGVyGAQgASgDEicKBXVzYWdlGAUgASgLMhgubWFjaGluYS5lbmdpbmUudjEuVXNhZ2USEAoIY29zdF91c2QYBiABKAEikwgKCFJ1bkV2ZW50Eg4KBnJ1bl9pZBgBIAEoCRILCgNzZXEYAiABKAMSKAoEdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoLcnVuX3N0YXJ0ZWQYCiABKAsyHS5tYWNoaW5hLmVuZ2luZS52MS5SdW5TdGFydGVkSAASMgoKdGV4dF9kZWx0YRgLIAEoCzIcLm1hY2hpbmEuZW5naW5lLnYxLlRleHREZWx0YUgAEkAKEWFzc2lzdGFudF9tZXNzYWdlGAwgASgLMiMubWFjaGluYS5lbmdpbmUudjEuQXNzaXN0YW50TWVzc2FnZUgAEj8KEXRvb2xfY2FsbF9zdGFydGVkGA0gASgLMiIubWFjaGluYS5lbmdpbmUudjEuVG9vbENhbGxTdGFydGVkSAASQwoTdG9vbF9jYWxsX2NvbXBsZXRlZBgOIAEoCzIkLm1hY2hpbmEuZW5naW5lLnYxLlRvb2xDYWxsQ29tcGxldGVkSAASQAoSYXBwcm92YWxfcmVxdWVzdGVkGA8gASgLMiIubWFjaGluYS5lbmdpbmUudjEuSW50ZXJydXB0UmFpc2VkSAASPwoQYXBwcm92YWxfZGVjaWRlZBgQIAEoCzIjLm1hY2hpbmEuZW5naW5lLnYxLkludGVycnVwdERlY2lkZWRIABI9Cg9pbnB1dF9yZXF1ZXN0ZWQYESABKAsyIi5tYWNoaW5hLmVuZ2luZS52MS5JbnRlcnJ1cHRSYWlzZWRIABJDChV0b29sX3Jlc3VsdF9yZXF1ZXN0ZWQYEiABKAsyIi5tYWNoaW5hLmVuZ2luZS52MS5JbnRlcnJ1cHRSYWlzZWRIABIrCgZwYXVzZWQYEyABKAsyGS5tYWNoaW5hLmVuZ2luZS52MS5QYXVzZWRIABItCgdyZXN1bWVkGBQgASgLMhoubWFjaGluYS5lbmdpbmUudjEuUmVzdW1lZEgAEjEKBXVzYWdlGBUgASgLMiAubWFjaGluYS5lbmdpbmUudjEuVXNhZ2VSZXBvcnRlZEgAEjUKCGFwaV9jYWxsGBYgASgLMiEubWFjaGluYS5lbmdpbmUudjEuQXBpQ2FsbE1ldGVyZWRIABI/ChFoYW5kb2ZmX3RvX3J1bm5lchgXIAEoCzIiLm1hY2hpbmEuZW5naW5lLnYxLkhhbmRvZmZUb1J1bm5lckgAEjYKDHJ1bl9maW5pc2hlZBgYIAEoCzIeLm1hY2hpbmEuZW5naW5lLnYxLlJ1bkZpbmlzaGVkSAASQAoRY29udGV4dF9jb21wYWN0ZWQYMiABKAsyIy5tYWNoaW5hLmVuZ2luZS52MS5Db250ZXh0Q29tcGFjdGVkSABCBgoEa2luZGIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp, file_machina_engine_v1_run]);
+  fileDesc("Ch1tYWNoaW5hL2VuZ2luZS92MS9ldmVudC5wcm90bxIRbWFjaGluYS5lbmdpbmUudjEiWgoIVG9vbENhbGwSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSKgoJYXJndW1lbnRzGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCIpCgpSdW5TdGFydGVkEgwKBHRhc2sYASABKAkSDQoFbW9kZWwYAiABKAkiJwoJVGV4dERlbHRhEgwKBHRleHQYASABKAkSDAoEdHVybhgCIAEoBSJfChBBc3Npc3RhbnRNZXNzYWdlEgwKBHRleHQYASABKAkSLwoKdG9vbF9jYWxscxgCIAMoCzIbLm1hY2hpbmEuZW5naW5lLnYxLlRvb2xDYWxsEgwKBHR1cm4YAyABKAUiPAoPVG9vbENhbGxTdGFydGVkEikKBGNhbGwYASABKAsyGy5tYWNoaW5hLmVuZ2luZS52MS5Ub29sQ2FsbCKTAQoRVG9vbENhbGxDb21wbGV0ZWQSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEAoIaXNfZXJyb3IYAyABKAgSEgoKc2l6ZV9ieXRlcxgEIAEoAxIOCgZvdXRwdXQYBSABKAkSEwoLZHVyYXRpb25fbXMYBiABKAMSDwoHb3V0Y29tZRgHIAEoCSJCCg9JbnRlcnJ1cHRSYWlzZWQSLwoJaW50ZXJydXB0GAEgASgLMhwubWFjaGluYS5lbmdpbmUudjEuSW50ZXJydXB0IroBChBJbnRlcnJ1cHREZWNpZGVkEhQKDGludGVycnVwdF9pZBgBIAEoCRIQCghkZWNpc2lvbhgCIAEoCRISCgpkZWNpZGVkX2J5GAMgASgJEi8KC2RlY2lkZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBhcmd1bWVudHNfc2hhMjU2GAUgASgJEg8KB2V4cGlyZWQYBiABKAgSDgoGcmVhc29uGAcgASgJIjEKBlBhdXNlZBInCgVwYXVzZRgBIAEoCzIYLm1hY2hpbmEuZW5naW5lLnYxLlBhdXNlIjsKB1Jlc3VtZWQSEgoKcmVzdW1lZF9ieRgBIAEoCRIcChRyb2xsZWRfYmFja19mcm9tX3NlcRgCIAEoAyJYCg1Vc2FnZVJlcG9ydGVkEgwKBHR1cm4YASABKAUSJwoFdXNhZ2UYAiABKAsyGC5tYWNoaW5hLmVuZ2luZS52MS5Vc2FnZRIQCghjb3N0X3VzZBgDIAEoASJ1Cg5BcGlDYWxsTWV0ZXJlZBIPCgdzZXJ2aWNlGAEgASgJEg4KBm1ldGhvZBgCIAEoCRIMCgRwYXRoGAMgASgJEg4KBnN0YXR1cxgEIAEoBRISCgpsYXRlbmN5X21zGAUgASgDEhAKCGJ5dGVzX2luGAYgASgDIiAKD0hhbmRvZmZUb1J1bm5lchINCgV0b29scxgBIAMoCSK1AQoLUnVuRmluaXNoZWQSKgoFc3RhdGUYASABKA4yGy5tYWNoaW5hLmVuZ2luZS52MS5SdW5TdGF0ZRIkCgRkYXRhGAIgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlEioKBWVycm9yGAMgASgLMhsubWFjaGluYS5lbmdpbmUudjEuUnVuRXJyb3ISKAoEbWV0YRgEIAEoCzIaLm1hY2hpbmEuZW5naW5lLnYxLlJ1bk1ldGEiogEKEENvbnRleHRDb21wYWN0ZWQSDAoEdHVybhgBIAEoBRIYChB0dXJuc19zdW1tYXJpemVkGAIgASgFEhUKDXRva2Vuc19iZWZvcmUYAyABKAMSFAoMdG9rZW5zX2FmdGVyGAQgASgDEicKBXVzYWdlGAUgASgLMhgubWFjaGluYS5lbmdpbmUudjEuVXNhZ2USEAoIY29zdF91c2QYBiABKAEiaAoMQWdlbnRTdGFydGVkEgwKBHRhc2sYASABKAkSDQoFdG9vbHMYAiADKAkSEQoJbWF4X3R1cm5zGAMgASgFEhIKCm1heF90b2tlbnMYBCABKAMSFAoMbWF4X2Nvc3RfdXNkGAUgASgBIqEBCg1BZ2VudEZpbmlzaGVkEioKBXN0YXRlGAEgASgOMhsubWFjaGluYS5lbmdpbmUudjEuUnVuU3RhdGUSDgoGb3V0cHV0GAIgASgJEioKBWVycm9yGAMgASgLMhsubWFjaGluYS5lbmdpbmUudjEuUnVuRXJyb3ISKAoEbWV0YRgEIAEoCzIaLm1hY2hpbmEuZW5naW5lLnYxLlJ1bk1ldGEinQkKCFJ1bkV2ZW50Eg4KBnJ1bl9pZBgBIAEoCRILCgNzZXEYAiABKAMSKAoEdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoLcnVuX3N0YXJ0ZWQYCiABKAsyHS5tYWNoaW5hLmVuZ2luZS52MS5SdW5TdGFydGVkSAASMgoKdGV4dF9kZWx0YRgLIAEoCzIcLm1hY2hpbmEuZW5naW5lLnYxLlRleHREZWx0YUgAEkAKEWFzc2lzdGFudF9tZXNzYWdlGAwgASgLMiMubWFjaGluYS5lbmdpbmUudjEuQXNzaXN0YW50TWVzc2FnZUgAEj8KEXRvb2xfY2FsbF9zdGFydGVkGA0gASgLMiIubWFjaGluYS5lbmdpbmUudjEuVG9vbENhbGxTdGFydGVkSAASQwoTdG9vbF9jYWxsX2NvbXBsZXRlZBgOIAEoCzIkLm1hY2hpbmEuZW5naW5lLnYxLlRvb2xDYWxsQ29tcGxldGVkSAASQAoSYXBwcm92YWxfcmVxdWVzdGVkGA8gASgLMiIubWFjaGluYS5lbmdpbmUudjEuSW50ZXJydXB0UmFpc2VkSAASPwoQYXBwcm92YWxfZGVjaWRlZBgQIAEoCzIjLm1hY2hpbmEuZW5naW5lLnYxLkludGVycnVwdERlY2lkZWRIABI9Cg9pbnB1dF9yZXF1ZXN0ZWQYESABKAsyIi5tYWNoaW5hLmVuZ2luZS52MS5JbnRlcnJ1cHRSYWlzZWRIABJDChV0b29sX3Jlc3VsdF9yZXF1ZXN0ZWQYEiABKAsyIi5tYWNoaW5hLmVuZ2luZS52MS5JbnRlcnJ1cHRSYWlzZWRIABIrCgZwYXVzZWQYEyABKAsyGS5tYWNoaW5hLmVuZ2luZS52MS5QYXVzZWRIABItCgdyZXN1bWVkGBQgASgLMhoubWFjaGluYS5lbmdpbmUudjEuUmVzdW1lZEgAEjEKBXVzYWdlGBUgASgLMiAubWFjaGluYS5lbmdpbmUudjEuVXNhZ2VSZXBvcnRlZEgAEjUKCGFwaV9jYWxsGBYgASgLMiEubWFjaGluYS5lbmdpbmUudjEuQXBpQ2FsbE1ldGVyZWRIABI/ChFoYW5kb2ZmX3RvX3J1bm5lchgXIAEoCzIiLm1hY2hpbmEuZW5naW5lLnYxLkhhbmRvZmZUb1J1bm5lckgAEjYKDHJ1bl9maW5pc2hlZBgYIAEoCzIeLm1hY2hpbmEuZW5naW5lLnYxLlJ1bkZpbmlzaGVkSAASOAoNYWdlbnRfc3RhcnRlZBg8IAEoCzIfLm1hY2hpbmEuZW5naW5lLnYxLkFnZW50U3RhcnRlZEgAEjoKDmFnZW50X2ZpbmlzaGVkGD0gASgLMiAubWFjaGluYS5lbmdpbmUudjEuQWdlbnRGaW5pc2hlZEgAEkAKEWNvbnRleHRfY29tcGFjdGVkGDIgASgLMiMubWFjaGluYS5lbmdpbmUudjEuQ29udGV4dENvbXBhY3RlZEgAEhIKCmFnZW50X3BhdGgYWiABKAlCBgoEa2luZGIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp, file_machina_engine_v1_run]);
 
 /**
  * A tool call the model made.
@@ -578,6 +578,97 @@ export const ContextCompactedSchema: GenMessage<ContextCompacted> = /*@__PURE__*
   messageDesc(file_machina_engine_v1_event, 14);
 
 /**
+ * A subagent started (the `Agent` tool was called); its events carry its `agent_path`.
+ *
+ * @generated from message machina.engine.v1.AgentStarted
+ */
+export type AgentStarted = Message<"machina.engine.v1.AgentStarted"> & {
+  /**
+   * The task the parent gave it.
+   *
+   * @generated from field: string task = 1;
+   */
+  task: string;
+
+  /**
+   * The tools it may call (a subset of its parent's).
+   *
+   * @generated from field: repeated string tools = 2;
+   */
+  tools: string[];
+
+  /**
+   * Its turn budget.
+   *
+   * @generated from field: int32 max_turns = 3;
+   */
+  maxTurns: number;
+
+  /**
+   * Its token budget; 0 = only the run's.
+   *
+   * @generated from field: int64 max_tokens = 4;
+   */
+  maxTokens: bigint;
+
+  /**
+   * Its cost budget in US dollars; 0 = only the run's.
+   *
+   * @generated from field: double max_cost_usd = 5;
+   */
+  maxCostUsd: number;
+};
+
+/**
+ * Describes the message machina.engine.v1.AgentStarted.
+ * Use `create(AgentStartedSchema)` to create a new message.
+ */
+export const AgentStartedSchema: GenMessage<AgentStarted> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_event, 15);
+
+/**
+ * A subagent ended; what it answered becomes the result of its parent's `Agent` call.
+ *
+ * @generated from message machina.engine.v1.AgentFinished
+ */
+export type AgentFinished = Message<"machina.engine.v1.AgentFinished"> & {
+  /**
+   * DONE, FAILED or CANCELLED.
+   *
+   * @generated from field: machina.engine.v1.RunState state = 1;
+   */
+  state: RunState;
+
+  /**
+   * Its final answer (DONE).
+   *
+   * @generated from field: string output = 2;
+   */
+  output: string;
+
+  /**
+   * Why it stopped (FAILED, CANCELLED).
+   *
+   * @generated from field: machina.engine.v1.RunError error = 3;
+   */
+  error?: RunError | undefined;
+
+  /**
+   * Its turns, usage and cost.
+   *
+   * @generated from field: machina.engine.v1.RunMeta meta = 4;
+   */
+  meta?: RunMeta | undefined;
+};
+
+/**
+ * Describes the message machina.engine.v1.AgentFinished.
+ * Use `create(AgentFinishedSchema)` to create a new message.
+ */
+export const AgentFinishedSchema: GenMessage<AgentFinished> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_event, 16);
+
+/**
  * One change in a run. `seq` is gap-free and increasing per run.
  *
  * @generated from message machina.engine.v1.RunEvent
@@ -731,6 +822,22 @@ export type RunEvent = Message<"machina.engine.v1.RunEvent"> & {
     case: "runFinished";
   } | {
     /**
+     * See AgentStarted.
+     *
+     * @generated from field: machina.engine.v1.AgentStarted agent_started = 60;
+     */
+    value: AgentStarted;
+    case: "agentStarted";
+  } | {
+    /**
+     * See AgentFinished.
+     *
+     * @generated from field: machina.engine.v1.AgentFinished agent_finished = 61;
+     */
+    value: AgentFinished;
+    case: "agentFinished";
+  } | {
+    /**
      * See ContextCompacted.
      *
      * @generated from field: machina.engine.v1.ContextCompacted context_compacted = 50;
@@ -738,6 +845,14 @@ export type RunEvent = Message<"machina.engine.v1.RunEvent"> & {
     value: ContextCompacted;
     case: "contextCompacted";
   } | { case: undefined; value?: undefined };
+
+  /**
+   * Which subagent the event is about: empty for the run's own agent, else the path of call
+   * ids from the run down to the subagent, joined by `/` (e.g. `call_1_1/call_2_1`).
+   *
+   * @generated from field: string agent_path = 90;
+   */
+  agentPath: string;
 };
 
 /**
@@ -745,5 +860,5 @@ export type RunEvent = Message<"machina.engine.v1.RunEvent"> & {
  * Use `create(RunEventSchema)` to create a new message.
  */
 export const RunEventSchema: GenMessage<RunEvent> = /*@__PURE__*/
-  messageDesc(file_machina_engine_v1_event, 15);
+  messageDesc(file_machina_engine_v1_event, 17);
 

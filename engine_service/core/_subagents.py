@@ -1,0 +1,315 @@
+"""Subagents: the ``Agent`` tool starts a child agent inside its parent's run.
+
+A child is a loop of model turns like the run's own agent, with its own task, transcript and
+budget, and tools that can only narrow its parent's. It is moved by the run's actor: the same
+lease, event log and checkpoints, so a crash recovers the children with the run. Several
+``Agent`` calls of one turn run in parallel, like any calls.
+
+- Its path names it: the call ids from the run down to it, joined by ``/`` (``call_1_1``, then
+  ``call_1_1/call_2_1`` for a child of that child). Its events carry the path
+  (``Event.agent_path``), so the run's one stream shows the whole tree.
+- Its state (turns, usage, pending calls, answer) is ``RunRecord.children[path]``, committed
+  with the run's; its transcript is the blob ``agent-<path>-transcript`` (``/`` as ``.``), of
+  which ``ChildState.transcript_len`` entries are committed.
+- A child's call that needs a decision pauses the run with that interrupt (its
+  ``agent_path`` set); deciding it through ResumeRun resumes the child where it stopped.
+- Budgets: a child's own (``max_turns`` …, at most the run's turns) end the child only: its
+  parent's call gets an error result. Its tokens and cost count for the run too, so the run's
+  budgets bound the whole tree and end the run. Cancelling the run cancels its children.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from engine_service.core._checkpoint import transcript_blob
+from engine_service.core._dispatch import REQUEST_EVENT, ToolDispatch
+from engine_service.core._run import (
+    PENDING,
+    READY,
+    RESOLVED,
+    AgentState,
+    CallOutcome,
+    ChildState,
+    RunError,
+)
+from engine_service.core._types import EventKind, Message, ToolCall, ToolChoice, Usage
+from engine_service.models import (
+    ModelAdapter,
+    ModelError,
+    ModelRequest,
+    ScriptedModel,
+    TextChunk,
+    ToolSpec,
+    TurnResult,
+)
+from engine_service.tools._registry import AGENT_TOOL, Tool, capability_error
+
+# How deep subagents may nest by default: the run's agent is at depth 0, its children at 1.
+MAX_AGENT_DEPTH = 2
+
+
+class ChildStopped(Exception):
+    """A subagent reached one of its own limits: it ends, the run goes on."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Subagents(ToolDispatch):
+    """Starts, moves and ends the run's subagents (see the module docstring)."""
+
+    async def _run_agent(self, call: ToolCall, parent_path: str) -> tuple[str, bool] | None:
+        """The ``Agent`` call ``call`` of the agent at ``parent_path``: the child's answer as the
+        call's result, or None when the child (or one of its own) paused for a decision."""
+        path = f"{parent_path}/{call.call_id}" if parent_path else call.call_id
+        child = self.record.children.get(path)
+        if child is None:
+            self.emit(EventKind.TOOL_CALL_STARTED, {"call": call.to_json()}, parent_path)
+            made = self._new_child(call, path, parent_path)
+            if isinstance(made, str):
+                return self._agent_result(call, parent_path, made, True)
+            child = made
+        if child.state is not AgentState.RUNNING:  # it ended before the run last stopped
+            return self._agent_result(call, parent_path, *_answer(child))
+        transcript = await self._child_transcript(child)
+        try:
+            answer = await self._child_loop(child, transcript)
+        except ChildStopped as stop:
+            self._end_child(child, AgentState.FAILED, error=RunError(stop.code, stop.message))
+        except ModelError as error:
+            self._end_child(child, AgentState.FAILED, error=RunError(error.code, error.message))
+        else:
+            if answer is None:
+                return None
+            self._end_child(child, AgentState.DONE, output=answer)
+        return self._agent_result(call, parent_path, *_answer(child))
+
+    def _new_child(self, call: ToolCall, path: str, parent_path: str) -> ChildState | str:
+        """A new child for ``call``, or why there is none (the call's error result)."""
+        args: dict[str, Any] = call.arguments
+        depth = path.count("/") + 1
+        limit = self.env.max_agent_depth
+        if depth > limit:
+            return f"ERR_AGENT_DEPTH: subagents nest at most {limit} deep; this one would be {depth} deep."
+        available = self._tools_of(parent_path)
+        requested = args.get("tools")
+        if requested is None:
+            names = [n for n in available if n != AGENT_TOOL or depth < limit]
+        else:
+            if outside := sorted(set(requested) - set(available)):
+                return (
+                    f"ERR_AGENT_TOOLS: a subagent may only use tools its parent has; not available: "
+                    f"{', '.join(outside)}."
+                )
+            if AGENT_TOOL in requested and depth >= limit:
+                return f"ERR_AGENT_DEPTH: subagents nest at most {limit} deep; this one could not start more."
+            names = list(dict.fromkeys(requested))
+        parent = self.record.children.get(parent_path)
+        max_turns = min(int(args.get("max_turns") or self.env.max_turns), self.env.max_turns)
+        child = ChildState(
+            path=path,
+            task=str(args["task"]),
+            tools=names,
+            max_turns=parent.max_turns if parent is not None and parent.max_turns < max_turns else max_turns,
+            max_tokens=int(args.get("max_tokens") or 0),
+            max_cost_usd=float(args.get("max_cost_usd") or 0.0),
+        )
+        self.record.children[path] = child
+        self._child_transcripts[path] = [Message("user", child.task)]
+        self.emit(
+            EventKind.AGENT_STARTED,
+            {"task": child.task, "tools": names, "max_turns": child.max_turns,
+             "max_tokens": child.max_tokens, "max_cost_usd": child.max_cost_usd},
+            path,
+        )  # fmt: skip
+        return child
+
+    def _tools_of(self, path: str) -> dict[str, Tool]:
+        if not path:
+            return self.env.tools
+        child = self.record.children[path]
+        return {n: self.env.tools[n] for n in child.tools if n in self.env.tools}
+
+    def _agent_result(self, call: ToolCall, parent_path: str, text: str, is_error: bool) -> tuple[str, bool]:
+        self.emit(
+            EventKind.TOOL_CALL_COMPLETED,
+            {"call_id": call.call_id, "tool": call.name, "is_error": is_error, "size": len(text.encode()),
+             "output": text, "duration_ms": 0, "outcome": CallOutcome.RAN.value},
+            parent_path,
+        )  # fmt: skip
+        return text, is_error
+
+    def _end_child(
+        self, child: ChildState, state: AgentState, *, output: str = "", error: RunError | None = None
+    ) -> None:
+        child.state, child.output, child.error = state, output, error
+        child.pending = []
+        self.emit(
+            EventKind.AGENT_FINISHED,
+            {"state": state.value, "output": output, "error": None if error is None else error.to_json(),
+             "meta": child.meta().to_json()},
+            child.path,
+        )  # fmt: skip
+
+    def end_children(self, state: AgentState, reason: str) -> None:
+        """The run ends: so do the children still running (deepest first)."""
+        for child in sorted(self.record.children.values(), key=lambda c: -c.path.count("/")):
+            if child.state is AgentState.RUNNING:
+                code = "ERR_CANCELLED" if state is AgentState.CANCELLED else "ERR_PARENT_ENDED"
+                self._end_child(child, state, error=RunError(code, reason))
+
+    async def _child_transcript(self, child: ChildState) -> list[Message]:
+        transcript = self._child_transcripts.get(child.path)
+        if transcript is None:
+            blob = await self.env.storage.get_blob(*self.key, transcript_blob(child.path))
+            docs = json.loads(blob) if blob else []
+            # Entries past the committed ones were written by a process that died before its
+            # checkpoint: the child redoes that work.
+            transcript = [Message.from_json(d) for d in docs[: child.transcript_len]]
+            if not transcript:
+                transcript = [Message("user", child.task)]
+            self._child_transcripts[child.path] = transcript
+        return transcript
+
+    # -- the child's loop ------------------------------------------------------------
+
+    async def _child_loop(self, child: ChildState, transcript: list[Message]) -> str | None:
+        """Move the child until it answers (its answer) or waits for a decision (None)."""
+        tools = self._tools_of(child.path)
+        if child.pending and not await self._child_dispatch(child, transcript, tools):
+            return None
+        while True:
+            self._check_limits()  # the run's budgets bound its subagents too
+            self._check_child_limits(child)
+            result = await self._child_turn(child, transcript, tools)
+            if not result.tool_calls:
+                return result.text
+            child.pending = [self._plan(call, tools, child.path) for call in result.tool_calls]
+            if any(p.status == PENDING for p in child.pending):
+                for p in child.pending:
+                    if p.status == PENDING and p.interrupt is not None:
+                        self.emit(
+                            REQUEST_EVENT[p.interrupt.kind], {"interrupt": p.interrupt.to_json()}, child.path
+                        )
+                return None
+            if any(p.status == READY and not self._idempotent(p.call.name) for p in child.pending):
+                await self.checkpoint()  # a crash during such a call then knows it was in flight
+            if not await self._child_dispatch(child, transcript, tools):
+                return None
+
+    def _check_limits(self) -> None:
+        raise NotImplementedError  # RunActor
+
+    def _check_child_limits(self, child: ChildState) -> None:
+        if child.turns >= child.max_turns:
+            raise ChildStopped("ERR_MAX_TURNS", f"the subagent reached its limit of {child.max_turns} turns")
+        if child.max_tokens and child.usage.total >= child.max_tokens:
+            raise ChildStopped(
+                "ERR_TOKEN_BUDGET", f"the subagent used {child.usage.total} of {child.max_tokens} tokens"
+            )
+        if child.max_cost_usd and child.cost_usd >= child.max_cost_usd:
+            raise ChildStopped(
+                "ERR_COST_BUDGET", f"the subagent cost ${child.cost_usd:.4f} of ${child.max_cost_usd:.4f}"
+            )
+
+    async def _child_dispatch(
+        self, child: ChildState, transcript: list[Message], tools: dict[str, Tool]
+    ) -> bool:
+        for p in child.pending:
+            tool = tools.get(p.call.name)
+            if p.status == READY and tool is not None and tool.missing:
+                # A subagent's calls are not handed to a runner: a tool this host lacks answers so.
+                p.status, p.result_is_error, p.outcome = RESOLVED, True, CallOutcome.CAPABILITY_MISSING
+                p.result_text = capability_error(p.call.name, tool.missing)
+        results = await self._run_pending(child.pending, child.path)
+        if results is None:
+            return False
+        for p in child.pending:
+            text, is_error = results[p.call.call_id]
+            transcript.append(
+                Message("tool", text, call_id=p.call.call_id, tool_name=p.call.name, is_error=is_error)
+            )
+        child.pending = []
+        await self.checkpoint()
+        return True
+
+    def _child_model(self, path: str) -> ModelAdapter:
+        model = self._child_models.get(path)
+        if model is None:
+            if isinstance(self.env.model, ScriptedModel):
+                model = ScriptedModel(self.spec.agent_scripts.get(path, []), self.env.model.name)
+            else:
+                model = self.env.model
+            self._child_models[path] = model
+        return model
+
+    async def _child_turn(
+        self, child: ChildState, transcript: list[Message], tools: dict[str, Tool]
+    ) -> TurnResult:
+        return await self._measured_model_call(
+            self._child_model(child.path), lambda: self._child_call(child, transcript, tools), child.path
+        )
+
+    async def _child_call(
+        self, child: ChildState, transcript: list[Message], tools: dict[str, Tool]
+    ) -> TurnResult:
+        env, path = self.env, child.path
+        turn = child.turns + 1
+        specs = [t.spec() for t in tools.values()]
+        request = ModelRequest(
+            system=env.system_prompt,
+            messages=await self._context_messages(specs, child),
+            tools=specs,
+            tool_choice=ToolChoice.AUTO,
+            max_output_tokens=env.max_output_tokens,
+            turn=child.turns,
+        )
+        result: TurnResult | None = None
+        async for item in self._child_model(path).stream(request):
+            if isinstance(item, TextChunk):
+                self.emit(EventKind.TEXT_DELTA, {"text": item.text, "turn": turn}, path)
+            else:
+                result = item
+        if result is None:
+            raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
+        child.turns = turn
+        cost = result.usage.cost(env.price)
+        self._spend(path, result.usage, cost)
+        self.record.meta.usage.add(result.usage)
+        self.record.meta.cost_usd += cost
+        self._observe_context(path, result.usage.input_tokens)
+        transcript.append(Message("assistant", result.text, result.tool_calls))
+        self.emit(
+            EventKind.ASSISTANT_MESSAGE,
+            {"text": result.text, "calls": [c.to_json() for c in result.tool_calls], "turn": turn},
+            path,
+        )
+        self.emit(EventKind.USAGE, {"turn": turn, "usage": result.usage.to_json(), "cost_usd": cost}, path)
+        return result
+
+    async def _context_messages(
+        self, tools: Sequence[ToolSpec], child: ChildState | None = None
+    ) -> Sequence[Message]:
+        raise NotImplementedError  # RunActor: what the model sees, compacted when it grows
+
+    def _observe_context(self, path: str, input_tokens: int) -> None:
+        raise NotImplementedError  # RunActor: the request's size as the model reported it
+
+    def _spend(self, path: str, usage: Usage, cost: float) -> None:
+        """What a subagent spends, its parents spend too: their budgets bound it."""
+        parts = path.split("/")
+        for i in range(len(parts)):
+            payer = self.record.children["/".join(parts[: i + 1])]
+            payer.usage.add(usage)
+            payer.cost_usd += cost
+
+
+def _answer(child: ChildState) -> tuple[str, bool]:
+    if child.state is AgentState.DONE:
+        return child.output, False
+    error = child.error or RunError("ERR_INTERNAL", "the subagent ended without an answer")
+    return f"The subagent stopped without an answer: {error.message} ({error.code}).", True
