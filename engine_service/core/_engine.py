@@ -280,6 +280,7 @@ class Engine:
                 # workspace's limit) executes it. Credentials held in memory pin it here.
                 await self.control.enqueue(ws, run_id, pinned=bool(api_env) or not self.claims_work)
                 record.queue_position = await self.control.queue_position(ws, run_id)
+                metrics.RUNS_CREATED.inc(record.mode.value)
                 log.info("run %s queued", run_id, extra={"run_id": run_id, "workspace": ws})
                 return record, True
             actor = RunActor(
@@ -339,6 +340,7 @@ class Engine:
                 self.control.release_slot(*key)
                 return
             await actor.commit_start(None)
+            actor.transition("created", model=record.meta.model, mode=record.mode.value)
             self._start(actor, resumed_by=None)
 
     def _heard(self, ws: str, run_id: str, seq: int, state: str) -> None:
