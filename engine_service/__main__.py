@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 
@@ -31,6 +32,7 @@ from engine_service.core._config import (
 from engine_service.core._errors import EngineError
 from engine_service.core._logging import setup_logging
 from engine_service.core._preflight import open_configured_storage
+from engine_service.core._retention import RetentionReport, retention_sweep
 from engine_service.core._types import Principal
 
 log = logging.getLogger("machina.engine")
@@ -49,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="?",
         choices=["serve", "reindex"],
         default="serve",
-        help="serve (the default), or reindex: rebuild the control plane's run index from storage and exit",
+        help="serve (the default), or reindex: rebuild the control plane's run index from storage and exit "
+        "(and retention: see `python -m engine_service retention --help`)",
     )
     parser.add_argument("--config", help="TOML config file")
     parser.add_argument(
@@ -215,7 +218,49 @@ async def reindex(config: EngineConfig) -> int:
         await storage.close()
 
 
+def retention_main(argv: list[str]) -> int:
+    """``python -m engine_service retention [--dry-run]``: apply the retention policy once."""
+    parser = argparse.ArgumentParser(
+        prog="python -m engine_service retention",
+        description="Delete the runs that ended longer ago than the retention policy keeps them "
+        "(retention_days, workspace_retention_days), in every workspace; print one JSON line per "
+        "workspace with the runs and threads deleted.",
+    )
+    parser.add_argument("--config", help="TOML config file")
+    parser.add_argument("--storage", help="file:///abs/dir, a path or s3://bucket/prefix")
+    parser.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    ns = parser.parse_args(argv)
+    try:
+        config: EngineConfig = load_config(ns.config, overrides={"storage": ns.storage})
+        setup_logging(config.log_format, config.log_level)
+        reports = asyncio.run(_retention(config, ns.dry_run))
+    except (ConfigError, EngineError) as exc:
+        print(f"engine_service retention: {exc}", file=sys.stderr)
+        return 2
+    for report in reports:
+        line = {
+            "workspace": report.workspace_id,
+            "retention_days": report.retention_days,
+            "dry_run": report.dry_run,
+            "run_ids": report.run_ids,
+            "thread_ids": report.thread_ids,
+        }
+        print(json.dumps(line))
+    return 0
+
+
+async def _retention(config: EngineConfig, dry_run: bool) -> list[RetentionReport]:
+    engine = build_engine(config)
+    try:
+        return await retention_sweep(engine, dry_run=dry_run)
+    finally:
+        await engine.storage.close()
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["retention"]:
+        return retention_main(args[1:])
     ns = parse_args(argv)
     try:
         config = build_config(ns)

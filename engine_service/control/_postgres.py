@@ -387,17 +387,10 @@ class PostgresControl:
         return [(row[0], row[1]) for row in await self._run(query)]
 
     async def delete_run(self, workspace: str, run_id: str) -> None:
-        async def delete(pool: Any) -> None:
-            async with pool.acquire() as conn, conn.transaction():
-                for table in ("machina_runs", "machina_queue", "machina_slots", "machina_timers"):
-                    await conn.execute(
-                        f"DELETE FROM {table} WHERE workspace = $1 AND run_id = $2",  # noqa: S608 (fixed names)
-                        workspace,
-                        run_id,
-                    )
-
+        # In order with the run's other changes, and applied once the database answers if it
+        # does not now (the run is gone from storage already).
         self._dirty.pop((workspace, run_id), None)
-        await self._run(delete)
+        self._post("delete_run", workspace, run_id)
 
     # -- the work queue ----------------------------------------------------------------
 
@@ -590,6 +583,12 @@ _OPS = {
         "ON CONFLICT (workspace, run_id, kind) DO UPDATE SET due_at = EXCLUDED.due_at, "
         "claim_token = NULL, claimed_until = NULL RETURNING 1) "
         "SELECT pg_notify('machina_timers', '') FROM t"
+    ),
+    "delete_run": (
+        "WITH runs AS (DELETE FROM machina_runs WHERE workspace = $1 AND run_id = $2), "
+        "queue AS (DELETE FROM machina_queue WHERE workspace = $1 AND run_id = $2), "
+        "slots AS (DELETE FROM machina_slots WHERE workspace = $1 AND run_id = $2) "
+        "DELETE FROM machina_timers WHERE workspace = $1 AND run_id = $2"
     ),
     "cancel_timer": "DELETE FROM machina_timers WHERE workspace = $1 AND run_id = $2 AND kind = $3",
     "timer_fired": (

@@ -28,6 +28,7 @@ from engine_service.core._compaction import (
     SUMMARY_SYSTEM,
     CompactionPlan,
     ContextWindow,
+    message_chars,
 )
 from engine_service.core._dispatch import REQUEST_EVENT
 from engine_service.core._errors import RunFailure
@@ -36,6 +37,7 @@ from engine_service.core._regex import SchemaValidator
 from engine_service.core._run import PENDING, READY, RESOLVED, CallOutcome, ChildState, RunError
 from engine_service.core._subagents import Subagents
 from engine_service.core._text import loads_untrusted
+from engine_service.core._threads import load_context
 from engine_service.core._types import (
     EventKind,
     InterruptKind,
@@ -377,17 +379,24 @@ class RunActor(Subagents):
         """The messages of the next model request, which every model request of the run (and of
         its subagents: ``child``) takes from here: the transcript as the model sees it (see
         _compaction.py), compacted first when the request would pass ``compact_at`` of the
-        model's context window."""
+        model's context window. The run's own requests start with its thread's history."""
         if self._contexts is None:
             self._contexts = {}
         path = child.path if child is not None else ""
         transcript = self._child_transcripts[path] if child is not None else self.transcript
         context = self._contexts.setdefault(path, ContextWindow())
-        messages = context.messages(transcript)
+        if child is None and self.spec.context and self._thread_history is None:
+            # The thread's history before this run: read once, when the run first needs it.
+            history = await load_context(self.env.storage, self.record.workspace_id, self.spec.context)
+            self._thread_history = history
+            self._thread_chars = sum(map(message_chars, history))
+        join = self._with_history if child is None else _as_is
+        messages = join(context.messages(transcript))
         window = self.env.context_window_tokens
         if not window:
             return messages
-        fixed = _fixed_chars(self.env.system_prompt, tools)
+        # The thread's history counts like the system prompt: this run compacts only its own turns.
+        fixed = _fixed_chars(self.env.system_prompt, tools) + (self._thread_chars if child is None else 0)
         before = context.tokens(fixed)
         if before <= self.env.compact_at * window:
             context.sent(fixed)
@@ -395,7 +404,7 @@ class RunActor(Subagents):
         plan = context.plan(self.env.compact_keep_turns)
         if plan is not None:
             await self._compact(plan, tools, before, fixed, context, transcript, child)
-            messages = context.messages(transcript)
+            messages = join(context.messages(transcript))
         after = context.tokens(fixed)
         if after > window:
             raise RunFailure(
@@ -407,6 +416,17 @@ class RunActor(Subagents):
             )
         context.sent(fixed)
         return messages
+
+    def _with_history(self, view: Sequence[Message]) -> Sequence[Message]:
+        """The thread's history, then ``view``: one list that grows with the view (so the model
+        adapters' serialised history stays valid), rebuilt when the view is replaced."""
+        if not self._thread_history:
+            return view
+        if view is not self._joined_view or len(view) < self._joined_len:
+            self._joined, self._joined_view, self._joined_len = list(self._thread_history), view, 0
+        self._joined.extend(view[self._joined_len :])
+        self._joined_len = len(view)
+        return self._joined
 
     async def _compact(
         self,
@@ -486,6 +506,10 @@ class RunActor(Subagents):
         self.transcript.append(Message("user", _REPAIR_PROMPT.format(problem=problem)))
         await self.checkpoint()
         return False, None
+
+
+def _as_is(view: Sequence[Message]) -> Sequence[Message]:
+    return view
 
 
 # A structured final answer longer than this is validated in a worker thread.

@@ -94,6 +94,13 @@ class CheckpointedRun:
         self.record = record
         self.spec = spec
         self.transcript = transcript or []
+        # The thread's history the model sees before the transcript (read when first needed),
+        # its size, and the list that joins it to the run's own view (see RunActor._with_history).
+        self._thread_history: list[Message] | None = None
+        self._thread_chars = 0
+        self._joined: list[Message] = []
+        self._joined_view: object = None
+        self._joined_len = 0
         self._transcript_read = transcript is not None
         self.env = env
         # Watchers see an event once it is written (the feed); until then it waits in

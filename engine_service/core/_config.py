@@ -188,6 +188,12 @@ class EngineConfig(_Section):
     # How often to sweep for runs whose executor died (lease expired, queued or running); 0 = at startup.
     recovery_interval_s: float = Field(10.0, ge=0)
     shutdown_grace_s: float = Field(5.0, ge=0)
+    # Runs that ended more than this many days ago are deleted (0 = kept forever);
+    # workspace_retention_days[workspace] overrides it for one workspace. The background sweep
+    # applies it every retention_interval_s (0 = only when asked: ApplyRetention, the CLI).
+    retention_days: float = Field(0.0, ge=0)
+    workspace_retention_days: dict[str, float] = {}
+    retention_interval_s: float = Field(3600.0, ge=0)
     # How often a serving process checks that storage answers; health is NOT_SERVING while it does not.
     storage_probe_interval_s: float = Field(10.0, gt=0)
     # How long a run waits for unavailable storage (read-only, full, 5xx), retrying, before it is

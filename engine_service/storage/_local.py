@@ -8,6 +8,7 @@ import fcntl
 import functools
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 from engine_service.core._errors import missing_extra
 from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
-from engine_service.storage._protocol import Storage, segment_name, segment_starts
+from engine_service.storage._protocol import Storage, doc_parts, segment_name, segment_starts
 from engine_service.storage._records import doc_span, dump_lines, dumps, loads, span
 from engine_service.storage._workdir_snapshot import FILE_BLOB, MANIFEST_BLOB
 
@@ -385,6 +386,84 @@ class LocalStorage:
             path.unlink(missing_ok=True)  # an empty key would block every retry
             raise
         return None
+
+    async def delete_request_key(self, ws: str, key: str) -> None:
+        directory = self._root / "workspaces" / check_id(ws, "workspace_id") / "requests"
+        (directory / f"{check_id(key, 'request_id')}.json").unlink(missing_ok=True)
+
+    def _docs(self, ws: str) -> Path:
+        return self._root / "workspaces" / check_id(ws, "workspace_id") / "docs"
+
+    def _doc_path(self, ws: str, key: str) -> Path:
+        *folders, name = doc_parts(key)
+        return self._docs(ws).joinpath(*folders, f"{name}.json")
+
+    async def put_doc(self, ws: str, key: str, doc: JsonObject, *, create_only: bool = False) -> bool:
+        path = self._doc_path(ws, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not create_only:
+            self._write_atomic(path, _dumps(doc))
+            return True
+        # Written aside, then linked into place: link fails if the name exists, and readers
+        # never see a half-written document.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        self._write_atomic(tmp, _dumps(doc))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        if self._fsync:
+            _fsync_dir(path.parent)
+        return True
+
+    async def get_doc(self, ws: str, key: str) -> JsonObject | None:
+        return _read_json(self._doc_path(ws, key))
+
+    async def list_docs(self, ws: str, prefix: str) -> list[str]:
+        base = self._docs(ws)
+        top = base.joinpath(*doc_parts(prefix))
+        keys = []
+        for directory, _subdirs, files in os.walk(top):
+            rel = Path(directory).relative_to(base).parts
+            for name in files:
+                if name.endswith(".json") and not name.startswith("."):
+                    keys.append("/".join((*rel, name.removesuffix(".json"))))
+        return sorted(keys)
+
+    async def delete_doc(self, ws: str, key: str) -> None:
+        path = self._doc_path(ws, key)
+        path.unlink(missing_ok=True)
+        # Empty folders go too: what is deleted leaves nothing behind.
+        base = self._docs(ws)
+        parent = path.parent
+        while parent != base and base in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    async def delete_run(self, ws: str, run_id: str) -> None:
+        key = (ws, run_id)
+        for stream in ("events", "transcript"):
+            appender = self._appenders.pop((ws, run_id, stream), None)
+            if appender is not None:
+                appender.close()
+        run_dir = self._run_dir(ws, run_id)
+        # Nothing this process remembers of the run outlives it.
+        for cache in (
+            self._states,
+            self._unsynced_dirs,
+            self._run_dirs,
+            self._left,
+            self._known_ends,
+            self._ends,
+        ):
+            cache.pop(key, None)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(run_dir)
 
     async def acquire_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
         key = (ws, run_id)

@@ -15,6 +15,7 @@ from client_py import (
     AssistantMessage,
     AsyncEngineClient,
     ContextCompacted,
+    InvalidArgumentError,
     Paused,
     Run,
     RunEvent,
@@ -290,3 +291,12 @@ async def test_a_long_working_child_is_compacted_like_its_run(client: AsyncEngin
     assert max(child_inputs) <= 3_000  # bounded by the window, not growing with the child's work
     agent_call = next(e for e in events if isinstance(e, ToolCallCompleted) and e.tool_name == "Agent")
     assert agent_call.output == "child done"
+
+
+async def test_subagent_scripts_need_the_scripted_model(tree_client: AsyncEngineClient) -> None:
+    with pytest.raises(InvalidArgumentError) as refused:
+        await tree_client.create("x", model="openai:tree", agent_scripts={"a": [turn("hi")]})
+    assert refused.value.reason == "ERR_INVALID_SCRIPT"
+    with pytest.raises(InvalidArgumentError) as empty:
+        await tree_client.create("x", script=[turn("hi")], agent_scripts={"a": []})
+    assert empty.value.reason == "ERR_INVALID_SCRIPT"
