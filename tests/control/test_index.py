@@ -220,3 +220,20 @@ async def test_health_follows_the_database_and_recovers_by_itself(database: str,
         watch.cancel()
         await control.close()
         proxy.close()
+
+
+async def test_a_deleted_run_leaves_the_index(replicas: Replicas) -> None:
+    server = await replicas.start()
+    async with AsyncEngineClient(f"127.0.0.1:{server.port}") as client:
+        kept = await client.create("kept", model="scripted", script=[turn("ok")])
+        gone = await client.create("gone", model="scripted", script=[turn("ok")])
+        await kept.wait(timeout=20)
+        await gone.wait(timeout=20)
+        await client.delete_run(gone.run_id)
+        listed = []
+        for _ in range(50):
+            listed = [r.run_id async for r in client.list_runs()]
+            if listed == [kept.run_id]:
+                break
+            await asyncio.sleep(0.05)
+    assert listed == [kept.run_id]
