@@ -138,6 +138,9 @@ class CheckpointedRun:
         self._child_transcripts: dict[str, list[Message]] = {}
         self._child_models: dict[str, ModelAdapter] = {}
         self._child_written: dict[str, int] = {}  # entries of each transcript blob written
+        # Subagents whose answers their parents' transcripts now hold: the next checkpoint drops
+        # them from the state document (their transcripts and events stay), which so stays small.
+        self._retiring: set[str] = set()
         # One commit at a time: parallel subagents each checkpoint.
         self._commit_lock = asyncio.Lock()
 
@@ -292,8 +295,12 @@ class CheckpointedRun:
             for path, entries in self._child_transcripts.items()
             if self._child_written.get(path) != len(entries)
         }
+        retired = set(self._retiring)
+        for path in retired:
+            record.children.pop(path, None)
         for path, entries in self._child_transcripts.items():
-            record.children[path].transcript_len = len(entries)
+            if path in record.children:
+                record.children[path].transcript_len = len(entries)
         record.transcript_len = len(self.transcript)
         record.updated_at = self.env.clock()
         doc = record.to_json()
@@ -307,6 +314,9 @@ class CheckpointedRun:
         doc["last_seq"] = min(upto, self._written_seq)
         await storage.write_state(ws, run_id, doc)
         record.last_seq = doc["last_seq"]
+        for path in retired:  # their whole transcripts are written: nothing more to keep here
+            self._forget_child(path)
+        self._retiring -= retired
         self._shown = None
         self._transcript_committed = doc["transcript_len"]
         if self._held:
@@ -546,6 +556,11 @@ class CheckpointedRun:
             turns=record.meta.turns,
             cost_usd=round(record.meta.cost_usd, 6),
         )
+
+    def _forget_child(self, path: str) -> None:
+        self._child_transcripts.pop(path, None)
+        self._child_written.pop(path, None)
+        self._child_models.pop(path, None)
 
     def end_children(self, state: AgentState, reason: str) -> None:
         """The run ends: so do its subagents still running (core/_subagents.py)."""

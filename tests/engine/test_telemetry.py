@@ -127,3 +127,30 @@ async def test_the_tracing_bench_measures_both_sides() -> None:
     assert len(data["off_ms"]) == len(data["on_ms"]) == 1
     assert data["spans"] == 1 + 3 + 2  # invoke_agent, a chat per turn, a tool call in all but the last
     assert telemetry.enabled() is False
+
+
+async def test_a_recovered_run_continues_its_trace_and_logs_the_recovery(
+    harness: Harness, spans: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    caplog.set_level(logging.INFO, logger="machina.runs")
+    takeovers = _sample("machina_lease_takeovers_total")
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("caller") as caller:
+        record = await harness.create("nap", turn("", ("sleep", {"seconds": 30})), turn("rested"))
+    await asyncio.sleep(0.3)  # the call is in flight when the engine stops (its last checkpoint stays)
+    harness.clock.advance(3600)  # past the lease: the next engine's sweep takes the run over
+    await harness.restart()
+    done = await harness.wait(record)
+    assert done.state is RunState.DONE
+    assert _sample("machina_lease_takeovers_total") - takeovers == 1
+    recovered = [r for r in caplog.records if getattr(r, "transition", "") == "recovered"]
+    assert [getattr(r, "run_id", "") for r in recovered] == [record.run_id]
+    context = caller.get_span_context()
+    assert getattr(recovered[0], "trace_id", "") == format(context.trace_id, "032x")
+    agents = [s for s in spans.get_finished_spans() if s.name == "invoke_agent"]
+    resumed = [a for a in agents if (a.attributes or {}).get("machina.run.resumed_by") == "recovery"]
+    assert len(resumed) == 1
+    assert resumed[0].parent is not None
+    assert (resumed[0].context.trace_id, resumed[0].parent.span_id) == (context.trace_id, context.span_id)
