@@ -21,4 +21,6 @@ from __future__ import annotations
 GROUPS: list[tuple[str, str]] = [
     ("compaction", "Context compaction: model input per turn of a long run"),
     ("fastpath", "The durable fast path: per turn, approvals and streams through gRPC"),
+    ("tracing", "Tracing: per-turn cost on beside off"),
+    ("threads", "Threads: long conversations and deletion"),
 ]

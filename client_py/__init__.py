@@ -24,7 +24,7 @@ try:
 except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
-from client_py._async import AsyncEngineClient, AsyncExecution, AsyncRunHandle, CallOptions
+from client_py._async import AsyncEngineClient, AsyncExecution, AsyncRunHandle, AsyncThreadHandle, CallOptions
 from client_py._errors import (
     AbortedError,
     AlreadyExistsError,
@@ -32,6 +32,7 @@ from client_py._errors import (
     DeadlineExceededError,
     DestinationRefusedError,
     FailedPreconditionError,
+    ForkPointError,
     InternalError,
     InterruptDecidedError,
     InterruptNotFoundError,
@@ -48,12 +49,17 @@ from client_py._errors import (
     ResourceExhaustedError,
     ResultNotFoundError,
     RpcCancelledError,
+    RunActiveError,
     RunExistsError,
     RunNotFoundError,
     RunNotPausedError,
+    RunReferencedError,
     RunTerminalError,
     ShuttingDownError,
     StorageUnavailableError,
+    ThreadBusyError,
+    ThreadExistsError,
+    ThreadNotFoundError,
     UnauthenticatedError,
     UnavailableError,
     UnimplementedError,
@@ -63,7 +69,7 @@ from client_py._errors import (
 from client_py._progress import ProgressLine, print_events
 from client_py._retry import RetryPolicy
 from client_py._spec import Approve, Decision, DecisionLike, Reject, Respond, RunOptions
-from client_py._sync import EngineClient, Execution, RunHandle
+from client_py._sync import EngineClient, Execution, RunHandle, ThreadHandle
 from client_py._types import (
     AgentFinished,
     AgentStarted,
@@ -78,6 +84,7 @@ from client_py._types import (
     Paused,
     PauseReason,
     Resumed,
+    RetentionReport,
     Run,
     RunError,
     RunEvent,
@@ -86,6 +93,7 @@ from client_py._types import (
     RunStarted,
     RunState,
     TextDelta,
+    Thread,
     ToolCall,
     ToolCallCompleted,
     ToolCallStarted,
@@ -108,6 +116,7 @@ __all__ = [
     "AsyncEngineClient",
     "AsyncExecution",
     "AsyncRunHandle",
+    "AsyncThreadHandle",
     "CallOptions",
     "ConcurrentUpdateError",
     "ContextCompacted",
@@ -118,6 +127,7 @@ __all__ = [
     "EngineClient",
     "Execution",
     "FailedPreconditionError",
+    "ForkPointError",
     "HandoffToRunner",
     "InputRequested",
     "InternalError",
@@ -142,9 +152,11 @@ __all__ = [
     "Respond",
     "ResultNotFoundError",
     "Resumed",
+    "RetentionReport",
     "RetryPolicy",
     "RpcCancelledError",
     "Run",
+    "RunActiveError",
     "RunError",
     "RunEvent",
     "RunExistsError",
@@ -154,12 +166,18 @@ __all__ = [
     "RunNotFoundError",
     "RunNotPausedError",
     "RunOptions",
+    "RunReferencedError",
     "RunStarted",
     "RunState",
     "RunTerminalError",
     "ShuttingDownError",
     "StorageUnavailableError",
     "TextDelta",
+    "Thread",
+    "ThreadBusyError",
+    "ThreadExistsError",
+    "ThreadHandle",
+    "ThreadNotFoundError",
     "ToolCall",
     "ToolCallCompleted",
     "ToolCallStarted",

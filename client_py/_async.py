@@ -1,8 +1,8 @@
 """The asyncio client: ``AsyncEngineClient``, ``AsyncExecution`` and ``AsyncRunHandle``.
 
 Retry policy: only calls that cannot do anything twice are retried on
-UNAVAILABLE (GetRun, ListRuns, WaitRun; CreateRun when the spec has a
-request_id; ResumeRun, which always carries one). Event streams (``events``,
+UNAVAILABLE (GetRun, ListRuns, WaitRun, GetThread, ListThreads; CreateRun when the
+spec has a request_id; ResumeRun, which always carries one). Event streams (``events``,
 and ``execute`` once its run has started) reconnect after UNAVAILABLE or a
 dropped stream, with exponential backoff and jitter, for up to
 ``reconnect_deadline`` seconds without a new event (an engine restart or a
@@ -35,11 +35,22 @@ from client_py._spec import (
     decision_to_proto,
     states_to_proto,
 )
-from client_py._types import Paused, Run, RunEvent, RunFinished, event_from_proto, run_from_proto
+from client_py._tracing import client_span, with_trace_context
+from client_py._types import (
+    Paused,
+    RetentionReport,
+    Run,
+    RunEvent,
+    RunFinished,
+    Thread,
+    event_from_proto,
+    run_from_proto,
+    thread_from_proto,
+)
 from machina.engine.v1 import engine_service_pb2 as pb
 from machina.engine.v1 import engine_service_pb2_grpc as pb_grpc
 
-__all__ = ["AsyncEngineClient", "AsyncExecution", "AsyncRunHandle", "CallOptions"]
+__all__ = ["AsyncEngineClient", "AsyncExecution", "AsyncRunHandle", "AsyncThreadHandle", "CallOptions"]
 
 
 class CallOptions(TypedDict, total=False):
@@ -219,19 +230,23 @@ class AsyncEngineClient:
     ) -> Any:
         call_metadata = self._call_metadata(metadata)
         attempt = 0
-        while True:
-            try:
-                return await getattr(self._stub, method)(
-                    request,
-                    metadata=call_metadata,
-                    timeout=self._call_timeout if timeout is None else timeout,
-                )
-            except grpc.aio.AioRpcError as exc:
-                if retry and self._retry.should_retry(exc.code(), attempt):
-                    await asyncio.sleep(self._retry.backoff(attempt))
-                    attempt += 1
-                    continue
-                raise error_from_rpc(exc) from None
+        with client_span(method) as span:
+            call_metadata = with_trace_context(call_metadata)
+            while True:
+                try:
+                    return await getattr(self._stub, method)(
+                        request,
+                        metadata=call_metadata,
+                        timeout=self._call_timeout if timeout is None else timeout,
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    if retry and self._retry.should_retry(exc.code(), attempt):
+                        await asyncio.sleep(self._retry.backoff(attempt))
+                        attempt += 1
+                        continue
+                    if span is not None:
+                        span.set_attribute("rpc.grpc.status_code", exc.code().value[0])
+                    raise error_from_rpc(exc) from None
 
     # --- starting runs ------------------------------------------------------------
 
@@ -318,6 +333,87 @@ class AsyncEngineClient:
         )
         return list(response.run_ids)
 
+    # --- threads, deletion, retention -----------------------------------------------
+
+    def thread(self, thread_id: str | None = None) -> AsyncThreadHandle:
+        """A handle on a thread (no call is made): each run it creates continues the thread's
+        conversation. Without an id, a new thread with a fresh id."""
+        return AsyncThreadHandle(self, thread_id or f"thread_{uuid.uuid4().hex}")
+
+    async def get_thread(self, thread_id: str, **call: Unpack[CallOptions]) -> Thread:
+        response: pb.GetThreadResponse = await self._unary(
+            "GetThread", pb.GetThreadRequest(thread_id=thread_id), retry=True, **call
+        )
+        return thread_from_proto(response.thread)
+
+    def list_threads(
+        self,
+        labels: Mapping[str, str] | None = None,
+        page_size: int | None = None,
+        **call: Unpack[CallOptions],
+    ) -> AsyncIterator[Thread]:
+        """The workspace's threads, newest first, fetched page by page; ``labels`` must all match."""
+        request = pb.ListThreadsRequest()
+        if labels is not None:
+            request.labels.update(dict(labels))
+        if page_size is not None:
+            if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
+                raise refused("ERR_INVALID_REQUEST", f"page_size must be a positive int, got {page_size!r}")
+            request.page_size = page_size
+        self._call_metadata(call.get("metadata"))
+        return self._list_threads(request, call)
+
+    async def _list_threads(
+        self, request: pb.ListThreadsRequest, call: CallOptions
+    ) -> AsyncGenerator[Thread, None]:
+        while True:
+            response: pb.ListThreadsResponse = await self._unary("ListThreads", request, retry=True, **call)
+            for thread in response.threads:
+                yield thread_from_proto(thread)
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    async def fork(
+        self,
+        from_run: str,
+        task: str,
+        *,
+        turn: int | None = None,
+        seq: int | None = None,
+        **options: Unpack[RunOptions],
+    ) -> AsyncRunHandle:
+        """Starts a new thread from run ``from_run``'s history (up to ``turn`` or ``seq``; all of it
+        by default) with ``task``; the original is left as it is."""
+        merged: RunOptions = {**options, "fork_from": {"run_id": from_run, "turn": turn, "seq": seq}}
+        return await self.create(task, **merged)
+
+    async def delete_run(self, run_id: str, **call: Unpack[CallOptions]) -> None:
+        """Deletes an ended run and everything it stored (RunActiveError while it is not ended,
+        RunReferencedError while a later run of its thread or a fork shares its history)."""
+        await self._unary("DeleteRun", pb.DeleteRunRequest(run_id=run_id), retry=False, **call)
+
+    async def delete_thread(
+        self, thread_id: str, *, force: bool = False, **call: Unpack[CallOptions]
+    ) -> list[str]:
+        """Deletes every run of a thread, then the thread; returns the run ids deleted. ``force``
+        deletes it even where a fork shares its history (the fork loses that part)."""
+        request = pb.DeleteThreadRequest(thread_id=thread_id, force=force)
+        response: pb.DeleteThreadResponse = await self._unary("DeleteThread", request, retry=False, **call)
+        return list(response.run_ids)
+
+    async def apply_retention(self, *, dry_run: bool = False, **call: Unpack[CallOptions]) -> RetentionReport:
+        """Applies the workspace's retention policy now; ``dry_run`` only lists what would go."""
+        response: pb.ApplyRetentionResponse = await self._unary(
+            "ApplyRetention", pb.ApplyRetentionRequest(dry_run=dry_run), retry=dry_run, **call
+        )
+        return RetentionReport(
+            run_ids=list(response.run_ids),
+            thread_ids=list(response.thread_ids),
+            retention_days=response.retention_days,
+            dry_run=response.dry_run,
+        )
+
     # --- used by handles and executions -------------------------------------------
 
     async def _wait_run(
@@ -369,7 +465,7 @@ class AsyncEngineClient:
         metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> AsyncGenerator[RunEvent, None]:
         """``metadata`` is the whole call metadata (``_call_metadata``'s result); None = the client's."""
-        metadata = metadata or self._metadata
+        metadata = with_trace_context(metadata or self._metadata)
         last = after_seq
         reconnects = _Reconnects(self._reconnect_deadline)
         while True:
@@ -482,7 +578,9 @@ class AsyncExecution:
 
     async def _events(self) -> AsyncGenerator[RunEvent, None]:
         client = self._client
-        call = client._stub.ExecuteRun(pb.ExecuteRunRequest(spec=self._spec), metadata=self._metadata)
+        call = client._stub.ExecuteRun(
+            pb.ExecuteRunRequest(spec=self._spec), metadata=with_trace_context(self._metadata)
+        )
         stopped = False  # saw the pause or the end the stream stops at
         try:
             async for response in call:
@@ -641,3 +739,71 @@ class AsyncRunHandle:
         another process moves is followed for up to 10 s, and may still be RUNNING then.
         """
         return self._update(await self._client._cancel(self.run_id, reason, call))
+
+    # --- conversations ----------------------------------------------------------------
+
+    async def follow_up(self, task: str, **options: Unpack[RunOptions]) -> AsyncRunHandle:
+        """Starts the next run of this run's thread: the model sees the conversation so far,
+        then ``task``. Raises ThreadBusyError while a run of the thread is not ended."""
+        merged: RunOptions = {**options, "thread_id": self.run.thread_id or self.run_id}
+        return await self._client.create(task, **merged)
+
+    async def fork(
+        self,
+        task: str,
+        *,
+        turn: int | None = None,
+        seq: int | None = None,
+        **options: Unpack[RunOptions],
+    ) -> AsyncRunHandle:
+        """Starts a new thread from this run's history (up to ``turn`` or ``seq``; all of it by
+        default), sharing it without copying; this run's thread is left as it is."""
+        return await self._client.fork(self.run_id, task, turn=turn, seq=seq, **options)
+
+    async def delete(self, **call: Unpack[CallOptions]) -> None:
+        """Deletes the run and everything it stored; afterwards it is not found anywhere."""
+        await self._client.delete_run(self.run_id, **call)
+
+
+class AsyncThreadHandle:
+    """A conversation: every run it creates sees the thread's history, then its own task."""
+
+    def __init__(self, client: AsyncEngineClient, thread_id: str) -> None:
+        self._client = client
+        self.thread_id = thread_id
+
+    def __repr__(self) -> str:
+        return f"AsyncThreadHandle({self.thread_id!r})"
+
+    async def create(self, task: str, **options: Unpack[RunOptions]) -> AsyncRunHandle:
+        """Starts the thread's next run (the first one starts the thread)."""
+        merged: RunOptions = {**options, "thread_id": self.thread_id}
+        return await self._client.create(task, **merged)
+
+    def execute(
+        self, task: str, *, metadata: Sequence[tuple[str, str]] | None = None, **options: Unpack[RunOptions]
+    ) -> AsyncExecution:
+        """Starts the thread's next run and streams its events (see ``AsyncEngineClient.execute``)."""
+        merged: RunOptions = {**options, "thread_id": self.thread_id}
+        return self._client.execute(task, metadata=metadata, **merged)
+
+    async def get(self, **call: Unpack[CallOptions]) -> Thread:
+        return await self._client.get_thread(self.thread_id, **call)
+
+    async def runs(self, **call: Unpack[CallOptions]) -> list[Run]:
+        """The thread's runs, oldest first."""
+        thread = await self.get(**call)
+        return [await self._client.get_run(run_id, **call) for run_id in thread.run_ids]
+
+    async def events(self, **call: Unpack[CallOptions]) -> AsyncIterator[RunEvent]:
+        """The thread's event history: its runs' events, run after run (each run's seq is its own)."""
+        thread = await self.get(**call)
+        for run_id in thread.run_ids:
+            async for event in self._client._events(
+                run_id, 0, False, metadata=self._client._call_metadata(call.get("metadata"))
+            ):
+                yield event
+
+    async def delete(self, *, force: bool = False, **call: Unpack[CallOptions]) -> list[str]:
+        """Deletes every run of the thread, then the thread; returns the run ids deleted."""
+        return await self._client.delete_thread(self.thread_id, force=force, **call)

@@ -22,6 +22,7 @@ __all__ = [
     "DeadlineExceededError",
     "DestinationRefusedError",
     "FailedPreconditionError",
+    "ForkPointError",
     "InternalError",
     "InterruptDecidedError",
     "InterruptNotFoundError",
@@ -37,12 +38,17 @@ __all__ = [
     "RequestTooLargeError",
     "ResourceExhaustedError",
     "RpcCancelledError",
+    "RunActiveError",
     "RunExistsError",
     "RunNotFoundError",
     "RunNotPausedError",
+    "RunReferencedError",
     "RunTerminalError",
     "ShuttingDownError",
     "StorageUnavailableError",
+    "ThreadBusyError",
+    "ThreadExistsError",
+    "ThreadNotFoundError",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
@@ -230,6 +236,30 @@ class InterruptDecidedError(FailedPreconditionError):
     pass
 
 
+class ThreadNotFoundError(NotFoundError):
+    """No such thread in the caller's workspace."""
+
+
+class ThreadExistsError(AlreadyExistsError):
+    """A fork names a thread id that is taken."""
+
+
+class ThreadBusyError(FailedPreconditionError):
+    """The thread's latest run is not ended (one active run per thread): wait or cancel it."""
+
+
+class ForkPointError(FailedPreconditionError):
+    """The fork point is a turn the run has not completed, or a seq outside its completed turns."""
+
+
+class RunActiveError(FailedPreconditionError):
+    """The run is queued, running or paused: cancel it before deleting it."""
+
+
+class RunReferencedError(FailedPreconditionError):
+    """A later run of its thread or a fork shares the run's history (``metadata['referenced_by']``)."""
+
+
 class ConcurrentUpdateError(AbortedError):
     pass
 
@@ -264,6 +294,12 @@ _BY_REASON: dict[str, type[MachinaError]] = {
     "ERR_REQUEST_ID_REUSED": FailedPreconditionError,
     "ERR_RUN_NOT_PAUSED": RunNotPausedError,
     "ERR_RUN_TERMINAL": RunTerminalError,
+    "ERR_THREAD_NOT_FOUND": ThreadNotFoundError,
+    "ERR_THREAD_EXISTS": ThreadExistsError,
+    "ERR_THREAD_BUSY": ThreadBusyError,
+    "ERR_FORK_POINT": ForkPointError,
+    "ERR_RUN_ACTIVE": RunActiveError,
+    "ERR_RUN_REFERENCED": RunReferencedError,
     "ERR_INTERRUPT_DECIDED": InterruptDecidedError,
     "ERR_CONCURRENT_UPDATE": ConcurrentUpdateError,
     "ERR_UNAUTHENTICATED": UnauthenticatedError,

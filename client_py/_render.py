@@ -12,7 +12,7 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from client_py._types import Interrupt, Run
+    from client_py._types import Interrupt, Run, Thread
     from client_py._view import RunViewModel, ToolLogEntry
 
 _BADGE_COLOURS = {
@@ -151,6 +151,7 @@ def run_html(run: Run) -> str:
     rows = [
         _row("run", f"<code>{escape(run.run_id)}</code> {badge}{reason}"),
         _row("task", escape(run.task)),
+        *_thread_rows(run),
         _row("turns", escape(str(run.meta.turns))),
         _row(
             "usage",
@@ -179,6 +180,40 @@ def run_html(run: Run) -> str:
     return f'<table class="machina-run">{"".join(rows)}</table>'
 
 
+def _thread_rows(run: Run) -> list[str]:
+    """A run that continues a thread names it (a run of its own thread does not)."""
+    if not run.thread_id or run.thread_id == run.run_id:
+        return []
+    return [_row("thread", f"<code>{escape(run.thread_id)}</code>")]
+
+
+def thread_html(thread: Thread) -> str:
+    """A thread: its runs in order, the active one marked, and where it was forked from."""
+    items = "".join(
+        f"<li><code>{escape(run_id)}</code>"
+        + (" " + badge_html("RUNNING") if run_id == thread.active_run_id else "")
+        + "</li>"
+        for run_id in thread.run_ids
+    )
+    rows = [
+        _row("thread", f"<code>{escape(thread.thread_id)}</code>"),
+        _row("runs", f'<ol style="margin:0;padding-left:1.2em">{items}</ol>'),
+    ]
+    if thread.forked_from:
+        point = thread.forked_from
+        where = (
+            f" turn {point['turn']}"
+            if point.get("turn")
+            else f" seq {point['seq']}"
+            if point.get("seq")
+            else ""
+        )
+        rows.append(_row("forked from", f"<code>{escape(point['run_id'])}</code>{escape(where)}"))
+    if thread.labels:
+        rows.append(_row("labels", escape(", ".join(f"{k}={v}" for k, v in sorted(thread.labels.items())))))
+    return f'<table class="machina-thread">{"".join(rows)}</table>'
+
+
 def handle_html(handle_name: str, run: Run) -> str:
     return f"<div><small>{escape(handle_name)}</small>{run_html(run)}</div>"
 
@@ -193,9 +228,10 @@ def view_status_html(model: RunViewModel) -> str:
     reason = f" {escape(model.pause_reason)}" if model.pause_reason else ""
     live = ' <small style="color:#16a34a">● live</small>' if model.watching else ""
     problem = f'<div style="color:#dc2626">{escape(model.watch_error)}</div>' if model.watch_error else ""
+    thread = f" <small>in thread <code>{escape(model.thread_id)}</code></small>" if model.thread_id else ""
     return (
         f'<div class="machina-status">{badge_html(model.state)}{reason} <code>{escape(model.run_id)}</code>'
-        f" <small>{escape(progress_details(model, model.elapsed()))}</small>{live}{problem}</div>"
+        f"{thread} <small>{escape(progress_details(model, model.elapsed()))}</small>{live}{problem}</div>"
     )
 
 

@@ -66,6 +66,10 @@ class RunOptions(TypedDict, total=False):
       engine allows it (``True`` only where it does; a run can only narrow the sandbox).
     - ``webhook``: ``{"url", "secret_ref", "events": ["paused", "done", "failed"], "headers"}``;
       the engine POSTs the run there, signed with the secret ``secret_ref`` names.
+    - ``thread_id``: continue this thread (the model sees its history, then ``task``); a new id
+      starts a new thread. A run's own id names the thread it started.
+    - ``fork_from``: start a new thread from another run's history: a run id (all of it so far)
+      or ``{"run_id": ..., "turn": n}`` / ``{"run_id": ..., "seq": n}``.
     """
 
     run_id: str | None
@@ -94,6 +98,8 @@ class RunOptions(TypedDict, total=False):
     mcp_servers: Sequence[str] | None
     sandbox_network: bool | None
     webhook: Mapping[str, Any] | None
+    thread_id: str | None
+    fork_from: str | Mapping[str, Any] | None
 
 
 _OPTION_NAMES = frozenset(RunOptions.__annotations__)
@@ -259,6 +265,22 @@ def _limits(spec: pb.RunSpec, options: RunOptions) -> None:
         spec.limits.max_cost_usd = _positive_number("max_cost_usd", max_cost)
 
 
+def _fork_from(spec: pb.RunSpec, fork_from: str | Mapping[str, Any]) -> None:
+    if isinstance(fork_from, str):
+        spec.fork_from.run_id = fork_from
+        return
+    if not isinstance(fork_from, Mapping):
+        raise _refuse("fork_from must be a run id or a dict like {'run_id': ..., 'turn': 1}")
+    fields = _known_keys("fork_from", fork_from, frozenset({"run_id", "turn", "seq"}))
+    spec.fork_from.run_id = _str("fork_from.run_id", fields.get("run_id"))
+    if fields.get("turn") is not None and fields.get("seq") is not None:
+        raise _refuse("fork_from takes a turn or a seq, not both")
+    if fields.get("turn") is not None:
+        spec.fork_from.turn = _positive_int("fork_from.turn", fields["turn"])
+    if fields.get("seq") is not None:
+        spec.fork_from.seq = _positive_int("fork_from.seq", fields["seq"])
+
+
 def build_run_spec(task: str, **options: Unpack[RunOptions]) -> pb.RunSpec:
     """Returns the ``RunSpec`` for ``task``; see ``RunOptions`` for the options."""
     unknown = set(options) - _OPTION_NAMES
@@ -270,6 +292,10 @@ def build_run_spec(task: str, **options: Unpack[RunOptions]) -> pb.RunSpec:
         spec.run_id = _str("run_id", run_id)
     if (request_id := options.get("request_id")) is not None:
         spec.request_id = _str("request_id", request_id)
+    if (thread_id := options.get("thread_id")) is not None:
+        spec.thread_id = _str("thread_id", thread_id)
+    if (fork_from := options.get("fork_from")) is not None:
+        _fork_from(spec, fork_from)
     _model(spec, options)
     _limits(spec, options)
     if (tool_choice := options.get("tool_choice")) is not None:

@@ -20,13 +20,14 @@ from client_py._async import (
     AsyncEngineClient,
     AsyncExecution,
     AsyncRunHandle,
+    AsyncThreadHandle,
     CallOptions,
 )
 from client_py._retry import RetryPolicy
 from client_py._spec import DecisionLike, RunOptions
-from client_py._types import Run, RunEvent
+from client_py._types import RetentionReport, Run, RunEvent, Thread
 
-__all__ = ["EngineClient", "Execution", "RunHandle"]
+__all__ = ["EngineClient", "Execution", "RunHandle", "ThreadHandle"]
 
 T = TypeVar("T")
 
@@ -201,6 +202,43 @@ class EngineClient:
     def recover_orphaned_runs(self, **call: Unpack[CallOptions]) -> list[str]:
         return self._portal.call(self._async.recover_orphaned_runs(**call))
 
+    def thread(self, thread_id: str | None = None) -> ThreadHandle:
+        """A handle on a thread (no call is made); without an id, a new thread with a fresh id."""
+        return ThreadHandle(self, self._async.thread(thread_id))
+
+    def get_thread(self, thread_id: str, **call: Unpack[CallOptions]) -> Thread:
+        return self._portal.call(self._async.get_thread(thread_id, **call))
+
+    def list_threads(
+        self,
+        labels: Mapping[str, str] | None = None,
+        page_size: int | None = None,
+        **call: Unpack[CallOptions],
+    ) -> Iterator[Thread]:
+        return _SyncIterator(self, self._async.list_threads(labels, page_size, **call))
+
+    def fork(
+        self,
+        from_run: str,
+        task: str,
+        *,
+        turn: int | None = None,
+        seq: int | None = None,
+        **options: Unpack[RunOptions],
+    ) -> RunHandle:
+        return RunHandle(
+            self, self._portal.call(self._async.fork(from_run, task, turn=turn, seq=seq, **options))
+        )
+
+    def delete_run(self, run_id: str, **call: Unpack[CallOptions]) -> None:
+        self._portal.call(self._async.delete_run(run_id, **call))
+
+    def delete_thread(self, thread_id: str, *, force: bool = False, **call: Unpack[CallOptions]) -> list[str]:
+        return self._portal.call(self._async.delete_thread(thread_id, force=force, **call))
+
+    def apply_retention(self, *, dry_run: bool = False, **call: Unpack[CallOptions]) -> RetentionReport:
+        return self._portal.call(self._async.apply_retention(dry_run=dry_run, **call))
+
 
 class Execution(_SyncIterator[RunEvent]):
     """The events of ``EngineClient.execute``; afterwards ``run`` is the final Run."""
@@ -305,3 +343,57 @@ class RunHandle:
 
     def cancel(self, reason: str = "", **call: Unpack[CallOptions]) -> Run:
         return self._portal.call(self._handle.cancel(reason, **call))
+
+    def follow_up(self, task: str, **options: Unpack[RunOptions]) -> RunHandle:
+        """Starts the next run of this run's thread (see ``AsyncRunHandle.follow_up``)."""
+        return RunHandle(self._client, self._portal.call(self._handle.follow_up(task, **options)))
+
+    def fork(
+        self, task: str, *, turn: int | None = None, seq: int | None = None, **options: Unpack[RunOptions]
+    ) -> RunHandle:
+        """Starts a new thread from this run's history (see ``AsyncRunHandle.fork``)."""
+        return RunHandle(
+            self._client, self._portal.call(self._handle.fork(task, turn=turn, seq=seq, **options))
+        )
+
+    def delete(self, **call: Unpack[CallOptions]) -> None:
+        self._portal.call(self._handle.delete(**call))
+
+
+class ThreadHandle:
+    """The synchronous counterpart of ``AsyncThreadHandle``."""
+
+    def __init__(self, client: EngineClient, handle: AsyncThreadHandle) -> None:
+        self._client = client
+        self._portal = client._portal
+        self._handle = handle
+
+    @property
+    def thread_id(self) -> str:
+        return self._handle.thread_id
+
+    def __repr__(self) -> str:
+        return f"ThreadHandle({self.thread_id!r})"
+
+    def _repr_html_(self) -> str:
+        return _render.thread_html(self.get())
+
+    def create(self, task: str, **options: Unpack[RunOptions]) -> RunHandle:
+        return RunHandle(self._client, self._portal.call(self._handle.create(task, **options)))
+
+    def execute(
+        self, task: str, *, metadata: Sequence[tuple[str, str]] | None = None, **options: Unpack[RunOptions]
+    ) -> Execution:
+        return Execution(self._client, self._handle.execute(task, metadata=metadata, **options))
+
+    def get(self, **call: Unpack[CallOptions]) -> Thread:
+        return self._portal.call(self._handle.get(**call))
+
+    def runs(self, **call: Unpack[CallOptions]) -> list[Run]:
+        return self._portal.call(self._handle.runs(**call))
+
+    def events(self, **call: Unpack[CallOptions]) -> Iterator[RunEvent]:
+        return _SyncIterator(self._client, self._handle.events(**call))
+
+    def delete(self, *, force: bool = False, **call: Unpack[CallOptions]) -> list[str]:
+        return self._portal.call(self._handle.delete(force=force, **call))

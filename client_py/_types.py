@@ -152,6 +152,8 @@ class Run:
     update_time: datetime
     task: str
     last_seq: int
+    # The thread the run belongs to (a run started without one: its own id).
+    thread_id: str = ""
 
     @property
     def done(self) -> bool:
@@ -529,6 +531,63 @@ def run_from_proto(run: run_pb2.Run) -> Run:
         update_time=to_datetime(run.update_time),
         task=run.task,
         last_seq=run.last_seq,
+        thread_id=run.thread_id or run.run_id,
+    )
+
+
+@dataclass(frozen=True, repr=False)
+class Thread:
+    """A snapshot of a thread: the conversation a sequence of runs shares.
+
+    ``run_ids`` are oldest first; ``active_run_id`` is the run not ended yet ("" if none);
+    ``forked_from`` is ``{"run_id", "turn", "seq"}`` for a fork, else None.
+    """
+
+    thread_id: str
+    workspace_id: str
+    labels: dict[str, str]
+    run_ids: list[str]
+    active_run_id: str
+    forked_from: dict[str, Any] | None
+    create_time: datetime
+    update_time: datetime
+
+    def __repr__(self) -> str:
+        active = f", active={self.active_run_id!r}" if self.active_run_id else ""
+        forked = f", forked_from={self.forked_from['run_id']!r}" if self.forked_from else ""
+        return f"<Thread {self.thread_id} runs={len(self.run_ids)}{active}{forked}>"
+
+    def _repr_html_(self) -> str:
+        return _render.thread_html(self)
+
+
+@dataclass(frozen=True)
+class RetentionReport:
+    """What applying the retention policy deleted (or, in a dry run, would delete)."""
+
+    run_ids: list[str]
+    thread_ids: list[str]
+    retention_days: float
+    dry_run: bool
+
+
+def thread_from_proto(thread: run_pb2.Thread) -> Thread:
+    forked = None
+    if thread.HasField("forked_from"):
+        forked = {
+            "run_id": thread.forked_from.run_id,
+            "turn": thread.forked_from.turn,
+            "seq": thread.forked_from.seq,
+        }
+    return Thread(
+        thread_id=thread.thread_id,
+        workspace_id=thread.workspace_id,
+        labels=dict(thread.labels),
+        run_ids=list(thread.run_ids),
+        active_run_id=thread.active_run_id,
+        forked_from=forked,
+        create_time=to_datetime(thread.create_time),
+        update_time=to_datetime(thread.update_time),
     )
 
 

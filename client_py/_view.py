@@ -445,6 +445,7 @@ class RunViewModel:
         self._listeners: list[Listener] = []
         self.actions = actions
         self.run_id = ""
+        self.thread_id = ""  # the thread the run continues ("" = a thread of its own)
         self.task = ""
         self.model_name = ""
         self.state = "QUEUED"
@@ -592,6 +593,8 @@ class RunViewModel:
                 return False
             self.state_seq = run.last_seq
             self.run_id, self.task = run.run_id, run.task
+            if run.thread_id and run.thread_id != run.run_id:
+                self.thread_id = run.thread_id
             self.state, self.pause_reason = run.state, run.pause_reason
             self.data, self.error = run.data, run.error
             self._take_meta(run.meta)

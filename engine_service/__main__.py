@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 
@@ -12,6 +13,8 @@ from engine_service.api._server import SERVICE_NAME, start_server
 from engine_service.api.serving import (
     check_model_key,
     check_storage,
+    start_observability,
+    telemetry,
     wait_for_stop_signal,
     watch_storage_health,
     write_port_file,
@@ -27,6 +30,7 @@ from engine_service.core._config import (
 )
 from engine_service.core._errors import EngineError
 from engine_service.core._logging import setup_logging
+from engine_service.core._retention import RetentionReport, retention_sweep
 from engine_service.core._types import Principal
 
 log = logging.getLogger("machina.engine")
@@ -76,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="bind with SO_REUSEPORT: several engine processes sharing storage serve one port",
     )
     parser.add_argument("--log-format", choices=["auto", "json", "text"])
+    parser.add_argument(
+        "--metrics-listen", help="serve Prometheus metrics on HOST:PORT/metrics (default: not served)"
+    )
     parser.add_argument("--port-file", help="write the bound port here once serving (for scripts and tests)")
     return parser.parse_args(argv)
 
@@ -102,6 +109,7 @@ def build_config(ns: argparse.Namespace) -> EngineConfig:
             "allow_unauthenticated_remote": ns.allow_unauthenticated_remote,
             "reuse_port": ns.reuse_port,
             "log_format": ns.log_format,
+            "metrics_listen": ns.metrics_listen,
             "model": model or None,
         },
     )
@@ -171,17 +179,62 @@ async def serve(
     log.info("engine stopped")
 
 
+def retention_main(argv: list[str]) -> int:
+    """``python -m engine_service retention [--dry-run]``: apply the retention policy once."""
+    parser = argparse.ArgumentParser(
+        prog="python -m engine_service retention",
+        description="Delete the runs that ended longer ago than the retention policy keeps them "
+        "(retention_days, workspace_retention_days), in every workspace; print one JSON line per "
+        "workspace with the runs and threads deleted.",
+    )
+    parser.add_argument("--config", help="TOML config file")
+    parser.add_argument("--storage", help="file:///abs/dir, a path or s3://bucket/prefix")
+    parser.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    ns = parser.parse_args(argv)
+    try:
+        config: EngineConfig = load_config(ns.config, overrides={"storage": ns.storage})
+        setup_logging(config.log_format, config.log_level)
+        reports = asyncio.run(_retention(config, ns.dry_run))
+    except (ConfigError, EngineError) as exc:
+        print(f"engine_service retention: {exc}", file=sys.stderr)
+        return 2
+    for report in reports:
+        line = {
+            "workspace": report.workspace_id,
+            "retention_days": report.retention_days,
+            "dry_run": report.dry_run,
+            "run_ids": report.run_ids,
+            "thread_ids": report.thread_ids,
+        }
+        print(json.dumps(line))
+    return 0
+
+
+async def _retention(config: EngineConfig, dry_run: bool) -> list[RetentionReport]:
+    engine = build_engine(config)
+    try:
+        return await retention_sweep(engine, dry_run=dry_run)
+    finally:
+        await engine.storage.close()
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["retention"]:
+        return retention_main(args[1:])
     ns = parse_args(argv)
     try:
         config = build_config(ns)
         setup_logging(config.log_format, config.log_level)
         api_keys, tls = check_security(config)
         check_model_key(config)
+        start_observability(config, "machina-engine")
         asyncio.run(serve(config, api_keys, tls, ns.port_file))
     except (ConfigError, EngineError) as exc:
         print(f"engine_service: {exc}", file=sys.stderr)
         return 2
+    finally:
+        telemetry.shutdown()  # export the spans still batched
     return 0
 
 

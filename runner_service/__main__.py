@@ -18,7 +18,9 @@ from engine_service.api.serving import (
     load_config,
     read_tls_files,
     setup_logging,
+    start_observability,
     stop_gracefully,
+    telemetry,
     wait_for_stop_signal,
     write_port_file,
 )
@@ -49,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
     parser.add_argument("--log-format", choices=["auto", "json", "text"])
     parser.add_argument("--port-file", help='write {"grpc": port, "http": port} here once serving')
+    parser.add_argument(
+        "--metrics-listen", help="serve Prometheus metrics on HOST:PORT/metrics (default: not served)"
+    )
     return parser.parse_args(argv)
 
 
@@ -64,6 +69,7 @@ def build_config(ns: argparse.Namespace) -> RunnerConfig:
             "runner_tls_cert": ns.tls_cert,
             "runner_tls_key": ns.tls_key,
             "log_format": ns.log_format,
+            "metrics_listen": ns.metrics_listen,
         },
     )
     # Every request is authenticated, so no listen address is ever served without auth.
@@ -144,10 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(ns)
         setup_logging(config.log_format, config.log_level)
+        start_observability(config, "machina-runner")
         asyncio.run(serve(config, ns.port_file))
     except (ConfigError, EngineError) as exc:
         print(f"runner_service: {exc}", file=sys.stderr)
         return 2
+    finally:
+        telemetry.shutdown()  # export the spans still batched
     return 0
 
 

@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine_service import ErrorKind
-from engine_service.api.serving import MAX_DEPTH, too_deep
+from engine_service.api.serving import MAX_DEPTH, telemetry, too_deep
 from runner_service._runner import Rejected, Runner, http_status
 
 
@@ -63,6 +63,20 @@ def build_app(runner: Runner, max_body_bytes: int) -> Starlette:
         return bytes(body)
 
     async def continue_run(request: Request) -> Response:
+        if not telemetry.enabled():
+            return await _continue_run(request)
+        attributes = {"http.request.method": "POST", "http.route": "/continue"}
+        kind = telemetry.SpanKind.SERVER
+        with telemetry.span(
+            "POST /continue", kind=kind, attributes=attributes, carrier=request.headers
+        ) as span:
+            response = await _continue_run(request)
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 500:
+                span.record_error(str(response.status_code))
+            return response
+
+    async def _continue_run(request: Request) -> Response:
         try:
             presented = runner.check_bearer(request.headers.get("authorization"))
             raw = await read_capped(request)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine_service import Engine, EngineError, ErrorKind, Principal
-from engine_service.api.serving import is_valid_id
+from engine_service.api.serving import is_valid_id, log_refused
 
 log = logging.getLogger("machina.runner")
 
@@ -84,12 +84,14 @@ class Runner:
         for digest in known:
             matched |= hmac.compare_digest(presented, digest)
         if not (matched and scheme.lower() == "bearer"):
+            log_refused("runner", "bad or missing bearer token", token)
             raise Rejected(ErrorKind.UNAUTHENTICATED, "ERR_UNAUTHENTICATED", "bad or missing bearer token")
         return presented
 
     def _check_workspace(self, presented: bytes, workspace: str) -> None:
         expected = self._digests.get(workspace, self._default_digest)
         if expected is None or not hmac.compare_digest(presented, expected):
+            log_refused("runner", f"the token is not workspace {workspace!r}'s", "")
             # The same answer as an unknown token: which workspaces a secret serves stays private.
             raise Rejected(ErrorKind.UNAUTHENTICATED, "ERR_UNAUTHENTICATED", "bad or missing bearer token")
 

@@ -26,6 +26,7 @@ from engine_service.core._run import (
     RunSpec,
     ScriptedTurn,
 )
+from engine_service.core._threads import Thread
 from engine_service.core._types import Event, EventKind, JsonObject, Permission, RunState, ToolChoice, Usage
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import event_pb2 as ev
@@ -235,6 +236,16 @@ def spec_from_proto(message: svc.RunSpec) -> tuple[RunSpec, list[ClientToolDef]]
         api_services=api_services_from_proto(message.api),
         mcp_servers=list(message.mcp_servers.servers) if message.HasField("mcp_servers") else None,
         sandbox_network=message.sandbox_network if message.HasField("sandbox_network") else None,
+        thread_id=message.thread_id,
+        fork_from=(
+            {
+                "run_id": message.fork_from.run_id,
+                "turn": message.fork_from.turn,
+                "seq": message.fork_from.seq,
+            }
+            if message.HasField("fork_from")
+            else None
+        ),
         agent_scripts=agent_scripts,
     )
     client_tools = [
@@ -356,6 +367,7 @@ def run_to_proto(r: RunRecord) -> rp.Run:
             update_time=_time(r.updated_at),
             task=shown(r.task, 1000),
             last_seq=r.last_seq,
+            thread_id=r.thread,
         )
 
 
@@ -377,6 +389,27 @@ def _run_to_proto(r: RunRecord) -> rp.Run:
         update_time=_time(r.updated_at),
         task=r.task,
         last_seq=r.last_seq,
+        thread_id=r.thread,
+    )
+
+
+def thread_to_proto(t: Thread) -> rp.Thread:
+    forked = None
+    if t.forked_from is not None:
+        forked = rp.ForkSource(run_id=t.forked_from.get("run_id", ""))
+        if t.forked_from.get("turn"):
+            forked.turn = int(t.forked_from["turn"])
+        elif t.forked_from.get("seq"):
+            forked.seq = int(t.forked_from["seq"])
+    return rp.Thread(
+        thread_id=t.thread_id,
+        workspace_id=t.workspace_id,
+        labels=t.labels,
+        run_ids=t.run_ids,
+        active_run_id=t.active_run_id,
+        forked_from=forked,
+        create_time=_time(t.created_at),
+        update_time=_time(t.updated_at),
     )
 
 

@@ -20,10 +20,12 @@ from engine_service.api._convert import (
     run_to_proto,
     spec_from_proto,
     states_from_proto,
+    thread_to_proto,
     webhook_from_proto,
 )
 from engine_service.api._errors import set_error
 from engine_service.api.serving import add_service, serve_with_health, stop_gracefully
+from engine_service.core import _metrics as metrics
 from engine_service.core._engine import Engine
 from engine_service.core._errors import EngineError, ErrorKind, shown
 from engine_service.core._run import Decision, RunRecord
@@ -96,6 +98,7 @@ def _streaming(impl: StreamImpl) -> Callable[[Any, Any, Context], AsyncGenerator
 
     @functools.wraps(impl)
     async def method(self: EngineServicer, request: Any, context: Context) -> AsyncGenerator[Any, None]:
+        metrics.ACTIVE_STREAMS.inc()
         try:
             async with aclosing(impl(self, request, self._principal(context), context)) as responses:
                 async for response in responses:
@@ -106,6 +109,8 @@ def _streaming(impl: StreamImpl) -> Callable[[Any, Any, Context], AsyncGenerator
             raise
         except Exception:
             _internal(context, impl.__name__)
+        finally:
+            metrics.ACTIVE_STREAMS.dec()
 
     return method
 
@@ -238,6 +243,44 @@ class EngineServicer(svc_grpc.EngineServiceServicer):
     ) -> Any:
         run_ids = await self._engine.recover_orphaned_runs(principal)
         return svc.RecoverOrphanedRunsResponse(run_ids=run_ids)
+
+    @_unary
+    async def GetThread(self, request: svc.GetThreadRequest, principal: Principal, context: Context) -> Any:
+        thread = await self._engine.get_thread(principal, request.thread_id)
+        return svc.GetThreadResponse(thread=thread_to_proto(thread))
+
+    @_unary
+    async def ListThreads(
+        self, request: svc.ListThreadsRequest, principal: Principal, context: Context
+    ) -> Any:
+        threads, token = await self._engine.list_threads(
+            principal, labels=dict(request.labels), page_size=request.page_size, page_token=request.page_token
+        )
+        return svc.ListThreadsResponse(threads=[thread_to_proto(t) for t in threads], next_page_token=token)
+
+    @_unary
+    async def DeleteRun(self, request: svc.DeleteRunRequest, principal: Principal, context: Context) -> Any:
+        await self._engine.delete_run(principal, request.run_id)
+        return svc.DeleteRunResponse()
+
+    @_unary
+    async def DeleteThread(
+        self, request: svc.DeleteThreadRequest, principal: Principal, context: Context
+    ) -> Any:
+        run_ids = await self._engine.delete_thread(principal, request.thread_id, force=request.force)
+        return svc.DeleteThreadResponse(run_ids=run_ids)
+
+    @_unary
+    async def ApplyRetention(
+        self, request: svc.ApplyRetentionRequest, principal: Principal, context: Context
+    ) -> Any:
+        report = await self._engine.apply_retention(principal, dry_run=request.dry_run)
+        return svc.ApplyRetentionResponse(
+            run_ids=report.run_ids,
+            thread_ids=report.thread_ids,
+            retention_days=report.retention_days,
+            dry_run=report.dry_run,
+        )
 
 
 # A request larger than this is converted in a worker thread: turning megabytes of Struct into

@@ -25,7 +25,11 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from engine_service.api._auth import log_refused
 from engine_service.api._errors import error_status, set_error
+from engine_service.api._tracing import traced_stream, traced_unary
+from engine_service.core import _metrics as metrics
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._bootstrap import build_engine
 from engine_service.core._config import ConfigError, check_address, is_loopback, load_config, read_tls_files
 from engine_service.core._errors import EngineError, shown
@@ -53,11 +57,15 @@ __all__ = [
     "is_loopback",
     "is_valid_id",
     "load_config",
+    "log_refused",
+    "metrics",
     "read_tls_files",
     "serve_with_health",
     "set_error",
     "setup_logging",
+    "start_observability",
     "stop_gracefully",
+    "telemetry",
     "too_deep",
     "wait_for_stop_signal",
     "watch_storage_health",
@@ -98,14 +106,19 @@ def _method_handlers(service: ServiceDescriptor, servicer: object) -> dict[str, 
         request_type = message_factory.GetMessageClass(method.input_type)
         serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
         impl = getattr(servicer, method.name)
+        traced = telemetry.enabled()  # off: no wrapper at all
         if method.server_streaming:
+            stream = _parsing_stream(impl, request_type)
+            if traced:
+                stream = traced_stream(service.full_name, method.name, stream)
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _parsing_stream(impl, request_type), response_serializer=serialize
+                stream, response_serializer=serialize
             )
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _parsing_unary(impl, request_type), response_serializer=serialize
-            )
+            unary = _parsing_unary(impl, request_type)
+            if traced:
+                unary = traced_unary(service.full_name, method.name, unary)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
     return handlers
 
 
@@ -247,6 +260,24 @@ async def watch_storage_health(
                 log.warning("storage reachable again: health SERVING")
             else:
                 log.warning("storage unreachable (%s): health NOT_SERVING", problem)
+
+
+def start_observability(config: Any, service_name: str) -> int:
+    """Tracing and OTLP metrics from the OTEL_* variables, and the Prometheus endpoint when
+    ``config.metrics_listen`` is set; returns its port (0 = not served). ConfigError in one line."""
+    try:
+        telemetry.configure(service_name)
+    except telemetry.TelemetryConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    if not config.metrics_listen:
+        return 0
+    _check_can_bind(config.metrics_listen, "MACHINA_METRICS_LISTEN (--metrics-listen)")
+    try:
+        return metrics.serve(config.metrics_listen)
+    except OSError as exc:
+        raise _cannot_listen(
+            config.metrics_listen, "MACHINA_METRICS_LISTEN (--metrics-listen)", exc.strerror or "cannot bind"
+        ) from None
 
 
 async def write_port_file(path: str | None, content: str) -> None:

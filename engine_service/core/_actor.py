@@ -15,9 +15,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
+from engine_service.core import _metrics as metrics
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._checkpoint import LeaseLost
 from engine_service.core._compaction import (
     COMPACTION,
@@ -25,6 +28,7 @@ from engine_service.core._compaction import (
     SUMMARY_SYSTEM,
     CompactionPlan,
     ContextWindow,
+    message_chars,
 )
 from engine_service.core._dispatch import REQUEST_EVENT
 from engine_service.core._errors import RunFailure
@@ -33,6 +37,7 @@ from engine_service.core._regex import SchemaValidator
 from engine_service.core._run import PENDING, READY, RESOLVED, CallOutcome, ChildState, RunError
 from engine_service.core._subagents import Subagents
 from engine_service.core._text import loads_untrusted
+from engine_service.core._threads import load_context
 from engine_service.core._types import (
     EventKind,
     InterruptKind,
@@ -73,8 +78,12 @@ class RunActor(Subagents):
             asyncio.create_task(self._watch_cancel()),
             asyncio.create_task(self._writer()),
         ]
+        metrics.RUNS_ACTIVE.inc()
         try:
-            await self._execute_inner(resumed_by)
+            if telemetry.enabled():
+                await self._execute_traced(resumed_by)
+            else:
+                await self._execute_inner(resumed_by)
         except StorageUnavailable as exc:
             # Storage stayed unavailable past storage_retry_s: nothing more can be committed
             # here. The run stays at its last checkpoint (readers see it as it was there) and
@@ -86,10 +95,39 @@ class RunActor(Subagents):
             # Another process owns the run now: write nothing more, just stop.
             run_id = self.record.run_id
             log.warning("run %s stopped here: %s", run_id, lost, extra={"run_id": run_id})
+            metrics.LEASES_LOST.inc()
             self.feed.close()
         finally:
+            metrics.RUNS_ACTIVE.dec()
             for helper in helpers:
                 helper.cancel()
+
+    async def _execute_traced(self, resumed_by: str | None) -> None:
+        """`_execute_inner` in an ``invoke_agent`` span, a child of the run's own trace."""
+        record = self.record
+        provider, _, model = record.meta.model.partition(":")
+        attributes = {
+            "gen_ai.operation.name": "invoke_agent",
+            "gen_ai.provider.name": provider,
+            "gen_ai.request.model": model,
+            "gen_ai.conversation.id": record.run_id,
+            "machina.run.id": record.run_id,
+            "machina.workspace": record.workspace_id,
+            "machina.run.resumed_by": resumed_by or "",
+        }
+        with telemetry.span("invoke_agent", attributes=attributes, parent=self.spec.traceparent) as span:
+            try:
+                await self._execute_inner(resumed_by)
+            finally:
+                span.set_attributes(
+                    {
+                        "machina.run.state": record.state.value,
+                        "gen_ai.usage.input_tokens": record.meta.usage.input_tokens,
+                        "gen_ai.usage.output_tokens": record.meta.usage.output_tokens,
+                    }
+                )
+                if record.error is not None and record.state is RunState.FAILED:
+                    span.record_error(record.error.code)
 
     async def _watch_cancel(self) -> None:
         """Honour a cancel that another process (a replica) recorded in storage."""
@@ -203,6 +241,10 @@ class RunActor(Subagents):
             {"reason": record.pause_reason.value, "interrupts": [i.to_json() for i in interrupts]},
         )
         await self.checkpoint()
+        metrics.RUNS_PAUSED.inc(record.pause_reason.value)
+        self.transition(
+            "paused", reason=record.pause_reason.value, interrupt_ids=[i.interrupt_id for i in interrupts]
+        )
         if await self._cancelled_at_pause():
             return
         self.ending = True
@@ -224,33 +266,42 @@ class RunActor(Subagents):
                 return
         while True:
             self._check_limits()
-            result = await self._model_turn()
-            if not result.tool_calls:
-                done, data = await self._final_answer(result.text)
-                if done:
-                    await self._finish(RunState.DONE, data=data)
+            turn_started = time.perf_counter()
+            try:
+                if not await self._turn():
                     return
-                continue
-            calls = result.tool_calls
-            if all(is_small(c.arguments) for c in calls):
-                record.pending = [self._plan(call) for call in calls]
-            else:
-                # Checking large arguments against a JSON Schema is seconds of pure-Python work:
-                # in a worker thread the event loop keeps serving every other run meanwhile.
-                record.pending = await asyncio.to_thread(self._plan_all, calls)
-            if any(p.status == PENDING for p in record.pending):
-                for p in record.pending:
-                    if p.status == PENDING and p.interrupt is not None:
-                        self.emit(REQUEST_EVENT[p.interrupt.kind], {"interrupt": p.interrupt.to_json()})
-                await self.pause()
-                return
-            # Commit the turn before running a tool that must not run twice: a
-            # crash during the call then knows it was in flight. Idempotent
-            # tools skip this write (it is most of a cheap turn's cost).
-            if any(p.status == READY and not self._idempotent(p.call.name) for p in record.pending):
-                await self.checkpoint()
-            if not await self._dispatch():
-                return
+            finally:
+                metrics.TURN_SECONDS.observe(time.perf_counter() - turn_started, self.env.model.provider)
+
+    async def _turn(self) -> bool:
+        """One model turn and the tool calls it asked for; False once the run paused or ended."""
+        record = self.record
+        result = await self._model_turn()
+        if not result.tool_calls:
+            done, data = await self._final_answer(result.text)
+            if done:
+                await self._finish(RunState.DONE, data=data)
+                return False
+            return True
+        calls = result.tool_calls
+        if all(is_small(c.arguments) for c in calls):
+            record.pending = [self._plan(call) for call in calls]
+        else:
+            # Checking large arguments against a JSON Schema is seconds of pure-Python work:
+            # in a worker thread the event loop keeps serving every other run meanwhile.
+            record.pending = await asyncio.to_thread(self._plan_all, calls)
+        if any(p.status == PENDING for p in record.pending):
+            for p in record.pending:
+                if p.status == PENDING and p.interrupt is not None:
+                    self.emit(REQUEST_EVENT[p.interrupt.kind], {"interrupt": p.interrupt.to_json()})
+            await self.pause()
+            return False
+        # Commit the turn before running a tool that must not run twice: a
+        # crash during the call then knows it was in flight. Idempotent
+        # tools skip this write (it is most of a cheap turn's cost).
+        if any(p.status == READY and not self._idempotent(p.call.name) for p in record.pending):
+            await self.checkpoint()
+        return await self._dispatch()
 
     def _check_limits(self) -> None:
         meta, spec = self.record.meta, self.spec
@@ -276,6 +327,9 @@ class RunActor(Subagents):
             )
 
     async def _model_turn(self) -> TurnResult:
+        return await self._measured_model_call(self.env.model, self._model_call)
+
+    async def _model_call(self) -> TurnResult:
         record, env = self.record, self.env
         turn = record.meta.turns + 1
         tools = [t.spec() for t in env.tools.values()]
@@ -313,6 +367,11 @@ class RunActor(Subagents):
 
     _contexts: dict[str, ContextWindow] | None = None
 
+    def _forget_child(self, path: str) -> None:
+        super()._forget_child(path)
+        if self._contexts is not None:
+            self._contexts.pop(path, None)
+
     def _observe_context(self, path: str, input_tokens: int) -> None:
         """The model reported ``input_tokens`` for the last request of ``path`` ("" = the run)."""
         context = self._contexts.get(path) if self._contexts is not None else None
@@ -325,17 +384,24 @@ class RunActor(Subagents):
         """The messages of the next model request, which every model request of the run (and of
         its subagents: ``child``) takes from here: the transcript as the model sees it (see
         _compaction.py), compacted first when the request would pass ``compact_at`` of the
-        model's context window."""
+        model's context window. The run's own requests start with its thread's history."""
         if self._contexts is None:
             self._contexts = {}
         path = child.path if child is not None else ""
         transcript = self._child_transcripts[path] if child is not None else self.transcript
         context = self._contexts.setdefault(path, ContextWindow())
-        messages = context.messages(transcript)
+        if child is None and self.spec.context and self._thread_history is None:
+            # The thread's history before this run: read once, when the run first needs it.
+            history = await load_context(self.env.storage, self.record.workspace_id, self.spec.context)
+            self._thread_history = history
+            self._thread_chars = sum(map(message_chars, history))
+        join = self._with_history if child is None else _as_is
+        messages = join(context.messages(transcript))
         window = self.env.context_window_tokens
         if not window:
             return messages
-        fixed = _fixed_chars(self.env.system_prompt, tools)
+        # The thread's history counts like the system prompt: this run compacts only its own turns.
+        fixed = _fixed_chars(self.env.system_prompt, tools) + (self._thread_chars if child is None else 0)
         before = context.tokens(fixed)
         if before <= self.env.compact_at * window:
             context.sent(fixed)
@@ -343,7 +409,7 @@ class RunActor(Subagents):
         plan = context.plan(self.env.compact_keep_turns)
         if plan is not None:
             await self._compact(plan, tools, before, fixed, context, transcript, child)
-            messages = context.messages(transcript)
+            messages = join(context.messages(transcript))
         after = context.tokens(fixed)
         if after > window:
             raise RunFailure(
@@ -355,6 +421,17 @@ class RunActor(Subagents):
             )
         context.sent(fixed)
         return messages
+
+    def _with_history(self, view: Sequence[Message]) -> Sequence[Message]:
+        """The thread's history, then ``view``: one list that grows with the view (so the model
+        adapters' serialised history stays valid), rebuilt when the view is replaced."""
+        if not self._thread_history:
+            return view
+        if view is not self._joined_view or len(view) < self._joined_len:
+            self._joined, self._joined_view, self._joined_len = list(self._thread_history), view, 0
+        self._joined.extend(view[self._joined_len :])
+        self._joined_len = len(view)
+        return self._joined
 
     async def _compact(
         self,
@@ -434,6 +511,10 @@ class RunActor(Subagents):
         self.transcript.append(Message("user", _REPAIR_PROMPT.format(problem=problem)))
         await self.checkpoint()
         return False, None
+
+
+def _as_is(view: Sequence[Message]) -> Sequence[Message]:
+    return view
 
 
 # A structured final answer longer than this is validated in a worker thread.

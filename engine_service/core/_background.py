@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
+from engine_service.core import _metrics as metrics
 from engine_service.core._errors import EngineError
+from engine_service.core._retention import retention_sweep
 from engine_service.core._run import Decision, DecisionAction, RunRecord
 from engine_service.core._types import PauseReason, Principal, RunState
 from engine_service.tools import sweep_stale_cgroups
@@ -23,6 +26,7 @@ class BackgroundJobs:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._retention_at = 0.0  # monotonic time of the next retention sweep
 
     async def recover_orphaned_runs(self, principal: Principal | None = None) -> list[str]:
         """Resume runs whose executor died: QUEUED/RUNNING with an expired lease. Paused runs stay paused.
@@ -57,10 +61,8 @@ class BackgroundJobs:
                 log.debug("run %s is %s but its lease is held; not recovering", key[1], record.state.value)
                 return False  # its executor is alive (lease held) or it moved meanwhile
             interrupted = actor.mark_interrupted()
-            log.warning(
-                "recovering run %s from its last checkpoint (seq %d); interrupted calls: %s",
-                key[1], record.last_seq, ", ".join(interrupted) or "none", extra={"run_id": key[1]},
-            )  # fmt: skip
+            metrics.LEASE_TAKEOVERS.inc()
+            actor.transition("recovered", from_seq=record.last_seq, interrupted_calls=interrupted)
             self._engine._start(actor, resumed_by="recovery")
             return True
 
@@ -77,9 +79,22 @@ class BackgroundJobs:
                 await self.arm_approval_deadlines()
             except Exception:
                 log.warning("approval deadline sweep failed; will retry", exc_info=True)
+            await self._retention_due()
             if not self._engine.config.recovery_interval_s:
                 return
             await asyncio.sleep(self._engine.config.recovery_interval_s)
+
+    async def _retention_due(self) -> None:
+        """Apply the retention policy when its interval has passed (and at startup)."""
+        interval = self._engine.config.retention_interval_s
+        now = time.monotonic()
+        if not interval or now < self._retention_at:
+            return
+        self._retention_at = now + interval
+        try:
+            await retention_sweep(self._engine)
+        except Exception:
+            log.warning("retention sweep failed; will retry", exc_info=True)
 
     async def _recover_handoff(self, key: tuple[str, str]) -> bool:
         """A run paused HANDOFF_TO_RUNNER whose lease no runner took (or whose runner's lease

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine_service.core import _metrics as metrics
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._feed import EventFeed
+from engine_service.core._logging import run_transition
 from engine_service.core._run import AgentState, RunError, RunRecord, RunSpec
 from engine_service.core._types import Event, EventKind, JsonObject, Message, Permission, RunState
 from engine_service.models import ModelAdapter
@@ -88,6 +91,13 @@ class CheckpointedRun:
         self.record = record
         self.spec = spec
         self.transcript = transcript or []
+        # The thread's history the model sees before the transcript (read when first needed),
+        # its size, and the list that joins it to the run's own view (see RunActor._with_history).
+        self._thread_history: list[Message] | None = None
+        self._thread_chars = 0
+        self._joined: list[Message] = []
+        self._joined_view: object = None
+        self._joined_len = 0
         self._transcript_read = transcript is not None
         self.env = env
         # Watchers see an event once it is written (the feed); until then it waits in
@@ -125,12 +135,20 @@ class CheckpointedRun:
         self._child_transcripts: dict[str, list[Message]] = {}
         self._child_models: dict[str, ModelAdapter] = {}
         self._child_written: dict[str, int] = {}  # entries of each transcript blob written
+        # Subagents whose answers their parents' transcripts now hold: the next checkpoint drops
+        # them from the state document (their transcripts and events stay), which so stays small.
+        self._retiring: set[str] = set()
         # One commit at a time: parallel subagents each checkpoint.
         self._commit_lock = asyncio.Lock()
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.record.workspace_id, self.record.run_id)
+
+    def transition(self, name: str, **fields: Any) -> None:
+        """Log one of the run's transitions (see `run_transition`)."""
+        trace_id = telemetry.trace_id_of(self.spec.traceparent) or telemetry.current_trace_id()
+        run_transition(name, self.record.run_id, self.record.workspace_id, trace_id=trace_id, **fields)
 
     def view(self) -> RunRecord:
         """The run as readers may see it: never a pause or an end before it is committed."""
@@ -273,8 +291,12 @@ class CheckpointedRun:
             for path, entries in self._child_transcripts.items()
             if self._child_written.get(path) != len(entries)
         }
+        retired = set(self._retiring)
+        for path in retired:
+            record.children.pop(path, None)
         for path, entries in self._child_transcripts.items():
-            record.children[path].transcript_len = len(entries)
+            if path in record.children:
+                record.children[path].transcript_len = len(entries)
         record.transcript_len = len(self.transcript)
         record.updated_at = self.env.clock()
         doc = record.to_json()
@@ -288,6 +310,9 @@ class CheckpointedRun:
         doc["last_seq"] = min(upto, self._written_seq)
         await storage.write_state(ws, run_id, doc)
         record.last_seq = doc["last_seq"]
+        for path in retired:  # their whole transcripts are written: nothing more to keep here
+            self._forget_child(path)
+        self._retiring -= retired
         self._shown = None
         self._transcript_committed = doc["transcript_len"]
         if self._held:
@@ -505,7 +530,19 @@ class CheckpointedRun:
         await self.checkpoint()
         await self.release()
         self._notify(state.value.lower())
-        log.info("run %s %s", record.run_id, state.value.lower(), extra={"run_id": record.run_id})
+        code = "" if error is None else error.code
+        metrics.RUNS_FINISHED.inc(state.value.lower(), code)
+        self.transition(
+            state.value.lower(),
+            error_code=code,
+            turns=record.meta.turns,
+            cost_usd=round(record.meta.cost_usd, 6),
+        )
+
+    def _forget_child(self, path: str) -> None:
+        self._child_transcripts.pop(path, None)
+        self._child_written.pop(path, None)
+        self._child_models.pop(path, None)
 
     def end_children(self, state: AgentState, reason: str) -> None:
         """The run ends: so do its subagents still running (core/_subagents.py)."""

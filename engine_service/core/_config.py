@@ -188,6 +188,12 @@ class EngineConfig(_Section):
     # How often to sweep for runs whose executor died (lease expired, queued or running); 0 = at startup.
     recovery_interval_s: float = Field(10.0, ge=0)
     shutdown_grace_s: float = Field(5.0, ge=0)
+    # Runs that ended more than this many days ago are deleted (0 = kept forever);
+    # workspace_retention_days[workspace] overrides it for one workspace. The background sweep
+    # applies it every retention_interval_s (0 = only when asked: ApplyRetention, the CLI).
+    retention_days: float = Field(0.0, ge=0)
+    workspace_retention_days: dict[str, float] = {}
+    retention_interval_s: float = Field(3600.0, ge=0)
     # How often a serving process checks that storage answers; health is NOT_SERVING while it does not.
     storage_probe_interval_s: float = Field(10.0, gt=0)
     # How long a run waits for unavailable storage (read-only, full, 5xx), retrying, before it is
@@ -196,6 +202,9 @@ class EngineConfig(_Section):
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     log_format: Literal["auto", "json", "text"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Serve Prometheus metrics on http://HOST:PORT/metrics (MACHINA_METRICS_LISTEN, --metrics-listen);
+    # "" = not served. Plain HTTP without authentication: keep it on loopback or a private network.
+    metrics_listen: str = ""
     model: ModelConfig = ModelConfig()
     tools: ToolsConfig = ToolsConfig()
     # Engine-level ApiCall services, credentials (refs -> values; a ref missing here is read
@@ -206,6 +215,11 @@ class EngineConfig(_Section):
     @classmethod
     def _listen(cls, value: str) -> str:
         return check_address(value, "listen address")
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str) -> str:
+        return check_address(value, "metrics listen address") if value else value
 
     @field_validator("egress_allow_networks")
     @classmethod

@@ -94,6 +94,14 @@ class DecisionDesk:
         self, actor: RunActor, plan: list[PlannedDecision], by: str, *, all_expired: bool = False
     ) -> None:
         """Record the planned decisions on a run we hold; it continues once none is pending."""
+        actor.transition(
+            "decided",
+            by=by,
+            decisions=[
+                f"{p.pending.interrupt.interrupt_id}={p.action.value}" for p in plan if p.pending.interrupt
+            ],
+            expired=all_expired,
+        )
         for planned in plan:
             pending = planned.pending
             actor.record_decision(pending, planned.action, by, reason=planned.reason, expired=all_expired)

@@ -7,7 +7,10 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
+from engine_service.core import _metrics as metrics
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._checkpoint import CheckpointedRun
 from engine_service.core._run import (
     PENDING,
@@ -30,6 +33,7 @@ from engine_service.core._types import (
     ToolCall,
     ToolChoice,
 )
+from engine_service.models import ModelAdapter, ModelError, TurnResult
 from engine_service.tools import result_blob_name, truncation_note
 from engine_service.tools._registry import (
     AGENT_TOOL,
@@ -65,6 +69,21 @@ def _resolved(call: ToolCall, text: str, outcome: CallOutcome) -> PendingCall:
 def arguments_digest(arguments: JsonObject) -> str:
     canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# Providers' stop reasons as the GenAI conventions name them.
+_FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "tool_use": "tool_call",
+    "max_tokens": "length",
+}
+
+
+def _finish_reason(result: TurnResult) -> str:
+    if result.stop_reason:
+        return _FINISH_REASONS.get(result.stop_reason, result.stop_reason)
+    return "tool_call" if result.tool_calls else "stop"
 
 
 class ToolDispatch(CheckpointedRun):
@@ -157,9 +176,72 @@ class ToolDispatch(CheckpointedRun):
             self.transcript.append(
                 Message("tool", text, call_id=p.call.call_id, tool_name=p.call.name, is_error=is_error)
             )
+        self._retire_agents(pending, "")
         self.record.pending = []
         await self.checkpoint()
         return True
+
+    async def _measured_model_call(
+        self, model: ModelAdapter, call: Callable[[], Awaitable[TurnResult]], path: str = ""
+    ) -> TurnResult:
+        """``call`` (one model call of the agent at ``path``), timed and counted, and in a
+        ``chat {model}`` span with the GenAI attributes while tracing is on."""
+        provider = model.provider
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            if telemetry.enabled():
+                result = await self._traced_model_call(model, call, path)
+            else:
+                result = await call()
+            outcome = "ok"
+        finally:
+            metrics.MODEL_SECONDS.observe(time.perf_counter() - started, provider, outcome)
+        metrics.TURNS.inc(provider)
+        metrics.TOKENS.inc(provider, "input", amount=result.usage.input_tokens)
+        metrics.TOKENS.inc(provider, "output", amount=result.usage.output_tokens)
+        cost = result.usage.cost(self.env.price)
+        if cost:
+            metrics.COST.inc(provider, amount=cost)
+        return result
+
+    async def _traced_model_call(
+        self, model: ModelAdapter, call: Callable[[], Awaitable[TurnResult]], path: str
+    ) -> TurnResult:
+        attributes: dict[str, str | int] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": model.provider,
+            "gen_ai.request.model": model.name,
+            "gen_ai.conversation.id": self.record.run_id,
+        }
+        if self.env.max_output_tokens:
+            attributes["gen_ai.request.max_tokens"] = self.env.max_output_tokens
+        if path:
+            attributes["machina.agent.path"] = path
+        with telemetry.span(
+            f"chat {model.name}", kind=telemetry.SpanKind.CLIENT, attributes=attributes
+        ) as span:
+            try:
+                result = await call()
+            except ModelError as error:
+                span.record_error(error.code)
+                raise
+            span.set_attributes(
+                {
+                    "gen_ai.response.model": model.name,
+                    "gen_ai.usage.input_tokens": result.usage.input_tokens,
+                    "gen_ai.usage.output_tokens": result.usage.output_tokens,
+                    "gen_ai.response.finish_reasons": [_finish_reason(result)],
+                }
+            )
+            return result
+
+    def _tool_label(self, name: str) -> str:
+        """The metrics label of a tool: its name for the engine's tools, ``client`` for a caller's."""
+        tool = self.env.tools.get(name)
+        if tool is None:
+            return "unknown"
+        return metrics.tool_label(name, tool.interrupt_kind is not InterruptKind.TOOL_RESULT)
 
     async def _run_pending(
         self, pending: list[PendingCall], path: str = ""
@@ -194,8 +276,13 @@ class ToolDispatch(CheckpointedRun):
     async def _run_agent(self, call: ToolCall, path: str) -> tuple[str, bool] | None:
         raise NotImplementedError  # RunActor, via core/_subagents.py
 
+    def _retire_agents(self, pending: list[PendingCall], path: str) -> None:
+        raise NotImplementedError  # RunActor, via core/_subagents.py
+
     def _record_unrun(self, p: PendingCall, path: str = "") -> None:
         """A call that never started still completes on the record, with why and its result."""
+        outcome = p.outcome or (CallOutcome.REJECTED if p.result_is_error else CallOutcome.RESPONDED)
+        metrics.TOOL_CALLS.inc(self._tool_label(p.call.name), outcome.value)
         self.emit(
             EventKind.TOOL_CALL_COMPLETED,
             {
@@ -223,6 +310,7 @@ class ToolDispatch(CheckpointedRun):
         self.emit(EventKind.HANDOFF_TO_RUNNER, {"tools": tools})
         self.emit(EventKind.PAUSED, {"reason": PauseReason.HANDOFF_TO_RUNNER.value, "interrupts": []})
         await self.checkpoint()
+        metrics.RUNS_PAUSED.inc(PauseReason.HANDOFF_TO_RUNNER.value)
         if await self._cancelled_at_pause():
             return
         self.ending = True
@@ -231,8 +319,11 @@ class ToolDispatch(CheckpointedRun):
         try:
             await self.env.handoff(*self.key)
         except RunnerUnreachable as exc:
+            metrics.HANDOFFS.inc("unreachable")
             await self._handoff_failed(str(exc))
             return
+        metrics.HANDOFFS.inc("accepted")
+        self.transition("handed_off", tools=tools, attempt=1)
         self.feed.close()
 
     async def hand_off_again(self) -> None:
@@ -250,7 +341,11 @@ class ToolDispatch(CheckpointedRun):
         try:
             await self.env.handoff(*self.key)
         except RunnerUnreachable as exc:
+            metrics.HANDOFFS.inc("unreachable")
             log.warning("re-handoff of %s failed: %s", record.run_id, exc, extra={"run_id": record.run_id})
+        else:
+            metrics.HANDOFFS.inc("accepted")
+            self.transition("handed_off", attempt=record.handoff_attempts)
         self.feed.close()
 
     async def runner_lost(self) -> None:
@@ -285,6 +380,32 @@ class ToolDispatch(CheckpointedRun):
         that paused for a decision."""
         if call.name == AGENT_TOOL:
             return await self._run_agent(call, path)
+        label = self._tool_label(call.name)
+        started = time.perf_counter()
+        is_error = True
+        try:
+            if telemetry.enabled():
+                attributes = {
+                    "gen_ai.operation.name": "execute_tool",
+                    "gen_ai.tool.name": call.name,
+                    "gen_ai.tool.call.id": call.call_id,
+                    "gen_ai.tool.type": "function",
+                    "gen_ai.conversation.id": self.record.run_id,
+                }
+                if path:
+                    attributes["machina.agent.path"] = path
+                with telemetry.span(f"execute_tool {call.name}", attributes=attributes) as span:
+                    text, is_error = await self._call(call, path)
+                    if is_error:
+                        span.record_error("tool_error")
+            else:
+                text, is_error = await self._call(call, path)
+        finally:
+            metrics.TOOL_CALLS.inc(label, "error" if is_error else CallOutcome.RAN.value)
+            metrics.TOOL_SECONDS.observe(time.perf_counter() - started, label)
+        return text, is_error
+
+    async def _call(self, call: ToolCall, path: str) -> tuple[str, bool]:
         tool = self.env.tools[call.name]
         self._workdir_dirty = True
         self.emit(EventKind.TOOL_CALL_STARTED, {"call": call.to_json()}, path)

@@ -18,12 +18,15 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine_service.core import _metrics as metrics
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._actor import RunActor
 from engine_service.core._background import BackgroundJobs
 from engine_service.core._catalogue import ToolCatalogue, builtin_tools, host_capabilities
 from engine_service.core._checkpoint import CANCEL_REQUEST
 from engine_service.core._config import EngineConfig
 from engine_service.core._decisions import DecisionDesk
+from engine_service.core._deletion import Deleter
 from engine_service.core._errors import (
     EngineError,
     ErrorKind,
@@ -38,6 +41,7 @@ from engine_service.core._idempotency import check_same_request, fingerprint
 from engine_service.core._ids import check_id, new_id
 from engine_service.core._limits import is_small
 from engine_service.core._reading import RunReader
+from engine_service.core._retention import RetentionReport, apply_retention
 from engine_service.core._run import (
     ClientToolDef,
     Decision,
@@ -46,8 +50,10 @@ from engine_service.core._run import (
     RunSpec,
     ToolResultPage,
 )
+from engine_service.core._threads import Placement, Thread, ThreadDesk
 from engine_service.core._types import (
     Event,
+    JsonObject,
     Message,
     PauseReason,
     Principal,
@@ -92,7 +98,7 @@ class Engine:
     ) -> None:
         config.check_runner_secrets()  # never hand a run off unauthenticated
         self.config = config
-        self.storage = storage
+        self.storage = metrics.instrument_storage(storage)
         # Where tenants' specs and models may send requests (per-run ApiCall services, webhooks).
         self.egress = egress or config.egress_policy()
         self.sandbox = Sandbox.from_config(config)
@@ -103,6 +109,8 @@ class Engine:
         self._jobs = BackgroundJobs(self)
         self._reader = RunReader(self)
         self._decisions = DecisionDesk(self)
+        self.threads = ThreadDesk(self)
+        self.deleter = Deleter(self)
         self._model_factory = model_factory or default_model_factory(config)
         self._clock = clock
         self._owner = f"engine-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -182,6 +190,8 @@ class Engine:
             # Checking large schemas and scripts is seconds of pure-Python work: off the loop.
             await asyncio.to_thread(self._checks.validate_spec, spec, client_tools)
         webhook_doc = self._checks.validate_webhook(ws, webhook)
+        # The trace this request is part of: whichever process moves the run later continues it.
+        spec.traceparent = spec.traceparent or telemetry.current_traceparent()
         if spec.request_id:
             # The idempotency key maps to one run id; whoever reaches the run
             # first creates it, everyone else gets the same run back.
@@ -226,52 +236,89 @@ class Engine:
                     model=f"{provider}:{shown(model_name)}",
                 )
             now = self._clock()
-            record = RunRecord(
-                run_id=run_id,
-                workspace_id=ws,
-                task=spec.task,
-                state=RunState.QUEUED,
-                created_at=now,
-                updated_at=now,
-                request_id=spec.request_id,
-                labels=dict(spec.labels),
-                deadline_at=now + spec.timeout_ms / 1000 if spec.timeout_ms else 0.0,
-                mode=RunMode(mode),
-                webhook=webhook_doc,
-            )
-            record.meta.model = f"{provider}:{model_name}"
-            spec_doc = spec.to_json()
-            spec_doc["client_tools"] = [
-                {"name": t.name, "description": t.description, "input_schema": t.input_schema}
-                for t in client_tools
-            ]
-            if not await self.storage.create_run(ws, run_id, spec_doc, record.to_json()):
-                raise aborted(
-                    "ERR_CONCURRENT_UPDATE", f"run {run_id!r} was created concurrently", run_id=run_id
+            placement = await self.threads.place(ws, spec, now)
+            if placement is not None:
+                await self.threads.claim(ws, placement, run_id, now)
+                spec.thread_id, spec.context = placement.thread_id, placement.context
+            try:
+                record, actor = await self._new_run(
+                    ws, spec, client_tools, provider, model_name, now, mode, webhook_doc, api_env, placement
                 )
-            transcript = [Message("user", spec.task)]
-            if api_env:
-                self._catalogue.run_api_env[key] = dict(api_env)
-            actor = RunActor(
-                record,
-                spec,
-                transcript,
-                self._catalogue.run_env(ws, spec, spec_doc, provider, model_name, mode),
-            )
-            if not await actor.take_over():
-                # It exists and another process (a recovery sweep that ignored the grace period
-                # of a fresh run) moves it: answer with the run, not an error.
-                log.warning("run %s was taken by another process as it was created", run_id,
-                            extra={"run_id": run_id, "workspace": ws})  # fmt: skip
+            except BaseException:
+                if placement is not None:
+                    with contextlib.suppress(Exception):
+                        if await self.storage.read_state(ws, run_id) is None:
+                            await self.threads.unclaim(ws, placement, run_id)  # the place is free again
+                raise
+            if actor is None:
                 return await self._load(key), True
             await actor.commit_start(None)
+            metrics.RUNS_CREATED.inc(record.mode.value)
+            actor.transition("created", model=record.meta.model, mode=record.mode.value)
             self._start(actor, resumed_by=None)
-        log.info(
-            "run %s created (model %s)", run_id, record.meta.model, extra={"run_id": run_id, "workspace": ws}
-        )
         return record, True
 
+    async def _new_run(
+        self,
+        ws: str,
+        spec: RunSpec,
+        client_tools: Sequence[ClientToolDef],
+        provider: str,
+        model_name: str,
+        now: float,
+        mode: str,
+        webhook_doc: JsonObject | None,
+        api_env: Mapping[str, str] | None,
+        placement: Placement | None,
+    ) -> tuple[RunRecord, RunActor | None]:
+        """Write the run and take its lease; (record, None) if another process took it first."""
+        run_id = spec.run_id
+        key = (ws, run_id)
+        record = RunRecord(
+            run_id=run_id,
+            workspace_id=ws,
+            task=spec.task,
+            state=RunState.QUEUED,
+            created_at=now,
+            updated_at=now,
+            request_id=spec.request_id,
+            labels=dict(spec.labels),
+            deadline_at=now + spec.timeout_ms / 1000 if spec.timeout_ms else 0.0,
+            mode=RunMode(mode),
+            webhook=webhook_doc,
+            thread_id=placement.thread_id if placement is not None else "",
+            thread_slot=placement.slot if placement is not None else 0,
+        )
+        record.meta.model = f"{provider}:{model_name}"
+        spec_doc = spec.to_json()
+        spec_doc["client_tools"] = [
+            {"name": t.name, "description": t.description, "input_schema": t.input_schema}
+            for t in client_tools
+        ]
+        if not await self.storage.create_run(ws, run_id, spec_doc, record.to_json()):
+            raise aborted("ERR_CONCURRENT_UPDATE", f"run {run_id!r} was created concurrently", run_id=run_id)
+        transcript = [Message("user", spec.task)]
+        if api_env:
+            self._catalogue.run_api_env[key] = dict(api_env)
+        actor = RunActor(
+            record,
+            spec,
+            transcript,
+            self._catalogue.run_env(ws, spec, spec_doc, provider, model_name, mode),
+        )
+        if not await actor.take_over():
+            # It exists and another process (a recovery sweep that ignored the grace period
+            # of a fresh run) moves it: answer with the run, not an error.
+            log.warning("run %s was taken by another process as it was created", run_id,
+                        extra={"run_id": run_id, "workspace": ws})  # fmt: skip
+            return record, None
+        return record, actor
+
     def _start(self, actor: RunActor, *, resumed_by: str | None) -> None:
+        if resumed_by is not None and resumed_by != "recovery":
+            how = resumed_by if resumed_by in ("runner", "system:expiry") else "caller"
+            metrics.RUNS_RESUMED.inc(how)
+            actor.transition("resumed", by=resumed_by)
         self._active[actor.key] = actor
         actor.start(resumed_by=resumed_by)
         self._notify(actor.key)
@@ -517,6 +564,43 @@ class Engine:
     def _notify_webhook(self, record: RunRecord, event: str) -> None:
         if record.webhook:
             self.webhooks.notify(record.workspace_id, record.run_id, record.webhook, event, record.public())
+
+    # -- threads, deletion, retention --------------------------------------------------------
+
+    async def get_thread(self, principal: Principal, thread_id: str) -> Thread:
+        return await self.threads.get(principal.workspace_id, thread_id)
+
+    async def list_threads(
+        self,
+        principal: Principal,
+        *,
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> tuple[list[Thread], str]:
+        """A page of threads, newest first, and the token of the next page ("" on the last)."""
+        return await self.threads.list_page(
+            principal.workspace_id, labels=labels, page_size=page_size, page_token=page_token
+        )
+
+    async def delete_run(self, principal: Principal, run_id: str) -> None:
+        """Delete an ended run and every object it has; afterwards it is NOT_FOUND everywhere."""
+        await self.deleter.delete_run(principal, run_id)
+
+    async def delete_thread(self, principal: Principal, thread_id: str, *, force: bool = False) -> list[str]:
+        """Delete every run of a thread and the thread; returns the run ids deleted."""
+        return await self.deleter.delete_thread(principal, thread_id, force=force)
+
+    async def apply_retention(self, principal: Principal, *, dry_run: bool = False) -> RetentionReport:
+        """Apply the workspace's retention policy now (or list what it would delete)."""
+        return await apply_retention(self, principal.workspace_id, dry_run=dry_run)
+
+    async def on_run_deleted(self, ws: str, run_id: str) -> None:
+        """Forget what this process holds about a deleted run (credentials, timers)."""
+        key = (ws, run_id)
+        self._catalogue.run_api_env.pop(key, None)
+        self._jobs.disarm_expiry(key)
+        self._notify(key)
 
     # -- crash recovery and runner handoff ------------------------------------------------
 

@@ -6,6 +6,7 @@ import logging
 
 import httpx
 
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._config import EngineConfig
 from engine_service.core._dispatch import RunnerUnreachable
 
@@ -33,12 +34,10 @@ class RunnerClient:
                 timeout=httpx.Timeout(self._config.runner_timeout_s, connect=2.0),
                 verify=self._config.runner_tls_verify(),  # runner_ca_file: an https runner with a private CA
             )
+        headers = {"Authorization": f"Bearer {secret}"}
+        telemetry.inject(headers)  # the runner's spans join the run's trace
         try:
-            response = await self._http.post(
-                url,
-                json={"runId": run_id, "workspaceId": ws},
-                headers={"Authorization": f"Bearer {secret}"},
-            )
+            response = await self._http.post(url, json={"runId": run_id, "workspaceId": ws}, headers=headers)
         except httpx.HTTPError as exc:
             # The exception text can carry the request; only its kind is reported.
             log.warning(

@@ -82,10 +82,23 @@ class RunSpec:
     sandbox_network: bool | None = None
     # For the scripted model: the turns of each subagent, by its path.
     agent_scripts: dict[str, list[ScriptedTurn]] = field(default_factory=dict)
+    # The thread the run continues ("" = a thread of its own, named by the run id), or where
+    # a new thread forks from ({"run_id", "turn", "seq"}).
+    thread_id: str = ""
+    fork_from: JsonObject | None = None
+    # The history the model sees before the task: segments [{"run_id", "upto"}] of other runs'
+    # transcripts (set by the engine when the run starts on a thread; never copied).
+    context: list[JsonObject] = field(default_factory=list)
+    # The W3C trace context the run was created in ("" = none): every process that moves the run
+    # (a runner, a process recovering it) continues that trace.
+    traceparent: str = ""
 
     def to_json(self) -> JsonObject:
-        return {
+        doc: JsonObject = {
             "agent_scripts": {p: [t.to_json() for t in turns] for p, turns in self.agent_scripts.items()},
+            "thread_id": self.thread_id,
+            "fork_from": self.fork_from,
+            "context": self.context,
             "api_services": self.api_services,
             "mcp_servers": self.mcp_servers,
             "sandbox_network": self.sandbox_network,
@@ -111,6 +124,9 @@ class RunSpec:
             "approval_expiry_approves": self.approval_expiry_approves,
             "labels": self.labels,
         }
+        if self.traceparent:
+            doc["traceparent"] = self.traceparent
+        return doc
 
     @classmethod
     def from_json(cls, doc: JsonObject) -> RunSpec:
@@ -140,10 +156,14 @@ class RunSpec:
             api_services=doc.get("api_services", []),
             mcp_servers=doc.get("mcp_servers"),
             sandbox_network=doc.get("sandbox_network"),
+            thread_id=doc.get("thread_id", ""),
+            fork_from=doc.get("fork_from"),
+            context=list(doc.get("context", ())),
             agent_scripts={
                 p: [ScriptedTurn.from_json(t) for t in turns]
                 for p, turns in (doc.get("agent_scripts") or {}).items()
             },
+            traceparent=str(doc.get("traceparent") or ""),
         )
 
 
@@ -423,6 +443,14 @@ class RunRecord:
     workdir_manifest: str = ""
     # The run's subagents by path, finished ones included (core/_subagents.py).
     children: dict[str, ChildState] = field(default_factory=dict)
+    # The thread the run belongs to ("" = its own, named by its run id) and its place in it
+    # (1-based; 0 = the first run of its own thread).
+    thread_id: str = ""
+    thread_slot: int = 0
+
+    @property
+    def thread(self) -> str:
+        return self.thread_id or self.run_id
 
     @property
     def interrupts(self) -> list[Interrupt]:
@@ -461,6 +489,8 @@ class RunRecord:
             "handoff_at": self.handoff_at,
             "handoff_attempts": self.handoff_attempts,
             "workdir_manifest": self.workdir_manifest,
+            "thread_id": self.thread_id,
+            "thread_slot": self.thread_slot,
             "children": {path: c.to_json() for path, c in self.children.items()},
         }
 
@@ -492,6 +522,8 @@ class RunRecord:
             handoff_at=doc.get("handoff_at", 0.0),
             handoff_attempts=doc.get("handoff_attempts", 0),
             workdir_manifest=doc.get("workdir_manifest", ""),
+            thread_id=doc.get("thread_id", ""),
+            thread_slot=doc.get("thread_slot", 0),
             children={path: ChildState.from_json(c) for path, c in (doc.get("children") or {}).items()},
         )
 
@@ -513,6 +545,7 @@ class RunRecord:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "last_seq": self.last_seq,
+            "thread_id": self.thread,
         }
 
 

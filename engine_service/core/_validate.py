@@ -173,7 +173,7 @@ class SpecChecks:
                     )
                 spec.script = self._engine._default_script
             return provider, spec.model_name or "script"
-        if spec.script is not None:
+        if spec.script is not None or spec.agent_scripts:
             raise invalid(
                 "ERR_INVALID_SCRIPT", f"a script only makes sense with the scripted model, not {provider}"
             )

@@ -48,6 +48,8 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from engine_service.core import _metrics as metrics
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._limits import MAX_DEPTH, too_deep
 from engine_service.core._types import JsonObject
 from engine_service.net._egress import EgressPolicy, EgressRefused
@@ -274,6 +276,7 @@ class WebhookSender:
             }
             if secret:
                 headers["X-Machina-Signature"] = sign(secret, timestamp, body)
+            telemetry.inject(headers)
             started = time.perf_counter()
             status, error, refused = 0, "", False
             try:
@@ -289,6 +292,7 @@ class WebhookSender:
                 "status": status, "error": error, "ok": ok, "at": time.time(),
                 "latency_ms": int((time.perf_counter() - started) * 1000),
             })  # fmt: skip
+            metrics.WEBHOOK_DELIVERIES.inc("delivered" if ok else "failed")
             if ok:
                 await self._settle(n, "delivered", attempt)
                 return
@@ -314,6 +318,7 @@ class WebhookSender:
             "error": f"gave up after {attempts} attempts", "ok": False, "gave_up": True, "at": time.time(),
             "latency_ms": 0,
         })  # fmt: skip
+        metrics.WEBHOOK_DELIVERIES.inc("gave_up")
         await self._settle(n, "gave_up", attempts)
 
     async def _record(self, ws: str, run_id: str, entry: JsonObject) -> None:

@@ -8,6 +8,7 @@ import fcntl
 import functools
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 from engine_service.core._errors import missing_extra
 from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
-from engine_service.storage._protocol import Storage, segment_name, segment_starts
+from engine_service.storage._protocol import Storage, doc_parts, segment_name, segment_starts
 from engine_service.storage._records import doc_span, dump_lines, dumps, loads, span
 from engine_service.storage._workdir_snapshot import FILE_BLOB, MANIFEST_BLOB
 
@@ -148,6 +149,15 @@ class LocalStorage:
         """
         if self._fsync:
             await self._sync_run(ws, run_id)
+        try:
+            await self._write_state_file(ws, run_id, state)
+        except FileExistsError:
+            # Another writer numbered past what this process knew (it took the run over): go on
+            # after its states, as a rename would have replaced its state.json.
+            self._states.pop((ws, run_id), None)
+            await self._write_state_file(ws, run_id, state)
+
+    async def _write_state_file(self, ws: str, run_id: str, state: JsonObject) -> None:
         key = (ws, run_id)
         directory = self._run_dir(ws, run_id) / STATES
         states = self._states.get(key)
@@ -193,13 +203,20 @@ class LocalStorage:
         for stream in ("events", "transcript"):
             appender = self._appenders.get((ws, run_id, stream))
             if appender is not None and (appender.appended > appender.synced or appender.new_entries):
-                syncs.append(functools.partial(_sync, appender))
-        for directory in self._unsynced_dirs.pop((ws, run_id), ()):
-            syncs.append(functools.partial(_fsync_dir, directory))
-        if len(syncs) == 1:
-            syncs[0]()
-        elif syncs:
-            await asyncio.gather(*(asyncio.to_thread(sync) for sync in syncs))
+                # On a duplicate of its descriptor: the run's writer may roll the segment over
+                # (and close it) while the sync runs.
+                syncs.append(functools.partial(_sync, appender, os.dup(appender.fd)))
+        directories = self._unsynced_dirs.pop((ws, run_id), set())
+        syncs.extend(functools.partial(_fsync_dir, directory) for directory in directories)
+        try:
+            if len(syncs) == 1:
+                syncs[0]()
+            elif syncs:
+                await asyncio.gather(*(asyncio.to_thread(sync) for sync in syncs))
+        except BaseException:
+            if directories:  # the next state write tries them again
+                self._unsynced_dirs.setdefault((ws, run_id), set()).update(directories)
+            raise
 
     async def write_segment(
         self, ws: str, run_id: str, stream: str, first: int, records: list[JsonObject]
@@ -326,6 +343,11 @@ class LocalStorage:
         # A snapshot's blob counts once a state names it: its name is synced with that state
         # (its content is synced before it gets the name, so no name ever holds torn content).
         snapshot = name.startswith(SNAPSHOT_BLOB_PREFIXES)
+        if snapshot and not self._fsync and _write_new(path, data):
+            # Named by its content's digest, never rewritten, and checked against that digest
+            # when read back: created in place, without a temporary file and a rename. Only a
+            # state written after it names it, so a reader never meets one half-written.
+            return
         self._write_atomic(path, data, sync_dir=not snapshot)
         if snapshot and self._fsync:
             self._unsynced_dirs.setdefault((ws, run_id), set()).update(
@@ -385,6 +407,84 @@ class LocalStorage:
             path.unlink(missing_ok=True)  # an empty key would block every retry
             raise
         return None
+
+    async def delete_request_key(self, ws: str, key: str) -> None:
+        directory = self._root / "workspaces" / check_id(ws, "workspace_id") / "requests"
+        (directory / f"{check_id(key, 'request_id')}.json").unlink(missing_ok=True)
+
+    def _docs(self, ws: str) -> Path:
+        return self._root / "workspaces" / check_id(ws, "workspace_id") / "docs"
+
+    def _doc_path(self, ws: str, key: str) -> Path:
+        *folders, name = doc_parts(key)
+        return self._docs(ws).joinpath(*folders, f"{name}.json")
+
+    async def put_doc(self, ws: str, key: str, doc: JsonObject, *, create_only: bool = False) -> bool:
+        path = self._doc_path(ws, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not create_only:
+            self._write_atomic(path, _dumps(doc))
+            return True
+        # Written aside, then linked into place: link fails if the name exists, and readers
+        # never see a half-written document.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        self._write_atomic(tmp, _dumps(doc))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        if self._fsync:
+            _fsync_dir(path.parent)
+        return True
+
+    async def get_doc(self, ws: str, key: str) -> JsonObject | None:
+        return _read_json(self._doc_path(ws, key))
+
+    async def list_docs(self, ws: str, prefix: str) -> list[str]:
+        base = self._docs(ws)
+        top = base.joinpath(*doc_parts(prefix))
+        keys = []
+        for directory, _subdirs, files in os.walk(top):
+            rel = Path(directory).relative_to(base).parts
+            for name in files:
+                if name.endswith(".json") and not name.startswith("."):
+                    keys.append("/".join((*rel, name.removesuffix(".json"))))
+        return sorted(keys)
+
+    async def delete_doc(self, ws: str, key: str) -> None:
+        path = self._doc_path(ws, key)
+        path.unlink(missing_ok=True)
+        # Empty folders go too: what is deleted leaves nothing behind.
+        base = self._docs(ws)
+        parent = path.parent
+        while parent != base and base in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    async def delete_run(self, ws: str, run_id: str) -> None:
+        key = (ws, run_id)
+        for stream in ("events", "transcript"):
+            appender = self._appenders.pop((ws, run_id, stream), None)
+            if appender is not None:
+                appender.close()
+        run_dir = self._run_dir(ws, run_id)
+        # Nothing this process remembers of the run outlives it.
+        for cache in (
+            self._states,
+            self._unsynced_dirs,
+            self._run_dirs,
+            self._left,
+            self._known_ends,
+            self._ends,
+        ):
+            cache.pop(key, None)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(run_dir)
 
     async def acquire_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
         key = (ws, run_id)
@@ -478,15 +578,42 @@ class LocalStorage:
             _fsync_dir(path.parent)
 
 
-def _sync(appender: _Appender) -> None:
-    """fsync mode: make what was appended to ``appender`` durable, its file's name too."""
-    appended = appender.appended  # appends made while this one syncs wait for the next
-    if appended > appender.synced:
-        os.fdatasync(appender.fd)
-        appender.synced = max(appender.synced, appended)
-    entries, appender.new_entries = appender.new_entries, ()
-    for directory in entries:
-        _fsync_dir(directory)
+def _write_new(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data``; False if it exists (possibly torn by a crash: the caller
+    rewrites it)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        written = os.write(fd, data)
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()  # a full disk must not keep what it could not take
+        raise
+    finally:
+        os.close(fd)
+    return True
+
+
+def _sync(appender: _Appender, fd: int | None = None) -> None:
+    """fsync mode: make what was appended to ``appender`` durable, its file's name too.
+
+    ``fd``: a duplicate of its descriptor to sync through, closed here."""
+    try:
+        appended = appender.appended  # appends made while this one syncs wait for the next
+        if appended > appender.synced:
+            os.fdatasync(appender.fd if fd is None else fd)
+            appender.synced = max(appender.synced, appended)
+        entries = appender.new_entries
+        for directory in entries:
+            _fsync_dir(directory)
+        appender.new_entries = appender.new_entries[len(entries) :]
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -10,6 +10,7 @@ Layout under the root (the same for every adapter)::
     workspaces/{workspace_id}/runs/{run_id}/lease.json       one writer at a time
     workspaces/{workspace_id}/runs/{run_id}/blobs/{name}     opaque bytes, see below
     workspaces/{workspace_id}/requests/{request_id}.json     idempotency keys
+    workspaces/{workspace_id}/docs/{key}.json                workspace documents (threads)
     shared/{name}.json                                       documents every process shares
 
 A run's blobs are what does not belong in its state: full tool results too large for the
@@ -18,6 +19,9 @@ transcript (``result_blob_name``), a cancel request left by another process
 directory's snapshots (``wd-{sha256}`` file contents, ``wdm-{sha256}`` manifests; see
 ``_workdir_snapshot``). Shared documents are the catalogues of MCP tools a runner
 publishes (``mcp-{server}``) and the index of pending webhook notifications.
+Workspace documents are small JSON documents keyed by a path of ids (``a/b/c``): the
+threads, which run holds which place in a thread, and which forks share a run's history.
+Deleting a run removes everything under its directory.
 
 The event log and the transcript are numbered segments: a segment is named by
 the index of its first record and holds consecutive records, so nothing ever
@@ -55,6 +59,7 @@ import errno
 from dataclasses import dataclass
 from typing import Protocol
 
+from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
 
 _SEGMENT_DIGITS = 12
@@ -149,6 +154,29 @@ class Storage(Protocol):
         """Store ``doc`` under workspace key ``key`` unless present; return the existing one if it was."""
         ...
 
+    async def delete_request_key(self, ws: str, key: str) -> None:
+        """Forget the idempotency key ``key`` (its run was deleted)."""
+        ...
+
+    async def put_doc(self, ws: str, key: str, doc: JsonObject, *, create_only: bool = False) -> bool:
+        """Store a workspace document under ``key`` (ids joined by ``/``). With ``create_only``,
+        only if none is there: False when one was (and it is left as it was)."""
+        ...
+
+    async def get_doc(self, ws: str, key: str) -> JsonObject | None: ...
+
+    async def list_docs(self, ws: str, prefix: str) -> list[str]:
+        """The keys of the documents under ``prefix`` (at any depth), sorted."""
+        ...
+
+    async def delete_doc(self, ws: str, key: str) -> None:
+        """Remove the document (nothing happens when there is none)."""
+        ...
+
+    async def delete_run(self, ws: str, run_id: str) -> None:
+        """Remove every object of the run: spec, state, events, transcript, lease, blobs."""
+        ...
+
     async def acquire_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
         """Take or renew the run's lease for ``owner``; False if another owner holds a live one."""
         ...
@@ -156,6 +184,12 @@ class Storage(Protocol):
     async def release_lease(self, ws: str, run_id: str, owner: str) -> None: ...
 
     async def close(self) -> None: ...
+
+
+def doc_parts(key: str) -> list[str]:
+    """The ids a document key is made of (each one checked, so a key never leaves its folder)."""
+    parts = key.split("/")
+    return [check_id(part, "document key") for part in parts]
 
 
 def segment_name(first: int) -> str:

@@ -24,7 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
-from engine_service.storage._protocol import StorageCredentialsMissing, StorageUnavailable
+from engine_service.storage._protocol import StorageCredentialsMissing, StorageUnavailable, doc_parts
 from engine_service.storage._records import doc_span, dump_lines, dumps, loads, span
 
 _DIGITS = 12
@@ -280,6 +280,50 @@ class S3Storage:
         if await self._put_new(path, _dumps(doc)):
             return None
         return await self._get_json(path)
+
+    async def delete_request_key(self, ws: str, key: str) -> None:
+        await self._delete(
+            self._key(
+                "workspaces", check_id(ws, "workspace_id"), "requests", f"{check_id(key, 'request_id')}.json"
+            )
+        )
+
+    def _doc(self, ws: str, key: str) -> str:
+        *folders, name = doc_parts(key)
+        return self._key("workspaces", check_id(ws, "workspace_id"), "docs", *folders, f"{name}.json")
+
+    async def _delete(self, *keys: str) -> None:
+        s3 = await self._s3()
+        with _faults():
+            for start in range(0, len(keys), 1000):
+                batch = [{"Key": key} for key in keys[start : start + 1000]]
+                if len(batch) == 1:
+                    await s3.delete_object(Bucket=self._bucket, Key=batch[0]["Key"])
+                else:
+                    await s3.delete_objects(Bucket=self._bucket, Delete={"Objects": batch, "Quiet": True})
+
+    async def put_doc(self, ws: str, key: str, doc: JsonObject, *, create_only: bool = False) -> bool:
+        path = self._doc(ws, key)
+        if create_only:
+            return await self._put_new(path, _dumps(doc))
+        await self._put(path, _dumps(doc))
+        return True
+
+    async def get_doc(self, ws: str, key: str) -> JsonObject | None:
+        return await self._get_json(self._doc(ws, key))
+
+    async def list_docs(self, ws: str, prefix: str) -> list[str]:
+        base = self._key("workspaces", check_id(ws, "workspace_id"), "docs") + "/"
+        keys, _ = await self._list(base + "/".join(doc_parts(prefix)) + "/")
+        return sorted(k[len(base) :].removesuffix(".json") for k in keys if k.endswith(".json"))
+
+    async def delete_doc(self, ws: str, key: str) -> None:
+        await self._delete(self._doc(ws, key))
+
+    async def delete_run(self, ws: str, run_id: str) -> None:
+        keys, _ = await self._list(self._run(ws, run_id) + "/")
+        if keys:
+            await self._delete(*keys)
 
     async def acquire_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
         key = self._run(ws, run_id, "lease.json")

@@ -22,6 +22,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._errors import shown
 from engine_service.core._regex import fullmatch
 from engine_service.core._text import has_surrogate, loads_untrusted
@@ -296,6 +297,7 @@ class _ApiCall:
                 )
         auth = await self._auth_headers(service, method, path, scrub, ctx)
         headers = self._headers(service, dict(args.get("headers") or {}), auth, body is not None)
+        telemetry.inject(headers)  # the service's own traces can join the run's
         query = [(str(k), _query_value(v)) for k, v in (args.get("query") or {}).items()]
 
         meter: JsonObject = {"service": service.name, "method": method, "path": scrub.text(path)}

@@ -18,6 +18,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from pydantic import BaseModel, Field
 
+from engine_service.core import _telemetry as telemetry
 from engine_service.core._text import clean_text
 from engine_service.net._egress import EgressPolicy, EgressRefused
 from engine_service.net._tls import client_ssl_context
@@ -91,12 +92,18 @@ def web_fetch_tool(policy: WebFetchPolicy, client: httpx.AsyncClient | None = No
     return tool_from_callable(web_fetch, name="WebFetch", idempotent=True)
 
 
+def _trace_headers() -> dict[str, str]:
+    headers: dict[str, str] = {}
+    telemetry.inject(headers)
+    return headers
+
+
 async def _fetch(http: httpx.AsyncClient, url: str, policy: WebFetchPolicy, egress: EgressPolicy) -> str:
     for _ in range(policy.max_redirects + 1):
         _check_target(url, egress)
         async with (
             asyncio.timeout(policy.timeout_s),
-            http.stream("GET", url, timeout=policy.timeout_s) as response,
+            http.stream("GET", url, timeout=policy.timeout_s, headers=_trace_headers()) as response,
         ):
             if response.is_redirect and "location" in response.headers:
                 url = urljoin(url, response.headers["location"])

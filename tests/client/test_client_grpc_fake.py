@@ -238,6 +238,36 @@ class FakeEngine(pb_grpc.EngineServiceServicer):
         await self._enter("GetToolResult", context)
         return pb.GetToolResultResponse(content="", total_chars=0)
 
+    async def GetThread(
+        self, request: pb.GetThreadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetThreadResponse:
+        await self._enter("GetThread", context)
+        return pb.GetThreadResponse(thread=run_pb2.Thread(thread_id=request.thread_id, run_ids=["a", "b"]))
+
+    async def ListThreads(
+        self, request: pb.ListThreadsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListThreadsResponse:
+        await self._enter("ListThreads", context)
+        return pb.ListThreadsResponse()
+
+    async def DeleteRun(
+        self, request: pb.DeleteRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteRunResponse:
+        await self._enter("DeleteRun", context)
+        return pb.DeleteRunResponse()
+
+    async def DeleteThread(
+        self, request: pb.DeleteThreadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteThreadResponse:
+        await self._enter("DeleteThread", context)
+        return pb.DeleteThreadResponse(run_ids=["a", "b"])
+
+    async def ApplyRetention(
+        self, request: pb.ApplyRetentionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ApplyRetentionResponse:
+        await self._enter("ApplyRetention", context)
+        return pb.ApplyRetentionResponse(dry_run=request.dry_run)
+
 
 class ServerThread:
     """A grpc.aio server on 127.0.0.1:0 with its own event loop in a thread."""
@@ -442,6 +472,40 @@ async def test_list_runs_follows_pages(client: client_py.AsyncEngineClient, fake
 
 async def test_recover_orphaned_runs(client: client_py.AsyncEngineClient) -> None:
     assert await client.recover_orphaned_runs() == ["a", "b"]
+
+
+async def test_thread_calls(client: client_py.AsyncEngineClient, fake: FakeEngine) -> None:
+    thread = await client.get_thread("t1")
+    assert (thread.thread_id, thread.run_ids, thread.forked_from) == ("t1", ["a", "b"], None)
+    assert [t async for t in client.list_threads(labels={"x": "y"}, page_size=5)] == []
+    assert await client.thread("t1").delete(force=True) == ["a", "b"]
+    await client.delete_run("a")
+    report = await client.apply_retention(dry_run=True)
+    assert report.dry_run
+    assert {name: fake.calls[name] for name in ("GetThread", "ListThreads", "DeleteThread", "DeleteRun")} == {
+        "GetThread": 1,
+        "ListThreads": 1,
+        "DeleteThread": 1,
+        "DeleteRun": 1,
+    }
+
+
+def test_fork_and_thread_options_are_checked_before_sending() -> None:
+    spec = client_py._spec.build_run_spec("x", thread_id="t1", fork_from={"run_id": "r1", "seq": 7})
+    assert (spec.thread_id, spec.fork_from.run_id, spec.fork_from.seq) == ("t1", "r1", 7)
+    assert client_py._spec.build_run_spec("x", fork_from="r1").fork_from.WhichOneof("point") is None
+    with pytest.raises(client_py.InvalidRequestError):
+        client_py._spec.build_run_spec("x", fork_from={"run_id": "r1", "turn": 1, "seq": 2})
+    with pytest.raises(client_py.InvalidRequestError):
+        client_py._spec.build_run_spec("x", fork_from={"run_id": "r1", "page": 1})
+    with pytest.raises(client_py.InvalidRequestError):
+        client_py._spec.build_run_spec("x", fork_from=3)  # type: ignore[arg-type]
+
+
+def test_sync_thread_handle(sync_client: client_py.EngineClient) -> None:
+    chat = sync_client.thread("t1")
+    assert chat.get().run_ids == ["a", "b"]
+    assert sync_client.delete_thread("t1") == ["a", "b"]
 
 
 async def test_unreachable_server_is_unavailable() -> None:

@@ -84,6 +84,31 @@ def test_ts_client_creates_streams_approves_and_waits(engine: EngineProcess) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(180)  # the first Node test of a session may run `npm ci`
+def test_ts_client_follows_up_on_the_thread(engine: EngineProcess) -> None:
+    require_ts_client()
+    result = run_ts(
+        "main.ts",
+        "--run-id",
+        "ts-thread-1",
+        "--follow-up",
+        "And Berlin?",
+        env={"MACHINA_TARGET": engine.target},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "follow-up run " in result.stdout
+    assert "on thread ts-thread-1" in result.stdout
+    with EngineClient(engine.target) as client:
+        thread = client.get_thread("ts-thread-1")
+        assert len(thread.run_ids) == 2
+        assert thread.run_ids[0] == "ts-thread-1"
+        follow_up = client.get_run(thread.run_ids[1])
+        assert follow_up.task == "And Berlin?"
+        assert follow_up.thread_id == "ts-thread-1"
+    assert f"thread ts-thread-1: ts-thread-1 → {thread.run_ids[1]}" in result.stdout
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_ts_client_api_keys_and_workspaces(keyed_engine: EngineProcess) -> None:
     require_ts_client()

@@ -196,7 +196,10 @@ async def test_a_runner_killed_after_accepting_does_not_strand_the_run(tmp_path:
     queueing = RunnerProcess(
         tmp_path / "r1", http_port=port, env=shared_env(tmp_path, MACHINA_TEST_RUNNER_HOLD_S="60")
     )
-    engine = engine_for(tmp_path, f"http://127.0.0.1:{port}/continue", **FAST_HANDOFF)
+    # The replacement runner takes seconds to start on a loaded machine: enough attempts that one
+    # comes after it serves (the waits double from 0.5 s: 15.5 s in all).
+    patient = FAST_HANDOFF | {"MACHINA_HANDOFF_ATTEMPTS": "6"}
+    engine = engine_for(tmp_path, f"http://127.0.0.1:{port}/continue", **patient)
     try:
         async with AsyncEngineClient(engine.target) as client:
             handle = await client.create("run", model="scripted", script=BASH_SCRIPT)

@@ -1,8 +1,10 @@
 // The Machina TypeScript example: create a run with the offline scripted model, stream its
 // events, approve the tool call that needs approval, and wait for the result.
 //
-//   MACHINA_TARGET=127.0.0.1:50051 [MACHINA_API_KEY=...] npx tsx src/main.ts [--run-id ID]
+//   MACHINA_TARGET=127.0.0.1:50051 [MACHINA_API_KEY=...] npx tsx src/main.ts [--run-id ID] [--follow-up TASK]
 //
+// With --follow-up, a second run continues the first one's thread (the model sees the first
+// conversation, then TASK), and the thread's runs are listed.
 // Start an engine with the demo tools first: `just serve-engine --config demo/engine.toml`.
 // Exit status: 0 when the run is DONE, 1 when it is not or a call fails, 2 on bad usage.
 import { parseArgs } from "node:util";
@@ -46,10 +48,13 @@ function stateName(state: RunState): string {
 
 async function main(): Promise<number> {
   let runId = "";
+  let followUp = "";
   try {
-    ({ values: { "run-id": runId = "" } } = parseArgs({ options: { "run-id": { type: "string" } } }));
+    ({
+      values: { "run-id": runId = "", "follow-up": followUp = "" },
+    } = parseArgs({ options: { "run-id": { type: "string" }, "follow-up": { type: "string" } } }));
   } catch (error) {
-    process.stderr.write(`usage: tsx src/main.ts [--run-id ID]\n${String(error)}\n`);
+    process.stderr.write(`usage: tsx src/main.ts [--run-id ID] [--follow-up TASK]\n${String(error)}\n`);
     return 2;
   }
   const settings = settingsFromEnv();
@@ -75,7 +80,29 @@ async function main(): Promise<number> {
     { runId: run.runId, timeoutMs: BigInt(CALL_TIMEOUT_MS) },
     { timeoutMs: CALL_TIMEOUT_MS + 5_000 },
   );
-  return report(waited.run!, waited.timedOut);
+  const status = report(waited.run!, waited.timedOut);
+  if (status !== 0 || !followUp) return status;
+  return await continueThread(engine, waited.run!, followUp);
+}
+
+/** Starts the next run of the run's thread: the model sees the conversation so far, then `task`. */
+async function continueThread(engine: EngineClient, previous: Run, task: string): Promise<number> {
+  const spec = {
+    task,
+    threadId: previous.threadId,
+    model: { provider: "scripted", script: [{ text: `Following up on "${previous.task}": ${task}` }] },
+    labels: { example: "ts-client" },
+  };
+  const created = await engine.createRun({ spec }, { timeoutMs: CALL_TIMEOUT_MS });
+  print(`follow-up run ${created.run!.runId} on thread ${created.run!.threadId}`);
+  const waited = await engine.waitRun(
+    { runId: created.run!.runId, timeoutMs: BigInt(CALL_TIMEOUT_MS) },
+    { timeoutMs: CALL_TIMEOUT_MS + 5_000 },
+  );
+  const status = report(waited.run!, waited.timedOut);
+  const { thread } = await engine.getThread({ threadId: previous.threadId }, { timeoutMs: CALL_TIMEOUT_MS });
+  print(`thread ${thread!.threadId}: ${thread!.runIds.join(" → ")}`);
+  return status;
 }
 
 /** Streams every event until the run ends, approving each approval request as it arrives. */

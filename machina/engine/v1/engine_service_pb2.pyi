@@ -506,6 +506,8 @@ class RunSpec(_message.Message):
     MCP_SERVERS_FIELD_NUMBER: _builtins.int
     WEBHOOK_FIELD_NUMBER: _builtins.int
     SANDBOX_NETWORK_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    FORK_FROM_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     """The task for the agent."""
     run_id: _builtins.str
@@ -524,6 +526,12 @@ class RunSpec(_message.Message):
     """Network for this run's sandboxed processes (Bash). Unset: the engine's setting. False: no
     network, even where the engine allows it. True: only where the engine allows it; elsewhere
     the request fails with INVALID_ARGUMENT (a run can only narrow the engine's sandbox).
+    """
+    thread_id: _builtins.str
+    """Continue this thread: the model sees the thread's history, then `task`. A thread has one
+    active run at a time (ERR_THREAD_BUSY while its latest run is queued, running or paused).
+    A thread id no thread has yet starts a new thread; a run's id names the thread it started.
+    With `fork_from`: the id of the new thread (empty = one is chosen).
     """
     @_builtins.property
     def model(self) -> Global___ModelSpec:
@@ -569,6 +577,10 @@ class RunSpec(_message.Message):
     def webhook(self) -> Global___Webhook:
         """Status webhook for this run."""
 
+    @_builtins.property
+    def fork_from(self) -> _run_pb2.ForkSource:
+        """Start a new thread forked from another run's history, shared without copying it."""
+
     def __init__(
         self,
         *,
@@ -591,10 +603,12 @@ class RunSpec(_message.Message):
         mcp_servers: Global___McpServerSelection | None = ...,
         webhook: Global___Webhook | None = ...,
         sandbox_network: _builtins.bool | None = ...,
+        thread_id: _builtins.str = ...,
+        fork_from: _run_pb2.ForkSource | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_sandbox_network", b"_sandbox_network", "api", b"api", "limits", b"limits", "mcp_servers", b"mcp_servers", "model", b"model", "output_schema", b"output_schema", "sandbox_network", b"sandbox_network", "tools", b"tools", "webhook", b"webhook"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_sandbox_network", b"_sandbox_network", "api", b"api", "fork_from", b"fork_from", "limits", b"limits", "mcp_servers", b"mcp_servers", "model", b"model", "output_schema", b"output_schema", "sandbox_network", b"sandbox_network", "tools", b"tools", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox_network", b"_sandbox_network", "api", b"api", "approval_expiry_action", b"approval_expiry_action", "approval_timeout_ms", b"approval_timeout_ms", "client_tools", b"client_tools", "gated_tools", b"gated_tools", "labels", b"labels", "limits", b"limits", "mcp_servers", b"mcp_servers", "model", b"model", "output_schema", b"output_schema", "permissions", b"permissions", "request_id", b"request_id", "run_id", b"run_id", "sandbox_network", b"sandbox_network", "system_prompt", b"system_prompt", "task", b"task", "tool_choice", b"tool_choice", "tools", b"tools", "webhook", b"webhook"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox_network", b"_sandbox_network", "api", b"api", "approval_expiry_action", b"approval_expiry_action", "approval_timeout_ms", b"approval_timeout_ms", "client_tools", b"client_tools", "fork_from", b"fork_from", "gated_tools", b"gated_tools", "labels", b"labels", "limits", b"limits", "mcp_servers", b"mcp_servers", "model", b"model", "output_schema", b"output_schema", "permissions", b"permissions", "request_id", b"request_id", "run_id", b"run_id", "sandbox_network", b"sandbox_network", "system_prompt", b"system_prompt", "task", b"task", "thread_id", b"thread_id", "tool_choice", b"tool_choice", "tools", b"tools", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__sandbox_network: _TypeAlias = _typing.Literal["sandbox_network"]  # noqa: Y015
     _WhichOneofArgType__sandbox_network: _TypeAlias = _typing.Literal["_sandbox_network", b"_sandbox_network"]  # noqa: Y015
@@ -1375,3 +1389,280 @@ class RecoverOrphanedRunsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecoverOrphanedRunsResponse: _TypeAlias = RecoverOrphanedRunsResponse  # noqa: Y015
+
+@_typing.final
+class GetThreadRequest(_message.Message):
+    """Request for GetThread."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    thread_id: _builtins.str
+    """The thread id."""
+    def __init__(
+        self,
+        *,
+        thread_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["thread_id", b"thread_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetThreadRequest: _TypeAlias = GetThreadRequest  # noqa: Y015
+
+@_typing.final
+class GetThreadResponse(_message.Message):
+    """Response of GetThread."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREAD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def thread(self) -> _run_pb2.Thread:
+        """The thread."""
+
+    def __init__(
+        self,
+        *,
+        thread: _run_pb2.Thread | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["thread", b"thread"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["thread", b"thread"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetThreadResponse: _TypeAlias = GetThreadResponse  # noqa: Y015
+
+@_typing.final
+class ListThreadsRequest(_message.Message):
+    """Request for ListThreads."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum threads to return (1..1000); 0 = 50."""
+    page_token: _builtins.str
+    """The next_page_token of a previous response."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only threads whose labels include all of these."""
+
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListThreadsRequest: _TypeAlias = ListThreadsRequest  # noqa: Y015
+
+@_typing.final
+class ListThreadsResponse(_message.Message):
+    """Response of ListThreads."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREADS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty on the last page."""
+    @_builtins.property
+    def threads(self) -> _containers.RepeatedCompositeFieldContainer[_run_pb2.Thread]:
+        """The threads, newest first."""
+
+    def __init__(
+        self,
+        *,
+        threads: _abc.Iterable[_run_pb2.Thread] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "threads", b"threads"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListThreadsResponse: _TypeAlias = ListThreadsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteRunRequest(_message.Message):
+    """Request for DeleteRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run id."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRunRequest: _TypeAlias = DeleteRunRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRunResponse(_message.Message):
+    """Response of DeleteRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRunResponse: _TypeAlias = DeleteRunResponse  # noqa: Y015
+
+@_typing.final
+class DeleteThreadRequest(_message.Message):
+    """Request for DeleteThread."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    thread_id: _builtins.str
+    """The thread id."""
+    force: _builtins.bool
+    """Delete the runs even where a fork shares their history (the fork loses that part of its
+    history); without it such a thread is kept (ERR_RUN_REFERENCED).
+    """
+    def __init__(
+        self,
+        *,
+        thread_id: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "thread_id", b"thread_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteThreadRequest: _TypeAlias = DeleteThreadRequest  # noqa: Y015
+
+@_typing.final
+class DeleteThreadResponse(_message.Message):
+    """Response of DeleteThread."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of the runs deleted."""
+
+    def __init__(
+        self,
+        *,
+        run_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_ids", b"run_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteThreadResponse: _TypeAlias = DeleteThreadResponse  # noqa: Y015
+
+@_typing.final
+class ApplyRetentionRequest(_message.Message):
+    """Request for ApplyRetention."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Only list what would be deleted."""
+    def __init__(
+        self,
+        *,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyRetentionRequest: _TypeAlias = ApplyRetentionRequest  # noqa: Y015
+
+@_typing.final
+class ApplyRetentionResponse(_message.Message):
+    """Response of ApplyRetention."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_IDS_FIELD_NUMBER: _builtins.int
+    THREAD_IDS_FIELD_NUMBER: _builtins.int
+    RETENTION_DAYS_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    retention_days: _builtins.float
+    """The workspace's retention in days (0 = runs are kept forever, nothing is deleted)."""
+    dry_run: _builtins.bool
+    """Whether this was a dry run."""
+    @_builtins.property
+    def run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The runs deleted (or, with dry_run, that would be)."""
+
+    @_builtins.property
+    def thread_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The threads deleted with their last run (or, with dry_run, that would be)."""
+
+    def __init__(
+        self,
+        *,
+        run_ids: _abc.Iterable[_builtins.str] | None = ...,
+        thread_ids: _abc.Iterable[_builtins.str] | None = ...,
+        retention_days: _builtins.float = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "retention_days", b"retention_days", "run_ids", b"run_ids", "thread_ids", b"thread_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyRetentionResponse: _TypeAlias = ApplyRetentionResponse  # noqa: Y015

@@ -88,6 +88,31 @@ class EngineServiceStub:
                 request_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.GetToolResultRequest.SerializeToString,
                 response_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.GetToolResultResponse.FromString,
                 _registered_method=True)
+        self.GetThread = channel.unary_unary(
+                '/machina.engine.v1.EngineService/GetThread',
+                request_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.GetThreadRequest.SerializeToString,
+                response_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.GetThreadResponse.FromString,
+                _registered_method=True)
+        self.ListThreads = channel.unary_unary(
+                '/machina.engine.v1.EngineService/ListThreads',
+                request_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.ListThreadsRequest.SerializeToString,
+                response_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.ListThreadsResponse.FromString,
+                _registered_method=True)
+        self.DeleteRun = channel.unary_unary(
+                '/machina.engine.v1.EngineService/DeleteRun',
+                request_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.DeleteRunResponse.FromString,
+                _registered_method=True)
+        self.DeleteThread = channel.unary_unary(
+                '/machina.engine.v1.EngineService/DeleteThread',
+                request_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.DeleteThreadRequest.SerializeToString,
+                response_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.DeleteThreadResponse.FromString,
+                _registered_method=True)
+        self.ApplyRetention = channel.unary_unary(
+                '/machina.engine.v1.EngineService/ApplyRetention',
+                request_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.ApplyRetentionRequest.SerializeToString,
+                response_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.ApplyRetentionResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -170,6 +195,46 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetThread(self, request, context):
+        """Returns one thread and its runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListThreads(self, request, context):
+        """Lists the workspace's threads (started with a thread id, continued or forked), newest
+        first, filtered by labels and paginated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRun(self, request, context):
+        """Deletes an ended run and all it stored (events, transcript, blobs, run-directory
+        snapshots); afterwards every RPC answers NOT_FOUND for it. A queued, running or paused run
+        must be cancelled first (ERR_RUN_ACTIVE); a run whose history a later run of its thread or
+        a fork shares is kept (ERR_RUN_REFERENCED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteThread(self, request, context):
+        """Deletes every run of a thread, then the thread.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyRetention(self, request, context):
+        """Applies the workspace's retention policy now (the background sweep also does), or with
+        `dry_run` lists what it would delete.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -222,6 +287,31 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.GetToolResult,
                     request_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.GetToolResultRequest.FromString,
                     response_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.GetToolResultResponse.SerializeToString,
+            ),
+            'GetThread': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetThread,
+                    request_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.GetThreadRequest.FromString,
+                    response_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.GetThreadResponse.SerializeToString,
+            ),
+            'ListThreads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListThreads,
+                    request_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.ListThreadsRequest.FromString,
+                    response_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.ListThreadsResponse.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.DeleteRunRequest.FromString,
+                    response_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.DeleteRunResponse.SerializeToString,
+            ),
+            'DeleteThread': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteThread,
+                    request_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.DeleteThreadRequest.FromString,
+                    response_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.DeleteThreadResponse.SerializeToString,
+            ),
+            'ApplyRetention': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyRetention,
+                    request_deserializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.ApplyRetentionRequest.FromString,
+                    response_serializer=machina_dot_engine_dot_v1_dot_engine__service__pb2.ApplyRetentionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -498,6 +588,141 @@ class EngineService:
             '/machina.engine.v1.EngineService/GetToolResult',
             machina_dot_engine_dot_v1_dot_engine__service__pb2.GetToolResultRequest.SerializeToString,
             machina_dot_engine_dot_v1_dot_engine__service__pb2.GetToolResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetThread(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/machina.engine.v1.EngineService/GetThread',
+            machina_dot_engine_dot_v1_dot_engine__service__pb2.GetThreadRequest.SerializeToString,
+            machina_dot_engine_dot_v1_dot_engine__service__pb2.GetThreadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListThreads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/machina.engine.v1.EngineService/ListThreads',
+            machina_dot_engine_dot_v1_dot_engine__service__pb2.ListThreadsRequest.SerializeToString,
+            machina_dot_engine_dot_v1_dot_engine__service__pb2.ListThreadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/machina.engine.v1.EngineService/DeleteRun',
+            machina_dot_engine_dot_v1_dot_engine__service__pb2.DeleteRunRequest.SerializeToString,
+            machina_dot_engine_dot_v1_dot_engine__service__pb2.DeleteRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteThread(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/machina.engine.v1.EngineService/DeleteThread',
+            machina_dot_engine_dot_v1_dot_engine__service__pb2.DeleteThreadRequest.SerializeToString,
+            machina_dot_engine_dot_v1_dot_engine__service__pb2.DeleteThreadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyRetention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/machina.engine.v1.EngineService/ApplyRetention',
+            machina_dot_engine_dot_v1_dot_engine__service__pb2.ApplyRetentionRequest.SerializeToString,
+            machina_dot_engine_dot_v1_dot_engine__service__pb2.ApplyRetentionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,24 @@ class EngineServiceStub:
     """Resumes runs whose executor died (lease expired while queued or running)."""
     GetToolResult: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.GetToolResultRequest, _engine_service_pb2.GetToolResultResponse]
     """Returns the full text of a tool result the model saw truncated (paged)."""
+    GetThread: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.GetThreadRequest, _engine_service_pb2.GetThreadResponse]
+    """Returns one thread and its runs."""
+    ListThreads: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.ListThreadsRequest, _engine_service_pb2.ListThreadsResponse]
+    """Lists the workspace's threads (started with a thread id, continued or forked), newest
+    first, filtered by labels and paginated.
+    """
+    DeleteRun: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.DeleteRunRequest, _engine_service_pb2.DeleteRunResponse]
+    """Deletes an ended run and all it stored (events, transcript, blobs, run-directory
+    snapshots); afterwards every RPC answers NOT_FOUND for it. A queued, running or paused run
+    must be cancelled first (ERR_RUN_ACTIVE); a run whose history a later run of its thread or
+    a fork shares is kept (ERR_RUN_REFERENCED).
+    """
+    DeleteThread: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.DeleteThreadRequest, _engine_service_pb2.DeleteThreadResponse]
+    """Deletes every run of a thread, then the thread."""
+    ApplyRetention: _grpc.UnaryUnaryMultiCallable[_engine_service_pb2.ApplyRetentionRequest, _engine_service_pb2.ApplyRetentionResponse]
+    """Applies the workspace's retention policy now (the background sweep also does), or with
+    `dry_run` lists what it would delete.
+    """
 
 @_typing.type_check_only
 class EngineServiceAsyncStub(EngineServiceStub):
@@ -99,6 +117,24 @@ class EngineServiceAsyncStub(EngineServiceStub):
     """Resumes runs whose executor died (lease expired while queued or running)."""
     GetToolResult: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.GetToolResultRequest, _engine_service_pb2.GetToolResultResponse]  # type: ignore[assignment]
     """Returns the full text of a tool result the model saw truncated (paged)."""
+    GetThread: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.GetThreadRequest, _engine_service_pb2.GetThreadResponse]  # type: ignore[assignment]
+    """Returns one thread and its runs."""
+    ListThreads: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.ListThreadsRequest, _engine_service_pb2.ListThreadsResponse]  # type: ignore[assignment]
+    """Lists the workspace's threads (started with a thread id, continued or forked), newest
+    first, filtered by labels and paginated.
+    """
+    DeleteRun: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.DeleteRunRequest, _engine_service_pb2.DeleteRunResponse]  # type: ignore[assignment]
+    """Deletes an ended run and all it stored (events, transcript, blobs, run-directory
+    snapshots); afterwards every RPC answers NOT_FOUND for it. A queued, running or paused run
+    must be cancelled first (ERR_RUN_ACTIVE); a run whose history a later run of its thread or
+    a fork shares is kept (ERR_RUN_REFERENCED).
+    """
+    DeleteThread: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.DeleteThreadRequest, _engine_service_pb2.DeleteThreadResponse]  # type: ignore[assignment]
+    """Deletes every run of a thread, then the thread."""
+    ApplyRetention: _aio.UnaryUnaryMultiCallable[_engine_service_pb2.ApplyRetentionRequest, _engine_service_pb2.ApplyRetentionResponse]  # type: ignore[assignment]
+    """Applies the workspace's retention policy now (the background sweep also does), or with
+    `dry_run` lists what it would delete.
+    """
 
 class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
     """EngineService runs LLM agent tasks. Every RPC acts inside the caller's
@@ -192,5 +228,53 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_engine_service_pb2.GetToolResultResponse, _abc.Awaitable[_engine_service_pb2.GetToolResultResponse]]:
         """Returns the full text of a tool result the model saw truncated (paged)."""
+
+    @_abc_1.abstractmethod
+    def GetThread(
+        self,
+        request: _engine_service_pb2.GetThreadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_engine_service_pb2.GetThreadResponse, _abc.Awaitable[_engine_service_pb2.GetThreadResponse]]:
+        """Returns one thread and its runs."""
+
+    @_abc_1.abstractmethod
+    def ListThreads(
+        self,
+        request: _engine_service_pb2.ListThreadsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_engine_service_pb2.ListThreadsResponse, _abc.Awaitable[_engine_service_pb2.ListThreadsResponse]]:
+        """Lists the workspace's threads (started with a thread id, continued or forked), newest
+        first, filtered by labels and paginated.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteRun(
+        self,
+        request: _engine_service_pb2.DeleteRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_engine_service_pb2.DeleteRunResponse, _abc.Awaitable[_engine_service_pb2.DeleteRunResponse]]:
+        """Deletes an ended run and all it stored (events, transcript, blobs, run-directory
+        snapshots); afterwards every RPC answers NOT_FOUND for it. A queued, running or paused run
+        must be cancelled first (ERR_RUN_ACTIVE); a run whose history a later run of its thread or
+        a fork shares is kept (ERR_RUN_REFERENCED).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteThread(
+        self,
+        request: _engine_service_pb2.DeleteThreadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_engine_service_pb2.DeleteThreadResponse, _abc.Awaitable[_engine_service_pb2.DeleteThreadResponse]]:
+        """Deletes every run of a thread, then the thread."""
+
+    @_abc_1.abstractmethod
+    def ApplyRetention(
+        self,
+        request: _engine_service_pb2.ApplyRetentionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_engine_service_pb2.ApplyRetentionResponse, _abc.Awaitable[_engine_service_pb2.ApplyRetentionResponse]]:
+        """Applies the workspace's retention policy now (the background sweep also does), or with
+        `dry_run` lists what it would delete.
+        """
 
 def add_EngineServiceServicer_to_server(servicer: EngineServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmachina/engine/v1/run.proto\x12\x11machina.engine.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xed\x02\n\tInterrupt\x12\x14\n\x0cinterrupt_id\x18\x01 \x01(\t\x12.\n\x04kind\x18\x02 \x01(\x0e\x32 .machina.engine.v1.InterruptKind\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\x12\x11\n\ttool_name\x18\x04 \x01(\t\x12*\n\targuments\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12\x10\n\x08question\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x0cinput_schema\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nagent_path\x18Z \x01(\t\"i\n\x05Pause\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.machina.engine.v1.PauseReason\x12\x30\n\ninterrupts\x18\x02 \x03(\x0b\x32\x1c.machina.engine.v1.Interrupt\"\x97\x01\n\x08RunError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12;\n\x08metadata\x18\x03 \x03(\x0b\x32).machina.engine.v1.RunError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x19\n\x11\x63\x61\x63he_read_tokens\x18\x14 \x01(\x03\x12\x1a\n\x12\x63\x61\x63he_write_tokens\x18\x15 \x01(\x03\"\x95\x01\n\x07RunMeta\x12\r\n\x05turns\x18\x01 \x01(\x05\x12\'\n\x05usage\x18\x02 \x01(\x0b\x32\x18.machina.engine.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x03\x12\x1c\n\x14\x63\x61pabilities_missing\x18\x05 \x03(\t\x12\r\n\x05model\x18\x06 \x01(\t\"\xfe\x02\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cworkspace_id\x18\x02 \x01(\t\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.machina.engine.v1.RunState\x12\'\n\x05pause\x18\x04 \x01(\x0b\x32\x18.machina.engine.v1.Pause\x12$\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1b.machina.engine.v1.RunError\x12(\n\x04meta\x18\x07 \x01(\x0b\x32\x1a.machina.engine.v1.RunMeta\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04task\x18\n \x01(\t\x12\x10\n\x08last_seq\x18\x0b \x01(\x03*\xab\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x14\n\x10RUN_STATE_PAUSED\x10\x03\x12\x12\n\x0eRUN_STATE_DONE\x10\x04\x12\x14\n\x10RUN_STATE_FAILED\x10\x05\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x06*\xbb\x01\n\x0bPauseReason\x12\x1c\n\x18PAUSE_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1ePAUSE_REASON_AWAITING_APPROVAL\x10\x01\x12%\n!PAUSE_REASON_AWAITING_TOOL_RESULT\x10\x02\x12\x1f\n\x1bPAUSE_REASON_AWAITING_INPUT\x10\x03\x12\"\n\x1ePAUSE_REASON_HANDOFF_TO_RUNNER\x10\x04*\x86\x01\n\rInterruptKind\x12\x1e\n\x1aINTERRUPT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17INTERRUPT_KIND_APPROVAL\x10\x01\x12\x1e\n\x1aINTERRUPT_KIND_TOOL_RESULT\x10\x02\x12\x18\n\x14INTERRUPT_KIND_INPUT\x10\x03*o\n\nToolChoice\x12\x1b\n\x17TOOL_CHOICE_UNSPECIFIED\x10\x00\x12\x14\n\x10TOOL_CHOICE_AUTO\x10\x01\x12\x18\n\x14TOOL_CHOICE_REQUIRED\x10\x02\x12\x14\n\x10TOOL_CHOICE_NONE\x10\x03*g\n\nPermission\x12\x1a\n\x16PERMISSION_UNSPECIFIED\x10\x00\x12\x14\n\x10PERMISSION_ALLOW\x10\x01\x12\x12\n\x0ePERMISSION_ASK\x10\x02\x12\x13\n\x0fPERMISSION_DENY\x10\x03*b\n\x0c\x45xpiryAction\x12\x1d\n\x19\x45XPIRY_ACTION_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45XPIRY_ACTION_REJECT\x10\x01\x12\x19\n\x15\x45XPIRY_ACTION_APPROVE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmachina/engine/v1/run.proto\x12\x11machina.engine.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xed\x02\n\tInterrupt\x12\x14\n\x0cinterrupt_id\x18\x01 \x01(\t\x12.\n\x04kind\x18\x02 \x01(\x0e\x32 .machina.engine.v1.InterruptKind\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\x12\x11\n\ttool_name\x18\x04 \x01(\t\x12*\n\targuments\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12\x10\n\x08question\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x0cinput_schema\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nagent_path\x18Z \x01(\t\"i\n\x05Pause\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.machina.engine.v1.PauseReason\x12\x30\n\ninterrupts\x18\x02 \x03(\x0b\x32\x1c.machina.engine.v1.Interrupt\"\x97\x01\n\x08RunError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12;\n\x08metadata\x18\x03 \x03(\x0b\x32).machina.engine.v1.RunError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x19\n\x11\x63\x61\x63he_read_tokens\x18\x14 \x01(\x03\x12\x1a\n\x12\x63\x61\x63he_write_tokens\x18\x15 \x01(\x03\"\x95\x01\n\x07RunMeta\x12\r\n\x05turns\x18\x01 \x01(\x05\x12\'\n\x05usage\x18\x02 \x01(\x0b\x32\x18.machina.engine.v1.Usage\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x03\x12\x1c\n\x14\x63\x61pabilities_missing\x18\x05 \x03(\t\x12\r\n\x05model\x18\x06 \x01(\t\"\x91\x03\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cworkspace_id\x18\x02 \x01(\t\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.machina.engine.v1.RunState\x12\'\n\x05pause\x18\x04 \x01(\x0b\x32\x18.machina.engine.v1.Pause\x12$\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1b.machina.engine.v1.RunError\x12(\n\x04meta\x18\x07 \x01(\x0b\x32\x1a.machina.engine.v1.RunMeta\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04task\x18\n \x01(\t\x12\x10\n\x08last_seq\x18\x0b \x01(\x03\x12\x11\n\tthread_id\x18\x32 \x01(\t\"D\n\nForkSource\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x04turn\x18\x02 \x01(\x05H\x00\x12\r\n\x03seq\x18\x03 \x01(\x03H\x00\x42\x07\n\x05point\"\xd5\x02\n\x06Thread\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x14\n\x0cworkspace_id\x18\x02 \x01(\t\x12\x35\n\x06labels\x18\x03 \x03(\x0b\x32%.machina.engine.v1.Thread.LabelsEntry\x12\x0f\n\x07run_ids\x18\x04 \x03(\t\x12\x15\n\ractive_run_id\x18\x05 \x01(\t\x12\x32\n\x0b\x66orked_from\x18\x06 \x01(\x0b\x32\x1d.machina.engine.v1.ForkSource\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xab\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x14\n\x10RUN_STATE_PAUSED\x10\x03\x12\x12\n\x0eRUN_STATE_DONE\x10\x04\x12\x14\n\x10RUN_STATE_FAILED\x10\x05\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x06*\xbb\x01\n\x0bPauseReason\x12\x1c\n\x18PAUSE_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1ePAUSE_REASON_AWAITING_APPROVAL\x10\x01\x12%\n!PAUSE_REASON_AWAITING_TOOL_RESULT\x10\x02\x12\x1f\n\x1bPAUSE_REASON_AWAITING_INPUT\x10\x03\x12\"\n\x1ePAUSE_REASON_HANDOFF_TO_RUNNER\x10\x04*\x86\x01\n\rInterruptKind\x12\x1e\n\x1aINTERRUPT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17INTERRUPT_KIND_APPROVAL\x10\x01\x12\x1e\n\x1aINTERRUPT_KIND_TOOL_RESULT\x10\x02\x12\x18\n\x14INTERRUPT_KIND_INPUT\x10\x03*o\n\nToolChoice\x12\x1b\n\x17TOOL_CHOICE_UNSPECIFIED\x10\x00\x12\x14\n\x10TOOL_CHOICE_AUTO\x10\x01\x12\x18\n\x14TOOL_CHOICE_REQUIRED\x10\x02\x12\x14\n\x10TOOL_CHOICE_NONE\x10\x03*g\n\nPermission\x12\x1a\n\x16PERMISSION_UNSPECIFIED\x10\x00\x12\x14\n\x10PERMISSION_ALLOW\x10\x01\x12\x12\n\x0ePERMISSION_ASK\x10\x02\x12\x13\n\x0fPERMISSION_DENY\x10\x03*b\n\x0c\x45xpiryAction\x12\x1d\n\x19\x45XPIRY_ACTION_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45XPIRY_ACTION_REJECT\x10\x01\x12\x19\n\x15\x45XPIRY_ACTION_APPROVE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,18 +35,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RUNERROR_METADATAENTRY']._loaded_options = None
   _globals['_RUNERROR_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=1389
-  _globals['_RUNSTATE']._serialized_end=1560
-  _globals['_PAUSEREASON']._serialized_start=1563
-  _globals['_PAUSEREASON']._serialized_end=1750
-  _globals['_INTERRUPTKIND']._serialized_start=1753
-  _globals['_INTERRUPTKIND']._serialized_end=1887
-  _globals['_TOOLCHOICE']._serialized_start=1889
-  _globals['_TOOLCHOICE']._serialized_end=2000
-  _globals['_PERMISSION']._serialized_start=2002
-  _globals['_PERMISSION']._serialized_end=2105
-  _globals['_EXPIRYACTION']._serialized_start=2107
-  _globals['_EXPIRYACTION']._serialized_end=2205
+  _globals['_THREAD_LABELSENTRY']._loaded_options = None
+  _globals['_THREAD_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_RUNSTATE']._serialized_start=1822
+  _globals['_RUNSTATE']._serialized_end=1993
+  _globals['_PAUSEREASON']._serialized_start=1996
+  _globals['_PAUSEREASON']._serialized_end=2183
+  _globals['_INTERRUPTKIND']._serialized_start=2186
+  _globals['_INTERRUPTKIND']._serialized_end=2320
+  _globals['_TOOLCHOICE']._serialized_start=2322
+  _globals['_TOOLCHOICE']._serialized_end=2433
+  _globals['_PERMISSION']._serialized_start=2435
+  _globals['_PERMISSION']._serialized_end=2538
+  _globals['_EXPIRYACTION']._serialized_start=2540
+  _globals['_EXPIRYACTION']._serialized_end=2638
   _globals['_INTERRUPT']._serialized_start=114
   _globals['_INTERRUPT']._serialized_end=479
   _globals['_PAUSE']._serialized_start=481
@@ -60,5 +62,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNMETA']._serialized_start=852
   _globals['_RUNMETA']._serialized_end=1001
   _globals['_RUN']._serialized_start=1004
-  _globals['_RUN']._serialized_end=1386
+  _globals['_RUN']._serialized_end=1405
+  _globals['_FORKSOURCE']._serialized_start=1407
+  _globals['_FORKSOURCE']._serialized_end=1475
+  _globals['_THREAD']._serialized_start=1478
+  _globals['_THREAD']._serialized_end=1819
+  _globals['_THREAD_LABELSENTRY']._serialized_start=1774
+  _globals['_THREAD_LABELSENTRY']._serialized_end=1819
 # @@protoc_insertion_point(module_scope)

@@ -450,6 +450,7 @@ class Run(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run id, unique within the workspace."""
     workspace_id: _builtins.str
@@ -460,6 +461,10 @@ class Run(_message.Message):
     """The task the run was started with."""
     last_seq: _builtins.int
     """The seq of the last event the run has produced."""
+    thread_id: _builtins.str
+    """The thread the run belongs to. A run started without one is the first run of a thread
+    of its own, whose id is the run id.
+    """
     @_builtins.property
     def pause(self) -> Global___Pause:
         """Set while the run is PAUSED."""
@@ -498,11 +503,130 @@ class Run(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         task: _builtins.str = ...,
         last_seq: _builtins.int = ...,
+        thread_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "data", b"data", "error", b"error", "meta", b"meta", "pause", b"pause", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "data", b"data", "error", b"error", "last_seq", b"last_seq", "meta", b"meta", "pause", b"pause", "run_id", b"run_id", "state", b"state", "task", b"task", "update_time", b"update_time", "workspace_id", b"workspace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "data", b"data", "error", b"error", "last_seq", b"last_seq", "meta", b"meta", "pause", b"pause", "run_id", b"run_id", "state", b"state", "task", b"task", "thread_id", b"thread_id", "update_time", b"update_time", "workspace_id", b"workspace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Run: _TypeAlias = Run  # noqa: Y015
+
+@_typing.final
+class ForkSource(_message.Message):
+    """Where a fork starts: a run, and how much of its history the fork shares. Neither `turn`
+    nor `seq`: all of the run's history so far.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    TURN_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run to fork from (any thread of the workspace)."""
+    turn: _builtins.int
+    """Up to and including this completed model turn (1-based) and its tool results."""
+    seq: _builtins.int
+    """Up to the last model turn completed at this event seq."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        turn: _builtins.int = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["point", b"point", "seq", b"seq", "turn", b"turn"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["point", b"point", "run_id", b"run_id", "seq", b"seq", "turn", b"turn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_point: _TypeAlias = _typing.Literal["turn", "seq"]  # noqa: Y015
+    _WhichOneofArgType_point: _TypeAlias = _typing.Literal["point", b"point"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_point) -> _WhichOneofReturnType_point | None: ...
+
+Global___ForkSource: _TypeAlias = ForkSource  # noqa: Y015
+
+@_typing.final
+class Thread(_message.Message):
+    """A thread: the conversation a sequence of runs shares. Each run sees the history of the
+    runs before it (and, for a fork, of the run it was forked from), then its own task.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    WORKSPACE_ID_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    RUN_IDS_FIELD_NUMBER: _builtins.int
+    ACTIVE_RUN_ID_FIELD_NUMBER: _builtins.int
+    FORKED_FROM_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    thread_id: _builtins.str
+    """The thread id."""
+    workspace_id: _builtins.str
+    """The workspace (tenant) the thread belongs to."""
+    active_run_id: _builtins.str
+    """The run not ended yet (queued, running or paused), if any: a thread has one at a time."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The labels of the run that started the thread; ListThreads filters on them."""
+
+    @_builtins.property
+    def run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The thread's runs, oldest first. Its event history is theirs, concatenated: each run's
+        events keep their own gap-free seq.
+        """
+
+    @_builtins.property
+    def forked_from(self) -> Global___ForkSource:
+        """Where the thread was forked from; unset for a thread that was not forked."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the thread was created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the thread or one of its runs last changed."""
+
+    def __init__(
+        self,
+        *,
+        thread_id: _builtins.str = ...,
+        workspace_id: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        run_ids: _abc.Iterable[_builtins.str] | None = ...,
+        active_run_id: _builtins.str = ...,
+        forked_from: Global___ForkSource | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "forked_from", b"forked_from", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_run_id", b"active_run_id", "create_time", b"create_time", "forked_from", b"forked_from", "labels", b"labels", "run_ids", b"run_ids", "thread_id", b"thread_id", "update_time", b"update_time", "workspace_id", b"workspace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Thread: _TypeAlias = Thread  # noqa: Y015

@@ -107,6 +107,60 @@ async def test_blobs_and_shared_documents(storage: Storage) -> None:
     assert await storage.get_shared("mcp-time") == {"tools": []}
 
 
+async def test_workspace_documents(storage: Storage) -> None:
+    assert await storage.put_doc("ws", "threads/t1", {"n": 1}, create_only=True)
+    assert not await storage.put_doc("ws", "threads/t1", {"n": 2}, create_only=True)
+    assert await storage.get_doc("ws", "threads/t1") == {"n": 1}
+    assert await storage.put_doc("ws", "threads/t1", {"n": 3})
+    assert await storage.get_doc("ws", "threads/t1") == {"n": 3}
+    await storage.put_doc("ws", "thread-runs/t1/00000002", {"run_id": "b"})
+    await storage.put_doc("ws", "thread-runs/t1/00000001", {"run_id": "a"})
+    await storage.put_doc("ws", "thread-runs/t10/00000001", {"run_id": "c"})
+    assert await storage.list_docs("ws", "thread-runs/t1") == [
+        "thread-runs/t1/00000001",
+        "thread-runs/t1/00000002",
+    ]
+    assert await storage.list_docs("ws", "threads") == ["threads/t1"]
+    assert await storage.list_docs("other", "threads") == []
+    await storage.delete_doc("ws", "thread-runs/t1/00000001")
+    await storage.delete_doc("ws", "thread-runs/t1/00000001")  # gone already: nothing happens
+    assert await storage.get_doc("ws", "thread-runs/t1/00000001") is None
+    assert await storage.list_docs("ws", "thread-runs/t1") == ["thread-runs/t1/00000002"]
+    for bad in ("../x", "a//b", "", "a/../b", "/a"):
+        with pytest.raises(EngineError):
+            await storage.put_doc("ws", bad, {})
+
+
+async def test_creating_a_document_has_one_winner(storage: Storage) -> None:
+    results = await asyncio.gather(
+        *(storage.put_doc("ws", "slots/x/00000001", {"by": n}, create_only=True) for n in range(8))
+    )
+    assert results.count(True) == 1
+    winner = next(n for n, won in enumerate(results) if won)
+    assert await storage.get_doc("ws", "slots/x/00000001") == {"by": winner}
+
+
+async def test_delete_run_removes_every_object_of_it(storage: Storage) -> None:
+    for run_id in ("r1", "r2"):
+        await storage.create_run("ws", run_id, {}, {"state": "DONE"})
+        await storage.write_segment("ws", run_id, "events", 1, [{"seq": 1}])
+        await storage.write_segment("ws", run_id, "transcript", 1, [{"role": "user"}])
+        await storage.put_blob("ws", run_id, "wd-abc", b"x")
+        assert await storage.acquire_lease("ws", run_id, "me", 30)
+    await storage.put_if_absent("ws", "req-1", {"run_id": "r1"})
+    await storage.delete_run("ws", "r1")
+    await storage.delete_request_key("ws", "req-1")
+    assert await storage.read_state("ws", "r1") is None
+    assert await storage.read_segments("ws", "r1", "events", 0, 1) == []
+    assert await storage.get_blob("ws", "r1", "wd-abc") is None
+    assert await storage.list_runs("ws") == ["r2"]
+    assert await storage.put_if_absent("ws", "req-1", {"run_id": "r3"}) is None  # the key is free again
+    assert await storage.read_segments("ws", "r2", "events", 0, 1) == [{"seq": 1}]
+    await storage.delete_run("ws", "r1")  # nothing left: nothing happens
+    if isinstance(storage, LocalStorage):
+        assert not (storage.root / "workspaces" / "ws" / "runs" / "r1").exists()
+
+
 @pytest.mark.parametrize("bad", ["../x", "", "a/b", ".hidden", "x" * 200, "a\\b", "%2e%2e"])
 async def test_keys_can_never_escape_the_prefix(storage: Storage, bad: str) -> None:
     with pytest.raises(EngineError):

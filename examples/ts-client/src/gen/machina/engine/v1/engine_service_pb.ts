@@ -8,7 +8,7 @@ import type { Value } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_struct } from "@bufbuild/protobuf/wkt";
 import type { RunEvent } from "./event_pb.js";
 import { file_machina_engine_v1_event } from "./event_pb.js";
-import type { ExpiryAction, Permission, Run, RunState, ToolChoice, Usage } from "./run_pb.js";
+import type { ExpiryAction, ForkSource, Permission, Run, RunState, Thread, ToolChoice, Usage } from "./run_pb.js";
 import { file_machina_engine_v1_run } from "./run_pb.js";
 import type { JsonObject, Message } from "@bufbuild/protobuf";
 
@@ -16,7 +16,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file machina/engine/v1/engine_service.proto.
  */
 export const file_machina_engine_v1_engine_service: GenFile = /*@__PURE__*/
-  fileDesc("CiZtYWNoaW5hL2VuZ2luZS92MS9lbmdpbmVfc2VydmljZS5wcm90bxIRbWFjaGluYS5lbmdpbmUudjEiTAoQU2NyaXB0ZWRUb29sQ2FsbBIMCgRuYW1lGAEgASgJEioKCWFyZ3VtZW50cxgCIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QifgoMU2NyaXB0ZWRUdXJuEgwKBHRleHQYASABKAkSNwoKdG9vbF9jYWxscxgCIAMoCzIjLm1hY2hpbmEuZW5naW5lLnYxLlNjcmlwdGVkVG9vbENhbGwSJwoFdXNhZ2UYAyABKAsyGC5tYWNoaW5hLmVuZ2luZS52MS5Vc2FnZSLQAQoJTW9kZWxTcGVjEhAKCHByb3ZpZGVyGAEgASgJEgwKBG5hbWUYAiABKAkSLwoGc2NyaXB0GAMgAygLMh8ubWFjaGluYS5lbmdpbmUudjEuU2NyaXB0ZWRUdXJuEhkKEW1heF9vdXRwdXRfdG9rZW5zGAQgASgFEh0KFWNvbnRleHRfd2luZG93X3Rva2VucxgUIAEoAxI4Cg1hZ2VudF9zY3JpcHRzGFogAygLMiEubWFjaGluYS5lbmdpbmUudjEuU3ViYWdlbnRTY3JpcHQiVQoOU3ViYWdlbnRTY3JpcHQSEgoKYWdlbnRfcGF0aBgBIAEoCRIvCgZzY3JpcHQYAiADKAsyHy5tYWNoaW5hLmVuZ2luZS52MS5TY3JpcHRlZFR1cm4iXAoJUnVuTGltaXRzEhEKCW1heF90dXJucxgBIAEoBRISCgptYXhfdG9rZW5zGAIgASgDEhIKCnRpbWVvdXRfbXMYAyABKAMSFAoMbWF4X2Nvc3RfdXNkGAQgASgBIh4KDVRvb2xBbGxvd0xpc3QSDQoFbmFtZXMYASADKAkiYgoOVG9vbERlZmluaXRpb24SDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRItCgxpbnB1dF9zY2hlbWEYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0InsKB0FwaUF1dGgSDAoEdHlwZRgBIAEoCRIRCgl0b2tlbl9yZWYYAiABKAkSDAoEbmFtZRgDIAEoCRIRCgl2YWx1ZV9yZWYYBCABKAkSEAoIdXNlcl9yZWYYBSABKAkSEAoIcGFzc19yZWYYBiABKAkSCgoCaWQYByABKAkiuwIKCkFwaVNlcnZpY2USDAoEbmFtZRgBIAEoCRIQCghiYXNlX3VybBgCIAEoCRIoCgRhdXRoGAMgASgLMhoubWFjaGluYS5lbmdpbmUudjEuQXBpQXV0aBIVCg1hbGxvd2VkX3BhdGhzGAQgAygJEhcKD2FsbG93ZWRfbWV0aG9kcxgFIAMoCRIWCg5tYXhfYm9keV9ieXRlcxgGIAEoAxIaChJtYXhfcmVzcG9uc2VfYnl0ZXMYByABKAMSEgoKdGltZW91dF9tcxgIIAEoAxI7CgdoZWFkZXJzGAkgAygLMioubWFjaGluYS5lbmdpbmUudjEuQXBpU2VydmljZS5IZWFkZXJzRW50cnkaLgoMSGVhZGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEimAEKB0FwaVNwZWMSLwoIc2VydmljZXMYASADKAsyHS5tYWNoaW5hLmVuZ2luZS52MS5BcGlTZXJ2aWNlEjAKA2VudhgCIAMoCzIjLm1hY2hpbmEuZW5naW5lLnYxLkFwaVNwZWMuRW52RW50cnkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKuBwoHUnVuU3BlYxIMCgR0YXNrGAEgASgJEg4KBnJ1bl9pZBgCIAEoCRISCgpyZXF1ZXN0X2lkGAMgASgJEisKBW1vZGVsGAQgASgLMhwubWFjaGluYS5lbmdpbmUudjEuTW9kZWxTcGVjEiwKBmxpbWl0cxgFIAEoCzIcLm1hY2hpbmEuZW5naW5lLnYxLlJ1bkxpbWl0cxIyCgt0b29sX2Nob2ljZRgGIAEoDjIdLm1hY2hpbmEuZW5naW5lLnYxLlRvb2xDaG9pY2USLwoFdG9vbHMYByABKAsyIC5tYWNoaW5hLmVuZ2luZS52MS5Ub29sQWxsb3dMaXN0EkAKC3Blcm1pc3Npb25zGAggAygLMisubWFjaGluYS5lbmdpbmUudjEuUnVuU3BlYy5QZXJtaXNzaW9uc0VudHJ5EhMKC2dhdGVkX3Rvb2xzGAkgAygJEi4KDW91dHB1dF9zY2hlbWEYCiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhUKDXN5c3RlbV9wcm9tcHQYCyABKAkSGwoTYXBwcm92YWxfdGltZW91dF9tcxgMIAEoAxI/ChZhcHByb3ZhbF9leHBpcnlfYWN0aW9uGA0gASgOMh8ubWFjaGluYS5lbmdpbmUudjEuRXhwaXJ5QWN0aW9uEjYKBmxhYmVscxgOIAMoCzImLm1hY2hpbmEuZW5naW5lLnYxLlJ1blNwZWMuTGFiZWxzRW50cnkSNwoMY2xpZW50X3Rvb2xzGA8gAygLMiEubWFjaGluYS5lbmdpbmUudjEuVG9vbERlZmluaXRpb24SJwoDYXBpGBAgASgLMhoubWFjaGluYS5lbmdpbmUudjEuQXBpU3BlYxI6CgttY3Bfc2VydmVycxgRIAEoCzIlLm1hY2hpbmEuZW5naW5lLnYxLk1jcFNlcnZlclNlbGVjdGlvbhIrCgd3ZWJob29rGBIgASgLMhoubWFjaGluYS5lbmdpbmUudjEuV2ViaG9vaxIcCg9zYW5kYm94X25ldHdvcmsYEyABKAhIAIgBARpRChBQZXJtaXNzaW9uc0VudHJ5EgsKA2tleRgBIAEoCRIsCgV2YWx1ZRgCIAEoDjIdLm1hY2hpbmEuZW5naW5lLnYxLlBlcm1pc3Npb246AjgBGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCEgoQX3NhbmRib3hfbmV0d29yayKkAQoHV2ViaG9vaxILCgN1cmwYASABKAkSEgoKc2VjcmV0X3JlZhgCIAEoCRIOCgZldmVudHMYAyADKAkSOAoHaGVhZGVycxgEIAMoCzInLm1hY2hpbmEuZW5naW5lLnYxLldlYmhvb2suSGVhZGVyc0VudHJ5Gi4KDEhlYWRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIiUKEk1jcFNlcnZlclNlbGVjdGlvbhIPCgdzZXJ2ZXJzGAEgAygJIj0KEUV4ZWN1dGVSdW5SZXF1ZXN0EigKBHNwZWMYASABKAsyGi5tYWNoaW5hLmVuZ2luZS52MS5SdW5TcGVjImYKEkV4ZWN1dGVSdW5SZXNwb25zZRIrCgZldmVudHMYASADKAsyGy5tYWNoaW5hLmVuZ2luZS52MS5SdW5FdmVudBIjCgNydW4YAiABKAsyFi5tYWNoaW5hLmVuZ2luZS52MS5SdW4iPAoQQ3JlYXRlUnVuUmVxdWVzdBIoCgRzcGVjGAEgASgLMhoubWFjaGluYS5lbmdpbmUudjEuUnVuU3BlYyI4ChFDcmVhdGVSdW5SZXNwb25zZRIjCgNydW4YASABKAsyFi5tYWNoaW5hLmVuZ2luZS52MS5SdW4iHwoNR2V0UnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiNQoOR2V0UnVuUmVzcG9uc2USIwoDcnVuGAEgASgLMhYubWFjaGluYS5lbmdpbmUudjEuUnVuItQBCg9MaXN0UnVuc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSKwoGc3RhdGVzGAMgAygOMhsubWFjaGluYS5lbmdpbmUudjEuUnVuU3RhdGUSPgoGbGFiZWxzGAQgAygLMi4ubWFjaGluYS5lbmdpbmUudjEuTGlzdFJ1bnNSZXF1ZXN0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiUQoQTGlzdFJ1bnNSZXNwb25zZRIkCgRydW5zGAEgAygLMhYubWFjaGluYS5lbmdpbmUudjEuUnVuEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI0Cg5XYWl0UnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSEgoKdGltZW91dF9tcxgCIAEoAyJJCg9XYWl0UnVuUmVzcG9uc2USIwoDcnVuGAEgASgLMhYubWFjaGluYS5lbmdpbmUudjEuUnVuEhEKCXRpbWVkX291dBgCIAEoCCJLChZTdHJlYW1SdW5FdmVudHNSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIRCglhZnRlcl9zZXEYAiABKAMSDgoGZm9sbG93GAMgASgIIkYKF1N0cmVhbVJ1bkV2ZW50c1Jlc3BvbnNlEisKBmV2ZW50cxgBIAMoCzIbLm1hY2hpbmEuZW5naW5lLnYxLlJ1bkV2ZW50IjwKB0FwcHJvdmUSMQoQZWRpdGVkX2FyZ3VtZW50cxgBIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiGAoGUmVqZWN0Eg4KBnJlYXNvbhgBIAEoCSIxCgdSZXNwb25kEiYKBm91dHB1dBgBIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZSK1AQoIRGVjaXNpb24SFAoMaW50ZXJydXB0X2lkGAEgASgJEi0KB2FwcHJvdmUYAiABKAsyGi5tYWNoaW5hLmVuZ2luZS52MS5BcHByb3ZlSAASKwoGcmVqZWN0GAMgASgLMhkubWFjaGluYS5lbmdpbmUudjEuUmVqZWN0SAASLQoHcmVzcG9uZBgEIAEoCzIaLm1hY2hpbmEuZW5naW5lLnYxLlJlc3BvbmRIAEIICgZhY3Rpb24ivAEKEFJlc3VtZVJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEi4KCWRlY2lzaW9ucxgCIAMoCzIbLm1hY2hpbmEuZW5naW5lLnYxLkRlY2lzaW9uEhIKCnJlcXVlc3RfaWQYAyABKAkSJwoDYXBpGAQgASgLMhoubWFjaGluYS5lbmdpbmUudjEuQXBpU3BlYxIrCgd3ZWJob29rGAUgASgLMhoubWFjaGluYS5lbmdpbmUudjEuV2ViaG9vayI4ChFSZXN1bWVSdW5SZXNwb25zZRIjCgNydW4YASABKAsyFi5tYWNoaW5hLmVuZ2luZS52MS5SdW4iMgoQQ2FuY2VsUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSDgoGcmVhc29uGAIgASgJIjgKEUNhbmNlbFJ1blJlc3BvbnNlEiMKA3J1bhgBIAEoCzIWLm1hY2hpbmEuZW5naW5lLnYxLlJ1biIcChpSZWNvdmVyT3JwaGFuZWRSdW5zUmVxdWVzdCJWChRHZXRUb29sUmVzdWx0UmVxdWVzdBIOCgZydW5faWQYASABKAkSDwoHY2FsbF9pZBgCIAEoCRIOCgZvZmZzZXQYAyABKAMSDQoFbGltaXQYBCABKAMiUgoVR2V0VG9vbFJlc3VsdFJlc3BvbnNlEg8KB2NvbnRlbnQYASABKAkSEwoLdG90YWxfY2hhcnMYAiABKAMSEwoLbmV4dF9vZmZzZXQYAyABKAMiLgobUmVjb3Zlck9ycGhhbmVkUnVuc1Jlc3BvbnNlEg8KB3J1bl9pZHMYASADKAkysAcKDUVuZ2luZVNlcnZpY2USWwoKRXhlY3V0ZVJ1bhIkLm1hY2hpbmEuZW5naW5lLnYxLkV4ZWN1dGVSdW5SZXF1ZXN0GiUubWFjaGluYS5lbmdpbmUudjEuRXhlY3V0ZVJ1blJlc3BvbnNlMAESVgoJQ3JlYXRlUnVuEiMubWFjaGluYS5lbmdpbmUudjEuQ3JlYXRlUnVuUmVxdWVzdBokLm1hY2hpbmEuZW5naW5lLnYxLkNyZWF0ZVJ1blJlc3BvbnNlEk0KBkdldFJ1bhIgLm1hY2hpbmEuZW5naW5lLnYxLkdldFJ1blJlcXVlc3QaIS5tYWNoaW5hLmVuZ2luZS52MS5HZXRSdW5SZXNwb25zZRJTCghMaXN0UnVucxIiLm1hY2hpbmEuZW5naW5lLnYxLkxpc3RSdW5zUmVxdWVzdBojLm1hY2hpbmEuZW5naW5lLnYxLkxpc3RSdW5zUmVzcG9uc2USUAoHV2FpdFJ1bhIhLm1hY2hpbmEuZW5naW5lLnYxLldhaXRSdW5SZXF1ZXN0GiIubWFjaGluYS5lbmdpbmUudjEuV2FpdFJ1blJlc3BvbnNlEmoKD1N0cmVhbVJ1bkV2ZW50cxIpLm1hY2hpbmEuZW5naW5lLnYxLlN0cmVhbVJ1bkV2ZW50c1JlcXVlc3QaKi5tYWNoaW5hLmVuZ2luZS52MS5TdHJlYW1SdW5FdmVudHNSZXNwb25zZTABElYKCVJlc3VtZVJ1bhIjLm1hY2hpbmEuZW5naW5lLnYxLlJlc3VtZVJ1blJlcXVlc3QaJC5tYWNoaW5hLmVuZ2luZS52MS5SZXN1bWVSdW5SZXNwb25zZRJWCglDYW5jZWxSdW4SIy5tYWNoaW5hLmVuZ2luZS52MS5DYW5jZWxSdW5SZXF1ZXN0GiQubWFjaGluYS5lbmdpbmUudjEuQ2FuY2VsUnVuUmVzcG9uc2USdAoTUmVjb3Zlck9ycGhhbmVkUnVucxItLm1hY2hpbmEuZW5naW5lLnYxLlJlY292ZXJPcnBoYW5lZFJ1bnNSZXF1ZXN0Gi4ubWFjaGluYS5lbmdpbmUudjEuUmVjb3Zlck9ycGhhbmVkUnVuc1Jlc3BvbnNlEmIKDUdldFRvb2xSZXN1bHQSJy5tYWNoaW5hLmVuZ2luZS52MS5HZXRUb29sUmVzdWx0UmVxdWVzdBooLm1hY2hpbmEuZW5naW5lLnYxLkdldFRvb2xSZXN1bHRSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_struct, file_machina_engine_v1_event, file_machina_engine_v1_run]);
+  fileDesc("CiZtYWNoaW5hL2VuZ2luZS92MS9lbmdpbmVfc2VydmljZS5wcm90bxIRbWFjaGluYS5lbmdpbmUudjEiTAoQU2NyaXB0ZWRUb29sQ2FsbBIMCgRuYW1lGAEgASgJEioKCWFyZ3VtZW50cxgCIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QifgoMU2NyaXB0ZWRUdXJuEgwKBHRleHQYASABKAkSNwoKdG9vbF9jYWxscxgCIAMoCzIjLm1hY2hpbmEuZW5naW5lLnYxLlNjcmlwdGVkVG9vbENhbGwSJwoFdXNhZ2UYAyABKAsyGC5tYWNoaW5hLmVuZ2luZS52MS5Vc2FnZSLQAQoJTW9kZWxTcGVjEhAKCHByb3ZpZGVyGAEgASgJEgwKBG5hbWUYAiABKAkSLwoGc2NyaXB0GAMgAygLMh8ubWFjaGluYS5lbmdpbmUudjEuU2NyaXB0ZWRUdXJuEhkKEW1heF9vdXRwdXRfdG9rZW5zGAQgASgFEh0KFWNvbnRleHRfd2luZG93X3Rva2VucxgUIAEoAxI4Cg1hZ2VudF9zY3JpcHRzGFogAygLMiEubWFjaGluYS5lbmdpbmUudjEuU3ViYWdlbnRTY3JpcHQiVQoOU3ViYWdlbnRTY3JpcHQSEgoKYWdlbnRfcGF0aBgBIAEoCRIvCgZzY3JpcHQYAiADKAsyHy5tYWNoaW5hLmVuZ2luZS52MS5TY3JpcHRlZFR1cm4iXAoJUnVuTGltaXRzEhEKCW1heF90dXJucxgBIAEoBRISCgptYXhfdG9rZW5zGAIgASgDEhIKCnRpbWVvdXRfbXMYAyABKAMSFAoMbWF4X2Nvc3RfdXNkGAQgASgBIh4KDVRvb2xBbGxvd0xpc3QSDQoFbmFtZXMYASADKAkiYgoOVG9vbERlZmluaXRpb24SDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRItCgxpbnB1dF9zY2hlbWEYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0InsKB0FwaUF1dGgSDAoEdHlwZRgBIAEoCRIRCgl0b2tlbl9yZWYYAiABKAkSDAoEbmFtZRgDIAEoCRIRCgl2YWx1ZV9yZWYYBCABKAkSEAoIdXNlcl9yZWYYBSABKAkSEAoIcGFzc19yZWYYBiABKAkSCgoCaWQYByABKAkiuwIKCkFwaVNlcnZpY2USDAoEbmFtZRgBIAEoCRIQCghiYXNlX3VybBgCIAEoCRIoCgRhdXRoGAMgASgLMhoubWFjaGluYS5lbmdpbmUudjEuQXBpQXV0aBIVCg1hbGxvd2VkX3BhdGhzGAQgAygJEhcKD2FsbG93ZWRfbWV0aG9kcxgFIAMoCRIWCg5tYXhfYm9keV9ieXRlcxgGIAEoAxIaChJtYXhfcmVzcG9uc2VfYnl0ZXMYByABKAMSEgoKdGltZW91dF9tcxgIIAEoAxI7CgdoZWFkZXJzGAkgAygLMioubWFjaGluYS5lbmdpbmUudjEuQXBpU2VydmljZS5IZWFkZXJzRW50cnkaLgoMSGVhZGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEimAEKB0FwaVNwZWMSLwoIc2VydmljZXMYASADKAsyHS5tYWNoaW5hLmVuZ2luZS52MS5BcGlTZXJ2aWNlEjAKA2VudhgCIAMoCzIjLm1hY2hpbmEuZW5naW5lLnYxLkFwaVNwZWMuRW52RW50cnkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLzBwoHUnVuU3BlYxIMCgR0YXNrGAEgASgJEg4KBnJ1bl9pZBgCIAEoCRISCgpyZXF1ZXN0X2lkGAMgASgJEisKBW1vZGVsGAQgASgLMhwubWFjaGluYS5lbmdpbmUudjEuTW9kZWxTcGVjEiwKBmxpbWl0cxgFIAEoCzIcLm1hY2hpbmEuZW5naW5lLnYxLlJ1bkxpbWl0cxIyCgt0b29sX2Nob2ljZRgGIAEoDjIdLm1hY2hpbmEuZW5naW5lLnYxLlRvb2xDaG9pY2USLwoFdG9vbHMYByABKAsyIC5tYWNoaW5hLmVuZ2luZS52MS5Ub29sQWxsb3dMaXN0EkAKC3Blcm1pc3Npb25zGAggAygLMisubWFjaGluYS5lbmdpbmUudjEuUnVuU3BlYy5QZXJtaXNzaW9uc0VudHJ5EhMKC2dhdGVkX3Rvb2xzGAkgAygJEi4KDW91dHB1dF9zY2hlbWEYCiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhUKDXN5c3RlbV9wcm9tcHQYCyABKAkSGwoTYXBwcm92YWxfdGltZW91dF9tcxgMIAEoAxI/ChZhcHByb3ZhbF9leHBpcnlfYWN0aW9uGA0gASgOMh8ubWFjaGluYS5lbmdpbmUudjEuRXhwaXJ5QWN0aW9uEjYKBmxhYmVscxgOIAMoCzImLm1hY2hpbmEuZW5naW5lLnYxLlJ1blNwZWMuTGFiZWxzRW50cnkSNwoMY2xpZW50X3Rvb2xzGA8gAygLMiEubWFjaGluYS5lbmdpbmUudjEuVG9vbERlZmluaXRpb24SJwoDYXBpGBAgASgLMhoubWFjaGluYS5lbmdpbmUudjEuQXBpU3BlYxI6CgttY3Bfc2VydmVycxgRIAEoCzIlLm1hY2hpbmEuZW5naW5lLnYxLk1jcFNlcnZlclNlbGVjdGlvbhIrCgd3ZWJob29rGBIgASgLMhoubWFjaGluYS5lbmdpbmUudjEuV2ViaG9vaxIcCg9zYW5kYm94X25ldHdvcmsYEyABKAhIAIgBARIRCgl0aHJlYWRfaWQYMiABKAkSMAoJZm9ya19mcm9tGDMgASgLMh0ubWFjaGluYS5lbmdpbmUudjEuRm9ya1NvdXJjZRpRChBQZXJtaXNzaW9uc0VudHJ5EgsKA2tleRgBIAEoCRIsCgV2YWx1ZRgCIAEoDjIdLm1hY2hpbmEuZW5naW5lLnYxLlBlcm1pc3Npb246AjgBGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCEgoQX3NhbmRib3hfbmV0d29yayKkAQoHV2ViaG9vaxILCgN1cmwYASABKAkSEgoKc2VjcmV0X3JlZhgCIAEoCRIOCgZldmVudHMYAyADKAkSOAoHaGVhZGVycxgEIAMoCzInLm1hY2hpbmEuZW5naW5lLnYxLldlYmhvb2suSGVhZGVyc0VudHJ5Gi4KDEhlYWRlcnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIiUKEk1jcFNlcnZlclNlbGVjdGlvbhIPCgdzZXJ2ZXJzGAEgAygJIj0KEUV4ZWN1dGVSdW5SZXF1ZXN0EigKBHNwZWMYASABKAsyGi5tYWNoaW5hLmVuZ2luZS52MS5SdW5TcGVjImYKEkV4ZWN1dGVSdW5SZXNwb25zZRIrCgZldmVudHMYASADKAsyGy5tYWNoaW5hLmVuZ2luZS52MS5SdW5FdmVudBIjCgNydW4YAiABKAsyFi5tYWNoaW5hLmVuZ2luZS52MS5SdW4iPAoQQ3JlYXRlUnVuUmVxdWVzdBIoCgRzcGVjGAEgASgLMhoubWFjaGluYS5lbmdpbmUudjEuUnVuU3BlYyI4ChFDcmVhdGVSdW5SZXNwb25zZRIjCgNydW4YASABKAsyFi5tYWNoaW5hLmVuZ2luZS52MS5SdW4iHwoNR2V0UnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkiNQoOR2V0UnVuUmVzcG9uc2USIwoDcnVuGAEgASgLMhYubWFjaGluYS5lbmdpbmUudjEuUnVuItQBCg9MaXN0UnVuc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSKwoGc3RhdGVzGAMgAygOMhsubWFjaGluYS5lbmdpbmUudjEuUnVuU3RhdGUSPgoGbGFiZWxzGAQgAygLMi4ubWFjaGluYS5lbmdpbmUudjEuTGlzdFJ1bnNSZXF1ZXN0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiUQoQTGlzdFJ1bnNSZXNwb25zZRIkCgRydW5zGAEgAygLMhYubWFjaGluYS5lbmdpbmUudjEuUnVuEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI0Cg5XYWl0UnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSEgoKdGltZW91dF9tcxgCIAEoAyJJCg9XYWl0UnVuUmVzcG9uc2USIwoDcnVuGAEgASgLMhYubWFjaGluYS5lbmdpbmUudjEuUnVuEhEKCXRpbWVkX291dBgCIAEoCCJLChZTdHJlYW1SdW5FdmVudHNSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIRCglhZnRlcl9zZXEYAiABKAMSDgoGZm9sbG93GAMgASgIIkYKF1N0cmVhbVJ1bkV2ZW50c1Jlc3BvbnNlEisKBmV2ZW50cxgBIAMoCzIbLm1hY2hpbmEuZW5naW5lLnYxLlJ1bkV2ZW50IjwKB0FwcHJvdmUSMQoQZWRpdGVkX2FyZ3VtZW50cxgBIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiGAoGUmVqZWN0Eg4KBnJlYXNvbhgBIAEoCSIxCgdSZXNwb25kEiYKBm91dHB1dBgBIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZSK1AQoIRGVjaXNpb24SFAoMaW50ZXJydXB0X2lkGAEgASgJEi0KB2FwcHJvdmUYAiABKAsyGi5tYWNoaW5hLmVuZ2luZS52MS5BcHByb3ZlSAASKwoGcmVqZWN0GAMgASgLMhkubWFjaGluYS5lbmdpbmUudjEuUmVqZWN0SAASLQoHcmVzcG9uZBgEIAEoCzIaLm1hY2hpbmEuZW5naW5lLnYxLlJlc3BvbmRIAEIICgZhY3Rpb24ivAEKEFJlc3VtZVJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEi4KCWRlY2lzaW9ucxgCIAMoCzIbLm1hY2hpbmEuZW5naW5lLnYxLkRlY2lzaW9uEhIKCnJlcXVlc3RfaWQYAyABKAkSJwoDYXBpGAQgASgLMhoubWFjaGluYS5lbmdpbmUudjEuQXBpU3BlYxIrCgd3ZWJob29rGAUgASgLMhoubWFjaGluYS5lbmdpbmUudjEuV2ViaG9vayI4ChFSZXN1bWVSdW5SZXNwb25zZRIjCgNydW4YASABKAsyFi5tYWNoaW5hLmVuZ2luZS52MS5SdW4iMgoQQ2FuY2VsUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSDgoGcmVhc29uGAIgASgJIjgKEUNhbmNlbFJ1blJlc3BvbnNlEiMKA3J1bhgBIAEoCzIWLm1hY2hpbmEuZW5naW5lLnYxLlJ1biIcChpSZWNvdmVyT3JwaGFuZWRSdW5zUmVxdWVzdCJWChRHZXRUb29sUmVzdWx0UmVxdWVzdBIOCgZydW5faWQYASABKAkSDwoHY2FsbF9pZBgCIAEoCRIOCgZvZmZzZXQYAyABKAMSDQoFbGltaXQYBCABKAMiUgoVR2V0VG9vbFJlc3VsdFJlc3BvbnNlEg8KB2NvbnRlbnQYASABKAkSEwoLdG90YWxfY2hhcnMYAiABKAMSEwoLbmV4dF9vZmZzZXQYAyABKAMiLgobUmVjb3Zlck9ycGhhbmVkUnVuc1Jlc3BvbnNlEg8KB3J1bl9pZHMYASADKAkiJQoQR2V0VGhyZWFkUmVxdWVzdBIRCgl0aHJlYWRfaWQYASABKAkiPgoRR2V0VGhyZWFkUmVzcG9uc2USKQoGdGhyZWFkGAEgASgLMhkubWFjaGluYS5lbmdpbmUudjEuVGhyZWFkIq0BChJMaXN0VGhyZWFkc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSQQoGbGFiZWxzGAMgAygLMjEubWFjaGluYS5lbmdpbmUudjEuTGlzdFRocmVhZHNSZXF1ZXN0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiWgoTTGlzdFRocmVhZHNSZXNwb25zZRIqCgd0aHJlYWRzGAEgAygLMhkubWFjaGluYS5lbmdpbmUudjEuVGhyZWFkEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIiChBEZWxldGVSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSITChFEZWxldGVSdW5SZXNwb25zZSI3ChNEZWxldGVUaHJlYWRSZXF1ZXN0EhEKCXRocmVhZF9pZBgBIAEoCRINCgVmb3JjZRgCIAEoCCInChREZWxldGVUaHJlYWRSZXNwb25zZRIPCgdydW5faWRzGAEgAygJIigKFUFwcGx5UmV0ZW50aW9uUmVxdWVzdBIPCgdkcnlfcnVuGAEgASgIImYKFkFwcGx5UmV0ZW50aW9uUmVzcG9uc2USDwoHcnVuX2lkcxgBIAMoCRISCgp0aHJlYWRfaWRzGAIgAygJEhYKDnJldGVudGlvbl9kYXlzGAMgASgBEg8KB2RyeV9ydW4YBCABKAgyhgsKDUVuZ2luZVNlcnZpY2USWwoKRXhlY3V0ZVJ1bhIkLm1hY2hpbmEuZW5naW5lLnYxLkV4ZWN1dGVSdW5SZXF1ZXN0GiUubWFjaGluYS5lbmdpbmUudjEuRXhlY3V0ZVJ1blJlc3BvbnNlMAESVgoJQ3JlYXRlUnVuEiMubWFjaGluYS5lbmdpbmUudjEuQ3JlYXRlUnVuUmVxdWVzdBokLm1hY2hpbmEuZW5naW5lLnYxLkNyZWF0ZVJ1blJlc3BvbnNlEk0KBkdldFJ1bhIgLm1hY2hpbmEuZW5naW5lLnYxLkdldFJ1blJlcXVlc3QaIS5tYWNoaW5hLmVuZ2luZS52MS5HZXRSdW5SZXNwb25zZRJTCghMaXN0UnVucxIiLm1hY2hpbmEuZW5naW5lLnYxLkxpc3RSdW5zUmVxdWVzdBojLm1hY2hpbmEuZW5naW5lLnYxLkxpc3RSdW5zUmVzcG9uc2USUAoHV2FpdFJ1bhIhLm1hY2hpbmEuZW5naW5lLnYxLldhaXRSdW5SZXF1ZXN0GiIubWFjaGluYS5lbmdpbmUudjEuV2FpdFJ1blJlc3BvbnNlEmoKD1N0cmVhbVJ1bkV2ZW50cxIpLm1hY2hpbmEuZW5naW5lLnYxLlN0cmVhbVJ1bkV2ZW50c1JlcXVlc3QaKi5tYWNoaW5hLmVuZ2luZS52MS5TdHJlYW1SdW5FdmVudHNSZXNwb25zZTABElYKCVJlc3VtZVJ1bhIjLm1hY2hpbmEuZW5naW5lLnYxLlJlc3VtZVJ1blJlcXVlc3QaJC5tYWNoaW5hLmVuZ2luZS52MS5SZXN1bWVSdW5SZXNwb25zZRJWCglDYW5jZWxSdW4SIy5tYWNoaW5hLmVuZ2luZS52MS5DYW5jZWxSdW5SZXF1ZXN0GiQubWFjaGluYS5lbmdpbmUudjEuQ2FuY2VsUnVuUmVzcG9uc2USdAoTUmVjb3Zlck9ycGhhbmVkUnVucxItLm1hY2hpbmEuZW5naW5lLnYxLlJlY292ZXJPcnBoYW5lZFJ1bnNSZXF1ZXN0Gi4ubWFjaGluYS5lbmdpbmUudjEuUmVjb3Zlck9ycGhhbmVkUnVuc1Jlc3BvbnNlEmIKDUdldFRvb2xSZXN1bHQSJy5tYWNoaW5hLmVuZ2luZS52MS5HZXRUb29sUmVzdWx0UmVxdWVzdBooLm1hY2hpbmEuZW5naW5lLnYxLkdldFRvb2xSZXN1bHRSZXNwb25zZRJWCglHZXRUaHJlYWQSIy5tYWNoaW5hLmVuZ2luZS52MS5HZXRUaHJlYWRSZXF1ZXN0GiQubWFjaGluYS5lbmdpbmUudjEuR2V0VGhyZWFkUmVzcG9uc2USXAoLTGlzdFRocmVhZHMSJS5tYWNoaW5hLmVuZ2luZS52MS5MaXN0VGhyZWFkc1JlcXVlc3QaJi5tYWNoaW5hLmVuZ2luZS52MS5MaXN0VGhyZWFkc1Jlc3BvbnNlElYKCURlbGV0ZVJ1bhIjLm1hY2hpbmEuZW5naW5lLnYxLkRlbGV0ZVJ1blJlcXVlc3QaJC5tYWNoaW5hLmVuZ2luZS52MS5EZWxldGVSdW5SZXNwb25zZRJfCgxEZWxldGVUaHJlYWQSJi5tYWNoaW5hLmVuZ2luZS52MS5EZWxldGVUaHJlYWRSZXF1ZXN0GicubWFjaGluYS5lbmdpbmUudjEuRGVsZXRlVGhyZWFkUmVzcG9uc2USZQoOQXBwbHlSZXRlbnRpb24SKC5tYWNoaW5hLmVuZ2luZS52MS5BcHBseVJldGVudGlvblJlcXVlc3QaKS5tYWNoaW5hLmVuZ2luZS52MS5BcHBseVJldGVudGlvblJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct, file_machina_engine_v1_event, file_machina_engine_v1_run]);
 
 /**
  * A tool call the scripted model will make.
@@ -581,6 +581,23 @@ export type RunSpec = Message<"machina.engine.v1.RunSpec"> & {
    * @generated from field: optional bool sandbox_network = 19;
    */
   sandboxNetwork?: boolean | undefined;
+
+  /**
+   * Continue this thread: the model sees the thread's history, then `task`. A thread has one
+   * active run at a time (ERR_THREAD_BUSY while its latest run is queued, running or paused).
+   * A thread id no thread has yet starts a new thread; a run's id names the thread it started.
+   * With `fork_from`: the id of the new thread (empty = one is chosen).
+   *
+   * @generated from field: string thread_id = 50;
+   */
+  threadId: string;
+
+  /**
+   * Start a new thread forked from another run's history, shared without copying it.
+   *
+   * @generated from field: machina.engine.v1.ForkSource fork_from = 51;
+   */
+  forkFrom?: ForkSource | undefined;
 };
 
 /**
@@ -1327,6 +1344,260 @@ export const RecoverOrphanedRunsResponseSchema: GenMessage<RecoverOrphanedRunsRe
   messageDesc(file_machina_engine_v1_engine_service, 36);
 
 /**
+ * Request for GetThread.
+ *
+ * @generated from message machina.engine.v1.GetThreadRequest
+ */
+export type GetThreadRequest = Message<"machina.engine.v1.GetThreadRequest"> & {
+  /**
+   * The thread id.
+   *
+   * @generated from field: string thread_id = 1;
+   */
+  threadId: string;
+};
+
+/**
+ * Describes the message machina.engine.v1.GetThreadRequest.
+ * Use `create(GetThreadRequestSchema)` to create a new message.
+ */
+export const GetThreadRequestSchema: GenMessage<GetThreadRequest> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_engine_service, 37);
+
+/**
+ * Response of GetThread.
+ *
+ * @generated from message machina.engine.v1.GetThreadResponse
+ */
+export type GetThreadResponse = Message<"machina.engine.v1.GetThreadResponse"> & {
+  /**
+   * The thread.
+   *
+   * @generated from field: machina.engine.v1.Thread thread = 1;
+   */
+  thread?: Thread | undefined;
+};
+
+/**
+ * Describes the message machina.engine.v1.GetThreadResponse.
+ * Use `create(GetThreadResponseSchema)` to create a new message.
+ */
+export const GetThreadResponseSchema: GenMessage<GetThreadResponse> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_engine_service, 38);
+
+/**
+ * Request for ListThreads.
+ *
+ * @generated from message machina.engine.v1.ListThreadsRequest
+ */
+export type ListThreadsRequest = Message<"machina.engine.v1.ListThreadsRequest"> & {
+  /**
+   * Maximum threads to return (1..1000); 0 = 50.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * The next_page_token of a previous response.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Only threads whose labels include all of these.
+   *
+   * @generated from field: map<string, string> labels = 3;
+   */
+  labels: { [key: string]: string };
+};
+
+/**
+ * Describes the message machina.engine.v1.ListThreadsRequest.
+ * Use `create(ListThreadsRequestSchema)` to create a new message.
+ */
+export const ListThreadsRequestSchema: GenMessage<ListThreadsRequest> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_engine_service, 39);
+
+/**
+ * Response of ListThreads.
+ *
+ * @generated from message machina.engine.v1.ListThreadsResponse
+ */
+export type ListThreadsResponse = Message<"machina.engine.v1.ListThreadsResponse"> & {
+  /**
+   * The threads, newest first.
+   *
+   * @generated from field: repeated machina.engine.v1.Thread threads = 1;
+   */
+  threads: Thread[];
+
+  /**
+   * Pass as page_token to get the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message machina.engine.v1.ListThreadsResponse.
+ * Use `create(ListThreadsResponseSchema)` to create a new message.
+ */
+export const ListThreadsResponseSchema: GenMessage<ListThreadsResponse> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_engine_service, 40);
+
+/**
+ * Request for DeleteRun.
+ *
+ * @generated from message machina.engine.v1.DeleteRunRequest
+ */
+export type DeleteRunRequest = Message<"machina.engine.v1.DeleteRunRequest"> & {
+  /**
+   * The run id.
+   *
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+};
+
+/**
+ * Describes the message machina.engine.v1.DeleteRunRequest.
+ * Use `create(DeleteRunRequestSchema)` to create a new message.
+ */
+export const DeleteRunRequestSchema: GenMessage<DeleteRunRequest> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_engine_service, 41);
+
+/**
+ * Response of DeleteRun.
+ *
+ * @generated from message machina.engine.v1.DeleteRunResponse
+ */
+export type DeleteRunResponse = Message<"machina.engine.v1.DeleteRunResponse"> & {
+};
+
+/**
+ * Describes the message machina.engine.v1.DeleteRunResponse.
+ * Use `create(DeleteRunResponseSchema)` to create a new message.
+ */
+export const DeleteRunResponseSchema: GenMessage<DeleteRunResponse> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_engine_service, 42);
+
+/**
+ * Request for DeleteThread.
+ *
+ * @generated from message machina.engine.v1.DeleteThreadRequest
+ */
+export type DeleteThreadRequest = Message<"machina.engine.v1.DeleteThreadRequest"> & {
+  /**
+   * The thread id.
+   *
+   * @generated from field: string thread_id = 1;
+   */
+  threadId: string;
+
+  /**
+   * Delete the runs even where a fork shares their history (the fork loses that part of its
+   * history); without it such a thread is kept (ERR_RUN_REFERENCED).
+   *
+   * @generated from field: bool force = 2;
+   */
+  force: boolean;
+};
+
+/**
+ * Describes the message machina.engine.v1.DeleteThreadRequest.
+ * Use `create(DeleteThreadRequestSchema)` to create a new message.
+ */
+export const DeleteThreadRequestSchema: GenMessage<DeleteThreadRequest> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_engine_service, 43);
+
+/**
+ * Response of DeleteThread.
+ *
+ * @generated from message machina.engine.v1.DeleteThreadResponse
+ */
+export type DeleteThreadResponse = Message<"machina.engine.v1.DeleteThreadResponse"> & {
+  /**
+   * The ids of the runs deleted.
+   *
+   * @generated from field: repeated string run_ids = 1;
+   */
+  runIds: string[];
+};
+
+/**
+ * Describes the message machina.engine.v1.DeleteThreadResponse.
+ * Use `create(DeleteThreadResponseSchema)` to create a new message.
+ */
+export const DeleteThreadResponseSchema: GenMessage<DeleteThreadResponse> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_engine_service, 44);
+
+/**
+ * Request for ApplyRetention.
+ *
+ * @generated from message machina.engine.v1.ApplyRetentionRequest
+ */
+export type ApplyRetentionRequest = Message<"machina.engine.v1.ApplyRetentionRequest"> & {
+  /**
+   * Only list what would be deleted.
+   *
+   * @generated from field: bool dry_run = 1;
+   */
+  dryRun: boolean;
+};
+
+/**
+ * Describes the message machina.engine.v1.ApplyRetentionRequest.
+ * Use `create(ApplyRetentionRequestSchema)` to create a new message.
+ */
+export const ApplyRetentionRequestSchema: GenMessage<ApplyRetentionRequest> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_engine_service, 45);
+
+/**
+ * Response of ApplyRetention.
+ *
+ * @generated from message machina.engine.v1.ApplyRetentionResponse
+ */
+export type ApplyRetentionResponse = Message<"machina.engine.v1.ApplyRetentionResponse"> & {
+  /**
+   * The runs deleted (or, with dry_run, that would be).
+   *
+   * @generated from field: repeated string run_ids = 1;
+   */
+  runIds: string[];
+
+  /**
+   * The threads deleted with their last run (or, with dry_run, that would be).
+   *
+   * @generated from field: repeated string thread_ids = 2;
+   */
+  threadIds: string[];
+
+  /**
+   * The workspace's retention in days (0 = runs are kept forever, nothing is deleted).
+   *
+   * @generated from field: double retention_days = 3;
+   */
+  retentionDays: number;
+
+  /**
+   * Whether this was a dry run.
+   *
+   * @generated from field: bool dry_run = 4;
+   */
+  dryRun: boolean;
+};
+
+/**
+ * Describes the message machina.engine.v1.ApplyRetentionResponse.
+ * Use `create(ApplyRetentionResponseSchema)` to create a new message.
+ */
+export const ApplyRetentionResponseSchema: GenMessage<ApplyRetentionResponse> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_engine_service, 46);
+
+/**
  * EngineService runs LLM agent tasks. Every RPC acts inside the caller's
  * workspace, chosen by the API key in the `authorization: Bearer <key>`
  * metadata. Errors carry one google.rpc.ErrorInfo (domain `machina.dev`)
@@ -1437,6 +1708,61 @@ export const EngineService: GenService<{
     methodKind: "unary";
     input: typeof GetToolResultRequestSchema;
     output: typeof GetToolResultResponseSchema;
+  },
+  /**
+   * Returns one thread and its runs.
+   *
+   * @generated from rpc machina.engine.v1.EngineService.GetThread
+   */
+  getThread: {
+    methodKind: "unary";
+    input: typeof GetThreadRequestSchema;
+    output: typeof GetThreadResponseSchema;
+  },
+  /**
+   * Lists the workspace's threads (started with a thread id, continued or forked), newest
+   * first, filtered by labels and paginated.
+   *
+   * @generated from rpc machina.engine.v1.EngineService.ListThreads
+   */
+  listThreads: {
+    methodKind: "unary";
+    input: typeof ListThreadsRequestSchema;
+    output: typeof ListThreadsResponseSchema;
+  },
+  /**
+   * Deletes an ended run and all it stored (events, transcript, blobs, run-directory
+   * snapshots); afterwards every RPC answers NOT_FOUND for it. A queued, running or paused run
+   * must be cancelled first (ERR_RUN_ACTIVE); a run whose history a later run of its thread or
+   * a fork shares is kept (ERR_RUN_REFERENCED).
+   *
+   * @generated from rpc machina.engine.v1.EngineService.DeleteRun
+   */
+  deleteRun: {
+    methodKind: "unary";
+    input: typeof DeleteRunRequestSchema;
+    output: typeof DeleteRunResponseSchema;
+  },
+  /**
+   * Deletes every run of a thread, then the thread.
+   *
+   * @generated from rpc machina.engine.v1.EngineService.DeleteThread
+   */
+  deleteThread: {
+    methodKind: "unary";
+    input: typeof DeleteThreadRequestSchema;
+    output: typeof DeleteThreadResponseSchema;
+  },
+  /**
+   * Applies the workspace's retention policy now (the background sweep also does), or with
+   * `dry_run` lists what it would delete.
+   *
+   * @generated from rpc machina.engine.v1.EngineService.ApplyRetention
+   */
+  applyRetention: {
+    methodKind: "unary";
+    input: typeof ApplyRetentionRequestSchema;
+    output: typeof ApplyRetentionResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_machina_engine_v1_engine_service, 0);

@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file machina/engine/v1/run.proto.
  */
 export const file_machina_engine_v1_run: GenFile = /*@__PURE__*/
-  fileDesc("ChttYWNoaW5hL2VuZ2luZS92MS9ydW4ucHJvdG8SEW1hY2hpbmEuZW5naW5lLnYxIu0CCglJbnRlcnJ1cHQSFAoMaW50ZXJydXB0X2lkGAEgASgJEi4KBGtpbmQYAiABKA4yIC5tYWNoaW5hLmVuZ2luZS52MS5JbnRlcnJ1cHRLaW5kEg8KB2NhbGxfaWQYAyABKAkSEQoJdG9vbF9uYW1lGAQgASgJEioKCWFyZ3VtZW50cxgFIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSEwoLZGVzY3JpcHRpb24YBiABKAkSEAoIcXVlc3Rpb24YByABKAkSLwoLY3JlYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2V4cGlyZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBItCgxpbnB1dF9zY2hlbWEYCiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhIKCmFnZW50X3BhdGgYWiABKAkiaQoFUGF1c2USLgoGcmVhc29uGAEgASgOMh4ubWFjaGluYS5lbmdpbmUudjEuUGF1c2VSZWFzb24SMAoKaW50ZXJydXB0cxgCIAMoCzIcLm1hY2hpbmEuZW5naW5lLnYxLkludGVycnVwdCKXAQoIUnVuRXJyb3ISDAoEY29kZRgBIAEoCRIPCgdtZXNzYWdlGAIgASgJEjsKCG1ldGFkYXRhGAMgAygLMikubWFjaGluYS5lbmdpbmUudjEuUnVuRXJyb3IuTWV0YWRhdGFFbnRyeRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiawoFVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSGQoRY2FjaGVfcmVhZF90b2tlbnMYFCABKAMSGgoSY2FjaGVfd3JpdGVfdG9rZW5zGBUgASgDIpUBCgdSdW5NZXRhEg0KBXR1cm5zGAEgASgFEicKBXVzYWdlGAIgASgLMhgubWFjaGluYS5lbmdpbmUudjEuVXNhZ2USEAoIY29zdF91c2QYAyABKAESEwoLZHVyYXRpb25fbXMYBCABKAMSHAoUY2FwYWJpbGl0aWVzX21pc3NpbmcYBSADKAkSDQoFbW9kZWwYBiABKAki/gIKA1J1bhIOCgZydW5faWQYASABKAkSFAoMd29ya3NwYWNlX2lkGAIgASgJEioKBXN0YXRlGAMgASgOMhsubWFjaGluYS5lbmdpbmUudjEuUnVuU3RhdGUSJwoFcGF1c2UYBCABKAsyGC5tYWNoaW5hLmVuZ2luZS52MS5QYXVzZRIkCgRkYXRhGAUgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlEioKBWVycm9yGAYgASgLMhsubWFjaGluYS5lbmdpbmUudjEuUnVuRXJyb3ISKAoEbWV0YRgHIAEoCzIaLm1hY2hpbmEuZW5naW5lLnYxLlJ1bk1ldGESLwoLY3JlYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgR0YXNrGAogASgJEhAKCGxhc3Rfc2VxGAsgASgDKqsBCghSdW5TdGF0ZRIZChVSVU5fU1RBVEVfVU5TUEVDSUZJRUQQABIUChBSVU5fU1RBVEVfUVVFVUVEEAESFQoRUlVOX1NUQVRFX1JVTk5JTkcQAhIUChBSVU5fU1RBVEVfUEFVU0VEEAMSEgoOUlVOX1NUQVRFX0RPTkUQBBIUChBSVU5fU1RBVEVfRkFJTEVEEAUSFwoTUlVOX1NUQVRFX0NBTkNFTExFRBAGKrsBCgtQYXVzZVJlYXNvbhIcChhQQVVTRV9SRUFTT05fVU5TUEVDSUZJRUQQABIiCh5QQVVTRV9SRUFTT05fQVdBSVRJTkdfQVBQUk9WQUwQARIlCiFQQVVTRV9SRUFTT05fQVdBSVRJTkdfVE9PTF9SRVNVTFQQAhIfChtQQVVTRV9SRUFTT05fQVdBSVRJTkdfSU5QVVQQAxIiCh5QQVVTRV9SRUFTT05fSEFORE9GRl9UT19SVU5ORVIQBCqGAQoNSW50ZXJydXB0S2luZBIeChpJTlRFUlJVUFRfS0lORF9VTlNQRUNJRklFRBAAEhsKF0lOVEVSUlVQVF9LSU5EX0FQUFJPVkFMEAESHgoaSU5URVJSVVBUX0tJTkRfVE9PTF9SRVNVTFQQAhIYChRJTlRFUlJVUFRfS0lORF9JTlBVVBADKm8KClRvb2xDaG9pY2USGwoXVE9PTF9DSE9JQ0VfVU5TUEVDSUZJRUQQABIUChBUT09MX0NIT0lDRV9BVVRPEAESGAoUVE9PTF9DSE9JQ0VfUkVRVUlSRUQQAhIUChBUT09MX0NIT0lDRV9OT05FEAMqZwoKUGVybWlzc2lvbhIaChZQRVJNSVNTSU9OX1VOU1BFQ0lGSUVEEAASFAoQUEVSTUlTU0lPTl9BTExPVxABEhIKDlBFUk1JU1NJT05fQVNLEAISEwoPUEVSTUlTU0lPTl9ERU5ZEAMqYgoMRXhwaXJ5QWN0aW9uEh0KGUVYUElSWV9BQ1RJT05fVU5TUEVDSUZJRUQQABIYChRFWFBJUllfQUNUSU9OX1JFSkVDVBABEhkKFUVYUElSWV9BQ1RJT05fQVBQUk9WRRACYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChttYWNoaW5hL2VuZ2luZS92MS9ydW4ucHJvdG8SEW1hY2hpbmEuZW5naW5lLnYxIu0CCglJbnRlcnJ1cHQSFAoMaW50ZXJydXB0X2lkGAEgASgJEi4KBGtpbmQYAiABKA4yIC5tYWNoaW5hLmVuZ2luZS52MS5JbnRlcnJ1cHRLaW5kEg8KB2NhbGxfaWQYAyABKAkSEQoJdG9vbF9uYW1lGAQgASgJEioKCWFyZ3VtZW50cxgFIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSEwoLZGVzY3JpcHRpb24YBiABKAkSEAoIcXVlc3Rpb24YByABKAkSLwoLY3JlYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2V4cGlyZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBItCgxpbnB1dF9zY2hlbWEYCiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhIKCmFnZW50X3BhdGgYWiABKAkiaQoFUGF1c2USLgoGcmVhc29uGAEgASgOMh4ubWFjaGluYS5lbmdpbmUudjEuUGF1c2VSZWFzb24SMAoKaW50ZXJydXB0cxgCIAMoCzIcLm1hY2hpbmEuZW5naW5lLnYxLkludGVycnVwdCKXAQoIUnVuRXJyb3ISDAoEY29kZRgBIAEoCRIPCgdtZXNzYWdlGAIgASgJEjsKCG1ldGFkYXRhGAMgAygLMikubWFjaGluYS5lbmdpbmUudjEuUnVuRXJyb3IuTWV0YWRhdGFFbnRyeRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiawoFVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgDEhUKDW91dHB1dF90b2tlbnMYAiABKAMSGQoRY2FjaGVfcmVhZF90b2tlbnMYFCABKAMSGgoSY2FjaGVfd3JpdGVfdG9rZW5zGBUgASgDIpUBCgdSdW5NZXRhEg0KBXR1cm5zGAEgASgFEicKBXVzYWdlGAIgASgLMhgubWFjaGluYS5lbmdpbmUudjEuVXNhZ2USEAoIY29zdF91c2QYAyABKAESEwoLZHVyYXRpb25fbXMYBCABKAMSHAoUY2FwYWJpbGl0aWVzX21pc3NpbmcYBSADKAkSDQoFbW9kZWwYBiABKAkikQMKA1J1bhIOCgZydW5faWQYASABKAkSFAoMd29ya3NwYWNlX2lkGAIgASgJEioKBXN0YXRlGAMgASgOMhsubWFjaGluYS5lbmdpbmUudjEuUnVuU3RhdGUSJwoFcGF1c2UYBCABKAsyGC5tYWNoaW5hLmVuZ2luZS52MS5QYXVzZRIkCgRkYXRhGAUgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlEioKBWVycm9yGAYgASgLMhsubWFjaGluYS5lbmdpbmUudjEuUnVuRXJyb3ISKAoEbWV0YRgHIAEoCzIaLm1hY2hpbmEuZW5naW5lLnYxLlJ1bk1ldGESLwoLY3JlYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgR0YXNrGAogASgJEhAKCGxhc3Rfc2VxGAsgASgDEhEKCXRocmVhZF9pZBgyIAEoCSJECgpGb3JrU291cmNlEg4KBnJ1bl9pZBgBIAEoCRIOCgR0dXJuGAIgASgFSAASDQoDc2VxGAMgASgDSABCBwoFcG9pbnQi1QIKBlRocmVhZBIRCgl0aHJlYWRfaWQYASABKAkSFAoMd29ya3NwYWNlX2lkGAIgASgJEjUKBmxhYmVscxgDIAMoCzIlLm1hY2hpbmEuZW5naW5lLnYxLlRocmVhZC5MYWJlbHNFbnRyeRIPCgdydW5faWRzGAQgAygJEhUKDWFjdGl2ZV9ydW5faWQYBSABKAkSMgoLZm9ya2VkX2Zyb20YBiABKAsyHS5tYWNoaW5hLmVuZ2luZS52MS5Gb3JrU291cmNlEi8KC2NyZWF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASqrAQoIUnVuU3RhdGUSGQoVUlVOX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQUlVOX1NUQVRFX1FVRVVFRBABEhUKEVJVTl9TVEFURV9SVU5OSU5HEAISFAoQUlVOX1NUQVRFX1BBVVNFRBADEhIKDlJVTl9TVEFURV9ET05FEAQSFAoQUlVOX1NUQVRFX0ZBSUxFRBAFEhcKE1JVTl9TVEFURV9DQU5DRUxMRUQQBiq7AQoLUGF1c2VSZWFzb24SHAoYUEFVU0VfUkVBU09OX1VOU1BFQ0lGSUVEEAASIgoeUEFVU0VfUkVBU09OX0FXQUlUSU5HX0FQUFJPVkFMEAESJQohUEFVU0VfUkVBU09OX0FXQUlUSU5HX1RPT0xfUkVTVUxUEAISHwobUEFVU0VfUkVBU09OX0FXQUlUSU5HX0lOUFVUEAMSIgoeUEFVU0VfUkVBU09OX0hBTkRPRkZfVE9fUlVOTkVSEAQqhgEKDUludGVycnVwdEtpbmQSHgoaSU5URVJSVVBUX0tJTkRfVU5TUEVDSUZJRUQQABIbChdJTlRFUlJVUFRfS0lORF9BUFBST1ZBTBABEh4KGklOVEVSUlVQVF9LSU5EX1RPT0xfUkVTVUxUEAISGAoUSU5URVJSVVBUX0tJTkRfSU5QVVQQAypvCgpUb29sQ2hvaWNlEhsKF1RPT0xfQ0hPSUNFX1VOU1BFQ0lGSUVEEAASFAoQVE9PTF9DSE9JQ0VfQVVUTxABEhgKFFRPT0xfQ0hPSUNFX1JFUVVJUkVEEAISFAoQVE9PTF9DSE9JQ0VfTk9ORRADKmcKClBlcm1pc3Npb24SGgoWUEVSTUlTU0lPTl9VTlNQRUNJRklFRBAAEhQKEFBFUk1JU1NJT05fQUxMT1cQARISCg5QRVJNSVNTSU9OX0FTSxACEhMKD1BFUk1JU1NJT05fREVOWRADKmIKDEV4cGlyeUFjdGlvbhIdChlFWFBJUllfQUNUSU9OX1VOU1BFQ0lGSUVEEAASGAoURVhQSVJZX0FDVElPTl9SRUpFQ1QQARIZChVFWFBJUllfQUNUSU9OX0FQUFJPVkUQAmIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * One pending question the engine needs answered before the run can continue.
@@ -349,6 +349,14 @@ export type Run = Message<"machina.engine.v1.Run"> & {
    * @generated from field: int64 last_seq = 11;
    */
   lastSeq: bigint;
+
+  /**
+   * The thread the run belongs to. A run started without one is the first run of a thread
+   * of its own, whose id is the run id.
+   *
+   * @generated from field: string thread_id = 50;
+   */
+  threadId: string;
 };
 
 /**
@@ -357,6 +365,123 @@ export type Run = Message<"machina.engine.v1.Run"> & {
  */
 export const RunSchema: GenMessage<Run> = /*@__PURE__*/
   messageDesc(file_machina_engine_v1_run, 5);
+
+/**
+ * Where a fork starts: a run, and how much of its history the fork shares. Neither `turn`
+ * nor `seq`: all of the run's history so far.
+ *
+ * @generated from message machina.engine.v1.ForkSource
+ */
+export type ForkSource = Message<"machina.engine.v1.ForkSource"> & {
+  /**
+   * The run to fork from (any thread of the workspace).
+   *
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+
+  /**
+   * Where in the run.
+   *
+   * @generated from oneof machina.engine.v1.ForkSource.point
+   */
+  point: {
+    /**
+     * Up to and including this completed model turn (1-based) and its tool results.
+     *
+     * @generated from field: int32 turn = 2;
+     */
+    value: number;
+    case: "turn";
+  } | {
+    /**
+     * Up to the last model turn completed at this event seq.
+     *
+     * @generated from field: int64 seq = 3;
+     */
+    value: bigint;
+    case: "seq";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message machina.engine.v1.ForkSource.
+ * Use `create(ForkSourceSchema)` to create a new message.
+ */
+export const ForkSourceSchema: GenMessage<ForkSource> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_run, 6);
+
+/**
+ * A thread: the conversation a sequence of runs shares. Each run sees the history of the
+ * runs before it (and, for a fork, of the run it was forked from), then its own task.
+ *
+ * @generated from message machina.engine.v1.Thread
+ */
+export type Thread = Message<"machina.engine.v1.Thread"> & {
+  /**
+   * The thread id.
+   *
+   * @generated from field: string thread_id = 1;
+   */
+  threadId: string;
+
+  /**
+   * The workspace (tenant) the thread belongs to.
+   *
+   * @generated from field: string workspace_id = 2;
+   */
+  workspaceId: string;
+
+  /**
+   * The labels of the run that started the thread; ListThreads filters on them.
+   *
+   * @generated from field: map<string, string> labels = 3;
+   */
+  labels: { [key: string]: string };
+
+  /**
+   * The thread's runs, oldest first. Its event history is theirs, concatenated: each run's
+   * events keep their own gap-free seq.
+   *
+   * @generated from field: repeated string run_ids = 4;
+   */
+  runIds: string[];
+
+  /**
+   * The run not ended yet (queued, running or paused), if any: a thread has one at a time.
+   *
+   * @generated from field: string active_run_id = 5;
+   */
+  activeRunId: string;
+
+  /**
+   * Where the thread was forked from; unset for a thread that was not forked.
+   *
+   * @generated from field: machina.engine.v1.ForkSource forked_from = 6;
+   */
+  forkedFrom?: ForkSource | undefined;
+
+  /**
+   * When the thread was created.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 7;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * When the thread or one of its runs last changed.
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 8;
+   */
+  updateTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message machina.engine.v1.Thread.
+ * Use `create(ThreadSchema)` to create a new message.
+ */
+export const ThreadSchema: GenMessage<Thread> = /*@__PURE__*/
+  messageDesc(file_machina_engine_v1_run, 7);
 
 /**
  * The lifecycle state of a run.

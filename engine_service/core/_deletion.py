@@ -1,0 +1,110 @@
+"""Deleting runs and threads: every object of a run goes, and every RPC then says NOT_FOUND.
+
+A run that is queued, running or paused is cancelled first (``ERR_RUN_ACTIVE``). A run whose
+history another run shares (a later run of its thread, or a fork) stays while they do
+(``ERR_RUN_REFERENCED``); deleting a whole thread with ``force`` deletes it anyway, and the
+forks that shared it lose that part of their history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+
+from engine_service.core._errors import EngineError, precondition, shown_list
+from engine_service.core._ids import check_id
+from engine_service.core._run import RunRecord
+from engine_service.core._threads import fork_key, slot_key, thread_key
+from engine_service.core._types import Principal
+
+if TYPE_CHECKING:
+    from engine_service.core._engine import Engine
+
+log = logging.getLogger("machina.engine")
+
+
+class Deleter:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def delete_run(self, principal: Principal, run_id: str) -> None:
+        engine = self._engine
+        key = (principal.workspace_id, check_id(run_id, "run_id"))
+        async with engine._lock(key):
+            record = await engine._load(key)
+            self._check_ended(record)
+            referrers = await engine.threads.referrers(key[0], record)
+            if referrers:
+                raise _referenced(record.run_id, referrers)
+            await self.remove(record)
+
+    async def delete_thread(self, principal: Principal, thread_id: str, *, force: bool = False) -> list[str]:
+        """Delete every run of the thread, then the thread; the ids of the runs deleted."""
+        engine, ws = self._engine, principal.workspace_id
+        thread = await engine.threads.get(ws, thread_id)
+        records = await engine.threads.thread_runs(ws, thread)
+        for record in records:
+            self._check_ended(record)
+        going = {thread.thread_id, *(r.run_id for r in records)}
+        if not force:
+            for record in records:
+                referrers = await engine.threads.referrers(ws, record, ignore=going)
+                if referrers:
+                    raise _referenced(record.run_id, referrers)
+        for record in reversed(records):  # the latest first: nothing is left pointing at a gap
+            key = (ws, record.run_id)
+            async with engine._lock(key):
+                self._check_ended(await engine._load(key))
+                await self.remove(record, forks_too=force)
+        await self.forget_thread(ws, thread.thread_id, thread.base)
+        log.info("thread %s deleted (%d runs)", thread.thread_id, len(records), extra={"workspace": ws})
+        return [r.run_id for r in records]
+
+    async def forget_thread(self, ws: str, thread_id: str, base: list[dict[str, object]]) -> None:
+        """Remove the thread's own documents: its places, its fork marks, the thread."""
+        storage = self._engine.storage
+        for key in await storage.list_docs(ws, f"thread-runs/{thread_id}"):
+            await storage.delete_doc(ws, key)
+        await asyncio.gather(
+            *(storage.delete_doc(ws, fork_key(str(seg["run_id"]), thread_id)) for seg in base)
+        )
+        await storage.delete_doc(ws, thread_key(thread_id))
+
+    def _check_ended(self, record: RunRecord) -> None:
+        live = self._engine._active.get((record.workspace_id, record.run_id))
+        if not record.state.terminal or (live is not None and not live.lease_released):
+            raise precondition(
+                "ERR_RUN_ACTIVE",
+                f"run {record.run_id!r} is {record.state.value}; cancel it before deleting it",
+                run_id=record.run_id,
+                state=record.state.value,
+            )
+
+    async def remove(self, record: RunRecord, *, forks_too: bool = False) -> None:
+        """Delete the run's objects, its place on its thread and its idempotency key."""
+        engine, ws, run_id = self._engine, record.workspace_id, record.run_id
+        storage = engine.storage
+        slot = slot_key(record.thread, record.thread_slot or 1)
+        held = await storage.get_doc(ws, slot)
+        if held is not None and held.get("run_id") == run_id:
+            await storage.delete_doc(ws, slot)
+        if forks_too:
+            for key in await storage.list_docs(ws, f"forks/{run_id}"):
+                await storage.delete_doc(ws, key)
+        if record.request_id:
+            await storage.delete_request_key(ws, record.request_id)
+        await storage.delete_run(ws, run_id)
+        await engine.on_run_deleted(ws, run_id)
+        log.info("run %s deleted", run_id, extra={"run_id": run_id, "workspace": ws})
+
+
+def _referenced(run_id: str, referrers: Collection[str]) -> EngineError:
+    return precondition(
+        "ERR_RUN_REFERENCED",
+        f"run {run_id!r} is part of the history of {shown_list(list(referrers))}; delete those first "
+        "(or delete the whole thread with force)",
+        run_id=run_id,
+        referenced_by=",".join(sorted(referrers))[:200],
+    )

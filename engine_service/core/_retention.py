@@ -1,0 +1,116 @@
+"""Retention: runs that ended more than N days ago are deleted, per workspace.
+
+``retention_days`` (``MACHINA_RETENTION_DAYS``; 0 keeps everything) applies to every
+workspace unless ``workspace_retention_days`` names the workspace. The background sweep
+applies it every ``retention_interval_s``; ``ApplyRetention`` and
+``python -m engine_service retention`` apply it now, or only list what would go
+(``dry_run``). A run whose history a kept run shares (a later run of its thread, a fork)
+is kept until that one expires too; a thread goes with its last run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from engine_service.core._run import RunRecord
+
+if TYPE_CHECKING:
+    from engine_service.core._engine import Engine
+
+log = logging.getLogger("machina.engine")
+
+_DAY_S = 86_400.0
+
+
+@dataclass(slots=True)
+class RetentionReport:
+    workspace_id: str
+    retention_days: float
+    run_ids: list[str] = field(default_factory=list)
+    thread_ids: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+
+def retention_days(engine: Engine, ws: str) -> float:
+    config = engine.config
+    return float(config.workspace_retention_days.get(ws, config.retention_days))
+
+
+async def apply_retention(engine: Engine, ws: str, *, dry_run: bool = False) -> RetentionReport:
+    """Delete (or with ``dry_run`` only list) the workspace's runs past its retention."""
+    days = retention_days(engine, ws)
+    report = RetentionReport(ws, days, dry_run=dry_run)
+    if days <= 0:
+        return report
+    storage, threads = engine.storage, engine.threads
+    cutoff = engine._clock() - days * _DAY_S
+    expired: dict[str, RunRecord] = {}
+    for run_id in await storage.list_runs(ws):
+        state = await storage.read_state(ws, run_id)
+        if state is None:
+            continue
+        record = RunRecord.from_json(state)
+        live = engine._active.get((ws, run_id))
+        if record.state.terminal and record.updated_at < cutoff and live is None:
+            expired[run_id] = record
+    # Threads whose every run expires go with them (their fork marks too), if they are old enough.
+    thread_docs = {}
+    for doc_key in await storage.list_docs(ws, "threads"):
+        doc = await storage.get_doc(ws, doc_key)
+        if doc is not None and float(doc.get("created_at", 0)) < cutoff:
+            thread_docs[doc["thread_id"]] = doc
+    going: set[str] = set()
+    order: list[RunRecord] = []
+    threads_going: list[str] = []
+    progress = True
+    while progress:
+        progress = False
+        for thread_id in thread_docs:
+            if thread_id in going:
+                continue
+            runs = await threads._runs(ws, thread_id)
+            if all(r.run_id in going for r in runs):
+                going.add(thread_id)
+                threads_going.append(thread_id)
+                progress = True
+        for run_id, record in expired.items():
+            if run_id in going:
+                continue
+            if not await threads.referrers(ws, record, ignore=going):
+                going.add(run_id)
+                order.append(record)
+                progress = True
+    report.run_ids = [r.run_id for r in order]
+    report.thread_ids = threads_going
+    if dry_run:
+        return report
+    deleted_runs = []
+    for record in order:
+        key = (ws, record.run_id)
+        async with engine._lock(key):
+            current = await storage.read_state(ws, record.run_id)
+            if current is None or current.get("updated_at") != record.updated_at:
+                continue  # deleted meanwhile, or moved again (it is not expired any more)
+            await engine.deleter.remove(record)
+            deleted_runs.append(record.run_id)
+    for thread_id in threads_going:
+        doc = thread_docs[thread_id]
+        if await threads._runs(ws, thread_id):
+            continue
+        await engine.deleter.forget_thread(ws, thread_id, list(doc.get("base", ())))
+    report.run_ids = deleted_runs
+    if deleted_runs or threads_going:
+        log.info("retention (%g days) deleted %d runs and %d threads", days, len(deleted_runs),
+                 len(threads_going), extra={"workspace": ws})  # fmt: skip
+    return report
+
+
+async def retention_sweep(engine: Engine, *, dry_run: bool = False) -> list[RetentionReport]:
+    """Apply retention to every workspace that has one."""
+    reports = []
+    for ws in await engine.storage.list_workspaces():
+        if retention_days(engine, ws) > 0:
+            reports.append(await apply_retention(engine, ws, dry_run=dry_run))
+    return reports

@@ -1,0 +1,366 @@
+"""Threads: the conversation a sequence of runs shares, and forks of it.
+
+A run started on a thread sees the thread's history, then its own task. The history is never
+copied: a run's spec holds *segments* ``[{"run_id", "upto"}]`` (the first ``upto`` transcript
+entries of that run), and the model request is built from the segments' transcripts. Run N
+of a thread has the segments of run N-1 plus run N-1 itself, so starting it reads two small
+documents whatever N is.
+
+Workspace documents (see ``storage._protocol``):
+
+- ``threads/{thread}``: the thread (labels, creation time, the ``base`` segments a fork
+  starts from, where it was forked from);
+- ``thread-runs/{thread}/{n:08d}``: the run holding place ``n`` of the thread, written
+  create-only: whoever writes place ``n`` starts the thread's next run, everyone else is
+  told the thread is busy (one active run per thread);
+- ``forks/{run}/{thread}``: the history of fork ``thread`` includes run ``run`` (so the run
+  is not deleted under it).
+
+A run started without a thread is the first run of a thread of its own, named by its run id;
+the thread's documents are written when a second run joins it or it is forked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from engine_service.core._compaction import model_view
+from engine_service.core._errors import EngineError, ErrorKind, invalid, not_found, precondition
+from engine_service.core._ids import check_id, new_id
+from engine_service.core._run import RunRecord, RunSpec
+from engine_service.core._types import EventKind, JsonObject, Message, RunState
+from engine_service.storage._protocol import Storage
+
+if TYPE_CHECKING:
+    from engine_service.core._engine import Engine
+
+# A place claimed this long ago whose run was never created is abandoned (its creator died).
+CLAIM_GRACE_S = 30.0
+
+
+def thread_key(thread_id: str) -> str:
+    return f"threads/{thread_id}"
+
+
+def slot_key(thread_id: str, slot: int) -> str:
+    return f"thread-runs/{thread_id}/{slot:08d}"
+
+
+def fork_key(run_id: str, thread_id: str) -> str:
+    return f"forks/{run_id}/{thread_id}"
+
+
+@dataclass(slots=True)
+class Placement:
+    """Where a new run goes: its thread, its place there and the history it sees."""
+
+    thread_id: str
+    slot: int
+    context: list[JsonObject]
+
+
+@dataclass(slots=True)
+class Thread:
+    thread_id: str
+    workspace_id: str
+    created_at: float
+    updated_at: float
+    labels: dict[str, str] = field(default_factory=dict)
+    run_ids: list[str] = field(default_factory=list)
+    # The run whose state is not final yet ("" when the thread takes a new run).
+    active_run_id: str = ""
+    forked_from: JsonObject | None = None
+    base: list[JsonObject] = field(default_factory=list)
+
+
+async def load_context(storage: Storage, ws: str, segments: list[JsonObject]) -> list[Message]:
+    """What the model sees of the transcript entries the segments name, in order: each run's
+    as its own model saw it (older turns it compacted stay summarised, see `model_view`). A
+    deleted run contributes nothing."""
+    parts = await asyncio.gather(
+        *(storage.read_segments(ws, seg["run_id"], "transcript", 0, int(seg["upto"])) for seg in segments)
+    )
+    return [m for docs in parts for m in model_view([Message.from_json(doc) for doc in docs])]
+
+
+class ThreadDesk:
+    """Places new runs on threads and forks; answers GetThread and ListThreads."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @property
+    def _storage(self) -> Storage:
+        return self._engine.storage
+
+    # -- placing a new run -----------------------------------------------------------------
+
+    async def place(self, ws: str, spec: RunSpec, now: float) -> Placement | None:
+        """Claim the run's place on its thread (None: a run of its own). Raises ERR_THREAD_BUSY
+        while the thread's latest run is active or paused."""
+        if spec.fork_from is not None:
+            return await self._fork(ws, spec, now)
+        if not spec.thread_id:
+            return None
+        thread_id = check_id(spec.thread_id, "thread_id")
+        doc = await self._storage.get_doc(ws, thread_key(thread_id))
+        if doc is None:
+            doc = await self._open(ws, thread_id, spec, now)
+        return await self._claim_next(ws, thread_id, list(doc.get("base", ())), now)
+
+    async def _open(self, ws: str, thread_id: str, spec: RunSpec, now: float) -> JsonObject:
+        """Write a thread's document: a new thread, or the thread of a run started on its own."""
+        own = await self._storage.read_state(ws, thread_id)
+        record = RunRecord.from_json(own) if own is not None else None
+        if record is not None and not record.thread_id:
+            doc: JsonObject = {"thread_id": thread_id, "created_at": record.created_at,
+                               "labels": record.labels, "base": [], "forked_from": None}  # fmt: skip
+            await self._storage.put_doc(ws, thread_key(thread_id), doc, create_only=True)
+            await self._storage.put_doc(
+                ws, slot_key(thread_id, 1), {"run_id": thread_id, "at": record.created_at}, create_only=True
+            )
+        else:
+            doc = {"thread_id": thread_id, "created_at": now, "labels": dict(spec.labels), "base": [],
+                   "forked_from": None}  # fmt: skip
+            await self._storage.put_doc(ws, thread_key(thread_id), doc, create_only=True)
+        # Whoever wrote it first: theirs is the thread.
+        return await self._storage.get_doc(ws, thread_key(thread_id)) or doc
+
+    async def _claim_next(self, ws: str, thread_id: str, base: list[JsonObject], now: float) -> Placement:
+        slots = await self._storage.list_docs(ws, f"thread-runs/{thread_id}")
+        context = base
+        for key in reversed(slots):
+            slot = await self._storage.get_doc(ws, key)
+            if slot is None:
+                continue
+            state = await self._storage.read_state(ws, slot["run_id"])
+            if state is None:
+                if now - float(slot.get("at", 0)) < CLAIM_GRACE_S:
+                    raise _busy(thread_id, slot["run_id"])  # being created right now
+                continue  # abandoned by a creator that died
+            previous = RunRecord.from_json(state)
+            live = self._engine._active.get((ws, previous.run_id))
+            if not previous.state.terminal or (live is not None and not live.lease_released):
+                raise _busy(thread_id, previous.run_id, previous.state)
+            spec_doc = await self._storage.read_spec(ws, previous.run_id) or {}
+            context = [
+                *spec_doc.get("context", ()),
+                {"run_id": previous.run_id, "upto": previous.transcript_len},
+            ]
+            break
+        slot_no = _slot_number(slots[-1]) + 1 if slots else 1
+        return Placement(thread_id, slot_no, context)
+
+    async def claim(self, ws: str, placement: Placement, run_id: str, now: float) -> None:
+        """Take the place (create-only): a concurrent start that took it first makes this one busy."""
+        key = slot_key(placement.thread_id, placement.slot)
+        if not await self._storage.put_doc(ws, key, {"run_id": run_id, "at": now}, create_only=True):
+            current = await self._storage.get_doc(ws, key) or {}
+            if current.get("run_id") != run_id:
+                raise _busy(placement.thread_id, str(current.get("run_id", "")))
+
+    async def unclaim(self, ws: str, placement: Placement, run_id: str) -> None:
+        key = slot_key(placement.thread_id, placement.slot)
+        current = await self._storage.get_doc(ws, key)
+        if current is not None and current.get("run_id") == run_id:
+            await self._storage.delete_doc(ws, key)
+
+    async def _fork(self, ws: str, spec: RunSpec, now: float) -> Placement:
+        source = spec.fork_from or {}
+        source_id = check_id(str(source.get("run_id", "")), "fork_from.run_id")
+        turn, seq = int(source.get("turn", 0)), int(source.get("seq", 0))
+        state = await self._storage.read_state(ws, source_id)
+        if state is None:
+            raise not_found("ERR_RUN_NOT_FOUND", f"run {source_id!r} does not exist in this workspace",
+                            run_id=source_id)  # fmt: skip
+        record = RunRecord.from_json(state)
+        upto = await self._fork_point(ws, record, turn, seq)
+        source_spec = await self._storage.read_spec(ws, source_id) or {}
+        base = [*source_spec.get("context", ()), {"run_id": source_id, "upto": upto}]
+        thread_id = check_id(spec.thread_id, "thread_id") if spec.thread_id else new_id("thread")
+        if spec.thread_id and await self._exists(ws, thread_id):
+            raise _thread_exists(thread_id)
+        forked_from = {"run_id": source_id, "thread_id": record.thread, "turn": turn, "seq": seq}
+        doc = {"thread_id": thread_id, "created_at": now, "labels": dict(spec.labels), "base": base,
+               "forked_from": forked_from}  # fmt: skip
+        if not await self._storage.put_doc(ws, thread_key(thread_id), doc, create_only=True):
+            raise _thread_exists(thread_id)
+        await asyncio.gather(
+            *(self._storage.put_doc(ws, fork_key(seg["run_id"], thread_id), {"at": now}) for seg in base)
+        )
+        return Placement(thread_id, 1, base)
+
+    async def _exists(self, ws: str, thread_id: str) -> bool:
+        if await self._storage.get_doc(ws, thread_key(thread_id)) is not None:
+            return True
+        own = await self._storage.read_state(ws, thread_id)
+        return own is not None and not own.get("thread_id")
+
+    async def _fork_point(self, ws: str, record: RunRecord, turn: int, seq: int) -> int:
+        """How many of the run's committed transcript entries a fork at ``turn``/``seq`` shares."""
+        run_id = record.run_id
+        if turn < 0 or seq < 0:
+            raise invalid(
+                "ERR_INVALID_REQUEST", "fork_from turn and seq must not be negative", field="fork_from"
+            )
+        if turn and seq:
+            raise invalid(
+                "ERR_INVALID_REQUEST", "fork_from takes a turn or a seq, not both", field="fork_from"
+            )
+        committed = record.transcript_len
+        if not turn and not seq:
+            return committed  # the whole history so far
+        if seq:
+            if seq > record.last_seq:
+                raise _bad_point(run_id, f"run {run_id!r} has no event with seq {seq}", seq=seq)
+            events = await self._storage.read_segments(ws, run_id, "events", 0, seq)
+            turn = sum(1 for e in events if e.get("k") == EventKind.ASSISTANT_MESSAGE.value)
+            if not turn:
+                raise _bad_point(run_id, f"run {run_id!r} completed no turn by seq {seq}", seq=seq)
+        docs = await self._storage.read_segments(ws, run_id, "transcript", 0, committed)
+        seen = 0
+        for index, doc in enumerate(docs):
+            if doc.get("role") != "assistant":
+                continue
+            seen += 1
+            if seen < turn:
+                continue
+            calls = len(doc.get("calls", ()))
+            end = index + 1
+            while end < len(docs) and docs[end].get("role") == "tool":
+                end += 1
+            if end - index - 1 < calls:
+                break  # its tool calls have no results yet
+            return end
+        raise _bad_point(run_id, f"turn {turn} of run {run_id!r} is not completed", turn=turn)
+
+    # -- reading threads ---------------------------------------------------------------------
+
+    async def get(self, ws: str, thread_id: str) -> Thread:
+        thread_id = check_id(thread_id, "thread_id")
+        doc = await self._storage.get_doc(ws, thread_key(thread_id))
+        if doc is None:
+            own = await self._storage.read_state(ws, thread_id)
+            if own is None or own.get("thread_id"):
+                raise not_found(
+                    "ERR_THREAD_NOT_FOUND",
+                    f"thread {thread_id!r} does not exist in this workspace",
+                    thread_id=thread_id,
+                )
+            record = RunRecord.from_json(own)
+            doc = {"thread_id": thread_id, "created_at": record.created_at, "labels": record.labels}
+            records = [record]
+        else:
+            records = await self._runs(ws, thread_id)
+        return self._thread(ws, doc, records)
+
+    async def _runs(self, ws: str, thread_id: str) -> list[RunRecord]:
+        slots = await self._storage.list_docs(ws, f"thread-runs/{thread_id}")
+        docs = await asyncio.gather(*(self._storage.get_doc(ws, key) for key in slots))
+        states = await asyncio.gather(
+            *(self._storage.read_state(ws, d["run_id"]) for d in docs if d is not None)
+        )
+        return [RunRecord.from_json(s) for s in states if s is not None]
+
+    def _thread(self, ws: str, doc: JsonObject, records: list[RunRecord]) -> Thread:
+        records = [self._engine._live(r) for r in records]
+        last = records[-1] if records else None
+        return Thread(
+            thread_id=doc["thread_id"],
+            workspace_id=ws,
+            created_at=float(doc["created_at"]),
+            updated_at=max([float(doc["created_at"]), *(r.updated_at for r in records)]),
+            labels=dict(doc.get("labels", {})),
+            run_ids=[r.run_id for r in records],
+            active_run_id=last.run_id if last is not None and not last.state.terminal else "",
+            forked_from=doc.get("forked_from"),
+            base=list(doc.get("base", ())),
+        )
+
+    async def thread_runs(self, ws: str, thread: Thread) -> list[RunRecord]:
+        if (
+            thread.run_ids == [thread.thread_id]
+            and await self._storage.get_doc(ws, thread_key(thread.thread_id)) is None
+        ):
+            state = await self._storage.read_state(ws, thread.thread_id)
+            return [RunRecord.from_json(state)] if state is not None else []
+        return await self._runs(ws, thread.thread_id)
+
+    async def list_page(
+        self, ws: str, *, labels: Mapping[str, str] | None = None, page_size: int = 50, page_token: str = ""
+    ) -> tuple[list[Thread], str]:
+        """A page of the workspace's threads (started on a thread id, continued, or forked),
+        newest first, and the next page's token ("" on the last)."""
+        if page_size < 0 or page_size > 1000:
+            raise invalid("ERR_INVALID_REQUEST", "page_size must be between 0 and 1000", field="page_size")
+        size = page_size or 50
+        offset = 0
+        if page_token:
+            if not page_token.isdigit() or len(page_token) > 9:
+                raise invalid(
+                    "ERR_INVALID_REQUEST", "page_token is not one this API returned", field="page_token"
+                )
+            offset = int(page_token)
+        keys = await self._storage.list_docs(ws, "threads")
+        docs = [
+            d for d in await asyncio.gather(*(self._storage.get_doc(ws, k) for k in keys)) if d is not None
+        ]
+        wanted = dict(labels or {})
+        docs = [d for d in docs if all(d.get("labels", {}).get(k) == v for k, v in wanted.items())]
+        docs.sort(key=lambda d: (-float(d["created_at"]), d["thread_id"]))
+        page = docs[offset : offset + size]
+        runs = await asyncio.gather(*(self._runs(ws, d["thread_id"]) for d in page))
+        threads = [self._thread(ws, d, r) for d, r in zip(page, runs, strict=True)]
+        token = str(offset + size) if offset + size < len(docs) else ""
+        return threads, token
+
+    async def referrers(self, ws: str, record: RunRecord, *, ignore: Collection[str] = ()) -> list[str]:
+        """What shares the run's history: later runs of its thread, and forks (thread ids).
+
+        Ids in ``ignore`` (runs and threads about to go too) do not count."""
+        out: list[str] = []
+        thread_id, own = record.thread, record.thread_slot or 1
+        if thread_id not in ignore:
+            for key in reversed(await self._storage.list_docs(ws, f"thread-runs/{thread_id}")):
+                if _slot_number(key) <= own:
+                    break
+                slot = await self._storage.get_doc(ws, key)
+                if slot is None or slot["run_id"] in ignore:
+                    continue
+                if await self._storage.read_state(ws, slot["run_id"]) is not None:
+                    out.append(slot["run_id"])
+        for key in await self._storage.list_docs(ws, f"forks/{record.run_id}"):
+            fork = key.rsplit("/", 1)[-1]
+            if fork not in ignore:
+                out.append(fork)
+        return out
+
+
+def _slot_number(key: str) -> int:
+    return int(key.rsplit("/", 1)[-1])
+
+
+def _busy(thread_id: str, run_id: str, state: RunState | None = None) -> EngineError:
+    what = f"is {state.value}" if state is not None else "is starting"
+    return precondition(
+        "ERR_THREAD_BUSY",
+        f"thread {thread_id!r} has an active run ({run_id!r} {what}); wait for it to end or cancel it",
+        thread_id=thread_id,
+        run_id=run_id,
+    )
+
+
+def _thread_exists(thread_id: str) -> EngineError:
+    return EngineError(
+        "ERR_THREAD_EXISTS",
+        f"thread {thread_id!r} already exists; a fork starts a new thread",
+        kind=ErrorKind.ALREADY_EXISTS,
+        metadata={"thread_id": thread_id},
+    )
+
+
+def _bad_point(run_id: str, message: str, **metadata: Any) -> EngineError:
+    return precondition("ERR_FORK_POINT", message, run_id=run_id, **metadata)
