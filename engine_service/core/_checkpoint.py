@@ -7,12 +7,13 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine_service.core import _metrics as metrics
 from engine_service.core import _telemetry as telemetry
+from engine_service.core._control import ControlPlane, LocalControl
 from engine_service.core._feed import EventFeed
 from engine_service.core._logging import run_transition
 from engine_service.core._run import AgentState, RunError, RunRecord, RunSpec
@@ -65,6 +66,8 @@ class RunEnv:
     # How long a checkpoint retries unavailable storage before the run is left at its last
     # checkpoint for the recovery sweep (see RunActor._execute).
     storage_retry_s: float = 300.0
+    # Tells the other replicas of commits and new events (LocalControl: there are none to tell).
+    control: ControlPlane = field(default_factory=LocalControl)
     # How deep subagents may nest (core/_subagents.py).
     max_agent_depth: int = 2
     # The model's context window in tokens (0 = unknown: no compaction), the share of it past
@@ -219,6 +222,7 @@ class CheckpointedRun:
                     self._held.extend(part)
                 else:
                     self.feed.publish_many(part)
+                    self.env.control.shown(ws, run_id, part[-1].seq)
 
     async def _writer(self) -> None:
         """Write events ahead as they come, so watchers see them within a write's time."""
@@ -318,6 +322,7 @@ class CheckpointedRun:
         if self._held:
             self.feed.publish_many(self._held)
             self._held = []
+        await self.env.control.committed(doc)  # never raises: an unreachable index catches up later
         await self._renew_lease()
 
     async def _snapshot_workdir(self) -> None:
@@ -356,6 +361,7 @@ class CheckpointedRun:
         ):
             await self.env.storage.release_lease(ws, run_id, self.env.owner)
             return False
+        self.lease_released = False  # ours again (a handoff the runner could not take comes back)
         self._lease_renew_at = self.env.clock() + self.env.lease_ttl / 3
         # Events the dead writer wrote past its checkpoint stay (watchers may have seen them);
         # its transcript entries go: the run redoes that work from the checkpoint.
@@ -418,12 +424,24 @@ class CheckpointedRun:
             self.feed.close()
 
     async def _renew_lease(self) -> None:
+        if self.lease_released:
+            # Given up (a pause, an end): renewing now would take it again, and keep every other
+            # process from moving the run until it expired.
+            return
         now = self.env.clock()
         if now >= self._lease_renew_at:
             ws, run_id = self.key
             if not await self.env.storage.acquire_lease(ws, run_id, self.env.owner, self.env.lease_ttl):
                 raise LeaseLost(f"run {run_id} is now moved by another process")
+            if self._released_meanwhile():
+                # Released while this renewal was under way (the heartbeat races the end): the
+                # renewal took the lease again, so give it back.
+                await self.env.storage.release_lease(ws, run_id, self.env.owner)
+                return
             self._lease_renew_at = now + self.env.lease_ttl / 3
+
+    def _released_meanwhile(self) -> bool:
+        return self.lease_released
 
     async def _heartbeat(self) -> None:
         """Keep the lease alive through long model calls and tool calls (no checkpoint then)."""
