@@ -19,6 +19,7 @@ from __future__ import annotations
 
 # (module under bench/, title printed above its rows)
 GROUPS: list[tuple[str, str]] = [
+    ("control", "Several engines: the PostgreSQL control plane beside the embedded mode"),
     ("compaction", "Context compaction: model input per turn of a long run"),
     ("fastpath", "The durable fast path: per turn, approvals and streams through gRPC"),
     ("tracing", "Tracing: per-turn cost on beside off"),

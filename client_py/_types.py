@@ -152,6 +152,8 @@ class Run:
     update_time: datetime
     task: str
     last_seq: int
+    # While QUEUED behind its workspace's concurrency limit: its place in the queue (1 = next).
+    queue_position: int = 0
     # The thread the run belongs to (a run started without one: its own id).
     thread_id: str = ""
 
@@ -531,6 +533,7 @@ def run_from_proto(run: run_pb2.Run) -> Run:
         update_time=to_datetime(run.update_time),
         task=run.task,
         last_seq=run.last_seq,
+        queue_position=run.queue_position,
         thread_id=run.thread_id or run.run_id,
     )
 

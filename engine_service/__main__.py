@@ -19,7 +19,7 @@ from engine_service.api.serving import (
     watch_storage_health,
     write_port_file,
 )
-from engine_service.core._bootstrap import build_engine
+from engine_service.core._bootstrap import build_engine, open_control
 from engine_service.core._config import (
     ConfigError,
     EngineConfig,
@@ -27,9 +27,11 @@ from engine_service.core._config import (
     load_api_keys,
     load_config,
     read_tls_files,
+    redact_url,
 )
 from engine_service.core._errors import EngineError
 from engine_service.core._logging import setup_logging
+from engine_service.core._preflight import open_configured_storage
 from engine_service.core._retention import RetentionReport, retention_sweep
 from engine_service.core._types import Principal
 
@@ -44,11 +46,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "flags override the environment, which overrides the file.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["serve", "reindex"],
+        default="serve",
+        help="serve (the default), or reindex: rebuild the control plane's run index from storage and exit "
+        "(and retention: see `python -m engine_service retention --help`)",
+    )
     parser.add_argument("--config", help="TOML config file")
     parser.add_argument(
         "--listen", help="gRPC address HOST:PORT (default 127.0.0.1:50051; port 0 = any free port)"
     )
     parser.add_argument("--storage", help="file:///abs/dir or a path (default ./.machina)")
+    parser.add_argument(
+        "--control-url",
+        help="postgresql://user:password@host:port/db: the control plane replicas share (unset = none)",
+    )
     parser.add_argument(
         "--api-keys-file", help="TOML map of API key -> workspace; unset = one 'default' workspace"
     )
@@ -102,6 +116,7 @@ def build_config(ns: argparse.Namespace) -> EngineConfig:
         overrides={
             "listen": ns.listen,
             "storage": ns.storage,
+            "control_url": ns.control_url,
             "api_keys_file": ns.api_keys_file,
             "tls_cert": ns.tls_cert,
             "tls_key": ns.tls_key,
@@ -169,7 +184,11 @@ async def serve(
     await write_port_file(port_file, str(running.port))
     watch = asyncio.create_task(
         watch_storage_health(
-            running.health, ["", SERVICE_NAME], engine.storage, config.storage_probe_interval_s
+            running.health,
+            ["", SERVICE_NAME],
+            engine.storage,
+            config.storage_probe_interval_s,
+            engine.control.available if config.control_url else None,
         )
     )
     await wait_for_stop_signal()
@@ -177,6 +196,26 @@ async def serve(
     log.info("shutting down: health NOT_SERVING, draining for up to %.1fs", config.shutdown_grace_s)
     await running.stop(config.shutdown_grace_s)
     log.info("engine stopped")
+
+
+async def reindex(config: EngineConfig) -> int:
+    """Rebuild the control plane's run index from storage; returns how many runs were indexed."""
+    if not config.control_url:
+        raise ConfigError("reindex needs a control plane: set MACHINA_CONTROL_URL or --control-url")
+    open_control(config)  # a clear line if the postgres extra is missing
+    from engine_service.control import reindex as rebuild
+
+    storage = open_configured_storage(config)
+    try:
+        await check_storage(storage, config.storage)
+        try:
+            return await rebuild(storage, config.control_url)
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(
+                f"cannot reach the control plane {redact_url(config.control_url)}: {exc}"
+            ) from None
+    finally:
+        await storage.close()
 
 
 def retention_main(argv: list[str]) -> int:
@@ -226,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(ns)
         setup_logging(config.log_format, config.log_level)
+        if ns.command == "reindex":
+            count = asyncio.run(reindex(config))
+            print(f"indexed {count} runs")
+            return 0
         api_keys, tls = check_security(config)
         check_model_key(config)
         start_observability(config, "machina-engine")

@@ -57,10 +57,13 @@ __all__ = [
     "explode",
     "free_port",
     "new_bucket",
+    "new_database",
     "noop",
+    "postgres_bin",
     "remove",
     "run_bash",
     "running_moto",
+    "running_postgres",
     "sleep",
     "start_server",
     "ticket",
@@ -128,6 +131,81 @@ def running_moto() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def postgres_bin() -> str | None:
+    """The directory of PostgreSQL's server programs (initdb, pg_ctl), if it is installed."""
+    import glob
+    import shutil
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return os.path.dirname(found[-1])
+    initdb = shutil.which("initdb")
+    return os.path.dirname(initdb) if initdb else None
+
+
+def _not_root(argv: list[str]) -> list[str]:
+    # initdb and postgres refuse to run as root: as root, run them as nobody.
+    if os.geteuid() != 0:
+        return argv
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", *argv]
+
+
+@contextmanager
+def running_postgres() -> Iterator[str]:
+    """Start a throw-away PostgreSQL cluster on a free loopback port (trust authentication, no
+    durability: it lives as long as the block); yield the URL of its ``postgres`` database."""
+    import shutil
+    import tempfile
+
+    bindir = postgres_bin()
+    if bindir is None:
+        raise RuntimeError("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    # As root the server runs as nobody, who must reach the directory: /tmp, not a private TMPDIR.
+    top = tempfile.mkdtemp(prefix="machina-pg-", dir="/tmp" if os.geteuid() == 0 else None)  # noqa: S108
+    os.chmod(top, 0o755)  # noqa: S103 - the server's user must reach its socket directory
+    if os.geteuid() == 0:
+        os.chown(top, 65534, 65534)
+    data = os.path.join(top, "data")
+    port = free_port()
+    initdb = [
+        os.path.join(bindir, "initdb"),
+        "-D",
+        data,
+        "-U",
+        "machina",
+        "-A",
+        "trust",
+        "-E",
+        "UTF8",
+        "--no-sync",
+    ]
+    subprocess.run(_not_root(initdb), check=True, capture_output=True)  # noqa: S603 - our own argv
+    options = (
+        f"-p {port} -k {top} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+        "-c full_page_writes=off -c max_connections=300"
+    )
+    pg_ctl = [os.path.join(bindir, "pg_ctl"), "-D", data, "-l", os.path.join(top, "log"), "-w", "-t", "60"]
+    subprocess.run(_not_root([*pg_ctl, "-o", options, "start"]), check=True, capture_output=True)  # noqa: S603
+    try:
+        yield f"postgresql://machina@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(_not_root([*pg_ctl, "-m", "immediate", "stop"]), capture_output=True)  # noqa: S603
+        shutil.rmtree(top, ignore_errors=True)
+
+
+async def new_database(server_url: str) -> str:
+    """A new, empty database on the PostgreSQL server at ``server_url``; returns its URL."""
+    import asyncpg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return server_url.rpartition("/")[0] + "/" + name
 
 
 # -- sample tools (registered by object, or by import path ``engine_service.testing:noop``) --

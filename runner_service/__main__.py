@@ -103,6 +103,7 @@ async def serve(config: RunnerConfig, port_file: str | None) -> None:
     except BaseException:
         await engine.storage.close()
         raise
+    engine.claims_work = False  # it continues runs handed to it, never the engines' queue
     await engine.start()  # MCP servers (the runner can start stdio ones and publishes their tools)
     runner = Runner(
         engine,

@@ -389,6 +389,7 @@ def _run_to_proto(r: RunRecord) -> rp.Run:
         update_time=_time(r.updated_at),
         task=r.task,
         last_seq=r.last_seq,
+        queue_position=r.queue_position,
         thread_id=r.thread,
     )
 

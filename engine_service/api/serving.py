@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import socket
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from pathlib import Path
@@ -239,14 +240,27 @@ def _check_can_bind(listen: str, setting: str, reuse_port: bool = False) -> None
 
 
 async def watch_storage_health(
-    health_servicer: Any, names: Sequence[str], storage: Storage, interval: float = 10.0
+    health_servicer: Any,
+    names: Sequence[str],
+    storage: Storage,
+    interval: float = 10.0,
+    control: Callable[[], str] | None = None,
 ) -> None:
     """Report ``names`` NOT_SERVING while ``storage`` does not answer a cheap listing, SERVING
-    again once it does (one listing every ``interval`` seconds; run as a task, cancel to stop)."""
+    again once it does (one listing every ``interval`` seconds; run as a task, cancel to stop).
+
+    ``control`` (the control plane's ``available``) is looked at every second too: "" while
+    it answers, else why not."""
     serving = True
+    tick = min(interval, 1.0) if control is not None else interval
+    storage_issue, next_probe = "", time.monotonic() + interval
     while True:
-        await asyncio.sleep(interval)
-        problem = await storage_problem(storage, min(interval, STORAGE_CHECK_TIMEOUT_S))
+        await asyncio.sleep(tick)
+        if time.monotonic() >= next_probe:
+            storage_issue = await storage_problem(storage, min(interval, STORAGE_CHECK_TIMEOUT_S))
+            next_probe = time.monotonic() + interval
+        control_issue = control() if control is not None else ""
+        problem = storage_issue or (control_issue and f"control plane: {control_issue}")
         if bool(problem) == serving:
             serving = not problem
             status = (
@@ -257,9 +271,9 @@ async def watch_storage_health(
             for name in names:
                 await health_servicer.set(name, status)
             if serving:
-                log.warning("storage reachable again: health SERVING")
+                log.warning("storage and control plane reachable again: health SERVING")
             else:
-                log.warning("storage unreachable (%s): health NOT_SERVING", problem)
+                log.warning("unreachable (%s): health NOT_SERVING", problem)
 
 
 def start_observability(config: Any, service_name: str) -> int:

@@ -367,6 +367,11 @@ class RunActor(Subagents):
 
     _contexts: dict[str, ContextWindow] | None = None
 
+    def _forget_child(self, path: str) -> None:
+        super()._forget_child(path)
+        if self._contexts is not None:
+            self._contexts.pop(path, None)
+
     def _observe_context(self, path: str, input_tokens: int) -> None:
         """The model reported ``input_tokens`` for the last request of ``path`` ("" = the run)."""
         context = self._contexts.get(path) if self._contexts is not None else None

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from engine_service.core import _metrics as metrics
+from engine_service.core._control import APPROVAL_TIMER
 from engine_service.core._errors import EngineError
 from engine_service.core._retention import retention_sweep
 from engine_service.core._run import Decision, DecisionAction, RunRecord
@@ -33,17 +34,24 @@ class BackgroundJobs:
 
         With a principal, only that workspace is swept (the RPC); without, all (the background sweep).
         """
-        workspaces = [principal.workspace_id] if principal else await self._engine.storage.list_workspaces()
         recovered = []
-        for ws in workspaces:
-            for run_id in await self._engine.storage.list_runs(ws):
-                key = (ws, run_id)
-                if key in self._engine._active or self._engine._closing:
-                    continue
-                with contextlib.suppress(EngineError):
-                    if await self._recover(key) or await self._recover_handoff(key):
-                        recovered.append(run_id)
+        for key in await self._candidates(principal):
+            if key in self._engine._active or self._engine._closing:
+                continue
+            with contextlib.suppress(EngineError):
+                if await self._recover(key) or await self._recover_handoff(key):
+                    recovered.append(key[1])
         return recovered
+
+    async def _candidates(self, principal: Principal | None) -> list[tuple[str, str]]:
+        """Runs that may need recovering: with a run index, only those it lists as executing,
+        claimed or handed off (finished runs cost nothing); without, every run in storage."""
+        control = self._engine.control
+        if control.indexed:
+            return await control.active_runs(principal.workspace_id if principal else None)
+        storage = self._engine.storage
+        workspaces = [principal.workspace_id] if principal else await storage.list_workspaces()
+        return [(ws, run_id) for ws in workspaces for run_id in await storage.list_runs(ws)]
 
     async def _recover(self, key: tuple[str, str]) -> bool:
         async with self._engine._lock(key):
@@ -56,6 +64,11 @@ class BackgroundJobs:
             fresh = self._engine._clock() - record.created_at < self._engine.config.lease_ttl_s
             if record.state is RunState.QUEUED and fresh:
                 return False  # just created: it is its creator's until the creator takes its lease
+            if record.state is RunState.QUEUED and self._engine.control.queued:
+                # Neither waiting in the shared queue nor claimed (its creator died before
+                # queueing it, or its claimer before starting it): back in line, within the limit.
+                await self._engine.control.enqueue(*key, pinned=False)
+                return False
             actor = await self._engine._actor_for(record)
             if not await actor.take_over():
                 log.debug("run %s is %s but its lease is held; not recovering", key[1], record.state.value)
@@ -144,7 +157,10 @@ class BackgroundJobs:
         paused the run. After a restart (or on another replica) this sweep takes over: a
         deadline that passed while no engine was up fires at once. Whichever process fires
         first takes the run's lease and records the expiry; the others find it moved.
+        With a control plane, deadlines are timer rows there instead (see `timer_loop`).
         """
+        if self._engine.control.indexed:
+            return
         for ws in await self._engine.storage.list_workspaces():
             for run_id in await self._engine.storage.list_runs(ws):
                 key = (ws, run_id)
@@ -159,15 +175,33 @@ class BackgroundJobs:
         deadlines = [i.expires_at for i in record.interrupts if i.expires_at]
         if not deadlines or self._engine._closing:
             return
+        if self._engine.control.indexed:
+            # A row any replica fires, even once this process is gone.
+            self._engine.control.set_timer(*key, APPROVAL_TIMER, min(deadlines))
+            return
         self.disarm_expiry(key)
         delay = max(0.0, min(deadlines) - self._engine._clock())
         loop = asyncio.get_running_loop()
         self._engine._timers[key] = loop.call_later(delay, lambda: self._engine._spawn(self._expire(key)))
 
     def disarm_expiry(self, key: tuple[str, str]) -> None:
+        self._engine.control.cancel_timer(*key, APPROVAL_TIMER)
         timer = self._engine._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
+
+    async def timer_loop(self) -> None:
+        """Fire the control plane's due timers that this replica claims (each is claimed by one)."""
+        control = self._engine.control
+        while not self._engine._closing:
+            try:
+                for ws, run_id, kind, token in await control.due_timers():
+                    if kind == APPROVAL_TIMER:
+                        await self._expire((ws, run_id))
+                    control.timer_fired(ws, run_id, kind, token)
+            except Exception:
+                log.warning("firing timers failed; will retry", exc_info=True)
+            await control.wait_for_timers(1.0)
 
     async def _expire(self, key: tuple[str, str]) -> None:
         self._engine._timers.pop(key, None)

@@ -217,6 +217,7 @@ class ToolCatalogue:
             notify=self._engine._notify_webhook,
             clock=self._engine._clock,
             storage_retry_s=cfg.storage_retry_s,
+            control=self._engine.control,
             max_agent_depth=cfg.max_agent_depth,
             context_window_tokens=context_window(cfg, provider, model_name, spec.context_window_tokens),
             compact_at=cfg.model.compact_at,

@@ -7,12 +7,13 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine_service.core import _metrics as metrics
 from engine_service.core import _telemetry as telemetry
+from engine_service.core._control import ControlPlane, LocalControl
 from engine_service.core._feed import EventFeed
 from engine_service.core._logging import run_transition
 from engine_service.core._run import AgentState, RunError, RunRecord, RunSpec
@@ -65,6 +66,8 @@ class RunEnv:
     # How long a checkpoint retries unavailable storage before the run is left at its last
     # checkpoint for the recovery sweep (see RunActor._execute).
     storage_retry_s: float = 300.0
+    # Tells the other replicas of commits and new events (LocalControl: there are none to tell).
+    control: ControlPlane = field(default_factory=LocalControl)
     # How deep subagents may nest (core/_subagents.py).
     max_agent_depth: int = 2
     # The model's context window in tokens (0 = unknown: no compaction), the share of it past
@@ -135,6 +138,9 @@ class CheckpointedRun:
         self._child_transcripts: dict[str, list[Message]] = {}
         self._child_models: dict[str, ModelAdapter] = {}
         self._child_written: dict[str, int] = {}  # entries of each transcript blob written
+        # Subagents whose answers their parents' transcripts now hold: the next checkpoint drops
+        # them from the state document (their transcripts and events stay), which so stays small.
+        self._retiring: set[str] = set()
         # One commit at a time: parallel subagents each checkpoint.
         self._commit_lock = asyncio.Lock()
 
@@ -216,6 +222,7 @@ class CheckpointedRun:
                     self._held.extend(part)
                 else:
                     self.feed.publish_many(part)
+                    self.env.control.shown(ws, run_id, part[-1].seq)
 
     async def _writer(self) -> None:
         """Write events ahead as they come, so watchers see them within a write's time."""
@@ -288,8 +295,12 @@ class CheckpointedRun:
             for path, entries in self._child_transcripts.items()
             if self._child_written.get(path) != len(entries)
         }
+        retired = set(self._retiring)
+        for path in retired:
+            record.children.pop(path, None)
         for path, entries in self._child_transcripts.items():
-            record.children[path].transcript_len = len(entries)
+            if path in record.children:
+                record.children[path].transcript_len = len(entries)
         record.transcript_len = len(self.transcript)
         record.updated_at = self.env.clock()
         doc = record.to_json()
@@ -303,11 +314,15 @@ class CheckpointedRun:
         doc["last_seq"] = min(upto, self._written_seq)
         await storage.write_state(ws, run_id, doc)
         record.last_seq = doc["last_seq"]
+        for path in retired:  # their whole transcripts are written: nothing more to keep here
+            self._forget_child(path)
+        self._retiring -= retired
         self._shown = None
         self._transcript_committed = doc["transcript_len"]
         if self._held:
             self.feed.publish_many(self._held)
             self._held = []
+        await self.env.control.committed(doc)  # never raises: an unreachable index catches up later
         await self._renew_lease()
 
     async def _snapshot_workdir(self) -> None:
@@ -346,6 +361,7 @@ class CheckpointedRun:
         ):
             await self.env.storage.release_lease(ws, run_id, self.env.owner)
             return False
+        self.lease_released = False  # ours again (a handoff the runner could not take comes back)
         self._lease_renew_at = self.env.clock() + self.env.lease_ttl / 3
         # Events the dead writer wrote past its checkpoint stay (watchers may have seen them);
         # its transcript entries go: the run redoes that work from the checkpoint.
@@ -408,12 +424,24 @@ class CheckpointedRun:
             self.feed.close()
 
     async def _renew_lease(self) -> None:
+        if self.lease_released:
+            # Given up (a pause, an end): renewing now would take it again, and keep every other
+            # process from moving the run until it expired.
+            return
         now = self.env.clock()
         if now >= self._lease_renew_at:
             ws, run_id = self.key
             if not await self.env.storage.acquire_lease(ws, run_id, self.env.owner, self.env.lease_ttl):
                 raise LeaseLost(f"run {run_id} is now moved by another process")
+            if self._released_meanwhile():
+                # Released while this renewal was under way (the heartbeat races the end): the
+                # renewal took the lease again, so give it back.
+                await self.env.storage.release_lease(ws, run_id, self.env.owner)
+                return
             self._lease_renew_at = now + self.env.lease_ttl / 3
+
+    def _released_meanwhile(self) -> bool:
+        return self.lease_released
 
     async def _heartbeat(self) -> None:
         """Keep the lease alive through long model calls and tool calls (no checkpoint then)."""
@@ -528,6 +556,11 @@ class CheckpointedRun:
             turns=record.meta.turns,
             cost_usd=round(record.meta.cost_usd, 6),
         )
+
+    def _forget_child(self, path: str) -> None:
+        self._child_transcripts.pop(path, None)
+        self._child_written.pop(path, None)
+        self._child_models.pop(path, None)
 
     def end_children(self, state: AgentState, reason: str) -> None:
         """The run ends: so do its subagents still running (core/_subagents.py)."""

@@ -200,6 +200,12 @@ class EngineConfig(_Section):
     # left at its last checkpoint for the recovery sweep (here or on a replica) to resume.
     storage_retry_s: float = Field(300.0, gt=0)
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # The PostgreSQL control plane that replicas share (postgresql://user:password@host:port/db):
+    # a run index, a work queue, durable timers, live fan-out. Empty: none (storage alone).
+    control_url: str = ""
+    # With a control plane: how many runs of one workspace execute at once across all replicas
+    # (more wait QUEUED, first in first out); 0 = no limit.
+    workspace_max_running: int = Field(0, ge=0)
     log_format: Literal["auto", "json", "text"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Serve Prometheus metrics on http://HOST:PORT/metrics (MACHINA_METRICS_LISTEN, --metrics-listen);
@@ -215,6 +221,13 @@ class EngineConfig(_Section):
     @classmethod
     def _listen(cls, value: str) -> str:
         return check_address(value, "listen address")
+
+    @field_validator("control_url")
+    @classmethod
+    def _control_url(cls, value: str) -> str:
+        if value:
+            check_control_url(value)
+        return value
 
     @field_validator("metrics_listen")
     @classmethod
@@ -307,6 +320,34 @@ def load_config(
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message says which setting and why."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for messages and logs)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{hostpart}"
+
+
+def check_control_url(value: str) -> None:
+    """A pydantic validator's ValueError unless ``value`` is a usable postgresql:// URL (the
+    message never shows its password)."""
+    from urllib.parse import urlsplit
+
+    shown = redact_url(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises ValueError when not a number in range)
+    except ValueError:
+        raise ValueError(f"{shown!r} is not a valid URL") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"{shown!r} must be a postgresql:// URL (postgresql://user:password@host:5432/db)")
+    if not parts.hostname and "host=" not in parts.query:
+        raise ValueError(f"{shown!r} names no host")
 
 
 def check_address(value: str, what: str = "address") -> str:

@@ -176,6 +176,7 @@ class ToolDispatch(CheckpointedRun):
             self.transcript.append(
                 Message("tool", text, call_id=p.call.call_id, tool_name=p.call.name, is_error=is_error)
             )
+        self._retire_agents(pending, "")
         self.record.pending = []
         await self.checkpoint()
         return True
@@ -273,6 +274,9 @@ class ToolDispatch(CheckpointedRun):
         raise NotImplementedError  # RunActor
 
     async def _run_agent(self, call: ToolCall, path: str) -> tuple[str, bool] | None:
+        raise NotImplementedError  # RunActor, via core/_subagents.py
+
+    def _retire_agents(self, pending: list[PendingCall], path: str) -> None:
         raise NotImplementedError  # RunActor, via core/_subagents.py
 
     def _record_unrun(self, p: PendingCall, path: str = "") -> None:

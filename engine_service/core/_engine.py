@@ -25,6 +25,7 @@ from engine_service.core._background import BackgroundJobs
 from engine_service.core._catalogue import ToolCatalogue, builtin_tools, host_capabilities
 from engine_service.core._checkpoint import CANCEL_REQUEST
 from engine_service.core._config import EngineConfig
+from engine_service.core._control import ControlPlane, LocalControl, control_unavailable
 from engine_service.core._decisions import DecisionDesk
 from engine_service.core._deletion import Deleter
 from engine_service.core._errors import (
@@ -81,6 +82,8 @@ from engine_service.tools._registry import (
 
 log = logging.getLogger("machina.engine")
 
+# How many runs claimed from the shared work queue one engine starts at once.
+_STARTING = 8
 # Run errors that resuming without decisions retries (a fresh handoff from the same checkpoint).
 _HANDOFF_FAILURES = ("ERR_RUNNER_UNREACHABLE", "ERR_RUNNER_LOST")
 
@@ -95,9 +98,17 @@ class Engine:
         model_factory: ModelFactory | None = None,
         clock: Callable[[], float] = time.time,
         egress: EgressPolicy | None = None,
+        control: ControlPlane | None = None,
     ) -> None:
         config.check_runner_secrets()  # never hand a run off unauthenticated
         self.config = config
+        # Where replicas coordinate (a run index, a work queue, timers, live fan-out); the
+        # default is none: storage alone, as for one engine.
+        self.control: ControlPlane = control or LocalControl()
+        # Whether this process takes runs from the control plane's work queue (a runner does not).
+        self.claims_work = True
+        # The newest seq another replica announced for runs watched here.
+        self._remote_seq: dict[tuple[str, str], int] = {}
         self.storage = metrics.instrument_storage(storage)
         # Where tenants' specs and models may send requests (per-run ApiCall services, webhooks).
         self.egress = egress or config.egress_policy()
@@ -145,6 +156,11 @@ class Engine:
         self._started = True
         level, line = describe_sandbox(self.sandbox, self.config.capabilities_subprocess)
         log.log(level, line, extra={"sandbox": self.sandbox_status})
+        await self.control.start(self._owner, self._heard)
+        if self.control.indexed:
+            self._spawn(self._jobs.timer_loop())
+        if self.control.queued and self.claims_work:
+            self._spawn(self._work_loop())
         self._spawn(self._jobs.recovery_loop())
         self._spawn(self.webhooks.resume_pending_all())  # webhooks a previous process left pending
         await self._catalogue.connect_mcp()
@@ -251,12 +267,71 @@ class Engine:
                             await self.threads.unclaim(ws, placement, run_id)  # the place is free again
                 raise
             if actor is None:
+                if self.control.queued:
+                    return record, True  # queued: a replica starts it when its turn comes
                 return await self._load(key), True
             await actor.commit_start(None)
             metrics.RUNS_CREATED.inc(record.mode.value)
             actor.transition("created", model=record.meta.model, mode=record.mode.value)
             self._start(actor, resumed_by=None)
         return record, True
+
+    async def _work_loop(self) -> None:
+        """Execute runs from the shared work queue as long as the engine is open: claims one at
+        a time, starts up to ``_STARTING`` at once (a start is a few storage round trips)."""
+        starting = asyncio.Semaphore(_STARTING)
+        while not self._closing:
+            await starting.acquire()
+            try:
+                key = await self.control.claim()
+            except Exception:
+                log.warning("claiming queued runs failed; will retry", exc_info=True)
+                key = None
+            if key is None:
+                starting.release()
+                await self.control.wait_for_work(1.0)
+                continue
+            self._spawn(self._start_claimed(key, starting))
+
+    async def _start_claimed(self, key: tuple[str, str], starting: asyncio.Semaphore) -> None:
+        try:
+            await self._start_queued(key)
+        except Exception:
+            log.warning("starting queued run %s failed", key[1], exc_info=True, extra={"run_id": key[1]})
+            self.control.release_slot(*key)
+        finally:
+            starting.release()
+
+    async def _start_queued(self, key: tuple[str, str]) -> None:
+        async with self._lock(key):
+            if key in self._active:
+                return
+            record = await self._load(key)
+            if record.state is not RunState.QUEUED:  # cancelled while it waited
+                self.control.release_slot(*key)
+                return
+            actor = await self._actor_for(record)
+            if not await actor.take_over():
+                self.control.release_slot(*key)
+                return
+            await actor.commit_start(None)
+            actor.transition("created", model=record.meta.model, mode=record.mode.value)
+            self._start(actor, resumed_by=None)
+
+    def _heard(self, ws: str, run_id: str, seq: int, state: str) -> None:
+        """Another replica (or this one) announced a change of a run; ``ws`` "": maybe any run."""
+        if not ws:
+            for key in list(self._changes):
+                self._notify(key)
+            return
+        key = (ws, run_id)
+        if key not in self._changes:
+            return  # nobody here waits for it
+        if state in ("DONE", "FAILED", "CANCELLED"):
+            self._remote_seq.pop(key, None)  # storage says the rest
+        elif seq > self._remote_seq.get(key, 0):
+            self._remote_seq[key] = seq
+        self._notify(key)
 
     async def _new_run(
         self,
@@ -271,7 +346,8 @@ class Engine:
         api_env: Mapping[str, str] | None,
         placement: Placement | None,
     ) -> tuple[RunRecord, RunActor | None]:
-        """Write the run and take its lease; (record, None) if another process took it first."""
+        """Write the run and take its lease; (record, None) if another process took it first, or
+        if it waits in the control plane's work queue."""
         run_id = spec.run_id
         key = (ws, run_id)
         record = RunRecord(
@@ -295,11 +371,22 @@ class Engine:
             {"name": t.name, "description": t.description, "input_schema": t.input_schema}
             for t in client_tools
         ]
+        if problem := self.control.available():
+            raise control_unavailable(problem)
         if not await self.storage.create_run(ws, run_id, spec_doc, record.to_json()):
             raise aborted("ERR_CONCURRENT_UPDATE", f"run {run_id!r} was created concurrently", run_id=run_id)
+        await self.control.committed(record.to_json())
         transcript = [Message("user", spec.task)]
         if api_env:
             self._catalogue.run_api_env[key] = dict(api_env)
+        if self.control.queued:
+            # It waits in the shared queue: whichever replica claims it first (within its
+            # workspace's limit) executes it. Credentials held in memory pin it here.
+            await self.control.enqueue(ws, run_id, pinned=bool(api_env) or not self.claims_work)
+            record.queue_position = await self.control.queue_position(ws, run_id)
+            metrics.RUNS_CREATED.inc(record.mode.value)
+            log.info("run %s queued", run_id, extra={"run_id": run_id, "workspace": ws})
+            return record, None
         actor = RunActor(
             record,
             spec,
@@ -315,6 +402,7 @@ class Engine:
         return record, actor
 
     def _start(self, actor: RunActor, *, resumed_by: str | None) -> None:
+        self.control.hold_slot(*actor.key)
         if resumed_by is not None and resumed_by != "recovery":
             how = resumed_by if resumed_by in ("runner", "system:expiry") else "caller"
             metrics.RUNS_RESUMED.inc(how)
@@ -333,6 +421,7 @@ class Engine:
             self._catalogue.run_api_env.pop(actor.key, None)
         if record.state is RunState.PAUSED:
             self._jobs.arm_expiry(actor.key, record)
+        self.control.release_slot(*actor.key)
         self._notify(actor.key)
 
     # -- reading runs ---------------------------------------------------------------------
@@ -342,7 +431,11 @@ class Engine:
         actor = self._active.get(key)
         if actor is not None and not actor.lease_released:
             return actor.view()
-        return await self._load(key)
+        record = await self._load(key)
+        if record.state is RunState.QUEUED and self.control.queued:
+            with contextlib.suppress(EngineError):
+                record.queue_position = await self.control.queue_position(*key)
+        return record
 
     async def _load(self, key: tuple[str, str]) -> RunRecord:
         doc = await self.storage.read_state(*key)
@@ -600,6 +693,7 @@ class Engine:
         key = (ws, run_id)
         self._catalogue.run_api_env.pop(key, None)
         self._jobs.disarm_expiry(key)
+        await self.control.delete_run(ws, run_id)
         self._notify(key)
 
     # -- crash recovery and runner handoff ------------------------------------------------
@@ -707,6 +801,7 @@ class Engine:
         for task in list(self._background):
             task.cancel()
         await self._runner.close()
+        await self.control.close()
         close_models = getattr(self._model_factory, "aclose", None)
         if close_models is not None:  # the HTTP adapters' connections
             await close_models()

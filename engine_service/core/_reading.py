@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -51,6 +53,10 @@ class RunReader:
         if not 0 <= page_size <= 1000:
             raise invalid("ERR_INVALID_REQUEST", "page_size must be between 1 and 1000", field="page_size")
         page_size = page_size or 50
+        if self._engine.control.indexed:
+            return await self._list_indexed(
+                principal, states, labels, page_size, page_token, max_bytes, size_of
+            )
         offset = 0
         if page_token:
             try:
@@ -84,6 +90,45 @@ class RunReader:
         next_token = str(end) if end < len(records) else ""
         return page, next_token
 
+    async def _list_indexed(
+        self,
+        principal: Principal,
+        states: set[RunState] | None,
+        labels: Mapping[str, str] | None,
+        page_size: int,
+        page_token: str,
+        max_bytes: int,
+        size_of: Callable[[RunRecord], int] | None,
+    ) -> tuple[list[RunRecord], str]:
+        """A page from the control plane's run index: one query, keyset pages (a token names the
+        last run shown, so runs created meanwhile never shift a page)."""
+        after = _read_token(page_token) if page_token else None
+        docs = await self._engine.control.list_runs(
+            principal.workspace_id,
+            states=sorted(s.value for s in states or ()),
+            labels=dict(labels or {}),
+            after=after,
+            limit=page_size + 1,
+        )
+        more = len(docs) > page_size
+        page = [self._engine._live(RunRecord.from_json(doc)) for doc in docs[:page_size]]
+        if size_of is not None:
+            used = 0
+            for count, record in enumerate(page):
+                used += size_of(record)
+                if count and used > max_bytes:
+                    page, more = page[:count], True
+                    break
+        if self._engine.control.queued:
+            for record in page:
+                if record.state is RunState.QUEUED:
+                    record.queue_position = await self._engine.control.queue_position(
+                        record.workspace_id, record.run_id
+                    )
+        if not more or not page:
+            return page, ""
+        return page, _write_token(page[-1].created_at, page[-1].run_id)
+
     async def wait_run(self, principal: Principal, run_id: str, timeout: float) -> tuple[RunRecord, bool]:
         """Wait until the run is paused or ended. Returns (run, timed_out)."""
         key = (principal.workspace_id, check_id(run_id, "run_id"))
@@ -107,7 +152,7 @@ class RunReader:
                 return record, False
             if remaining <= 0:
                 return record, True
-            await self.wait_change(key, min(_poll_interval(record), remaining))
+            await self.wait_change(key, min(self._poll_interval(record), remaining))
 
     async def stream_events(
         self,
@@ -156,7 +201,13 @@ class RunReader:
             else:
                 # Catch up from storage: everything committed before the live part.
                 record = actor.record if actor is not None else await self._engine._load(key)
-                committed = actor.feed.base_seq if actor is not None else record.last_seq
+                if actor is not None:
+                    committed = actor.feed.base_seq
+                elif record.state.terminal:
+                    committed = record.last_seq
+                else:
+                    # Events another replica wrote and showed past its last commit, as it announced.
+                    committed = max(record.last_seq, self._engine._remote_seq.get(key, 0))
                 if committed > cursor:
                     docs = await self._engine.storage.read_segments(
                         key[0], key[1], "events", cursor, committed
@@ -182,7 +233,12 @@ class RunReader:
             stop = record.state.terminal or (until_pause and settled(record))
             if stop or not (follow or until_pause):
                 return
-            await self.wait_change(key, _poll_interval(record))
+            await self.wait_change(key, self._poll_interval(record))
+
+    def _poll_interval(self, record: RunRecord) -> float:
+        """How long to wait for news of a run moved elsewhere before re-reading storage: with a
+        control plane, news comes as it happens (a long timeout is only a safety net)."""
+        return self._engine.control.watch_timeout(_poll_interval(record))
 
     async def wait_change(self, key: tuple[str, str], timeout: float) -> None:
         """Wait until this process moves the run again (or ``timeout``, for other processes)."""
@@ -254,6 +310,33 @@ class RunReader:
                     )
                 return record  # still running elsewhere: the request stays and is honoured there
             await self.wait_change(key, 0.05)
+
+
+_TOKEN_PREFIX = "k1."  # noqa: S105 (a page token's version, not a secret)
+
+
+def _write_token(created_at: float, run_id: str) -> str:
+    raw = json.dumps([created_at, run_id]).encode()
+    return _TOKEN_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _read_token(token: str) -> tuple[float, str]:
+    try:
+        if not token.startswith(_TOKEN_PREFIX):
+            raise ValueError
+        body = token[len(_TOKEN_PREFIX) :]
+        created_at, run_id = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        if (
+            not isinstance(run_id, str)
+            or not isinstance(created_at, int | float)
+            or isinstance(created_at, bool)
+        ):
+            raise ValueError
+        return float(created_at), run_id
+    except (ValueError, TypeError):
+        raise invalid(
+            "ERR_INVALID_REQUEST", "page_token is not one this server issued", field="page_token"
+        ) from None
 
 
 def settled(record: RunRecord) -> bool:

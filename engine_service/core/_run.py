@@ -441,6 +441,8 @@ class RunRecord:
     handoff_attempts: int = 0
     # The digest of the run directory's manifest at this checkpoint ("" = none): _workdir_snapshot.
     workdir_manifest: str = ""
+    # Not stored: the run's place in its workspace's work queue while QUEUED (control plane only).
+    queue_position: int = 0
     # The run's subagents by path, finished ones included (core/_subagents.py).
     children: dict[str, ChildState] = field(default_factory=dict)
     # The thread the run belongs to ("" = its own, named by its run id) and its place in it

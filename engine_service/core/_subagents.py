@@ -10,7 +10,8 @@ lease, event log and checkpoints, so a crash recovers the children with the run.
   (``Event.agent_path``), so the run's one stream shows the whole tree.
 - Its state (turns, usage, pending calls, answer) is ``RunRecord.children[path]``, committed
   with the run's; its transcript is the blob ``agent-<path>-transcript`` (``/`` as ``.``), of
-  which ``ChildState.transcript_len`` entries are committed.
+  which ``ChildState.transcript_len`` entries are committed. Once its answer is in its
+  caller's transcript, the next checkpoint drops it from ``children`` (`_retire_agents`).
 - A child's call that needs a decision pauses the run with that interrupt (its
   ``agent_path`` set); deciding it through ResumeRun resumes the child where it stopped.
 - Budgets: a child's own (``max_turns`` …, at most the run's turns) end the child only: its
@@ -33,6 +34,7 @@ from engine_service.core._run import (
     AgentState,
     CallOutcome,
     ChildState,
+    PendingCall,
     RunError,
 )
 from engine_service.core._types import EventKind, Message, ToolCall, ToolChoice, Usage
@@ -127,6 +129,16 @@ class Subagents(ToolDispatch):
             path,
         )  # fmt: skip
         return child
+
+    def _retire_agents(self, pending: list[PendingCall], path: str) -> None:
+        """The answers of ``pending``'s Agent calls are in their caller's transcript now: the
+        subagents that gave them (and theirs) leave the state document at the next checkpoint."""
+        for p in pending:
+            if p.call.name == AGENT_TOOL:
+                child = f"{path}/{p.call.call_id}" if path else p.call.call_id
+                self._retiring.update(
+                    c for c in self.record.children if c == child or c.startswith(child + "/")
+                )
 
     def _tools_of(self, path: str) -> dict[str, Tool]:
         if not path:
@@ -233,6 +245,7 @@ class Subagents(ToolDispatch):
             transcript.append(
                 Message("tool", text, call_id=p.call.call_id, tool_name=p.call.name, is_error=is_error)
             )
+        self._retire_agents(child.pending, child.path)
         child.pending = []
         await self.checkpoint()
         return True

@@ -149,6 +149,15 @@ class LocalStorage:
         """
         if self._fsync:
             await self._sync_run(ws, run_id)
+        try:
+            await self._write_state_file(ws, run_id, state)
+        except FileExistsError:
+            # Another writer numbered past what this process knew (it took the run over): go on
+            # after its states, as a rename would have replaced its state.json.
+            self._states.pop((ws, run_id), None)
+            await self._write_state_file(ws, run_id, state)
+
+    async def _write_state_file(self, ws: str, run_id: str, state: JsonObject) -> None:
         key = (ws, run_id)
         directory = self._run_dir(ws, run_id) / STATES
         states = self._states.get(key)
@@ -194,13 +203,20 @@ class LocalStorage:
         for stream in ("events", "transcript"):
             appender = self._appenders.get((ws, run_id, stream))
             if appender is not None and (appender.appended > appender.synced or appender.new_entries):
-                syncs.append(functools.partial(_sync, appender))
-        for directory in self._unsynced_dirs.pop((ws, run_id), ()):
-            syncs.append(functools.partial(_fsync_dir, directory))
-        if len(syncs) == 1:
-            syncs[0]()
-        elif syncs:
-            await asyncio.gather(*(asyncio.to_thread(sync) for sync in syncs))
+                # On a duplicate of its descriptor: the run's writer may roll the segment over
+                # (and close it) while the sync runs.
+                syncs.append(functools.partial(_sync, appender, os.dup(appender.fd)))
+        directories = self._unsynced_dirs.pop((ws, run_id), set())
+        syncs.extend(functools.partial(_fsync_dir, directory) for directory in directories)
+        try:
+            if len(syncs) == 1:
+                syncs[0]()
+            elif syncs:
+                await asyncio.gather(*(asyncio.to_thread(sync) for sync in syncs))
+        except BaseException:
+            if directories:  # the next state write tries them again
+                self._unsynced_dirs.setdefault((ws, run_id), set()).update(directories)
+            raise
 
     async def write_segment(
         self, ws: str, run_id: str, stream: str, first: int, records: list[JsonObject]
@@ -327,6 +343,11 @@ class LocalStorage:
         # A snapshot's blob counts once a state names it: its name is synced with that state
         # (its content is synced before it gets the name, so no name ever holds torn content).
         snapshot = name.startswith(SNAPSHOT_BLOB_PREFIXES)
+        if snapshot and not self._fsync and _write_new(path, data):
+            # Named by its content's digest, never rewritten, and checked against that digest
+            # when read back: created in place, without a temporary file and a rename. Only a
+            # state written after it names it, so a reader never meets one half-written.
+            return
         self._write_atomic(path, data, sync_dir=not snapshot)
         if snapshot and self._fsync:
             self._unsynced_dirs.setdefault((ws, run_id), set()).update(
@@ -557,15 +578,42 @@ class LocalStorage:
             _fsync_dir(path.parent)
 
 
-def _sync(appender: _Appender) -> None:
-    """fsync mode: make what was appended to ``appender`` durable, its file's name too."""
-    appended = appender.appended  # appends made while this one syncs wait for the next
-    if appended > appender.synced:
-        os.fdatasync(appender.fd)
-        appender.synced = max(appender.synced, appended)
-    entries, appender.new_entries = appender.new_entries, ()
-    for directory in entries:
-        _fsync_dir(directory)
+def _write_new(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data``; False if it exists (possibly torn by a crash: the caller
+    rewrites it)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        written = os.write(fd, data)
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()  # a full disk must not keep what it could not take
+        raise
+    finally:
+        os.close(fd)
+    return True
+
+
+def _sync(appender: _Appender, fd: int | None = None) -> None:
+    """fsync mode: make what was appended to ``appender`` durable, its file's name too.
+
+    ``fd``: a duplicate of its descriptor to sync through, closed here."""
+    try:
+        appended = appender.appended  # appends made while this one syncs wait for the next
+        if appended > appender.synced:
+            os.fdatasync(appender.fd if fd is None else fd)
+            appender.synced = max(appender.synced, appended)
+        entries = appender.new_entries
+        for directory in entries:
+            _fsync_dir(directory)
+        appender.new_entries = appender.new_entries[len(entries) :]
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:

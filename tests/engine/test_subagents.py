@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -300,3 +301,28 @@ async def test_subagent_scripts_need_the_scripted_model(tree_client: AsyncEngine
     with pytest.raises(InvalidArgumentError) as empty:
         await tree_client.create("x", script=[turn("hi")], agent_scripts={"a": []})
     assert empty.value.reason == "ERR_INVALID_SCRIPT"
+
+
+async def test_finished_children_leave_the_state_their_transcripts_stay(servers: ServerFactory) -> None:
+    server = await servers.start(config=CONFIG, model_factory=lambda provider, name: TreeModel())
+    storage = server.engine.storage
+    async with AsyncEngineClient(f"127.0.0.1:{server.port}") as client:
+        handle = await client.create("compare", model="openai:tree", tools=["Agent", "double", "echo"])
+        run = await handle.wait(timeout=20)
+        assert run.state == "PAUSED"
+        paused = await storage.read_state("default", run.run_id)
+        assert paused is not None
+        # While paused both are kept: one waits for its decision, the other's answer for the run.
+        assert set(paused["children"]) == {"a", "b"}
+        await handle.approve(run.interrupts[0].interrupt_id)
+        run = await handle.wait(timeout=20)
+        assert run.state == "DONE", run.error
+    done = await storage.read_state("default", run.run_id)
+    assert done is not None
+    assert done["children"] == {}  # the state document does not grow with the subagents a run had
+    for path, task, answer in (("a", "double 21", "A doubled to 42"), ("b", "echo hi", "B echoed hi")):
+        blob = await storage.get_blob("default", run.run_id, f"agent-{path}-transcript")
+        assert blob is not None
+        entries = json.loads(blob)
+        assert [e["role"] for e in entries] == ["user", "assistant", "tool", "assistant"]
+        assert (entries[0]["text"], entries[-1]["text"]) == (task, answer)

@@ -1,5 +1,6 @@
-"""S3 storage and MCP servers are optional extras of machina-engine: configured without them
-installed, the engine stops at startup with one line that names the extra, exit status 2."""
+"""S3 storage, MCP servers and the PostgreSQL control plane are optional extras of
+machina-engine: configured without them installed, the engine stops at startup with one line
+that names the extra, exit status 2."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def _engine_without(module: str, tmp: Path, *args: str) -> subprocess.CompletedP
     [
         ("aioboto3", "s3", ""),
         ("mcp", "mcp", '[[tools.mcp_servers]]\nname = "time"\ntransport = "stdio"\ncommand = "true"\n'),
+        ("asyncpg", "postgres", 'control_url = "postgresql://machina@127.0.0.1:1/machina"\n'),
     ],
 )
 def test_a_missing_extra_is_one_line_naming_it(module: str, extra: str, config: str, tmp_path: Path) -> None:

@@ -450,6 +450,7 @@ class Run(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
     THREAD_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run id, unique within the workspace."""
@@ -461,6 +462,10 @@ class Run(_message.Message):
     """The task the run was started with."""
     last_seq: _builtins.int
     """The seq of the last event the run has produced."""
+    queue_position: _builtins.int
+    """While QUEUED behind its workspace's concurrency limit (engines with a PostgreSQL control
+    plane): the run's place in its workspace's queue, 1 = next. 0 when not queued.
+    """
     thread_id: _builtins.str
     """The thread the run belongs to. A run started without one is the first run of a thread
     of its own, whose id is the run id.
@@ -503,11 +508,12 @@ class Run(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         task: _builtins.str = ...,
         last_seq: _builtins.int = ...,
+        queue_position: _builtins.int = ...,
         thread_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "data", b"data", "error", b"error", "meta", b"meta", "pause", b"pause", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "data", b"data", "error", b"error", "last_seq", b"last_seq", "meta", b"meta", "pause", b"pause", "run_id", b"run_id", "state", b"state", "task", b"task", "thread_id", b"thread_id", "update_time", b"update_time", "workspace_id", b"workspace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "data", b"data", "error", b"error", "last_seq", b"last_seq", "meta", b"meta", "pause", b"pause", "queue_position", b"queue_position", "run_id", b"run_id", "state", b"state", "task", b"task", "thread_id", b"thread_id", "update_time", b"update_time", "workspace_id", b"workspace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

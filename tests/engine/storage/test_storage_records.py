@@ -222,3 +222,27 @@ async def test_a_run_taken_back_untouched_skips_rereading_its_logs(
     assert len(reads) == 1  # read again
     await storage.close()
     await other.close()
+
+
+async def test_a_state_write_goes_on_after_states_another_writer_added(tmp_path: Path) -> None:
+    first, second = LocalStorage(tmp_path), LocalStorage(tmp_path)
+    await first.create_run("ws", "r1", {}, {"n": 0})
+    await first.write_state("ws", "r1", {"n": 1})
+    await second.write_state("ws", "r1", {"n": 2})  # it took the run over
+    await first.write_state("ws", "r1", {"n": 3})  # its next number is taken: it goes after
+    assert await LocalStorage(tmp_path).read_state("ws", "r1") == {"n": 3}
+    await first.close()
+    await second.close()
+
+
+async def test_a_snapshot_blob_torn_by_a_crash_is_rewritten_whole(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    await storage.create_run("ws", "r1", {}, {})
+    name = "wd-" + "ab" * 32
+    await storage.put_blob("ws", "r1", name, b"whole content")
+    blob = tmp_path / "workspaces" / "ws" / "runs" / "r1" / "blobs" / name
+    blob.write_bytes(b"whole")  # a process died while writing it
+    await storage.put_blob("ws", "r1", name, b"whole content")  # the next save writes it again
+    assert await storage.get_blob("ws", "r1", name) == b"whole content"
+    assert not [p for p in blob.parent.iterdir() if p.name.endswith(".tmp")]
+    await storage.close()

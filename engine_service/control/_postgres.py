@@ -1,0 +1,597 @@
+"""The control plane on PostgreSQL (asyncpg): a pool for queries, one connection that LISTENs.
+
+Losing the database never stops a run: commits go on in storage, index rows that could not be
+written are written again once it answers, queue and timer changes wait and are applied in
+order. Meanwhile health reports NOT_SERVING, ListRuns answers ERR_CONTROL_UNAVAILABLE, no new
+runs are claimed, and watchers of runs moved elsewhere fall back to re-reading storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from engine_service.core._control import ChangeListener
+from engine_service.core._control import control_unavailable as unavailable
+from engine_service.core._types import JsonObject
+
+log = logging.getLogger("machina.control")
+
+RUNS_CHANNEL = "machina_runs"  # payload "seq state workspace run_id"
+WORK_CHANNEL = "machina_work"  # a run was queued or a slot freed
+TIMERS_CHANNEL = "machina_timers"  # a timer was set
+# pg_advisory_lock key held while migrating ("machina" in ASCII, as a bigint).
+MIGRATION_LOCK = 0x6D61636869_6E61
+RECONNECT_S = 1.0
+# A watcher of a run moved elsewhere re-reads storage this often even without news.
+WATCH_TIMEOUT_S = 300.0
+# A slot whose run was claimed (or paused) this long ago and has not started (or resumed) since
+# is its dead replica's: the sweep frees it.
+STALE_CLAIM_S = 60.0
+# A claimed timer that was not marked fired within this long is due again (its claimer died).
+TIMER_CLAIM_S = 60.0
+
+# What "the database is not there" looks like, as opposed to a mistake in a query.
+DOWN: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, SQL) of the schema migrations shipped in the package, in order."""
+    found = []
+    for entry in resources.files("engine_service.control").joinpath("migrations").iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append((int(name[:4]), name[:-4], entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+async def migrate(conn: Any) -> list[str]:
+    """Apply the migrations this database lacks, under an advisory lock (replicas starting
+    together apply each once). Returns the names applied."""
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS machina_schema (version integer PRIMARY KEY, name text NOT NULL, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in await conn.fetch("SELECT version FROM machina_schema")}
+        applied = []
+        for version, name, sql in migrations():
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO machina_schema (version, name) VALUES ($1, $2)", version, name
+                )
+            applied.append(name)
+            log.info("control plane: applied schema migration %s", name)
+        return applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+
+_UPSERT = """
+WITH up AS (
+    INSERT INTO machina_runs AS r
+        (workspace, run_id, state, pause_reason, labels, created_at, updated_at, last_seq, doc)
+    VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9::jsonb)
+    ON CONFLICT (workspace, run_id) DO UPDATE SET
+        state = EXCLUDED.state, pause_reason = EXCLUDED.pause_reason, labels = EXCLUDED.labels,
+        updated_at = EXCLUDED.updated_at, last_seq = EXCLUDED.last_seq, doc = EXCLUDED.doc
+    WHERE (r.last_seq, r.updated_at) <= (EXCLUDED.last_seq, EXCLUDED.updated_at)
+    RETURNING 1
+)
+SELECT pg_notify('machina_runs', $10) FROM up
+"""
+
+
+def index_row(doc: JsonObject) -> tuple[Any, ...]:
+    """The index columns of a state document (the arguments of the upsert, less the payload)."""
+    return (
+        doc["workspace_id"],
+        doc["run_id"],
+        doc["state"],
+        doc.get("pause_reason"),
+        json.dumps(doc.get("labels") or {}),
+        float(doc["created_at"]),
+        float(doc["updated_at"]),
+        int(doc.get("last_seq") or 0),
+        json.dumps(doc),
+    )
+
+
+class PostgresControl:
+    """A :class:`~engine_service.core._control.ControlPlane` on PostgreSQL."""
+
+    indexed = True
+    queued = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_running: int = 0,
+        pool_size: int = 10,
+        clock: Callable[[], float] = time.time,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._url = url
+        self._max_running = max_running
+        self._pool_size = pool_size
+        self._clock = clock
+        self._connect_timeout = connect_timeout
+        self._owner = ""
+        self._on_change: ChangeListener = lambda *_: None
+        self._pool: Any = None
+        self._listener: Any = None
+        self._problem = "not connected yet"
+        self._connected = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # Index rows not written while the database was away: written again once it answers.
+        self._dirty: dict[tuple[str, str], JsonObject] = {}
+        # Queue, slot and timer changes, applied in order by one task (retried while away).
+        self._ops: deque[tuple[str, tuple[Any, ...]]] = deque()
+        self._ops_wanted = asyncio.Event()
+        # Events shown here, told to the other replicas by one task (coalesced per run).
+        self._shown: dict[tuple[str, str], int] = {}
+        self._shown_wanted = asyncio.Event()
+        self._work = asyncio.Event()
+        self._timers = asyncio.Event()
+
+    # -- connection ---------------------------------------------------------------------
+
+    def available(self) -> str:
+        return "" if self._connected.is_set() else self._problem
+
+    async def start(self, owner: str, on_change: ChangeListener) -> None:
+        """Connect (and migrate) in the background; returns at once. Waits up to the connect
+        timeout for the first connection so that a healthy start is serving at once."""
+        self._owner, self._on_change = owner, on_change
+        for job in (self._connection_loop(), self._apply_ops(), self._tell_shown()):
+            task = asyncio.ensure_future(job)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._connect_timeout):
+                await self._connected.wait()
+
+    async def wait_connected(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._connected.wait()
+        return self._connected.is_set()
+
+    async def _connection_loop(self) -> None:
+        while not self._closing:
+            try:
+                await self._connect()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if problem != self._problem or self._connected.is_set():
+                    log.warning("control plane unreachable (%s); retrying every %.0f s", problem, RECONNECT_S)
+                self._problem = problem
+                self._connected.clear()
+                await self._disconnect()
+                await asyncio.sleep(RECONNECT_S)
+
+    async def _connect(self) -> None:
+        timeout = self._connect_timeout
+        listener = await asyncpg.connect(self._url, timeout=timeout)
+        self._listener = listener
+        await migrate(listener)
+        self._lost.clear()
+        listener.add_termination_listener(lambda _conn: self._lost.set())
+        await listener.add_listener(RUNS_CHANNEL, self._heard_run)
+        await listener.add_listener(WORK_CHANNEL, lambda *_: self._work.set())
+        await listener.add_listener(TIMERS_CHANNEL, lambda *_: self._timers.set())
+        self._pool = await asyncpg.create_pool(
+            self._url, min_size=1, max_size=self._pool_size, timeout=timeout, command_timeout=30
+        )
+        await self._flush_dirty()
+        if not self._connected.is_set():
+            log.info("control plane connected")
+        self._connected.set()
+        self._problem = ""
+        # Whatever changed while nobody listened: every watcher here looks again.
+        self._on_change("", "", 0, "")
+        self._work.set()
+        self._timers.set()
+        self._ops_wanted.set()
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RECONNECT_S):
+                    await self._lost.wait()
+            if self._lost.is_set():
+                raise ConnectionError("the connection to PostgreSQL was lost")
+            async with asyncio.timeout(timeout):
+                await listener.fetchval("SELECT 1")
+
+    async def _disconnect(self) -> None:
+        pool, listener = self._pool, self._listener
+        self._pool = self._listener = None
+        if pool is not None:
+            pool.terminate()
+        if listener is not None:
+            listener.terminate()
+
+    async def close(self) -> None:
+        self._closing = True
+        # Last index rows and queue changes: a short chance to land them.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                while (self._ops or self._dirty) and self._connected.is_set():
+                    self._ops_wanted.set()
+                    await asyncio.sleep(0.02)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await self._pool.close()
+        self._pool = None
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await self._listener.close()
+        self._listener = None
+
+    async def _run(self, what: Callable[[Any], Awaitable[Any]]) -> Any:
+        """``what(pool)``, or ERR_CONTROL_UNAVAILABLE while the database is away."""
+        pool = self._pool
+        if pool is None or not self._connected.is_set():
+            raise unavailable(self._problem)
+        try:
+            return await what(pool)
+        except DOWN as exc:
+            self._lost.set()
+            raise unavailable(exc) from None
+
+    def watch_timeout(self, polling: float) -> float:
+        return WATCH_TIMEOUT_S if self._connected.is_set() else polling
+
+    # -- the run index and live fan-out ------------------------------------------------
+
+    def _heard_run(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        seq, state, ws, run_id = payload.split(" ", 3)
+        self._on_change(ws, run_id, int(seq), state)
+
+    async def committed(self, state: JsonObject) -> None:
+        key = (state["workspace_id"], state["run_id"])
+        if self._pool is None or not self._connected.is_set():
+            self._dirty[key] = state
+            return
+        try:
+            await self._upsert(self._pool, state)
+            self._dirty.pop(key, None)
+        except DOWN as exc:
+            log.warning("control plane: indexing run %s deferred (%s)", key[1], exc)
+            self._dirty[key] = state
+            self._lost.set()
+        except Exception:
+            log.exception("control plane: indexing run %s failed; will retry", key[1])
+            self._dirty[key] = state
+
+    async def _upsert(self, executor: Any, state: JsonObject) -> None:
+        payload = (
+            f"{int(state.get('last_seq') or 0)} {state['state']} {state['workspace_id']} {state['run_id']}"
+        )
+        await executor.execute(_UPSERT, *index_row(state), payload)
+
+    async def _flush_dirty(self) -> None:
+        while self._dirty:
+            key, state = next(iter(self._dirty.items()))
+            await self._upsert(self._pool, state)
+            if self._dirty.get(key) is state:
+                del self._dirty[key]
+
+    def shown(self, workspace: str, run_id: str, seq: int) -> None:
+        key = (workspace, run_id)
+        if seq > self._shown.get(key, 0):
+            self._shown[key] = seq
+            self._shown_wanted.set()
+
+    async def _tell_shown(self) -> None:
+        while True:
+            await self._shown_wanted.wait()
+            self._shown_wanted.clear()
+            batch, self._shown = self._shown, {}
+            pool = self._pool
+            if pool is None or not batch:
+                continue  # nobody hears now; watchers re-read storage meanwhile
+            payloads = [f"{seq} RUNNING {ws} {run_id}" for (ws, run_id), seq in batch.items()]
+            try:
+                await pool.execute(
+                    "SELECT pg_notify('machina_runs', p) FROM unnest($1::text[]) AS p", payloads
+                )
+            except DOWN:
+                self._lost.set()
+            except Exception:
+                log.warning("control plane: telling replicas of new events failed", exc_info=True)
+
+    async def list_runs(
+        self,
+        workspace: str,
+        *,
+        states: Collection[str],
+        labels: Mapping[str, str],
+        after: tuple[float, str] | None,
+        limit: int,
+    ) -> list[JsonObject]:
+        where = ["workspace = $1"]
+        args: list[Any] = [workspace]
+        if states:
+            args.append(list(states))
+            where.append(f"state = ANY(${len(args)}::text[])")
+        if labels:
+            args.append(json.dumps(dict(labels)))
+            where.append(f"labels @> ${len(args)}::jsonb")
+        if after is not None:
+            args.extend(after)
+            where.append(f"(created_at, run_id) < (${len(args) - 1}, ${len(args)})")
+        args.append(limit)
+        sql = (
+            f"SELECT doc FROM machina_runs WHERE {' AND '.join(where)} "  # noqa: S608 (placeholders only)
+            f"ORDER BY created_at DESC, run_id DESC LIMIT ${len(args)}"
+        )
+        rows = await self._run(lambda pool: pool.fetch(sql, *args))
+        return [json.loads(row[0]) for row in rows]
+
+    async def active_runs(self, workspace: str | None) -> list[tuple[str, str]]:
+        async def query(pool: Any) -> list[Any]:
+            async with pool.acquire() as conn:
+                # Slots of runs that ended or paused without being released, or were claimed
+                # and never started (their replica died): the runs are recovered or re-queued.
+                await conn.execute(
+                    "DELETE FROM machina_slots s USING machina_runs r "
+                    "WHERE r.workspace = s.workspace AND r.run_id = s.run_id "
+                    "AND (r.state IN ('DONE', 'FAILED', 'CANCELLED') "
+                    "OR (r.state IN ('PAUSED', 'QUEUED') AND s.taken_at < $1))",
+                    self._clock() - STALE_CLAIM_S,
+                )
+                return list(
+                    await conn.fetch(
+                        "SELECT r.workspace, r.run_id FROM machina_runs r "
+                        "WHERE (r.state IN ('QUEUED', 'RUNNING') OR r.pause_reason = 'HANDOFF_TO_RUNNER') "
+                        "AND ($1::text IS NULL OR r.workspace = $1) "
+                        # Queued runs wait their turn; claimed ones are being started.
+                        "AND NOT (r.state = 'QUEUED' AND (EXISTS (SELECT 1 FROM machina_queue q "
+                        "WHERE q.workspace = r.workspace AND q.run_id = r.run_id) "
+                        "OR EXISTS (SELECT 1 FROM machina_slots s "
+                        "WHERE s.workspace = r.workspace AND s.run_id = r.run_id)))",
+                        workspace,
+                    )
+                )
+
+        return [(row[0], row[1]) for row in await self._run(query)]
+
+    async def delete_run(self, workspace: str, run_id: str) -> None:
+        # In order with the run's other changes, and applied once the database answers if it
+        # does not now (the run is gone from storage already).
+        self._dirty.pop((workspace, run_id), None)
+        self._post("delete_run", workspace, run_id)
+
+    # -- the work queue ----------------------------------------------------------------
+
+    async def enqueue(self, workspace: str, run_id: str, *, pinned: bool) -> None:
+        async def put(pool: Any) -> None:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO machina_workspaces (workspace) VALUES ($1) ON CONFLICT DO NOTHING", workspace
+                )
+                await conn.execute(
+                    "INSERT INTO machina_queue (workspace, run_id, pinned_to) VALUES ($1, $2, $3) "
+                    "ON CONFLICT DO NOTHING",
+                    workspace,
+                    run_id,
+                    self._owner if pinned else None,
+                )
+                await conn.execute("SELECT pg_notify('machina_work', '')")
+
+        await self._run(put)
+
+    async def claim(self) -> tuple[str, str] | None:
+        if self._pool is None or not self._connected.is_set():
+            return None
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                return await self._claim(conn)
+        except DOWN:
+            self._lost.set()
+            return None
+
+    async def _claim(self, conn: Any) -> tuple[str, str] | None:
+        limit, owner = self._max_running, self._owner
+        # The workspace row is locked for the rest of the transaction: claims in one workspace
+        # happen one at a time across replicas, so its limit holds; another workspace's go on.
+        workspace = await conn.fetchval(
+            """
+            SELECT w.workspace FROM machina_workspaces w
+            WHERE EXISTS (SELECT 1 FROM machina_queue q
+                          WHERE q.workspace = w.workspace AND (q.pinned_to IS NULL OR q.pinned_to = $2))
+              AND ($1 = 0 OR (SELECT count(*) FROM machina_slots s WHERE s.workspace = w.workspace) < $1)
+            ORDER BY (SELECT count(*) FROM machina_slots s WHERE s.workspace = w.workspace),
+                     (SELECT min(seq) FROM machina_queue q WHERE q.workspace = w.workspace)
+            LIMIT 1 FOR UPDATE SKIP LOCKED
+            """,
+            limit,
+            owner,
+        )
+        if workspace is None:
+            return None
+        if limit:
+            # Counted again now that the row is ours: a claim committed meanwhile is seen.
+            running = await conn.fetchval(
+                "SELECT count(*) FROM machina_slots WHERE workspace = $1", workspace
+            )
+            if running >= limit:
+                return None
+        run_id = await conn.fetchval(
+            """
+            DELETE FROM machina_queue WHERE seq = (
+                SELECT seq FROM machina_queue WHERE workspace = $1 AND (pinned_to IS NULL OR pinned_to = $2)
+                ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+            RETURNING run_id
+            """,
+            workspace,
+            owner,
+        )
+        if run_id is None:
+            return None
+        self._work.set()  # there may be more
+        taken = await conn.fetchval(
+            "INSERT INTO machina_slots (workspace, run_id, owner) VALUES ($1, $2, $3) "
+            "ON CONFLICT (workspace, run_id) DO NOTHING RETURNING 1",
+            workspace,
+            run_id,
+            owner,
+        )
+        # A run queued twice (the sweep re-queued it while its creator did) and executing
+        # already: that entry is spent, and the slot stays whose it is.
+        return (workspace, run_id) if taken else None
+
+    async def wait_for_work(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._work.wait()
+        self._work.clear()
+
+    async def queue_position(self, workspace: str, run_id: str) -> int:
+        position = await self._run(
+            lambda pool: pool.fetchval(
+                "SELECT count(*) FROM machina_queue WHERE workspace = $1 AND seq <= "
+                "(SELECT seq FROM machina_queue WHERE workspace = $1 AND run_id = $2)",
+                workspace,
+                run_id,
+            )
+        )
+        return int(position or 0)
+
+    def hold_slot(self, workspace: str, run_id: str) -> None:
+        self._post("hold_slot", workspace, run_id, self._owner)
+
+    def release_slot(self, workspace: str, run_id: str) -> None:
+        self._post("release_slot", workspace, run_id, self._owner)
+
+    # -- durable timers ----------------------------------------------------------------
+
+    def set_timer(self, workspace: str, run_id: str, kind: str, due_at: float) -> None:
+        self._post("set_timer", workspace, run_id, kind, due_at)
+
+    def cancel_timer(self, workspace: str, run_id: str, kind: str) -> None:
+        self._post("cancel_timer", workspace, run_id, kind)
+
+    def timer_fired(self, workspace: str, run_id: str, kind: str, token: str) -> None:
+        self._post("timer_fired", workspace, run_id, kind, token)
+
+    async def due_timers(self) -> list[tuple[str, str, str, str]]:
+        if self._pool is None or not self._connected.is_set():
+            return []
+        token = uuid.uuid4().hex
+        now = self._clock()
+        try:
+            rows = await self._pool.fetch(
+                """
+                UPDATE machina_timers t SET claim_token = $1, claimed_until = $2 + $3
+                FROM (SELECT workspace, run_id, kind FROM machina_timers
+                      WHERE due_at <= $2 AND (claimed_until IS NULL OR claimed_until < $2)
+                      ORDER BY due_at LIMIT 50 FOR UPDATE SKIP LOCKED) d
+                WHERE t.workspace = d.workspace AND t.run_id = d.run_id AND t.kind = d.kind
+                RETURNING t.workspace, t.run_id, t.kind
+                """,
+                token,
+                now,
+                TIMER_CLAIM_S,
+            )
+        except DOWN:
+            self._lost.set()
+            return []
+        return [(row[0], row[1], row[2], token) for row in rows]
+
+    async def wait_for_timers(self, timeout: float) -> None:
+        """Until a timer may be due: the earliest due time, a timer set anywhere, or ``timeout``."""
+        if self._pool is not None and self._connected.is_set():
+            with contextlib.suppress(*DOWN):
+                due = await self._pool.fetchval(
+                    "SELECT min(coalesce(greatest(due_at, claimed_until), due_at)) FROM machina_timers"
+                )
+                if due is not None:
+                    timeout = max(0.0, min(timeout, due - self._clock()))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._timers.wait()
+        self._timers.clear()
+
+    # -- ordered changes ---------------------------------------------------------------
+
+    def _post(self, op: str, *args: Any) -> None:
+        self._ops.append((op, args))
+        self._ops_wanted.set()
+
+    async def _apply_ops(self) -> None:
+        while True:
+            await self._ops_wanted.wait()
+            self._ops_wanted.clear()
+            while self._ops:
+                pool = self._pool
+                if pool is None or not self._connected.is_set():
+                    break  # applied once connected again
+                op, args = self._ops[0]
+                try:
+                    await pool.execute(_OPS[op], *args)
+                except DOWN:
+                    self._lost.set()
+                    break
+                except Exception:
+                    log.exception("control plane: %s failed; dropped", op)
+                self._ops.popleft()
+
+
+_OPS = {
+    "hold_slot": (
+        "INSERT INTO machina_slots (workspace, run_id, owner) VALUES ($1, $2, $3) "
+        "ON CONFLICT (workspace, run_id) DO UPDATE SET owner = EXCLUDED.owner, taken_at = EXCLUDED.taken_at"
+    ),
+    "release_slot": (
+        "WITH gone AS (DELETE FROM machina_slots "
+        "WHERE workspace = $1 AND run_id = $2 AND owner = $3 RETURNING 1) "
+        "SELECT pg_notify('machina_work', '') FROM gone"
+    ),
+    "set_timer": (
+        "WITH t AS (INSERT INTO machina_timers (workspace, run_id, kind, due_at) VALUES ($1, $2, $3, $4) "
+        "ON CONFLICT (workspace, run_id, kind) DO UPDATE SET due_at = EXCLUDED.due_at, "
+        "claim_token = NULL, claimed_until = NULL RETURNING 1) "
+        "SELECT pg_notify('machina_timers', '') FROM t"
+    ),
+    "delete_run": (
+        "WITH runs AS (DELETE FROM machina_runs WHERE workspace = $1 AND run_id = $2), "
+        "queue AS (DELETE FROM machina_queue WHERE workspace = $1 AND run_id = $2), "
+        "slots AS (DELETE FROM machina_slots WHERE workspace = $1 AND run_id = $2) "
+        "DELETE FROM machina_timers WHERE workspace = $1 AND run_id = $2"
+    ),
+    "cancel_timer": "DELETE FROM machina_timers WHERE workspace = $1 AND run_id = $2 AND kind = $3",
+    "timer_fired": (
+        "DELETE FROM machina_timers WHERE workspace = $1 AND run_id = $2 AND kind = $3 AND claim_token = $4"
+    ),
+}
