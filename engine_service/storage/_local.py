@@ -31,6 +31,9 @@ SNAPSHOT_BLOB_PREFIXES = (FILE_BLOB, MANIFEST_BLOB)
 STATES = "states"
 # Older state files are removed in batches of this many.
 STATES_KEPT = 16
+# What a run in one of these states keeps of its state files: it writes no more of them.
+FINAL_STATES_KEPT = 2
+_FINAL = frozenset({"DONE", "FAILED", "CANCELLED"})
 
 
 @dataclass(slots=True)
@@ -191,11 +194,14 @@ class LocalStorage:
         finally:
             os.close(fd)
         states.next += 1
-        if states.next - states.oldest > 2 * STATES_KEPT:
-            for number in range(states.oldest, states.next - STATES_KEPT):
+        # A finished run writes no more states: it keeps the newest two (a reader that listed
+        # the directory a moment ago may still open the one before), not a batch of them.
+        kept = FINAL_STATES_KEPT if state.get("state") in _FINAL else STATES_KEPT
+        if states.next - states.oldest > (kept if kept == FINAL_STATES_KEPT else 2 * kept):
+            for number in range(states.oldest, states.next - kept):
                 with contextlib.suppress(OSError):
                     os.unlink(directory / _state_name(number))
-            states.oldest = states.next - STATES_KEPT
+            states.oldest = states.next - kept
 
     async def _sync_run(self, ws: str, run_id: str) -> None:
         """fsync mode: make durable what the run's next state commits (its appended segments, the

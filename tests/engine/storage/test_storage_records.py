@@ -224,6 +224,18 @@ async def test_a_run_taken_back_untouched_skips_rereading_its_logs(
     await other.close()
 
 
+async def test_a_finished_run_keeps_only_its_newest_state_files(tmp_path: Path) -> None:
+    writer, reader = LocalStorage(tmp_path), LocalStorage(tmp_path)
+    await writer.create_run("ws", "r1", {}, {"state": "QUEUED"})
+    for n in range(10):
+        await writer.write_state("ws", "r1", {"state": "RUNNING", "n": n})
+    await writer.write_state("ws", "r1", {"state": "DONE", "n": 10})
+    states = tmp_path / "workspaces" / "ws" / "runs" / "r1" / "states"
+    assert len(list(states.iterdir())) == 2  # the newest and the one before it, not a batch
+    assert await reader.read_state("ws", "r1") == {"state": "DONE", "n": 10}
+    await writer.close()
+
+
 async def test_a_state_write_goes_on_after_states_another_writer_added(tmp_path: Path) -> None:
     first, second = LocalStorage(tmp_path), LocalStorage(tmp_path)
     await first.create_run("ws", "r1", {}, {"n": 0})
