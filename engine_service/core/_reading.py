@@ -249,8 +249,8 @@ class RunReader:
             stop = record.state.terminal or (until_pause and settled(record))
             if stop or not (follow or until_pause):
                 return
-            if self._engine._remote_seq.get(key, 0) > cursor:
-                continue  # announced while storage was being read
+            if actor is None and self._engine._remote_seq.get(key, 0) > cursor:
+                continue  # announced while storage was being read: read again
             await self.wait_change(key, self._poll_interval(record))
 
     def _poll_interval(self, record: RunRecord) -> float:
