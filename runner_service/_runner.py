@@ -91,7 +91,7 @@ class Runner:
     def _check_workspace(self, presented: bytes, workspace: str) -> None:
         expected = self._digests.get(workspace, self._default_digest)
         if expected is None or not hmac.compare_digest(presented, expected):
-            log_refused("runner", f"the token is not workspace {workspace!r}'s", "")
+            log_refused("runner", f"the token is not workspace {workspace!r}'s", "", digest=presented)
             # The same answer as an unknown token: which workspaces a secret serves stays private.
             raise Rejected(ErrorKind.UNAUTHENTICATED, "ERR_UNAUTHENTICATED", "bad or missing bearer token")
 

@@ -21,10 +21,11 @@ def key_fingerprint(token: str) -> str:
     return hashlib.sha256(token.strip().encode()).hexdigest()[:12]
 
 
-def log_refused(service: str, why: str, token: str) -> None:
-    """One warning for a refused request, naming the key by its fingerprint only."""
+def log_refused(service: str, why: str, token: str, *, digest: bytes = b"") -> None:
+    """One warning for a refused request, naming the key by its fingerprint only (from the key,
+    or from its SHA-256 ``digest`` when only that is at hand)."""
     metrics.AUTH_REFUSED.inc(service)
-    fingerprint = key_fingerprint(token) if token.strip() else "none"
+    fingerprint = digest.hex()[:12] if digest else key_fingerprint(token) if token.strip() else "none"
     log.warning(
         "refused a %s request: %s (key fingerprint %s)", service, why, fingerprint,
         extra={"auth": "refused", "key_fingerprint": fingerprint, "service": service},

@@ -316,6 +316,7 @@ class Engine:
                 self.control.release_slot(*key)
                 return
             await actor.commit_start(None)
+            metrics.RUNS_DEQUEUED.inc()
             actor.transition("created", model=record.meta.model, mode=record.mode.value)
             self._start(actor, resumed_by=None)
 
@@ -396,6 +397,7 @@ class Engine:
             await self.control.enqueue(ws, run_id, pinned=bool(api_env) or not self.claims_work)
             record.queue_position = await self.control.queue_position(ws, run_id)
             metrics.RUNS_CREATED.inc(record.mode.value)
+            metrics.RUNS_ENQUEUED.inc()
             log.info("run %s queued", run_id, extra={"run_id": run_id, "workspace": ws})
             return record, None
         actor = RunActor(

@@ -110,7 +110,9 @@ RUNS_FINISHED = Counter(
 RUNS_PAUSED = Counter("machina_runs_paused", "Times a run paused, by reason.", ["reason"])
 RUNS_RESUMED = Counter("machina_runs_resumed", "Times a run continued after a pause, by how.", ["how"])
 RUNS_ACTIVE = Gauge("machina_runs_active", "Runs executing in this process now.")
-RUNS_QUEUED = Gauge("machina_runs_queued", "Runs accepted and waiting to start executing in this process.")
+# The shared work queue's depth is sum(enqueued) - sum(started) over the replicas.
+RUNS_ENQUEUED = Counter("machina_runs_enqueued", "Runs this process put in the shared work queue.")
+RUNS_DEQUEUED = Counter("machina_runs_dequeued", "Queued runs this process claimed and started.")
 TURNS = Counter("machina_turns", "Model turns taken.", ["provider"])
 TURN_SECONDS = Histogram(
     "machina_turn_duration_seconds", "One turn: the model call and the tool calls it asked for.", ["provider"]

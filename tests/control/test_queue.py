@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from client_py import AsyncEngineClient
 from tests.conftest import refresh_until, turn
@@ -19,6 +20,8 @@ SLEEPY = [turn("", ("sleep", {"seconds": 0.3})), turn("done")]
 async def test_queued_runs_wait_for_their_workspace_limit_in_order(replicas: Replicas) -> None:
     a = await replicas.start(max_running=2)
     b = await replicas.start(max_running=2)
+    enqueued = REGISTRY.get_sample_value("machina_runs_enqueued_total") or 0.0
+    dequeued = REGISTRY.get_sample_value("machina_runs_dequeued_total") or 0.0
     async with AsyncEngineClient(f"127.0.0.1:{a.port}") as ca, AsyncEngineClient(f"127.0.0.1:{b.port}") as cb:
         handles = []
         for i in range(8):
@@ -39,6 +42,9 @@ async def test_queued_runs_wait_for_their_workspace_limit_in_order(replicas: Rep
         for handle in handles:
             assert (await handle.refresh()).queue_position == 0
     assert peak == 2
+    # Both replicas live in this process: its counters add up the queue's traffic.
+    assert (REGISTRY.get_sample_value("machina_runs_enqueued_total") or 0.0) - enqueued == 8
+    assert (REGISTRY.get_sample_value("machina_runs_dequeued_total") or 0.0) - dequeued == 8
 
 
 async def test_an_approval_deadline_fires_on_another_replica(replicas: Replicas) -> None:

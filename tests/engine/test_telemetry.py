@@ -16,9 +16,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
+from client_py import AsyncEngineClient
 from engine_service import RunState
 from engine_service.core import _telemetry as telemetry
+from tests.conftest import ServerFactory
 from tests.engine.harness import Harness, turn
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -154,3 +157,57 @@ async def test_a_recovered_run_continues_its_trace_and_logs_the_recovery(
     assert len(resumed) == 1
     assert resumed[0].parent is not None
     assert (resumed[0].context.trace_id, resumed[0].parent.span_id) == (context.trace_id, context.span_id)
+
+
+async def test_webhooks_and_web_fetches_carry_the_run_trace(
+    servers: ServerFactory, receiver: Receiver, spans: InMemorySpanExporter
+) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("traceparent", ""))
+            body = b"hello"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    page = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=page.serve_forever, daemon=True).start()
+    delivered = _sample("machina_webhook_deliveries_total", result="delivered")
+    config = {"egress_allow_hosts": ["127.0.0.1"], "tools": {"webfetch_allow_hosts": ["127.0.0.1"]}}
+    srv = await servers.start(config=config)
+    url = f"http://127.0.0.1:{page.server_address[1]}/page"
+    tracer = TracerProvider().get_tracer("test")
+    try:
+        with tracer.start_as_current_span("caller") as caller:
+            async with AsyncEngineClient(f"127.0.0.1:{srv.port}") as client:
+                handle = await client.create(
+                    "fetch",
+                    model="scripted",
+                    script=[turn("", ("WebFetch", {"url": url})), turn("fetched")],
+                    webhook={"url": receiver.url},
+                )
+                run = await handle.wait(timeout=20)
+        assert run.state == "DONE", run
+        await receiver.wait_for(1)
+    finally:
+        page.shutdown()
+        page.server_close()
+    trace_id = format(caller.get_span_context().trace_id, "032x")
+    assert len(seen) == 1
+    assert seen[0].split("-")[1] == trace_id  # WebFetch's GET
+    headers, _body = receiver.requests[0]
+    assert headers["traceparent"].split("-")[1] == trace_id  # the webhook's POST
+    assert _sample("machina_webhook_deliveries_total", result="delivered") - delivered == 1
+    # The engine's server span is a child of the client's call, under the caller's span.
+    names = {s.name for s in spans.get_finished_spans() if s.context.trace_id == int(trace_id, 16)}
+    assert {"machina.engine.v1.EngineService/CreateRun", "execute_tool WebFetch", "invoke_agent"} <= names

@@ -122,6 +122,14 @@ async def test_an_approval_run_handed_to_a_runner_is_one_trace_with_metrics_and_
                     with pytest.raises(UnauthenticatedError):
                         await intruder.get_run(handle.run_id)
 
+            async with httpx.AsyncClient(timeout=10) as http:
+                refused_post = await http.post(
+                    f"{runner.http}/continue",
+                    json={"runId": handle.run_id},
+                    headers={"Authorization": f"Bearer {WRONG_KEY}"},
+                )
+            assert refused_post.status_code == 401
+
             # -- metrics, scraped over HTTP ------------------------------------------------------
             at_engine, at_runner = _scrape(engine_metrics), _scrape(runner_metrics)
             assert _value(at_engine, "machina_runs_created_total", mode="async") == 2
@@ -141,6 +149,7 @@ async def test_an_approval_run_handed_to_a_runner_is_one_trace_with_metrics_and_
                 _value(at_engine, "machina_storage_operation_duration_seconds_count", operation="write_state")
                 > 0
             )
+            assert _value(at_runner, "machina_auth_refused_total", service="runner") == 1
             assert _value(at_runner, "machina_runs_resumed_total", how="runner") == 1
             assert _value(at_runner, "machina_tool_calls_total", tool="Bash", outcome="ran") == 1
             assert _value(at_runner, "machina_turns_total", provider="scripted") == 1
@@ -225,10 +234,11 @@ async def test_an_approval_run_handed_to_a_runner_is_one_trace_with_metrics_and_
     assert paused_line["interrupt_ids"] == [paused.interrupts[0].interrupt_id]
     assert engine_lines[2]["by"] == "alice"
     assert runner_lines[-1]["error_code"] == ""
-    refused = [
-        json.loads(line) for line in engine.log.read_text().splitlines() if '"auth": "refused"' in line
-    ]
-    assert [r["key_fingerprint"] for r in refused] == [hashlib.sha256(WRONG_KEY.encode()).hexdigest()[:12]]
+    wrong = hashlib.sha256(WRONG_KEY.encode()).hexdigest()[:12]
+    for process in (engine, runner):
+        lines = process.log.read_text().splitlines()
+        refused = [json.loads(line) for line in lines if '"auth": "refused"' in line]
+        assert [r["key_fingerprint"] for r in refused] == [wrong], process.log
 
     # -- no secret anywhere ---------------------------------------------------------------------
     everything = engine.log.read_text() + runner.log.read_text() + repr([s.attributes for s in spans])

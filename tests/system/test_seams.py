@@ -204,6 +204,8 @@ async def test_a_runner_killed_after_accepting_does_not_strand_the_run(tmp_path:
         async with AsyncEngineClient(engine.target) as client:
             handle = await client.create("run", model="scripted", script=BASH_SCRIPT)
             await wait_for_log(queueing, "queued run")
+            # Killed once its 202 reached the engine (it logs before it answers): accepted, then lost.
+            await wait_for_log(engine, "handed off to the runner")
             queueing.kill9()
             runner = RunnerProcess(tmp_path / "r2", http_port=port, env=shared_env(tmp_path))
             try:
