@@ -80,6 +80,8 @@ class LocalStorage:
         self._states: dict[tuple[str, str], _States] = {}
         # fsync mode: directories of a run holding new names that its next state write syncs.
         self._unsynced_dirs: dict[tuple[str, str], set[Path]] = {}
+        # fsync mode: new snapshot blobs of a run that its next state write syncs.
+        self._unsynced_files: dict[tuple[str, str], set[Path]] = {}
         self._run_dirs: dict[tuple[str, str], Path] = {}
         # Where this process left the streams of runs it released (the mark it left in the
         # lease, and each stream's last index) and, once it takes such a run back with the mark
@@ -208,6 +210,8 @@ class LocalStorage:
                 syncs.append(functools.partial(_sync, appender, os.dup(appender.fd)))
         directories = self._unsynced_dirs.pop((ws, run_id), set())
         syncs.extend(functools.partial(_fsync_dir, directory) for directory in directories)
+        files = self._unsynced_files.pop((ws, run_id), set())
+        syncs.extend(functools.partial(_fsync_file, path) for path in files)
         try:
             if len(syncs) == 1:
                 syncs[0]()
@@ -216,6 +220,8 @@ class LocalStorage:
         except BaseException:
             if directories:  # the next state write tries them again
                 self._unsynced_dirs.setdefault((ws, run_id), set()).update(directories)
+            if files:
+                self._unsynced_files.setdefault((ws, run_id), set()).update(files)
             raise
 
     async def write_segment(
@@ -343,12 +349,15 @@ class LocalStorage:
         # A snapshot's blob counts once a state names it: its name is synced with that state
         # (its content is synced before it gets the name, so no name ever holds torn content).
         snapshot = name.startswith(SNAPSHOT_BLOB_PREFIXES)
-        if snapshot and not self._fsync and _write_new(path, data):
+        if snapshot and _write_new(path, data):
             # Named by its content's digest, never rewritten, and checked against that digest
             # when read back: created in place, without a temporary file and a rename. Only a
-            # state written after it names it, so a reader never meets one half-written.
-            return
-        self._write_atomic(path, data, sync_dir=not snapshot)
+            # state written after it names it (in fsync mode, after syncing it with the other
+            # files that state commits), so a reader never meets one half-written.
+            if self._fsync:
+                self._unsynced_files.setdefault((ws, run_id), set()).add(path)
+        else:
+            self._write_atomic(path, data, sync_dir=not snapshot)
         if snapshot and self._fsync:
             self._unsynced_dirs.setdefault((ws, run_id), set()).update(
                 (directory, directory.parent) if created else (directory,)
@@ -477,6 +486,7 @@ class LocalStorage:
         for cache in (
             self._states,
             self._unsynced_dirs,
+            self._unsynced_files,
             self._run_dirs,
             self._left,
             self._known_ends,
@@ -614,6 +624,14 @@ def _sync(appender: _Appender, fd: int | None = None) -> None:
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:

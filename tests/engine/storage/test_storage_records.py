@@ -246,3 +246,25 @@ async def test_a_snapshot_blob_torn_by_a_crash_is_rewritten_whole(tmp_path: Path
     assert await storage.get_blob("ws", "r1", name) == b"whole content"
     assert not [p for p in blob.parent.iterdir() if p.name.endswith(".tmp")]
     await storage.close()
+
+
+async def test_fsync_mode_syncs_new_snapshot_blobs_with_the_state_that_names_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = LocalStorage(tmp_path, fsync=True)
+    await storage.create_run("ws", "r1", {}, {})
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting)
+    await storage.put_blob("ws", "r1", "wd-" + "cd" * 32, b"content")
+    await storage.put_blob("ws", "r1", "wdm-" + "ef" * 32, b"manifest")
+    assert synced == []  # not yet: the event loop goes on
+    await storage.write_state("ws", "r1", {"n": 1})
+    assert len(synced) == 3  # both blobs and the state file
+    assert await storage.get_blob("ws", "r1", "wd-" + "cd" * 32) == b"content"
+    await storage.close()
