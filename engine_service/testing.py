@@ -181,17 +181,17 @@ def running_postgres() -> Iterator[str]:
         "UTF8",
         "--no-sync",
     ]
-    subprocess.run(_not_root(initdb), check=True, capture_output=True)  # noqa: S603 - our own argv
+    subprocess.run(_not_root(initdb), check=True, capture_output=True, cwd=top)  # noqa: S603 - our own argv
     options = (
         f"-p {port} -k {top} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
         "-c full_page_writes=off -c max_connections=300"
     )
     pg_ctl = [os.path.join(bindir, "pg_ctl"), "-D", data, "-l", os.path.join(top, "log"), "-w", "-t", "60"]
-    subprocess.run(_not_root([*pg_ctl, "-o", options, "start"]), check=True, capture_output=True)  # noqa: S603
+    subprocess.run(_not_root([*pg_ctl, "-o", options, "start"]), check=True, capture_output=True, cwd=top)  # noqa: S603
     try:
         yield f"postgresql://machina@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run(_not_root([*pg_ctl, "-m", "immediate", "stop"]), capture_output=True)  # noqa: S603
+        subprocess.run(_not_root([*pg_ctl, "-m", "immediate", "stop"]), capture_output=True, cwd=top)  # noqa: S603
         shutil.rmtree(top, ignore_errors=True)
 
 

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +107,9 @@ class Engine:
         self.control: ControlPlane = control or LocalControl()
         # Whether this process takes runs from the control plane's work queue (a runner does not).
         self.claims_work = True
-        # The newest seq another replica announced for runs watched here.
+        # The newest seq another replica announced for runs watched here, and how many watch each.
         self._remote_seq: dict[tuple[str, str], int] = {}
+        self._watchers: dict[tuple[str, str], int] = {}
         self.storage = metrics.instrument_storage(storage)
         # Where tenants' specs and models may send requests (per-run ApiCall services, webhooks).
         self.egress = egress or config.egress_policy()
@@ -326,13 +327,23 @@ class Engine:
                 self._notify(key)
             return
         key = (ws, run_id)
-        if key not in self._changes:
-            return  # nobody here waits for it
-        if state in ("DONE", "FAILED", "CANCELLED"):
-            self._remote_seq.pop(key, None)  # storage says the rest
-        elif seq > self._remote_seq.get(key, 0):
+        if key not in self._watchers:
+            return  # nobody here watches it
+        if seq > self._remote_seq.get(key, 0):
             self._remote_seq[key] = seq
         self._notify(key)
+
+    @contextlib.contextmanager
+    def _watching(self, key: tuple[str, str]) -> Iterator[None]:
+        """While a watcher (a stream, a wait) follows the run: what replicas announce of it is kept."""
+        self._watchers[key] = self._watchers.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self._watchers[key] -= 1
+            if not self._watchers[key]:
+                del self._watchers[key]
+                self._remote_seq.pop(key, None)
 
     async def _new_run(
         self,

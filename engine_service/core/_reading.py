@@ -8,7 +8,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from engine_service.core._actor import RunActor
@@ -134,6 +134,10 @@ class RunReader:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         deadline = time.monotonic() + timeout
         await self._engine.get_run(principal, run_id)  # NOT_FOUND first
+        with self._engine._watching(key):
+            return await self._wait_settled(key, deadline)
+
+    async def _wait_settled(self, key: tuple[str, str], deadline: float) -> tuple[RunRecord, bool]:
         while True:
             remaining = deadline - time.monotonic()
             actor = self._engine._active.get(key)
@@ -147,11 +151,14 @@ class RunReader:
                     async with asyncio.timeout(remaining):
                         await asyncio.shield(actor.task)
                 continue
+            heard = self._engine._remote_seq.get(key, 0)
             record = await self._engine._load(key)
             if settled(record):
                 return record, False
             if remaining <= 0:
                 return record, True
+            if self._engine._remote_seq.get(key, 0) != heard:
+                continue  # another replica moved it while it was being read
             await self.wait_change(key, min(self._poll_interval(record), remaining))
 
     async def stream_events(
@@ -172,6 +179,15 @@ class RunReader:
             raise invalid("ERR_INVALID_REQUEST", "after_seq must not be negative", field="after_seq")
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         await self._engine.get_run(principal, run_id)  # NOT_FOUND before the stream opens
+        stream = self._stream(key, after_seq, follow=follow, until_pause=until_pause)
+        with self._engine._watching(key):
+            async with contextlib.aclosing(stream):
+                async for batch in stream:
+                    yield batch
+
+    async def _stream(
+        self, key: tuple[str, str], after_seq: int, *, follow: bool, until_pause: bool
+    ) -> AsyncGenerator[list[Event], None]:
         cursor = after_seq
         finished: RunActor | None = None  # the last actor read live from
         while True:
@@ -233,6 +249,8 @@ class RunReader:
             stop = record.state.terminal or (until_pause and settled(record))
             if stop or not (follow or until_pause):
                 return
+            if actor is None and self._engine._remote_seq.get(key, 0) > cursor:
+                continue  # announced while storage was being read: read again
             await self.wait_change(key, self._poll_interval(record))
 
     def _poll_interval(self, record: RunRecord) -> float:

@@ -198,6 +198,23 @@ async def test_auth_none_sends_no_credentials(httpbin: str) -> None:
     assert "Authorization" not in result["body"]["headers"]
 
 
+async def test_requests_carry_the_current_trace_only_while_tracing_is_on(httpbin: str) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from engine_service.core import _telemetry as telemetry
+
+    assert "Traceparent" not in (await call(make_tool(service(httpbin)), path="/headers"))["body"]["headers"]
+    provider = TracerProvider()
+    telemetry.install_tracer_provider(provider)
+    try:
+        with provider.get_tracer("test").start_as_current_span("tool") as span:
+            result = await call(make_tool(service(httpbin)), path="/headers")
+    finally:
+        telemetry.uninstall()
+    traceparent = result["body"]["headers"]["Traceparent"]
+    assert traceparent.split("-")[1] == format(span.get_span_context().trace_id, "032x")
+
+
 async def test_auth_bearer(httpbin: str) -> None:
     tool = make_tool(service(httpbin, auth={"type": "bearer", "token_ref": "tok"}))
     result = await call(tool, path="/bearer")
