@@ -457,21 +457,28 @@ class RunActor(Subagents):
             turn=turns,
             purpose="compaction",
         )
-        result: TurnResult | None = None
-        try:
+
+        async def summarise() -> TurnResult:
+            result: TurnResult | None = None
             async for item in model.stream(request):
                 if isinstance(item, TurnResult):
                     result = item
+            if result is None or not result.text.strip():
+                raise RunFailure(
+                    "ERR_COMPACTION_FAILED",
+                    "summarising older turns to fit the context window gave no summary",
+                )
+            return result
+
+        try:
+            # Timed, counted and traced (a `chat {model}` span) like every other model call.
+            result = await self._measured_model_call(model, summarise, child.path if child else "")
         except ModelError as error:
             raise RunFailure(
                 "ERR_COMPACTION_FAILED",
                 f"summarising older turns to fit the context window failed: {error.message}",
                 model_error=error.code,
             ) from None
-        if result is None or not result.text.strip():
-            raise RunFailure(
-                "ERR_COMPACTION_FAILED", "summarising older turns to fit the context window gave no summary"
-            )
         record.meta.usage.add(result.usage)
         cost = result.usage.cost(env.price)
         record.meta.cost_usd += cost

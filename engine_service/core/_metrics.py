@@ -113,7 +113,7 @@ RUNS_ACTIVE = Gauge("machina_runs_active", "Runs executing in this process now."
 # The shared work queue's depth is sum(enqueued) - sum(started) over the replicas.
 RUNS_ENQUEUED = Counter("machina_runs_enqueued", "Runs this process put in the shared work queue.")
 RUNS_DEQUEUED = Counter("machina_runs_dequeued", "Queued runs this process claimed and started.")
-TURNS = Counter("machina_turns", "Model turns taken.", ["provider"])
+TURNS = Counter("machina_turns", "Model calls made: turns, and summaries of older turns.", ["provider"])
 TURN_SECONDS = Histogram(
     "machina_turn_duration_seconds", "One turn: the model call and the tool calls it asked for.", ["provider"]
 )

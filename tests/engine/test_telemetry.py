@@ -211,3 +211,19 @@ async def test_webhooks_and_web_fetches_carry_the_run_trace(
     # The engine's server span is a child of the client's call, under the caller's span.
     names = {s.name for s in spans.get_finished_spans() if s.context.trace_id == int(trace_id, 16)}
     assert {"machina.engine.v1.EngineService/CreateRun", "execute_tool WebFetch", "invoke_agent"} <= names
+
+
+async def test_a_compaction_summary_is_a_model_call_span_of_its_own(
+    servers: ServerFactory, spans: InMemorySpanExporter
+) -> None:
+    server = await servers.start()
+    echo = "lorem ipsum dolor sit amet " * 22
+    script = [turn(f"step {i}", ("echo", {"text": f"{i}: {echo}"})) for i in range(29)]
+    async with AsyncEngineClient(f"127.0.0.1:{server.port}") as client:
+        run = await client.execute(
+            "Run the steps.", script=[*script, turn("done")], context_window_tokens=2_000, max_turns=40
+        ).result()
+    assert run.state == "DONE", run
+    chats = [s for s in spans.get_finished_spans() if s.name == "chat script"]
+    # One span per model call: the run's 30 turns and each summarising call besides them.
+    assert len(chats) > 30
