@@ -32,7 +32,7 @@ STATES = "states"
 # Older state files are removed in batches of this many.
 STATES_KEPT = 16
 # What a run in one of these states keeps of its state files: it writes no more of them.
-FINAL_STATES_KEPT = 2
+FINAL_STATES_KEPT = 1
 _FINAL = frozenset({"DONE", "FAILED", "CANCELLED"})
 
 
@@ -194,8 +194,8 @@ class LocalStorage:
         finally:
             os.close(fd)
         states.next += 1
-        # A finished run writes no more states: it keeps the newest two (a reader that listed
-        # the directory a moment ago may still open the one before), not a batch of them.
+        # A finished run writes no more states: it keeps only the newest (a reader that listed
+        # the directory a moment ago and finds its files gone lists it again).
         kept = FINAL_STATES_KEPT if state.get("state") in _FINAL else STATES_KEPT
         if states.next - states.oldest > (kept if kept == FINAL_STATES_KEPT else 2 * kept):
             for number in range(states.oldest, states.next - kept):
@@ -696,19 +696,25 @@ def _state_numbers(names: list[str]) -> list[int]:
 
 def _newest_state(directory: Path) -> JsonObject | None:
     """The highest numbered whole state file in ``directory``; None if there is none."""
-    try:
-        numbers = _state_numbers(os.listdir(directory))
-    except FileNotFoundError:
-        return None
-    for number in reversed(numbers):
+    for _ in range(3):
         try:
-            with open(directory / _state_name(number), "rb") as fh:
-                doc: JsonObject = loads(fh.read())
-            return doc
+            numbers = _state_numbers(os.listdir(directory))
         except FileNotFoundError:
-            continue  # removed as old since the listing: a newer one exists
-        except ValueError:
-            continue  # still being written, or torn by a crash: the one before counts
+            return None
+        removed = False
+        for number in reversed(numbers):
+            try:
+                with open(directory / _state_name(number), "rb") as fh:
+                    doc: JsonObject = loads(fh.read())
+                return doc
+            except FileNotFoundError:
+                removed = True  # removed as old since the listing: a newer one exists
+            except ValueError:
+                continue  # still being written, or torn by a crash: the one before counts
+        if not removed:
+            return None
+        # Every file listed was removed meanwhile (a finished run keeps only its newest):
+        # list again to find the newer one.
     return None
 
 

@@ -231,8 +231,26 @@ async def test_a_finished_run_keeps_only_its_newest_state_files(tmp_path: Path) 
         await writer.write_state("ws", "r1", {"state": "RUNNING", "n": n})
     await writer.write_state("ws", "r1", {"state": "DONE", "n": 10})
     states = tmp_path / "workspaces" / "ws" / "runs" / "r1" / "states"
-    assert len(list(states.iterdir())) == 2  # the newest and the one before it, not a batch
+    assert len(list(states.iterdir())) == 1  # only the newest, not a batch
     assert await reader.read_state("ws", "r1") == {"state": "DONE", "n": 10}
+    await writer.close()
+
+
+async def test_a_reader_whose_listed_states_were_removed_lists_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import engine_service.storage._local as local
+
+    writer, reader = LocalStorage(tmp_path), LocalStorage(tmp_path)
+    await writer.create_run("ws", "r1", {}, {"state": "QUEUED"})
+    await writer.write_state("ws", "r1", {"state": "RUNNING"})
+    states = tmp_path / "workspaces" / "ws" / "runs" / "r1" / "states"
+    stale = os.listdir(states)  # what a reader listed just before the run finished
+    await writer.write_state("ws", "r1", {"state": "DONE"})  # removes the file it listed
+    listdir = os.listdir
+    listings = iter([stale])
+    monkeypatch.setattr(local.os, "listdir", lambda path: next(listings, None) or listdir(path))
+    assert await reader.read_state("ws", "r1") == {"state": "DONE"}  # not the created state
     await writer.close()
 
 
