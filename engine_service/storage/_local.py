@@ -31,9 +31,10 @@ SNAPSHOT_BLOB_PREFIXES = (FILE_BLOB, MANIFEST_BLOB)
 STATES = "states"
 # Older state files are removed in batches of this many.
 STATES_KEPT = 16
-# What a run in one of these states keeps of its state files: it writes no more of them.
+# What a run in one of these states keeps of its state files: it writes no more of them
+# (or none until it is resumed).
 FINAL_STATES_KEPT = 1
-_FINAL = frozenset({"DONE", "FAILED", "CANCELLED"})
+_FINAL = frozenset({"PAUSED", "DONE", "FAILED", "CANCELLED"})
 
 
 @dataclass(slots=True)
@@ -194,8 +195,8 @@ class LocalStorage:
         finally:
             os.close(fd)
         states.next += 1
-        # A finished run writes no more states: it keeps only the newest (a reader that listed
-        # the directory a moment ago and finds its files gone lists it again).
+        # A paused or finished run writes no more states for now: it keeps only the newest (a
+        # reader that listed the directory a moment ago and finds its files gone lists it again).
         kept = FINAL_STATES_KEPT if state.get("state") in _FINAL else STATES_KEPT
         if states.next - states.oldest > (kept if kept == FINAL_STATES_KEPT else 2 * kept):
             for number in range(states.oldest, states.next - kept):
