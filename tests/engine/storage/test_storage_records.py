@@ -239,8 +239,6 @@ async def test_a_finished_run_keeps_only_its_newest_state_files(tmp_path: Path) 
 async def test_a_reader_whose_listed_states_were_removed_lists_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import engine_service.storage._local as local
-
     writer, reader = LocalStorage(tmp_path), LocalStorage(tmp_path)
     await writer.create_run("ws", "r1", {}, {"state": "QUEUED"})
     await writer.write_state("ws", "r1", {"state": "RUNNING"})
@@ -249,7 +247,7 @@ async def test_a_reader_whose_listed_states_were_removed_lists_again(
     await writer.write_state("ws", "r1", {"state": "DONE"})  # removes the file it listed
     listdir = os.listdir
     listings = iter([stale])
-    monkeypatch.setattr(local.os, "listdir", lambda path: next(listings, None) or listdir(path))
+    monkeypatch.setattr(os, "listdir", lambda path: next(listings, None) or listdir(path))
     assert await reader.read_state("ws", "r1") == {"state": "DONE"}  # not the created state
     await writer.close()
 
