@@ -49,9 +49,6 @@ from engine_service.models import (
 )
 from engine_service.tools._registry import AGENT_TOOL, Tool, capability_error
 
-# How deep subagents may nest by default: the run's agent is at depth 0, its children at 1.
-MAX_AGENT_DEPTH = 2
-
 
 class ChildStopped(Exception):
     """A subagent reached one of its own limits: it ends, the run goes on."""

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from engine_service.core._errors import missing_extra
 from engine_service.core._ids import check_id
@@ -123,8 +122,8 @@ class LocalStorage:
         except FileExistsError:
             return False
         try:
-            self._write_atomic(run_dir / "spec.json", _dumps(spec))
-            self._write_atomic(run_dir / "state.json", _dumps(state))
+            self._write_atomic(run_dir / "spec.json", dumps(spec))
+            self._write_atomic(run_dir / "state.json", dumps(state))
             if self._fsync:
                 _fsync_dir(run_dir.parent)  # the run directory's own entry: CreateRun answers after this
         except BaseException:
@@ -379,7 +378,7 @@ class LocalStorage:
     async def put_shared(self, name: str, doc: JsonObject) -> None:
         directory = self._root / "shared"
         directory.mkdir(exist_ok=True)
-        self._write_atomic(directory / f"{check_id(name, 'shared name')}.json", _dumps(doc))
+        self._write_atomic(directory / f"{check_id(name, 'shared name')}.json", dumps(doc))
 
     async def get_shared(self, name: str) -> JsonObject | None:
         return _read_json(self._root / "shared" / f"{check_id(name, 'shared name')}.json")
@@ -413,7 +412,7 @@ class LocalStorage:
             raise
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(_dumps(doc))
+                fh.write(dumps(doc))
                 if self._fsync:
                     fh.flush()
                     os.fsync(fh.fileno())
@@ -439,12 +438,12 @@ class LocalStorage:
         path = self._doc_path(ws, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         if not create_only:
-            self._write_atomic(path, _dumps(doc))
+            self._write_atomic(path, dumps(doc))
             return True
         # Written aside, then linked into place: link fails if the name exists, and readers
         # never see a half-written document.
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-        self._write_atomic(tmp, _dumps(doc))
+        self._write_atomic(tmp, dumps(doc))
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -672,10 +671,6 @@ def _stream(name: str) -> str:
     if name not in ("events", "transcript"):
         raise ValueError(f"unknown stream {name!r}")
     return name
-
-
-def _dumps(doc: Any) -> bytes:
-    return dumps(doc)
 
 
 def _read_json(path: Path) -> JsonObject | None:

@@ -30,10 +30,6 @@ from engine_service.storage._records import doc_span, dump_lines, dumps, loads, 
 _DIGITS = 12
 
 
-def _dumps(doc: Any) -> bytes:
-    return dumps(doc)
-
-
 def _code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
 
@@ -181,9 +177,9 @@ class S3Storage:
     # -- the Storage protocol --------------------------------------------------------------
 
     async def create_run(self, ws: str, run_id: str, spec: JsonObject, state: JsonObject) -> bool:
-        if not await self._put_new(self._run(ws, run_id, "spec.json"), _dumps(spec)):
+        if not await self._put_new(self._run(ws, run_id, "spec.json"), dumps(spec)):
             return False
-        return await self._put_new(self._run(ws, run_id, "state.json"), _dumps(state))
+        return await self._put_new(self._run(ws, run_id, "state.json"), dumps(state))
 
     async def read_spec(self, ws: str, run_id: str) -> JsonObject | None:
         return await self._get_json(self._run(ws, run_id, "spec.json"))
@@ -192,7 +188,7 @@ class S3Storage:
         return await self._get_json(self._run(ws, run_id, "state.json"))
 
     async def write_state(self, ws: str, run_id: str, state: JsonObject) -> None:
-        await self._put(self._run(ws, run_id, "state.json"), _dumps(state))
+        await self._put(self._run(ws, run_id, "state.json"), dumps(state))
 
     async def write_segment(
         self, ws: str, run_id: str, stream: str, first: int, records: list[JsonObject]
@@ -258,7 +254,7 @@ class S3Storage:
         return None if found is None else found[0]
 
     async def put_shared(self, name: str, doc: JsonObject) -> None:
-        await self._put(self._key("shared", f"{check_id(name, 'shared name')}.json"), _dumps(doc))
+        await self._put(self._key("shared", f"{check_id(name, 'shared name')}.json"), dumps(doc))
 
     async def get_shared(self, name: str) -> JsonObject | None:
         return await self._get_json(self._key("shared", f"{check_id(name, 'shared name')}.json"))
@@ -277,7 +273,7 @@ class S3Storage:
         path = self._key(
             "workspaces", check_id(ws, "workspace_id"), "requests", f"{check_id(key, 'request_id')}.json"
         )
-        if await self._put_new(path, _dumps(doc)):
+        if await self._put_new(path, dumps(doc)):
             return None
         return await self._get_json(path)
 
@@ -305,8 +301,8 @@ class S3Storage:
     async def put_doc(self, ws: str, key: str, doc: JsonObject, *, create_only: bool = False) -> bool:
         path = self._doc(ws, key)
         if create_only:
-            return await self._put_new(path, _dumps(doc))
-        await self._put(path, _dumps(doc))
+            return await self._put_new(path, dumps(doc))
+        await self._put(path, dumps(doc))
         return True
 
     async def get_doc(self, ws: str, key: str) -> JsonObject | None:
@@ -327,7 +323,7 @@ class S3Storage:
 
     async def acquire_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
         key = self._run(ws, run_id, "lease.json")
-        doc = _dumps({"owner": owner, "expires_at": time.time() + ttl})
+        doc = dumps({"owner": owner, "expires_at": time.time() + ttl})
         current = await self._get(key)
         if current is None:
             if await self._put(key, doc, IfNoneMatch="*") is not None:
@@ -347,7 +343,7 @@ class S3Storage:
         current = await self._get(key)
         if current is not None and loads(current[0]).get("owner") == owner:
             # Expire rather than delete: If-Match keeps us from clobbering a new owner.
-            await self._put(key, _dumps({"owner": owner, "expires_at": 0}), IfMatch=current[1])
+            await self._put(key, dumps({"owner": owner, "expires_at": 0}), IfMatch=current[1])
 
     async def close(self) -> None:
         await self._stack.aclose()
