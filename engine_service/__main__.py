@@ -251,9 +251,13 @@ def retention_main(argv: list[str]) -> int:
 
 async def _retention(config: EngineConfig, dry_run: bool) -> list[RetentionReport]:
     engine = build_engine(config)
+    # With a control plane, deletions also leave its index: connect it for the sweep, and
+    # closing it lands what the sweep queued there.
+    await engine.control.start("retention", lambda *_: None)
     try:
         return await retention_sweep(engine, dry_run=dry_run)
     finally:
+        await engine.control.close()
         await engine.storage.close()
 
 

@@ -260,13 +260,16 @@ class PostgresControl:
     async def _run(self, what: Callable[[Any], Awaitable[Any]]) -> Any:
         """``what(pool)``, or ERR_CONTROL_UNAVAILABLE while the database is away."""
         pool = self._pool
+        # Callers are tenants: they learn the kind of failure, never the database's host, user
+        # or server message (those are in the operator's log).
         if pool is None or not self._connected.is_set():
-            raise unavailable(self._problem)
+            raise unavailable(self._problem.split(":", 1)[0] or "not connected yet")
         try:
             return await what(pool)
         except DOWN as exc:
             self._lost.set()
-            raise unavailable(exc) from None
+            log.warning("control plane query failed: %s: %s", type(exc).__name__, exc)
+            raise unavailable(type(exc).__name__) from None
 
     def watch_timeout(self, polling: float) -> float:
         return WATCH_TIMEOUT_S if self._connected.is_set() else polling
@@ -367,8 +370,10 @@ class PostgresControl:
                     "DELETE FROM machina_slots s USING machina_runs r "
                     "WHERE r.workspace = s.workspace AND r.run_id = s.run_id "
                     "AND (r.state IN ('DONE', 'FAILED', 'CANCELLED') "
-                    "OR (r.state IN ('PAUSED', 'QUEUED') AND s.taken_at < $1))",
+                    "OR (r.state IN ('PAUSED', 'QUEUED') AND s.taken_at < $1)) "
+                    "AND ($2::text IS NULL OR s.workspace = $2)",  # a tenant's sweep: its own only
                     self._clock() - STALE_CLAIM_S,
+                    workspace,
                 )
                 return list(
                     await conn.fetch(

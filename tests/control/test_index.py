@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ import grpc
 import pytest
 
 from client_py import AsyncEngineClient
+from engine_service import EngineError
 from engine_service.control import PostgresControl, migrate, migrations
+from engine_service.testing import free_port
 from tests.conftest import ROOT, turn
 from tests.control.conftest import Replicas
 
@@ -237,3 +240,69 @@ async def test_a_deleted_run_leaves_the_index(replicas: Replicas) -> None:
                 break
             await asyncio.sleep(0.05)
     assert listed == [kept.run_id]
+
+
+async def test_the_retention_command_removes_deleted_runs_from_the_index(replicas: Replicas) -> None:
+    server = await replicas.start()
+    async with AsyncEngineClient(f"127.0.0.1:{server.port}") as client:
+        run = await client.create("expire me", model="scripted", script=[turn("ok")])
+        await run.wait(timeout=20)
+    await replicas.stop_all()
+    await asyncio.sleep(0.2)  # older than the retention period below
+    env = {
+        **os.environ,
+        "MACHINA_STORAGE": str(replicas.root),
+        "MACHINA_CONTROL_URL": replicas.database,
+        "MACHINA_RETENTION_DAYS": "0.000001",  # about 0.09 s
+    }
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "engine_service", "retention"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert run.run_id in done.stdout
+    conn = await asyncpg.connect(replicas.database)
+    try:
+        left = await conn.fetchval("SELECT count(*) FROM machina_runs WHERE run_id = $1", run.run_id)
+    finally:
+        await conn.close()
+    assert left == 0
+
+
+async def test_callers_learn_the_database_is_away_but_not_where_or_who(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens here
+    control = PostgresControl(f"postgresql://ops-user-7f3a@127.0.0.1:{port}/runs", connect_timeout=0.5)
+    await control.start("t", lambda *_: None)
+    try:
+        with pytest.raises(EngineError) as caught:
+            await control.active_runs("default")
+    finally:
+        await control.close()
+    assert caught.value.code == "ERR_CONTROL_UNAVAILABLE"
+    assert str(port) not in caught.value.message
+    assert "ops-user-7f3a" not in caught.value.message
+    assert "127.0.0.1" not in caught.value.message
+
+
+async def test_one_workspaces_sweep_leaves_other_workspaces_slots_alone(database: str) -> None:
+    control = PostgresControl(database)
+    await control.start("t", lambda *_: None)
+    conn = await asyncpg.connect(database)
+    try:
+        for ws in ("mine", "theirs"):  # a finished run each, whose slot was never released
+            await conn.execute(
+                "INSERT INTO machina_runs (workspace, run_id, state, created_at, updated_at, doc) "
+                "VALUES ($1, 'r1', 'DONE', 0, 0, '{}')",
+                ws,
+            )
+            await conn.execute(
+                "INSERT INTO machina_slots (workspace, run_id, owner) VALUES ($1, 'r1', 'x')", ws
+            )
+        await control.active_runs("mine")  # a tenant's RecoverOrphanedRuns
+        left = [r["workspace"] for r in await conn.fetch("SELECT workspace FROM machina_slots")]
+        assert left == ["theirs"]
+        await control.active_runs(None)  # the engine's own sweep: every workspace
+        assert await conn.fetchval("SELECT count(*) FROM machina_slots") == 0
+    finally:
+        await conn.close()
+        await control.close()
