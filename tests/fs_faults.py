@@ -1,5 +1,5 @@
 """Storage faults on a real file system: a small tmpfs that fills up, a directory made read-only
-for a process without CAP_DAC_OVERRIDE (the engine runs as ``nobody``)."""
+for a process without CAP_DAC_OVERRIDE (root with those capabilities dropped)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-NOBODY = 65534
 
 
 @contextlib.contextmanager
@@ -48,16 +46,6 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def as_nobody() -> list[str]:
-    """A launcher that runs a command as ``nobody``: no capabilities, so CAP_DAC_OVERRIDE cannot
-    get past a directory's mode the way root would."""
-    if os.geteuid() != 0:
-        pytest.skip("running a process as another user needs root")
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
-    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-
-
 def as_root_without_dac_override() -> list[str]:
     """A launcher that runs a command as root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH:
     a directory's mode binds it, while everything root owns (the checkout, the venv) stays
@@ -68,10 +56,3 @@ def as_root_without_dac_override() -> list[str]:
         pytest.skip("setpriv (util-linux) is not installed")
     caps = "-dac_override,-dac_read_search"
     return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]
-
-
-def chown_tree(path: Path, uid: int = NOBODY) -> None:
-    for root, dirs, files in os.walk(path):
-        for name in [*dirs, *files]:
-            os.lchown(os.path.join(root, name), uid, uid)
-    os.lchown(path, uid, uid)

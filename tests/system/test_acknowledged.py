@@ -199,14 +199,13 @@ async def test_storage_made_read_only_mid_run_shows_no_end_that_is_not_committed
     import shutil
     import tempfile
 
-    from tests.fs_faults import as_nobody, chown_tree
+    from tests.fs_faults import as_root_without_dac_override
 
-    launcher = as_nobody()
-    # Outside pytest's tmp (root-only): the engine runs as nobody, without CAP_DAC_OVERRIDE.
+    launcher = as_root_without_dac_override()
+    # The engine runs as root without CAP_DAC_OVERRIDE: the directories' modes bind it.
     root = Path(tempfile.mkdtemp(prefix="machina-ro-", dir="/tmp"))
     try:
-        os.chmod(root, 0o755)  # noqa: S103 - nobody must reach it
-        chown_tree(root)
+        os.chmod(root, 0o755)  # noqa: S103 - the test process reads it too
         env = base_env(root, MACHINA_TOOLS_CUSTOM="tests.tools:sleep")
         engine = EngineProcess(root, env=env, launcher=launcher)
         runs = root / "storage" / "workspaces" / "default" / "runs"
@@ -290,23 +289,22 @@ async def test_an_end_whose_commit_failed_is_dropped_by_recovery(tmp_path: Path)
     import shutil
     import tempfile
 
-    from tests.fs_faults import as_nobody, chown_tree
+    from tests.fs_faults import as_root_without_dac_override
 
-    launcher = as_nobody()
+    launcher = as_root_without_dac_override()
     root = Path(tempfile.mkdtemp(prefix="machina-ro-", dir="/tmp"))
     with serve() as model:
         model.push(openai_text("first answer", delay=1.0), openai_text("second answer"))
         try:
-            os.chmod(root, 0o755)  # noqa: S103 - nobody must reach it
+            os.chmod(root, 0o755)  # noqa: S103 - the test process reads it too
             for name in ("a", "b"):
                 (root / name).mkdir()
-            chown_tree(root)
-            env = base_env(
-                root,
-                MACHINA_MODEL_PROVIDER="openai",
-                MACHINA_MODEL_BASE_URL=model.url + "/v1",
-                OPENAI_API_KEY="sk-test-end-commit",
-            )
+                env = base_env(
+                    root,
+                    MACHINA_MODEL_PROVIDER="openai",
+                    MACHINA_MODEL_BASE_URL=model.url + "/v1",
+                    OPENAI_API_KEY="sk-test-end-commit",
+                )
             runs = root / "storage" / "workspaces" / "default" / "runs"
 
             def set_mode(mode: int) -> None:
