@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterable
+import threading
+from collections.abc import Coroutine, Iterable
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -18,6 +20,8 @@ _S3_ERRORS = {
 
 
 __all__ = ["CREDENTIALS", "FaultyProxy", "new_bucket", "running_moto"]
+
+T = TypeVar("T")
 
 
 class FaultyProxy:
@@ -36,6 +40,8 @@ class FaultyProxy:
         self.counts: dict[str, int] = {}
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self.url = ""
 
     def set_pattern(self, pattern: Iterable[str]) -> None:
@@ -43,6 +49,34 @@ class FaultyProxy:
         self._pattern = itertools.cycle(list(pattern))
 
     async def start(self) -> None:
+        """Serve from a thread of its own, on its own event loop.
+
+        Tests start engines with blocking calls (``EngineProcess`` waits for the engine to
+        serve, and the engine first checks its storage through this proxy): a proxy on the
+        test's own loop would not answer until that check had timed out.
+        """
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=loop.run_forever, name="faulty-s3-proxy", daemon=True)
+        self._thread.start()
+        await self._on_proxy_loop(self._serve())
+
+    async def stop(self) -> None:
+        if self._loop is None or self._thread is None:
+            return
+        try:
+            await self._on_proxy_loop(self._close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            await asyncio.to_thread(self._thread.join, 10)
+            self._loop.close()
+            self._loop = self._thread = None
+
+    async def _on_proxy_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        assert self._loop is not None
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    async def _serve(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
@@ -53,7 +87,7 @@ class FaultyProxy:
         self.url = f"http://127.0.0.1:{port}"
         self._session = aiohttp.ClientSession(auto_decompress=False)
 
-    async def stop(self) -> None:
+    async def _close(self) -> None:
         if self._session is not None:
             await self._session.close()
         if self._runner is not None:

@@ -231,8 +231,7 @@ async def test_health_is_not_serving_while_storage_is_unreachable(moto: str, tmp
         "MACHINA_RECOVERY_INTERVAL_S": "60",
     }
     try:
-        # The proxy answers on this event loop: start the engine (which waits for it) in a thread.
-        engine = await asyncio.to_thread(EngineProcess, tmp_path, env=env)
+        engine = EngineProcess(tmp_path, env=env)
         try:
             assert await _health(engine.target) == "SERVING"
             proxy.set_pattern(["500"])
@@ -240,6 +239,6 @@ async def test_health_is_not_serving_while_storage_is_unreachable(moto: str, tmp
             proxy.set_pattern(["ok"])
             await asyncio.wait_for(_health_becomes(engine.target, "SERVING"), 30)
         finally:
-            await asyncio.to_thread(engine.close)
+            engine.close()
     finally:
         await proxy.stop()
