@@ -40,6 +40,8 @@ LOG_BYTES = 1 << 20
 # Where runs written by earlier versions keep their later states: one file each, the highest
 # number counting (read, never written now).
 STATES = "states"
+# A run in one of these states writes no more for now (or until it is resumed).
+_FINAL = frozenset({"PAUSED", "DONE", "FAILED", "CANCELLED"})
 # How much of a commit log's end is read at first to find its last record.
 _TAIL_BYTES = 1 << 13
 
@@ -77,8 +79,7 @@ class _Log:
     path: Path
     number: int
     size: int
-    # Records written to it by this process, and the state of the newest one.
-    records: int = 0
+    # The state of the newest record this process wrote to it.
     state: JsonObject | None = None
 
     def close(self) -> None:
@@ -299,6 +300,12 @@ class LocalStorage:
         log = self._logs.get(key)
         if log is None:
             log = self._logs[key] = self._open_log(*key)
+        if log.size and record["state"].get("state") in _FINAL:
+            # A pause or an end starts a new log holding only it: the run writes no more for
+            # now, and keeps one record. (Like every commit once did, it so needs a writable
+            # directory and free space: storage refusing writes holds back a pause or an end.)
+            await self._replace_log(key, log, record)
+            return
         data = dumps(record) + b"\n"
         try:
             _write_all(log.fd, data)
@@ -310,12 +317,11 @@ class LocalStorage:
                 os.truncate(log.path, log.size)
             raise
         log.size += len(data)
-        log.records += 1
         log.state = record["state"]
         if self._fsync:
             await self._group_sync.sync(log.fd)
         if log.size > LOG_BYTES:
-            await self._replace_log(key, log)
+            await self._replace_log(key, log, {"boot": BOOT_ID, "state": log.state} if self._fsync else None)
 
     def _open_log(self, ws: str, run_id: str) -> _Log:
         """The run's newest commit log, opened for appending (its torn end cut off); a new one
@@ -343,40 +349,35 @@ class LocalStorage:
         except BaseException:
             os.close(fd)
             raise
-        # It holds a record or more (how many is not counted).
-        return _Log(fd, path, numbers[-1], size, records=1 if size else 0)
+        return _Log(fd, path, numbers[-1], size)
 
-    async def _replace_log(self, key: tuple[str, str], log: _Log) -> None:
-        """Start a new commit log holding only the newest record, and remove the old one. In
-        fsync mode what the old one's records carry is synced into its own files first."""
-        if log.state is None:
-            return
+    async def _replace_log(self, key: tuple[str, str], log: _Log, record: JsonObject | None) -> None:
+        """Start a new commit log holding only ``record`` (None: the newest record's state), and
+        remove the old one. In fsync mode what the old one's records carry is synced into its
+        own files first."""
+        record = record or {"state": log.state}
         run_dir = self._run_dir(*key)
         if self._fsync:
             await asyncio.to_thread(_sync_what_log_carries, run_dir, log.path)
-        record: JsonObject = {"state": log.state}
-        if self._fsync:
-            record = {"boot": BOOT_ID, "state": log.state}
-        path = log.path.with_name(_log_name(log.number + 1))
+        data = dumps(record) + b"\n"
+        number = log.number + 1
+        while True:
+            path = log.path.with_name(_log_name(number))
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileExistsError:
+                number += 1  # another writer took the run over and numbered past: go after it
         try:
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            # Another writer replaced it (it took the run over): this process appends to its own.
-            self._logs.pop(key, None)
-            log.close()
-            return
-        try:
-            data = dumps(record) + b"\n"
             _write_all(fd, data)
             if self._fsync:
-                os.fdatasync(fd)
-                _fsync_dir(path.parent)
+                await asyncio.to_thread(_sync_new, fd, path.parent)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
-                path.unlink()
+                path.unlink()  # a full disk must not keep what it could not take
             raise
-        self._logs[key] = _Log(fd, path, log.number + 1, len(data), 1, log.state)
+        self._logs[key] = _Log(fd, path, number, len(data), record["state"])
         log.close()
         with contextlib.suppress(OSError):
             log.path.unlink()
@@ -715,15 +716,7 @@ class LocalStorage:
         self._redo.pop(key, None)
         log = self._logs.pop(key, None)
         if log is not None:
-            try:
-                if not self._fsync and log.records > 1:
-                    # Paused or ended: it keeps only its newest state. (In fsync mode that would
-                    # sync every file the log carries, which the next commits may well do.)
-                    self._logs[key] = log
-                    await self._replace_log(key, log)
-                    log = self._logs.pop(key, log)
-            finally:
-                log.close()
+            log.close()
         run_dir = self._run_dir(ws, run_id)
         with self._locked(run_dir):
             current = _read_lease(run_dir / "lease.json")
@@ -808,6 +801,12 @@ def _write_all(fd: int, data: bytes) -> None:
     written = os.write(fd, data)
     while written < len(data):  # a short write: the rest, or the error that stopped it
         written += os.write(fd, data[written:])
+
+
+def _sync_new(fd: int, directory: Path) -> None:
+    """Sync a new file's content and its name in ``directory``."""
+    os.fdatasync(fd)
+    _fsync_dir(directory)
 
 
 def _fsync_path(path: Path) -> None:

@@ -94,17 +94,28 @@ async def test_runs_written_by_earlier_versions_read_the_same(tmp_path: Path) ->
     await storage.close()
 
 
-async def test_a_released_run_keeps_only_its_newest_record(tmp_path: Path) -> None:
+async def test_a_pause_or_an_end_starts_a_log_of_its_own(tmp_path: Path) -> None:
     writer, reader = LocalStorage(tmp_path), LocalStorage(tmp_path)
     await writer.create_run("ws", "r1", {}, {"state": "QUEUED"})
-    assert await writer.acquire_lease("ws", "r1", "me", 30)
     for n in range(10):
         await writer.write_state("ws", "r1", {"state": "RUNNING", "n": n})
-    await writer.write_state("ws", "r1", {"state": "DONE", "n": 10})
-    await writer.release_lease("ws", "r1", "me")
+    await writer.write_state("ws", "r1", {"state": "PAUSED", "n": 10})
     [log] = logs(tmp_path)
-    assert len(log.read_bytes().splitlines()) == 1
-    assert await reader.read_state("ws", "r1") == {"state": "DONE", "n": 10}
+    assert log.read_bytes().splitlines() == [b'{"state":{"state":"PAUSED","n":10}}']
+    assert await reader.read_state("ws", "r1") == {"state": "PAUSED", "n": 10}
+    await writer.write_state("ws", "r1", {"state": "RUNNING", "n": 11})  # resumed: appended
+    await writer.write_state("ws", "r1", {"state": "DONE", "n": 12})
+    [log] = logs(tmp_path)
+    assert log.read_bytes().splitlines() == [b'{"state":{"state":"DONE","n":12}}']
+    # Like creating any file, it needs a writable directory: storage refusing writes holds it back.
+    (tmp_path / RUN / "commits").chmod(0o555)
+    try:
+        if os.geteuid() != 0:
+            with pytest.raises(PermissionError):
+                await writer.write_state("ws", "r1", {"state": "FAILED", "n": 13})
+            assert await reader.read_state("ws", "r1") == {"state": "DONE", "n": 12}
+    finally:
+        (tmp_path / RUN / "commits").chmod(0o755)
     await writer.close()
 
 
