@@ -81,6 +81,7 @@ class WorkdirSnapshots:
         self._root = workdir_root
         self.max_bytes = max_bytes
         self._synced: OrderedDict[tuple[str, str], _Synced] = OrderedDict()
+        self._cache_dirs: set[Path] = set()  # cache directories known to exist
 
     # -- the two hooks -------------------------------------------------------------------
 
@@ -174,7 +175,9 @@ class WorkdirSnapshots:
         path = self._cache_file(ws, run_id)
         doc = {"digest": synced.digest, "entries": synced.entries, "stats": synced.stats}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.parent not in self._cache_dirs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._cache_dirs.add(path.parent)
             # Rewritten in place (replacing a file costs a write-out on ext4); a torn or mixed
             # one fails its checksum and reads as no cache.
             data = _seal(_encode(doc))
@@ -184,6 +187,8 @@ class WorkdirSnapshots:
                 os.ftruncate(fd, len(data))
             finally:
                 os.close(fd)
+        except FileNotFoundError:  # its directory was removed meanwhile: made again next time
+            self._cache_dirs.discard(path.parent)
         except OSError:  # only a cache: the next process rehashes instead
             log.debug("could not write the snapshot cache of run %s", run_id, exc_info=True)
 
