@@ -330,7 +330,10 @@ class CheckpointedRun:
         if snapshots is None or workdir is None or not self._workdir_dirty:
             return
         try:
-            self.record.workdir_manifest = await snapshots.save(self.env.storage, *self.key, workdir)
+            record = self.record
+            record.workdir_manifest, record.workdir_inline = await snapshots.take(
+                self.env.storage, *self.key, workdir
+            )
         except WorkdirTooLarge:
             if self.task is not None and not self.record.state.terminal:
                 raise  # the run fails with it
@@ -390,7 +393,12 @@ class CheckpointedRun:
         if self.env.snapshots is not None and self.env.workdir is not None:
             try:  # the run may have moved on elsewhere: bring its directory here
                 await self.env.snapshots.restore(
-                    self.env.storage, ws, run_id, self.env.workdir, current.get("workdir_manifest", "")
+                    self.env.storage,
+                    ws,
+                    run_id,
+                    self.env.workdir,
+                    current.get("workdir_manifest", ""),
+                    current.get("workdir_inline", ""),
                 )
             except BaseException:
                 await self.env.storage.release_lease(ws, run_id, self.env.owner)
