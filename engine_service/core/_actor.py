@@ -345,9 +345,12 @@ class RunActor(Subagents):
             turn=record.meta.turns,
         )
         result: TurnResult | None = None
+        emit_text = self.emit_text
         async for item in env.model.stream(request):
-            if isinstance(item, TextChunk):
-                self.emit_text(item.text, turn)
+            if type(item) is TextChunk:  # one per token: the common case first, and cheap
+                emit_text(item.text, turn)
+            elif isinstance(item, TextChunk):
+                emit_text(item.text, turn)
             else:
                 result = item
         if result is None:
