@@ -549,6 +549,15 @@ def add_events(
             texts = data["texts"]
             # Several deltas: each message starts as a copy of what they share (parsed in C).
             shared = _delta_template(run_id, seconds, nanos, turn, path) if len(texts) > 2 else b""
+            if shared:
+                size = len(texts) * (delta_overhead + len(path)) + 4 * sum(map(len, texts))
+                if used + size <= max_bytes:
+                    used += size  # all of them fit: no size to check per delta
+                    for seq, text in enumerate(texts, seq):
+                        message = add(seq=seq)
+                        message.MergeFromString(shared)
+                        message.text_delta.text = text
+                    continue
             for text in texts:
                 used += delta_overhead + len(path) + 4 * len(text)
                 if used > max_bytes and len(events) > first:
