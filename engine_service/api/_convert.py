@@ -553,8 +553,8 @@ def add_events(
                 size = len(texts) * (delta_overhead + len(path)) + 4 * sum(map(len, texts))
                 if used + size <= max_bytes:
                     used += size  # all of them fit: no size to check per delta
-                    for seq, text in enumerate(texts, seq):
-                        message = add(seq=seq)
+                    for number, text in enumerate(texts, seq):
+                        message = add(seq=number)
                         message.MergeFromString(shared)
                         message.text_delta.text = text
                     continue

@@ -347,9 +347,7 @@ class RunActor(Subagents):
         result: TurnResult | None = None
         emit_text = self.emit_text
         async for item in env.model.stream(request):
-            if type(item) is TextChunk:  # one per token: the common case first, and cheap
-                emit_text(item.text, turn)
-            elif isinstance(item, TextChunk):
+            if type(item) is TextChunk or isinstance(item, TextChunk):  # one a token: cheap test first
                 emit_text(item.text, turn)
             else:
                 result = item

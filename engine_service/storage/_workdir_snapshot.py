@@ -70,6 +70,7 @@ class _Synced:
     stats: dict[str, StatKey] = field(default_factory=dict)  # of its files, when it was taken
     stored: set[str] = field(default_factory=set)  # file digests known to be in storage
     manifest: bytes = b""  # the manifest itself, once encoded or read here
+    cache_file: Path | None = None  # where this host remembers it (see _remember)
     # Whether the manifest is among the run's blobs (one read from a host's cache counts as stored).
     manifest_stored: bool = True
 
@@ -116,7 +117,7 @@ class WorkdirSnapshots:
         entries, stats, changed = _scan(workdir, synced, self.max_bytes)
         if not entries and not synced.digest:
             return "", ""  # nothing to carry (most runs never write a file)
-        contents = await _read_changed(workdir, changed, sum(entries[rel]["size"] for rel in changed))
+        contents = await _read_changed(workdir, {rel: entries[rel]["size"] for rel in changed})
         for rel in set(changed) - set(contents):  # removed since the scan
             del entries[rel]
             stats.pop(rel, None)
@@ -197,6 +198,11 @@ class WorkdirSnapshots:
     def _cache_file(self, ws: str, run_id: str) -> Path:
         return self._root / ws / _CACHE_DIR / f"{run_id}.json"
 
+    def _cache_path(self, ws: str, run_id: str, synced: _Synced) -> Path:
+        if synced.cache_file is None:
+            synced.cache_file = self._cache_file(ws, run_id)
+        return synced.cache_file
+
     def _get(self, ws: str, run_id: str) -> _Synced:
         key = (ws, run_id)
         synced = self._synced.get(key)
@@ -220,7 +226,7 @@ class WorkdirSnapshots:
 
     def _remember(self, ws: str, run_id: str, synced: _Synced) -> None:
         self._synced[(ws, run_id)] = synced
-        path = self._cache_file(ws, run_id)
+        path = self._cache_path(ws, run_id, synced)
         doc = {"digest": synced.digest, "entries": synced.entries, "stats": synced.stats}
         try:
             if path.parent not in self._cache_dirs:
@@ -320,22 +326,38 @@ def _scan(
     return entries, stats, changed
 
 
-async def _read_changed(workdir: Path, changed: list[str], size: int) -> dict[str, tuple[bytes, str]]:
-    """The content and sha256 of each changed file (off the event loop when there is much)."""
+async def _read_changed(workdir: Path, sizes: dict[str, int]) -> dict[str, tuple[bytes, str]]:
+    """The content and sha256 of each changed file, by its size when scanned (off the event loop
+    when there is much)."""
+    root = str(workdir)
 
     def read() -> dict[str, tuple[bytes, str]]:
         out = {}
-        for rel in changed:
+        for rel in sizes:
             with contextlib.suppress(FileNotFoundError):  # removed since the scan: gone next time
-                fd = os.open(workdir / rel, os.O_RDONLY | os.O_NOFOLLOW)
-                with os.fdopen(fd, "rb") as fh:
-                    data = fh.read()
+                data = _read_file(os.path.join(root, rel), sizes[rel])
                 out[rel] = (data, hashlib.sha256(data).hexdigest())
         return out
 
-    if not changed:
+    if not sizes:
         return {}
-    return read() if size <= _HASH_IN_THREAD_BYTES else await asyncio.to_thread(read)
+    return read() if sum(sizes.values()) <= _HASH_IN_THREAD_BYTES else await asyncio.to_thread(read)
+
+
+def _read_file(path: str, size: int) -> bytes:
+    """The content of the file at ``path`` (``size`` bytes when scanned), not following a
+    last-moment symlink (plain reads: no buffered file object, which costs three more system
+    calls and a buffer as large as the file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        chunks = []
+        want = size + 1  # one read when the file did not grow meanwhile
+        while chunk := os.read(fd, want):
+            chunks.append(chunk)
+            want = 1 << 16
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 # -- restoring ---------------------------------------------------------------------------------

@@ -105,11 +105,19 @@ def _read_bytes(path: Path, user_path: str, limit: int) -> tuple[bytes, int]:
         raise ToolError(f"{user_path!r} is a directory") from None
     except OSError as exc:
         raise ToolError(f"cannot open {user_path!r}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fh.fileno())
+    try:  # plain reads, sized by the file: no buffered file object and its system calls
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ToolError(f"{user_path!r} is not a regular file")
-        return fh.read(limit), info.st_size
+        chunks, left = [], limit
+        want = min(left, info.st_size + 1)  # one read when the file did not grow meanwhile
+        while left > 0 and (chunk := os.read(fd, want)):
+            chunks.append(chunk)
+            left -= len(chunk)
+            want = min(left, 1 << 16)
+        return b"".join(chunks), info.st_size
+    finally:
+        os.close(fd)
 
 
 def _is_binary(data: bytes) -> bool:

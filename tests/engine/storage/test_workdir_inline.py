@@ -133,7 +133,8 @@ async def test_a_run_that_edits_a_small_file_writes_no_blob(harness: Harness) ->
     run_dir = harness.root / "workspaces" / "default" / "runs" / record.run_id
     assert not [p.name for p in (run_dir / "blobs").glob("wd*")]
     state = await harness.engine.storage.read_state("default", record.run_id)
-    assert state is not None and state["workdir_manifest"]
+    assert state is not None
+    assert state["workdir_manifest"]
     entries = json.loads(state["workdir_inline"])["entries"]
     assert entries["notes.txt"]["data"] == "djE="  # "v1"
     assert hashlib.sha256(state["workdir_inline"].encode()).hexdigest() == state["workdir_manifest"]
