@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 
 from engine_service import Engine, EngineConfig, LocalStorage, ToolRegistry
 from engine_service.api._convert import add_events
@@ -164,7 +165,7 @@ def test_each_delta_of_an_event_renders_as_its_own_whole_message(
             run_id="r1",
             seq=7 + i,
             agent_path=path,
-            time={"seconds": int(t), "nanos": int((t - int(t)) * 1e9)},
+            time=timestamp_pb2.Timestamp(seconds=int(t), nanos=int((t - int(t)) * 1e9)),
             text_delta=event_pb2.TextDelta(text=text, turn=turn),
         )
         for i, text in enumerate(texts)
