@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from engine_service.core._errors import EngineError, precondition, shown_list
 from engine_service.core._ids import check_id
 from engine_service.core._run import RunRecord
-from engine_service.core._threads import fork_key, slot_key, thread_key
+from engine_service.core._threads import fork_key, run_active, slot_key, thread_key
 from engine_service.core._types import Principal
 
 if TYPE_CHECKING:
@@ -73,8 +73,7 @@ class Deleter:
         await storage.delete_doc(ws, thread_key(thread_id))
 
     def _check_ended(self, record: RunRecord) -> None:
-        live = self._engine._active.get((record.workspace_id, record.run_id))
-        if not record.state.terminal or (live is not None and not live.lease_released):
+        if run_active(self._engine, record):
             raise precondition(
                 "ERR_RUN_ACTIVE",
                 f"run {record.run_id!r} is {record.state.value}; cancel it before deleting it",

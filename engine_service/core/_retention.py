@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine_service.core._run import RunRecord
+from engine_service.core._threads import run_active
 
 if TYPE_CHECKING:
     from engine_service.core._engine import Engine
@@ -52,8 +53,7 @@ async def apply_retention(engine: Engine, ws: str, *, dry_run: bool = False) -> 
         if state is None:
             continue
         record = RunRecord.from_json(state)
-        live = engine._active.get((ws, run_id))
-        if record.state.terminal and record.updated_at < cutoff and live is None:
+        if record.updated_at < cutoff and not run_active(engine, record):
             expired[run_id] = record
     # Threads whose every run expires go with them (their fork marks too), if they are old enough.
     thread_docs = {}

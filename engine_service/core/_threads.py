@@ -53,6 +53,14 @@ def fork_key(run_id: str, thread_id: str) -> str:
     return f"forks/{run_id}/{thread_id}"
 
 
+def run_active(engine: Engine, record: RunRecord) -> bool:
+    """Whether the run is still going: its state is not final, or a process here still holds
+    its lease (it is committing its end). Such a run is not deleted, and its thread takes no
+    new run."""
+    live = engine._active.get((record.workspace_id, record.run_id))
+    return not record.state.terminal or (live is not None and not live.lease_released)
+
+
 @dataclass(slots=True)
 class Placement:
     """Where a new run goes: its thread, its place there and the history it sees."""
@@ -142,8 +150,7 @@ class ThreadDesk:
                     raise _busy(thread_id, slot["run_id"])  # being created right now
                 continue  # abandoned by a creator that died
             previous = RunRecord.from_json(state)
-            live = self._engine._active.get((ws, previous.run_id))
-            if not previous.state.terminal or (live is not None and not live.lease_released):
+            if run_active(self._engine, previous):
                 raise _busy(thread_id, previous.run_id, previous.state)
             spec_doc = await self._storage.read_spec(ws, previous.run_id) or {}
             context = [
