@@ -23,6 +23,7 @@ the thread's documents are written when a second run joins it or it is forked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,8 @@ class Placement:
     thread_id: str
     slot: int
     context: list[JsonObject]
+    # A fork: its thread document and fork marks were written for this run, and go if it fails to start.
+    forked: bool = False
 
 
 @dataclass(slots=True)
@@ -170,10 +173,20 @@ class ThreadDesk:
                 raise _busy(placement.thread_id, str(current.get("run_id", "")))
 
     async def unclaim(self, ws: str, placement: Placement, run_id: str) -> None:
+        """The run did not start: its place is free again, and a fork's new thread goes (its fork
+        marks first, so no mark is left naming a thread that is not there)."""
         key = slot_key(placement.thread_id, placement.slot)
         current = await self._storage.get_doc(ws, key)
         if current is not None and current.get("run_id") == run_id:
             await self._storage.delete_doc(ws, key)
+        if placement.forked:
+            await self._forget_fork(ws, placement.thread_id, placement.context)
+
+    async def _forget_fork(self, ws: str, thread_id: str, base: list[JsonObject]) -> None:
+        await asyncio.gather(
+            *(self._storage.delete_doc(ws, fork_key(seg["run_id"], thread_id)) for seg in base)
+        )
+        await self._storage.delete_doc(ws, thread_key(thread_id))
 
     async def _fork(self, ws: str, spec: RunSpec, now: float) -> Placement:
         source = spec.fork_from or {}
@@ -195,10 +208,15 @@ class ThreadDesk:
                "forked_from": forked_from}  # fmt: skip
         if not await self._storage.put_doc(ws, thread_key(thread_id), doc, create_only=True):
             raise _thread_exists(thread_id)
-        await asyncio.gather(
-            *(self._storage.put_doc(ws, fork_key(seg["run_id"], thread_id), {"at": now}) for seg in base)
-        )
-        return Placement(thread_id, 1, base)
+        try:
+            await asyncio.gather(
+                *(self._storage.put_doc(ws, fork_key(seg["run_id"], thread_id), {"at": now}) for seg in base)
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._forget_fork(ws, thread_id, base)
+            raise
+        return Placement(thread_id, 1, base, forked=True)
 
     async def _exists(self, ws: str, thread_id: str) -> bool:
         if await self._storage.get_doc(ws, thread_key(thread_id)) is not None:
