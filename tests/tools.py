@@ -25,11 +25,11 @@ ALL = SAMPLE_TOOLS
 
 @tool
 async def sleep_and_write(args: SleepArgs, ctx: ToolContext) -> str:
-    """Sleep, then write a file into the run's directory (its next checkpoint stores a snapshot
-    of it: a new file in storage)."""
+    """Sleep, then write a file into the run's directory, too large to travel inside the
+    checkpoint: its next checkpoint stores a new file (a blob) in storage."""
     await asyncio.sleep(args.seconds)
     if ctx.workdir is not None:
-        (ctx.workdir / f"{ctx.call_id}.txt").write_text("written by the call")
+        (ctx.workdir / f"{ctx.call_id}.txt").write_text("written by the call\n" * 4096)
     return f"slept {args.seconds}s and wrote a file"
 
 
