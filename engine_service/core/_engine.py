@@ -549,7 +549,8 @@ class Engine:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         if request_id:
             check_id(request_id, "request_id")
-        resume_fp = fingerprint([dataclasses.asdict(d) for d in decisions], webhook)
+        # Kept with the request id only: what a retry with that id is checked against.
+        resume_fp = fingerprint([dataclasses.asdict(d) for d in decisions], webhook) if request_id else ""
         webhook_doc = self._checks.validate_webhook(key[0], webhook)
         async with self._lock(key):
             if api_env:
