@@ -129,6 +129,11 @@ class CheckpointedRun:
         self.feed = EventFeed(record.last_seq)
         self._last_seq = record.last_seq  # of the last event emitted, written or not
         self._unwritten: list[Event] = []
+        # The text delta event last in _unwritten, its turn and its texts: the next delta of that
+        # turn joins it (see emit_text). None once something else follows it or it is taken.
+        self._open_text: Event | None = None
+        self._open_turn = 0
+        self._open_texts: list[str] = []
         self._written_seq = record.last_seq  # of the last event written to storage
         # Written, but shown only once the checkpoint that commits them lands: a pause or an
         # end (and what follows it) that a failed commit could still take back.
@@ -188,33 +193,35 @@ class CheckpointedRun:
         self._last_seq += 1
         event = Event(self._last_seq, self.env.clock(), kind, data, agent_path)
         self._unwritten.append(event)
+        self._open_text = None
         self._write_wanted.set()
         return event
 
     def emit_text(self, text: str, turn: int, agent_path: str = "") -> Event:
         """Emit a text delta: joined to the previous one while both wait to be written, so the
         deltas of one flush are one record (and one event) instead of one each. Returns the
-        event that holds it."""
+        event that holds it. (Called once per token: kept to a few attribute reads.)"""
         self._last_seq += 1
-        last = self._unwritten[-1] if self._unwritten else None
+        last = self._open_text
         if (
             last is not None
-            and last.kind is EventKind.TEXT_DELTA
-            and last.data["turn"] == turn
-            and last.agent_path == agent_path
+            and turn == self._open_turn
             and last.n < _DELTAS_PER_EVENT
+            and last.agent_path == agent_path
         ):
-            last.data["texts"].append(text)
+            self._open_texts.append(text)
             last.n += 1
             return last
+        texts = [text]
         event = Event(
             self._last_seq,
             self.env.clock(),
             EventKind.TEXT_DELTA,
-            {"texts": [text], "turn": turn},
+            {"texts": texts, "turn": turn},
             agent_path,
         )
         self._unwritten.append(event)
+        self._open_text, self._open_turn, self._open_texts = event, turn, texts
         self._write_wanted.set()
         return event
 
@@ -229,6 +236,7 @@ class CheckpointedRun:
             if not batch:
                 return
             self._unwritten = []
+            self._open_text = None  # taken: what it holds is written as it is now
             cut = len(batch) if not self._held else 0
             cut = next((i for i, e in enumerate(batch) if e.kind in _SHOWN_AT_COMMIT), cut)
             parts = [part for part in (batch[:cut], batch[cut:]) if part]
@@ -353,7 +361,10 @@ class CheckpointedRun:
         if snapshots is None or workdir is None or not self._workdir_dirty:
             return
         try:
-            self.record.workdir_manifest = await snapshots.save(self.env.storage, *self.key, workdir)
+            record = self.record
+            record.workdir_manifest, record.workdir_inline = await snapshots.take(
+                self.env.storage, *self.key, workdir
+            )
         except WorkdirTooLarge:
             if self.task is not None and not self.record.state.terminal:
                 raise  # the run fails with it
@@ -420,7 +431,12 @@ class CheckpointedRun:
         if self.env.snapshots is not None and self.env.workdir is not None:
             try:  # the run may have moved on elsewhere: bring its directory here
                 await self.env.snapshots.restore(
-                    self.env.storage, ws, run_id, self.env.workdir, current.get("workdir_manifest", "")
+                    self.env.storage,
+                    ws,
+                    run_id,
+                    self.env.workdir,
+                    current.get("workdir_manifest", ""),
+                    current.get("workdir_inline", ""),
                 )
             except BaseException:
                 await self.env.storage.release_lease(ws, run_id, self.env.owner)
