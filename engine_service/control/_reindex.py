@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from typing import Any
 
 import asyncpg
@@ -18,9 +17,6 @@ from engine_service.storage._protocol import Storage
 log = logging.getLogger("machina.control")
 
 _BATCH = 500
-# Rows of runs created this long before the rebuild started and absent from storage are dropped
-# (a run created meanwhile is never mistaken for a deleted one, whatever the clocks say).
-_CLOCK_MARGIN_S = 60.0
 
 
 async def reindex(storage: Storage, url: str) -> tuple[int, int]:
@@ -28,9 +24,9 @@ async def reindex(storage: Storage, url: str) -> tuple[int, int]:
     (with their queue entries, slots and timers) of runs storage no longer holds.
     Returns (runs indexed, rows dropped).
 
-    Safe while engines serve: a row is replaced only by a state at least as new, and only rows
-    of runs created before the rebuild started can be dropped."""
-    started = time.time()
+    Safe while engines serve: a row is replaced only by a state at least as new, and a row is
+    dropped only if its run is missing from storage after the row was read (runs are created
+    in storage before they are indexed)."""
     conn: Any = await asyncpg.connect(url, timeout=10)
     try:
         await migrate(conn)
@@ -51,7 +47,7 @@ async def reindex(storage: Storage, url: str) -> tuple[int, int]:
                     batch = []
         if batch:
             count += await _write(conn, batch)
-        dropped = await _drop_missing(conn, seen, started - _CLOCK_MARGIN_S)
+        dropped = await _drop_missing(conn, storage, seen)
         return count, dropped
     finally:
         await conn.close()
@@ -76,10 +72,14 @@ async def _write(conn: Any, docs: list[JsonObject]) -> int:
     return len(docs)
 
 
-async def _drop_missing(conn: Any, seen: set[tuple[str, str]], before: float) -> int:
-    """Delete what the index holds of runs created before ``before`` that storage lacks."""
-    rows = await conn.fetch("SELECT workspace, run_id FROM machina_runs WHERE created_at < $1", before)
-    gone = [(row[0], row[1]) for row in rows if (row[0], row[1]) not in seen]
+async def _drop_missing(conn: Any, storage: Storage, seen: set[tuple[str, str]]) -> int:
+    """Delete what the index holds of runs storage lacks."""
+    rows = await conn.fetch("SELECT workspace, run_id FROM machina_runs")
+    gone = []
+    for ws, run_id in ((row[0], row[1]) for row in rows):
+        # Not listed when storage was read: gone, or created since (then it is there now).
+        if (ws, run_id) not in seen and not await _present(storage, ws, run_id):
+            gone.append((ws, run_id))
     for start in range(0, len(gone), _BATCH):
         part = gone[start : start + _BATCH]
         workspaces, run_ids = [k[0] for k in part], [k[1] for k in part]
@@ -94,3 +94,10 @@ async def _drop_missing(conn: Any, seen: set[tuple[str, str]], before: float) ->
     if gone:
         log.info("reindex: dropped %d index rows of runs no longer in storage", len(gone))
     return len(gone)
+
+
+async def _present(storage: Storage, ws: str, run_id: str) -> bool:
+    try:
+        return await storage.read_state(ws, run_id) is not None
+    except (ValueError, KeyError):
+        return True  # there, if unreadable
