@@ -19,7 +19,7 @@ from engine_service.core._logging import run_transition
 from engine_service.core._run import AgentState, RunError, RunRecord, RunSpec
 from engine_service.core._types import Event, EventKind, JsonObject, Message, Permission, RunState
 from engine_service.models import ModelAdapter
-from engine_service.storage._protocol import Storage, StorageUnavailable, storage_fault
+from engine_service.storage._protocol import Checkpoint, Storage, StorageUnavailable, storage_fault
 from engine_service.storage._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
 from engine_service.tools._registry import Tool
 
@@ -305,14 +305,12 @@ class CheckpointedRun:
         record.updated_at = self.env.clock()
         doc = record.to_json()
         await self.write_events()
-        if new_entries:
-            await storage.write_segment(ws, run_id, "transcript", first, new_entries)
-        for path, docs in child_blobs.items():
-            # Rewritten whole: a subagent's transcript is short next to its run's.
-            await storage.put_blob(ws, run_id, transcript_blob(path), json.dumps(docs).encode())
-            self._child_written[path] = len(docs)
         doc["last_seq"] = min(upto, self._written_seq)
-        await storage.write_state(ws, run_id, doc)
+        # A subagent's transcript is rewritten whole: it is short next to its run's.
+        blobs = {transcript_blob(path): json.dumps(docs).encode() for path, docs in child_blobs.items()}
+        await storage.commit(ws, run_id, Checkpoint(doc, first, new_entries, blobs))
+        for path, docs in child_blobs.items():
+            self._child_written[path] = len(docs)
         record.last_seq = doc["last_seq"]
         for path in retired:  # their whole transcripts are written: nothing more to keep here
             self._forget_child(path)

@@ -17,7 +17,14 @@ from pathlib import Path
 from engine_service.core._errors import missing_extra
 from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
-from engine_service.storage._protocol import Storage, doc_parts, segment_name, segment_starts
+from engine_service.storage._protocol import (
+    Checkpoint,
+    Storage,
+    commit_in_steps,
+    doc_parts,
+    segment_name,
+    segment_starts,
+)
 from engine_service.storage._records import doc_span, dump_lines, dumps, loads, span
 from engine_service.storage._workdir_snapshot import FILE_BLOB, MANIFEST_BLOB
 
@@ -230,6 +237,9 @@ class LocalStorage:
                 self._unsynced_files.setdefault((ws, run_id), set()).update(files)
             raise
 
+    async def commit(self, ws: str, run_id: str, checkpoint: Checkpoint) -> None:
+        await commit_in_steps(self, ws, run_id, checkpoint)
+
     async def write_segment(
         self, ws: str, run_id: str, stream: str, first: int, records: list[JsonObject]
     ) -> None:
@@ -254,8 +264,9 @@ class LocalStorage:
             if self._fsync and not existed:
                 new_entries = (directory, *new_entries)
             if existed:
-                # Only a retry after a failed append reopens a segment: never append after torn bytes.
-                _truncate_after(path, 1 << 62)
+                # Only a retry reopens a segment named ``first``: of a failed append (never append
+                # after torn bytes) or of a commit that failed later (never append twice).
+                os.truncate(path, 0)
             # Kept open across checkpoints (closed on release/close): appends are cheap, opens are not.
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             appender = _Appender(fd, path, first, first, new_entries=new_entries if self._fsync else ())

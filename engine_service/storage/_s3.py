@@ -24,7 +24,13 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
-from engine_service.storage._protocol import StorageCredentialsMissing, StorageUnavailable, doc_parts
+from engine_service.storage._protocol import (
+    Checkpoint,
+    StorageCredentialsMissing,
+    StorageUnavailable,
+    commit_in_steps,
+    doc_parts,
+)
 from engine_service.storage._records import doc_span, dump_lines, dumps, loads, span
 
 _DIGITS = 12
@@ -189,6 +195,9 @@ class S3Storage:
 
     async def write_state(self, ws: str, run_id: str, state: JsonObject) -> None:
         await self._put(self._run(ws, run_id, "state.json"), dumps(state))
+
+    async def commit(self, ws: str, run_id: str, checkpoint: Checkpoint) -> None:
+        await commit_in_steps(self, ws, run_id, checkpoint)
 
     async def write_segment(
         self, ws: str, run_id: str, stream: str, first: int, records: list[JsonObject]
