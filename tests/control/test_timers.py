@@ -130,6 +130,7 @@ async def test_a_handoff_deadline_set_on_one_replica_fires_on_another(
         async with AsyncEngineClient(f"127.0.0.1:{b.port}") as client:
             ended = await refresh_until(await client.attach(run.run_id), "FAILED", tries=300, interval=0.05)
         assert ended.state == "FAILED", ended
+        assert ended.error is not None
         assert ended.error.code == "ERR_RUNNER_LOST"
         # Handed off twice (by A, then by B's timer), then given up by B's next timer.
         assert len(runner.requests) == 2
@@ -228,5 +229,6 @@ async def test_a_handoff_deadline_fires_on_b_after_a_is_killed(
         if b is not None:
             b.close()
     assert ended.state == "FAILED", ended
+    assert ended.error is not None
     assert ended.error.code == "ERR_RUNNER_LOST"
     assert len(runner.requests) == 2  # A's handoff, then B's timer's (the sweep runs hourly here)
