@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -15,6 +16,7 @@ from engine_service.core import _metrics as metrics
 from engine_service.core import _telemetry as telemetry
 from engine_service.core._control import ControlPlane, LocalControl
 from engine_service.core._feed import EventFeed
+from engine_service.core._ids import is_valid_id
 from engine_service.core._logging import run_transition
 from engine_service.core._run import AgentState, RunError, RunRecord, RunSpec
 from engine_service.core._types import Event, EventKind, JsonObject, Message, Permission, RunState
@@ -29,8 +31,17 @@ CANCEL_REQUEST = "cancel-request"  # the blob where another process asks for a c
 
 
 def transcript_blob(path: str) -> str:
-    """The blob holding the transcript of the subagent at ``path`` (core/_subagents.py)."""
-    return f"agent-{path.replace('/', '.')}-transcript"
+    """The blob holding the transcript of the subagent at ``path`` (core/_subagents.py).
+
+    Hashed: a path is made of call ids a model chose, so it must not pick the name (collide
+    with another subagent's or another of the run's blobs, or be too long for a name)."""
+    return "agent-" + hashlib.sha256(path.encode()).hexdigest()[:40] + "-transcript"
+
+
+def legacy_transcript_blob(path: str) -> str | None:
+    """The name runs stored before names were hashed used (None if it is not a valid name)."""
+    name = f"agent-{path.replace('/', '.')}-transcript"
+    return name if is_valid_id(name) else None
 
 
 class LeaseLost(Exception):
@@ -138,6 +149,8 @@ class CheckpointedRun:
         self._child_transcripts: dict[str, list[Message]] = {}
         self._child_models: dict[str, ModelAdapter] = {}
         self._child_written: dict[str, int] = {}  # entries of each transcript blob written
+        # Subagents being moved right now (one mover each: a repeated call id starts no second).
+        self._moving_agents: set[str] = set()
         # Subagents whose answers their parents' transcripts now hold: the next checkpoint drops
         # them from the state document (their transcripts and events stay), which so stays small.
         self._retiring: set[str] = set()

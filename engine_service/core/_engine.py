@@ -260,10 +260,10 @@ class Engine:
                 )
             now = self._clock()
             placement = await self.threads.place(ws, spec, now)
-            if placement is not None:
-                await self.threads.claim(ws, placement, run_id, now)
-                spec.thread_id, spec.context = placement.thread_id, placement.context
             try:
+                if placement is not None:
+                    await self.threads.claim(ws, placement, run_id, now)
+                    spec.thread_id, spec.context = placement.thread_id, placement.context
                 record, actor = await self._new_run(
                     ws, spec, client_tools, provider, model_name, now, mode, webhook_doc, api_env, placement
                 )
@@ -271,7 +271,8 @@ class Engine:
                 if placement is not None:
                     with contextlib.suppress(Exception):
                         if await self.storage.read_state(ws, run_id) is None:
-                            await self.threads.unclaim(ws, placement, run_id)  # the place is free again
+                            # The place is free again; a fork's thread goes.
+                            await self.threads.unclaim(ws, placement, run_id)
                 raise
             if actor is None:
                 if self.control.queued:

@@ -14,7 +14,12 @@ Workspace documents (see ``storage._protocol``):
   create-only: whoever writes place ``n`` starts the thread's next run, everyone else is
   told the thread is busy (one active run per thread);
 - ``forks/{run}/{thread}``: the history of fork ``thread`` includes run ``run`` (so the run
-  is not deleted under it).
+  is not deleted under it);
+- ``thread-closing/{thread}``: the thread is being deleted (`Deleter`). A deletion writes it,
+  then lists the thread's places; a start claims its place, then reads it. Whichever comes
+  second sees the other, so a thread is never deleted with a run starting on it, nor does a
+  run start on a thread being deleted. One older than ``CLOSING_GRACE_S`` was left by a
+  deletion that died; it is ignored.
 
 A run started without a thread is the first run of a thread of its own, named by its run id;
 the thread's documents are written when a second run joins it or it is forked.
@@ -23,6 +28,7 @@ the thread's documents are written when a second run joins it or it is forked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,6 +45,8 @@ if TYPE_CHECKING:
 
 # A place claimed this long ago whose run was never created is abandoned (its creator died).
 CLAIM_GRACE_S = 30.0
+# A deletion of a thread that has not finished in this long died (its closing mark is ignored).
+CLOSING_GRACE_S = 600.0
 
 
 def thread_key(thread_id: str) -> str:
@@ -53,6 +61,18 @@ def fork_key(run_id: str, thread_id: str) -> str:
     return f"forks/{run_id}/{thread_id}"
 
 
+def closing_key(thread_id: str) -> str:
+    return f"thread-closing/{thread_id}"
+
+
+def run_active(engine: Engine, record: RunRecord) -> bool:
+    """Whether the run is still going: its state is not final, or a process here still holds
+    its lease (it is committing its end). Such a run is not deleted, and its thread takes no
+    new run."""
+    live = engine._active.get((record.workspace_id, record.run_id))
+    return not record.state.terminal or (live is not None and not live.lease_released)
+
+
 @dataclass(slots=True)
 class Placement:
     """Where a new run goes: its thread, its place there and the history it sees."""
@@ -60,6 +80,10 @@ class Placement:
     thread_id: str
     slot: int
     context: list[JsonObject]
+    # A fork: its thread document and fork marks were written for this run, and go if it fails to start.
+    forked: bool = False
+    # Documents this start wrote to open the thread (they go if the thread turns out to be closing).
+    opened: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -106,26 +130,39 @@ class ThreadDesk:
         if not spec.thread_id:
             return None
         thread_id = check_id(spec.thread_id, "thread_id")
-        doc = await self._storage.get_doc(ws, thread_key(thread_id))
+        doc, closing = await asyncio.gather(
+            self._storage.get_doc(ws, thread_key(thread_id)),
+            self._storage.get_doc(ws, closing_key(thread_id)),
+        )
+        if _closing(closing, now):
+            raise _being_deleted(thread_id)
+        opened: list[str] = []
         if doc is None:
-            doc = await self._open(ws, thread_id, spec, now)
-        return await self._claim_next(ws, thread_id, list(doc.get("base", ())), now)
+            doc = await self._open(ws, thread_id, spec, now, opened)
+        placement = await self._claim_next(ws, thread_id, list(doc.get("base", ())), now)
+        placement.opened = opened
+        return placement
 
-    async def _open(self, ws: str, thread_id: str, spec: RunSpec, now: float) -> JsonObject:
-        """Write a thread's document: a new thread, or the thread of a run started on its own."""
+    async def _open(
+        self, ws: str, thread_id: str, spec: RunSpec, now: float, opened: list[str]
+    ) -> JsonObject:
+        """Write a thread's document: a new thread, or the thread of a run started on its own.
+        The keys this call wrote are added to ``opened``."""
         own = await self._storage.read_state(ws, thread_id)
         record = RunRecord.from_json(own) if own is not None else None
         if record is not None and not record.thread_id:
             doc: JsonObject = {"thread_id": thread_id, "created_at": record.created_at,
                                "labels": record.labels, "base": [], "forked_from": None}  # fmt: skip
-            await self._storage.put_doc(ws, thread_key(thread_id), doc, create_only=True)
-            await self._storage.put_doc(
-                ws, slot_key(thread_id, 1), {"run_id": thread_id, "at": record.created_at}, create_only=True
-            )
+            if await self._storage.put_doc(ws, thread_key(thread_id), doc, create_only=True):
+                opened.append(thread_key(thread_id))
+            first = {"run_id": thread_id, "at": record.created_at}
+            if await self._storage.put_doc(ws, slot_key(thread_id, 1), first, create_only=True):
+                opened.append(slot_key(thread_id, 1))
         else:
             doc = {"thread_id": thread_id, "created_at": now, "labels": dict(spec.labels), "base": [],
                    "forked_from": None}  # fmt: skip
-            await self._storage.put_doc(ws, thread_key(thread_id), doc, create_only=True)
+            if await self._storage.put_doc(ws, thread_key(thread_id), doc, create_only=True):
+                opened.append(thread_key(thread_id))
         # Whoever wrote it first: theirs is the thread.
         return await self._storage.get_doc(ws, thread_key(thread_id)) or doc
 
@@ -142,8 +179,7 @@ class ThreadDesk:
                     raise _busy(thread_id, slot["run_id"])  # being created right now
                 continue  # abandoned by a creator that died
             previous = RunRecord.from_json(state)
-            live = self._engine._active.get((ws, previous.run_id))
-            if not previous.state.terminal or (live is not None and not live.lease_released):
+            if run_active(self._engine, previous):
                 raise _busy(thread_id, previous.run_id, previous.state)
             spec_doc = await self._storage.read_spec(ws, previous.run_id) or {}
             context = [
@@ -161,12 +197,28 @@ class ThreadDesk:
             current = await self._storage.get_doc(ws, key) or {}
             if current.get("run_id") != run_id:
                 raise _busy(placement.thread_id, str(current.get("run_id", "")))
+        # The place is taken: a deletion that began before sees it; one that began earlier is seen here.
+        if _closing(await self._storage.get_doc(ws, closing_key(placement.thread_id)), now):
+            await self.unclaim(ws, placement, run_id)
+            for opened in placement.opened:  # the thread goes: what this start wrote to open it too
+                await self._storage.delete_doc(ws, opened)
+            raise _being_deleted(placement.thread_id)
 
     async def unclaim(self, ws: str, placement: Placement, run_id: str) -> None:
+        """The run did not start: its place is free again, and a fork's new thread goes (its fork
+        marks first, so no mark is left naming a thread that is not there)."""
         key = slot_key(placement.thread_id, placement.slot)
         current = await self._storage.get_doc(ws, key)
         if current is not None and current.get("run_id") == run_id:
             await self._storage.delete_doc(ws, key)
+        if placement.forked:
+            await self._forget_fork(ws, placement.thread_id, placement.context)
+
+    async def _forget_fork(self, ws: str, thread_id: str, base: list[JsonObject]) -> None:
+        await asyncio.gather(
+            *(self._storage.delete_doc(ws, fork_key(seg["run_id"], thread_id)) for seg in base)
+        )
+        await self._storage.delete_doc(ws, thread_key(thread_id))
 
     async def _fork(self, ws: str, spec: RunSpec, now: float) -> Placement:
         source = spec.fork_from or {}
@@ -188,10 +240,15 @@ class ThreadDesk:
                "forked_from": forked_from}  # fmt: skip
         if not await self._storage.put_doc(ws, thread_key(thread_id), doc, create_only=True):
             raise _thread_exists(thread_id)
-        await asyncio.gather(
-            *(self._storage.put_doc(ws, fork_key(seg["run_id"], thread_id), {"at": now}) for seg in base)
-        )
-        return Placement(thread_id, 1, base)
+        try:
+            await asyncio.gather(
+                *(self._storage.put_doc(ws, fork_key(seg["run_id"], thread_id), {"at": now}) for seg in base)
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._forget_fork(ws, thread_id, base)
+            raise
+        return Placement(thread_id, 1, base, forked=True)
 
     async def _exists(self, ws: str, thread_id: str) -> bool:
         if await self._storage.get_doc(ws, thread_key(thread_id)) is not None:
@@ -350,6 +407,18 @@ def _busy(thread_id: str, run_id: str, state: RunState | None = None) -> EngineE
         f"thread {thread_id!r} has an active run ({run_id!r} {what}); wait for it to end or cancel it",
         thread_id=thread_id,
         run_id=run_id,
+    )
+
+
+def _closing(doc: JsonObject | None, now: float) -> bool:
+    return doc is not None and now - float(doc.get("at", 0)) < CLOSING_GRACE_S
+
+
+def _being_deleted(thread_id: str) -> EngineError:
+    return precondition(
+        "ERR_THREAD_BUSY",
+        f"thread {thread_id!r} is being deleted; start the run on another thread",
+        thread_id=thread_id,
     )
 
 

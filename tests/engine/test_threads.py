@@ -223,3 +223,28 @@ async def test_a_compacted_run_is_continued_as_its_model_saw_it(tmp_path: Path) 
         "old turn",
     ]
     await storage.close()
+
+
+async def test_a_fork_that_fails_to_start_leaves_nothing_behind(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine_service.storage._protocol import StorageUnavailable
+
+    a = await stack.run("remember apples")
+    real = stack.storage.create_run
+
+    async def down(*args: object, **kwargs: object) -> bool:
+        raise StorageUnavailable("storage is away")
+
+    monkeypatch.setattr(stack.storage, "create_run", down)
+    code = await fails(stack.start("recall", fork_from=rp.ForkSource(run_id=a.run_id), thread_id="branch"))
+    assert code[0] == grpc.StatusCode.UNAVAILABLE
+    monkeypatch.setattr(stack.storage, "create_run", real)
+    # No thread, and no fork mark keeping the source run: it can be deleted, the thread id reused.
+    code = await fails(stack.stub.GetThread(svc.GetThreadRequest(thread_id="branch")))
+    assert code == (grpc.StatusCode.NOT_FOUND, "ERR_THREAD_NOT_FOUND")
+    assert not [n for n in await stack.object_names() if "branch" in n]
+    retried = await stack.run("recall", fork_from=rp.ForkSource(run_id=a.run_id), thread_id="branch")
+    assert retried.data.string_value == "apples"
+    await stack.stub.DeleteThread(svc.DeleteThreadRequest(thread_id="branch"))
+    await stack.stub.DeleteRun(svc.DeleteRunRequest(run_id=a.run_id))
