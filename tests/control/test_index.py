@@ -319,6 +319,7 @@ async def test_the_recovery_sweep_repairs_a_row_its_dead_writer_left_stale(
     server = await replicas.start()
     async with AsyncEngineClient(f"127.0.0.1:{server.port}") as client:
         run = await (await client.create("t", model="scripted", script=[turn("ok")])).wait(timeout=20)
+        assert [r.run_id async for r in client.list_runs(states=["DONE"])] == [run.run_id]  # written
         # As if the replica that finished it died before its last index row was written.
         conn = await asyncpg.connect(database)
         try:
