@@ -29,11 +29,13 @@ DAY = 86_400.0
 
 
 def files_run(task: str) -> dict[str, object]:
-    """A run that writes a file (its directory is snapshotted into storage) and answers."""
+    """A run that writes a file (its directory is snapshotted into storage: the file is too
+    large to travel inside the run's state) and answers."""
+    content = "hi " * 2000
     script = [
         svc.ScriptedTurn(
             tool_calls=[
-                svc.ScriptedToolCall(name="Write", arguments=_struct({"path": "a.txt", "content": "hi"}))
+                svc.ScriptedToolCall(name="Write", arguments=_struct({"path": "a.txt", "content": content}))
             ]
         ),
         svc.ScriptedTurn(text=f"done {task}"),
