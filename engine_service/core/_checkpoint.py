@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine_service.core import _metrics as metrics
 from engine_service.core import _telemetry as telemetry
@@ -24,6 +24,9 @@ from engine_service.models import ModelAdapter
 from engine_service.storage._protocol import Checkpoint, Storage, StorageUnavailable, storage_fault
 from engine_service.storage._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
 from engine_service.tools._registry import Tool
+
+if TYPE_CHECKING:
+    from engine_service.core._decisions import PausedRun
 
 log = logging.getLogger("machina.engine")
 
@@ -99,9 +102,16 @@ class CheckpointedRun:
     """A run being moved by this process: its record, transcript, events and lease."""
 
     def __init__(
-        self, record: RunRecord, spec: RunSpec, transcript: list[Message] | None, env: RunEnv
+        self,
+        record: RunRecord,
+        spec: RunSpec,
+        transcript: list[Message] | None,
+        env: RunEnv,
+        *,
+        workdir_dirty: bool = True,
     ) -> None:
-        """``transcript`` None: the committed one is read by `take_over`, once the run is ours."""
+        """``transcript`` None: the committed one is read by `take_over`, once the run is ours.
+        ``workdir_dirty`` False: the run directory is as its last snapshot left it."""
         self.record = record
         self.spec = spec
         self.transcript = transcript or []
@@ -149,7 +159,7 @@ class CheckpointedRun:
         # The start (RUNNING, run_started/resumed) was committed before the task began.
         self._start_committed = False
         # A tool may have changed the run directory since its last snapshot.
-        self._workdir_dirty = True
+        self._workdir_dirty = workdir_dirty
         # The transcripts of the subagents moved here so far, by path (core/_subagents.py).
         self._child_transcripts: dict[str, list[Message]] = {}
         self._child_models: dict[str, ModelAdapter] = {}
@@ -161,6 +171,8 @@ class CheckpointedRun:
         self._retiring: set[str] = set()
         # One commit at a time: parallel subagents each checkpoint.
         self._commit_lock = asyncio.Lock()
+        # What this process kept of the run at its last pause here, when it was resumed from that.
+        self.paused_from: PausedRun | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -362,24 +374,31 @@ class CheckpointedRun:
             return
         self._workdir_dirty = False
 
+    @property
+    def workdir_dirty(self) -> bool:
+        return self._workdir_dirty
+
     def _show_until_committed(self) -> None:
         """Keep showing readers the run as it is now until the next checkpoint commits."""
         if self._shown is None:  # a failed commit: what readers see is still the older state
             self._shown = RunRecord.from_json(self.record.to_json())
 
-    async def take_over(self) -> bool:
+    async def take_over(self, expected: JsonObject | None = None) -> bool:
         """Acquire the lease and drop what a dead writer left uncommitted.
 
         The record was read before the lease was ours; if another writer moved
-        the run in between, it is stale and we back off (False).
+        the run in between, it is stale and we back off (False). ``expected``: the
+        state document the record came from, which storage must still hold exactly
+        (a run this process paused, kept in memory since).
         """
         ws, run_id = self.key
         if not await self.env.storage.acquire_lease(ws, run_id, self.env.owner, self.env.lease_ttl):
             return False
         current = await self.env.storage.read_state(ws, run_id)
-        if current is None or (current["last_seq"], current["state"]) != (
-            self.record.last_seq,
-            self.record.state.value,
+        if current is None or (
+            current != expected
+            if expected is not None
+            else (current["last_seq"], current["state"]) != (self.record.last_seq, self.record.state.value)
         ):
             await self.env.storage.release_lease(ws, run_id, self.env.owner)
             return False

@@ -22,6 +22,7 @@ from engine_service.core._threads import (
     CLOSING_GRACE_S,
     closing_key,
     fork_key,
+    index_key,
     run_active,
     slot_key,
     thread_key,
@@ -119,6 +120,9 @@ class Deleter:
         await asyncio.gather(
             *(storage.delete_doc(ws, fork_key(str(seg["run_id"]), thread_id)) for seg in base)
         )
+        doc = await storage.get_doc(ws, thread_key(thread_id))
+        if doc is not None:
+            await storage.delete_doc(ws, index_key(float(doc["created_at"]), thread_id))
         await storage.delete_doc(ws, thread_key(thread_id))
         for key in await storage.list_docs(ws, f"thread-runs/{thread_id}"):
             await storage.delete_doc(ws, key)

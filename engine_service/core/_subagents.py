@@ -224,7 +224,7 @@ class Subagents(ToolDispatch):
         if transcript is None:
             blob = await self.env.storage.get_blob(*self.key, transcript_blob(child.path))
             legacy = legacy_transcript_blob(child.path)
-            if blob is None and child.transcript_len and legacy is not None:
+            if not blob and child.transcript_len and legacy is not None:
                 blob = await self.env.storage.get_blob(*self.key, legacy)  # stored before names were hashed
             docs = json.loads(blob) if blob else []
             # Entries past the committed ones were written by a process that died before its

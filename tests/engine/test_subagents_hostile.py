@@ -168,3 +168,32 @@ async def test_siblings_share_their_parents_budget(client: AsyncEngineClient) ->
     slow = "call_1_1/call_1_1"
     assert len([e for e in events if isinstance(e, AssistantMessage) and e.agent_path == slow]) == 1
     assert run.state == "DONE", run.error
+
+
+async def test_a_run_stored_with_the_old_transcript_names_resumes(servers: ServerFactory) -> None:
+    """A paused run whose subagent transcript was stored under the name used before names were
+    hashed (``agent-<path>-transcript``) resumes with that transcript."""
+    from tests.engine.test_subagents import CONFIG, TreeModel
+
+    server = await servers.start(config=CONFIG, model_factory=lambda provider, name: TreeModel())
+    storage = server.engine.storage
+    async with AsyncEngineClient(f"127.0.0.1:{server.port}") as client:
+        handle = await client.create("compare", model="openai:tree", tools=["Agent", "double", "echo"])
+        run = await handle.wait(timeout=20)
+        assert run.state == "PAUSED"
+    blob = await storage.get_blob("default", run.run_id, transcript_blob("a"))
+    assert blob is not None
+    await storage.put_blob("default", run.run_id, "agent-a-transcript", blob)
+    await storage.put_blob("default", run.run_id, transcript_blob("a"), b"")  # as if never written
+    await servers.stop_all()  # a new process: nothing of the run in memory
+    server = await servers.start(config=CONFIG, model_factory=lambda provider, name: TreeModel())
+    async with AsyncEngineClient(f"127.0.0.1:{server.port}") as client:
+        handle = await client.attach(run.run_id)
+        await handle.approve(run.interrupts[0].interrupt_id)
+        run = await handle.wait(timeout=20)
+    assert run.state == "DONE", run.error
+    assert run.data == "children said: A doubled to 42 | B echoed hi"
+    # The child went on from its stored transcript: its first turn (the call) is still in it.
+    resumed = await server.engine.storage.get_blob("default", run.run_id, transcript_blob("a"))
+    assert resumed is not None
+    assert [e["role"] for e in json.loads(resumed)] == ["user", "assistant", "tool", "assistant"]
