@@ -21,7 +21,13 @@ from engine_service.core._logging import run_transition
 from engine_service.core._run import AgentState, RunError, RunRecord, RunSpec
 from engine_service.core._types import Event, EventKind, JsonObject, Message, Permission, RunState
 from engine_service.models import ModelAdapter
-from engine_service.storage._protocol import Checkpoint, Storage, StorageUnavailable, storage_fault
+from engine_service.storage._protocol import (
+    Checkpoint,
+    Storage,
+    StorageUnavailable,
+    storage_fault,
+)
+from engine_service.storage._protocol import LeaseLost as LeaseLost  # raised by storage too
 from engine_service.storage._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
 from engine_service.tools._registry import Tool
 
@@ -45,10 +51,6 @@ def legacy_transcript_blob(path: str) -> str | None:
     """The name runs stored before names were hashed used (None if it is not a valid name)."""
     name = f"agent-{path.replace('/', '.')}-transcript"
     return name if is_valid_id(name) else None
-
-
-class LeaseLost(Exception):
-    """Another process holds the run's lease now; this one must stop writing."""
 
 
 @dataclass(slots=True)

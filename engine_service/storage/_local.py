@@ -10,7 +10,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
 from engine_service.storage._protocol import (
     Checkpoint,
+    LeaseLost,
     Storage,
     doc_parts,
     segment_name,
@@ -44,6 +45,9 @@ STATES = "states"
 _FINAL = frozenset({"PAUSED", "DONE", "FAILED", "CANCELLED"})
 # How much of a commit log's end is read at first to find its last record.
 _TAIL_BYTES = 1 << 13
+# fsync mode: a blob larger than this is synced on its own (in a thread) rather than carried by
+# the commit record, which every reader of the run's state parses.
+INLINE_BLOB_BYTES = 1 << 16
 
 
 def _read_boot_id() -> str:
@@ -92,7 +96,9 @@ class _Redo:
 
     events: list[tuple[int, list[JsonObject]]] = field(default_factory=list)
     transcript: list[tuple[int, list[JsonObject]]] = field(default_factory=list)
-    blobs: dict[str, bytes] = field(default_factory=dict)
+    # None: written and synced on its own (too large to carry); an older copy a record carries
+    # must not be written back over it.
+    blobs: dict[str, bytes | None] = field(default_factory=dict)
 
     def merge(self, later: _Redo) -> None:
         self.events += later.events
@@ -171,8 +177,10 @@ class LocalStorage:
     ``fdatasync`` a checkpoint, shared by the runs that commit at the same moment. The segment
     and blob files are synced only when the log is replaced (past ``LOG_BYTES``); a record
     stamped by an earlier boot of the machine has what it carries rewritten into those files
-    before its state is read (`_redo_after_reboot`). The lease needs no sync (after a power
-    loss every lease has expired).
+    before its state is read (`_redo_after_reboot`). Blobs larger than ``INLINE_BLOB_BYTES``
+    are synced on their own instead, and a pause or an end syncs what its record would carry
+    and writes the state alone. The lease needs no sync: it names the boot that wrote it, and
+    a lease of an earlier boot counts as expired.
     """
 
     event_flush_delay = 0.0
@@ -197,6 +205,9 @@ class LocalStorage:
         self._known_ends: dict[tuple[str, str], dict[str, int]] = {}
         # Where the streams of runs this process writes end, as far as it knows.
         self._ends: dict[tuple[str, str], dict[str, int]] = {}
+        # The owner this process holds each run's lease as: a writer whose lease another
+        # process took must not move the run's commit log on.
+        self._holders: dict[tuple[str, str], str] = {}
 
     @property
     def root(self) -> Path:
@@ -244,9 +255,9 @@ class LocalStorage:
 
     async def read_state(self, ws: str, run_id: str) -> JsonObject | None:
         run_dir = self._run_dir(ws, run_id)
-        record = _newest_record(run_dir / COMMITS)
+        record = _newest(run_dir / COMMITS, _log_numbers, _log_name, _last_record)
         if record is None:  # not checkpointed yet, or written by an earlier version
-            newest = _newest_state(run_dir / STATES)
+            newest = _newest(run_dir / STATES, _state_numbers, _state_name, _whole_json)
             return newest if newest is not None else _read_json(run_dir / "state.json")
         if record.get("boot", BOOT_ID) != BOOT_ID:
             record = self._redo_after_reboot(ws, run_id) or record
@@ -275,7 +286,12 @@ class LocalStorage:
         blobs = self._run_dir(ws, run_id) / "blobs"
         for name, data in checkpoint.blobs.items():
             blobs.mkdir(exist_ok=True)
-            self._write_atomic(blobs / check_id(name, "blob name"), data, sync=False)
+            path = blobs / check_id(name, "blob name")
+            if self._fsync and len(data) > INLINE_BLOB_BYTES:
+                await asyncio.to_thread(self._write_atomic, path, data, sync=True)
+                self._redo_of(key).blobs[name] = None
+                continue
+            self._write_atomic(path, data, sync=False)
             if self._fsync:
                 self._redo_of(key).blobs[name] = data
         record: JsonObject = {"state": checkpoint.state}
@@ -298,12 +314,21 @@ class LocalStorage:
 
     async def _append_record(self, key: tuple[str, str], record: JsonObject) -> None:
         log = self._logs.get(key)
+        if log is not None:
+            stat = os.fstat(log.fd)
+            if stat.st_nlink == 0 or stat.st_size != log.size:
+                # Another process replaced the log or appended to it: it took the run over (then
+                # this one must stop), or this process's view of the log is stale.
+                del self._logs[key]
+                log.close()
+                self._check_lease(key)
+                log = None
         if log is None:
             log = self._logs[key] = self._open_log(*key)
         if log.size and record["state"].get("state") in _FINAL:
             # A pause or an end starts a new log holding only it: the run writes no more for
-            # now, and keeps one record. (Like every commit once did, it so needs a writable
-            # directory and free space: storage refusing writes holds back a pause or an end.)
+            # now, and keeps one record. Creating that file needs a writable directory and free
+            # space: storage refusing writes holds back a pause or an end.
             await self._replace_log(key, log, record)
             return
         data = dumps(record) + b"\n"
@@ -352,35 +377,76 @@ class LocalStorage:
         return _Log(fd, path, numbers[-1], size)
 
     async def _replace_log(self, key: tuple[str, str], log: _Log, record: JsonObject | None) -> None:
-        """Start a new commit log holding only ``record`` (None: the newest record's state), and
-        remove the old one. In fsync mode what the old one's records carry is synced into its
-        own files first."""
-        record = record or {"state": log.state}
+        """Start a new commit log holding only ``record``'s state (None: the newest record's),
+        and remove the old one. In fsync mode what the old one's records and ``record`` carry
+        is synced into its own files first, so the new log carries nothing.
+
+        LeaseLost if another process holds the run's lease or moved the log on meanwhile."""
+        state = record["state"] if record is not None else log.state
         run_dir = self._run_dir(*key)
         if self._fsync:
-            await asyncio.to_thread(_sync_what_log_carries, run_dir, log.path)
+            records = _whole_records(log.path)
+            if record is not None and record.get("redo"):
+                records.append(record)
+            await asyncio.to_thread(_sync_carried, run_dir, records)
+            record = {"boot": BOOT_ID, "state": state}
+        else:
+            record = {"state": state}
         data = dumps(record) + b"\n"
-        number = log.number + 1
-        while True:
-            path = log.path.with_name(_log_name(number))
+        path = log.path.with_name(_log_name(log.number + 1))
+        with self._locked(run_dir):  # no process takes the lease between the check and the file
+            self._check_lease(key, locked=True)
             try:
                 fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
-                break
             except FileExistsError:
-                number += 1  # another writer took the run over and numbered past: go after it
+                del self._logs[key]
+                log.close()
+                raise LeaseLost(f"the commit log of run {key[1]} was moved on by another process") from None
+            try:
+                _write_all(fd, data)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    path.unlink()  # a full disk must not keep what it could not take
+                raise
         try:
-            _write_all(fd, data)
             if self._fsync:
                 await asyncio.to_thread(_sync_new, fd, path.parent)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
-                path.unlink()  # a full disk must not keep what it could not take
+                path.unlink()
             raise
-        self._logs[key] = _Log(fd, path, number, len(data), record["state"])
+        self._logs[key] = _Log(fd, path, log.number + 1, len(data), state)
         log.close()
         with contextlib.suppress(OSError):
             log.path.unlink()
+
+    def _check_lease(self, key: tuple[str, str], *, locked: bool = False) -> None:
+        """LeaseLost if this process took the run's lease and another process holds it now
+        (nothing to check for a run written without a lease)."""
+        owner = self._holders.get(key)
+        if owner is None:
+            return
+        run_dir = self._run_dir(*key)
+        with contextlib.nullcontext() if locked else self._locked(run_dir):
+            current = _read_lease(run_dir / "lease.json")
+        if current is None or current["owner"] != owner:
+            self._forget_writes(key)
+            raise LeaseLost(f"run {key[1]} is now moved by another process")
+
+    def _forget_writes(self, key: tuple[str, str]) -> None:
+        """Drop what this process knows of the files of a run it writes (another process may
+        have moved them on)."""
+        for stream in ("events", "transcript"):
+            appender = self._appenders.pop((*key, stream), None)
+            if appender is not None:
+                appender.close()
+        log = self._logs.pop(key, None)
+        if log is not None:
+            log.close()
+        for cache in (self._redo, self._ends, self._known_ends, self._holders):
+            cache.pop(key, None)
 
     def _redo_after_reboot(self, ws: str, run_id: str) -> JsonObject | None:
         """The run's newest commit record was written before the machine rebooted (a power loss):
@@ -392,7 +458,7 @@ class LocalStorage:
         run_dir = self._run_dir(ws, run_id)
         with self._locked(run_dir):
             lease = _read_lease(run_dir / "lease.json")
-            if lease and lease["expires_at"] > time.time() and lease["owner"] not in self._owners:
+            if lease is not None and _live(lease, time.time()) and lease["owner"] not in self._owners:
                 return None
             try:
                 numbers = _log_numbers(os.listdir(run_dir / COMMITS))
@@ -528,6 +594,11 @@ class LocalStorage:
         end = 0
         if starts:
             end = starts[-1] - 1 + _truncate_after(directory / segment_name(starts[-1]), 1 << 62)
+            if self._fsync:
+                # What the writer before wrote past its last commit stays (watchers may have
+                # seen it) but no commit record carries it: sync it, or a power loss would
+                # leave a gap before what this writer commits next.
+                await asyncio.to_thread(_sync_segments, directory, starts)
         ends[stream] = end
         return end
 
@@ -538,6 +609,9 @@ class LocalStorage:
         # A snapshot's blob counts once a state names it: in fsync mode the commit record of
         # that state carries it, so it is not synced on its own.
         snapshot = name.startswith(SNAPSHOT_BLOB_PREFIXES)
+        if snapshot and self._fsync and len(data) > INLINE_BLOB_BYTES:
+            await asyncio.to_thread(self._write_atomic, path, data, sync=True)  # too large to carry
+            return
         if not (snapshot and _write_new(path, data)):
             # Named by its content's digest, never rewritten, and checked against that digest
             # when read back: created in place, without a temporary file and a rename (one there
@@ -676,6 +750,7 @@ class LocalStorage:
             self._left,
             self._known_ends,
             self._ends,
+            self._holders,
         ):
             cache.pop(key, None)
         with contextlib.suppress(FileNotFoundError):
@@ -691,23 +766,29 @@ class LocalStorage:
             fd = os.open(run_dir / "lease.json", os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 current = _parse_lease(os.pread(fd, os.fstat(fd).st_size, 0))
-                if current and current["owner"] != owner and current["expires_at"] > now:
+                if current is not None and current["owner"] != owner and _live(current, now):
                     return False
+                if current is None or current["owner"] != owner or current.get("boot", BOOT_ID) != BOOT_ID:
+                    # Taken over (or first taken): what this process knew of the run's files
+                    # may be stale, another process may have written them since.
+                    self._forget_writes(key)
                 left = self._left.pop(key, None)
                 if left is not None and current is not None and current.get("left") == left[0]:
                     self._known_ends[key] = left[1]  # our own mark: nobody took the run since
-                data = dumps({"owner": owner, "expires_at": now + ttl})
+                data = dumps({"owner": owner, "expires_at": now + ttl, "boot": BOOT_ID})
                 os.pwrite(fd, data, 0)
                 os.ftruncate(fd, len(data))
             finally:
                 os.close(fd)
             self._owners.add(owner)
+            self._holders[key] = owner
             return True
 
     async def release_lease(self, ws: str, run_id: str, owner: str) -> None:
         key = (ws, run_id)
         ends = self._ends.pop(key, {})
         self._known_ends.pop(key, None)
+        self._holders.pop(key, None)
         for stream in ("events", "transcript"):
             appender = self._appenders.pop((ws, run_id, stream), None)
             if appender is not None:
@@ -724,7 +805,7 @@ class LocalStorage:
                 # Expired, with a mark: if it is still there when this process takes the run
                 # back, nobody wrote since and the streams end where they are known to.
                 mark = secrets.token_hex(8)
-                data = dumps({"owner": owner, "expires_at": 0, "left": mark})
+                data = dumps({"owner": owner, "expires_at": 0, "left": mark, "boot": BOOT_ID})
                 fd = os.open(run_dir / "lease.json", os.O_WRONLY)
                 try:
                     os.pwrite(fd, data, 0)
@@ -924,27 +1005,6 @@ def _whole_records(path: Path) -> list[JsonObject]:
     return records
 
 
-def _newest_record(directory: Path) -> JsonObject | None:
-    """The newest whole record of the highest numbered commit log in ``directory``."""
-    for _ in range(3):
-        try:
-            numbers = _log_numbers(os.listdir(directory))
-        except FileNotFoundError:
-            return None
-        removed = False
-        for number in reversed(numbers):
-            try:
-                record = _last_record(directory / _log_name(number))
-            except FileNotFoundError:
-                removed = True  # replaced since the listing: a newer one exists
-                continue
-            if record is not None:
-                return record
-        if not removed:
-            return None
-    return None
-
-
 def _redo_doc(redo: _Redo | None) -> JsonObject:
     """What a commit record carries (fsync mode): pieces of each stream, blobs in base64."""
     doc: JsonObject = {}
@@ -954,8 +1014,12 @@ def _redo_doc(redo: _Redo | None) -> JsonObject:
         doc["events"] = [[first, records] for first, records in redo.events]
     if redo.transcript:
         doc["transcript"] = [[first, records] for first, records in redo.transcript]
-    if redo.blobs:
-        doc["blobs"] = {name: base64.b64encode(data).decode() for name, data in redo.blobs.items()}
+    carried = {name: base64.b64encode(data).decode() for name, data in redo.blobs.items() if data is not None}
+    if carried:
+        doc["blobs"] = carried
+    synced = sorted(name for name, data in redo.blobs.items() if data is None)
+    if synced:
+        doc["synced"] = synced  # an older copy an earlier record carries is not written back
     return doc
 
 
@@ -981,20 +1045,26 @@ def _redo_into_files(run_dir: Path, records: list[JsonObject]) -> None:
         end = 0
         if starts:
             end = starts[-1] - 1 + _truncate_after(directory / segment_name(starts[-1]), 1 << 62)
-        missing = []
-        index = end + 1
-        while index in by_index:
-            missing.append(by_index[index])
-            index += doc_span(by_index[index])
-        if missing:
-            path = directory / segment_name(end + 1)
+        # Every contiguous run of what the records carry past the end, each a segment of its
+        # own: a gap (records nobody carried or synced) loses what it lost, not what follows.
+        pieces: list[tuple[int, list[JsonObject]]] = []
+        expected = -1
+        for index in sorted(i for i in by_index if i > end):
+            if index != expected:
+                pieces.append((index, []))
+            pieces[-1][1].append(by_index[index])
+            expected = index + doc_span(by_index[index])
+        for first, docs in pieces:
+            path = directory / segment_name(first)
             with open(path, "wb") as fh:  # a new segment, or an empty one left by the crash
-                fh.write(dump_lines(missing))
+                fh.write(dump_lines(docs))
                 fh.flush()
                 os.fdatasync(fh.fileno())
             synced.add(directory)
     blobs: dict[str, str] = {}
     for record in records:
+        for name in record.get("redo", {}).get("synced", []):
+            blobs.pop(name, None)  # written and synced on its own later: that copy counts
         blobs.update(record.get("redo", {}).get("blobs", {}))
     if blobs:
         directory = run_dir / "blobs"
@@ -1020,10 +1090,9 @@ def _redo_into_files(run_dir: Path, records: list[JsonObject]) -> None:
         _fsync_dir(directory)
 
 
-def _sync_what_log_carries(run_dir: Path, log: Path) -> None:
-    """Sync the segments and blobs the records of the commit log ``log`` carry, and the
-    directories naming them: once done, the log's records need not carry them any more."""
-    records = _whole_records(log)
+def _sync_carried(run_dir: Path, records: list[JsonObject]) -> None:
+    """Sync the segments and blobs ``records`` carry, and the directories naming them: once
+    done, no record need carry them any more."""
     for stream in ("events", "transcript"):
         pieces = [piece for record in records for piece in record.get("redo", {}).get(stream, [])]
         if not pieces:
@@ -1034,9 +1103,7 @@ def _sync_what_log_carries(run_dir: Path, log: Path) -> None:
         # Every segment holding an index from ``low`` on: the last starting at or before it, and
         # those after.
         before = [first for first in starts if first <= low]
-        for first in starts[starts.index(before[-1]) if before else 0 :]:
-            _fsync_path(directory / segment_name(first))
-        _fsync_dir(directory)
+        _sync_segments(directory, starts[starts.index(before[-1]) if before else 0 :])
     names = {name for record in records for name in record.get("redo", {}).get("blobs", {})}
     for name in names:
         with contextlib.suppress(FileNotFoundError):
@@ -1046,39 +1113,62 @@ def _sync_what_log_carries(run_dir: Path, log: Path) -> None:
     _fsync_dir(run_dir)
 
 
+def _sync_segments(directory: Path, starts: list[int]) -> None:
+    """Sync the segments of ``directory`` starting at ``starts``, and their names."""
+    for first in starts:
+        _fsync_path(directory / segment_name(first))
+    _fsync_dir(directory)
+
+
 def _state_numbers(names: list[str]) -> list[int]:
     return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
 
 
-def _newest_state(directory: Path) -> JsonObject | None:
-    """The highest numbered whole state file in ``directory``; None if there is none."""
+def _newest(
+    directory: Path,
+    numbers: Callable[[list[str]], list[int]],
+    name: Callable[[int], str],
+    read: Callable[[Path], JsonObject | None],
+) -> JsonObject | None:
+    """What ``read`` finds in the highest numbered file of ``directory`` that holds something
+    whole (commit logs, or the state files of earlier versions); None if none does."""
     for _ in range(3):
         try:
-            numbers = _state_numbers(os.listdir(directory))
+            listed = numbers(os.listdir(directory))
         except FileNotFoundError:
             return None
         removed = False
-        for number in reversed(numbers):
+        for number in reversed(listed):
             try:
-                with open(directory / _state_name(number), "rb") as fh:
-                    doc: JsonObject = loads(fh.read())
-                return doc
+                doc = read(directory / name(number))
             except FileNotFoundError:
-                removed = True  # removed as old since the listing: a newer one exists
-            except ValueError:
-                continue  # still being written, or torn by a crash: the one before counts
+                removed = True  # replaced since the listing: a newer one exists
+                continue
+            if doc is not None:
+                return doc
         if not removed:
             return None
-        # Every file listed was removed meanwhile (a finished run keeps only its newest):
-        # list again to find the newer one.
+        # Every file listed was removed meanwhile: list again to find the newer one.
     return None
+
+
+def _whole_json(path: Path) -> JsonObject | None:
+    """The document of ``path``; None if it is torn by a crash (or still being written)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        doc: JsonObject = loads(data)
+        return doc
+    except ValueError:
+        return None
 
 
 def _read_lease(path: Path) -> JsonObject | None:
     try:
-        return _read_json(path)
-    except ValueError:
-        return None  # torn by a power loss (it is rewritten in place): no live lease
+        with open(path, "rb") as fh:
+            return _parse_lease(fh.read())
+    except FileNotFoundError:
+        return None
 
 
 def _parse_lease(data: bytes) -> JsonObject | None:
@@ -1089,6 +1179,12 @@ def _parse_lease(data: bytes) -> JsonObject | None:
         return doc
     except ValueError:
         return None  # torn by a power loss (it is rewritten in place): no live lease
+
+
+def _live(lease: JsonObject, now: float) -> bool:
+    """Whether ``lease`` is held: not expired, and taken since the machine last booted (no
+    process of an earlier boot runs any more)."""
+    return bool(lease["expires_at"] > now) and lease.get("boot", BOOT_ID) == BOOT_ID
 
 
 def open_storage(url: str, *, fsync: bool = False) -> Storage:

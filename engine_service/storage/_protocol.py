@@ -82,6 +82,11 @@ _FAULT_ERRNOS = frozenset(
 )
 
 
+class LeaseLost(Exception):
+    """Another process holds the run's lease now (or moved its files on): this one must stop
+    writing."""
+
+
 class StorageCredentialsMissing(StorageUnavailable):
     """The storage refuses for want of credentials: a setting to fix, not an outage to wait out."""
 

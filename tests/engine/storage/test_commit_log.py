@@ -13,7 +13,7 @@ import pytest
 
 import engine_service.storage._local as local
 from engine_service import LocalStorage
-from engine_service.storage._protocol import Checkpoint
+from engine_service.storage._protocol import Checkpoint, LeaseLost
 
 RUN = Path("workspaces", "ws", "runs", "r1")
 
@@ -332,3 +332,184 @@ async def test_a_reader_leaves_a_run_another_process_holds_as_it_is(
     assert log.read_bytes() != before
     await holder.close()
     await reader.close()
+
+
+def expire_lease(root: Path) -> None:
+    """The holder's lease runs out (it stalled past its time to live)."""
+    lease = root / RUN / "lease.json"
+    lease.write_bytes(json.dumps({**json.loads(lease.read_bytes()), "expires_at": 0}).encode())
+
+
+async def test_a_process_taking_a_run_back_writes_to_the_log_others_read(tmp_path: Path) -> None:
+    a, b, reader = LocalStorage(tmp_path), LocalStorage(tmp_path), LocalStorage(tmp_path)
+    await a.create_run("ws", "r1", {}, {"state": "QUEUED"})
+    assert await a.acquire_lease("ws", "r1", "a", 30)
+    await a.write_state("ws", "r1", {"state": "RUNNING", "by": "a"})
+    expire_lease(tmp_path)  # a stalls; b takes the run over and pauses it (a new log)
+    assert await b.acquire_lease("ws", "r1", "b", 30)
+    await b.write_state("ws", "r1", {"state": "RUNNING", "by": "b"})
+    await b.write_state("ws", "r1", {"state": "PAUSED", "by": "b"})
+    await b.release_lease("ws", "r1", "b")
+    # A resume reaches a: it takes the run back, and what it commits is what everyone reads.
+    assert await a.acquire_lease("ws", "r1", "a", 30)
+    await a.write_state("ws", "r1", {"state": "RUNNING", "by": "a again"})
+    assert await reader.read_state("ws", "r1") == {"state": "RUNNING", "by": "a again"}
+    for storage in (a, b):
+        await storage.close()
+
+
+async def test_a_writer_whose_log_was_replaced_or_appended_to_reopens_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, reader = LocalStorage(tmp_path), LocalStorage(tmp_path), LocalStorage(tmp_path)
+    await a.create_run("ws", "r1", {}, {})
+    await a.write_state("ws", "r1", {"state": "RUNNING", "n": 1})
+    await b.write_state("ws", "r1", {"state": "PAUSED", "n": 2})  # replaces the log a has open
+    await a.write_state("ws", "r1", {"state": "RUNNING", "n": 3})
+    assert await reader.read_state("ws", "r1") == {"state": "RUNNING", "n": 3}
+    await b.write_state("ws", "r1", {"state": "RUNNING", "n": 4})  # appended after a's record
+    real_write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        real_write(fd, data[:5])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError, match="No space"):
+        await a.write_state("ws", "r1", {"state": "RUNNING", "n": 5})
+    monkeypatch.setattr(os, "write", real_write)
+    # Cut back to the end of b's record, not to where a last knew the log to end.
+    assert await reader.read_state("ws", "r1") == {"state": "RUNNING", "n": 4}
+    [log] = logs(tmp_path)
+    assert [json.loads(line)["state"]["n"] for line in log.read_bytes().splitlines()] == [2, 3, 4]
+    for storage in (a, b):
+        await storage.close()
+
+
+async def test_a_writer_that_lost_the_lease_cannot_end_the_run_over_the_holder(tmp_path: Path) -> None:
+    a, b, reader = LocalStorage(tmp_path), LocalStorage(tmp_path), LocalStorage(tmp_path)
+    await a.create_run("ws", "r1", {}, {"state": "QUEUED"})
+    assert await a.acquire_lease("ws", "r1", "a", 30)
+    await a.write_state("ws", "r1", {"state": "RUNNING", "by": "a"})
+    expire_lease(tmp_path)
+    assert await b.acquire_lease("ws", "r1", "b", 30)
+    await b.write_state("ws", "r1", {"state": "RUNNING", "by": "b", "n": 1})
+    # a's final commit, in flight before it noticed: refused, the log stays b's.
+    with pytest.raises(LeaseLost):
+        await a.write_state("ws", "r1", {"state": "DONE", "by": "a"})
+    assert await reader.read_state("ws", "r1") == {"state": "RUNNING", "by": "b", "n": 1}
+    await b.write_state("ws", "r1", {"state": "RUNNING", "by": "b", "n": 2})
+    assert await reader.read_state("ws", "r1") == {"state": "RUNNING", "by": "b", "n": 2}
+    await b.write_state("ws", "r1", {"state": "DONE", "by": "b"})
+    assert await reader.read_state("ws", "r1") == {"state": "DONE", "by": "b"}
+    for storage in (a, b):
+        await storage.close()
+
+
+class Synced:
+    """Records what each fdatasync/fsync made durable: the content of the file then."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.files: dict[Path, bytes] = {}
+        real_data, real_full = os.fdatasync, os.fsync
+
+        def note(fd: int) -> None:
+            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            if path.is_file():
+                self.files[path] = path.read_bytes()
+
+        def data(fd: int) -> None:
+            real_data(fd)
+            note(fd)
+
+        def full(fd: int) -> None:
+            real_full(fd)
+            note(fd)
+
+        def replace(src: str | Path, dst: str | Path) -> None:
+            real_replace(src, dst)
+            if Path(src) in self.files:  # a synced temporary file renamed into place
+                self.files[Path(dst)] = self.files.pop(Path(src))
+
+        real_replace = os.replace
+        monkeypatch.setattr(os, "fdatasync", data)
+        monkeypatch.setattr(os, "fsync", full)
+        monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("tail_synced", [True, False])
+async def test_a_power_loss_after_a_takeover_keeps_what_the_new_writer_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tail_synced: bool
+) -> None:
+    root = tmp_path.resolve()
+    synced = Synced(monkeypatch)
+    if not tail_synced:  # what is written back must not stop at a gap either
+        monkeypatch.setattr(local, "_sync_segments", lambda directory, starts: None)
+    dead = LocalStorage(root, fsync=True)
+    await dead.create_run("ws", "r1", {}, {"last_seq": 0})
+    assert await dead.acquire_lease("ws", "r1", "dead", 30)
+    await dead.write_segment("ws", "r1", "events", 1, [{"seq": i} for i in range(1, 11)])
+    await dead.commit("ws", "r1", Checkpoint({"last_seq": 10}))
+    await dead.write_segment("ws", "r1", "events", 11, [{"seq": i} for i in range(11, 16)])
+    expire_lease(root)  # killed with -9; another process on this boot takes the run
+    new = LocalStorage(root, fsync=True)
+    assert await new.acquire_lease("ws", "r1", "new", 30)
+    assert await new.read_state("ws", "r1") == {"last_seq": 10}
+    assert await new.repair_end("ws", "r1", "events") == 15  # kept: watchers may have seen them
+    await new.write_segment("ws", "r1", "events", 16, [{"seq": i} for i in range(16, 21)])
+    await new.commit("ws", "r1", Checkpoint({"last_seq": 20}))
+
+    lose_what_was_not_synced(root, synced.files)
+    monkeypatch.setattr(local, "BOOT_ID", "the-next-boot")
+    after = LocalStorage(root, fsync=True)
+    assert await after.read_state("ws", "r1") == {"last_seq": 20}
+    seqs = [d["seq"] for d in await after.read_segments("ws", "r1", "events", 0, 20)]
+    assert seqs == (list(range(1, 21)) if tail_synced else [*range(1, 11), *range(16, 21)])
+    for storage in (dead, new, after):
+        await storage.close()
+
+
+async def test_large_blobs_are_synced_on_their_own_and_an_end_carries_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path.resolve()
+    synced = Synced(monkeypatch)
+    storage = LocalStorage(root, fsync=True)
+    await storage.create_run("ws", "r1", {}, {})
+    big = b"x" * (local.INLINE_BLOB_BYTES + 1)
+    await storage.write_segment("ws", "r1", "events", 1, [{"seq": 1}])
+    small = {"agent-a-transcript": b"[1]"}
+    await storage.commit("ws", "r1", Checkpoint({"state": "RUNNING", "last_seq": 1}, 1, [{"n": 1}], small))
+    await storage.put_blob("ws", "r1", "wd-" + "ab" * 32, big)  # a large file of the run directory
+    await storage.write_segment("ws", "r1", "events", 2, [{"seq": 2}])
+    grown = {"agent-a-transcript": big}  # the same blob, grown past the limit
+    await storage.commit("ws", "r1", Checkpoint({"state": "RUNNING", "last_seq": 2}, 2, [{"n": 2}], grown))
+    [log] = logs(root)
+    assert len(log.read_bytes()) < 2000  # the large blobs are not in the records
+    await storage.write_segment("ws", "r1", "events", 3, [{"seq": 3}])
+    await storage.commit("ws", "r1", Checkpoint({"state": "PAUSED", "last_seq": 3}, 3, [{"n": 3}]))
+    [log] = logs(root)
+    assert json.loads(log.read_bytes()) == {"boot": local.BOOT_ID, "state": {"state": "PAUSED", "last_seq": 3}}
+    await storage.close()
+
+    lose_what_was_not_synced(root, synced.files)
+    monkeypatch.setattr(local, "BOOT_ID", "the-next-boot")
+    after = LocalStorage(root, fsync=True)
+    assert await after.read_state("ws", "r1") == {"state": "PAUSED", "last_seq": 3}
+    assert [d["seq"] for d in await after.read_segments("ws", "r1", "events", 0, 3)] == [1, 2, 3]
+    assert await after.read_segments("ws", "r1", "transcript", 0, 3) == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert await after.get_blob("ws", "r1", "agent-a-transcript") == big
+    assert await after.get_blob("ws", "r1", "wd-" + "ab" * 32) == big
+    await after.close()
+
+
+async def test_a_lease_taken_before_the_machine_rebooted_has_expired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = LocalStorage(tmp_path, fsync=True)
+    await storage.create_run("ws", "r1", {}, {})
+    assert await storage.acquire_lease("ws", "r1", "before", 3600)
+    assert not await LocalStorage(tmp_path).acquire_lease("ws", "r1", "other", 30)
+    monkeypatch.setattr(local, "BOOT_ID", "the-next-boot")  # a reboot shorter than the lease
+    assert await LocalStorage(tmp_path).acquire_lease("ws", "r1", "after", 30)
+    await storage.close()
