@@ -489,7 +489,8 @@ async def test_large_blobs_are_synced_on_their_own_and_an_end_carries_nothing(
     await storage.write_segment("ws", "r1", "events", 3, [{"seq": 3}])
     await storage.commit("ws", "r1", Checkpoint({"state": "PAUSED", "last_seq": 3}, 3, [{"n": 3}]))
     [log] = logs(root)
-    assert json.loads(log.read_bytes()) == {"boot": local.BOOT_ID, "state": {"state": "PAUSED", "last_seq": 3}}
+    paused = {"state": "PAUSED", "last_seq": 3}
+    assert json.loads(log.read_bytes()) == {"boot": local.BOOT_ID, "state": paused}
     await storage.close()
 
     lose_what_was_not_synced(root, synced.files)
