@@ -762,7 +762,8 @@ class LocalStorage:
         now = time.time()
         with self._locked(run_dir):
             # Rewritten in place under the lock, unsynced: only holders of the lock read it, and
-            # after a power loss every lease has expired anyway. A torn one reads as none.
+            # it names the boot that took it (a lease of an earlier boot has expired: no process
+            # of that boot runs). A torn one reads as none.
             fd = os.open(run_dir / "lease.json", os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 current = _parse_lease(os.pread(fd, os.fstat(fd).st_size, 0))

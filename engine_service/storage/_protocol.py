@@ -41,7 +41,8 @@ The local adapter writes a run's first state as ``state.json`` and each later on
 appended to its commit log ``commits/{n}.jsonl``, the newest whole record of the highest
 numbered log counting (appending costs far less than creating or replacing a file; see
 ``LocalStorage`` for what a record carries in fsync mode); an object store replaces
-``state.json``.
+``state.json``. Versions that read no commit logs do not see those states: processes sharing a
+directory run the same version.
 
 The two streams commit differently:
 
