@@ -452,7 +452,7 @@ class LocalStorage:
         log = self._logs.pop(key, None)
         if log is not None:
             log.close()
-        for cache in (self._redo, self._ends, self._known_ends, self._continue_in, self._holders):
+        for cache in (self._redo, self._ends, self._known_ends, self._continue_in):
             cache.pop(key, None)
 
     def _redo_after_reboot(self, ws: str, run_id: str) -> JsonObject | None:

@@ -397,8 +397,10 @@ async def test_a_writer_that_lost_the_lease_cannot_end_the_run_over_the_holder(
     await a.write_state("ws", "r1", {"state": "RUNNING", "by": "a"})
     expire_lease(tmp_path)
     assert await b.acquire_lease("ws", "r1", "b", 30)
-    await b.write_state("ws", "r1", {"state": "RUNNING", "by": "b", "n": 1})
     # a's final commit, in flight before it noticed: refused, the log stays b's.
+    with pytest.raises(LeaseLost):
+        await a.write_state("ws", "r1", {"state": "DONE", "by": "a"})
+    await b.write_state("ws", "r1", {"state": "RUNNING", "by": "b", "n": 1})
     with pytest.raises(LeaseLost):
         await a.write_state("ws", "r1", {"state": "DONE", "by": "a"})
     assert await reader.read_state("ws", "r1") == {"state": "RUNNING", "by": "b", "n": 1}
@@ -473,9 +475,7 @@ async def test_a_power_loss_after_a_takeover_keeps_what_the_new_writer_committed
         await storage.close()
 
 
-async def test_large_blobs_are_synced_on_their_own(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_large_blobs_are_synced_on_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path.resolve()
     synced = Synced(monkeypatch)
     storage = LocalStorage(root, fsync=True)
