@@ -178,9 +178,8 @@ class LocalStorage:
     and blob files are synced only when the log is replaced (past ``LOG_BYTES``); a record
     stamped by an earlier boot of the machine has what it carries rewritten into those files
     before its state is read (`_redo_after_reboot`). Blobs larger than ``INLINE_BLOB_BYTES``
-    are synced on their own instead, and a pause or an end syncs what its record would carry
-    and writes the state alone. The lease needs no sync: it names the boot that wrote it, and
-    a lease of an earlier boot counts as expired.
+    are synced on their own (in a thread) instead of carried. The lease needs no sync: it
+    names the boot that wrote it, and a lease of an earlier boot counts as expired.
     """
 
     event_flush_delay = 0.0
@@ -329,8 +328,6 @@ class LocalStorage:
         if log is None:
             log = self._logs[key] = self._open_log(*key)
         final = record["state"].get("state") in _FINAL
-        if final:
-            self._check_lease(key)  # a writer whose lease another took does not end the run
         if log.size and not self._fsync and final:
             # A pause or an end starts a new log holding only it: the run writes no more for
             # now, and keeps one record. Creating that file needs a writable directory and free
@@ -338,6 +335,8 @@ class LocalStorage:
             # where that would first sync every file the log carries.
             await self._replace_log(key, log, record)
             return
+        if final:
+            self._check_lease(key)  # a writer whose lease another took does not end the run
         data = dumps(record) + b"\n"
         try:
             _write_all(log.fd, data)
