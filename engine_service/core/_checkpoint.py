@@ -19,7 +19,13 @@ from engine_service.core._logging import run_transition
 from engine_service.core._run import AgentState, RunError, RunRecord, RunSpec
 from engine_service.core._types import Event, EventKind, JsonObject, Message, Permission, RunState
 from engine_service.models import ModelAdapter
-from engine_service.storage._protocol import Storage, StorageUnavailable, storage_fault
+from engine_service.storage._protocol import (
+    Checkpoint,
+    StateConflict,
+    Storage,
+    StorageUnavailable,
+    storage_fault,
+)
 from engine_service.storage._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
 from engine_service.tools._registry import Tool
 
@@ -304,15 +310,26 @@ class CheckpointedRun:
         record.transcript_len = len(self.transcript)
         record.updated_at = self.env.clock()
         doc = record.to_json()
-        await self.write_events()
-        if new_entries:
-            await storage.write_segment(ws, run_id, "transcript", first, new_entries)
+        # A subagent's transcript is rewritten whole: it is short next to its run's.
+        blobs = {transcript_blob(path): json.dumps(docs).encode() for path, docs in child_blobs.items()}
+        async with self._write_lock:
+            # The events not written ahead yet go with the checkpoint: one write, not two.
+            batch = self._unwritten
+            self._unwritten = []
+            written = batch[-1].last_seq if batch else self._written_seq
+            doc["last_seq"] = min(upto, written)
+            checkpoint = Checkpoint(doc, first, new_entries, blobs, [e.to_json() for e in batch])
+            try:
+                await storage.commit(ws, run_id, checkpoint)
+            except BaseException as exc:
+                self._unwritten[:0] = batch  # the next attempt commits them
+                if isinstance(exc, StateConflict):
+                    raise LeaseLost(f"run {run_id} was moved on by another process") from None
+                raise
+            self._written_seq = written
+        self._held.extend(batch)
         for path, docs in child_blobs.items():
-            # Rewritten whole: a subagent's transcript is short next to its run's.
-            await storage.put_blob(ws, run_id, transcript_blob(path), json.dumps(docs).encode())
             self._child_written[path] = len(docs)
-        doc["last_seq"] = min(upto, self._written_seq)
-        await storage.write_state(ws, run_id, doc)
         record.last_seq = doc["last_seq"]
         for path in retired:  # their whole transcripts are written: nothing more to keep here
             self._forget_child(path)

@@ -17,7 +17,14 @@ from pathlib import Path
 from engine_service.core._errors import missing_extra
 from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
-from engine_service.storage._protocol import Storage, doc_parts, segment_name, segment_starts
+from engine_service.storage._protocol import (
+    Checkpoint,
+    Storage,
+    commit_in_steps,
+    doc_parts,
+    segment_name,
+    segment_starts,
+)
 from engine_service.storage._records import doc_span, dump_lines, dumps, loads, span
 from engine_service.storage._workdir_snapshot import FILE_BLOB, MANIFEST_BLOB
 
@@ -229,6 +236,9 @@ class LocalStorage:
             if files:
                 self._unsynced_files.setdefault((ws, run_id), set()).update(files)
             raise
+
+    async def commit(self, ws: str, run_id: str, checkpoint: Checkpoint) -> None:
+        await commit_in_steps(self, ws, run_id, checkpoint)
 
     async def write_segment(
         self, ws: str, run_id: str, stream: str, first: int, records: list[JsonObject]

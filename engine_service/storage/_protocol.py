@@ -56,7 +56,8 @@ The two streams commit differently:
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from engine_service.core._ids import check_id
@@ -79,6 +80,11 @@ _FAULT_ERRNOS = frozenset(
 )
 
 
+class StateConflict(Exception):
+    """Another writer replaced the run's state since this process last read or wrote it: this
+    one's lease went stale, and it must stop writing (raised by adapters that can tell)."""
+
+
 class StorageCredentialsMissing(StorageUnavailable):
     """The storage refuses for want of credentials: a setting to fix, not an outage to wait out."""
 
@@ -92,6 +98,23 @@ def storage_fault(exc: BaseException) -> bool:
 class Lease:
     owner: str
     expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """What one checkpoint of a run commits (see `Storage.commit`)."""
+
+    # The run's state document; its ``last_seq`` counts events written ahead (write_segment),
+    # its ``transcript_len`` the transcript entries up to the last of ``transcript``.
+    state: JsonObject
+    # New transcript entries, the first numbered ``transcript_first`` (none: nothing new).
+    transcript_first: int = 0
+    transcript: Sequence[JsonObject] = ()
+    # Blobs the checkpoint replaces whole (e.g. a subagent's transcript), by name.
+    blobs: Mapping[str, bytes] = field(default_factory=dict)
+    # Events not written ahead yet (consecutive, the first right after the last written one):
+    # committed with the state, shown to watchers once it is.
+    events: Sequence[JsonObject] = ()
 
 
 class Storage(Protocol):
@@ -118,6 +141,15 @@ class Storage(Protocol):
         self, ws: str, run_id: str, stream: str, first: int, records: list[JsonObject]
     ) -> None:
         """Write records ``first..first+len-1`` of ``stream`` (events|transcript) as one segment."""
+        ...
+
+    async def commit(self, ws: str, run_id: str, checkpoint: Checkpoint) -> None:
+        """Write a checkpoint: its transcript entries and blobs, then the state that commits them.
+
+        Readers see the previous state or this one, never this one without what it commits;
+        a commit that raised may be retried with the same checkpoint. `commit_in_steps` does it
+        with the operations above; an adapter may do it its own cheaper way.
+        """
         ...
 
     async def read_segments(
@@ -184,6 +216,22 @@ class Storage(Protocol):
     async def release_lease(self, ws: str, run_id: str, owner: str) -> None: ...
 
     async def close(self) -> None: ...
+
+
+async def commit_in_steps(storage: Storage, ws: str, run_id: str, checkpoint: Checkpoint) -> None:
+    """`Storage.commit` by the other operations: the events' and the transcript's segments, the
+    blobs, the state."""
+    if checkpoint.events:
+        await storage.write_segment(
+            ws, run_id, "events", checkpoint.events[0]["seq"], list(checkpoint.events)
+        )
+    if checkpoint.transcript:
+        await storage.write_segment(
+            ws, run_id, "transcript", checkpoint.transcript_first, list(checkpoint.transcript)
+        )
+    for name, data in checkpoint.blobs.items():
+        await storage.put_blob(ws, run_id, name, data)
+    await storage.write_state(ws, run_id, checkpoint.state)
 
 
 def doc_parts(key: str) -> list[str]:

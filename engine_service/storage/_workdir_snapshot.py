@@ -48,6 +48,7 @@ _CACHE_DIR = ".snapshots"
 _HASH_IN_THREAD_BYTES = 256 * 1024  # hashing more than this at once leaves the event loop
 _MAX_PATH_CHARS = 4096
 _MEMORY_RUNS = 512  # runs whose sync state a process keeps in memory (the rest on disk)
+_PARALLEL = 16  # blobs written or read at once
 
 # (size, mtime_ns, ctime_ns, inode): when all four match, the file has not changed.
 StatKey = tuple[int, int, int, int]
@@ -94,18 +95,24 @@ class WorkdirSnapshots:
         for rel in set(changed) - set(contents):  # removed since the scan
             del entries[rel]
             stats.pop(rel, None)
+        # Contents and the manifest are named by their digests, so they go up together: the
+        # manifest counts only once the checkpoint naming it is committed, after all of them.
+        uploads: dict[str, bytes] = {}
         for rel, (data, digest) in contents.items():
             entries[rel]["sha256"] = digest
             entries[rel]["size"] = len(data)
             if digest not in synced.stored:
-                await storage.put_blob(ws, run_id, FILE_BLOB + digest, data)
-                synced.stored.add(digest)
+                uploads[FILE_BLOB + digest] = data
         if entries == synced.entries and synced.digest:
+            await _put_all(storage, ws, run_id, uploads)
+            synced.stored.update(name.removeprefix(FILE_BLOB) for name in uploads)
             synced.stats = stats
             return synced.digest
         manifest = _encode({"v": 1, "entries": entries})
         digest = hashlib.sha256(manifest).hexdigest()
-        await storage.put_blob(ws, run_id, MANIFEST_BLOB + digest, manifest)
+        uploads[MANIFEST_BLOB + digest] = manifest
+        await _put_all(storage, ws, run_id, uploads)
+        synced.stored.update(name.removeprefix(FILE_BLOB) for name in uploads if name.startswith(FILE_BLOB))
         synced.digest, synced.entries, synced.stats = digest, entries, stats
         self._remember(ws, run_id, synced)
         return digest
@@ -124,13 +131,20 @@ class WorkdirSnapshots:
         if raw is None or hashlib.sha256(raw).hexdigest() != digest:
             raise RuntimeError(f"run {run_id}: the workdir manifest {digest[:12]} is missing or damaged")
         entries = _valid_entries(json.loads(raw).get("entries", {}))
+        wanted = [
+            (rel, entry["sha256"])
+            for rel, entry in entries.items()
+            if "sha256" in entry and not _same_file(workdir, rel, entry, synced)
+        ]
         fetched: dict[str, bytes] = {}
-        for rel, entry in entries.items():
-            if "sha256" in entry and not _same_file(workdir, rel, entry, synced):
-                name = FILE_BLOB + entry["sha256"]
-                data = await storage.get_blob(ws, run_id, name)
-                if data is None or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                    raise RuntimeError(f"run {run_id}: the workdir blob {name[:16]} is missing or damaged")
+        for start in range(0, len(wanted), _PARALLEL):
+            some = wanted[start : start + _PARALLEL]
+            found = await asyncio.gather(*(storage.get_blob(ws, run_id, FILE_BLOB + sha) for _, sha in some))
+            for (rel, sha), data in zip(some, found, strict=True):
+                if data is None or hashlib.sha256(data).hexdigest() != sha:
+                    raise RuntimeError(
+                        f"run {run_id}: the workdir blob {(FILE_BLOB + sha)[:16]} is missing or damaged"
+                    )
                 fetched[rel] = data
         await asyncio.to_thread(_apply, workdir, synced.entries, entries, fetched)
         stats = {}
@@ -263,6 +277,15 @@ def _scan(
                         entries[rel] = {"link": target}
                 # Devices, FIFOs and sockets are not part of a run's files.
     return entries, stats, changed
+
+
+async def _put_all(storage: Storage, ws: str, run_id: str, blobs: dict[str, bytes]) -> None:
+    """Store ``blobs``, a few at once."""
+    items = list(blobs.items())
+    for start in range(0, len(items), _PARALLEL):
+        await asyncio.gather(
+            *(storage.put_blob(ws, run_id, name, data) for name, data in items[start : start + _PARALLEL])
+        )
 
 
 async def _read_changed(workdir: Path, changed: list[str], size: int) -> dict[str, tuple[bytes, str]]:
