@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -77,8 +79,9 @@ class _Tail:
         first = doc.get("transcript_first")
         return cls(events, first if isinstance(first, int) and first > 0 else 0, transcript)
 
-    def to_json(self) -> JsonObject:
+    def to_json(self, writer: str) -> JsonObject:
         return {
+            "writer": writer,
             "events": self.events,
             "transcript_first": self.transcript_first,
             "transcript": self.transcript,
@@ -98,6 +101,9 @@ class _Head:
 
     etag: str
     tail: _Tail
+    # When it was taken (a counter): a read that started before a later write does not replace it.
+    stamp: int = 0
+    writer: str = ""  # the process that wrote it (its log's "writer")
 
 
 def _code(error: ClientError) -> str:
@@ -171,6 +177,10 @@ class S3Storage:
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         self._heads: OrderedDict[tuple[str, str], _Head] = OrderedDict()
+        self._stamps = itertools.count(1)
+        # Written in each state.json this process writes: a write of ours that landed although
+        # its request failed is recognised as ours, not taken for another writer's.
+        self._writer = uuid.uuid4().hex
 
     async def _s3(self) -> Any:
         if self._client is None:
@@ -250,10 +260,10 @@ class S3Storage:
     async def create_run(self, ws: str, run_id: str, spec: JsonObject, state: JsonObject) -> bool:
         if not await self._put_new(self._run(ws, run_id, "spec.json"), dumps(spec)):
             return False
-        body = dumps(state)
+        body = dumps({**state, TAIL_KEY: _Tail().to_json(self._writer)})
         etag = await self._put(self._run(ws, run_id, "state.json"), body, IfNoneMatch="*")
         if etag is not None:
-            self._remember(ws, run_id, _Head(etag, _Tail()))
+            self._remember(ws, run_id, _Head(etag, _Tail(size=len(body)), next(self._stamps), self._writer))
             return True
         existing = await self._get(self._run(ws, run_id, "state.json"))  # a retried create that landed
         return existing is not None and existing[0] == body
@@ -266,17 +276,23 @@ class S3Storage:
         return None if found is None else found[0]
 
     async def _read_head(self, ws: str, run_id: str) -> tuple[JsonObject, _Head] | None:
+        stamp = next(self._stamps)
         found = await self._get(self._run(ws, run_id, "state.json"))
         if found is None:
             return None
         doc: JsonObject = loads(found[0])
-        tail = _Tail.from_json(doc.pop(TAIL_KEY, None))
+        log = doc.pop(TAIL_KEY, None)
+        tail = _Tail.from_json(log)
         tail.size = len(found[0])
-        head = _Head(found[1], tail)
+        writer = log.get("writer") if isinstance(log, dict) else None
+        head = _Head(found[1], tail, stamp, writer if isinstance(writer, str) else "")
         self._remember(ws, run_id, head)
         return doc, head
 
     def _remember(self, ws: str, run_id: str, head: _Head) -> None:
+        known = self._heads.get((ws, run_id))
+        if known is not None and known.stamp > head.stamp:
+            return  # read before a write of ours that landed since: older than what we know
         self._heads[(ws, run_id)] = head
         self._heads.move_to_end((ws, run_id))
         while len(self._heads) > _HEADS:
@@ -297,42 +313,35 @@ class S3Storage:
         if head is None:
             found = await self._read_head(ws, run_id)
             head = found[1] if found is not None else _Head("", _Tail())
-        old = head.tail
-        tail = _Tail(list(old.events), old.transcript_first, list(old.transcript), old.size)
-        writes = [self.put_blob(ws, run_id, name, data) for name, data in checkpoint.blobs.items()]
-        if tail.size > TAIL_BYTES:
-            writes.append(self._move_out(ws, run_id, tail))
-            tail = _Tail()
-        if writes:
-            await asyncio.gather(*writes)
-        if checkpoint.events:
-            # A retried commit brings the same records again: they replace what the tail has.
-            seq = checkpoint.events[0]["seq"]
-            tail.events = [e for e in tail.events if e["seq"] < seq] + list(checkpoint.events)
-        if checkpoint.transcript:
-            first, entries = checkpoint.transcript_first, list(checkpoint.transcript)
-            if tail.transcript:
-                if first > tail.transcript_first + len(tail.transcript):
-                    raise ValueError(f"transcript entries from {first} do not follow the committed ones")
-                if first < tail.transcript_first:  # those before were moved out already
-                    entries = entries[tail.transcript_first - first :]
-                    first = tail.transcript_first
-                tail.transcript = tail.transcript[: first - tail.transcript_first] + entries
-            else:
-                tail.transcript_first, tail.transcript = first, entries
-        state = checkpoint.state
-        body = dumps({**state, TAIL_KEY: tail.to_json()} if tail.events or tail.transcript else state)
-        tail.size = len(body)
-        conditions = {"IfMatch": head.etag} if head.etag else {"IfNoneMatch": "*"}
-        etag = await self._put(key, body, **conditions)
-        if etag is None:
-            # Lost the race, or our own write landed but its answer did not: read back.
-            current = await self._get(key)
-            if current is None or current[0] != body:
+        if checkpoint.blobs:
+            await asyncio.gather(*(self.put_blob(ws, run_id, n, d) for n, d in checkpoint.blobs.items()))
+        for attempt in range(3):
+            base = head.tail
+            if base.size > TAIL_BYTES:
+                await self._move_out(ws, run_id, base)
+                base = _Tail()
+            tail = _extended(base, checkpoint)
+            if tail is None:
+                if attempt:
+                    first = checkpoint.transcript_first
+                    raise ValueError(f"run {run_id}: transcript entries from {first} do not follow the tail")
+                found = await self._read_head(ws, run_id)  # what we knew was stale: look again
+                head = found[1] if found is not None else _Head("", _Tail())
+                continue
+            body = dumps({**checkpoint.state, TAIL_KEY: tail.to_json(self._writer)})
+            tail.size = len(body)
+            conditions = {"IfMatch": head.etag} if head.etag else {"IfNoneMatch": "*"}
+            etag = await self._put(key, body, **conditions)
+            if etag is not None:
+                self._remember(ws, run_id, _Head(etag, tail, next(self._stamps), self._writer))
+                return
+            # Lost a race, or a write of ours landed without our learning it: read back.
+            found = await self._read_head(ws, run_id)
+            if found is None or found[1].writer != self._writer:
                 self._heads.pop((ws, run_id), None)
                 raise StateConflict(f"the state of run {run_id} was replaced by another writer")
-            etag = current[1]
-        self._remember(ws, run_id, _Head(etag, tail))
+            head = found[1]  # ours after all (e.g. an attempt that failed late): build on it
+        raise StateConflict(f"the state of run {run_id} keeps changing under this writer")
 
     async def _move_out(self, ws: str, run_id: str, tail: _Tail) -> None:
         """Write ``tail``'s records as segments (state.json still holds them until replaced)."""
@@ -537,6 +546,27 @@ class S3Storage:
     async def close(self) -> None:
         await self._stack.aclose()
         self._client = None
+
+
+def _extended(tail: _Tail, checkpoint: Checkpoint) -> _Tail | None:
+    """``tail`` with the checkpoint's events and transcript entries (a retried commit brings
+    some again: they replace what the tail has); None if the entries do not follow the tail's."""
+    out = _Tail(list(tail.events), tail.transcript_first, list(tail.transcript), tail.size)
+    if checkpoint.events:
+        seq = checkpoint.events[0]["seq"]
+        out.events = [e for e in out.events if e["seq"] < seq] + list(checkpoint.events)
+    if checkpoint.transcript:
+        first, entries = checkpoint.transcript_first, list(checkpoint.transcript)
+        if out.transcript:
+            if first > out.transcript_first + len(out.transcript):
+                return None
+            if first < out.transcript_first:  # those before were moved out already
+                entries = entries[out.transcript_first - first :]
+                first = out.transcript_first
+            out.transcript = out.transcript[: first - out.transcript_first] + entries
+        else:
+            out.transcript_first, out.transcript = first, entries
+    return out
 
 
 def _lines(first: int, body: bytes) -> list[tuple[int, Any]]:

@@ -7,13 +7,14 @@ before), and a writer whose lease went stale losing to the one that took the run
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
 from engine_service.core._types import Message
 from engine_service.storage import _s3
-from engine_service.storage._protocol import Checkpoint, StateConflict
+from engine_service.storage._protocol import Checkpoint, StateConflict, StorageUnavailable
 from engine_service.storage._s3 import S3Storage
 from tests.s3_server import new_bucket
 
@@ -196,5 +197,65 @@ async def test_runs_written_one_segment_per_checkpoint_still_read(moto: str) -> 
         texts = [d["text"] for d in await reader.read_segments("ws", "r1", "transcript", 0, 2)]
         assert texts == ["old", "new"]
         await reader.close()
+    finally:
+        await store.close()
+
+
+async def test_a_commit_that_landed_although_it_failed_is_taken_for_ours(
+    moto: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await _storage(moto)
+    try:
+        await store.create_run("ws", "r1", {}, {"last_seq": 0, "transcript_len": 0})
+        put = store._put
+
+        async def lands_then_fails(key: str, data: bytes, **conditions: str) -> str | None:
+            await put(key, data, **conditions)
+            monkeypatch.setattr(store, "_put", put)
+            raise StorageUnavailable("the answer was lost")
+
+        monkeypatch.setattr(store, "_put", lands_then_fails)
+        first = Checkpoint(
+            {"last_seq": 1, "transcript_len": 1, "at": 1.0}, 1, [{"text": "m1"}], {}, _events(1, 1)
+        )
+        with pytest.raises(StorageUnavailable):
+            await store.commit("ws", "r1", first)
+        # The engine retries with the checkpoint built again (a later clock, a new event).
+        again = Checkpoint(
+            {"last_seq": 2, "transcript_len": 1, "at": 2.0}, 1, [{"text": "m1"}], {}, _events(1, 2)
+        )
+        await store.commit("ws", "r1", again)
+        assert await store.read_state("ws", "r1") == {"last_seq": 2, "transcript_len": 1, "at": 2.0}
+        assert [d["seq"] for d in await store.read_segments("ws", "r1", "events", 0, 2)] == [1, 2]
+        assert [d["text"] for d in await store.read_segments("ws", "r1", "transcript", 0, 1)] == ["m1"]
+    finally:
+        await store.close()
+
+
+async def test_a_read_that_started_before_a_commit_does_not_outdate_it(
+    moto: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await _storage(moto)
+    try:
+        await store.create_run("ws", "r1", {}, {"last_seq": 0})
+        await store.commit("ws", "r1", Checkpoint({"last_seq": 1}, 0, (), {}, _events(1, 1)))
+        get = store._get
+        answered, release = asyncio.Event(), asyncio.Event()
+
+        async def slow(key: str) -> tuple[bytes, str] | None:
+            found = await get(key)
+            answered.set()
+            await release.wait()
+            return found
+
+        monkeypatch.setattr(store, "_get", slow)
+        reader = asyncio.create_task(store.read_state("ws", "r1"))  # e.g. a watcher's poll
+        await answered.wait()  # it read the first state...
+        monkeypatch.setattr(store, "_get", get)
+        await store.commit("ws", "r1", Checkpoint({"last_seq": 2}, 0, (), {}, _events(2, 1)))
+        written = store._heads[("ws", "r1")]
+        release.set()  # ...and hands it over only after the second one landed
+        assert await reader == {"last_seq": 1}
+        assert store._heads[("ws", "r1")] is written
     finally:
         await store.close()
