@@ -178,6 +178,11 @@ class S3Storage:
         self._client: Any = None
         self._heads: OrderedDict[tuple[str, str], _Head] = OrderedDict()
         self._stamps = itertools.count(1)
+        self._leases: dict[tuple[str, str], tuple[str, str]] = {}  # (owner, etag) of leases we wrote
+        # Runs created here that no one has leased yet, and runs whose first lease we took: for
+        # those, taking the lease and finding the log's end need no reads.
+        self._new: set[tuple[str, str]] = set()
+        self._unwritten: set[tuple[str, str]] = set()
         # Written in each state.json this process writes: a write of ours that landed although
         # its request failed is recognised as ours, not taken for another writer's.
         self._writer = uuid.uuid4().hex
@@ -264,6 +269,7 @@ class S3Storage:
         etag = await self._put(self._run(ws, run_id, "state.json"), body, IfNoneMatch="*")
         if etag is not None:
             self._remember(ws, run_id, _Head(etag, _Tail(size=len(body)), next(self._stamps), self._writer))
+            self._new.add((ws, run_id))
             return True
         existing = await self._get(self._run(ws, run_id, "state.json"))  # a retried create that landed
         return existing is not None and existing[0] == body
@@ -389,6 +395,12 @@ class S3Storage:
     ) -> list[JsonObject]:
         if upto <= after:
             return []
+        cached = self._heads.get((ws, run_id))
+        if cached is not None:
+            # Committed records never change: what the tail last seen here holds is served as is.
+            held = [(f, last, r) for f, last, r in cached.tail.records(stream) if last > after and f <= upto]
+            if held and held[0][0] <= after + 1 and held[-1][1] >= upto and _contiguous(held):
+                return [record for _, _, record in held]
         segments = [(first, last, key) for first, last, key in await self._segments(ws, run_id, stream)
                     if last > after and first <= upto]  # fmt: skip
         # state.json's tail is read only when the segments leave a gap (or stop short).
@@ -432,14 +444,29 @@ class S3Storage:
     async def drop_uncommitted(self, ws: str, run_id: str, stream: str, committed: int) -> None:
         # A segment is committed whole or not at all: state.json moves to its last record.
         # (The tail in state.json is committed by definition.)
+        head = self._heads.get((ws, run_id))
+        if stream == "transcript" and head is not None and head.writer:
+            # The state (just read by the writer taking the run over) was written with a tail:
+            # transcript segments hold only committed entries since (an earlier version's
+            # leftovers were dropped when that writer took over).
+            return
         stale = [key for first, last, key in await self._segments(ws, run_id, stream)
                  if first > committed or last > committed]  # fmt: skip
         if stale:
             await self._delete(*stale)
 
     async def repair_end(self, ws: str, run_id: str, stream: str) -> int:
-        # Segments are written whole or not at all: nothing is ever torn.
-        segments, tail = await asyncio.gather(self._segments(ws, run_id, stream), self._tail(ws, run_id))
+        # Segments are written whole or not at all: nothing is ever torn. The caller, the writer
+        # taking the run over, has just read state.json: its tail is the one this process knows.
+        head = self._heads.get((ws, run_id))
+        if head is not None and (ws, run_id) in self._unwritten:
+            # Its first lease is ours: no writer wrote ahead of a state before us.
+            self._unwritten.discard((ws, run_id))
+            return max((last for _, last, _ in head.tail.records(stream)), default=0)
+        if head is None:
+            segments, tail = await asyncio.gather(self._segments(ws, run_id, stream), self._tail(ws, run_id))
+        else:
+            segments, tail = await self._segments(ws, run_id, stream), head.tail
         ends = [last for _, last, _ in segments] + [last for _, last, _ in tail.records(stream)]
         return max(ends, default=0)
 
@@ -515,6 +542,9 @@ class S3Storage:
 
     async def delete_run(self, ws: str, run_id: str) -> None:
         self._heads.pop((ws, run_id), None)
+        self._leases.pop((ws, run_id), None)
+        self._new.discard((ws, run_id))
+        self._unwritten.discard((ws, run_id))
         keys, _ = await self._list(self._run(ws, run_id) + "/")
         if keys:
             await self._delete(*keys)
@@ -522,26 +552,56 @@ class S3Storage:
     async def acquire_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
         key = self._run(ws, run_id, "lease.json")
         doc = dumps({"owner": owner, "expires_at": time.time() + ttl})
+        mine = self._leases.get((ws, run_id))
+        if mine is not None and mine[0] == owner:
+            # Renewing a lease this process wrote last: one conditional PUT, no read first.
+            etag = await self._put(key, doc, IfMatch=mine[1])
+            if etag is not None:
+                self._leases[(ws, run_id)] = (owner, etag)
+                return True
+        self._leases.pop((ws, run_id), None)
+        self._unwritten.discard((ws, run_id))
+        if (ws, run_id) in self._new:
+            # Created here and never leased: no lease to read first (and no writer before us).
+            self._new.discard((ws, run_id))
+            etag = await self._put(key, doc, IfNoneMatch="*")
+            if etag is not None:
+                self._leases[(ws, run_id)] = (owner, etag)
+                self._unwritten.add((ws, run_id))
+                return True
         current = await self._get(key)
         if current is None:
-            if await self._put(key, doc, IfNoneMatch="*") is not None:
-                return True
+            etag = await self._put(key, doc, IfNoneMatch="*")
         else:
             held = loads(current[0])
             if held["owner"] != owner and held["expires_at"] > time.time():
                 return False
-            if await self._put(key, doc, IfMatch=current[1]) is not None:
-                return True
+            etag = await self._put(key, doc, IfMatch=current[1])
+        if etag is not None:
+            self._leases[(ws, run_id)] = (owner, etag)
+            return True
         # Lost a race, or our own write landed but its answer did not: read back.
-        latest = await self._get_json(key)
-        return latest is not None and latest.get("owner") == owner
+        latest = await self._get(key)
+        if latest is None or loads(latest[0]).get("owner") != owner:
+            return False
+        self._leases[(ws, run_id)] = (owner, latest[1])
+        return True
 
     async def release_lease(self, ws: str, run_id: str, owner: str) -> None:
         key = self._run(ws, run_id, "lease.json")
+        # Expire rather than delete: If-Match keeps us from clobbering a new owner.
+        expired = dumps({"owner": owner, "expires_at": 0})
+        self._unwritten.discard((ws, run_id))
+        mine = self._leases.pop((ws, run_id), None)
+        if (
+            mine is not None
+            and mine[0] == owner
+            and await self._put(key, expired, IfMatch=mine[1]) is not None
+        ):
+            return
         current = await self._get(key)
         if current is not None and loads(current[0]).get("owner") == owner:
-            # Expire rather than delete: If-Match keeps us from clobbering a new owner.
-            await self._put(key, dumps({"owner": owner, "expires_at": 0}), IfMatch=current[1])
+            await self._put(key, expired, IfMatch=current[1])
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -577,6 +637,10 @@ def _lines(first: int, body: bytes) -> list[tuple[int, Any]]:
         out.append((index, line))
         index += span(line)
     return out
+
+
+def _contiguous(spans: list[tuple[int, int, Any]]) -> bool:
+    return all(spans[i][0] == spans[i - 1][1] + 1 for i in range(1, len(spans)))
 
 
 def _span_of(item: Any) -> int:

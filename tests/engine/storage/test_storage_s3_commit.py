@@ -259,3 +259,29 @@ async def test_a_read_that_started_before_a_commit_does_not_outdate_it(
         assert store._heads[("ws", "r1")] is written
     finally:
         await store.close()
+
+
+async def test_leases_this_process_wrote_are_renewed_without_a_read_yet_never_stolen(moto: str) -> None:
+    a = await _storage(moto)
+    b = await _storage(moto, a._bucket)
+    try:
+        # Created by a, first leased by b (another process) which writes events ahead.
+        await a.create_run("ws", "r1", {}, {"last_seq": 0})
+        assert await b.read_state("ws", "r1") == {"last_seq": 0}
+        assert await b.acquire_lease("ws", "r1", "b", ttl=0.3)
+        await b.write_segment("ws", "r1", "events", 1, _events(1, 3))
+        assert not await a.acquire_lease("ws", "r1", "a", ttl=30)
+        await asyncio.sleep(0.4)  # b's lease runs out; a takes the run over and finds b's events
+        assert await a.acquire_lease("ws", "r1", "a", ttl=0.3)
+        assert await a.read_state("ws", "r1") == {"last_seq": 0}
+        assert await a.repair_end("ws", "r1", "events") == 3
+        # b, stale, can neither renew (its remembered version is gone) nor release a's lease.
+        assert not await b.acquire_lease("ws", "r1", "b", ttl=30)
+        await b.release_lease("ws", "r1", "b")
+        assert await a.acquire_lease("ws", "r1", "a", ttl=30)  # renewed
+        assert not await b.acquire_lease("ws", "r1", "b", ttl=30)
+        await a.release_lease("ws", "r1", "a")
+        assert await b.acquire_lease("ws", "r1", "b", ttl=30)
+    finally:
+        await a.close()
+        await b.close()
