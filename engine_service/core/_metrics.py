@@ -172,6 +172,7 @@ _STORAGE_OPERATIONS = (
     "read_state",
     "write_state",
     "write_segment",
+    "commit",
     "read_segments",
     "drop_uncommitted",
     "repair_end",

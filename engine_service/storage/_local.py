@@ -264,8 +264,9 @@ class LocalStorage:
             if self._fsync and not existed:
                 new_entries = (directory, *new_entries)
             if existed:
-                # Only a retry after a failed append reopens a segment: never append after torn bytes.
-                _truncate_after(path, 1 << 62)
+                # Only a retry reopens a segment named ``first``: of a failed append (never append
+                # after torn bytes) or of a commit that failed later (never append twice).
+                os.truncate(path, 0)
             # Kept open across checkpoints (closed on release/close): appends are cheap, opens are not.
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             appender = _Appender(fd, path, first, first, new_entries=new_entries if self._fsync else ())

@@ -97,7 +97,7 @@ async def test_metrics_and_transition_lines_follow_the_run(
     assert _sample("machina_tool_calls_total", tool="double", outcome="ran") - before["ran"] == 1
     assert _sample("machina_runs_finished_total", state="done", error_code="") - before["done"] == 1
     assert _sample("machina_turns_total", provider="scripted") - before["turns"] == 2
-    assert _sample("machina_storage_operation_duration_seconds_count", operation="write_state") > 0
+    assert _sample("machina_storage_operation_duration_seconds_count", operation="commit") > 0
     lines = [r for r in caplog.records if getattr(r, "run_id", "") == done.run_id]
     assert [getattr(r, "transition", "") for r in lines] == [
         "created",

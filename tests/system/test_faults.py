@@ -42,6 +42,7 @@ from client_py import (
     ToolCallStarted,
 )
 from engine_service import LocalStorage, Storage
+from engine_service.storage._protocol import Checkpoint
 from engine_service.storage._s3 import S3Storage
 from tests.conftest import ServerFactory, turn, undone_seqs
 from tests.processes import EngineProcess, RunnerProcess, free_port
@@ -605,10 +606,10 @@ async def test_a_live_watcher_reconnecting_after_a_crash_sees_the_durable_histor
 class SlowCommitStorage(LocalStorage):
     """Local storage whose commit of a pause or an end takes a while (as on a slow object store)."""
 
-    async def write_state(self, ws: str, run_id: str, state: dict[str, Any]) -> None:
-        if state["state"] in ("DONE", "PAUSED"):
+    async def commit(self, ws: str, run_id: str, checkpoint: Checkpoint) -> None:
+        if checkpoint.state["state"] in ("DONE", "PAUSED"):
             await asyncio.sleep(0.5)
-        await super().write_state(ws, run_id, state)
+        await super().commit(ws, run_id, checkpoint)
 
 
 @pytest.mark.timeout(30)

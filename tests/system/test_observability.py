@@ -146,8 +146,7 @@ async def test_an_approval_run_handed_to_a_runner_is_one_trace_with_metrics_and_
             assert _value(at_engine, "machina_active_streams") == 0
             assert _value(at_engine, "machina_runs_active") == 0
             assert (
-                _value(at_engine, "machina_storage_operation_duration_seconds_count", operation="write_state")
-                > 0
+                _value(at_engine, "machina_storage_operation_duration_seconds_count", operation="commit") > 0
             )
             assert _value(at_runner, "machina_auth_refused_total", service="runner") == 1
             assert _value(at_runner, "machina_runs_resumed_total", how="runner") == 1

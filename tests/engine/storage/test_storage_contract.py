@@ -18,6 +18,7 @@ from typing import Any, cast
 import pytest
 
 from engine_service import EngineError, LocalStorage, Storage
+from engine_service.storage._protocol import Checkpoint
 from engine_service.storage._s3 import S3Storage
 from engine_service.storage._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
 from tests.s3_server import FaultyProxy, new_bucket
@@ -48,6 +49,21 @@ async def test_state_round_trip(storage: Storage) -> None:
         await storage.write_state("ws", "r1", {"n": n, "pad": "x" * 500})
     assert await storage.read_state("ws", "r1") == {"n": 19, "pad": "x" * 500}
     assert await storage.read_state("ws", "missing") is None
+
+
+async def test_a_checkpoint_commits_its_transcript_blobs_and_state(storage: Storage) -> None:
+    await storage.create_run("ws", "r1", {}, {"transcript_len": 0})
+    entries = [{"role": "user", "text": f"m{i}"} for i in range(1, 4)]
+    first = Checkpoint({"transcript_len": 3, "n": 1}, 1, entries, {"agent-a-transcript": b"[1]"})
+    await storage.commit("ws", "r1", first)
+    # A commit that raised is retried with the same checkpoint: nothing is doubled.
+    await storage.commit("ws", "r1", first)
+    await storage.commit("ws", "r1", Checkpoint({"transcript_len": 4, "n": 2}, 4, [{"text": "m4"}]))
+    await storage.commit("ws", "r1", Checkpoint({"transcript_len": 4, "n": 3}))
+    assert await storage.read_state("ws", "r1") == {"transcript_len": 4, "n": 3}
+    read = await storage.read_segments("ws", "r1", "transcript", 0, 4)
+    assert [d["text"] for d in read] == ["m1", "m2", "m3", "m4"]
+    assert await storage.get_blob("ws", "r1", "agent-a-transcript") == b"[1]"
 
 
 async def test_segments_and_uncommitted_tails(storage: Storage) -> None:
