@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from engine_service import ToolContext, tool
 from engine_service.testing import (
     SAMPLE_TOOLS,
     DoubleArgs,
@@ -19,6 +22,17 @@ from engine_service.testing import (
 
 ALL = SAMPLE_TOOLS
 
+
+@tool
+async def sleep_and_write(args: SleepArgs, ctx: ToolContext) -> str:
+    """Sleep, then write a file into the run's directory, too large to travel inside the
+    checkpoint: its next checkpoint stores a new file (a blob) in storage."""
+    await asyncio.sleep(args.seconds)
+    if ctx.workdir is not None:
+        (ctx.workdir / f"{ctx.call_id}.txt").write_text("written by the call\n" * 4096)
+    return f"slept {args.seconds}s and wrote a file"
+
+
 __all__ = [
     "ALL",
     "DoubleArgs",
@@ -31,5 +45,6 @@ __all__ = [
     "noop",
     "remove",
     "sleep",
+    "sleep_and_write",
     "ticket",
 ]

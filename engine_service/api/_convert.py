@@ -546,21 +546,38 @@ def add_events(
             turn = data["turn"]
             seq = event.seq
             path = event.agent_path
-            for text in data["texts"]:
+            texts = data["texts"]
+            # Several deltas: each message starts as a copy of what they share (parsed in C).
+            shared = _delta_template(run_id, seconds, nanos, turn, path) if len(texts) > 2 else b""
+            if shared:
+                size = len(texts) * (delta_overhead + len(path)) + 4 * sum(map(len, texts))
+                if used + size <= max_bytes:
+                    used += size  # all of them fit: no size to check per delta
+                    for number, text in enumerate(texts, seq):
+                        message = add(seq=number)
+                        message.MergeFromString(shared)
+                        message.text_delta.text = text
+                    continue
+            for text in texts:
                 used += delta_overhead + len(path) + 4 * len(text)
                 if used > max_bytes and len(events) > first:
                     if seq > event.seq:
                         batch[index] = event.after(seq - 1)
                     return index
-                message = add(run_id=run_id, seq=seq)
-                if path:
-                    message.agent_path = path
-                stamp = message.time
-                stamp.seconds = seconds
-                stamp.nanos = nanos
-                delta = message.text_delta
-                delta.text = text
-                delta.turn = turn
+                message = add(seq=seq)
+                if shared:
+                    message.MergeFromString(shared)
+                    message.text_delta.text = text
+                else:
+                    message.run_id = run_id
+                    if path:
+                        message.agent_path = path
+                    stamp = message.time
+                    stamp.seconds = seconds
+                    stamp.nanos = nanos
+                    delta = message.text_delta
+                    delta.text = text
+                    delta.turn = turn
                 seq += 1
             continue
         payload = _payload(kind, data)
@@ -575,6 +592,15 @@ def add_events(
         stamp.nanos = nanos
         getattr(message, kind).CopyFrom(payload)
     return len(batch)
+
+
+def _delta_template(run_id: str, seconds: int, nanos: int, turn: int, path: str) -> bytes:
+    """A RunEvent holding what the text deltas of one event share (all but seq and text), serialized."""
+    message = ev.RunEvent(run_id=run_id, agent_path=path)
+    message.time.seconds = seconds
+    message.time.nanos = nanos
+    message.text_delta.turn = turn
+    return message.SerializeToString()
 
 
 _Response = TypeVar("_Response", svc.ExecuteRunResponse, svc.StreamRunEventsResponse)

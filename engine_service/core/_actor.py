@@ -332,7 +332,9 @@ class RunActor(Subagents):
     async def _model_call(self) -> TurnResult:
         record, env = self.record, self.env
         turn = record.meta.turns + 1
-        tools = [t.spec() for t in env.tools.values()]
+        tools = self._tool_specs
+        if tools is None:  # the run's tools are resolved once, with its actor
+            tools = self._tool_specs = [t.spec() for t in env.tools.values()]
         request = ModelRequest(
             system=env.system_prompt,
             messages=await self._context_messages(tools),
@@ -343,9 +345,10 @@ class RunActor(Subagents):
             turn=record.meta.turns,
         )
         result: TurnResult | None = None
+        emit_text = self.emit_text
         async for item in env.model.stream(request):
-            if isinstance(item, TextChunk):
-                self.emit_text(item.text, turn)
+            if type(item) is TextChunk or isinstance(item, TextChunk):  # one a token: cheap test first
+                emit_text(item.text, turn)
             else:
                 result = item
         if result is None:
@@ -366,6 +369,7 @@ class RunActor(Subagents):
     # -- what the model sees ------------------------------------------------------------
 
     _contexts: dict[str, ContextWindow] | None = None
+    _tool_specs: list[ToolSpec] | None = None
 
     def _forget_child(self, path: str) -> None:
         super()._forget_child(path)

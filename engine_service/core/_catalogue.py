@@ -179,6 +179,7 @@ class ToolCatalogue:
             # The operator's own services are trusted; a tenant's may only reach what the
             # egress policy allows.
             egress=self._engine.egress,
+            trace_hosts=self._engine.config.propagate_trace_to,
         )
 
     def run_env(
@@ -237,6 +238,7 @@ def builtin_tools(
         allow_private=config.tools.webfetch_allow_private,
         allow_hosts=frozenset(config.tools.webfetch_allow_hosts),
         egress=egress or config.egress_policy(),
+        trace_hosts=frozenset(config.propagate_trace_to),
     )
     bash = bash_tool(sandbox or Sandbox.from_config(config))
     return [ASK_USER, READ, WRITE, EDIT, GLOB, GREP, bash, web_fetch_tool(policy), FETCH_DATA]

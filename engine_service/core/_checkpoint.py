@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine_service.core import _metrics as metrics
 from engine_service.core import _telemetry as telemetry
 from engine_service.core._control import ControlPlane, LocalControl
 from engine_service.core._feed import EventFeed
+from engine_service.core._ids import is_valid_id
 from engine_service.core._logging import run_transition
 from engine_service.core._run import AgentState, RunError, RunRecord, RunSpec
 from engine_service.core._types import Event, EventKind, JsonObject, Message, Permission, RunState
@@ -29,14 +31,26 @@ from engine_service.storage._protocol import (
 from engine_service.storage._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
 from engine_service.tools._registry import Tool
 
+if TYPE_CHECKING:
+    from engine_service.core._decisions import PausedRun
+
 log = logging.getLogger("machina.engine")
 
 CANCEL_REQUEST = "cancel-request"  # the blob where another process asks for a cancel
 
 
 def transcript_blob(path: str) -> str:
-    """The blob holding the transcript of the subagent at ``path`` (core/_subagents.py)."""
-    return f"agent-{path.replace('/', '.')}-transcript"
+    """The blob holding the transcript of the subagent at ``path`` (core/_subagents.py).
+
+    Hashed: a path is made of call ids a model chose, so it must not pick the name (collide
+    with another subagent's or another of the run's blobs, or be too long for a name)."""
+    return "agent-" + hashlib.sha256(path.encode()).hexdigest()[:40] + "-transcript"
+
+
+def legacy_transcript_blob(path: str) -> str | None:
+    """The name runs stored before names were hashed used (None if it is not a valid name)."""
+    name = f"agent-{path.replace('/', '.')}-transcript"
+    return name if is_valid_id(name) else None
 
 
 class LeaseLost(Exception):
@@ -94,9 +108,16 @@ class CheckpointedRun:
     """A run being moved by this process: its record, transcript, events and lease."""
 
     def __init__(
-        self, record: RunRecord, spec: RunSpec, transcript: list[Message] | None, env: RunEnv
+        self,
+        record: RunRecord,
+        spec: RunSpec,
+        transcript: list[Message] | None,
+        env: RunEnv,
+        *,
+        workdir_dirty: bool = True,
     ) -> None:
-        """``transcript`` None: the committed one is read by `take_over`, once the run is ours."""
+        """``transcript`` None: the committed one is read by `take_over`, once the run is ours.
+        ``workdir_dirty`` False: the run directory is as its last snapshot left it."""
         self.record = record
         self.spec = spec
         self.transcript = transcript or []
@@ -114,6 +135,11 @@ class CheckpointedRun:
         self.feed = EventFeed(record.last_seq)
         self._last_seq = record.last_seq  # of the last event emitted, written or not
         self._unwritten: list[Event] = []
+        # The text delta event last in _unwritten, its turn and its texts: the next delta of that
+        # turn joins it (see emit_text). None once something else follows it or it is taken.
+        self._open_text: Event | None = None
+        self._open_turn = 0
+        self._open_texts: list[str] = []
         self._written_seq = record.last_seq  # of the last event written to storage
         # Written, but shown only once the checkpoint that commits them lands: a pause or an
         # end (and what follows it) that a failed commit could still take back.
@@ -139,16 +165,20 @@ class CheckpointedRun:
         # The start (RUNNING, run_started/resumed) was committed before the task began.
         self._start_committed = False
         # A tool may have changed the run directory since its last snapshot.
-        self._workdir_dirty = True
+        self._workdir_dirty = workdir_dirty
         # The transcripts of the subagents moved here so far, by path (core/_subagents.py).
         self._child_transcripts: dict[str, list[Message]] = {}
         self._child_models: dict[str, ModelAdapter] = {}
         self._child_written: dict[str, int] = {}  # entries of each transcript blob written
+        # Subagents being moved right now (one mover each: a repeated call id starts no second).
+        self._moving_agents: set[str] = set()
         # Subagents whose answers their parents' transcripts now hold: the next checkpoint drops
         # them from the state document (their transcripts and events stay), which so stays small.
         self._retiring: set[str] = set()
         # One commit at a time: parallel subagents each checkpoint.
         self._commit_lock = asyncio.Lock()
+        # What this process kept of the run at its last pause here, when it was resumed from that.
+        self.paused_from: PausedRun | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -169,33 +199,35 @@ class CheckpointedRun:
         self._last_seq += 1
         event = Event(self._last_seq, self.env.clock(), kind, data, agent_path)
         self._unwritten.append(event)
+        self._open_text = None
         self._write_wanted.set()
         return event
 
     def emit_text(self, text: str, turn: int, agent_path: str = "") -> Event:
         """Emit a text delta: joined to the previous one while both wait to be written, so the
         deltas of one flush are one record (and one event) instead of one each. Returns the
-        event that holds it."""
+        event that holds it. (Called once per token: kept to a few attribute reads.)"""
         self._last_seq += 1
-        last = self._unwritten[-1] if self._unwritten else None
+        last = self._open_text
         if (
             last is not None
-            and last.kind is EventKind.TEXT_DELTA
-            and last.data["turn"] == turn
-            and last.agent_path == agent_path
+            and turn == self._open_turn
             and last.n < _DELTAS_PER_EVENT
+            and last.agent_path == agent_path
         ):
-            last.data["texts"].append(text)
+            self._open_texts.append(text)
             last.n += 1
             return last
+        texts = [text]
         event = Event(
             self._last_seq,
             self.env.clock(),
             EventKind.TEXT_DELTA,
-            {"texts": [text], "turn": turn},
+            {"texts": texts, "turn": turn},
             agent_path,
         )
         self._unwritten.append(event)
+        self._open_text, self._open_turn, self._open_texts = event, turn, texts
         self._write_wanted.set()
         return event
 
@@ -210,6 +242,7 @@ class CheckpointedRun:
             if not batch:
                 return
             self._unwritten = []
+            self._open_text = None  # taken: what it holds is written as it is now
             cut = len(batch) if not self._held else 0
             cut = next((i for i, e in enumerate(batch) if e.kind in _SHOWN_AT_COMMIT), cut)
             parts = [part for part in (batch[:cut], batch[cut:]) if part]
@@ -347,7 +380,10 @@ class CheckpointedRun:
         if snapshots is None or workdir is None or not self._workdir_dirty:
             return
         try:
-            self.record.workdir_manifest = await snapshots.save(self.env.storage, *self.key, workdir)
+            record = self.record
+            record.workdir_manifest, record.workdir_inline = await snapshots.take(
+                self.env.storage, *self.key, workdir
+            )
         except WorkdirTooLarge:
             if self.task is not None and not self.record.state.terminal:
                 raise  # the run fails with it
@@ -357,24 +393,31 @@ class CheckpointedRun:
             return
         self._workdir_dirty = False
 
+    @property
+    def workdir_dirty(self) -> bool:
+        return self._workdir_dirty
+
     def _show_until_committed(self) -> None:
         """Keep showing readers the run as it is now until the next checkpoint commits."""
         if self._shown is None:  # a failed commit: what readers see is still the older state
             self._shown = RunRecord.from_json(self.record.to_json())
 
-    async def take_over(self) -> bool:
+    async def take_over(self, expected: JsonObject | None = None) -> bool:
         """Acquire the lease and drop what a dead writer left uncommitted.
 
         The record was read before the lease was ours; if another writer moved
-        the run in between, it is stale and we back off (False).
+        the run in between, it is stale and we back off (False). ``expected``: the
+        state document the record came from, which storage must still hold exactly
+        (a run this process paused, kept in memory since).
         """
         ws, run_id = self.key
         if not await self.env.storage.acquire_lease(ws, run_id, self.env.owner, self.env.lease_ttl):
             return False
         current = await self.env.storage.read_state(ws, run_id)
-        if current is None or (current["last_seq"], current["state"]) != (
-            self.record.last_seq,
-            self.record.state.value,
+        if current is None or (
+            current != expected
+            if expected is not None
+            else (current["last_seq"], current["state"]) != (self.record.last_seq, self.record.state.value)
         ):
             await self.env.storage.release_lease(ws, run_id, self.env.owner)
             return False
@@ -407,7 +450,12 @@ class CheckpointedRun:
         if self.env.snapshots is not None and self.env.workdir is not None:
             try:  # the run may have moved on elsewhere: bring its directory here
                 await self.env.snapshots.restore(
-                    self.env.storage, ws, run_id, self.env.workdir, current.get("workdir_manifest", "")
+                    self.env.storage,
+                    ws,
+                    run_id,
+                    self.env.workdir,
+                    current.get("workdir_manifest", ""),
+                    current.get("workdir_inline", ""),
                 )
             except BaseException:
                 await self.env.storage.release_lease(ws, run_id, self.env.owner)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine_service.core._actor import RunActor
+from engine_service.core._checkpoint import RunEnv
+from engine_service.core._compaction import message_chars
 from engine_service.core._errors import invalid, not_found, precondition, shown
 from engine_service.core._run import (
     PENDING,
@@ -17,8 +20,10 @@ from engine_service.core._run import (
     PendingCall,
     PlannedDecision,
     RunMode,
+    RunRecord,
+    RunSpec,
 )
-from engine_service.core._types import InterruptKind, JsonObject
+from engine_service.core._types import InterruptKind, JsonObject, Message, RunState
 from engine_service.tools._registry import ToolArgumentError, render_result
 
 if TYPE_CHECKING:
@@ -26,12 +31,77 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("machina.engine")
 
+# How many paused runs, and how many characters of their transcripts, this process keeps in
+# memory to resume without reading them back (the least recently paused go first).
+PAUSED_KEPT = 256
+PAUSED_CHARS_KEPT = 32_000_000
+
+
+@dataclass(slots=True)
+class PausedRun:
+    """A run this process paused, as its pause left it: enough to resume it without reading
+    its spec and transcript back. Only trusted while storage still holds ``doc`` exactly."""
+
+    doc: JsonObject  # the state document the pause committed
+    spec: RunSpec
+    transcript: list[Message]
+    env: RunEnv
+    workdir_dirty: bool
+    counted: int  # transcript entries counted in chars
+    chars: int  # the size of the transcript, roughly (message_chars)
+
 
 class DecisionDesk:
     """Part of an :class:`Engine`, kept beside it."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._paused: dict[tuple[str, str], PausedRun] = {}
+        self._paused_chars = 0
+
+    # -- runs paused here --------------------------------------------------------------
+
+    def remember(self, actor: RunActor) -> None:
+        """Keep a run this process just paused (its lease given up), to resume it quickly."""
+        record = actor.record
+        if record.state is not RunState.PAUSED or not actor.lease_released or actor.view() is not record:
+            return  # not a committed pause (a failed commit shows the older state)
+        self.forget(actor.key)
+        before = actor.paused_from
+        if before is not None and before.transcript is actor.transcript:
+            # Resumed from memory: only what it added since needs counting.
+            counted, chars = before.counted, before.chars
+        else:
+            counted, chars = 0, 0
+        chars += sum(map(message_chars, actor.transcript[counted:]))
+        if chars > PAUSED_CHARS_KEPT // 4:
+            return  # too large to keep: read back when resumed
+        paused = PausedRun(record.to_json(), actor.spec, actor.transcript, actor.env, actor.workdir_dirty,
+                           len(actor.transcript), chars)  # fmt: skip
+        self._paused[actor.key] = paused
+        self._paused_chars += chars
+        while len(self._paused) > PAUSED_KEPT or self._paused_chars > PAUSED_CHARS_KEPT:
+            self.forget(next(iter(self._paused)))
+
+    def forget(self, key: tuple[str, str]) -> PausedRun | None:
+        paused = self._paused.pop(key, None)
+        if paused is not None:
+            self._paused_chars -= paused.chars
+        return paused
+
+    def recall(self, key: tuple[str, str]) -> RunActor | None:
+        """An actor for a run this process paused, built from memory (which lets go of it);
+        None if it is not kept. Its record is what the pause committed: `RunActor.take_over`
+        with ``expected=actor.paused_from.doc`` checks that storage still says so."""
+        paused = self.forget(key)
+        if paused is None:
+            return None
+        record = RunRecord.from_json(paused.doc)
+        actor = RunActor(
+            record, paused.spec, paused.transcript, paused.env, workdir_dirty=paused.workdir_dirty
+        )
+        actor.paused_from = paused
+        return actor
 
     def plan(self, actor: RunActor, decisions: list[Decision]) -> list[PlannedDecision]:
         """Validate every decision, then apply them all (all or nothing)."""
@@ -111,6 +181,7 @@ class DecisionDesk:
             await actor.checkpoint()  # still waiting for the other interrupts
             await actor.release()
             self._engine._jobs.arm_expiry(actor.key, actor.record)
+            self.remember(actor)
             self._engine._notify(actor.key)
             return
         # A resumed run is asynchronous (its caller is not streaming it): it may hand off.

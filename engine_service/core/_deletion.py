@@ -9,6 +9,7 @@ forks that shared it lose that part of their history.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Collection
 from typing import TYPE_CHECKING
@@ -16,7 +17,16 @@ from typing import TYPE_CHECKING
 from engine_service.core._errors import EngineError, precondition, shown_list
 from engine_service.core._ids import check_id
 from engine_service.core._run import RunRecord
-from engine_service.core._threads import fork_key, slot_key, thread_key
+from engine_service.core._threads import (
+    CLAIM_GRACE_S,
+    CLOSING_GRACE_S,
+    closing_key,
+    fork_key,
+    index_key,
+    run_active,
+    slot_key,
+    thread_key,
+)
 from engine_service.core._types import Principal
 
 if TYPE_CHECKING:
@@ -53,28 +63,73 @@ class Deleter:
                 referrers = await engine.threads.referrers(ws, record, ignore=going)
                 if referrers:
                     raise _referenced(record.run_id, referrers)
-        for record in reversed(records):  # the latest first: nothing is left pointing at a gap
-            key = (ws, record.run_id)
-            async with engine._lock(key):
-                self._check_ended(await engine._load(key))
-                await self.remove(record, forks_too=force)
+        # From here no run starts on the thread; one that started since it was read stops this.
+        await self.close_thread(ws, thread.thread_id, {r.run_id for r in records})
+        try:
+            for record in reversed(records):  # the latest first: nothing is left pointing at a gap
+                key = (ws, record.run_id)
+                async with engine._lock(key):
+                    self._check_ended(await engine._load(key))
+                    await self.remove(record, forks_too=force)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await engine.storage.delete_doc(ws, closing_key(thread.thread_id))  # it stays a thread
+            raise
         await self.forget_thread(ws, thread.thread_id, thread.base)
         log.info("thread %s deleted (%d runs)", thread.thread_id, len(records), extra={"workspace": ws})
         return [r.run_id for r in records]
 
-    async def forget_thread(self, ws: str, thread_id: str, base: list[dict[str, object]]) -> None:
-        """Remove the thread's own documents: its places, its fork marks, the thread."""
-        storage = self._engine.storage
-        for key in await storage.list_docs(ws, f"thread-runs/{thread_id}"):
+    async def close_thread(self, ws: str, thread_id: str, known: Collection[str]) -> None:
+        """Mark the thread as being deleted, then check that no run but ``known`` holds or is
+        taking a place in it (else ERR_THREAD_BUSY, and the mark goes). A start claims its place
+        before it reads the mark: one of the two sees the other (see ``core._threads``)."""
+        storage, now = self._engine.storage, self._engine._clock()
+        key = closing_key(thread_id)
+        mark = {"thread_id": thread_id, "at": now}
+        if not await storage.put_doc(ws, key, mark, create_only=True):
+            current = await storage.get_doc(ws, key)
+            if current is not None and now - float(current.get("at", 0)) < CLOSING_GRACE_S:
+                raise precondition(
+                    "ERR_THREAD_BUSY", f"thread {thread_id!r} is being deleted already", thread_id=thread_id
+                )
+            await storage.put_doc(ws, key, mark)  # left by a deletion that died
+        slots = await storage.list_docs(ws, f"thread-runs/{thread_id}")
+        docs = await asyncio.gather(*(storage.get_doc(ws, slot) for slot in slots))
+        newcomers = []
+        for doc in docs:
+            if doc is None or doc["run_id"] in known:
+                continue
+            if await storage.read_state(ws, doc["run_id"]) is not None or now - float(doc.get("at", 0)) < (
+                CLAIM_GRACE_S
+            ):
+                newcomers.append(str(doc["run_id"]))  # else a place its creator abandoned
+        if newcomers:
             await storage.delete_doc(ws, key)
+            raise precondition(
+                "ERR_THREAD_BUSY",
+                f"thread {thread_id!r} has a run that started meanwhile ({newcomers[-1]!r}); delete it again "
+                "once that run ended",
+                thread_id=thread_id,
+                run_id=newcomers[-1],
+            )
+
+    async def forget_thread(self, ws: str, thread_id: str, base: list[dict[str, object]]) -> None:
+        """Remove the thread's own documents: its fork marks, the thread, its places, and last
+        its closing mark (while the mark is there, no run starts on what is left)."""
+        storage = self._engine.storage
         await asyncio.gather(
             *(storage.delete_doc(ws, fork_key(str(seg["run_id"]), thread_id)) for seg in base)
         )
+        doc = await storage.get_doc(ws, thread_key(thread_id))
+        if doc is not None:
+            await storage.delete_doc(ws, index_key(float(doc["created_at"]), thread_id))
         await storage.delete_doc(ws, thread_key(thread_id))
+        for key in await storage.list_docs(ws, f"thread-runs/{thread_id}"):
+            await storage.delete_doc(ws, key)
+        await storage.delete_doc(ws, closing_key(thread_id))
 
     def _check_ended(self, record: RunRecord) -> None:
-        live = self._engine._active.get((record.workspace_id, record.run_id))
-        if not record.state.terminal or (live is not None and not live.lease_released):
+        if run_active(self._engine, record):
             raise precondition(
                 "ERR_RUN_ACTIVE",
                 f"run {record.run_id!r} is {record.state.value}; cancel it before deleting it",

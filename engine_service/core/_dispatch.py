@@ -259,7 +259,10 @@ class ToolDispatch(CheckpointedRun):
         ready = [p for p in pending if p.status == READY]
         if not ready:
             return results
-        outcomes = await asyncio.gather(*(self._run_call(p.call, path) for p in ready))
+        if len(ready) == 1:  # most turns: no task to create and schedule
+            outcomes = [await self._run_call(ready[0].call, path)]
+        else:
+            outcomes = await asyncio.gather(*(self._run_call(p.call, path) for p in ready))
         paused = False
         for p, outcome in zip(ready, outcomes, strict=True):
             if outcome is None:

@@ -41,11 +41,12 @@ from engine_service.core._handoff import RunnerClient
 from engine_service.core._idempotency import check_same_request, fingerprint
 from engine_service.core._ids import check_id, new_id
 from engine_service.core._limits import is_small
-from engine_service.core._reading import RunReader
+from engine_service.core._reading import RunReader, settled
 from engine_service.core._retention import RetentionReport, apply_retention
 from engine_service.core._run import (
     ClientToolDef,
     Decision,
+    PlannedDecision,
     RunMode,
     RunRecord,
     RunSpec,
@@ -254,10 +255,10 @@ class Engine:
                 )
             now = self._clock()
             placement = await self.threads.place(ws, spec, now)
-            if placement is not None:
-                await self.threads.claim(ws, placement, run_id, now)
-                spec.thread_id, spec.context = placement.thread_id, placement.context
             try:
+                if placement is not None:
+                    await self.threads.claim(ws, placement, run_id, now)
+                    spec.thread_id, spec.context = placement.thread_id, placement.context
                 record, actor = await self._new_run(
                     ws, spec, client_tools, provider, model_name, now, mode, webhook_doc, api_env, placement
                 )
@@ -265,7 +266,8 @@ class Engine:
                 if placement is not None:
                     with contextlib.suppress(Exception):
                         if await self.storage.read_state(ws, run_id) is None:
-                            await self.threads.unclaim(ws, placement, run_id)  # the place is free again
+                            # The place is free again; a fork's thread goes.
+                            await self.threads.unclaim(ws, placement, run_id)
                 raise
             if actor is None:
                 if self.control.queued:
@@ -421,8 +423,10 @@ class Engine:
             metrics.RUNS_RESUMED.inc(how)
             actor.transition("resumed", by=resumed_by)
         self._active[actor.key] = actor
-        actor.start(resumed_by=resumed_by)
+        # Watchers first: woken before the run's task is, they show what the start committed
+        # before the run moves on.
         self._notify(actor.key)
+        actor.start(resumed_by=resumed_by)
         assert actor.task is not None
         actor.task.add_done_callback(lambda _t: self._on_actor_done(actor))
 
@@ -434,6 +438,8 @@ class Engine:
             self._catalogue.run_api_env.pop(actor.key, None)
         if record.state is RunState.PAUSED:
             self._jobs.arm_expiry(actor.key, record)
+            if settled(record) and not self._closing:
+                self._decisions.remember(actor)
         self.control.release_slot(*actor.key)
         self._notify(actor.key)
 
@@ -544,7 +550,8 @@ class Engine:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         if request_id:
             check_id(request_id, "request_id")
-        resume_fp = fingerprint([dataclasses.asdict(d) for d in decisions], webhook)
+        # Kept with the request id only: what a retry with that id is checked against.
+        resume_fp = fingerprint([dataclasses.asdict(d) for d in decisions], webhook) if request_id else ""
         webhook_doc = self._checks.validate_webhook(key[0], webhook)
         async with self._lock(key):
             if api_env:
@@ -554,6 +561,14 @@ class Engine:
                 self._catalogue.run_api_env[key] = dict(api_env)
             if not decisions:
                 return await self._retry_handoff(principal, key)
+            # A run paused here and kept in memory: confirmed by one read once its lease is ours.
+            remembered = self._decisions.recall(key) if not api_env and key not in self._active else None
+            if remembered is not None:
+                resumed = await self._resume_remembered(
+                    principal, remembered, decisions, request_id, resume_fp, webhook_doc
+                )
+                if resumed is not None:
+                    return resumed
             if request_id:
                 current = await self.get_run(principal, run_id)
                 for entry in current.resume_requests:
@@ -577,18 +592,64 @@ class Engine:
                     state=record.state.value,
                 )
             actor = await self._actor_for(record)
-            if all(d.edited_arguments is None or is_small(d.edited_arguments) for d in decisions):
-                plan = self._decisions.plan(actor, decisions)
-            else:  # large edits: schema validation is slow pure-Python work, kept off the loop
-                plan = await asyncio.to_thread(self._decisions.plan, actor, decisions)
+            plan = await self._plan(actor, decisions)
             await self._take_over(actor)
-            self._jobs.disarm_expiry(key)
-            if webhook_doc is not None:
-                record.webhook = webhook_doc
-            if request_id:
-                record.resume_requests = [*record.resume_requests[-31:], f"{request_id}:{resume_fp}"]
-            await self._decisions.decide(actor, plan, principal.identity)
-            return record
+            return await self._decide(principal, actor, plan, request_id, resume_fp, webhook_doc)
+
+    async def _plan(self, actor: RunActor, decisions: list[Decision]) -> list[PlannedDecision]:
+        if all(d.edited_arguments is None or is_small(d.edited_arguments) for d in decisions):
+            return self._decisions.plan(actor, decisions)
+        # Large edits: schema validation is slow pure-Python work, kept off the loop.
+        return await asyncio.to_thread(self._decisions.plan, actor, decisions)
+
+    async def _decide(
+        self,
+        principal: Principal,
+        actor: RunActor,
+        plan: list[PlannedDecision],
+        request_id: str,
+        resume_fp: str,
+        webhook_doc: JsonObject | None,
+    ) -> RunRecord:
+        """Record the planned decisions on a run whose lease is ours."""
+        record = actor.record
+        self._jobs.disarm_expiry(actor.key)
+        if webhook_doc is not None:
+            record.webhook = webhook_doc
+        if request_id:
+            record.resume_requests = [*record.resume_requests[-31:], f"{request_id}:{resume_fp}"]
+        await self._decisions.decide(actor, plan, principal.identity)
+        return record
+
+    async def _resume_remembered(
+        self,
+        principal: Principal,
+        actor: RunActor,
+        decisions: list[Decision],
+        request_id: str,
+        resume_fp: str,
+        webhook_doc: JsonObject | None,
+    ) -> RunRecord | None:
+        """Resume a run this process paused from what it kept of it: its spec, transcript and
+        tools are not read back or rebuilt, only its state, to confirm that storage still holds
+        what the pause committed (before the lease is taken, and again once it is ours). None
+        (nothing done, the lease not held) when that cannot answer: storage moved on since, the
+        request is a retry or a decision is refused; the caller then reads the run from storage
+        and answers from that."""
+        assert actor.paused_from is not None
+        committed = actor.paused_from.doc
+        record = actor.record
+        if request_id and any(e.partition(":")[0] == request_id for e in record.resume_requests):
+            return None
+        if await self.storage.read_state(*actor.key) != committed:
+            return None  # moved (or deleted) by another process since it paused here
+        try:
+            plan = await self._plan(actor, decisions)
+        except EngineError:
+            return None
+        if not await actor.take_over(expected=committed):
+            return None
+        return await self._decide(principal, actor, plan, request_id, resume_fp, webhook_doc)
 
     async def _retry_handoff(self, principal: Principal, key: tuple[str, str]) -> RunRecord:
         """A resume without decisions retries a handoff that failed, from the same checkpoint."""
@@ -616,6 +677,7 @@ class Engine:
 
     async def _actor_for(self, record: RunRecord) -> RunActor:
         ws, run_id = record.workspace_id, record.run_id
+        self._decisions.forget((ws, run_id))  # moved from what storage holds from now on
         spec_doc = await self.storage.read_spec(ws, run_id)
         if spec_doc is None:
             raise EngineError("ERR_INTERNAL", f"run {run_id!r} has no spec", kind=ErrorKind.INTERNAL)
@@ -630,6 +692,7 @@ class Engine:
         key = (principal.workspace_id, check_id(run_id, "run_id"))
         reason = reason[:1000] or f"cancelled by {principal.identity}"
         async with self._lock(key):
+            self._decisions.forget(key)
             actor = self._active.get(key)
             if actor is not None:
                 assert actor.task is not None
@@ -705,6 +768,7 @@ class Engine:
         """Forget what this process holds about a deleted run (credentials, timers)."""
         key = (ws, run_id)
         self._catalogue.run_api_env.pop(key, None)
+        self._decisions.forget(key)
         self._jobs.disarm_expiry(key)
         await self.control.delete_run(ws, run_id)
         self._notify(key)

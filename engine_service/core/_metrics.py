@@ -37,6 +37,9 @@ class _Instrument:
         self._name, self._doc, self._unit = name, doc, unit
         self._otel: Any = None
         self._labelnames: tuple[str, ...] = tuple(prom._labelnames)
+        # Each series once looked up (labels take few values): Prometheus' own lookup takes a
+        # lock and checks the labels on every call.
+        self._children: dict[tuple[str, ...], Any] = {}
         _instruments.append(self)
 
     def _bind(self, meter: Any) -> None:  # overridden
@@ -45,8 +48,13 @@ class _Instrument:
     def _attrs(self, labels: Sequence[str]) -> dict[str, str]:
         return dict(zip(self._labelnames, labels, strict=True))
 
-    def _series(self, labels: Sequence[str]) -> Any:
-        return self._prom.labels(*labels) if labels else self._prom
+    def _series(self, labels: tuple[str, ...]) -> Any:
+        if not labels:
+            return self._prom
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._prom.labels(*labels)
+        return child
 
 
 class Counter(_Instrument):

@@ -14,7 +14,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from engine_service.core._errors import EngineError
 from engine_service.core._run import RunRecord
+from engine_service.core._threads import closing_key, run_active
 
 if TYPE_CHECKING:
     from engine_service.core._engine import Engine
@@ -52,8 +54,7 @@ async def apply_retention(engine: Engine, ws: str, *, dry_run: bool = False) -> 
         if state is None:
             continue
         record = RunRecord.from_json(state)
-        live = engine._active.get((ws, run_id))
-        if record.state.terminal and record.updated_at < cutoff and live is None:
+        if record.updated_at < cutoff and not run_active(engine, record):
             expired[run_id] = record
     # Threads whose every run expires go with them (their fork marks too), if they are old enough.
     thread_docs = {}
@@ -95,15 +96,24 @@ async def apply_retention(engine: Engine, ws: str, *, dry_run: bool = False) -> 
                 continue  # deleted meanwhile, or moved again (it is not expired any more)
             await engine.deleter.remove(record)
             deleted_runs.append(record.run_id)
+    forgotten = []
     for thread_id in threads_going:
         doc = thread_docs[thread_id]
+        try:
+            # No run starts on it from here; one that started meanwhile keeps it.
+            await engine.deleter.close_thread(ws, thread_id, going)
+        except EngineError:
+            continue
         if await threads._runs(ws, thread_id):
+            await storage.delete_doc(ws, closing_key(thread_id))
             continue
         await engine.deleter.forget_thread(ws, thread_id, list(doc.get("base", ())))
+        forgotten.append(thread_id)
+    report.thread_ids = forgotten
     report.run_ids = deleted_runs
-    if deleted_runs or threads_going:
+    if deleted_runs or forgotten:
         log.info("retention (%g days) deleted %d runs and %d threads", days, len(deleted_runs),
-                 len(threads_going), extra={"workspace": ws})  # fmt: skip
+                 len(forgotten), extra={"workspace": ws})  # fmt: skip
     return report
 
 

@@ -441,6 +441,8 @@ class RunRecord:
     handoff_attempts: int = 0
     # The digest of the run directory's manifest at this checkpoint ("" = none): _workdir_snapshot.
     workdir_manifest: str = ""
+    # That manifest itself when it is small enough to travel here ("" = it is among the run's blobs).
+    workdir_inline: str = ""
     # Not stored: the run's place in its workspace's work queue while QUEUED (control plane only).
     queue_position: int = 0
     # The run's subagents by path, finished ones included (core/_subagents.py).
@@ -491,6 +493,7 @@ class RunRecord:
             "handoff_at": self.handoff_at,
             "handoff_attempts": self.handoff_attempts,
             "workdir_manifest": self.workdir_manifest,
+            "workdir_inline": self.workdir_inline,
             "thread_id": self.thread_id,
             "thread_slot": self.thread_slot,
             "children": {path: c.to_json() for path, c in self.children.items()},
@@ -524,6 +527,7 @@ class RunRecord:
             handoff_at=doc.get("handoff_at", 0.0),
             handoff_attempts=doc.get("handoff_attempts", 0),
             workdir_manifest=doc.get("workdir_manifest", ""),
+            workdir_inline=doc.get("workdir_inline", ""),
             thread_id=doc.get("thread_id", ""),
             thread_slot=doc.get("thread_slot", 0),
             children={path: ChildState.from_json(c) for path, c in (doc.get("children") or {}).items()},

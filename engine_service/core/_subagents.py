@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from engine_service.core._checkpoint import transcript_blob
+from engine_service.core._checkpoint import legacy_transcript_blob, transcript_blob
 from engine_service.core._dispatch import REQUEST_EVENT, ToolDispatch
+from engine_service.core._ids import is_valid_id
 from engine_service.core._run import (
     PENDING,
     READY,
@@ -64,7 +65,27 @@ class Subagents(ToolDispatch):
     async def _run_agent(self, call: ToolCall, parent_path: str) -> tuple[str, bool] | None:
         """The ``Agent`` call ``call`` of the agent at ``parent_path``: the child's answer as the
         call's result, or None when the child (or one of its own) paused for a decision."""
+        if not is_valid_id(call.call_id):
+            # The call id names the child (its path, its events, its state): the model chose
+            # it, so it must be an id, never a path of its own ("a/b") or a name of any length.
+            self.emit(EventKind.TOOL_CALL_STARTED, {"call": call.to_json()}, parent_path)
+            return self._agent_result(
+                call, parent_path, "ERR_AGENT_CALL_ID: a subagent's call id must match "
+                "[A-Za-z0-9][A-Za-z0-9._-]{0,127}; this one does not, so no subagent started.", True
+            )  # fmt: skip
         path = f"{parent_path}/{call.call_id}" if parent_path else call.call_id
+        if path in self._moving_agents:  # the same call id twice in one turn
+            return self._agent_result(
+                call, parent_path, f"ERR_AGENT_CALL_ID: call id {call.call_id!r} is used by another "
+                "Agent call of this turn; no second subagent started.", True
+            )  # fmt: skip
+        self._moving_agents.add(path)
+        try:
+            return await self._move_agent(call, path, parent_path)
+        finally:
+            self._moving_agents.discard(path)
+
+    async def _move_agent(self, call: ToolCall, path: str, parent_path: str) -> tuple[str, bool] | None:
         child = self.record.children.get(path)
         if child is None:
             self.emit(EventKind.TOOL_CALL_STARTED, {"call": call.to_json()}, parent_path)
@@ -107,15 +128,20 @@ class Subagents(ToolDispatch):
             if AGENT_TOOL in requested and depth >= limit:
                 return f"ERR_AGENT_DEPTH: subagents nest at most {limit} deep; this one could not start more."
             names = list(dict.fromkeys(requested))
-        parent = self.record.children.get(parent_path)
-        max_turns = min(int(args.get("max_turns") or self.env.max_turns), self.env.max_turns)
+        turns_left, tokens_left, cost_left = self._left(parent_path)
+        if (
+            turns_left <= 0
+            or (tokens_left is not None and tokens_left <= 0)
+            or (cost_left is not None and cost_left <= 0)
+        ):
+            return "ERR_AGENT_BUDGET: the caller has no budget left (turns, tokens or cost) for a subagent."
         child = ChildState(
             path=path,
             task=str(args["task"]),
             tools=names,
-            max_turns=parent.max_turns if parent is not None and parent.max_turns < max_turns else max_turns,
-            max_tokens=int(args.get("max_tokens") or 0),
-            max_cost_usd=float(args.get("max_cost_usd") or 0.0),
+            max_turns=_within(int(args.get("max_turns") or 0), turns_left),
+            max_tokens=_within(int(args.get("max_tokens") or 0), tokens_left),
+            max_cost_usd=_within(float(args.get("max_cost_usd") or 0.0), cost_left),
         )
         self.record.children[path] = child
         self._child_transcripts[path] = [Message("user", child.task)]
@@ -126,6 +152,28 @@ class Subagents(ToolDispatch):
             path,
         )  # fmt: skip
         return child
+
+    def _left(self, path: str) -> tuple[int, int | None, float | None]:
+        """What the agent at ``path`` ("" the run's own) has left of its turns, tokens and cost
+        (None: no limit), bounded by what each of its parents and the run have left."""
+        meta, spec = self.record.meta, self.spec
+        turns = self.env.max_turns - meta.turns
+        tokens = spec.max_tokens - meta.usage.total if spec.max_tokens else None
+        cost = spec.max_cost_usd - meta.cost_usd if spec.max_cost_usd else None
+        for payer in self._payers(path):
+            turns = payer.max_turns - payer.turns  # a child's turns are its own, within its parent's
+            if payer.max_tokens:
+                tokens = _least(tokens, payer.max_tokens - payer.usage.total)
+            if payer.max_cost_usd:
+                cost = _least(cost, payer.max_cost_usd - payer.cost_usd)
+        return turns, tokens, cost
+
+    def _payers(self, path: str) -> list[ChildState]:
+        """The subagent at ``path`` and its parents, outermost first (none for the run's own)."""
+        if not path:
+            return []
+        parts = path.split("/")
+        return [self.record.children["/".join(parts[: i + 1])] for i in range(len(parts))]
 
     def _retire_agents(self, pending: list[PendingCall], path: str) -> None:
         """The answers of ``pending``'s Agent calls are in their caller's transcript now: the
@@ -175,6 +223,9 @@ class Subagents(ToolDispatch):
         transcript = self._child_transcripts.get(child.path)
         if transcript is None:
             blob = await self.env.storage.get_blob(*self.key, transcript_blob(child.path))
+            legacy = legacy_transcript_blob(child.path)
+            if not blob and child.transcript_len and legacy is not None:
+                blob = await self.env.storage.get_blob(*self.key, legacy)  # stored before names were hashed
             docs = json.loads(blob) if blob else []
             # Entries past the committed ones were written by a process that died before its
             # checkpoint: the child redoes that work.
@@ -216,14 +267,18 @@ class Subagents(ToolDispatch):
     def _check_child_limits(self, child: ChildState) -> None:
         if child.turns >= child.max_turns:
             raise ChildStopped("ERR_MAX_TURNS", f"the subagent reached its limit of {child.max_turns} turns")
-        if child.max_tokens and child.usage.total >= child.max_tokens:
-            raise ChildStopped(
-                "ERR_TOKEN_BUDGET", f"the subagent used {child.usage.total} of {child.max_tokens} tokens"
-            )
-        if child.max_cost_usd and child.cost_usd >= child.max_cost_usd:
-            raise ChildStopped(
-                "ERR_COST_BUDGET", f"the subagent cost ${child.cost_usd:.4f} of ${child.max_cost_usd:.4f}"
-            )
+        # What a subagent spends, its parents spend too (`_spend`): the budget of any of them
+        # that is spent ends it, not only its own (parallel siblings share their parent's).
+        for payer in reversed(self._payers(child.path)):
+            who = "the subagent" if payer is child else f"its parent agent {payer.path!r}"
+            if payer.max_tokens and payer.usage.total >= payer.max_tokens:
+                raise ChildStopped(
+                    "ERR_TOKEN_BUDGET", f"{who} used {payer.usage.total} of {payer.max_tokens} tokens"
+                )
+            if payer.max_cost_usd and payer.cost_usd >= payer.max_cost_usd:
+                raise ChildStopped(
+                    "ERR_COST_BUDGET", f"{who} cost ${payer.cost_usd:.4f} of ${payer.max_cost_usd:.4f}"
+                )
 
     async def _child_dispatch(
         self, child: ChildState, transcript: list[Message], tools: dict[str, Tool]
@@ -311,11 +366,23 @@ class Subagents(ToolDispatch):
 
     def _spend(self, path: str, usage: Usage, cost: float) -> None:
         """What a subagent spends, its parents spend too: their budgets bound it."""
-        parts = path.split("/")
-        for i in range(len(parts)):
-            payer = self.record.children["/".join(parts[: i + 1])]
+        for payer in self._payers(path):
             payer.usage.add(usage)
             payer.cost_usd += cost
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _within(asked: _N, left: _N | None) -> _N:
+    """A child's budget: what its call asked for (0: as much as it may), at most what is left."""
+    if left is None:
+        return asked
+    return min(asked, left) if asked else left
+
+
+def _least(a: _N | None, b: _N) -> _N:
+    return b if a is None else min(a, b)
 
 
 def _answer(child: ChildState) -> tuple[str, bool]:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -262,6 +263,30 @@ def inject(headers: MutableMapping[str, str]) -> None:
         propagate.inject(headers)
 
 
+def inject_for(headers: MutableMapping[str, str], url: str, hosts: Collection[str]) -> None:
+    """`inject`, only when ``url``'s host is one the operator lets see the trace (``hosts``:
+    exact names or IP literals, ``*.example.com`` for its subdomains, ``*`` for every host).
+    A trace id sent elsewhere would tell a third party which requests belong together."""
+    if _state["on"] and hosts and trace_allowed(url, hosts):
+        propagate.inject(headers)
+
+
+def trace_allowed(url: str, hosts: Collection[str]) -> bool:
+    try:
+        host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    except ValueError:
+        return False
+    if not host:
+        return False
+    for pattern in hosts:
+        pattern = pattern.strip().lower().rstrip(".")
+        if pattern == "*" or pattern == host:
+            return True
+        if pattern.startswith("*.") and host.endswith(pattern[1:]):
+            return True
+    return False
+
+
 def trace_id_of(traceparent: str) -> str:
     """The trace id in a ``traceparent`` value ("" if it is not one)."""
     parts = traceparent.split("-")
@@ -299,9 +324,11 @@ __all__ = [
     "current_traceparent",
     "enabled",
     "inject",
+    "inject_for",
     "install_tracer_provider",
     "shutdown",
     "span",
+    "trace_allowed",
     "trace_id_of",
     "uninstall",
 ]

@@ -14,7 +14,18 @@ Workspace documents (see ``storage._protocol``):
   create-only: whoever writes place ``n`` starts the thread's next run, everyone else is
   told the thread is busy (one active run per thread);
 - ``forks/{run}/{thread}``: the history of fork ``thread`` includes run ``run`` (so the run
-  is not deleted under it).
+  is not deleted under it);
+- ``thread-index/{when}.{digest}``: one per thread document, named so that listing the
+  folder yields the threads newest first (``when`` counts down with the thread's creation
+  time, ``digest`` is a hash of its id); it holds the id, creation time and labels, so a page
+  of ListThreads reads the index entries it shows (and skips) and the documents of the threads
+  on it, not every thread. Threads whose entry is missing (written before there was an index,
+  or by a start that died between the two writes) get one when a listing finds them missing;
+- ``thread-closing/{thread}``: the thread is being deleted (`Deleter`). A deletion writes it,
+  then lists the thread's places; a start claims its place, then reads it. Whichever comes
+  second sees the other, so a thread is never deleted with a run starting on it, nor does a
+  run start on a thread being deleted. One older than ``CLOSING_GRACE_S`` was left by a
+  deletion that died; it is ignored.
 
 A run started without a thread is the first run of a thread of its own, named by its run id;
 the thread's documents are written when a second run joins it or it is forked.
@@ -23,6 +34,12 @@ the thread's documents are written when a second run joins it or it is forked.
 from __future__ import annotations
 
 import asyncio
+import base64
+import bisect
+import contextlib
+import hashlib
+import json
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,6 +56,8 @@ if TYPE_CHECKING:
 
 # A place claimed this long ago whose run was never created is abandoned (its creator died).
 CLAIM_GRACE_S = 30.0
+# A deletion of a thread that has not finished in this long died (its closing mark is ignored).
+CLOSING_GRACE_S = 600.0
 
 
 def thread_key(thread_id: str) -> str:
@@ -53,6 +72,36 @@ def fork_key(run_id: str, thread_id: str) -> str:
     return f"forks/{run_id}/{thread_id}"
 
 
+def closing_key(thread_id: str) -> str:
+    return f"thread-closing/{thread_id}"
+
+
+_INDEX = "thread-index"
+_INDEX_NAME = re.compile(r"[0-9]{14}\.[0-9a-f]{24}")
+
+
+def index_key(created_at: float, thread_id: str) -> str:
+    """The thread's index entry: sorted by name, the newest thread comes first."""
+    when = max(0, 10**14 - 1 - int(created_at * 1000))
+    return f"{_INDEX}/{when:014d}.{_digest(thread_id)}"
+
+
+def _digest(thread_id: str) -> str:
+    return hashlib.sha256(thread_id.encode()).hexdigest()[:24]
+
+
+def index_entry(doc: JsonObject) -> JsonObject:
+    return {"thread_id": doc["thread_id"], "created_at": doc["created_at"], "labels": doc.get("labels", {})}
+
+
+def run_active(engine: Engine, record: RunRecord) -> bool:
+    """Whether the run is still going: its state is not final, or a process here still holds
+    its lease (it is committing its end). Such a run is not deleted, and its thread takes no
+    new run."""
+    live = engine._active.get((record.workspace_id, record.run_id))
+    return not record.state.terminal or (live is not None and not live.lease_released)
+
+
 @dataclass(slots=True)
 class Placement:
     """Where a new run goes: its thread, its place there and the history it sees."""
@@ -60,6 +109,10 @@ class Placement:
     thread_id: str
     slot: int
     context: list[JsonObject]
+    # A fork: its thread document and fork marks were written for this run, and go if it fails to start.
+    forked: bool = False
+    # Documents this start wrote to open the thread (they go if the thread turns out to be closing).
+    opened: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -106,28 +159,49 @@ class ThreadDesk:
         if not spec.thread_id:
             return None
         thread_id = check_id(spec.thread_id, "thread_id")
-        doc = await self._storage.get_doc(ws, thread_key(thread_id))
+        doc, closing = await asyncio.gather(
+            self._storage.get_doc(ws, thread_key(thread_id)),
+            self._storage.get_doc(ws, closing_key(thread_id)),
+        )
+        if _closing(closing, now):
+            raise _being_deleted(thread_id)
+        opened: list[str] = []
         if doc is None:
-            doc = await self._open(ws, thread_id, spec, now)
-        return await self._claim_next(ws, thread_id, list(doc.get("base", ())), now)
+            doc = await self._open(ws, thread_id, spec, now, opened)
+        placement = await self._claim_next(ws, thread_id, list(doc.get("base", ())), now)
+        placement.opened = opened
+        return placement
 
-    async def _open(self, ws: str, thread_id: str, spec: RunSpec, now: float) -> JsonObject:
-        """Write a thread's document: a new thread, or the thread of a run started on its own."""
+    async def _open(
+        self, ws: str, thread_id: str, spec: RunSpec, now: float, opened: list[str]
+    ) -> JsonObject:
+        """Write a thread's document: a new thread, or the thread of a run started on its own.
+        The keys this call wrote are added to ``opened``."""
         own = await self._storage.read_state(ws, thread_id)
         record = RunRecord.from_json(own) if own is not None else None
         if record is not None and not record.thread_id:
             doc: JsonObject = {"thread_id": thread_id, "created_at": record.created_at,
                                "labels": record.labels, "base": [], "forked_from": None}  # fmt: skip
-            await self._storage.put_doc(ws, thread_key(thread_id), doc, create_only=True)
-            await self._storage.put_doc(
-                ws, slot_key(thread_id, 1), {"run_id": thread_id, "at": record.created_at}, create_only=True
-            )
+            if await self._storage.put_doc(ws, thread_key(thread_id), doc, create_only=True):
+                opened.append(thread_key(thread_id))
+                opened.append(await self._index(ws, doc))
+            first = {"run_id": thread_id, "at": record.created_at}
+            if await self._storage.put_doc(ws, slot_key(thread_id, 1), first, create_only=True):
+                opened.append(slot_key(thread_id, 1))
         else:
             doc = {"thread_id": thread_id, "created_at": now, "labels": dict(spec.labels), "base": [],
                    "forked_from": None}  # fmt: skip
-            await self._storage.put_doc(ws, thread_key(thread_id), doc, create_only=True)
+            if await self._storage.put_doc(ws, thread_key(thread_id), doc, create_only=True):
+                opened.append(thread_key(thread_id))
+                opened.append(await self._index(ws, doc))
         # Whoever wrote it first: theirs is the thread.
         return await self._storage.get_doc(ws, thread_key(thread_id)) or doc
+
+    async def _index(self, ws: str, doc: JsonObject) -> str:
+        """Write the thread's index entry; its key."""
+        key = index_key(float(doc["created_at"]), doc["thread_id"])
+        await self._storage.put_doc(ws, key, index_entry(doc))
+        return key
 
     async def _claim_next(self, ws: str, thread_id: str, base: list[JsonObject], now: float) -> Placement:
         slots = await self._storage.list_docs(ws, f"thread-runs/{thread_id}")
@@ -142,8 +216,7 @@ class ThreadDesk:
                     raise _busy(thread_id, slot["run_id"])  # being created right now
                 continue  # abandoned by a creator that died
             previous = RunRecord.from_json(state)
-            live = self._engine._active.get((ws, previous.run_id))
-            if not previous.state.terminal or (live is not None and not live.lease_released):
+            if run_active(self._engine, previous):
                 raise _busy(thread_id, previous.run_id, previous.state)
             spec_doc = await self._storage.read_spec(ws, previous.run_id) or {}
             context = [
@@ -161,12 +234,31 @@ class ThreadDesk:
             current = await self._storage.get_doc(ws, key) or {}
             if current.get("run_id") != run_id:
                 raise _busy(placement.thread_id, str(current.get("run_id", "")))
+        # The place is taken: a deletion that began before sees it; one that began earlier is seen here.
+        if _closing(await self._storage.get_doc(ws, closing_key(placement.thread_id)), now):
+            await self.unclaim(ws, placement, run_id)
+            for opened in placement.opened:  # the thread goes: what this start wrote to open it too
+                await self._storage.delete_doc(ws, opened)
+            raise _being_deleted(placement.thread_id)
 
     async def unclaim(self, ws: str, placement: Placement, run_id: str) -> None:
+        """The run did not start: its place is free again, and a fork's new thread goes (its fork
+        marks first, so no mark is left naming a thread that is not there)."""
         key = slot_key(placement.thread_id, placement.slot)
         current = await self._storage.get_doc(ws, key)
         if current is not None and current.get("run_id") == run_id:
             await self._storage.delete_doc(ws, key)
+        if placement.forked:
+            await self._forget_fork(ws, placement.thread_id, placement.context)
+
+    async def _forget_fork(self, ws: str, thread_id: str, base: list[JsonObject]) -> None:
+        await asyncio.gather(
+            *(self._storage.delete_doc(ws, fork_key(seg["run_id"], thread_id)) for seg in base)
+        )
+        doc = await self._storage.get_doc(ws, thread_key(thread_id))
+        if doc is not None:
+            await self._storage.delete_doc(ws, index_key(float(doc["created_at"]), thread_id))
+        await self._storage.delete_doc(ws, thread_key(thread_id))
 
     async def _fork(self, ws: str, spec: RunSpec, now: float) -> Placement:
         source = spec.fork_from or {}
@@ -188,10 +280,16 @@ class ThreadDesk:
                "forked_from": forked_from}  # fmt: skip
         if not await self._storage.put_doc(ws, thread_key(thread_id), doc, create_only=True):
             raise _thread_exists(thread_id)
-        await asyncio.gather(
-            *(self._storage.put_doc(ws, fork_key(seg["run_id"], thread_id), {"at": now}) for seg in base)
-        )
-        return Placement(thread_id, 1, base)
+        try:
+            await self._index(ws, doc)
+            await asyncio.gather(
+                *(self._storage.put_doc(ws, fork_key(seg["run_id"], thread_id), {"at": now}) for seg in base)
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._forget_fork(ws, thread_id, base)
+            raise
+        return Placement(thread_id, 1, base, forked=True)
 
     async def _exists(self, ws: str, thread_id: str) -> bool:
         if await self._storage.get_doc(ws, thread_key(thread_id)) is not None:
@@ -293,29 +391,53 @@ class ThreadDesk:
         self, ws: str, *, labels: Mapping[str, str] | None = None, page_size: int = 50, page_token: str = ""
     ) -> tuple[list[Thread], str]:
         """A page of the workspace's threads (started on a thread id, continued, or forked),
-        newest first, and the next page's token ("" on the last)."""
+        newest first, and the next page's token ("" on the last). Keyset pages: a token names
+        the last thread shown, so threads created or deleted meanwhile never shift a page."""
         if page_size < 0 or page_size > 1000:
             raise invalid("ERR_INVALID_REQUEST", "page_size must be between 0 and 1000", field="page_size")
         size = page_size or 50
-        offset = 0
-        if page_token:
-            if not page_token.isdigit() or len(page_token) > 9:
-                raise invalid(
-                    "ERR_INVALID_REQUEST", "page_token is not one this API returned", field="page_token"
-                )
-            offset = int(page_token)
-        keys = await self._storage.list_docs(ws, "threads")
-        docs = [
-            d for d in await asyncio.gather(*(self._storage.get_doc(ws, k) for k in keys)) if d is not None
-        ]
+        after = _read_token(page_token) if page_token else ""
+        keys = await self._indexed(ws)
         wanted = dict(labels or {})
-        docs = [d for d in docs if all(d.get("labels", {}).get(k) == v for k, v in wanted.items())]
-        docs.sort(key=lambda d: (-float(d["created_at"]), d["thread_id"]))
-        page = docs[offset : offset + size]
-        runs = await asyncio.gather(*(self._runs(ws, d["thread_id"]) for d in page))
-        threads = [self._thread(ws, d, r) for d, r in zip(page, runs, strict=True)]
-        token = str(offset + size) if offset + size < len(docs) else ""
+        picked: list[tuple[str, JsonObject]] = []
+        start = bisect.bisect_right(keys, f"{_INDEX}/{after}") if after else 0
+        more = False
+        # Index entries are read in batches, only as far as the page (and one more, to know
+        # whether there is a next page) needs.
+        while start < len(keys) and not more:
+            batch = keys[start : start + size - len(picked) + 1]
+            start += len(batch)
+            entries = await asyncio.gather(*(self._storage.get_doc(ws, k) for k in batch))
+            for key, entry in zip(batch, entries, strict=True):
+                if entry is None or any(entry.get("labels", {}).get(k) != v for k, v in wanted.items()):
+                    continue
+                if len(picked) == size:
+                    more = True
+                    break
+                picked.append((key, entry))
+        docs = await asyncio.gather(
+            *(self._storage.get_doc(ws, thread_key(e["thread_id"])) for _, e in picked)
+        )
+        found = [(key, doc) for (key, _), doc in zip(picked, docs, strict=True) if doc is not None]
+        runs = await asyncio.gather(*(self._runs(ws, doc["thread_id"]) for _, doc in found))
+        threads = [self._thread(ws, doc, r) for (_, doc), r in zip(found, runs, strict=True)]
+        token = _write_token(picked[-1][0].rsplit("/", 1)[-1]) if more and picked else ""
         return threads, token
+
+    async def _indexed(self, ws: str) -> list[str]:
+        """The keys of the thread index, sorted newest first; a thread document without its entry
+        gets one now (threads stored before the index, a start that died between the writes)."""
+        threads, keys = await asyncio.gather(
+            self._storage.list_docs(ws, "threads"), self._storage.list_docs(ws, _INDEX)
+        )
+        if len(keys) < len(threads):
+            have = {k.rsplit(".", 1)[-1] for k in keys}
+            missing = [k for k in threads if _digest(k.split("/", 1)[1]) not in have]
+            for doc in await asyncio.gather(*(self._storage.get_doc(ws, k) for k in missing)):
+                if doc is not None:
+                    keys.append(await self._index(ws, doc))
+            keys.sort()
+        return keys
 
     async def referrers(self, ws: str, record: RunRecord, *, ignore: Collection[str] = ()) -> list[str]:
         """What shares the run's history: later runs of its thread, and forks (thread ids).
@@ -339,6 +461,29 @@ class ThreadDesk:
         return out
 
 
+_TOKEN_PREFIX = "t1."  # noqa: S105 (a page token's version, not a secret)
+
+
+def _write_token(index_name: str) -> str:
+    return _TOKEN_PREFIX + base64.urlsafe_b64encode(json.dumps([index_name]).encode()).decode().rstrip("=")
+
+
+def _read_token(token: str) -> str:
+    """The index entry a page token names (ERR_INVALID_REQUEST for anything this API did not write)."""
+    try:
+        if not token.startswith(_TOKEN_PREFIX) or len(token) > 200:
+            raise ValueError
+        body = token[len(_TOKEN_PREFIX) :]
+        (name,) = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        if not isinstance(name, str) or not _INDEX_NAME.fullmatch(name):
+            raise ValueError
+        return name
+    except (ValueError, TypeError):
+        raise invalid(
+            "ERR_INVALID_REQUEST", "page_token is not one this API returned", field="page_token"
+        ) from None
+
+
 def _slot_number(key: str) -> int:
     return int(key.rsplit("/", 1)[-1])
 
@@ -350,6 +495,18 @@ def _busy(thread_id: str, run_id: str, state: RunState | None = None) -> EngineE
         f"thread {thread_id!r} has an active run ({run_id!r} {what}); wait for it to end or cancel it",
         thread_id=thread_id,
         run_id=run_id,
+    )
+
+
+def _closing(doc: JsonObject | None, now: float) -> bool:
+    return doc is not None and now - float(doc.get("at", 0)) < CLOSING_GRACE_S
+
+
+def _being_deleted(thread_id: str) -> EngineError:
+    return precondition(
+        "ERR_THREAD_BUSY",
+        f"thread {thread_id!r} is being deleted; start the run on another thread",
+        thread_id=thread_id,
     )
 
 

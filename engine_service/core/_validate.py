@@ -14,7 +14,12 @@ from engine_service.core._ids import check_id
 from engine_service.core._regex import check_schema
 from engine_service.core._run import ClientToolDef, RunSpec
 from engine_service.core._types import JsonObject
-from engine_service.models._select import default_model_name, infer_provider, validate_script
+from engine_service.models._select import (
+    check_run_context_window,
+    default_model_name,
+    infer_provider,
+    validate_script,
+)
 from engine_service.net._egress import EgressPolicy
 from engine_service.net._webhooks import WebhookConfig
 from engine_service.tools import select_servers
@@ -55,6 +60,7 @@ class SpecChecks:
         ):
             if value < 0:
                 raise invalid("ERR_INVALID_REQUEST", f"{name} must not be negative", field=name, value=value)
+        check_run_context_window(spec.context_window_tokens)
         if not math.isfinite(spec.max_cost_usd) or spec.max_cost_usd < 0:
             # NaN compares false with everything: unchecked, it would be a budget never reached.
             raise invalid(

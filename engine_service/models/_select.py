@@ -155,17 +155,42 @@ _CONTEXT_WINDOWS: tuple[tuple[str, int], ...] = (
 )
 
 
+# What a run may set as its context window (ModelSpec.context_window_tokens; 0 = not set).
+MIN_RUN_CONTEXT_WINDOW = 256
+MAX_RUN_CONTEXT_WINDOW = 10_000_000
+
+
+def check_run_context_window(tokens: int) -> None:
+    """Refuse a run's context window outside sane bounds (ERR_INVALID_REQUEST)."""
+    if tokens and not MIN_RUN_CONTEXT_WINDOW <= tokens <= MAX_RUN_CONTEXT_WINDOW:
+        raise invalid(
+            "ERR_INVALID_REQUEST",
+            f"model.context_window_tokens must be 0 (the model's own) or between "
+            f"{MIN_RUN_CONTEXT_WINDOW:,} and {MAX_RUN_CONTEXT_WINDOW:,}",
+            field="model.context_window_tokens",
+            value=tokens,
+        )
+
+
 def context_window(config: EngineConfig, provider: str, name: str, per_run: int = 0) -> int:
     """The context window, in tokens, compaction keeps ``provider:name``'s requests inside;
     0 = unknown (no compaction): the run's own setting, the provider's table, the engine's
-    default, then the window of a well-known model."""
+    default, then the window of a well-known model. A run's own setting can narrow the
+    window of a model whose window is known (the provider's table, a well-known model), never
+    widen it: past it the provider refuses the request."""
+    known = provider_config(config, provider).context_window_tokens.get(name) or _well_known(provider, name)
     if per_run:
-        return per_run
+        per_run = min(max(per_run, MIN_RUN_CONTEXT_WINDOW), MAX_RUN_CONTEXT_WINDOW)  # a spec stored before
+        return min(per_run, known) if known else per_run
     listed = provider_config(config, provider).context_window_tokens.get(name)
     if listed:
         return listed
     if config.model.context_window_tokens:
         return config.model.context_window_tokens
+    return known
+
+
+def _well_known(provider: str, name: str) -> int:
     if provider == "scripted":
         return 0
     lowered = name.lower()

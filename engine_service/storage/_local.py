@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
-import functools
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine_service.core._errors import missing_extra
@@ -20,7 +20,6 @@ from engine_service.core._types import JsonObject
 from engine_service.storage._protocol import (
     Checkpoint,
     Storage,
-    commit_in_steps,
     doc_parts,
     segment_name,
     segment_starts,
@@ -33,14 +32,30 @@ SEGMENT_RECORDS = 4096
 _RUN_DIRS_KEPT = 4096
 # Blobs of run-directory snapshots (see _workdir_snapshot): contents and manifests.
 SNAPSHOT_BLOB_PREFIXES = (FILE_BLOB, MANIFEST_BLOB)
-# A run's states after the first: one new file per checkpoint, the highest number wins.
+# A run's commit log: ``commits/{n}.jsonl``, one record a checkpoint, the newest whole record of
+# the highest numbered file is the run's state.
+COMMITS = "commits"
+# Past this size a commit log is replaced by a new one starting with the newest record.
+LOG_BYTES = 1 << 20
+# Where runs written by earlier versions keep their later states: one file each, the highest
+# number counting (read, never written now).
 STATES = "states"
-# Older state files are removed in batches of this many.
-STATES_KEPT = 16
-# What a run in one of these states keeps of its state files: it writes no more of them
-# (or none until it is resumed).
-FINAL_STATES_KEPT = 1
+# A run in one of these states writes no more for now (or until it is resumed).
 _FINAL = frozenset({"PAUSED", "DONE", "FAILED", "CANCELLED"})
+# How much of a commit log's end is read at first to find its last record.
+_TAIL_BYTES = 1 << 13
+
+
+def _read_boot_id() -> str:
+    """This boot of the machine: a record stamped with another one was written before a reboot
+    (a power loss), so what it committed may be missing from the files it names."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return f"process-{secrets.token_hex(8)}"  # unknown: every other process counts as a reboot
+
+
+BOOT_ID = _read_boot_id()
 
 
 @dataclass(slots=True)
@@ -51,33 +66,113 @@ class _Appender:
     path: Path
     first: int
     next: int
-    # Appends so far, and how many of them the last fdatasync covered (fsync mode): the next
-    # state write syncs what is not covered first.
-    appended: int = 0
-    synced: int = 0
-    # Directories whose new entries (this file, its directory) are not synced yet (fsync mode).
-    new_entries: tuple[Path, ...] = ()
 
     def close(self) -> None:
         os.close(self.fd)
 
 
 @dataclass(slots=True)
-class _States:
-    """The state files of a run this process writes: the next number, the oldest not removed."""
+class _Log:
+    """The open commit log of a run this process writes."""
 
-    next: int
-    oldest: int
+    fd: int
+    path: Path
+    number: int
+    size: int
+    # The state of the newest record this process wrote to it.
+    state: JsonObject | None = None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass(slots=True)
+class _Redo:
+    """fsync mode: what a run wrote since its last commit that its next commit record carries."""
+
+    events: list[tuple[int, list[JsonObject]]] = field(default_factory=list)
+    transcript: list[tuple[int, list[JsonObject]]] = field(default_factory=list)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+    def merge(self, later: _Redo) -> None:
+        self.events += later.events
+        self.transcript += later.transcript
+        self.blobs.update(later.blobs)
+
+
+class _GroupSync:
+    """fsync mode: syncs the commit logs of runs that commit together in one pass (in a thread).
+
+    A commit that arrives while a pass runs waits for the next one, which covers everyone
+    waiting by then: runs checkpointing together share the file system's journal commits.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[int, asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def sync(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        # A duplicate: the log may be replaced (and closed) while the pass runs.
+        self._waiting.append((os.dup(fd), future))
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._task = loop.create_task(self._run())
+        await future
+
+    async def _run(self) -> None:
+        batch: list[tuple[int, asyncio.Future[None]]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                errors = await asyncio.to_thread(_datasync_all, [fd for fd, _ in batch])
+                for (_, future), error in zip(batch, errors, strict=True):
+                    if not future.done():
+                        if error is None:
+                            future.set_result(None)
+                        else:
+                            future.set_exception(error)
+                batch = []
+        except BaseException as exc:
+            failed = OSError(f"the commit log was not synced ({exc!r})")
+            waiting, self._waiting = self._waiting, []
+            for fd, _ in waiting:
+                os.close(fd)  # those of the batch are closed by the pass
+            for _, future in [*batch, *waiting]:
+                if not future.done():
+                    future.set_exception(failed)
+            raise
+
+
+def _datasync_all(fds: list[int]) -> list[OSError | None]:
+    """fdatasync each of ``fds`` (closing them); the error of each, None where it succeeded."""
+    errors: list[OSError | None] = []
+    for fd in fds:
+        try:
+            os.fdatasync(fd)
+            errors.append(None)
+        except OSError as exc:
+            errors.append(exc)
+        finally:
+            os.close(fd)
+    return errors
 
 
 class LocalStorage:
     """Storage in a local directory. Atomic writes by write-to-temp + rename.
 
-    ``fsync`` makes each checkpoint durable against power loss (slower); without
-    it writes survive a process crash, which is what kill -9 tests exercise. A
-    checkpoint syncs each segment file it appended to once (``fdatasync``), right
-    before the state document that commits them, however many appends it took;
-    the lease needs no sync (after a power loss every lease has expired).
+    A checkpoint appends the run's transcript entries to their segment and one record, its
+    state, to the run's commit log (``commits/``); the newest whole record is the state.
+
+    ``fsync`` makes each checkpoint durable against power loss (slower); without it writes
+    survive a process crash, which is what kill -9 tests exercise. In fsync mode the commit
+    record also carries what the checkpoint commits that was written since the run's previous
+    one (its events, transcript entries and new blobs), and the log alone is synced: one
+    ``fdatasync`` a checkpoint, shared by the runs that commit at the same moment. The segment
+    and blob files are synced only when the log is replaced (past ``LOG_BYTES``); a record
+    stamped by an earlier boot of the machine has what it carries rewritten into those files
+    before its state is read (`_redo_after_reboot`). The lease needs no sync (after a power
+    loss every lease has expired).
     """
 
     event_flush_delay = 0.0
@@ -87,11 +182,13 @@ class LocalStorage:
         self._fsync = fsync
         self._root.mkdir(parents=True, exist_ok=True)
         self._appenders: dict[tuple[str, str, str], _Appender] = {}
-        self._states: dict[tuple[str, str], _States] = {}
-        # fsync mode: directories of a run holding new names that its next state write syncs.
-        self._unsynced_dirs: dict[tuple[str, str], set[Path]] = {}
-        # fsync mode: new snapshot blobs of a run that its next state write syncs.
-        self._unsynced_files: dict[tuple[str, str], set[Path]] = {}
+        self._logs: dict[tuple[str, str], _Log] = {}
+        # fsync mode: what each run wrote that its next commit record carries.
+        self._redo: dict[tuple[str, str], _Redo] = {}
+        self._group_sync = _GroupSync()
+        # The owners this process took leases as (a reader redoes a run's commits after a
+        # reboot only when no other process holds the run).
+        self._owners: set[str] = set()
         self._run_dirs: dict[tuple[str, str], Path] = {}
         # Where this process left the streams of runs it released (the mark it left in the
         # lease, and each stream's last index) and, once it takes such a run back with the mark
@@ -147,98 +244,187 @@ class LocalStorage:
 
     async def read_state(self, ws: str, run_id: str) -> JsonObject | None:
         run_dir = self._run_dir(ws, run_id)
-        newest = _newest_state(run_dir / STATES)
-        return newest if newest is not None else _read_json(run_dir / "state.json")
+        record = _newest_record(run_dir / COMMITS)
+        if record is None:  # not checkpointed yet, or written by an earlier version
+            newest = _newest_state(run_dir / STATES)
+            return newest if newest is not None else _read_json(run_dir / "state.json")
+        if record.get("boot", BOOT_ID) != BOOT_ID:
+            record = self._redo_after_reboot(ws, run_id) or record
+        state: JsonObject = record["state"]
+        return state
 
     async def write_state(self, ws: str, run_id: str, state: JsonObject) -> None:
-        """Write ``state`` as a new file ``states/{n}.json``; the highest whole one is the state.
+        """Append ``state`` to the run's commit log (see `commit`)."""
+        await self.commit(ws, run_id, Checkpoint(state))
 
-        Creating a file is far cheaper than replacing one (on ext4 a rename over a file also
-        writes the new one out), and a reader never sees a torn state: a file still being
-        written (or torn by a crash) does not parse and the one before it counts. Like a rename,
-        it needs a writable directory and free space, so storage that refuses writes stops the
-        commit. Older files are removed now and then, the newest ones kept.
+    async def commit(self, ws: str, run_id: str, checkpoint: Checkpoint) -> None:
+        """Append the checkpoint's events and transcript entries to their segments, write its
+        blobs, then append its state to the run's commit log as one record (one line).
+
+        Appending to an open file is far cheaper than creating one, and a reader never sees a
+        torn state: a record still being written (or torn by a crash) does not parse and the one
+        before it counts. In fsync mode the record carries the events, transcript entries and
+        blobs written since the run's previous commit, and only the log is synced (see the
+        class's docstring).
         """
-        if self._fsync:
-            await self._sync_run(ws, run_id)
-        try:
-            await self._write_state_file(ws, run_id, state)
-        except FileExistsError:
-            # Another writer numbered past what this process knew (it took the run over): go on
-            # after its states, as a rename would have replaced its state.json.
-            self._states.pop((ws, run_id), None)
-            await self._write_state_file(ws, run_id, state)
-
-    async def _write_state_file(self, ws: str, run_id: str, state: JsonObject) -> None:
         key = (ws, run_id)
-        directory = self._run_dir(ws, run_id) / STATES
-        states = self._states.get(key)
-        if states is None:
-            try:
-                numbers = _state_numbers(os.listdir(directory))
-            except FileNotFoundError:
-                directory.mkdir()
-                if self._fsync:
-                    _fsync_dir(directory.parent)
-                numbers = []
-            states = _States(numbers[-1] + 1 if numbers else 1, numbers[0] if numbers else 1)
-            self._states[key] = states
-        path = directory / _state_name(states.next)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        if checkpoint.events:  # not written ahead yet: appended like the writer's
+            await self.write_segment(
+                ws, run_id, "events", checkpoint.events[0]["seq"], list(checkpoint.events)
+            )
+        if checkpoint.transcript:
+            await self.write_segment(
+                ws, run_id, "transcript", checkpoint.transcript_first, list(checkpoint.transcript)
+            )
+        blobs = self._run_dir(ws, run_id) / "blobs"
+        for name, data in checkpoint.blobs.items():
+            blobs.mkdir(exist_ok=True)
+            self._write_atomic(blobs / check_id(name, "blob name"), data, sync=False)
+            if self._fsync:
+                self._redo_of(key).blobs[name] = data
+        record: JsonObject = {"state": checkpoint.state}
+        redo = self._redo.pop(key, None) if self._fsync else None
+        if self._fsync:
+            record = {"boot": BOOT_ID, "redo": _redo_doc(redo), "state": checkpoint.state}
         try:
-            data = dumps(state)
-            written = os.write(fd, data)
-            while written < len(data):
-                written += os.write(fd, data[written:])
-            if self._fsync:  # its content and its name, at once
-                await asyncio.gather(
-                    asyncio.to_thread(os.fdatasync, fd), asyncio.to_thread(_fsync_dir, directory)
-                )
+            await self._append_record(key, record)
         except BaseException:
+            if redo is not None:  # the retry carries it
+                redo.merge(self._redo.pop(key, _Redo()))
+                self._redo[key] = redo
+            raise
+
+    def _redo_of(self, key: tuple[str, str]) -> _Redo:
+        redo = self._redo.get(key)
+        if redo is None:
+            redo = self._redo[key] = _Redo()
+        return redo
+
+    async def _append_record(self, key: tuple[str, str], record: JsonObject) -> None:
+        log = self._logs.get(key)
+        if log is None:
+            log = self._logs[key] = self._open_log(*key)
+        if log.size and record["state"].get("state") in _FINAL:
+            # A pause or an end starts a new log holding only it: the run writes no more for
+            # now, and keeps one record. (Like every commit once did, it so needs a writable
+            # directory and free space: storage refusing writes holds back a pause or an end.)
+            await self._replace_log(key, log, record)
+            return
+        data = dumps(record) + b"\n"
+        try:
+            _write_all(log.fd, data)
+        except BaseException:
+            # Cut back to the last whole record (never append after torn bytes), and reopen.
+            del self._logs[key]
+            log.close()
+            with contextlib.suppress(OSError):
+                os.truncate(log.path, log.size)
+            raise
+        log.size += len(data)
+        log.state = record["state"]
+        if self._fsync:
+            await self._group_sync.sync(log.fd)
+        if log.size > LOG_BYTES:
+            await self._replace_log(key, log, {"boot": BOOT_ID, "state": log.state} if self._fsync else None)
+
+    def _open_log(self, ws: str, run_id: str) -> _Log:
+        """The run's newest commit log, opened for appending (its torn end cut off); a new one
+        if it has none."""
+        directory = self._run_dir(ws, run_id) / COMMITS
+        try:
+            numbers = _log_numbers(os.listdir(directory))
+        except FileNotFoundError:
+            directory.mkdir()
+            if self._fsync:
+                _fsync_dir(directory.parent)
+            numbers = []
+        if not numbers:
+            path = directory / _log_name(1)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            if self._fsync:
+                _fsync_dir(directory)
+            return _Log(fd, path, 1, os.fstat(fd).st_size)
+        path = directory / _log_name(numbers[-1])
+        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        try:
+            size = _whole_size(fd)
+            if size != os.fstat(fd).st_size:
+                os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return _Log(fd, path, numbers[-1], size)
+
+    async def _replace_log(self, key: tuple[str, str], log: _Log, record: JsonObject | None) -> None:
+        """Start a new commit log holding only ``record`` (None: the newest record's state), and
+        remove the old one. In fsync mode what the old one's records carry is synced into its
+        own files first."""
+        record = record or {"state": log.state}
+        run_dir = self._run_dir(*key)
+        if self._fsync:
+            await asyncio.to_thread(_sync_what_log_carries, run_dir, log.path)
+        data = dumps(record) + b"\n"
+        number = log.number + 1
+        while True:
+            path = log.path.with_name(_log_name(number))
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileExistsError:
+                number += 1  # another writer took the run over and numbered past: go after it
+        try:
+            _write_all(fd, data)
+            if self._fsync:
+                await asyncio.to_thread(_sync_new, fd, path.parent)
+        except BaseException:
+            os.close(fd)
             with contextlib.suppress(OSError):
                 path.unlink()  # a full disk must not keep what it could not take
             raise
-        finally:
-            os.close(fd)
-        states.next += 1
-        # A paused or finished run writes no more states for now: it keeps only the newest (a
-        # reader that listed the directory a moment ago and finds its files gone lists it again).
-        kept = FINAL_STATES_KEPT if state.get("state") in _FINAL else STATES_KEPT
-        if states.next - states.oldest > (kept if kept == FINAL_STATES_KEPT else 2 * kept):
-            for number in range(states.oldest, states.next - kept):
-                with contextlib.suppress(OSError):
-                    os.unlink(directory / _state_name(number))
-            states.oldest = states.next - kept
+        self._logs[key] = _Log(fd, path, number, len(data), record["state"])
+        log.close()
+        with contextlib.suppress(OSError):
+            log.path.unlink()
 
-    async def _sync_run(self, ws: str, run_id: str) -> None:
-        """fsync mode: make durable what the run's next state commits (its appended segments, the
-        names of its new snapshot blobs), all at once: each in a thread of its own, so the file
-        system commits them together instead of one after the other."""
-        syncs: list[Callable[[], None]] = []
-        for stream in ("events", "transcript"):
-            appender = self._appenders.get((ws, run_id, stream))
-            if appender is not None and (appender.appended > appender.synced or appender.new_entries):
-                # On a duplicate of its descriptor: the run's writer may roll the segment over
-                # (and close it) while the sync runs.
-                syncs.append(functools.partial(_sync, appender, os.dup(appender.fd)))
-        directories = self._unsynced_dirs.pop((ws, run_id), set())
-        syncs.extend(functools.partial(_fsync_dir, directory) for directory in directories)
-        files = self._unsynced_files.pop((ws, run_id), set())
-        syncs.extend(functools.partial(_fsync_file, path) for path in files)
-        try:
-            if len(syncs) == 1:
-                syncs[0]()
-            elif syncs:
-                await asyncio.gather(*(asyncio.to_thread(sync) for sync in syncs))
-        except BaseException:
-            if directories:  # the next state write tries them again
-                self._unsynced_dirs.setdefault((ws, run_id), set()).update(directories)
-            if files:
-                self._unsynced_files.setdefault((ws, run_id), set()).update(files)
-            raise
+    def _redo_after_reboot(self, ws: str, run_id: str) -> JsonObject | None:
+        """The run's newest commit record was written before the machine rebooted (a power loss):
+        what the records of its log carry may be missing from the files they name. Write it into
+        them (what is there is kept), sync, and append a record stamped with this boot, so this
+        is done once. Only while no other process holds the run (it did this when it took it).
 
-    async def commit(self, ws: str, run_id: str, checkpoint: Checkpoint) -> None:
-        await commit_in_steps(self, ws, run_id, checkpoint)
+        Returns the newest record after it (None if another process holds the run)."""
+        run_dir = self._run_dir(ws, run_id)
+        with self._locked(run_dir):
+            lease = _read_lease(run_dir / "lease.json")
+            if lease and lease["expires_at"] > time.time() and lease["owner"] not in self._owners:
+                return None
+            try:
+                numbers = _log_numbers(os.listdir(run_dir / COMMITS))
+            except FileNotFoundError:
+                numbers = []
+            if not numbers:  # the run was deleted meanwhile
+                return None
+            path = run_dir / COMMITS / _log_name(numbers[-1])
+            records = _whole_records(path)
+            if not records or records[-1].get("boot", BOOT_ID) == BOOT_ID:
+                return records[-1] if records else None  # done meanwhile
+            _redo_into_files(run_dir, records)
+            sealed = {"boot": BOOT_ID, "state": records[-1]["state"]}
+            fd = os.open(path, os.O_RDWR | os.O_APPEND)
+            try:
+                os.ftruncate(fd, _whole_size(fd))
+                _write_all(fd, dumps(sealed) + b"\n")
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            # What this process knew of the run's files is stale now.
+            key = (ws, run_id)
+            for cache in (self._ends, self._known_ends, self._left):
+                cache.pop(key, None)
+            log = self._logs.pop(key, None)
+            if log is not None:
+                log.close()
+            return sealed
 
     async def write_segment(
         self, ws: str, run_id: str, stream: str, first: int, records: list[JsonObject]
@@ -250,33 +436,23 @@ class LocalStorage:
         if appender is None or appender.next != first or appender.next - appender.first >= SEGMENT_RECORDS:
             if appender is not None:
                 del self._appenders[key]
-                try:
-                    _sync(appender)  # fsync mode: what it holds is committed by the next state write
-                finally:
-                    appender.close()
+                appender.close()
             directory = self._run_dir(ws, run_id) / key[2]
-            new_entries: tuple[Path, ...] = ()
             if not directory.is_dir():
                 directory.mkdir(exist_ok=True)
-                new_entries = (directory.parent,)
             path = directory / segment_name(first)
-            existed = path.exists()
-            if self._fsync and not existed:
-                new_entries = (directory, *new_entries)
-            if existed:
+            if path.exists():
                 # Only a retry reopens a segment named ``first``: of a failed append (never append
                 # after torn bytes) or of a commit that failed later (never append twice).
                 os.truncate(path, 0)
             # Kept open across checkpoints (closed on release/close): appends are cheap, opens are not.
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            appender = _Appender(fd, path, first, first, new_entries=new_entries if self._fsync else ())
+            appender = _Appender(fd, path, first, first)
             self._appenders[key] = appender
         data = dump_lines(records)
         whole = os.fstat(appender.fd).st_size  # the end of the last whole record
         try:
-            written = os.write(appender.fd, data)
-            while written < len(data):  # a short write: the rest, or the error that stopped it
-                written += os.write(appender.fd, data[written:])
+            _write_all(appender.fd, data)
         except BaseException:
             # A failed append (disk full, I/O error) may have left part of the batch. Cut the
             # segment back to its last whole record so a retry appends after it, never after
@@ -288,7 +464,8 @@ class LocalStorage:
                 os.truncate(appender.path, whole)
             raise
         if self._fsync:
-            appender.appended += 1
+            redo = self._redo_of((ws, run_id))
+            (redo.events if key[2] == "events" else redo.transcript).append((first, records))
         appender.next += sum(doc_span(r) for r in records)
 
     async def read_segments(
@@ -361,24 +538,18 @@ class LocalStorage:
     async def put_blob(self, ws: str, run_id: str, name: str, data: bytes) -> None:
         directory = self._run_dir(ws, run_id) / "blobs"
         path = directory / check_id(name, "blob name")
-        created = not directory.is_dir()
         directory.mkdir(exist_ok=True)
-        # A snapshot's blob counts once a state names it: its name is synced with that state
-        # (its content is synced before it gets the name, so no name ever holds torn content).
+        # A snapshot's blob counts once a state names it: in fsync mode the commit record of
+        # that state carries it, so it is not synced on its own.
         snapshot = name.startswith(SNAPSHOT_BLOB_PREFIXES)
-        if snapshot and _write_new(path, data):
+        if not (snapshot and _write_new(path, data)):
             # Named by its content's digest, never rewritten, and checked against that digest
-            # when read back: created in place, without a temporary file and a rename. Only a
-            # state written after it names it (in fsync mode, after syncing it with the other
-            # files that state commits), so a reader never meets one half-written.
-            if self._fsync:
-                self._unsynced_files.setdefault((ws, run_id), set()).add(path)
-        else:
-            self._write_atomic(path, data, sync_dir=not snapshot)
+            # when read back: created in place, without a temporary file and a rename (one there
+            # already was torn by a crash: rewritten whole). Only a state written after it names
+            # it, so a reader never meets one half-written.
+            self._write_atomic(path, data, sync=self._fsync and not snapshot)
         if snapshot and self._fsync:
-            self._unsynced_dirs.setdefault((ws, run_id), set()).update(
-                (directory, directory.parent) if created else (directory,)
-            )
+            self._redo_of((ws, run_id)).blobs[name] = data
 
     async def get_blob(self, ws: str, run_id: str, name: str) -> bytes | None:
         try:
@@ -498,12 +669,13 @@ class LocalStorage:
             appender = self._appenders.pop((ws, run_id, stream), None)
             if appender is not None:
                 appender.close()
+        log = self._logs.pop(key, None)
+        if log is not None:
+            log.close()
         run_dir = self._run_dir(ws, run_id)
         # Nothing this process remembers of the run outlives it.
         for cache in (
-            self._states,
-            self._unsynced_dirs,
-            self._unsynced_files,
+            self._redo,
             self._run_dirs,
             self._left,
             self._known_ends,
@@ -533,6 +705,7 @@ class LocalStorage:
                 os.ftruncate(fd, len(data))
             finally:
                 os.close(fd)
+            self._owners.add(owner)
             return True
 
     async def release_lease(self, ws: str, run_id: str, owner: str) -> None:
@@ -543,11 +716,11 @@ class LocalStorage:
             appender = self._appenders.pop((ws, run_id, stream), None)
             if appender is not None:
                 ends[stream] = appender.next - 1
-                try:
-                    _sync(appender)
-                finally:
-                    appender.close()
-        self._states.pop(key, None)
+                appender.close()
+        self._redo.pop(key, None)
+        log = self._logs.pop(key, None)
+        if log is not None:
+            log.close()
         run_dir = self._run_dir(ws, run_id)
         with self._locked(run_dir):
             current = _read_lease(run_dir / "lease.json")
@@ -568,15 +741,15 @@ class LocalStorage:
                     self._left[key] = (mark, ends)
 
     async def close(self) -> None:
-        self._states.clear()
+        # What was committed is in the commit logs (synced in fsync mode); what was not is
+        # dropped by each run's next writer.
+        self._redo.clear()
         appenders, self._appenders = list(self._appenders.values()), {}
         for appender in appenders:
-            try:
-                _sync(appender)
-            except OSError:
-                pass  # what was not committed is dropped by the run's next writer
-            finally:
-                appender.close()
+            appender.close()
+        logs, self._logs = list(self._logs.values()), {}
+        for log in logs:
+            log.close()
 
     @contextlib.contextmanager
     def _locked(self, run_dir: Path) -> Iterator[None]:
@@ -588,12 +761,15 @@ class LocalStorage:
         finally:
             os.close(fd)
 
-    def _write_atomic(self, path: Path, data: str | bytes, *, sync_dir: bool = True) -> None:
+    def _write_atomic(self, path: Path, data: str | bytes, *, sync: bool | None = None) -> None:
+        """Write ``path`` whole (temporary file, rename); synced with its name in fsync mode
+        unless ``sync`` is False."""
+        sync = self._fsync if sync is None else sync
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data.encode() if isinstance(data, str) else data)
-                if self._fsync:
+                if sync:
                     fh.flush()
                     os.fdatasync(fh.fileno())
             os.replace(tmp, path)
@@ -601,7 +777,7 @@ class LocalStorage:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)  # a full disk must not keep what it could not take
             raise
-        if self._fsync and sync_dir:
+        if sync:
             _fsync_dir(path.parent)
 
 
@@ -625,28 +801,22 @@ def _write_new(path: Path, data: bytes) -> bool:
     return True
 
 
-def _sync(appender: _Appender, fd: int | None = None) -> None:
-    """fsync mode: make what was appended to ``appender`` durable, its file's name too.
-
-    ``fd``: a duplicate of its descriptor to sync through, closed here."""
-    try:
-        appended = appender.appended  # appends made while this one syncs wait for the next
-        if appended > appender.synced:
-            os.fdatasync(appender.fd if fd is None else fd)
-            appender.synced = max(appender.synced, appended)
-        entries = appender.new_entries
-        for directory in entries:
-            _fsync_dir(directory)
-        appender.new_entries = appender.new_entries[len(entries) :]
-    finally:
-        if fd is not None:
-            os.close(fd)
+def _write_all(fd: int, data: bytes) -> None:
+    written = os.write(fd, data)
+    while written < len(data):  # a short write: the rest, or the error that stopped it
+        written += os.write(fd, data[written:])
 
 
-def _fsync_file(path: Path) -> None:
+def _sync_new(fd: int, directory: Path) -> None:
+    """Sync a new file's content and its name in ``directory``."""
+    os.fdatasync(fd)
+    _fsync_dir(directory)
+
+
+def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fdatasync(fd)
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -695,6 +865,189 @@ def _read_json(path: Path) -> JsonObject | None:
 
 def _state_name(number: int) -> str:
     return f"{number:012d}.json"
+
+
+def _log_name(number: int) -> str:
+    return f"{number:012d}.jsonl"
+
+
+def _log_numbers(names: list[str]) -> list[int]:
+    return sorted(int(n[:-6]) for n in names if n.endswith(".jsonl") and n[:-6].isdigit())
+
+
+def _whole_size(fd: int) -> int:
+    """The size of the file ``fd`` up to the end of its last whole line (a torn end cut off)."""
+    size = os.fstat(fd).st_size
+    end = size
+    while end > 0:
+        start = max(0, end - _TAIL_BYTES)
+        at = os.pread(fd, end - start, start).rfind(b"\n")
+        if at >= 0:
+            return start + at + 1
+        end = start
+    return 0
+
+
+def _last_record(path: Path) -> JsonObject | None:
+    """The newest whole record of the commit log ``path`` (None if it has none)."""
+    with open(path, "rb") as fh:
+        fd = fh.fileno()
+        size = os.fstat(fd).st_size
+        want = _TAIL_BYTES
+        while True:
+            start = max(0, size - want)
+            lines = os.pread(fd, size - start, start).split(b"\n")
+            # The last piece is torn (or empty); the first may be the end of an earlier line.
+            candidates = lines[:-1] if start == 0 else lines[1:-1]
+            for line in reversed(candidates):
+                try:
+                    record = loads(line)
+                except ValueError:
+                    continue  # torn by a crash (or still being written): the one before counts
+                if isinstance(record, dict) and isinstance(record.get("state"), dict):
+                    return record
+            if start == 0:
+                return None
+            want *= 4
+
+
+def _whole_records(path: Path) -> list[JsonObject]:
+    """The records of the commit log ``path`` up to the first torn one."""
+    records = []
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                record = loads(line)
+            except ValueError:
+                break
+            if not isinstance(record, dict) or not isinstance(record.get("state"), dict):
+                break
+            records.append(record)
+    return records
+
+
+def _newest_record(directory: Path) -> JsonObject | None:
+    """The newest whole record of the highest numbered commit log in ``directory``."""
+    for _ in range(3):
+        try:
+            numbers = _log_numbers(os.listdir(directory))
+        except FileNotFoundError:
+            return None
+        removed = False
+        for number in reversed(numbers):
+            try:
+                record = _last_record(directory / _log_name(number))
+            except FileNotFoundError:
+                removed = True  # replaced since the listing: a newer one exists
+                continue
+            if record is not None:
+                return record
+        if not removed:
+            return None
+    return None
+
+
+def _redo_doc(redo: _Redo | None) -> JsonObject:
+    """What a commit record carries (fsync mode): pieces of each stream, blobs in base64."""
+    doc: JsonObject = {}
+    if redo is None:
+        return doc
+    if redo.events:
+        doc["events"] = [[first, records] for first, records in redo.events]
+    if redo.transcript:
+        doc["transcript"] = [[first, records] for first, records in redo.transcript]
+    if redo.blobs:
+        doc["blobs"] = {name: base64.b64encode(data).decode() for name, data in redo.blobs.items()}
+    return doc
+
+
+def _redo_into_files(run_dir: Path, records: list[JsonObject]) -> None:
+    """Write what ``records`` carry into the run's segments and blobs where it is missing, and
+    sync what was written (after a power loss)."""
+    synced: set[Path] = set()
+    for stream in ("events", "transcript"):
+        by_index: dict[int, JsonObject] = {}
+        for record in records:
+            for first, docs in record.get("redo", {}).get(stream, []):
+                index = first
+                for doc in docs:
+                    by_index[index] = doc
+                    index += doc_span(doc)
+        if not by_index:
+            continue
+        directory = run_dir / stream
+        if not directory.is_dir():
+            directory.mkdir()
+            synced.add(run_dir)
+        starts = segment_starts(os.listdir(directory))
+        end = 0
+        if starts:
+            end = starts[-1] - 1 + _truncate_after(directory / segment_name(starts[-1]), 1 << 62)
+        missing = []
+        index = end + 1
+        while index in by_index:
+            missing.append(by_index[index])
+            index += doc_span(by_index[index])
+        if missing:
+            path = directory / segment_name(end + 1)
+            with open(path, "wb") as fh:  # a new segment, or an empty one left by the crash
+                fh.write(dump_lines(missing))
+                fh.flush()
+                os.fdatasync(fh.fileno())
+            synced.add(directory)
+    blobs: dict[str, str] = {}
+    for record in records:
+        blobs.update(record.get("redo", {}).get("blobs", {}))
+    if blobs:
+        directory = run_dir / "blobs"
+        if not directory.is_dir():
+            directory.mkdir()
+            synced.add(run_dir)
+        for name, encoded in blobs.items():
+            data = base64.b64decode(encoded)
+            path = directory / check_id(name, "blob name")
+            try:
+                if path.read_bytes() == data:
+                    continue
+            except FileNotFoundError:
+                pass
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fdatasync(fh.fileno())
+            os.replace(tmp, path)
+            synced.add(directory)
+    for directory in sorted(synced, key=lambda p: len(p.parts), reverse=True):
+        _fsync_dir(directory)
+
+
+def _sync_what_log_carries(run_dir: Path, log: Path) -> None:
+    """Sync the segments and blobs the records of the commit log ``log`` carry, and the
+    directories naming them: once done, the log's records need not carry them any more."""
+    records = _whole_records(log)
+    for stream in ("events", "transcript"):
+        pieces = [piece for record in records for piece in record.get("redo", {}).get(stream, [])]
+        if not pieces:
+            continue
+        low = min(first for first, _ in pieces)
+        directory = run_dir / stream
+        starts = segment_starts(os.listdir(directory))
+        # Every segment holding an index from ``low`` on: the last starting at or before it, and
+        # those after.
+        before = [first for first in starts if first <= low]
+        for first in starts[starts.index(before[-1]) if before else 0 :]:
+            _fsync_path(directory / segment_name(first))
+        _fsync_dir(directory)
+    names = {name for record in records for name in record.get("redo", {}).get("blobs", {})}
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            _fsync_path(run_dir / "blobs" / name)
+    if names:
+        _fsync_dir(run_dir / "blobs")
+    _fsync_dir(run_dir)
 
 
 def _state_numbers(names: list[str]) -> list[int]:

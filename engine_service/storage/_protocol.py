@@ -4,7 +4,7 @@ Layout under the root (the same for every adapter)::
 
     workspaces/{workspace_id}/runs/{run_id}/spec.json        written once
     workspaces/{workspace_id}/runs/{run_id}/state.json       status + checkpoint, atomic
-    workspaces/{workspace_id}/runs/{run_id}/states/{n:012d}.json   later states (local adapter)
+    workspaces/{workspace_id}/runs/{run_id}/commits/{n:012d}.jsonl  later states (local adapter)
     workspaces/{workspace_id}/runs/{run_id}/events/{first:012d}.jsonl       numbered segments
     workspaces/{workspace_id}/runs/{run_id}/transcript/{first:012d}.jsonl
     workspaces/{workspace_id}/runs/{run_id}/lease.json       one writer at a time
@@ -37,9 +37,11 @@ line's first bytes); every other record stands for one. Ranges (``read_segments`
 ``drop_uncommitted``, ``repair_end``) count indexes, and a range that starts inside a record
 returns that whole record.
 
-The local adapter writes a run's first state as ``state.json`` and each later one as a new
-file ``states/{n}.json``, the highest whole one counting (creating a file costs far less than
-replacing one); an object store replaces ``state.json``.
+The local adapter writes a run's first state as ``state.json`` and each later one as a record
+appended to its commit log ``commits/{n}.jsonl``, the newest whole record of the highest
+numbered log counting (appending costs far less than creating or replacing a file; see
+``LocalStorage`` for what a record carries in fsync mode); an object store replaces
+``state.json``.
 
 The two streams commit differently:
 

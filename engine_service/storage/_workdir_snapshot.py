@@ -7,7 +7,9 @@ a runner with its own disk, each checkpoint records a *manifest* of the director
 checkpoint's ``state.json`` names it. Contents are stored content-addressed among the
 run's blobs (``wd-{sha256}``; the manifest itself is ``wdm-{sha256}``), so a checkpoint
 uploads only files whose content the run's storage does not hold yet, and the tenant
-boundary is the run's own prefix.
+boundary is the run's own prefix. Small files travel inside the manifest instead, and a
+small manifest inside the state document (``workdir_inline``): a checkpoint of a directory
+of a few small files (a turn that edited one) then writes nothing but its state.
 
 Whoever takes a run over brings its local directory to the manifest: files whose
 content differs are written, and files the previous manifest this host saw had but the
@@ -25,6 +27,7 @@ sockets are skipped. A directory larger than ``max_bytes`` fails the run with
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -48,7 +51,11 @@ _CACHE_DIR = ".snapshots"
 _HASH_IN_THREAD_BYTES = 256 * 1024  # hashing more than this at once leaves the event loop
 _MAX_PATH_CHARS = 4096
 _MEMORY_RUNS = 512  # runs whose sync state a process keeps in memory (the rest on disk)
-_PARALLEL = 16  # blobs written or read at once
+# `take`: files up to INLINE_FILE_BYTES travel in the manifest (base64, at most INLINE_DATA_CHARS
+# of it in all), and a manifest up to MANIFEST_INLINE_BYTES travels in the state document.
+INLINE_FILE_BYTES = 2048
+INLINE_DATA_CHARS = 8192
+MANIFEST_INLINE_BYTES = 16384
 
 # (size, mtime_ns, ctime_ns, inode): when all four match, the file has not changed.
 StatKey = tuple[int, int, int, int]
@@ -62,6 +69,10 @@ class _Synced:
     entries: dict[str, Any] = field(default_factory=dict)  # the manifest's entries
     stats: dict[str, StatKey] = field(default_factory=dict)  # of its files, when it was taken
     stored: set[str] = field(default_factory=set)  # file digests known to be in storage
+    manifest: bytes = b""  # the manifest itself, once encoded or read here
+    cache_file: Path | None = None  # where this host remembers it (see _remember)
+    # Whether the manifest is among the run's blobs (one read from a host's cache counts as stored).
+    manifest_stored: bool = True
 
 
 class WorkdirTooLarge(RunFailure):
@@ -82,69 +93,93 @@ class WorkdirSnapshots:
         self._root = workdir_root
         self.max_bytes = max_bytes
         self._synced: OrderedDict[tuple[str, str], _Synced] = OrderedDict()
+        self._cache_dirs: set[Path] = set()  # cache directories known to exist
 
     # -- the two hooks -------------------------------------------------------------------
 
     async def save(self, storage: Storage, ws: str, run_id: str, workdir: Path) -> str:
         """Snapshot ``workdir``; returns the manifest's digest (stored before it is returned)."""
+        digest, _ = await self._save(storage, ws, run_id, workdir, inline=False)
+        return digest
+
+    async def take(self, storage: Storage, ws: str, run_id: str, workdir: Path) -> tuple[str, str]:
+        """Snapshot ``workdir`` for a checkpoint: (the manifest's digest, the manifest itself when
+        it is small enough to travel in the run's state document, else "" and it is stored).
+
+        Small files travel inside the manifest too (``data``, base64), so a checkpoint of a
+        directory of a few small files writes nothing but its state."""
+        return await self._save(storage, ws, run_id, workdir, inline=True)
+
+    async def _save(
+        self, storage: Storage, ws: str, run_id: str, workdir: Path, *, inline: bool
+    ) -> tuple[str, str]:
         synced = self._get(ws, run_id)
         entries, stats, changed = _scan(workdir, synced, self.max_bytes)
         if not entries and not synced.digest:
-            return ""  # nothing to carry (most runs never write a file)
-        contents = await _read_changed(workdir, changed, sum(entries[rel]["size"] for rel in changed))
+            return "", ""  # nothing to carry (most runs never write a file)
+        contents = await _read_changed(workdir, {rel: entries[rel]["size"] for rel in changed})
         for rel in set(changed) - set(contents):  # removed since the scan
             del entries[rel]
             stats.pop(rel, None)
-        # Contents and the manifest are named by their digests, so they go up together: the
-        # manifest counts only once the checkpoint naming it is committed, after all of them.
-        uploads: dict[str, bytes] = {}
-        for rel, (data, digest) in contents.items():
-            entries[rel]["sha256"] = digest
-            entries[rel]["size"] = len(data)
+        # Unchanged files keep their content inline (see _scan); new contents share what is left.
+        budget = INLINE_DATA_CHARS - sum(len(e.get("data", "")) for e in entries.values())
+        for rel, (data, digest) in sorted(contents.items()):
+            entry = entries[rel]
+            entry["sha256"] = digest
+            entry["size"] = len(data)
+            if inline and len(data) <= INLINE_FILE_BYTES:
+                text = base64.b64encode(data).decode()
+                if len(text) <= budget:
+                    entry["data"] = text
+                    budget -= len(text)
+                    continue
             if digest not in synced.stored:
-                uploads[FILE_BLOB + digest] = data
-        if entries == synced.entries and synced.digest:
-            await _put_all(storage, ws, run_id, uploads)
-            synced.stored.update(name.removeprefix(FILE_BLOB) for name in uploads)
+                await storage.put_blob(ws, run_id, FILE_BLOB + digest, data)
+                synced.stored.add(digest)
+        if entries != synced.entries or not synced.digest:
+            manifest = _encode({"v": 1, "entries": entries})
+            synced.digest, synced.entries = hashlib.sha256(manifest).hexdigest(), entries
+            synced.manifest, synced.manifest_stored = manifest, False
             synced.stats = stats
-            return synced.digest
-        manifest = _encode({"v": 1, "entries": entries})
-        digest = hashlib.sha256(manifest).hexdigest()
-        uploads[MANIFEST_BLOB + digest] = manifest
-        await _put_all(storage, ws, run_id, uploads)
-        synced.stored.update(name.removeprefix(FILE_BLOB) for name in uploads if name.startswith(FILE_BLOB))
-        synced.digest, synced.entries, synced.stats = digest, entries, stats
-        self._remember(ws, run_id, synced)
-        return digest
+            self._remember(ws, run_id, synced)
+        else:
+            synced.stats = stats
+        manifest = synced.manifest or _encode({"v": 1, "entries": synced.entries})
+        synced.manifest = manifest
+        if inline and len(manifest) <= MANIFEST_INLINE_BYTES:
+            return synced.digest, manifest.decode()
+        if not synced.manifest_stored:
+            await storage.put_blob(ws, run_id, MANIFEST_BLOB + synced.digest, manifest)
+            synced.manifest_stored = True
+        return synced.digest, ""
 
-    async def restore(self, storage: Storage, ws: str, run_id: str, workdir: Path, digest: str) -> None:
-        """Bring ``workdir`` to the manifest ``digest`` names (nothing to do when it already is)."""
+    async def restore(
+        self, storage: Storage, ws: str, run_id: str, workdir: Path, digest: str, manifest: str = ""
+    ) -> None:
+        """Bring ``workdir`` to the manifest ``digest`` names (nothing to do when it already is);
+        ``manifest``: that manifest, when the state document carried it (see `take`)."""
         synced = self._get(ws, run_id)
         if not digest:
             if synced.digest:  # what this host remembers is not of this storage's run
                 self._synced[(ws, run_id)] = _Synced()
             return
         if digest == synced.digest:
-            synced.stored |= {e["sha256"] for e in synced.entries.values() if "sha256" in e}
+            synced.stored |= _stored_digests(synced.entries)
             return
-        raw = await storage.get_blob(ws, run_id, MANIFEST_BLOB + digest)
+        raw = manifest.encode() if manifest else await storage.get_blob(ws, run_id, MANIFEST_BLOB + digest)
         if raw is None or hashlib.sha256(raw).hexdigest() != digest:
             raise RuntimeError(f"run {run_id}: the workdir manifest {digest[:12]} is missing or damaged")
         entries = _valid_entries(json.loads(raw).get("entries", {}))
-        wanted = [
-            (rel, entry["sha256"])
-            for rel, entry in entries.items()
-            if "sha256" in entry and not _same_file(workdir, rel, entry, synced)
-        ]
         fetched: dict[str, bytes] = {}
-        for start in range(0, len(wanted), _PARALLEL):
-            some = wanted[start : start + _PARALLEL]
-            found = await asyncio.gather(*(storage.get_blob(ws, run_id, FILE_BLOB + sha) for _, sha in some))
-            for (rel, sha), data in zip(some, found, strict=True):
-                if data is None or hashlib.sha256(data).hexdigest() != sha:
-                    raise RuntimeError(
-                        f"run {run_id}: the workdir blob {(FILE_BLOB + sha)[:16]} is missing or damaged"
-                    )
+        for rel, entry in entries.items():
+            if "sha256" in entry and not _same_file(workdir, rel, entry, synced):
+                name = FILE_BLOB + entry["sha256"]
+                if "data" in entry:
+                    data: bytes | None = _inline_data(entry["data"])
+                else:
+                    data = await storage.get_blob(ws, run_id, name)
+                if data is None or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                    raise RuntimeError(f"run {run_id}: the workdir blob {name[:16]} is missing or damaged")
                 fetched[rel] = data
         await asyncio.to_thread(_apply, workdir, synced.entries, entries, fetched)
         stats = {}
@@ -152,8 +187,9 @@ class WorkdirSnapshots:
             if "sha256" in entry:
                 with contextlib.suppress(OSError):
                     stats[rel] = _stat_key(os.lstat(workdir / rel))
-        stored = {e["sha256"] for e in entries.values() if "sha256" in e}
-        self._remember(ws, run_id, _Synced(digest, entries, stats, stored))
+        restored = _Synced(digest, entries, stats, _stored_digests(entries))
+        restored.manifest, restored.manifest_stored = raw, not manifest
+        self._remember(ws, run_id, restored)
         log.info("run %s: restored its directory from the run's storage (%d entries, %d fetched)",
                  run_id, len(entries), len(fetched), extra={"run_id": run_id})  # fmt: skip
 
@@ -161,6 +197,11 @@ class WorkdirSnapshots:
 
     def _cache_file(self, ws: str, run_id: str) -> Path:
         return self._root / ws / _CACHE_DIR / f"{run_id}.json"
+
+    def _cache_path(self, ws: str, run_id: str, synced: _Synced) -> Path:
+        if synced.cache_file is None:
+            synced.cache_file = self._cache_file(ws, run_id)
+        return synced.cache_file
 
     def _get(self, ws: str, run_id: str) -> _Synced:
         key = (ws, run_id)
@@ -185,10 +226,12 @@ class WorkdirSnapshots:
 
     def _remember(self, ws: str, run_id: str, synced: _Synced) -> None:
         self._synced[(ws, run_id)] = synced
-        path = self._cache_file(ws, run_id)
+        path = self._cache_path(ws, run_id, synced)
         doc = {"digest": synced.digest, "entries": synced.entries, "stats": synced.stats}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.parent not in self._cache_dirs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._cache_dirs.add(path.parent)
             # Rewritten in place (replacing a file costs a write-out on ext4); a torn or mixed
             # one fails its checksum and reads as no cache.
             data = _seal(_encode(doc))
@@ -198,6 +241,8 @@ class WorkdirSnapshots:
                 os.ftruncate(fd, len(data))
             finally:
                 os.close(fd)
+        except FileNotFoundError:  # its directory was removed meanwhile: made again next time
+            self._cache_dirs.discard(path.parent)
         except OSError:  # only a cache: the next process rehashes instead
             log.debug("could not write the snapshot cache of run %s", run_id, exc_info=True)
 
@@ -268,6 +313,8 @@ def _scan(
                     stats[rel] = key
                     if known is not None and "sha256" in known and synced.stats.get(rel) == key:
                         entries[rel] = {"sha256": known["sha256"], "size": st.st_size, "mode": mode}
+                        if "data" in known:  # carried in the manifest: it stays there
+                            entries[rel]["data"] = known["data"]
                     else:
                         entries[rel] = {"sha256": "", "size": st.st_size, "mode": mode}
                         changed.append(rel)
@@ -279,31 +326,38 @@ def _scan(
     return entries, stats, changed
 
 
-async def _put_all(storage: Storage, ws: str, run_id: str, blobs: dict[str, bytes]) -> None:
-    """Store ``blobs``, a few at once."""
-    items = list(blobs.items())
-    for start in range(0, len(items), _PARALLEL):
-        await asyncio.gather(
-            *(storage.put_blob(ws, run_id, name, data) for name, data in items[start : start + _PARALLEL])
-        )
-
-
-async def _read_changed(workdir: Path, changed: list[str], size: int) -> dict[str, tuple[bytes, str]]:
-    """The content and sha256 of each changed file (off the event loop when there is much)."""
+async def _read_changed(workdir: Path, sizes: dict[str, int]) -> dict[str, tuple[bytes, str]]:
+    """The content and sha256 of each changed file, by its size when scanned (off the event loop
+    when there is much)."""
+    root = str(workdir)
 
     def read() -> dict[str, tuple[bytes, str]]:
         out = {}
-        for rel in changed:
+        for rel in sizes:
             with contextlib.suppress(FileNotFoundError):  # removed since the scan: gone next time
-                fd = os.open(workdir / rel, os.O_RDONLY | os.O_NOFOLLOW)
-                with os.fdopen(fd, "rb") as fh:
-                    data = fh.read()
+                data = _read_file(os.path.join(root, rel), sizes[rel])
                 out[rel] = (data, hashlib.sha256(data).hexdigest())
         return out
 
-    if not changed:
+    if not sizes:
         return {}
-    return read() if size <= _HASH_IN_THREAD_BYTES else await asyncio.to_thread(read)
+    return read() if sum(sizes.values()) <= _HASH_IN_THREAD_BYTES else await asyncio.to_thread(read)
+
+
+def _read_file(path: str, size: int) -> bytes:
+    """The content of the file at ``path`` (``size`` bytes when scanned), not following a
+    last-moment symlink (plain reads: no buffered file object, which costs three more system
+    calls and a buffer as large as the file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        chunks = []
+        want = size + 1  # one read when the file did not grow meanwhile
+        while chunk := os.read(fd, want):
+            chunks.append(chunk)
+            want = 1 << 16
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 # -- restoring ---------------------------------------------------------------------------------
@@ -329,10 +383,24 @@ def _valid_entries(raw: object) -> dict[str, Any]:
             continue
         if "link" in entry and not (isinstance(entry["link"], str) and not entry["link"].startswith("/")):
             continue
+        if "data" in entry and not isinstance(entry["data"], str):
+            continue
         out[rel] = entry
     if len(out) < len(raw):
         log.warning("skipped %d invalid entries of a workdir manifest", len(raw) - len(out))
     return out
+
+
+def _stored_digests(entries: dict[str, Any]) -> set[str]:
+    """The file digests a manifest's entries name among the run's blobs (not carried inline)."""
+    return {e["sha256"] for e in entries.values() if "sha256" in e and "data" not in e}
+
+
+def _inline_data(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        return None
 
 
 def _kind(entry: Any) -> str:

@@ -252,6 +252,8 @@ class _ApiCall:
     run_env_lookup: EnvLookup = field(default=no_env, repr=False)
     per_run_custom_ids: frozenset[str] = frozenset()
     egress: EgressPolicy = field(default_factory=EgressPolicy)
+    # Hosts that get the run's trace context (``traceparent``); see `telemetry.inject_for`.
+    trace_hosts: frozenset[str] = frozenset()
 
     def _lookup_for(self, service: ApiService) -> EnvLookup:
         # A per-run service's refs name the run's env only, never the engine's or the process's.
@@ -297,7 +299,8 @@ class _ApiCall:
                 )
         auth = await self._auth_headers(service, method, path, scrub, ctx)
         headers = self._headers(service, dict(args.get("headers") or {}), auth, body is not None)
-        telemetry.inject(headers)  # the service's own traces can join the run's
+        # The service's own traces can join the run's, where the operator allows it.
+        telemetry.inject_for(headers, service.base_url, self.trace_hosts)
         query = [(str(k), _query_value(v)) for k, v in (args.get("query") or {}).items()]
 
         meter: JsonObject = {"service": service.name, "method": method, "path": scrub.text(path)}
@@ -541,6 +544,7 @@ def build_api_call_tool(
     run_env_lookup: EnvLookup = no_env,
     per_run_custom_auth_ids: Iterable[str] = (),
     egress: EgressPolicy | None = None,
+    trace_hosts: Iterable[str] = (),
 ) -> Tool:
     """The ``ApiCall`` tool over these services (build it per run: env values may be per run).
 
@@ -569,5 +573,6 @@ def build_api_call_tool(
         run_env_lookup,
         custom_ids,
         egress or EgressPolicy(),
+        frozenset(trace_hosts),
     )
     return Tool(TOOL_NAME, _description(everything), _input_schema(everything), handler=call)

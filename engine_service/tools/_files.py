@@ -9,6 +9,7 @@ or endless file cannot exhaust the engine.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
 import stat
@@ -38,11 +39,15 @@ def _workdir(ctx: ToolContext) -> Path:
 
 def resolve_in_workdir(root: Path, user_path: str) -> Path:
     """The real path of ``user_path`` inside ``root``, or ToolError saying why not."""
+    return _resolve(_real_root(root), user_path)
+
+
+def _resolve(real_root: Path, user_path: str) -> Path:
+    """`resolve_in_workdir` under the root's real path (``_real_root``, computed once per call)."""
     if not user_path or "\x00" in user_path:
         raise ToolError("path must be a non-empty string without NUL bytes")
     if has_surrogate(user_path):
         raise ToolError("path must be valid Unicode text (no lone surrogates)")
-    real_root = _real_root(root)
     candidate = Path(user_path)
     if not candidate.is_absolute():
         candidate = real_root / candidate
@@ -67,7 +72,14 @@ def _resolved(path: Path) -> Path | None:
 
     realpath stops at a loop and keeps the rest as written: "loop/../etc/passwd" comes back as
     {dir}/etc/passwd even when {dir}/etc links to /etc. A fully resolved path resolves to itself.
+    A path that exists is resolved once, strictly (a loop raises there); one that does not is
+    resolved twice to check.
     """
+    try:
+        return Path(os.path.realpath(path, strict=True))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
     real = os.path.realpath(path)
     return Path(real) if os.path.realpath(real) == real else None
 
@@ -93,11 +105,19 @@ def _read_bytes(path: Path, user_path: str, limit: int) -> tuple[bytes, int]:
         raise ToolError(f"{user_path!r} is a directory") from None
     except OSError as exc:
         raise ToolError(f"cannot open {user_path!r}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fh.fileno())
+    try:  # plain reads, sized by the file: no buffered file object and its system calls
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ToolError(f"{user_path!r} is not a regular file")
-        return fh.read(limit), info.st_size
+        chunks, left = [], limit
+        want = min(left, info.st_size + 1)  # one read when the file did not grow meanwhile
+        while left > 0 and (chunk := os.read(fd, want)):
+            chunks.append(chunk)
+            left -= len(chunk)
+            want = min(left, 1 << 16)
+        return b"".join(chunks), info.st_size
+    finally:
+        os.close(fd)
 
 
 def _is_binary(data: bytes) -> bool:
@@ -147,13 +167,14 @@ def _write(root: Path, args: WriteArgs) -> str:
     data = args.content.encode()
     if len(data) > MAX_WRITE_BYTES:
         raise ToolError(f"content is {len(data)} bytes; the limit is {MAX_WRITE_BYTES}")
-    path = resolve_in_workdir(root, args.path)
+    real_root = _real_root(root)
+    path = _resolve(real_root, args.path)
     if path.is_dir():
         raise ToolError(f"{args.path!r} is a directory")
-    parent = resolve_in_workdir(root, str(path.parent))
+    parent = _resolve(real_root, str(path.parent))
     parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, data)
-    return f"wrote {len(data)} bytes to {_relative(_real_root(root), path)}"
+    return f"wrote {len(data)} bytes to {_relative(real_root, path)}"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -177,7 +198,8 @@ async def edit(args: EditArgs, ctx: ToolContext) -> str:
 
 
 def _edit(root: Path, args: EditArgs) -> str:
-    path = resolve_in_workdir(root, args.path)
+    real_root = _real_root(root)
+    path = _resolve(real_root, args.path)
     data, size = _read_bytes(path, args.path, MAX_WRITE_BYTES + 1)
     if size > MAX_WRITE_BYTES:
         raise ToolError(f"{args.path!r} is {size} bytes; Edit handles files up to {MAX_WRITE_BYTES}")
@@ -197,7 +219,7 @@ def _edit(root: Path, args: EditArgs) -> str:
         )
     updated = text.replace(args.old_string, args.new_string, -1 if args.replace_all else 1)
     _write_atomic(path, updated.encode())
-    where = _relative(_real_root(root), path)
+    where = _relative(real_root, path)
     return f"replaced {count if args.replace_all else 1} occurrence(s) in {where}"
 
 

@@ -39,6 +39,8 @@ class WebFetchPolicy:
     allow_private: bool = False
     allow_hosts: frozenset[str] = field(default_factory=frozenset)
     egress: EgressPolicy = field(default_factory=EgressPolicy)
+    # Hosts that get the run's trace context (``traceparent``); see `telemetry.inject_for`.
+    trace_hosts: frozenset[str] = field(default_factory=frozenset)
 
     def effective_egress(self) -> EgressPolicy:
         return self.egress.widened(allow_private=self.allow_private, allow_hosts=self.allow_hosts)
@@ -92,9 +94,9 @@ def web_fetch_tool(policy: WebFetchPolicy, client: httpx.AsyncClient | None = No
     return tool_from_callable(web_fetch, name="WebFetch", idempotent=True)
 
 
-def _trace_headers() -> dict[str, str]:
+def _trace_headers(url: str, hosts: frozenset[str]) -> dict[str, str]:
     headers: dict[str, str] = {}
-    telemetry.inject(headers)
+    telemetry.inject_for(headers, url, hosts)
     return headers
 
 
@@ -103,7 +105,9 @@ async def _fetch(http: httpx.AsyncClient, url: str, policy: WebFetchPolicy, egre
         _check_target(url, egress)
         async with (
             asyncio.timeout(policy.timeout_s),
-            http.stream("GET", url, timeout=policy.timeout_s, headers=_trace_headers()) as response,
+            http.stream(
+                "GET", url, timeout=policy.timeout_s, headers=_trace_headers(url, policy.trace_hosts)
+            ) as response,
         ):
             if response.is_redirect and "location" in response.headers:
                 url = urljoin(url, response.headers["location"])

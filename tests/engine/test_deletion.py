@@ -19,7 +19,7 @@ from google.protobuf import struct_pb2
 
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import run_pb2 as rp
-from tests.engine.threads_fixture import Stack, build_stack, fails, stack
+from tests.engine.threads_fixture import Stack, build_stack, code_of, fails, stack
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -29,11 +29,13 @@ DAY = 86_400.0
 
 
 def files_run(task: str) -> dict[str, object]:
-    """A run that writes a file (its directory is snapshotted into storage) and answers."""
+    """A run that writes a file (its directory is snapshotted into storage: the file is too
+    large to travel inside the run's state) and answers."""
+    content = "hi " * 2000
     script = [
         svc.ScriptedTurn(
             tool_calls=[
-                svc.ScriptedToolCall(name="Write", arguments=_struct({"path": "a.txt", "content": "hi"}))
+                svc.ScriptedToolCall(name="Write", arguments=_struct({"path": "a.txt", "content": content}))
             ]
         ),
         svc.ScriptedTurn(text=f"done {task}"),
@@ -276,3 +278,59 @@ async def test_the_retention_command(tmp_path: Path) -> None:
     assert json.loads(done.stdout.splitlines()[0])["run_ids"] == [old.run_id]
     assert not (tmp_path / "storage" / "workspaces" / "default" / "runs" / old.run_id).exists()
     assert (tmp_path / "storage" / "workspaces" / "default" / "runs" / young.run_id).exists()
+
+
+async def _outcome(call: Any) -> Any:
+    """What a unary call answered, or the (status, reason) it failed with."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        return code_of(error)
+
+
+BUSY = (grpc.StatusCode.FAILED_PRECONDITION, "ERR_THREAD_BUSY")
+
+
+async def test_delete_thread_racing_a_start_on_it_leaves_no_run_on_a_deleted_thread(stack: Stack) -> None:
+    """DeleteThread and CreateRun on one thread at once, many times, at varied offsets: either the
+    deletion is refused and the new run continues the thread, or the start is refused, or the run
+    starts a new thread of that id once the old one is gone; never a run on a deleted thread."""
+    for i in range(24):
+        thread_id = f"race-{i:03d}-x"
+        await stack.run("remember apples", thread_id=thread_id)
+
+        async def start(thread_id: str, delay: float) -> Any:
+            await asyncio.sleep(delay)
+            return await _outcome(stack.start("recall", thread_id=thread_id))
+
+        deleting = _outcome(stack.stub.DeleteThread(svc.DeleteThreadRequest(thread_id=thread_id)))
+        done, started = await asyncio.gather(deleting, start(thread_id, (i % 8) * 0.002))
+        deleted = isinstance(done, svc.DeleteThreadResponse)
+        assert deleted or done in (BUSY, (grpc.StatusCode.FAILED_PRECONDITION, "ERR_RUN_ACTIVE")), done
+        if not isinstance(started, rp.Run):
+            assert started == BUSY
+            if deleted:
+                code = await fails(stack.stub.GetThread(svc.GetThreadRequest(thread_id=thread_id)))
+                assert code == (grpc.StatusCode.NOT_FOUND, "ERR_THREAD_NOT_FOUND")
+                assert not [n for n in await stack.object_names() if thread_id in n]
+            continue
+        waited = await _outcome(
+            stack.stub.WaitRun(svc.WaitRunRequest(run_id=started.run_id, timeout_ms=20_000))
+        )
+        if not isinstance(waited, svc.WaitRunResponse):
+            # It started and ended before the deletion read the thread: it went with the thread.
+            assert waited[0] == grpc.StatusCode.NOT_FOUND
+            assert deleted
+            code = await fails(stack.stub.GetThread(svc.GetThreadRequest(thread_id=thread_id)))
+            assert code == (grpc.StatusCode.NOT_FOUND, "ERR_THREAD_NOT_FOUND")
+            continue
+        run = waited.run
+        assert run.state == rp.RUN_STATE_DONE
+        thread = (await stack.stub.GetThread(svc.GetThreadRequest(thread_id=thread_id))).thread
+        assert thread.run_ids[-1] == run.run_id
+        if deleted:  # it started a new thread of that id after the old one went
+            assert list(thread.run_ids) == [run.run_id]
+            assert run.data.string_value == "nothing"
+        else:
+            assert len(thread.run_ids) == 2
+            assert run.data.string_value == "apples"

@@ -23,6 +23,7 @@ from client_py import (
     ToolCallCompleted,
     UsageReported,
 )
+from engine_service.core._checkpoint import transcript_blob
 from engine_service.core._types import ToolCall, Usage
 from engine_service.models import ModelRequest, TextChunk, TurnResult
 from tests.conftest import ServerFactory, refresh_until, turn
@@ -321,7 +322,7 @@ async def test_finished_children_leave_the_state_their_transcripts_stay(servers:
     assert done is not None
     assert done["children"] == {}  # the state document does not grow with the subagents a run had
     for path, task, answer in (("a", "double 21", "A doubled to 42"), ("b", "echo hi", "B echoed hi")):
-        blob = await storage.get_blob("default", run.run_id, f"agent-{path}-transcript")
+        blob = await storage.get_blob("default", run.run_id, transcript_blob(path))
         assert blob is not None
         entries = json.loads(blob)
         assert [e["role"] for e in entries] == ["user", "assistant", "tool", "assistant"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -159,9 +160,11 @@ async def test_a_recovered_run_continues_its_trace_and_logs_the_recovery(
     assert (resumed[0].context.trace_id, resumed[0].parent.span_id) == (context.trace_id, context.span_id)
 
 
+@pytest.mark.parametrize("listed", [True, False])
 async def test_webhooks_and_web_fetches_carry_the_run_trace(
-    servers: ServerFactory, receiver: Receiver, spans: InMemorySpanExporter
+    servers: ServerFactory, receiver: Receiver, spans: InMemorySpanExporter, listed: bool
 ) -> None:
+    """WebFetch sends the trace only to hosts the operator lists in propagate_trace_to."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -183,7 +186,12 @@ async def test_webhooks_and_web_fetches_carry_the_run_trace(
     page = ThreadingHTTPServer(("127.0.0.1", 0), Page)
     threading.Thread(target=page.serve_forever, daemon=True).start()
     delivered = _sample("machina_webhook_deliveries_total", result="delivered")
-    config = {"egress_allow_hosts": ["127.0.0.1"], "tools": {"webfetch_allow_hosts": ["127.0.0.1"]}}
+    config: dict[str, Any] = {
+        "egress_allow_hosts": ["127.0.0.1"],
+        "tools": {"webfetch_allow_hosts": ["127.0.0.1"]},
+    }
+    if listed:
+        config["propagate_trace_to"] = ["localhost", "127.0.0.1"]
     srv = await servers.start(config=config)
     url = f"http://127.0.0.1:{page.server_address[1]}/page"
     tracer = TracerProvider().get_tracer("test")
@@ -204,7 +212,10 @@ async def test_webhooks_and_web_fetches_carry_the_run_trace(
         page.server_close()
     trace_id = format(caller.get_span_context().trace_id, "032x")
     assert len(seen) == 1
-    assert seen[0].split("-")[1] == trace_id  # WebFetch's GET
+    if listed:
+        assert seen[0].split("-")[1] == trace_id  # WebFetch's GET
+    else:
+        assert seen == [""]  # a host not listed never learns the trace
     headers, _body = receiver.requests[0]
     assert headers["traceparent"].split("-")[1] == trace_id  # the webhook's POST
     assert _sample("machina_webhook_deliveries_total", result="delivered") - delivered == 1
@@ -227,3 +238,20 @@ async def test_a_compaction_summary_is_a_model_call_span_of_its_own(
     chats = [s for s in spans.get_finished_spans() if s.name == "chat script"]
     # One span per model call: the run's 30 turns and each summarising call besides them.
     assert len(chats) > 30
+
+
+def test_which_hosts_learn_the_trace() -> None:
+    from engine_service.core._telemetry import trace_allowed
+
+    hosts = ["api.internal", "*.corp.example", "10.0.0.7"]
+    assert trace_allowed("https://api.internal/x", hosts)
+    assert trace_allowed("https://API.internal./x", hosts)
+    assert trace_allowed("http://a.b.corp.example:8080/", hosts)
+    assert trace_allowed("http://10.0.0.7/", hosts)
+    assert not trace_allowed("https://corp.example/", hosts)  # the pattern names subdomains only
+    assert not trace_allowed("https://evilcorp.example/", hosts)
+    assert not trace_allowed("https://api.internal.evil.com/", hosts)
+    assert not trace_allowed("https://example.org/", hosts)
+    assert not trace_allowed("https://example.org/", [])
+    assert not trace_allowed("not a url", hosts)
+    assert trace_allowed("https://anything.at.all/", ["*"])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 
 from engine_service import Engine, EngineConfig, LocalStorage, ToolRegistry
 from engine_service.api._convert import add_events
@@ -149,3 +150,25 @@ def test_an_event_of_several_deltas_splits_between_responses_without_a_gap() -> 
         assert response.ByteSize() <= 2000
         seqs.extend(e.seq for e in response.events)
     assert seqs == list(range(1, 52))
+
+
+@pytest.mark.parametrize("texts", [["a"], ["a", ""], ["a", "", "ü€", "d"]])
+@pytest.mark.parametrize(("t", "turn", "path"), [(1.25, 3, ""), (0.0, 0, "a/b")])
+def test_each_delta_of_an_event_renders_as_its_own_whole_message(
+    texts: list[str], t: float, turn: int, path: str
+) -> None:
+    event = Event(7, t, EventKind.TEXT_DELTA, {"texts": texts, "turn": turn}, path, len(texts))
+    response = svc.StreamRunEventsResponse()
+    assert add_events(response.events, "r1", [event]) == 1
+    expected = [
+        event_pb2.RunEvent(
+            run_id="r1",
+            seq=7 + i,
+            agent_path=path,
+            time=timestamp_pb2.Timestamp(seconds=int(t), nanos=int((t - int(t)) * 1e9)),
+            text_delta=event_pb2.TextDelta(text=text, turn=turn),
+        )
+        for i, text in enumerate(texts)
+    ]
+    assert list(response.events) == expected
+    assert all(e.HasField("time") and e.WhichOneof("kind") == "text_delta" for e in response.events)

@@ -223,3 +223,107 @@ async def test_a_compacted_run_is_continued_as_its_model_saw_it(tmp_path: Path) 
         "old turn",
     ]
     await storage.close()
+
+
+async def test_a_fork_that_fails_to_start_leaves_nothing_behind(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine_service.storage._protocol import StorageUnavailable
+
+    a = await stack.run("remember apples")
+    real = stack.storage.create_run
+
+    async def down(*args: object, **kwargs: object) -> bool:
+        raise StorageUnavailable("storage is away")
+
+    monkeypatch.setattr(stack.storage, "create_run", down)
+    code = await fails(stack.start("recall", fork_from=rp.ForkSource(run_id=a.run_id), thread_id="branch"))
+    assert code[0] == grpc.StatusCode.UNAVAILABLE
+    monkeypatch.setattr(stack.storage, "create_run", real)
+    # No thread, and no fork mark keeping the source run: it can be deleted, the thread id reused.
+    code = await fails(stack.stub.GetThread(svc.GetThreadRequest(thread_id="branch")))
+    assert code == (grpc.StatusCode.NOT_FOUND, "ERR_THREAD_NOT_FOUND")
+    assert not [n for n in await stack.object_names() if "branch" in n]
+    retried = await stack.run("recall", fork_from=rp.ForkSource(run_id=a.run_id), thread_id="branch")
+    assert retried.data.string_value == "apples"
+    await stack.stub.DeleteThread(svc.DeleteThreadRequest(thread_id="branch"))
+    await stack.stub.DeleteRun(svc.DeleteRunRequest(run_id=a.run_id))
+
+
+async def _all_thread_ids(stack: Stack, page_size: int) -> list[str]:
+    page = await stack.stub.ListThreads(svc.ListThreadsRequest(page_size=page_size))
+    seen = [t.thread_id for t in page.threads]
+    while page.next_page_token:
+        page = await stack.stub.ListThreads(
+            svc.ListThreadsRequest(page_size=page_size, page_token=page.next_page_token)
+        )
+        seen += [t.thread_id for t in page.threads]
+    return seen
+
+
+async def test_list_threads_pages_by_key_and_reads_only_the_page(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(12):
+        stack.clock.advance(1)
+        await stack.run("remember x", thread_id=f"k{i:02d}")
+    reads: list[str] = []
+    real_get = stack.storage.get_doc
+
+    async def counted(ws: str, key: str) -> object:
+        reads.append(key)
+        return await real_get(ws, key)
+
+    monkeypatch.setattr(stack.storage, "get_doc", counted)
+    first = await stack.stub.ListThreads(svc.ListThreadsRequest(page_size=3))
+    assert [t.thread_id for t in first.threads] == ["k11", "k10", "k09"]
+    # One page reads its own threads' documents (and one index entry past it), not all twelve.
+    assert len([k for k in reads if k.startswith("threads/")]) == 3
+    assert len(reads) < 12
+    # Threads created or deleted meanwhile shift nothing: the token names the last one shown.
+    stack.clock.advance(1)
+    await stack.run("remember y", thread_id="newer")
+    await stack.stub.DeleteThread(svc.DeleteThreadRequest(thread_id="k10"))
+    second = await stack.stub.ListThreads(
+        svc.ListThreadsRequest(page_size=3, page_token=first.next_page_token)
+    )
+    assert [t.thread_id for t in second.threads] == ["k08", "k07", "k06"]
+    assert await _all_thread_ids(stack, 5) == ["newer", "k11", *(f"k{i:02d}" for i in range(9, -1, -1))]
+
+
+async def test_list_threads_refuses_tokens_it_did_not_write(stack: Stack) -> None:
+    import base64
+    import json
+
+    for i in range(3):
+        stack.clock.advance(1)
+        await stack.run("remember x", thread_id=f"t{i}")
+    page = await stack.stub.ListThreads(svc.ListThreadsRequest(page_size=1))
+    assert page.next_page_token.startswith("t1.")
+
+    def forged(name: object) -> str:
+        return "t1." + base64.urlsafe_b64encode(json.dumps([name]).encode()).decode().rstrip("=")
+
+    for token in (
+        "2",
+        "junk",
+        "t1.!!!",
+        forged("../threads/t0"),
+        forged(5),
+        forged("0" * 14 + ".zz"),
+        "t1." + "A" * 400,
+    ):
+        code = await fails(stack.stub.ListThreads(svc.ListThreadsRequest(page_size=1, page_token=token)))
+        assert code == (grpc.StatusCode.INVALID_ARGUMENT, "ERR_INVALID_REQUEST"), token
+
+
+async def test_threads_stored_before_the_index_are_listed(stack: Stack) -> None:
+    for i in range(4):
+        stack.clock.advance(1)
+        await stack.run("remember x", thread_id=f"old{i}", labels={"n": str(i % 2)})
+    for key in await stack.storage.list_docs("default", "thread-index"):
+        await stack.storage.delete_doc("default", key)
+    assert await _all_thread_ids(stack, 3) == ["old3", "old2", "old1", "old0"]
+    odd = await stack.stub.ListThreads(svc.ListThreadsRequest(labels={"n": "1"}))
+    assert [t.thread_id for t in odd.threads] == ["old3", "old1"]
+    assert len(await stack.storage.list_docs("default", "thread-index")) == 4

@@ -17,6 +17,7 @@ from client_py import (
     RunFinished,
     ToolCallCompleted,
 )
+from tests.conftest import turn
 from tests.processes import EngineProcess
 from tests.sse_server import Sse, data, serve
 
@@ -160,8 +161,6 @@ class Watcher:
 
 
 def sleepy_script(seconds: float) -> list[dict[str, Any]]:
-    from tests.conftest import turn
-
     return [turn("", ("sleep", {"seconds": seconds})), turn("all done")]
 
 
@@ -350,13 +349,16 @@ async def test_a_fault_that_outlasts_the_storage_wait_parks_the_run_for_the_swee
         env = base_env(
             tmp_path,
             MACHINA_STORAGE=str(disk / "storage"),
-            MACHINA_TOOLS_CUSTOM="tests.tools:sleep",
+            MACHINA_TOOLS_CUSTOM="tests.tools:sleep_and_write",
             MACHINA_STORAGE_RETRY_S="1",
         )
         engine = EngineProcess(tmp_path, env=env)
+        # The call changes the run directory: the checkpoint after it stores a new file, which a
+        # full disk refuses.
+        script = [turn("", ("sleep_and_write", {"seconds": 1.0})), turn("all done")]
         try:
             async with AsyncEngineClient(engine.target) as client:
-                handle = await client.create("sleep a while", model="scripted", script=sleepy_script(1.0))
+                handle = await client.create("sleep a while", model="scripted", script=script)
                 watcher = Watcher(client, handle.run_id)
                 await until(lambda: "tool_call_started" in watcher.kinds())
                 filler = fill(disk)

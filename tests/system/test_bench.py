@@ -113,6 +113,10 @@ def test_the_script_edits_a_file_every_turn_but_the_first_and_the_last() -> None
     assert edit_script(1) == [("done", [])]
 
 
+PER_TURN = "Machina per turn through gRPC, Edit tool, creating the run left out, {} turns, {}"
+RATIO = "Machina ÷ LangGraph create_agent per turn, creating the run left out, {} turns, {}"
+
+
 def test_per_turn_growth_leaves_out_creating_the_run() -> None:
     side = turns.Side(runs={10: [19.0, 19.0], 100: [109.0]}, one_turn=[10.0, 10.0])
     assert side.per_turn(10)["median"] == pytest.approx(1.9)
@@ -135,16 +139,27 @@ def test_the_per_turn_table_computes_every_verdict() -> None:
     sides.update({f"{a} {s}": side(10.0) for a, s in turns.LANGGRAPH})
     table = turns.table(sides, sizes, {10: summarize([0.3]), 100: summarize([0.3])})
     by_name = {r.name: r for r in table}
-    assert by_name["Machina per turn through gRPC, 10-turn run, fsync off (Edit tool)"].verdict == "MET"
-    assert by_name["Machina per turn through gRPC, 10-turn run, fsync on (Edit tool)"].verdict == "MET"
-    ratio = by_name["Machina ÷ LangGraph create_agent per turn, 100 turns, no fsync on either side"]
+    assert by_name[PER_TURN.format(10, "fsync off")].verdict == "MET"
+    assert by_name[PER_TURN.format(10, "fsync on")].verdict == "MET"
+    ratio = by_name[RATIO.format(100, "no fsync on either side")]
     assert ratio.figures["ratio"] == pytest.approx(0.05)
     assert ratio.verdict == "MET"
-    assert (
-        by_name["Machina ÷ LangGraph create_agent per turn, 100 turns, fsync on both sides"].verdict
-        == "MISSED"
-    )
+    assert by_name[RATIO.format(100, "fsync on both sides")].verdict == "MISSED"
     assert all(r.verdict in ("MET", "MISSED", "REPORT") for r in table)
+
+
+def test_per_turn_verdicts_leave_out_creating_the_run() -> None:
+    # 10 turns in 19 ms of which creating the run is 9.1: 1.9 ms a turn with it, 1.1 without.
+    ours = turns.Side(runs={10: [19.0]}, one_turn=[10.0])
+    theirs = turns.Side(runs={10: [100.0]}, one_turn=[55.0])
+    sides = {"fsync off": ours, "fsync on": ours}
+    sides.update({f"{a} {s}": theirs for a, s in turns.LANGGRAPH})
+    by_name = {r.name: r for r in turns.table(sides, {10: 1}, {})}
+    row = by_name[PER_TURN.format(10, "fsync on")]
+    assert row.figures["p50_ms"] == pytest.approx(1.0)
+    assert row.verdict == "MET"
+    ratio = by_name[RATIO.format(10, "fsync on both sides")]
+    assert ratio.figures["ratio"] == pytest.approx(0.2)  # 1.0 ÷ 5.0, not 1.9 ÷ 10
 
 
 def test_nothing_measured_misses_instead_of_crashing() -> None:

@@ -3,6 +3,7 @@ the run finishes with every child turn once; a run paused on a child's call is d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +31,27 @@ async def _events(client: AsyncEngineClient, run_id: str) -> list[RunEvent]:
 async def test_kill_9_mid_child_then_restart_finishes_the_tree(tmp_path: Path) -> None:
     turns = 60
 
-    def steps(n: int, answer: str) -> list[dict[str, Any]]:
-        return [turn(f"step {i}", ("noop", {"i": i})) for i in range(1, n + 1)] + [turn(answer)]
+    def steps(n: int, answer: str, call: Callable[[int], tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        return [turn(f"step {i}", call(i)) for i in range(1, n + 1)] + [turn(answer)]
 
     # Two children checkpoint in parallel: each commit must be one consistent instant of both.
     script = [turn("", ("Agent", {"task": "long"}), ("Agent", {"task": "short"})), turn("parent done")]
     scripts: dict[str, Any] = {
-        "call_1_1": steps(turns, "long done"),
-        "call_1_2": steps(turns // 2, "short done"),
+        # The long one's steps take a while, so it is still working when the process is killed
+        # however fast turns are.
+        "call_1_1": steps(turns, "long done", lambda i: ("sleep", {"seconds": 0.05})),
+        "call_1_2": steps(turns // 2, "short done", lambda i: ("noop", {"i": i})),
     }
-    engine = EngineProcess(tmp_path, env=env_for(tmp_path))
+    env = {**env_for(tmp_path), "MACHINA_TOOLS_CUSTOM": "tests.tools:noop,tests.tools:sleep"}
+    engine = EngineProcess(tmp_path, env=env)
     try:
         async with AsyncEngineClient(engine.target) as client:
             handle = await client.create(
-                "tree", script=script, agent_scripts=scripts, tools=["Agent", "noop"], max_turns=turns + 5
+                "tree",
+                script=script,
+                agent_scripts=scripts,
+                tools=["Agent", "noop", "sleep"],
+                max_turns=turns + 5,
             )
             completed = 0
             async for event in handle.events(follow=True):
@@ -53,7 +61,7 @@ async def test_kill_9_mid_child_then_restart_finishes_the_tree(tmp_path: Path) -
         engine.kill9()
     finally:
         engine.close()
-    restarted = EngineProcess(tmp_path, env=env_for(tmp_path))
+    restarted = EngineProcess(tmp_path, env=env)
     try:
         async with AsyncEngineClient(restarted.target) as client:
             run = await wait_done(client, handle.run_id)

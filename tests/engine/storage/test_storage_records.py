@@ -1,5 +1,6 @@
 """How records are encoded and read back: orjson, files of earlier versions, records that stand
-for several indexes (a run's text deltas written together), and what fsync mode syncs."""
+for several indexes (a run's text deltas written together), leases and snapshot blobs (the local
+commit log and what fsync mode syncs: test_commit_log.py)."""
 
 from __future__ import annotations
 
@@ -84,30 +85,6 @@ async def test_records_of_several_indexes_count_as_that_many(storage: Storage) -
     assert await storage.read_segments("ws", "r1", "events", 0, 10) == [one, many]
 
 
-async def test_fsync_mode_syncs_each_appended_file_once_per_state_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    storage = LocalStorage(tmp_path, fsync=True)
-    await storage.create_run("ws", "r1", {}, {})
-    for seq in (1, 2, 3):  # three appends ahead of the checkpoint
-        await storage.write_segment("ws", "r1", "events", seq, [{"seq": seq}])
-    await storage.write_segment("ws", "r1", "transcript", 1, [{"role": "user"}])
-    synced: list[int] = []
-    real = os.fdatasync
-
-    def counting(fd: int) -> None:
-        synced.append(fd)
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", counting)
-    await storage.write_state("ws", "r1", {"last_seq": 3})
-    assert len(synced) == 3  # the events file, the transcript file, the new state file
-    synced.clear()
-    await storage.write_state("ws", "r1", {"last_seq": 3})
-    assert len(synced) == 1  # nothing appended since: only the new state file
-    await storage.close()
-
-
 async def test_without_fsync_nothing_is_synced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     monkeypatch.setattr(os, "fdatasync", calls.append)
@@ -136,33 +113,6 @@ async def test_the_lease_is_rewritten_in_place_and_a_torn_one_reads_as_none(tmp_
     lease.write_bytes(b'{"owner":"b","expi')  # torn by a power loss
     assert await storage.acquire_lease("ws", "r1", "c", 30)
     await storage.close()
-
-
-async def test_each_state_is_a_new_file_and_the_newest_whole_one_counts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import engine_service.storage._local as local
-
-    monkeypatch.setattr(local, "STATES_KEPT", 3)
-    writer, reader = LocalStorage(tmp_path), LocalStorage(tmp_path)  # two processes, as it were
-    await writer.create_run("ws", "r1", {}, {"n": 0})
-    run_dir = tmp_path / "workspaces" / "ws" / "runs" / "r1"
-    assert await reader.read_state("ws", "r1") == {"n": 0}
-    for n in range(1, 21):
-        await writer.write_state("ws", "r1", {"n": n, "pad": "é" * 10})
-        assert await reader.read_state("ws", "r1") == {"n": n, "pad": "é" * 10}
-    assert 3 <= len(list((run_dir / "states").iterdir())) <= 6  # older ones removed in batches
-    assert json.loads((run_dir / "state.json").read_bytes()) == {"n": 0}  # never replaced
-    await writer.close()
-
-    newest = max((run_dir / "states").iterdir())
-    torn = newest.with_name(f"{int(newest.stem) + 1:012d}.json")
-    torn.write_bytes(b'{"n":21,"pa')  # a writer died in the middle of writing it
-    assert await reader.read_state("ws", "r1") == {"n": 20, "pad": "é" * 10}
-    writer = LocalStorage(tmp_path)  # the next writer numbers after it
-    await writer.write_state("ws", "r1", {"n": 22})
-    assert await reader.read_state("ws", "r1") == {"n": 22}
-    await writer.close()
 
 
 async def test_the_snapshot_cache_is_rewritten_in_place_and_a_torn_one_reads_as_none(tmp_path: Path) -> None:
@@ -224,34 +174,6 @@ async def test_a_run_taken_back_untouched_skips_rereading_its_logs(
     await other.close()
 
 
-async def test_a_finished_run_keeps_only_its_newest_state_files(tmp_path: Path) -> None:
-    writer, reader = LocalStorage(tmp_path), LocalStorage(tmp_path)
-    await writer.create_run("ws", "r1", {}, {"state": "QUEUED"})
-    for n in range(10):
-        await writer.write_state("ws", "r1", {"state": "RUNNING", "n": n})
-    await writer.write_state("ws", "r1", {"state": "DONE", "n": 10})
-    states = tmp_path / "workspaces" / "ws" / "runs" / "r1" / "states"
-    assert len(list(states.iterdir())) == 1  # only the newest, not a batch
-    assert await reader.read_state("ws", "r1") == {"state": "DONE", "n": 10}
-    await writer.close()
-
-
-async def test_a_reader_whose_listed_states_were_removed_lists_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    writer, reader = LocalStorage(tmp_path), LocalStorage(tmp_path)
-    await writer.create_run("ws", "r1", {}, {"state": "QUEUED"})
-    await writer.write_state("ws", "r1", {"state": "RUNNING"})
-    states = tmp_path / "workspaces" / "ws" / "runs" / "r1" / "states"
-    stale = os.listdir(states)  # what a reader listed just before the run finished
-    await writer.write_state("ws", "r1", {"state": "DONE"})  # removes the file it listed
-    listdir = os.listdir
-    listings = iter([stale])
-    monkeypatch.setattr(os, "listdir", lambda path: next(listings, None) or listdir(path))
-    assert await reader.read_state("ws", "r1") == {"state": "DONE"}  # not the created state
-    await writer.close()
-
-
 async def test_a_state_write_goes_on_after_states_another_writer_added(tmp_path: Path) -> None:
     first, second = LocalStorage(tmp_path), LocalStorage(tmp_path)
     await first.create_run("ws", "r1", {}, {"n": 0})
@@ -273,26 +195,4 @@ async def test_a_snapshot_blob_torn_by_a_crash_is_rewritten_whole(tmp_path: Path
     await storage.put_blob("ws", "r1", name, b"whole content")  # the next save writes it again
     assert await storage.get_blob("ws", "r1", name) == b"whole content"
     assert not [p for p in blob.parent.iterdir() if p.name.endswith(".tmp")]
-    await storage.close()
-
-
-async def test_fsync_mode_syncs_new_snapshot_blobs_with_the_state_that_names_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    storage = LocalStorage(tmp_path, fsync=True)
-    await storage.create_run("ws", "r1", {}, {})
-    synced: list[int] = []
-    real = os.fdatasync
-
-    def counting(fd: int) -> None:
-        synced.append(fd)
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", counting)
-    await storage.put_blob("ws", "r1", "wd-" + "cd" * 32, b"content")
-    await storage.put_blob("ws", "r1", "wdm-" + "ef" * 32, b"manifest")
-    assert synced == []  # not yet: the event loop goes on
-    await storage.write_state("ws", "r1", {"n": 1})
-    assert len(synced) == 3  # both blobs and the state file
-    assert await storage.get_blob("ws", "r1", "wd-" + "cd" * 32) == b"content"
     await storage.close()

@@ -206,13 +206,19 @@ async def test_requests_carry_the_current_trace_only_while_tracing_is_on(httpbin
     assert "Traceparent" not in (await call(make_tool(service(httpbin)), path="/headers"))["body"]["headers"]
     provider = TracerProvider()
     telemetry.install_tracer_provider(provider)
+    host = httpx.URL(httpbin).host
     try:
         with provider.get_tracer("test").start_as_current_span("tool") as span:
-            result = await call(make_tool(service(httpbin)), path="/headers")
+            result = await call(make_tool(service(httpbin), trace_hosts=[host]), path="/headers")
+            # A host the operator did not list never learns the trace.
+            unlisted = await call(make_tool(service(httpbin)), path="/headers")
+            other = await call(make_tool(service(httpbin), trace_hosts=["*.example.com"]), path="/headers")
     finally:
         telemetry.uninstall()
     traceparent = result["body"]["headers"]["Traceparent"]
     assert traceparent.split("-")[1] == format(span.get_span_context().trace_id, "032x")
+    assert "Traceparent" not in unlisted["body"]["headers"]
+    assert "Traceparent" not in other["body"]["headers"]
 
 
 async def test_auth_bearer(httpbin: str) -> None:
