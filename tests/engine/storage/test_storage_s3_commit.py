@@ -268,11 +268,11 @@ async def test_leases_this_process_wrote_are_renewed_without_a_read_yet_never_st
         # Created by a, first leased by b (another process) which writes events ahead.
         await a.create_run("ws", "r1", {}, {"last_seq": 0})
         assert await b.read_state("ws", "r1") == {"last_seq": 0}
-        assert await b.acquire_lease("ws", "r1", "b", ttl=0.3)
+        assert await b.acquire_lease("ws", "r1", "b", ttl=1.0)
         await b.write_segment("ws", "r1", "events", 1, _events(1, 3))
         assert not await a.acquire_lease("ws", "r1", "a", ttl=30)
-        await asyncio.sleep(0.4)  # b's lease runs out; a takes the run over and finds b's events
-        assert await a.acquire_lease("ws", "r1", "a", ttl=0.3)
+        await asyncio.sleep(1.1)  # b's lease runs out; a takes the run over and finds b's events
+        assert await a.acquire_lease("ws", "r1", "a", ttl=30)
         assert await a.read_state("ws", "r1") == {"last_seq": 0}
         assert await a.repair_end("ws", "r1", "events") == 3
         # b, stale, can neither renew (its remembered version is gone) nor release a's lease.
