@@ -8,7 +8,9 @@
   interleaved repetition by repetition, median and spread reported.
 - **Approval round trip**: a run paused for approval; ResumeRun sent → a watcher (already
   attached with StreamRunEvents follow) sees the next event; beside it GetRun of the same
-  run, the fixed cost of any unary call.
+  run, the fixed cost of any unary call. Then, independent of the load, what one
+  ``Engine.resume_run`` of a run the engine paused itself costs: its storage operations and
+  Python function calls (``bench/_resume_probe.py``, in process).
 - **Events/s**: 50 concurrent ExecuteRun streams whose model adapter streams text in bursts
   (``bench.host``), one engine process; then two engine processes on one port
   (``--reuse-port``) over one storage directory, each stream on a connection of its own.
@@ -21,6 +23,7 @@ the ratio to it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -263,6 +266,19 @@ async def approval_ms(repeats: int) -> dict[str, dict[str, dict[str, list[float]
     return out
 
 
+def resume_costs(n: int) -> dict[str, dict[str, Any]]:
+    """By side: storage operations and Python function calls of one ``Engine.resume_run`` of a
+    run the same engine paused (bench/_resume_probe.py, in a process of that side's checkout)."""
+    probe = (Path(__file__).parent / "_resume_probe.py").read_text()
+    out = {}
+    for side, cwd in _sides():
+        env = {**os.environ, "PYTHONPATH": str(cwd)}
+        command = [sys.executable, "-c", probe, str(n)]
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, check=True, timeout=300)
+        out[side] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return out
+
+
 # -- events/s ---------------------------------------------------------------------------------
 
 
@@ -402,7 +418,7 @@ async def rows(quick: bool) -> list[dict[str, Any]]:
         return [_row(f"fsync on: {runs} runs checkpointing together", value, "", None, figures)]
 
     async def approvals() -> list[dict[str, Any]]:
-        data = await approval_ms(5 if quick else 30)
+        data = await approval_ms(20 if quick else 200)
         result = []
         for setting in ("off", "on"):
             now = data["now"][setting]
@@ -422,6 +438,15 @@ async def rows(quick: bool) -> list[dict[str, Any]]:
             result.append(
                 _row(f"approval round trip through gRPC, fsync {setting}", value, target, met, figures)
             )
+        costs = await asyncio.to_thread(resume_costs, 20 if quick else 100)
+        now, then = costs["now"], costs.get("baseline")
+        value = f"{now['storage_ops_total']:g} storage operations, {now['python_calls']:,.0f} Python calls"
+        if then:
+            value += f" · baseline {then['storage_ops_total']:g}, {then['python_calls']:,.0f}"
+        figures = {"storage_ops": now["storage_ops_total"], "python_calls": now["python_calls"],
+                   "by_operation": now["storage_ops"], "baseline": then}  # fmt: skip
+        name = "ResumeRun of a run paused here, in process, per resume"
+        result.append(_row(name, value, "", None, figures))
         return result
 
     async def events() -> list[dict[str, Any]]:

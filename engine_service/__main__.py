@@ -198,8 +198,8 @@ async def serve(
     log.info("engine stopped")
 
 
-async def reindex(config: EngineConfig) -> int:
-    """Rebuild the control plane's run index from storage; returns how many runs were indexed."""
+async def reindex(config: EngineConfig) -> tuple[int, int]:
+    """Rebuild the control plane's run index from storage; returns (runs indexed, rows dropped)."""
     if not config.control_url:
         raise ConfigError("reindex needs a control plane: set MACHINA_CONTROL_URL or --control-url")
     open_control(config)  # a clear line if the postgres extra is missing
@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(ns)
         setup_logging(config.log_format, config.log_level)
         if ns.command == "reindex":
-            count = asyncio.run(reindex(config))
-            print(f"indexed {count} runs")
+            count, dropped = asyncio.run(reindex(config))
+            print(f"indexed {count} runs; dropped {dropped} rows of runs no longer in storage")
             return 0
         api_keys, tls = check_security(config)
         check_model_key(config)

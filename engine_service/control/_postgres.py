@@ -1,9 +1,11 @@
 """The control plane on PostgreSQL (asyncpg): a pool for queries, one connection that LISTENs.
 
-Losing the database never stops a run: commits go on in storage, index rows that could not be
-written are written again once it answers, queue and timer changes wait and are applied in
-order. Meanwhile health reports NOT_SERVING, ListRuns answers ERR_CONTROL_UNAVAILABLE, no new
-runs are claimed, and watchers of runs moved elsewhere fall back to re-reading storage.
+A commit never waits for the database: its state document joins a queue of index rows
+(one per run, the newest replacing the older) that one task writes in batches, in order with
+the queue, slot and timer changes. Losing the database never stops a run: commits go on in
+storage and the rows wait until it answers. Meanwhile health reports NOT_SERVING, ListRuns
+answers ERR_CONTROL_UNAVAILABLE, no new runs are claimed, and watchers of runs moved
+elsewhere fall back to re-reading storage.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from engine_service.core._control import ChangeListener
+from engine_service.core._control import ChangeListener, Reload
 from engine_service.core._control import control_unavailable as unavailable
 from engine_service.core._types import JsonObject
 
@@ -40,6 +42,13 @@ WATCH_TIMEOUT_S = 300.0
 STALE_CLAIM_S = 60.0
 # A claimed timer that was not marked fired within this long is due again (its claimer died).
 TIMER_CLAIM_S = 60.0
+# Index rows written per statement batch.
+INDEX_BATCH = 500
+# Index rows kept in memory while the database is away; past that, the oldest keep only their
+# run's key and are read again from storage when written.
+MAX_QUEUED_DOCS = 10_000
+# How long ListRuns waits for this replica's queued index rows (its own writes) to land.
+CATCH_UP_S = 2.0
 
 # What "the database is not there" looks like, as opposed to a mistake in a query.
 DOWN: tuple[type[BaseException], ...] = (
@@ -87,19 +96,26 @@ async def migrate(conn: Any) -> list[str]:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
 
 
-_UPSERT = """
-WITH up AS (
-    INSERT INTO machina_runs AS r
-        (workspace, run_id, state, pause_reason, labels, created_at, updated_at, last_seq, doc)
-    VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9::jsonb)
-    ON CONFLICT (workspace, run_id) DO UPDATE SET
-        state = EXCLUDED.state, pause_reason = EXCLUDED.pause_reason, labels = EXCLUDED.labels,
-        updated_at = EXCLUDED.updated_at, last_seq = EXCLUDED.last_seq, doc = EXCLUDED.doc
-    WHERE (r.last_seq, r.updated_at) <= (EXCLUDED.last_seq, EXCLUDED.updated_at)
-    RETURNING 1
-)
-SELECT pg_notify('machina_runs', $10) FROM up
+# One run's index row from its state document (the arguments of `index_row`); a row is never
+# replaced by an older state. Shared by the engines and `reindex`.
+UPSERT_RUN = """
+INSERT INTO machina_runs AS r
+    (workspace, run_id, state, pause_reason, labels, created_at, updated_at, last_seq, doc)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9::jsonb)
+ON CONFLICT (workspace, run_id) DO UPDATE SET
+    state = EXCLUDED.state, pause_reason = EXCLUDED.pause_reason, labels = EXCLUDED.labels,
+    updated_at = EXCLUDED.updated_at, last_seq = EXCLUDED.last_seq, doc = EXCLUDED.doc
+WHERE (r.last_seq, r.updated_at) <= (EXCLUDED.last_seq, EXCLUDED.updated_at)
 """
+
+# The same, telling every replica (payload ``$10``) when the row changed.
+_UPSERT_AND_NOTIFY = (
+    "WITH up AS (" + UPSERT_RUN + " RETURNING 1) SELECT pg_notify('machina_runs', $10) FROM up"  # noqa: S608 (constants)
+)
+
+
+def _payload(doc: JsonObject) -> str:
+    return f"{int(doc.get('last_seq') or 0)} {doc['state']} {doc['workspace_id']} {doc['run_id']}"
 
 
 def index_row(doc: JsonObject) -> tuple[Any, ...]:
@@ -139,6 +155,7 @@ class PostgresControl:
         self._connect_timeout = connect_timeout
         self._owner = ""
         self._on_change: ChangeListener = lambda *_: None
+        self._reload: Reload | None = None
         self._pool: Any = None
         self._listener: Any = None
         self._problem = "not connected yet"
@@ -146,9 +163,15 @@ class PostgresControl:
         self._lost = asyncio.Event()
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Index rows not written while the database was away: written again once it answers.
-        self._dirty: dict[tuple[str, str], JsonObject] = {}
-        # Queue, slot and timer changes, applied in order by one task (retried while away).
+        # Index rows to write, one per run (the newest state replaces an older one), oldest first.
+        self._pending: dict[tuple[str, str], JsonObject] = {}
+        # Runs whose rows did not fit in memory: their state is read from storage when written.
+        self._overflow: dict[tuple[str, str], None] = {}
+        # Commits queued / written so far (ListRuns waits for the ones queued before it).
+        self._queued_count = 0
+        self._written_count = 0
+        self._caught_up = asyncio.Condition()
+        # Queue, slot and timer changes, applied in order by the same task (retried while away).
         self._ops: deque[tuple[str, tuple[Any, ...]]] = deque()
         self._ops_wanted = asyncio.Event()
         # Events shown here, told to the other replicas by one task (coalesced per run).
@@ -162,11 +185,13 @@ class PostgresControl:
     def available(self) -> str:
         return "" if self._connected.is_set() else self._problem
 
-    async def start(self, owner: str, on_change: ChangeListener) -> None:
+    async def start(self, owner: str, on_change: ChangeListener, reload: Reload | None = None) -> None:
         """Connect (and migrate) in the background; returns at once. Waits up to the connect
-        timeout for the first connection so that a healthy start is serving at once."""
-        self._owner, self._on_change = owner, on_change
-        for job in (self._connection_loop(), self._apply_ops(), self._tell_shown()):
+        timeout for the first connection so that a healthy start is serving at once.
+        ``reload`` reads a run's state document from storage (for index rows that did not fit
+        in memory while the database was away)."""
+        self._owner, self._on_change, self._reload = owner, on_change, reload
+        for job in (self._connection_loop(), self._write_loop(), self._tell_shown()):
             task = asyncio.ensure_future(job)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -208,7 +233,6 @@ class PostgresControl:
         self._pool = await asyncpg.create_pool(
             self._url, min_size=1, max_size=self._pool_size, timeout=timeout, command_timeout=30
         )
-        await self._flush_dirty()
         if not self._connected.is_set():
             log.info("control plane connected")
         self._connected.set()
@@ -237,12 +261,18 @@ class PostgresControl:
 
     async def close(self) -> None:
         self._closing = True
-        # Last index rows and queue changes: a short chance to land them.
+        # Last index rows and queue changes: a chance to land them (while the database answers).
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(2):
-                while (self._ops or self._dirty) and self._connected.is_set():
+            async with asyncio.timeout(5):
+                while self._unwritten() and self._connected.is_set():
                     self._ops_wanted.set()
                     await asyncio.sleep(0.02)
+        if self._unwritten():
+            rows = len(self._pending) + len(self._overflow)
+            log.warning(
+                "control plane: %d index rows and %d changes not written at shutdown; the recovery "
+                "sweep and `reindex` repair the index", rows, len(self._ops),
+            )  # fmt: skip
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -281,33 +311,84 @@ class PostgresControl:
         self._on_change(ws, run_id, int(seq), state)
 
     async def committed(self, state: JsonObject) -> None:
+        """Queue the run's index row; returns at once (written by `_write_loop`)."""
         key = (state["workspace_id"], state["run_id"])
-        if self._pool is None or not self._connected.is_set():
-            self._dirty[key] = state
+        self._pending.pop(key, None)  # to the back of the line, with its newest state
+        self._overflow.pop(key, None)
+        self._pending[key] = state
+        if len(self._pending) > MAX_QUEUED_DOCS and self._reload is not None:
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            self._overflow[oldest] = None
+        self._queued_count += 1
+        self._ops_wanted.set()
+
+    def _unwritten(self) -> bool:
+        return bool(self._pending or self._overflow or self._ops)
+
+    async def _catch_up(self) -> None:
+        """Until the index rows this replica queued so far are written (or CATCH_UP_S passed):
+        a caller lists what it created or finished through this replica."""
+        target = self._queued_count
+        if self._written_count >= target or not self._connected.is_set():
             return
+        self._ops_wanted.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CATCH_UP_S), self._caught_up:
+                await self._caught_up.wait_for(lambda: self._written_count >= target)
+
+    async def _write_rows(self, pool: Any) -> None:
+        """Write queued index rows, a batch per transaction, until none is left."""
+        while self._pending or self._overflow:
+            upto = self._queued_count
+            batch: list[tuple[tuple[str, str], JsonObject]] = []
+            while self._pending and len(batch) < INDEX_BATCH:
+                key = next(iter(self._pending))
+                batch.append((key, self._pending.pop(key)))
+            unreadable = None
+            while self._overflow and len(batch) < INDEX_BATCH and self._reload is not None:
+                key = next(iter(self._overflow))
+                try:
+                    doc = await self._reload(*key)
+                except Exception as exc:
+                    unreadable = exc  # storage is away too: tried again shortly
+                    break
+                del self._overflow[key]
+                if doc is not None and key not in self._pending:
+                    batch.append((key, doc))
+            try:
+                await self._write_batch(pool, [doc for _key, doc in batch])
+            except BaseException:
+                for key, doc in batch:  # unless a newer state was queued meanwhile
+                    if key not in self._pending and key not in self._overflow:
+                        self._pending[key] = doc
+                raise
+            if unreadable is not None:
+                raise RuntimeError(f"could not read a run's state to index it: {unreadable}")
+            if not self._pending and not self._overflow:
+                async with self._caught_up:
+                    self._written_count = max(self._written_count, upto)
+                    self._caught_up.notify_all()
+
+    async def _write_batch(self, pool: Any, docs: list[JsonObject]) -> None:
+        if not docs:
+            return
+        rows = [(*index_row(doc), _payload(doc)) for doc in docs]
         try:
-            await self._upsert(self._pool, state)
-            self._dirty.pop(key, None)
-        except DOWN as exc:
-            log.warning("control plane: indexing run %s deferred (%s)", key[1], exc)
-            self._dirty[key] = state
-            self._lost.set()
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.executemany(_UPSERT_AND_NOTIFY, rows)
+        except DOWN:
+            raise
         except Exception:
-            log.exception("control plane: indexing run %s failed; will retry", key[1])
-            self._dirty[key] = state
-
-    async def _upsert(self, executor: Any, state: JsonObject) -> None:
-        payload = (
-            f"{int(state.get('last_seq') or 0)} {state['state']} {state['workspace_id']} {state['run_id']}"
-        )
-        await executor.execute(_UPSERT, *index_row(state), payload)
-
-    async def _flush_dirty(self) -> None:
-        while self._dirty:
-            key, state = next(iter(self._dirty.items()))
-            await self._upsert(self._pool, state)
-            if self._dirty.get(key) is state:
-                del self._dirty[key]
+            # A row the database refuses must not hold back the others: one at a time, and the
+            # one that fails again is left to the next commit of its run (or `reindex`).
+            for row in rows:
+                try:
+                    await pool.execute(_UPSERT_AND_NOTIFY, *row)
+                except DOWN:
+                    raise
+                except Exception:
+                    log.exception("control plane: indexing run %s failed; skipped", row[1])
 
     def shown(self, workspace: str, run_id: str, seq: int) -> None:
         key = (workspace, run_id)
@@ -358,6 +439,7 @@ class PostgresControl:
             f"SELECT doc FROM machina_runs WHERE {' AND '.join(where)} "  # noqa: S608 (placeholders only)
             f"ORDER BY created_at DESC, run_id DESC LIMIT ${len(args)}"
         )
+        await self._catch_up()
         rows = await self._run(lambda pool: pool.fetch(sql, *args))
         return [json.loads(row[0]) for row in rows]
 
@@ -394,14 +476,19 @@ class PostgresControl:
     async def delete_run(self, workspace: str, run_id: str) -> None:
         # In order with the run's other changes, and applied once the database answers if it
         # does not now (the run is gone from storage already).
-        self._dirty.pop((workspace, run_id), None)
+        self._pending.pop((workspace, run_id), None)
+        self._overflow.pop((workspace, run_id), None)
         self._post("delete_run", workspace, run_id)
 
     # -- the work queue ----------------------------------------------------------------
 
-    async def enqueue(self, workspace: str, run_id: str, *, pinned: bool) -> None:
-        async def put(pool: Any) -> None:
+    async def enqueue(
+        self, workspace: str, run_id: str, *, pinned: bool, state: JsonObject | None = None
+    ) -> int:
+        async def put(pool: Any) -> int:
             async with pool.acquire() as conn, conn.transaction():
+                if state is not None:
+                    await conn.execute(_UPSERT_AND_NOTIFY, *index_row(state), _payload(state))
                 await conn.execute(
                     "INSERT INTO machina_workspaces (workspace) VALUES ($1) ON CONFLICT DO NOTHING", workspace
                 )
@@ -413,8 +500,15 @@ class PostgresControl:
                     self._owner if pinned else None,
                 )
                 await conn.execute("SELECT pg_notify('machina_work', '')")
+                return int(await conn.fetchval(_POSITION, workspace, run_id) or 0)
 
-        await self._run(put)
+        try:
+            position: int = await self._run(put)
+        except BaseException:
+            if state is not None:
+                await self.committed(state)  # indexed once the database answers (the sweep queues it)
+            raise
+        return position
 
     async def claim(self) -> tuple[str, str] | None:
         if self._pool is None or not self._connected.is_set():
@@ -483,14 +577,7 @@ class PostgresControl:
         self._work.clear()
 
     async def queue_position(self, workspace: str, run_id: str) -> int:
-        position = await self._run(
-            lambda pool: pool.fetchval(
-                "SELECT count(*) FROM machina_queue WHERE workspace = $1 AND seq <= "
-                "(SELECT seq FROM machina_queue WHERE workspace = $1 AND run_id = $2)",
-                workspace,
-                run_id,
-            )
-        )
+        position = await self._run(lambda pool: pool.fetchval(_POSITION, workspace, run_id))
         return int(position or 0)
 
     def hold_slot(self, workspace: str, run_id: str) -> None:
@@ -504,13 +591,16 @@ class PostgresControl:
     def set_timer(self, workspace: str, run_id: str, kind: str, due_at: float) -> None:
         self._post("set_timer", workspace, run_id, kind, due_at)
 
+    def ensure_timer(self, workspace: str, run_id: str, kind: str, due_at: float) -> None:
+        self._post("ensure_timer", workspace, run_id, kind, due_at)
+
     def cancel_timer(self, workspace: str, run_id: str, kind: str) -> None:
         self._post("cancel_timer", workspace, run_id, kind)
 
     def timer_fired(self, workspace: str, run_id: str, kind: str, token: str) -> None:
         self._post("timer_fired", workspace, run_id, kind, token)
 
-    async def due_timers(self) -> list[tuple[str, str, str, str]]:
+    async def due_timers(self, skip: Collection[str] = ()) -> list[tuple[str, str, str, str]]:
         if self._pool is None or not self._connected.is_set():
             return []
         token = uuid.uuid4().hex
@@ -521,6 +611,7 @@ class PostgresControl:
                 UPDATE machina_timers t SET claim_token = $1, claimed_until = $2 + $3
                 FROM (SELECT workspace, run_id, kind FROM machina_timers
                       WHERE due_at <= $2 AND (claimed_until IS NULL OR claimed_until < $2)
+                        AND NOT kind = ANY($4::text[])
                       ORDER BY due_at LIMIT 50 FOR UPDATE SKIP LOCKED) d
                 WHERE t.workspace = d.workspace AND t.run_id = d.run_id AND t.kind = d.kind
                 RETURNING t.workspace, t.run_id, t.kind
@@ -528,6 +619,7 @@ class PostgresControl:
                 token,
                 now,
                 TIMER_CLAIM_S,
+                list(skip),
             )
         except DOWN:
             self._lost.set()
@@ -554,24 +646,45 @@ class PostgresControl:
         self._ops.append((op, args))
         self._ops_wanted.set()
 
-    async def _apply_ops(self) -> None:
+    async def _write_loop(self) -> None:
+        """The one writer: queued index rows first, then queue, slot and timer changes in
+        order (a run deleted after its last commit stays deleted)."""
         while True:
             await self._ops_wanted.wait()
             self._ops_wanted.clear()
-            while self._ops:
+            while self._unwritten():
                 pool = self._pool
                 if pool is None or not self._connected.is_set():
-                    break  # applied once connected again
-                op, args = self._ops[0]
+                    break  # written once connected again
                 try:
-                    await pool.execute(_OPS[op], *args)
-                except DOWN:
+                    await self._write_rows(pool)
+                    await self._apply_ops(pool)
+                except DOWN as exc:
+                    log.warning("control plane: writes deferred (%s)", type(exc).__name__)
                     self._lost.set()
                     break
+                except asyncio.CancelledError:
+                    raise
                 except Exception:
-                    log.exception("control plane: %s failed; dropped", op)
-                self._ops.popleft()
+                    log.exception("control plane: writing failed; will retry")
+                    await asyncio.sleep(RECONNECT_S)
 
+    async def _apply_ops(self, pool: Any) -> None:
+        for _ in range(len(self._ops)):  # those posted so far; index rows queued meanwhile go first
+            op, args = self._ops[0]
+            try:
+                await pool.execute(_OPS[op], *args)
+            except DOWN:
+                raise
+            except Exception:
+                log.exception("control plane: %s failed; dropped", op)
+            self._ops.popleft()
+
+
+_POSITION = (
+    "SELECT count(*) FROM machina_queue WHERE workspace = $1 AND seq <= "
+    "(SELECT seq FROM machina_queue WHERE workspace = $1 AND run_id = $2)"
+)
 
 _OPS = {
     "hold_slot": (
@@ -594,6 +707,11 @@ _OPS = {
         "queue AS (DELETE FROM machina_queue WHERE workspace = $1 AND run_id = $2), "
         "slots AS (DELETE FROM machina_slots WHERE workspace = $1 AND run_id = $2) "
         "DELETE FROM machina_timers WHERE workspace = $1 AND run_id = $2"
+    ),
+    "ensure_timer": (
+        "WITH t AS (INSERT INTO machina_timers (workspace, run_id, kind, due_at) VALUES ($1, $2, $3, $4) "
+        "ON CONFLICT (workspace, run_id, kind) DO NOTHING RETURNING 1) "
+        "SELECT pg_notify('machina_timers', '') FROM t"
     ),
     "cancel_timer": "DELETE FROM machina_timers WHERE workspace = $1 AND run_id = $2 AND kind = $3",
     "timer_fired": (

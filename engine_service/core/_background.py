@@ -1,4 +1,4 @@
-"""Background jobs of an Engine: the recovery sweep, approval timers, handing runs off again."""
+"""Background jobs of an Engine: the recovery sweep, durable timers, handing runs off again."""
 
 from __future__ import annotations
 
@@ -9,17 +9,22 @@ import time
 from typing import TYPE_CHECKING
 
 from engine_service.core import _metrics as metrics
-from engine_service.core._control import APPROVAL_TIMER
+from engine_service.core._control import APPROVAL_TIMER, HANDOFF_TIMER, WEBHOOK_TIMER
 from engine_service.core._errors import EngineError
 from engine_service.core._retention import retention_sweep
 from engine_service.core._run import Decision, DecisionAction, RunRecord
-from engine_service.core._types import PauseReason, Principal, RunState
+from engine_service.core._types import JsonObject, PauseReason, Principal, RunState
 from engine_service.tools import sweep_stale_cgroups
 
 if TYPE_CHECKING:
+    from engine_service.core._actor import RunActor
     from engine_service.core._engine import Engine
 
 log = logging.getLogger("machina.engine")
+
+# With a control plane a handoff deadline is a timer row; the recovery sweep steps in only for
+# a run whose deadline passed this long ago (its timer was lost with the replica that set it).
+HANDOFF_SWEEP_GRACE_S = 120.0
 
 
 class BackgroundJobs:
@@ -59,6 +64,7 @@ class BackgroundJobs:
                 return False
             doc = await self._engine.storage.read_state(*key)
             if doc is None or doc["state"] not in (RunState.QUEUED.value, RunState.RUNNING.value):
+                await self._repair_index(key, doc)
                 return False
             record = RunRecord.from_json(doc)
             fresh = self._engine._clock() - record.created_at < self._engine.config.lease_ttl_s
@@ -78,6 +84,24 @@ class BackgroundJobs:
             actor.transition("recovered", from_seq=record.last_seq, interrupted_calls=interrupted)
             self._engine._start(actor, resumed_by="recovery")
             return True
+
+    async def _repair_index(self, key: tuple[str, str], doc: JsonObject | None) -> None:
+        """The index listed the run as executing or claimed, storage says otherwise: its last
+        index rows (and timers) died with the replica that queued them. Write them again."""
+        control = self._engine.control
+        if not control.indexed:
+            return
+        if doc is None:
+            await control.delete_run(*key)
+            return
+        if (doc["state"], doc.get("pause_reason")) == (
+            RunState.PAUSED.value,
+            PauseReason.HANDOFF_TO_RUNNER.value,
+        ):
+            return  # handed off: the index lists it as such, as the sweep expects
+        await control.committed(doc)
+        if doc["state"] == RunState.PAUSED.value:
+            self.arm_expiry(key, RunRecord.from_json(doc))
 
     async def recovery_loop(self) -> None:
         while not self._engine._closing:
@@ -115,6 +139,11 @@ class BackgroundJobs:
         after ``handoff_attempts`` it fails ERR_RUNNER_LOST. Never a silent hang."""
         if not self._engine._runner.url(key[0]):
             return False  # a runner itself, or no runner for this workspace: not ours to hand on
+        # With a control plane the run's timer does this; the sweep only catches a lost timer.
+        grace = HANDOFF_SWEEP_GRACE_S if self._engine.control.indexed else 0.0
+        return await self._hand_on_if_due(key, grace)
+
+    async def _hand_on_if_due(self, key: tuple[str, str], grace: float) -> bool:
         async with self._engine._lock(key):
             if key in self._engine._active:
                 return False
@@ -124,16 +153,22 @@ class BackgroundJobs:
                 PauseReason.HANDOFF_TO_RUNNER.value,
             ):
                 return False
-            return await self.hand_off_again(key, RunRecord.from_json(doc), force=False)
+            return await self.hand_off_again(key, RunRecord.from_json(doc), force=False, grace=grace)
 
-    async def hand_off_again(self, key: tuple[str, str], record: RunRecord, *, force: bool) -> bool:
+    def handoff_due(self, record: RunRecord) -> float:
+        """When a handed-off run that no runner took is handed off again: each wait twice the last."""
+        waited = self._engine.config.handoff_deadline_s * 2.0 ** max(0, min(record.handoff_attempts, 20) - 1)
+        return float(record.handoff_at + waited)
+
+    async def hand_off_again(
+        self, key: tuple[str, str], record: RunRecord, *, force: bool, grace: float = 0.0
+    ) -> bool:
         """Hand a stranded run off again, or give up on it once every attempt is used.
 
         ``force`` (retry_handoff): now, with a fresh set of attempts; ABORTED if a runner holds it.
         """
         cfg = self._engine.config
-        waited = cfg.handoff_deadline_s * 2 ** max(0, min(record.handoff_attempts, 20) - 1)
-        if not force and self._engine._clock() < record.handoff_at + waited:
+        if not force and self._engine._clock() < self.handoff_due(record) + grace:
             return False
         actor = await self._engine._actor_for(record)
         actor.env.handoff = self._engine._runner.post
@@ -147,8 +182,43 @@ class BackgroundJobs:
             self._engine._notify(key)
             log.warning("run %s failed: no runner took it", key[1], extra={"run_id": key[1]})
             return True
-        self._engine._spawn(actor.hand_off_again())
+        self._engine._spawn(self._hand_on(key, actor))
         return True
+
+    async def _hand_on(self, key: tuple[str, str], actor: RunActor) -> None:
+        await actor.hand_off_again()
+        record = actor.record
+        if record.state is RunState.PAUSED and record.pause_reason is PauseReason.HANDOFF_TO_RUNNER:
+            self.arm_handoff(key, record)
+
+    def arm_handoff(self, key: tuple[str, str], record: RunRecord) -> None:
+        """With a control plane, a handed-off run's deadline is a timer row: whichever replica
+        claims it once due hands the run off again (or fails it ERR_RUNNER_LOST), also after
+        the replica that handed it off is gone. A runner that took the run meanwhile makes the
+        timer a no-op. Without a control plane the recovery sweep looks at such runs."""
+        control = self._engine.control
+        if not control.indexed or self._engine._closing or not self._engine._runner.url(key[0]):
+            return
+        due = self.handoff_due(record)
+        now = self._engine._clock()
+        if due <= now:
+            # Due already, yet not handed on (a runner holds its lease): look again once it lapses.
+            due = now + self._engine.config.lease_ttl_s
+        control.set_timer(*key, HANDOFF_TIMER, due)
+
+    async def _handoff_timer(self, key: tuple[str, str]) -> None:
+        if not self._engine._runner.url(key[0]):
+            return
+        with contextlib.suppress(EngineError):
+            if await self._hand_on_if_due(key, 0.0):
+                return
+            doc = await self._engine.storage.read_state(*key)
+            if doc is not None and (doc["state"], doc.get("pause_reason")) == (
+                RunState.PAUSED.value,
+                PauseReason.HANDOFF_TO_RUNNER.value,
+            ):
+                # Not due by this replica's clock, or a runner holds it: look again later.
+                self.arm_handoff(key, RunRecord.from_json(doc))
 
     async def arm_approval_deadlines(self) -> None:
         """Arm a timer for every paused run's approval deadline that no timer here watches.
@@ -172,6 +242,9 @@ class BackgroundJobs:
                         self.arm_expiry(key, record)
 
     def arm_expiry(self, key: tuple[str, str], record: RunRecord) -> None:
+        """Arm the timers of a paused run: its approval deadline, or its handoff deadline."""
+        if record.pause_reason is PauseReason.HANDOFF_TO_RUNNER:
+            self.arm_handoff(key, record)
         deadlines = [i.expires_at for i in record.interrupts if i.expires_at]
         if not deadlines or self._engine._closing:
             return
@@ -186,6 +259,7 @@ class BackgroundJobs:
 
     def disarm_expiry(self, key: tuple[str, str]) -> None:
         self._engine.control.cancel_timer(*key, APPROVAL_TIMER)
+        self._engine.control.cancel_timer(*key, HANDOFF_TIMER)
         timer = self._engine._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
@@ -193,11 +267,19 @@ class BackgroundJobs:
     async def timer_loop(self) -> None:
         """Fire the control plane's due timers that this replica claims (each is claimed by one)."""
         control = self._engine.control
+        # A runner hands nothing off: handoff deadlines are the engines'.
+        skip = () if self._engine.claims_work else (HANDOFF_TIMER,)
         while not self._engine._closing:
             try:
-                for ws, run_id, kind, token in await control.due_timers():
+                for ws, run_id, kind, token in await control.due_timers(skip):
+                    if kind.startswith(WEBHOOK_TIMER):
+                        # The attempt sets the next timer or deletes it; a claim it leaves lapses.
+                        self._engine.webhooks.retry_due(ws, run_id, kind[len(WEBHOOK_TIMER) :])
+                        continue
                     if kind == APPROVAL_TIMER:
                         await self._expire((ws, run_id))
+                    elif kind == HANDOFF_TIMER:
+                        await self._handoff_timer((ws, run_id))
                     control.timer_fired(ws, run_id, kind, token)
             except Exception:
                 log.warning("firing timers failed; will retry", exc_info=True)

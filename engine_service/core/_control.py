@@ -10,17 +10,22 @@ Event logs, transcripts and blobs stay in storage either way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Protocol
 
 from engine_service.core._errors import EngineError, ErrorKind
 from engine_service.core._types import JsonObject
 
-# Timer kinds.
+# Timer kinds: an approval deadline, a handoff deadline (no runner took the run), and a
+# webhook notification's next attempt (the kind names the notification).
 APPROVAL_TIMER = "approval"
+HANDOFF_TIMER = "handoff"
+WEBHOOK_TIMER = "webhook:"
 
 # What a replica hears when a run changes elsewhere: (workspace, run_id, seq shown, state).
 ChangeListener = Callable[[str, str, int, str], None]
+# How the control plane reads a run's state document from storage.
+Reload = Callable[[str, str], Awaitable[JsonObject | None]]
 
 
 def control_unavailable(why: object) -> EngineError:
@@ -41,7 +46,7 @@ class ControlPlane(Protocol):
         """ "" while the control plane answers, else why not (health reports NOT_SERVING)."""
         ...
 
-    async def start(self, owner: str, on_change: ChangeListener) -> None: ...
+    async def start(self, owner: str, on_change: ChangeListener, reload: Reload | None = None) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -52,7 +57,8 @@ class ControlPlane(Protocol):
     # -- the run index and live fan-out ----------------------------------------------
 
     async def committed(self, state: JsonObject) -> None:
-        """A run's state document was committed to storage: index it and tell the replicas."""
+        """A run's state document was committed to storage: index it and tell the replicas.
+        Never waits for the control plane, never raises: the row is queued and written soon."""
         ...
 
     def shown(self, workspace: str, run_id: str, seq: int) -> None:
@@ -81,8 +87,12 @@ class ControlPlane(Protocol):
 
     # -- the work queue ------------------------------------------------------------------
 
-    async def enqueue(self, workspace: str, run_id: str, *, pinned: bool) -> None:
-        """Queue a created run; ``pinned``: only this replica may claim it (it holds its credentials)."""
+    async def enqueue(
+        self, workspace: str, run_id: str, *, pinned: bool, state: JsonObject | None = None
+    ) -> int:
+        """Queue a run; returns its place in line. ``pinned``: only this replica may claim it
+        (it holds its credentials). ``state``: index it in the same transaction (a run just
+        created, listed next by its creator on any replica)."""
         ...
 
     async def claim(self) -> tuple[str, str] | None:
@@ -103,10 +113,16 @@ class ControlPlane(Protocol):
 
     def set_timer(self, workspace: str, run_id: str, kind: str, due_at: float) -> None: ...
 
+    def ensure_timer(self, workspace: str, run_id: str, kind: str, due_at: float) -> None:
+        """Set the timer unless it exists (a process that finds work left pending at startup)."""
+        ...
+
     def cancel_timer(self, workspace: str, run_id: str, kind: str) -> None: ...
 
-    async def due_timers(self) -> list[tuple[str, str, str, str]]:
-        """Claim timers that are due: (workspace, run_id, kind, claim token)."""
+    async def due_timers(self, skip: Collection[str] = ()) -> list[tuple[str, str, str, str]]:
+        """Claim timers that are due, other than of the kinds in ``skip``: (workspace, run_id,
+        kind, claim token). A claim lasts a minute: a timer neither fired nor set again by
+        then is due again (its claimer died)."""
         ...
 
     def timer_fired(self, workspace: str, run_id: str, kind: str, token: str) -> None: ...
@@ -123,7 +139,7 @@ class LocalControl:
     def available(self) -> str:
         return ""
 
-    async def start(self, owner: str, on_change: ChangeListener) -> None:
+    async def start(self, owner: str, on_change: ChangeListener, reload: Reload | None = None) -> None:
         return None
 
     async def close(self) -> None:
@@ -155,7 +171,9 @@ class LocalControl:
     async def delete_run(self, workspace: str, run_id: str) -> None:
         return None
 
-    async def enqueue(self, workspace: str, run_id: str, *, pinned: bool) -> None:
+    async def enqueue(
+        self, workspace: str, run_id: str, *, pinned: bool, state: JsonObject | None = None
+    ) -> int:
         raise NotImplementedError("no work queue without a control plane")
 
     async def claim(self) -> tuple[str, str] | None:
@@ -176,10 +194,13 @@ class LocalControl:
     def set_timer(self, workspace: str, run_id: str, kind: str, due_at: float) -> None:
         return None
 
+    def ensure_timer(self, workspace: str, run_id: str, kind: str, due_at: float) -> None:
+        return None
+
     def cancel_timer(self, workspace: str, run_id: str, kind: str) -> None:
         return None
 
-    async def due_timers(self) -> list[tuple[str, str, str, str]]:
+    async def due_timers(self, skip: Collection[str] = ()) -> list[tuple[str, str, str, str]]:
         return []
 
     def timer_fired(self, workspace: str, run_id: str, kind: str, token: str) -> None:

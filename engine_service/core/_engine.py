@@ -138,7 +138,13 @@ class Engine:
         self._default_provider, self._default_model = resolve_default_model(config)
         self._started = False
         # Only secrets configured for webhooks, per workspace: never the process environment.
-        self.webhooks = WebhookSender(storage, config.webhook_secret, egress=self.egress)
+        # With a control plane each next attempt of a webhook is a timer row any replica fires.
+        self.webhooks = WebhookSender(
+            storage,
+            config.webhook_secret,
+            egress=self.egress,
+            timers=self.control if self.control.indexed else None,
+        )
         snapshot_max = config.workdir_snapshot_max_bytes
         root = Path(config.workdir_root).resolve()
         self._snapshots = WorkdirSnapshots(root, snapshot_max) if snapshot_max else None
@@ -158,7 +164,7 @@ class Engine:
         self._started = True
         level, line = describe_sandbox(self.sandbox, self.config.capabilities_subprocess)
         log.log(level, line, extra={"sandbox": self.sandbox_status})
-        await self.control.start(self._owner, self._heard)
+        await self.control.start(self._owner, self._heard, self.storage.read_state)
         if self.control.indexed:
             self._spawn(self._jobs.timer_loop())
         if self.control.queued and self.claims_work:
@@ -389,19 +395,21 @@ class Engine:
             raise control_unavailable(problem)
         if not await self.storage.create_run(ws, run_id, spec_doc, record.to_json()):
             raise aborted("ERR_CONCURRENT_UPDATE", f"run {run_id!r} was created concurrently", run_id=run_id)
-        await self.control.committed(record.to_json())
         transcript = [Message("user", spec.task)]
         if api_env:
             self._catalogue.run_api_env[key] = dict(api_env)
         if self.control.queued:
             # It waits in the shared queue: whichever replica claims it first (within its
-            # workspace's limit) executes it. Credentials held in memory pin it here.
-            await self.control.enqueue(ws, run_id, pinned=bool(api_env) or not self.claims_work)
-            record.queue_position = await self.control.queue_position(ws, run_id)
+            # workspace's limit) executes it. Credentials held in memory pin it here. Its index
+            # row is written with its queue entry: whoever lists runs next, anywhere, sees it.
+            record.queue_position = await self.control.enqueue(
+                ws, run_id, pinned=bool(api_env) or not self.claims_work, state=record.to_json()
+            )
             metrics.RUNS_CREATED.inc(record.mode.value)
             metrics.RUNS_ENQUEUED.inc()
             log.info("run %s queued", run_id, extra={"run_id": run_id, "workspace": ws})
             return record, None
+        await self.control.committed(record.to_json())
         actor = RunActor(
             record,
             spec,

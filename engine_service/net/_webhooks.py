@@ -23,6 +23,15 @@ then retry it), can POST a notification twice. Each attempt has a fresh
 ``X-Machina-Delivery``; ``X-Machina-Notification-Id`` is the same for every
 attempt of one notification in every process, so receivers dedupe on it.
 
+With a control plane (PostgreSQL) every next attempt is a timer row instead of a
+sleep in the process that made the last one: before its first attempt a
+notification gets a guard timer (due once that attempt would have timed out),
+and each failed attempt sets the timer to the next backoff. Whichever replica
+claims the due row makes the attempt, so a notification whose replica dies is
+retried by another, once per attempt; settling it deletes the row. At startup a
+process makes sure every notification the outbox lists has a row rather than
+retrying it itself.
+
 The storage has no compare-and-set for shared documents, so two processes
 editing one index shard at the same moment can lose one's edit. A lost removal
 only leaves a stale entry (the next startup scan drops it); a lost addition is
@@ -43,7 +52,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -57,6 +66,22 @@ from engine_service.net._tls import client_ssl_context
 from engine_service.storage._protocol import Storage
 
 log = logging.getLogger("machina.webhooks")
+
+# The timer kind of a notification's next attempt (the control plane's WEBHOOK_TIMER prefix).
+TIMER_PREFIX = "webhook:"
+# A guard timer fires this long after a first attempt's timeout (its process died meanwhile).
+GUARD_S = 5.0
+
+
+class TimerRows(Protocol):
+    """Durable timers (the control plane's): rows whichever replica claims fires."""
+
+    def set_timer(self, workspace: str, run_id: str, kind: str, due_at: float) -> None: ...
+
+    def ensure_timer(self, workspace: str, run_id: str, kind: str, due_at: float) -> None: ...
+
+    def cancel_timer(self, workspace: str, run_id: str, kind: str) -> None: ...
+
 
 EVENTS = ("paused", "done", "failed", "cancelled")
 DEFAULT_EVENTS = ("paused", "done", "failed")
@@ -174,8 +199,11 @@ class WebhookSender:
         max_delay_s: float = 30.0,
         timeout_s: float = 10.0,
         egress: EgressPolicy | None = None,
+        timers: TimerRows | None = None,
     ) -> None:
         self._storage = storage
+        # With durable timers each next attempt is a row any replica fires; else a sleep here.
+        self._timers = timers
         # Webhook URLs come from tenants: every connection is checked by the egress policy.
         self._egress = egress or EgressPolicy()
         self._resolve_secret = resolve_secret
@@ -200,7 +228,15 @@ class WebhookSender:
             # a value that got in some other way is left out, never the notification.
             run = {**run, "data": OMITTED_DATA}
         notification = _Notification(uuid.uuid4().hex, ws, run_id, event, config, run, time.time())
-        self._spawn(notification, self._send_new(notification))
+        self._spawn(notification.id, notification.run_id, self._send_new(notification))
+
+    def retry_due(self, ws: str, run_id: str, notification_id: str) -> None:
+        """A notification's timer came due and this process claimed it: make its next attempt
+        (in the background). The attempt sets the timer again or, settling, deletes it; if this
+        process dies first, the claim lapses and another process makes it."""
+        if notification_id in self._inflight:
+            return  # an attempt is under way here: it sets the next timer itself
+        self._spawn(notification_id, run_id, self._retry(ws, run_id, notification_id))
 
     async def resume_pending_all(self) -> int:
         """Retry every notification the outbox lists as pending; returns how many were scheduled.
@@ -238,16 +274,46 @@ class WebhookSender:
 
     # -- delivery ---------------------------------------------------------------------------
 
-    def _spawn(self, notification: _Notification, coro: Coroutine[Any, Any, None]) -> None:
-        self._inflight.add(notification.id)
-        task = asyncio.create_task(coro, name=f"webhook:{notification.run_id}")
+    def _spawn(self, notification_id: str, run_id: str, coro: Coroutine[Any, Any, None]) -> None:
+        self._inflight.add(notification_id)
+        task = asyncio.create_task(coro, name=f"webhook:{run_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda _t: self._inflight.discard(notification.id))
+        task.add_done_callback(lambda _t: self._inflight.discard(notification_id))
 
     async def _send_new(self, n: _Notification) -> None:
         await self._persist(n)
+        if self._timers is not None:
+            # Should this process die during the first attempt, another makes the next.
+            self._timers.set_timer(n.ws, n.run_id, TIMER_PREFIX + n.id, time.time() + self._timeout + GUARD_S)
         await self._deliver(n, first_attempt=1)
+
+    async def _retry(self, ws: str, run_id: str, notification_id: str) -> None:
+        assert self._timers is not None
+        kind = TIMER_PREFIX + notification_id
+        try:
+            raw = await self._storage.get_blob(ws, run_id, notification_blob(notification_id))
+            stored: JsonObject | None = json.loads(raw) if raw else None
+            if stored is None or stored.get("state") != PENDING:
+                self._timers.cancel_timer(ws, run_id, kind)  # settled (or deleted with its run)
+                return
+            n = _Notification.from_json(stored)
+            if n.config.secret_ref and self._resolve_secret(n.ws, n.config.secret_ref) is None:
+                # Sending unsigned could get it refused for good: the claim lapses, and a process
+                # that can sign it makes the attempt.
+                log.warning("a pending webhook for %s names secret %r, which this process lacks; leaving it",
+                            run_id, n.config.secret_ref, extra={"run_id": run_id})  # fmt: skip
+                return
+            attempts, gave_up = await self._attempts_made(n)
+            if gave_up or attempts >= self._max_attempts:
+                if gave_up:
+                    await self._settle(n, "gave_up", attempts)
+                else:
+                    await self._give_up(n, attempts)
+                return
+            await self._deliver(n, first_attempt=attempts + 1)
+        except Exception:  # storage away: the claim lapses and the attempt is made then
+            log.warning("could not retry webhook %s of %s", notification_id, run_id, exc_info=True)
 
     async def _deliver(self, n: _Notification, first_attempt: int) -> None:
         config = n.config
@@ -306,7 +372,12 @@ class WebhookSender:
                 return
             if attempt < self._max_attempts:
                 cap = min(self._max, self._base * 2 ** (attempt - 1))
-                await asyncio.sleep(random.uniform(cap / 2, cap))
+                delay = random.uniform(cap / 2, cap)
+                if self._timers is not None:
+                    # The next attempt is a row: whichever replica claims it once due makes it.
+                    self._timers.set_timer(n.ws, n.run_id, TIMER_PREFIX + n.id, time.time() + delay)
+                    return
+                await asyncio.sleep(delay)
         await self._give_up(n, attempt)
 
     async def _give_up(self, n: _Notification, attempts: int) -> None:
@@ -368,6 +439,8 @@ class WebhookSender:
         """Mark ``n`` done (``delivered``, ``refused`` or ``gave_up``) and drop it from the index."""
         tombstone = {"id": n.id, "event": n.event, "state": outcome, "attempts": attempts,
                      "settled_at": time.time()}  # fmt: skip
+        if self._timers is not None:
+            self._timers.cancel_timer(n.ws, n.run_id, TIMER_PREFIX + n.id)
         try:
             await self._storage.put_blob(n.ws, n.run_id, notification_blob(n.id), _dumps(tombstone))
             await self._index(outbox_shard(n.ws, n.run_id), remove=[n.id])
@@ -408,6 +481,12 @@ class WebhookSender:
                     settled.append(nid)
                     continue
                 n = _Notification.from_json(stored)
+                if self._timers is not None:
+                    # Its next attempt is a timer row; a row that exists (a retry scheduled by a
+                    # live process, or the guard of an attempt under way) is left as it is.
+                    self._timers.ensure_timer(n.ws, n.run_id, TIMER_PREFIX + n.id, time.time())
+                    resumed += 1
+                    continue
                 if n.config.secret_ref and self._resolve_secret(n.ws, n.config.secret_ref) is None:
                     # Sending unsigned could get it refused for good: leave it to a process that can sign.
                     log.warning(
@@ -423,7 +502,7 @@ class WebhookSender:
                     else:
                         await self._give_up(n, attempts)
                     continue
-                self._spawn(n, self._deliver(n, first_attempt=attempts + 1))
+                self._spawn(n.id, n.run_id, self._deliver(n, first_attempt=attempts + 1))
                 resumed += 1
             except Exception:
                 log.warning("could not resume pending webhook %s", nid, exc_info=True)

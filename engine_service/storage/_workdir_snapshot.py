@@ -71,6 +71,7 @@ class _Synced:
     stored: set[str] = field(default_factory=set)  # file digests known to be in storage
     manifest: bytes = b""  # the manifest itself, once encoded or read here
     cache_file: Path | None = None  # where this host remembers it (see _remember)
+    cache_len: int = 0  # the length this process last wrote there (0 = unknown)
     # Whether the manifest is among the run's blobs (one read from a host's cache counts as stored).
     manifest_stored: bool = True
 
@@ -238,7 +239,9 @@ class WorkdirSnapshots:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
             try:
                 os.pwrite(fd, data, 0)
-                os.ftruncate(fd, len(data))
+                if not 0 < synced.cache_len <= len(data):  # what may follow it is cut off
+                    os.ftruncate(fd, len(data))
+                synced.cache_len = len(data)
             finally:
                 os.close(fd)
         except FileNotFoundError:  # its directory was removed meanwhile: made again next time

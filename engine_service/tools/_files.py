@@ -85,7 +85,20 @@ def _resolved(path: Path) -> Path | None:
 
 
 def _real_root(root: Path) -> Path:
-    return Path(os.path.realpath(root))
+    """The real path of a run directory, resolved once per process: a directory later swapped for
+    a symlink does not move it, since every path is still resolved whole and must land under it."""
+    key = str(root)
+    real = _REAL_ROOTS.get(key)
+    if real is None:
+        real = Path(os.path.realpath(root))
+        if len(_REAL_ROOTS) >= _REAL_ROOTS_KEPT:
+            _REAL_ROOTS.clear()
+        _REAL_ROOTS[key] = real
+    return real
+
+
+_REAL_ROOTS: dict[str, Path] = {}
+_REAL_ROOTS_KEPT = 4096
 
 
 def _relative(real_root: Path, path: Path) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,18 +37,26 @@ class Replicas:
         self.database = database
         self.running: list[RunningServer] = []
 
-    async def start(self, *, config: dict[str, Any] | None = None, max_running: int = 0) -> RunningServer:
+    async def start(
+        self,
+        *,
+        config: dict[str, Any] | None = None,
+        max_running: int = 0,
+        control_url: str = "",
+        connect_timeout: float = 5.0,
+    ) -> RunningServer:
+        control_url = control_url or self.database
         cfg = EngineConfig.model_validate(
             {
                 "storage": str(self.root),
                 "workdir_root": str(self.root / "workdirs"),
-                "control_url": self.database,
+                "control_url": control_url,
                 "workspace_max_running": max_running,
                 **(config or {}),
             }
         )
         tools = ToolRegistry([*builtin_tools(cfg, cfg.egress_policy()), *test_tools.ALL])
-        control = PostgresControl(self.database, max_running=max_running)
+        control = PostgresControl(control_url, max_running=max_running, connect_timeout=connect_timeout)
         engine = Engine(cfg, LocalStorage(self.root), tools=tools, control=control)
         server = await start_server(engine, "127.0.0.1:0")
         self.running.append(server)
@@ -62,3 +72,66 @@ async def replicas(tmp_path: Path, database: str) -> AsyncIterator[Replicas]:
     factory = Replicas(tmp_path / "storage", database)
     yield factory
     await factory.stop_all()
+
+
+class PgProxy:
+    """A TCP proxy in front of PostgreSQL that can stall (the database stops answering, as if
+    paused: connections stay open, nothing flows) and resume."""
+
+    def __init__(self, database: str) -> None:
+        self._host_port = database.split("@", 1)[1].split("/", 1)[0]
+        self._database = database
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server: asyncio.Server | None = None
+        self._links: list[asyncio.StreamWriter] = []
+        self.url = ""
+
+    async def start(self) -> PgProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = self._database.replace(self._host_port, f"127.0.0.1:{port}")
+        return self
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    async def close(self) -> None:
+        self._flowing.set()
+        for link in self._links:
+            link.close()
+        if self._server is not None:
+            self._server.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await self._flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, _, port = self._host_port.rpartition(":")
+        await self._flowing.wait()
+        try:
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        except OSError:
+            writer.close()
+            return
+        self._links.extend([writer, up_writer])
+        with contextlib.suppress(Exception):
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+
+@pytest.fixture
+async def pg_proxy(database: str) -> AsyncIterator[PgProxy]:
+    proxy = await PgProxy(database).start()
+    yield proxy
+    await proxy.close()

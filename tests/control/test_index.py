@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,11 +114,15 @@ async def test_reindex_rebuilds_the_index_from_storage(
     server = await replicas.start()
     async with AsyncEngineClient(f"127.0.0.1:{server.port}") as client:
         handle = await client.create("t", model="scripted", script=[turn("ok")])
+        lost = await client.create("lost", model="scripted", script=[turn("ok")])
         await handle.wait(timeout=20)
+        await lost.wait(timeout=20)
         await replicas.stop_all()
         conn = await asyncpg.connect(database)
-        await conn.execute("DELETE FROM machina_runs")
+        await conn.execute("DELETE FROM machina_runs WHERE run_id = $1", handle.run_id)
         await conn.close()
+        # A run gone from storage behind the index's back (storage restored from an older copy).
+        shutil.rmtree(replicas.root / "workspaces" / "default" / "runs" / lost.run_id)
         done = await asyncio.to_thread(
             subprocess.run,
             [
@@ -136,7 +141,7 @@ async def test_reindex_rebuilds_the_index_from_storage(
             timeout=60,
         )
         assert done.returncode == 0, done.stderr
-        assert "indexed 1 runs" in done.stdout
+        assert "indexed 1 runs; dropped 1 rows" in done.stdout
         again = await replicas.start()
     async with AsyncEngineClient(f"127.0.0.1:{again.port}") as client:
         assert [r.run_id async for r in client.list_runs()] == [handle.run_id]
@@ -306,3 +311,24 @@ async def test_one_workspaces_sweep_leaves_other_workspaces_slots_alone(database
     finally:
         await conn.close()
         await control.close()
+
+
+async def test_the_recovery_sweep_repairs_a_row_its_dead_writer_left_stale(
+    replicas: Replicas, database: str
+) -> None:
+    server = await replicas.start()
+    async with AsyncEngineClient(f"127.0.0.1:{server.port}") as client:
+        run = await (await client.create("t", model="scripted", script=[turn("ok")])).wait(timeout=20)
+        assert [r.run_id async for r in client.list_runs(states=["DONE"])] == [run.run_id]  # written
+        # As if the replica that finished it died before its last index row was written.
+        conn = await asyncpg.connect(database)
+        try:
+            await conn.execute(
+                "UPDATE machina_runs SET state = 'RUNNING', last_seq = 1 WHERE run_id = $1", run.run_id
+            )
+            assert [r.run_id async for r in client.list_runs(states=["RUNNING"])] == [run.run_id]
+            assert await client.recover_orphaned_runs() == []
+        finally:
+            await conn.close()
+        assert [r.run_id async for r in client.list_runs(states=["RUNNING"])] == []
+        assert [r.state async for r in client.list_runs()] == ["DONE"]

@@ -6,6 +6,7 @@ off again; tests/system/test_observability.py checks the same over OTLP between 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterator
@@ -218,6 +219,11 @@ async def test_webhooks_and_web_fetches_carry_the_run_trace(
         assert seen == [""]  # a host not listed never learns the trace
     headers, _body = receiver.requests[0]
     assert headers["traceparent"].split("-")[1] == trace_id  # the webhook's POST
+    # The receiver has the request; the sender counts it once it has the answer and logged it.
+    for _ in range(100):
+        if _sample("machina_webhook_deliveries_total", result="delivered") - delivered >= 1:
+            break
+        await asyncio.sleep(0.02)
     assert _sample("machina_webhook_deliveries_total", result="delivered") - delivered == 1
     # The engine's server span is a child of the client's call, under the caller's span.
     names = {s.name for s in spans.get_finished_spans() if s.context.trace_id == int(trace_id, 16)}

@@ -35,3 +35,13 @@ def test_rows_have_computed_verdicts_and_flat_figures() -> None:
     assert parsed.figures["ratio_to_baseline"] == pytest.approx(0.45)
     assert fastpath._row("y", "", "", None, {})["verdict"] == "REPORT"
     assert fastpath._stats([])["n"] == 0
+
+
+def test_resume_costs_count_a_resume_from_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BENCH_BASELINE_ROOT", raising=False)
+    costs = fastpath.resume_costs(2)["now"]
+    # A run the engine paused itself: its spec and transcript are not read back.
+    assert "read_spec" not in costs["storage_ops"]
+    assert "read_segments" not in costs["storage_ops"]
+    assert costs["storage_ops"]["acquire_lease"] == 1
+    assert costs["python_calls"] > 0
