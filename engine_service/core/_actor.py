@@ -30,7 +30,7 @@ from engine_service.core._compaction import (
     ContextWindow,
     message_chars,
 )
-from engine_service.core._dispatch import REQUEST_EVENT
+from engine_service.core._dispatch import REQUEST_EVENT, distinct_call_ids
 from engine_service.core._errors import RunFailure
 from engine_service.core._limits import MAX_DEPTH, is_small, too_deep
 from engine_service.core._regex import SchemaValidator
@@ -353,6 +353,7 @@ class RunActor(Subagents):
                 result = item
         if result is None:
             raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
+        result.tool_calls = distinct_call_ids(result.tool_calls, turn)
         record.meta.turns = turn
         record.meta.usage.add(result.usage)
         self._observe_context("", result.usage.input_tokens)

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from engine_service.core import _metrics as metrics
 from engine_service.core import _telemetry as telemetry
 from engine_service.core._checkpoint import CheckpointedRun
+from engine_service.core._ids import is_valid_id
 from engine_service.core._run import (
     PENDING,
     READY,
@@ -64,6 +65,32 @@ REQUEST_EVENT = {
 
 def _resolved(call: ToolCall, text: str, outcome: CallOutcome) -> PendingCall:
     return PendingCall(call, RESOLVED, result_text=text, result_is_error=True, outcome=outcome)
+
+
+def distinct_call_ids(calls: list[ToolCall], turn: int) -> list[ToolCall]:
+    """The turn's calls, each with an id of its own that is a valid id.
+
+    A call id comes from the model's answer (or an OpenAI-compatible server), yet results,
+    interrupts and subagents are keyed by it: an id used twice in one turn would hand one
+    call's result to the other, and an id like ``a/b`` would read as a path. Such an id is
+    replaced by ``call_{turn}_{n}`` in the transcript and everything after it, so the model
+    sees its calls answered under the ids it is then shown.
+    """
+    seen = {c.call_id for c in calls}
+    if len(seen) == len(calls) and all(is_valid_id(c.call_id) for c in calls):
+        return calls  # the usual case: nothing to copy
+    taken: set[str] = set()
+    distinct: list[ToolCall] = []
+    for index, call in enumerate(calls, 1):
+        call_id = call.call_id
+        if call_id in taken or not is_valid_id(call_id):
+            call_id = f"call_{turn}_{index}"
+            while call_id in seen or call_id in taken:
+                call_id += "x"
+            call = ToolCall(call_id, call.name, call.arguments)
+        taken.add(call_id)
+        distinct.append(call)
+    return distinct
 
 
 def arguments_digest(arguments: JsonObject) -> str:

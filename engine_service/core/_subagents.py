@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from engine_service.core._checkpoint import legacy_transcript_blob, transcript_blob
-from engine_service.core._dispatch import REQUEST_EVENT, ToolDispatch
+from engine_service.core._dispatch import REQUEST_EVENT, ToolDispatch, distinct_call_ids
 from engine_service.core._ids import is_valid_id
 from engine_service.core._run import (
     PENDING,
@@ -341,6 +341,7 @@ class Subagents(ToolDispatch):
                 result = item
         if result is None:
             raise ModelError("ERR_MODEL_STREAM", "the model stream ended without a result")
+        result.tool_calls = distinct_call_ids(result.tool_calls, turn)
         child.turns = turn
         cost = result.usage.cost(env.price)
         self._spend(path, result.usage, cost)

@@ -193,8 +193,11 @@ class LocalStorage:
         # Where this process left the streams of runs it released (the mark it left in the
         # lease, and each stream's last index) and, once it takes such a run back with the mark
         # still there (nobody wrote since), what repair_end and drop_uncommitted need not read.
-        self._left: dict[tuple[str, str], tuple[str, dict[str, int]]] = {}
+        self._left: dict[tuple[str, str], tuple[str, dict[str, int], dict[str, int]]] = {}
         self._known_ends: dict[tuple[str, str], dict[str, int]] = {}
+        # Of such a run taken back, the newest segment of each stream (its first index), which
+        # the stream's next append goes on in instead of starting a segment (a file) of its own.
+        self._continue_in: dict[tuple[str, str], dict[str, int]] = {}
         # Where the streams of runs this process writes end, as far as it knows.
         self._ends: dict[tuple[str, str], dict[str, int]] = {}
 
@@ -419,7 +422,7 @@ class LocalStorage:
                 os.close(fd)
             # What this process knew of the run's files is stale now.
             key = (ws, run_id)
-            for cache in (self._ends, self._known_ends, self._left):
+            for cache in (self._ends, self._known_ends, self._left, self._continue_in):
                 cache.pop(key, None)
             log = self._logs.pop(key, None)
             if log is not None:
@@ -432,7 +435,7 @@ class LocalStorage:
         if not records:
             return
         key = (ws, run_id, _stream(stream))
-        appender = self._appenders.get(key)
+        appender = self._appenders.get(key) or self._reopened(ws, run_id, key[2], first)
         if appender is None or appender.next != first or appender.next - appender.first >= SEGMENT_RECORDS:
             if appender is not None:
                 del self._appenders[key]
@@ -467,6 +470,21 @@ class LocalStorage:
             redo = self._redo_of((ws, run_id))
             (redo.events if key[2] == "events" else redo.transcript).append((first, records))
         appender.next += sum(doc_span(r) for r in records)
+
+    def _reopened(self, ws: str, run_id: str, stream: str, first: int) -> _Appender | None:
+        """The segment this process left newest when it released the run, open again to append
+        ``first`` on, if it took the run back with nobody having written since and the stream
+        still ends right before ``first`` (its first append since); else None."""
+        start = self._continue_in.get((ws, run_id), {}).pop(stream, None)
+        if start is None or self._ends.get((ws, run_id), {}).get(stream) != first - 1:
+            return None
+        path = self._run_dir(ws, run_id) / stream / segment_name(start)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            return None
+        appender = self._appenders[(ws, run_id, stream)] = _Appender(fd, path, start, first)
+        return appender
 
     async def read_segments(
         self, ws: str, run_id: str, stream: str, after: int, upto: int
@@ -679,6 +697,7 @@ class LocalStorage:
             self._run_dirs,
             self._left,
             self._known_ends,
+            self._continue_in,
             self._ends,
         ):
             cache.pop(key, None)
@@ -700,6 +719,7 @@ class LocalStorage:
                 left = self._left.pop(key, None)
                 if left is not None and current is not None and current.get("left") == left[0]:
                     self._known_ends[key] = left[1]  # our own mark: nobody took the run since
+                    self._continue_in[key] = left[2]
                 data = dumps({"owner": owner, "expires_at": now + ttl})
                 os.pwrite(fd, data, 0)
                 os.ftruncate(fd, len(data))
@@ -712,10 +732,13 @@ class LocalStorage:
         key = (ws, run_id)
         ends = self._ends.pop(key, {})
         self._known_ends.pop(key, None)
+        self._continue_in.pop(key, None)
+        segments = {}
         for stream in ("events", "transcript"):
             appender = self._appenders.pop((ws, run_id, stream), None)
             if appender is not None:
                 ends[stream] = appender.next - 1
+                segments[stream] = appender.first
                 appender.close()
         self._redo.pop(key, None)
         log = self._logs.pop(key, None)
@@ -738,7 +761,7 @@ class LocalStorage:
                 if len(ends) == 2:
                     if len(self._left) >= _RUN_DIRS_KEPT:
                         self._left.clear()
-                    self._left[key] = (mark, ends)
+                    self._left[key] = (mark, ends, segments)
 
     async def close(self) -> None:
         # What was committed is in the commit logs (synced in fsync mode); what was not is

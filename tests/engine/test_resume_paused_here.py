@@ -213,3 +213,21 @@ async def test_a_run_id_a_replica_deleted_and_used_again_is_resumed_as_the_new_r
         assert run.data == "new"
         assert run.task == "new"
         assert outputs(await history(handle)) == ["14"]
+
+
+async def test_resumes_go_on_in_the_run_s_newest_segments(servers: ServerFactory) -> None:
+    """Taken back with nobody having written since, a run's event log and transcript go on in the
+    segments its pause left newest instead of starting a file each per resume."""
+    server = await servers.start(config=ASK)
+    async with AsyncEngineClient(f"127.0.0.1:{server.port}") as client:
+        script = [turn("", ("double", {"x": x})) for x in range(1, 5)] + [turn("ok")]
+        run = await paused(client, *script)
+        handle = await client.attach(run.run_id)
+        while run.state == "PAUSED":
+            await handle.approve(run.interrupts[0].interrupt_id)
+            run = await handle.wait(timeout=10)
+        assert run.state == "DONE"
+        assert outputs(await history(handle)) == ["2", "4", "6", "8"]
+    run_dir = servers.root / "workspaces" / "default" / "runs" / run.run_id
+    assert len(list((run_dir / "events").iterdir())) == 1
+    assert len(list((run_dir / "transcript").iterdir())) == 1

@@ -23,7 +23,7 @@ LONG_ID = "z" * 200
 class CraftedIds:
     """A model whose Agent calls carry the call ids a prompt injection could make it choose: one
     that used to share a blob name with a grandchild's ("a.b" and "a/b"), a path of its own
-    ("x/y", "../up"), and one far too long for a name."""
+    ("x/y", "../up"), and one far too long for a name (the last three are replaced)."""
 
     provider = "openai"
     name = "crafted"
@@ -75,11 +75,13 @@ async def test_crafted_call_ids_neither_collide_nor_escape(crafted: tuple[AsyncE
     assert results["a.b"].output == "flat answer"
     assert results["a"].output == "outer got inner answer"
     assert results["cancel-request"].output == "named like a blob answer"
-    for refused in ("x/y", "../up", LONG_ID):
-        assert results[refused].is_error
-        assert "ERR_AGENT_CALL_ID" in results[refused].output
+    # Ids that are not ids ("x/y", "../up", far too long) are replaced by ids the engine makes
+    # (``call_{turn}_{n}``), and those subagents run under them.
+    for call_id, task in (("call_1_3", "slash"), ("call_1_4", "dots"), ("call_1_5", "long")):
+        assert results[call_id].output == f"{task} answer"
+    assert not {"x/y", "../up", LONG_ID} & set(results)
     started = sorted(e.agent_path for e in events if isinstance(e, AgentStarted))
-    assert started == ["a", "a.b", "a/b", "cancel-request"]
+    assert started == ["a", "a.b", "a/b", "call_1_3", "call_1_4", "call_1_5", "cancel-request"]
     # Each subagent has a transcript of its own, whatever its path looks like.
     names = {path: transcript_blob(path) for path in started}
     assert len(set(names.values())) == len(names)
