@@ -160,8 +160,13 @@ class ToolCatalogue:
             per_run = [s for s in per_run if s.name.lower() not in taken]
         if not api_tool_enabled([*self.api_services, *per_run], self._engine.config.tools.disabled):
             return None
-        run_env = self.run_api_env.get((ws, spec.run_id), {})
+        run_key, run_envs = (ws, spec.run_id), self.run_api_env
         engine_env = self._api_env
+
+        def run_lookup(ref: str) -> str | None:
+            # Looked up at each call: credentials re-supplied on a ResumeRun reach a tool
+            # built before them (a run kept in memory since its pause).
+            return run_envs.get(run_key, {}).get(ref)
 
         def engine_lookup(ref: str) -> str | None:
             return engine_env.get(ref) or os.environ.get(ref)
@@ -174,7 +179,7 @@ class ToolCatalogue:
             on_request=on_request,
             on_response=on_response,
             per_run_services=per_run,
-            run_env_lookup=run_env.get,
+            run_env_lookup=run_lookup,
             per_run_custom_auth_ids=self.per_run_custom_ids,
             # The operator's own services are trusted; a tenant's may only reach what the
             # egress policy allows.

@@ -153,7 +153,7 @@ class EngineConfig(_Section):
     egress_allow_hosts: list[str] = []
     egress_allow_networks: list[str] = []
     egress_allow_private: bool = False
-    # Hosts WebFetch and ApiCall send the run's trace context (W3C traceparent) to, when tracing
+    # Hosts WebFetch, ApiCall and webhooks send the run's trace context (W3C traceparent) to, when tracing
     # is on: names or IP literals, "*.example.com" for its subdomains, "*" for every host.
     # Default none: a trace id tells whoever receives it which requests belong together.
     propagate_trace_to: list[str] = []

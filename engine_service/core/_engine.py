@@ -144,6 +144,7 @@ class Engine:
             config.webhook_secret,
             egress=self.egress,
             timers=self.control if self.control.indexed else None,
+            trace_hosts=config.propagate_trace_to,
         )
         snapshot_max = config.workdir_snapshot_max_bytes
         root = Path(config.workdir_root).resolve()

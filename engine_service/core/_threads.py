@@ -430,9 +430,11 @@ class ThreadDesk:
         threads, keys = await asyncio.gather(
             self._storage.list_docs(ws, "threads"), self._storage.list_docs(ws, _INDEX)
         )
-        if len(keys) < len(threads):
-            have = {k.rsplit(".", 1)[-1] for k in keys}
-            missing = [k for k in threads if _digest(k.split("/", 1)[1]) not in have]
+        # Compared by name, not by count: an entry left by a thread that is gone must not hide
+        # a thread whose entry is missing.
+        have = {k.rsplit(".", 1)[-1] for k in keys}
+        missing = [k for k in threads if _digest(k.split("/", 1)[1]) not in have]
+        if missing:
             for doc in await asyncio.gather(*(self._storage.get_doc(ws, k) for k in missing)):
                 if doc is not None:
                     keys.append(await self._index(ws, doc))

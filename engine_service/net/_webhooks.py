@@ -50,7 +50,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -200,8 +200,11 @@ class WebhookSender:
         timeout_s: float = 10.0,
         egress: EgressPolicy | None = None,
         timers: TimerRows | None = None,
+        trace_hosts: Collection[str] = (),
     ) -> None:
         self._storage = storage
+        # Hosts the operator lets see the run's trace id (a webhook URL is the tenant's choice).
+        self._trace_hosts = tuple(trace_hosts)
         # With durable timers each next attempt is a row any replica fires; else a sleep here.
         self._timers = timers
         # Webhook URLs come from tenants: every connection is checked by the egress policy.
@@ -342,7 +345,7 @@ class WebhookSender:
             }
             if secret:
                 headers["X-Machina-Signature"] = sign(secret, timestamp, body)
-            telemetry.inject(headers)
+            telemetry.inject_for(headers, config.url, self._trace_hosts)
             started = time.perf_counter()
             status, error, refused = 0, "", False
             try:

@@ -307,10 +307,11 @@ class LocalStorage:
         log = self._logs.get(key)
         if log is None:
             log = self._logs[key] = self._open_log(*key)
-        if log.size and record["state"].get("state") in _FINAL:
+        if log.size and not self._fsync and record["state"].get("state") in _FINAL:
             # A pause or an end starts a new log holding only it: the run writes no more for
             # now, and keeps one record. (Like every commit once did, it so needs a writable
             # directory and free space: storage refusing writes holds back a pause or an end.)
+            # Not in fsync mode, where that would first sync every file the log carries.
             await self._replace_log(key, log, record)
             return
         data = dumps(record) + b"\n"

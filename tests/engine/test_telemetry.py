@@ -165,7 +165,7 @@ async def test_a_recovered_run_continues_its_trace_and_logs_the_recovery(
 async def test_webhooks_and_web_fetches_carry_the_run_trace(
     servers: ServerFactory, receiver: Receiver, spans: InMemorySpanExporter, listed: bool
 ) -> None:
-    """WebFetch sends the trace only to hosts the operator lists in propagate_trace_to."""
+    """WebFetch and webhooks send the trace only to hosts the operator lists in propagate_trace_to."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -218,7 +218,10 @@ async def test_webhooks_and_web_fetches_carry_the_run_trace(
     else:
         assert seen == [""]  # a host not listed never learns the trace
     headers, _body = receiver.requests[0]
-    assert headers["traceparent"].split("-")[1] == trace_id  # the webhook's POST
+    if listed:
+        assert headers["traceparent"].split("-")[1] == trace_id  # the webhook's POST
+    else:
+        assert "traceparent" not in headers  # nor does a webhook receiver the operator did not list
     # The receiver has the request; the sender counts it once it has the answer and logged it.
     for _ in range(100):
         if _sample("machina_webhook_deliveries_total", result="delivered") - delivered >= 1:

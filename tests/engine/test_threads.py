@@ -327,3 +327,19 @@ async def test_threads_stored_before_the_index_are_listed(stack: Stack) -> None:
     odd = await stack.stub.ListThreads(svc.ListThreadsRequest(labels={"n": "1"}))
     assert [t.thread_id for t in odd.threads] == ["old3", "old1"]
     assert len(await stack.storage.list_docs("default", "thread-index")) == 4
+
+
+async def test_an_entry_left_by_a_gone_thread_hides_no_thread_missing_its_own(stack: Stack) -> None:
+    for i in range(3):
+        stack.clock.advance(1)
+        await stack.run("remember x", thread_id=f"kept{i}")
+    keys = await stack.storage.list_docs("default", "thread-index")
+    # One thread lost its entry (a start that died between its writes) while an entry of a
+    # thread whose document is gone is still there: as many entries as threads.
+    await stack.storage.delete_doc("default", keys[0])
+    await stack.storage.put_doc(
+        "default",
+        "thread-index/00000000000001." + "0" * 24,
+        {"thread_id": "gone", "created_at": 1, "labels": {}},
+    )
+    assert await _all_thread_ids(stack, 2) == ["kept2", "kept1", "kept0"]

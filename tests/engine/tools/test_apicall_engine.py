@@ -222,6 +222,34 @@ async def test_credentials_resupplied_on_resume(servers: ServerFactory, httpbin:
     assert_no_secret(outputs, "resumed output")
 
 
+async def test_credentials_resupplied_reach_a_run_paused_in_this_process(
+    servers: ServerFactory, httpbin: str
+) -> None:
+    """Credentials given to a run this process paused (and keeps in memory) are the ones its
+    approved call uses, even when they came with a ResumeRun of their own."""
+    config = {"tools": {"permissions": {"ApiCall": "ask"}}, "egress_allow_hosts": ["127.0.0.1"]}
+    api = run_api(httpbin)
+    script = [turn("", call("tenant_basic", "/headers")), turn("done")]
+    server = await servers.start(config=config)
+    async with AsyncEngineClient(f"127.0.0.1:{server.port}") as client:
+        handle = await client.create("call", model="scripted", script=script, api={**api, "env": {}})
+        run = await handle.wait(timeout=20)
+        assert run.state == "PAUSED"
+        # The credentials alone (no decision): kept for the run, though there is nothing to resume.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub: Any = svc_grpc.EngineServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ResumeRun(svc.ResumeRunRequest(run_id=run.run_id, api=svc.ApiSpec(env=api["env"])))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+        await handle.approve(run.interrupts[0].interrupt_id)
+        run = await handle.wait(timeout=20)
+        outputs = [e.output async for e in handle.events(follow=False) if isinstance(e, ToolCallCompleted)]
+    assert run.state == "DONE"
+    assert "ERR_CREDENTIALS_MISSING" not in outputs[0], outputs[0]
+    assert "[REDACTED]" in outputs[0]  # the credential was sent (and echoed, scrubbed)
+    assert_no_secret(outputs, "resumed output")
+
+
 async def test_api_call_absent_without_services_and_when_disabled(
     servers: ServerFactory, httpbin: str
 ) -> None:
