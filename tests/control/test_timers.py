@@ -249,7 +249,10 @@ async def test_a_pause_commits_with_its_deadline_timer_already_written(
     monkeypatch.setattr(server.engine.control, "_apply_ops", never_written)
     async with AsyncEngineClient(f"127.0.0.1:{server.port}") as client:
         handle = await client.create(
-            "expiring", model="scripted", script=[turn("", ("double", {"x": 4})), turn("x")], approval_timeout=600
+            "expiring",
+            model="scripted",
+            script=[turn("", ("double", {"x": 4})), turn("x")],
+            approval_timeout=600,
         )
         run = await handle.wait(timeout=20)
     assert run.state == "PAUSED", run
