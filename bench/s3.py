@@ -4,7 +4,9 @@ Raw ``PutObject`` and ``GetObject`` of 1 KiB through the same client library the
 (aioboto3), before and after the engine's runs, so a slow server or a busy machine shows up in
 both. Per turn: a ``python -m engine_service --storage s3://…`` process and the script of
 ``bench/turns.py`` (Write, then Edit every turn) through gRPC. Handoff: the one-Bash-step run
-of ``bench/_grpc.handoff_round_trips`` with engine and runner on the S3 server.
+of ``bench/_grpc.handoff_round_trips`` with engine and runner on the S3 server. Requests per
+turn: another engine process whose S3 traffic goes through a counting proxy (``bench/_s3count``),
+a 1-turn and an N-turn run: ``(requests(N) − requests(1)) ÷ (N − 1)`` by kind, load-independent.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from bench import _grpc, workdir
 from bench._common import channel, progress, start_engine, stop_engine
 from bench._rows import Check, Row, Target, at_most, ms, row, summarize
+from bench._s3count import CountingProxy
 from bench.turns import Side, one_run
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
 
@@ -40,6 +43,38 @@ async def raw_round_trips(endpoint: str, bucket: str, repeats: int) -> dict[str,
             if i >= 3:  # warm-up
                 out["put"].append(put)
                 out["get"].append(get)
+    return out
+
+
+async def requests_per_turn(endpoint: str, bucket: str, tmp: Path, turns: int) -> dict[str, float]:
+    """S3 requests per turn by kind (``PUT state``, ``GET blob cancel-request``, …), excluding
+    what creating and finishing a run costs; ``PUT``/``GET``/``LIST``/``all`` sum them."""
+    from engine_service.testing import CREDENTIALS
+
+    proxy = CountingProxy(endpoint)
+    await proxy.start()
+    try:
+        env = {"AWS_ENDPOINT_URL": proxy.url, **CREDENTIALS}
+        proc, target, _ = start_engine(tmp, env, f"s3://{bucket}/c", name="counted")
+        try:
+            async with channel(target) as ch:
+                stub = svc_grpc.EngineServiceStub(ch)
+                await one_run(stub, 3)  # warm-up
+                before = proxy.snapshot()
+                await one_run(stub, 1)
+                one = proxy.snapshot() - before
+                before = proxy.snapshot()
+                await one_run(stub, turns)
+                many = proxy.snapshot() - before
+        finally:
+            stop_engine(proc)
+    finally:
+        await proxy.stop()
+    per_turn = {kind: (many[kind] - one[kind]) / (turns - 1) for kind in set(one) | set(many)}
+    out: dict[str, float] = {kind: n for kind, n in sorted(per_turn.items()) if n}
+    for verb in ("PUT", "GET", "LIST"):
+        out[verb] = sum(n for kind, n in per_turn.items() if kind.startswith(verb + " "))
+    out["all"] = sum(per_turn.values())
     return out
 
 
@@ -73,6 +108,8 @@ async def rows(ctx: Any) -> list[Row]:
         progress("S3 server: handoff round trip")
         (Path(tmp) / "h").mkdir()
         trips = await _grpc.handoff_round_trips(Path(tmp) / "h", 3 if quick else 20, f"s3://{bucket}/h", env)
+        progress("S3 server: requests per turn, through a counting proxy")
+        counted = await requests_per_turn(endpoint, bucket, Path(tmp), 21)
         progress("S3 server: run directory snapshot per checkpoint")
         s3 = S3Storage(bucket, "w", endpoint_url=endpoint)
         snap = await workdir.checkpoint_ms(s3, Path(tmp) / "w", 5 if quick else 20)
@@ -85,6 +122,7 @@ async def rows(ctx: Any) -> list[Row]:
     growth = growth_big["median"] / growth_small["median"] if growth_small["median"] > 0 else float("nan")
     handoff, local = summarize(trips["handoff"]), summarize(trips["local"])
     u, c = summarize(snap["unchanged"]), summarize(snap["changed"])
+    kinds = ", ".join(f"{kind} {n:.2f}" for kind, n in counted.items() if " " in kind)
     return [
         row(
             "S3 server: one 1 KiB PUT / GET round trip (same server, same run)",
@@ -108,6 +146,16 @@ async def rows(ctx: Any) -> list[Row]:
                 (Check("in_puts", "<=", 1.5), Check("growth", "<=", 1.2)),
             ),
             {"per_turn_ms": per_turn_big, "growth_ms": growth_big},
+        ),
+        row(
+            "S3 server: requests per turn (Edit tool, 21-turn run, counted at the server)",
+            f"{counted['all']:.2f} requests: {counted['PUT']:.2f} PUT, {counted['GET']:.2f} GET, "
+            f"{counted['LIST']:.2f} LIST ({kinds}); per turn {per_turn['median']:.2f} ms = "
+            f"{in_puts:.1f} × one PUT ({put['median']:.2f} ms), "
+            f"{per_turn['median'] / get['median']:.1f} × one GET",
+            {"requests": counted["all"], "puts": counted["PUT"], "gets": counted["GET"],
+             "lists": counted["LIST"]},
+            None, {"requests_per_turn": counted},
         ),
         row(
             "S3 server: handoff round trip (p95 beside)",

@@ -49,6 +49,8 @@ INDEX_BATCH = 500
 MAX_QUEUED_DOCS = 10_000
 # How long ListRuns waits for this replica's queued index rows (its own writes) to land.
 CATCH_UP_S = 2.0
+# How long a pause waits to write its deadline's timer row before queueing it instead.
+SET_NOW_TIMEOUT_S = 1.0
 
 # What "the database is not there" looks like, as opposed to a mistake in a query.
 DOWN: tuple[type[BaseException], ...] = (
@@ -593,6 +595,16 @@ class PostgresControl:
 
     def ensure_timer(self, workspace: str, run_id: str, kind: str, due_at: float) -> None:
         self._post("ensure_timer", workspace, run_id, kind, due_at)
+
+    async def set_timer_now(self, workspace: str, run_id: str, kind: str, due_at: float) -> None:
+        async def write(pool: Any) -> None:
+            async with asyncio.timeout(SET_NOW_TIMEOUT_S):
+                await pool.execute(_OPS["set_timer"], workspace, run_id, kind, due_at)
+
+        try:
+            await self._run(write)
+        except Exception:  # away or slow: written with the other changes once it answers
+            self.set_timer(workspace, run_id, kind, due_at)
 
     def cancel_timer(self, workspace: str, run_id: str, kind: str) -> None:
         self._post("cancel_timer", workspace, run_id, kind)

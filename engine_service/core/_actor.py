@@ -30,6 +30,7 @@ from engine_service.core._compaction import (
     ContextWindow,
     message_chars,
 )
+from engine_service.core._control import APPROVAL_TIMER
 from engine_service.core._dispatch import REQUEST_EVENT, distinct_call_ids
 from engine_service.core._errors import RunFailure
 from engine_service.core._limits import MAX_DEPTH, is_small, too_deep
@@ -240,6 +241,11 @@ class RunActor(Subagents):
             EventKind.PAUSED,
             {"reason": record.pause_reason.value, "interrupts": [i.to_json() for i in interrupts]},
         )
+        if deadlines := [i.expires_at for i in interrupts if i.expires_at]:
+            # With a control plane, the deadline's timer row is written before the pause
+            # commits: a replica that dies right after the commit leaves it behind (and a timer
+            # of a pause that never committed finds nothing due when it fires).
+            await self.env.control.set_timer_now(*self.key, APPROVAL_TIMER, min(deadlines))
         await self.checkpoint()
         metrics.RUNS_PAUSED.inc(record.pause_reason.value)
         self.transition(

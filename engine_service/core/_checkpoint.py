@@ -23,11 +23,11 @@ from engine_service.core._types import Event, EventKind, JsonObject, Message, Pe
 from engine_service.models import ModelAdapter
 from engine_service.storage._protocol import (
     Checkpoint,
+    StateConflict,
     Storage,
     StorageUnavailable,
     storage_fault,
 )
-from engine_service.storage._protocol import LeaseLost as LeaseLost  # raised by storage too
 from engine_service.storage._workdir_snapshot import WorkdirSnapshots, WorkdirTooLarge
 from engine_service.tools._registry import Tool
 
@@ -51,6 +51,10 @@ def legacy_transcript_blob(path: str) -> str | None:
     """The name runs stored before names were hashed used (None if it is not a valid name)."""
     name = f"agent-{path.replace('/', '.')}-transcript"
     return name if is_valid_id(name) else None
+
+
+class LeaseLost(Exception):
+    """Another process holds the run's lease now; this one must stop writing."""
 
 
 @dataclass(slots=True)
@@ -339,11 +343,24 @@ class CheckpointedRun:
         record.transcript_len = len(self.transcript)
         record.updated_at = self.env.clock()
         doc = record.to_json()
-        await self.write_events()
-        doc["last_seq"] = min(upto, self._written_seq)
         # A subagent's transcript is rewritten whole: it is short next to its run's.
         blobs = {transcript_blob(path): json.dumps(docs).encode() for path, docs in child_blobs.items()}
-        await storage.commit(ws, run_id, Checkpoint(doc, first, new_entries, blobs))
+        async with self._write_lock:
+            # The events not written ahead yet go with the checkpoint: one write, not two.
+            batch = self._unwritten
+            self._unwritten = []
+            written = batch[-1].last_seq if batch else self._written_seq
+            doc["last_seq"] = min(upto, written)
+            checkpoint = Checkpoint(doc, first, new_entries, blobs, [e.to_json() for e in batch])
+            try:
+                await storage.commit(ws, run_id, checkpoint)
+            except BaseException as exc:
+                self._unwritten[:0] = batch  # the next attempt commits them
+                if isinstance(exc, StateConflict):
+                    raise LeaseLost(f"run {run_id} was moved on by another process") from None
+                raise
+            self._written_seq = written
+        self._held.extend(batch)
         for path, docs in child_blobs.items():
             self._child_written[path] = len(docs)
         record.last_seq = doc["last_seq"]

@@ -117,6 +117,11 @@ class ControlPlane(Protocol):
         """Set the timer unless it exists (a process that finds work left pending at startup)."""
         ...
 
+    async def set_timer_now(self, workspace: str, run_id: str, kind: str, due_at: float) -> None:
+        """Set the timer before returning (queued as `set_timer` while the database is away):
+        for a timer that must outlive this process from the moment what needs it commits."""
+        ...
+
     def cancel_timer(self, workspace: str, run_id: str, kind: str) -> None: ...
 
     async def due_timers(self, skip: Collection[str] = ()) -> list[tuple[str, str, str, str]]:
@@ -195,6 +200,9 @@ class LocalControl:
         return None
 
     def ensure_timer(self, workspace: str, run_id: str, kind: str, due_at: float) -> None:
+        return None
+
+    async def set_timer_now(self, workspace: str, run_id: str, kind: str, due_at: float) -> None:
         return None
 
     def cancel_timer(self, workspace: str, run_id: str, kind: str) -> None:

@@ -19,7 +19,7 @@ from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
 from engine_service.storage._protocol import (
     Checkpoint,
-    LeaseLost,
+    StateConflict,
     Storage,
     doc_parts,
     segment_name,
@@ -271,8 +271,8 @@ class LocalStorage:
         await self.commit(ws, run_id, Checkpoint(state))
 
     async def commit(self, ws: str, run_id: str, checkpoint: Checkpoint) -> None:
-        """Append the checkpoint's transcript entries to their segment, write its blobs, then
-        append its state to the run's commit log as one record (one line).
+        """Append the checkpoint's events and transcript entries to their segments, write its
+        blobs, then append its state to the run's commit log as one record (one line).
 
         Appending to an open file is far cheaper than creating one, and a reader never sees a
         torn state: a record still being written (or torn by a crash) does not parse and the one
@@ -281,6 +281,10 @@ class LocalStorage:
         class's docstring).
         """
         key = (ws, run_id)
+        if checkpoint.events:  # not written ahead yet: appended like the writer's
+            await self.write_segment(
+                ws, run_id, "events", checkpoint.events[0]["seq"], list(checkpoint.events)
+            )
         if checkpoint.transcript:
             await self.write_segment(
                 ws, run_id, "transcript", checkpoint.transcript_first, list(checkpoint.transcript)
@@ -387,7 +391,7 @@ class LocalStorage:
         and remove the old one. In fsync mode what the old one's records and ``record`` carry
         is synced into its own files first, so the new log carries nothing.
 
-        LeaseLost if another process holds the run's lease or moved the log on meanwhile."""
+        StateConflict if another process holds the run's lease or moved the log on meanwhile."""
         state = record["state"] if record is not None else log.state
         run_dir = self._run_dir(*key)
         if self._fsync:
@@ -407,7 +411,7 @@ class LocalStorage:
             except FileExistsError:
                 del self._logs[key]
                 log.close()
-                raise LeaseLost(f"the commit log of run {key[1]} was moved on by another process") from None
+                raise StateConflict(f"the commit log of run {key[1]} was moved on by another writer") from None
             try:
                 _write_all(fd, data)
             except BaseException:
@@ -429,7 +433,7 @@ class LocalStorage:
             log.path.unlink()
 
     def _check_lease(self, key: tuple[str, str], *, locked: bool = False) -> None:
-        """LeaseLost if this process took the run's lease and another process holds it now
+        """StateConflict if this process took the run's lease and another process holds it now
         (nothing to check for a run written without a lease)."""
         owner = self._holders.get(key)
         if owner is None:
@@ -439,7 +443,7 @@ class LocalStorage:
             current = _read_lease(run_dir / "lease.json")
         if current is None or current["owner"] != owner:
             self._forget_writes(key)
-            raise LeaseLost(f"run {key[1]} is now moved by another process")
+            raise StateConflict(f"run {key[1]} is now moved by another process")
 
     def _forget_writes(self, key: tuple[str, str]) -> None:
         """Drop what this process knows of the files of a run it writes (another process may

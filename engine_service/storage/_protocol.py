@@ -41,8 +41,7 @@ The local adapter writes a run's first state as ``state.json`` and each later on
 appended to its commit log ``commits/{n}.jsonl``, the newest whole record of the highest
 numbered log counting (appending costs far less than creating or replacing a file; see
 ``LocalStorage`` for what a record carries in fsync mode); an object store replaces
-``state.json``. Versions that read no commit logs do not see those states: processes sharing a
-directory run the same version.
+``state.json``.
 
 The two streams commit differently:
 
@@ -83,9 +82,9 @@ _FAULT_ERRNOS = frozenset(
 )
 
 
-class LeaseLost(Exception):
-    """Another process holds the run's lease now (or moved its files on): this one must stop
-    writing."""
+class StateConflict(Exception):
+    """Another writer replaced the run's state since this process last read or wrote it: this
+    one's lease went stale, and it must stop writing (raised by adapters that can tell)."""
 
 
 class StorageCredentialsMissing(StorageUnavailable):
@@ -115,6 +114,9 @@ class Checkpoint:
     transcript: Sequence[JsonObject] = ()
     # Blobs the checkpoint replaces whole (e.g. a subagent's transcript), by name.
     blobs: Mapping[str, bytes] = field(default_factory=dict)
+    # Events not written ahead yet (consecutive, the first right after the last written one):
+    # committed with the state, shown to watchers once it is.
+    events: Sequence[JsonObject] = ()
 
 
 class Storage(Protocol):
@@ -219,7 +221,12 @@ class Storage(Protocol):
 
 
 async def commit_in_steps(storage: Storage, ws: str, run_id: str, checkpoint: Checkpoint) -> None:
-    """`Storage.commit` by the other operations: the transcript segment, the blobs, the state."""
+    """`Storage.commit` by the other operations: the events' and the transcript's segments, the
+    blobs, the state."""
+    if checkpoint.events:
+        await storage.write_segment(
+            ws, run_id, "events", checkpoint.events[0]["seq"], list(checkpoint.events)
+        )
     if checkpoint.transcript:
         await storage.write_segment(
             ws, run_id, "transcript", checkpoint.transcript_first, list(checkpoint.transcript)

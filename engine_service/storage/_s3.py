@@ -2,20 +2,37 @@
 
 Same layout and guarantees as the local adapter (see _protocol.py), with the
 object store's own tools: every object is written whole (no torn state.json);
-segments are immutable objects named ``{first}-{last}.jsonl``, one per
-checkpoint, so nothing rewrites the history; creation, idempotency keys and
-the run lease use conditional writes (``If-None-Match: *`` / ``If-Match``).
-5xx, throttling, timeouts and dropped connections are retried by botocore with
-exponential backoff and jitter; a conditional write whose first attempt landed
-but whose answer was lost is recognised on the retry by reading back.
+segments are immutable objects named ``{first}-{last}.jsonl``, so nothing
+rewrites the history; creation, idempotency keys and the run lease use
+conditional writes (``If-None-Match: *`` / ``If-Match``). 5xx, throttling,
+timeouts and dropped connections are retried by botocore with exponential
+backoff and jitter; a conditional write whose first attempt landed but whose
+answer was lost is recognised on the retry by reading back.
+
+A checkpoint is one request: ``commit`` replaces ``state.json`` with the state
+document plus, under ``"log"``, the events and transcript entries committed
+since the log was last moved out (the *tail*). Once the tail passes
+``TAIL_BYTES`` the next checkpoint first writes it out as ordinary segments (in
+parallel), then the state without it, so ``state.json`` stays small and a
+checkpoint costs the same at turn 1 and turn 1,000. Readers take the tail into
+account (``read_segments``, ``repair_end``); a ``state.json`` without one (and
+segments of one per checkpoint, as written before) reads as it always did.
+The replacement is conditional on the ``state.json`` this process last read
+or wrote (``If-Match``): a writer whose lease went stale, and whom another has
+overtaken since, gets `StateConflict` instead of overwriting the newer state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import os
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import aioboto3
@@ -26,14 +43,67 @@ from engine_service.core._ids import check_id
 from engine_service.core._types import JsonObject
 from engine_service.storage._protocol import (
     Checkpoint,
+    StateConflict,
     StorageCredentialsMissing,
     StorageUnavailable,
-    commit_in_steps,
     doc_parts,
 )
 from engine_service.storage._records import doc_span, dump_lines, dumps, loads, span
 
 _DIGITS = 12
+# The key of state.json that holds the tail of the log (see the module docstring).
+TAIL_KEY = "log"
+# Past this many bytes of tail, a checkpoint first moves the tail out to segments.
+TAIL_BYTES = 32 * 1024
+# Runs whose state.json version (and tail) a process remembers.
+_HEADS = 4096
+# Segments read at once.
+_READ_AHEAD = 16
+
+
+@dataclass(slots=True)
+class _Tail:
+    """A run's log in its state.json: events (each with its seq) and transcript entries."""
+
+    events: list[JsonObject] = field(default_factory=list)
+    transcript_first: int = 0
+    transcript: list[JsonObject] = field(default_factory=list)
+    size: int = 0  # of the state.json that holds it
+
+    @classmethod
+    def from_json(cls, doc: Any) -> _Tail:
+        if not isinstance(doc, dict):
+            return cls()
+        events = [e for e in doc.get("events") or [] if isinstance(e, dict) and isinstance(e.get("seq"), int)]
+        transcript = [t for t in doc.get("transcript") or [] if isinstance(t, dict)]
+        first = doc.get("transcript_first")
+        return cls(events, first if isinstance(first, int) and first > 0 else 0, transcript)
+
+    def to_json(self, writer: str) -> JsonObject:
+        return {
+            "writer": writer,
+            "events": self.events,
+            "transcript_first": self.transcript_first,
+            "transcript": self.transcript,
+        }
+
+    def records(self, stream: str) -> list[tuple[int, int, JsonObject]]:
+        """(first, last, record) of each record of ``stream`` the tail holds, in order."""
+        if stream == "events":
+            return [(e["seq"], e["seq"] + doc_span(e) - 1, e) for e in self.events]
+        first = self.transcript_first
+        return [(first + i, first + i, t) for i, t in enumerate(self.transcript)] if first else []
+
+
+@dataclass(slots=True)
+class _Head:
+    """What this process last read or wrote of a run's state.json."""
+
+    etag: str
+    tail: _Tail
+    # When it was taken (a counter): a read that started before a later write does not replace it.
+    stamp: int = 0
+    writer: str = ""  # the process that wrote it (its log's "writer")
 
 
 def _code(error: ClientError) -> str:
@@ -106,6 +176,16 @@ class S3Storage:
         )
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        self._heads: OrderedDict[tuple[str, str], _Head] = OrderedDict()
+        self._stamps = itertools.count(1)
+        self._leases: dict[tuple[str, str], tuple[str, str]] = {}  # (owner, etag) of leases we wrote
+        # Runs created here that no one has leased yet, and runs whose first lease we took: for
+        # those, taking the lease and finding the log's end need no reads.
+        self._new: set[tuple[str, str]] = set()
+        self._unwritten: set[tuple[str, str]] = set()
+        # Written in each state.json this process writes: a write of ours that landed although
+        # its request failed is recognised as ours, not taken for another writer's.
+        self._writer = uuid.uuid4().hex
 
     async def _s3(self) -> Any:
         if self._client is None:
@@ -185,19 +265,110 @@ class S3Storage:
     async def create_run(self, ws: str, run_id: str, spec: JsonObject, state: JsonObject) -> bool:
         if not await self._put_new(self._run(ws, run_id, "spec.json"), dumps(spec)):
             return False
-        return await self._put_new(self._run(ws, run_id, "state.json"), dumps(state))
+        body = dumps({**state, TAIL_KEY: _Tail().to_json(self._writer)})
+        etag = await self._put(self._run(ws, run_id, "state.json"), body, IfNoneMatch="*")
+        if etag is not None:
+            self._remember(ws, run_id, _Head(etag, _Tail(size=len(body)), next(self._stamps), self._writer))
+            self._new.add((ws, run_id))
+            return True
+        existing = await self._get(self._run(ws, run_id, "state.json"))  # a retried create that landed
+        return existing is not None and existing[0] == body
 
     async def read_spec(self, ws: str, run_id: str) -> JsonObject | None:
         return await self._get_json(self._run(ws, run_id, "spec.json"))
 
     async def read_state(self, ws: str, run_id: str) -> JsonObject | None:
-        return await self._get_json(self._run(ws, run_id, "state.json"))
+        found = await self._read_head(ws, run_id)
+        return None if found is None else found[0]
+
+    async def _read_head(self, ws: str, run_id: str) -> tuple[JsonObject, _Head] | None:
+        stamp = next(self._stamps)
+        found = await self._get(self._run(ws, run_id, "state.json"))
+        if found is None:
+            return None
+        doc: JsonObject = loads(found[0])
+        log = doc.pop(TAIL_KEY, None)
+        tail = _Tail.from_json(log)
+        tail.size = len(found[0])
+        writer = log.get("writer") if isinstance(log, dict) else None
+        head = _Head(found[1], tail, stamp, writer if isinstance(writer, str) else "")
+        self._remember(ws, run_id, head)
+        return doc, head
+
+    def _remember(self, ws: str, run_id: str, head: _Head) -> None:
+        known = self._heads.get((ws, run_id))
+        if known is not None and known.stamp > head.stamp:
+            return  # read before a write of ours that landed since: older than what we know
+        self._heads[(ws, run_id)] = head
+        self._heads.move_to_end((ws, run_id))
+        while len(self._heads) > _HEADS:
+            self._heads.popitem(last=False)
 
     async def write_state(self, ws: str, run_id: str, state: JsonObject) -> None:
-        await self._put(self._run(ws, run_id, "state.json"), dumps(state))
+        await self.commit(ws, run_id, Checkpoint(state))
 
     async def commit(self, ws: str, run_id: str, checkpoint: Checkpoint) -> None:
-        await commit_in_steps(self, ws, run_id, checkpoint)
+        """One PUT of state.json with the checkpoint's events and transcript entries in its
+        tail (after the checkpoint's blobs, in parallel); see the module docstring.
+
+        Raises `StateConflict` when state.json is no longer what this process last read or
+        wrote (another writer replaced it meanwhile).
+        """
+        key = self._run(ws, run_id, "state.json")
+        head = self._heads.get((ws, run_id))
+        if head is None:
+            found = await self._read_head(ws, run_id)
+            head = found[1] if found is not None else _Head("", _Tail())
+        if checkpoint.blobs:
+            await asyncio.gather(*(self.put_blob(ws, run_id, n, d) for n, d in checkpoint.blobs.items()))
+        for attempt in range(3):
+            base = head.tail
+            if base.size > TAIL_BYTES:
+                await self._move_out(ws, run_id, base)
+                base = _Tail()
+            tail = _extended(base, checkpoint)
+            if tail is None:
+                if attempt:
+                    first = checkpoint.transcript_first
+                    raise ValueError(f"run {run_id}: transcript entries from {first} do not follow the tail")
+                found = await self._read_head(ws, run_id)  # what we knew was stale: look again
+                head = found[1] if found is not None else _Head("", _Tail())
+                continue
+            body = dumps({**checkpoint.state, TAIL_KEY: tail.to_json(self._writer)})
+            tail.size = len(body)
+            conditions = {"IfMatch": head.etag} if head.etag else {"IfNoneMatch": "*"}
+            etag = await self._put(key, body, **conditions)
+            if etag is not None:
+                self._remember(ws, run_id, _Head(etag, tail, next(self._stamps), self._writer))
+                return
+            # Lost a race, or a write of ours landed without our learning it: read back.
+            found = await self._read_head(ws, run_id)
+            if found is None or found[1].writer != self._writer:
+                self._heads.pop((ws, run_id), None)
+                raise StateConflict(f"the state of run {run_id} was replaced by another writer")
+            head = found[1]  # ours after all (e.g. an attempt that failed late): build on it
+        raise StateConflict(f"the state of run {run_id} keeps changing under this writer")
+
+    async def _move_out(self, ws: str, run_id: str, tail: _Tail) -> None:
+        """Write ``tail``'s records as segments (state.json still holds them until replaced)."""
+        writes = []
+        run: list[JsonObject] = []
+        for record in tail.events:  # one segment per run of consecutive seqs
+            if run and run[-1]["seq"] + doc_span(run[-1]) != record["seq"]:
+                writes.append(self.write_segment(ws, run_id, "events", run[0]["seq"], run))
+                run = []
+            run.append(record)
+        if run:
+            writes.append(self.write_segment(ws, run_id, "events", run[0]["seq"], run))
+        if tail.transcript:
+            writes.append(
+                self.write_segment(ws, run_id, "transcript", tail.transcript_first, tail.transcript)
+            )
+        await asyncio.gather(*writes)
+
+    async def _tail(self, ws: str, run_id: str) -> _Tail:
+        found = await self._read_head(ws, run_id)
+        return found[1].tail if found is not None else _Tail()
 
     async def write_segment(
         self, ws: str, run_id: str, stream: str, first: int, records: list[JsonObject]
@@ -224,36 +395,80 @@ class S3Storage:
     ) -> list[JsonObject]:
         if upto <= after:
             return []
+        cached = self._heads.get((ws, run_id))
+        if cached is not None:
+            # Committed records never change: what the tail last seen here holds is served as is.
+            held = [(f, last, r) for f, last, r in cached.tail.records(stream) if last > after and f <= upto]
+            if held and held[0][0] <= after + 1 and held[-1][1] >= upto and _contiguous(held):
+                return [record for _, _, record in held]
+        segments = [(first, last, key) for first, last, key in await self._segments(ws, run_id, stream)
+                    if last > after and first <= upto]  # fmt: skip
+        # state.json's tail is read only when the segments leave a gap (or stop short).
+        cursor = after + 1
+        for first, last, _ in segments:
+            if first > cursor:
+                break
+            cursor = max(cursor, last + 1)
+        tail = await self._tail(ws, run_id) if cursor <= upto else _Tail()
+        bodies = await self._get_all([key for _, _, key in segments])
+        sources: list[tuple[int, int, list[tuple[int, Any]]]] = []
+        for (first, last, _), body in zip(segments, bodies, strict=True):
+            if body is not None:
+                sources.append((first, last, _lines(first, body)))
+        sources += [(first, last, [(first, record)]) for first, last, record in tail.records(stream)
+                    if last > after and first <= upto]  # fmt: skip
+        sources.sort(key=lambda source: (source[0], -source[1]))
         out: list[JsonObject] = []
         cursor = after + 1
-        for first, last, key in await self._segments(ws, run_id, stream):
-            if last < cursor or first > cursor:
-                continue  # behind us, or (never after drop_uncommitted) a gap
-            found = await self._get(key)
-            if found is None:
-                continue
-            index = first  # of the line's first record: a line may stand for several
-            for line in found[0].splitlines():
-                n = span(line)
-                if index + n - 1 >= cursor and index <= upto:
-                    out.append(loads(line))
-                index += n
+        for first, last, items in sources:
+            if last < cursor:
+                continue  # behind us (a segment and the tail may both hold a record)
+            if first > cursor:
+                break  # a gap: nothing committed lies past it
+            for index, item in items:
+                if index + _span_of(item) - 1 >= cursor and index <= upto:
+                    out.append(item if isinstance(item, dict) else loads(item))
             cursor = last + 1
             if cursor > upto:
                 break
         return out
 
+    async def _get_all(self, keys: list[str]) -> list[bytes | None]:
+        """The bodies of ``keys`` (None where missing), a few requests at a time."""
+        out: list[bytes | None] = []
+        for start in range(0, len(keys), _READ_AHEAD):
+            found = await asyncio.gather(*(self._get(key) for key in keys[start : start + _READ_AHEAD]))
+            out += [None if f is None else f[0] for f in found]
+        return out
+
     async def drop_uncommitted(self, ws: str, run_id: str, stream: str, committed: int) -> None:
-        s3 = await self._s3()
-        for first, last, key in await self._segments(ws, run_id, stream):
-            # A segment is committed whole or not at all: state.json moves to its last record.
-            if first > committed or last > committed:
-                with _faults():
-                    await s3.delete_object(Bucket=self._bucket, Key=key)
+        # A segment is committed whole or not at all: state.json moves to its last record.
+        # (The tail in state.json is committed by definition.)
+        head = self._heads.get((ws, run_id))
+        if stream == "transcript" and head is not None and head.writer:
+            # The state (just read by the writer taking the run over) was written with a tail:
+            # transcript segments hold only committed entries since (an earlier version's
+            # leftovers were dropped when that writer took over).
+            return
+        stale = [key for first, last, key in await self._segments(ws, run_id, stream)
+                 if first > committed or last > committed]  # fmt: skip
+        if stale:
+            await self._delete(*stale)
 
     async def repair_end(self, ws: str, run_id: str, stream: str) -> int:
-        # Segments are written whole or not at all: nothing is ever torn.
-        return max((last for _, last, _ in await self._segments(ws, run_id, stream)), default=0)
+        # Segments are written whole or not at all: nothing is ever torn. The caller, the writer
+        # taking the run over, has just read state.json: its tail is the one this process knows.
+        head = self._heads.get((ws, run_id))
+        if head is not None and (ws, run_id) in self._unwritten:
+            # Its first lease is ours: no writer wrote ahead of a state before us.
+            self._unwritten.discard((ws, run_id))
+            return max((last for _, last, _ in head.tail.records(stream)), default=0)
+        if head is None:
+            segments, tail = await asyncio.gather(self._segments(ws, run_id, stream), self._tail(ws, run_id))
+        else:
+            segments, tail = await self._segments(ws, run_id, stream), head.tail
+        ends = [last for _, last, _ in segments] + [last for _, last, _ in tail.records(stream)]
+        return max(ends, default=0)
 
     async def put_blob(self, ws: str, run_id: str, name: str, data: bytes) -> None:
         await self._put(self._run(ws, run_id, "blobs", check_id(name, "blob name")), data)
@@ -326,6 +541,10 @@ class S3Storage:
         await self._delete(self._doc(ws, key))
 
     async def delete_run(self, ws: str, run_id: str) -> None:
+        self._heads.pop((ws, run_id), None)
+        self._leases.pop((ws, run_id), None)
+        self._new.discard((ws, run_id))
+        self._unwritten.discard((ws, run_id))
         keys, _ = await self._list(self._run(ws, run_id) + "/")
         if keys:
             await self._delete(*keys)
@@ -333,30 +552,99 @@ class S3Storage:
     async def acquire_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
         key = self._run(ws, run_id, "lease.json")
         doc = dumps({"owner": owner, "expires_at": time.time() + ttl})
+        mine = self._leases.get((ws, run_id))
+        if mine is not None and mine[0] == owner:
+            # Renewing a lease this process wrote last: one conditional PUT, no read first.
+            etag = await self._put(key, doc, IfMatch=mine[1])
+            if etag is not None:
+                self._leases[(ws, run_id)] = (owner, etag)
+                return True
+        self._leases.pop((ws, run_id), None)
+        self._unwritten.discard((ws, run_id))
+        if (ws, run_id) in self._new:
+            # Created here and never leased: no lease to read first (and no writer before us).
+            self._new.discard((ws, run_id))
+            etag = await self._put(key, doc, IfNoneMatch="*")
+            if etag is not None:
+                self._leases[(ws, run_id)] = (owner, etag)
+                self._unwritten.add((ws, run_id))
+                return True
         current = await self._get(key)
         if current is None:
-            if await self._put(key, doc, IfNoneMatch="*") is not None:
-                return True
+            etag = await self._put(key, doc, IfNoneMatch="*")
         else:
             held = loads(current[0])
             if held["owner"] != owner and held["expires_at"] > time.time():
                 return False
-            if await self._put(key, doc, IfMatch=current[1]) is not None:
-                return True
+            etag = await self._put(key, doc, IfMatch=current[1])
+        if etag is not None:
+            self._leases[(ws, run_id)] = (owner, etag)
+            return True
         # Lost a race, or our own write landed but its answer did not: read back.
-        latest = await self._get_json(key)
-        return latest is not None and latest.get("owner") == owner
+        latest = await self._get(key)
+        if latest is None or loads(latest[0]).get("owner") != owner:
+            return False
+        self._leases[(ws, run_id)] = (owner, latest[1])
+        return True
 
     async def release_lease(self, ws: str, run_id: str, owner: str) -> None:
         key = self._run(ws, run_id, "lease.json")
+        # Expire rather than delete: If-Match keeps us from clobbering a new owner.
+        expired = dumps({"owner": owner, "expires_at": 0})
+        self._unwritten.discard((ws, run_id))
+        mine = self._leases.pop((ws, run_id), None)
+        if (
+            mine is not None
+            and mine[0] == owner
+            and await self._put(key, expired, IfMatch=mine[1]) is not None
+        ):
+            return
         current = await self._get(key)
         if current is not None and loads(current[0]).get("owner") == owner:
-            # Expire rather than delete: If-Match keeps us from clobbering a new owner.
-            await self._put(key, dumps({"owner": owner, "expires_at": 0}), IfMatch=current[1])
+            await self._put(key, expired, IfMatch=current[1])
 
     async def close(self) -> None:
         await self._stack.aclose()
         self._client = None
+
+
+def _extended(tail: _Tail, checkpoint: Checkpoint) -> _Tail | None:
+    """``tail`` with the checkpoint's events and transcript entries (a retried commit brings
+    some again: they replace what the tail has); None if the entries do not follow the tail's."""
+    out = _Tail(list(tail.events), tail.transcript_first, list(tail.transcript), tail.size)
+    if checkpoint.events:
+        seq = checkpoint.events[0]["seq"]
+        out.events = [e for e in out.events if e["seq"] < seq] + list(checkpoint.events)
+    if checkpoint.transcript:
+        first, entries = checkpoint.transcript_first, list(checkpoint.transcript)
+        if out.transcript:
+            if first > out.transcript_first + len(out.transcript):
+                return None
+            if first < out.transcript_first:  # those before were moved out already
+                entries = entries[out.transcript_first - first :]
+                first = out.transcript_first
+            out.transcript = out.transcript[: first - out.transcript_first] + entries
+        else:
+            out.transcript_first, out.transcript = first, entries
+    return out
+
+
+def _lines(first: int, body: bytes) -> list[tuple[int, Any]]:
+    """(index, encoded line) of each record of a segment that starts at ``first``."""
+    out: list[tuple[int, Any]] = []
+    index = first
+    for line in body.splitlines():
+        out.append((index, line))
+        index += span(line)
+    return out
+
+
+def _contiguous(spans: list[tuple[int, int, Any]]) -> bool:
+    return all(spans[i][0] == spans[i - 1][1] + 1 for i in range(1, len(spans)))
+
+
+def _span_of(item: Any) -> int:
+    return doc_span(item) if isinstance(item, dict) else span(item)
 
 
 def _stream(name: str) -> str:

@@ -232,3 +232,29 @@ async def test_a_handoff_deadline_fires_on_b_after_a_is_killed(
     assert ended.error is not None
     assert ended.error.code == "ERR_RUNNER_LOST"
     assert len(runner.requests) == 2  # A's handoff, then B's timer's (the sweep runs hourly here)
+
+
+async def test_a_pause_commits_with_its_deadline_timer_already_written(
+    replicas: Replicas, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica's queued changes never reach the database (as if it died right after the
+    pause committed): the approval deadline's timer row is there all the same."""
+    server = await replicas.start(config={"tools": {"permissions": {"double": "ask"}}})
+    stalled = asyncio.Event()
+
+    async def never_written(_pool: object) -> None:
+        stalled.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(server.engine.control, "_apply_ops", never_written)
+    async with AsyncEngineClient(f"127.0.0.1:{server.port}") as client:
+        handle = await client.create(
+            "expiring",
+            model="scripted",
+            script=[turn("", ("double", {"x": 4})), turn("x")],
+            approval_timeout=600,
+        )
+        run = await handle.wait(timeout=20)
+    assert run.state == "PAUSED", run
+    await asyncio.wait_for(stalled.wait(), 5)  # the queued changes are stuck
+    assert await _timers(database, run.run_id) == ["approval"]

@@ -13,7 +13,7 @@ import pytest
 
 import engine_service.storage._local as local
 from engine_service import LocalStorage
-from engine_service.storage._protocol import Checkpoint, LeaseLost
+from engine_service.storage._protocol import Checkpoint, StateConflict
 
 RUN = Path("workspaces", "ws", "runs", "r1")
 
@@ -398,10 +398,10 @@ async def test_a_writer_that_lost_the_lease_cannot_end_the_run_over_the_holder(
     expire_lease(tmp_path)
     assert await b.acquire_lease("ws", "r1", "b", 30)
     # a's final commit, in flight before it noticed: refused, the log stays b's.
-    with pytest.raises(LeaseLost):
+    with pytest.raises(StateConflict):
         await a.write_state("ws", "r1", {"state": "DONE", "by": "a"})
     await b.write_state("ws", "r1", {"state": "RUNNING", "by": "b", "n": 1})
-    with pytest.raises(LeaseLost):
+    with pytest.raises(StateConflict):
         await a.write_state("ws", "r1", {"state": "DONE", "by": "a"})
     assert await reader.read_state("ws", "r1") == {"state": "RUNNING", "by": "b", "n": 1}
     await b.write_state("ws", "r1", {"state": "RUNNING", "by": "b", "n": 2})
