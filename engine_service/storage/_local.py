@@ -411,7 +411,7 @@ class LocalStorage:
             except FileExistsError:
                 del self._logs[key]
                 log.close()
-                raise StateConflict(f"the commit log of run {key[1]} was moved on by another writer") from None
+                raise StateConflict(f"run {key[1]}: its commit log was moved on by another writer") from None
             try:
                 _write_all(fd, data)
             except BaseException:
