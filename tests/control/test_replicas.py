@@ -166,11 +166,13 @@ async def test_a_timer_set_on_a_fires_after_a_is_killed(deployment: Deployment) 
         assert paused.state == "PAUSED"
     # The deadline's timer row is written before the pause commits; the slot is given back
     # with the replica's next batch of control-plane writes, so wait for both.
+    count_timers = "SELECT count(*) FROM machina_timers WHERE run_id = $1"
+    slot_owner = "SELECT owner FROM machina_slots WHERE run_id = $1"
     conn = await asyncpg.connect(deployment.database)
     try:
         for _ in range(200):
-            timers = await conn.fetchval("SELECT count(*) FROM machina_timers WHERE run_id = $1", handle.run_id)
-            held_by = await conn.fetchval("SELECT owner FROM machina_slots WHERE run_id = $1", handle.run_id)
+            timers = await conn.fetchval(count_timers, handle.run_id)
+            held_by = await conn.fetchval(slot_owner, handle.run_id)
             if timers and held_by is None:
                 break
             await asyncio.sleep(0.05)
