@@ -155,6 +155,9 @@ class CheckpointedRun:
         # Transcript entries committed to storage so far.
         self._transcript_committed = record.transcript_len
         self._lease_renew_at = 0.0
+        # Whether this actor took the lease: the first take may take it over from an expired
+        # holder; from then on it is only extended, never taken back from a process that took it.
+        self._lease_taken = False
         self._active_since = 0.0
         self._lease_lost = False
         # Set once the lease is given up (a pause or an end): this actor no longer speaks for the run.
@@ -422,6 +425,7 @@ class CheckpointedRun:
             await self.env.storage.release_lease(ws, run_id, self.env.owner)
             return False
         self.lease_released = False  # ours again (a handoff the runner could not take comes back)
+        self._lease_taken = True
         self._lease_renew_at = self.env.clock() + self.env.lease_ttl / 3
         # Events the dead writer wrote past its checkpoint stay (watchers may have seen them);
         # its transcript entries go: the run redoes that work from the checkpoint.
@@ -496,7 +500,14 @@ class CheckpointedRun:
         now = self.env.clock()
         if now >= self._lease_renew_at:
             ws, run_id = self.key
-            if not await self.env.storage.acquire_lease(ws, run_id, self.env.owner, self.env.lease_ttl):
+            storage, owner, ttl = self.env.storage, self.env.owner, self.env.lease_ttl
+            if self._lease_taken:
+                held = await storage.renew_lease(ws, run_id, owner, ttl)
+            else:
+                held = self._lease_taken = await storage.acquire_lease(ws, run_id, owner, ttl)
+            if not held:
+                if self._released_meanwhile():
+                    return  # given up while this renewal was under way (the heartbeat raced the end)
                 raise LeaseLost(f"run {run_id} is now moved by another process")
             if self._released_meanwhile():
                 # Released while this renewal was under way (the heartbeat races the end): the

@@ -192,6 +192,7 @@ _STORAGE_OPERATIONS = (
     "list_workspaces",
     "put_if_absent",
     "acquire_lease",
+    "renew_lease",
     "release_lease",
 )
 

@@ -812,6 +812,24 @@ class LocalStorage:
             self._holders[key] = owner
             return True
 
+    async def renew_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
+        run_dir = self._run_dir(ws, run_id)
+        try:
+            with self._locked(run_dir):
+                fd = os.open(run_dir / "lease.json", os.O_RDWR)
+                try:
+                    current = _parse_lease(os.pread(fd, os.fstat(fd).st_size, 0))
+                    if not _still_held_by(current, owner):
+                        return False
+                    data = dumps({"owner": owner, "expires_at": time.time() + ttl, "boot": BOOT_ID})
+                    os.pwrite(fd, data, 0)
+                    os.ftruncate(fd, len(data))
+                finally:
+                    os.close(fd)
+        except FileNotFoundError:  # the run (or its lease) is gone
+            return False
+        return True
+
     async def release_lease(self, ws: str, run_id: str, owner: str) -> None:
         key = (ws, run_id)
         ends = self._ends.pop(key, {})
@@ -1210,6 +1228,17 @@ def _parse_lease(data: bytes) -> JsonObject | None:
         return doc
     except ValueError:
         return None  # torn by a power loss (it is rewritten in place): no live lease
+
+
+def _still_held_by(lease: JsonObject | None, owner: str) -> bool:
+    """Whether ``owner`` can extend ``lease``: its own, taken in this boot, not released (a
+    released lease carries a ``left`` mark). Expired is fine: nobody took it since."""
+    return (
+        lease is not None
+        and lease["owner"] == owner
+        and lease.get("boot", BOOT_ID) == BOOT_ID
+        and "left" not in lease
+    )
 
 
 def _live(lease: JsonObject, now: float) -> bool:

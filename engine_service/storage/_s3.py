@@ -587,6 +587,30 @@ class S3Storage:
         self._leases[(ws, run_id)] = (owner, latest[1])
         return True
 
+    async def renew_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
+        key = self._run(ws, run_id, "lease.json")
+        doc = dumps({"owner": owner, "expires_at": time.time() + ttl})
+        mine = self._leases.get((ws, run_id))
+        if mine is not None and mine[0] == owner:
+            etag = await self._put(key, doc, IfMatch=mine[1])
+            if etag is not None:
+                self._leases[(ws, run_id)] = (owner, etag)
+                return True
+        # Not the lease this process wrote last: someone else wrote it since, or our own
+        # write landed but its answer did not. Only the latter (ours, not released) is extended.
+        self._leases.pop((ws, run_id), None)
+        current = await self._get(key)
+        if current is None:
+            return False
+        held = loads(current[0])
+        if held.get("owner") != owner or held.get("expires_at", 0) <= 0:
+            return False
+        etag = await self._put(key, doc, IfMatch=current[1])
+        if etag is None:
+            return False
+        self._leases[(ws, run_id)] = (owner, etag)
+        return True
+
     async def release_lease(self, ws: str, run_id: str, owner: str) -> None:
         key = self._run(ws, run_id, "lease.json")
         # Expire rather than delete: If-Match keeps us from clobbering a new owner.

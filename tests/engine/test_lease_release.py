@@ -1,4 +1,5 @@
-"""A lease renewal that races the run giving its lease up never keeps the lease."""
+"""A lease renewal never keeps or takes back a lease it should not: one that races the run
+giving its lease up, or one another process took while this one stalled."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from engine_service.core._checkpoint import CheckpointedRun, RunEnv
+from engine_service.core._checkpoint import CheckpointedRun, LeaseLost, RunEnv
 from engine_service.core._run import RunRecord, RunSpec
 from engine_service.core._types import Permission, RunState
 from engine_service.storage._local import LocalStorage
@@ -16,8 +17,7 @@ from engine_service.storage._local import LocalStorage
 pytestmark = pytest.mark.timeout(20)
 
 
-async def test_a_renewal_under_way_when_the_lease_is_released_gives_it_back(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+async def _actor(storage: LocalStorage, *, lease_ttl: float) -> CheckpointedRun:
     record = RunRecord(
         run_id="r1", workspace_id="w", task="t", state=RunState.RUNNING, created_at=1.0, updated_at=1.0
     )
@@ -32,9 +32,14 @@ async def test_a_renewal_under_way_when_the_lease_is_released_gives_it_back(tmp_
         max_output_tokens=1,
         price=(0.0, 0.0, 0.0, 0.0),
         owner="engine-a",
-        lease_ttl=30.0,
+        lease_ttl=lease_ttl,
     )
-    run = CheckpointedRun(record, RunSpec(task="t", run_id="r1"), [], env)
+    return CheckpointedRun(record, RunSpec(task="t", run_id="r1"), [], env)
+
+
+async def test_a_renewal_under_way_when_the_lease_is_released_gives_it_back(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    run = await _actor(storage, lease_ttl=30.0)
     acquire = storage.acquire_lease
     assert await acquire("w", "r1", "engine-a", 30.0)
     gate = asyncio.Event()
@@ -54,3 +59,27 @@ async def test_a_renewal_under_way_when_the_lease_is_released_gives_it_back(tmp_
     # And a heartbeat after the release does not take it either.
     await run._renew_lease()
     assert await acquire("w", "r1", "engine-b", 30.0)
+
+
+async def test_a_stalled_writer_does_not_take_back_a_run_another_process_moved(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    run = await _actor(storage, lease_ttl=0.2)
+    assert await run.take_over()
+    # This process stalls past its lease (a long GC pause, a storage outage); another process
+    # takes the run, moves it and gives it up again before this one wakes.
+    await asyncio.sleep(0.3)
+    assert await storage.acquire_lease("w", "r1", "engine-b", 30.0)
+    await storage.release_lease("w", "r1", "engine-b")
+    # The stalled writer's next renewal must not take the run back: what it holds is stale.
+    with pytest.raises(LeaseLost):
+        await run._renew_lease()
+    assert await storage.acquire_lease("w", "r1", "engine-c", 30.0)
+
+
+async def test_an_expired_lease_nobody_took_is_extended(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    run = await _actor(storage, lease_ttl=0.2)
+    assert await run.take_over()
+    await asyncio.sleep(0.3)
+    await run._renew_lease()  # nobody moved the run meanwhile: it is still this writer's
+    assert not await storage.acquire_lease("w", "r1", "engine-b", 30.0)

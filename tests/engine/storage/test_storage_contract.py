@@ -114,6 +114,26 @@ async def test_lease_one_owner_at_a_time(storage: Storage) -> None:
     assert await storage.acquire_lease("ws", "r1", "c", ttl=30)
 
 
+async def test_a_lease_is_renewed_only_while_its_owner_still_holds_it(storage: Storage) -> None:
+    await storage.create_run("ws", "r1", {}, {})
+    assert not await storage.renew_lease("ws", "r1", "a", ttl=30)  # never taken
+    assert await storage.acquire_lease("ws", "r1", "a", ttl=0.05)
+    assert await storage.renew_lease("ws", "r1", "a", ttl=0.05)
+    await asyncio.sleep(0.1)
+    assert await storage.renew_lease("ws", "r1", "a", ttl=30)  # expired, but nobody took it
+    assert not await storage.acquire_lease("ws", "r1", "b", ttl=30)
+    assert not await storage.renew_lease("ws", "r1", "b", ttl=30)
+    await storage.release_lease("ws", "r1", "a")
+    assert not await storage.renew_lease("ws", "r1", "a", ttl=30)  # given up
+    # Taken by another owner, even one that gave it up again: never renewed by the first.
+    assert await storage.acquire_lease("ws", "r1", "b", ttl=30)
+    assert not await storage.renew_lease("ws", "r1", "a", ttl=30)
+    await storage.release_lease("ws", "r1", "b")
+    assert not await storage.renew_lease("ws", "r1", "a", ttl=30)
+    assert await storage.acquire_lease("ws", "r1", "c", ttl=30)
+    assert not await storage.renew_lease("ws", "missing", "a", ttl=30)
+
+
 async def test_blobs_and_shared_documents(storage: Storage) -> None:
     await storage.create_run("ws", "r1", {}, {})
     await storage.put_blob("ws", "r1", "result-abc", b"\x00binary\xff")
