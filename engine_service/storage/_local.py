@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import fcntl
+import itertools
 import os
 import secrets
 import shutil
@@ -31,6 +32,7 @@ from engine_service.storage._workdir_snapshot import FILE_BLOB, MANIFEST_BLOB
 SEGMENT_RECORDS = 4096
 # Run directories (paths) and released runs remembered, at most.
 _RUN_DIRS_KEPT = 4096
+_TMP_NUMBERS = itertools.count()  # names temporary files apart
 # Blobs of run-directory snapshots (see _workdir_snapshot): contents and manifests.
 SNAPSHOT_BLOB_PREFIXES = (FILE_BLOB, MANIFEST_BLOB)
 # A run's commit log: ``commits/{n}.jsonl``, one record a checkpoint, the newest whole record of
@@ -233,14 +235,21 @@ class LocalStorage:
 
     async def create_run(self, ws: str, run_id: str, spec: JsonObject, state: JsonObject) -> bool:
         run_dir = self._run_dir(ws, run_id)
+        if self._fsync:
+            # In a thread, whole: its syncs do not hold up the event loop, and a caller that gives
+            # up meanwhile leaves a run created whole or not at all.
+            return await asyncio.to_thread(self._create_run_dir, run_dir, dumps(spec), dumps(state))
+        return self._create_run_dir(run_dir, dumps(spec), dumps(state))
+
+    def _create_run_dir(self, run_dir: Path, spec: bytes, state: bytes) -> bool:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         try:
             run_dir.mkdir()
         except FileExistsError:
             return False
         try:
-            self._write_atomic(run_dir / "spec.json", dumps(spec))
-            self._write_atomic(run_dir / "state.json", dumps(state))
+            self._write_atomic(run_dir / "spec.json", spec)
+            self._write_atomic(run_dir / "state.json", state)
             if self._fsync:
                 _fsync_dir(run_dir.parent)  # the run directory's own entry: CreateRun answers after this
         except BaseException:
@@ -330,7 +339,14 @@ class LocalStorage:
                 self._check_lease(key)
                 log = None
         if log is None:
-            log = self._logs[key] = self._open_log(*key)
+            log, unsynced = self._open_log(*key)
+            if unsynced:  # the names of a new log (and its directory): synced before it is used
+                try:
+                    await asyncio.to_thread(_fsync_dirs, unsynced)
+                except BaseException:
+                    log.close()
+                    raise
+            self._logs[key] = log
         final = record["state"].get("state") in _FINAL
         if log.size and not self._fsync and final:
             # A pause or an end starts a new log holding only it: the run writes no more for
@@ -358,23 +374,23 @@ class LocalStorage:
         if log.size > LOG_BYTES:
             await self._replace_log(key, log, {"boot": BOOT_ID, "state": log.state} if self._fsync else None)
 
-    def _open_log(self, ws: str, run_id: str) -> _Log:
+    def _open_log(self, ws: str, run_id: str) -> tuple[_Log, list[Path]]:
         """The run's newest commit log, opened for appending (its torn end cut off); a new one
-        if it has none."""
+        if it has none. In fsync mode, with the directories whose new entries must be synced
+        before it is used."""
         directory = self._run_dir(ws, run_id) / COMMITS
+        unsynced: list[Path] = []
         try:
             numbers = _log_numbers(os.listdir(directory))
         except FileNotFoundError:
             directory.mkdir()
-            if self._fsync:
-                _fsync_dir(directory.parent)
+            unsynced.append(directory.parent)
             numbers = []
         if not numbers:
             path = directory / _log_name(1)
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-            if self._fsync:
-                _fsync_dir(directory)
-            return _Log(fd, path, 1, os.fstat(fd).st_size)
+            unsynced.append(directory)
+            return _Log(fd, path, 1, os.fstat(fd).st_size), unsynced if self._fsync else []
         path = directory / _log_name(numbers[-1])
         fd = os.open(path, os.O_RDWR | os.O_APPEND)
         try:
@@ -384,7 +400,7 @@ class LocalStorage:
         except BaseException:
             os.close(fd)
             raise
-        return _Log(fd, path, numbers[-1], size)
+        return _Log(fd, path, numbers[-1], size), []
 
     async def _replace_log(self, key: tuple[str, str], log: _Log, record: JsonObject | None) -> None:
         """Start a new commit log holding only ``record``'s state (None: the newest record's),
@@ -637,13 +653,16 @@ class LocalStorage:
         if snapshot and self._fsync and len(data) > INLINE_BLOB_BYTES:
             await asyncio.to_thread(self._write_atomic, path, data, sync=True)  # too large to carry
             return
-        if not (snapshot and _write_new(path, data)):
+        if not snapshot:
+            await self._write_durably(path, data)
+            return
+        if not _write_new(path, data):
             # Named by its content's digest, never rewritten, and checked against that digest
             # when read back: created in place, without a temporary file and a rename (one there
             # already was torn by a crash: rewritten whole). Only a state written after it names
             # it, so a reader never meets one half-written.
-            self._write_atomic(path, data, sync=self._fsync and not snapshot)
-        if snapshot and self._fsync:
+            self._write_atomic(path, data, sync=False)
+        if self._fsync:
             self._redo_of((ws, run_id)).blobs[name] = data
 
     async def get_blob(self, ws: str, run_id: str, name: str) -> bytes | None:
@@ -655,7 +674,7 @@ class LocalStorage:
     async def put_shared(self, name: str, doc: JsonObject) -> None:
         directory = self._root / "shared"
         directory.mkdir(exist_ok=True)
-        self._write_atomic(directory / f"{check_id(name, 'shared name')}.json", dumps(doc))
+        await self._write_durably(directory / f"{check_id(name, 'shared name')}.json", dumps(doc))
 
     async def get_shared(self, name: str) -> JsonObject | None:
         return _read_json(self._root / "shared" / f"{check_id(name, 'shared name')}.json")
@@ -687,17 +706,12 @@ class LocalStorage:
                     return existing
                 await asyncio.sleep(0.01)
             raise
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(dumps(doc))
-                if self._fsync:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            if self._fsync:
-                _fsync_dir(directory)
-        except BaseException:
-            path.unlink(missing_ok=True)  # an empty key would block every retry
-            raise
+        if self._fsync:
+            # In a thread, whole (its syncs would hold up the event loop): a caller that gives up
+            # meanwhile leaves the key written or removed, never empty.
+            await asyncio.to_thread(_fill_key, fd, path, dumps(doc), True)
+        else:
+            _fill_key(fd, path, dumps(doc), False)
         return None
 
     async def delete_request_key(self, ws: str, key: str) -> None:
@@ -715,12 +729,17 @@ class LocalStorage:
         path = self._doc_path(ws, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         if not create_only:
-            self._write_atomic(path, dumps(doc))
+            await self._write_durably(path, dumps(doc))
             return True
+        if self._fsync:
+            return await asyncio.to_thread(self._create_doc, path, dumps(doc))
+        return self._create_doc(path, dumps(doc))
+
+    def _create_doc(self, path: Path, data: bytes) -> bool:
         # Written aside, then linked into place: link fails if the name exists, and readers
         # never see a half-written document.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-        self._write_atomic(tmp, dumps(doc))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_TMP_NUMBERS)}.tmp")
+        self._write_atomic(tmp, data)
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -891,7 +910,8 @@ class LocalStorage:
         """Write ``path`` whole (temporary file, rename); synced with its name in fsync mode
         unless ``sync`` is False."""
         sync = self._fsync if sync is None else sync
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # Unique per write: writes that sync go to a thread, and two may write one name at once.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_TMP_NUMBERS)}.tmp")
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data.encode() if isinstance(data, str) else data)
@@ -905,6 +925,14 @@ class LocalStorage:
             raise
         if sync:
             _fsync_dir(path.parent)
+
+    async def _write_durably(self, path: Path, data: str | bytes) -> None:
+        """`_write_atomic`, in a thread when it syncs (milliseconds the event loop's other runs
+        must not wait for)."""
+        if self._fsync:
+            await asyncio.to_thread(self._write_atomic, path, data, sync=True)
+        else:
+            self._write_atomic(path, data, sync=False)
 
 
 def _write_new(path: Path, data: bytes) -> bool:
@@ -927,6 +955,22 @@ def _write_new(path: Path, data: bytes) -> bool:
     return True
 
 
+def _fill_key(fd: int, path: Path, data: bytes, sync: bool) -> None:
+    """Write a request key just created as ``fd`` (removed again if that fails: an empty key
+    would block every retry)."""
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        if sync:
+            _fsync_dir(path.parent)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def _write_all(fd: int, data: bytes) -> None:
     written = os.write(fd, data)
     while written < len(data):  # a short write: the rest, or the error that stopped it
@@ -945,6 +989,11 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dirs(directories: list[Path]) -> None:
+    for directory in directories:
+        _fsync_dir(directory)
 
 
 def _fsync_dir(directory: Path) -> None:

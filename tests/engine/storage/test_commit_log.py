@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -517,3 +518,49 @@ async def test_a_lease_taken_before_the_machine_rebooted_has_expired(
     monkeypatch.setattr(local, "BOOT_ID", "the-next-boot")  # a reboot shorter than the lease
     assert await LocalStorage(tmp_path).acquire_lease("ws", "r1", "after", 30)
     await storage.close()
+
+
+async def test_fsync_mode_never_syncs_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync takes milliseconds; on the event loop it would hold up every other run of the
+    engine. Each operation that syncs does it in a thread."""
+    loop_thread = threading.get_ident()
+    on_loop: list[str] = []
+    real_data, real_full = os.fdatasync, os.fsync
+
+    def data(fd: int) -> None:
+        if threading.get_ident() == loop_thread:
+            on_loop.append("fdatasync")
+        real_data(fd)
+
+    def full(fd: int) -> None:
+        if threading.get_ident() == loop_thread:
+            on_loop.append("fsync")
+        real_full(fd)
+
+    monkeypatch.setattr(os, "fdatasync", data)
+    monkeypatch.setattr(os, "fsync", full)
+    storage = LocalStorage(tmp_path, fsync=True)
+    assert await storage.create_run("ws", "r1", {"task": "t"}, {"last_seq": 0})
+    assert await storage.acquire_lease("ws", "r1", "me", 30)
+    await storage.write_state("ws", "r1", {"last_seq": 0})
+    for turn in range(1, 3):
+        await storage.write_segment("ws", "r1", "events", turn, [{"seq": turn}])
+        await storage.put_blob("ws", "r1", "wd-" + f"{turn:02d}" * 32, b"snapshot %d" % turn)
+        await storage.put_blob("ws", "r1", "wd-" + f"{turn + 10:02d}" * 32, b"x" * (100 << 10))
+        await storage.put_blob("ws", "r1", f"result-{turn}", b"a tool's result")
+        await storage.commit("ws", "r1", Checkpoint({"last_seq": turn}, turn, [{"role": "user"}]))
+    assert await storage.put_doc("ws", "threads/t1", {"n": 1})
+    assert await storage.put_doc("ws", "threads/t2", {"n": 2}, create_only=True)
+    assert not await storage.put_doc("ws", "threads/t2", {"n": 3}, create_only=True)
+    assert await storage.put_if_absent("ws", "req-1", {"run_id": "r1"}) is None
+    await storage.put_shared("settings", {"a": 1})
+    assert await storage.renew_lease("ws", "r1", "me", 30)
+    await storage.release_lease("ws", "r1", "me")
+    await storage.close()
+    assert on_loop == []
+    # And what was written reads back.
+    assert await storage.get_blob("ws", "r1", "result-2") == b"a tool's result"
+    assert await storage.get_doc("ws", "threads/t2") == {"n": 2}
+    assert await storage.get_shared("settings") == {"a": 1}
