@@ -158,6 +158,10 @@ class CheckpointedRun:
         # Whether this actor took the lease: the first take may take it over from an expired
         # holder; from then on it is only extended, never taken back from a process that took it.
         self._lease_taken = False
+        # Until when the lease is known to be ours (the clock when its last renewal was asked, plus
+        # its ttl): past that, another process may have taken the run, so nothing is written
+        # before a renewal says it has not.
+        self._lease_valid_until = 0.0
         self._active_since = 0.0
         self._lease_lost = False
         # Set once the lease is given up (a pause or an end): this actor no longer speaks for the run.
@@ -241,9 +245,10 @@ class CheckpointedRun:
         checkpoint that commits it lands: if that commit fails, recovery drops it unseen.
         """
         async with self._write_lock:
-            batch = self._unwritten
-            if not batch:
+            if not self._unwritten:
                 return
+            await self._fence()
+            batch = self._unwritten  # taken now: what was emitted while the lease was renewed too
             self._unwritten = []
             self._open_text = None  # taken: what it holds is written as it is now
             cut = len(batch) if not self._held else 0
@@ -278,6 +283,9 @@ class CheckpointedRun:
             try:
                 await self.write_events()
                 backoff = 0.1
+            except LeaseLost:
+                self._stop_for_lost_lease()
+                return
             except Exception:  # a storage hiccup: the next write or the checkpoint retries
                 log.warning("writing events of run %s failed; will retry", self.record.run_id, exc_info=True)
                 await asyncio.sleep(backoff)
@@ -325,6 +333,7 @@ class CheckpointedRun:
     async def _commit(self) -> None:
         record, storage = self.record, self.env.storage
         ws, run_id = self.key
+        await self._fence()
         await self._snapshot_workdir()
         # What this checkpoint commits is taken at one instant: subagents running in parallel
         # (core/_subagents.py) move on while it is written, and a state document that counted a
@@ -414,6 +423,7 @@ class CheckpointedRun:
         (a run this process paused, kept in memory since).
         """
         ws, run_id = self.key
+        asked = self.env.clock()
         if not await self.env.storage.acquire_lease(ws, run_id, self.env.owner, self.env.lease_ttl):
             return False
         current = await self.env.storage.read_state(ws, run_id)
@@ -426,6 +436,7 @@ class CheckpointedRun:
             return False
         self.lease_released = False  # ours again (a handoff the runner could not take comes back)
         self._lease_taken = True
+        self._lease_valid_until = asked + self.env.lease_ttl
         self._lease_renew_at = self.env.clock() + self.env.lease_ttl / 3
         # Events the dead writer wrote past its checkpoint stay (watchers may have seen them);
         # its transcript entries go: the run redoes that work from the checkpoint.
@@ -514,7 +525,22 @@ class CheckpointedRun:
                 # renewal took the lease again, so give it back.
                 await self.env.storage.release_lease(ws, run_id, self.env.owner)
                 return
+            self._lease_valid_until = now + ttl
             self._lease_renew_at = now + self.env.lease_ttl / 3
+
+    async def _fence(self) -> None:
+        """Write only under a lease known to be ours. A process that stalled past its lease (a
+        long GC pause, a suspended VM, a stuck disk) renews it first, which fails (LeaseLost) if
+        another process took the run meanwhile: it never writes over that process's work."""
+        if self.env.clock() >= self._lease_valid_until - self.env.lease_ttl / 10:
+            self._lease_renew_at = 0.0
+            await self._renew_lease()
+
+    def _stop_for_lost_lease(self) -> None:
+        log.warning("lost the lease of run %s; stopping it here", self.record.run_id)
+        self._lease_lost = True
+        if self.task is not None:
+            self.task.cancel()
 
     def _released_meanwhile(self) -> bool:
         return self.lease_released
@@ -526,10 +552,7 @@ class CheckpointedRun:
             try:
                 await self._renew_lease()
             except LeaseLost:
-                log.warning("lost the lease of run %s; stopping it here", self.record.run_id)
-                self._lease_lost = True
-                if self.task is not None:
-                    self.task.cancel()
+                self._stop_for_lost_lease()
                 return
             except Exception:  # a storage hiccup: the next beat or checkpoint retries
                 log.warning("lease renewal of run %s failed; will retry", self.record.run_id, exc_info=True)

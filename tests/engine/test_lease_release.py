@@ -11,7 +11,7 @@ import pytest
 
 from engine_service.core._checkpoint import CheckpointedRun, LeaseLost, RunEnv
 from engine_service.core._run import RunRecord, RunSpec
-from engine_service.core._types import Permission, RunState
+from engine_service.core._types import EventKind, Permission, RunState
 from engine_service.storage._local import LocalStorage
 
 pytestmark = pytest.mark.timeout(20)
@@ -82,4 +82,36 @@ async def test_an_expired_lease_nobody_took_is_extended(tmp_path: Path) -> None:
     assert await run.take_over()
     await asyncio.sleep(0.3)
     await run._renew_lease()  # nobody moved the run meanwhile: it is still this writer's
+    assert not await storage.acquire_lease("w", "r1", "engine-b", 30.0)
+
+
+async def test_a_stalled_writer_writes_nothing_once_another_process_took_the_run(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    run = await _actor(storage, lease_ttl=0.2)
+    assert await run.take_over()
+    await run.checkpoint()
+    before = await storage.read_state("w", "r1")
+    # Stalled past its lease (its heartbeat did not run either) while another process took the
+    # run over and gave it up again.
+    await asyncio.sleep(0.3)
+    assert await storage.acquire_lease("w", "r1", "engine-b", 30.0)
+    await storage.release_lease("w", "r1", "engine-b")
+    run.emit(EventKind.ASSISTANT_MESSAGE, {"text": "written from stale memory"})
+    with pytest.raises(LeaseLost):
+        await run.write_events()
+    with pytest.raises(LeaseLost):
+        await run.checkpoint()
+    assert await storage.read_segments("w", "r1", "events", 0, 100) == []
+    assert await storage.read_state("w", "r1") == before
+
+
+async def test_a_writer_that_stalled_with_nobody_taking_the_run_goes_on(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    run = await _actor(storage, lease_ttl=0.2)
+    assert await run.take_over()
+    await asyncio.sleep(0.3)
+    run.emit(EventKind.ASSISTANT_MESSAGE, {"text": "still mine"})
+    await run.write_events()  # renewed first
+    written = await storage.read_segments("w", "r1", "events", 0, 100)
+    assert [e["d"]["text"] for e in written] == ["still mine"]
     assert not await storage.acquire_lease("w", "r1", "engine-b", 30.0)
