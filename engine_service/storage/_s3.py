@@ -552,13 +552,8 @@ class S3Storage:
     async def acquire_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
         key = self._run(ws, run_id, "lease.json")
         doc = dumps({"owner": owner, "expires_at": time.time() + ttl})
-        mine = self._leases.get((ws, run_id))
-        if mine is not None and mine[0] == owner:
-            # Renewing a lease this process wrote last: one conditional PUT, no read first.
-            etag = await self._put(key, doc, IfMatch=mine[1])
-            if etag is not None:
-                self._leases[(ws, run_id)] = (owner, etag)
-                return True
+        if await self._rewrite_own_lease(key, ws, run_id, owner, doc):
+            return True
         self._leases.pop((ws, run_id), None)
         self._unwritten.discard((ws, run_id))
         if (ws, run_id) in self._new:
@@ -590,12 +585,8 @@ class S3Storage:
     async def renew_lease(self, ws: str, run_id: str, owner: str, ttl: float) -> bool:
         key = self._run(ws, run_id, "lease.json")
         doc = dumps({"owner": owner, "expires_at": time.time() + ttl})
-        mine = self._leases.get((ws, run_id))
-        if mine is not None and mine[0] == owner:
-            etag = await self._put(key, doc, IfMatch=mine[1])
-            if etag is not None:
-                self._leases[(ws, run_id)] = (owner, etag)
-                return True
+        if await self._rewrite_own_lease(key, ws, run_id, owner, doc):
+            return True
         # Not the lease this process wrote last: someone else wrote it since, or our own
         # write landed but its answer did not. Only the latter (ours, not released) is extended.
         self._leases.pop((ws, run_id), None)
@@ -606,6 +597,18 @@ class S3Storage:
         if held.get("owner") != owner or held.get("expires_at", 0) <= 0:
             return False
         etag = await self._put(key, doc, IfMatch=current[1])
+        if etag is None:
+            return False
+        self._leases[(ws, run_id)] = (owner, etag)
+        return True
+
+    async def _rewrite_own_lease(self, key: str, ws: str, run_id: str, owner: str, doc: bytes) -> bool:
+        """Renew a lease this process wrote last: one conditional PUT, no read first. False if
+        this process did not write it last, or someone else wrote it since."""
+        mine = self._leases.get((ws, run_id))
+        if mine is None or mine[0] != owner:
+            return False
+        etag = await self._put(key, doc, IfMatch=mine[1])
         if etag is None:
             return False
         self._leases[(ws, run_id)] = (owner, etag)
