@@ -179,7 +179,7 @@ class LocalStorage:
     ``fdatasync`` a checkpoint, shared by the runs that commit at the same moment. The segment
     and blob files are synced only when the log is replaced (past ``LOG_BYTES``); a record
     stamped by an earlier boot of the machine has what it carries rewritten into those files
-    before its state is read (`_redo_after_reboot`). Blobs larger than ``INLINE_BLOB_BYTES``
+    before its state is read (`_redo_after_reboot`, in a thread). Blobs larger than ``INLINE_BLOB_BYTES``
     are synced on their own (in a thread) instead of carried. The lease needs no sync: it
     names the boot that wrote it, and a lease of an earlier boot counts as expired.
     """
@@ -270,8 +270,8 @@ class LocalStorage:
         if record is None:  # not checkpointed yet, or written by an earlier version
             newest = _newest(run_dir / STATES, _state_numbers, _state_name, _whole_json)
             return newest if newest is not None else _read_json(run_dir / "state.json")
-        if record.get("boot", BOOT_ID) != BOOT_ID:
-            record = self._redo_after_reboot(ws, run_id) or record
+        if record.get("boot", BOOT_ID) != BOOT_ID:  # once per run after a power loss; it syncs
+            record = await asyncio.to_thread(self._redo_after_reboot, ws, run_id) or record
         state: JsonObject = record["state"]
         return state
 
