@@ -475,6 +475,18 @@ class PostgresControl:
 
         return [(row[0], row[1]) for row in await self._run(query)]
 
+    async def ended_before(self, workspace: str, cutoff: float) -> list[str]:
+        await self._catch_up()
+        rows = await self._run(
+            lambda pool: pool.fetch(
+                "SELECT run_id FROM machina_runs WHERE workspace = $1 "
+                "AND state IN ('DONE', 'FAILED', 'CANCELLED') AND updated_at < $2",
+                workspace,
+                cutoff,
+            )
+        )
+        return [str(row[0]) for row in rows]
+
     async def delete_run(self, workspace: str, run_id: str) -> None:
         # In order with the run's other changes, and applied once the database answers if it
         # does not now (the run is gone from storage already).

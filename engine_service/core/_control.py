@@ -81,6 +81,11 @@ class ControlPlane(Protocol):
         """Runs the recovery sweep looks at: executing, claimed but not started, handed off."""
         ...
 
+    async def ended_before(self, workspace: str, cutoff: float) -> list[str]:
+        """Runs of the workspace that ended (DONE, FAILED, CANCELLED) and last changed before
+        ``cutoff``: what retention looks at."""
+        ...
+
     async def delete_run(self, workspace: str, run_id: str) -> None:
         """Forget a deleted run: its index row, queue entry, slot and timers."""
         ...
@@ -171,6 +176,9 @@ class LocalControl:
         raise NotImplementedError("no run index without a control plane")
 
     async def active_runs(self, workspace: str | None) -> list[tuple[str, str]]:
+        raise NotImplementedError("no run index without a control plane")
+
+    async def ended_before(self, workspace: str, cutoff: float) -> list[str]:
         raise NotImplementedError("no run index without a control plane")
 
     async def delete_run(self, workspace: str, run_id: str) -> None:

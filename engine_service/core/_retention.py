@@ -5,7 +5,9 @@ workspace unless ``workspace_retention_days`` names the workspace. The backgroun
 applies it every ``retention_interval_s``; ``ApplyRetention`` and
 ``python -m engine_service retention`` apply it now, or only list what would go
 (``dry_run``). A run whose history a kept run shares (a later run of its thread, a fork)
-is kept until that one expires too; a thread goes with its last run.
+is kept until that one expires too; a thread goes with its last run. With a control plane
+the run index names the candidates (runs that ended before the cutoff), so a sweep reads
+those runs, not every run in storage.
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ async def apply_retention(engine: Engine, ws: str, *, dry_run: bool = False) -> 
     storage, threads = engine.storage, engine.threads
     cutoff = engine._clock() - days * _DAY_S
     expired: dict[str, RunRecord] = {}
-    for run_id in await storage.list_runs(ws):
+    # With a control plane its index names the runs that ended before the cutoff; storage
+    # (read below) still decides. Without one, every run of the workspace is read.
+    control = engine.control
+    candidates = await control.ended_before(ws, cutoff) if control.indexed else await storage.list_runs(ws)
+    for run_id in candidates:
         state = await storage.read_state(ws, run_id)
         if state is None:
             continue

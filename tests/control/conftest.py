@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ class Replicas:
         max_running: int = 0,
         control_url: str = "",
         connect_timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
     ) -> RunningServer:
         control_url = control_url or self.database
         cfg = EngineConfig.model_validate(
@@ -57,7 +59,7 @@ class Replicas:
         )
         tools = ToolRegistry([*builtin_tools(cfg, cfg.egress_policy()), *test_tools.ALL])
         control = PostgresControl(control_url, max_running=max_running, connect_timeout=connect_timeout)
-        engine = Engine(cfg, LocalStorage(self.root), tools=tools, control=control)
+        engine = Engine(cfg, LocalStorage(self.root), tools=tools, control=control, clock=clock)
         server = await start_server(engine, "127.0.0.1:0")
         self.running.append(server)
         return server

@@ -14,12 +14,13 @@ import asyncpg
 import grpc
 import pytest
 
-from client_py import AsyncEngineClient
+from client_py import AsyncEngineClient, NotFoundError
 from engine_service import EngineError
 from engine_service.control import PostgresControl, migrate, migrations
 from engine_service.testing import free_port
 from tests.conftest import ROOT, turn
 from tests.control.conftest import Replicas
+from tests.engine.harness import FakeClock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -272,6 +273,48 @@ async def test_the_retention_command_removes_deleted_runs_from_the_index(replica
     finally:
         await conn.close()
     assert left == 0
+
+
+async def test_retention_reads_only_the_runs_the_index_says_ended_before_the_cutoff(
+    replicas: Replicas,
+) -> None:
+    """With a control plane a retention sweep does not read every run in storage (hourly, on
+    every replica): the index names the runs that ended before the cutoff, and only those are
+    read (storage still decides)."""
+    from machina.engine.v1 import engine_service_pb2 as svc
+
+    clock = FakeClock()
+    config = {"retention_days": 1, "retention_interval_s": 0, "tools": {"permissions": {"double": "ask"}}}
+    server = await replicas.start(config=config, clock=clock)
+    async with AsyncEngineClient(f"127.0.0.1:{server.port}") as client:
+        old = [await client.create(f"old {i}", model="scripted", script=[turn("ok")]) for i in range(3)]
+        for handle in old:
+            await handle.wait(timeout=20)
+        paused = await client.create(
+            "ask", model="scripted", script=[turn("", ("double", {"x": 1})), turn("2")]
+        )
+        assert (await paused.wait(timeout=20)).state == "PAUSED"
+        clock.advance(2 * 86_400)
+        young = await client.create("young", model="scripted", script=[turn("ok")])
+        await young.wait(timeout=20)
+        storage = server.engine.storage
+        read: list[str] = []
+        real_read = storage.read_state
+
+        async def counted(ws: str, run_id: str) -> Any:
+            read.append(run_id)
+            return await real_read(ws, run_id)
+
+        storage.read_state = counted  # type: ignore[method-assign]
+        applied = await client._stub.ApplyRetention(svc.ApplyRetentionRequest())
+        assert sorted(applied.run_ids) == sorted(h.run_id for h in old)
+        assert set(read) <= {h.run_id for h in old}  # never the paused or the young run
+        storage.read_state = real_read  # type: ignore[method-assign]
+        for handle in old:
+            with pytest.raises(NotFoundError):
+                await client.get_run(handle.run_id)
+        assert (await client.get_run(paused.run_id)).state == "PAUSED"
+        assert (await client.get_run(young.run_id)).state == "DONE"
 
 
 async def test_callers_learn_the_database_is_away_but_not_where_or_who(tmp_path: Path) -> None:
