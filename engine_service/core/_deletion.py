@@ -15,11 +15,13 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from engine_service.core._errors import EngineError, precondition, shown_list
-from engine_service.core._ids import check_id
+from engine_service.core._ids import check_id, new_id
 from engine_service.core._run import RunRecord
 from engine_service.core._threads import (
     CLAIM_GRACE_S,
-    CLOSING_GRACE_S,
+    CLOSING_BEAT_S,
+    CLOSING_STALE_S,
+    closing_beat,
     closing_key,
     fork_key,
     index_key,
@@ -27,7 +29,7 @@ from engine_service.core._threads import (
     slot_key,
     thread_key,
 )
-from engine_service.core._types import Principal
+from engine_service.core._types import JsonObject, Principal
 
 if TYPE_CHECKING:
     from engine_service.core._engine import Engine
@@ -64,7 +66,9 @@ class Deleter:
                 if referrers:
                     raise _referenced(record.run_id, referrers)
         # From here no run starts on the thread; one that started since it was read stops this.
-        await self.close_thread(ws, thread.thread_id, {r.run_id for r in records})
+        mark = await self.close_thread(ws, thread.thread_id, {r.run_id for r in records})
+        stop = asyncio.Event()
+        beating = asyncio.create_task(self._keep_closing(ws, mark, stop))
         try:
             for record in reversed(records):  # the latest first: nothing is left pointing at a gap
                 key = (ws, record.run_id)
@@ -72,27 +76,37 @@ class Deleter:
                     self._check_ended(await engine._load(key))
                     await self.remove(record, forks_too=force)
         except BaseException:
+            stop.set()
+            await asyncio.shield(beating)
             with contextlib.suppress(Exception):
-                await engine.storage.delete_doc(ws, closing_key(thread.thread_id))  # it stays a thread
+                current = await engine.storage.get_doc(ws, closing_key(thread.thread_id))
+                if current is not None and current.get("token") == mark["token"]:
+                    await engine.storage.delete_doc(ws, closing_key(thread.thread_id))  # it stays a thread
             raise
+        stop.set()
+        await beating  # its last renewal lands before the mark goes
         await self.forget_thread(ws, thread.thread_id, thread.base)
         log.info("thread %s deleted (%d runs)", thread.thread_id, len(records), extra={"workspace": ws})
         return [r.run_id for r in records]
 
-    async def close_thread(self, ws: str, thread_id: str, known: Collection[str]) -> None:
+    async def close_thread(self, ws: str, thread_id: str, known: Collection[str]) -> JsonObject:
         """Mark the thread as being deleted, then check that no run but ``known`` holds or is
         taking a place in it (else ERR_THREAD_BUSY, and the mark goes). A start claims its place
-        before it reads the mark: one of the two sees the other (see ``core._threads``)."""
+        before it reads the mark: one of the two sees the other (see ``core._threads``).
+        Returns the mark."""
         storage, now = self._engine.storage, self._engine._clock()
         key = closing_key(thread_id)
-        mark = {"thread_id": thread_id, "at": now}
+        mark: JsonObject = {"thread_id": thread_id, "at": now, "beat": now, "token": new_id("del")}
         if not await storage.put_doc(ws, key, mark, create_only=True):
             current = await storage.get_doc(ws, key)
-            if current is not None and now - float(current.get("at", 0)) < CLOSING_GRACE_S:
+            if current is not None and now - closing_beat(current) < CLOSING_STALE_S:
                 raise precondition(
-                    "ERR_THREAD_BUSY", f"thread {thread_id!r} is being deleted already", thread_id=thread_id
+                    "ERR_THREAD_BUSY",
+                    f"thread {thread_id!r} is being deleted already; if that deletion stopped, "
+                    f"DeleteThread takes it over {CLOSING_STALE_S:g} s after it last made progress",
+                    thread_id=thread_id,
                 )
-            await storage.put_doc(ws, key, mark)  # left by a deletion that died
+            await storage.put_doc(ws, key, mark)  # left by a deletion that died: taken over
         slots = await storage.list_docs(ws, f"thread-runs/{thread_id}")
         docs = await asyncio.gather(*(storage.get_doc(ws, slot) for slot in slots))
         newcomers = []
@@ -112,6 +126,22 @@ class Deleter:
                 thread_id=thread_id,
                 run_id=newcomers[-1],
             )
+        return mark
+
+    async def _keep_closing(self, ws: str, mark: JsonObject, stop: asyncio.Event) -> None:
+        """Renew the thread's closing mark every ``CLOSING_BEAT_S`` until ``stop``: a deletion at
+        work keeps its mark, and one that died leaves a mark another deletion may take over."""
+        key = closing_key(str(mark["thread_id"]))
+        while True:
+            try:
+                await asyncio.wait_for(stop.wait(), CLOSING_BEAT_S)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self._engine.storage.put_doc(ws, key, {**mark, "beat": self._engine._clock()})
+            except Exception:  # a storage fault: the next beat tries again
+                log.warning("renewing the closing mark of thread %s failed", mark["thread_id"], exc_info=True)
 
     async def forget_thread(self, ws: str, thread_id: str, base: list[dict[str, object]]) -> None:
         """Remove the thread's own documents: its fork marks, the thread, its places, and last

@@ -24,8 +24,10 @@ Workspace documents (see ``storage._protocol``):
 - ``thread-closing/{thread}``: the thread is being deleted (`Deleter`). A deletion writes it,
   then lists the thread's places; a start claims its place, then reads it. Whichever comes
   second sees the other, so a thread is never deleted with a run starting on it, nor does a
-  run start on a thread being deleted. One older than ``CLOSING_GRACE_S`` was left by a
-  deletion that died; it is ignored.
+  run start on a thread being deleted. The deletion renews the mark while it works
+  (``CLOSING_BEAT_S``); a mark not renewed for ``CLOSING_STALE_S`` was left by a deletion that
+  died, and another DeleteThread takes it over; runs ignore a mark only once it has not been
+  renewed for ``CLOSING_GRACE_S``.
 
 A run started without a thread is the first run of a thread of its own, named by its run id;
 the thread's documents are written when a second run joins it or it is forked.
@@ -56,7 +58,13 @@ if TYPE_CHECKING:
 
 # A place claimed this long ago whose run was never created is abandoned (its creator died).
 CLAIM_GRACE_S = 30.0
-# A deletion of a thread that has not finished in this long died (its closing mark is ignored).
+# A thread's deletion renews its closing mark this often while it works ("beat")...
+CLOSING_BEAT_S = 10.0
+# ... so a mark not renewed for this long was left by a deletion that died: another
+# DeleteThread takes it over and finishes the work.
+CLOSING_STALE_S = 60.0
+# Runs do not start on a thread while its mark was renewed less than this long ago (far longer
+# than a deletion stalls on storage, so no run starts on a thread still being deleted).
 CLOSING_GRACE_S = 600.0
 
 
@@ -501,7 +509,12 @@ def _busy(thread_id: str, run_id: str, state: RunState | None = None) -> EngineE
 
 
 def _closing(doc: JsonObject | None, now: float) -> bool:
-    return doc is not None and now - float(doc.get("at", 0)) < CLOSING_GRACE_S
+    return doc is not None and now - closing_beat(doc) < CLOSING_GRACE_S
+
+
+def closing_beat(doc: JsonObject) -> float:
+    """When a thread's closing mark was last written by the deletion that holds it."""
+    return float(doc.get("beat", doc.get("at", 0)))
 
 
 def _being_deleted(thread_id: str) -> EngineError:

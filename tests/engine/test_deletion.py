@@ -17,6 +17,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
+from engine_service.core import _deletion as deletion
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import run_pb2 as rp
 from tests.engine.threads_fixture import Stack, build_stack, code_of, fails, stack
@@ -334,3 +335,63 @@ async def test_delete_thread_racing_a_start_on_it_leaves_no_run_on_a_deleted_thr
         else:
             assert len(thread.run_ids) == 2
             assert run.data.string_value == "apples"
+
+
+# -- a deletion that dies, a deletion that stalls ---------------------------------------------
+
+
+async def test_a_thread_deletion_that_died_is_taken_over_by_the_next(stack: Stack) -> None:
+    """A DeleteThread whose process died leaves the thread's closing mark behind, never renewed:
+    another DeleteThread refuses while the mark may belong to a deletion at work, then takes it
+    over and finishes, instead of the thread staying half-deleted for many minutes."""
+    runs = [await stack.run(f"remember {i}", thread_id="half") for i in range(2)]
+    now = stack.clock()
+    dead = {"thread_id": "half", "at": now, "beat": now, "token": "del_dead"}
+    await stack.storage.put_doc("default", "thread-closing/half", dead)
+    stack.clock.advance(30)
+    refused = await fails(stack.stub.DeleteThread(svc.DeleteThreadRequest(thread_id="half")))
+    assert refused == BUSY
+    assert await fails(stack.start("recall", thread_id="half")) == BUSY
+    stack.clock.advance(31)  # a minute without the mark being renewed: its deletion died
+    response = await stack.stub.DeleteThread(svc.DeleteThreadRequest(thread_id="half"))
+    assert sorted(response.run_ids) == sorted(r.run_id for r in runs)
+    code = await fails(stack.stub.GetThread(svc.GetThreadRequest(thread_id="half")))
+    assert code == (grpc.StatusCode.NOT_FOUND, "ERR_THREAD_NOT_FOUND")
+    assert [n for n in await stack.object_names() if "half" in n] == []
+
+
+async def test_a_thread_deletion_at_work_keeps_its_mark(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deletion stalled on storage far longer than a dead one's mark lasts still holds the
+    thread: it renews its mark while it works, so neither a second DeleteThread nor a new run
+    gets in, and nothing of the thread (its mark included) is left once it finishes."""
+    monkeypatch.setattr(deletion, "CLOSING_BEAT_S", 0.02)
+    runs = [await stack.run(f"remember {i}", thread_id="slow") for i in range(2)]
+    go_on, stalled = asyncio.Event(), asyncio.Event()
+    real_delete = stack.storage.delete_run
+
+    async def delete_run(ws: str, run_id: str) -> None:
+        stalled.set()
+        await go_on.wait()
+        await real_delete(ws, run_id)
+
+    monkeypatch.setattr(stack.storage, "delete_run", delete_run)
+    deleting = asyncio.ensure_future(stack.stub.DeleteThread(svc.DeleteThreadRequest(thread_id="slow")))
+    await asyncio.wait_for(stalled.wait(), 10)
+    stack.clock.advance(120)  # two minutes into the stall
+    mark = None
+    for _ in range(200):  # the deletion renews its mark at the new time
+        mark = await stack.storage.get_doc("default", "thread-closing/slow")
+        if mark is not None and mark["beat"] == stack.clock():
+            break
+        await asyncio.sleep(0.02)
+    assert mark is not None
+    assert mark["beat"] == stack.clock()
+    refused = await fails(stack.stub.DeleteThread(svc.DeleteThreadRequest(thread_id="slow")))
+    assert refused == BUSY
+    assert await fails(stack.start("recall", thread_id="slow")) == BUSY
+    go_on.set()
+    response = await deleting
+    assert sorted(response.run_ids) == sorted(r.run_id for r in runs)
+    assert [n for n in await stack.object_names() if "slow" in n] == []
