@@ -514,7 +514,8 @@ def _closing(doc: JsonObject | None, now: float) -> bool:
 
 def closing_beat(doc: JsonObject) -> float:
     """When a thread's closing mark was last written by the deletion that holds it."""
-    return float(doc.get("beat", doc.get("at", 0)))
+    beat = doc.get("beat")
+    return float(doc.get("at", 0) if beat is None else beat)
 
 
 def _being_deleted(thread_id: str) -> EngineError:
