@@ -59,10 +59,12 @@ class Deleter:
         records = await engine.threads.thread_runs(ws, thread)
         for record in records:
             self._check_ended(record)
-        going = {thread.thread_id, *(r.run_id for r in records)}
+        going = {r.run_id for r in records}
         if not force:
             for record in records:
-                referrers = await engine.threads.referrers(ws, record, ignore=going)
+                referrers = await engine.threads.referrers(
+                    ws, record, runs_going=going, threads_going={thread.thread_id}
+                )
                 if referrers:
                     raise _referenced(record.run_id, referrers)
         # From here no run starts on the thread; one that started since it was read stops this.

@@ -68,48 +68,60 @@ async def apply_retention(engine: Engine, ws: str, *, dry_run: bool = False) -> 
         doc = await storage.get_doc(ws, doc_key)
         if doc is not None and float(doc.get("created_at", 0)) < cutoff:
             thread_docs[doc["thread_id"]] = doc
-    going: set[str] = set()
+    # Apart: a caller may give a run and a thread one id.
+    runs_going: set[str] = set()
     order: list[RunRecord] = []
     threads_going: list[str] = []
+    thread_runs: dict[str, list[str]] = {}
     progress = True
     while progress:
         progress = False
         for thread_id in thread_docs:
-            if thread_id in going:
+            if thread_id in threads_going:
                 continue
             runs = await threads._runs(ws, thread_id)
-            if all(r.run_id in going for r in runs):
-                going.add(thread_id)
+            if all(r.run_id in runs_going for r in runs):
                 threads_going.append(thread_id)
+                thread_runs[thread_id] = [r.run_id for r in runs]
                 progress = True
         for run_id, record in expired.items():
-            if run_id in going:
+            if run_id in runs_going:
                 continue
-            if not await threads.referrers(ws, record, ignore=going):
-                going.add(run_id)
+            if not await threads.referrers(ws, record, runs_going=runs_going, threads_going=threads_going):
+                runs_going.add(run_id)
                 order.append(record)
                 progress = True
     report.run_ids = [r.run_id for r in order]
     report.thread_ids = threads_going
     if dry_run:
         return report
-    deleted_runs = []
-    for record in order:
+    # The threads going are closed first: from here no run starts on them (one that started
+    # since the plan keeps its thread, and the history it shares, below).
+    closed = []
+    for thread_id in threads_going:
+        try:
+            await engine.deleter.close_thread(ws, thread_id, runs_going)
+        except EngineError:
+            continue
+        closed.append(thread_id)
+    deleted_runs: list[str] = []
+    for record in order:  # the latest of a thread first
         key = (ws, record.run_id)
         async with engine._lock(key):
             current = await storage.read_state(ws, record.run_id)
             if current is None or current.get("updated_at") != record.updated_at:
                 continue  # deleted meanwhile, or moved again (it is not expired any more)
+            # Checked again: what shared its history at planning time may have been kept, and a
+            # run may have started on its thread since (its place counts once claimed).
+            deleted = set(deleted_runs)
+            done = [t for t in closed if deleted.issuperset(thread_runs[t])]
+            if await threads.referrers(ws, record, runs_going=deleted, threads_going=done):
+                continue
             await engine.deleter.remove(record)
             deleted_runs.append(record.run_id)
     forgotten = []
-    for thread_id in threads_going:
+    for thread_id in closed:
         doc = thread_docs[thread_id]
-        try:
-            # No run starts on it from here; one that started meanwhile keeps it.
-            await engine.deleter.close_thread(ws, thread_id, going)
-        except EngineError:
-            continue
         if await threads._runs(ws, thread_id):
             await storage.delete_doc(ws, closing_key(thread_id))
             continue

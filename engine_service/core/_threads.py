@@ -449,24 +449,36 @@ class ThreadDesk:
             keys.sort()
         return keys
 
-    async def referrers(self, ws: str, record: RunRecord, *, ignore: Collection[str] = ()) -> list[str]:
-        """What shares the run's history: later runs of its thread, and forks (thread ids).
+    async def referrers(
+        self,
+        ws: str,
+        record: RunRecord,
+        *,
+        runs_going: Collection[str] = (),
+        threads_going: Collection[str] = (),
+    ) -> list[str]:
+        """What shares the run's history: later runs of its thread (also one whose place is
+        claimed and whose run is being created), and forks (thread ids).
 
-        Ids in ``ignore`` (runs and threads about to go too) do not count."""
+        Runs in ``runs_going`` and threads in ``threads_going`` (about to go too) do not count.
+        The two are apart: a caller may give a run and a thread one id."""
         out: list[str] = []
         thread_id, own = record.thread, record.thread_slot or 1
-        if thread_id not in ignore:
+        now = self._engine._clock()
+        if thread_id not in threads_going:
             for key in reversed(await self._storage.list_docs(ws, f"thread-runs/{thread_id}")):
                 if _slot_number(key) <= own:
                     break
                 slot = await self._storage.get_doc(ws, key)
-                if slot is None or slot["run_id"] in ignore:
+                if slot is None or slot["run_id"] in runs_going:
                     continue
-                if await self._storage.read_state(ws, slot["run_id"]) is not None:
+                if await self._storage.read_state(ws, slot["run_id"]) is not None or (
+                    now - float(slot.get("at", 0)) < CLAIM_GRACE_S  # claimed, its run not written yet
+                ):
                     out.append(slot["run_id"])
         for key in await self._storage.list_docs(ws, f"forks/{record.run_id}"):
             fork = key.rsplit("/", 1)[-1]
-            if fork not in ignore:
+            if fork not in threads_going:
                 out.append(fork)
         return out
 

@@ -395,3 +395,93 @@ async def test_a_thread_deletion_at_work_keeps_its_mark(
     response = await deleting
     assert sorted(response.run_ids) == sorted(r.run_id for r in runs)
     assert [n for n in await stack.object_names() if "slow" in n] == []
+
+
+# -- what shares a history, at the moment it is deleted -----------------------------------------
+
+
+async def test_a_fork_named_like_a_run_of_the_thread_still_needs_force(stack: Stack) -> None:
+    """Run ids and thread ids are the caller's to choose and may coincide: a fork whose thread id
+    is the id of a run being deleted is still a fork sharing the history."""
+    a = await stack.run("remember apples", thread_id="t")
+    await stack.run("remember pears", thread_id="t", run_id="ticket-42")
+    fork = await stack.run("remember plums", fork_from=rp.ForkSource(run_id=a.run_id), thread_id="ticket-42")
+    assert fork.thread_id == "ticket-42"
+    code = await fails(stack.stub.DeleteThread(svc.DeleteThreadRequest(thread_id="t")))
+    assert code == (grpc.StatusCode.FAILED_PRECONDITION, "ERR_RUN_REFERENCED")
+    assert (await stack.run("recall", thread_id="ticket-42")).data.string_value == "apples,plums"
+
+
+async def test_retention_keeps_what_a_fork_named_like_an_expired_run_shares(kept_one_day: Stack) -> None:
+    stack = kept_one_day
+    a = await stack.run("remember apples", thread_id="t")
+    await stack.run("remember x", thread_id="u")
+    await stack.run("remember y", thread_id="u", run_id="side")  # expires with thread "u"
+    stack.clock.advance(2 * DAY)
+    await stack.run("remember plums", fork_from=rp.ForkSource(run_id=a.run_id), thread_id="side")
+    applied = await stack.stub.ApplyRetention(svc.ApplyRetentionRequest())
+    assert a.run_id not in applied.run_ids  # the fork "side" (kept) shares a's history
+    assert "side" in applied.run_ids
+    assert (await stack.run("recall", thread_id="side")).data.string_value == "apples,plums"
+
+
+async def test_delete_run_refuses_while_a_follow_up_is_being_created(stack: Stack) -> None:
+    """A follow-up has claimed its place on the thread but not written its run yet: the run
+    before it is part of its history already."""
+    a = await stack.run("remember apples", thread_id="t")
+    real_create = stack.storage.create_run
+    deleting: list[Any] = []
+
+    async def create_run(ws: str, run_id: str, spec: Any, state: Any) -> bool:
+        if run_id == "follow-up":
+            deleting.append(await _outcome(stack.stub.DeleteRun(svc.DeleteRunRequest(run_id=a.run_id))))
+        return await real_create(ws, run_id, spec, state)
+
+    stack.storage.create_run = create_run  # type: ignore[method-assign]
+    follow = await stack.run("recall", thread_id="t", run_id="follow-up")
+    assert deleting == [(grpc.StatusCode.FAILED_PRECONDITION, "ERR_RUN_REFERENCED")]
+    assert follow.data.string_value == "apples"
+
+
+async def test_retention_keeps_a_thread_a_run_joined_after_it_was_planned(kept_one_day: Stack) -> None:
+    """A follow-up lands between retention's plan and its deletions: the thread stays whole."""
+    stack = kept_one_day
+    await stack.run("remember apples", thread_id="t")
+    stack.clock.advance(2 * DAY)
+    deleter = stack.engine.deleter
+    real_close = deleter.close_thread
+    joined: list[str] = []
+
+    async def close_thread(ws: str, thread_id: str, known: Any) -> Any:
+        if not joined:
+            joined.append((await stack.run("remember pears", thread_id="t")).run_id)
+        return await real_close(ws, thread_id, known)
+
+    deleter.close_thread = close_thread  # type: ignore[method-assign]
+    applied = await stack.stub.ApplyRetention(svc.ApplyRetentionRequest())
+    deleter.close_thread = real_close  # type: ignore[method-assign]
+    assert list(applied.run_ids) == []
+    assert list(applied.thread_ids) == []
+    assert (await stack.run("recall", thread_id="t")).data.string_value == "apples,pears"
+
+
+async def test_no_run_starts_on_a_thread_retention_is_deleting(kept_one_day: Stack) -> None:
+    stack = kept_one_day
+    old = await stack.run("remember apples", thread_id="t")
+    stack.clock.advance(2 * DAY)
+    deleter = stack.engine.deleter
+    real_remove = deleter.remove
+    started: list[Any] = []
+
+    async def remove(record: Any, **kwargs: Any) -> None:
+        if not started:
+            started.append(await _outcome(stack.start("remember pears", thread_id="t")))
+        await real_remove(record, **kwargs)
+
+    deleter.remove = remove  # type: ignore[method-assign]
+    applied = await stack.stub.ApplyRetention(svc.ApplyRetentionRequest())
+    deleter.remove = real_remove  # type: ignore[method-assign]
+    assert started == [BUSY]
+    assert list(applied.run_ids) == [old.run_id]
+    assert list(applied.thread_ids) == ["t"]
+    assert [n for n in await stack.object_names() if "/docs/" in n] == []
