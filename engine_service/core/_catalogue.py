@@ -225,6 +225,7 @@ class ToolCatalogue:
             storage_retry_s=cfg.storage_retry_s,
             control=self._engine.control,
             max_agent_depth=cfg.max_agent_depth,
+            max_parallel_agents=cfg.max_parallel_agents,
             context_window_tokens=context_window(cfg, provider, model_name, spec.context_window_tokens),
             compact_at=cfg.model.compact_at,
             compact_keep_turns=cfg.model.compact_keep_turns,

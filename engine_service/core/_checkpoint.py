@@ -90,6 +90,8 @@ class RunEnv:
     control: ControlPlane = field(default_factory=LocalControl)
     # How deep subagents may nest (core/_subagents.py).
     max_agent_depth: int = 2
+    # How many subagents of the run's tree may work at once (core/_subagents.py).
+    max_parallel_agents: int = 8
     # The model's context window in tokens (0 = unknown: no compaction), the share of it past
     # which older turns are summarised, and how many recent turns the model keeps seeing whole.
     context_window_tokens: int = 0

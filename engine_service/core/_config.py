@@ -188,6 +188,9 @@ class EngineConfig(_Section):
     max_turns: int = Field(50, ge=1, le=100_000)
     # How deep subagents (the Agent tool) may nest: 1 = children only, no grandchildren.
     max_agent_depth: int = Field(2, ge=1, le=8)
+    # How many subagents of one run (its whole tree) may work at once; an Agent call past it
+    # starts none (ERR_AGENT_LIMIT), so one model turn cannot start thousands.
+    max_parallel_agents: int = Field(8, ge=1, le=256)
     lease_ttl_s: float = Field(30.0, gt=0)
     # How often to sweep for runs whose executor died (lease expired, queued or running); 0 = at startup.
     recovery_interval_s: float = Field(10.0, ge=0)

@@ -128,6 +128,12 @@ class Subagents(ToolDispatch):
             if AGENT_TOOL in requested and depth >= limit:
                 return f"ERR_AGENT_DEPTH: subagents nest at most {limit} deep; this one could not start more."
             names = list(dict.fromkeys(requested))
+        working = sum(1 for c in self.record.children.values() if c.state is AgentState.RUNNING)
+        if working >= self.env.max_parallel_agents:
+            return (
+                f"ERR_AGENT_LIMIT: at most {self.env.max_parallel_agents} subagents of a run work at once "
+                "and that many are working; this call started none. Call Agent again once some have answered."
+            )
         turns_left, tokens_left, cost_left = self._left(parent_path)
         if (
             turns_left <= 0

@@ -3,6 +3,7 @@ public async client)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -199,3 +200,56 @@ async def test_a_run_stored_with_the_old_transcript_names_resumes(servers: Serve
     resumed = await server.engine.storage.get_blob("default", run.run_id, transcript_blob("a"))
     assert resumed is not None
     assert [e["role"] for e in json.loads(resumed)] == ["user", "assistant", "tool", "assistant"]
+
+
+class FanOut:
+    """A hostile model: every agent that may still start subagents asks for ``width`` of them in
+    its first turn (all in one answer), then answers. Its turns take a little while, so the
+    subagents it started are all working at the same moment."""
+
+    provider = "openai"
+    name = "fanout"
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.calls = 0
+        self.working = 0
+        self.most_working = 0
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
+        self.calls += 1
+        self.working += 1
+        self.most_working = max(self.most_working, self.working)
+        try:
+            await asyncio.sleep(0.01)
+        finally:
+            self.working -= 1
+        calls: list[ToolCall] = []
+        if request.turn == 0 and any(t.name == "Agent" for t in request.tools):
+            calls = [ToolCall(f"c{i}", "Agent", {"task": f"sub {i}"}) for i in range(self.width)]
+        yield TurnResult("" if calls else "done", calls, Usage(1, 1), "tool_use" if calls else "end_turn")
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_one_model_turn_cannot_start_a_swarm_of_subagents(servers: ServerFactory) -> None:
+    """40 Agent calls in one answer, and 40 more from each child, would be 1,600 model streams at
+    once from one run; a run's subagents work at most ``max_parallel_agents`` at a time, and the
+    calls past it start none and say why."""
+    model = FanOut(width=40)
+    server = await servers.start(
+        config={"max_parallel_agents": 5}, model_factory=lambda provider, name: model
+    )
+    async with AsyncEngineClient(f"127.0.0.1:{server.port}") as client:
+        handle = await client.create("go", model="openai:fanout", tools=["Agent"], max_turns=3)
+        run = await handle.wait(timeout=30)
+        assert run.state == "DONE", run.error
+        events = [e async for e in handle.events(follow=False)]
+    started = [e for e in events if isinstance(e, AgentStarted)]
+    assert len(started) == 5  # the first 5 of the run's calls; theirs find no room left
+    refused = [e for e in events if isinstance(e, ToolCallCompleted) and "ERR_AGENT_LIMIT" in e.output]
+    assert len(refused) == 35 + 5 * 40
+    assert all(e.is_error for e in refused)
+    assert model.most_working <= 1 + 5
+    assert model.calls == 1 + 5 * 2 + 1
