@@ -215,6 +215,7 @@ class Engine:
             # Checking large schemas and scripts is seconds of pure-Python work: off the loop.
             await asyncio.to_thread(self._checks.validate_spec, spec, client_tools)
         webhook_doc = self._checks.validate_webhook(ws, webhook)
+        id_chosen = bool(spec.run_id)  # by the caller: it may be a thread's id too
         # The trace this request is part of: whichever process moves the run later continues it.
         spec.traceparent = spec.traceparent or telemetry.current_traceparent()
         if spec.request_id:
@@ -261,7 +262,7 @@ class Engine:
                     model=f"{provider}:{shown(model_name)}",
                 )
             now = self._clock()
-            placement = await self.threads.place(ws, spec, now)
+            placement = await self.threads.place(ws, spec, now, id_chosen=id_chosen)
             try:
                 if placement is not None:
                     await self.threads.claim(ws, placement, run_id, now)

@@ -159,12 +159,24 @@ class ThreadDesk:
 
     # -- placing a new run -----------------------------------------------------------------
 
-    async def place(self, ws: str, spec: RunSpec, now: float) -> Placement | None:
+    async def place(self, ws: str, spec: RunSpec, now: float, *, id_chosen: bool = True) -> Placement | None:
         """Claim the run's place on its thread (None: a run of its own). Raises ERR_THREAD_BUSY
-        while the thread's latest run is active or paused."""
+        while the thread's latest run is active or paused.
+
+        A run of its own starts a thread named by its run id: an id the caller chose
+        (``id_chosen``) must not be a thread's already (ERR_THREAD_EXISTS)."""
         if spec.fork_from is not None:
             return await self._fork(ws, spec, now)
         if not spec.thread_id:
+            if id_chosen and await self._storage.get_doc(ws, thread_key(spec.run_id)) is not None:
+                raise EngineError(
+                    "ERR_THREAD_EXISTS",
+                    f"a thread named {spec.run_id!r} exists, and a run started without a thread starts "
+                    "a thread named by its run id; give the run another id, or start it on that thread "
+                    "(thread_id)",
+                    kind=ErrorKind.ALREADY_EXISTS,
+                    metadata={"thread_id": spec.run_id},
+                )
             return None
         thread_id = check_id(spec.thread_id, "thread_id")
         doc, closing = await asyncio.gather(

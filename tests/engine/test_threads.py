@@ -343,3 +343,17 @@ async def test_an_entry_left_by_a_gone_thread_hides_no_thread_missing_its_own(st
         {"thread_id": "gone", "created_at": 1, "labels": {}},
     )
     assert await _all_thread_ids(stack, 2) == ["kept2", "kept1", "kept0"]
+
+
+async def test_a_run_of_its_own_cannot_take_a_threads_name(stack: Stack) -> None:
+    """A run started without a thread starts a thread named by its run id: a run id the caller
+    chose that names an existing thread would make the run look like part of that thread (its
+    deletion then refused, the thread later adopting it)."""
+    await stack.run("remember apples", thread_id="shared-name")
+    code = await fails(stack.start("remember pears", run_id="shared-name"))
+    assert code == (grpc.StatusCode.ALREADY_EXISTS, "ERR_THREAD_EXISTS")
+    assert (await stack.run("recall", thread_id="shared-name")).data.string_value == "apples"
+    # An id that names no thread is fine, and a follow-up on that run continues it as before.
+    own = await stack.run("remember plums", run_id="own-name")
+    assert own.state == rp.RUN_STATE_DONE
+    assert (await stack.run("recall", thread_id="own-name")).data.string_value == "plums"
