@@ -34,6 +34,8 @@ WORK_CHANNEL = "machina_work"  # a run was queued or a slot freed
 TIMERS_CHANNEL = "machina_timers"  # a timer was set
 # pg_advisory_lock key held while migrating ("machina" in ASCII, as a bigint).
 MIGRATION_LOCK = 0x6D61636869_6E61
+# How long a replica waits for another session's migration before its connection attempt fails.
+MIGRATION_LOCK_WAIT_S = 30.0
 RECONNECT_S = 1.0
 # A watcher of a run moved elsewhere re-reads storage this often even without news.
 WATCH_TIMEOUT_S = 300.0
@@ -72,10 +74,25 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-async def migrate(conn: Any) -> list[str]:
+async def migrate(conn: Any, lock_wait_s: float = MIGRATION_LOCK_WAIT_S) -> list[str]:
     """Apply the migrations this database lacks, under an advisory lock (replicas starting
-    together apply each once). Returns the names applied."""
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    together apply each once). Returns the names applied.
+
+    A schema already current takes no lock (every connection and reconnection comes here: a
+    session holding the lock, hung or partitioned away, must not keep replicas out). The lock is
+    awaited at most ``lock_wait_s``; then the caller's connection attempt fails and is retried."""
+    if await conn.fetchval("SELECT to_regclass('machina_schema') IS NOT NULL"):
+        done = {row[0] for row in await conn.fetch("SELECT version FROM machina_schema")}
+        if done.issuperset(version for version, _, _ in migrations()):
+            return []
+    deadline = time.monotonic() + lock_wait_s
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"another session has held the schema migration lock (pg_advisory_lock {MIGRATION_LOCK}) "
+                f"for {lock_wait_s:g} s"
+            )
+        await asyncio.sleep(0.1)
     try:
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS machina_schema (version integer PRIMARY KEY, name text NOT NULL, "
@@ -127,12 +144,32 @@ def index_row(doc: JsonObject) -> tuple[Any, ...]:
         doc["run_id"],
         doc["state"],
         doc.get("pause_reason"),
-        json.dumps(doc.get("labels") or {}),
+        _jsonb(doc.get("labels") or {}),
         float(doc["created_at"]),
         float(doc["updated_at"]),
         int(doc.get("last_seq") or 0),
-        json.dumps(doc),
+        _jsonb(doc),
     )
+
+
+def _jsonb(value: Any) -> str:
+    """``value`` as JSON PostgreSQL stores as jsonb, which refuses the NUL character: a task, an
+    answer or an error text may hold one (the model's or the tenant's), and a row refused would
+    leave the run unlisted and unrecovered. In the index (not in storage) NUL shows as U+FFFD."""
+    text = json.dumps(value)
+    if "\\u0000" in text:  # rare: rebuild with every NUL replaced, wherever it is
+        text = json.dumps(_without_nul(value))
+    return text
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
 
 
 class PostgresControl:
@@ -275,6 +312,7 @@ class PostgresControl:
                 "control plane: %d index rows and %d changes not written at shutdown; the recovery "
                 "sweep and `reindex` repair the index", rows, len(self._ops),
             )  # fmt: skip
+        await self._unpin()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -288,6 +326,26 @@ class PostgresControl:
                 async with asyncio.timeout(2):
                     await self._listener.close()
         self._listener = None
+
+    async def _unpin(self) -> None:
+        """Runs queued for this replica alone (it held their per-run credentials) go to any
+        replica once it stops, as they would be recovered without a control plane; otherwise
+        nobody could ever claim them."""
+        pool = self._pool
+        if pool is None or not self._connected.is_set():
+            return
+        try:
+            async with asyncio.timeout(2):
+                moved = await pool.fetchval(
+                    "WITH moved AS (UPDATE machina_queue SET pinned_to = NULL WHERE pinned_to = $1 "
+                    "RETURNING 1) SELECT count(*) FROM moved",
+                    self._owner,
+                )
+                if moved:
+                    await pool.execute("SELECT pg_notify($1, '')", WORK_CHANNEL)
+                    log.info("control plane: %d queued runs of this replica may go to any replica now", moved)
+        except Exception:
+            log.warning("control plane: releasing this replica's queued runs failed", exc_info=True)
 
     async def _run(self, what: Callable[[Any], Awaitable[Any]]) -> Any:
         """``what(pool)``, or ERR_CONTROL_UNAVAILABLE while the database is away."""
@@ -475,6 +533,12 @@ class PostgresControl:
 
         return [(row[0], row[1]) for row in await self._run(query)]
 
+    async def index_now(self, state: JsonObject) -> None:
+        await self._run(lambda pool: pool.execute(_UPSERT_AND_NOTIFY, *index_row(state), _payload(state)))
+
+    def forget_unstored(self, workspace: str, run_id: str, created_before: float) -> None:
+        self._post("forget_unstored", workspace, run_id, created_before)
+
     async def ended_before(self, workspace: str, cutoff: float) -> list[str]:
         await self._catch_up()
         rows = await self._run(
@@ -653,12 +717,17 @@ class PostgresControl:
     async def wait_for_timers(self, timeout: float) -> None:
         """Until a timer may be due: the earliest due time, a timer set anywhere, or ``timeout``."""
         if self._pool is not None and self._connected.is_set():
-            with contextlib.suppress(*DOWN):
+            try:
                 due = await self._pool.fetchval(
                     "SELECT min(coalesce(greatest(due_at, claimed_until), due_at)) FROM machina_timers"
                 )
-                if due is not None:
-                    timeout = max(0.0, min(timeout, due - self._clock()))
+            except DOWN:
+                due = None
+            except Exception:  # refused (too many connections, out of memory): wait the timeout
+                log.warning("control plane: reading the next timer's due time failed", exc_info=True)
+                due = None
+            if due is not None:
+                timeout = max(0.0, min(timeout, due - self._clock()))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._timers.wait()
@@ -731,6 +800,15 @@ _OPS = {
         "queue AS (DELETE FROM machina_queue WHERE workspace = $1 AND run_id = $2), "
         "slots AS (DELETE FROM machina_slots WHERE workspace = $1 AND run_id = $2) "
         "DELETE FROM machina_timers WHERE workspace = $1 AND run_id = $2"
+    ),
+    "forget_unstored": (
+        "WITH gone AS (DELETE FROM machina_runs "
+        "WHERE workspace = $1 AND run_id = $2 AND created_at < $3 RETURNING 1), "
+        "queue AS (DELETE FROM machina_queue "
+        "WHERE workspace = $1 AND run_id = $2 AND EXISTS (SELECT 1 FROM gone)), "
+        "slots AS (DELETE FROM machina_slots "
+        "WHERE workspace = $1 AND run_id = $2 AND EXISTS (SELECT 1 FROM gone)) "
+        "DELETE FROM machina_timers WHERE workspace = $1 AND run_id = $2 AND EXISTS (SELECT 1 FROM gone)"
     ),
     "ensure_timer": (
         "WITH t AS (INSERT INTO machina_timers (workspace, run_id, kind, due_at) VALUES ($1, $2, $3, $4) "

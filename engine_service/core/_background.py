@@ -92,7 +92,8 @@ class BackgroundJobs:
         if not control.indexed:
             return
         if doc is None:
-            await control.delete_run(*key)
+            # Gone from storage, or not there yet: a run being created is indexed first.
+            control.forget_unstored(*key, self._engine._clock() - self._engine.config.lease_ttl_s)
             return
         if (doc["state"], doc.get("pause_reason")) == (
             RunState.PAUSED.value,
@@ -283,7 +284,11 @@ class BackgroundJobs:
                     control.timer_fired(ws, run_id, kind, token)
             except Exception:
                 log.warning("firing timers failed; will retry", exc_info=True)
-            await control.wait_for_timers(1.0)
+            try:
+                await control.wait_for_timers(1.0)
+            except Exception:  # whatever the database answers, this loop goes on
+                log.warning("waiting for timers failed; will retry", exc_info=True)
+                await asyncio.sleep(1.0)
 
     async def _expire(self, key: tuple[str, str]) -> None:
         self._engine._timers.pop(key, None)

@@ -81,6 +81,16 @@ class ControlPlane(Protocol):
         """Runs the recovery sweep looks at: executing, claimed but not started, handed off."""
         ...
 
+    async def index_now(self, state: JsonObject) -> None:
+        """Index a run about to be created before it is in storage (raises ERR_CONTROL_UNAVAILABLE):
+        a creator that dies before queueing it leaves a row the recovery sweep finds."""
+        ...
+
+    def forget_unstored(self, workspace: str, run_id: str, created_before: float) -> None:
+        """Drop the index row of a run storage does not hold, if it was created before
+        ``created_before`` (a younger one may still be being created)."""
+        ...
+
     async def ended_before(self, workspace: str, cutoff: float) -> list[str]:
         """Runs of the workspace that ended (DONE, FAILED, CANCELLED) and last changed before
         ``cutoff``: what retention looks at."""
@@ -177,6 +187,12 @@ class LocalControl:
 
     async def active_runs(self, workspace: str | None) -> list[tuple[str, str]]:
         raise NotImplementedError("no run index without a control plane")
+
+    async def index_now(self, state: JsonObject) -> None:
+        return None
+
+    def forget_unstored(self, workspace: str, run_id: str, created_before: float) -> None:
+        return None
 
     async def ended_before(self, workspace: str, cutoff: float) -> list[str]:
         raise NotImplementedError("no run index without a control plane")

@@ -395,7 +395,13 @@ class Engine:
         ]
         if problem := self.control.available():
             raise control_unavailable(problem)
+        if self.control.queued:
+            # Indexed first: if this process dies before the run is queued, the recovery sweep
+            # finds the row and queues the run (a row whose run never reached storage goes).
+            await self.control.index_now(record.to_json())
         if not await self.storage.create_run(ws, run_id, spec_doc, record.to_json()):
+            if self.control.queued and (existing := await self.storage.read_state(ws, run_id)) is not None:
+                await self.control.committed(existing)  # the row is that run's, not this attempt's
             raise aborted("ERR_CONCURRENT_UPDATE", f"run {run_id!r} was created concurrently", run_id=run_id)
         transcript = [Message("user", spec.task)]
         if api_env:
@@ -403,9 +409,9 @@ class Engine:
         if self.control.queued:
             # It waits in the shared queue: whichever replica claims it first (within its
             # workspace's limit) executes it. Credentials held in memory pin it here. Its index
-            # row is written with its queue entry: whoever lists runs next, anywhere, sees it.
+            # row was written before it was created: whoever lists runs next, anywhere, sees it.
             record.queue_position = await self.control.enqueue(
-                ws, run_id, pinned=bool(api_env) or not self.claims_work, state=record.to_json()
+                ws, run_id, pinned=bool(api_env) or not self.claims_work
             )
             metrics.RUNS_CREATED.inc(record.mode.value)
             metrics.RUNS_ENQUEUED.inc()

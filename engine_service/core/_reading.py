@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from engine_service.core._errors import EngineError, ErrorKind, aborted, invalid
 from engine_service.core._ids import check_id
 from engine_service.core._run import RunRecord, ToolResultPage
 from engine_service.core._types import Event, PauseReason, Principal, RunState
+from engine_service.core._validate import check_labels
 from engine_service.tools import result_blob_name
 
 _POLL_S = 0.025  # how often watchers re-read storage for runs another process moves (state.json is tiny)
@@ -52,6 +54,7 @@ class RunReader:
         """
         if not 0 <= page_size <= 1000:
             raise invalid("ERR_INVALID_REQUEST", "page_size must be between 1 and 1000", field="page_size")
+        check_labels(labels or {}, "labels")
         page_size = page_size or 50
         if self._engine.control.indexed:
             return await self._list_indexed(
@@ -346,12 +349,16 @@ def _read_token(token: str) -> tuple[float, str]:
         created_at, run_id = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
         if (
             not isinstance(run_id, str)
+            or "\x00" in run_id
             or not isinstance(created_at, int | float)
             or isinstance(created_at, bool)
         ):
             raise ValueError
-        return float(created_at), run_id
-    except (ValueError, TypeError):
+        when = float(created_at)
+        if not math.isfinite(when):
+            raise ValueError
+        return when, run_id
+    except (ValueError, TypeError, OverflowError):
         raise invalid(
             "ERR_INVALID_REQUEST", "page_token is not one this server issued", field="page_token"
         ) from None

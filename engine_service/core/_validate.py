@@ -32,6 +32,14 @@ if TYPE_CHECKING:
 MAX_TASK_CHARS = 200_000
 
 
+def check_labels(labels: Mapping[str, str], field: str) -> None:
+    """Labels (of a run, or a ListRuns filter) hold no NUL character: no index could store or
+    match one."""
+    for key, value in labels.items():
+        if "\x00" in key or "\x00" in value:
+            raise invalid("ERR_INVALID_REQUEST", f"{field} must not contain the NUL character", field=field)
+
+
 class SpecChecks:
     """Part of an :class:`Engine`, kept beside it."""
 
@@ -50,6 +58,7 @@ class SpecChecks:
             )
         if spec.run_id:
             check_id(spec.run_id, "run_id")
+        check_labels(spec.labels, "labels")
         for name, value in (
             ("max_turns", spec.max_turns),
             ("max_tokens", spec.max_tokens),
