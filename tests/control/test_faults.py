@@ -13,7 +13,7 @@ import pytest
 
 from client_py import AsyncEngineClient, InternalError, InvalidArgumentError
 from engine_service import LocalStorage
-from engine_service.control import _postgres
+from engine_service.control import PostgresControl, _postgres
 from engine_service.control._postgres import MIGRATION_LOCK
 from machina.engine.v1 import engine_service_pb2 as svc
 from machina.engine.v1 import engine_service_pb2_grpc as svc_grpc
@@ -191,7 +191,9 @@ async def test_a_session_holding_the_migration_lock_does_not_keep_replicas_out(
     try:
         await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
         b = await replicas.start(connect_timeout=2.0)
-        assert await b.engine.control.wait_connected(5.0), b.engine.control.available()
+        control = b.engine.control
+        assert isinstance(control, PostgresControl)
+        assert await control.wait_connected(5.0), control.available()
     finally:
         await holder.close()
 
