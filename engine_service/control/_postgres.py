@@ -193,6 +193,8 @@ class PostgresControl:
         self._clock = clock
         self._connect_timeout = connect_timeout
         self._owner = ""
+        # Replicas with runs queued for them alone whose sessions the last sweep found gone.
+        self._departed: set[str] = set()
         self._on_change: ChangeListener = lambda *_: None
         self._reload: Reload | None = None
         self._pool: Any = None
@@ -261,7 +263,10 @@ class PostgresControl:
 
     async def _connect(self) -> None:
         timeout = self._connect_timeout
-        listener = await asyncpg.connect(self._url, timeout=timeout)
+        # Its session names this replica: while it is open the replica is alive (see `_unpin_departed`).
+        listener = await asyncpg.connect(
+            self._url, timeout=timeout, server_settings={"application_name": self._owner[:63]}
+        )
         self._listener = listener
         await migrate(listener)
         self._lost.clear()
@@ -326,6 +331,29 @@ class PostgresControl:
                 async with asyncio.timeout(2):
                     await self._listener.close()
         self._listener = None
+
+    async def _unpin_departed(self, pool: Any) -> None:
+        """Runs queued for a replica alone (it held their per-run credentials) go to any replica
+        once that replica is gone: its session (named by its owner id) is missing at two sweeps
+        in a row, so a replica reconnecting at the moment of one sweep keeps its runs."""
+        rows = await pool.fetch(
+            "SELECT DISTINCT q.pinned_to FROM machina_queue q WHERE q.pinned_to IS NOT NULL "
+            "AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a "
+            "WHERE a.application_name = left(q.pinned_to, 63))"
+        )
+        missing = {str(row[0]) for row in rows}
+        departed, self._departed = sorted(missing & self._departed), missing
+        if departed:
+            moved = await pool.fetchval(
+                "WITH moved AS (UPDATE machina_queue SET pinned_to = NULL WHERE pinned_to = ANY($1::text[]) "
+                "RETURNING 1) SELECT count(*) FROM moved",
+                departed,
+            )
+            await pool.execute("SELECT pg_notify($1, '')", WORK_CHANNEL)
+            log.warning(
+                "control plane: %d queued runs of %d replicas that are gone may go to any replica now",
+                moved, len(departed),
+            )  # fmt: skip
 
     async def _unpin(self) -> None:
         """Runs queued for this replica alone (it held their per-run credentials) go to any
@@ -504,6 +532,14 @@ class PostgresControl:
         return [json.loads(row[0]) for row in rows]
 
     async def active_runs(self, workspace: str | None) -> list[tuple[str, str]]:
+        if workspace is None:  # the replica's own sweep (a tenant's sweep moves nothing of others)
+            try:
+                await self._run(self._unpin_departed)
+            except Exception:
+                log.warning(
+                    "control plane: looking for queued runs of departed replicas failed", exc_info=True
+                )
+
         async def query(pool: Any) -> list[Any]:
             async with pool.acquire() as conn:
                 # Slots of runs that ended or paused without being released, or were claimed

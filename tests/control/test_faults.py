@@ -208,3 +208,53 @@ async def test_a_migration_waits_for_the_lock_only_so_long(database: str) -> Non
     finally:
         await holder.close()
         await waiter.close()
+
+
+async def test_a_run_queued_for_a_replica_that_died_goes_to_another(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same when the creator dies without a word (kill -9): its session with PostgreSQL
+    ends with it, and once another replica's sweep misses it twice in a row, its queued runs go
+    to any replica."""
+    config = {**QUICK, "egress_allow_hosts": ["127.0.0.1"]}
+    a = await replicas.start(config=config, max_running=1)
+    async with AsyncEngineClient(f"127.0.0.1:{a.port}") as ca:
+        busy = await ca.create(
+            "busy", model="scripted", script=[turn("", ("sleep", {"seconds": 2})), turn("ok")]
+        )
+        await asyncio.sleep(0.5)
+        api = {"services": [{"name": "svc", "base_url": "http://127.0.0.1:9"}], "env": {"k": "v"}}
+        pinned = await ca.create("pinned", model="scripted", script=[turn("done")], api=api)
+        assert (await pinned.refresh()).state == "QUEUED"
+
+    async def says_nothing(self: PostgresControl) -> None:
+        return None  # dies: no goodbye
+
+    monkeypatch.setattr(PostgresControl, "_unpin", says_nothing)
+    await replicas.stop_all()
+    monkeypatch.undo()
+    b = await replicas.start(config=config, max_running=1)
+    async with AsyncEngineClient(f"127.0.0.1:{b.port}") as cb:
+        assert (await (await cb.attach(busy.run_id)).wait(timeout=30)).state == "DONE"
+        assert (await (await cb.attach(pinned.run_id)).wait(timeout=30)).state == "DONE"
+
+
+async def test_runs_queued_for_a_live_replica_stay_with_it(replicas: Replicas) -> None:
+    """A replica that is alive keeps the runs queued for it alone, however many sweeps other
+    replicas make."""
+    config = {**QUICK, "egress_allow_hosts": ["127.0.0.1"]}
+    a = await replicas.start(config=config, max_running=1)
+    b = await replicas.start(config=config, max_running=1)
+    async with AsyncEngineClient(f"127.0.0.1:{a.port}") as ca:
+        busy = await ca.create(
+            "busy", model="scripted", script=[turn("", ("sleep", {"seconds": 4})), turn("ok")]
+        )
+        await asyncio.sleep(0.5)
+        api = {"services": [{"name": "svc", "base_url": "http://127.0.0.1:9"}], "env": {"k": "v"}}
+        pinned = await ca.create("pinned", model="scripted", script=[turn("done")], api=api)
+        await asyncio.sleep(3)  # three sweeps of each replica
+        assert (await pinned.refresh()).state == "QUEUED"
+        await busy.wait(timeout=30)
+        run = await pinned.wait(timeout=30)
+        assert run.state == "DONE"
+    assert b.engine.control.queued  # b was there all along, sweeping
