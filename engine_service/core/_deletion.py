@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from typing import TYPE_CHECKING
 
 from engine_service.core._errors import EngineError, precondition, shown_list
@@ -47,10 +47,24 @@ class Deleter:
         async with engine._lock(key):
             record = await engine._load(key)
             self._check_ended(record)
-            referrers = await engine.threads.referrers(key[0], record)
-            if referrers:
-                raise _referenced(record.run_id, referrers)
-            await self.remove(record)
+            # Marked first, then checked: a follow-up or fork that began before is seen, one
+            # that begins after sees the mark and waits (see ``core._threads``).
+            async with self.holding_thread(key[0], record):
+                referrers = await engine.threads.referrers(key[0], record)
+                if referrers:
+                    raise _referenced(record.run_id, referrers)
+                await self.remove(record)
+
+    @contextlib.asynccontextmanager
+    async def holding_thread(self, ws: str, record: RunRecord) -> AsyncIterator[None]:
+        """While the run is deleted, its thread is marked: no run starts on it and no fork of it
+        is made (ERR_THREAD_BUSY, naming the run) until the mark goes."""
+        mark = await self._mark(ws, record.thread, {"run_id": record.run_id})
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await self._unmark(ws, mark)
 
     async def delete_thread(self, principal: Principal, thread_id: str, *, force: bool = False) -> list[str]:
         """Delete every run of the thread, then the thread; the ids of the runs deleted."""
@@ -60,18 +74,19 @@ class Deleter:
         for record in records:
             self._check_ended(record)
         going = {r.run_id for r in records}
-        if not force:
-            for record in records:
-                referrers = await engine.threads.referrers(
-                    ws, record, runs_going=going, threads_going={thread.thread_id}
-                )
-                if referrers:
-                    raise _referenced(record.run_id, referrers)
-        # From here no run starts on the thread; one that started since it was read stops this.
-        mark = await self.close_thread(ws, thread.thread_id, {r.run_id for r in records})
+        # From here no run starts on the thread, nor a fork of it; one that started since it
+        # was read stops this.
+        mark = await self.close_thread(ws, thread.thread_id, going)
         stop = asyncio.Event()
         beating = asyncio.create_task(self._keep_closing(ws, mark, stop))
         try:
+            if not force:  # checked under the mark: a fork made before it is seen here
+                for record in records:
+                    referrers = await engine.threads.referrers(
+                        ws, record, runs_going=going, threads_going={thread.thread_id}
+                    )
+                    if referrers:
+                        raise _referenced(record.run_id, referrers)
             for record in reversed(records):  # the latest first: nothing is left pointing at a gap
                 key = (ws, record.run_id)
                 async with engine._lock(key):
@@ -81,9 +96,7 @@ class Deleter:
             stop.set()
             await asyncio.shield(beating)
             with contextlib.suppress(Exception):
-                current = await engine.storage.get_doc(ws, closing_key(thread.thread_id))
-                if current is not None and current.get("token") == mark["token"]:
-                    await engine.storage.delete_doc(ws, closing_key(thread.thread_id))  # it stays a thread
+                await self._unmark(ws, mark)  # it stays a thread
             raise
         stop.set()
         await beating  # its last renewal lands before the mark goes
@@ -98,17 +111,7 @@ class Deleter:
         Returns the mark."""
         storage, now = self._engine.storage, self._engine._clock()
         key = closing_key(thread_id)
-        mark: JsonObject = {"thread_id": thread_id, "at": now, "beat": now, "token": new_id("del")}
-        if not await storage.put_doc(ws, key, mark, create_only=True):
-            current = await storage.get_doc(ws, key)
-            if current is not None and now - closing_beat(current) < CLOSING_STALE_S:
-                raise precondition(
-                    "ERR_THREAD_BUSY",
-                    f"thread {thread_id!r} is being deleted already; if that deletion stopped, "
-                    f"DeleteThread takes it over {CLOSING_STALE_S:g} s after it last made progress",
-                    thread_id=thread_id,
-                )
-            await storage.put_doc(ws, key, mark)  # left by a deletion that died: taken over
+        mark = await self._mark(ws, thread_id, {})
         slots = await storage.list_docs(ws, f"thread-runs/{thread_id}")
         docs = await asyncio.gather(*(storage.get_doc(ws, slot) for slot in slots))
         newcomers = []
@@ -129,6 +132,35 @@ class Deleter:
                 run_id=newcomers[-1],
             )
         return mark
+
+    async def _mark(self, ws: str, thread_id: str, what: JsonObject) -> JsonObject:
+        """Write the thread's closing mark (``what``: {"run_id"} when one run of it is being
+        deleted), or ERR_THREAD_BUSY if a deletion at work holds it; one whose deletion died is
+        taken over. Returns the mark."""
+        storage, now = self._engine.storage, self._engine._clock()
+        key = closing_key(thread_id)
+        mark: JsonObject = {"thread_id": thread_id, "at": now, "beat": now, "token": new_id("del"), **what}
+        if not await storage.put_doc(ws, key, mark, create_only=True):
+            current = await storage.get_doc(ws, key)
+            if current is not None and now - closing_beat(current) < CLOSING_STALE_S:
+                held = str(current.get("run_id") or "")
+                raise precondition(
+                    "ERR_THREAD_BUSY",
+                    (f"run {held!r} of thread {thread_id!r} is being deleted; try again in a moment"
+                     if held else
+                     f"thread {thread_id!r} is being deleted already; if that deletion stopped, "
+                     f"DeleteThread takes it over {CLOSING_STALE_S:g} s after it last made progress"),
+                    thread_id=thread_id,
+                )  # fmt: skip
+            await storage.put_doc(ws, key, mark)  # left by a deletion that died: taken over
+        return mark
+
+    async def _unmark(self, ws: str, mark: JsonObject) -> None:
+        """Remove the thread's closing mark if it is still ``mark`` (not taken over since)."""
+        storage, key = self._engine.storage, closing_key(str(mark["thread_id"]))
+        current = await storage.get_doc(ws, key)
+        if current is not None and current.get("token") == mark["token"]:
+            await storage.delete_doc(ws, key)
 
     async def _keep_closing(self, ws: str, mark: JsonObject, stop: asyncio.Event) -> None:
         """Renew the thread's closing mark every ``CLOSING_BEAT_S`` until ``stop``: a deletion at

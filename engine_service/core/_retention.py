@@ -12,6 +12,7 @@ those runs, not every run in storage.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -111,13 +112,23 @@ async def apply_retention(engine: Engine, ws: str, *, dry_run: bool = False) -> 
             current = await storage.read_state(ws, record.run_id)
             if current is None or current.get("updated_at") != record.updated_at:
                 continue  # deleted meanwhile, or moved again (it is not expired any more)
-            # Checked again: what shared its history at planning time may have been kept, and a
-            # run may have started on its thread since (its place counts once claimed).
+            # Checked again, under the thread's mark (the sweep's own for a thread it deletes):
+            # what shared its history at planning time may have been kept, and a run or a fork
+            # may have started since.
             deleted = set(deleted_runs)
             done = [t for t in closed if deleted.issuperset(thread_runs[t])]
-            if await threads.referrers(ws, record, runs_going=deleted, threads_going=done):
-                continue
-            await engine.deleter.remove(record)
+            held = (
+                contextlib.nullcontext()
+                if record.thread in closed
+                else engine.deleter.holding_thread(ws, record)
+            )
+            try:
+                async with held:
+                    if await threads.referrers(ws, record, runs_going=deleted, threads_going=done):
+                        continue
+                    await engine.deleter.remove(record)
+            except EngineError:
+                continue  # another deletion holds its thread: the next sweep looks again
             deleted_runs.append(record.run_id)
     forgotten = []
     for thread_id in closed:

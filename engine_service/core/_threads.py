@@ -184,7 +184,7 @@ class ThreadDesk:
             self._storage.get_doc(ws, closing_key(thread_id)),
         )
         if _closing(closing, now):
-            raise _being_deleted(thread_id)
+            raise _being_deleted(thread_id, closing)
         opened: list[str] = []
         if doc is None:
             doc = await self._open(ws, thread_id, spec, now, opened)
@@ -255,11 +255,12 @@ class ThreadDesk:
             if current.get("run_id") != run_id:
                 raise _busy(placement.thread_id, str(current.get("run_id", "")))
         # The place is taken: a deletion that began before sees it; one that began earlier is seen here.
-        if _closing(await self._storage.get_doc(ws, closing_key(placement.thread_id)), now):
+        closing = await self._storage.get_doc(ws, closing_key(placement.thread_id))
+        if _closing(closing, now):
             await self.unclaim(ws, placement, run_id)
-            for opened in placement.opened:  # the thread goes: what this start wrote to open it too
+            for opened in placement.opened:  # what this start wrote to open the thread goes too
                 await self._storage.delete_doc(ws, opened)
-            raise _being_deleted(placement.thread_id)
+            raise _being_deleted(placement.thread_id, closing)
 
     async def unclaim(self, ws: str, placement: Placement, run_id: str) -> None:
         """The run did not start: its place is free again, and a fork's new thread goes (its fork
@@ -305,6 +306,11 @@ class ThreadDesk:
             await asyncio.gather(
                 *(self._storage.put_doc(ws, fork_key(seg["run_id"], thread_id), {"at": now}) for seg in base)
             )
+            # The marks are written: a deletion of the source that began before is seen here, one
+            # that begins after sees them (it marks the source's thread, then looks for forks).
+            closing = await self._storage.get_doc(ws, closing_key(record.thread))
+            if _closing(closing, now):
+                raise _being_deleted(record.thread, closing)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self._forget_fork(ws, thread_id, base)
@@ -542,7 +548,15 @@ def closing_beat(doc: JsonObject) -> float:
     return float(doc.get("at", 0) if beat is None else beat)
 
 
-def _being_deleted(thread_id: str) -> EngineError:
+def _being_deleted(thread_id: str, mark: JsonObject | None = None) -> EngineError:
+    run_id = str((mark or {}).get("run_id") or "")
+    if run_id:  # one run of it (DeleteRun, retention), not the thread
+        return precondition(
+            "ERR_THREAD_BUSY",
+            f"run {run_id!r} of thread {thread_id!r} is being deleted; try again in a moment",
+            thread_id=thread_id,
+            run_id=run_id,
+        )
     return precondition(
         "ERR_THREAD_BUSY",
         f"thread {thread_id!r} is being deleted; start the run on another thread",

@@ -485,3 +485,52 @@ async def test_no_run_starts_on_a_thread_retention_is_deleting(kept_one_day: Sta
     assert list(applied.run_ids) == [old.run_id]
     assert list(applied.thread_ids) == ["t"]
     assert [n for n in await stack.object_names() if "/docs/" in n] == []
+
+
+async def test_no_follow_up_or_fork_starts_on_a_run_being_deleted(stack: Stack) -> None:
+    """DeleteRun marks the run's thread before it looks for later runs and forks, so a follow-up
+    or a fork made while the run is being removed is refused (and may be made again after),
+    instead of starting on a history that is going."""
+    a = await stack.run("remember apples", thread_id="t")
+    deleter = stack.engine.deleter
+    real_remove = deleter.remove
+    tried: list[Any] = []
+
+    async def remove(record: Any, **kwargs: Any) -> None:
+        if not tried:
+            tried.append(await _outcome(stack.start("recall", thread_id="t")))
+            fork = stack.start("recall", fork_from=rp.ForkSource(run_id=a.run_id), thread_id="f")
+            tried.append(await _outcome(fork))
+        await real_remove(record, **kwargs)
+
+    deleter.remove = remove  # type: ignore[method-assign]
+    await stack.stub.DeleteRun(svc.DeleteRunRequest(run_id=a.run_id))
+    deleter.remove = real_remove  # type: ignore[method-assign]
+    assert tried == [BUSY, BUSY]
+    await every_rpc_is_not_found(stack, a.run_id)
+    # The mark went with the deletion: the thread takes runs again (with nothing before them).
+    assert (await stack.run("recall", thread_id="t")).data.string_value == "nothing"
+    code = await fails(stack.stub.GetThread(svc.GetThreadRequest(thread_id="f")))
+    assert code == (grpc.StatusCode.NOT_FOUND, "ERR_THREAD_NOT_FOUND")
+
+
+async def test_a_fork_made_as_its_source_thread_is_closed_keeps_it(stack: Stack) -> None:
+    """DeleteThread looks for forks after it marks the thread: a fork made just before the mark
+    is found (ERR_RUN_REFERENCED), one made after is refused."""
+    a = await stack.run("remember apples", thread_id="t")
+    deleter = stack.engine.deleter
+    real_close = deleter.close_thread
+    forks: list[Any] = []
+
+    async def close_thread(ws: str, thread_id: str, known: Any) -> Any:
+        if not forks:
+            forks.append(await stack.run("remember plums", fork_from=rp.ForkSource(run_id=a.run_id)))
+        return await real_close(ws, thread_id, known)
+
+    deleter.close_thread = close_thread  # type: ignore[method-assign]
+    code = await fails(stack.stub.DeleteThread(svc.DeleteThreadRequest(thread_id="t")))
+    deleter.close_thread = real_close  # type: ignore[method-assign]
+    assert code == (grpc.StatusCode.FAILED_PRECONDITION, "ERR_RUN_REFERENCED")
+    recall = await stack.run("recall", thread_id=forks[0].thread_id)
+    assert recall.data.string_value == "apples,plums"
+    assert (await stack.run("recall", thread_id="t")).data.string_value == "apples"
