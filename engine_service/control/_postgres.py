@@ -343,13 +343,7 @@ class PostgresControl:
         )
         missing = {str(row[0]) for row in rows}
         departed, self._departed = sorted(missing & self._departed), missing
-        if departed:
-            moved = await pool.fetchval(
-                "WITH moved AS (UPDATE machina_queue SET pinned_to = NULL WHERE pinned_to = ANY($1::text[]) "
-                "RETURNING 1) SELECT count(*) FROM moved",
-                departed,
-            )
-            await pool.execute("SELECT pg_notify($1, '')", WORK_CHANNEL)
+        if departed and (moved := await _release_pinned(pool, departed)):
             log.warning(
                 "control plane: %d queued runs of %d replicas that are gone may go to any replica now",
                 moved, len(departed),
@@ -364,13 +358,7 @@ class PostgresControl:
             return
         try:
             async with asyncio.timeout(2):
-                moved = await pool.fetchval(
-                    "WITH moved AS (UPDATE machina_queue SET pinned_to = NULL WHERE pinned_to = $1 "
-                    "RETURNING 1) SELECT count(*) FROM moved",
-                    self._owner,
-                )
-                if moved:
-                    await pool.execute("SELECT pg_notify($1, '')", WORK_CHANNEL)
+                if moved := await _release_pinned(pool, [self._owner]):
                     log.info("control plane: %d queued runs of this replica may go to any replica now", moved)
         except Exception:
             log.warning("control plane: releasing this replica's queued runs failed", exc_info=True)
@@ -596,13 +584,9 @@ class PostgresControl:
 
     # -- the work queue ----------------------------------------------------------------
 
-    async def enqueue(
-        self, workspace: str, run_id: str, *, pinned: bool, state: JsonObject | None = None
-    ) -> int:
+    async def enqueue(self, workspace: str, run_id: str, *, pinned: bool) -> int:
         async def put(pool: Any) -> int:
             async with pool.acquire() as conn, conn.transaction():
-                if state is not None:
-                    await conn.execute(_UPSERT_AND_NOTIFY, *index_row(state), _payload(state))
                 await conn.execute(
                     "INSERT INTO machina_workspaces (workspace) VALUES ($1) ON CONFLICT DO NOTHING", workspace
                 )
@@ -616,12 +600,7 @@ class PostgresControl:
                 await conn.execute("SELECT pg_notify('machina_work', '')")
                 return int(await conn.fetchval(_POSITION, workspace, run_id) or 0)
 
-        try:
-            position: int = await self._run(put)
-        except BaseException:
-            if state is not None:
-                await self.committed(state)  # indexed once the database answers (the sweep queues it)
-            raise
+        position: int = await self._run(put)
         return position
 
     async def claim(self) -> tuple[str, str] | None:
@@ -808,6 +787,20 @@ class PostgresControl:
             except Exception:
                 log.exception("control plane: %s failed; dropped", op)
             self._ops.popleft()
+
+
+async def _release_pinned(pool: Any, owners: list[str]) -> int:
+    """Let any replica claim the queued runs pinned to ``owners``, and wake the claimers; how many."""
+    moved = int(
+        await pool.fetchval(
+            "WITH moved AS (UPDATE machina_queue SET pinned_to = NULL WHERE pinned_to = ANY($1::text[]) "
+            "RETURNING 1) SELECT count(*) FROM moved",
+            owners,
+        )
+    )
+    if moved:
+        await pool.execute("SELECT pg_notify($1, '')", WORK_CHANNEL)
+    return moved
 
 
 _POSITION = (

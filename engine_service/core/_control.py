@@ -102,12 +102,9 @@ class ControlPlane(Protocol):
 
     # -- the work queue ------------------------------------------------------------------
 
-    async def enqueue(
-        self, workspace: str, run_id: str, *, pinned: bool, state: JsonObject | None = None
-    ) -> int:
-        """Queue a run; returns its place in line. ``pinned``: only this replica may claim it
-        (it holds its credentials). ``state``: index it in the same transaction (a run just
-        created, listed next by its creator on any replica)."""
+    async def enqueue(self, workspace: str, run_id: str, *, pinned: bool) -> int:
+        """Queue a run (indexed already, see `index_now`); returns its place in line.
+        ``pinned``: only this replica may claim it (it holds its credentials)."""
         ...
 
     async def claim(self) -> tuple[str, str] | None:
@@ -200,9 +197,7 @@ class LocalControl:
     async def delete_run(self, workspace: str, run_id: str) -> None:
         return None
 
-    async def enqueue(
-        self, workspace: str, run_id: str, *, pinned: bool, state: JsonObject | None = None
-    ) -> int:
+    async def enqueue(self, workspace: str, run_id: str, *, pinned: bool) -> int:
         raise NotImplementedError("no work queue without a control plane")
 
     async def claim(self) -> tuple[str, str] | None:

@@ -21,6 +21,7 @@ from engine_service.core._threads import (
     CLAIM_GRACE_S,
     CLOSING_BEAT_S,
     CLOSING_STALE_S,
+    being_deleted,
     closing_beat,
     closing_key,
     fork_key,
@@ -143,15 +144,14 @@ class Deleter:
         if not await storage.put_doc(ws, key, mark, create_only=True):
             current = await storage.get_doc(ws, key)
             if current is not None and now - closing_beat(current) < CLOSING_STALE_S:
-                held = str(current.get("run_id") or "")
+                if current.get("run_id"):  # one run of it (DeleteRun, retention)
+                    raise being_deleted(thread_id, current)
                 raise precondition(
                     "ERR_THREAD_BUSY",
-                    (f"run {held!r} of thread {thread_id!r} is being deleted; try again in a moment"
-                     if held else
-                     f"thread {thread_id!r} is being deleted already; if that deletion stopped, "
-                     f"DeleteThread takes it over {CLOSING_STALE_S:g} s after it last made progress"),
+                    f"thread {thread_id!r} is being deleted already; if that deletion stopped, "
+                    f"DeleteThread takes it over {CLOSING_STALE_S:g} s after it last made progress",
                     thread_id=thread_id,
-                )  # fmt: skip
+                )
             await storage.put_doc(ws, key, mark)  # left by a deletion that died: taken over
         return mark
 

@@ -395,11 +395,12 @@ class Engine:
         ]
         if problem := self.control.available():
             raise control_unavailable(problem)
+        state = record.to_json()
         if self.control.queued:
             # Indexed first: if this process dies before the run is queued, the recovery sweep
             # finds the row and queues the run (a row whose run never reached storage goes).
-            await self.control.index_now(record.to_json())
-        if not await self.storage.create_run(ws, run_id, spec_doc, record.to_json()):
+            await self.control.index_now(state)
+        if not await self.storage.create_run(ws, run_id, spec_doc, state):
             if self.control.queued and (existing := await self.storage.read_state(ws, run_id)) is not None:
                 await self.control.committed(existing)  # the row is that run's, not this attempt's
             raise aborted("ERR_CONCURRENT_UPDATE", f"run {run_id!r} was created concurrently", run_id=run_id)

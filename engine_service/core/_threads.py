@@ -184,7 +184,7 @@ class ThreadDesk:
             self._storage.get_doc(ws, closing_key(thread_id)),
         )
         if _closing(closing, now):
-            raise _being_deleted(thread_id, closing)
+            raise being_deleted(thread_id, closing)
         opened: list[str] = []
         if doc is None:
             doc = await self._open(ws, thread_id, spec, now, opened)
@@ -260,7 +260,7 @@ class ThreadDesk:
             await self.unclaim(ws, placement, run_id)
             for opened in placement.opened:  # what this start wrote to open the thread goes too
                 await self._storage.delete_doc(ws, opened)
-            raise _being_deleted(placement.thread_id, closing)
+            raise being_deleted(placement.thread_id, closing)
 
     async def unclaim(self, ws: str, placement: Placement, run_id: str) -> None:
         """The run did not start: its place is free again, and a fork's new thread goes (its fork
@@ -310,7 +310,7 @@ class ThreadDesk:
             # that begins after sees them (it marks the source's thread, then looks for forks).
             closing = await self._storage.get_doc(ws, closing_key(record.thread))
             if _closing(closing, now):
-                raise _being_deleted(record.thread, closing)
+                raise being_deleted(record.thread, closing)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self._forget_fork(ws, thread_id, base)
@@ -548,7 +548,7 @@ def closing_beat(doc: JsonObject) -> float:
     return float(doc.get("at", 0) if beat is None else beat)
 
 
-def _being_deleted(thread_id: str, mark: JsonObject | None = None) -> EngineError:
+def being_deleted(thread_id: str, mark: JsonObject | None = None) -> EngineError:
     run_id = str((mark or {}).get("run_id") or "")
     if run_id:  # one run of it (DeleteRun, retention), not the thread
         return precondition(

@@ -11,7 +11,7 @@ import asyncpg.pool
 import grpc
 import pytest
 
-from client_py import AsyncEngineClient, InternalError, InvalidArgumentError
+from client_py import AsyncEngineClient, AsyncRunHandle, InternalError, InvalidArgumentError
 from engine_service import LocalStorage
 from engine_service.control import PostgresControl, _postgres
 from engine_service.control._postgres import MIGRATION_LOCK
@@ -23,6 +23,23 @@ from tests.control.conftest import Replicas
 pytestmark = pytest.mark.timeout(90)
 
 QUICK = {"lease_ttl_s": 2, "recovery_interval_s": 1}
+# Replicas whose workspaces run one run at a time, and may call the credentialed service below.
+ONE_AT_A_TIME = {**QUICK, "egress_allow_hosts": ["127.0.0.1"]}
+
+
+async def pinned_behind_busy(
+    client: AsyncEngineClient, busy_s: float
+) -> tuple[AsyncRunHandle, AsyncRunHandle]:
+    """A run holding the workspace's one slot for ``busy_s``, and a run with per-run credentials
+    queued behind it: queued for the replica ``client`` talks to alone."""
+    busy = await client.create(
+        "busy", model="scripted", script=[turn("", ("sleep", {"seconds": busy_s})), turn("ok")]
+    )
+    await asyncio.sleep(0.5)  # it holds the workspace's one slot
+    api = {"services": [{"name": "svc", "base_url": "http://127.0.0.1:9"}], "env": {"k": "v"}}
+    pinned = await client.create("pinned", model="scripted", script=[turn("done")], api=api)
+    assert (await pinned.refresh()).state == "QUEUED"
+    return busy, pinned
 
 
 async def test_a_run_whose_creator_died_before_queueing_it_is_recovered(
@@ -81,18 +98,11 @@ async def test_a_run_queued_for_a_replica_that_stopped_goes_to_another(replicas:
     """A run created with per-run credentials waits in the queue for its creator alone. When the
     creator stops (a rolling deploy) before it claims the run, the run goes to any replica, as
     it would be recovered without a control plane."""
-    config = {**QUICK, "egress_allow_hosts": ["127.0.0.1"]}
-    a = await replicas.start(config=config, max_running=1)
+    a = await replicas.start(config=ONE_AT_A_TIME, max_running=1)
     async with AsyncEngineClient(f"127.0.0.1:{a.port}") as ca:
-        busy = await ca.create(
-            "busy", model="scripted", script=[turn("", ("sleep", {"seconds": 3})), turn("ok")]
-        )
-        await asyncio.sleep(0.5)  # it holds the workspace's one slot
-        api = {"services": [{"name": "svc", "base_url": "http://127.0.0.1:9"}], "env": {"k": "v"}}
-        pinned = await ca.create("pinned", model="scripted", script=[turn("done")], api=api)
-        assert (await pinned.refresh()).state == "QUEUED"
+        busy, pinned = await pinned_behind_busy(ca, 3)
     await replicas.stop_all()
-    b = await replicas.start(config=config, max_running=1)
+    b = await replicas.start(config=ONE_AT_A_TIME, max_running=1)
     async with AsyncEngineClient(f"127.0.0.1:{b.port}") as cb:
         assert (await (await cb.attach(busy.run_id)).wait(timeout=30)).state == "DONE"
         assert (await (await cb.attach(pinned.run_id)).wait(timeout=30)).state == "DONE"
@@ -216,16 +226,9 @@ async def test_a_run_queued_for_a_replica_that_died_goes_to_another(
     """The same when the creator dies without a word (kill -9): its session with PostgreSQL
     ends with it, and once another replica's sweep misses it twice in a row, its queued runs go
     to any replica."""
-    config = {**QUICK, "egress_allow_hosts": ["127.0.0.1"]}
-    a = await replicas.start(config=config, max_running=1)
+    a = await replicas.start(config=ONE_AT_A_TIME, max_running=1)
     async with AsyncEngineClient(f"127.0.0.1:{a.port}") as ca:
-        busy = await ca.create(
-            "busy", model="scripted", script=[turn("", ("sleep", {"seconds": 2})), turn("ok")]
-        )
-        await asyncio.sleep(0.5)
-        api = {"services": [{"name": "svc", "base_url": "http://127.0.0.1:9"}], "env": {"k": "v"}}
-        pinned = await ca.create("pinned", model="scripted", script=[turn("done")], api=api)
-        assert (await pinned.refresh()).state == "QUEUED"
+        busy, pinned = await pinned_behind_busy(ca, 2)
 
     async def says_nothing(self: PostgresControl) -> None:
         return None  # dies: no goodbye
@@ -233,7 +236,7 @@ async def test_a_run_queued_for_a_replica_that_died_goes_to_another(
     monkeypatch.setattr(PostgresControl, "_unpin", says_nothing)
     await replicas.stop_all()
     monkeypatch.undo()
-    b = await replicas.start(config=config, max_running=1)
+    b = await replicas.start(config=ONE_AT_A_TIME, max_running=1)
     async with AsyncEngineClient(f"127.0.0.1:{b.port}") as cb:
         assert (await (await cb.attach(busy.run_id)).wait(timeout=30)).state == "DONE"
         assert (await (await cb.attach(pinned.run_id)).wait(timeout=30)).state == "DONE"
@@ -242,16 +245,10 @@ async def test_a_run_queued_for_a_replica_that_died_goes_to_another(
 async def test_runs_queued_for_a_live_replica_stay_with_it(replicas: Replicas) -> None:
     """A replica that is alive keeps the runs queued for it alone, however many sweeps other
     replicas make."""
-    config = {**QUICK, "egress_allow_hosts": ["127.0.0.1"]}
-    a = await replicas.start(config=config, max_running=1)
-    b = await replicas.start(config=config, max_running=1)
+    a = await replicas.start(config=ONE_AT_A_TIME, max_running=1)
+    b = await replicas.start(config=ONE_AT_A_TIME, max_running=1)
     async with AsyncEngineClient(f"127.0.0.1:{a.port}") as ca:
-        busy = await ca.create(
-            "busy", model="scripted", script=[turn("", ("sleep", {"seconds": 4})), turn("ok")]
-        )
-        await asyncio.sleep(0.5)
-        api = {"services": [{"name": "svc", "base_url": "http://127.0.0.1:9"}], "env": {"k": "v"}}
-        pinned = await ca.create("pinned", model="scripted", script=[turn("done")], api=api)
+        busy, pinned = await pinned_behind_busy(ca, 4)
         await asyncio.sleep(3)  # three sweeps of each replica
         assert (await pinned.refresh()).state == "QUEUED"
         await busy.wait(timeout=30)

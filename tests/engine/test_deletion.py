@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -443,69 +443,77 @@ async def test_delete_run_refuses_while_a_follow_up_is_being_created(stack: Stac
     assert follow.data.string_value == "apples"
 
 
-async def test_retention_keeps_a_thread_a_run_joined_after_it_was_planned(kept_one_day: Stack) -> None:
+def before_first_call(
+    monkeypatch: pytest.MonkeyPatch, target: object, name: str, action: Callable[[], Awaitable[Any]]
+) -> list[Any]:
+    """Make the first call of ``target.name`` run ``action`` first (a request landing at that
+    moment of a deletion); the list gets what the action returned."""
+    real = getattr(target, name)
+    returned: list[Any] = []
+
+    async def patched(*args: Any, **kwargs: Any) -> Any:
+        if not returned:
+            returned.append(await action())
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, patched)
+    return returned
+
+
+async def test_retention_keeps_a_thread_a_run_joined_after_it_was_planned(
+    kept_one_day: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A follow-up lands between retention's plan and its deletions: the thread stays whole."""
     stack = kept_one_day
     await stack.run("remember apples", thread_id="t")
     stack.clock.advance(2 * DAY)
-    deleter = stack.engine.deleter
-    real_close = deleter.close_thread
-    joined: list[str] = []
-
-    async def close_thread(ws: str, thread_id: str, known: Any) -> Any:
-        if not joined:
-            joined.append((await stack.run("remember pears", thread_id="t")).run_id)
-        return await real_close(ws, thread_id, known)
-
-    deleter.close_thread = close_thread  # type: ignore[method-assign]
+    before_first_call(
+        monkeypatch, stack.engine.deleter, "close_thread", lambda: stack.run("remember pears", thread_id="t")
+    )
     applied = await stack.stub.ApplyRetention(svc.ApplyRetentionRequest())
-    deleter.close_thread = real_close  # type: ignore[method-assign]
+    monkeypatch.undo()
     assert list(applied.run_ids) == []
     assert list(applied.thread_ids) == []
     assert (await stack.run("recall", thread_id="t")).data.string_value == "apples,pears"
 
 
-async def test_no_run_starts_on_a_thread_retention_is_deleting(kept_one_day: Stack) -> None:
+async def test_no_run_starts_on_a_thread_retention_is_deleting(
+    kept_one_day: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     stack = kept_one_day
     old = await stack.run("remember apples", thread_id="t")
     stack.clock.advance(2 * DAY)
-    deleter = stack.engine.deleter
-    real_remove = deleter.remove
-    started: list[Any] = []
-
-    async def remove(record: Any, **kwargs: Any) -> None:
-        if not started:
-            started.append(await _outcome(stack.start("remember pears", thread_id="t")))
-        await real_remove(record, **kwargs)
-
-    deleter.remove = remove  # type: ignore[method-assign]
+    started = before_first_call(
+        monkeypatch,
+        stack.engine.deleter,
+        "remove",
+        lambda: _outcome(stack.start("remember pears", thread_id="t")),
+    )
     applied = await stack.stub.ApplyRetention(svc.ApplyRetentionRequest())
-    deleter.remove = real_remove  # type: ignore[method-assign]
+    monkeypatch.undo()
     assert started == [BUSY]
     assert list(applied.run_ids) == [old.run_id]
     assert list(applied.thread_ids) == ["t"]
     assert [n for n in await stack.object_names() if "/docs/" in n] == []
 
 
-async def test_no_follow_up_or_fork_starts_on_a_run_being_deleted(stack: Stack) -> None:
+async def test_no_follow_up_or_fork_starts_on_a_run_being_deleted(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """DeleteRun marks the run's thread before it looks for later runs and forks, so a follow-up
     or a fork made while the run is being removed is refused (and may be made again after),
     instead of starting on a history that is going."""
     a = await stack.run("remember apples", thread_id="t")
-    deleter = stack.engine.deleter
-    real_remove = deleter.remove
-    tried: list[Any] = []
 
-    async def remove(record: Any, **kwargs: Any) -> None:
-        if not tried:
-            tried.append(await _outcome(stack.start("recall", thread_id="t")))
-            fork = stack.start("recall", fork_from=rp.ForkSource(run_id=a.run_id), thread_id="f")
-            tried.append(await _outcome(fork))
-        await real_remove(record, **kwargs)
+    async def follow_up_and_fork() -> list[Any]:
+        follow_up = await _outcome(stack.start("recall", thread_id="t"))
+        fork = stack.start("recall", fork_from=rp.ForkSource(run_id=a.run_id), thread_id="f")
+        return [follow_up, await _outcome(fork)]
 
-    deleter.remove = remove  # type: ignore[method-assign]
+    returned = before_first_call(monkeypatch, stack.engine.deleter, "remove", follow_up_and_fork)
     await stack.stub.DeleteRun(svc.DeleteRunRequest(run_id=a.run_id))
-    deleter.remove = real_remove  # type: ignore[method-assign]
+    monkeypatch.undo()
+    [tried] = returned
     assert tried == [BUSY, BUSY]
     await every_rpc_is_not_found(stack, a.run_id)
     # The mark went with the deletion: the thread takes runs again (with nothing before them).
@@ -514,22 +522,20 @@ async def test_no_follow_up_or_fork_starts_on_a_run_being_deleted(stack: Stack) 
     assert code == (grpc.StatusCode.NOT_FOUND, "ERR_THREAD_NOT_FOUND")
 
 
-async def test_a_fork_made_as_its_source_thread_is_closed_keeps_it(stack: Stack) -> None:
+async def test_a_fork_made_as_its_source_thread_is_closed_keeps_it(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """DeleteThread looks for forks after it marks the thread: a fork made just before the mark
     is found (ERR_RUN_REFERENCED), one made after is refused."""
     a = await stack.run("remember apples", thread_id="t")
-    deleter = stack.engine.deleter
-    real_close = deleter.close_thread
-    forks: list[Any] = []
-
-    async def close_thread(ws: str, thread_id: str, known: Any) -> Any:
-        if not forks:
-            forks.append(await stack.run("remember plums", fork_from=rp.ForkSource(run_id=a.run_id)))
-        return await real_close(ws, thread_id, known)
-
-    deleter.close_thread = close_thread  # type: ignore[method-assign]
+    forks = before_first_call(
+        monkeypatch,
+        stack.engine.deleter,
+        "close_thread",
+        lambda: stack.run("remember plums", fork_from=rp.ForkSource(run_id=a.run_id)),
+    )
     code = await fails(stack.stub.DeleteThread(svc.DeleteThreadRequest(thread_id="t")))
-    deleter.close_thread = real_close  # type: ignore[method-assign]
+    monkeypatch.undo()
     assert code == (grpc.StatusCode.FAILED_PRECONDITION, "ERR_RUN_REFERENCED")
     recall = await stack.run("recall", thread_id=forks[0].thread_id)
     assert recall.data.string_value == "apples,plums"
