@@ -11,10 +11,12 @@ answer was lost is recognised on the retry by reading back.
 
 A checkpoint is one request: ``commit`` replaces ``state.json`` with the state
 document plus, under ``"log"``, the events and transcript entries committed
-since the log was last moved out (the *tail*). Once the tail passes
-``TAIL_BYTES`` the next checkpoint first writes it out as ordinary segments (in
-parallel), then the state without it, so ``state.json`` stays small and a
-checkpoint costs the same at turn 1 and turn 1,000. Readers take the tail into
+since the log was last moved out (the *tail*). Once a checkpoint's tail passes
+``TAIL_BYTES``, its records are written out as ordinary segments in the
+background (in parallel, while the run goes on), and the first checkpoint after
+those writes landed leaves them out of its tail, so ``state.json`` stays small
+and a checkpoint costs the same at turn 1 and turn 1,000. (A pause or an end
+moves nothing out: the run's next writer does.) Readers take the tail into
 account (``read_segments``, ``repair_end``); a ``state.json`` without one (and
 segments of one per checkpoint, as written before) reads as it always did.
 The replacement is conditional on the ``state.json`` this process last read
@@ -59,6 +61,8 @@ TAIL_BYTES = 32 * 1024
 _HEADS = 4096
 # Segments read at once.
 _READ_AHEAD = 16
+# A state.json of one of these moves no tail out (the run writes no more for now).
+_FINAL = frozenset({"PAUSED", "DONE", "FAILED", "CANCELLED"})
 
 
 @dataclass(slots=True)
@@ -186,6 +190,8 @@ class S3Storage:
         # Written in each state.json this process writes: a write of ours that landed although
         # its request failed is recognised as ours, not taken for another writer's.
         self._writer = uuid.uuid4().hex
+        # Tails being written out as segments in the background, by run (see the docstring).
+        self._moving: dict[tuple[str, str], tuple[asyncio.Task[None], _Tail]] = {}
 
     async def _s3(self) -> Any:
         if self._client is None:
@@ -322,10 +328,7 @@ class S3Storage:
         if checkpoint.blobs:
             await asyncio.gather(*(self.put_blob(ws, run_id, n, d) for n, d in checkpoint.blobs.items()))
         for attempt in range(3):
-            base = head.tail
-            if base.size > TAIL_BYTES:
-                await self._move_out(ws, run_id, base)
-                base = _Tail()
+            base = self._moved_out(ws, run_id, head.tail)
             tail = _extended(base, checkpoint)
             if tail is None:
                 if attempt:
@@ -340,6 +343,8 @@ class S3Storage:
             etag = await self._put(key, body, **conditions)
             if etag is not None:
                 self._remember(ws, run_id, _Head(etag, tail, next(self._stamps), self._writer))
+                if tail.size > TAIL_BYTES and checkpoint.state.get("state") not in _FINAL:
+                    self._start_move(ws, run_id, tail)
                 return
             # Lost a race, or a write of ours landed without our learning it: read back.
             found = await self._read_head(ws, run_id)
@@ -348,6 +353,36 @@ class S3Storage:
                 raise StateConflict(f"the state of run {run_id} was replaced by another writer")
             head = found[1]  # ours after all (e.g. an attempt that failed late): build on it
         raise StateConflict(f"the state of run {run_id} keeps changing under this writer")
+
+    def _start_move(self, ws: str, run_id: str, tail: _Tail) -> None:
+        key = (ws, run_id)
+        if key not in self._moving:
+            self._moving[key] = (asyncio.create_task(self._move_out(ws, run_id, tail)), tail)
+
+    def _moved_out(self, ws: str, run_id: str, tail: _Tail) -> _Tail:
+        """``tail`` without the records a background move has written out as segments (as it
+        is while that move is under way, or failed)."""
+        moving = self._moving.get((ws, run_id))
+        if moving is None or not moving[0].done():
+            return tail
+        task, moved = self._moving.pop((ws, run_id))
+        if task.cancelled() or task.exception() is not None:
+            return tail  # the tail keeps them; a later checkpoint moves them out again
+        if not (_starts_with(tail.events, moved.events) and _starts_with(tail.transcript, moved.transcript)):
+            return tail  # not the tail it was moved from (read again since): keep it whole
+        out = _Tail(tail.events[len(moved.events) :])
+        rest = tail.transcript[len(moved.transcript) :]
+        if rest:
+            out.transcript_first = tail.transcript_first + len(moved.transcript)
+            out.transcript = rest
+        return out
+
+    async def _settle_moves(self, ws: str, run_id: str) -> None:
+        """Wait for the run's background move (its segments must not land after a deletion)."""
+        moving = self._moving.pop((ws, run_id), None)
+        if moving is not None:
+            with contextlib.suppress(Exception):
+                await moving[0]
 
     async def _move_out(self, ws: str, run_id: str, tail: _Tail) -> None:
         """Write ``tail``'s records as segments (state.json still holds them until replaced)."""
@@ -541,6 +576,7 @@ class S3Storage:
         await self._delete(self._doc(ws, key))
 
     async def delete_run(self, ws: str, run_id: str) -> None:
+        await self._settle_moves(ws, run_id)
         self._heads.pop((ws, run_id), None)
         self._leases.pop((ws, run_id), None)
         self._new.discard((ws, run_id))
@@ -631,6 +667,11 @@ class S3Storage:
             await self._put(key, expired, IfMatch=current[1])
 
     async def close(self) -> None:
+        # The tails being moved out are still in their state.json: what is left unwritten is not lost.
+        for task, _ in self._moving.values():
+            task.cancel()
+        await asyncio.gather(*(task for task, _ in self._moving.values()), return_exceptions=True)
+        self._moving.clear()
         await self._stack.aclose()
         self._client = None
 
@@ -654,6 +695,12 @@ def _extended(tail: _Tail, checkpoint: Checkpoint) -> _Tail | None:
         else:
             out.transcript_first, out.transcript = first, entries
     return out
+
+
+def _starts_with(records: list[JsonObject], prefix: list[JsonObject]) -> bool:
+    """Whether ``records`` begins with the very objects of ``prefix`` (a tail built on another
+    one shares its records; one read again from storage does not)."""
+    return len(records) >= len(prefix) and all(a is b for a, b in zip(records, prefix, strict=False))
 
 
 def _lines(first: int, body: bytes) -> list[tuple[int, Any]]:

@@ -32,6 +32,12 @@ def _events(first: int, count: int, tag: str = "") -> list[dict[str, object]]:
     return [{"seq": first + i, "k": "x", "tag": tag} for i in range(count)]
 
 
+async def _moves_landed(store: S3Storage) -> None:
+    """Wait for the tails being moved out in the background (they stay known to the store)."""
+    for task, _ in list(store._moving.values()):
+        await task
+
+
 async def test_a_checkpoint_is_one_request_and_readers_see_everything(moto: str) -> None:
     store = await _storage(moto)
     try:
@@ -102,13 +108,14 @@ async def test_the_tail_moves_out_to_segments_and_state_stays_small(
 async def test_a_crash_between_a_move_out_and_its_state_loses_and_doubles_nothing(
     moto: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_s3, "TAIL_BYTES", 100)  # every commit moves the previous one's tail out
+    monkeypatch.setattr(_s3, "TAIL_BYTES", 100)  # every commit's tail is moved out after it
     store = await _storage(moto)
     bucket = store._bucket
     await store.create_run("ws", "r1", {}, {"last_seq": 0})
     for n in range(1, 4):
         state = {"last_seq": 2 * n, "transcript_len": n}
         await store.commit("ws", "r1", Checkpoint(state, n, [{"text": f"m{n}"}], {}, _events(2 * n - 1, 2)))
+        await _moves_landed(store)
 
     put = store._put
 
@@ -117,7 +124,8 @@ async def test_a_crash_between_a_move_out_and_its_state_loses_and_doubles_nothin
             raise ConnectionError("the process died here")
         return await put(key, data, **conditions)
 
-    # The next commit moves the tail out, then dies before its state.json lands.
+    # The next commit leaves out the tail moved out after the last one, then dies before its
+    # state.json lands.
     monkeypatch.setattr(store, "_put", dies_at_state)
     with pytest.raises(ConnectionError):
         await store.commit("ws", "r1", Checkpoint({"last_seq": 8, "transcript_len": 4}, 4, [{"text": "m4"}]))
@@ -285,3 +293,63 @@ async def test_leases_this_process_wrote_are_renewed_without_a_read_yet_never_st
     finally:
         await a.close()
         await b.close()
+
+
+async def test_checkpoints_do_not_wait_for_the_tail_being_moved_out(
+    moto: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_s3, "TAIL_BYTES", 300)
+    store = await _storage(moto)
+    gate = asyncio.Event()
+    put = store._put
+
+    async def slow_segments(key: str, data: bytes, **conditions: str) -> str | None:
+        if "/events/" in key or "/transcript/" in key:
+            await gate.wait()  # a slow object store
+        return await put(key, data, **conditions)
+
+    monkeypatch.setattr(store, "_put", slow_segments)
+    try:
+        await store.create_run("ws", "r1", {}, {"last_seq": 0})
+
+        async def commit(n: int) -> None:
+            state = {"last_seq": 2 * n, "transcript_len": n}
+            entry = [{"text": f"m{n}", "pad": "y" * 100}]
+            await store.commit("ws", "r1", Checkpoint(state, n, entry, {}, _events(2 * n - 1, 2)))
+
+        for n in range(1, 11):  # the tail passes TAIL_BYTES at once; its segments cannot land yet
+            await asyncio.wait_for(commit(n), 5)
+        assert ("ws", "r1") in store._moving
+        raw = await store._get(store._run("ws", "r1", "state.json"))
+        assert raw is not None
+        grown = len(raw[0])
+        gate.set()
+        await _moves_landed(store)  # the tail of commit 1 (the one move under way)
+        await commit(11)  # leaves that out, and moves the rest out after it
+        await _moves_landed(store)
+        await commit(12)  # leaves all that out
+        raw = await store._get(store._run("ws", "r1", "state.json"))
+        assert raw is not None
+        assert len(raw[0]) < grown / 3
+        assert [e["seq"] for e in json.loads(raw[0])["log"]["events"]] == [23, 24]
+        reader = await _storage(moto, store._bucket)
+        seqs = [d["seq"] for d in await reader.read_segments("ws", "r1", "events", 0, 24)]
+        assert seqs == list(range(1, 25))
+        texts = [d["text"] for d in await reader.read_segments("ws", "r1", "transcript", 0, 12)]
+        assert texts == [f"m{n}" for n in range(1, 13)]
+        await reader.close()
+
+        # A deletion waits for a move under way: no segment of it lands after the run is gone.
+        gate.clear()
+        for n in range(13, 17):
+            await commit(n)
+        assert ("ws", "r1") in store._moving
+        deleting = asyncio.create_task(store.delete_run("ws", "r1"))
+        await asyncio.sleep(0.2)
+        assert not deleting.done()
+        gate.set()
+        await asyncio.wait_for(deleting, 10)
+        assert await _raw_keys(store, "r1") == []
+    finally:
+        gate.set()
+        await store.close()
