@@ -33,6 +33,13 @@ async def sleep_and_write(args: SleepArgs, ctx: ToolContext) -> str:
     return f"slept {args.seconds}s and wrote a file"
 
 
+@tool(idempotent=True)
+async def linger(args: SleepArgs, ctx: ToolContext) -> str:
+    """Sleep; idempotent, so no checkpoint comes before it (it runs again after a crash)."""
+    await asyncio.sleep(args.seconds)
+    return f"lingered {args.seconds}s"
+
+
 __all__ = [
     "ALL",
     "DoubleArgs",
@@ -42,6 +49,7 @@ __all__ = [
     "double",
     "echo",
     "explode",
+    "linger",
     "noop",
     "remove",
     "sleep",

@@ -100,6 +100,7 @@ class RunActor(Subagents):
             self.feed.close()
         finally:
             metrics.RUNS_ACTIVE.dec()
+            self._forgive_owed()
             for helper in helpers:
                 helper.cancel()
 
@@ -199,9 +200,12 @@ class RunActor(Subagents):
             )
 
     async def _close_quietly(self) -> None:
-        # Nothing past the last checkpoint is written: a half-streamed turn would
-        # leave events that the recovered run then streams again. Freeing the
-        # lease lets recovery (here or on a replica) start at once.
+        # Nothing past the last checkpoint is written (but one taken and not written yet): a
+        # half-streamed turn would leave events that the recovered run then streams again.
+        # Freeing the lease lets recovery (here or on a replica) start at once.
+        if self._owed is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._commit_owed_once(), self.env.lease_ttl / 3)
         with contextlib.suppress(Exception):
             await self.release()
 

@@ -223,6 +223,7 @@ class ToolCatalogue:
             notify=self._engine._notify_webhook,
             clock=self._engine._clock,
             storage_retry_s=cfg.storage_retry_s,
+            commit_delay=cfg.commit_delay_s,
             control=self._engine.control,
             max_agent_depth=cfg.max_agent_depth,
             max_parallel_agents=cfg.max_parallel_agents,

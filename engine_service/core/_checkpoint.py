@@ -97,6 +97,19 @@ class RunEnv:
     context_window_tokens: int = 0
     compact_at: float = 0.8
     compact_keep_turns: int = 4
+    # How long the checkpoint after a turn's tool calls may wait for the run's next one, which
+    # then commits both (see CheckpointedRun.checkpoint); 0 = it is written at once.
+    commit_delay: float = 0.0
+
+
+@dataclass(slots=True)
+class _Owed:
+    """A checkpoint taken but not written yet: the state document as it was, the last event
+    and the transcript entries it commits."""
+
+    state: JsonObject
+    upto: int
+    transcript_len: int
 
 
 # At most this many text deltas in one event: the messages built from it go in one response.
@@ -188,6 +201,12 @@ class CheckpointedRun:
         self._commit_lock = asyncio.Lock()
         # What this process kept of the run at its last pause here, when it was resumed from that.
         self.paused_from: PausedRun | None = None
+        # A checkpoint taken after tool calls and not written yet (see checkpoint), and what
+        # writes it once commit_delay has passed if no other checkpoint has by then.
+        self._owed: _Owed | None = None
+        self._owed_timer: asyncio.TimerHandle | None = None
+        self._owed_task: asyncio.Task[None] | None = None
+        self._landed_at = 0.0  # when the last checkpoint was written (the loop's clock)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -276,11 +295,19 @@ class CheckpointedRun:
     async def _writer(self) -> None:
         """Write events ahead as they come, so watchers see them within a write's time."""
         delay = self.env.storage.event_flush_delay
+        loop = asyncio.get_running_loop()
         backoff = 0.1
         while True:
             await self._write_wanted.wait()
             if delay:
                 await asyncio.sleep(delay)
+                # Checkpoints coming this often write the events with them (and show them as
+                # soon): a write of its own would only hold the next one up.
+                while True:
+                    wait = self._landed_at + delay - loop.time()
+                    if wait <= 0:
+                        break
+                    await asyncio.sleep(wait)
             self._write_wanted.clear()
             try:
                 await self.write_events()
@@ -294,14 +321,85 @@ class CheckpointedRun:
                 backoff = min(backoff * 2, 5.0)
                 self._write_wanted.set()
 
-    async def checkpoint(self) -> None:
+    async def checkpoint(self, *, after_tools: bool = False) -> None:
         """Commit the events and transcript entries so far, then the state document.
 
         While storage is unavailable (read-only, full, answering 5xx) the run waits here,
         retrying with backoff; past ``storage_retry_s`` it raises StorageUnavailable.
+
+        ``after_tools``: the checkpoint records finished tool calls, and the run goes on to a
+        model call. With ``commit_delay`` it is taken now (a consistent state: the directory's
+        snapshot, the state document, the transcript's length) but written only when the run's
+        next checkpoint comes, which commits it too (one write, and with fsync one sync, a turn
+        instead of two), or once ``commit_delay`` has passed. A crash in between loses it: the
+        run recovers from the checkpoint before the calls and reports them interrupted, the
+        same as a crash during them.
         """
+        if after_tools and self.env.commit_delay > 0 and self._may_owe():
+            async with self._commit_lock:
+                await self._retrying_storage("checkpoint", self._owe)
+            return
         async with self._commit_lock:
             await self._retrying_storage("checkpoint", self._commit)
+
+    def _may_owe(self) -> bool:
+        # Subagents' transcripts are written whole at checkpoints, and pauses and ends must be
+        # committed before they are shown: those checkpoints are written at once.
+        return not (self._child_transcripts or self._retiring or self._held or self._shown is not None)
+
+    async def _owe(self) -> None:
+        await self._snapshot_workdir()
+        record = self.record
+        record.transcript_len = len(self.transcript)
+        record.updated_at = self.env.clock()
+        self._owed = _Owed(record.to_json(), self._last_seq, record.transcript_len)
+        if self._owed_timer is None:  # the first one owed waits the longest: it bounds the delay
+            loop = asyncio.get_running_loop()
+            self._owed_timer = loop.call_later(self.env.commit_delay, self._owed_due)
+
+    def _owed_due(self) -> None:
+        self._owed_timer = None
+        if self._owed is not None and (self._owed_task is None or self._owed_task.done()):
+            self._owed_task = asyncio.create_task(self._pay_owed())
+
+    async def _pay_owed(self) -> None:
+        """Write the owed checkpoint (its time is up, or the run is being stopped here)."""
+        try:
+            async with self._commit_lock:
+                if self._owed is not None:
+                    await self._retrying_storage("checkpoint", self._commit_owed)
+        except LeaseLost:
+            self._stop_for_lost_lease()
+        except Exception:  # the run's next checkpoint commits what it holds
+            log.warning("writing a checkpoint of run %s failed", self.record.run_id, exc_info=True)
+
+    async def _commit_owed_once(self) -> None:
+        """Write the owed checkpoint, if any, without retrying (the run is being stopped here)."""
+        async with self._commit_lock:
+            await self._commit_owed()
+
+    def _forgive_owed(self) -> None:
+        """A checkpoint being taken commits all an owed one would."""
+        self._owed = None
+        if self._owed_timer is not None:
+            self._owed_timer.cancel()
+            self._owed_timer = None
+
+    async def _commit_owed(self) -> None:
+        owed = self._owed
+        if owed is None:
+            return
+        await self._fence()
+        first = self._transcript_committed + 1
+        entries = [m.to_json() for m in self.transcript[self._transcript_committed : owed.transcript_len]]
+        batch = await self._write(owed.state, owed.upto, first, entries, {})
+        if self._owed is owed:
+            self._owed = None
+        if self._held:  # behind a pause or an end being committed: shown with it
+            self._held.extend(batch)
+        elif batch:
+            self.feed.publish_many(batch)
+        await self._landed(owed.state)
 
     async def _retrying_storage(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
         give_up = time.monotonic() + self.env.storage_retry_s
@@ -333,10 +431,10 @@ class CheckpointedRun:
                     raise
 
     async def _commit(self) -> None:
-        record, storage = self.record, self.env.storage
-        ws, run_id = self.key
+        record = self.record
         await self._fence()
         await self._snapshot_workdir()
+        self._forgive_owed()
         # What this checkpoint commits is taken at one instant: subagents running in parallel
         # (core/_subagents.py) move on while it is written, and a state document that counted a
         # turn whose transcript entry or events it does not commit would not recover.
@@ -359,33 +457,52 @@ class CheckpointedRun:
         doc = record.to_json()
         # A subagent's transcript is rewritten whole: it is short next to its run's.
         blobs = {transcript_blob(path): json.dumps(docs).encode() for path, docs in child_blobs.items()}
+        self._held.extend(await self._write(doc, upto, first, new_entries, blobs))
+        for path, docs in child_blobs.items():
+            self._child_written[path] = len(docs)
+        for path in retired:  # their whole transcripts are written: nothing more to keep here
+            self._forget_child(path)
+        self._retiring -= retired
+        self._shown = None
+        if self._held:
+            self.feed.publish_many(self._held)
+            self._held = []
+        await self._landed(doc)
+
+    async def _write(
+        self, doc: JsonObject, upto: int, first: int, entries: list[JsonObject], blobs: dict[str, bytes]
+    ) -> list[Event]:
+        """Commit ``doc`` with the events up to ``upto`` not written yet, the transcript entries
+        from ``first`` and ``blobs``. ``doc``'s ``last_seq`` becomes ``upto``, or the last event
+        written if less. Returns the events it wrote."""
+        ws, run_id = self.key
         async with self._write_lock:
             # The events not written ahead yet go with the checkpoint: one write, not two.
             batch = self._unwritten
-            self._unwritten = []
+            cut = len(batch)
+            while cut and batch[cut - 1].seq > upto:
+                cut -= 1
+            batch, self._unwritten = batch[:cut], batch[cut:]
+            if not self._unwritten:
+                self._open_text = None  # taken: what it holds is written as it is now
             written = batch[-1].last_seq if batch else self._written_seq
             doc["last_seq"] = min(upto, written)
-            checkpoint = Checkpoint(doc, first, new_entries, blobs, [e.to_json() for e in batch])
+            checkpoint = Checkpoint(doc, first, entries, blobs, [e.to_json() for e in batch])
             try:
-                await storage.commit(ws, run_id, checkpoint)
+                await self.env.storage.commit(ws, run_id, checkpoint)
             except BaseException as exc:
                 self._unwritten[:0] = batch  # the next attempt commits them
                 if isinstance(exc, StateConflict):
                     raise LeaseLost(f"run {run_id} was moved on by another process") from None
                 raise
             self._written_seq = written
-        self._held.extend(batch)
-        for path, docs in child_blobs.items():
-            self._child_written[path] = len(docs)
-        record.last_seq = doc["last_seq"]
-        for path in retired:  # their whole transcripts are written: nothing more to keep here
-            self._forget_child(path)
-        self._retiring -= retired
-        self._shown = None
+            self._landed_at = asyncio.get_running_loop().time()
+        self.record.last_seq = doc["last_seq"]
         self._transcript_committed = doc["transcript_len"]
-        if self._held:
-            self.feed.publish_many(self._held)
-            self._held = []
+        return batch
+
+    async def _landed(self, doc: JsonObject) -> None:
+        """A checkpoint landed: tell the other replicas, keep the lease."""
         await self.env.control.committed(doc)  # never raises: an unreachable index catches up later
         await self._renew_lease()
 

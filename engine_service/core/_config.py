@@ -128,6 +128,12 @@ class EngineConfig(_Section):
     # ERR_WORKDIR_TOO_LARGE. 0 = no snapshots (one host, or a shared workdir_root).
     workdir_snapshot_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
     fsync: bool = False
+    # How long the checkpoint that records a turn's finished tool calls may wait for the run's
+    # next checkpoint, which then commits both (one write, and with fsync one sync, a turn
+    # instead of two). A crash in that window loses those results: the recovered run reports
+    # the calls as interrupted, as after a crash during them. 0 = committed before the next
+    # model call.
+    commit_delay_s: float = Field(0.05, ge=0, le=10)
     # Bind the gRPC port with SO_REUSEPORT, so several engine processes on this machine (sharing
     # storage) serve one port and the kernel spreads connections over them. Any process of the
     # same user may then bind it too: see SECURITY.md.

@@ -205,7 +205,7 @@ class ToolDispatch(CheckpointedRun):
             )
         self._retire_agents(pending, "")
         self.record.pending = []
-        await self.checkpoint()
+        await self.checkpoint(after_tools=True)
         return True
 
     async def _measured_model_call(

@@ -133,6 +133,50 @@ async def test_kill_9_during_a_tool_call_reports_it_interrupted(tmp_path: Path) 
     assert "interrupted by an engine crash" in transcript
 
 
+@pytest.mark.parametrize(("delay", "kept"), [("5", False), ("0.2", True), ("0", True)])
+async def test_a_crash_before_the_checkpoint_after_a_call_is_a_crash_during_it(
+    tmp_path: Path, delay: str, kept: bool
+) -> None:
+    """The checkpoint after a call waits up to commit_delay_s for the run's next one. The next
+    call here is idempotent (no checkpoint before it) and the engine dies during it: within the
+    delay the first call's result is lost and reported interrupted, never run again; once the
+    delay has passed (or with none) it was committed and the run goes on from it."""
+    script = [
+        turn("", ("Bash", {"command": "echo ran >> side.txt"})),
+        turn("", ("linger", {"seconds": 2})),
+        turn("done"),
+    ]
+    env = {**env_for(tmp_path), "MACHINA_COMMIT_DELAY_S": delay, "MACHINA_TOOLS_CUSTOM": "tests.tools:linger"}
+    engine = EngineProcess(tmp_path, env=env)
+    try:
+        async with AsyncEngineClient(engine.target) as client:
+            handle = await client.create("side effect", model="scripted", script=script)
+            async for event in handle.events(follow=True):
+                if isinstance(event, ToolCallStarted) and event.call.tool_name == "linger":
+                    break
+            await asyncio.sleep(0.6)  # past a 0.2 s delay, well within 5 s
+        engine.kill9()
+    finally:
+        engine.close()
+    restarted = EngineProcess(tmp_path, env=env)
+    try:
+        async with AsyncEngineClient(restarted.target) as client:
+            run = await wait_done(client, handle.run_id)
+            events = [e async for e in (await client.attach(handle.run_id)).events(follow=False)]
+    finally:
+        restarted.close()
+    assert run.state == "DONE", run
+    assert (workdir(tmp_path, handle.run_id) / "side.txt").read_text() == "ran\n"  # never re-run
+    (resumed,) = [e for e in events if isinstance(e, Resumed)]
+    bash = [e for e in events if isinstance(e, ToolCallCompleted) and e.tool_name == "Bash"]
+    if kept:
+        assert [e.outcome for e in bash] == ["ran"]
+        assert bash[0].seq < resumed.rolled_back_from_seq
+    else:
+        assert [e.outcome for e in bash] == ["ran", "interrupted"]
+        assert resumed.rolled_back_from_seq <= bash[0].seq < resumed.seq < bash[1].seq
+
+
 async def test_paused_runs_stay_paused_through_a_crash(tmp_path: Path) -> None:
     env = {**env_for(tmp_path), "MACHINA_TOOLS_PERMISSIONS": "noop=ask"}
     engine = EngineProcess(tmp_path, env=env)
