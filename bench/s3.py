@@ -117,8 +117,11 @@ async def rows(ctx: Any) -> list[Row]:
     put, get = summarize(raw["put"] + after["put"]), summarize(raw["get"] + after["get"])
     per_turn, growth_small = side.per_turn(small), side.growth_per_turn(small)
     per_turn_big, growth_big = side.per_turn(big), side.growth_per_turn(big)
-    in_puts = per_turn["median"] / put["median"]
-    big_in_puts = per_turn_big["median"] / put["median"]
+    # A turn's cost is measured with creating the run left out, as the local rows are
+    # (bench/turns.py): ``(T(N) − T(1)) ÷ (N − 1)``; the figure with it is reported beside.
+    in_puts = growth_small["median"] / put["median"]
+    big_in_puts = growth_big["median"] / put["median"]
+    with_creation = per_turn["median"] / put["median"]
     growth = growth_big["median"] / growth_small["median"] if growth_small["median"] > 0 else float("nan")
     handoff, local = summarize(trips["handoff"]), summarize(trips["local"])
     u, c = summarize(snap["unchanged"]), summarize(snap["changed"])
@@ -130,17 +133,18 @@ async def rows(ctx: Any) -> list[Row]:
             {"put_p50_ms": put["median"], "get_p50_ms": get["median"]}, None, {"put_ms": put, "get_ms": get},
         ),
         row(
-            f"S3 server: per turn through gRPC, {small}-turn run (Edit tool)",
-            f"{ms(per_turn, 2, 'range')} = {in_puts:.1f} PUTs; without creating the run "
-            f"{growth_small['median']:.2f} ms",
-            {"p50_ms": per_turn["median"], "in_puts": in_puts},
+            f"S3 server: per turn through gRPC, creating the run left out, {small}-turn run (Edit tool)",
+            f"{ms(growth_small, 2, 'range')} = {in_puts:.1f} PUTs; with it "
+            f"{per_turn['median']:.2f} ms = {with_creation:.1f} PUTs",
+            {"p50_ms": growth_small["median"], "in_puts": in_puts, "with_creation_ms": per_turn["median"],
+             "in_puts_with_creation": with_creation},
             at_most("in_puts", 1.5, "≤ 1.5× one PUT"), {"per_turn_ms": per_turn, "growth_ms": growth_small},
         ),
         row(
-            f"S3 server: per turn through gRPC, {big:,}-turn run; "
-            f"growth {big:,} ÷ {small} without creating the run",
-            f"{per_turn_big['median']:.2f} ms = {big_in_puts:.1f} PUTs; growth {growth:.2f}×",
-            {"p50_ms": per_turn_big["median"], "in_puts": big_in_puts, "growth": growth},
+            f"S3 server: per turn through gRPC, creating the run left out, {big:,}-turn run; "
+            f"growth {big:,} ÷ {small}",
+            f"{growth_big['median']:.2f} ms = {big_in_puts:.1f} PUTs; growth {growth:.2f}×",
+            {"p50_ms": growth_big["median"], "in_puts": big_in_puts, "growth": growth},
             Target(
                 "≤ 1.5× one PUT, growth ≤ 1.2×",
                 (Check("in_puts", "<=", 1.5), Check("growth", "<=", 1.2)),
@@ -150,9 +154,9 @@ async def rows(ctx: Any) -> list[Row]:
         row(
             "S3 server: requests per turn (Edit tool, 21-turn run, counted at the server)",
             f"{counted['all']:.2f} requests: {counted['PUT']:.2f} PUT, {counted['GET']:.2f} GET, "
-            f"{counted['LIST']:.2f} LIST ({kinds}); per turn {per_turn['median']:.2f} ms = "
+            f"{counted['LIST']:.2f} LIST ({kinds}); per turn {growth_small['median']:.2f} ms = "
             f"{in_puts:.1f} × one PUT ({put['median']:.2f} ms), "
-            f"{per_turn['median'] / get['median']:.1f} × one GET",
+            f"{growth_small['median'] / get['median']:.1f} × one GET",
             {"requests": counted["all"], "puts": counted["PUT"], "gets": counted["GET"],
              "lists": counted["LIST"]},
             None, {"requests_per_turn": counted},
