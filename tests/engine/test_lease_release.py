@@ -115,3 +115,23 @@ async def test_a_writer_that_stalled_with_nobody_taking_the_run_goes_on(tmp_path
     written = await storage.read_segments("w", "r1", "events", 0, 100)
     assert [e["d"]["text"] for e in written] == ["still mine"]
     assert not await storage.acquire_lease("w", "r1", "engine-b", 30.0)
+
+
+async def test_a_text_delta_after_a_checkpoint_is_stored_not_lost_in_the_event_it_wrote(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint writes the text delta event being built; a delta that follows (a subagent
+    streaming while its parent checkpoints) starts a new event instead of joining one already
+    written, so every seq is stored once."""
+    storage = LocalStorage(tmp_path)
+    run = await _actor(storage, lease_ttl=30.0)
+    assert await run.take_over()
+    for text in ("a", "b"):
+        run.emit_text(text, 1, "c1")
+    await run.checkpoint()
+    for text in ("c", "d"):
+        run.emit_text(text, 1, "c1")
+    await run.checkpoint()
+    stored = await storage.read_segments("w", "r1", "events", 0, 10)
+    assert [d["seq"] for d in stored] == [1, 3]
+    assert [d["d"]["texts"] for d in stored] == [["a", "b"], ["c", "d"]]
