@@ -3,7 +3,7 @@ LangGraph process imports it and nothing of the engine).
 
 A run of N turns: turn 1 writes ``notes.txt`` (``v0``), each later turn but the last edits it
 (``v{k-1}`` → ``v{k}``: a file changed by a tool that is not idempotent, so the engine
-checkpoints around it), and the last turn answers ``done``. A 1-turn run only answers; its
+commits a checkpoint before each call), and the last turn answers ``done``. A 1-turn run only answers; its
 time is what creating and finishing a run costs, which per-turn growth leaves out.
 """
 

@@ -1,8 +1,8 @@
 """The durable fast path, measured through gRPC against real engine processes.
 
 - **Per turn**: a run of N turns (turn 1 writes ``notes.txt``, each later turn but the last
-  edits it with the built-in ``Edit`` tool, which is not idempotent, so the engine checkpoints
-  around it; the last answers) against a 1-turn run, CreateRun → WaitRun sees DONE; per-turn
+  edits it with the built-in ``Edit`` tool, which is not idempotent, so the engine commits a
+  checkpoint before each call; the last answers) against a 1-turn run, CreateRun → WaitRun sees DONE; per-turn
   cost is the difference over N-1 turns, so creating and finishing a run is left out. With
   fsync off and on (``MACHINA_FSYNC``), N = 10 and 1,000; the sizes and the two settings are
   interleaved repetition by repetition, median and spread reported.

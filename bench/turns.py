@@ -1,8 +1,8 @@
 """Per-turn cost through the real gRPC server, side by side with LangGraph.
 
 The script (``bench/_script.py``) writes a file on turn 1 and edits it every later turn but
-the last: ``Edit`` is a built-in tool that is not idempotent, so the engine checkpoints around
-each call. Machina: two ``python -m engine_service`` processes, one with ``fsync`` off (the
+the last: ``Edit`` is a built-in tool that is not idempotent, so the engine commits a checkpoint
+before each call. Machina: two ``python -m engine_service`` processes, one with ``fsync`` off (the
 default) and one with it on; the bench process is the gRPC client (``CreateRun`` →
 ``WaitRun`` sees DONE). LangGraph: ``python -m bench.langgraph_side`` per configuration, a
 process that imports only LangChain/LangGraph — ``create_agent`` and the prebuilt agent, each
