@@ -600,8 +600,7 @@ class PostgresControl:
                 await conn.execute("SELECT pg_notify('machina_work', '')")
                 return int(await conn.fetchval(_POSITION, workspace, run_id) or 0)
 
-        position: int = await self._run(put)
-        return position
+        return int(await self._run(put))
 
     async def claim(self) -> tuple[str, str] | None:
         if self._pool is None or not self._connected.is_set():

@@ -106,6 +106,7 @@ async def apply_retention(engine: Engine, ws: str, *, dry_run: bool = False) -> 
             continue
         closed.append(thread_id)
     deleted_runs: list[str] = []
+    deleted: set[str] = set()  # the same, to look up
     for record in order:  # the latest of a thread first
         key = (ws, record.run_id)
         async with engine._lock(key):
@@ -115,7 +116,6 @@ async def apply_retention(engine: Engine, ws: str, *, dry_run: bool = False) -> 
             # Checked again, under the thread's mark (the sweep's own for a thread it deletes):
             # what shared its history at planning time may have been kept, and a run or a fork
             # may have started since.
-            deleted = set(deleted_runs)
             done = [t for t in closed if deleted.issuperset(thread_runs[t])]
             held = (
                 contextlib.nullcontext()
@@ -130,6 +130,7 @@ async def apply_retention(engine: Engine, ws: str, *, dry_run: bool = False) -> 
             except EngineError:
                 continue  # another deletion holds its thread: the next sweep looks again
             deleted_runs.append(record.run_id)
+            deleted.add(record.run_id)
     forgotten = []
     for thread_id in closed:
         doc = thread_docs[thread_id]

@@ -356,8 +356,17 @@ class S3Storage:
 
     def _start_move(self, ws: str, run_id: str, tail: _Tail) -> None:
         key = (ws, run_id)
-        if key not in self._moving:
-            self._moving[key] = (asyncio.create_task(self._move_out(ws, run_id, tail)), tail)
+        if key in self._moving:
+            return
+        if len(self._moving) >= _HEADS:
+            # Runs that stopped committing here (moved away, lease lost): their tails keep the
+            # records, so forgetting a finished move only costs the next writer a move of its own.
+            for other, (task, _) in list(self._moving.items()):
+                if task.done():
+                    del self._moving[other]
+                    if not task.cancelled():
+                        task.exception()  # retrieved: a failed move is not an error to report
+        self._moving[key] = (asyncio.create_task(self._move_out(ws, run_id, tail)), tail)
 
     def _moved_out(self, ws: str, run_id: str, tail: _Tail) -> _Tail:
         """``tail`` without the records a background move has written out as segments (as it

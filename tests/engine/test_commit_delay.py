@@ -108,20 +108,28 @@ async def test_a_turn_with_a_tool_is_one_commit_and_with_fsync_one_sync(
         assert counts[0.0][1] >= 2 * TURNS, counts
 
 
-class ToolThenSlowTurn:
-    """Turn 1 asks for ``echo``; turn 2 streams words, then waits at ``gate``; turn 3 ends."""
+class _TestModel:
+    """What the engine asks of a model adapter besides ``stream`` (provider ``openai``, which the
+    tests' model factory answers with this object; ``name`` as the run asks for it)."""
 
-    def __init__(self) -> None:
-        self.gate = asyncio.Event()
-        self.waiting = asyncio.Event()
+    name = ""
 
     @property
     def provider(self) -> str:
         return "openai"
 
-    @property
-    def name(self) -> str:
-        return "slow"
+    async def aclose(self) -> None:
+        return None
+
+
+class ToolThenSlowTurn(_TestModel):
+    """Turn 1 asks for ``echo``; turn 2 streams words, then waits at ``gate``; turn 3 ends."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
         if request.turn == 0:
@@ -137,9 +145,6 @@ class ToolThenSlowTurn:
             yield TurnResult("thinking", [], Usage(1, 1))
             return
         yield TurnResult("done", [], Usage(1, 1))
-
-    async def aclose(self) -> None:
-        return None
 
 
 async def _stream(stub: svc_grpc.EngineServiceStub, run_id: str, after: int = 0) -> list[bytes]:
@@ -214,20 +219,14 @@ async def test_an_engine_that_stops_writes_the_checkpoint_it_delayed(tmp_path: P
     assert _committed_result(await LocalStorage(tmp_path).read_state("default", run.run_id))
 
 
-class PacedTools:
+class PacedTools(_TestModel):
     """Every turn takes 10 ms and asks for ``echo`` (not idempotent: a checkpoint comes before
     each call); the last answers."""
 
+    name = "paced"
+
     def __init__(self, turns: int) -> None:
         self.turns = turns
-
-    @property
-    def provider(self) -> str:
-        return "openai"
-
-    @property
-    def name(self) -> str:
-        return "paced"
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[TextChunk | TurnResult]:
         await asyncio.sleep(0.01)
@@ -237,9 +236,6 @@ class PacedTools:
             yield TurnResult("calling", [call], Usage(1, 1))
         else:
             yield TurnResult("done", [], Usage(1, 1))
-
-    async def aclose(self) -> None:
-        return None
 
 
 class GatheringStorage(LocalStorage):

@@ -47,6 +47,19 @@ async def wait_done(client: AsyncEngineClient, run_id: str, timeout: float = 60)
     return run
 
 
+async def recovered(tmp: Path, env: dict[str, str], run_id: str) -> tuple[Any, list[Any]]:
+    """Start the engine again over the same storage: the run once the recovery sweep has moved it
+    to its end (or a pause), and all its events."""
+    restarted = EngineProcess(tmp, env=env)
+    try:
+        async with AsyncEngineClient(restarted.target) as client:
+            run = await wait_done(client, run_id)
+            events = [e async for e in (await client.attach(run_id)).events(follow=False)]
+    finally:
+        restarted.close()
+    return run, events
+
+
 def workdir(tmp: Path, run_id: str) -> Path:
     return tmp / "work" / "default" / run_id
 
@@ -67,14 +80,8 @@ async def test_kill_9_mid_run_then_restart_completes_every_turn_once(tmp_path: P
         engine.kill9()
     finally:
         engine.close()
-    restarted = EngineProcess(tmp_path, env=env_for(tmp_path))
-    try:
-        async with AsyncEngineClient(restarted.target) as client:
-            run = await wait_done(client, handle.run_id)
-            assert run.state == "DONE", run
-            events = [e async for e in (await client.attach(handle.run_id)).events(follow=False)]
-    finally:
-        restarted.close()
+    run, events = await recovered(tmp_path, env_for(tmp_path), handle.run_id)
+    assert run.state == "DONE", run
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     undone = undone_seqs(events)  # what the killed engine wrote past its checkpoint
     assistant_turns = [e.turn for e in events if isinstance(e, AssistantMessage) and e.seq not in undone]
@@ -108,13 +115,7 @@ async def test_kill_9_during_a_tool_call_reports_it_interrupted(tmp_path: Path) 
         engine.kill9()
     finally:
         engine.close()
-    restarted = EngineProcess(tmp_path, env=env_for(tmp_path))
-    try:
-        async with AsyncEngineClient(restarted.target) as client:
-            run = await wait_done(client, handle.run_id)
-            events = [e async for e in (await client.attach(handle.run_id)).events(follow=False)]
-    finally:
-        restarted.close()
+    run, events = await recovered(tmp_path, env_for(tmp_path), handle.run_id)
     assert run.state == "DONE"
     assert (workdir(tmp_path, handle.run_id) / "side.txt").read_text() == "ran\n"  # not re-run
     # The watcher saw the call start, so the log keeps that; the recovered run marks it undone
@@ -158,13 +159,7 @@ async def test_a_crash_before_the_checkpoint_after_a_call_is_a_crash_during_it(
         engine.kill9()
     finally:
         engine.close()
-    restarted = EngineProcess(tmp_path, env=env)
-    try:
-        async with AsyncEngineClient(restarted.target) as client:
-            run = await wait_done(client, handle.run_id)
-            events = [e async for e in (await client.attach(handle.run_id)).events(follow=False)]
-    finally:
-        restarted.close()
+    run, events = await recovered(tmp_path, env, handle.run_id)
     assert run.state == "DONE", run
     assert (workdir(tmp_path, handle.run_id) / "side.txt").read_text() == "ran\n"  # never re-run
     (resumed,) = [e for e in events if isinstance(e, Resumed)]
@@ -252,14 +247,8 @@ async def test_a_power_loss_with_fsync_keeps_every_committed_checkpoint(tmp_path
     named = {p.name for p in (run_dir / "blobs").iterdir() if p.name.split("-", 1)[1] in committed_state}
     assert named
     lose_power(run_dir)
-    restarted = EngineProcess(tmp_path, env=env)
-    try:
-        async with AsyncEngineClient(restarted.target) as client:
-            run = await wait_done(client, handle.run_id)
-            assert run.state == "DONE", run
-            events = [e async for e in (await client.attach(handle.run_id)).events(follow=False)]
-    finally:
-        restarted.close()
+    run, events = await recovered(tmp_path, env, handle.run_id)
+    assert run.state == "DONE", run
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     (resumed,) = [e for e in events if isinstance(e, Resumed)]
     committed = resumed.rolled_back_from_seq - 1 if resumed.rolled_back_from_seq else resumed.seq - 1
